@@ -1,0 +1,3 @@
+from natgwd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Command line: run, check, render, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from natgwd import __version__
+from natgwd.validation import InvalidStateError, load_state
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        state = load_state(Path(args.file).read_bytes())
+    except OSError as err:
+        print(f"{args.file}: cannot read: {err.strerror}", file=sys.stderr)
+        return 1
+    except InvalidStateError as err:
+        print(f"{args.file}: invalid desired state ({len(err.problems)} problems):", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: valid: {len(state.eips)} eips, {len(state.snat)} snat, "
+        f"{len(state.dnat)} dnat, {len(state.fip)} fip"
+    )
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from natgwd.plan import assign_ids, desired_table
+    from natgwd.table import plan_transaction
+
+    try:
+        state = load_state(Path(args.file).read_bytes())
+    except (OSError, InvalidStateError) as err:
+        print(f"{args.file}: {err}", file=sys.stderr)
+        return 1
+    table = desired_table(state, assign_ids(state, {}))
+    sys.stdout.write(plan_transaction(None, table).script())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from natgwd.nft import KernelNft, NftError
+    from natgwd.status import format_table, rule_statuses
+
+    try:
+        table = KernelNft().read_table()
+    except NftError as err:
+        print(f"cannot read nftables: {err}", file=sys.stderr)
+        return 1
+    if table is None:
+        print("no natgwd table in this network namespace", file=sys.stderr)
+        return 1
+    rules = rule_statuses(table)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rules], indent=1))
+    else:
+        sys.stdout.write(format_table(rules))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from natgwd.daemon import Daemon, DaemonConfig
+    from natgwd.endpoints import parse_address
+    from natgwd.logs import configure
+    from natgwd.netlink import Netlink, ensure_forwarding
+    from natgwd.nft import KernelNft
+    from natgwd.reconciler import Reconciler
+
+    configure(args.log_format, args.log_level)
+    config = DaemonConfig(Path(args.state), parse_address(args.metrics_address), args.resync_interval)
+    return Daemon(config, Reconciler(KernelNft(), Netlink(), ensure_forwarding)).run()
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="natgwd", description="VPC NAT gateway data plane")
+    top.add_argument("--version", action="version", version=f"natgwd {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon: keep the kernel equal to the desired state")
+    run.add_argument("--state", required=True, help="desired-state JSON file")
+    run.add_argument("--metrics-address", default="0.0.0.0:9469", help="host:port for /metrics, /healthz, /readyz")
+    run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")
+    run.add_argument("--log-format", choices=("json", "console"), default="json")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="validate a desired-state file; exit 1 listing every problem")
+    check.add_argument("file")
+    check.set_defaults(func=_check)
+
+    render = sub.add_parser("render", help="print the nftables script that would create the table")
+    render.add_argument("file")
+    render.set_defaults(func=_render)
+
+    status = sub.add_parser("status", help="the rules in the kernel with their live counters")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(func=_status)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,240 @@
+"""`natgwd run`: watch the desired-state file, reconcile, resync, serve metrics.
+
+One thread reconciles; the HTTP server reads counters from the kernel on its own threads.
+On SIGTERM the daemon exits and leaves the data plane in place, as kube-proxy does: NAT
+keeps working while the daemon is down, and the next start adopts the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from natgwd.endpoints import serve
+from natgwd.metrics import DaemonMetrics, RuleCountersCollector
+from natgwd.nft import NftError
+from natgwd.reconciler import Outcome, Reconciler
+from natgwd.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
+
+log = structlog.get_logger("natgwd.daemon")
+
+POLL_SECONDS = 0.2
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_path: Path
+    metrics_address: tuple[str, int]
+    resync_interval: float
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, reconciler: Reconciler) -> None:
+        from natgwd.watch import FileWatcher
+
+        self.config = config
+        self.reconciler = reconciler
+        self.registry = CollectorRegistry()
+        self.metrics = DaemonMetrics(self.registry)
+        self.registry.register(RuleCountersCollector(self._counting_sets))
+        self.watcher = FileWatcher(config.state_path)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._force = False
+        self._seen_digest: str | None = None
+        self._applied_digest: str | None = None
+        self._applied_at: float | None = None
+        self._not_ready: str | None = "desired state not applied yet"
+        self._retry_at: float | None = None
+        self._retry_delay = RETRY_FIRST_SECONDS
+        self._next_resync = time.monotonic() + config.resync_interval
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        server = serve(self.config.metrics_address, self.registry, self.readiness)
+        log.info(
+            "natgwd started",
+            state=str(self.config.state_path),
+            metrics=f"{server.server_address[0]}:{server.server_address[1]}",
+            resync_interval=self.config.resync_interval,
+        )
+        try:
+            while not self._stopping:
+                self.step()
+                self._wake.wait(POLL_SECONDS)
+                self._wake.clear()
+        finally:
+            server.shutdown()
+            server.server_close()
+        log.info("natgwd stopped; the data plane stays in place")
+        return 0
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        self._stopping = True
+        self._wake.set()
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: re-reading the desired state and resyncing")
+        self._force = True
+        self._wake.set()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if self._force:
+            self._force = False
+            self.watcher.changed()
+            self.reconcile_file(force=True)
+            self.resync()
+        elif self.watcher.changed():
+            self.reconcile_file(force=False)
+        elif self._retry_at is not None and now >= self._retry_at:
+            self.reconcile_file(force=True)
+        elif now >= self._next_resync:
+            self.resync()
+
+    # --- readiness ------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {
+            "applied_sha256": self._applied_digest,
+            "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
+        }
+        if self._not_ready:
+            detail["reason"] = self._not_ready
+        return self._not_ready is None, detail
+
+    # --- reconciling ------------------------------------------------------------------
+
+    def reconcile_file(self, force: bool) -> None:
+        started = time.monotonic()
+        try:
+            raw = _read(self.config.state_path)
+        except InvalidStateError as err:
+            self._rejected(err.problems, digest=None)
+            return
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self._seen_digest and not force:
+            self.metrics.reconciles.labels("unchanged").inc()
+            return
+        self._seen_digest = digest
+        try:
+            state = load_state(raw)
+        except InvalidStateError as err:
+            self._rejected(err.problems, digest)
+            return
+        self.metrics.desired_state_valid.set(1)
+        try:
+            outcome = self.reconciler.apply(state)
+        except (NftError, OSError) as err:
+            self._failed(f"applying the desired state failed: {err}")
+            return
+        self._applied_digest = digest
+        self._applied_at = time.time()
+        for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
+            self.metrics.rules.labels(kind).set(len(rules))
+        self._finished(outcome, started, digest=digest)
+
+    def resync(self) -> None:
+        self._next_resync = time.monotonic() + self.config.resync_interval
+        if self.reconciler.state is None:
+            return
+        started = time.monotonic()
+        try:
+            outcome, repairs = self.reconciler.resync()
+        except (NftError, OSError) as err:
+            self._failed(f"resync failed: {err}")
+            return
+        for resource, count in repairs.items():
+            log.warning("drift repaired", resource=resource, changes=count)
+            self.metrics.drift_repairs.labels(resource).inc(count)
+        if self._seen_digest == self._applied_digest:
+            self._finished(outcome, started, digest=None)
+
+    def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
+        if outcome.complete:
+            self._not_ready = None
+            self._retry_at, self._retry_delay = None, RETRY_FIRST_SECONDS
+            self.metrics.last_success.set(time.time())
+            self.metrics.reconcile_duration.observe(seconds)
+        else:
+            waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
+            self._not_ready = "; ".join(waiting + outcome.link_errors)
+            self._schedule_retry()
+        if digest is not None:
+            self.metrics.reconciles.labels("applied").inc()
+            log.info(
+                "desired state applied",
+                sha256=digest[:12],
+                complete=outcome.complete,
+                nft_operations=outcome.nft_operations,
+                changed_elements=outcome.changed_elements,
+                link_changes=len(outcome.link_changes),
+                missing_interfaces=outcome.missing_interfaces,
+                seconds=round(seconds, 4),
+            )
+
+    def _rejected(self, problems: list[Problem], digest: str | None) -> None:
+        self._seen_digest = digest
+        self.metrics.desired_state_valid.set(0)
+        self.metrics.reconciles.labels("invalid").inc()
+        self._not_ready = "desired state rejected; the last good state stays applied: " + "; ".join(
+            str(p) for p in problems[:5]
+        )
+        log.error(
+            "desired state rejected; keeping the last good state",
+            path=str(self.config.state_path),
+            problems=[str(p) for p in problems],
+            applied_sha256=self._applied_digest,
+        )
+
+    def _failed(self, reason: str) -> None:
+        self.metrics.reconciles.labels("error").inc()
+        self._not_ready = reason
+        log.error("reconcile failed", reason=reason, retry_in=self._retry_delay)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_SECONDS)
+
+    def _counting_sets(self) -> dict[str, Any]:
+        try:
+            return self.reconciler.counting_sets()
+        except NftError as err:
+            log.error("reading counters failed", error=str(err))
+            return {}
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            # One byte over the limit is enough to reject the file without holding all of it.
+            return file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        reason = "file does not exist"
+    except IsADirectoryError:
+        reason = "is a directory, not a file"
+    except PermissionError:
+        reason = "permission denied"
+    except OSError as err:
+        reason = err.strerror or str(err)
+    raise InvalidStateError([Problem("$", f"cannot read {path}: {reason}")])

@@ -1,0 +1,71 @@
+"""The HTTP endpoint: GET /metrics, /healthz, /readyz. Nothing else is served."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = structlog.get_logger("natgwd.http")
+
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve(address: tuple[str, int], registry: CollectorRegistry, readiness: Readiness) -> ThreadingHTTPServer:
+    """Start serving in a background thread; the caller shuts the server down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # a client that stalls mid-request does not hold a thread for ever
+        server_version = "natgwd"
+        sys_version = ""
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/healthz":
+                self._send(200, "text/plain; charset=utf-8", b"ok\n")
+            elif path == "/readyz":
+                ready, detail = readiness()
+                body = json.dumps({"ready": ready, **detail}, indent=1).encode() + b"\n"
+                self._send(200 if ready else 503, "application/json", body)
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _refuse(self) -> None:
+            self._send(405, "text/plain; charset=utf-8", b"only GET is served\n", allow="GET")
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse  # noqa: N815
+
+        def _send(self, status: int, content_type: str, body: bytes, allow: str | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if allow:
+                self.send_header("Allow", allow)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("http request", client=self.client_address[0], request=format % args)
+
+    server = _Server(address, Handler)
+    threading.Thread(target=server.serve_forever, name="natgwd-http", daemon=True).start()
+    return server

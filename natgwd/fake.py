@@ -1,0 +1,117 @@
+"""An in-memory stand-in for the kernel's natgwd table, for tests without root.
+
+It applies transactions with the kernel's rules that matter to reconciliation: all or
+nothing, adding an existing map key with another value fails, deleting a missing element
+or object fails, and counters live on elements.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from natgwd.nft import NftError
+from natgwd.table import (
+    AddChain,
+    AddElements,
+    AddRule,
+    AddSet,
+    AddTable,
+    Counter,
+    DeleteElements,
+    DeleteSet,
+    Element,
+    FlushChain,
+    TableContents,
+    Transaction,
+)
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.table: TableContents | None = None
+        self.transactions: list[Transaction] = []
+        self.fail_next: str | None = None
+
+    def apply(self, tx: Transaction) -> None:
+        if not tx:
+            return
+        if self.fail_next is not None:
+            reason, self.fail_next = self.fail_next, None
+            raise NftError(reason)
+        self.table = self._applied(tx)
+        self.transactions.append(tx)
+
+    def check(self, tx: Transaction) -> None:
+        self._applied(tx)
+
+    def read_table(self) -> TableContents | None:
+        return copy.deepcopy(self.table)
+
+    def read_sets(self, names: tuple[str, ...]) -> dict[str, dict[str, Element]]:
+        if self.table is None:
+            return {}
+        return {n: dict(self.table.elements[n]) for n in names if n in self.table.elements}
+
+    def delete_table(self) -> None:
+        self.table = None
+
+    def count(self, set_name: str, key: str, packets: int, size: int) -> None:
+        """Pretend the kernel matched `packets` packets of `size` bytes on an element."""
+        assert self.table is not None
+        element = self.table.elements[set_name][key]
+        old = element.counter or Counter(0, 0)
+        new = Counter(old.packets + packets, old.bytes + packets * size)
+        self.table.elements[set_name][key] = Element(element.value, element.comment, new)
+
+    def _applied(self, tx: Transaction) -> TableContents:
+        table = copy.deepcopy(self.table)
+        for op in tx.operations:
+            if isinstance(op, AddTable):
+                table = table or TableContents()
+                continue
+            if table is None:
+                raise NftError(f"{op.render()}: No such file or directory (no table)")
+            _apply(table, op)
+        assert table is not None
+        return table
+
+
+def _apply(table: TableContents, op: object) -> None:
+    if isinstance(op, AddSet):
+        if op.spec.name not in table.sets:
+            table.sets[op.spec.name] = op.spec.keyword
+            table.elements[op.spec.name] = {}
+    elif isinstance(op, DeleteSet):
+        if op.name not in table.sets:
+            raise NftError(f"{op.render()}: No such file or directory")
+        del table.sets[op.name]
+        del table.elements[op.name]
+    elif isinstance(op, AddChain):
+        table.chains.setdefault(op.name, ())
+    elif isinstance(op, FlushChain):
+        _need(table.chains, op.name, op.render())
+        table.chains[op.name] = ()
+    elif isinstance(op, AddRule):
+        _need(table.chains, op.chain, op.render())
+        table.chains[op.chain] = (*table.chains[op.chain], op.tag)
+    elif isinstance(op, AddElements):
+        elements = _need(table.elements, op.set_name, op.render())
+        for key, element in op.elements:
+            existing = elements.get(key)
+            if existing is not None and existing.value != element.value:
+                raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)")
+            if existing is None:
+                seeded = element.counter or Counter(0, 0)
+                elements[key] = Element(element.value, element.comment, seeded)
+    elif isinstance(op, DeleteElements):
+        elements = _need(table.elements, op.set_name, op.render())
+        for key in op.keys:
+            if key not in elements:
+                raise NftError(f"{op.render()}: No such file or directory (element {key})")
+            del elements[key]
+
+
+def _need(mapping: dict, name: str, command: str):  # type: ignore[no-untyped-def]
+    if name not in mapping:
+        raise NftError(f"{command}: No such file or directory")
+    return mapping[name]

@@ -1,0 +1,103 @@
+"""The desired state of one NAT gateway, as validated, immutable values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Literal
+
+Protocol = Literal["tcp", "udp"]
+RuleKind = Literal["snat", "dnat", "fip"]
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    def overlaps(self, other: PortRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPv4Network
+    via: IPv4Address
+
+
+@dataclass(frozen=True)
+class InternalSide:
+    interface: str
+    addresses: tuple[IPv4Interface, ...]
+    routes: tuple[Route, ...]
+
+    def reaches(self, address: IPv4Address) -> bool:
+        """True when the gateway has a path to `address` through the internal side."""
+        return any(address in a.network for a in self.addresses) or any(address in r.dst for r in self.routes)
+
+
+@dataclass(frozen=True)
+class ExternalSide:
+    interface: str
+    addresses: tuple[IPv4Interface, ...]
+    gateway: IPv4Address | None
+
+
+@dataclass(frozen=True)
+class Eip:
+    name: str
+    v4ip: IPv4Address
+
+
+@dataclass(frozen=True)
+class SnatRule:
+    name: str
+    eip: str
+    internal_cidr: IPv4Network
+
+
+@dataclass(frozen=True)
+class DnatRule:
+    name: str
+    eip: str
+    protocol: Protocol
+    external_port: PortRange
+    internal_ip: IPv4Address
+    internal_port: PortRange
+
+
+@dataclass(frozen=True)
+class FipRule:
+    name: str
+    eip: str
+    internal_ip: IPv4Address
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    internal: InternalSide
+    external: ExternalSide
+    eips: tuple[Eip, ...] = ()
+    snat: tuple[SnatRule, ...] = ()
+    dnat: tuple[DnatRule, ...] = ()
+    fip: tuple[FipRule, ...] = ()
+
+    def eip_address(self, name: str) -> IPv4Address:
+        for eip in self.eips:
+            if eip.name == name:
+                return eip.v4ip
+        raise KeyError(name)
+
+    def eip_interface(self, eip: Eip) -> IPv4Interface:
+        """The EIP as an address of the external interface: the prefix of the external
+        subnet that contains it (so the kernel answers ARP for it on that subnet), else /32."""
+        for address in self.external.addresses:
+            if eip.v4ip in address.network:
+                return IPv4Interface(f"{eip.v4ip}/{address.network.prefixlen}")
+        return IPv4Interface(f"{eip.v4ip}/32")

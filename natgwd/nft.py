@@ -1,0 +1,141 @@
+"""The shell around libnftables: apply a transaction, read the table back.
+
+Scripts are written as text and read back as JSON, the same split kube-proxy's knftables
+makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one text
+`cmd()` call is one atomic kernel transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+from natgwd.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
+
+
+class NftError(Exception):
+    pass
+
+
+class Nft(Protocol):
+    def apply(self, tx: Transaction) -> None: ...
+
+    def check(self, tx: Transaction) -> None: ...
+
+    def read_table(self) -> TableContents | None: ...
+
+    def read_sets(self, names: tuple[str, ...]) -> dict[str, dict[str, Element]]: ...
+
+    def delete_table(self) -> None: ...
+
+
+class KernelNft:
+    """libnftables through Debian's python3-nftables binding; calls are serialised because
+    one context is not safe to share between threads."""
+
+    def __init__(self) -> None:
+        from nftables import Nftables  # only importable where libnftables is installed
+
+        self._nft = Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+        self._lock = threading.Lock()
+
+    def _run(self, script: str, dry_run: bool = False) -> Any:
+        with self._lock:
+            self._nft.set_dry_run(dry_run)
+            try:
+                rc, output, error = self._nft.cmd(script)
+            finally:
+                self._nft.set_dry_run(False)
+        if rc != 0:
+            raise NftError(error.strip() or f"libnftables returned {rc}")
+        return output
+
+    def apply(self, tx: Transaction) -> None:
+        if tx:
+            self._run(tx.script())
+
+    def check(self, tx: Transaction) -> None:
+        if tx:
+            self._run(tx.script(), dry_run=True)
+
+    def read_table(self) -> TableContents | None:
+        try:
+            output = self._run(f"list table {FAMILY} {TABLE}")
+        except NftError as err:
+            if "No such file or directory" in str(err):
+                return None
+            raise
+        return parse_table(_load(output))
+
+    def read_sets(self, names: tuple[str, ...]) -> dict[str, dict[str, Element]]:
+        # libnftables 1.0.6 fails on several list commands in one call: one call each.
+        result: dict[str, dict[str, Element]] = {}
+        for name in names:
+            try:
+                output = self._run(f"list set {FAMILY} {TABLE} {name}")
+            except NftError as err:
+                if "No such file or directory" in str(err):
+                    continue
+                raise
+            result.update(parse_table(_load(output)).elements)
+        return result
+
+    def delete_table(self) -> None:
+        try:
+            self._run(f"delete table {FAMILY} {TABLE}")
+        except NftError as err:
+            if "No such file or directory" not in str(err):
+                raise
+
+
+def _load(output: str) -> list[dict[str, Any]]:
+    import json
+
+    objects: list[dict[str, Any]] = json.loads(output)["nftables"]
+    return objects
+
+
+def _canonical(value: Any, quoted: bool) -> str:
+    if isinstance(value, dict) and "concat" in value:
+        return " . ".join(_canonical(v, quoted) for v in value["concat"])
+    if isinstance(value, str) and quoted:
+        return f'"{value}"'
+    return str(value)
+
+
+def _parse_element(item: Any, is_map: bool, quoted: bool) -> tuple[str, Element]:
+    value = None
+    if is_map:
+        item, mapped = item
+        value = _canonical(mapped, quoted=False)
+    comment = None
+    counter = None
+    if isinstance(item, dict) and "elem" in item:
+        wrapped = item["elem"]
+        item = wrapped["val"]
+        comment = wrapped.get("comment")
+        if "counter" in wrapped:
+            counter = Counter(wrapped["counter"]["packets"], wrapped["counter"]["bytes"])
+    return _canonical(item, quoted), Element(value, comment, counter)
+
+
+def parse_table(objects: list[dict[str, Any]]) -> TableContents:
+    """TableContents from `nft -j list table|set` output."""
+    contents = TableContents()
+    chains: dict[str, list[str]] = {}
+    for obj in objects:
+        kind, body = next(iter(obj.items()))
+        if kind in ("set", "map"):
+            contents.sets[body["name"]] = kind
+            # ifname keys come back bare but must be written quoted.
+            quoted = body.get("type") == "ifname"
+            elements = (_parse_element(i, kind == "map", quoted) for i in body.get("elem", ()))
+            contents.elements[body["name"]] = dict(elements)
+        elif kind == "chain":
+            chains.setdefault(body["name"], [])
+        elif kind == "rule":
+            chains.setdefault(body["chain"], []).append(body.get("comment", ""))
+    contents.chains = {name: tuple(tags) for name, tags in chains.items()}
+    return contents

@@ -1,0 +1,189 @@
+"""Plan the nftables table for a desired state: static chains, data in maps.
+
+Layout (family inet, table natgwd):
+
+- Every NAT rule has a numeric id. The NAT statement that translates a connection also
+  sets the connection's ct mark to that id, and a filter chain after source NAT counts
+  each packet by (ct direction, ct mark) in `rule_traffic` and each new connection by ct
+  mark in `rule_connections`. Counters are therefore keyed by rule, whatever map the rule
+  lives in, and survive changes to other rules.
+- The id of a rule is stored in the kernel as the comment of its `rule_connections`
+  element ("kind/name/eip"), so a restarted daemon finds every rule's id (and counters)
+  in the table it adopts.
+- Lookups are hash maps: (EIP, proto, port) for DNAT, address for FIP, and for SNAT one
+  map per prefix length in use, consulted longest prefix first, keyed by the masked source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from natgwd.model import DesiredState, RuleKind
+from natgwd.table import ChainSpec, DesiredTable, Element, SetSpec
+
+RULE_CONNECTIONS = "rule_connections"
+RULE_TRAFFIC = "rule_traffic"
+INVALID_DROPS = "invalid_dropped"
+DIRECTIONS = ("original", "reply")
+
+_STATIC_SETS = (
+    SetSpec("eips", "type ipv4_addr;"),
+    SetSpec("fip_in_target", "type ipv4_addr : ipv4_addr;"),
+    SetSpec("fip_in_rule", "type ipv4_addr : mark;"),
+    SetSpec("fip_out_target", "type ipv4_addr : ipv4_addr;"),
+    SetSpec("fip_out_rule", "type ipv4_addr : mark;"),
+    SetSpec("dnat_target", "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;"),
+    SetSpec("dnat_rule", "type ipv4_addr . inet_proto . inet_service : mark;"),
+    SetSpec(RULE_CONNECTIONS, "type mark; counter;"),
+    SetSpec(RULE_TRAFFIC, "type ct_dir . mark; counter;"),
+    SetSpec(INVALID_DROPS, "type ifname; counter;"),
+)
+
+_DNAT_KEY = "ip daddr . meta l4proto . th dport"
+
+
+@dataclass(frozen=True, order=True)
+class RuleLabels:
+    """What identifies a rule to Prometheus; one id (and one set of counters) per value."""
+
+    kind: RuleKind
+    name: str
+    eip: str
+
+    @property
+    def comment(self) -> str:
+        return f"{self.kind}/{self.name}/{self.eip}"
+
+    @classmethod
+    def from_comment(cls, comment: str) -> RuleLabels | None:
+        parts = comment.split("/")
+        if len(parts) != 3 or parts[0] not in ("snat", "dnat", "fip"):
+            return None
+        kind: RuleKind = parts[0]  # type: ignore[assignment]
+        return cls(kind, parts[1], parts[2])
+
+
+def rule_labels(state: DesiredState) -> list[RuleLabels]:
+    labels: list[RuleLabels] = []
+    for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
+        for rule in rules:
+            labels.append(RuleLabels(kind, rule.name, str(state.eip_address(rule.eip))))  # type: ignore[arg-type]
+    return labels
+
+
+def assign_ids(state: DesiredState, existing: Mapping[RuleLabels, int], highest_used: int = 0) -> dict[RuleLabels, int]:
+    """Keep the id of every rule that already has one; give new rules ids above every id
+    ever used (`highest_used`), so that a conntrack entry still marked with a deleted rule's
+    id is never counted as another rule's traffic."""
+    ids: dict[RuleLabels, int] = {}
+    next_id = max(highest_used, *existing.values(), 0) + 1
+    for labels in rule_labels(state):
+        if labels in existing:
+            ids[labels] = existing[labels]
+        else:
+            ids[labels] = next_id
+            next_id += 1
+    return ids
+
+
+def _mask(prefixlen: int) -> str:
+    return str(IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+
+
+def _snat_key(prefixlen: int) -> str:
+    return "ip saddr" if prefixlen == 32 else f"ip saddr & {_mask(prefixlen)}"
+
+
+def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, ...]:
+    internal = f'"{state.internal.interface}"'
+    external = f'"{state.external.interface}"'
+    snat_rules = tuple(
+        f"oifname {external} ct mark set {_snat_key(p)} map @snat_p{p}_rule "
+        f"snat ip to {_snat_key(p)} map @snat_p{p}_target fully-random"
+        for p in snat_prefixes
+    )
+    return (
+        ChainSpec(
+            "prerouting",
+            "type nat hook prerouting priority dstnat; policy accept;",
+            (
+                "ct mark set ip daddr map @fip_in_rule dnat ip to ip daddr map @fip_in_target",
+                f"meta l4proto {{ tcp, udp }} ct mark set {_DNAT_KEY} map @dnat_rule "
+                f"dnat ip to {_DNAT_KEY} map @dnat_target",
+            ),
+        ),
+        ChainSpec(
+            "postrouting",
+            "type nat hook postrouting priority srcnat; policy accept;",
+            (
+                # Hairpin: a VPC client reached an EIP that was DNATed back into the VPC;
+                # without this the backend would answer the client directly.
+                f"iifname {internal} oifname {internal} ct status dnat "
+                "ct original ip daddr @eips snat ip to ct original ip daddr",
+                f"oifname {external} ct mark set ip saddr map @fip_out_rule snat ip to ip saddr map @fip_out_target",
+                *snat_rules,
+            ),
+        ),
+        ChainSpec(
+            "account",
+            # After source NAT (100), so the first packet of a SNATed flow is marked too.
+            "type filter hook postrouting priority 300; policy accept;",
+            (f"ct state new ct mark @{RULE_CONNECTIONS}", f"ct direction . ct mark @{RULE_TRAFFIC}"),
+        ),
+        ChainSpec(
+            "forward",
+            "type filter hook forward priority filter; policy accept;",
+            # Netfilter does not NAT packets conntrack calls invalid (e.g. a late RST):
+            # they would leave with an internal source address.
+            (f"ct state invalid oifname @{INVALID_DROPS} drop",),
+        ),
+    )
+
+
+def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int]) -> DesiredTable:
+    eip_of = {e.name: str(e.v4ip) for e in state.eips}
+    elements: dict[str, dict[str, Element]] = {spec.name: {} for spec in _STATIC_SETS}
+    elements["eips"] = {address: Element() for address in eip_of.values()}
+    elements[INVALID_DROPS] = {f'"{state.external.interface}"': Element()}
+
+    def count(labels: RuleLabels) -> str:
+        mark = str(ids[labels])
+        elements[RULE_CONNECTIONS][mark] = Element(comment=labels.comment)
+        for direction in DIRECTIONS:
+            elements[RULE_TRAFFIC][f"{direction} . {mark}"] = Element()
+        return mark
+
+    for fip in state.fip:
+        mark = count(RuleLabels("fip", fip.name, eip_of[fip.eip]))
+        eip, internal = eip_of[fip.eip], str(fip.internal_ip)
+        elements["fip_in_target"][eip] = Element(internal)
+        elements["fip_in_rule"][eip] = Element(mark)
+        elements["fip_out_target"][internal] = Element(eip)
+        elements["fip_out_rule"][internal] = Element(mark)
+
+    for dnat in state.dnat:
+        mark = count(RuleLabels("dnat", dnat.name, eip_of[dnat.eip]))
+        shift = dnat.internal_port.first - dnat.external_port.first
+        # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
+        # range becomes one element per port.
+        for port in range(dnat.external_port.first, dnat.external_port.last + 1):
+            key = f"{eip_of[dnat.eip]} . {dnat.protocol} . {port}"
+            elements["dnat_target"][key] = Element(f"{dnat.internal_ip} . {port + shift}")
+            elements["dnat_rule"][key] = Element(mark)
+
+    prefixes = sorted({snat.internal_cidr.prefixlen for snat in state.snat}, reverse=True)
+    sets = list(_STATIC_SETS)
+    for p in prefixes:
+        sets.append(SetSpec(f"snat_p{p}_target", "type ipv4_addr : ipv4_addr;"))
+        sets.append(SetSpec(f"snat_p{p}_rule", "type ipv4_addr : mark;"))
+        elements[f"snat_p{p}_target"] = {}
+        elements[f"snat_p{p}_rule"] = {}
+    for snat in state.snat:
+        mark = count(RuleLabels("snat", snat.name, eip_of[snat.eip]))
+        p, network = snat.internal_cidr.prefixlen, str(snat.internal_cidr.network_address)
+        elements[f"snat_p{p}_target"][network] = Element(eip_of[snat.eip])
+        elements[f"snat_p{p}_rule"][network] = Element(mark)
+
+    return DesiredTable(tuple(sets), _chains(state, prefixes), elements)

@@ -1,0 +1,183 @@
+"""Keep the kernel equal to a desired state: one atomic nftables transaction per change,
+then interfaces, addresses and routes.
+
+The reconciler keeps the table contents it last wrote (like kube-proxy's element
+storage) so that a change costs a diff against memory. The kernel is read back when there
+is no trusted copy (start, after a failed transaction) and on every resync, which is how
+drift is found and repaired.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from natgwd.links import LinkPlan, link_plan
+from natgwd.metrics import COUNTING_SETS
+from natgwd.model import DesiredState
+from natgwd.netlink import LinkReport
+from natgwd.nft import Nft
+from natgwd.plan import RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
+from natgwd.table import Counter, DesiredTable, Element, TableContents, Transaction, plan_transaction
+
+log = structlog.get_logger("natgwd.reconciler")
+
+
+class Links(Protocol):
+    def apply(self, plan: LinkPlan) -> LinkReport: ...
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did. `complete` is False while interfaces are missing or a
+    netlink change failed; nftables is then already applied and the rest is retried."""
+
+    nft_operations: int = 0
+    changed_elements: int = 0
+    link_changes: list[str] = field(default_factory=list)
+    missing_interfaces: list[str] = field(default_factory=list)
+    link_errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_interfaces and not self.link_errors
+
+
+class Reconciler:
+    def __init__(self, nft: Nft, links: Links, ensure_forwarding: Callable[[], bool]) -> None:
+        self.nft = nft
+        self.links = links
+        self.ensure_forwarding = ensure_forwarding
+        self.state: DesiredState | None = None
+        self._table: DesiredTable | None = None
+        self._written: TableContents | None = None  # what we believe the kernel holds
+        self._ids: dict[RuleLabels, int] | None = None
+        self._highest_id = 0
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._lock = threading.Lock()
+
+    # --- applying -------------------------------------------------------------------
+
+    def apply(self, state: DesiredState) -> Outcome:
+        """Make the kernel hold `state`. Raises NftError with nothing changed in nftables
+        if the transaction is refused."""
+        with self._lock:
+            self.ensure_forwarding()
+            if self._written is None or self._ids is None:
+                self._adopt()
+            assert self._ids is not None
+            ids = assign_ids(state, self._ids, self._highest_id)
+            table = desired_table(state, ids)
+            tx = plan_transaction(self._written, table, self._counters)
+            self._commit(tx)
+            self._written = table.contents()
+            self._ids, self._table, self.state = ids, table, state
+            self._highest_id = max(self._highest_id, *ids.values(), 0)
+            self._forget_counters_except(table)
+            outcome = self._apply_links(state)
+            outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+            return outcome
+
+    def resync(self) -> tuple[Outcome, dict[str, int]]:
+        """Compare the kernel with the applied state and repair what differs. Returns the
+        outcome and the repairs made, by resource."""
+        with self._lock:
+            repairs: dict[str, int] = {}
+            if self.state is None or self._table is None:
+                return Outcome(), repairs
+            if self.ensure_forwarding():
+                repairs["forwarding"] = 1
+            kernel = self.nft.read_table()
+            if kernel is not None:
+                self._remember_counters(kernel.elements)
+            tx = plan_transaction(kernel, self._table, self._counters)
+            if tx:
+                log.warning(
+                    "nftables drift",
+                    table_missing=kernel is None,
+                    operations=len(tx.operations),
+                    changed_elements=tx.changed_elements,
+                )
+                self._written = None
+                self._commit(tx)
+                repairs["nftables"] = len(tx.operations)
+            self._written = self._table.contents()
+            outcome = self._apply_links(self.state)
+            outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+            if outcome.link_changes:
+                repairs["addresses_routes"] = len(outcome.link_changes)
+            return outcome, repairs
+
+    def counting_sets(self) -> dict[str, dict[str, Element]]:
+        """The kernel's counting sets, for a scrape; also remembered for re-seeding."""
+        sets = self.nft.read_sets(COUNTING_SETS)
+        self._remember_counters(sets)
+        return sets
+
+    # --- pieces ---------------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Start from whatever table is in the kernel, with its rule ids, so a restart
+        changes nothing that is already right (no flush, no traffic blip)."""
+        kernel = self.nft.read_table()
+        self._written = kernel
+        existing: dict[RuleLabels, int] = {}
+        if kernel is not None:
+            self._remember_counters(kernel.elements)
+            for mark, element in kernel.elements.get(RULE_CONNECTIONS, {}).items():
+                labels = RuleLabels.from_comment(element.comment or "")
+                if labels is not None and mark.isdigit():
+                    existing[labels] = int(mark)
+        if self._ids is not None:
+            # The table vanished under us: keep the ids (and counters) we already gave out.
+            existing = {**self._ids, **existing}
+        self._ids = existing
+        log.info(
+            "adopted nftables table",
+            found=kernel is not None,
+            rules=len(existing),
+            elements=kernel.element_count() if kernel else 0,
+        )
+
+    def _commit(self, tx: Transaction) -> None:
+        started = time.monotonic()
+        try:
+            self.nft.apply(tx)
+        except Exception:
+            self._written = None  # unknown now: read the kernel next time
+            raise
+        if tx:
+            log.info(
+                "nftables transaction applied",
+                operations=len(tx.operations),
+                changed_elements=tx.changed_elements,
+                seconds=round(time.monotonic() - started, 4),
+            )
+
+    def _apply_links(self, state: DesiredState) -> Outcome:
+        report = self.links.apply(link_plan(state))
+        for change in report.changes:
+            log.info("link change", change=change)
+        for error in report.errors:
+            log.error("link change failed", error=error)
+        return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
+
+    def _forget_counters_except(self, table: DesiredTable) -> None:
+        self._counters = {
+            (name, key): counter
+            for (name, key), counter in self._counters.items()
+            if key in table.elements.get(name, {})
+        }
+
+    def _remember_counters(self, sets: dict[str, dict[str, Element]]) -> None:
+        remembered = dict(self._counters)
+        for name in COUNTING_SETS:
+            for key, element in sets.get(name, {}).items():
+                if element.counter is not None:
+                    remembered[(name, key)] = element.counter
+        self._counters = remembered

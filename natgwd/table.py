@@ -1,0 +1,255 @@
+"""What natgwd's nftables table holds, and the transaction that turns one content into
+another.
+
+The same TableContents type describes the kernel (read back as JSON), the in-memory fake
+and the desired table, so drift detection, partial syncs and the fake share one diff.
+Chains are compared by the tags of their rules: every rule carries a comment that is a
+digest of its own text, so "the tags match" means "the rules match" without parsing
+rules back from the kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+FAMILY = "inet"
+TABLE = "natgwd"
+ELEMENTS_PER_COMMAND = 2048
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Element:
+    """A set element (value None) or a map element. `counter` is only known when read
+    from the kernel, or when seeding a re-created element; it never makes elements differ."""
+
+    value: str | None = None
+    comment: str | None = None
+    counter: Counter | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    name: str
+    body: str  # e.g. "type ipv4_addr : mark;" or "type mark; counter;"
+
+    @property
+    def keyword(self) -> str:
+        return "map" if " : " in self.body else "set"
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    name: str
+    header: str  # e.g. "type nat hook prerouting priority dstnat; policy accept;"
+    rules: tuple[str, ...]
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(rule_tag(self.header, rule) for rule in self.rules)
+
+
+def rule_tag(header: str, rule: str) -> str:
+    # The header takes part so that a changed hook or priority also re-creates the rules.
+    return "natgwd:" + hashlib.sha256(f"{header}\n{rule}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class TableContents:
+    """The parts of the table that reconciliation compares."""
+
+    sets: dict[str, str] = field(default_factory=dict)  # name -> "set" | "map"
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> rule tags
+    elements: dict[str, dict[str, Element]] = field(default_factory=dict)
+
+    def element_count(self) -> int:
+        return sum(len(e) for e in self.elements.values())
+
+
+@dataclass(frozen=True)
+class DesiredTable:
+    sets: tuple[SetSpec, ...]
+    chains: tuple[ChainSpec, ...]
+    elements: Mapping[str, Mapping[str, Element]]
+
+    def contents(self) -> TableContents:
+        return TableContents(
+            sets={s.name: s.keyword for s in self.sets},
+            chains={c.name: c.tags for c in self.chains},
+            elements={name: dict(elems) for name, elems in self.elements.items()},
+        )
+
+
+# --- transaction ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddTable:
+    def render(self) -> str:
+        return f"add table {FAMILY} {TABLE}"
+
+
+@dataclass(frozen=True)
+class AddSet:
+    spec: SetSpec
+
+    def render(self) -> str:
+        return f"add {self.spec.keyword} {FAMILY} {TABLE} {self.spec.name} {{ {self.spec.body} }}"
+
+
+@dataclass(frozen=True)
+class DeleteSet:
+    name: str
+    keyword: str
+
+    def render(self) -> str:
+        return f"delete {self.keyword} {FAMILY} {TABLE} {self.name}"
+
+
+@dataclass(frozen=True)
+class AddChain:
+    name: str
+    header: str
+
+    def render(self) -> str:
+        return f"add chain {FAMILY} {TABLE} {self.name} {{ {self.header} }}"
+
+
+@dataclass(frozen=True)
+class FlushChain:
+    name: str
+
+    def render(self) -> str:
+        return f"flush chain {FAMILY} {TABLE} {self.name}"
+
+
+@dataclass(frozen=True)
+class AddRule:
+    chain: str
+    rule: str
+    tag: str
+
+    def render(self) -> str:
+        return f'add rule {FAMILY} {TABLE} {self.chain} {self.rule} comment "{self.tag}"'
+
+
+@dataclass(frozen=True)
+class AddElements:
+    set_name: str
+    elements: tuple[tuple[str, Element], ...]
+
+    def render(self) -> str:
+        body = ", ".join(render_element(key, element) for key, element in self.elements)
+        return f"add element {FAMILY} {TABLE} {self.set_name} {{ {body} }}"
+
+
+@dataclass(frozen=True)
+class DeleteElements:
+    set_name: str
+    keys: tuple[str, ...]
+
+    def render(self) -> str:
+        return f"delete element {FAMILY} {TABLE} {self.set_name} {{ {', '.join(self.keys)} }}"
+
+
+Operation = AddTable | AddSet | DeleteSet | AddChain | FlushChain | AddRule | AddElements | DeleteElements
+
+
+@dataclass
+class Transaction:
+    """An ordered batch of operations, applied as one kernel transaction (all or nothing)."""
+
+    operations: list[Operation] = field(default_factory=list)
+    changed_elements: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.operations)
+
+    def add(self, operation: Operation) -> None:
+        self.operations.append(operation)
+
+    def add_elements(self, set_name: str, elements: list[tuple[str, Element]]) -> None:
+        self.changed_elements += len(elements)
+        for start in range(0, len(elements), ELEMENTS_PER_COMMAND):
+            self.add(AddElements(set_name, tuple(elements[start : start + ELEMENTS_PER_COMMAND])))
+
+    def delete_elements(self, set_name: str, keys: list[str]) -> None:
+        self.changed_elements += len(keys)
+        for start in range(0, len(keys), ELEMENTS_PER_COMMAND):
+            self.add(DeleteElements(set_name, tuple(keys[start : start + ELEMENTS_PER_COMMAND])))
+
+    def script(self) -> str:
+        return "".join(f"{operation.render()}\n" for operation in self.operations)
+
+
+def render_element(key: str, element: Element) -> str:
+    text = key
+    if element.counter is not None:
+        text += f" counter packets {element.counter.packets} bytes {element.counter.bytes}"
+    if element.comment is not None:
+        text += f' comment "{element.comment}"'
+    if element.value is not None:
+        text += f" : {element.value}"
+    return text
+
+
+def plan_transaction(
+    current: TableContents | None,
+    desired: DesiredTable,
+    counters: Mapping[tuple[str, str], Counter] | None = None,
+) -> Transaction:
+    """The smallest transaction that makes `current` equal to `desired`.
+
+    `current` None means the table does not exist. Elements whose key or content changed
+    are deleted and re-added (the kernel refuses to overwrite a map value); all others are
+    left alone, so their per-element counters keep counting. A re-created counting element
+    is seeded from `counters` ((set, key) -> last known value) so that a table deleted by
+    hand does not send a rule's counters backwards.
+    """
+    tx = Transaction()
+    counters = counters or {}
+    if current is None:
+        current = TableContents()
+        tx.add(AddTable())
+    for spec in desired.sets:
+        if spec.name not in current.sets:
+            tx.add(AddSet(spec))
+    for chain in desired.chains:
+        if current.chains.get(chain.name) == chain.tags:
+            continue
+        if chain.name in current.chains:
+            tx.add(FlushChain(chain.name))
+        else:
+            tx.add(AddChain(chain.name, chain.header))
+        for rule, tag in zip(chain.rules, chain.tags, strict=True):
+            tx.add(AddRule(chain.name, rule, tag))
+    for name, wanted in desired.elements.items():
+        have = current.elements.get(name, {})
+        stale = [key for key, element in have.items() if wanted.get(key) != element]
+        fresh = [
+            (key, _seeded(element, counters.get((name, key))))
+            for key, element in wanted.items()
+            if have.get(key) != element
+        ]
+        if stale:
+            tx.delete_elements(name, stale)
+        if fresh:
+            tx.add_elements(name, fresh)
+    desired_sets = {s.name for s in desired.sets}
+    for name in sorted(current.sets.keys() - desired_sets):
+        # Rules that referenced it were replaced above, in this same transaction.
+        tx.add(DeleteSet(name, current.sets[name]))
+    return tx
+
+
+def _seeded(element: Element, counter: Counter | None) -> Element:
+    if counter is None or element.counter is not None:
+        return element
+    return Element(element.value, element.comment, counter)

@@ -1,0 +1,406 @@
+"""Turn the bytes of a desired-state file into a DesiredState, or into every reason it
+is not one.
+
+Two passes: the shipped JSON Schema checks the shape (fields, types, formats), then the
+semantic pass checks what a schema cannot say (addresses, references, conflicts,
+reachability). The semantic pass runs only on a well-shaped document, because its checks
+rely on the shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError
+from typing import Any
+
+import jsonschema
+
+from natgwd.model import (
+    DesiredState,
+    DnatRule,
+    Eip,
+    ExternalSide,
+    FipRule,
+    InternalSide,
+    PortRange,
+    Route,
+    SnatRule,
+)
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class InvalidStateError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@cache
+def schema() -> dict[str, Any]:
+    text = resources.files("natgwd").joinpath("schema/state-v1.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def load_state(raw: bytes) -> DesiredState:
+    """Parse and validate a desired-state document; raise InvalidStateError listing every problem."""
+    document = _decode(raw)
+    problems = _shape_problems(document)
+    if problems:
+        raise InvalidStateError(problems)
+    return _Semantics(document).build()
+
+
+# --- decoding -------------------------------------------------------------------------
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(f"duplicate key {key!r} in one object")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _decode(raw: bytes) -> Any:
+    if len(raw) > MAX_FILE_BYTES:
+        raise InvalidStateError([Problem("$", f"file is larger than {MAX_FILE_BYTES} bytes")])
+    if not raw.strip():
+        raise InvalidStateError([Problem("$", "file is empty")])
+    if b"\x00" in raw:
+        raise InvalidStateError([Problem("$", f"file contains a NUL byte at offset {raw.index(0)}")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidStateError([Problem("$", f"file is not UTF-8: {err.reason} at byte {err.start}")]) from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        reason = f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        raise InvalidStateError([Problem("$", reason)]) from None
+    except _DuplicateKeyError as err:
+        raise InvalidStateError([Problem("$", str(err))]) from None
+    except (ValueError, RecursionError) as err:
+        # ValueError: NaN/Infinity, integers too long to convert. RecursionError: nesting.
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise InvalidStateError([Problem("$", f"not valid JSON: {reason}")]) from None
+
+
+# --- shape (JSON Schema) --------------------------------------------------------------
+
+_PATTERN_MEANING = {
+    "name": "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+    "ifname": "must be an interface name of 1-15 letters, digits, '_', '.' or '-'",
+    "ipv4Address": "must be an IPv4 address such as 10.115.55.200",
+    "ipv4Interface": "must be an IPv4 address with prefix length such as 172.20.10.254/24",
+    "ipv4Cidr": "must be an IPv4 network such as 172.20.10.0/24",
+}
+
+
+def _json_path(parts: Any) -> str:
+    path = "$"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _definition_of(subschema: dict[str, Any]) -> str | None:
+    for name, definition in schema()["definitions"].items():
+        if definition is subschema or any(definition is s for s in definition.get("oneOf", ())):
+            return str(name)
+    # A pattern error carries the inner schema of a definition: find it by identity.
+    for name, definition in schema()["definitions"].items():
+        if definition.get("pattern") == subschema.get("pattern") and "pattern" in subschema:
+            return str(name)
+    return None
+
+
+def _shape_problems(document: Any) -> list[Problem]:
+    validator = jsonschema.Draft7Validator(schema())
+    problems: list[Problem] = []
+    for error in validator.iter_errors(document):
+        path = _json_path(error.absolute_path)
+        problems.extend(_explain(error, path))
+    return sorted(set(problems), key=lambda p: (p.path, p.reason))
+
+
+def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:
+    kind = error.validator
+    value = error.validator_value
+    if kind == "additionalProperties":
+        allowed = set(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - allowed)
+        known = ", ".join(sorted(allowed))
+        return [Problem(f"{path}.{key}", f"unknown field (allowed here: {known})") for key in extra]
+    if kind == "required":
+        missing = [key for key in value if key not in error.instance]
+        return [Problem(f"{path}.{key}", "required field is missing") for key in missing]
+    if kind == "type":
+        return [Problem(path, f"must be {'an' if value in ('object', 'array', 'integer') else 'a'} {value}")]
+    if kind == "const":
+        return [Problem(path, f"must be {json.dumps(value)} (the only supported version)")]
+    if kind == "enum":
+        return [Problem(path, "must be one of " + ", ".join(json.dumps(v) for v in value))]
+    if kind == "pattern":
+        definition = _definition_of(error.schema)
+        meaning = _PATTERN_MEANING.get(definition or "", f"must match {value}")
+        return [Problem(path, meaning)]
+    if kind == "maxLength":
+        definition = _definition_of(error.schema)
+        meaning = _PATTERN_MEANING.get(definition or "", f"must be at most {value} characters")
+        return [Problem(path, f"{meaning} (at most {value} characters)")]
+    if kind == "oneOf":
+        return [Problem(path, 'must be a port 1-65535 (integer or string) or a range "first-last"')]
+    if kind == "maxItems":
+        return [Problem(path, f"has more than {value} items")]
+    return [Problem(path, error.message)]
+
+
+# --- semantics ------------------------------------------------------------------------
+
+
+class _Semantics:
+    """Checks that need the whole document; collects every problem before raising."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.doc = document
+        self.problems: list[Problem] = []
+
+    def fail(self, path: str, reason: str) -> None:
+        self.problems.append(Problem(path, reason))
+
+    def build(self) -> DesiredState:
+        internal = self._internal()
+        external = self._external()
+        if internal.interface == external.interface:
+            self.fail("$.external.interface", "must differ from internal.interface")
+        eips = self._eips()
+        eip_names = {e.name for e in eips}
+        snat = self._snat(eip_names)
+        dnat = self._dnat(eip_names, internal)
+        fip = self._fip(eip_names, internal, dnat)
+        if self.problems:
+            raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
+        return DesiredState(internal, external, eips, snat, dnat, fip)
+
+    # addresses -------------------------------------------------------------------------
+
+    def address(self, path: str, text: str) -> IPv4Address | None:
+        try:
+            address = IPv4Address(text)
+        except AddressValueError as err:
+            self.fail(path, f"not a valid IPv4 address: {err}")
+            return None
+        if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
+            self.fail(path, f"{address} is not a usable unicast address")
+            return None
+        return address
+
+    def interface_address(self, path: str, text: str) -> IPv4Interface | None:
+        try:
+            interface = IPv4Interface(text)
+        except (AddressValueError, NetmaskValueError) as err:
+            self.fail(path, f"not a valid IPv4 address/prefix: {err}")
+            return None
+        if self.address(path, str(interface.ip)) is None:
+            return None
+        if interface.network.prefixlen < 31 and interface.ip in (
+            interface.network.network_address,
+            interface.network.broadcast_address,
+        ):
+            self.fail(path, f"{interface.ip} is the network or broadcast address of {interface.network}")
+            return None
+        return interface
+
+    def network(self, path: str, text: str) -> IPv4Network | None:
+        try:
+            return IPv4Network(text if "/" in text else f"{text}/32")
+        except (AddressValueError, NetmaskValueError) as err:
+            self.fail(path, f"not a valid IPv4 network: {err}")
+        except ValueError:
+            suggestion = IPv4Network(text, strict=False)
+            self.fail(path, f"has host bits set (did you mean {suggestion}?)")
+        return None
+
+    def port_range(self, path: str, value: int | str) -> PortRange | None:
+        first_text, _, last_text = str(value).partition("-")
+        first, last = int(first_text), int(last_text or first_text)
+        if not (1 <= first <= 65535 and 1 <= last <= 65535):
+            self.fail(path, "ports must be between 1 and 65535")
+            return None
+        if first > last:
+            self.fail(path, f"range {value} is reversed (first port after last)")
+            return None
+        return PortRange(first, last)
+
+    def duplicates(self, section: str, items: list[dict[str, Any]], field: str) -> None:
+        seen: dict[Any, int] = {}
+        for index, item in enumerate(items):
+            key = item[field]
+            if key in seen:
+                self.fail(f"$.{section}[{index}].{field}", f"duplicates {section}[{seen[key]}] ({key!r})")
+            else:
+                seen[key] = index
+
+    # sections --------------------------------------------------------------------------
+
+    def _internal(self) -> InternalSide:
+        section = self.doc["internal"]
+        addresses = tuple(
+            a
+            for i, text in enumerate(section["addresses"])
+            if (a := self.interface_address(f"$.internal.addresses[{i}]", text)) is not None
+        )
+        routes: list[Route] = []
+        seen: dict[IPv4Network, int] = {}
+        for i, route in enumerate(section.get("routes", ())):
+            path = f"$.internal.routes[{i}]"
+            dst = self.network(f"{path}.dst", route["dst"])
+            via = self.address(f"{path}.via", route["via"])
+            if dst is None or via is None:
+                continue
+            if dst in seen:
+                self.fail(f"{path}.dst", f"duplicates internal.routes[{seen[dst]}] ({dst})")
+                continue
+            seen[dst] = i
+            if not any(via in a.network for a in addresses):
+                self.fail(f"{path}.via", f"nexthop {via} is not in the subnet of any internal address")
+                continue
+            routes.append(Route(dst, via))
+        return InternalSide(section["interface"], addresses, tuple(routes))
+
+    def _external(self) -> ExternalSide:
+        section = self.doc["external"]
+        addresses = tuple(
+            a
+            for i, text in enumerate(section["addresses"])
+            if (a := self.interface_address(f"$.external.addresses[{i}]", text)) is not None
+        )
+        gateway = None
+        if "gateway" in section:
+            gateway = self.address("$.external.gateway", section["gateway"])
+        return ExternalSide(section["interface"], addresses, gateway)
+
+    def _eips(self) -> tuple[Eip, ...]:
+        items = self.doc.get("eips", [])
+        self.duplicates("eips", items, "name")
+        self.duplicates("eips", items, "v4ip")
+        eips = []
+        for i, item in enumerate(items):
+            address = self.address(f"$.eips[{i}].v4ip", item["v4ip"])
+            if address is not None:
+                eips.append(Eip(item["name"], address))
+        return tuple(eips)
+
+    def known_eip(self, path: str, name: str, eip_names: set[str]) -> bool:
+        if name not in eip_names:
+            self.fail(path, f"names EIP {name!r}, which is not in eips")
+            return False
+        return True
+
+    def reachable(self, path: str, address: IPv4Address, internal: InternalSide) -> bool:
+        if internal.reaches(address):
+            return True
+        self.fail(path, f"{address} is in no internal address's subnet and no internal route")
+        return False
+
+    def _snat(self, eip_names: set[str]) -> tuple[SnatRule, ...]:
+        items = self.doc.get("snat", [])
+        self.duplicates("snat", items, "name")
+        rules: list[SnatRule] = []
+        owner: dict[IPv4Network, int] = {}
+        for i, item in enumerate(items):
+            path = f"$.snat[{i}]"
+            known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
+            cidr = self.network(f"{path}.internalCIDR", item["internalCIDR"])
+            if cidr is None or not known:
+                continue
+            if cidr in owner:
+                self.fail(f"{path}.internalCIDR", f"{cidr} is already translated by snat[{owner[cidr]}]")
+                continue
+            owner[cidr] = i
+            rules.append(SnatRule(item["name"], item["eip"], cidr))
+        return tuple(rules)
+
+    def _dnat(self, eip_names: set[str], internal: InternalSide) -> tuple[DnatRule, ...]:
+        items = self.doc.get("dnat", [])
+        self.duplicates("dnat", items, "name")
+        rules: list[tuple[int, DnatRule]] = []
+        for i, item in enumerate(items):
+            path = f"$.dnat[{i}]"
+            known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
+            external = self.port_range(f"{path}.externalPort", item["externalPort"])
+            internal_port = self.port_range(f"{path}.internalPort", item["internalPort"])
+            address = self.address(f"{path}.internalIp", item["internalIp"])
+            if address is not None and not self.reachable(f"{path}.internalIp", address, internal):
+                address = None
+            if external and internal_port and len(external) != len(internal_port):
+                self.fail(
+                    f"{path}.internalPort",
+                    f"range {internal_port} has {len(internal_port)} ports but externalPort "
+                    f"{external} has {len(external)}; they must be the same length",
+                )
+                continue
+            if known and external and internal_port and address:
+                rule = DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port)
+                rules.append((i, rule))
+        self._no_overlapping_ports(rules)
+        return tuple(rule for _, rule in rules)
+
+    def _no_overlapping_ports(self, rules: list[tuple[int, DnatRule]]) -> None:
+        by_identity: dict[tuple[str, str], list[tuple[int, DnatRule]]] = defaultdict(list)
+        for index, rule in rules:
+            by_identity[(rule.eip, rule.protocol)].append((index, rule))
+        for group in by_identity.values():
+            group.sort(key=lambda entry: entry[1].external_port)
+            widest: tuple[int, DnatRule] | None = None
+            for index, rule in group:
+                if widest and widest[1].external_port.overlaps(rule.external_port):
+                    self.fail(
+                        f"$.dnat[{index}].externalPort",
+                        f"{rule.protocol} port {rule.external_port} on EIP {rule.eip!r} overlaps "
+                        f"dnat[{widest[0]}] ({widest[1].external_port})",
+                    )
+                if widest is None or rule.external_port.last > widest[1].external_port.last:
+                    widest = (index, rule)
+
+    def _fip(self, eip_names: set[str], internal: InternalSide, dnat: tuple[DnatRule, ...]) -> tuple[FipRule, ...]:
+        items = self.doc.get("fip", [])
+        self.duplicates("fip", items, "name")
+        self.duplicates("fip", items, "eip")
+        self.duplicates("fip", items, "internalIp")
+        dnat_eips = {rule.eip for rule in dnat}
+        rules: list[FipRule] = []
+        for i, item in enumerate(items):
+            path = f"$.fip[{i}]"
+            known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
+            if known and item["eip"] in dnat_eips:
+                self.fail(f"{path}.eip", f"EIP {item['eip']!r} is also used by a dnat rule; a FIP needs the EIP alone")
+                known = False
+            address = self.address(f"{path}.internalIp", item["internalIp"])
+            if address is not None and self.reachable(f"{path}.internalIp", address, internal) and known:
+                rules.append(FipRule(item["name"], item["eip"], address))
+        return tuple(rules)
