@@ -330,4 +330,3 @@ class Lab:
         )
         result = self.exec(role, sys.executable, "-c", script, timeout=timeout * len(payloads) + 10)
         return list(json.loads(result.stdout))
-
