@@ -10,6 +10,8 @@ from pathlib import Path
 from natgwd import __version__
 from natgwd.validation import InvalidStateError, load_state
 
+APPLIED_STATE = "/var/lib/natgwd/applied.json"
+
 
 def _check(args: argparse.Namespace) -> int:
     try:
@@ -55,25 +57,62 @@ def _status(args: argparse.Namespace) -> int:
     if table is None:
         print("no natgwd table in this network namespace", file=sys.stderr)
         return 1
+    applied = _applied_record(Path(args.applied_state)) if args.applied_state else None
     rules = rule_statuses(table)
     if args.json:
-        print(json.dumps([r.as_dict() for r in rules], indent=1))
-    else:
-        sys.stdout.write(format_table(rules))
+        print(json.dumps({"applied": applied, "rules": [r.as_dict() for r in rules]}, indent=1))
+        return 0
+    if applied:
+        print(f"applied state sha256 {applied['sha256']} at {applied['applied_at']}")
+    sys.stdout.write(format_table(rules))
     return 0
 
 
+def _applied_record(path: Path) -> dict[str, str] | None:
+    try:
+        record = json.loads(path.read_bytes())
+        return {"sha256": str(record["sha256"]), "applied_at": str(record["applied_at"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _run(args: argparse.Namespace) -> int:
+    from natgwd.conntrack import ConntrackCleaner
     from natgwd.daemon import Daemon, DaemonConfig
     from natgwd.endpoints import parse_address
     from natgwd.logs import configure
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
-    from natgwd.reconciler import Reconciler
+    from natgwd.reconciler import Announce, Reconciler
 
     configure(args.log_format, args.log_level)
-    config = DaemonConfig(Path(args.state), parse_address(args.metrics_address), args.resync_interval)
-    return Daemon(config, Reconciler(KernelNft(), Netlink(), ensure_forwarding)).run()
+    config = DaemonConfig(
+        Path(args.state),
+        parse_address(args.metrics_address),
+        args.resync_interval,
+        Path(args.applied_state) if args.applied_state else None,
+    )
+
+    def reconciler(announce: Announce) -> Reconciler:
+        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
+
+    return Daemon(config, reconciler).run()
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from natgwd.netlink import Netlink
+    from natgwd.nft import KernelNft
+
+    KernelNft().delete_table()
+    print("deleted nftables table inet natgwd")
+    report = Netlink().remove_owned()
+    for change in report.changes:
+        print(change)
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    if args.applied_state:
+        Path(args.applied_state).unlink(missing_ok=True)
+    return 1 if report.errors else 0
 
 
 def _positive(text: str) -> float:
@@ -94,6 +133,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")
     run.add_argument("--log-format", choices=("json", "console"), default="json")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument(
+        "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
+    )
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a desired-state file; exit 1 listing every problem")
@@ -106,7 +148,14 @@ def parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the rules in the kernel with their live counters")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
     status.set_defaults(func=_status)
+
+    cleanup = sub.add_parser(
+        "cleanup", help="remove everything natgwd created (table, its addresses and routes): decommissioning"
+    )
+    cleanup.add_argument("--applied-state", default=APPLIED_STATE)
+    cleanup.set_defaults(func=_cleanup)
     return top
 
 

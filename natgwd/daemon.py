@@ -8,9 +8,12 @@ keeps working while the daemon is down, and the next start adopts the table.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +24,13 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from natgwd.endpoints import serve
+from natgwd.garp import Announcer
 from natgwd.metrics import DaemonMetrics, RuleCountersCollector
 from natgwd.nft import NftError
-from natgwd.reconciler import Outcome, Reconciler
+from natgwd.notify import Notifier
+from natgwd.reconciler import Announce, Outcome, Reconciler
 from natgwd.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
+from natgwd.watch import FileWatcher
 
 log = structlog.get_logger("natgwd.daemon")
 
@@ -38,18 +44,20 @@ class DaemonConfig:
     state_path: Path
     metrics_address: tuple[str, int]
     resync_interval: float
+    applied_state_path: Path | None = None
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, reconciler: Reconciler) -> None:
-        from natgwd.watch import FileWatcher
-
+    def __init__(self, config: DaemonConfig, make_reconciler: Callable[[Announce], Reconciler]) -> None:
         self.config = config
-        self.reconciler = reconciler
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
+        announcer = Announcer(lambda interface, frames: self.metrics.garp_sent.labels(interface).inc(frames))
+        self.reconciler = make_reconciler(announcer.request)
         self.registry.register(RuleCountersCollector(self._counting_sets))
         self.watcher = FileWatcher(config.state_path)
+        self.notifier = Notifier()
+        self._told_ready = False
         self._wake = threading.Event()
         self._stopping = False
         self._force = False
@@ -68,6 +76,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         server = serve(self.config.metrics_address, self.registry, self.readiness)
+        self._recall_applied()
         log.info(
             "natgwd started",
             state=str(self.config.state_path),
@@ -77,9 +86,11 @@ class Daemon:
         try:
             while not self._stopping:
                 self.step()
+                self.notifier.watchdog()
                 self._wake.wait(POLL_SECONDS)
                 self._wake.clear()
         finally:
+            self.notifier.send("STOPPING=1")
             server.shutdown()
             server.server_close()
         log.info("natgwd stopped; the data plane stays in place")
@@ -147,6 +158,7 @@ class Daemon:
             return
         self._applied_digest = digest
         self._applied_at = time.time()
+        self._record_applied(raw)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         self._finished(outcome, started, digest=digest)
@@ -170,8 +182,13 @@ class Daemon:
     def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
         seconds = time.monotonic() - started
         self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
+        for reason, count in outcome.conntrack_deleted.items():
+            self.metrics.conntrack_deleted.labels(reason).inc(count)
         if outcome.complete:
             self._not_ready = None
+            if not self._told_ready:
+                self.notifier.send("READY=1")
+                self._told_ready = True
             self._retry_at, self._retry_delay = None, RETRY_FIRST_SECONDS
             self.metrics.last_success.set(time.time())
             self.metrics.reconcile_duration.observe(seconds)
@@ -215,6 +232,35 @@ class Daemon:
     def _schedule_retry(self) -> None:
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_SECONDS)
+
+    def _recall_applied(self) -> None:
+        path = self.config.applied_state_path
+        if path is None or not path.exists():
+            return
+        try:
+            record = json.loads(path.read_bytes())
+            log.info("last applied before this start", sha256=record["sha256"], applied_at=record["applied_at"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring unreadable record of the last applied state", path=str(path), error=str(err))
+
+    def _record_applied(self, raw: bytes) -> None:
+        """Keep the applied state on disk (atomically), for `natgwd status` and for
+        telling after a restart what changed while natgwd was down."""
+        path = self.config.applied_state_path
+        if path is None:
+            return
+        record = {
+            "sha256": self._applied_digest,
+            "applied_at": datetime.fromtimestamp(self._applied_at or 0, UTC).isoformat(),
+            "state": json.loads(raw),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("cannot record the applied state", path=str(path), error=str(err))
 
     def _counting_sets(self) -> dict[str, Any]:
         try:

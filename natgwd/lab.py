@@ -155,6 +155,10 @@ class Lab:
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
 
+    @property
+    def applied_state_path(self) -> Path:
+        return self.workdir / "applied.json"
+
     # --- names ----------------------------------------------------------------------
 
     def ns(self, role: str) -> str:
@@ -275,6 +279,8 @@ class Lab:
             str(path),
             "--metrics-address",
             f"127.0.0.1:{metrics_port}",
+            "--applied-state",
+            str(self.applied_state_path),
             *args,
         ]
         daemon = Natgwd(self, path, None, log_path, metrics_port)  # type: ignore[arg-type]

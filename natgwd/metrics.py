@@ -58,6 +58,20 @@ class DaemonMetrics:
             "Declared interfaces that do not exist (yet).",
             registry=registry,
         )
+        self.conntrack_deleted = Counter(
+            "natgwd_conntrack_entries_deleted",
+            "Conntrack entries deleted because their translation no longer matched the rules, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.garp_sent = Counter(
+            "natgwd_gratuitous_arp_packets",
+            "Gratuitous ARP frames sent for EIPs.",
+            ["interface"],
+            registry=registry,
+        )
+        for reason in ("fip", "dnat", "snat", "removed"):
+            self.conntrack_deleted.labels(reason)
         for kind in ("snat", "dnat", "fip"):
             self.rules.labels(kind)
         for result in ("applied", "unchanged", "invalid", "error"):

@@ -30,6 +30,7 @@ class LinkReport:
     missing: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    added_addresses: list[tuple[str, IPv4Interface]] = field(default_factory=list)
 
 
 def ensure_forwarding(path: Path = IP_FORWARD) -> bool:
@@ -89,6 +90,7 @@ class Netlink:
                     IFA_PROTO=NATGWD_PROTO,
                 )
                 report.changes.append(f"add address {address} dev {name}")
+                report.added_addresses.append((name, address))
             except NetlinkError as err:
                 if err.code != errno.EEXIST:
                     report.errors.append(f"add address {address} dev {name}: {err}")

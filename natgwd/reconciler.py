@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter as CounterOf
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Protocol
 
 import structlog
@@ -23,6 +25,7 @@ from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.nft import Nft
 from natgwd.plan import RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
+from natgwd.stale import Filter, Translations, changed_filters
 from natgwd.table import Counter, DesiredTable, Element, TableContents, Transaction, plan_transaction
 
 log = structlog.get_logger("natgwd.reconciler")
@@ -30,6 +33,13 @@ log = structlog.get_logger("natgwd.reconciler")
 
 class Links(Protocol):
     def apply(self, plan: LinkPlan) -> LinkReport: ...
+
+
+class Cleaner(Protocol):
+    def clean(self, translations: Translations, filters: list[Filter] | None) -> CounterOf[str]: ...
+
+
+Announce = Callable[[str, list[IPv4Address]], None]
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Outcome:
     link_changes: list[str] = field(default_factory=list)
     missing_interfaces: list[str] = field(default_factory=list)
     link_errors: list[str] = field(default_factory=list)
+    conntrack_deleted: dict[str, int] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -49,10 +60,21 @@ class Outcome:
 
 
 class Reconciler:
-    def __init__(self, nft: Nft, links: Links, ensure_forwarding: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        nft: Nft,
+        links: Links,
+        ensure_forwarding: Callable[[], bool],
+        conntrack: Cleaner | None = None,
+        announce: Announce | None = None,
+    ) -> None:
         self.nft = nft
         self.links = links
         self.ensure_forwarding = ensure_forwarding
+        self.conntrack = conntrack
+        self.announce = announce
+        self._full_conntrack_scan = True  # the first programming checks every entry (#4193)
+        self._announced_all = False
         self.state: DesiredState | None = None
         self._table: DesiredTable | None = None
         self._written: TableContents | None = None  # what we believe the kernel holds
@@ -75,12 +97,17 @@ class Reconciler:
             table = desired_table(state, ids)
             tx = plan_transaction(self._written, table, self._counters)
             self._commit(tx)
+            previous = self.state
             self._written = table.contents()
             self._ids, self._table, self.state = ids, table, state
             self._highest_id = max(self._highest_id, *ids.values(), 0)
             self._forget_counters_except(table)
             outcome = self._apply_links(state)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+            if self._full_conntrack_scan:
+                outcome.conntrack_deleted = self._clean_conntrack(None)
+            elif previous != state:
+                outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
             return outcome
 
     def resync(self) -> tuple[Outcome, dict[str, int]]:
@@ -106,9 +133,13 @@ class Reconciler:
                 self._written = None
                 self._commit(tx)
                 repairs["nftables"] = len(tx.operations)
+                # Connections that started while rules were missing left un-NATed.
+                self._full_conntrack_scan = True
             self._written = self._table.contents()
             outcome = self._apply_links(self.state)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+            if self._full_conntrack_scan:
+                outcome.conntrack_deleted = self._clean_conntrack(None)
             if outcome.link_changes:
                 repairs["addresses_routes"] = len(outcome.link_changes)
             return outcome, repairs
@@ -165,7 +196,43 @@ class Reconciler:
             log.info("link change", change=change)
         for error in report.errors:
             log.error("link change failed", error=error)
+        self._announce_eips(state, report)
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
+
+    def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
+        """Gratuitous ARP for every EIP once the external interface exists after start
+        (upstream may still have the MAC of the gateway's previous home), then for each
+        EIP address as it is added."""
+        external = state.external.interface
+        if self.announce is None or external in report.missing:
+            return
+        eips = {e.v4ip for e in state.eips}
+        if self._announced_all:
+            added = sorted(a.ip for name, a in report.added_addresses if name == external and a.ip in eips)
+        else:
+            added, self._announced_all = sorted(eips), True
+        if added:
+            self.announce(external, added)
+
+    def _clean_conntrack(self, filters: list[Filter] | None) -> dict[str, int]:
+        if self.conntrack is None or self.state is None or self._ids is None:
+            return {}
+        started = time.monotonic()
+        try:
+            deleted = self.conntrack.clean(Translations(self.state, self._ids.values()), filters)
+        except OSError as err:  # NetlinkError is an OSError
+            log.error("conntrack cleanup failed; retrying with a full scan next time", error=str(err))
+            self._full_conntrack_scan = True
+            return {}
+        self._full_conntrack_scan = False
+        if deleted:
+            log.info(
+                "stale conntrack entries deleted",
+                by_reason=dict(deleted),
+                full_scan=filters is None,
+                seconds=round(time.monotonic() - started, 4),
+            )
+        return dict(deleted)
 
     def _forget_counters_except(self, table: DesiredTable) -> None:
         self._counters = {

@@ -1,0 +1,46 @@
+# Two commands for a new machine (as root: natgwd and its tests need network namespaces):
+#   make demo   install everything, run the seed gateway in namespaces with real traffic
+#   make test   install everything, run the unit and integration tests
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian's packages: the nftables binding is only packaged there (not on PyPI).
+APT_PACKAGES := nftables libnftables1 python3-nftables python3-venv iproute2 conntrack \
+	iputils-ping curl tcpdump iperf3 systemd
+PYTEST_ARGS ?= -n 2
+
+.PHONY: deps venv demo test test-unit lint bench clean
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+demo: venv
+	$(PY) -m natgwd.demo
+
+test: venv lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check natgwd tests benchmarks
+	$(VENV)/bin/ruff format --check natgwd tests benchmarks
+
+bench: venv
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info
