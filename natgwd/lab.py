@@ -290,9 +290,12 @@ class Lab:
         daemon.process = self.spawn("gw", *cmd, log_path=log_path, env=env)
         return daemon
 
-    def serve(self, role: str, *, tcp: Sequence[int] = (), udp: Sequence[int] = ()) -> subprocess.Popen[bytes]:
-        """Start `natgwd.labserver` in a namespace and wait until its ports listen."""
-        args = [f"--tcp={p}" for p in tcp] + [f"--udp={p}" for p in udp]
+    def serve(
+        self, role: str, *, tcp: Sequence[int] = (), udp: Sequence[int] = (), tag: str = ""
+    ) -> subprocess.Popen[bytes]:
+        """Start `natgwd.labserver` in a namespace and wait until its ports listen. With a
+        tag, answers end in " @tag" (to tell servers apart)."""
+        args = [f"--tcp={p}" for p in tcp] + [f"--udp={p}" for p in udp] + ([f"--tag={tag}"] if tag else [])
         process = self.spawn(role, sys.executable, "-m", "natgwd.labserver", *args)
         deadline = time.monotonic() + 10
         wanted = {("tcp", p) for p in tcp} | {("udp", p) for p in udp}

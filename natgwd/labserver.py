@@ -1,6 +1,7 @@
 """A tiny server for the lab: every TCP connection gets an HTTP answer and every UDP
 datagram an echo, both naming the client address the server saw ("ip:port"), which is
-what the NAT tests assert on (Kube-OVN's e2e tests use agnhost /clientip the same way)."""
+what the NAT tests assert on (Kube-OVN's e2e tests use agnhost /clientip the same way).
+With --tag, answers end in " @tag", to tell which of several servers answered."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tcp", type=int, action="append", default=[])
     parser.add_argument("--udp", type=int, action="append", default=[])
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    suffix = f" @{args.tag}" if args.tag else ""
     selector = selectors.DefaultSelector()
     for port in args.tcp:
         listener = socket.create_server(("0.0.0.0", port), reuse_port=True, backlog=512)
@@ -29,16 +32,16 @@ def main() -> None:
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
             if key.data == "udp":
                 _, peer = sock.recvfrom(65535)
-                sock.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+                sock.sendto(f"{peer[0]}:{peer[1]}{suffix}".encode(), peer)
             elif key.data == "tcp":
                 conn, peer = sock.accept()
                 conn.setblocking(False)
                 selector.register(conn, selectors.EVENT_READ, ("conn", peer))
             else:
-                _answer(selector, sock, key.data[1])
+                _answer(selector, sock, key.data[1], suffix)
 
 
-def _answer(selector: selectors.BaseSelector, conn: socket.socket, peer: tuple[str, int]) -> None:
+def _answer(selector: selectors.BaseSelector, conn: socket.socket, peer: tuple[str, int], suffix: str) -> None:
     try:
         data = conn.recv(65535)
     except OSError:
@@ -48,7 +51,7 @@ def _answer(selector: selectors.BaseSelector, conn: socket.socket, peer: tuple[s
         conn.close()
         return
     if data.startswith((b"GET ", b"HEAD ")):
-        body = f"{peer[0]}:{peer[1]}".encode()
+        body = f"{peer[0]}:{peer[1]}{suffix}".encode()
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
         conn.sendall(head + body)
         selector.unregister(conn)
