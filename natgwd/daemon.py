@@ -182,6 +182,7 @@ class Daemon:
     def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
         seconds = time.monotonic() - started
         self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
+        self.metrics.nft_elements.set(self.reconciler.element_count)
         for reason, count in outcome.conntrack_deleted.items():
             self.metrics.conntrack_deleted.labels(reason).inc(count)
         if outcome.complete:

@@ -144,6 +144,11 @@ class Reconciler:
                 repairs["addresses_routes"] = len(outcome.link_changes)
             return outcome, repairs
 
+    @property
+    def element_count(self) -> int:
+        written = self._written
+        return written.element_count() if written is not None else 0
+
     def counting_sets(self) -> dict[str, dict[str, Element]]:
         """The kernel's counting sets, for a scrape; also remembered for re-seeding."""
         sets = self.nft.read_sets(COUNTING_SETS)

@@ -197,6 +197,8 @@ class _Semantics:
         external = self._external()
         if internal.interface == external.interface:
             self.fail("$.external.interface", "must differ from internal.interface")
+        if external.gateway is not None and any(r.dst.prefixlen == 0 for r in internal.routes):
+            self.fail("$.internal.routes", "a default route (0.0.0.0/0) conflicts with external.gateway")
         eips = self._eips()
         eip_names = {e.name for e in eips}
         snat = self._snat(eip_names)
