@@ -17,6 +17,7 @@ from natgwd.table import (
     AddSet,
     AddTable,
     Counter,
+    DeleteChain,
     DeleteElements,
     DeleteSet,
     Element,
@@ -88,6 +89,11 @@ def _apply(table: TableContents, op: object) -> None:
         del table.elements[op.name]
     elif isinstance(op, AddChain):
         table.chains.setdefault(op.name, ())
+    elif isinstance(op, DeleteChain):
+        if table.chains.get(op.name):
+            raise NftError(f"{op.render()}: Device or resource busy (chain not empty)")
+        _need(table.chains, op.name, op.render())
+        del table.chains[op.name]
     elif isinstance(op, FlushChain):
         _need(table.chains, op.name, op.render())
         table.chains[op.name] = ()

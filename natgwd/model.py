@@ -8,6 +8,7 @@ from typing import Literal
 
 Protocol = Literal["tcp", "udp"]
 RuleKind = Literal["snat", "dnat", "fip"]
+DnatType = Literal["exclusive", "share"]
 
 
 @dataclass(frozen=True, order=True)
@@ -70,6 +71,12 @@ class DnatRule:
     external_port: PortRange
     internal_ip: IPv4Address
     internal_port: PortRange
+    # "share": one backend of a group that spreads (eip, protocol, port) over its members
+    type: DnatType = "exclusive"
+
+    @property
+    def identity(self) -> tuple[str, str, PortRange]:
+        return (self.eip, self.protocol, self.external_port)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,9 @@ def _load(output: str) -> list[dict[str, Any]]:
 def _canonical(value: Any, quoted: bool) -> str:
     if isinstance(value, dict) and "concat" in value:
         return " . ".join(_canonical(v, quoted) for v in value["concat"])
+    if isinstance(value, dict) and ("goto" in value or "jump" in value):
+        verdict, target = next(iter(value.items()))
+        return f"{verdict} {target['target']}"
     if isinstance(value, str) and quoted:
         return f'"{value}"'
     return str(value)

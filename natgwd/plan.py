@@ -16,6 +16,7 @@ Layout (family inet, table natgwd):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -36,6 +37,8 @@ _STATIC_SETS = (
     SetSpec("fip_out_rule", "type ipv4_addr : mark;"),
     SetSpec("dnat_target", "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;"),
     SetSpec("dnat_rule", "type ipv4_addr . inet_proto . inet_service : mark;"),
+    SetSpec("dnat_share", "type ipv4_addr . inet_proto . inet_service : verdict;"),
+    SetSpec("share_target", "type mark : ipv4_addr . inet_service;"),
     SetSpec(RULE_CONNECTIONS, "type mark; counter;"),
     SetSpec(RULE_TRAFFIC, "type ct_dir . mark; counter;"),
     SetSpec(INVALID_DROPS, "type ifname; counter;"),
@@ -96,6 +99,25 @@ def _snat_key(prefixlen: int) -> str:
     return "ip saddr" if prefixlen == 32 else f"ip saddr & {_mask(prefixlen)}"
 
 
+def share_chain_name(eip: str, protocol: str, port: int) -> str:
+    # Named by the identity alone: the chain's rules change with its backends, its name never.
+    return "share_" + hashlib.sha256(f"{eip}/{protocol}/{port}".encode()).hexdigest()[:16]
+
+
+def _share_chain(name: str, marks: list[str]) -> ChainSpec:
+    choices = ", ".join(f"{index} : {mark}" for index, mark in enumerate(marks))
+    return ChainSpec(
+        name,
+        "",
+        (
+            # One random draw picks the backend's rule id; the DNAT target follows from it,
+            # so the connection is counted for the backend it really went to.
+            f"ct mark set numgen random mod {len(marks)} map {{ {choices} }}",
+            "meta l4proto { tcp, udp } dnat ip to ct mark map @share_target",
+        ),
+    )
+
+
 def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, ...]:
     internal = f'"{state.internal.interface}"'
     external = f'"{state.external.interface}"'
@@ -112,6 +134,7 @@ def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, .
                 "ct mark set ip daddr map @fip_in_rule dnat ip to ip daddr map @fip_in_target",
                 f"meta l4proto {{ tcp, udp }} ct mark set {_DNAT_KEY} map @dnat_rule "
                 f"dnat ip to {_DNAT_KEY} map @dnat_target",
+                f"meta l4proto {{ tcp, udp }} {_DNAT_KEY} vmap @dnat_share",
             ),
         ),
         ChainSpec(
@@ -163,8 +186,16 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int]) -> Desired
         elements["fip_out_target"][internal] = Element(eip)
         elements["fip_out_rule"][internal] = Element(mark)
 
+    share_groups: dict[str, list[str]] = {}
     for dnat in state.dnat:
         mark = count(RuleLabels("dnat", dnat.name, eip_of[dnat.eip]))
+        if dnat.type == "share":
+            port = dnat.external_port.first
+            chain = share_chain_name(eip_of[dnat.eip], dnat.protocol, port)
+            elements["dnat_share"][f"{eip_of[dnat.eip]} . {dnat.protocol} . {port}"] = Element(f"goto {chain}")
+            elements["share_target"][mark] = Element(f"{dnat.internal_ip} . {dnat.internal_port.first}")
+            share_groups.setdefault(chain, []).append(mark)
+            continue
         shift = dnat.internal_port.first - dnat.external_port.first
         # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
         # range becomes one element per port.
@@ -186,4 +217,5 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int]) -> Desired
         elements[f"snat_p{p}_target"][network] = Element(eip_of[snat.eip])
         elements[f"snat_p{p}_rule"][network] = Element(mark)
 
-    return DesiredTable(tuple(sets), _chains(state, prefixes), elements)
+    share_chains = tuple(_share_chain(name, sorted(marks, key=int)) for name, marks in sorted(share_groups.items()))
+    return DesiredTable(tuple(sets), share_chains + _chains(state, prefixes), elements)

@@ -52,7 +52,13 @@ class Translations:
         self.fip_in = {eip[f.eip]: str(f.internal_ip) for f in state.fip}
         self.fip_out = {str(f.internal_ip): eip[f.eip] for f in state.fip}
         self.dnat: dict[tuple[str, int, int], tuple[str, int]] = {}
+        # Share groups: a connection stays with the backend it got, even one since removed
+        # (Kube-OVN's semantics); only removing the whole group ends its connections.
+        self.share: set[tuple[str, int, int]] = set()
         for d in state.dnat:
+            if d.type == "share":
+                self.share.add((eip[d.eip], PROTOCOL_NUMBERS[d.protocol], d.external_port.first))
+                continue
             shift = d.internal_port.first - d.external_port.first
             for port in range(d.external_port.first, d.external_port.last + 1):
                 key = (eip[d.eip], PROTOCOL_NUMBERS[d.protocol], port)
@@ -81,6 +87,8 @@ class Translations:
         if flow.orig_dst in self.fip_in:
             if flow.reply_src != self.fip_in[flow.orig_dst]:
                 return "fip"
+        elif (flow.orig_dst, flow.proto, flow.orig_dport) in self.share:
+            pass
         elif (flow.orig_dst, flow.proto, flow.orig_dport) in self.dnat:
             if (flow.reply_src, flow.reply_sport) != self.dnat[(flow.orig_dst, flow.proto, flow.orig_dport)]:
                 return "dnat"

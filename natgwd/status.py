@@ -71,6 +71,10 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
             target = targets.get(key)
             if element.value is not None and target is not None and target.value is not None:
                 translations[element.value].append(_arrow(key, target.value, rule_map))
+    for mark, target in table.elements.get("share_target", {}).items():
+        if target.value is not None:
+            address, port = target.value.split(" . ")
+            translations[mark].append(f"(share backend) -> {address}:{port}")
     for mark, rule in rules.items():
         rule.translations = _summarise(sorted(translations.get(mark, [])))
     return sorted(rules.values(), key=lambda r: (r.kind, r.name))

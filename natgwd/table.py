@@ -116,10 +116,19 @@ class DeleteSet:
 @dataclass(frozen=True)
 class AddChain:
     name: str
-    header: str
+    header: str  # empty for a regular (non-base) chain
 
     def render(self) -> str:
-        return f"add chain {FAMILY} {TABLE} {self.name} {{ {self.header} }}"
+        body = f" {{ {self.header} }}" if self.header else ""
+        return f"add chain {FAMILY} {TABLE} {self.name}{body}"
+
+
+@dataclass(frozen=True)
+class DeleteChain:
+    name: str
+
+    def render(self) -> str:
+        return f"delete chain {FAMILY} {TABLE} {self.name}"
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ class DeleteElements:
         return f"delete element {FAMILY} {TABLE} {self.set_name} {{ {', '.join(self.keys)} }}"
 
 
-Operation = AddTable | AddSet | DeleteSet | AddChain | FlushChain | AddRule | AddElements | DeleteElements
+Operation = AddTable | AddSet | DeleteSet | AddChain | DeleteChain | FlushChain | AddRule | AddElements | DeleteElements
 
 
 @dataclass
@@ -242,6 +251,11 @@ def plan_transaction(
             tx.delete_elements(name, stale)
         if fresh:
             tx.add_elements(name, fresh)
+    desired_chains = {c.name for c in desired.chains}
+    for name in sorted(current.chains.keys() - desired_chains):
+        # Their verdict-map elements were deleted above, in this same transaction.
+        tx.add(FlushChain(name))
+        tx.add(DeleteChain(name))
     desired_sets = {s.name for s in desired.sets}
     for name in sorted(current.sets.keys() - desired_sets):
         # Rules that referenced it were replaced above, in this same transaction.

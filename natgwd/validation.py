@@ -366,8 +366,13 @@ class _Semantics:
                     f"{external} has {len(external)}; they must be the same length",
                 )
                 continue
+            share = item.get("type") == "share"
+            if share and external and internal_port and len(external) > 1:
+                self.fail(f"{path}.externalPort", "a share rule takes a single port, not a range")
+                continue
             if known and external and internal_port and address:
-                rule = DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port)
+                kind = "share" if share else "exclusive"
+                rule = DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind)
                 rules.append((i, rule))
         self._no_overlapping_ports(rules)
         return tuple(rule for _, rule in rules)
@@ -379,13 +384,28 @@ class _Semantics:
         for group in by_identity.values():
             group.sort(key=lambda entry: entry[1].external_port)
             widest: tuple[int, DnatRule] | None = None
+            backends: dict[tuple[object, ...], int] = {}
             for index, rule in group:
                 if widest and widest[1].external_port.overlaps(rule.external_port):
+                    other_index, other = widest
+                    if rule.type == other.type == "share" and rule.external_port == other.external_port:
+                        backend = (rule.identity, rule.internal_ip, rule.internal_port)
+                        if backend in backends:
+                            self.fail(
+                                f"$.dnat[{index}].internalIp",
+                                f"backend {rule.internal_ip}:{rule.internal_port} is already in the share "
+                                f"group through dnat[{backends[backend]}]",
+                            )
+                        backends.setdefault(backend, index)
+                        continue
+                    why = "" if rule.type == other.type else " (share and exclusive rules cannot share an identity)"
                     self.fail(
                         f"$.dnat[{index}].externalPort",
                         f"{rule.protocol} port {rule.external_port} on EIP {rule.eip!r} overlaps "
-                        f"dnat[{widest[0]}] ({widest[1].external_port})",
+                        f"dnat[{other_index}] ({other.external_port}){why}",
                     )
+                if rule.type == "share":
+                    backends.setdefault((rule.identity, rule.internal_ip, rule.internal_port), index)
                 if widest is None or rule.external_port.last > widest[1].external_port.last:
                     widest = (index, rule)
 
