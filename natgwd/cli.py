@@ -91,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         parse_address(args.metrics_address),
         args.resync_interval,
         Path(args.applied_state) if args.applied_state else None,
+        args.allow_writable_state,
     )
 
     def reconciler(announce: Announce) -> Reconciler:
@@ -135,6 +136,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     run.add_argument(
         "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
+    )
+    run.add_argument(
+        "--allow-writable-state",
+        action="store_true",
+        help="accept a state file that users other than root (or natgwd's own) can write",
     )
     run.set_defaults(func=_run)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class DaemonConfig:
     metrics_address: tuple[str, int]
     resync_interval: float
     applied_state_path: Path | None = None
+    allow_writable_state: bool = False
 
 
 class Daemon:
@@ -136,7 +138,7 @@ class Daemon:
     def reconcile_file(self, force: bool) -> None:
         started = time.monotonic()
         try:
-            raw = _read(self.config.state_path)
+            raw = _read(self.config.state_path, self.config.allow_writable_state)
         except InvalidStateError as err:
             self._rejected(err.problems, digest=None)
             return
@@ -271,9 +273,18 @@ class Daemon:
             return {}
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, allow_writable: bool) -> bytes:
     try:
-        with path.open("rb") as file:
+        # O_NONBLOCK: a FIFO put in the file's place must not hang the daemon.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise InvalidStateError([Problem("$", f"{path} is not a regular file")])
+            unsafe = None if allow_writable else _writable_by_others(status)
+            if unsafe:
+                reason = f"{path} {unsafe}, who could rewrite the gateway's NAT (--allow-writable-state to accept)"
+                raise InvalidStateError([Problem("$", reason)])
             # One byte over the limit is enough to reject the file without holding all of it.
             return file.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
@@ -285,3 +296,13 @@ def _read(path: Path) -> bytes:
     except OSError as err:
         reason = err.strerror or str(err)
     raise InvalidStateError([Problem("$", f"cannot read {path}: {reason}")])
+
+
+def _writable_by_others(status: os.stat_result) -> str | None:
+    if status.st_mode & stat.S_IWOTH:
+        return "is writable by every user"
+    if status.st_mode & stat.S_IWGRP and status.st_gid not in (0, os.getegid()):
+        return f"is writable by group {status.st_gid}"
+    if status.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {status.st_uid}"
+    return None

@@ -23,9 +23,32 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+MAX_CONCURRENT_REQUESTS = 16
+
+
 class _Server(ThreadingHTTPServer):
+    """At most MAX_CONCURRENT_REQUESTS connections are served at once; more are closed at
+    once, so a flood of slow clients costs a bounded number of threads."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def serve(address: tuple[str, int], registry: CollectorRegistry, readiness: Readiness) -> ThreadingHTTPServer:
@@ -40,6 +63,8 @@ def serve(address: tuple[str, int], registry: CollectorRegistry, readiness: Read
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/":
+                self._send(200, "text/plain; charset=utf-8", b"natgwd: /metrics /healthz /readyz\n")
             elif path == "/healthz":
                 self._send(200, "text/plain; charset=utf-8", b"ok\n")
             elif path == "/readyz":

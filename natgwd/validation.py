@@ -31,7 +31,7 @@ from natgwd.model import (
     SnatRule,
 )
 
-MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_FILE_BYTES = 32 * 1024 * 1024  # ~200,000 rules; parsing holds several times this
 
 
 @dataclass(frozen=True)
