@@ -112,11 +112,13 @@ class Daemon:
         now = time.monotonic()
         if self._force:
             self._force = False
-            self.watcher.changed()
+            self.watcher.poll()
             self.reconcile_file(force=True)
             self.resync()
-        elif self.watcher.changed():
-            self.reconcile_file(force=False)
+            return
+        seen = self.watcher.poll()
+        if seen is not None:
+            self.reconcile_file(force=False, quiet=seen == "recheck")
         elif self._retry_at is not None and now >= self._retry_at:
             self.reconcile_file(force=True)
         elif now >= self._next_resync:
@@ -135,7 +137,9 @@ class Daemon:
 
     # --- reconciling ------------------------------------------------------------------
 
-    def reconcile_file(self, force: bool) -> None:
+    def reconcile_file(self, force: bool, quiet: bool = False) -> None:
+        """Read, validate and apply the file. `force` applies even unchanged content;
+        `quiet` neither counts nor logs unchanged content (a precautionary re-read)."""
         started = time.monotonic()
         try:
             raw = _read(self.config.state_path, self.config.allow_writable_state)
@@ -144,7 +148,8 @@ class Daemon:
             return
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._seen_digest and not force:
-            self.metrics.reconciles.labels("unchanged").inc()
+            if not quiet:
+                self.metrics.reconciles.labels("unchanged").inc()
             return
         self._seen_digest = digest
         try:
@@ -214,6 +219,7 @@ class Daemon:
 
     def _rejected(self, problems: list[Problem], digest: str | None) -> None:
         self._seen_digest = digest
+        self._retry_at = None  # nothing to retry until the file changes
         self.metrics.desired_state_valid.set(0)
         self.metrics.reconciles.labels("invalid").inc()
         self._not_ready = "desired state rejected; the last good state stays applied: " + "; ".join(

@@ -41,6 +41,15 @@ def ensure_forwarding(path: Path = IP_FORWARD) -> bool:
     return True
 
 
+def _promote_secondaries(interface: str) -> None:
+    """Without this, deleting an interface's primary address (a changed
+    external.addresses) makes the kernel delete every secondary address of that subnet:
+    all EIPs, and addresses natgwd does not own."""
+    path = Path(f"/proc/sys/net/ipv4/conf/{interface}/promote_secondaries")
+    if path.read_text().strip() != "1":
+        path.write_text("1\n")
+
+
 class Netlink:
     def apply(self, plan: LinkPlan) -> LinkReport:
         report = LinkReport()
@@ -52,6 +61,7 @@ class Netlink:
                     report.missing.append(spec.name)
                     continue
                 index[spec.name] = found[0]
+                _promote_secondaries(spec.name)
                 self._up(ipr, spec.name, found[0], report)
                 self._addresses(ipr, found[0], spec.name, spec.addresses, report)
             self._routes(ipr, plan.routes, index, report)

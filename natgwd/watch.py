@@ -9,7 +9,13 @@ on directories that a ConfigMap update replaces wholesale.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+# File timestamps come from a coarse clock (a few milliseconds): two same-size writes in
+# one tick leave the same signature. For this long after a write the content is hashed
+# again on every poll.
+RECHECK_SECONDS = 2.0
 
 
 class FileWatcher:
@@ -24,9 +30,13 @@ class FileWatcher:
             return f"{type(err).__name__}:{err.errno}"
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def changed(self) -> bool:
+    def poll(self) -> str | None:
+        """'changed' when the path's signature changed, 'recheck' when it did not but was
+        written too recently to be sure, else None."""
         signature = self._signature()
-        if signature == self._last:
-            return False
-        self._last = signature
-        return True
+        if signature != self._last:
+            self._last = signature
+            return "changed"
+        if isinstance(signature, tuple) and time.time_ns() - signature[4] < RECHECK_SECONDS * 1e9:
+            return "recheck"
+        return None
