@@ -164,9 +164,7 @@ def read_inputs(paths: Sequence[str], stdin: TextIO) -> tuple[list[Obj], list[Fi
         else:
             path = Path(path_text)
             files = (
-                sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
-                if path.is_dir()
-                else [path]
+                sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if path.is_dir() else [path]
             )
             try:
                 sources = [(str(p), p.read_text(encoding="utf-8")) for p in files]
@@ -286,9 +284,7 @@ def parse_routes(value: str) -> list[AnnotatedRoute] | None:
         return None
     if not isinstance(loaded, list):
         return None
-    return [
-        AnnotatedRoute(_text(item.get("dst")), _text(item.get("gw"))) for item in loaded if isinstance(item, dict)
-    ]
+    return [AnnotatedRoute(_text(item.get("dst")), _text(item.get("gw"))) for item in loaded if isinstance(item, dict)]
 
 
 @dataclass(frozen=True)
@@ -445,7 +441,9 @@ class _Importer:
         scored.sort(reverse=True)
         _, _, _, provider, how = scored[0]
         if source is not None:
-            wanted = f"Subnet {subnet_name}'s provider {subnet_provider}" if subnet_provider else f"Subnet {subnet_name}"
+            wanted = (
+                f"Subnet {subnet_name}'s provider {subnet_provider}" if subnet_provider else f"Subnet {subnet_name}"
+            )
             self.report(
                 "note",
                 source,
@@ -696,10 +694,12 @@ class _Importer:
                 for route in parsed or []:
                     candidates.append((workload, route.dst, route.gw))
         elif workload is None:
+            # What the controller puts in the routes annotation: the VPC's other subnets.
             vpc = _text(spec.get("vpc"))
+            own_subnets = {_text(spec.get("subnet")), *(_text(s) for s in spec.get("externalSubnets") or [])}
             for subnet in sorted(self.by_kind.get("Subnet", []), key=_name):
                 sub_spec = _section(subnet, "spec")
-                if _text(sub_spec.get("vpc")) == vpc and vpc and _name(subnet) != _text(spec.get("subnet")):
+                if vpc and _text(sub_spec.get("vpc")) == vpc and _name(subnet) not in own_subnets:
                     cidr = _v4_part(_text(sub_spec.get("cidrBlock")))
                     if cidr and internal_gateway is not None:
                         used.add(id(subnet))
@@ -731,8 +731,8 @@ class _Importer:
                 self.report(
                     "warning",
                     source,
-                    f"{where}: inside the external subnet {external_cidr}, which is connected on the external "
-                    "interface; skipped (a pod's `ip route` shows only the connected route there)",
+                    f"{where}: inside the external subnet {external_cidr}, which the external interface "
+                    "reaches directly; skipped (the kernel keeps the connected route there)",
                 )
             elif dst.subnet_of(internal_cidr):
                 self.report("note", source, f"{where}: inside the connected subnet {internal_cidr}; skipped")

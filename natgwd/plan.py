@@ -25,6 +25,7 @@ from natgwd.model import DesiredState, RuleKind
 from natgwd.table import ChainSpec, DesiredTable, Element, SetSpec
 
 RULE_CONNECTIONS = "rule_connections"
+ID_HIGH_WATER = "id_high_water"
 RULE_TRAFFIC = "rule_traffic"
 INVALID_DROPS = "invalid_dropped"
 DIRECTIONS = ("original", "reply")
@@ -42,6 +43,8 @@ _STATIC_SETS = (
     SetSpec(RULE_CONNECTIONS, "type mark; counter;"),
     SetSpec(RULE_TRAFFIC, "type ct_dir . mark; counter;"),
     SetSpec(INVALID_DROPS, "type ifname; counter;"),
+    # One element: the highest rule id ever given out, so that ids stay unique across restarts.
+    SetSpec(ID_HIGH_WATER, "type mark;"),
 )
 
 _DNAT_KEY = "ip daddr . meta l4proto . th dport"
@@ -165,9 +168,10 @@ def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, .
     )
 
 
-def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int]) -> DesiredTable:
+def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
     eip_of = {e.name: str(e.v4ip) for e in state.eips}
     elements: dict[str, dict[str, Element]] = {spec.name: {} for spec in _STATIC_SETS}
+    elements[ID_HIGH_WATER] = {str(max(highest_id, *ids.values(), 0)): Element()}
     elements["eips"] = {address: Element() for address in eip_of.values()}
     elements[INVALID_DROPS] = {f'"{state.external.interface}"': Element()}
 

@@ -24,7 +24,7 @@ from natgwd.metrics import COUNTING_SETS
 from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.nft import Nft
-from natgwd.plan import RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
+from natgwd.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
 from natgwd.stale import Filter, Translations, changed_filters
 from natgwd.table import Counter, DesiredTable, Element, TableContents, Transaction, plan_transaction
 
@@ -94,7 +94,7 @@ class Reconciler:
                 self._adopt()
             assert self._ids is not None
             ids = assign_ids(state, self._ids, self._highest_id)
-            table = desired_table(state, ids)
+            table = desired_table(state, ids, self._highest_id)
             tx = plan_transaction(self._written, table, self._counters)
             self._commit(tx)
             previous = self.state
@@ -169,6 +169,8 @@ class Reconciler:
                 labels = RuleLabels.from_comment(element.comment or "")
                 if labels is not None and mark.isdigit():
                     existing[labels] = int(mark)
+            recorded = [int(m) for m in kernel.elements.get(ID_HIGH_WATER, {}) if m.isdigit()]
+            self._highest_id = max(self._highest_id, *recorded, 0)
         if self._ids is not None:
             # The table vanished under us: keep the ids (and counters) we already gave out.
             existing = {**self._ids, **existing}

@@ -3,6 +3,7 @@ alone (what operators used `iptables-legacy -t nat -L -n -v` for)."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -76,8 +77,13 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
             address, port = target.value.split(" . ")
             translations[mark].append(f"(share backend) -> {address}:{port}")
     for mark, rule in rules.items():
-        rule.translations = _summarise(sorted(translations.get(mark, [])))
+        rule.translations = _summarise(sorted(translations.get(mark, []), key=_natural))
     return sorted(rules.values(), key=lambda r: (r.kind, r.name))
+
+
+def _natural(text: str) -> list[int | str]:
+    """Sort key that orders the numbers inside text by value (port 9999 before 10000)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _summarise(translations: list[str]) -> list[str]:

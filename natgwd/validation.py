@@ -248,6 +248,9 @@ class _Semantics:
         return None
 
     def port_range(self, path: str, value: int | str) -> PortRange | None:
+        if isinstance(value, float):  # JSON Schema draft 7 counts 80.0 as an integer
+            self.fail(path, f"must be a whole number or a string, not {value!r}")
+            return None
         first_text, _, last_text = str(value).partition("-")
         first, last = int(first_text), int(last_text or first_text)
         if not (1 <= first <= 65535 and 1 <= last <= 65535):

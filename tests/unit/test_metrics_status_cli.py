@@ -1,0 +1,498 @@
+"""Per-rule Prometheus counters, `natgwd status` output, the state-file watcher and the
+`check` / `render` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import natgwd.watch
+from natgwd.cli import main
+from natgwd.fake import FakeNft
+from natgwd.lab import SEED_STATE
+from natgwd.metrics import COUNTING_SETS, RuleCountersCollector
+from natgwd.model import DesiredState
+from natgwd.netlink import LinkReport
+from natgwd.plan import assign_ids, desired_table
+from natgwd.reconciler import Reconciler
+from natgwd.status import RuleStatus, format_table, rule_statuses
+from natgwd.table import Counter, Element, TableContents, plan_transaction
+from natgwd.validation import load_state
+from natgwd.watch import FileWatcher
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class NoLinks:
+    def apply(self, plan: Any) -> LinkReport:
+        return LinkReport()
+
+
+def seed() -> dict[str, Any]:
+    copied: dict[str, Any] = json.loads(json.dumps(SEED_STATE))
+    return copied
+
+
+def state_of(document: dict[str, Any]) -> DesiredState:
+    return load_state(json.dumps(document).encode())
+
+
+def applied(document: dict[str, Any]) -> tuple[FakeNft, Reconciler]:
+    fake = FakeNft()
+    rec = Reconciler(fake, NoLinks(), ensure_forwarding=lambda: False)
+    rec.apply(state_of(document))
+    return fake, rec
+
+
+def with_traffic(document: dict[str, Any]) -> tuple[FakeNft, Reconciler]:
+    """The seed applied (ids: snat 1, dnat 2, fip 3) with some counted traffic."""
+    fake, rec = applied(document)
+    fake.count("rule_connections", "2", 5, 60)
+    fake.count("rule_traffic", "original . 2", 10, 100)
+    fake.count("rule_traffic", "reply . 2", 8, 1500)
+    fake.count("rule_connections", "3", 1, 60)
+    fake.count("rule_traffic", "original . 3", 4, 50)
+    fake.count("invalid_dropped", '"net2"', 3, 40)
+    return fake, rec
+
+
+def scrape(read: Callable[[], dict[str, dict[str, Element]]]) -> tuple[str, Samples]:
+    registry = CollectorRegistry()
+    registry.register(RuleCountersCollector(read))
+    text = generate_latest(registry).decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return text, samples
+
+
+def rule(kind: str, name: str, eip: str, direction: str | None = None) -> tuple[tuple[str, str], ...]:
+    labels = {"kind": kind, "name": name, "eip": eip}
+    if direction is not None:
+        labels["direction"] = direction
+    return tuple(sorted(labels.items()))
+
+
+DNAT = ("dnat", "dnat01", "10.115.55.200")
+FIP = ("fip", "fip01", "10.115.55.201")
+SNAT = ("snat", "my-snat", "10.115.55.200")
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_rule_counters_are_exported_with_kind_name_and_eip() -> None:
+    _, rec = with_traffic(seed())
+    text, samples = scrape(rec.counting_sets)
+    assert samples == {
+        ("natgwd_rule_connections_total", rule(*SNAT)): 0.0,
+        ("natgwd_rule_connections_total", rule(*DNAT)): 5.0,
+        ("natgwd_rule_connections_total", rule(*FIP)): 1.0,
+        ("natgwd_rule_packets_total", rule(*SNAT, "original")): 0.0,
+        ("natgwd_rule_packets_total", rule(*SNAT, "reply")): 0.0,
+        ("natgwd_rule_packets_total", rule(*DNAT, "original")): 10.0,
+        ("natgwd_rule_packets_total", rule(*DNAT, "reply")): 8.0,
+        ("natgwd_rule_packets_total", rule(*FIP, "original")): 4.0,
+        ("natgwd_rule_packets_total", rule(*FIP, "reply")): 0.0,
+        ("natgwd_rule_bytes_total", rule(*SNAT, "original")): 0.0,
+        ("natgwd_rule_bytes_total", rule(*SNAT, "reply")): 0.0,
+        ("natgwd_rule_bytes_total", rule(*DNAT, "original")): 1000.0,
+        ("natgwd_rule_bytes_total", rule(*DNAT, "reply")): 12000.0,
+        ("natgwd_rule_bytes_total", rule(*FIP, "original")): 200.0,
+        ("natgwd_rule_bytes_total", rule(*FIP, "reply")): 0.0,
+        ("natgwd_invalid_dropped_packets_total", (("interface", "net2"),)): 3.0,
+    }
+    assert 'natgwd_rule_connections_total{eip="10.115.55.200",kind="dnat",name="dnat01"} 5.0' in text
+
+
+def test_counters_follow_the_rule_not_the_id() -> None:
+    sets = {
+        "rule_connections": {"41": Element(None, "dnat/web/10.0.0.1", Counter(2, 120))},
+        "rule_traffic": {"reply . 41": Element(None, None, Counter(6, 600))},
+    }
+    _, samples = scrape(lambda: sets)
+    assert samples == {
+        ("natgwd_rule_connections_total", rule("dnat", "web", "10.0.0.1")): 2.0,
+        ("natgwd_rule_packets_total", rule("dnat", "web", "10.0.0.1", "reply")): 6.0,
+        ("natgwd_rule_bytes_total", rule("dnat", "web", "10.0.0.1", "reply")): 600.0,
+    }
+
+
+def test_elements_without_labels_or_counters_are_not_exported() -> None:
+    sets = {
+        "rule_connections": {
+            "1": Element(None, "not-a-rule", Counter(9, 9)),
+            "2": Element(None, "snat/s/10.0.0.1", None),
+            "3": Element(None, None, Counter(9, 9)),
+        },
+        # Traffic of ids without a labelled connections element is not exported either.
+        "rule_traffic": {"original . 1": Element(None, None, Counter(9, 9))},
+        "invalid_dropped": {'"net2"': Element()},
+    }
+    text, samples = scrape(lambda: sets)
+    assert samples == {}
+    assert "natgwd_rule_connections" in text  # families are declared, just empty
+
+
+def test_nothing_to_read_exports_nothing() -> None:
+    _, samples = scrape(dict)
+    assert samples == {}
+
+
+def test_counting_sets_are_read_at_scrape_time() -> None:
+    fake, rec = with_traffic(seed())
+    registry = CollectorRegistry()
+    registry.register(RuleCountersCollector(rec.counting_sets))
+    first = generate_latest(registry).decode()
+    fake.count("rule_connections", "2", 2, 60)
+    second = generate_latest(registry).decode()
+    line = 'natgwd_rule_connections_total{eip="10.115.55.200",kind="dnat",name="dnat01"}'
+    assert f"{line} 5.0" in first
+    assert f"{line} 7.0" in second
+    assert COUNTING_SETS == ("rule_connections", "rule_traffic", "invalid_dropped")
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def test_rule_statuses_of_the_seed() -> None:
+    fake, _ = with_traffic(seed())
+    assert fake.table is not None
+    assert rule_statuses(fake.table) == [
+        RuleStatus(
+            "dnat",
+            "dnat01",
+            "10.115.55.200",
+            2,
+            ["10.115.55.200:8888/tcp -> 172.20.10.2:80"],
+            connections=5,
+            original_packets=10,
+            original_bytes=1000,
+            reply_packets=8,
+            reply_bytes=12000,
+        ),
+        RuleStatus(
+            "fip",
+            "fip01",
+            "10.115.55.201",
+            3,
+            ["10.115.55.201 -> 172.20.10.3 (in)", "172.20.10.3 -> 10.115.55.201 (out)"],
+            connections=1,
+            original_packets=4,
+            original_bytes=200,
+        ),
+        RuleStatus("snat", "my-snat", "10.115.55.200", 1, ["172.20.10.0/24 -> 10.115.55.200"]),
+    ]
+
+
+def test_rule_status_as_dict() -> None:
+    status = RuleStatus("snat", "s", "1.2.3.4", 7, ["x"], connections=1)
+    assert status.as_dict() == {
+        "kind": "snat",
+        "name": "s",
+        "eip": "1.2.3.4",
+        "id": 7,
+        "translations": ["x"],
+        "connections": 1,
+        "original_packets": 0,
+        "original_bytes": 0,
+        "reply_packets": 0,
+        "reply_bytes": 0,
+    }
+
+
+def test_format_table_of_the_seed() -> None:
+    fake, _ = with_traffic(seed())
+    assert fake.table is not None
+    fip = "10.115.55.201 -> 172.20.10.3 (in); 172.20.10.3 -> 10.115.55.201 (out)"  # the widest cell
+    w = len(fip)
+    assert format_table(rule_statuses(fake.table)) == (
+        f"KIND  NAME     EIP            {'TRANSLATION':{w}}  CONNS  ORIG PKTS  ORIG BYTES  REPLY PKTS  REPLY BYTES\n"
+        f"dnat  dnat01   10.115.55.200  {'10.115.55.200:8888/tcp -> 172.20.10.2:80':{w}}  "
+        "5      10         1000        8           12000\n"
+        f"fip   fip01    10.115.55.201  {fip}  1      4          200         0           0\n"
+        f"snat  my-snat  10.115.55.200  {'172.20.10.0/24 -> 10.115.55.200':{w}}  "
+        "0      0          0           0           0\n"
+    )
+
+
+def test_format_table_without_rules_is_the_header() -> None:
+    assert format_table([]) == "KIND  NAME  EIP  TRANSLATION  CONNS  ORIG PKTS  ORIG BYTES  REPLY PKTS  REPLY BYTES\n"
+
+
+def test_status_ignores_foreign_elements() -> None:
+    table = TableContents(
+        elements={
+            "rule_connections": {"5": Element(comment="junk"), "6": Element(comment="snat/s/10.0.0.1")},
+            "rule_traffic": {"original . 5": Element(counter=Counter(1, 1))},
+        }
+    )
+    assert rule_statuses(table) == [RuleStatus("snat", "s", "10.0.0.1", 6)]
+
+
+def _dnat_range_statuses(external: str, internal: str) -> list[str]:
+    doc = seed()
+    doc["dnat"][0].update(externalPort=external, internalPort=internal)
+    state = state_of(doc)
+    table = desired_table(state, assign_ids(state, {})).contents()
+    (dnat,) = [r for r in rule_statuses(table) if r.kind == "dnat"]
+    return dnat.translations
+
+
+def test_port_range_is_summarised_by_its_ends() -> None:
+    assert _dnat_range_statuses("8000-8002", "80-82") == [
+        "10.115.55.200:8000/tcp -> 172.20.10.2:80",
+        "... 1 more ...",
+        "10.115.55.200:8002/tcp -> 172.20.10.2:82",
+    ]
+
+
+def test_port_range_across_a_digit_boundary_is_summarised_by_its_ends() -> None:
+    assert _dnat_range_statuses("9998-10001", "9998-10001") == [
+        "10.115.55.200:9998/tcp -> 172.20.10.2:9998",
+        "... 2 more ...",
+        "10.115.55.200:10001/tcp -> 172.20.10.2:10001",
+    ]
+
+
+# --- the state-file watcher ---------------------------------------------------------------------
+
+
+class Clock:
+    """Stands in for the `time` module in natgwd.watch: a wall clock the test sets."""
+
+    def __init__(self, now_ns: int) -> None:
+        self.now_ns = now_ns
+
+    def time_ns(self) -> int:
+        return self.now_ns
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Far past every write of the test: no 'recheck', only 'changed' or None."""
+    fake = Clock(time.time_ns() + 3600 * 10**9)
+    monkeypatch.setattr(natgwd.watch, "time", fake)
+    return fake
+
+
+def test_watcher_reports_the_first_look_then_nothing(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{}")
+    watcher = FileWatcher(path)
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None
+    assert watcher.poll() is None
+
+
+def test_watcher_rechecks_a_recent_write_until_its_timestamp_is_old(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{}")
+    ctime = path.stat().st_ctime_ns
+    watcher = FileWatcher(path)
+    clock.now_ns = ctime + 10**9  # 1 s after the write: a same-size rewrite could hide in one tick
+    assert watcher.poll() == "changed"
+    assert watcher.poll() == "recheck"
+    clock.now_ns = ctime + int(natgwd.watch.RECHECK_SECONDS * 10**9) + 1
+    assert watcher.poll() is None
+
+
+def test_watcher_detects_an_in_place_write(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "state.json"
+    path.write_text('{"version": 1}')
+    watcher = FileWatcher(path)
+    watcher.poll()
+    inode = path.stat().st_ino
+    with path.open("r+") as f:
+        f.write('{"version": 2, "x": 1}')
+    assert path.stat().st_ino == inode
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None
+
+
+def test_watcher_detects_a_same_size_rewrite_with_a_new_mtime(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("aaaa")
+    st = path.stat()
+    watcher = FileWatcher(path)
+    watcher.poll()
+    path.write_text("bbbb")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert watcher.poll() == "changed"
+
+
+def test_watcher_detects_a_rename_over_the_file(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("aaaa")
+    st = path.stat()
+    watcher = FileWatcher(path)
+    watcher.poll()
+    tmp = tmp_path / "state.json.tmp"
+    tmp.write_text("bbbb")  # same size...
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...and the same mtime
+    os.replace(tmp, path)
+    assert path.read_text() == "bbbb"
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None
+
+
+def _configmap_version(root: Path, name: str, content: str) -> None:
+    version = root / name
+    version.mkdir()
+    (version / "state.json").write_text(content)
+
+
+def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path, clock: Clock) -> None:
+    root = tmp_path / "config"
+    root.mkdir()
+    _configmap_version(root, "..2026_a", "aaaa")
+    os.symlink("..2026_a", root / "..data")
+    os.symlink("..data/state.json", root / "state.json")
+    path = root / "state.json"
+    assert path.read_text() == "aaaa"
+    watcher = FileWatcher(path)
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None
+
+    # The kubelet's update: write a new version dir, then atomically repoint ..data.
+    _configmap_version(root, "..2026_b", "bbbb")
+    os.utime(root / "..2026_b" / "state.json", ns=(0, (root / "..2026_a" / "state.json").stat().st_mtime_ns))
+    os.symlink("..2026_b", root / "..data_tmp")
+    os.replace(root / "..data_tmp", root / "..data")
+    assert path.read_text() == "bbbb"
+    assert os.readlink(path) == "..data/state.json"  # the visible symlink itself never changed
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None
+
+
+def test_watcher_detects_disappearance_and_return(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{}")
+    watcher = FileWatcher(path)
+    watcher.poll()
+    path.unlink()
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None
+    path.write_text("{}")
+    assert watcher.poll() == "changed"
+
+
+def test_watcher_of_a_missing_file(tmp_path: Path) -> None:
+    watcher = FileWatcher(tmp_path / "absent.json")
+    assert watcher.poll() == "changed"
+    assert watcher.poll() is None  # no timestamp: never 'recheck'
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, document: Any, name: str = "state.json") -> Path:
+    path = tmp_path / name
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return path
+
+
+def test_check_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, seed())
+    assert main(["check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{path}: valid: 2 eips, 1 snat, 1 dnat, 1 fip\n"
+    assert err == ""
+
+
+def test_check_invalid_file_lists_every_problem_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = seed()
+    doc["dnat"][0]["externalPort"] = "90-80"
+    doc["snat"][0]["internalCIDR"] = "172.20.10.1/24"
+    path = write(tmp_path, doc)
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}: invalid desired state (2 problems):",
+        "  $.dnat[0].externalPort: range 90-80 is reversed (first port after last)",
+        "  $.snat[0].internalCIDR: has host bits set (did you mean 172.20.10.0/24?)",
+    ]
+
+
+def test_check_unparseable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '{"version": 1,')
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"{path}: invalid desired state (1 problems):\n  $: not valid JSON: ")
+
+
+def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.json"
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"{path}: cannot read: No such file or directory\n"
+
+
+def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).parents[2] / "examples" / "seed.json"
+    assert main(["check", str(example)]) == 0
+    assert capsys.readouterr().out.endswith(": valid: 2 eips, 1 snat, 1 dnat, 1 fip\n")
+
+
+def test_render_prints_the_creating_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, seed())
+    assert main(["render", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith("add table inet natgwd\n")
+    state = state_of(seed())
+    assert out == plan_transaction(None, desired_table(state, assign_ids(state, {}))).script()
+    assert "add element inet natgwd dnat_target { 10.115.55.200 . tcp . 8888 : 172.20.10.2 . 80 }\n" in out
+    assert out.endswith("\n")
+
+
+def test_render_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = seed()
+    doc["version"] = 2
+    path = write(tmp_path, doc)
+    assert main(["render", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"{path}: $.version: must be 1 (the only supported version)\n"
+
+
+def test_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_status_of_share_backends() -> None:
+    doc = seed()
+    for name, ip in (("web-a", "172.20.10.2"), ("web-b", "172.20.10.3")):
+        doc["dnat"].append(
+            {
+                "name": name,
+                "eip": "my-eip",
+                "protocol": "tcp",
+                "externalPort": 9000,
+                "internalIp": ip,
+                "internalPort": 8080,
+                "type": "share",
+            }
+        )
+    fake, _ = applied(doc)
+    assert fake.table is not None
+    shares = {r.name: r.translations for r in rule_statuses(fake.table) if r.name.startswith("web-")}
+    assert shares == {
+        "web-a": ["(share backend) -> 172.20.10.2:8080"],
+        "web-b": ["(share backend) -> 172.20.10.3:8080"],
+    }
