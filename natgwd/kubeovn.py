@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
+from natgwd.shim import write_atomically
 from natgwd.validation import InvalidStateError, load_state
 
 Obj = dict[str, Any]
@@ -989,28 +988,6 @@ def import_objects(objects: Sequence[Obj], options: ImportOptions | None = None)
 
 def render(state: dict[str, Any]) -> str:
     return json.dumps(state, indent=2) + "\n"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a sibling temp file, fsync it, rename it over `path`, fsync the directory."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- command line ---------------------------------------------------------------------

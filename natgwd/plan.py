@@ -156,7 +156,12 @@ def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, .
             "account",
             # After source NAT (100), so the first packet of a SNATed flow is marked too.
             "type filter hook postrouting priority 300; policy accept;",
-            (f"ct state new ct mark @{RULE_CONNECTIONS}", f"ct direction . ct mark @{RULE_TRAFFIC}"),
+            (
+                # The first packet of a connection is the one whose conntrack entry is not
+                # confirmed yet (`ct state new` would also match retransmits before a reply).
+                f"ct status & confirmed == 0 ct mark @{RULE_CONNECTIONS}",
+                f"ct direction . ct mark @{RULE_TRAFFIC}",
+            ),
         ),
         ChainSpec(
             "forward",

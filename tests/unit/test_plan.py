@@ -196,7 +196,7 @@ def test_seed_table_chains() -> None:
         "snat ip to ip saddr & 255.255.255.0 map @snat_p24_target fully-random",
     )
     assert chain_rules(table, "account") == (
-        "ct state new ct mark @rule_connections",
+        "ct status & confirmed == 0 ct mark @rule_connections",
         "ct direction . ct mark @rule_traffic",
     )
     assert chain_rules(table, "forward") == ("ct state invalid oifname @invalid_dropped drop",)

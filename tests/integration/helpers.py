@@ -1,0 +1,209 @@
+"""Shared helpers for the integration tests: starting natgwd on a state, reading per-rule
+counters from /metrics, small servers and clients inside the lab's namespaces, and reading
+addresses and routes back. Everything runs only inside the lab's namespaces."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from natgwd.lab import Lab, Natgwd
+
+UDP_IP_OVERHEAD = 20 + 8  # IPv4 header without options + UDP header
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def start(lab: Lab, state: dict[str, Any], *args: str) -> Natgwd:
+    """Start natgwd on `state` (extra command-line `args`) and wait until it is applied."""
+    daemon = lab.start_natgwd(state, *args)
+    daemon.wait_ready()
+    daemon.wait_applied()
+    return daemon
+
+
+def apply(daemon: Natgwd, state: dict[str, Any]) -> None:
+    """Replace the desired state and wait until natgwd reports it applied."""
+    daemon.write_state(state)
+    daemon.wait_applied()
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    connections: float
+    packets_original: float
+    packets_reply: float
+    bytes_original: float
+    bytes_reply: float
+
+
+def samples(daemon: Natgwd) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The /metrics samples keyed by (name, labels as a set), whatever the label order."""
+    parsed: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for key, value in daemon.metrics().items():
+        match = _SAMPLE.match(key)
+        assert match is not None, f"unparsable sample {key!r}"
+        labels = frozenset(_LABEL.findall(match.group("labels") or ""))
+        parsed[(match.group("name"), labels)] = value
+    return parsed
+
+
+def rule_counters(daemon: Natgwd, kind: str, name: str, eip: str) -> RuleCounters | None:
+    """The rule's counters from /metrics; None when the rule exports none."""
+    found = samples(daemon)
+    base = {("kind", kind), ("name", name), ("eip", eip)}
+
+    def value(metric: str, direction: str | None = None) -> float | None:
+        labels = base | ({("direction", direction)} if direction else set())
+        return found.get((metric, frozenset(labels)))
+
+    values = (
+        value("natgwd_rule_connections_total"),
+        value("natgwd_rule_packets_total", "original"),
+        value("natgwd_rule_packets_total", "reply"),
+        value("natgwd_rule_bytes_total", "original"),
+        value("natgwd_rule_bytes_total", "reply"),
+    )
+    if all(v is None for v in values):
+        return None
+    assert None not in values, f"incomplete counters for {kind}/{name}/{eip}: {values}"
+    return RuleCounters(*values)  # type: ignore[arg-type]
+
+
+def wait_counters(
+    daemon: Natgwd,
+    kind: str,
+    name: str,
+    eip: str,
+    done: Callable[[RuleCounters], bool],
+    timeout: float = 10,
+) -> RuleCounters:
+    """Poll the rule's counters until `done` holds for them; return them."""
+    deadline = time.monotonic() + timeout
+    counters = None
+    while time.monotonic() < deadline:
+        counters = rule_counters(daemon, kind, name, eip)
+        if counters is not None and done(counters):
+            return counters
+        time.sleep(0.05)
+    raise TimeoutError(f"counters of {kind}/{name}/{eip} never got there: {counters}")
+
+
+# --- traffic --------------------------------------------------------------------------
+
+
+def host_of(answer: str) -> str:
+    """The address part of a lab server's "ip:port" answer (fails on anything else)."""
+    host, sep, port = answer.rpartition(":")
+    assert sep and port.isdigit(), f"not an ip:port answer: {answer!r}"
+    return host
+
+
+def tcp_get(lab: Lab, role: str, address: str, port: int, timeout: float = 2, source: str | None = None) -> str:
+    """GET over HTTP from a namespace; the body, or '' when the connection failed."""
+    cmd = ["curl", "-s", "-m", str(timeout)]
+    if source:
+        cmd += ["--interface", source]
+    result = lab.exec(role, *cmd, f"http://{address}:{port}/", check=False, timeout=timeout + 10)
+    return result.stdout if result.returncode == 0 else ""
+
+
+def wait_listening(lab: Lab, role: str, proto: str, port: int, timeout: float = 10) -> None:
+    flag = "-Hlnt" if proto == "tcp" else "-Hlnu"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = lab.exec(role, "ss", flag, f"sport = :{port}", check=False).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {proto}/{port} in {role}")
+
+
+def udp_sink(lab: Lab, role: str, port: int) -> subprocess.Popen[bytes]:
+    """A UDP socket bound to `port` that never answers (and never causes port-unreachables)."""
+    script = (
+        "import socket,time\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        f"s.bind(('0.0.0.0',{port}))\n"
+        "while True: time.sleep(3600)\n"
+    )
+    process = lab.spawn(role, sys.executable, "-c", script)
+    wait_listening(lab, role, "udp", port)
+    return process
+
+
+def serve_tag(lab: Lab, role: str, port: int, tag: str) -> subprocess.Popen[bytes]:
+    """An HTTP server answering every request with `tag`, to tell backends apart."""
+    script = (
+        "import http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        body={tag.encode()!r}\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Length',str(len(body)))\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        "    def log_message(self,*a): pass\n"
+        f"http.server.HTTPServer(('0.0.0.0',{port}),H).serve_forever()\n"
+    )
+    process = lab.spawn(role, sys.executable, "-c", script)
+    wait_listening(lab, role, "tcp", port)
+    return process
+
+
+def send_udp(lab: Lab, role: str, address: str, port: int, payloads: Sequence[bytes], source_port: int) -> None:
+    """Send datagrams from one socket (one flow) without waiting for answers."""
+    script = (
+        "import socket\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        f"s.bind(('0.0.0.0',{source_port}))\n"
+        f"for p in {list(payloads)!r}:\n"
+        f"    s.sendto(p,({address!r},{port}))\n"
+    )
+    lab.exec(role, sys.executable, "-c", script)
+
+
+def udp_bytes(payloads: Sequence[bytes] | Sequence[str]) -> int:
+    """Total IP length of UDP datagrams carrying these payloads."""
+    return sum(UDP_IP_OVERHEAD + len(p) for p in payloads)
+
+
+# --- addresses and routes -------------------------------------------------------------
+
+
+def addresses(lab: Lab, role: str) -> dict[str, set[str]]:
+    """IPv4 addresses per interface, as "address/prefix"."""
+    links = json.loads(lab.exec(role, "ip", "-j", "-4", "addr").stdout)
+    return {
+        link["ifname"]: {f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", ()) if a["family"] == "inet"}
+        for link in links
+    }
+
+
+@dataclass(frozen=True)
+class RouteEntry:
+    dst: str
+    gateway: str | None
+    dev: str
+    onlink: bool
+
+
+def routes(lab: Lab, role: str) -> set[RouteEntry]:
+    """The main table's IPv4 routes."""
+    return {
+        RouteEntry(r["dst"], r.get("gateway"), r["dev"], "onlink" in r.get("flags", ()))
+        for r in json.loads(lab.exec(role, "ip", "-j", "-4", "route").stdout)
+    }
+
+
+def nft_table(lab: Lab) -> str:
+    return lab.exec("gw", "nft", "list", "table", "inet", "natgwd").stdout
