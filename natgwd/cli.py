@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from natgwd import __version__
+from natgwd import __version__, kubeovn
 from natgwd.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
@@ -156,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
     status.set_defaults(func=_status)
+
+    imported = sub.add_parser(
+        "import", help="write the desired state of a Kube-OVN VPC NAT gateway from its objects (kubectl get -o yaml)"
+    )
+    kubeovn.add_arguments(imported)
+    imported.set_defaults(func=kubeovn.run)
 
     cleanup = sub.add_parser(
         "cleanup", help="remove everything natgwd created (table, its addresses and routes): decommissioning"

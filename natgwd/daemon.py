@@ -258,15 +258,14 @@ class Daemon:
         path = self.config.applied_state_path
         if path is None:
             return
-        record = {
-            "sha256": self._applied_digest,
-            "applied_at": datetime.fromtimestamp(self._applied_at or 0, UTC).isoformat(),
-            "state": json.loads(raw),
-        }
+        applied_at = datetime.fromtimestamp(self._applied_at or 0, UTC).isoformat()
+        # The state is valid JSON already: embed its bytes rather than re-encode megabytes.
+        head = json.dumps({"sha256": self._applied_digest, "applied_at": applied_at})[:-1]
+        record = head.encode() + b', "state": ' + raw.strip() + b"}\n"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(record, indent=1))
+            tmp.write_bytes(record)
             os.replace(tmp, path)
         except OSError as err:
             log.warning("cannot record the applied state", path=str(path), error=str(err))

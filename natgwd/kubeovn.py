@@ -45,8 +45,6 @@ from ipaddress import (
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import yaml
-
 from natgwd.shim import write_atomically
 from natgwd.validation import InvalidStateError, load_state
 
@@ -114,20 +112,45 @@ class ImportResult:
 # --- reading objects ------------------------------------------------------------------
 
 
-def parse_documents(text: str, source: str = "<input>") -> tuple[list[Obj], list[Finding]]:
-    """The Kubernetes objects in one `kubectl get -o yaml|json` output, Lists expanded."""
-    stripped = text.lstrip()
-    documents: list[Any]
+def _yaml_documents(text: str, source: str) -> list[Any]:
+    """YAML documents; a key twice in one mapping is an error, not "the last one wins"
+    (two `kubectl get -o yaml` outputs appended without `---` would lose the first)."""
+    import yaml  # here, not at the top: `natgwd run` never needs it
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise ImportFailedError(
+                    f"{source}: key {key!r} twice in one mapping (line {line}); "
+                    "are two kubectl outputs appended without a '---' line between them?"
+                )
+            if isinstance(key, str | int | float | bool):
+                seen.add(key)
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        if stripped.startswith(("{", "[")):
-            try:
-                documents = [json.loads(text)]
-            except json.JSONDecodeError:
-                documents = list(yaml.safe_load_all(text))
-        else:
-            documents = list(yaml.safe_load_all(text))
+        return list(yaml.load_all(text, Loader=Loader))  # a SafeLoader
     except yaml.YAMLError as err:
         raise ImportFailedError(f"{source}: neither JSON nor YAML: {err}") from None
+
+
+def parse_documents(text: str, source: str = "<input>") -> tuple[list[Obj], list[Finding]]:
+    """The Kubernetes objects in one `kubectl get -o yaml|json` output, Lists expanded."""
+    documents: list[Any]
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            documents = [json.loads(text)]
+        except json.JSONDecodeError:
+            documents = _yaml_documents(text, source)
+    else:
+        documents = _yaml_documents(text, source)
     objects: list[Obj] = []
     findings: list[Finding] = []
     for index, document in enumerate(documents):
@@ -306,8 +329,8 @@ def parse_network_status(value: str) -> list[Attachment] | None:
     attachments = []
     for item in loaded:
         if isinstance(item, dict):
-            ips = item.get("ips") if isinstance(item.get("ips"), list) else []
-            gateways = item.get("gateway") if isinstance(item.get("gateway"), list) else []
+            ips: list[Any] = item["ips"] if isinstance(item.get("ips"), list) else []
+            gateways: list[Any] = item["gateway"] if isinstance(item.get("gateway"), list) else []
             attachments.append(
                 Attachment(
                     _text(item.get("name")),
@@ -419,7 +442,7 @@ class _Importer:
             return _Side(subnet_provider, providers[subnet_provider])
         scored: list[tuple[int, bool, bool, str, str]] = []
         for provider, attributes in providers.items():
-            score, how = 0, []
+            score, how = 0, list[str]()
             if attributes.get("logical_switch") == subnet_name:
                 score, how = score + 8, [*how, f"logical switch {subnet_name}"]
             own_cidr = _v4_network(_v4_part(attributes.get("cidr", "")))
@@ -438,7 +461,7 @@ class _Importer:
         if not scored:
             return _Side(None, {})
         scored.sort(reverse=True)
-        _, _, _, provider, how = scored[0]
+        _, _, _, provider, matched = scored[0]
         if source is not None:
             wanted = (
                 f"Subnet {subnet_name}'s provider {subnet_provider}" if subnet_provider else f"Subnet {subnet_name}"
@@ -446,7 +469,7 @@ class _Importer:
             self.report(
                 "note",
                 source,
-                f"no annotations for {wanted}; used those of provider {provider}, which match its {how}",
+                f"no annotations for {wanted}; used those of provider {provider}, which match its {matched}",
             )
         return _Side(provider, providers[provider])
 
@@ -720,8 +743,8 @@ class _Importer:
             if _is_v6(dst_text) or ":" in via_text:
                 self.report("note", source, f"{where}: IPv6, skipped (natgwd is IPv4-only)")
                 continue
-            dst, via = _v4_network(dst_text, strict=False), _v4_address(via_text)
-            if dst is None or via is None:
+            dst, nexthop = _v4_network(dst_text, strict=False), _v4_address(via_text)
+            if dst is None or nexthop is None:
                 self.report("warning", source, f"{where}: not an IPv4 CIDR and nexthop; skipped")
                 continue
             if dst == DEFAULT_ROUTE:
@@ -735,13 +758,13 @@ class _Importer:
                 )
             elif dst.subnet_of(internal_cidr):
                 self.report("note", source, f"{where}: inside the connected subnet {internal_cidr}; skipped")
-            elif via not in internal_cidr:
+            elif nexthop not in internal_cidr:
                 self.report("warning", source, f"{where}: nexthop outside the VPC subnet {internal_cidr}; skipped")
-            elif dst in routes and routes[dst] != via:
+            elif dst in routes and routes[dst] != nexthop:
                 self.report("warning", source, f"{where}: {dst} already goes via {routes[dst]}; skipped")
             else:
-                routes.setdefault(dst, via)
-        return [{"dst": str(dst), "via": str(via)} for dst, via in routes.items()]
+                routes.setdefault(dst, nexthop)
+        return [{"dst": str(network), "via": str(address)} for network, address in routes.items()]
 
     # EIPs and rules -------------------------------------------------------------------
 
@@ -950,7 +973,7 @@ class _Importer:
         refuses; a refused interface section is fatal."""
         entries = eips + rules
         while True:
-            state = json.loads(json.dumps(base))
+            state: dict[str, Any] = json.loads(json.dumps(base))
             placed: dict[tuple[str, int], _Rule] = {}
             for section in ("eips", "snat", "dnat", "fip"):
                 members = sorted((r for r in entries if r.section == section), key=lambda r: r.entry["name"])
@@ -962,15 +985,15 @@ class _Importer:
                 load_state(json.dumps(state).encode())
             except InvalidStateError as err:
                 dropped: list[_Rule] = []
-                fatal = []
+                fatal: list[str] = []
                 for problem in err.problems:
                     match = re.match(r"^\$\.(eips|snat|dnat|fip)\[(\d+)\]", problem.path)
-                    rule = placed.get((match[1], int(match[2]))) if match else None
-                    if rule is None:
+                    culprit = placed.get((match[1], int(match[2]))) if match else None
+                    if culprit is None:
                         fatal.append(str(problem))
-                    elif rule not in dropped:
-                        dropped.append(rule)
-                        self.report("warning", rule.source, f"natgwd refuses it: {problem.reason}; skipped")
+                    elif culprit not in dropped:
+                        dropped.append(culprit)
+                        self.report("warning", culprit.source, f"natgwd refuses it: {problem.reason}; skipped")
                 if fatal:
                     raise ImportFailedError("the gateway itself is invalid: " + "; ".join(fatal)) from None
                 entries = [r for r in entries if r not in dropped]

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,6 +239,7 @@ class Lab:
         for name in reversed(self._namespaces):
             run(["ip", "netns", "del", name], check=False)
         self._namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- running things -------------------------------------------------------------
 

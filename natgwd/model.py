@@ -95,12 +95,6 @@ class DesiredState:
     dnat: tuple[DnatRule, ...] = ()
     fip: tuple[FipRule, ...] = ()
 
-    def eip_address(self, name: str) -> IPv4Address:
-        for eip in self.eips:
-            if eip.name == name:
-                return eip.v4ip
-        raise KeyError(name)
-
     def eip_interface(self, eip: Eip) -> IPv4Interface:
         """The EIP as an address of the external interface: the prefix of the external
         subnet that contains it (so the kernel answers ARP for it on that subnet), else /32."""

@@ -28,6 +28,8 @@ class Nft(Protocol):
 
     def delete_table(self) -> None: ...
 
+    def generation(self) -> int: ...
+
 
 class KernelNft:
     """libnftables through Debian's python3-nftables binding; calls are serialised because
@@ -88,6 +90,16 @@ class KernelNft:
         except NftError as err:
             if "No such file or directory" not in str(err):
                 raise
+
+    def generation(self) -> int:
+        """The kernel's ruleset generation: it moves with every commit to any table."""
+        from pyroute2.netlink.nfnetlink import nfgen_msg
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN
+        from pyroute2.nftables.main import NFTables
+
+        with NFTables() as socket:
+            (message,) = socket.request_get(nfgen_msg(), NFT_MSG_GETGEN)
+        return int(message.get_attr("NFTA_GEN_ID"))
 
 
 def _load(output: str) -> list[dict[str, Any]]:

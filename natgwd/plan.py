@@ -72,10 +72,11 @@ class RuleLabels:
 
 
 def rule_labels(state: DesiredState) -> list[RuleLabels]:
+    eip_of = {e.name: str(e.v4ip) for e in state.eips}
     labels: list[RuleLabels] = []
     for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
         for rule in rules:
-            labels.append(RuleLabels(kind, rule.name, str(state.eip_address(rule.eip))))  # type: ignore[arg-type]
+            labels.append(RuleLabels(kind, rule.name, eip_of[rule.eip]))  # type: ignore[arg-type]
     return labels
 
 

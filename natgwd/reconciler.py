@@ -30,6 +30,8 @@ from natgwd.table import Counter, DesiredTable, Element, TableContents, Transact
 
 log = structlog.get_logger("natgwd.reconciler")
 
+FULL_READ_EVERY = 6  # resyncs
+
 
 class Links(Protocol):
     def apply(self, plan: LinkPlan) -> LinkReport: ...
@@ -75,6 +77,9 @@ class Reconciler:
         self.announce = announce
         self._full_conntrack_scan = True  # the first programming checks every entry (#4193)
         self._announced_all = False
+        self._links_applied: LinkPlan | None = None
+        self._generation: int | None = None  # the ruleset generation after our last commit
+        self._resyncs = 0
         self.state: DesiredState | None = None
         self._table: DesiredTable | None = None
         self._written: TableContents | None = None  # what we believe the kernel holds
@@ -102,7 +107,9 @@ class Reconciler:
             self._ids, self._table, self.state = ids, table, state
             self._highest_id = max(self._highest_id, *ids.values(), 0)
             self._forget_counters_except(table)
-            outcome = self._apply_links(state)
+            plan = link_plan(state)
+            # Unchanged links were verified by the last apply; resync keeps verifying them.
+            outcome = Outcome() if plan == self._links_applied else self._apply_links(state)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if self._full_conntrack_scan:
                 outcome.conntrack_deleted = self._clean_conntrack(None)
@@ -119,8 +126,13 @@ class Reconciler:
                 return Outcome(), repairs
             if self.ensure_forwarding():
                 repairs["forwarding"] = 1
-            kernel = self.nft.read_table()
-            if kernel is not None:
+            self._resyncs += 1
+            generation = self.nft.generation()
+            # No nftables commit since ours: nothing can have drifted. Still read the table
+            # now and then, in case a commit slipped in between ours and reading its number.
+            unchanged = generation == self._generation and self._resyncs % FULL_READ_EVERY
+            kernel = self._written if unchanged else self.nft.read_table()
+            if kernel is not None and not unchanged:
                 self._remember_counters(kernel.elements)
             tx = plan_transaction(kernel, self._table, self._counters)
             if tx:
@@ -136,6 +148,7 @@ class Reconciler:
                 # Connections that started while rules were missing left un-NATed.
                 self._full_conntrack_scan = True
             self._written = self._table.contents()
+            self._generation = generation if not tx else self.nft.generation()
             outcome = self._apply_links(self.state)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if self._full_conntrack_scan:
@@ -190,6 +203,7 @@ class Reconciler:
             self._written = None  # unknown now: read the kernel next time
             raise
         if tx:
+            self._generation = self.nft.generation()
             log.info(
                 "nftables transaction applied",
                 operations=len(tx.operations),
@@ -198,7 +212,9 @@ class Reconciler:
             )
 
     def _apply_links(self, state: DesiredState) -> Outcome:
-        report = self.links.apply(link_plan(state))
+        plan = link_plan(state)
+        report = self.links.apply(plan)
+        self._links_applied = plan if not report.missing and not report.errors else None
         for change in report.changes:
             log.info("link change", change=change)
         for error in report.errors:

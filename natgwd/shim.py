@@ -372,6 +372,7 @@ def parse_route_del(rule: str) -> Op:
     dst = _network(_fields(rule, 1, 2, "CIDR")[0], "route", warnings)
 
     def op(doc: Doc, ctx: Context) -> None:
+        ctx.warnings.extend(warnings)
         internal = doc.setdefault("internal", {})
         internal["routes"] = [r for r in _items(internal, "routes") if _norm_cidr(r.get("dst")) != str(dst)]
 
@@ -484,6 +485,7 @@ def parse_snat_del(rule: str) -> Op:
     eip, cidr = _address(fields[0], "EIP"), _network(fields[1], "internal CIDR", warnings)
 
     def op(doc: Doc, ctx: Context) -> None:
+        ctx.warnings.extend(warnings)
         name = _eip_named(doc, eip)
         doc["snat"] = [
             s

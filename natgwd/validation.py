@@ -138,12 +138,66 @@ def _definition_of(subschema: dict[str, Any]) -> str | None:
     return None
 
 
+RULE_SECTIONS = ("eips", "snat", "dnat", "fip")
+
+
+def _inline_refs(node: Any, definitions: dict[str, Any]) -> Any:
+    """The schema with every $ref replaced by the very definition object it names:
+    resolving references dominates jsonschema's time, and keeping the objects (not copies)
+    lets _definition_of still recognise them."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return definitions[node["$ref"].rsplit("/", 1)[1]]
+        return {key: _inline_refs(value, definitions) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(value, definitions) for value in node]
+    return node
+
+
+@cache
+def _validators() -> tuple[jsonschema.Draft7Validator, dict[str, jsonschema.Draft7Validator]]:
+    """A validator for the document without its rule lists' items, and one per rule list
+    for a single item: items are checked one by one so that unchanged rules can be skipped."""
+    full = schema()
+    inlined = _inline_refs({k: v for k, v in full.items() if k != "definitions"}, full["definitions"])
+    items = {section: inlined["properties"][section]["items"] for section in RULE_SECTIONS}
+    for section in RULE_SECTIONS:
+        inlined["properties"][section] = {k: v for k, v in inlined["properties"][section].items() if k != "items"}
+    return jsonschema.Draft7Validator(inlined), {s: jsonschema.Draft7Validator(i) for s, i in items.items()}
+
+
+class _ItemCache:
+    """Rules that passed the schema in the previous document, by their JSON text. A file
+    change typically touches a few of thousands of rules; the rest need no second look."""
+
+    def __init__(self) -> None:
+        self.passed: set[tuple[str, str]] = set()
+
+
+_item_cache = _ItemCache()
+
+
 def _shape_problems(document: Any) -> list[Problem]:
-    validator = jsonschema.Draft7Validator(schema())
+    top, item_validators = _validators()
     problems: list[Problem] = []
-    for error in validator.iter_errors(document):
-        path = _json_path(error.absolute_path)
-        problems.extend(_explain(error, path))
+    for error in top.iter_errors(document):
+        problems.extend(_explain(error, _json_path(error.absolute_path)))
+    passed: set[tuple[str, str]] = set()
+    for section in RULE_SECTIONS:
+        items = document.get(section) if isinstance(document, dict) else None
+        if not isinstance(items, list):
+            continue
+        for index, item in enumerate(items):
+            key = (section, json.dumps(item, sort_keys=True))
+            if key in _item_cache.passed:
+                passed.add(key)
+                continue
+            errors = list(item_validators[section].iter_errors(item))
+            for error in errors:
+                problems.extend(_explain(error, _json_path([section, index, *error.absolute_path])))
+            if not errors:
+                passed.add(key)
+    _item_cache.passed = passed
     return sorted(set(problems), key=lambda p: (p.path, p.reason))
 
 
@@ -193,8 +247,8 @@ class _Semantics:
         self.problems.append(Problem(path, reason))
 
     def build(self) -> DesiredState:
-        internal = self._internal()
         external = self._external()
+        internal = self._internal(external)
         if internal.interface == external.interface:
             self.fail("$.external.interface", "must differ from internal.interface")
         if external.gateway is not None and any(r.dst.prefixlen == 0 for r in internal.routes):
@@ -272,7 +326,7 @@ class _Semantics:
 
     # sections --------------------------------------------------------------------------
 
-    def _internal(self) -> InternalSide:
+    def _internal(self, external: ExternalSide) -> InternalSide:
         section = self.doc["internal"]
         addresses = tuple(
             a
@@ -293,6 +347,12 @@ class _Semantics:
             seen[dst] = i
             if not any(via in a.network for a in addresses):
                 self.fail(f"{path}.via", f"nexthop {via} is not in the subnet of any internal address")
+                continue
+            # A wider route is harmless (the connected route is more specific); an equal one
+            # would replace it and a narrower one would take part of the external subnet.
+            clash = next((a.network for a in external.addresses if dst.subnet_of(a.network)), None)
+            if clash is not None:
+                self.fail(f"{path}.dst", f"{dst} lies inside the external subnet {clash}")
                 continue
             routes.append(Route(dst, via))
         return InternalSide(section["interface"], addresses, tuple(routes))
