@@ -6,10 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian's packages: the nftables binding is only packaged there (not on PyPI).
 APT_PACKAGES := nftables libnftables1 python3-nftables python3-venv iproute2 conntrack \
-	iputils-ping curl tcpdump iperf3 systemd
+	iputils-ping curl tcpdump iperf3 systemd \
+	podman buildah runc debootstrap systemd-container
 PYTEST_ARGS ?= -n 2
 
-.PHONY: deps venv demo test test-unit lint bench clean
+.PHONY: deps venv demo test test-unit test-image image lint bench clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -34,6 +35,12 @@ test: venv lint
 
 test-unit: venv
 	$(PY) -m pytest tests/unit
+
+image: venv
+	PYTHON=$(PY) image/build-offline.sh
+
+test-image: venv
+	$(PY) -m pytest -m image tests/integration/test_image.py
 
 lint: venv
 	$(VENV)/bin/ruff check natgwd tests benchmarks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -124,9 +125,10 @@ def _positive(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="natgwd", description="VPC NAT gateway data plane")
+    top = argparse.ArgumentParser(prog="natgwd", description="VPC NAT gateway data plane", allow_abbrev=False)
     top.add_argument("--version", action="version", version=f"natgwd {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="run the daemon: keep the kernel equal to the desired state")
     run.add_argument("--state", required=True, help="desired-state JSON file")

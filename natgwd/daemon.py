@@ -38,6 +38,7 @@ log = structlog.get_logger("natgwd.daemon")
 POLL_SECONDS = 0.2
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
+STALL_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Daemon:
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
         self._told_ready = False
+        self._last_step = time.monotonic()
         self._wake = threading.Event()
         self._stopping = False
         self._force = False
@@ -77,7 +79,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-        server = serve(self.config.metrics_address, self.registry, self.readiness)
+        server = serve(self.config.metrics_address, self.registry, self.readiness, self.liveness)
         self._recall_applied()
         log.info(
             "natgwd started",
@@ -87,6 +89,7 @@ class Daemon:
         )
         try:
             while not self._stopping:
+                self._last_step = time.monotonic()
                 self.step()
                 self.notifier.watchdog()
                 self._wake.wait(POLL_SECONDS)
@@ -125,6 +128,13 @@ class Daemon:
             self.resync()
 
     # --- readiness ------------------------------------------------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """Alive while the loop keeps turning. A reconcile of a very large state takes
+        seconds, so only a loop stuck far longer than that counts as dead."""
+        stalled = time.monotonic() - self._last_step
+        limit = max(STALL_SECONDS, 3 * self.config.resync_interval)
+        return stalled < limit, {"seconds_since_loop": round(stalled, 1)}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {

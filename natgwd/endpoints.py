@@ -51,7 +51,9 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
 
-def serve(address: tuple[str, int], registry: CollectorRegistry, readiness: Readiness) -> ThreadingHTTPServer:
+def serve(
+    address: tuple[str, int], registry: CollectorRegistry, readiness: Readiness, liveness: Readiness
+) -> ThreadingHTTPServer:
     """Start serving in a background thread; the caller shuts the server down."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -66,7 +68,9 @@ def serve(address: tuple[str, int], registry: CollectorRegistry, readiness: Read
             elif path == "/":
                 self._send(200, "text/plain; charset=utf-8", b"natgwd: /metrics /healthz /readyz\n")
             elif path == "/healthz":
-                self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                alive, detail = liveness()
+                body = b"ok\n" if alive else json.dumps({"alive": False, **detail}).encode() + b"\n"
+                self._send(200 if alive else 503, "text/plain; charset=utf-8", body)
             elif path == "/readyz":
                 ready, detail = readiness()
                 body = json.dumps({"ready": ready, **detail}, indent=1).encode() + b"\n"

@@ -9,10 +9,12 @@ an operator) is left alone even when natgwd also declares it.
 from __future__ import annotations
 
 import errno
+import os
+import socket
+import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
-from socket import AF_INET
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -34,20 +36,48 @@ class LinkReport:
 
 
 def ensure_forwarding(path: Path = IP_FORWARD) -> bool:
-    """Turn IPv4 forwarding on; True when it was off."""
+    """Turn IPv4 forwarding on for the whole namespace; True when it was off. Where
+    /proc/sys is read-only (an unprivileged container) this is left to the per-interface
+    settings that Netlink.apply makes over netlink."""
     if path.read_text().strip() == "1":
         return False
-    path.write_text("1\n")
+    try:
+        path.write_text("1\n")
+    except OSError:
+        return False
     return True
 
 
-def _promote_secondaries(interface: str) -> None:
-    """Without this, deleting an interface's primary address (a changed
-    external.addresses) makes the kernel delete every secondary address of that subnet:
-    all EIPs, and addresses natgwd does not own."""
-    path = Path(f"/proc/sys/net/ipv4/conf/{interface}/promote_secondaries")
-    if path.read_text().strip() != "1":
-        path.write_text("1\n")
+# IPv4 per-interface settings (include/uapi/linux/ip.h IPV4_DEVCONF_*), set over rtnetlink
+# so that CAP_NET_ADMIN suffices where /proc/sys is mounted read-only.
+DEVCONF_FORWARDING = 1
+DEVCONF_PROMOTE_SECONDARIES = 20
+_WANTED_DEVCONF = {"forwarding": DEVCONF_FORWARDING, "promote_secondaries": DEVCONF_PROMOTE_SECONDARIES}
+RTM_SETLINK = 19
+IFLA_AF_SPEC = 26
+IFLA_INET_CONF = 1
+NLA_F_NESTED = 0x8000
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    header = struct.pack("=HH", 4 + len(payload), kind)
+    return header + payload + b"\0" * (-len(payload) % 4)
+
+
+def _set_devconf(index: int, settings: dict[int, int]) -> None:
+    """RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF; pyroute2 only decodes these."""
+    conf = b"".join(_nla(key, struct.pack("=I", value)) for key, value in settings.items())
+    spec = _nla(
+        IFLA_AF_SPEC | NLA_F_NESTED, _nla(socket.AF_INET | NLA_F_NESTED, _nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
+    )
+    body = struct.pack("=BxHiII", 0, 0, index, 0, 0) + spec
+    header = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, 0x1 | 0x4, 1, 0)  # NLM_F_REQUEST|NLM_F_ACK
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    error = struct.unpack_from("=i", reply, 16)[0]
+    if error:
+        raise OSError(-error, os.strerror(-error))
 
 
 class Netlink:
@@ -61,7 +91,6 @@ class Netlink:
                     report.missing.append(spec.name)
                     continue
                 index[spec.name] = found[0]
-                _promote_secondaries(spec.name)
                 self._up(ipr, spec.name, found[0], report)
                 self._addresses(ipr, found[0], spec.name, spec.addresses, report)
             self._routes(ipr, plan.routes, index, report)
@@ -71,7 +100,7 @@ class Netlink:
         """Delete every address and route natgwd added (for a decommissioned gateway)."""
         report = LinkReport()
         with IPRoute() as ipr:
-            for msg in ipr.get_addr(family=AF_INET):
+            for msg in ipr.get_addr(family=socket.AF_INET):
                 if msg.get("IFA_PROTO") == NATGWD_PROTO:
                     self._del_addr(ipr, msg["index"], _interface_of(msg), report)
             for route in self._owned_routes(ipr):
@@ -85,11 +114,22 @@ class Netlink:
         if not link["flags"] & 1:  # IFF_UP
             ipr.link("set", index=idx, state="up")
             report.changes.append(f"set {name} up")
+        # forwarding: packets from this interface are routed. promote_secondaries: without
+        # it, deleting the interface's primary address (a changed external.addresses) makes
+        # the kernel delete every secondary of that subnet: all EIPs, and others' addresses.
+        inet = link.get_attr("IFLA_AF_SPEC").get_attr("AF_INET")
+        off = {key: 1 for name_, key in _WANTED_DEVCONF.items() if inet[name_] != 1}
+        if off:
+            try:
+                _set_devconf(idx, off)
+                report.changes.append(f"set {name} " + ", ".join(n for n, k in _WANTED_DEVCONF.items() if k in off))
+            except OSError as err:
+                report.errors.append(f"set {name} forwarding/promote_secondaries: {err}")
 
     def _addresses(
         self, ipr: IPRoute, idx: int, name: str, wanted: frozenset[IPv4Interface], report: LinkReport
     ) -> None:
-        present = {_interface_of(msg): msg for msg in ipr.get_addr(family=AF_INET, index=idx)}
+        present = {_interface_of(msg): msg for msg in ipr.get_addr(family=socket.AF_INET, index=idx)}
         for address in sorted(wanted - present.keys()):
             try:
                 ipr.addr(
@@ -117,12 +157,12 @@ class Netlink:
                 report.errors.append(f"delete address {address}: {err}")
 
     def _owned_routes(self, ipr: IPRoute) -> list[dict]:  # type: ignore[type-arg]
-        return [r for r in ipr.get_routes(family=AF_INET, table=MAIN_TABLE) if r["proto"] == NATGWD_PROTO]
+        return [r for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE) if r["proto"] == NATGWD_PROTO]
 
     def _routes(self, ipr: IPRoute, wanted: tuple[RouteSpec, ...], index: dict[str, int], report: LinkReport) -> None:
         existing = {
             IPv4Network(f"{r.get('RTA_DST', '0.0.0.0')}/{r['dst_len']}"): r
-            for r in ipr.get_routes(family=AF_INET, table=MAIN_TABLE)
+            for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
             if r.get("RTA_PRIORITY", 0) == 0 and r["type"] == 1  # unicast, metric 0
         }
         wanted_dsts = set()
