@@ -122,7 +122,9 @@ class Daemon:
         seen = self.watcher.poll()
         if seen is not None:
             self.reconcile_file(force=False, quiet=seen == "recheck")
-        elif self._retry_at is not None and now >= self._retry_at:
+        # Not `elif`: a file rewritten every few hundred milliseconds must not starve
+        # retries and drift repair.
+        if self._retry_at is not None and now >= self._retry_at:
             self.reconcile_file(force=True)
         elif now >= self._next_resync:
             self.resync()
@@ -154,7 +156,10 @@ class Daemon:
         try:
             raw = _read(self.config.state_path, self.config.allow_writable_state)
         except InvalidStateError as err:
-            self._rejected(err.problems, digest=None)
+            # Stands for the content: the same unreadable file is rejected once, not per poll.
+            seen = "unreadable: " + "; ".join(str(p) for p in err.problems)
+            if seen != self._seen_digest or force:
+                self._rejected(err.problems, seen)
             return
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._seen_digest and not force:
@@ -167,12 +172,17 @@ class Daemon:
         except InvalidStateError as err:
             self._rejected(err.problems, digest)
             return
+        except Exception as err:  # no input may take the daemon down, whatever it trips over
+            log.exception("validation failed unexpectedly")
+            self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], digest)
+            return
         self.metrics.desired_state_valid.set(1)
         try:
             outcome = self.reconciler.apply(state)
         except (NftError, OSError) as err:
             self._failed(f"applying the desired state failed: {err}")
             return
+        self._count(outcome)
         self._applied_digest = digest
         self._applied_at = time.time()
         self._record_applied(raw)
@@ -186,22 +196,26 @@ class Daemon:
             return
         started = time.monotonic()
         try:
-            outcome, repairs = self.reconciler.resync()
+            outcome = self.reconciler.resync()
         except (NftError, OSError) as err:
             self._failed(f"resync failed: {err}")
             return
-        for resource, count in repairs.items():
-            log.warning("drift repaired", resource=resource, changes=count)
-            self.metrics.drift_repairs.labels(resource).inc(count)
+        self._count(outcome)
         if self._seen_digest == self._applied_digest:
             self._finished(outcome, started, digest=None)
+
+    def _count(self, outcome: Outcome) -> None:
+        for reason, count in outcome.conntrack_deleted.items():
+            self.metrics.conntrack_deleted.labels(reason).inc(count)
+        for resource, count in outcome.repairs.items():
+            log.warning("drift repaired", resource=resource, changes=count)
+            self.metrics.drift_repairs.labels(resource).inc(count)
 
     def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
         seconds = time.monotonic() - started
         self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
         self.metrics.nft_elements.set(self.reconciler.element_count)
-        for reason, count in outcome.conntrack_deleted.items():
-            self.metrics.conntrack_deleted.labels(reason).inc(count)
+
         if outcome.complete:
             self._not_ready = None
             if not self._told_ready:
@@ -292,25 +306,41 @@ def _read(path: Path, allow_writable: bool) -> bytes:
     try:
         # O_NONBLOCK: a FIFO put in the file's place must not hang the daemon.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as file:
-            status = os.fstat(file.fileno())
-            if not stat.S_ISREG(status.st_mode):
-                raise InvalidStateError([Problem("$", f"{path} is not a regular file")])
-            unsafe = None if allow_writable else _writable_by_others(status)
-            if unsafe:
-                reason = f"{path} {unsafe}, who could rewrite the gateway's NAT (--allow-writable-state to accept)"
-                raise InvalidStateError([Problem("$", reason)])
-            # One byte over the limit is enough to reject the file without holding all of it.
-            return file.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         reason = "file does not exist"
-    except IsADirectoryError:
-        reason = "is a directory, not a file"
     except PermissionError:
         reason = "permission denied"
     except OSError as err:
         reason = err.strerror or str(err)
+    else:
+        try:
+            status = os.fstat(fd)
+            if stat.S_ISDIR(status.st_mode):
+                reason = "is a directory, not a file"
+            elif not stat.S_ISREG(status.st_mode):
+                reason = "is not a regular file"
+            elif not allow_writable and (unsafe := _writable_by_others(status)):
+                reason = f"{unsafe}, who could rewrite the gateway's NAT (--allow-writable-state to accept)"
+            else:
+                return _read_at_most(fd, MAX_FILE_BYTES + 1)
+        except OSError as err:
+            reason = err.strerror or str(err)
+        finally:
+            os.close(fd)
     raise InvalidStateError([Problem("$", f"cannot read {path}: {reason}")])
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """One byte over the limit is enough to reject a file without holding all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _writable_by_others(status: os.stat_result) -> str | None:

@@ -23,7 +23,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-MAX_CONCURRENT_REQUESTS = 16
+MAX_CONCURRENT_REQUESTS = 64
 
 
 class _Server(ThreadingHTTPServer):
@@ -57,7 +57,9 @@ def serve(
     """Start serving in a background thread; the caller shuts the server down."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 10  # a client that stalls mid-request does not hold a thread for ever
+        # A client that stalls mid-request holds one of the slots for at most this long per
+        # socket operation.
+        timeout = 3
         server_version = "natgwd"
         sys_version = ""
 

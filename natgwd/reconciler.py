@@ -55,6 +55,7 @@ class Outcome:
     missing_interfaces: list[str] = field(default_factory=list)
     link_errors: list[str] = field(default_factory=list)
     conntrack_deleted: dict[str, int] = field(default_factory=dict)
+    repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
 
     @property
     def complete(self) -> bool:
@@ -95,8 +96,15 @@ class Reconciler:
         if the transaction is refused."""
         with self._lock:
             self.ensure_forwarding()
+            drifted = False
             if self._written is None or self._ids is None:
                 self._adopt()
+            elif (generation := self.nft.generation()) != self._generation:
+                # Someone committed since we last wrote or read: diff against the kernel,
+                # not against memory, or their change (a flushed chain...) would stay.
+                kernel = self.nft.read_table()
+                drifted = kernel != self._written
+                self._generation, self._written = generation, kernel
             assert self._ids is not None
             ids = assign_ids(state, self._ids, self._highest_id)
             table = desired_table(state, ids, self._highest_id)
@@ -109,31 +117,37 @@ class Reconciler:
             self._forget_counters_except(table)
             plan = link_plan(state)
             # Unchanged links were verified by the last apply; resync keeps verifying them.
-            outcome = Outcome() if plan == self._links_applied else self._apply_links(state)
+            outcome = Outcome() if plan == self._links_applied else self._apply_links(state, plan)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+            if drifted:
+                log.warning("nftables drift found while applying", operations=len(tx.operations))
+                outcome.repairs["nftables"] = len(tx.operations)
+                self._full_conntrack_scan = True  # as in resync: flows may have left un-NATed
             if self._full_conntrack_scan:
                 outcome.conntrack_deleted = self._clean_conntrack(None)
             elif previous != state:
                 outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
             return outcome
 
-    def resync(self) -> tuple[Outcome, dict[str, int]]:
-        """Compare the kernel with the applied state and repair what differs. Returns the
-        outcome and the repairs made, by resource."""
+    def resync(self) -> Outcome:
+        """Compare the kernel with the applied state and repair what differs (reported in
+        the outcome's repairs)."""
         with self._lock:
             repairs: dict[str, int] = {}
             if self.state is None or self._table is None:
-                return Outcome(), repairs
+                return Outcome()
             if self.ensure_forwarding():
                 repairs["forwarding"] = 1
             self._resyncs += 1
             generation = self.nft.generation()
             # No nftables commit since ours: nothing can have drifted. Still read the table
             # now and then, in case a commit slipped in between ours and reading its number.
-            unchanged = generation == self._generation and self._resyncs % FULL_READ_EVERY
+            unchanged = generation == self._generation and self._resyncs % FULL_READ_EVERY != 0
             kernel = self._written if unchanged else self.nft.read_table()
-            if kernel is not None and not unchanged:
-                self._remember_counters(kernel.elements)
+            if not unchanged:
+                self._generation = generation
+                if kernel is not None:
+                    self._remember_counters(kernel.elements)
             tx = plan_transaction(kernel, self._table, self._counters)
             if tx:
                 log.warning(
@@ -142,20 +156,19 @@ class Reconciler:
                     operations=len(tx.operations),
                     changed_elements=tx.changed_elements,
                 )
-                self._written = None
                 self._commit(tx)
                 repairs["nftables"] = len(tx.operations)
                 # Connections that started while rules were missing left un-NATed.
                 self._full_conntrack_scan = True
             self._written = self._table.contents()
-            self._generation = generation if not tx else self.nft.generation()
-            outcome = self._apply_links(self.state)
+            outcome = self._apply_links(self.state, link_plan(self.state))
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if self._full_conntrack_scan:
                 outcome.conntrack_deleted = self._clean_conntrack(None)
             if outcome.link_changes:
                 repairs["addresses_routes"] = len(outcome.link_changes)
-            return outcome, repairs
+            outcome.repairs = repairs
+            return outcome
 
     @property
     def element_count(self) -> int:
@@ -173,6 +186,7 @@ class Reconciler:
     def _adopt(self) -> None:
         """Start from whatever table is in the kernel, with its rule ids, so a restart
         changes nothing that is already right (no flush, no traffic blip)."""
+        self._generation = self.nft.generation()
         kernel = self.nft.read_table()
         self._written = kernel
         existing: dict[RuleLabels, int] = {}
@@ -196,23 +210,27 @@ class Reconciler:
         )
 
     def _commit(self, tx: Transaction) -> None:
+        if not tx:
+            return
         started = time.monotonic()
+        before = self.nft.generation()
         try:
             self.nft.apply(tx)
         except Exception:
             self._written = None  # unknown now: read the kernel next time
             raise
-        if tx:
-            self._generation = self.nft.generation()
-            log.info(
-                "nftables transaction applied",
-                operations=len(tx.operations),
-                changed_elements=tx.changed_elements,
-                seconds=round(time.monotonic() - started, 4),
-            )
+        after = self.nft.generation()
+        # Our commit is the only one since the kernel was last known to us only if the
+        # generation moved by exactly one from the one we knew; else read it next time.
+        self._generation = after if before == self._generation and after == before + 1 else None
+        log.info(
+            "nftables transaction applied",
+            operations=len(tx.operations),
+            changed_elements=tx.changed_elements,
+            seconds=round(time.monotonic() - started, 4),
+        )
 
-    def _apply_links(self, state: DesiredState) -> Outcome:
-        plan = link_plan(state)
+    def _apply_links(self, state: DesiredState, plan: LinkPlan) -> Outcome:
         report = self.links.apply(plan)
         self._links_applied = plan if not report.missing and not report.errors else None
         for change in report.changes:

@@ -9,8 +9,10 @@ rely on the shape.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -56,6 +58,10 @@ def schema() -> dict[str, Any]:
     return loaded
 
 
+MAX_DEPTH = 16  # the format needs 5 levels; deeper input is refused before it is walked
+MAX_PROBLEMS = 100  # a file with thousands of errors gets the first ones, not gigabytes of them
+
+
 def load_state(raw: bytes) -> DesiredState:
     """Parse and validate a desired-state document; raise InvalidStateError listing every problem."""
     document = _decode(raw)
@@ -97,7 +103,7 @@ def _decode(raw: bytes) -> Any:
     except UnicodeDecodeError as err:
         raise InvalidStateError([Problem("$", f"file is not UTF-8: {err.reason} at byte {err.start}")]) from None
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+        document = json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         reason = f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         raise InvalidStateError([Problem("$", reason)]) from None
@@ -107,6 +113,21 @@ def _decode(raw: bytes) -> Any:
         # ValueError: NaN/Infinity, integers too long to convert. RecursionError: nesting.
         reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise InvalidStateError([Problem("$", f"not valid JSON: {reason}")]) from None
+    _check_depth(document)
+    return document
+
+
+def _check_depth(document: Any) -> None:
+    """Refuse nesting the format never has: jsonschema and error messages recurse into it."""
+    stack: list[tuple[Any, str, int]] = [(document, "$", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidStateError([Problem(path, f"nested deeper than {MAX_DEPTH} levels")])
+        if isinstance(node, dict):
+            stack.extend((value, f"{path}.{key}", depth + 1) for key, value in node.items())
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}[{i}]", depth + 1) for i, value in enumerate(node))
 
 
 # --- shape (JSON Schema) --------------------------------------------------------------
@@ -177,10 +198,24 @@ class _ItemCache:
 _item_cache = _ItemCache()
 
 
+def _control_characters(document: Any) -> Iterator[Problem]:
+    """Strings with control characters (a trailing newline slips past a `$` in the
+    schema's patterns, which Python matches before a final newline)."""
+    stack: list[tuple[Any, str]] = [(document, "$")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in node):
+            yield Problem(path, "contains a control character")
+        elif isinstance(node, dict):
+            stack.extend((value, f"{path}.{key}") for key, value in node.items())
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}[{i}]") for i, value in enumerate(node))
+
+
 def _shape_problems(document: Any) -> list[Problem]:
     top, item_validators = _validators()
-    problems: list[Problem] = []
-    for error in top.iter_errors(document):
+    problems: list[Problem] = list(itertools.islice(_control_characters(document), MAX_PROBLEMS))
+    for error in itertools.islice(top.iter_errors(document), MAX_PROBLEMS):
         problems.extend(_explain(error, _json_path(error.absolute_path)))
     passed: set[tuple[str, str]] = set()
     for section in RULE_SECTIONS:
@@ -188,6 +223,8 @@ def _shape_problems(document: Any) -> list[Problem]:
         if not isinstance(items, list):
             continue
         for index, item in enumerate(items):
+            if len(problems) >= MAX_PROBLEMS:
+                break
             key = (section, json.dumps(item, sort_keys=True))
             if key in _item_cache.passed:
                 passed.add(key)
@@ -198,6 +235,8 @@ def _shape_problems(document: Any) -> list[Problem]:
             if not errors:
                 passed.add(key)
     _item_cache.passed = passed
+    if len(problems) >= MAX_PROBLEMS:
+        problems = [*problems[:MAX_PROBLEMS], Problem("$", f"more problems not listed (stopped at {MAX_PROBLEMS})")]
     return sorted(set(problems), key=lambda p: (p.path, p.reason))
 
 

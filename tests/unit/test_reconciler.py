@@ -352,7 +352,8 @@ def test_restart_does_not_reuse_the_id_of_a_rule_deleted_before_it() -> None:
 
 def test_resync_before_any_apply_does_nothing() -> None:
     fake = FakeNft()
-    outcome, repairs = reconciler(fake).resync()
+    outcome = reconciler(fake).resync()
+    repairs = outcome.repairs
     assert (outcome, repairs) == (Outcome(), {})
     assert fake.table is None
 
@@ -361,7 +362,8 @@ def test_resync_without_drift_repairs_nothing() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    outcome, repairs = rec.resync()
+    outcome = rec.resync()
+    repairs = outcome.repairs
     assert repairs == {}
     assert outcome.nft_operations == 0
     assert len(fake.transactions) == 1
@@ -376,7 +378,8 @@ def test_resync_recreates_a_deleted_table_with_ids_and_counters() -> None:
     assert read["rule_connections"]["2"].counter == Counter(20, 2000)
     fake.count("rule_connections", "2", 5, 100)  # after the last read: lost with the table
     fake.delete_table()
-    outcome, repairs = rec.resync()
+    outcome = rec.resync()
+    repairs = outcome.repairs
     assert fake.transactions[-1].operations[0] == AddTable()
     assert repairs == {"nftables": len(fake.transactions[-1].operations)}
     assert outcome.nft_operations == repairs["nftables"]
@@ -395,7 +398,7 @@ def test_resync_seeds_from_its_own_last_read() -> None:
     rec = reconciler(fake)
     rec.apply(SEED)
     fake.count("rule_connections", "1", 3, 100)
-    assert rec.resync()[1] == {}  # no drift, but the kernel's counters were read
+    assert rec.resync().repairs == {}  # no drift, but the kernel's counters were read
     fake.delete_table()
     rec.resync()
     assert connections(fake)["1"] == (SEED_IDS["1"], Counter(3, 300))
@@ -406,7 +409,8 @@ def test_resync_repairs_an_element_deleted_by_hand() -> None:
     rec = reconciler(fake)
     rec.apply(SEED)
     del kernel(fake).elements["dnat_target"][DNAT_KEY]
-    outcome, repairs = rec.resync()
+    outcome = rec.resync()
+    repairs = outcome.repairs
     assert repairs == {"nftables": 1}
     assert fake.transactions[-1].operations == [
         AddElements("dnat_target", ((DNAT_KEY, Element("172.20.10.2 . 80")),)),
@@ -422,7 +426,7 @@ def test_resync_restores_a_counting_element_with_its_last_known_counter() -> Non
     fake.count("rule_connections", "2", 4, 100)
     rec.counting_sets()
     del kernel(fake).elements["rule_connections"]["2"]
-    _, repairs = rec.resync()
+    repairs = rec.resync().repairs
     assert repairs == {"nftables": 1}
     assert connections(fake)["2"] == (SEED_IDS["2"], Counter(4, 400))
 
@@ -432,7 +436,7 @@ def test_resync_repairs_a_changed_map_value() -> None:
     rec = reconciler(fake)
     rec.apply(SEED)
     kernel(fake).elements["dnat_target"][DNAT_KEY] = Element("6.6.6.6 . 22")
-    _, repairs = rec.resync()
+    repairs = rec.resync().repairs
     assert repairs == {"nftables": 2}
     assert kernel(fake).elements["dnat_target"][DNAT_KEY] == Element("172.20.10.2 . 80")
 
@@ -442,7 +446,7 @@ def test_resync_repairs_a_flushed_chain() -> None:
     rec = reconciler(fake)
     rec.apply(SEED)
     kernel(fake).chains["prerouting"] = ()
-    _, repairs = rec.resync()
+    repairs = rec.resync().repairs
     assert kernel(fake) == expected_contents(SEED)
     assert repairs == {"nftables": 1 + len(expected_contents(SEED).chains["prerouting"])}
 
@@ -453,22 +457,21 @@ def test_resync_reports_forwarding_and_link_repairs() -> None:
     rec.apply(SEED)
     forwarding.turn_off()
     links.changes = ["add 10.115.55.200/21 to net2", "add route 10.55.0.0/16 via 172.20.10.1"]
-    outcome, repairs = rec.resync()
+    outcome = rec.resync()
+    repairs = outcome.repairs
     assert repairs == {"forwarding": 1, "addresses_routes": 2}
     assert outcome.link_changes == ["add 10.115.55.200/21 to net2", "add route 10.55.0.0/16 via 172.20.10.1"]
 
 
-def test_apply_trusts_its_memory_and_resync_finds_drift() -> None:
+def test_apply_sees_drift_when_the_ruleset_generation_moved() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
     del kernel(fake).elements["eips"]["10.115.55.201"]
-    # The same state again is a diff against what was written: nothing to do...
-    assert rec.apply(SEED).nft_operations == 0
-    assert "10.115.55.201" not in kernel(fake).elements["eips"]
-    # ...until the resync reads the kernel.
-    assert rec.resync()[1] == {"nftables": 1}
+    # Someone else changed the ruleset: the apply diffs against the kernel, not memory.
+    assert rec.apply(SEED).nft_operations == 1
     assert "10.115.55.201" in kernel(fake).elements["eips"]
+    assert rec.resync().repairs == {}
 
 
 # --- failures ---------------------------------------------------------------------------------
@@ -509,16 +512,14 @@ def test_after_a_failure_the_next_apply_reads_the_kernel() -> None:
     assert rec.state == moved_dnat()
 
 
-def test_apply_after_the_table_vanished_fails_then_recreates_it() -> None:
+def test_apply_after_the_table_vanished_recreates_it_with_its_counters() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
     add_traffic(fake)
     rec.counting_sets()
     fake.delete_table()
-    with pytest.raises(NftError, match="no table"):
-        rec.apply(moved_dnat())  # planned against memory: the table is not there
-    rec.apply(moved_dnat())  # read the kernel (no table) and create it whole
+    rec.apply(moved_dnat())  # the generation moved: read the kernel (no table), create it whole
     assert fake.transactions[-1].operations[0] == AddTable()
     assert kernel(fake) == expected_contents(moved_dnat())
     assert connections(fake) == {
@@ -537,7 +538,7 @@ def test_failed_resync_repair_is_retried() -> None:
     with pytest.raises(NftError, match="boom"):
         rec.resync()
     assert fake.table is None
-    _, repairs = rec.resync()
+    repairs = rec.resync().repairs
     assert repairs == {"nftables": len(fake.transactions[-1].operations)}
     assert kernel(fake) == expected_contents(SEED)
 
@@ -586,4 +587,4 @@ def test_share_group_grows_and_goes_keeping_counters() -> None:
     assert not any(name.startswith("share_") for name in kernel(fake).chains)
     assert kernel(fake).elements["share_target"] == {}
     assert kernel(fake).elements["dnat_share"] == {}
-    assert rec.resync()[1] == {}
+    assert rec.resync().repairs == {}
