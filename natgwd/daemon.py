@@ -84,7 +84,7 @@ class Daemon:
         log.info(
             "natgwd started",
             state=str(self.config.state_path),
-            metrics=f"{server.server_address[0]}:{server.server_address[1]}",
+            metrics="{}:{}".format(*server.server_address[:2]),
             resync_interval=self.config.resync_interval,
         )
         try:

@@ -8,6 +8,7 @@ or object fails, and counters live on elements.
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 from natgwd.nft import NftError
 from natgwd.table import (
@@ -25,6 +26,8 @@ from natgwd.table import (
     TableContents,
     Transaction,
 )
+
+T = TypeVar("T")
 
 
 class FakeNft:
@@ -121,7 +124,7 @@ def _apply(table: TableContents, op: object) -> None:
             del elements[key]
 
 
-def _need(mapping: dict, name: str, command: str):  # type: ignore[no-untyped-def]
+def _need(mapping: dict[str, T], name: str, command: str) -> T:
     if name not in mapping:
         raise NftError(f"{command}: No such file or directory")
     return mapping[name]

@@ -87,10 +87,10 @@ class Translations:
         if flow.orig_dst in self.fip_in:
             if flow.reply_src != self.fip_in[flow.orig_dst]:
                 return "fip"
-        elif (flow.orig_dst, flow.proto, flow.orig_dport) in self.share:
+        elif (key := (flow.orig_dst, flow.proto, flow.orig_dport or 0)) in self.share:
             pass
-        elif (flow.orig_dst, flow.proto, flow.orig_dport) in self.dnat:
-            if (flow.reply_src, flow.reply_sport) != self.dnat[(flow.orig_dst, flow.proto, flow.orig_dport)]:
+        elif key in self.dnat:
+            if (flow.reply_src, flow.reply_sport) != self.dnat[key]:
                 return "dnat"
         elif flow.reply_src != flow.orig_dst and self._from_removed_rule(flow):
             return "removed"

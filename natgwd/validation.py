@@ -24,6 +24,7 @@ import jsonschema
 from natgwd.model import (
     DesiredState,
     DnatRule,
+    DnatType,
     Eip,
     ExternalSide,
     FipRule,
@@ -473,7 +474,7 @@ class _Semantics:
                 self.fail(f"{path}.externalPort", "a share rule takes a single port, not a range")
                 continue
             if known and external and internal_port and address:
-                kind = "share" if share else "exclusive"
+                kind: DnatType = "share" if share else "exclusive"
                 rule = DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind)
                 rules.append((i, rule))
         self._no_overlapping_ports(rules)
