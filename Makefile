@@ -45,6 +45,7 @@ test-image: venv
 lint: venv
 	$(VENV)/bin/ruff check natgwd tests benchmarks
 	$(VENV)/bin/ruff format --check natgwd tests benchmarks
+	$(VENV)/bin/mypy natgwd
 
 bench: venv
 	$(PY) -m benchmarks

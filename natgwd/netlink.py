@@ -156,7 +156,7 @@ class Netlink:
             if err.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
                 report.errors.append(f"delete address {address}: {err}")
 
-    def _owned_routes(self, ipr: IPRoute) -> list[dict]:  # type: ignore[type-arg]
+    def _owned_routes(self, ipr: IPRoute) -> list[dict]:
         return [r for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE) if r["proto"] == NATGWD_PROTO]
 
     def _routes(self, ipr: IPRoute, wanted: tuple[RouteSpec, ...], index: dict[str, int], report: LinkReport) -> None:
@@ -195,7 +195,7 @@ class Netlink:
             if dst not in wanted_dsts:
                 self._del_route(ipr, route, report)
 
-    def _del_route(self, ipr: IPRoute, route: dict, report: LinkReport) -> None:  # type: ignore[type-arg]
+    def _del_route(self, ipr: IPRoute, route: dict, report: LinkReport) -> None:
         dst = f"{route.get('RTA_DST', '0.0.0.0')}/{route['dst_len']}"
         try:
             ipr.route("del", dst=dst, table=MAIN_TABLE, proto=NATGWD_PROTO, oif=route.get("RTA_OIF"))
@@ -205,5 +205,5 @@ class Netlink:
                 report.errors.append(f"delete route {dst}: {err}")
 
 
-def _interface_of(msg: dict) -> IPv4Interface:  # type: ignore[type-arg]
+def _interface_of(msg: dict) -> IPv4Interface:
     return IPv4Interface(f"{msg.get('IFA_ADDRESS') or msg.get('IFA_LOCAL')}/{msg['prefixlen']}")
