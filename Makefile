@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian's packages: the nftables binding is only packaged there (not on PyPI).
 APT_PACKAGES := nftables libnftables1 python3-nftables python3-venv iproute2 conntrack \
-	iputils-ping curl tcpdump iperf3 systemd \
+	iputils-ping curl tcpdump iperf3 systemd iptables gcc libc6-dev \
 	podman buildah runc debootstrap systemd-container
 PYTEST_ARGS ?= -n 2
 
@@ -22,7 +22,7 @@ deps:
 
 $(VENV)/.installed: pyproject.toml
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
 venv: deps $(VENV)/.installed
@@ -47,8 +47,10 @@ lint: venv
 	$(VENV)/bin/ruff format --check natgwd tests benchmarks
 	$(VENV)/bin/mypy natgwd
 
+# Root, about 11 minutes at the default sizes: writes benchmarks/RESULTS.md and results/.
+BENCH_ARGS ?=
 bench: venv
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

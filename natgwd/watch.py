@@ -9,19 +9,14 @@ on directories that a ConfigMap update replaces wholesale.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-
-# File timestamps come from a coarse clock (a few milliseconds): two same-size writes in
-# one tick leave the same signature. For this long after a write the content is hashed
-# again on every poll.
-RECHECK_SECONDS = 2.0
 
 
 class FileWatcher:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._last: tuple[int, ...] | str | None = None
+        self._recheck = False
 
     def _signature(self) -> tuple[int, ...] | str:
         try:
@@ -31,12 +26,15 @@ class FileWatcher:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def poll(self) -> str | None:
-        """'changed' when the path's signature changed, 'recheck' when it did not but was
-        written too recently to be sure, else None."""
+        """'changed' when the path's signature changed; 'recheck' once on the next poll
+        after that, because file timestamps come from a coarse clock (a few milliseconds)
+        and a second same-size write in the same tick as the one just read would leave the
+        signature as it is; else None."""
         signature = self._signature()
         if signature != self._last:
-            self._last = signature
+            self._last, self._recheck = signature, True
             return "changed"
-        if isinstance(signature, tuple) and time.time_ns() - signature[4] < RECHECK_SECONDS * 1e9:
+        if self._recheck:
+            self._recheck = False
             return "recheck"
         return None

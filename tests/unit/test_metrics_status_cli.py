@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import natgwd.watch
 from natgwd.cli import main
 from natgwd.fake import FakeNft
 from natgwd.lab import SEED_STATE
@@ -267,74 +265,50 @@ def test_port_range_across_a_digit_boundary_is_summarised_by_its_ends() -> None:
 # --- the state-file watcher ---------------------------------------------------------------------
 
 
-class Clock:
-    """Stands in for the `time` module in natgwd.watch: a wall clock the test sets."""
-
-    def __init__(self, now_ns: int) -> None:
-        self.now_ns = now_ns
-
-    def time_ns(self) -> int:
-        return self.now_ns
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Far past every write of the test: no 'recheck', only 'changed' or None."""
-    fake = Clock(time.time_ns() + 3600 * 10**9)
-    monkeypatch.setattr(natgwd.watch, "time", fake)
-    return fake
-
-
-def test_watcher_reports_the_first_look_then_nothing(tmp_path: Path, clock: Clock) -> None:
+def test_watcher_reports_a_change_then_one_recheck_then_nothing(tmp_path: Path) -> None:
+    """The recheck covers a second same-size write in the timestamp tick of the one read."""
     path = tmp_path / "state.json"
     path.write_text("{}")
     watcher = FileWatcher(path)
-    assert watcher.poll() == "changed"
-    assert watcher.poll() is None
-    assert watcher.poll() is None
-
-
-def test_watcher_rechecks_a_recent_write_until_its_timestamp_is_old(tmp_path: Path, clock: Clock) -> None:
-    path = tmp_path / "state.json"
-    path.write_text("{}")
-    ctime = path.stat().st_ctime_ns
-    watcher = FileWatcher(path)
-    clock.now_ns = ctime + 10**9  # 1 s after the write: a same-size rewrite could hide in one tick
     assert watcher.poll() == "changed"
     assert watcher.poll() == "recheck"
-    clock.now_ns = ctime + int(natgwd.watch.RECHECK_SECONDS * 10**9) + 1
+    assert watcher.poll() is None
     assert watcher.poll() is None
 
 
-def test_watcher_detects_an_in_place_write(tmp_path: Path, clock: Clock) -> None:
+def test_watcher_detects_an_in_place_write(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text('{"version": 1}')
     watcher = FileWatcher(path)
+    watcher.poll()
     watcher.poll()
     inode = path.stat().st_ino
     with path.open("r+") as f:
         f.write('{"version": 2, "x": 1}')
     assert path.stat().st_ino == inode
     assert watcher.poll() == "changed"
+    assert watcher.poll() == "recheck"
     assert watcher.poll() is None
 
 
-def test_watcher_detects_a_same_size_rewrite_with_a_new_mtime(tmp_path: Path, clock: Clock) -> None:
+def test_watcher_detects_a_same_size_rewrite_with_a_new_mtime(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text("aaaa")
     st = path.stat()
     watcher = FileWatcher(path)
+    watcher.poll()
     watcher.poll()
     path.write_text("bbbb")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert watcher.poll() == "changed"
 
 
-def test_watcher_detects_a_rename_over_the_file(tmp_path: Path, clock: Clock) -> None:
+def test_watcher_detects_a_rename_over_the_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text("aaaa")
     st = path.stat()
     watcher = FileWatcher(path)
+    watcher.poll()
     watcher.poll()
     tmp = tmp_path / "state.json.tmp"
     tmp.write_text("bbbb")  # same size...
@@ -342,6 +316,7 @@ def test_watcher_detects_a_rename_over_the_file(tmp_path: Path, clock: Clock) ->
     os.replace(tmp, path)
     assert path.read_text() == "bbbb"
     assert watcher.poll() == "changed"
+    assert watcher.poll() == "recheck"
     assert watcher.poll() is None
 
 
@@ -351,7 +326,7 @@ def _configmap_version(root: Path, name: str, content: str) -> None:
     (version / "state.json").write_text(content)
 
 
-def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path, clock: Clock) -> None:
+def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path) -> None:
     root = tmp_path / "config"
     root.mkdir()
     _configmap_version(root, "..2026_a", "aaaa")
@@ -361,6 +336,7 @@ def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path, clock: Cl
     assert path.read_text() == "aaaa"
     watcher = FileWatcher(path)
     assert watcher.poll() == "changed"
+    assert watcher.poll() == "recheck"
     assert watcher.poll() is None
 
     # The kubelet's update: write a new version dir, then atomically repoint ..data.
@@ -371,16 +347,19 @@ def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path, clock: Cl
     assert path.read_text() == "bbbb"
     assert os.readlink(path) == "..data/state.json"  # the visible symlink itself never changed
     assert watcher.poll() == "changed"
+    assert watcher.poll() == "recheck"
     assert watcher.poll() is None
 
 
-def test_watcher_detects_disappearance_and_return(tmp_path: Path, clock: Clock) -> None:
+def test_watcher_detects_disappearance_and_return(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text("{}")
     watcher = FileWatcher(path)
     watcher.poll()
+    watcher.poll()
     path.unlink()
     assert watcher.poll() == "changed"
+    assert watcher.poll() == "recheck"
     assert watcher.poll() is None
     path.write_text("{}")
     assert watcher.poll() == "changed"
@@ -389,7 +368,8 @@ def test_watcher_detects_disappearance_and_return(tmp_path: Path, clock: Clock) 
 def test_watcher_of_a_missing_file(tmp_path: Path) -> None:
     watcher = FileWatcher(tmp_path / "absent.json")
     assert watcher.poll() == "changed"
-    assert watcher.poll() is None  # no timestamp: never 'recheck'
+    assert watcher.poll() == "recheck"
+    assert watcher.poll() is None
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""The comparative benchmark runs end to end at a tiny size and reports every method and
+metric. No timing is asserted: benchmarks measure, tests only check that they run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.compare import METHODS, check_prerequisites
+
+REPO = Path(__file__).resolve().parents[2]
+N = 10
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+    problems = check_prerequisites()
+    if problems:
+        pytest.skip("; ".join(problems))
+    directory = tmp_path_factory.mktemp("bench")
+    markdown = directory / "RESULTS.md"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            f"--sizes={N}",
+            "--rounds=1",
+            "--min-rounds=1",
+            "--full-repeats=1",
+            "--conn-seconds=0.5",
+            "--conn-repeats=1",
+            "--iperf-seconds=1",
+            "--scrapes=1",
+            "--profile=always",
+            f"--results-dir={directory}",
+            f"--markdown={markdown}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    (path,) = directory.glob("bench-*.json")
+    return json.loads(path.read_text()), markdown, directory
+
+
+def test_every_method_measured(run: tuple[dict[str, Any], Path, Path]) -> None:
+    results, _, _ = run
+    assert results["sizes"] == [N]
+    for method in METHODS:
+        cell = results["cells"][method][str(N)]
+        assert cell["status"] == "ok", (method, cell.get("reason"))
+        assert cell["full"]["n"] >= 1 and cell["full"]["median"] > 0
+        for kind in ("add", "change", "delete"):
+            assert cell["changes"][kind]["n"] >= 1, (method, kind)
+        assert cell["conn"]["median"] > 0, method
+        for path in ("dnat", "snat"):
+            assert cell["iperf"][path]["median"] > 0, (method, path)
+        # The SNAT path really was source-NATed: the server saw an EIP, not the VM.
+        assert cell["iperf"]["snat"]["server_saw"] not in (None, "172.20.10.2"), method
+
+
+def test_baseline_natgwd_extras_and_profile(run: tuple[dict[str, Any], Path, Path]) -> None:
+    results, _, _ = run
+    plain = results["plain_routing"]
+    assert plain["conn"]["median"] > 0
+    assert plain["iperf"]["dnat"]["median"] > 0 and plain["iperf"]["snat"]["median"] > 0
+    natgwd = results["cells"]["natgwd"][str(N)]["natgwd"]
+    assert natgwd["rss_kb"]["after_full_apply"]["VmRSS"] > 0
+    assert natgwd["scrape"]["n"] >= 1 and natgwd["metrics_bytes"] > 0
+    assert any(event.get("daemon_seconds") is not None for event in natgwd["events"])
+    for kind in ("full_apply", "one_change"):
+        stages = {s["stage"]: s for s in results["profile"][kind]["stages"]}
+        assert stages["total: Daemon.reconcile_file"]["calls"] == 1
+    for key in ("machine", "versions", "mix", "command", "loadavg_start", "loadavg_end"):
+        assert results[key]
+
+
+def test_report_rendered(run: tuple[dict[str, Any], Path, Path]) -> None:
+    results, markdown, directory = run
+    text = markdown.read_text()
+    for method in METHODS:
+        assert results["methods"][method]["title"] in text
+    for heading in ("Full apply", "One change", "connections per second", "iperf3", "memory and /metrics"):
+        assert heading in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (directory / "apply_time.png").stat().st_size > 0
+    assert (directory / "conn_rate.png").stat().st_size > 0
