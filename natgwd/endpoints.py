@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,11 +27,14 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 MAX_CONCURRENT_REQUESTS = 64
+REQUEST_DEADLINE_SECONDS = 5.0  # to send a whole request line and headers
 
 
 class _Server(ThreadingHTTPServer):
-    """At most MAX_CONCURRENT_REQUESTS connections are served at once; more are closed at
-    once, so a flood of slow clients costs a bounded number of threads."""
+    """At most MAX_CONCURRENT_REQUESTS connections are served at once. When all are taken,
+    the connection that has been sending its request the longest is cut to make room: a
+    client that trickles its request one byte at a time cannot hold the port, and a
+    probe, which sends its request at once, always gets through."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -37,18 +43,52 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+        self._reading: dict[socket.socket, float] = {}  # connections still sending a request
+        self._reading_lock = threading.Lock()
+        threading.Thread(target=self._reap, name="natgwd-http-reaper", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            self._cut_slowest()
+            if not self._slots.acquire(timeout=1.0):
+                self.shutdown_request(request)
+                return
+        self.reading(request, True)
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.reading(request, False)
             self._slots.release()
+
+    def reading(self, connection: socket.socket, still: bool) -> None:
+        with self._reading_lock:
+            if still:
+                self._reading[connection] = time.monotonic()
+            else:
+                self._reading.pop(connection, None)
+
+    def _reap(self) -> None:
+        """Cut requests not complete within the deadline: the per-operation socket timeout
+        does not stop a client that sends a byte every second."""
+        while True:
+            time.sleep(0.5)
+            limit = time.monotonic() - REQUEST_DEADLINE_SECONDS
+            with self._reading_lock:
+                late = [connection for connection, since in self._reading.items() if since < limit]
+            for connection in late:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def _cut_slowest(self) -> None:
+        with self._reading_lock:
+            if not self._reading:
+                return
+            slowest = min(self._reading, key=self._reading.__getitem__)
+        with contextlib.suppress(OSError):
+            slowest.shutdown(socket.SHUT_RDWR)
 
 
 def serve(
@@ -62,6 +102,11 @@ def serve(
         timeout = 3
         server_version = "natgwd"
         sys_version = ""
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # reads the headers too
+            self.server.reading(self.connection, False)  # type: ignore[attr-defined]
+            return parsed
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
