@@ -207,3 +207,31 @@ def routes(lab: Lab, role: str) -> set[RouteEntry]:
 
 def nft_table(lab: Lab) -> str:
     return lab.exec("gw", "nft", "list", "table", "inet", "natgwd").stdout
+
+
+# The seed's addresses, and a lab server on the upstream host (natgwd.lab.EXTERNAL_HOST).
+DNAT_EIP = "10.115.55.200"
+FIP_EIP = "10.115.55.201"
+UPSTREAM = "10.115.55.254"
+UPSTREAM_PORT = 8080
+
+
+def fetch(lab: Lab, role: str, address: str, port: int, timeout: float = 3) -> str:
+    """The client address the lab server saw, or '' when the connection failed."""
+    url = f"http://{address}:{port}/"
+    return lab.exec(role, "curl", "-s", "-m", str(timeout), url, check=False, timeout=timeout + 10).stdout
+
+
+def assert_dnat_works(lab: Lab) -> None:
+    seen = fetch(lab, "ext", DNAT_EIP, 8888)
+    assert seen.startswith(f"{UPSTREAM}:"), f"DNAT {DNAT_EIP}:8888 -> vm1:80 failed: {seen!r}"
+
+
+def assert_snat_works(lab: Lab) -> None:
+    seen = fetch(lab, "vm1", UPSTREAM, UPSTREAM_PORT)
+    assert seen.startswith(f"{DNAT_EIP}:"), f"SNAT of vm1 to {DNAT_EIP} failed: {seen!r}"
+
+
+def assert_fip_works(lab: Lab) -> None:
+    seen = fetch(lab, "vm2", UPSTREAM, UPSTREAM_PORT)
+    assert seen.startswith(f"{FIP_EIP}:"), f"FIP of vm2 to {FIP_EIP} failed: {seen!r}"

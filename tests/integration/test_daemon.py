@@ -22,15 +22,21 @@ from typing import Any, TypeVar
 import pytest
 
 from natgwd.lab import Lab, Natgwd
+from tests.integration.helpers import (
+    DNAT_EIP,
+    FIP_EIP,
+    UPSTREAM,
+    UPSTREAM_PORT,
+    assert_dnat_works,
+    assert_fip_works,
+    assert_snat_works,
+    fetch,
+)
 
 T = TypeVar("T")
 
-DNAT_EIP = "10.115.55.200"
-FIP_EIP = "10.115.55.201"
-UPSTREAM = "10.115.55.254"
 DNAT_KEY = "{ 10.115.55.200 . tcp . 8888 }"
 NATGWD_PROTO = 249
-UPSTREAM_PORT = 8080
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -165,27 +171,6 @@ def addresses(lab: Lab, ifname: str) -> dict[str, int | None]:
 def routes(lab: Lab) -> dict[str, dict[str, Any]]:
     """Main-table IPv4 routes of the gateway by destination."""
     return {r["dst"]: r for r in json.loads(lab.exec("gw", "ip", "-j", "-4", "route").stdout)}
-
-
-def fetch(lab: Lab, role: str, address: str, port: int) -> str:
-    """The client address the lab server saw, or '' when the connection failed."""
-    url = f"http://{address}:{port}/"
-    return lab.exec(role, "curl", "-s", "-m", "3", url, check=False, timeout=10).stdout
-
-
-def assert_dnat_works(lab: Lab) -> None:
-    seen = fetch(lab, "ext", DNAT_EIP, 8888)
-    assert seen.startswith(f"{UPSTREAM}:"), f"DNAT {DNAT_EIP}:8888 -> vm1:80 failed: {seen!r}"
-
-
-def assert_snat_works(lab: Lab) -> None:
-    seen = fetch(lab, "vm1", UPSTREAM, UPSTREAM_PORT)
-    assert seen.startswith(f"{DNAT_EIP}:"), f"SNAT of vm1 to {DNAT_EIP} failed: {seen!r}"
-
-
-def assert_fip_works(lab: Lab) -> None:
-    seen = fetch(lab, "vm2", UPSTREAM, UPSTREAM_PORT)
-    assert seen.startswith(f"{FIP_EIP}:"), f"FIP of vm2 to {FIP_EIP} failed: {seen!r}"
 
 
 def assert_pid_is_natgwd(daemon: Natgwd) -> None:

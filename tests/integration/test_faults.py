@@ -39,13 +39,19 @@ from natgwd.nft import parse_table
 from natgwd.plan import RULE_CONNECTIONS, RULE_TRAFFIC, assign_ids, desired_table
 from natgwd.table import TableContents
 from natgwd.validation import MAX_FILE_BYTES, load_state
+from tests.integration.helpers import (
+    DNAT_EIP,
+    FIP_EIP,
+    UPSTREAM,
+    UPSTREAM_PORT,
+    assert_dnat_works,
+    assert_fip_works,
+    assert_snat_works,
+    fetch,
+)
 
 T = TypeVar("T")
 
-DNAT_EIP = "10.115.55.200"
-FIP_EIP = "10.115.55.201"
-UPSTREAM = "10.115.55.254"
-UPSTREAM_PORT = 8080
 SEED_DNAT_KEY = "{ 10.115.55.200 . tcp . 8888 }"
 NATGWD_PROTO = 249
 METRICS_PORT = 9469
@@ -137,27 +143,6 @@ def non_json_log_lines(daemon: Natgwd) -> list[str]:
 
 def metric(daemon: Natgwd, name: str) -> float | None:
     return daemon.metrics().get(name)
-
-
-def fetch(lab: Lab, role: str, address: str, port: int, timeout: float = 3) -> str:
-    """The client address the lab server saw, or '' when the connection failed."""
-    url = f"http://{address}:{port}/"
-    return lab.exec(role, "curl", "-s", "-m", str(timeout), url, check=False, timeout=timeout + 10).stdout
-
-
-def assert_dnat_works(lab: Lab) -> None:
-    seen = fetch(lab, "ext", DNAT_EIP, 8888)
-    assert seen.startswith(f"{UPSTREAM}:"), f"DNAT {DNAT_EIP}:8888 -> vm1:80 failed: {seen!r}"
-
-
-def assert_snat_works(lab: Lab) -> None:
-    seen = fetch(lab, "vm1", UPSTREAM, UPSTREAM_PORT)
-    assert seen.startswith(f"{DNAT_EIP}:"), f"SNAT of vm1 to {DNAT_EIP} failed: {seen!r}"
-
-
-def assert_fip_works(lab: Lab) -> None:
-    seen = fetch(lab, "vm2", UPSTREAM, UPSTREAM_PORT)
-    assert seen.startswith(f"{FIP_EIP}:"), f"FIP of vm2 to {FIP_EIP} failed: {seen!r}"
 
 
 def serve_all(lab: Lab) -> None:
