@@ -100,12 +100,6 @@ class Natgwd:
                 samples[name] = float(value)
         return samples
 
-    def rule_metric(self, metric: str, kind: str, name: str, eip: str, direction: str | None = None) -> float:
-        values = {"kind": kind, "name": name, "eip": eip} | ({"direction": direction} if direction else {})
-        # prometheus_client writes labels sorted by name
-        labels = ",".join(f'{key}="{value}"' for key, value in sorted(values.items()))
-        return self.metrics().get(f"{metric}{{{labels}}}", 0.0)
-
     def wait_ready(self, timeout: float = 15) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         body = ""
