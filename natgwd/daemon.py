@@ -22,11 +22,12 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd.counters import Listings
 from natgwd.endpoints import serve
 from natgwd.garp import Announcer
-from natgwd.metrics import DaemonMetrics, RuleCountersCollector
+from natgwd.metrics import DaemonMetrics, RuleCounters
 from natgwd.nft import NftError
 from natgwd.notify import Notifier
 from natgwd.reconciler import Announce, Outcome, Reconciler
@@ -57,7 +58,7 @@ class Daemon:
         self.metrics = DaemonMetrics(self.registry)
         announcer = Announcer(lambda interface, frames: self.metrics.garp_sent.labels(interface).inc(frames))
         self.reconciler = make_reconciler(announcer.request)
-        self.registry.register(RuleCountersCollector(self._counting_sets))
+        self.rule_counters = RuleCounters(self._counting_sets)
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
         self._told_ready = False
@@ -79,7 +80,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-        server = serve(self.config.metrics_address, self.registry, self.readiness, self.liveness)
+        server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
         self._recall_applied()
         log.info(
             "natgwd started",
@@ -129,7 +130,10 @@ class Daemon:
         elif now >= self._next_resync:
             self.resync()
 
-    # --- readiness ------------------------------------------------------------------
+    # --- the HTTP endpoint's answers ---------------------------------------------------
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry) + self.rule_counters.exposition()
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes
@@ -294,7 +298,7 @@ class Daemon:
         except OSError as err:
             log.warning("cannot record the applied state", path=str(path), error=str(err))
 
-    def _counting_sets(self) -> dict[str, Any]:
+    def _counting_sets(self) -> Listings:
         try:
             return self.reconciler.counting_sets()
         except NftError as err:

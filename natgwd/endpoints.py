@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 log = structlog.get_logger("natgwd.http")
 
@@ -92,9 +92,10 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(
-    address: tuple[str, int], registry: CollectorRegistry, readiness: Readiness, liveness: Readiness
+    address: tuple[str, int], exposition: Callable[[], bytes], readiness: Readiness, liveness: Readiness
 ) -> ThreadingHTTPServer:
-    """Start serving in a background thread; the caller shuts the server down."""
+    """Start serving in a background thread; the caller shuts the server down.
+    `exposition` gives the body of /metrics in the Prometheus text format."""
 
     class Handler(BaseHTTPRequestHandler):
         # A client that stalls mid-request holds one of the slots for at most this long per
@@ -111,7 +112,7 @@ def serve(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                self._send(200, CONTENT_TYPE_LATEST, exposition())
             elif path == "/":
                 self._send(200, "text/plain; charset=utf-8", b"natgwd: /metrics /healthz /readyz\n")
             elif path == "/healthz":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import TypeVar
 
+from natgwd.counters import CountedElement
 from natgwd.nft import NftError
 from natgwd.table import (
     AddChain,
@@ -51,10 +52,15 @@ class FakeNft:
     def read_table(self) -> TableContents | None:
         return copy.deepcopy(self.table)
 
-    def read_sets(self, names: tuple[str, ...]) -> dict[str, dict[str, Element]]:
+    def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
+        """As the kernel lists them: marks in hex."""
         if self.table is None:
             return {}
-        return {n: dict(self.table.elements[n]) for n in names if n in self.table.elements}
+        return {
+            name: [_counted(key, element) for key, element in self.table.elements[name].items()]
+            for name in names
+            if name in self.table.elements
+        }
 
     def delete_table(self) -> None:
         self.table = None
@@ -128,3 +134,9 @@ def _need(mapping: dict[str, T], name: str, command: str) -> T:
     if name not in mapping:
         raise NftError(f"{command}: No such file or directory")
     return mapping[name]
+
+
+def _counted(key: str, element: Element) -> CountedElement:
+    listed = " . ".join(f"0x{int(part):08x}" if part.isdigit() else part for part in key.split(" . "))
+    counter = element.counter or Counter(0, 0)
+    return (listed, str(counter.packets), str(counter.bytes), element.comment or "")

@@ -4,17 +4,12 @@ are rather than mirrored into client-side counters)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from natgwd.counters import Listings
 from natgwd.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels
-from natgwd.table import Element
-
-RULE_LABELS = ("kind", "name", "eip")
-COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS)
 
 
 class DaemonMetrics:
@@ -80,50 +75,53 @@ class DaemonMetrics:
             self.drift_repairs.labels(resource)
 
 
-class RuleCountersCollector(Collector):
-    """Reads the counting sets at scrape time; `read` returns their elements."""
+class RuleCounters:
+    """The per-rule counters in the Prometheus text format, read from the kernel's
+    counting sets at scrape time (`read` lists them).
 
-    def __init__(self, read: Callable[[], dict[str, dict[str, Element]]]) -> None:
+    At 10,000 rules this is 60,000 samples. They are written as text directly, from the
+    kernel's listing: building them through prometheus_client's metric families costs ten
+    times more, and a scrape shares the interpreter with a daemon that may be planning a
+    change at that moment."""
+
+    def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
 
-    def describe(self) -> Iterator[Metric]:
-        return iter(())  # counters appear and vanish with rules; nothing fixed to declare
-
-    def collect(self) -> Iterator[Metric]:
-        sets = self._read()
-        connections = CounterMetricFamily(
-            "natgwd_rule_connections",
-            "Connections the rule translated (first packets seen by NAT).",
-            labels=RULE_LABELS,
+    def exposition(self) -> bytes:
+        listings = self._read()
+        connections, packets, octets, invalid = (
+            [f"# HELP {family} {help_text}", f"# TYPE {family} counter"] for family, help_text in _FAMILIES
         )
-        packets = CounterMetricFamily(
-            "natgwd_rule_packets",
-            "Packets of the connections the rule translated, by direction.",
-            labels=(*RULE_LABELS, "direction"),
-        )
-        octets = CounterMetricFamily(
-            "natgwd_rule_bytes",
-            "Bytes (IP length) of the connections the rule translated, by direction.",
-            labels=(*RULE_LABELS, "direction"),
-        )
-        invalid = CounterMetricFamily(
-            "natgwd_invalid_dropped_packets",
-            "Packets dropped because conntrack found them invalid (they would leave un-NATed).",
-            labels=("interface",),
-        )
-        labels_of: dict[str, list[str]] = {}
-        for mark, element in sets.get(RULE_CONNECTIONS, {}).items():
-            labels = RuleLabels.from_comment(element.comment or "")
-            if labels is None or element.counter is None:
-                continue
-            labels_of[mark] = [labels.kind, labels.name, labels.eip]
-            connections.add_metric(labels_of[mark], element.counter.packets)
-        for key, element in sets.get(RULE_TRAFFIC, {}).items():
+        labels_of: dict[str, str] = {}
+        for mark, count, _, comment in listings.get(RULE_CONNECTIONS, ()):
+            rule = RuleLabels.from_comment(comment)
+            if rule is not None:
+                labels_of[mark] = labels = f'kind="{rule.kind}",name="{_escape(rule.name)}",eip="{_escape(rule.eip)}"'
+                connections.append(f"natgwd_rule_connections_total{{{labels}}} {count}")
+        for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
             direction, _, mark = key.partition(" . ")
-            if mark in labels_of and element.counter is not None:
-                packets.add_metric([*labels_of[mark], direction], element.counter.packets)
-                octets.add_metric([*labels_of[mark], direction], element.counter.bytes)
-        for interface, element in sets.get(INVALID_DROPS, {}).items():
-            if element.counter is not None:
-                invalid.add_metric([interface.strip('"')], element.counter.packets)
-        yield from (connections, packets, octets, invalid)
+            if (rule_labels := labels_of.get(mark)) is not None:
+                labels = f'{rule_labels},direction="{_escape(direction)}"'
+                packets.append(f"natgwd_rule_packets_total{{{labels}}} {count}")
+                octets.append(f"natgwd_rule_bytes_total{{{labels}}} {size}")
+        for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
+            name = _escape(interface.strip('"'))
+            invalid.append(f'natgwd_invalid_dropped_packets_total{{interface="{name}"}} {count}')
+        return "\n".join((*connections, *packets, *octets, *invalid, "")).encode()
+
+
+_FAMILIES = (
+    ("natgwd_rule_connections_total", "Connections the rule translated (first packets seen by NAT)."),
+    ("natgwd_rule_packets_total", "Packets of the connections the rule translated, by direction."),
+    ("natgwd_rule_bytes_total", "Bytes (IP length) of the connections the rule translated, by direction."),
+    (
+        "natgwd_invalid_dropped_packets_total",
+        "Packets dropped because conntrack found them invalid (they would leave un-NATed).",
+    ),
+)
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value

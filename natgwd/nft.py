@@ -7,9 +7,11 @@ makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, Protocol
 
+from natgwd.counters import CountedElement
 from natgwd.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
 
 
@@ -24,7 +26,7 @@ class Nft(Protocol):
 
     def read_table(self) -> TableContents | None: ...
 
-    def read_sets(self, names: tuple[str, ...]) -> dict[str, dict[str, Element]]: ...
+    def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]: ...
 
     def delete_table(self) -> None: ...
 
@@ -33,7 +35,8 @@ class Nft(Protocol):
 
 class KernelNft:
     """libnftables through Debian's python3-nftables binding; calls are serialised because
-    one context is not safe to share between threads."""
+    one context is not safe to share between threads. Counters are read through a second
+    context, so that a scrape neither waits for nor delays a transaction."""
 
     def __init__(self) -> None:
         from nftables import Nftables  # only importable where libnftables is installed
@@ -42,6 +45,9 @@ class KernelNft:
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._lock = threading.Lock()
+        self._counter_reader = Nftables()
+        self._counter_reader.set_handle_output(False)
+        self._counter_reader_lock = threading.Lock()
 
     def _run(self, script: str, dry_run: bool = False) -> Any:
         with self._lock:
@@ -71,17 +77,20 @@ class KernelNft:
             raise
         return parse_table(_load(output))
 
-    def read_sets(self, names: tuple[str, ...]) -> dict[str, dict[str, Element]]:
-        # libnftables 1.0.6 fails on several list commands in one call: one call each.
-        result: dict[str, dict[str, Element]] = {}
-        for name in names:
-            try:
-                output = self._run(f"list set {FAMILY} {TABLE} {name}")
-            except NftError as err:
-                if "No such file or directory" in str(err):
+    def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
+        """The elements of counting sets, with their counters and comments.
+
+        Read as text: at 36,000 elements libnftables renders text in 60% of the time it
+        takes for JSON, and one regular expression takes it apart."""
+        result: dict[str, list[CountedElement]] = {}
+        for name in names:  # libnftables 1.0.6 fails on several list commands in one call
+            with self._counter_reader_lock:
+                rc, output, error = self._counter_reader.cmd(f"list set {FAMILY} {TABLE} {name}")
+            if rc != 0:
+                if "No such file or directory" in error:
                     continue
-                raise
-            result.update(parse_table(_load(output)).elements)
+                raise NftError(error.strip() or f"libnftables returned {rc}")
+            result[name] = parse_counted_elements(output)
         return result
 
     def delete_table(self) -> None:
@@ -100,6 +109,17 @@ class KernelNft:
         with NFTables() as socket:
             (message,) = socket.request_get(nfgen_msg(), NFT_MSG_GETGEN)
         return int(message.get_attr("NFTA_GEN_ID"))
+
+
+_COUNTED_ELEMENT = re.compile(r'([^\s,{}][^,{}]*?) counter packets (\d+) bytes (\d+)(?: comment "([^"]*)")?')
+
+
+def parse_counted_elements(listing: str) -> list[CountedElement]:
+    """The elements of a `list set` text listing of a set whose elements all count."""
+    elements: list[CountedElement] = _COUNTED_ELEMENT.findall(listing)
+    if len(elements) != listing.count(" counter packets "):
+        raise NftError(f"cannot parse the counters in: {listing[:200]!r}")
+    return elements
 
 
 def _load(output: str) -> list[dict[str, Any]]:

@@ -19,14 +19,14 @@ from typing import Protocol
 
 import structlog
 
+from natgwd.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.links import LinkPlan, link_plan
-from natgwd.metrics import COUNTING_SETS
 from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.nft import Nft
 from natgwd.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
 from natgwd.stale import Filter, Translations, changed_filters
-from natgwd.table import Counter, DesiredTable, Element, TableContents, Transaction, plan_transaction
+from natgwd.table import DesiredTable, TableContents, Transaction, plan_transaction
 
 log = structlog.get_logger("natgwd.reconciler")
 
@@ -86,7 +86,7 @@ class Reconciler:
         self._written: TableContents | None = None  # what we believe the kernel holds
         self._ids: dict[RuleLabels, int] | None = None
         self._highest_id = 0
-        self._counters: dict[tuple[str, str], Counter] = {}
+        self._counters = CounterMemory()
         self._lock = threading.Lock()
 
     # --- applying -------------------------------------------------------------------
@@ -114,7 +114,7 @@ class Reconciler:
             self._written = table.contents()
             self._ids, self._table, self.state = ids, table, state
             self._highest_id = max(self._highest_id, *ids.values(), 0)
-            self._forget_counters_except(table)
+            self._counters.forget_except(table.elements)
             plan = link_plan(state)
             # Unchanged links were verified by the last apply; resync keeps verifying them.
             outcome = Outcome() if plan == self._links_applied else self._apply_links(state, plan)
@@ -147,7 +147,7 @@ class Reconciler:
             if not unchanged:
                 self._generation = generation
                 if kernel is not None:
-                    self._remember_counters(kernel.elements)
+                    self._counters.remember(kernel.elements)
             tx = plan_transaction(kernel, self._table, self._counters)
             if tx:
                 log.warning(
@@ -175,11 +175,11 @@ class Reconciler:
         written = self._written
         return written.element_count() if written is not None else 0
 
-    def counting_sets(self) -> dict[str, dict[str, Element]]:
+    def counting_sets(self) -> Listings:
         """The kernel's counting sets, for a scrape; also remembered for re-seeding."""
-        sets = self.nft.read_sets(COUNTING_SETS)
-        self._remember_counters(sets)
-        return sets
+        listings = self.nft.read_counters(COUNTING_SETS)
+        self._counters.remember_listings(listings)
+        return listings
 
     # --- pieces ---------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class Reconciler:
         self._written = kernel
         existing: dict[RuleLabels, int] = {}
         if kernel is not None:
-            self._remember_counters(kernel.elements)
+            self._counters.remember(kernel.elements)
             for mark, element in kernel.elements.get(RULE_CONNECTIONS, {}).items():
                 labels = RuleLabels.from_comment(element.comment or "")
                 if labels is not None and mark.isdigit():
@@ -274,18 +274,3 @@ class Reconciler:
                 seconds=round(time.monotonic() - started, 4),
             )
         return dict(deleted)
-
-    def _forget_counters_except(self, table: DesiredTable) -> None:
-        self._counters = {
-            (name, key): counter
-            for (name, key), counter in self._counters.items()
-            if key in table.elements.get(name, {})
-        }
-
-    def _remember_counters(self, sets: dict[str, dict[str, Element]]) -> None:
-        remembered = dict(self._counters)
-        for name in COUNTING_SETS:
-            for key, element in sets.get(name, {}).items():
-                if element.counter is not None:
-                    remembered[(name, key)] = element.counter
-        self._counters = remembered

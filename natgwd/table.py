@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 FAMILY = "inet"
 TABLE = "natgwd"
@@ -209,10 +210,16 @@ def render_element(key: str, element: Element) -> str:
     return text
 
 
+class KnownCounters(Protocol):
+    """(set, key) -> the last known counter of a counting element."""
+
+    def get(self, name_and_key: tuple[str, str], /) -> Counter | None: ...
+
+
 def plan_transaction(
     current: TableContents | None,
     desired: DesiredTable,
-    counters: Mapping[tuple[str, str], Counter] | None = None,
+    counters: KnownCounters | None = None,
 ) -> Transaction:
     """The smallest transaction that makes `current` equal to `desired`.
 
@@ -223,7 +230,8 @@ def plan_transaction(
     hand does not send a rule's counters backwards.
     """
     tx = Transaction()
-    counters = counters or {}
+    if counters is None:
+        counters = {}
     if current is None:
         current = TableContents()
         tx.add(AddTable())

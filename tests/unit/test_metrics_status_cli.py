@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from natgwd.cli import main
+from natgwd.counters import COUNTING_SETS, Listings
 from natgwd.fake import FakeNft
 from natgwd.lab import SEED_STATE
-from natgwd.metrics import COUNTING_SETS, RuleCountersCollector
+from natgwd.metrics import RuleCounters
 from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.plan import assign_ids, desired_table
@@ -62,10 +62,8 @@ def with_traffic(document: dict[str, Any]) -> tuple[FakeNft, Reconciler]:
     return fake, rec
 
 
-def scrape(read: Callable[[], dict[str, dict[str, Element]]]) -> tuple[str, Samples]:
-    registry = CollectorRegistry()
-    registry.register(RuleCountersCollector(read))
-    text = generate_latest(registry).decode()
+def scrape(read: Callable[[], Listings]) -> tuple[str, Samples]:
+    text = RuleCounters(read).exposition().decode()
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -109,15 +107,15 @@ def test_rule_counters_are_exported_with_kind_name_and_eip() -> None:
         ("natgwd_rule_bytes_total", rule(*FIP, "reply")): 0.0,
         ("natgwd_invalid_dropped_packets_total", (("interface", "net2"),)): 3.0,
     }
-    assert 'natgwd_rule_connections_total{eip="10.115.55.200",kind="dnat",name="dnat01"} 5.0' in text
+    assert 'natgwd_rule_connections_total{kind="dnat",name="dnat01",eip="10.115.55.200"} 5\n' in text
 
 
 def test_counters_follow_the_rule_not_the_id() -> None:
-    sets = {
-        "rule_connections": {"41": Element(None, "dnat/web/10.0.0.1", Counter(2, 120))},
-        "rule_traffic": {"reply . 41": Element(None, None, Counter(6, 600))},
+    listings = {
+        "rule_connections": [("0x00000029", "2", "120", "dnat/web/10.0.0.1")],
+        "rule_traffic": [("reply . 0x00000029", "6", "600", "")],
     }
-    _, samples = scrape(lambda: sets)
+    _, samples = scrape(lambda: listings)
     assert samples == {
         ("natgwd_rule_connections_total", rule("dnat", "web", "10.0.0.1")): 2.0,
         ("natgwd_rule_packets_total", rule("dnat", "web", "10.0.0.1", "reply")): 6.0,
@@ -126,19 +124,30 @@ def test_counters_follow_the_rule_not_the_id() -> None:
 
 
 def test_elements_without_labels_or_counters_are_not_exported() -> None:
-    sets = {
-        "rule_connections": {
-            "1": Element(None, "not-a-rule", Counter(9, 9)),
-            "2": Element(None, "snat/s/10.0.0.1", None),
-            "3": Element(None, None, Counter(9, 9)),
-        },
+    listings = {
+        "rule_connections": [
+            ("0x00000001", "9", "9", "not-a-rule"),
+            ("0x00000003", "9", "9", ""),
+        ],
         # Traffic of ids without a labelled connections element is not exported either.
-        "rule_traffic": {"original . 1": Element(None, None, Counter(9, 9))},
-        "invalid_dropped": {'"net2"': Element()},
+        "rule_traffic": [("original . 0x00000001", "9", "9", "")],
     }
-    text, samples = scrape(lambda: sets)
+    text, samples = scrape(lambda: listings)
     assert samples == {}
     assert "natgwd_rule_connections" in text  # families are declared, just empty
+
+
+def test_label_values_are_escaped() -> None:
+    listings = {
+        "rule_connections": [("0x00000002", "1", "60", 'dnat/a"b\\c/10.0.0.1')],
+        "invalid_dropped": [('"ne\nt2"', "3", "40", "")],
+    }
+    text, samples = scrape(lambda: listings)
+    assert 'name="a\\"b\\\\c"' in text
+    assert samples == {
+        ("natgwd_rule_connections_total", rule("dnat", 'a"b\\c', "10.0.0.1")): 1.0,
+        ("natgwd_invalid_dropped_packets_total", (("interface", "ne\nt2"),)): 3.0,
+    }
 
 
 def test_nothing_to_read_exports_nothing() -> None:
@@ -148,14 +157,13 @@ def test_nothing_to_read_exports_nothing() -> None:
 
 def test_counting_sets_are_read_at_scrape_time() -> None:
     fake, rec = with_traffic(seed())
-    registry = CollectorRegistry()
-    registry.register(RuleCountersCollector(rec.counting_sets))
-    first = generate_latest(registry).decode()
+    counters = RuleCounters(rec.counting_sets)
+    first = counters.exposition().decode()
     fake.count("rule_connections", "2", 2, 60)
-    second = generate_latest(registry).decode()
-    line = 'natgwd_rule_connections_total{eip="10.115.55.200",kind="dnat",name="dnat01"}'
-    assert f"{line} 5.0" in first
-    assert f"{line} 7.0" in second
+    second = counters.exposition().decode()
+    line = 'natgwd_rule_connections_total{kind="dnat",name="dnat01",eip="10.115.55.200"}'
+    assert f"{line} 5\n" in first
+    assert f"{line} 7\n" in second
     assert COUNTING_SETS == ("rule_connections", "rule_traffic", "invalid_dropped")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from natgwd.counters import counted_elements
 from natgwd.fake import FakeNft
 from natgwd.lab import SEED_STATE
 from natgwd.links import LinkPlan, link_plan
@@ -375,7 +376,7 @@ def test_resync_recreates_a_deleted_table_with_ids_and_counters() -> None:
     rec.apply(moved_dnat())
     add_traffic(fake)
     read = rec.counting_sets()
-    assert read["rule_connections"]["2"].counter == Counter(20, 2000)
+    assert counted_elements(read["rule_connections"])["2"].counter == Counter(20, 2000)
     fake.count("rule_connections", "2", 5, 100)  # after the last read: lost with the table
     fake.delete_table()
     outcome = rec.resync()
