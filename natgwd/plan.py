@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
+from natgwd.memo import RoundMemo
 from natgwd.model import DesiredState, RuleKind
 from natgwd.table import ChainSpec, DesiredTable, Element, SetSpec
 
@@ -48,6 +49,9 @@ _STATIC_SETS = (
 )
 
 _DNAT_KEY = "ip daddr . meta l4proto . th dport"
+_MEMBER = Element()  # an element of a set: no value, no comment; one object for all of them
+# Addresses as text, kept from one plan to the next (str() of an address costs microseconds).
+_TEXT: RoundMemo[IPv4Address, str] = RoundMemo(str)
 
 
 @dataclass(frozen=True, order=True)
@@ -175,44 +179,49 @@ def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, .
 
 
 def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
-    eip_of = {e.name: str(e.v4ip) for e in state.eips}
+    _TEXT.next_round()
+    eip_of = {e.name: _TEXT(e.v4ip) for e in state.eips}
     elements: dict[str, dict[str, Element]] = {spec.name: {} for spec in _STATIC_SETS}
-    elements[ID_HIGH_WATER] = {str(max(highest_id, *ids.values(), 0)): Element()}
-    elements["eips"] = {address: Element() for address in eip_of.values()}
-    elements[INVALID_DROPS] = {f'"{state.external.interface}"': Element()}
+    elements[ID_HIGH_WATER] = {str(max(highest_id, *ids.values(), 0)): _MEMBER}
+    elements["eips"] = dict.fromkeys(eip_of.values(), _MEMBER)
+    elements[INVALID_DROPS] = {f'"{state.external.interface}"': _MEMBER}
+    connections, traffic = elements[RULE_CONNECTIONS], elements[RULE_TRAFFIC]
 
     def count(labels: RuleLabels) -> str:
         mark = str(ids[labels])
-        elements[RULE_CONNECTIONS][mark] = Element(comment=labels.comment)
+        connections[mark] = Element(comment=labels.comment)
         for direction in DIRECTIONS:
-            elements[RULE_TRAFFIC][f"{direction} . {mark}"] = Element()
+            traffic[f"{direction} . {mark}"] = _MEMBER
         return mark
 
     for fip in state.fip:
-        mark = count(RuleLabels("fip", fip.name, eip_of[fip.eip]))
-        eip, internal = eip_of[fip.eip], str(fip.internal_ip)
+        eip, internal = eip_of[fip.eip], _TEXT(fip.internal_ip)
+        marked = Element(count(RuleLabels("fip", fip.name, eip)))
         elements["fip_in_target"][eip] = Element(internal)
-        elements["fip_in_rule"][eip] = Element(mark)
+        elements["fip_in_rule"][eip] = marked
         elements["fip_out_target"][internal] = Element(eip)
-        elements["fip_out_rule"][internal] = Element(mark)
+        elements["fip_out_rule"][internal] = marked
 
     share_groups: dict[str, list[str]] = {}
+    dnat_target, dnat_rule = elements["dnat_target"], elements["dnat_rule"]
     for dnat in state.dnat:
-        mark = count(RuleLabels("dnat", dnat.name, eip_of[dnat.eip]))
+        eip, internal = eip_of[dnat.eip], _TEXT(dnat.internal_ip)
+        mark = count(RuleLabels("dnat", dnat.name, eip))
         if dnat.type == "share":
             port = dnat.external_port.first
-            chain = share_chain_name(eip_of[dnat.eip], dnat.protocol, port)
-            elements["dnat_share"][f"{eip_of[dnat.eip]} . {dnat.protocol} . {port}"] = Element(f"goto {chain}")
-            elements["share_target"][mark] = Element(f"{dnat.internal_ip} . {dnat.internal_port.first}")
+            chain = share_chain_name(eip, dnat.protocol, port)
+            elements["dnat_share"][f"{eip} . {dnat.protocol} . {port}"] = Element(f"goto {chain}")
+            elements["share_target"][mark] = Element(f"{internal} . {dnat.internal_port.first}")
             share_groups.setdefault(chain, []).append(mark)
             continue
         shift = dnat.internal_port.first - dnat.external_port.first
+        marked = Element(mark)
         # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
         # range becomes one element per port.
         for port in range(dnat.external_port.first, dnat.external_port.last + 1):
-            key = f"{eip_of[dnat.eip]} . {dnat.protocol} . {port}"
-            elements["dnat_target"][key] = Element(f"{dnat.internal_ip} . {port + shift}")
-            elements["dnat_rule"][key] = Element(mark)
+            key = f"{eip} . {dnat.protocol} . {port}"
+            dnat_target[key] = Element(f"{internal} . {port + shift}")
+            dnat_rule[key] = marked
 
     prefixes = sorted({snat.internal_cidr.prefixlen for snat in state.snat}, reverse=True)
     sets = list(_STATIC_SETS)
@@ -222,9 +231,10 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
         elements[f"snat_p{p}_target"] = {}
         elements[f"snat_p{p}_rule"] = {}
     for snat in state.snat:
-        mark = count(RuleLabels("snat", snat.name, eip_of[snat.eip]))
-        p, network = snat.internal_cidr.prefixlen, str(snat.internal_cidr.network_address)
-        elements[f"snat_p{p}_target"][network] = Element(eip_of[snat.eip])
+        eip = eip_of[snat.eip]
+        mark = count(RuleLabels("snat", snat.name, eip))
+        p, network = snat.internal_cidr.prefixlen, _TEXT(snat.internal_cidr.network_address)
+        elements[f"snat_p{p}_target"][network] = Element(eip)
         elements[f"snat_p{p}_rule"][network] = Element(mark)
 
     share_chains = tuple(_share_chain(name, sorted(marks, key=int)) for name, marks in sorted(share_groups.items()))

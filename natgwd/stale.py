@@ -123,18 +123,22 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
     if old is None or set(old.snat) != set(new.snat):
         return None
     filters: set[Filter] = set()
-    for state, others in ((old, new), (new, old)):
+    old_fips, new_fips, old_dnats, new_dnats = set(old.fip), set(new.fip), set(old.dnat), set(new.dnat)
+    for state, others, fips, dnats in (
+        (old, new, old_fips - new_fips, old_dnats - new_dnats),
+        (new, old, new_fips - old_fips, new_dnats - old_dnats),
+    ):
         eip = {e.name: str(e.v4ip) for e in state.eips}
         other_eips = {str(e.v4ip) for e in others.eips}
         for address in set(eip.values()) - other_eips:
             filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
-        for fip in set(state.fip) - set(others.fip):
+        for fip in fips:
             filters |= {
                 Filter("orig", "daddr", eip[fip.eip]),
                 Filter("orig", "saddr", str(fip.internal_ip)),
                 Filter("reply", "daddr", eip[fip.eip]),
             }
-        for dnat in set(state.dnat) - set(others.dnat):
+        for dnat in dnats:
             filters.add(Filter("orig", "daddr", eip[dnat.eip]))
     # A rule naming an EIP whose address changed is a different rule value only if the
     # EIP name is compared; compare addresses too.

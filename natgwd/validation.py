@@ -12,15 +12,16 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 
+from natgwd.memo import RoundMemo
 from natgwd.model import (
     DesiredState,
     DnatRule,
@@ -33,6 +34,8 @@ from natgwd.model import (
     Route,
     SnatRule,
 )
+
+T = TypeVar("T")
 
 MAX_FILE_BYTES = 32 * 1024 * 1024  # ~200,000 rules; parsing holds several times this
 
@@ -66,9 +69,13 @@ MAX_PROBLEMS = 100  # a file with thousands of errors gets the first ones, not g
 def load_state(raw: bytes) -> DesiredState:
     """Parse and validate a desired-state document; raise InvalidStateError listing every problem."""
     document = _decode(raw)
-    problems = _shape_problems(document)
+    # JSON text cannot hold a raw control character in a string (the decoder refuses
+    # one), only an escape, which needs a backslash; DEL may stand raw.
+    problems = _shape_problems(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
     if problems:
         raise InvalidStateError(problems)
+    for memo in _SEMANTIC_MEMOS:
+        memo.next_round()
     return _Semantics(document).build()
 
 
@@ -120,15 +127,30 @@ def _decode(raw: bytes) -> Any:
 
 def _check_depth(document: Any) -> None:
     """Refuse nesting the format never has: jsonschema and error messages recurse into it."""
+    level, depth = [document], 0
+    while level := [
+        child
+        for node in level
+        if isinstance(node, dict | list)
+        for child in (node.values() if isinstance(node, dict) else node)
+    ]:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise InvalidStateError([Problem(_too_deep(document), f"nested deeper than {MAX_DEPTH} levels")])
+
+
+def _too_deep(document: Any) -> str:
+    """The path of the first node nested deeper than MAX_DEPTH (one is known to exist)."""
     stack: list[tuple[Any, str, int]] = [(document, "$", 0)]
     while stack:
         node, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise InvalidStateError([Problem(path, f"nested deeper than {MAX_DEPTH} levels")])
+            return path
         if isinstance(node, dict):
             stack.extend((value, f"{path}.{key}", depth + 1) for key, value in node.items())
         elif isinstance(node, list):
             stack.extend((value, f"{path}[{i}]", depth + 1) for i, value in enumerate(node))
+    return "$"
 
 
 # --- shape (JSON Schema) --------------------------------------------------------------
@@ -189,14 +211,29 @@ def _validators() -> tuple[jsonschema.Draft7Validator, dict[str, jsonschema.Draf
 
 
 class _ItemCache:
-    """Rules that passed the schema in the previous document, by their JSON text. A file
+    """Rules that passed the schema in the previous document, by their content. A file
     change typically touches a few of thousands of rules; the rest need no second look."""
 
     def __init__(self) -> None:
-        self.passed: set[tuple[str, str]] = set()
+        self.passed: set[tuple[str, Hashable]] = set()
 
 
 _item_cache = _ItemCache()
+
+
+def _item_key(item: Any) -> Hashable:
+    """A rule's content: its fields and values with their types (1 and true are equal in
+    Python, and only one of them is a port). A rule holding a list or an object, which no
+    valid rule does, gets a key of its own, so it is always checked."""
+    if not isinstance(item, dict):
+        return object()
+    values = tuple(item.values())
+    key = (tuple(item), values, tuple(map(type, values)))
+    try:
+        hash(key)
+    except TypeError:
+        return object()
+    return key
 
 
 def _control_characters(document: Any) -> Iterator[Problem]:
@@ -213,12 +250,14 @@ def _control_characters(document: Any) -> Iterator[Problem]:
             stack.extend((value, f"{path}[{i}]") for i, value in enumerate(node))
 
 
-def _shape_problems(document: Any) -> list[Problem]:
+def _shape_problems(document: Any, control_characters_possible: bool = True) -> list[Problem]:
     top, item_validators = _validators()
-    problems: list[Problem] = list(itertools.islice(_control_characters(document), MAX_PROBLEMS))
+    problems: list[Problem] = []
+    if control_characters_possible:
+        problems += itertools.islice(_control_characters(document), MAX_PROBLEMS)
     for error in itertools.islice(top.iter_errors(document), MAX_PROBLEMS):
         problems.extend(_explain(error, _json_path(error.absolute_path)))
-    passed: set[tuple[str, str]] = set()
+    passed: set[tuple[str, Hashable]] = set()
     for section in RULE_SECTIONS:
         items = document.get(section) if isinstance(document, dict) else None
         if not isinstance(items, list):
@@ -226,7 +265,7 @@ def _shape_problems(document: Any) -> list[Problem]:
         for index, item in enumerate(items):
             if len(problems) >= MAX_PROBLEMS:
                 break
-            key = (section, json.dumps(item, sort_keys=True))
+            key = (section, _item_key(item))
             if key in _item_cache.passed:
                 passed.add(key)
                 continue
@@ -276,6 +315,47 @@ def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:
 # --- semantics ------------------------------------------------------------------------
 
 
+def _usable_address(text: str) -> IPv4Address | str:
+    """The address, or why it is not a usable unicast one."""
+    try:
+        address = IPv4Address(text)
+    except AddressValueError as err:
+        return f"not a valid IPv4 address: {err}"
+    if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
+        return f"{address} is not a usable unicast address"
+    return address
+
+
+def _network(text: str) -> IPv4Network | str:
+    try:
+        return IPv4Network(text if "/" in text else f"{text}/32")
+    except (AddressValueError, NetmaskValueError) as err:
+        return f"not a valid IPv4 network: {err}"
+    except ValueError:
+        return f"has host bits set (did you mean {IPv4Network(text, strict=False)}?)"
+
+
+def _port_range(typed: tuple[type, int | str | float]) -> PortRange | str:
+    _, value = typed
+    if isinstance(value, float):  # JSON Schema draft 7 counts 80.0 as an integer
+        return f"must be a whole number or a string, not {value!r}"
+    first_text, _, last_text = str(value).partition("-")
+    first, last = int(first_text), int(last_text or first_text)
+    if not (1 <= first <= 65535 and 1 <= last <= 65535):
+        return "ports must be between 1 and 65535"
+    if first > last:
+        return f"range {value} is reversed (first port after last)"
+    return PortRange(first, last)
+
+
+# Values (or the reason they are refused) by their text: at 10,000 rules parsing them again
+# for every change costs more than everything else validation does.
+_ADDRESSES = RoundMemo(_usable_address)
+_NETWORKS = RoundMemo(_network)
+_PORT_RANGES = RoundMemo(_port_range)
+_SEMANTIC_MEMOS = (_ADDRESSES, _NETWORKS, _PORT_RANGES)
+
+
 class _Semantics:
     """Checks that need the whole document; collects every problem before raising."""
 
@@ -305,15 +385,7 @@ class _Semantics:
     # addresses -------------------------------------------------------------------------
 
     def address(self, path: str, text: str) -> IPv4Address | None:
-        try:
-            address = IPv4Address(text)
-        except AddressValueError as err:
-            self.fail(path, f"not a valid IPv4 address: {err}")
-            return None
-        if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-            self.fail(path, f"{address} is not a usable unicast address")
-            return None
-        return address
+        return self._parsed(path, _ADDRESSES(text))
 
     def interface_address(self, path: str, text: str) -> IPv4Interface | None:
         try:
@@ -332,28 +404,17 @@ class _Semantics:
         return interface
 
     def network(self, path: str, text: str) -> IPv4Network | None:
-        try:
-            return IPv4Network(text if "/" in text else f"{text}/32")
-        except (AddressValueError, NetmaskValueError) as err:
-            self.fail(path, f"not a valid IPv4 network: {err}")
-        except ValueError:
-            suggestion = IPv4Network(text, strict=False)
-            self.fail(path, f"has host bits set (did you mean {suggestion}?)")
-        return None
+        return self._parsed(path, _NETWORKS(text))
 
     def port_range(self, path: str, value: int | str) -> PortRange | None:
-        if isinstance(value, float):  # JSON Schema draft 7 counts 80.0 as an integer
-            self.fail(path, f"must be a whole number or a string, not {value!r}")
+        # Typed: 80, 80.0 and "80" are equal keys otherwise, and only two are valid.
+        return self._parsed(path, _PORT_RANGES((type(value), value)))
+
+    def _parsed(self, path: str, result: T | str) -> T | None:
+        if isinstance(result, str):
+            self.fail(path, result)
             return None
-        first_text, _, last_text = str(value).partition("-")
-        first, last = int(first_text), int(last_text or first_text)
-        if not (1 <= first <= 65535 and 1 <= last <= 65535):
-            self.fail(path, "ports must be between 1 and 65535")
-            return None
-        if first > last:
-            self.fail(path, f"range {value} is reversed (first port after last)")
-            return None
-        return PortRange(first, last)
+        return result
 
     def duplicates(self, section: str, items: list[dict[str, Any]], field: str) -> None:
         seen: dict[Any, int] = {}

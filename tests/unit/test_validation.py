@@ -706,6 +706,37 @@ def test_deep_nesting_inside_a_valid_document() -> None:
     assert_only(raw, "$", "nested too deeply")
 
 
+def test_nesting_deeper_than_the_format_allows_names_the_place() -> None:
+    document = seed()
+    document["dnat"][0]["externalPort"] = json.loads("[" * 14 + "1" + "]" * 14)
+    assert_only(document, "$.dnat[0].externalPort" + "[0]" * 14, "nested deeper than 16 levels")
+
+
+def test_a_raw_delete_character_is_a_control_character() -> None:
+    raw = encode(seed()).replace(b'"name": "dnat01"', b'"name": "dnat\x7f01"')
+    problems = {(p.path, p.reason) for p in problems_of(raw)}
+    assert ("$.dnat[0].name", "contains a control character") in problems
+
+
+def test_an_escaped_control_character_is_found() -> None:
+    raw = encode(seed()).replace(b'"name": "dnat01"', b'"name": "dnat\\u000101"')
+    problems = {(p.path, p.reason) for p in problems_of(raw)}
+    assert ("$.dnat[0].name", "contains a control character") in problems
+
+
+@pytest.mark.parametrize("lookalike", [True, 1.0])
+def test_a_port_equal_to_a_valid_one_in_python_is_still_checked(lookalike: Any) -> None:
+    """Prevents: the schema check skipping a rule that equals, in Python, one that passed
+    before (True == 1 == 1.0), and so accepting a boolean as a port."""
+    document = seed()
+    document["dnat"][0]["externalPort"] = 1
+    load_state(encode(document))
+    document["dnat"][0]["externalPort"] = lookalike
+    with pytest.raises(InvalidStateError) as caught:
+        load_state(encode(document))
+    assert "$.dnat[0].externalPort" in {p.path for p in caught.value.problems}
+
+
 def test_huge_integer_literal() -> None:
     raw = encode(seed()).replace(b'"version": 1', b'"version": 1' + b"0" * 10000)
     assert_only(raw, "$", "not valid JSON:", "digits")
