@@ -50,8 +50,11 @@ _STATIC_SETS = (
 
 _DNAT_KEY = "ip daddr . meta l4proto . th dport"
 _MEMBER = Element()  # an element of a set: no value, no comment; one object for all of them
-# Addresses as text, kept from one plan to the next (str() of an address costs microseconds).
+# Kept from one plan to the next: str() of an address costs microseconds, and an element
+# that is the very object of the last plan is found unchanged without comparing it.
 _TEXT: RoundMemo[IPv4Address, str] = RoundMemo(str)
+_MAPPED_TO: RoundMemo[str, Element] = RoundMemo(Element)
+_COMMENTED: RoundMemo[str, Element] = RoundMemo(lambda comment: Element(comment=comment))
 
 
 @dataclass(frozen=True, order=True)
@@ -179,7 +182,8 @@ def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, .
 
 
 def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
-    _TEXT.next_round()
+    for memo in (_TEXT, _MAPPED_TO, _COMMENTED):
+        memo.next_round()
     eip_of = {e.name: _TEXT(e.v4ip) for e in state.eips}
     elements: dict[str, dict[str, Element]] = {spec.name: {} for spec in _STATIC_SETS}
     elements[ID_HIGH_WATER] = {str(max(highest_id, *ids.values(), 0)): _MEMBER}
@@ -189,17 +193,17 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
 
     def count(labels: RuleLabels) -> str:
         mark = str(ids[labels])
-        connections[mark] = Element(comment=labels.comment)
+        connections[mark] = _COMMENTED(labels.comment)
         for direction in DIRECTIONS:
             traffic[f"{direction} . {mark}"] = _MEMBER
         return mark
 
     for fip in state.fip:
         eip, internal = eip_of[fip.eip], _TEXT(fip.internal_ip)
-        marked = Element(count(RuleLabels("fip", fip.name, eip)))
-        elements["fip_in_target"][eip] = Element(internal)
+        marked = _MAPPED_TO(count(RuleLabels("fip", fip.name, eip)))
+        elements["fip_in_target"][eip] = _MAPPED_TO(internal)
         elements["fip_in_rule"][eip] = marked
-        elements["fip_out_target"][internal] = Element(eip)
+        elements["fip_out_target"][internal] = _MAPPED_TO(eip)
         elements["fip_out_rule"][internal] = marked
 
     share_groups: dict[str, list[str]] = {}
@@ -210,17 +214,17 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
         if dnat.type == "share":
             port = dnat.external_port.first
             chain = share_chain_name(eip, dnat.protocol, port)
-            elements["dnat_share"][f"{eip} . {dnat.protocol} . {port}"] = Element(f"goto {chain}")
-            elements["share_target"][mark] = Element(f"{internal} . {dnat.internal_port.first}")
+            elements["dnat_share"][f"{eip} . {dnat.protocol} . {port}"] = _MAPPED_TO(f"goto {chain}")
+            elements["share_target"][mark] = _MAPPED_TO(f"{internal} . {dnat.internal_port.first}")
             share_groups.setdefault(chain, []).append(mark)
             continue
         shift = dnat.internal_port.first - dnat.external_port.first
-        marked = Element(mark)
+        marked = _MAPPED_TO(mark)
         # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
         # range becomes one element per port.
         for port in range(dnat.external_port.first, dnat.external_port.last + 1):
             key = f"{eip} . {dnat.protocol} . {port}"
-            dnat_target[key] = Element(f"{internal} . {port + shift}")
+            dnat_target[key] = _MAPPED_TO(f"{internal} . {port + shift}")
             dnat_rule[key] = marked
 
     prefixes = sorted({snat.internal_cidr.prefixlen for snat in state.snat}, reverse=True)
@@ -234,8 +238,8 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
         eip = eip_of[snat.eip]
         mark = count(RuleLabels("snat", snat.name, eip))
         p, network = snat.internal_cidr.prefixlen, _TEXT(snat.internal_cidr.network_address)
-        elements[f"snat_p{p}_target"][network] = Element(eip)
-        elements[f"snat_p{p}_rule"][network] = Element(mark)
+        elements[f"snat_p{p}_target"][network] = _MAPPED_TO(eip)
+        elements[f"snat_p{p}_rule"][network] = _MAPPED_TO(mark)
 
     share_chains = tuple(_share_chain(name, sorted(marks, key=int)) for name, marks in sorted(share_groups.items()))
     return DesiredTable(tuple(sets), share_chains + _chains(state, prefixes), elements)

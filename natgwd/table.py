@@ -249,11 +249,15 @@ def plan_transaction(
             tx.add(AddRule(chain.name, rule, tag))
     for name, wanted in desired.elements.items():
         have = current.elements.get(name, {})
-        stale = [key for key, element in have.items() if wanted.get(key) != element]
+        # Plans reuse element objects, so most elements are found unchanged by identity
+        # (dict equality checks identity first, in C), not by comparing their fields.
+        if have == wanted:
+            continue
+        stale = [key for key, element in have.items() if (w := wanted.get(key)) is not element and w != element]
         fresh = [
             (key, _seeded(element, counters.get((name, key))))
             for key, element in wanted.items()
-            if have.get(key) != element
+            if (h := have.get(key)) is not element and h != element
         ]
         if stale:
             tx.delete_elements(name, stale)

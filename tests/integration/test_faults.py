@@ -1693,6 +1693,12 @@ def _soak(lab: Lab, seconds: float) -> None:
     )
     churn = lab.exec("gw", "nft", "get", "element", "inet", "natgwd", "dnat_target", "{ 10.115.55.200 . tcp . 7000 }")
     assert f"{target(writes[0])} . 80" in churn.stdout, churn.stdout
+    # The scrapes timed above were whole: every rule's counters, the echo's among them.
+    counters = daemon.metrics()
+    assert sum(name.startswith("natgwd_rule_connections_total{") for name in counters) == 10_000
+    assert sum(name.startswith("natgwd_rule_packets_total{") for name in counters) == 20_000
+    echo_and_http = 1 + result["http_ok"] + len(result["http_errors"])
+    assert counters['natgwd_rule_connections_total{kind="dnat",name="dnat01",eip="10.115.55.200"}'] == echo_and_http
     assert not result["echo_errors"], result["echo_errors"]
     assert not result["http_errors"], result["http_errors"]
     assert result["echo_ok"] >= seconds * 5
