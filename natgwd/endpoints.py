@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import socket
 import threading
@@ -91,6 +92,19 @@ class _Server(ThreadingHTTPServer):
             slowest.shutdown(socket.SHUT_RDWR)
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding value admits gzip: "gzip" or "*", not weighted q=0."""
+    for entry in accept_encoding.split(","):
+        coding, *parameters = (part.strip().lower() for part in entry.split(";"))
+        if coding in ("gzip", "x-gzip", "*"):
+            weights = [parameter.removeprefix("q=") for parameter in parameters if parameter.startswith("q=")]
+            try:
+                return not weights or float(weights[0]) > 0
+            except ValueError:
+                return False
+    return False
+
+
 def serve(
     address: tuple[str, int], exposition: Callable[[], bytes], readiness: Readiness, liveness: Readiness
 ) -> ThreadingHTTPServer:
@@ -112,7 +126,12 @@ def serve(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, exposition())
+                body = exposition()
+                if accepts_gzip(self.headers.get("Accept-Encoding", "")):
+                    # 10,000 rules are 5.6 MB of text and 0.3 MB compressed (Prometheus asks).
+                    self._send(200, CONTENT_TYPE_LATEST, gzip.compress(body, compresslevel=1), gzipped=True)
+                else:
+                    self._send(200, CONTENT_TYPE_LATEST, body)
             elif path == "/":
                 self._send(200, "text/plain; charset=utf-8", b"natgwd: /metrics /healthz /readyz\n")
             elif path == "/healthz":
@@ -131,12 +150,17 @@ def serve(
 
         do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse  # noqa: N815
 
-        def _send(self, status: int, content_type: str, body: bytes, allow: str | None = None) -> None:
+        def _send(
+            self, status: int, content_type: str, body: bytes, allow: str | None = None, gzipped: bool = False
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if allow:
                 self.send_header("Allow", allow)
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Vary", "Accept-Encoding")
             self.end_headers()
             self.wfile.write(body)
 
