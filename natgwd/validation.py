@@ -12,13 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError
 from typing import Any, TypeVar
 
+import fastjsonschema
 import jsonschema
 
 from natgwd.memo import RoundMemo
@@ -199,6 +200,16 @@ def _inline_refs(node: Any, definitions: dict[str, Any]) -> Any:
 
 
 @cache
+def _fast_item_checks() -> dict[str, Callable[[Any], Any]]:
+    """Per rule list, the same item schema compiled to Python code: five times faster than
+    jsonschema on a valid rule, which is what nearly every rule is. It only says yes or no
+    (and is stricter, never laxer: tests/unit/test_properties.py), so a rule it refuses is
+    checked again by jsonschema, whose errors name every problem."""
+    _, item_validators = _validators()
+    return {section: fastjsonschema.compile(v.schema) for section, v in item_validators.items()}
+
+
+@cache
 def _validators() -> tuple[jsonschema.Draft7Validator, dict[str, jsonschema.Draft7Validator]]:
     """A validator for the document without its rule lists' items, and one per rule list
     for a single item: items are checked one by one so that unchanged rules can be skipped."""
@@ -252,6 +263,7 @@ def _control_characters(document: Any) -> Iterator[Problem]:
 
 def _shape_problems(document: Any, control_characters_possible: bool = True) -> list[Problem]:
     top, item_validators = _validators()
+    fast_checks = _fast_item_checks()
     problems: list[Problem] = []
     if control_characters_possible:
         problems += itertools.islice(_control_characters(document), MAX_PROBLEMS)
@@ -266,7 +278,7 @@ def _shape_problems(document: Any, control_characters_possible: bool = True) -> 
             if len(problems) >= MAX_PROBLEMS:
                 break
             key = (section, _item_key(item))
-            if key in _item_cache.passed:
+            if key in _item_cache.passed or _passes(fast_checks[section], item):
                 passed.add(key)
                 continue
             errors = list(item_validators[section].iter_errors(item))
@@ -278,6 +290,14 @@ def _shape_problems(document: Any, control_characters_possible: bool = True) -> 
     if len(problems) >= MAX_PROBLEMS:
         problems = [*problems[:MAX_PROBLEMS], Problem("$", f"more problems not listed (stopped at {MAX_PROBLEMS})")]
     return sorted(set(problems), key=lambda p: (p.path, p.reason))
+
+
+def _passes(check: Callable[[Any], Any], item: Any) -> bool:
+    try:
+        check(item)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
 
 
 def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:

@@ -29,7 +29,15 @@ from natgwd.lab import SEED_STATE
 from natgwd.model import DesiredState
 from natgwd.plan import RULE_CONNECTIONS, assign_ids, desired_table
 from natgwd.table import plan_transaction
-from natgwd.validation import InvalidStateError, Problem, load_state
+from natgwd.validation import (
+    RULE_SECTIONS,
+    InvalidStateError,
+    Problem,
+    _fast_item_checks,
+    _passes,
+    _validators,
+    load_state,
+)
 
 # --- generating valid documents ---------------------------------------------------------
 
@@ -571,3 +579,39 @@ def test_mutated_file_is_a_state_or_an_invalid_state_error(raw: bytes) -> None:
 def test_mutated_file_is_a_state_or_an_invalid_state_error_long(raw: bytes) -> None:
     """The same property as above over many more inputs."""
     _judge(raw)
+
+
+# --- the fast schema check is never laxer than jsonschema ----------------------------------
+
+SEED_RULES = [(section, item) for section in RULE_SECTIONS for item in SEED_STATE.get(section, [])]
+
+
+@st.composite
+def rule_items(draw: st.DrawFn) -> tuple[str, Any]:
+    """A seed rule with one field dropped, added or replaced by a near miss or any value."""
+    section, item = draw(st.sampled_from(SEED_RULES))
+    item = dict(item)
+    field = draw(st.sampled_from([*item, "type", "extra"]))
+    how = draw(st.sampled_from(["drop", "near-miss", "number", "any"]))
+    if how == "drop":
+        item.pop(field, None)
+    else:
+        values = {"near-miss": _near_misses, "number": _numbers | st.booleans(), "any": json_values}[how]
+        item[field] = draw(values)
+    if draw(st.booleans()):
+        return section, item
+    return section, draw(st.sampled_from([[item], "x", None, 1]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(rule_items())
+@example(("dnat", {**SEED_STATE["dnat"][0], "externalPort": True}))
+@example(("dnat", {**SEED_STATE["dnat"][0], "externalPort": 80.0}))
+@example(("dnat", {**SEED_STATE["dnat"][0], "name": "dnat01\n"}))
+def test_the_fast_schema_check_never_passes_what_jsonschema_refuses(section_and_item: tuple[str, Any]) -> None:
+    """Prevents: a rule skipping the full schema check because the compiled check that
+    runs first let it through while jsonschema would have refused it."""
+    section, item = section_and_item
+    _, item_validators = _validators()
+    if _passes(_fast_item_checks()[section], item):
+        assert not list(item_validators[section].iter_errors(item)), item
