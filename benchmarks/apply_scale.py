@@ -10,8 +10,8 @@ options). Three parts, run one after the other:
   (only in that worker process); then resync, the counter read of a scrape, and cProfile of
   the full apply, the one-rule change and the resync.
 - end-to-end: the real daemon in a Lab; from the gateway namespace, write the file and poll
-  /readyz until it reports that file's sha256 applied. This includes up to 0.2 s of file
-  watcher polling (natgwd.daemon.POLL_SECONDS); the daemon's own "desired state applied"
+  /readyz until it reports that file's sha256 applied. This includes up to one period of
+  file watcher polling (natgwd.daemon.POLL_SECONDS); the daemon's own "desired state applied"
   log line gives the time from reading the file to the kernel matching it.
 - /metrics scrape time and the daemon's RSS at this size.
 
@@ -502,7 +502,7 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
         raise TimeoutError(f"{digest[:12]} not applied within {timeout}s: {detail}")
 
     # Writing the next file right after the previous one was applied would always land
-    # just after the daemon's step and wait a whole watcher period (0.2 s): pause a random
+    # just after the daemon's step and wait a whole watcher period: pause a random
     # part of that period first, as an independent writer would be.
     jitter = random.Random(1)
     events = []
@@ -707,7 +707,9 @@ def report(results: dict[str, Any]) -> str:
     if "endtoend" in s:
         e = s["endtoend"]
         lines.append("")
-        lines.append("End to end (file written -> /readyz applied_sha256; includes <=0.2 s watcher poll), ms:")
+        lines.append(
+            f"End to end (file written -> /readyz applied_sha256; includes <={POLL_SECONDS} s watcher poll), ms:"
+        )
         lines.append(f"  {'':8} {'n':>3} {'median':>7} {'p95':>7} {'min-max':>13} {'daemon med':>10} {'cpu med':>8}")
         for kind in KINDS:
             w = e["seconds"][kind]

@@ -16,7 +16,7 @@ The methods:
 
 - natgwd: the daemon (python -m natgwd run) as deployed; the state file is replaced
   (rename) and the time runs until natgwd's applied-state record names that file's sha256
-  (written once the kernel holds it), so it includes the file watcher's 0.2 s polling.
+  (written once the kernel holds it), so it includes the file watcher's polling.
 - floor: natgwd's own nftables script for the same change (rendered beforehand by
   natgwd's planning code), loaded with one `nft -f FILE`.
 - iptables-restore: Kube-OVN's chain layout in iptables-legacy, applied as a careful
@@ -56,6 +56,7 @@ from typing import Any
 from benchmarks import rulesets
 from benchmarks.netns import Netns
 from benchmarks.rulesets import SERVER_PORT, Step, Workload
+from natgwd.daemon import POLL_SECONDS
 from natgwd.lab import EXTERNAL_HOST, VM_ADDRESSES, Lab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ METHOD_DESCRIPTIONS = {
     "natgwd": "the daemon as deployed (python -m natgwd run, --resync-interval 3600 so that no periodic "
     "resync lands in a measurement): the state file is replaced by a rename and the time runs until natgwd's "
     "applied-state record (written once the kernel holds the change) names the new file's sha256. Includes "
-    "the file watcher's polling (every 0.2 s; writes land at a random moment of that period), reading, "
+    f"the file watcher's polling (every {POLL_SECONDS} s; writes land at a random moment of that period), reading, "
     "validating, planning, the nftables transaction, the links check and conntrack cleanup.",
     "floor": "the same content natgwd sends, straight to the kernel: natgwd's own nftables script, rendered "
     "beforehand with natgwd's planning code (the full table from scratch, or the incremental transaction of a "

@@ -13,6 +13,7 @@ DIR/profile.json.
 from __future__ import annotations
 
 import cProfile
+import gc
 import io
 import json
 import os
@@ -65,6 +66,7 @@ def top(profile: cProfile.Profile, sort: str, limit: int) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from natgwd.cli import GC_THRESHOLDS
     from natgwd.conntrack import ConntrackCleaner
     from natgwd.daemon import Daemon, DaemonConfig
     from natgwd.logs import configure
@@ -74,6 +76,7 @@ def main(argv: list[str]) -> int:
 
     directory = Path(argv[0])
     configure("json", "info")  # as the daemon logs (to stderr: the worker's log file)
+    gc.set_threshold(*GC_THRESHOLDS)  # as `natgwd run` collects
     state_path = directory / "state.json"
     config = DaemonConfig(
         state_path=state_path,

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from natgwd.daemon import POLL_SECONDS
+
 METHODS = ("natgwd", "floor", "iptables-restore", "per-rule-exec", "naive-nft")
 COMPETITORS = ("natgwd", "iptables-restore", "per-rule-exec", "naive-nft")
 KINDS = ("add", "change", "delete")
@@ -548,7 +550,7 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         *natgwd_split_table(results),
         "",
         "The gap between end to end and natgwd's own time is mostly the file watcher: natgwd notices a new file at "
-        "its next stat() poll, every 0.2 s, so 0.1 s on average.",
+        f"its next stat() poll, every {POLL_SECONDS} s, so {POLL_SECONDS / 2} s on average.",
         "",
         "## 3. New TCP connections per second through DNAT to the last rule",
         "",
