@@ -34,7 +34,6 @@ import os
 import platform
 import pstats
 import random
-import secrets
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.netns import bare_gateway
 from natgwd.daemon import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -392,7 +392,7 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
     resyncs = []
     for _ in range(3):
         stages.take()
-        _, repairs = reconciler.resync()
+        repairs = reconciler.resync().repairs
         resyncs.append({**stages.take(), "repairs": repairs})
 
     rule_counters = RuleCounters(reconciler.counting_sets)
@@ -581,25 +581,12 @@ def run_worker(namespace: str, worker: str, args: argparse.Namespace, out: Path,
 
 
 def run_inprocess(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    namespace = "ngwbench" + secrets.token_hex(3)
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
-    try:
-        for command in (
-            ["link", "set", "lo", "up"],
-            # No dummy module here: veth pairs with both ends in the namespace, peers up.
-            ["link", "add", "net1", "type", "veth", "peer", "name", "net1-peer"],
-            ["link", "add", "net2", "type", "veth", "peer", "name", "net2-peer"],
-            ["link", "set", "net1-peer", "up"],
-            ["link", "set", "net2-peer", "up"],
-        ):
-            subprocess.run(["ip", "-n", namespace, *command], check=True)
+    with bare_gateway("ngwbench") as namespace:
         print(f"in-process part in namespace {namespace} ...", file=sys.stderr, flush=True)
         result: dict[str, Any] = run_worker(
             namespace, "inprocess", args, workdir / "inprocess.json", workdir / "inprocess.log"
         )
         return result
-    finally:
-        subprocess.run(["ip", "netns", "del", namespace], check=False)
 
 
 def daemon_log_records(log_path: Path) -> dict[str, dict[str, Any]]:

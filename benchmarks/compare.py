@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import rulesets
-from benchmarks.netns import Netns
+from benchmarks.netns import Netns, bare_gateway
 from benchmarks.rulesets import SERVER_PORT, Step, Workload
 from natgwd.daemon import POLL_SECONDS
 from natgwd.lab import EXTERNAL_HOST, VM_ADDRESSES, Lab
@@ -755,18 +755,8 @@ def run_profile(ctx: Context, n: int) -> dict[str, Any]:
     (directory / "base.json").write_bytes(rulesets.encode(work.base()))
     (directory / "full.json").write_bytes(rulesets.encode(work.state))
     (directory / "change.json").write_bytes(rulesets.encode(steps[1].state))
-    namespace = "ngwprof" + os.urandom(3).hex()
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
     try:
-        for command in (
-            ["link", "set", "lo", "up"],
-            ["link", "add", "net1", "type", "veth", "peer", "name", "net1-peer"],
-            ["link", "add", "net2", "type", "veth", "peer", "name", "net2-peer"],
-            ["link", "set", "net1-peer", "up"],
-            ["link", "set", "net2-peer", "up"],
-        ):
-            subprocess.run(["ip", "-n", namespace, *command], check=True)
-        with (directory / "worker.log").open("wb") as stderr:
+        with bare_gateway("ngwprof") as namespace, (directory / "worker.log").open("wb") as stderr:
             subprocess.run(
                 [
                     "ip",
@@ -788,7 +778,6 @@ def run_profile(ctx: Context, n: int) -> dict[str, Any]:
         result["n"] = n
         return result
     finally:
-        subprocess.run(["ip", "netns", "del", namespace], check=False)
         shutil.rmtree(directory, ignore_errors=True)
 
 

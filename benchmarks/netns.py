@@ -94,3 +94,23 @@ class Netns:
             return response.status, response.read()
         finally:
             connection.close()
+
+
+@contextlib.contextmanager
+def bare_gateway(prefix: str) -> Iterator[str]:
+    """A fresh namespace with the gateway's net1 and net2 (veth pairs whose peers stay in
+    it, up: there is no dummy module here) and nothing else; deleted afterwards."""
+    name = prefix + os.urandom(3).hex()
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for command in (
+            ["link", "set", "lo", "up"],
+            ["link", "add", "net1", "type", "veth", "peer", "name", "net1-peer"],
+            ["link", "add", "net2", "type", "veth", "peer", "name", "net2-peer"],
+            ["link", "set", "net1-peer", "up"],
+            ["link", "set", "net2-peer", "up"],
+        ):
+            subprocess.run(["ip", "-n", name, *command], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
