@@ -1,37 +1,156 @@
-"""Shared helpers for the integration tests: starting natgwd on a state, reading per-rule
-counters from /metrics, small servers and clients inside the lab's namespaces, and reading
-addresses and routes back. Everything runs only inside the lab's namespaces."""
+"""Shared helpers for the integration tests: waiting for a condition, starting natgwd on a
+state (also behind a wrapper or with extra environment), reading its readiness, log and
+per-rule counters, small servers and clients inside the lab's namespaces, and reading
+addresses, routes and natgwd's table back. Everything runs only inside the lab's namespaces."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import pytest
 
 from natgwd.lab import Lab, Natgwd
 
+T = TypeVar("T")
+
 UDP_IP_OVERHEAD = 20 + 8  # IPv4 header without options + UDP header
+METRICS_PORT = 9469  # Lab.start_natgwd's default; natgwd_command uses it too
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+def wait_for(
+    check: Callable[[], T | Literal[False] | None], what: str, timeout: float = 15.0, interval: float = 0.05
+) -> T:
+    """Poll until `check` returns something truthy; return it, or fail the test naming `what`."""
+    # Literal[False] and None in the check's type: a check like `cond and value` or one
+    # returning `value | None` gives the type of `value` back, since falsy results never are.
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
+        time.sleep(interval)
+
+
+# --- natgwd ---------------------------------------------------------------------------
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    """The bytes Natgwd.write_state writes for a state."""
+    return json.dumps(state, indent=1).encode()
+
+
+def sha256(data: bytes) -> str:
+    """The hex digest natgwd reports as applied_sha256 for a file of these bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def start(lab: Lab, state: dict[str, Any], *args: str) -> Natgwd:
-    """Start natgwd on `state` (extra command-line `args`) and wait until it is applied."""
+    """Start natgwd on `state` (extra command-line `args`) and wait until it reports
+    exactly that file applied."""
     daemon = lab.start_natgwd(state, *args)
     daemon.wait_ready()
     daemon.wait_applied()
     return daemon
 
 
-def apply(daemon: Natgwd, state: dict[str, Any]) -> None:
-    """Replace the desired state and wait until natgwd reports it applied."""
+def apply(daemon: Natgwd, state: dict[str, Any]) -> dict[str, Any]:
+    """Replace the desired state; wait until it is applied (conntrack cleanup included)
+    and return /readyz's detail."""
     daemon.write_state(state)
-    daemon.wait_applied()
+    return daemon.wait_applied()
+
+
+def natgwd_command(state_path: Path, applied_state: str, *args: str, metrics_port: int = METRICS_PORT) -> list[str]:
+    """The command line Lab.start_natgwd uses, for starting natgwd behind a wrapper or
+    with a custom environment (which Lab.start_natgwd does not offer)."""
+    return [
+        sys.executable,
+        "-m",
+        "natgwd",
+        "run",
+        "--state",
+        str(state_path),
+        "--metrics-address",
+        f"127.0.0.1:{metrics_port}",
+        "--applied-state",
+        applied_state,
+        *args,
+    ]
+
+
+def start_natgwd_with(
+    lab: Lab,
+    state: dict[str, Any],
+    *args: str,
+    wrapper: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    applied_state: str | None = None,
+    name: str = "x",
+) -> Natgwd:
+    """Start natgwd in the gateway (not waiting) behind a `wrapper` command (setpriv,
+    unshare, ...) that ends by exec'ing it, so the Popen pid is natgwd's own, and with
+    extra environment variables `env`. `applied_state` defaults to the lab's record."""
+    state_path = lab.workdir / "state.json"
+    log_path = lab.workdir / f"natgwd-{name}.log"
+    daemon = Natgwd(lab, state_path, None, log_path, METRICS_PORT)  # type: ignore[arg-type]
+    daemon.write_state(state)
+    applied = str(lab.applied_state_path) if applied_state is None else applied_state
+    command = [*wrapper, *natgwd_command(state_path, applied, *args)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    daemon.process = lab.spawn("gw", *command, log_path=log_path, env=full_env)
+    return daemon
+
+
+def readyz(daemon: Natgwd) -> tuple[int, dict[str, Any]]:
+    """/readyz's status and JSON detail. natgwd always sends a body; an empty one means
+    curl got no answer (status 0), and the detail is then {} so that polling goes on."""
+    status, body = daemon.get("/readyz")
+    return status, (json.loads(body) if body else {})
+
+
+# --- natgwd's log ---------------------------------------------------------------------
+
+
+def _log_lines(daemon: Natgwd) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each line of natgwd's log with its JSON object, or None where it is not one."""
+    parsed = []
+    for line in daemon.log().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        parsed.append((line, event if isinstance(event, dict) else None))
+    return parsed
+
+
+def log_events(daemon: Natgwd) -> list[dict[str, Any]]:
+    """natgwd's JSON log lines. Anything else (a traceback, say) is skipped, so that a
+    test can still read the events; tests that must not see such lines also assert
+    `not non_json_log_lines(daemon)`."""
+    return [event for _, event in _log_lines(daemon) if event is not None]
+
+
+def non_json_log_lines(daemon: Natgwd) -> list[str]:
+    """The log lines that are not a JSON object: exactly those log_events skips."""
+    return [line for line, event in _log_lines(daemon) if event is None]
+
+
+def events_named(daemon: Natgwd, event: str) -> list[dict[str, Any]]:
+    return [e for e in log_events(daemon) if e.get("event") == event]
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -44,6 +163,13 @@ class RuleCounters:
     packets_reply: float
     bytes_original: float
     bytes_reply: float
+
+    def not_below(self, other: RuleCounters) -> bool:
+        """Whether no counter is lower than in `other` (counters never go backwards)."""
+        return all(a >= b for a, b in zip(self.values(), other.values(), strict=True))
+
+    def values(self) -> tuple[float, ...]:
+        return (self.connections, self.packets_original, self.packets_reply, self.bytes_original, self.bytes_reply)
 
 
 def samples(daemon: Natgwd) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -207,6 +333,16 @@ def routes(lab: Lab, role: str) -> set[RouteEntry]:
 
 def nft_table(lab: Lab) -> str:
     return lab.exec("gw", "nft", "list", "table", "inet", "natgwd").stdout
+
+
+def natgwd_table_exists(lab: Lab) -> bool:
+    """Whether the gateway has natgwd's nftables table (inet natgwd)."""
+    return lab.exec("gw", "nft", "list", "table", "inet", "natgwd", check=False).returncode == 0
+
+
+def gateway_routes(lab: Lab) -> dict[str, dict[str, Any]]:
+    """The gateway's main-table IPv4 routes by destination, as `ip -j route` gives them."""
+    return {r["dst"]: r for r in json.loads(lab.exec("gw", "ip", "-j", "-4", "route").stdout)}
 
 
 # The seed's addresses, and a lab server on the upstream host (natgwd.lab.EXTERNAL_HOST).

@@ -1,54 +1,23 @@
 """Helpers for the live-operation tests (test_lifecycle.py): long-lived TCP echo streams,
 a raw ARP capture, conntrack listings, a notify socket, and small readers of natgwd's
-metrics, logs, addresses and routes. Everything runs only inside the lab's namespaces."""
+metrics, addresses and routes (what the other integration tests share is in helpers.py).
+Everything runs only inside the lab's namespaces."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 from natgwd.lab import Lab, Natgwd
+from tests.integration.helpers import RuleCounters, wait_for
 
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 15, interval: float = 0.05) -> T:
-    """Poll until `check` returns something truthy; return it, or raise naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
-        time.sleep(interval)
-
-
-# --- natgwd ---------------------------------------------------------------------------
-
-
-def start(lab: Lab, state: dict[str, Any], *args: str) -> Natgwd:
-    """Start natgwd on `state` and wait until it reports exactly that file applied."""
-    daemon = lab.start_natgwd(state, *args)
-    daemon.wait_ready()
-    daemon.wait_applied()
-    return daemon
-
-
-def apply(daemon: Natgwd, state: dict[str, Any]) -> dict[str, Any]:
-    """Replace the desired state; wait until it is applied (conntrack cleanup included)."""
-    daemon.write_state(state)
-    return daemon.wait_applied()
-
+# --- natgwd's metrics ------------------------------------------------------------------
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -71,27 +40,15 @@ def conntrack_deleted(daemon: Natgwd) -> dict[str, float]:
     }
 
 
-@dataclass(frozen=True)
-class Counters:
-    connections: float
-    packets_original: float
-    packets_reply: float
-    bytes_original: float
-    bytes_reply: float
+def counters(daemon: Natgwd, kind: str, name: str, eip: str) -> RuleCounters:
+    """The rule's counters from /metrics, 0 for any it does not export (unlike
+    helpers.rule_counters, which tells a rule without counters apart)."""
 
-    def not_below(self, other: Counters) -> bool:
-        return all(a >= b for a, b in zip(self.values(), other.values(), strict=True))
-
-    def values(self) -> tuple[float, ...]:
-        return (self.connections, self.packets_original, self.packets_reply, self.bytes_original, self.bytes_reply)
-
-
-def counters(daemon: Natgwd, kind: str, name: str, eip: str) -> Counters:
     def get(metric_name: str, direction: str | None = None) -> float:
         extra = {"direction": direction} if direction else {}
         return metric(daemon, metric_name, kind=kind, name=name, eip=eip, **extra)
 
-    return Counters(
+    return RuleCounters(
         get("natgwd_rule_connections_total"),
         get("natgwd_rule_packets_total", "original"),
         get("natgwd_rule_packets_total", "reply"),
@@ -100,56 +57,7 @@ def counters(daemon: Natgwd, kind: str, name: str, eip: str) -> Counters:
     )
 
 
-def log_events(daemon: Natgwd) -> list[dict[str, Any]]:
-    """natgwd's JSON log lines (anything else, e.g. a traceback, is skipped)."""
-    events = []
-    for line in daemon.log().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-def natgwd_command(lab: Lab, state_path: Path, metrics_port: int = 9469, *args: str) -> list[str]:
-    """The command line Lab.start_natgwd uses, for starting natgwd with a custom environment."""
-    return [
-        sys.executable,
-        "-m",
-        "natgwd",
-        "run",
-        "--state",
-        str(state_path),
-        "--metrics-address",
-        f"127.0.0.1:{metrics_port}",
-        "--applied-state",
-        str(lab.applied_state_path),
-        *args,
-    ]
-
-
-def start_with_env(lab: Lab, state: dict[str, Any], env: dict[str, str]) -> Natgwd:
-    """Start natgwd (not waiting) with extra environment variables."""
-    state_path = lab.workdir / "state.json"
-    log_path = lab.workdir / "natgwd-env.log"
-    daemon = Natgwd(lab, state_path, None, log_path, 9469)  # type: ignore[arg-type]
-    daemon.write_state(state)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    daemon.process = lab.spawn("gw", *natgwd_command(lab, state_path), log_path=log_path, env=full_env)
-    return daemon
-
-
 # --- traffic --------------------------------------------------------------------------
-
-
-def host_of(answer: str) -> str:
-    """The address of a lab server's "ip:port[ @tag]" answer."""
-    address = answer.split(" ", 1)[0]
-    host, sep, port = address.rpartition(":")
-    assert sep and port.isdigit(), f"not an ip:port answer: {answer!r}"
-    return host
 
 
 def udp_once(lab: Lab, role: str, address: str, port: int, source_port: int, timeout: float = 2) -> str:
@@ -376,7 +284,3 @@ def routes(lab: Lab, role: str) -> set[tuple[str, str | None, str]]:
     return {
         (r["dst"], r.get("gateway"), r["dev"]) for r in json.loads(lab.exec(role, "ip", "-j", "-4", "route").stdout)
     }
-
-
-def has_table(lab: Lab) -> bool:
-    return lab.exec("gw", "nft", "list", "table", "inet", "natgwd", check=False).returncode == 0

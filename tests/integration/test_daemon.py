@@ -7,7 +7,6 @@ natgwd in the lab's gateway namespace; traffic never leaves the lab.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -30,37 +29,22 @@ from tests.integration.helpers import (
     assert_dnat_works,
     assert_fip_works,
     assert_snat_works,
+    encode,
+    events_named,
     fetch,
+    gateway_routes,
+    natgwd_table_exists,
+    non_json_log_lines,
+    readyz,
+    sha256,
+    wait_for,
 )
-
-T = TypeVar("T")
 
 DNAT_KEY = "{ 10.115.55.200 . tcp . 8888 }"
 NATGWD_PROTO = 249
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def encode(state: dict[str, Any]) -> bytes:
-    """The bytes Natgwd.write_state writes for a state."""
-    return json.dumps(state, indent=1).encode()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll until `check` returns something truthy; return it, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
-        time.sleep(interval)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -105,27 +89,9 @@ def rule_counters(daemon: Natgwd) -> dict[str, float]:
     return {k: v for k, v in scrape(daemon).items() if k.startswith("natgwd_rule_")}
 
 
-def log_events(daemon: Natgwd) -> list[dict[str, Any]]:
-    events = []
-    for line in daemon.log().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            pytest.fail(f"natgwd wrote a log line that is not JSON: {line!r}")
-    return events
-
-
-def events_named(daemon: Natgwd, event: str) -> list[dict[str, Any]]:
-    return [e for e in log_events(daemon) if e.get("event") == event]
-
-
 def nft_table(lab: Lab, family: str = "inet", name: str = "natgwd") -> str:
     """`nft -j list table` in the gateway: the exact bytes, handles and counters included."""
     return lab.exec("gw", "nft", "-j", "list", "table", family, name).stdout
-
-
-def table_exists(lab: Lab) -> bool:
-    return lab.exec("gw", "nft", "list", "table", "inet", "natgwd", check=False).returncode == 0
 
 
 def has_element(lab: Lab, set_name: str, key: str) -> bool:
@@ -168,11 +134,6 @@ def addresses(lab: Lab, ifname: str) -> dict[str, int | None]:
     return dict(json.loads(lab.exec("gw", sys.executable, "-c", script).stdout))
 
 
-def routes(lab: Lab) -> dict[str, dict[str, Any]]:
-    """Main-table IPv4 routes of the gateway by destination."""
-    return {r["dst"]: r for r in json.loads(lab.exec("gw", "ip", "-j", "-4", "route").stdout)}
-
-
 def assert_pid_is_natgwd(daemon: Natgwd) -> None:
     """`ip netns exec` execs the command: the Popen pid is natgwd's own, so signals reach it."""
     argv = Path(f"/proc/{daemon.process.pid}/cmdline").read_bytes().split(b"\0")
@@ -183,11 +144,6 @@ def http_status(lab: Lab, daemon: Natgwd, method: str, path: str) -> int:
     url = f"http://127.0.0.1:{daemon.metrics_port}{path}"
     out = lab.exec("gw", "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, url)
     return int(out.stdout)
-
-
-def readyz(daemon: Natgwd) -> tuple[int, dict[str, Any]]:
-    status, body = daemon.get("/readyz")
-    return status, json.loads(body)
 
 
 @pytest.fixture
@@ -233,7 +189,7 @@ def test_invalid_file_changes_nothing(served: Lab, seed_state: dict[str, Any]) -
     bad = json.loads(json.dumps(seed_state))
     bad["dnat"].append({**bad["dnat"][0], "name": "dnat02", "eip": "nope", "externalPort": "9999", "bogus": True})
     daemon.write_state(bad)
-    wait_for(lambda: metric(daemon, "natgwd_reconciles_total", result="invalid") == 1, 5, "the file rejected")
+    wait_for(lambda: metric(daemon, "natgwd_reconciles_total", result="invalid") == 1, "the file rejected", timeout=5)
     assert nft_table(lab) == before
     assert metric(daemon, "natgwd_desired_state_valid") == 0
     status, detail = readyz(daemon)
@@ -247,20 +203,23 @@ def test_invalid_file_changes_nothing(served: Lab, seed_state: dict[str, Any]) -
     # 2. A semantic problem (a DNAT naming an unknown EIP), once the shape is right.
     del bad["dnat"][1]["bogus"]
     daemon.write_state(bad)
-    wait_for(lambda: metric(daemon, "natgwd_reconciles_total", result="invalid") == 2, 5, "the file rejected")
+    wait_for(lambda: metric(daemon, "natgwd_reconciles_total", result="invalid") == 2, "the file rejected", timeout=5)
     assert nft_table(lab) == before
     status, detail = readyz(daemon)
     assert status == 503
     assert "$.dnat[1].eip" in detail["reason"]
     rejected = events_named(daemon, "desired state rejected; keeping the last good state")[-1]
     assert "$.dnat[1].eip: names EIP 'nope', which is not in eips" in rejected["problems"]
+    assert not non_json_log_lines(daemon), non_json_log_lines(daemon)[:3]
     assert metric(daemon, "natgwd_desired_state_valid") == 0
     assert metric(daemon, "natgwd_reconciles_total", result="applied") == 1
     assert_dnat_works(lab)  # the last good state keeps working
 
     # The last good state is still defended against drift, and readiness stays 503.
     lab.exec("gw", "nft", "delete", "element", "inet", "natgwd", "dnat_target", DNAT_KEY)
-    wait_for(lambda: has_element(lab, "dnat_target", DNAT_KEY), 5, "the element restored while the file is invalid")
+    wait_for(
+        lambda: has_element(lab, "dnat_target", DNAT_KEY), "the element restored while the file is invalid", timeout=5
+    )
     assert readyz(daemon)[0] == 503
     assert_dnat_works(lab)
 
@@ -285,15 +244,15 @@ def test_starts_without_a_state_file(lab: Lab, seed_state: dict[str, Any]) -> No
         status, body = daemon.get("/readyz")
         return status == 503 and "file does not exist" in body
 
-    wait_for(missing_file_reported, 10, "readyz naming the missing file")
+    wait_for(missing_file_reported, "readyz naming the missing file", timeout=10)
     assert daemon.get("/healthz") == (200, "ok\n")
     assert metric(daemon, "natgwd_desired_state_valid") == 0
-    assert not table_exists(lab)
+    assert not natgwd_table_exists(lab)
     assert daemon.process.poll() is None
     daemon.write_state(seed_state)
     daemon.wait_applied(sha256(encode(seed_state)), timeout=5)
     assert metric(daemon, "natgwd_desired_state_valid") == 1
-    assert table_exists(lab)
+    assert natgwd_table_exists(lab)
 
 
 def test_invalid_file_while_retrying_is_rejected_once(lab: Lab, seed_state: dict[str, Any]) -> None:
@@ -301,13 +260,16 @@ def test_invalid_file_while_retrying_is_rejected_once(lab: Lab, seed_state: dict
     second, writing an error line each time and inflating reconciles_total{result="invalid"}."""
     seed_state["external"]["interface"] = "net9"  # incomplete: natgwd retries with backoff
     daemon = lab.start_natgwd(seed_state)
-    wait_for(lambda: "interface net9 does not exist" in daemon.get("/readyz")[1], 10, "readyz naming net9")
+    wait_for(lambda: "interface net9 does not exist" in daemon.get("/readyz")[1], "readyz naming net9", timeout=10)
     seed_state["bogus"] = True
     daemon.write_state(seed_state)
-    wait_for(lambda: (metric(daemon, "natgwd_reconciles_total", result="invalid") or 0) >= 1, 5, "the file rejected")
+    wait_for(
+        lambda: (metric(daemon, "natgwd_reconciles_total", result="invalid") or 0) >= 1, "the file rejected", timeout=5
+    )
     time.sleep(2)  # ten poll cycles; the file does not change
     assert metric(daemon, "natgwd_reconciles_total", result="invalid") == 1
     assert len(events_named(daemon, "desired state rejected; keeping the last good state")) == 1
+    assert not non_json_log_lines(daemon), non_json_log_lines(daemon)[:3]
 
 
 def test_half_written_file_is_rejected_then_applied(served: Lab, seed_state: dict[str, Any]) -> None:
@@ -328,7 +290,7 @@ def test_half_written_file_is_rejected_then_applied(served: Lab, seed_state: dic
             status, detail = readyz(daemon)
             return status == 503 and "not valid JSON" in detail.get("reason", "")
 
-        wait_for(half_rejected, 5, "the half-written file rejected")
+        wait_for(half_rejected, "the half-written file rejected", timeout=5)
         assert daemon.process.poll() is None
         assert metric(daemon, "natgwd_desired_state_valid") == 0
         assert (metric(daemon, "natgwd_reconciles_total", result="invalid") or 0) >= 1
@@ -367,7 +329,9 @@ def test_file_watch_in_place_write_and_rename(lab: Lab, seed_state: dict[str, An
     unchanged = metric(daemon, "natgwd_reconciles_total", result="unchanged") or 0
     os.utime(daemon.state_path)
     wait_for(
-        lambda: metric(daemon, "natgwd_reconciles_total", result="unchanged") == unchanged + 1, 5, "the touch seen"
+        lambda: metric(daemon, "natgwd_reconciles_total", result="unchanged") == unchanged + 1,
+        "the touch seen",
+        timeout=5,
     )
     assert metric(daemon, "natgwd_reconciles_total", result="applied") == applied
 
@@ -440,15 +404,15 @@ def test_drift_is_repaired(served: Lab, seed_state: dict[str, Any]) -> None:
     # Rules flushed.
     nft_before = repairs("nftables")
     lab.exec("gw", "nft", "flush", "table", "inet", "natgwd")
-    wait_for(lambda: rule_counts(lab) == wanted_rules, 5, "the flushed rules restored")
-    wait_for(repaired("nftables", nft_before), 5, "the nftables repair counted")
+    wait_for(lambda: rule_counts(lab) == wanted_rules, "the flushed rules restored", timeout=5)
+    wait_for(repaired("nftables", nft_before), "the nftables repair counted", timeout=5)
     assert_dnat_works(lab)
 
     # One element deleted.
     nft_before = repairs("nftables")
     lab.exec("gw", "nft", "delete", "element", "inet", "natgwd", "dnat_target", DNAT_KEY)
-    wait_for(lambda: has_element(lab, "dnat_target", DNAT_KEY), 5, "the deleted element restored")
-    wait_for(repaired("nftables", nft_before), 5, "the nftables repair counted")
+    wait_for(lambda: has_element(lab, "dnat_target", DNAT_KEY), "the deleted element restored", timeout=5)
+    wait_for(repaired("nftables", nft_before), "the nftables repair counted", timeout=5)
     assert_dnat_works(lab)
     assert_snat_works(lab)
 
@@ -457,8 +421,10 @@ def test_drift_is_repaired(served: Lab, seed_state: dict[str, Any]) -> None:
     assert counters[sample_name("natgwd_rule_connections_total", {"kind": "dnat", "name": "dnat01", "eip": DNAT_EIP})]
     nft_before = repairs("nftables")
     lab.exec("gw", "nft", "delete", "table", "inet", "natgwd")
-    wait_for(lambda: table_exists(lab) and rule_counts(lab) == wanted_rules, 5, "the deleted table restored")
-    wait_for(repaired("nftables", nft_before), 5, "the nftables repair counted")
+    wait_for(
+        lambda: natgwd_table_exists(lab) and rule_counts(lab) == wanted_rules, "the deleted table restored", timeout=5
+    )
+    wait_for(repaired("nftables", nft_before), "the nftables repair counted", timeout=5)
     after = rule_counters(daemon)
     assert after.keys() == counters.keys()
     went_back = {k: (v, after[k]) for k, v in counters.items() if after[k] < v}
@@ -469,23 +435,31 @@ def test_drift_is_repaired(served: Lab, seed_state: dict[str, Any]) -> None:
     # An EIP address deleted.
     links_before = repairs("addresses_routes")
     lab.exec("gw", "ip", "addr", "del", f"{DNAT_EIP}/21", "dev", "net2")
-    wait_for(lambda: addresses(lab, "net2").get(f"{DNAT_EIP}/21") == NATGWD_PROTO, 5, "the EIP address restored")
-    wait_for(repaired("addresses_routes", links_before), 5, "the address repair counted")
+    wait_for(
+        lambda: addresses(lab, "net2").get(f"{DNAT_EIP}/21") == NATGWD_PROTO, "the EIP address restored", timeout=5
+    )
+    wait_for(repaired("addresses_routes", links_before), "the address repair counted", timeout=5)
     assert_dnat_works(lab)
 
     # The default route deleted.
     links_before = repairs("addresses_routes")
     lab.exec("gw", "ip", "route", "del", "default")
-    wait_for(lambda: routes(lab).get("default", {}).get("gateway") == UPSTREAM, 5, "the default route restored")
-    wait_for(repaired("addresses_routes", links_before), 5, "the route repair counted")
-    assert routes(lab)["default"]["protocol"] == str(NATGWD_PROTO)
+    wait_for(
+        lambda: gateway_routes(lab).get("default", {}).get("gateway") == UPSTREAM,
+        "the default route restored",
+        timeout=5,
+    )
+    wait_for(repaired("addresses_routes", links_before), "the route repair counted", timeout=5)
+    assert gateway_routes(lab)["default"]["protocol"] == str(NATGWD_PROTO)
     assert_snat_works(lab)
 
     # Forwarding turned off.
     forwarding_before = repairs("forwarding")
     lab.exec("gw", "sysctl", "-qw", "net.ipv4.ip_forward=0")
-    wait_for(lambda: lab.exec("gw", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1", 5, "forwarding on")
-    wait_for(repaired("forwarding", forwarding_before), 5, "the forwarding repair counted")
+    wait_for(
+        lambda: lab.exec("gw", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1", "forwarding on", timeout=5
+    )
+    wait_for(repaired("forwarding", forwarding_before), "the forwarding repair counted", timeout=5)
     assert_snat_works(lab)
 
     # Someone else's table and address survived all of these resyncs.
@@ -516,7 +490,7 @@ def test_restart_adopts_without_a_blip(served: Lab, seed_state: dict[str, Any], 
     code = first.stop(sig)
     assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     # Down: the table stays and keeps translating.
-    assert table_exists(lab)
+    assert natgwd_table_exists(lab)
     assert_dnat_works(lab)
     assert_snat_works(lab)
     assert_fip_works(lab)
@@ -533,6 +507,7 @@ def test_restart_adopts_without_a_blip(served: Lab, seed_state: dict[str, Any], 
     assert applied["changed_elements"] == 0, applied
     assert applied["link_changes"] == 0, applied
     assert not events_named(second, "nftables transaction applied")
+    assert not non_json_log_lines(second), non_json_log_lines(second)[:3]
     assert handles(lab) == table_handles
     assert nft_table(lab) == down_table  # counters included: nothing reset, no traffic since
     counters = rule_counters(second)
@@ -561,9 +536,9 @@ def test_readiness_waits_for_a_missing_interface(served: Lab, seed_state: dict[s
         status, body = daemon.get("/readyz")
         return status == 503 and "interface net9 does not exist" in body
 
-    wait_for(not_ready_for_net9, 10, "readyz naming net9")
+    wait_for(not_ready_for_net9, "readyz naming net9", timeout=10)
     assert daemon.get("/healthz") == (200, "ok\n")
-    assert table_exists(lab), "the nft table waits for nothing"
+    assert natgwd_table_exists(lab), "the nft table waits for nothing"
     assert 'oifname "net9"' in lab.exec("gw", "nft", "list", "table", "inet", "natgwd").stdout
     assert metric(daemon, "natgwd_interfaces_missing") == 1
 
@@ -688,14 +663,15 @@ def test_sighup_rereads_and_resyncs(served: Lab, seed_state: dict[str, Any]) -> 
     applied_before = metric(daemon, "natgwd_reconciles_total", result="applied")
 
     os.kill(daemon.process.pid, signal.SIGHUP)
-    wait_for(lambda: has_element(lab, "dnat_target", DNAT_KEY), 5, "the element restored after SIGHUP")
+    wait_for(lambda: has_element(lab, "dnat_target", DNAT_KEY), "the element restored after SIGHUP", timeout=5)
     assert daemon.process.poll() is None
     assert events_named(daemon, "SIGHUP: re-reading the desired state and resyncing")
+    assert not non_json_log_lines(daemon), non_json_log_lines(daemon)[:3]
     # Re-read: the file is applied again (forced), and the element counted as a repair.
     wait_for(
         lambda: metric(daemon, "natgwd_reconciles_total", result="applied") == (applied_before or 0) + 1,
-        5,
         "the re-read file applied",
+        timeout=5,
     )
     assert metric(daemon, "natgwd_drift_repairs_total", resource="nftables") == 1
     assert_dnat_works(lab)
@@ -790,7 +766,7 @@ def test_foreign_state_is_never_touched(served: Lab, seed_state: dict[str, Any])
         assert nft_table(lab, "ip", "keepme") == keepme
         assert addresses(lab, "net1").get("172.20.10.254/24", "missing") is None
         assert addresses(lab, "net2").get("10.115.50.50/21", "missing") is None
-        route = routes(lab).get("10.99.0.0/16")
+        route = gateway_routes(lab).get("10.99.0.0/16")
         assert route is not None
         # iproute2 leaves out "protocol" for proto boot, the default of `ip route add`
         assert (route["gateway"], route["dev"], route.get("protocol", "boot")) == ("172.20.10.1", "net1", "boot")
@@ -804,6 +780,7 @@ def test_foreign_state_is_never_touched(served: Lab, seed_state: dict[str, Any])
     changes = [e["change"] for e in events_named(daemon, "link change")]
     assert "add address 172.20.10.254/24 dev net1" not in changes
     assert not any("10.99.0.0/16" in c for c in changes), changes
+    assert not non_json_log_lines(daemon), non_json_log_lines(daemon)[:3]
     assert_snat_works(lab)
 
     # B: drops both, moves natgwd's own addresses, changes rules.
@@ -830,8 +807,8 @@ def test_foreign_state_is_never_touched(served: Lab, seed_state: dict[str, Any])
     last = metric(daemon, "natgwd_last_successful_reconcile_timestamp_seconds") or 0
     wait_for(
         lambda: (metric(daemon, "natgwd_last_successful_reconcile_timestamp_seconds") or 0) > last + 1,
-        10,
         "two more resyncs",
+        timeout=10,
     )
     foreign_intact()
     assert addresses(lab, "net1") == {"172.20.10.254/24": None}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import json
 import os
 import random
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -42,19 +41,26 @@ from natgwd.validation import MAX_FILE_BYTES, load_state
 from tests.integration.helpers import (
     DNAT_EIP,
     FIP_EIP,
+    METRICS_PORT,
     UPSTREAM,
     UPSTREAM_PORT,
     assert_dnat_works,
     assert_fip_works,
     assert_snat_works,
+    encode,
+    events_named,
     fetch,
+    gateway_routes,
+    log_events,
+    non_json_log_lines,
+    readyz,
+    sha256,
+    start_natgwd_with,
+    wait_for,
 )
-
-T = TypeVar("T")
 
 SEED_DNAT_KEY = "{ 10.115.55.200 . tcp . 8888 }"
 NATGWD_PROTO = 249
-METRICS_PORT = 9469
 RSS_BOUND_MB = 300
 THREAD_BOUND = 40
 
@@ -62,29 +68,8 @@ THREAD_BOUND = 40
 # --- small helpers ------------------------------------------------------------------------
 
 
-def encode(state: dict[str, Any]) -> bytes:
-    """The bytes Natgwd.write_state writes for a state."""
-    return json.dumps(state, indent=1).encode()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def seed() -> dict[str, Any]:
     return copy.deepcopy(SEED_STATE)
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll until `check` returns something truthy; return it, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
-        time.sleep(interval)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -108,37 +93,8 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def readyz(daemon: Natgwd) -> tuple[int, dict[str, Any]]:
-    status, body = daemon.get("/readyz")
-    return status, (json.loads(body) if body else {})
-
-
-def log_events(daemon: Natgwd) -> list[dict[str, Any]]:
-    events = []
-    for line in daemon.log().splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict):
-                events.append(event)
-    return events
-
-
-def events_named(daemon: Natgwd, name: str) -> list[dict[str, Any]]:
-    return [e for e in log_events(daemon) if e.get("event") == name]
-
-
 def errors_logged(daemon: Natgwd) -> list[dict[str, Any]]:
     return [e for e in log_events(daemon) if e.get("level") in ("error", "critical")]
-
-
-def non_json_log_lines(daemon: Natgwd) -> list[str]:
-    bad = []
-    for line in daemon.log().splitlines():
-        try:
-            json.loads(line)
-        except ValueError:
-            bad.append(line)
-    return bad
 
 
 def metric(daemon: Natgwd, name: str) -> float | None:
@@ -158,38 +114,6 @@ def kill_process(process: subprocess.Popen[bytes]) -> None:
             os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
-
-
-def natgwd_command(path: Path, applied_state: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "natgwd",
-        "run",
-        "--state",
-        str(path),
-        "--metrics-address",
-        f"127.0.0.1:{METRICS_PORT}",
-        "--applied-state",
-        applied_state,
-        *args,
-    ]
-
-
-def start_wrapped(
-    lab: Lab, wrapper: list[str], state: dict[str, Any], *args: str, applied_state: str | None = None, name: str = "x"
-) -> Natgwd:
-    """Start natgwd in the gateway behind a wrapper command (setpriv, unshare, ...) that
-    ends by exec'ing it, so the Popen pid is natgwd's own."""
-    path = lab.workdir / "state.json"
-    log_path = lab.workdir / f"natgwd-{name}.log"
-    daemon = Natgwd(lab, path, None, log_path, METRICS_PORT)  # type: ignore[arg-type]
-    daemon.write_state(state)
-    applied = str(lab.applied_state_path) if applied_state is None else applied_state
-    command = [*wrapper, *natgwd_command(path, applied, *args)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    daemon.process = lab.spawn("gw", *command, log_path=log_path, env=env)
-    return daemon
 
 
 # --- nftables contents, independent of rule ids ----------------------------------------------
@@ -274,10 +198,6 @@ def table_snapshot(lab: Lab) -> Any:
 def net2_addresses(lab: Lab) -> set[str]:
     links = json.loads(lab.exec("gw", "ip", "-j", "-4", "addr", "show", "dev", "net2").stdout)
     return {f"{a['local']}/{a['prefixlen']}" for link in links for a in link.get("addr_info", ())}
-
-
-def main_routes(lab: Lab) -> dict[str, dict[str, Any]]:
-    return {r["dst"]: r for r in json.loads(lab.exec("gw", "ip", "-j", "-4", "route").stdout)}
 
 
 def forwarding(lab: Lab) -> str:
@@ -677,7 +597,7 @@ def test_hostile_file_is_rejected_and_changes_nothing(gateway: Gateway, case: st
         status, detail = readyz(daemon)
         return detail if status == 503 and hostile.reason in detail.get("reason", "") else None
 
-    detail = wait_for(rejected, 15, f"/readyz naming {hostile.reason!r}")
+    detail = wait_for(rejected, f"/readyz naming {hostile.reason!r}", timeout=15)
     assert detail["applied_sha256"] == sha256(gateway.good), detail
     assert daemon.process.poll() is None
     assert daemon.get("/healthz") == (200, "ok\n")
@@ -760,10 +680,12 @@ def test_directory_in_place_of_the_file_leaks_no_descriptor(lab: Lab) -> None:
     daemon = lab.start_natgwd(seed(), "--resync-interval", "3600")
     daemon.wait_applied()
     pid = daemon.process.pid
-    wait_for(lambda: events_named(daemon, "gratuitous ARP sent"), 10, "the start-up GARP (its socket closes after)")
+    wait_for(
+        lambda: events_named(daemon, "gratuitous ARP sent"), "the start-up GARP (its socket closes after)", timeout=10
+    )
     baseline = fd_count(pid)
     put_directory(daemon.state_path)
-    wait_for(lambda: "is a directory" in readyz(daemon)[1].get("reason", ""), 10, "the directory rejected")
+    wait_for(lambda: "is a directory" in readyz(daemon)[1].get("reason", ""), "the directory rejected", timeout=10)
     time.sleep(2.5)
     for _ in range(3):
         os.kill(pid, signal.SIGHUP)
@@ -874,7 +796,7 @@ def prober(lab: Lab, role: str, address: str, port: int, name: str, interval: fl
     path = lab.workdir / f"probe-{name}.log"
     process = lab.spawn(role, sys.executable, "-c", PROBER, address, str(port), str(interval), str(path))
     probe = Prober(name, path, process)
-    wait_for(lambda: any(ok for _, ok, _ in probe.results()), 10, f"the {name} prober's first success")
+    wait_for(lambda: any(ok for _, ok, _ in probe.results()), f"the {name} prober's first success", timeout=10)
     return probe
 
 
@@ -901,7 +823,7 @@ def foreign_state(lab: Lab) -> dict[str, Any]:
         "tables": sorted(set(lab.exec("gw", "nft", "list", "tables").stdout.splitlines()) - {"table inet natgwd"}),
         "net1": lab.exec("gw", "ip", "-4", "addr", "show", "dev", "net1").stdout.count("172.20.10.250/24"),
         "net2": lab.exec("gw", "ip", "-4", "addr", "show", "dev", "net2").stdout.count("192.0.2.10/24"),
-        "route": {k: v for k, v in main_routes(lab).get("10.99.0.0/16", {}).items() if k != "flags"},
+        "route": {k: v for k, v in gateway_routes(lab).get("10.99.0.0/16", {}).items() if k != "flags"},
     }
 
 
@@ -980,7 +902,7 @@ def converged(lab: Lab, daemon: Natgwd, state: dict[str, Any], wanted: dict[str,
         return False
     if not eip_addresses(state) <= net2_addresses(lab):
         return False
-    routes = main_routes(lab)
+    routes = gateway_routes(lab)
     default = routes.get("default", {})
     if default.get("gateway") != UPSTREAM or default.get("protocol") != str(NATGWD_PROTO):
         return False
@@ -1016,7 +938,9 @@ def test_drift_and_interference_under_traffic_and_changes(lab: Lab) -> None:
         if round_.change == "after":
             daemon.write_state(round_.state)
         foreign = foreign_state(lab)  # including the intruder's own change of this round
-        wait_for(functools.partial(converged, lab, daemon, round_.state, wanted), 20, f"repair after: {round_.name}")
+        wait_for(
+            functools.partial(converged, lab, daemon, round_.state, wanted), f"repair after: {round_.name}", timeout=20
+        )
         repaired = time.time()
         windows.append((started, repaired))
         print(f"drift round '{round_.name}': repaired and applied {repaired - started:.2f}s after the disruption")
@@ -1105,7 +1029,7 @@ def test_drift_is_repaired_while_the_file_keeps_changing(lab: Lab) -> None:
         def restored() -> bool:
             return present in lab.exec("gw", "nft", "list", "map", "inet", "natgwd", "dnat_target").stdout
 
-        wait_for(restored, 6, "the deleted element restored while the file keeps changing")
+        wait_for(restored, "the deleted element restored while the file keeps changing", timeout=6)
         print(f"drift under churn: repaired after {time.monotonic() - deleted:.2f}s")
     finally:
         stop.set()
@@ -1144,7 +1068,9 @@ def test_runs_with_only_net_admin_and_net_raw(lab: Lab, uid: int) -> None:
     lab.exec("gw", "sysctl", "-qw", "net.ipv4.ip_forward=0")  # natgwd must turn it on itself
     capture = capture_arp(lab, "ext", "eth0")
     applied = None if uid == 0 else ""  # nowhere to write the record as another uid
-    daemon = start_wrapped(lab, setpriv(uid), seed(), "--resync-interval", "1", applied_state=applied, name="caps")
+    daemon = start_natgwd_with(
+        lab, seed(), "--resync-interval", "1", wrapper=setpriv(uid), applied_state=applied, name="caps"
+    )
     daemon.wait_applied(timeout=20)
 
     status = proc_status(daemon.process.pid)
@@ -1164,13 +1090,13 @@ def test_runs_with_only_net_admin_and_net_raw(lab: Lab, uid: int) -> None:
         frames = {(f.psrc, f.eth_src) for f in capture.gratuitous()}
         return {DNAT_EIP, FIP_EIP} <= {address for address, _ in frames}
 
-    wait_for(announced, 10, "gratuitous ARP for both EIPs")
+    wait_for(announced, "gratuitous ARP for both EIPs", timeout=10)
     garp_metric = 'natgwd_gratuitous_arp_packets_total{interface="net2"}'
-    garp = wait_for(lambda: daemon.metrics().get(garp_metric) == 6 and 6, 10, "6 GARP frames counted")
+    garp = wait_for(lambda: daemon.metrics().get(garp_metric) == 6 and 6, "6 GARP frames counted", timeout=10)
 
     # Forwarding turned off at run time is repaired too, and rules follow a change.
     lab.exec("gw", "sysctl", "-qw", "net.ipv4.ip_forward=0")
-    wait_for(lambda: forwarding(lab) == "1", 10, "forwarding repaired with reduced capabilities")
+    wait_for(lambda: forwarding(lab) == "1", "forwarding repaired with reduced capabilities", timeout=10)
     changed = seed()
     changed["dnat"][0]["externalPort"] = "8889"
     daemon.write_state(changed)
@@ -1197,7 +1123,7 @@ def test_read_only_proc_sys_still_forwards(lab: Lab) -> None:
         'mount --bind -o ro /proc/sys /proc/sys && exec "$@"',
         "sh",
     ]
-    daemon = start_wrapped(lab, [*read_only, *setpriv(0)], seed(), "--resync-interval", "1", name="ro")
+    daemon = start_natgwd_with(lab, seed(), "--resync-interval", "1", wrapper=[*read_only, *setpriv(0)], name="ro")
     daemon.wait_applied(timeout=20)
     mounts = Path(f"/proc/{daemon.process.pid}/mountinfo").read_text()
     assert any(" /proc/sys " in line and " ro," in line for line in mounts.splitlines()), "not read-only"
@@ -1215,7 +1141,7 @@ def test_read_only_proc_sys_still_forwards(lab: Lab) -> None:
     assert_snat_works(lab)
     assert_fip_works(lab)
     lab.exec("gw", "sysctl", "-qw", "net.ipv4.conf.net2.forwarding=0")
-    wait_for(lambda: interface_forwarding()["net2"] == "1", 10, "net2 forwarding repaired over netlink")
+    wait_for(lambda: interface_forwarding()["net2"] == "1", "net2 forwarding repaired over netlink", timeout=10)
     assert_snat_works(lab)
     assert not errors_logged(daemon), errors_logged(daemon)
     assert daemon.process.poll() is None
@@ -1421,7 +1347,7 @@ def slow_flood(lab: Lab, daemon: Natgwd, count: int, hold: float) -> Flood:
     pid = daemon.process.pid
     out = lab.workdir / "slow.json"
     process = lab.spawn("gw", sys.executable, "-c", SLOW_CLIENTS, str(METRICS_PORT), str(count), str(hold), str(out))
-    wait_for(lambda: Path(f"{out}.ready").exists(), 20, "the slow clients connected")
+    wait_for(lambda: Path(f"{out}.ready").exists(), "the slow clients connected", timeout=20)
     probes: list[tuple[int, float]] = []
     max_threads = max_fds = 0
     while process.poll() is None:
@@ -1434,7 +1360,7 @@ def slow_flood(lab: Lab, daemon: Natgwd, count: int, hold: float) -> Flood:
 
 def settled_fds(daemon: Natgwd) -> int:
     """natgwd's fd count once the start-up GARP socket is closed."""
-    wait_for(lambda: events_named(daemon, "gratuitous ARP sent"), 10, "the start-up GARP sent")
+    wait_for(lambda: events_named(daemon, "gratuitous ARP sent"), "the start-up GARP sent", timeout=10)
     time.sleep(0.3)
     return fd_count(daemon.process.pid)
 
@@ -1476,7 +1402,7 @@ def test_http_survives_slow_and_malformed_clients(lab: Lab) -> None:
     assert seconds < 5
     assert daemon.process.poll() is None
     assert thread_count(pid) < THREAD_BOUND
-    after = wait_for(lambda: ((n := fd_count(pid)) <= fds and n) or None, 15, f"fds back to {fds}")
+    after = wait_for(lambda: ((n := fd_count(pid)) <= fds and n) or None, f"fds back to {fds}", timeout=15)
     print(f"http flood: afterwards {thread_count(pid)} threads, {after} fds")
     assert readyz(daemon)[0] == 200
 
@@ -1679,7 +1605,7 @@ def _soak(lab: Lab, seconds: float) -> None:
     traffic.wait(30)
     result = json.loads(out.read_text())
     applied = (metric(daemon, 'natgwd_reconciles_total{result="applied"}') or 0) - applied_start
-    after = wait_for(lambda: ((n := fd_count(pid)) <= fds + 5 and n) or None, 15, f"fds back near {fds}")
+    after = wait_for(lambda: ((n := fd_count(pid)) <= fds + 5 and n) or None, f"fds back near {fds}", timeout=15)
     rss_end = rss_mb(pid)
     samples.rss.append(rss_end)
     worst = max(s for _, s in samples.scrapes)

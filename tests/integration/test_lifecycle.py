@@ -8,7 +8,6 @@ failure) and runs natgwd in the lab's gateway namespace; traffic never leaves th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import sys
@@ -18,25 +17,30 @@ from typing import Any
 import pytest
 
 from natgwd.lab import Lab
+from tests.integration.helpers import (
+    apply,
+    events_named,
+    host_of,
+    log_events,
+    natgwd_table_exists,
+    readyz,
+    sha256,
+    start,
+    start_natgwd_with,
+    wait_for,
+)
 from tests.integration.lifecycle_helpers import (
     NotifySocket,
     addresses,
-    apply,
     capture_arp,
     conntrack_deleted,
     conntrack_entries,
     counters,
-    has_table,
-    host_of,
-    log_events,
     mac_of,
     metric,
     routes,
-    start,
-    start_with_env,
     tcp_stream,
     udp_once,
-    wait_for,
 )
 
 EIP1 = "10.115.55.200"
@@ -235,7 +239,7 @@ def test_restart_keeps_connections_and_counters(lab: Lab, seed_state: dict[str, 
     assert host_of(udp_once(lab, "vm3", UPSTREAM, 6000, source_port=40006)) == EIP1
 
     restarted = start(lab, seed_state)
-    applied = [e for e in log_events(restarted) if e.get("event") == "desired state applied"]
+    applied = events_named(restarted, "desired state applied")
     assert [(e["nft_operations"], e["changed_elements"]) for e in applied] == [(0, 0)], applied
     inbound.wait_echoes(10)
     outbound.wait_echoes(10)
@@ -248,7 +252,7 @@ def test_restart_keeps_connections_and_counters(lab: Lab, seed_state: dict[str, 
 
     assert restarted.stop(signal.SIGTERM) == 0
     assert "natgwd stopped; the data plane stays in place" in [e.get("event") for e in log_events(restarted)]
-    assert has_table(lab)
+    assert natgwd_table_exists(lab)
     inbound.wait_echoes(10)
     outbound.wait_echoes(10)
 
@@ -315,13 +319,12 @@ def test_late_external_interface_is_picked_up(lab: Lab, seed_state: dict[str, An
     daemon = lab.start_natgwd(seed_state)
 
     def not_ready_for_net2() -> dict[str, Any] | None:
-        status, body = daemon.get("/readyz")
-        detail: dict[str, Any] = json.loads(body) if body else {}
+        status, detail = readyz(daemon)
         return detail if status == 503 and "net2" in detail.get("reason", "") else None
 
     detail = wait_for(not_ready_for_net2, "/readyz 503 naming net2")
     assert detail["reason"] == "interface net2 does not exist"
-    assert has_table(lab)
+    assert natgwd_table_exists(lab)
     assert addresses(lab, "gw", "net1") == {"172.20.10.254/24"}
     assert ("10.55.0.0/16", "172.20.10.1", "net1") in routes(lab, "gw")
     assert addresses(lab, "gw", "late2") == set()
@@ -354,7 +357,9 @@ def test_sd_notify_ready_watchdog_stopping(lab: Lab, seed_state: dict[str, Any])
     lab.exec("gw", "ip", "link", "set", "net2", "name", "late2")
     notify = NotifySocket(lab.workdir / "notify.sock")
     try:
-        daemon = start_with_env(lab, seed_state, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+        daemon = start_natgwd_with(
+            lab, seed_state, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}, name="env"
+        )
         wait_for(lambda: daemon.get("/readyz")[0] == 503 and "net2" in daemon.get("/readyz")[1], "not ready: net2")
         waiting = notify.collect(1.5)
         assert "READY=1" not in waiting, waiting
@@ -397,7 +402,7 @@ def test_cleanup_removes_only_what_natgwd_added(lab: Lab, seed_state: dict[str, 
 
     result = lab.exec("gw", sys.executable, "-m", "natgwd", "cleanup", "--applied-state", str(lab.applied_state_path))
     assert result.stdout.splitlines()[0] == "deleted nftables table inet natgwd"
-    assert not has_table(lab)
+    assert not natgwd_table_exists(lab)
     assert addresses(lab, "gw", "net2") == set()
     assert addresses(lab, "gw", "net1") == {"172.20.10.254/24", "192.168.77.1/24"}
     assert routes(lab, "gw") == {
@@ -417,7 +422,7 @@ def test_sighup_resyncs_and_applied_state_is_recorded(lab: Lab, seed_state: dict
     applied-state file and by `natgwd status`, so operators can tell what is in force."""
     lab.serve("vm1", tcp=[80])
     daemon = start(lab, seed_state, "--resync-interval", "3600")
-    digest = hashlib.sha256(daemon.state_path.read_bytes()).hexdigest()
+    digest = sha256(daemon.state_path.read_bytes())
     _, body = daemon.get("/readyz")
     ready = json.loads(body)
     assert ready["applied_sha256"] == digest
