@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.netns import bare_gateway
+from benchmarks.stats import rss_of, summary
 from natgwd.daemon import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,27 +156,7 @@ def scenario(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]:
         yield "noop", encode(state) + b"\n" * (it + 1)  # unique bytes, same content
 
 
-# --- statistics -------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summary(values: list[float]) -> dict[str, float | int]:
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "median": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "min": min(values),
-        "max": max(values),
-    }
+# --- measuring ---------------------------------------------------------------------------
 
 
 def profile_text(profile: cProfile.Profile, sort: str, limit: int) -> str:
@@ -186,16 +167,6 @@ def profile_text(profile: cProfile.Profile, sort: str, limit: int) -> str:
     # Drop pstats' preamble up to the column header.
     start = text.find("   ncalls")
     return text[start:].rstrip() + "\n" if start >= 0 else text
-
-
-def rss_of(pid: int | str) -> dict[str, int]:
-    """VmRSS and VmHWM in kB."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
 
 
 def cpu_seconds(pid: int | str) -> float:

@@ -56,6 +56,7 @@ from typing import Any
 from benchmarks import rulesets
 from benchmarks.netns import Netns, bare_gateway
 from benchmarks.rulesets import SERVER_PORT, Step, Workload
+from benchmarks.stats import percentile, rss_of, summary
 from natgwd.daemon import POLL_SECONDS
 from natgwd.lab import EXTERNAL_HOST, VM_ADDRESSES, Lab
 
@@ -106,30 +107,6 @@ NATGWD_SETTLE_SECONDS = 2.5  # after the base state: natgwd's gratuitous ARPs (3
 
 class OverBudgetError(Exception):
     pass
-
-
-# --- statistics -------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "median": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "min": min(values),
-        "max": max(values),
-        "values": values,
-    }
 
 
 # --- the run's context ------------------------------------------------------------------
@@ -496,16 +473,6 @@ GATEWAYS: dict[str, type[Gateway]] = {
     "per-rule-exec": PerRuleExecGateway,
     "naive-nft": NaiveNftGateway,
 }
-
-
-def rss_of(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in kB."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
 
 
 # --- traffic ----------------------------------------------------------------------------
