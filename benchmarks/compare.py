@@ -78,7 +78,7 @@ METHOD_DESCRIPTIONS = {
     "natgwd": "the daemon as deployed (python -m natgwd run, --resync-interval 3600 so that no periodic "
     "resync lands in a measurement): the state file is replaced by a rename and the time runs until natgwd's "
     "applied-state record (written once the kernel holds the change) names the new file's sha256. Includes "
-    f"the file watcher's polling (every {POLL_SECONDS} s; writes land at a random moment of that period), reading, "
+    f"noticing the new file (inotify, else a stat() poll every {POLL_SECONDS} s), reading, "
     "validating, planning, the nftables transaction, the links check and conntrack cleanup.",
     "floor": "the same content natgwd sends, straight to the kernel: natgwd's own nftables script, rendered "
     "beforehand with natgwd's planning code (the full table from scratch, or the incremental transaction of a "

@@ -32,11 +32,13 @@ from natgwd.nft import NftError
 from natgwd.notify import Notifier
 from natgwd.reconciler import Announce, Outcome, Reconciler
 from natgwd.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
-from natgwd.watch import FileWatcher
+from natgwd.watch import DirectoryWaker, FileWatcher
 
 log = structlog.get_logger("natgwd.daemon")
 
-POLL_SECONDS = 0.05  # one stat() per poll: detection within 50 ms costs next to nothing
+# One stat() per poll: detection within 50 ms costs next to nothing. inotify (watch.py)
+# usually wakes the poll at once; this is the bound where it cannot.
+POLL_SECONDS = 0.05
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
 STALL_SECONDS = 120.0
@@ -81,6 +83,8 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
+        waker = DirectoryWaker(self.config.state_path, self._wake.set)
+        waker.start()
         self._recall_applied()
         log.info(
             "natgwd started",
@@ -97,6 +101,7 @@ class Daemon:
                 self._wake.clear()
         finally:
             self.notifier.send("STOPPING=1")
+            waker.stop()
             server.shutdown()
             server.server_close()
         log.info("natgwd stopped; the data plane stays in place")
