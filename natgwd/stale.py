@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
+from typing import TypeVar
 
 from natgwd.model import DesiredState
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,9 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
     if old is None or set(old.snat) != set(new.snat):
         return None
     filters: set[Filter] = set()
-    old_fips, new_fips, old_dnats, new_dnats = set(old.fip), set(new.fip), set(old.dnat), set(new.dnat)
-    for state, others, fips, dnats in (
-        (old, new, old_fips - new_fips, old_dnats - new_dnats),
-        (new, old, new_fips - old_fips, new_dnats - old_dnats),
-    ):
+    gone_fips, added_fips = _differences(old.fip, new.fip)
+    gone_dnats, added_dnats = _differences(old.dnat, new.dnat)
+    for state, others, fips, dnats in ((old, new, gone_fips, gone_dnats), (new, old, added_fips, added_dnats)):
         eip = {e.name: str(e.v4ip) for e in state.eips}
         other_eips = {str(e.v4ip) for e in others.eips}
         for address in set(eip.values()) - other_eips:
@@ -148,3 +148,13 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
             for address in (str(old_eips[e.name]), str(e.v4ip)):
                 filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
     return sorted(filters, key=lambda f: (f.tuple, f.field, f.address))
+
+
+def _differences(old: tuple[R, ...], new: tuple[R, ...]) -> tuple[set[R], set[R]]:
+    """The rules only in `old` and only in `new`, by value. Validation hands out the very
+    rule object of the last state for an unchanged rule: those are set aside by identity,
+    and only the rest is hashed (a rule's hash is computed in Python, field by field)."""
+    old_ids, new_ids = set(map(id, old)), set(map(id, new))
+    old_rest = {rule for rule in old if id(rule) not in new_ids}
+    new_rest = {rule for rule in new if id(rule) not in old_ids}
+    return old_rest - new_rest, new_rest - old_rest

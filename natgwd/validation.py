@@ -32,6 +32,7 @@ from natgwd.model import (
     FipRule,
     InternalSide,
     PortRange,
+    Protocol,
     Route,
     SnatRule,
 )
@@ -368,12 +369,24 @@ def _port_range(typed: tuple[type, int | str | float]) -> PortRange | str:
     return PortRange(first, last)
 
 
+def _dnat_rule(fields: tuple[str, str, Protocol, int | str, int | str, type, type, str, DnatType]) -> DnatRule:
+    """The rule of fields already checked (their values are parsed again from the memos)."""
+    name, eip, protocol, external, internal, external_type, internal_type, address, kind = fields
+    external_port = _PORT_RANGES((external_type, external))
+    internal_port = _PORT_RANGES((internal_type, internal))
+    internal_ip = _ADDRESSES(address)
+    assert isinstance(external_port, PortRange) and isinstance(internal_port, PortRange)
+    assert isinstance(internal_ip, IPv4Address)
+    return DnatRule(name, eip, protocol, external_port, internal_ip, internal_port, kind)
+
+
 # Values (or the reason they are refused) by their text: at 10,000 rules parsing them again
 # for every change costs more than everything else validation does.
 _ADDRESSES = RoundMemo(_usable_address)
 _NETWORKS = RoundMemo(_network)
 _PORT_RANGES = RoundMemo(_port_range)
-_SEMANTIC_MEMOS = (_ADDRESSES, _NETWORKS, _PORT_RANGES)
+_DNAT_RULES = RoundMemo(_dnat_rule)
+_SEMANTIC_MEMOS = (_ADDRESSES, _NETWORKS, _PORT_RANGES, _DNAT_RULES)
 
 
 class _Semantics:
@@ -556,8 +569,19 @@ class _Semantics:
                 continue
             if known and external and internal_port and address:
                 kind: DnatType = "share" if share else "exclusive"
-                rule = DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind)
-                rules.append((i, rule))
+                # The same rule object as in the last state for an unchanged rule: a change
+                # then finds the rules that differ by identity, without hashing 10,000 of them.
+                ports = item["externalPort"], item["internalPort"]
+                fields = (
+                    item["name"],
+                    item["eip"],
+                    item["protocol"],
+                    *ports,
+                    *map(type, ports),
+                    item["internalIp"],
+                    kind,
+                )
+                rules.append((i, _DNAT_RULES(fields)))
         self._no_overlapping_ports(rules)
         return tuple(rule for _, rule in rules)
 
