@@ -34,7 +34,7 @@ STAGES = (
     ("plan: desired_table", "natgwd/plan.py", "desired_table"),
     ("diff: plan_transaction", "natgwd/table.py", "plan_transaction"),
     ("render the script (Transaction.script)", "natgwd/table.py", "script"),
-    ("libnftables cmd (KernelNft._run)", "natgwd/nft.py", "_run"),
+    ("libnftables cmd (nft._Context)", "natgwd/nft.py", "__call__"),
     ("TableContents of the new table (DesiredTable.contents)", "natgwd/table.py", "contents"),
     ("links (Netlink.apply)", "natgwd/netlink.py", "apply"),
     ("conntrack: changed filters (stale.changed_filters)", "natgwd/stale.py", "changed_filters"),

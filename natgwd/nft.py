@@ -34,31 +34,14 @@ class Nft(Protocol):
 
 
 class KernelNft:
-    """libnftables through Debian's python3-nftables binding; calls are serialised because
-    one context is not safe to share between threads. Counters are read through a second
-    context, so that a scrape neither waits for nor delays a transaction."""
+    """libnftables through Debian's python3-nftables binding. Counters are read through a
+    context of their own, so that a scrape neither waits for nor delays a transaction."""
 
     def __init__(self) -> None:
         from nftables import Nftables  # only importable where libnftables is installed
 
-        self._nft = Nftables()
-        self._nft.set_json_output(True)
-        self._nft.set_handle_output(False)
-        self._lock = threading.Lock()
-        self._counter_reader = Nftables()
-        self._counter_reader.set_handle_output(False)
-        self._counter_reader_lock = threading.Lock()
-
-    def _run(self, script: str, dry_run: bool = False) -> Any:
-        with self._lock:
-            self._nft.set_dry_run(dry_run)
-            try:
-                rc, output, error = self._nft.cmd(script)
-            finally:
-                self._nft.set_dry_run(False)
-        if rc != 0:
-            raise NftError(error.strip() or f"libnftables returned {rc}")
-        return output
+        self._run = _Context(Nftables(), json_output=True)
+        self._read_counters = _Context(Nftables(), json_output=False)
 
     def apply(self, tx: Transaction) -> None:
         if tx:
@@ -84,12 +67,12 @@ class KernelNft:
         takes for JSON, and one regular expression takes it apart."""
         result: dict[str, list[CountedElement]] = {}
         for name in names:  # libnftables 1.0.6 fails on several list commands in one call
-            with self._counter_reader_lock:
-                rc, output, error = self._counter_reader.cmd(f"list set {FAMILY} {TABLE} {name}")
-            if rc != 0:
-                if "No such file or directory" in error:
+            try:
+                output = self._read_counters(f"list set {FAMILY} {TABLE} {name}")
+            except NftError as err:
+                if "No such file or directory" in str(err):
                     continue
-                raise NftError(error.strip() or f"libnftables returned {rc}")
+                raise
             result[name] = parse_counted_elements(output)
         return result
 
@@ -109,6 +92,28 @@ class KernelNft:
         with NFTables() as socket:
             (message,) = socket.request_get(nfgen_msg(), NFT_MSG_GETGEN)
         return int(message.get_attr("NFTA_GEN_ID"))
+
+
+class _Context:
+    """One libnftables context; its calls are serialised because a context is not safe to
+    share between threads."""
+
+    def __init__(self, nft: Any, json_output: bool) -> None:
+        self._nft = nft
+        self._nft.set_json_output(json_output)
+        self._nft.set_handle_output(False)
+        self._lock = threading.Lock()
+
+    def __call__(self, script: str, dry_run: bool = False) -> Any:
+        with self._lock:
+            self._nft.set_dry_run(dry_run)
+            try:
+                rc, output, error = self._nft.cmd(script)
+            finally:
+                self._nft.set_dry_run(False)
+        if rc != 0:
+            raise NftError(error.strip() or f"libnftables returned {rc}")
+        return output
 
 
 _COUNTED_ELEMENT = re.compile(r'([^\s,{}][^,{}]*?) counter packets (\d+) bytes (\d+)(?: comment "([^"]*)")?')

@@ -7,6 +7,7 @@ natgwd in the lab's gateway namespace; traffic never leaves the lab.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,6 +46,17 @@ NATGWD_PROTO = 249
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def inotify_watched_inodes(pid: int) -> set[int]:
+    """The inodes a process watches with inotify, from /proc/PID/fdinfo."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                inodes |= {int(ino, 16) for ino in re.findall(r"^inotify wd:\S+ ino:([0-9a-f]+)", info, re.M)}
+    return inodes
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -245,6 +257,8 @@ def test_starts_without_a_state_file(lab: Lab, seed_state: dict[str, Any]) -> No
         return status == 503 and "file does not exist" in body
 
     wait_for(missing_file_reported, "readyz naming the missing file", timeout=10)
+    # The file's directory is watched, so that the file is read as soon as it appears.
+    assert daemon.state_path.parent.stat().st_ino in inotify_watched_inodes(daemon.process.pid)
     assert daemon.get("/healthz") == (200, "ok\n")
     assert metric(daemon, "natgwd_desired_state_valid") == 0
     assert not natgwd_table_exists(lab)
