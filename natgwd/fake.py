@@ -2,12 +2,16 @@
 
 It applies transactions with the kernel's rules that matter to reconciliation: all or
 nothing, adding an existing map key with another value fails, deleting a missing element
-or object fails, and counters live on elements.
+or object fails, references must resolve (as knftables' fake checks them), and counters
+live on elements. The ruleset generation moves by one per commit, as the kernel's does.
+It is as strict as the oldest kernel natgwd supports: before 6.2, a chain still counts as
+referenced by a verdict-map element deleted in the same transaction.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from typing import TypeVar
 
 from natgwd.counters import CountedElement
@@ -26,6 +30,7 @@ from natgwd.table import (
     FlushChain,
     TableContents,
     Transaction,
+    verdict_targets,
 )
 
 T = TypeVar("T")
@@ -36,6 +41,8 @@ class FakeNft:
         self.table: TableContents | None = None
         self.transactions: list[Transaction] = []
         self.fail_next: str | None = None
+        self._generation = 1
+        self._rule_text: dict[str, str] = {}  # tag -> rule, for reference checks
 
     def apply(self, tx: Transaction) -> None:
         if not tx:
@@ -45,6 +52,14 @@ class FakeNft:
             raise NftError(reason)
         self.table = self._applied(tx)
         self.transactions.append(tx)
+        self._generation += 1
+
+    def foreign(self) -> TableContents:
+        """The table for a test to change as another process would: the change counts as
+        that process's commit, so the generation moves."""
+        assert self.table is not None
+        self._generation += 1
+        return self.table
 
     def check(self, tx: Transaction) -> None:
         self._applied(tx)
@@ -63,11 +78,12 @@ class FakeNft:
         }
 
     def delete_table(self) -> None:
-        self.table = None
+        if self.table is not None:
+            self.table = None
+            self._generation += 1
 
     def generation(self) -> int:
-        # Tests also change self.table directly, as another process would: derive it.
-        return hash(repr(self.table))
+        return self._generation
 
     def count(self, set_name: str, key: str, packets: int, size: int) -> None:
         """Pretend the kernel matched `packets` packets of `size` bytes on an element."""
@@ -79,15 +95,43 @@ class FakeNft:
 
     def _applied(self, tx: Transaction) -> TableContents:
         table = copy.deepcopy(self.table)
+        jumped_to_before = verdict_targets(table) if table is not None else set()
         for op in tx.operations:
             if isinstance(op, AddTable):
                 table = table or TableContents()
                 continue
             if table is None:
                 raise NftError(f"{op.render()}: No such file or directory (no table)")
+            if isinstance(op, AddRule):
+                self._check_rule_references(table, op)
+            elif isinstance(op, DeleteChain) and op.name in jumped_to_before | self._chains_referenced(table):
+                raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)")
+            elif isinstance(op, DeleteSet) and op.name in self._sets_referenced(table):
+                raise NftError(f"{op.render()}: Device or resource busy (set is referenced)")
             _apply(table, op)
         assert table is not None
         return table
+
+    def _check_rule_references(self, table: TableContents, op: AddRule) -> None:
+        for name in _SET_REFERENCE.findall(op.rule):
+            _need(table.sets, name, op.render())
+        for name in _CHAIN_REFERENCE.findall(op.rule):
+            _need(table.chains, name, op.render())
+        self._rule_text[op.tag] = op.rule
+
+    def _rules(self, table: TableContents) -> list[str]:
+        return [self._rule_text.get(tag, "") for tags in table.chains.values() for tag in tags]
+
+    def _sets_referenced(self, table: TableContents) -> set[str]:
+        return {name for rule in self._rules(table) for name in _SET_REFERENCE.findall(rule)}
+
+    def _chains_referenced(self, table: TableContents) -> set[str]:
+        by_rules = {name for rule in self._rules(table) for name in _CHAIN_REFERENCE.findall(rule)}
+        return by_rules | verdict_targets(table)
+
+
+_SET_REFERENCE = re.compile(r"@(\w+)")
+_CHAIN_REFERENCE = re.compile(r"\b(?:jump|goto) (\w+)")
 
 
 def _apply(table: TableContents, op: object) -> None:
@@ -116,6 +160,8 @@ def _apply(table: TableContents, op: object) -> None:
     elif isinstance(op, AddElements):
         elements = _need(table.elements, op.set_name, op.render())
         for key, element in op.elements:
+            if element.value is not None and (jump := _CHAIN_REFERENCE.match(element.value)):
+                _need(table.chains, jump.group(1), op.render())
             existing = elements.get(key)
             if existing is not None and existing.value != element.value:
                 raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)")

@@ -2,9 +2,10 @@
 then interfaces, addresses and routes.
 
 The reconciler keeps the table contents it last wrote (like kube-proxy's element
-storage) so that a change costs a diff against memory. The kernel is read back when there
-is no trusted copy (start, after a failed transaction) and on every resync, which is how
-drift is found and repaired.
+storage) so that a change costs a diff against memory. The kernel is read back when memory
+says nothing about it (start, after a failed transaction), when anyone else committed since
+(the ruleset generation moved), and every few resyncs; that is how drift is found and
+repaired. Applies and resyncs are one path (`_sync`), so what one knows the other trusts.
 """
 
 from __future__ import annotations
@@ -79,96 +80,79 @@ class Reconciler:
         self._full_conntrack_scan = True  # the first programming checks every entry (#4193)
         self._announced_all = False
         self._links_applied: LinkPlan | None = None
-        self._generation: int | None = None  # the ruleset generation after our last commit
+        self._generation: int | None = None  # the ruleset generation of what _written describes
+        self._must_read = True  # memory says nothing about the kernel until it was read
         self._resyncs = 0
         self.state: DesiredState | None = None
         self._table: DesiredTable | None = None
-        self._written: TableContents | None = None  # what we believe the kernel holds
+        self._written: TableContents | None = None  # the kernel's table, unless _must_read (None: no table)
         self._ids: dict[RuleLabels, int] | None = None
         self._highest_id = 0
         self._counters = CounterMemory()
         self._lock = threading.Lock()
 
-    # --- applying -------------------------------------------------------------------
+    # --- syncing --------------------------------------------------------------------
 
     def apply(self, state: DesiredState) -> Outcome:
         """Make the kernel hold `state`. Raises NftError with nothing changed in nftables
         if the transaction is refused."""
         with self._lock:
-            self.ensure_forwarding()
-            drifted = False
-            if self._written is None or self._ids is None:
-                self._adopt()
-            elif (generation := self.nft.generation()) != self._generation:
-                # Someone committed since we last wrote or read: diff against the kernel,
-                # not against memory, or their change (a flushed chain...) would stay.
-                kernel = self.nft.read_table()
-                drifted = kernel != self._written
-                self._generation, self._written = generation, kernel
-            assert self._ids is not None
-            ids = assign_ids(state, self._ids, self._highest_id)
-            table = desired_table(state, ids, self._highest_id)
-            tx = plan_transaction(self._written, table, self._counters)
-            self._commit(tx)
-            previous = self.state
-            self._written = table.contents()
-            self._ids, self._table, self.state = ids, table, state
-            self._highest_id = max(self._highest_id, *ids.values(), 0)
-            self._counters.forget_except(table.elements)
-            plan = link_plan(state)
-            # Unchanged links were verified by the last apply; resync keeps verifying them.
-            outcome = Outcome() if plan == self._links_applied else self._apply_links(state, plan)
-            outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
-            if drifted:
-                log.warning("nftables drift found while applying", operations=len(tx.operations))
-                outcome.repairs["nftables"] = len(tx.operations)
-                self._full_conntrack_scan = True  # as in resync: flows may have left un-NATed
-            if self._full_conntrack_scan:
-                outcome.conntrack_deleted = self._clean_conntrack(None)
-            elif previous != state:
-                outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
-            return outcome
+            return self._sync(state, resync=False)
 
     def resync(self) -> Outcome:
         """Compare the kernel with the applied state and repair what differs (reported in
         the outcome's repairs)."""
         with self._lock:
-            repairs: dict[str, int] = {}
-            if self.state is None or self._table is None:
+            if self.state is None:
                 return Outcome()
-            if self.ensure_forwarding():
-                repairs["forwarding"] = 1
             self._resyncs += 1
-            generation = self.nft.generation()
-            # No nftables commit since ours: nothing can have drifted. Still read the table
-            # now and then, in case a commit slipped in between ours and reading its number.
-            unchanged = generation == self._generation and self._resyncs % FULL_READ_EVERY != 0
-            kernel = self._written if unchanged else self.nft.read_table()
-            if not unchanged:
-                self._generation = generation
-                if kernel is not None:
-                    self._counters.remember(kernel.elements)
-            tx = plan_transaction(kernel, self._table, self._counters)
-            if tx:
-                log.warning(
-                    "nftables drift",
-                    table_missing=kernel is None,
-                    operations=len(tx.operations),
-                    changed_elements=tx.changed_elements,
-                )
-                self._commit(tx)
-                repairs["nftables"] = len(tx.operations)
-                # Connections that started while rules were missing left un-NATed.
-                self._full_conntrack_scan = True
-            self._written = self._table.contents()
-            outcome = self._apply_links(self.state, link_plan(self.state))
-            outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
-            if self._full_conntrack_scan:
-                outcome.conntrack_deleted = self._clean_conntrack(None)
-            if outcome.link_changes:
-                repairs["addresses_routes"] = len(outcome.link_changes)
-            outcome.repairs = repairs
-            return outcome
+            return self._sync(self.state, resync=True)
+
+    def _sync(self, state: DesiredState, resync: bool) -> Outcome:
+        """The one path from a desired state to the kernel, for applies, resyncs, SIGHUP,
+        adoption at start and repair after a failure.
+
+        A resync re-verifies what an apply may take on trust (links, and now and then the
+        table even when no one committed), and everything it has to change is drift."""
+        repairs: dict[str, int] = {}
+        if self.ensure_forwarding() and self.state is not None:
+            repairs["forwarding"] = 1
+        kernel, drifted = self._current_table(reread=resync and self._resyncs % FULL_READ_EVERY == 0)
+        assert self._ids is not None
+        if resync and self._table is not None:
+            table, ids = self._table, self._ids
+        else:
+            ids = assign_ids(state, self._ids, self._highest_id)
+            table = desired_table(state, ids, self._highest_id)
+        tx = plan_transaction(kernel, table, self._counters)
+        self._commit(tx)
+        self._written = table.contents()
+        self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
+        previous = self.state
+        if table is not self._table:
+            self._ids, self._table, self.state = ids, table, state
+            self._highest_id = max(self._highest_id, *ids.values(), 0)
+            self._counters.forget_except(table.elements)
+        # A resync wants what was applied already, so all it changes is drift, except for
+        # deleting chains an earlier transaction emptied.
+        repaired = len(tx.operations) - tx.finishing if resync else len(tx.operations) if drifted else 0
+        if repaired:
+            log.warning("nftables drift", operations=repaired, changed_elements=tx.changed_elements)
+            repairs["nftables"] = repaired
+            # Connections that started while rules were missing or wrong left un-NATed.
+            self._full_conntrack_scan = True
+        plan = link_plan(state)
+        # Unchanged links were verified by the last apply; a resync verifies them again.
+        outcome = self._apply_links(state, plan) if resync or plan != self._links_applied else Outcome()
+        outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+        if resync and outcome.link_changes:
+            repairs["addresses_routes"] = len(outcome.link_changes)
+        outcome.repairs = repairs
+        if self._full_conntrack_scan:
+            outcome.conntrack_deleted = self._clean_conntrack(None)
+        elif previous is not None and previous != state:
+            outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
+        return outcome
 
     @property
     def element_count(self) -> int:
@@ -183,24 +167,33 @@ class Reconciler:
 
     # --- pieces ---------------------------------------------------------------------
 
-    def _adopt(self) -> None:
-        """Start from whatever table is in the kernel, with its rule ids, so a restart
-        changes nothing that is already right (no flush, no traffic blip)."""
-        self._generation = self.nft.generation()
+    def _current_table(self, reread: bool) -> tuple[TableContents | None, bool]:
+        """What the kernel's table holds (None: no table), and whether it drifted from
+        what we last knew it to hold. Memory is trusted only while no one else committed
+        since our last commit or read, and never after a failure."""
+        generation = self.nft.generation()
+        if not self._must_read and generation == self._generation and not reread:
+            return self._written, False
         kernel = self.nft.read_table()
-        self._written = kernel
-        existing: dict[RuleLabels, int] = {}
+        drifted = not self._must_read and kernel != self._written
+        self._generation, self._written, self._must_read = generation, kernel, False
         if kernel is not None:
             self._counters.remember(kernel.elements)
+        if self._ids is None:
+            self._adopt(kernel)
+        return kernel, drifted
+
+    def _adopt(self, kernel: TableContents | None) -> None:
+        """Take over the rule ids of the table found at start, so a restart changes
+        nothing that is already right (no flush, no traffic blip)."""
+        existing: dict[RuleLabels, int] = {}
+        if kernel is not None:
             for mark, element in kernel.elements.get(RULE_CONNECTIONS, {}).items():
                 labels = RuleLabels.from_comment(element.comment or "")
                 if labels is not None and mark.isdigit():
                     existing[labels] = int(mark)
             recorded = [int(m) for m in kernel.elements.get(ID_HIGH_WATER, {}) if m.isdigit()]
             self._highest_id = max(self._highest_id, *recorded, 0)
-        if self._ids is not None:
-            # The table vanished under us: keep the ids (and counters) we already gave out.
-            existing = {**self._ids, **existing}
         self._ids = existing
         log.info(
             "adopted nftables table",
@@ -217,7 +210,9 @@ class Reconciler:
         try:
             self.nft.apply(tx)
         except Exception:
-            self._written = None  # unknown now: read the kernel next time
+            # Refused, as far as we know, but whatever made it fail may have changed the
+            # kernel too: the next sync reads the kernel instead of trusting memory.
+            self._must_read = True
             raise
         after = self.nft.generation()
         # Our commit is the only one since the kernel was last known to us only if the

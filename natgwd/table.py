@@ -178,6 +178,10 @@ class Transaction:
 
     operations: list[Operation] = field(default_factory=list)
     changed_elements: int = 0
+    # Chains no longer wanted: emptied now, deleted by a later transaction.
+    emptied_chains: list[str] = field(default_factory=list)
+    # Operations that only finish an earlier transaction's work (deleting emptied chains).
+    finishing: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.operations)
@@ -263,16 +267,34 @@ def plan_transaction(
             tx.delete_elements(name, stale)
         if fresh:
             tx.add_elements(name, fresh)
-    desired_chains = {c.name for c in desired.chains}
-    for name in sorted(current.chains.keys() - desired_chains):
-        # Their verdict-map elements were deleted above, in this same transaction.
-        tx.add(FlushChain(name))
-        tx.add(DeleteChain(name))
+    stale_chains = sorted(current.chains.keys() - {c.name for c in desired.chains})
+    jumped_to = verdict_targets(current) if stale_chains else set()
+    for name in stale_chains:
+        # Kernels before 6.2 still count a chain as referenced by a verdict-map element
+        # deleted in the same transaction (as above): empty the chain now and delete it
+        # once nothing jumps to it, in a later transaction, as kube-proxy does.
+        if current.chains[name] or name in jumped_to:
+            if current.chains[name]:
+                tx.add(FlushChain(name))
+            tx.emptied_chains.append(name)
+        else:
+            tx.add(DeleteChain(name))
+            tx.finishing += 1
     desired_sets = {s.name for s in desired.sets}
     for name in sorted(current.sets.keys() - desired_sets):
         # Rules that referenced it were replaced above, in this same transaction.
         tx.add(DeleteSet(name, current.sets[name]))
     return tx
+
+
+def verdict_targets(contents: TableContents) -> set[str]:
+    """Chains that some map element jumps to."""
+    return {
+        element.value.split(" ", 1)[1]
+        for elements in contents.elements.values()
+        for element in elements.values()
+        if element.value is not None and element.value.startswith(("goto ", "jump "))
+    }
 
 
 def _seeded(element: Element, counter: Counter | None) -> Element:

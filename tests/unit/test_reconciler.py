@@ -17,7 +17,7 @@ from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.nft import NftError
 from natgwd.plan import assign_ids, desired_table
-from natgwd.reconciler import Outcome, Reconciler
+from natgwd.reconciler import FULL_READ_EVERY, Outcome, Reconciler
 from natgwd.table import (
     AddElements,
     AddTable,
@@ -399,7 +399,8 @@ def test_resync_seeds_from_its_own_last_read() -> None:
     rec = reconciler(fake)
     rec.apply(SEED)
     fake.count("rule_connections", "1", 3, 100)
-    assert rec.resync().repairs == {}  # no drift, but the kernel's counters were read
+    for _ in range(FULL_READ_EVERY):  # no one committed, but every few resyncs read the kernel
+        assert rec.resync().repairs == {}  # no drift, but the kernel's counters were read
     fake.delete_table()
     rec.resync()
     assert connections(fake)["1"] == (SEED_IDS["1"], Counter(3, 300))
@@ -409,7 +410,7 @@ def test_resync_repairs_an_element_deleted_by_hand() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    del kernel(fake).elements["dnat_target"][DNAT_KEY]
+    del fake.foreign().elements["dnat_target"][DNAT_KEY]
     outcome = rec.resync()
     repairs = outcome.repairs
     assert repairs == {"nftables": 1}
@@ -426,7 +427,7 @@ def test_resync_restores_a_counting_element_with_its_last_known_counter() -> Non
     rec.apply(SEED)
     fake.count("rule_connections", "2", 4, 100)
     rec.counting_sets()
-    del kernel(fake).elements["rule_connections"]["2"]
+    del fake.foreign().elements["rule_connections"]["2"]
     repairs = rec.resync().repairs
     assert repairs == {"nftables": 1}
     assert connections(fake)["2"] == (SEED_IDS["2"], Counter(4, 400))
@@ -436,7 +437,7 @@ def test_resync_repairs_a_changed_map_value() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    kernel(fake).elements["dnat_target"][DNAT_KEY] = Element("6.6.6.6 . 22")
+    fake.foreign().elements["dnat_target"][DNAT_KEY] = Element("6.6.6.6 . 22")
     repairs = rec.resync().repairs
     assert repairs == {"nftables": 2}
     assert kernel(fake).elements["dnat_target"][DNAT_KEY] == Element("172.20.10.2 . 80")
@@ -446,7 +447,7 @@ def test_resync_repairs_a_flushed_chain() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    kernel(fake).chains["prerouting"] = ()
+    fake.foreign().chains["prerouting"] = ()
     repairs = rec.resync().repairs
     assert kernel(fake) == expected_contents(SEED)
     assert repairs == {"nftables": 1 + len(expected_contents(SEED).chains["prerouting"])}
@@ -468,7 +469,7 @@ def test_apply_sees_drift_when_the_ruleset_generation_moved() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    del kernel(fake).elements["eips"]["10.115.55.201"]
+    del fake.foreign().elements["eips"]["10.115.55.201"]
     # Someone else changed the ruleset: the apply diffs against the kernel, not memory.
     assert rec.apply(SEED).nft_operations == 1
     assert "10.115.55.201" in kernel(fake).elements["eips"]
@@ -501,7 +502,7 @@ def test_after_a_failure_the_next_apply_reads_the_kernel() -> None:
     with pytest.raises(NftError):
         rec.apply(moved_dnat())
     # Someone else changes the kernel meanwhile: the next plan must start from it.
-    del kernel(fake).elements["eips"]["10.115.55.201"]
+    del fake.foreign().elements["eips"]["10.115.55.201"]
     outcome = rec.apply(moved_dnat())
     assert fake.transactions[-1].operations == [
         AddElements("eips", (("10.115.55.201", Element()),)),
@@ -528,6 +529,65 @@ def test_apply_after_the_table_vanished_recreates_it_with_its_counters() -> None
         "2": (SEED_IDS["2"], Counter(20, 2000)),
         "3": (SEED_IDS["3"], Counter(30, 3000)),
     }
+
+
+def test_resync_after_a_refused_apply_leaves_the_table_as_planned() -> None:
+    # The refused transaction never reached the kernel, so the generation did not move;
+    # the resync must still read the kernel, not re-create the table on top of it.
+    fake = FakeNft()
+    rec = reconciler(fake)
+    rec.apply(SEED)
+    add_traffic(fake)
+    before = counters(fake)
+    fake.fail_next = "boom"
+    with pytest.raises(NftError):
+        rec.apply(moved_dnat())
+    outcome = rec.resync()
+    assert kernel(fake) == expected_contents(SEED)
+    assert {name: len(tags) for name, tags in kernel(fake).chains.items()} == {
+        name: len(tags) for name, tags in expected_contents(SEED).chains.items()
+    }
+    assert outcome.nft_operations == 0 and outcome.repairs == {}
+    assert counters(fake) == before
+    rec.apply(moved_dnat())
+    assert kernel(fake) == expected_contents(moved_dnat())
+
+
+def test_sighup_after_a_refused_apply_reapplies_without_duplicates() -> None:
+    # SIGHUP: the file is applied again, then a resync; both after the refusal.
+    fake = FakeNft()
+    rec = reconciler(fake)
+    rec.apply(SEED)
+    fake.fail_next = "boom"
+    with pytest.raises(NftError):
+        rec.apply(moved_dnat())
+    rec.apply(moved_dnat())
+    assert rec.resync().repairs == {}
+    assert kernel(fake) == expected_contents(moved_dnat())
+
+
+def test_memory_is_trusted_while_no_one_else_commits() -> None:
+    fake = FakeNft()
+    rec = reconciler(fake)
+    rec.apply(SEED)
+    reads = 0
+    read_table = fake.read_table
+
+    def counting_read() -> TableContents | None:
+        nonlocal reads
+        reads += 1
+        return read_table()
+
+    fake.read_table = counting_read  # type: ignore[method-assign]
+    rec.apply(moved_dnat())
+    for _ in range(FULL_READ_EVERY - 1):
+        rec.resync()
+    assert reads == 0
+    rec.resync()
+    assert reads == 1, "every few resyncs the kernel is read even without a foreign commit"
+    fake.foreign()
+    rec.apply(SEED)
+    assert reads == 2, "a foreign commit makes the next sync read the kernel"
 
 
 def test_failed_resync_repair_is_retried() -> None:
@@ -585,7 +645,10 @@ def test_share_group_grows_and_goes_keeping_counters() -> None:
     assert len(share_chains) == 1
     assert len(kernel(fake).chains[share_chains[0]]) == 2
     rec.apply(SEED)
-    assert not any(name.startswith("share_") for name in kernel(fake).chains)
+    # Emptied now, deleted by the next transaction (kernels before 6.2 would refuse both at once).
+    assert kernel(fake).chains[share_chains[0]] == ()
     assert kernel(fake).elements["share_target"] == {}
     assert kernel(fake).elements["dnat_share"] == {}
-    assert rec.resync().repairs == {}
+    assert rec.resync().repairs == {}, "deleting the emptied chain is no drift"
+    assert kernel(fake).chains == expected_contents(SEED).chains
+    assert rec.resync().nft_operations == 0

@@ -847,18 +847,68 @@ def test_adding_a_backend_rewrites_only_the_share_chain() -> None:
     assert ops_of(tx, DeleteElements) == [DeleteElements("id_high_water", ("4",))]
 
 
-def test_removed_share_group_deletes_its_chain_after_the_jumps_to_it() -> None:
+def test_removed_share_group_empties_its_chain_and_deletes_it_in_a_later_transaction() -> None:
     fake = FakeNft()
     with_group = planned(share_document(("web-a", "172.20.10.2"), ("web-b", "172.20.10.3")))
     fake.apply(plan_transaction(None, with_group))
     tx = plan_transaction(fake.read_table(), seed_table())
     ops = tx.operations
-    assert ops[-2:] == [FlushChain(SHARE_CHAIN), DeleteChain(SHARE_CHAIN)]
+    assert ops[-1] == FlushChain(SHARE_CHAIN)
+    assert DeleteChain(SHARE_CHAIN) not in ops
+    assert tx.emptied_chains == [SHARE_CHAIN]
     (unjump,) = [op for op in ops_of(tx, DeleteElements) if op.set_name == "dnat_share"]
     assert ops.index(unjump) < ops.index(FlushChain(SHARE_CHAIN))
     fake.apply(tx)
+    assert kernel_chains(fake)[SHARE_CHAIN] == ()
+    later = plan_transaction(fake.read_table(), seed_table())
+    assert later.operations == [DeleteChain(SHARE_CHAIN)]
+    assert later.finishing == 1
+    fake.apply(later)
     assert fake.table == seed_table().contents()
-    assert SHARE_CHAIN not in kernel_chains(fake)
+
+
+def test_fake_refuses_to_delete_a_chain_whose_jump_is_deleted_in_the_same_transaction() -> None:
+    # As kernels before 6.2 do: the reference of the deleted element is still counted.
+    fake = FakeNft()
+    fake.apply(plan_transaction(None, planned(share_document(("web-a", "172.20.10.2")))))
+    before = copy.deepcopy(fake.table)
+    assert before is not None
+    tx = Transaction()
+    tx.delete_elements("dnat_share", list(before.elements["dnat_share"]))
+    tx.add(FlushChain(SHARE_CHAIN))
+    tx.add(DeleteChain(SHARE_CHAIN))
+    with pytest.raises(NftError, match="chain is referenced"):
+        fake.apply(tx)
+    assert fake.table == before
+
+
+def test_fake_checks_references() -> None:
+    fake = FakeNft()
+    fake.apply(plan_transaction(None, seed_table()))
+    for operation, refusal in (
+        (AddRule("prerouting", "ip daddr @nowhere accept", "t1"), "No such file"),
+        (AddRule("prerouting", "jump nowhere", "t2"), "No such file"),
+        (AddElements("dnat_share", (("10.115.55.200 . tcp . 1", Element("goto nowhere")),)), "No such file"),
+        (DeleteSet("eips", "set"), "set is referenced"),
+    ):
+        tx = Transaction()
+        tx.add(operation)
+        with pytest.raises(NftError, match=refusal):
+            fake.apply(tx)
+
+
+def test_fake_generation_moves_by_one_per_commit() -> None:
+    fake = FakeNft()
+    first = fake.generation()
+    fake.apply(plan_transaction(None, seed_table()))
+    assert fake.generation() == first + 1
+    fake.apply(Transaction())  # nothing to commit: the kernel is not asked
+    fake.count("rule_connections", "1", 5, 100)  # traffic is no commit
+    assert fake.generation() == first + 1
+    fake.foreign().chains["prerouting"] = ()
+    assert fake.generation() == first + 2
+    fake.delete_table()
+    assert fake.generation() == first + 3
 
 
 def kernel_chains(fake: FakeNft) -> dict[str, tuple[str, ...]]:
@@ -868,10 +918,14 @@ def kernel_chains(fake: FakeNft) -> dict[str, tuple[str, ...]]:
 
 def test_fake_refuses_to_delete_a_chain_with_rules() -> None:
     fake = FakeNft()
-    fake.apply(plan_transaction(None, planned(share_document(("web-a", "172.20.10.2")))))
+    fake.apply(plan_transaction(None, seed_table()))
+    tx = Transaction()
+    tx.add(AddChain("lonely", ""))
+    tx.add(AddRule("lonely", "accept", "t"))
+    fake.apply(tx)
     before = copy.deepcopy(fake.table)
     tx = Transaction()
-    tx.add(DeleteChain(SHARE_CHAIN))
+    tx.add(DeleteChain("lonely"))
     with pytest.raises(NftError, match="not empty"):
         fake.apply(tx)
     assert fake.table == before
