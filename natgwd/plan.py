@@ -48,6 +48,13 @@ _STATIC_SETS = (
     SetSpec(ID_HIGH_WATER, "type mark;"),
 )
 
+
+def set_key_type(name: str) -> str:
+    """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;")."""
+    body = next(spec.body for spec in _STATIC_SETS if spec.name == name)
+    return body.removeprefix("type ").split(";", 1)[0].split(" : ", 1)[0]
+
+
 _DNAT_KEY = "ip daddr . meta l4proto . th dport"
 _MEMBER = Element()  # an element of a set: no value, no comment; one object for all of them
 # Kept from one plan to the next: str() of an address costs microseconds, and an element

@@ -1,7 +1,6 @@
-"""natgwd.table (transactions), natgwd.fake (atomicity), natgwd.nft.parse_table (the
-kernel's JSON read back into the same TableContents the plan produces) and
-natgwd.nft.parse_counted_elements with natgwd.counters.counted_elements (the counting
-sets' text listings)."""
+"""natgwd.table (transactions), natgwd.fake (atomicity, references, generations) and
+natgwd.nft.parse_table (the kernel's JSON read back into the same TableContents the plan
+produces)."""
 
 from __future__ import annotations
 
@@ -12,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from natgwd.counters import counted_elements
 from natgwd.fake import FakeNft
 from natgwd.lab import SEED_STATE
-from natgwd.nft import NftError, parse_counted_elements, parse_table
+from natgwd.nft import NftError, parse_table
 from natgwd.plan import assign_ids, desired_table, share_chain_name
 from natgwd.table import (
     ELEMENTS_PER_COMMAND,
@@ -712,81 +710,6 @@ def test_parse_table_reads_back_what_the_plan_writes() -> None:
 
 def flat(elements: dict[str, Element]) -> dict[str, tuple[str | None, str | None]]:
     return {key: (element.value, element.comment) for key, element in elements.items()}
-
-
-# --- parse_counted_elements (libnftables 1.0.6 text listings of counting sets) --------------
-
-RULE_CONNECTIONS_TEXT = (
-    "table inet natgwd {\n\tset rule_connections {\n\t\ttype mark\n\t\tcounter\n"
-    '\t\telements = { 0x00000007 counter packets 5 bytes 300 comment "dnat/dnat01/10.115.55.200", '
-    '0x0000000c counter packets 0 bytes 0 comment "snat/s/10.115.55.200",\n'
-    '\t\t\t     0x00010000 counter packets 18446744073709551615 bytes 1 comment "fip/a,b {c}/10.115.55.201" }\n'
-    "\t}\n}\n"
-)
-RULE_TRAFFIC_TEXT = """table inet natgwd {
-\tset rule_traffic {
-\t\ttype ct_dir . mark
-\t\tcounter
-\t\telements = { original . 0x00000007 counter packets 3 bytes 100,
-\t\t\t     reply . 0x00000007 counter packets 2 bytes 80 }
-\t}
-}
-"""
-
-
-def test_parse_counted_elements_as_listed() -> None:
-    assert parse_counted_elements(RULE_CONNECTIONS_TEXT) == [
-        ("0x00000007", "5", "300", "dnat/dnat01/10.115.55.200"),
-        ("0x0000000c", "0", "0", "snat/s/10.115.55.200"),
-        ("0x00010000", "18446744073709551615", "1", "fip/a,b {c}/10.115.55.201"),
-    ]
-    assert parse_counted_elements(RULE_TRAFFIC_TEXT) == [
-        ("original . 0x00000007", "3", "100", ""),
-        ("reply . 0x00000007", "2", "80", ""),
-    ]
-
-
-def test_counted_marks_in_decimal_with_comments() -> None:
-    elements = counted_elements(parse_counted_elements(RULE_CONNECTIONS_TEXT))
-    assert elements == {
-        "7": Element(comment="dnat/dnat01/10.115.55.200"),
-        "12": Element(comment="snat/s/10.115.55.200"),
-        "65536": Element(comment="fip/a,b {c}/10.115.55.201"),
-    }
-    assert elements["7"].counter == Counter(5, 300)
-    assert elements["12"].counter == Counter(0, 0)
-    assert elements["65536"].counter == Counter(2**64 - 1, 1)
-
-
-def test_counted_concatenations() -> None:
-    elements = counted_elements(parse_counted_elements(RULE_TRAFFIC_TEXT))
-    assert list(elements) == ["original . 7", "reply . 7"]
-    assert elements["original . 7"].counter == Counter(3, 100)
-    assert elements["reply . 7"].counter == Counter(2, 80)
-    assert elements["reply . 7"].comment is None
-
-
-def test_parse_counted_ifnames_keep_their_quotes() -> None:
-    listing = (
-        'set invalid_dropped {\n\t\ttype ifname\n\t\tcounter\n\t\telements = { "net2" counter packets 4 bytes 160 }\n}'
-    )
-    elements = counted_elements(parse_counted_elements(listing))
-    assert list(elements) == ['"net2"']
-    assert elements['"net2"'].counter == Counter(4, 160)
-
-
-def test_parse_counted_empty_set() -> None:
-    assert (
-        parse_counted_elements(
-            "table inet natgwd {\n\tset rule_traffic {\n\t\ttype ct_dir . mark\n\t\tcounter\n\t}\n}\n"
-        )
-        == []
-    )
-
-
-def test_unparseable_counters_are_an_error_not_a_missing_sample() -> None:
-    with pytest.raises(NftError, match="cannot parse the counters"):
-        parse_counted_elements("elements = { 0x00000007 counter packets 5, 0x00000008 counter packets 1 bytes 2 }")
 
 
 # --- share DNAT groups: regular chains that come and go -------------------------------------
