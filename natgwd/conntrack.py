@@ -1,7 +1,10 @@
 """The shell around conntrack netlink (pyroute2): dump candidate entries, delete the stale.
 
 Dumps are filtered in the kernel where a change allows it; every candidate is judged by
-natgwd.stale against the whole desired state, so a filter only bounds the work.
+natgwd.stale against the whole desired state, so a filter only bounds the work. Entries
+are judged as the dump streams them and stale ones are deleted at once on a second
+socket (as conntrack(8) deletes from its dump callback), so memory stays flat however
+large the table: a gateway may track a million connections.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
@@ -32,22 +35,29 @@ def _flow(entry: object) -> Flow:
     )
 
 
+def _connect() -> Conntrack:
+    return Conntrack(nfgen_family=socket.AF_INET)
+
+
 class ConntrackCleaner:
+    def __init__(self, connect: Callable[[], Conntrack] = _connect) -> None:
+        self._connect = connect
+
     def clean(self, translations: Translations, filters: list[Filter] | None) -> Counter[str]:
         """Delete the stale entries among those the filters select (all when None);
         returns how many were deleted, by reason."""
         deleted: Counter[str] = Counter()
-        with Conntrack(nfgen_family=socket.AF_INET) as ct:
-            # Drain every dump before deleting: one netlink socket serves both.
-            candidates = {_key(e): e for e in self._candidates(ct, filters)}
-            for entry in candidates.values():
+        with self._connect() as dumps, self._connect() as deletes:
+            for entry in self._candidates(dumps, filters):
                 reason = translations.stale(_flow(entry))
                 if reason is None:
                     continue
                 try:
-                    ct.delete(entry)
+                    deletes.delete(entry)
                 except NetlinkError as err:
-                    if err.code != errno.ENOENT:  # already gone (expired, or deleted by its peer)
+                    # Already gone: expired, deleted by its peer, or met twice (an entry
+                    # can match the filters of both an original and a reply dump).
+                    if err.code != errno.ENOENT:
                         raise
                     continue
                 deleted[reason] += 1
@@ -55,16 +65,11 @@ class ConntrackCleaner:
 
     def _candidates(self, ct: Conntrack, filters: list[Filter] | None) -> Iterator[object]:
         if filters is None:
-            yield from list(ct.dump_entries())
+            yield from ct.dump_entries()
             return
         for f in filters:
             selector = NFCTAttrTuple(family=socket.AF_INET, **{f.field: f.address})
             if f.tuple == "orig":
-                yield from list(ct.dump_entries(tuple_orig=selector))
+                yield from ct.dump_entries(tuple_orig=selector)
             else:
-                yield from list(ct.dump_entries(tuple_reply=selector))
-
-
-def _key(entry: object) -> tuple[object, ...]:
-    t = entry.tuple_orig  # type: ignore[attr-defined]
-    return (t.proto, t.saddr, t.daddr, t.sport, t.dport, t.icmp_id, t.icmp_type)
+                yield from ct.dump_entries(tuple_reply=selector)

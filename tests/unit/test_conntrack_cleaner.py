@@ -1,0 +1,79 @@
+"""natgwd.conntrack.ConntrackCleaner over stand-in sockets: entries are judged as the dump
+streams them and deleted at once on a second socket, so the cleaner never holds the table
+(a gateway may track a million connections); entries already gone are not counted."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from natgwd.conntrack import ConntrackCleaner
+from natgwd.lab import SEED_STATE
+from natgwd.stale import Translations
+from natgwd.validation import load_state
+
+TABLE_SIZE = 20_000
+
+
+class Entry:
+    """A dumped conntrack entry; counts how many exist at once."""
+
+    alive = 0
+    most_alive = 0
+
+    def __init__(self, index: int) -> None:
+        stale = index % 4 == 0  # DNAT'd to a backend dnat01 no longer names
+        backend = "172.20.10.9" if stale else "172.20.10.2"
+        self.index = index
+        self.tuple_orig = SimpleNamespace(
+            proto=6, saddr=f"10.115.{index // 250 % 250}.{index % 250 + 1}", daddr="10.115.55.200", dport=8888
+        )
+        self.tuple_reply = SimpleNamespace(saddr=backend, sport=80, daddr=self.tuple_orig.saddr)
+        self.mark = 2
+        Entry.alive += 1
+        Entry.most_alive = max(Entry.most_alive, Entry.alive)
+
+    def __del__(self) -> None:
+        Entry.alive -= 1
+
+
+class Socket:
+    def __init__(self, sockets: list[Socket], gone: set[int]) -> None:
+        self.deleted: list[int] = []
+        self.dumps = 0
+        self._gone = gone
+        sockets.append(self)
+
+    def __enter__(self) -> Socket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def dump_entries(self, **_filters: Any) -> Iterator[Entry]:
+        self.dumps += 1
+        for index in range(TABLE_SIZE):
+            yield Entry(index)
+
+    def delete(self, entry: Entry) -> None:
+        if entry.index in self._gone:
+            raise NetlinkError(errno.ENOENT)
+        self.deleted.append(entry.index)
+
+
+def test_a_full_scan_streams_the_table_and_deletes_on_a_second_socket() -> None:
+    sockets: list[Socket] = []
+    expired = {0, 4}
+    cleaner = ConntrackCleaner(connect=lambda: Socket(sockets, expired))  # type: ignore[arg-type, return-value]
+    state = load_state(json.dumps(SEED_STATE).encode())
+    deleted = cleaner.clean(Translations(state, [1, 2, 3]), None)
+    dumps, deletes = sockets
+    assert dumps.dumps == 1 and deletes.dumps == 0 and not dumps.deleted
+    assert deleted == {"dnat": TABLE_SIZE // 4 - len(expired)}
+    assert deletes.deleted == [index for index in range(0, TABLE_SIZE, 4) if index not in expired]
+    assert Entry.most_alive <= 3, f"{Entry.most_alive} entries held at once"
