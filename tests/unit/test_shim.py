@@ -286,7 +286,10 @@ def test_init_without_a_state_file_takes_over_natgwds_rules_in_the_kernel(gw: Ga
 
 
 def test_init_leaves_kernel_rules_that_do_not_fit_the_gateway(gw: Gateway) -> None:
-    gw.links.kernel_rules = {**KERNEL_RULES, "fip": [{"name": "f", "eip": "eip-10-115-55-201", "internalIp": "192.0.2.9"}]}
+    gw.links.kernel_rules = {
+        **KERNEL_RULES,
+        "fip": [{"name": "f", "eip": "eip-10-115-55-201", "internalIp": "192.0.2.9"}],
+    }
     result = gw.ok("init", "net1,net2")
     assert "natgwd's rules in the kernel do not fit this gateway, not taken over" in result.err
     assert "eips" not in gw.state()
@@ -344,7 +347,10 @@ def test_subnet_routes_replace_and_delete(ready: Gateway) -> None:
     assert ready.state()["internal"]["routes"] == [{"dst": "10.55.0.0/16", "via": "172.20.10.1"}]
     # Missing everywhere: exit 2, as the script's `ip route del`.
     result = ready.call("subnet-route-del", "10.66.0.0/16")
-    assert (result.code, result.err) == (2, "natgwd: no route to 10.66.0.0/16 on net1 (ip route del: No such process)\n")
+    assert (result.code, result.err) == (
+        2,
+        "natgwd: no route to 10.66.0.0/16 on net1 (ip route del: No such process)\n",
+    )
 
 
 def test_subnet_route_del_removes_the_route_the_cni_installed(ready: Gateway) -> None:
