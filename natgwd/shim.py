@@ -224,8 +224,10 @@ class KernelLinks:
                 return 0
             found = [
                 msg
-                for msg in ipr.get_routes(family=AF_INET, table=self.MAIN_TABLE, dst=str(dst))
-                if msg.get_attr("RTA_OIF") == index and msg["dst_len"] == dst.prefixlen
+                for msg in ipr.get_routes(family=AF_INET, table=self.MAIN_TABLE)
+                if msg.get_attr("RTA_OIF") == index
+                and msg["dst_len"] == dst.prefixlen
+                and msg.get_attr("RTA_DST") == str(dst.network_address)
             ]
             for msg in found:
                 ipr.route("del", dst=str(dst), table=self.MAIN_TABLE, oif=index, proto=msg["proto"])
