@@ -48,6 +48,7 @@ class Gateway:
     lab: Lab
     natgwd: Natgwd
     state_path: Path
+    gateway_v4: str = EXTERNAL_HOST  # the pod's GATEWAY_V4 (none before Kube-OVN v1.15)
 
     def shim(self, *args: str, timeout: str = SHIM_TIMEOUT) -> Call:
         """`nat-gateway.sh ARGS...` in the gateway namespace, as the controller execs it."""
@@ -55,7 +56,7 @@ class Gateway:
             f"NATGWD_STATE={self.state_path}",
             f"NATGWD_APPLIED_STATE={self.lab.applied_state_path}",
             f"NATGWD_SHIM_TIMEOUT={timeout}",
-            f"GATEWAY_V4={EXTERNAL_HOST}",
+            f"GATEWAY_V4={self.gateway_v4}",
         ]
         result = self.lab.exec(
             "gw", "env", *env, sys.executable, "-m", "natgwd.shim", *args, check=False, timeout=float(timeout) + 30
@@ -108,18 +109,20 @@ class Gateway:
         return list(json.loads(result.stdout))
 
 
-def configure_like_the_cni(lab: Lab) -> None:
+def configure_like_the_cni(lab: Lab, vpc: str = "net1", ext: str = "net2", routes: bool = True) -> None:
     """What Kube-OVN's CNI sets up in the gateway pod before any exec (seed document): the
-    interfaces' addresses, the internal provider's routes annotation and the external
-    provider's default route."""
-    for command in (
-        ("ip", "link", "set", "net1", "up"),
-        ("ip", "link", "set", "net2", "up"),
-        ("ip", "addr", "add", "172.20.10.254/24", "dev", "net1"),
-        ("ip", "addr", "add", "10.115.48.1/21", "dev", "net2"),
-        ("ip", "route", "add", "10.55.0.0/16", "via", "172.20.10.1", "dev", "net1"),
-        ("ip", "route", "add", "default", "via", EXTERNAL_HOST, "dev", "net2"),
-    ):
+    interfaces' addresses and (since v1.13) the internal provider's routes annotation and
+    the external provider's default route."""
+    commands = [
+        ("ip", "link", "set", vpc, "up"),
+        ("ip", "link", "set", ext, "up"),
+        ("ip", "addr", "add", "172.20.10.254/24", "dev", vpc),
+        ("ip", "addr", "add", "10.115.48.1/21", "dev", ext),
+    ]
+    if routes:
+        commands.append(("ip", "route", "add", "10.55.0.0/16", "via", "172.20.10.1", "dev", vpc))
+        commands.append(("ip", "route", "add", "default", "via", EXTERNAL_HOST, "dev", ext))
+    for command in commands:
         lab.exec("gw", *command)
 
 
@@ -483,3 +486,66 @@ def test_controller_replays_across_restarts_and_pod_recreation(gateway: Gateway)
     missing = gateway.shim("subnet-route-del", "10.55.0.0/16")
     assert missing.code == 2 and "no route to 10.55.0.0/16 on net1" in missing.err, missing
     assert gateway.source_seen("vm3") == EIP1
+
+
+# Older controllers, primary-CNI mode (interfaces eth0 and net1, no GATEWAY_V4), as their
+# sources build the calls: v1.12 routes through `init` and `ext-subnet-route-add` and gives
+# `eip-add` the gateway; v1.13 and v1.14 leave the routes to the CNI and send a bare `init`.
+OLDER_CONTROLLERS = {
+    "v1.12": (
+        False,
+        (
+            ("init", "10.96.0.0/12,172.20.10.1"),
+            ("ext-subnet-route-add", f"10.115.48.0/21,{EXTERNAL_HOST}"),
+            ("subnet-route-add", "10.55.0.0/16,172.20.10.1"),
+            ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
+            ("dnat-add", f"{EIP1},8888,tcp,{VM1},80"),
+            ("floating-ip-add", f"{EIP2},{VM2}"),
+            ("eip-add", f"{EIP1}/21,{EXTERNAL_HOST}"),
+            ("eip-add", f"{EIP2}/21,{EXTERNAL_HOST}"),
+        ),
+    ),
+    "v1.13-v1.14": (
+        True,
+        (
+            ("init",),
+            ("subnet-route-add", "10.55.0.0/16,172.20.10.1"),
+            ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
+            ("dnat-add", f"{EIP1},8888,tcp,{VM1},80"),
+            ("floating-ip-add", f"{EIP2},{VM2}"),
+            ("eip-add", f"{EIP1}/21"),
+            ("eip-add", f"{EIP2}/21"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_CONTROLLERS))
+def test_older_controllers_drive_the_gateway(lab: Lab, tmp_path: Path, version: str) -> None:
+    """Guards against the drop-in refusing what released controllers since v1.12 send (the
+    shim exited 1 on v1.12's `init CIDR,NEXTHOP`, `ext-subnet-route-add` and `eip-add
+    IP/PREFIX,GATEWAY`, so no route was ever installed)."""
+    cni_routes, calls = OLDER_CONTROLLERS[version]
+    for old, new in (("net1", "eth0"), ("net2", "net1")):
+        lab.exec("gw", "ip", "link", "set", old, "name", new)
+    configure_like_the_cni(lab, vpc="eth0", ext="net1", routes=cni_routes)
+    for role in ("vm1", "vm2"):
+        lab.serve(role, tcp=[80], tag=role)
+    lab.serve("ext", tcp=[UPSTREAM_PORT])
+    gateway = Gateway(lab, lab.start_natgwd(None, state_path=tmp_path / "state.json"), tmp_path / "state.json", "")
+    for call in calls:
+        gateway.ok(*call)
+    on_gateway = {(r.dst, r.gateway, r.dev) for r in routes(lab, "gw")}
+    assert ("10.55.0.0/16", "172.20.10.1", "eth0") in on_gateway
+    assert ("default", EXTERNAL_HOST, "net1") in on_gateway
+    if version == "v1.12":
+        assert ("10.96.0.0/12", "172.20.10.1", "eth0") in on_gateway
+    assert gateway.source_seen("vm3") == EIP1
+    assert gateway.source_seen("vm2") == EIP2
+    assert tcp_get(lab, "ext", EIP1, 8888).endswith("@vm1")
+    assert tcp_get(lab, "ext", EIP2, 80).endswith("@vm2")
+    # Their deletes carry the whole rule.
+    gateway.ok("dnat-del", f"{EIP1},8888,tcp,{VM1},80")
+    gateway.ok("floating-ip-del", f"{EIP2},{VM2}")
+    assert tcp_get(lab, "ext", EIP1, 8888) == ""
+    assert tcp_get(lab, "ext", EIP2, 80) == ""
