@@ -214,9 +214,11 @@ class KernelLinks:
             return found
 
     def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        import errno
         from socket import AF_INET
 
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
         with IPRoute() as ipr:
             index = self._index(ipr, name)
@@ -229,9 +231,15 @@ class KernelLinks:
                 and msg["dst_len"] == dst.prefixlen
                 and msg.get_attr("RTA_DST") == str(dst.network_address)
             ]
+            deleted = 0
             for msg in found:
-                ipr.route("del", dst=str(dst), table=self.MAIN_TABLE, oif=index, proto=msg["proto"])
-            return len(found)
+                try:
+                    ipr.route("del", dst=str(dst), table=self.MAIN_TABLE, oif=index, proto=msg["proto"])
+                    deleted += 1
+                except NetlinkError as err:
+                    if err.code != errno.ESRCH:  # gone meanwhile: not ours to count
+                        raise ShimError(f"natgwd: ip route del {dst} dev {name}: {err}") from None
+            return deleted
 
     def nat_rules(self) -> Doc | None:
         from natgwd.kernelrules import read_kernel_rules
@@ -430,10 +438,14 @@ def delete_leftover_routes(ctx: Context, links: Links) -> None:
     VPC`, which removes them whoever added them. A route that was nowhere fails as `ip route
     del` does: exit 2."""
     interface = ctx.internal_interface
+    missing = []
     for dst, in_state in ctx.route_dels:
         deleted = links.delete_routes(interface, dst) if interface else 0
         if not deleted and not in_state:
-            raise ShimError(f"natgwd: no route to {dst} on {interface} (ip route del: No such process)", code=2)
+            missing.append(str(dst))
+    if missing:
+        where = f"no route to {', '.join(missing)} on {interface}"
+        raise ShimError(f"natgwd: {where} (ip route del: No such process)", code=2)
 
 
 def parse_ext_route_add(rule: str) -> Op:

@@ -362,6 +362,11 @@ def test_subnet_route_del_removes_the_route_the_cni_installed(ready: Gateway) ->
     ready.links.links["net1"][1].append(("10.77.0.0/16", "172.20.10.1"))  # in the kernel only
     ready.ok("subnet-route-del", "10.77.0.0/16")
     assert ("10.77.0.0/16", "172.20.10.1") not in ready.links.links["net1"][1]
+    # Several in one call: each one that exists goes, then exit 2 names the missing ones.
+    ready.links.links["net1"][1].append(("10.78.0.0/16", "172.20.10.1"))
+    result = ready.call("subnet-route-del", "10.79.0.0/16", "10.78.0.0/16")
+    assert result.code == 2 and "no route to 10.79.0.0/16 on net1" in result.err, result
+    assert ("10.78.0.0/16", "172.20.10.1") not in ready.links.links["net1"][1]
 
 
 def test_subnet_route_into_the_external_subnet_is_ignored_with_a_warning(ready: Gateway) -> None:
