@@ -141,7 +141,8 @@ def rules_from_table(contents: TableContents, shares: Mapping[str, list[str]]) -
 
 
 def read_kernel_rules() -> Doc | None:
-    """The rules of natgwd's table in this network namespace; None when there is no table."""
+    """The rules of natgwd's table in this network namespace; None when there is no table.
+    OSError when it cannot be listed; ValueError or KeyError when it is not natgwd's layout."""
     import json
 
     from nftables import Nftables  # only importable where libnftables is installed

@@ -30,7 +30,8 @@ Environment: NATGWD_STATE (default /etc/natgwd/state.json), NATGWD_APPLIED_STATE
 /var/lib/natgwd/applied.json), NATGWD_SHIM_TIMEOUT (seconds, default 30; 0 = do not wait
 for natgwd), GATEWAY_V4 (the external gateway, as the controller sets it in the pod).
 
-Exit codes as the script's: 0 done (or nothing to do), 1 refused or failed. Warnings go to
+Exit codes as the script's: 0 done (or nothing to do), 1 refused or failed, 2 a
+`subnet-route-del` of a route that is nowhere (`ip route del`'s code). Warnings go to
 stderr prefixed "Warning:", which the controller does not count as an error.
 """
 
@@ -800,7 +801,11 @@ def _take_over_kernel_rules(doc: Doc, links: Links, ctx: Context) -> None:
     (natgwd.kernelrules), so that applying this state changes nothing, as the script's
     `init` changes nothing where its iptables chains exist; the controller's replay then
     finds every rule in place."""
-    rules = links.nat_rules()
+    try:
+        rules = links.nat_rules()
+    except (OSError, ValueError, KeyError) as err:
+        ctx.warnings.append(f"cannot read natgwd's table in the kernel, starting without its rules: {err}")
+        return
     if not rules:
         return
     candidate = {**doc, **rules}

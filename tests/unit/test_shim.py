@@ -48,7 +48,7 @@ class FakeLinks:
             "eth0": (["10.52.1.66/32"], []),
         }
     )
-    kernel_rules: dict[str, Any] | None = None  # natgwd's table, as natgwd.kernelrules reads it
+    kernel_rules: dict[str, Any] | Exception | None = None  # natgwd's table, as natgwd.kernelrules reads it
 
     def exists(self, name: str) -> bool:
         return name in self.links
@@ -66,6 +66,8 @@ class FakeLinks:
         return len(routes) - len(kept)
 
     def nat_rules(self) -> dict[str, Any] | None:
+        if isinstance(self.kernel_rules, Exception):
+            raise self.kernel_rules
         return self.kernel_rules
 
 
@@ -292,6 +294,13 @@ def test_init_leaves_kernel_rules_that_do_not_fit_the_gateway(gw: Gateway) -> No
     }
     result = gw.ok("init", "net1,net2")
     assert "natgwd's rules in the kernel do not fit this gateway, not taken over" in result.err
+    assert "eips" not in gw.state()
+
+
+def test_init_goes_on_without_kernel_rules_it_cannot_read(gw: Gateway) -> None:
+    gw.links.kernel_rules = OSError("nft list table inet natgwd: Operation not permitted")
+    result = gw.ok("init", "net1,net2")
+    assert "cannot read natgwd's table in the kernel, starting without its rules: nft list" in result.err
     assert "eips" not in gw.state()
 
 
