@@ -35,7 +35,8 @@ CACHE=${NATGWD_IMAGE_CACHE:-/var/cache/natgwd-image}
 BASE_MAX_AGE_HOURS=${NATGWD_BASE_MAX_AGE_HOURS:-24}
 # The rootfs's python3 must be the one the wheels are chosen for.
 PY_VERSION=3.11
-PACKAGES=python3,python3-nftables,libnftables1,nftables,iproute2,conntrack
+# procps: sysctl, which kube-ovn-controller's postStart hook runs (`sysctl -w net.ipv4.ip_forward=1`).
+PACKAGES=python3,python3-nftables,libnftables1,nftables,iproute2,conntrack,procps
 VENV=/opt/natgwd
 # Bump when the base rootfs recipe changes (invalidates cached bases).
 BASE_RECIPE=3

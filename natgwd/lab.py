@@ -209,18 +209,44 @@ class Lab:
         self.exec("lan", "ip", "link", "add", "br0", "type", "bridge")
         self.exec("lan", "ip", "addr", "add", LAN_ROUTER, "dev", "br0")
         self.exec("lan", "ip", "link", "set", "br0", "up")
-        self._veth("gw", "net1", "lan", "p-gw")
-        self.exec("lan", "ip", "link", "set", "p-gw", "master", "br0", "up")
         for role, address in zip(self.vm_roles(), self.vms, strict=True):
             self._veth(role, "eth0", "lan", f"p-{role}")
             self.exec("lan", "ip", "link", "set", f"p-{role}", "master", "br0", "up")
             self.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
             self.exec(role, "ip", "link", "set", "eth0", "up")
             self.exec(role, "ip", "route", "add", "default", "via", "172.20.10.254")
-        # External side: the upstream gateway, directly on net2's segment.
+        self._gateway_links()
+
+    def _gateway_links(self) -> None:
+        # net1 on the internal segment; net2 on the external one, where the upstream
+        # gateway is directly.
+        self._veth("gw", "net1", "lan", "p-gw")
+        self.exec("lan", "ip", "link", "set", "p-gw", "master", "br0", "up")
         self._veth("gw", "net2", "ext", "eth0")
         self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST}/{EXTERNAL_PREFIX}", "dev", "eth0")
         self.exec("ext", "ip", "link", "set", "eth0", "up")
+
+    def recreate_gateway(self, timeout: float = 10) -> None:
+        """A new gateway namespace in place of the old one, as when Kubernetes recreates
+        the gateway pod: new interfaces, nothing configured, no NAT state. net1 keeps its
+        MAC address (Kube-OVN gives the recreated pod the same lanIp and MAC); net2 gets a
+        new one (gratuitous ARP tells the upstream gateway). Stop every process in the old
+        namespace first."""
+        mac = json.loads(self.exec("gw", "ip", "-j", "link", "show", "net1").stdout)[0]["address"]
+        run(["ip", "netns", "del", self.ns("gw")])
+        # The peers of the old veths go with the namespace, asynchronously.
+        deadline = time.monotonic() + timeout
+        while any(
+            self.exec(role, "ip", "link", "show", name, check=False).returncode == 0
+            for role, name in (("lan", "p-gw"), ("ext", "eth0"))
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the old gateway's links did not go away")
+            time.sleep(0.05)
+        run(["ip", "netns", "add", self.ns("gw")])
+        self.exec("gw", "ip", "link", "set", "lo", "up")
+        self._gateway_links()
+        self.exec("gw", "ip", "link", "set", "net1", "address", mac)
 
     def close(self) -> None:
         for process in reversed(self._processes):

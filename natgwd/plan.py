@@ -160,7 +160,11 @@ def _chains(state: DesiredState, snat_prefixes: list[int]) -> tuple[ChainSpec, .
             "type nat hook postrouting priority srcnat; policy accept;",
             (
                 # Hairpin: a VPC client reached an EIP that was DNATed back into the VPC;
-                # without this the backend would answer the client directly.
+                # without this the backend would answer the client directly. A client with
+                # a FIP shows up as its FIP, as Kube-OVN's (FIP SNAT first, on any
+                # interface); the map lookup fails, and the next rule applies, for others.
+                f"iifname {internal} oifname {internal} ct status dnat "
+                "ct original ip daddr @eips snat ip to ip saddr map @fip_out_target",
                 f"iifname {internal} oifname {internal} ct status dnat "
                 "ct original ip daddr @eips snat ip to ct original ip daddr",
                 f"oifname {external} ct mark set ip saddr map @fip_out_rule snat ip to ip saddr map @fip_out_target",

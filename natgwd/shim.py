@@ -30,7 +30,8 @@ Environment: NATGWD_STATE (default /etc/natgwd/state.json), NATGWD_APPLIED_STATE
 /var/lib/natgwd/applied.json), NATGWD_SHIM_TIMEOUT (seconds, default 30; 0 = do not wait
 for natgwd), GATEWAY_V4 (the external gateway, as the controller sets it in the pod).
 
-Exit codes as the script's: 0 done (or nothing to do), 1 refused or failed. Warnings go to
+Exit codes as the script's: 0 done (or nothing to do), 1 refused or failed, 2 a
+`subnet-route-del` of a route that is nowhere (`ip route del`'s code). Warnings go to
 stderr prefixed "Warning:", which the controller does not count as an error.
 """
 
@@ -48,10 +49,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError
+from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError, ip_network
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from natgwd.kernelrules import dashed as _dashed
 from natgwd.validation import InvalidStateError, load_state
 
 DEFAULT_STATE = "/etc/natgwd/state.json"
@@ -74,9 +76,11 @@ USAGE = """\
 Usage: nat-gateway.sh COMMAND [RULE...]   (natgwd: each call edits the desired state)
 
   init [vpcIf,extIf]                                  interfaces (default eth0,net1)
+  init CIDR,NEXTHOP                                   (v1.12) default interfaces and a route to a VPC network
   subnet-route-add CIDR,NEXTHOP                       route to a VPC network
-  subnet-route-del CIDR
-  eip-add IP/PREFIX                                   EIP (natgwd takes the prefix of the external subnet)
+  subnet-route-del CIDR                               also the route the CNI installed
+  ext-subnet-route-add EXTERNAL_CIDR,GATEWAY          (v1.12) the default route
+  eip-add IP/PREFIX[,GATEWAY]                         EIP (natgwd takes the prefix of the external subnet)
   eip-del IP[/PREFIX]                                 EIP and the rules that still use it
   floating-ip-add EIP,INTERNAL_IP                     1:1 NAT
   floating-ip-del EIP
@@ -135,7 +139,7 @@ class Config:
 
 
 class Links(Protocol):
-    """What `init` asks of the interfaces (a fake in the unit tests)."""
+    """What the shim asks of the kernel (a fake in the unit tests)."""
 
     def exists(self, name: str) -> bool: ...
 
@@ -145,6 +149,15 @@ class Links(Protocol):
 
     def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
         """IPv4 routes through a gateway out of the interface (the default one included)."""
+        ...
+
+    def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        """Delete the main table's routes to `dst` out of the interface, whoever added
+        them; how many there were."""
+        ...
+
+    def nat_rules(self) -> Doc | None:
+        """The rules natgwd's nftables table holds (natgwd.kernelrules); None without one."""
         ...
 
 
@@ -167,6 +180,8 @@ class KernelLinks:
 
         from pyroute2 import IPRoute
 
+        from natgwd.netlink import NATGWD_PROTO
+
         with IPRoute() as ipr:
             index = self._index(ipr, name)
             if index is None:
@@ -175,6 +190,8 @@ class KernelLinks:
             for msg in ipr.get_addr(family=AF_INET, index=index):
                 if msg["scope"] != 0 or msg["flags"] & self.IFA_F_SECONDARY:
                     continue
+                if msg.get("IFA_PROTO") == NATGWD_PROTO:
+                    continue  # an EIP natgwd added, not the CNI's address
                 local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
                 found.append(IPv4Interface(f"{local}/{msg['prefixlen']}"))
             return found
@@ -196,6 +213,39 @@ class KernelLinks:
                 dst = msg.get_attr("RTA_DST") or "0.0.0.0"
                 found.append((IPv4Network(f"{dst}/{msg['dst_len']}"), IPv4Address(gateway)))
             return found
+
+    def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        import errno
+        from socket import AF_INET
+
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            index = self._index(ipr, name)
+            if index is None:
+                return 0
+            found = [
+                msg
+                for msg in ipr.get_routes(family=AF_INET, table=self.MAIN_TABLE)
+                if msg.get_attr("RTA_OIF") == index
+                and msg["dst_len"] == dst.prefixlen
+                and msg.get_attr("RTA_DST") == str(dst.network_address)
+            ]
+            deleted = 0
+            for msg in found:
+                try:
+                    ipr.route("del", dst=str(dst), table=self.MAIN_TABLE, oif=index, proto=msg["proto"])
+                    deleted += 1
+                except NetlinkError as err:
+                    if err.code != errno.ESRCH:  # gone meanwhile: not ours to count
+                        raise ShimError(f"natgwd: ip route del {dst} dev {name}: {err}") from None
+            return deleted
+
+    def nat_rules(self) -> Doc | None:
+        from natgwd.kernelrules import read_kernel_rules
+
+        return read_kernel_rules()
 
 
 # --- argument parsing -----------------------------------------------------------------
@@ -257,13 +307,12 @@ def _protocol(text: str) -> str:
 class Context:
     gateway_v4: str | None
     warnings: list[str] = field(default_factory=list)
+    # subnet-route-del: each destination, and whether the state had a route to it.
+    route_dels: list[tuple[IPv4Network, bool]] = field(default_factory=list)
+    internal_interface: str | None = None
 
 
 Op = Callable[[Doc, Context], None]
-
-
-def _dashed(text: object) -> str:
-    return re.sub(r"[^0-9a-z]+", "-", str(text).lower()).strip("-")
 
 
 def _items(doc: Doc, section: str) -> list[dict[str, Any]]:
@@ -374,7 +423,43 @@ def parse_route_del(rule: str) -> Op:
     def op(doc: Doc, ctx: Context) -> None:
         ctx.warnings.extend(warnings)
         internal = doc.setdefault("internal", {})
-        internal["routes"] = [r for r in _items(internal, "routes") if _norm_cidr(r.get("dst")) != str(dst)]
+        routes = _items(internal, "routes")
+        internal["routes"] = [r for r in routes if _norm_cidr(r.get("dst")) != str(dst)]
+        ctx.route_dels.append((dst, len(internal["routes"]) != len(routes)))
+        ctx.internal_interface = internal.get("interface")
+
+    return op
+
+
+def delete_leftover_routes(ctx: Context, links: Links) -> None:
+    """After natgwd applied a `subnet-route-del`: also delete the route when someone else
+    installed it. The CNI installs a route to every VPC subnet when the pod is created
+    (`proto boot`); natgwd leaves routes it did not add, but in the drop-in the controller
+    owns the VPC routes on the internal interface and the script runs `ip route del CIDR dev
+    VPC`, which removes them whoever added them. A route that was nowhere fails as `ip route
+    del` does: exit 2."""
+    interface = ctx.internal_interface
+    missing = []
+    for dst, in_state in ctx.route_dels:
+        deleted = links.delete_routes(interface, dst) if interface else 0
+        if not deleted and not in_state:
+            missing.append(str(dst))
+    if missing:
+        where = f"no route to {', '.join(missing)} on {interface}"
+        raise ShimError(f"natgwd: {where} (ip route del: No such process)", code=2)
+
+
+def parse_ext_route_add(rule: str) -> Op:
+    """v1.12's `ext-subnet-route-add EXTERNAL_CIDR,GATEWAY`: the default route via the
+    external subnet's gateway (the external subnet itself is on-link)."""
+    warnings: list[str] = []
+    cidr_text, via_text = _fields(rule, 2, 2, "EXTERNAL_CIDR,GATEWAY")
+    _network(cidr_text, "external subnet", warnings)
+    via = _address(via_text, "gateway")
+
+    def op(doc: Doc, ctx: Context) -> None:
+        ctx.warnings.extend(warnings)
+        _set_gateway(doc, str(via), ctx)
 
     return op
 
@@ -623,6 +708,7 @@ def parse_share_del(rule: str) -> Op:
 EDITS: dict[str, Callable[[str], Op]] = {
     "subnet-route-add": parse_route_add,
     "subnet-route-del": parse_route_del,
+    "ext-subnet-route-add": parse_ext_route_add,
     "eip-add": parse_eip_add,
     "eip-del": parse_eip_del,
     "floating-ip-add": parse_fip_add,
@@ -641,14 +727,44 @@ QOS_DELS = frozenset({"eip-ingress-qos-del", "eip-egress-qos-del", "qos-del"})
 # --- init -----------------------------------------------------------------------------
 
 
-def parse_init(rules: Sequence[str]) -> tuple[str, str] | None:
-    """`init [vpcIf,extIf]`; spaces around the comma tolerated (also split into words)."""
+@dataclass(frozen=True)
+class InitArgs:
+    interfaces: tuple[str, str] | None
+    routes: tuple[str, ...] = ()  # v1.12: `init CIDR,NEXTHOP`, as subnet-route-add rules
+    warnings: tuple[str, ...] = ()
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_init(rules: Sequence[str]) -> InitArgs:
+    """`init [vpcIf,extIf]`; spaces around the comma tolerated (also split into words).
+    Controllers up to v1.12 send `init SERVICE_CIDR,GATEWAY` instead (routes via the VPC
+    gateway, interfaces eth0 and net1); dual-stack ones send both families' CIDRs and
+    gateways in one comma-separated list."""
     names = [n.strip() for n in ",".join(rules).split(",") if n.strip()]
     if not names:
-        return None
+        return InitArgs(None)
+    if any(_is_address(name) for name in names):
+        v4 = [n for n in names if ":" not in n]
+        cidrs, gateways = [n for n in v4 if "/" in n], [n for n in v4 if "/" not in n]
+        if not cidrs or len(gateways) != 1 or len(v4) != len(cidrs) + 1:
+            raise ShimError(f"Error: init {','.join(names)}: expected vpcIf,extIf or (v1.12) CIDR,NEXTHOP")
+        ignored = tuple(f"init: {n} ignored (natgwd is IPv4-only)" for n in names if ":" in n)
+        return InitArgs(None, tuple(f"{cidr},{gateways[0]}" for cidr in cidrs), ignored)
+    if len(names) > 2:
+        raise ShimError(
+            f"Error: init {','.join(names)}: natgwd manages one external interface; a gateway with several "
+            "externalSubnets (one external interface each) is not supported"
+        )
     if len(names) != 2:
         raise ShimError("Error: Expected two interfaces separated by a comma (e.g., net1,net2)")
-    return names[0], names[1]
+    return InitArgs((names[0], names[1]))
 
 
 def skeleton(vpc: str, ext: str, links: Links, gateway_v4: str | None, ctx: Context) -> Doc:
@@ -679,10 +795,37 @@ def skeleton(vpc: str, ext: str, links: Links, gateway_v4: str | None, ctx: Cont
     return doc
 
 
+def _take_over_kernel_rules(doc: Doc, links: Links, ctx: Context) -> None:
+    """No state file, but natgwd's table may be in the kernel: after a container restart in
+    the same network namespace it still translates every connection. Start from its rules
+    (natgwd.kernelrules), so that applying this state changes nothing, as the script's
+    `init` changes nothing where its iptables chains exist; the controller's replay then
+    finds every rule in place."""
+    try:
+        rules = links.nat_rules()
+    except (OSError, ValueError, KeyError) as err:
+        ctx.warnings.append(f"cannot read natgwd's table in the kernel, starting without its rules: {err}")
+        return
+    if not rules:
+        return
+    candidate = {**doc, **rules}
+    try:
+        load_state(render(candidate, 1))
+    except InvalidStateError as err:
+        problems = "; ".join(str(p) for p in err.problems)
+        ctx.warnings.append(f"natgwd's rules in the kernel do not fit this gateway, not taken over: {problems}")
+        return
+    doc.update(rules)
+    counts = ", ".join(f"{len(rules[s])} {s}" for s in ("eips", *RULE_SECTIONS) if rules.get(s))
+    ctx.warnings.append(f"no state file: took over natgwd's rules from the kernel ({counts})")
+
+
 def init_op(rules: Sequence[str], links: Links) -> Callable[[Doc | None, Context], Doc]:
-    names = parse_init(rules)
+    args = parse_init(rules)
+    names = args.interfaces
 
     def op(doc: Doc | None, ctx: Context) -> Doc:
+        ctx.warnings.extend(args.warnings)
         if doc is None:
             vpc, ext = names or (DEFAULT_VPC_INTERFACE, DEFAULT_EXTERNAL_INTERFACE)
         else:
@@ -692,12 +835,15 @@ def init_op(rules: Sequence[str], links: Links) -> Callable[[Doc | None, Context
             if not links.exists(name):
                 raise ShimError(f"Error: {side} interface '{name}' not found")
         if doc is None:
-            return skeleton(vpc, ext, links, ctx.gateway_v4, ctx)
+            doc = skeleton(vpc, ext, links, ctx.gateway_v4, ctx)
+            _take_over_kernel_rules(doc, links, ctx)
         for section, name in (("internal", vpc), ("external", ext)):
             part = doc.setdefault(section, {})
             if part.get("interface") != name:
                 ctx.warnings.append(f"{section} interface changed from {part.get('interface')} to {name}")
                 part["interface"] = name
+        for route in args.routes:
+            parse_route_add(route)(doc, ctx)
         return doc
 
     return op
@@ -984,6 +1130,8 @@ def run(
                 f"natgwd: not applied within {config.timeout:g}s (generation {written.generation}, "
                 f"sha256 {written.digest[:12]}; is natgwd running with --applied-state {config.applied}?)"
             )
+        if ctx.route_dels:
+            delete_leftover_routes(ctx, links or KernelLinks())
         what = "applied" if written.changed else "nothing to change"
         print(f"natgwd: {what} (generation {written.generation}, sha256 {written.digest[:12]})", file=out)
     except ShimError as error:

@@ -5,10 +5,12 @@ addresses, routes and natgwd's table back. Everything runs only inside the lab's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -371,3 +373,63 @@ def assert_snat_works(lab: Lab) -> None:
 def assert_fip_works(lab: Lab) -> None:
     seen = fetch(lab, "vm2", UPSTREAM, UPSTREAM_PORT)
     assert seen.startswith(f"{FIP_EIP}:"), f"FIP of vm2 to {FIP_EIP} failed: {seen!r}"
+
+
+# --- probing ---------------------------------------------------------------------------
+
+
+def kill_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+PROBER = r"""
+import socket, sys, time
+host, port, interval, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+log = open(out, "a", buffering=1)
+while True:
+    started = time.time()
+    try:
+        c = socket.create_connection((host, port), timeout=1)
+        c.settimeout(1)
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        c.close()
+        assert data.startswith(b"HTTP/1.1 200"), data[:60]
+        log.write("%.3f ok %s\n" % (started, data.rsplit(b"\r\n", 1)[-1].decode()))
+    except Exception as err:
+        log.write("%.3f fail %s\n" % (started, type(err).__name__))
+    time.sleep(max(0.0, interval - (time.time() - started)))
+"""
+
+
+@dataclass
+class Prober:
+    """HTTP requests every `interval` seconds from a namespace, each logged with its time."""
+
+    name: str
+    path: Path
+    process: subprocess.Popen[bytes]
+
+    def results(self) -> list[tuple[float, bool, str]]:
+        found = []
+        for line in self.path.read_text().splitlines() if self.path.exists() else ():
+            when, outcome, *rest = line.split(" ", 2)
+            found.append((float(when), outcome == "ok", rest[0] if rest else ""))
+        return found
+
+
+def prober(lab: Lab, role: str, address: str, port: int, name: str, interval: float = 0.05) -> Prober:
+    path = lab.workdir / f"probe-{name}.log"
+    process = lab.spawn(role, sys.executable, "-c", PROBER, address, str(port), str(interval), str(path))
+    probe = Prober(name, path, process)
+    wait_for(lambda: any(ok for _, ok, _ in probe.results()), f"the {name} prober's first success", timeout=10)
+    return probe

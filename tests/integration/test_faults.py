@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -51,8 +50,10 @@ from tests.integration.helpers import (
     events_named,
     fetch,
     gateway_routes,
+    kill_process,
     log_events,
     non_json_log_lines,
+    prober,
     readyz,
     sha256,
     start_natgwd_with,
@@ -106,14 +107,6 @@ def serve_all(lab: Lab) -> None:
     lab.serve("vm2", tcp=[80])
     lab.serve("vm3", tcp=[80])
     lab.serve("ext", tcp=[UPSTREAM_PORT])
-
-
-def kill_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
 
 
 # --- nftables contents, independent of rule ids ----------------------------------------------
@@ -750,55 +743,6 @@ def test_nesting_just_under_the_parser_limit_does_not_kill_natgwd(lab: Lab) -> N
 
 
 # --- c. drift and interference --------------------------------------------------------------------
-
-PROBER = r"""
-import socket, sys, time
-host, port, interval, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-log = open(out, "a", buffering=1)
-while True:
-    started = time.time()
-    try:
-        c = socket.create_connection((host, port), timeout=1)
-        c.settimeout(1)
-        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while True:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        c.close()
-        assert data.startswith(b"HTTP/1.1 200"), data[:60]
-        log.write("%.3f ok %s\n" % (started, data.rsplit(b"\r\n", 1)[-1].decode()))
-    except Exception as err:
-        log.write("%.3f fail %s\n" % (started, type(err).__name__))
-    time.sleep(max(0.0, interval - (time.time() - started)))
-"""
-
-
-@dataclass
-class Prober:
-    """HTTP requests every `interval` seconds from a namespace, each logged with its time."""
-
-    name: str
-    path: Path
-    process: subprocess.Popen[bytes]
-
-    def results(self) -> list[tuple[float, bool, str]]:
-        found = []
-        for line in self.path.read_text().splitlines() if self.path.exists() else ():
-            when, outcome, *rest = line.split(" ", 2)
-            found.append((float(when), outcome == "ok", rest[0] if rest else ""))
-        return found
-
-
-def prober(lab: Lab, role: str, address: str, port: int, name: str, interval: float = 0.05) -> Prober:
-    path = lab.workdir / f"probe-{name}.log"
-    process = lab.spawn(role, sys.executable, "-c", PROBER, address, str(port), str(interval), str(path))
-    probe = Prober(name, path, process)
-    wait_for(lambda: any(ok for _, ok, _ in probe.results()), f"the {name} prober's first success", timeout=10)
-    return probe
-
 
 INTRUDER_SETUP = """
 nft add table ip intruder

@@ -262,10 +262,12 @@ def test_image_runs_the_gateway_and_leaves_it_up(image: BuiltImage, lab: Lab, tm
 
 
 def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
-    """Guards against an image that cannot replace Kube-OVN's vpc-nat-gateway image with the
-    controller unchanged: its `sleep infinity` command must start natgwd (the PATH finds
-    /opt/natgwd/bin/sleep), and `bash /kube-ovn/nat-gateway.sh <subcommand> <rule>` execs
-    must become applied NAT; any other sleep must still sleep."""
+    """Guards against an image that cannot run under kube-ovn-controller's own pod spec
+    (genNatGwStatefulSet): command `sleep infinity`, privileged, env GATEWAY_V4/GATEWAY_V6,
+    and a postStart hook `sh -c "sysctl -w net.ipv4.ip_forward=1"` that kubelet runs in the
+    container right after it starts and that must succeed (else kubelet kills the
+    container: a crash loop). Then the controller's `init` and rules through
+    `bash /kube-ovn/nat-gateway.sh` must become applied NAT; any other sleep must still sleep."""
     # What the CNI does before the container starts: the pod's addresses and routes.
     for cmd in (
         ("ip", "link", "set", "net1", "up"),
@@ -274,6 +276,7 @@ def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
         ("ip", "link", "set", "net2", "up"),
         ("ip", "addr", "add", "10.115.48.1/21", "dev", "net2"),
         ("ip", "route", "add", "default", "via", EXTERNAL_HOST),
+        ("sysctl", "-qw", "net.ipv4.ip_forward=0"),  # a new network namespace's default
     ):
         lab.exec("gw", *cmd)
     container = Container(lab, f"natgwd-dropin-{lab.prefix}")
@@ -285,29 +288,36 @@ def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
             container.name,
             "--network",
             f"ns:/run/netns/{lab.ns('gw')}",
-            "--cap-drop",
-            "all",
-            "--cap-add",
-            "NET_ADMIN",
-            "--cap-add",
-            "NET_RAW",
+            "--privileged",
             "--env",
             f"GATEWAY_V4={EXTERNAL_HOST}",
+            "--env",
+            "GATEWAY_V6=",
             # The controller's command for the vpc-nat-gw container.
             "--entrypoint",
             "sleep",
             image.name,
             "infinity",
         )
+        # kubelet's postStart exec, at once: it fails the container if the command fails.
+        hook = _run("podman", "exec", container.name, "sh", "-c", "sysctl -w net.ipv4.ip_forward=1", check=False)
+        assert hook.returncode == 0, f"postStart hook failed: {hook.stdout}{hook.stderr}"
+        assert hook.stdout.strip() == "net.ipv4.ip_forward = 1"
+        assert lab.exec("gw", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+        assert container.running()
         for rule in (
             ("init", "net1,net2"),
+            ("get-iptables-version",),
+            ("subnet-route-add", "10.55.0.0/16,172.20.10.1"),
+            ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),  # a replay may send rules first
             ("eip-add", f"{EIP1}/21"),
-            ("snat-add", f"{EIP1},172.20.10.0/24"),
             ("dnat-add", f"{EIP1},8888,tcp,172.20.10.2,80"),
         ):
             # As kube-ovn-controller execs it; returns once natgwd has applied the change.
             result = _run("podman", "exec", container.name, "bash", "/kube-ovn/nat-gateway.sh", *rule, check=False)
             assert result.returncode == 0, f"{rule}: {result.stdout}{result.stderr}\n{container.logs()}"
+            # The controller fails a call on any stderr line that is not a warning.
+            assert all(line.startswith("Warning:") for line in result.stderr.splitlines()), result.stderr
         assert container.wait_ready()["ready"] is True
         lab.serve("ext", tcp=[80])
         lab.serve("vm1", tcp=[80])

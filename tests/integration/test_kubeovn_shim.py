@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import pytest
 
 from natgwd.lab import EXTERNAL_HOST, Lab, Natgwd
 from natgwd.validation import InvalidStateError, load_state
-from tests.integration.helpers import addresses, tcp_get
+from tests.integration.helpers import addresses, events_named, kill_process, prober, routes, tcp_get
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
 VM1, VM2, VM3 = "172.20.10.2", "172.20.10.3", "172.20.10.4"
@@ -46,6 +48,7 @@ class Gateway:
     lab: Lab
     natgwd: Natgwd
     state_path: Path
+    gateway_v4: str = EXTERNAL_HOST  # the pod's GATEWAY_V4 (none before Kube-OVN v1.15)
 
     def shim(self, *args: str, timeout: str = SHIM_TIMEOUT) -> Call:
         """`nat-gateway.sh ARGS...` in the gateway namespace, as the controller execs it."""
@@ -53,7 +56,7 @@ class Gateway:
             f"NATGWD_STATE={self.state_path}",
             f"NATGWD_APPLIED_STATE={self.lab.applied_state_path}",
             f"NATGWD_SHIM_TIMEOUT={timeout}",
-            f"GATEWAY_V4={EXTERNAL_HOST}",
+            f"GATEWAY_V4={self.gateway_v4}",
         ]
         result = self.lab.exec(
             "gw", "env", *env, sys.executable, "-m", "natgwd.shim", *args, check=False, timeout=float(timeout) + 30
@@ -106,18 +109,20 @@ class Gateway:
         return list(json.loads(result.stdout))
 
 
-def configure_like_the_cni(lab: Lab) -> None:
+def configure_like_the_cni(lab: Lab, vpc: str = "net1", ext: str = "net2", routes: bool = True) -> None:
     """What Kube-OVN's CNI sets up in the gateway pod before any exec (seed document): the
-    interfaces' addresses, the internal provider's routes annotation and the external
-    provider's default route."""
-    for command in (
-        ("ip", "link", "set", "net1", "up"),
-        ("ip", "link", "set", "net2", "up"),
-        ("ip", "addr", "add", "172.20.10.254/24", "dev", "net1"),
-        ("ip", "addr", "add", "10.115.48.1/21", "dev", "net2"),
-        ("ip", "route", "add", "10.55.0.0/16", "via", "172.20.10.1", "dev", "net1"),
-        ("ip", "route", "add", "default", "via", EXTERNAL_HOST, "dev", "net2"),
-    ):
+    interfaces' addresses and (since v1.13) the internal provider's routes annotation and
+    the external provider's default route."""
+    commands = [
+        ("ip", "link", "set", vpc, "up"),
+        ("ip", "link", "set", ext, "up"),
+        ("ip", "addr", "add", "172.20.10.254/24", "dev", vpc),
+        ("ip", "addr", "add", "10.115.48.1/21", "dev", ext),
+    ]
+    if routes:
+        commands.append(("ip", "route", "add", "10.55.0.0/16", "via", "172.20.10.1", "dev", vpc))
+        commands.append(("ip", "route", "add", "default", "via", EXTERNAL_HOST, "dev", ext))
+    for command in commands:
         lab.exec("gw", *command)
 
 
@@ -361,3 +366,195 @@ def test_50_concurrent_calls_are_all_applied(gateway: Gateway) -> None:
     assert gateway.applied() == hashlib.sha256(gateway.state_path.read_bytes()).hexdigest()
     for port in (ports[0], ports[24], ports[-1]):
         assert tcp_get(lab, "ext", EIP1, port).endswith("@vm1"), port
+
+
+# --- the controller's call sequences across restarts ---------------------------------------
+
+# What kube-ovn-controller execs (kubeovn/kube-ovn 1533681d; v1.16.2 builds the same strings),
+# non-primary-CNI mode: `init` with the interfaces, then, after a gateway pod (re)appears,
+# every rule again. Rules may come before their EIPs.
+CONTROLLER_INIT = ("init", "net1,net2")
+CONTROLLER_REPLAY: tuple[tuple[str, ...], ...] = (
+    ("get-iptables-version",),
+    ("subnet-route-add", "10.55.0.0/16,172.20.10.1", "10.56.0.0/16,172.20.10.1"),
+    ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
+    ("dnat-add", f"{EIP1},8888,tcp,{VM1},80"),
+    ("floating-ip-add", f"{EIP2},{VM2}"),
+    ("nft-dnat-map-add", f"{EIP3},9090,tcp,{VM1}:80@{VM3}:80"),
+    ("eip-add", f"{EIP1}/21"),
+    ("eip-add", f"{EIP2}/21"),
+    ("eip-add", f"{EIP3}/21"),
+)
+
+
+def assert_nothing_changed(daemon: Natgwd, after: str) -> None:
+    """natgwd's log: every apply was empty (no nftables operation, element or link change)
+    and no conntrack entry was deleted."""
+    applied = events_named(daemon, "desired state applied")
+    assert applied, f"nothing applied {after}"
+    changes = [e for e in applied if e["nft_operations"] or e["changed_elements"] or e["link_changes"]]
+    assert changes == [], f"{after}: {changes}"
+    assert events_named(daemon, "stale conntrack entries deleted") == [], after
+
+
+def replay(gateway: Gateway) -> list[Call]:
+    return [gateway.ok(*CONTROLLER_INIT)] + [gateway.ok(*call) for call in CONTROLLER_REPLAY]
+
+
+def assert_gateway_works(gateway: Gateway) -> None:
+    """SNAT, FIP both ways, DNAT, share DNAT, hairpin (also from a VM with a FIP) and the
+    VPC routes, with the addresses each side sees."""
+    lab = gateway.lab
+    assert gateway.source_seen("vm3") == EIP1, "SNAT"
+    assert gateway.source_seen("vm2") == EIP2, "FIP out"
+    assert tcp_get(lab, "ext", EIP2, 80).startswith(f"{EXTERNAL_HOST}:"), "FIP in"
+    assert tcp_get(lab, "ext", EIP2, 80).endswith("@vm2"), "FIP in"
+    answer = tcp_get(lab, "ext", EIP1, 8888)
+    assert answer.startswith(f"{EXTERNAL_HOST}:") and answer.endswith("@vm1"), f"DNAT: {answer!r}"
+    answers = gateway.answers("ext", EIP3, 9090, 16)
+    assert all(a.startswith(f"{EXTERNAL_HOST}:") for a in answers), answers
+    assert {a.rsplit("@", 1)[-1] for a in answers} == {"vm1", "vm3"}, f"share DNAT: {answers}"
+    assert tcp_get(lab, "vm3", EIP1, 8888).split(":")[0] == EIP1, "hairpin"
+    assert tcp_get(lab, "vm2", EIP1, 8888).split(":")[0] == EIP2, "hairpin from a VM with a FIP: its FIP"
+    on_net1 = {(r.dst, r.gateway) for r in routes(lab, "gw") if r.dev == "net1"}
+    assert {("10.55.0.0/16", "172.20.10.1"), ("10.56.0.0/16", "172.20.10.1")} <= on_net1
+
+
+def restart_natgwd(gateway: Gateway, *, files_kept: bool) -> None:
+    """kill -9 of natgwd and a new one in the same network namespace; without the files
+    (state, journal, lock, applied record) when the container restarts."""
+    gateway.natgwd.stop(signal.SIGKILL)
+    if not files_kept:
+        for path in gateway.state_path.parent.glob(f"{gateway.state_path.name}*"):
+            path.unlink()
+        gateway.lab.applied_state_path.unlink(missing_ok=True)
+    gateway.natgwd = gateway.lab.start_natgwd(None, state_path=gateway.state_path)
+
+
+def test_controller_replays_across_restarts_and_pod_recreation(gateway: Gateway) -> None:
+    """Guards against the drop-in failing kube-ovn-controller's call sequences (exact
+    strings, rules before their EIPs) on a fresh gateway, after a kill -9 of natgwd, after
+    a container restart in the same network namespace (the files gone, natgwd's table not:
+    `init` must not apply an empty rule set, and a probe every 50 ms must see no failure),
+    and after the pod is recreated in a new namespace; and against `subnet-route-del`
+    leaving the route the CNI installed."""
+    lab = gateway.lab
+    for role in ("vm1", "vm2", "vm3"):
+        lab.serve(role, tcp=[80], tag=role)
+
+    # 1. A fresh gateway (the fixture's natgwd and `init` already ran).
+    replay(gateway)
+    assert_gateway_works(gateway)
+
+    # 2. kill -9 of natgwd, its files kept: the state is re-applied, nothing changes.
+    restart_natgwd(gateway, files_kept=True)
+    calls = replay(gateway)
+    assert all("natgwd: nothing to change" in c.out for c in calls if not c.out.startswith("get-")), calls
+    assert_gateway_works(gateway)
+    assert_nothing_changed(gateway.natgwd, "after kill -9 and the replay")
+
+    # 3. The container restarts in the same network namespace: no files, the table stays.
+    probes = [
+        prober(lab, "vm3", EXTERNAL_HOST, UPSTREAM_PORT, "snat"),
+        prober(lab, "ext", EIP1, 8888, "dnat"),
+        prober(lab, "ext", EIP2, 80, "fip"),
+    ]
+    started = time.time()
+    try:
+        restart_natgwd(gateway, files_kept=False)
+        init, *rest = replay(gateway)
+        assert "took over natgwd's rules from the kernel (3 eips, 1 snat, 3 dnat, 1 fip)" in init.err, init
+        assert all("natgwd: nothing to change" in c.out for c in rest if not c.out.startswith("get-")), rest
+        assert_gateway_works(gateway)
+        ended = time.time()
+    finally:
+        for probe in probes:
+            kill_process(probe.process)
+    assert_nothing_changed(gateway.natgwd, "after a container restart and the replay")
+    expected = {"snat": f"{EIP1}:", "dnat": "@vm1", "fip": "@vm2"}
+    for probe in probes:
+        during = [(ok, answer) for when, ok, answer in probe.results() if started <= when <= ended]
+        assert len(during) >= 5, f"{probe.name}: too few probes ({len(during)})"
+        wrong = [r for r in during if not r[0] or expected[probe.name] not in r[1]]
+        assert wrong == [], f"{probe.name}: {len(wrong)} of {len(during)} probes failed: {wrong[:5]}"
+        print(f"container restart: {probe.name} probe {len(during)} requests in {ended - started:.1f}s, no failure")
+
+    # 4. The pod is recreated: a new network namespace, configured by the CNI, no files.
+    gateway.natgwd.stop(signal.SIGKILL)
+    lab.recreate_gateway()
+    configure_like_the_cni(lab)
+    restart_natgwd(gateway, files_kept=False)
+    init, *_ = replay(gateway)
+    assert "took over" not in init.err
+    assert_gateway_works(gateway)
+
+    # Routes: the controller's delete removes natgwd's route and the CNI's (proto boot).
+    gateway.ok("subnet-route-del", "10.56.0.0/16")
+    gateway.ok("subnet-route-del", "10.55.0.0/16")
+    assert not {r.dst for r in routes(lab, "gw")} & {"10.55.0.0/16", "10.56.0.0/16"}
+    missing = gateway.shim("subnet-route-del", "10.55.0.0/16")
+    assert missing.code == 2 and "no route to 10.55.0.0/16 on net1" in missing.err, missing
+    assert gateway.source_seen("vm3") == EIP1
+
+
+# Older controllers, primary-CNI mode (interfaces eth0 and net1, no GATEWAY_V4), as their
+# sources build the calls: v1.12 routes through `init` and `ext-subnet-route-add` and gives
+# `eip-add` the gateway; v1.13 and v1.14 leave the routes to the CNI and send a bare `init`.
+OLDER_CONTROLLERS = {
+    "v1.12": (
+        False,
+        (
+            ("init", "10.96.0.0/12,172.20.10.1"),
+            ("ext-subnet-route-add", f"10.115.48.0/21,{EXTERNAL_HOST}"),
+            ("subnet-route-add", "10.55.0.0/16,172.20.10.1"),
+            ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
+            ("dnat-add", f"{EIP1},8888,tcp,{VM1},80"),
+            ("floating-ip-add", f"{EIP2},{VM2}"),
+            ("eip-add", f"{EIP1}/21,{EXTERNAL_HOST}"),
+            ("eip-add", f"{EIP2}/21,{EXTERNAL_HOST}"),
+        ),
+    ),
+    "v1.13-v1.14": (
+        True,
+        (
+            ("init",),
+            ("subnet-route-add", "10.55.0.0/16,172.20.10.1"),
+            ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
+            ("dnat-add", f"{EIP1},8888,tcp,{VM1},80"),
+            ("floating-ip-add", f"{EIP2},{VM2}"),
+            ("eip-add", f"{EIP1}/21"),
+            ("eip-add", f"{EIP2}/21"),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_CONTROLLERS))
+def test_older_controllers_drive_the_gateway(lab: Lab, tmp_path: Path, version: str) -> None:
+    """Guards against the drop-in refusing what released controllers since v1.12 send (the
+    shim exited 1 on v1.12's `init CIDR,NEXTHOP`, `ext-subnet-route-add` and `eip-add
+    IP/PREFIX,GATEWAY`, so no route was ever installed)."""
+    cni_routes, calls = OLDER_CONTROLLERS[version]
+    for old, new in (("net1", "eth0"), ("net2", "net1")):
+        lab.exec("gw", "ip", "link", "set", old, "name", new)
+    configure_like_the_cni(lab, vpc="eth0", ext="net1", routes=cni_routes)
+    for role in ("vm1", "vm2"):
+        lab.serve(role, tcp=[80], tag=role)
+    lab.serve("ext", tcp=[UPSTREAM_PORT])
+    gateway = Gateway(lab, lab.start_natgwd(None, state_path=tmp_path / "state.json"), tmp_path / "state.json", "")
+    for call in calls:
+        gateway.ok(*call)
+    on_gateway = {(r.dst, r.gateway, r.dev) for r in routes(lab, "gw")}
+    assert ("10.55.0.0/16", "172.20.10.1", "eth0") in on_gateway
+    assert ("default", EXTERNAL_HOST, "net1") in on_gateway
+    if version == "v1.12":
+        assert ("10.96.0.0/12", "172.20.10.1", "eth0") in on_gateway
+    assert gateway.source_seen("vm3") == EIP1
+    assert gateway.source_seen("vm2") == EIP2
+    assert tcp_get(lab, "ext", EIP1, 8888).endswith("@vm1")
+    assert tcp_get(lab, "ext", EIP2, 80).endswith("@vm2")
+    # Their deletes carry the whole rule.
+    gateway.ok("dnat-del", f"{EIP1},8888,tcp,{VM1},80")
+    gateway.ok("floating-ip-del", f"{EIP2},{VM2}")
+    assert tcp_get(lab, "ext", EIP1, 8888) == ""
+    assert tcp_get(lab, "ext", EIP2, 80) == ""

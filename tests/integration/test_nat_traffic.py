@@ -230,10 +230,11 @@ def test_no_snat_towards_the_vpc(lab: Lab, seed_state: dict[str, Any]) -> None:
 def test_hairpin_dnat(lab: Lab, seed_state: dict[str, Any]) -> None:
     """Guards against a VPC client that cannot reach a DNAT'd service through its EIP: the
     backend must see the EIP as source, or it would answer the client directly and the
-    client would drop the answer."""
+    client would drop the answer. A client with a FIP shows up as its FIP, as in Kube-OVN."""
     start(lab, seed_state)
     lab.serve("vm1", tcp=[80])
     assert host_of(lab.http_get("vm3", EIP1, 8888)) == EIP1
+    assert host_of(lab.http_get("vm2", EIP1, 8888)) == EIP2
 
 
 def test_hairpin_fip(lab: Lab, seed_state: dict[str, Any]) -> None:

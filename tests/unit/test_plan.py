@@ -190,6 +190,8 @@ def test_seed_table_chains() -> None:
         f"meta l4proto {{ tcp, udp }} {dnat_key} vmap @dnat_share",
     )
     assert chain_rules(table, "postrouting") == (
+        'iifname "net1" oifname "net1" ct status dnat ct original ip daddr @eips '
+        "snat ip to ip saddr map @fip_out_target",
         'iifname "net1" oifname "net1" ct status dnat ct original ip daddr @eips snat ip to ct original ip daddr',
         'oifname "net2" ct mark set ip saddr map @fip_out_rule snat ip to ip saddr map @fip_out_target',
         'oifname "net2" ct mark set ip saddr & 255.255.255.0 map @snat_p24_rule '
@@ -209,7 +211,8 @@ def test_interface_names_come_from_the_state() -> None:
     table = planned(doc)
     assert set(table.elements[INVALID_DROPS]) == {'"eth2"'}
     assert chain_rules(table, "postrouting")[0].startswith('iifname "eth1" oifname "eth1" ')
-    assert chain_rules(table, "postrouting")[1].startswith('oifname "eth2" ')
+    assert chain_rules(table, "postrouting")[1].startswith('iifname "eth1" oifname "eth1" ')
+    assert chain_rules(table, "postrouting")[2].startswith('oifname "eth2" ')
 
 
 def test_contents_of_the_seed_table() -> None:
@@ -260,8 +263,8 @@ def snat_document(*cidrs: str) -> dict[str, Any]:
 def test_snat_rules_are_ordered_longest_prefix_first() -> None:
     table = planned(snat_document("10.1.0.0/16", "10.1.2.3", "10.1.2.0/24", "10.9.0.0/16"))
     rules = chain_rules(table, "postrouting")
-    assert len(rules) == 5
-    snat_rules = rules[2:]
+    assert len(rules) == 6
+    snat_rules = rules[3:]
     assert snat_rules == (
         'oifname "net2" ct mark set ip saddr map @snat_p32_rule snat ip to ip saddr map @snat_p32_target fully-random',
         'oifname "net2" ct mark set ip saddr & 255.255.255.0 map @snat_p24_rule '
@@ -270,7 +273,7 @@ def test_snat_rules_are_ordered_longest_prefix_first() -> None:
         "snat ip to ip saddr & 255.255.0.0 map @snat_p16_target fully-random",
     )
     # Every SNAT rule comes after the FIP rule, so a FIP's address wins over SNAT.
-    assert "@fip_out_rule" in rules[1]
+    assert "@fip_out_rule" in rules[2]
 
 
 def test_snat_maps_exist_only_for_prefix_lengths_in_use() -> None:
@@ -301,13 +304,13 @@ def test_no_snat_means_no_snat_maps_and_no_snat_rules() -> None:
     table = planned(doc)
     assert {s.name: s.keyword for s in table.sets} == STATIC_SETS
     assert not any("snat_p" in rule for rule in chain_rules(table, "postrouting"))
-    assert len(chain_rules(table, "postrouting")) == 2
+    assert len(chain_rules(table, "postrouting")) == 3
     assert not any(name.startswith("snat_p") for name in table.elements)
 
 
 def test_zero_prefix_snat_masks_everything() -> None:
     table = planned(snat_document("0.0.0.0/0"))
-    assert chain_rules(table, "postrouting")[2] == (
+    assert chain_rules(table, "postrouting")[3] == (
         'oifname "net2" ct mark set ip saddr & 0.0.0.0 map @snat_p0_rule '
         "snat ip to ip saddr & 0.0.0.0 map @snat_p0_target fully-random"
     )

@@ -48,6 +48,7 @@ class FakeLinks:
             "eth0": (["10.52.1.66/32"], []),
         }
     )
+    kernel_rules: dict[str, Any] | Exception | None = None  # natgwd's table, as natgwd.kernelrules reads it
 
     def exists(self, name: str) -> bool:
         return name in self.links
@@ -57,6 +58,17 @@ class FakeLinks:
 
     def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
         return [(IPv4Network(d), IPv4Address(v)) for d, v in self.links.get(name, ([], []))[1]]
+
+    def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        addresses, routes = self.links.get(name, ([], []))
+        kept = [(d, v) for d, v in routes if IPv4Network(d) != dst]
+        self.links[name] = (addresses, kept)
+        return len(routes) - len(kept)
+
+    def nat_rules(self) -> dict[str, Any] | None:
+        if isinstance(self.kernel_rules, Exception):
+            raise self.kernel_rules
+        return self.kernel_rules
 
 
 class Applier(threading.Thread):
@@ -230,7 +242,9 @@ def test_init_gateway_from_the_default_route_without_gateway_v4(gw: Gateway) -> 
     [
         (["net1,net9"], "External interface 'net9' not found"),
         (["net7,net2"], "VPC interface 'net7' not found"),
-        (["net1,net2,net3"], "Expected two interfaces"),
+        (["net1,net2,net3"], "natgwd manages one external interface"),
+        (["10.96.0.0/12"], "CIDR,NEXTHOP$"),
+        (["10.96.0.0/12,10.0.0.1,10.0.0.2"], "CIDR,NEXTHOP$"),
         (["net1"], "Expected two interfaces"),
     ],
 )
@@ -251,6 +265,78 @@ def test_init_again_keeps_the_state_and_renames_interfaces_only_when_asked(ready
     assert ready.state()["eips"] == json.loads(before)["eips"]
 
 
+KERNEL_RULES: dict[str, Any] = {
+    "eips": [{"name": "eip-10-115-55-200", "v4ip": EIP1}, {"name": "eip-10-115-55-201", "v4ip": EIP2}],
+    "snat": [{"name": "my-snat", "eip": "eip-10-115-55-200", "internalCIDR": "172.20.10.0/24"}],
+    "fip": [{"name": "fip01", "eip": "eip-10-115-55-201", "internalIp": VM2}],
+}
+
+
+def test_init_without_a_state_file_takes_over_natgwds_rules_in_the_kernel(gw: Gateway) -> None:
+    """A container restart in the same network namespace: the file is gone, the table is
+    not; an empty rule set would make natgwd delete every rule until the replay."""
+    gw.links.kernel_rules = KERNEL_RULES
+    result = gw.ok("init", "net1,net2")
+    assert "no state file: took over natgwd's rules from the kernel (2 eips, 1 snat, 1 fip)" in result.err
+    state = gw.state()
+    assert {k: state[k] for k in ("eips", "snat", "fip")} == KERNEL_RULES
+    assert state["internal"]["routes"] == [{"dst": "10.55.0.0/16", "via": "172.20.10.1"}]
+    # The controller's replay then changes nothing.
+    for args in (("eip-add", f"{EIP1}/21"), ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully")):
+        assert "nothing to change" in gw.ok(*args).out
+    assert "nothing to change" in gw.ok("floating-ip-add", f"{EIP2},{VM2}").out
+
+
+def test_init_leaves_kernel_rules_that_do_not_fit_the_gateway(gw: Gateway) -> None:
+    gw.links.kernel_rules = {
+        **KERNEL_RULES,
+        "fip": [{"name": "f", "eip": "eip-10-115-55-201", "internalIp": "192.0.2.9"}],
+    }
+    result = gw.ok("init", "net1,net2")
+    assert "natgwd's rules in the kernel do not fit this gateway, not taken over" in result.err
+    assert "eips" not in gw.state()
+
+
+def test_init_goes_on_without_kernel_rules_it_cannot_read(gw: Gateway) -> None:
+    gw.links.kernel_rules = OSError("nft list table inet natgwd: Operation not permitted")
+    result = gw.ok("init", "net1,net2")
+    assert "cannot read natgwd's table in the kernel, starting without its rules: nft list" in result.err
+    assert "eips" not in gw.state()
+
+
+def test_init_with_a_state_file_ignores_the_kernel(ready: Gateway) -> None:
+    ready.links.kernel_rules = KERNEL_RULES
+    assert "nothing to change" in ready.ok("init", "net1,net2").out
+
+
+def test_init_of_v1_12_controllers_routes_the_service_cidr(gw: Gateway) -> None:
+    """v1.12 sends `init SERVICE_CIDR,GATEWAY` (the pod's eth0 gateway); interfaces eth0, net1."""
+    gw.links.links["eth0"] = (["172.20.10.254/24"], [])
+    gw.links.links["net1"] = (["10.115.48.1/21"], [("0.0.0.0/0", UPSTREAM)])
+    gw.ok("init", "10.96.0.0/12,172.20.10.1")
+    state = gw.state()
+    assert (state["internal"]["interface"], state["external"]["interface"]) == ("eth0", "net1")
+    assert state["internal"]["routes"] == [{"dst": "10.96.0.0/12", "via": "172.20.10.1"}]
+    assert "nothing to change" in gw.ok("init", "10.96.0.0/12,172.20.10.1").out
+    # Dual-stack clusters: both families in one list; the IPv6 ones are left with a warning.
+    result = gw.ok("init", "10.96.0.0/12,fd00:10:96::/112,172.20.10.1,fd00:10:16::1")
+    assert "init: fd00:10:96::/112 ignored (natgwd is IPv4-only)" in result.err
+    assert "nothing to change" in result.out
+
+
+def test_ext_subnet_route_add_of_v1_12_sets_the_default_route(ready: Gateway) -> None:
+    result = ready.ok("ext-subnet-route-add", "10.115.48.0/21,10.115.55.253", GATEWAY_V4="")
+    assert "external gateway changed from 10.115.55.254 to 10.115.55.253" in result.err
+    assert ready.state()["external"]["gateway"] == "10.115.55.253"
+    ready.fails("ext-subnet-route-add", "10.115.48.0/21", match="expected EXTERNAL_CIDR,GATEWAY")
+
+
+def test_eip_add_of_v1_12_carries_the_gateway(ready: Gateway) -> None:
+    ready.ok("eip-add", "10.115.55.212/21,10.115.55.253", GATEWAY_V4="")
+    assert ready.state()["external"]["gateway"] == "10.115.55.253"
+    assert "10.115.55.212" in [e["v4ip"] for e in ready.state()["eips"]]
+
+
 def test_rules_need_init_first(gw: Gateway) -> None:
     gw.fails("snat-add", f"{EIP1},172.20.10.0/24", match="^nat gateway not initialized$")
     gw.fails("eip-add", f"{EIP1}/21", match="not initialized")
@@ -267,8 +353,29 @@ def test_subnet_routes_replace_and_delete(ready: Gateway) -> None:
     assert {"dst": "10.66.0.0/16", "via": "172.20.10.9"} in routes
     assert len(routes) == 2
     ready.ok("subnet-route-del", "10.66.0.0/16")
-    ready.ok("subnet-route-del", "10.66.0.0/16")  # missing: fine
     assert ready.state()["internal"]["routes"] == [{"dst": "10.55.0.0/16", "via": "172.20.10.1"}]
+    # Missing everywhere: exit 2, as the script's `ip route del`.
+    result = ready.call("subnet-route-del", "10.66.0.0/16")
+    assert (result.code, result.err) == (
+        2,
+        "natgwd: no route to 10.66.0.0/16 on net1 (ip route del: No such process)\n",
+    )
+
+
+def test_subnet_route_del_removes_the_route_the_cni_installed(ready: Gateway) -> None:
+    """The CNI's route to a VPC subnet (proto boot) is not natgwd's, so natgwd leaves it;
+    the drop-in deletes it as the script's `ip route del CIDR dev VPC` does."""
+    ready.ok("subnet-route-del", "10.55.0.0/16")
+    assert "routes" not in ready.state()["internal"]
+    assert ("10.55.0.0/16", "172.20.10.1") not in ready.links.links["net1"][1]
+    ready.links.links["net1"][1].append(("10.77.0.0/16", "172.20.10.1"))  # in the kernel only
+    ready.ok("subnet-route-del", "10.77.0.0/16")
+    assert ("10.77.0.0/16", "172.20.10.1") not in ready.links.links["net1"][1]
+    # Several in one call: each one that exists goes, then exit 2 names the missing ones.
+    ready.links.links["net1"][1].append(("10.78.0.0/16", "172.20.10.1"))
+    result = ready.call("subnet-route-del", "10.79.0.0/16", "10.78.0.0/16")
+    assert result.code == 2 and "no route to 10.79.0.0/16 on net1" in result.err, result
+    assert ("10.78.0.0/16", "172.20.10.1") not in ready.links.links["net1"][1]
 
 
 def test_subnet_route_into_the_external_subnet_is_ignored_with_a_warning(ready: Gateway) -> None:

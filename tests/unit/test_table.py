@@ -269,7 +269,7 @@ def test_unused_snat_map_is_deleted_after_the_chain_stops_using_it() -> None:
     assert tx.operations[-2:] == [DeleteSet("snat_p24_rule", "map"), DeleteSet("snat_p24_target", "map")]
     flush = tx.operations.index(FlushChain("postrouting"))
     rules = [i for i, op in enumerate(tx.operations) if isinstance(op, AddRule)]
-    assert rules == [flush + 1, flush + 2, flush + 3]
+    assert rules == [flush + 1, flush + 2, flush + 3, flush + 4]
     assert "@snat_p16_rule" in tx.operations[rules[-1]].rule
     assert not any("snat_p24" in op.rule for op in ops_of(tx, AddRule))
     # The p24 maps are dropped whole: no element-by-element deletes for them.

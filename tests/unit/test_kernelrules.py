@@ -1,0 +1,95 @@
+"""natgwd.kernelrules: the rules natgwd's table holds, read back as desired-state sections
+(the drop-in's `init` after a container restart starts from them). Round trip: a state,
+planned into a table, read back, gives the same rules with the same names, so natgwd's
+next transaction is empty."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from natgwd.kernelrules import rules_from_table, share_members
+from natgwd.lab import SEED_STATE
+from natgwd.plan import assign_ids, desired_table
+from natgwd.table import DesiredTable
+from natgwd.validation import load_state
+
+EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
+
+
+def drop_in_state() -> dict[str, Any]:
+    """The seed, with the names the drop-in gives EIPs, a port range, a share group, a /32 SNAT."""
+    doc: dict[str, Any] = json.loads(json.dumps(SEED_STATE))
+    doc["eips"] = [{"name": f"eip-{a.replace('.', '-')}", "v4ip": a} for a in (EIP1, EIP2, EIP3)]
+    names = {"my-eip": "eip-10-115-55-200", "my-eip2": "eip-10-115-55-201"}
+    for section in ("snat", "dnat", "fip"):
+        for rule in doc[section]:
+            rule["eip"] = names[rule["eip"]]
+    doc["snat"].append({"name": "snat-host", "eip": "eip-10-115-55-202", "internalCIDR": "172.20.10.4/32"})
+    doc["dnat"] += [
+        {"name": "range", "eip": "eip-10-115-55-200", "protocol": "udp", "externalPort": "5000-5002"}
+        | {"internalIp": "172.20.10.4", "internalPort": "6000-6002"},
+        *(
+            {"name": f"share-{i}", "eip": "eip-10-115-55-202", "protocol": "tcp", "externalPort": "80"}
+            | {"internalIp": ip, "internalPort": "8080", "type": "share"}
+            for i, ip in enumerate(("172.20.10.2", "172.20.10.4"))
+        ),
+    ]
+    return doc
+
+
+def shares_of(table: DesiredTable) -> dict[str, list[str]]:
+    """What share_members finds in the kernel, from the planned chains' text."""
+    found = {}
+    for chain in table.chains:
+        if chain.name.startswith("share_"):
+            found[chain.name] = re.findall(r"[0-9]+ : ([0-9]+)", chain.rules[0])
+    return found
+
+
+def test_the_rules_of_a_planned_table_come_back_with_their_names() -> None:
+    doc = drop_in_state()
+    state = load_state(json.dumps(doc).encode())
+    table = desired_table(state, assign_ids(state, {}))
+    rules = rules_from_table(table.contents(), shares_of(table))
+    assert rules["eips"] == doc["eips"]
+    for section in ("snat", "fip"):
+        assert sorted(rules[section], key=lambda r: r["name"]) == sorted(doc[section], key=lambda r: r["name"])
+    expected_dnat = [{"type": "exclusive", **d} if "type" not in d else d for d in doc["dnat"]]
+    got_dnat = [{"type": "exclusive", **d} if "type" not in d else d for d in rules["dnat"]]
+    assert sorted(got_dnat, key=lambda r: r["name"]) == sorted(expected_dnat, key=lambda r: r["name"])
+    # The rebuilt state plans the very same table (same rule ids, so no change at all).
+    rebuilt = load_state(json.dumps({**doc, **rules}).encode())
+    again = desired_table(rebuilt, assign_ids(rebuilt, {}))
+    assert again.contents() == table.contents()
+
+
+def test_an_empty_table_has_no_rules() -> None:
+    state = load_state(json.dumps({k: SEED_STATE[k] for k in ("version", "internal", "external")}).encode())
+    table = desired_table(state, assign_ids(state, {}))
+    assert rules_from_table(table.contents(), {}) == {}
+
+
+def test_share_members_from_the_kernels_json() -> None:
+    """`nft -j list table` output of a share chain (libnftables 1.0.6)."""
+    numgen = {"numgen": {"mode": "random", "mod": 2, "offset": 0}}
+    objects = [
+        {"chain": {"family": "inet", "table": "natgwd", "name": "share_abc", "handle": 1}},
+        {
+            "rule": {
+                "chain": "share_abc",
+                "expr": [
+                    {
+                        "mangle": {
+                            "key": {"ct": {"key": "mark"}},
+                            "value": {"map": {"key": numgen, "data": {"set": [[0, 5], [1, 6]]}}},
+                        }
+                    }
+                ],
+            }
+        },
+        {"rule": {"chain": "share_abc", "expr": [{"match": {"op": "==", "left": {}, "right": {}}}]}},
+        {"rule": {"chain": "prerouting", "expr": [{"mangle": {"key": {}, "value": {"map": {"data": {"set": []}}}}}]}},
+    ]
+    assert share_members(objects) == {"share_abc": ["5", "6"]}
