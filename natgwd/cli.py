@@ -87,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
     from natgwd.reconciler import Announce, Reconciler
+    from natgwd.tc import KernelTc
 
     configure(args.log_format, args.log_level)
     # A 10,000-rule state is a million objects, and each change builds a new one: with the
@@ -102,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     def reconciler(announce: Announce) -> Reconciler:
-        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
+        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
 
     return Daemon(config, reconciler).run()
 
@@ -110,11 +111,13 @@ def _run(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from natgwd.netlink import Netlink
     from natgwd.nft import KernelNft
+    from natgwd.tc import KernelTc
 
     KernelNft().delete_table()
     print("deleted nftables table inet natgwd")
+    shaping = KernelTc().remove_all()
     report = Netlink().remove_owned()
-    for change in report.changes:
+    for change in shaping.changes + report.changes:
         print(change)
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
@@ -172,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     imported.set_defaults(func=kubeovn.run)
 
     cleanup = sub.add_parser(
-        "cleanup", help="remove everything natgwd created (table, its addresses and routes): decommissioning"
+        "cleanup",
+        help="remove everything natgwd created (table, QoS qdiscs and IFB, addresses and routes): decommissioning",
     )
     cleanup.add_argument("--applied-state", default=APPLIED_STATE)
     cleanup.set_defaults(func=_cleanup)

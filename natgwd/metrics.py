@@ -71,7 +71,7 @@ class DaemonMetrics:
             self.rules.labels(kind)
         for result in ("applied", "unchanged", "invalid", "error"):
             self.reconciles.labels(result)
-        for resource in ("nftables", "addresses_routes", "forwarding"):
+        for resource in ("nftables", "addresses_routes", "forwarding", "qos"):
             self.drift_repairs.labels(resource)
 
 

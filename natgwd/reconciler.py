@@ -25,8 +25,10 @@ from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.nft import Nft
 from natgwd.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
+from natgwd.qos_plan import QosWants, wants
 from natgwd.stale import Filter, Translations, changed_filters
 from natgwd.table import DesiredTable, TableContents, Transaction, plan_transaction
+from natgwd.tc import TcReport
 
 log = structlog.get_logger("natgwd.reconciler")
 
@@ -35,6 +37,10 @@ FULL_READ_EVERY = 6  # resyncs
 
 class Links(Protocol):
     def apply(self, plan: LinkPlan) -> LinkReport: ...
+
+
+class Shaper(Protocol):
+    def apply(self, wants: QosWants) -> TcReport: ...
 
 
 class Cleaner(Protocol):
@@ -56,6 +62,7 @@ class Outcome:
     link_errors: list[str] = field(default_factory=list)
     conntrack_deleted: dict[str, int] = field(default_factory=dict)
     repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
+    qos_changes: list[str] = field(default_factory=list)  # errors go to link_errors
 
     @property
     def complete(self) -> bool:
@@ -70,8 +77,10 @@ class Reconciler:
         ensure_forwarding: Callable[[], bool],
         conntrack: Cleaner | None = None,
         announce: Announce | None = None,
+        qos: Shaper | None = None,
     ) -> None:
         self.nft = nft
+        self.qos = qos
         self.links = links
         self.ensure_forwarding = ensure_forwarding
         self.conntrack = conntrack
@@ -118,6 +127,7 @@ class Reconciler:
             plan = link_plan(state)
             # Unchanged links were verified by the last apply; resync keeps verifying them.
             outcome = Outcome() if plan == self._links_applied else self._apply_links(state, plan)
+            self._apply_qos(state, outcome)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if drifted:
                 log.warning("nftables drift found while applying", operations=len(tx.operations))
@@ -162,11 +172,14 @@ class Reconciler:
                 self._full_conntrack_scan = True
             self._written = self._table.contents()
             outcome = self._apply_links(self.state, link_plan(self.state))
+            self._apply_qos(self.state, outcome)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if self._full_conntrack_scan:
                 outcome.conntrack_deleted = self._clean_conntrack(None)
             if outcome.link_changes:
                 repairs["addresses_routes"] = len(outcome.link_changes)
+            if outcome.qos_changes:
+                repairs["qos"] = len(outcome.qos_changes)
             outcome.repairs = repairs
             return outcome
 
@@ -239,6 +252,22 @@ class Reconciler:
             log.error("link change failed", error=error)
         self._announce_eips(state, report)
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
+
+    def _apply_qos(self, state: DesiredState, outcome: Outcome) -> None:
+        """Shape as the state's QoS policies say (and remove natgwd's shaping where they
+        say nothing), once the external interface exists."""
+        if self.qos is None or state.external.interface in outcome.missing_interfaces:
+            return
+        try:
+            report = self.qos.apply(wants(state))
+        except OSError as err:  # NetlinkError is an OSError
+            report = TcReport(errors=[f"traffic control: {err}"])
+        for change in report.changes:
+            log.info("qos change", change=change)
+        for error in report.errors:
+            log.error("qos not applied", error=error)
+        outcome.qos_changes = report.changes
+        outcome.link_errors.extend(report.errors)
 
     def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
         """Gratuitous ARP for every EIP once the external interface exists after start
