@@ -20,6 +20,7 @@ import pytest
 from natgwd.lab import Lab
 from tests.integration.helpers import (
     apply,
+    events_named,
     readyz,
     samples,
     start,
@@ -200,6 +201,8 @@ def test_rate_change_keeps_flows_and_other_classes_then_removal_restores_full_sp
     daemon = start(lab, with_qos(seed_state, both, my_eip="dnat", my_eip2="fip"))
     assert_shaped(iperf(lab, "ext", EIP2, 5201), 10, "ingress of the FIP before the change")
     before = class_counters(lab, "ifb-net2")
+    (fip_class,) = (c for c, sent in before.items() if sent > 0 and not c.endswith(":fffe"))
+    changes_before = len(events_named(daemon, "qos change"))
 
     command = ["ip", "netns", "exec", lab.ns("ext"), "iperf3", "-c", EIP1, "-p", "8888", "-t", "8", "-i", "1", "-J"]
     running = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -216,9 +219,11 @@ def test_rate_change_keeps_flows_and_other_classes_then_removal_restores_full_sp
     rates = [i["sum"]["bits_per_second"] / MBIT for i in report["intervals"]]
     assert max(rates[-3:]) >= 2 * 10 * PAYLOAD, f"the new rate never applied to the running flow: {rates}"
     after = class_counters(lab, "ifb-net2")
-    fip_class = next(c for c in before if c in after and after[c] == before[c] and not c.endswith(":fffe"))
-    assert after[fip_class] == before[fip_class] > 0, "the other EIP's class was recreated"
+    assert after[fip_class] == before[fip_class], "the other EIP's class was recreated"
     assert before.keys() == after.keys(), "class ids changed"
+    (dnat_class,) = before.keys() - {fip_class, "4e47:fffe"}
+    changes = [e["change"] for e in events_named(daemon, "qos change")[changes_before:]]
+    assert changes == [f"change class {dnat_class} rate 30000000 bit/s on ifb-net2"]
 
     apply(daemon, seed_state)
     assert leftovers(lab) == NOTHING
