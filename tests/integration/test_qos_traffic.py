@@ -18,22 +18,20 @@ from typing import Any
 import pytest
 
 from natgwd.lab import Lab
-from tests.integration.helpers import (
-    apply,
-    events_named,
-    readyz,
-    samples,
-    start,
-    wait_for,
-    wait_listening,
+from tests.integration.helpers import apply, events_named, readyz, samples, start, wait_for
+from tests.integration.qos_helpers import (
+    MBIT,
+    PAYLOAD,
+    assert_shaped,
+    iperf,
+    iperf_command,
+    iperf_server,
+    received,
 )
 
 EIP1, EIP2 = "10.115.55.200", "10.115.55.201"  # my-eip (SNAT, DNAT 8888 -> vm1:80), my-eip2 (FIP vm2)
 UPSTREAM = "10.115.55.254"
 OUTSIDE_CIDR = "10.115.60.1"  # an upstream address outside the external subnet (NIC-wide rule)
-PAYLOAD = 1448 / 1514  # TCP payload per Ethernet frame at MTU 1500 with timestamps
-TOLERANCE = 0.2
-MBIT = 1_000_000
 
 
 def policy(name: str, ingress: float | None = None, egress: float | None = None) -> dict[str, Any]:
@@ -56,37 +54,6 @@ def with_qos(state: dict[str, Any], policies: list[dict[str, Any]], **bindings: 
     if "gateway" in bindings:
         result["qosPolicy"] = bindings["gateway"]
     return result
-
-
-def iperf_server(lab: Lab, role: str, port: int) -> subprocess.Popen[bytes]:
-    process = lab.spawn(role, "iperf3", "-s", "-p", str(port))
-    wait_listening(lab, role, "tcp", port)
-    return process
-
-
-def iperf_command(lab: Lab, role: str, address: str, port: int, seconds: int) -> list[str]:
-    """iperf3 from a namespace to `address`, JSON out, the first second left out."""
-    client = ["iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-O", "1", "-J"]
-    return ["ip", "netns", "exec", lab.ns(role), *client]
-
-
-def received(output: str) -> float:
-    """Bits per second the receiver got (the omitted first second left out)."""
-    report = json.loads(output)
-    assert "error" not in report, report["error"]
-    return float(report["end"]["sum_received"]["bits_per_second"])
-
-
-def iperf(lab: Lab, role: str, address: str, port: int, seconds: int = 3) -> float:
-    command = iperf_command(lab, role, address, port, seconds)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=False)
-    return received(result.stdout)
-
-
-def assert_shaped(measured: float, limit_mbit: float, what: str) -> None:
-    expected = limit_mbit * MBIT * PAYLOAD
-    low, high = expected * (1 - TOLERANCE), expected * (1 + TOLERANCE)
-    assert low <= measured <= high, f"{what}: {measured / MBIT:.2f} Mbit/s, expected {expected / MBIT:.2f} ± 20%"
 
 
 def tc(lab: Lab, *args: str) -> str:
