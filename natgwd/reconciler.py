@@ -28,7 +28,7 @@ from natgwd.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids,
 from natgwd.qos_plan import QosWants, wants
 from natgwd.stale import Filter, Translations, changed_filters
 from natgwd.table import DesiredTable, TableContents, Transaction, plan_transaction
-from natgwd.tc import TcReport
+from natgwd.tc import ClassStats, TcReport
 
 log = structlog.get_logger("natgwd.reconciler")
 
@@ -41,6 +41,11 @@ class Links(Protocol):
 
 class Shaper(Protocol):
     def apply(self, wants: QosWants) -> TcReport: ...
+
+    def stats(self, external: str) -> list[ClassStats]: ...
+
+    @property
+    def leaf(self) -> str | None: ...
 
 
 class Cleaner(Protocol):

@@ -34,6 +34,7 @@ from natgwd.qos_plan import (
     QosWants,
     Tree,
     handle,
+    ifb_name,
     key_of,
     tree,
 )
@@ -129,8 +130,10 @@ class KernelTc:
         self.fq_codel: bool | None = None  # unknown until a leaf is first added
 
     @property
-    def leaf(self) -> str:
-        return "fq_codel" if self.fq_codel else "default"
+    def leaf(self) -> str | None:
+        """The leaf qdisc of the classes: fq_codel, the kernel's default, or None (unknown
+        until a sync has had a class to put one under)."""
+        return None if self.fq_codel is None else "fq_codel" if self.fq_codel else "default"
 
     # --- the whole -----------------------------------------------------------------
 
@@ -166,11 +169,12 @@ class KernelTc:
             self._sweep(ipr, roots_on=set(), redirects_on=set(), ifbs=set(), report=report)
         return report
 
-    def stats(self, wants: QosWants | None = None, external: str | None = None) -> list[ClassStats]:
-        """Per class of natgwd's trees: the counters of the kernel and what it limits."""
+    def stats(self, external: str) -> list[ClassStats]:
+        """Per class of natgwd's trees for this external interface: the kernel's counters
+        and what the class limits."""
         found: list[ClassStats] = []
         with IPRoute() as ipr:
-            for direction, index in self._tree_devices(ipr, external or (wants.external if wants else None)):
+            for direction, index in self._tree_devices(ipr, external):
                 filters = self._filters(ipr, index, ROOT_HANDLE)
                 keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
                 keys[DEFAULT_MINOR] = ClassKey("default")
@@ -195,11 +199,21 @@ class KernelTc:
                     )
         return found
 
-    def _tree_devices(self, ipr: IPRoute, external: str | None) -> Iterable[tuple[Direction, int]]:
-        if external is None:
-            return []
+    def shaped_interfaces(self) -> list[str]:
+        """The interfaces natgwd shapes now (for `natgwd status` without a state): those
+        with its root qdisc, and those whose IFB it made."""
+        with IPRoute() as ipr:
+            links = {link["index"]: link for link in ipr.get_links()}
+            names = {index: str(link.get_attr("IFLA_IFNAME")) for index, link in links.items()}
+            found = {names[m["index"]] for m in ipr.get_qdiscs() if m["handle"] == ROOT_HANDLE and m["index"] in names}
+            ifbs = {names[i] for i, link in links.items() if _is_our_ifb(link)}
+            externals = {name for name in found if name not in ifbs}
+            externals |= {n for n in names.values() if ifb_name(n) in ifbs}
+        return sorted(externals)
+
+    def _tree_devices(self, ipr: IPRoute, external: str) -> Iterable[tuple[Direction, int]]:
         devices: list[tuple[Direction, int]] = []
-        for direction, name in zip(DIRECTIONS, (f"ifb-{external}"[:15], external), strict=True):
+        for direction, name in zip(DIRECTIONS, (ifb_name(external), external), strict=True):
             index = _index(ipr, name)
             if index is not None and self._root(ipr, index)[0] == "htb":
                 devices.append((direction, index))

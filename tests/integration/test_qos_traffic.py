@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 
 from natgwd.lab import Lab
-from tests.integration.helpers import apply, events_named, readyz, samples, start, wait_for
+from tests.integration.helpers import (
+    apply,
+    events_named,
+    readyz,
+    samples,
+    send_udp,
+    start,
+    udp_sink,
+    wait_for,
+)
 from tests.integration.qos_helpers import (
     MBIT,
     PAYLOAD,
@@ -232,3 +241,43 @@ def test_foreign_root_qdisc_left_alone(lab: Lab, seed_state: dict[str, Any]) -> 
     assert "net2 has a root qdisc tbf 1: that natgwd did not create" in detail["reason"]
     assert "qdisc tbf 1: root" in tc(lab, "qdisc", "show", "dev", "net2")
     assert "ifb-net2" in leftovers(lab)["ifb"]
+
+
+def test_metrics_and_status_count_every_shaped_frame(lab: Lab, seed_state: dict[str, Any]) -> None:
+    """Guards against per-EIP QoS counters that miss packets, count another EIP's, or
+    carry the wrong labels: 10 datagrams to the FIP's EIP are exactly 10 frames of
+    100 + 28 + 14 bytes in its ingress class (the IFB sees the Ethernet header)."""
+    daemon = start(lab, with_qos(seed_state, [policy("fip", ingress=8, egress=16)], my_eip2="fip"))
+    udp_sink(lab, "vm2", 5000)
+    send_udp(lab, "ext", EIP2, 5000, [b"x" * 100] * 10, source_port=40000)
+    labels = frozenset({("direction", "ingress"), ("kind", "eip"), ("name", "my-eip2"), ("match", EIP2)})
+    found = wait_for(
+        lambda: (s := samples(daemon)).get(("natgwd_qos_sent_packets_total", labels)) == 10 and s,
+        "10 packets in the FIP's ingress class",
+    )
+    assert found[("natgwd_qos_sent_bytes_total", labels)] == 10 * (100 + 28 + 14)
+    assert found[("natgwd_qos_dropped_packets_total", labels)] == 0
+    assert found[("natgwd_qos_backlog_bytes", labels)] == 0
+    assert found[("natgwd_qos_rate_limit_bytes_per_second", labels)] == 1_000_000
+    egress = labels - {("direction", "ingress")} | {("direction", "egress")}
+    assert found[("natgwd_qos_rate_limit_bytes_per_second", egress)] == 2_000_000
+    assert found[("natgwd_qos_leaf_qdisc_info", frozenset({("kind", "default")}))] == 1
+
+    status = lab.exec(
+        "gw", sys.executable, "-m", "natgwd", "status", "--json", "--applied-state", str(lab.applied_state_path)
+    )
+    rows = {(r["direction"], r["kind"], r["name"]): r for r in json.loads(status.stdout)["qos"]}
+    assert rows[("ingress", "eip", "my-eip2")] | {"overlimits": 0} == {
+        "direction": "ingress",
+        "kind": "eip",
+        "name": "my-eip2",
+        "match": EIP2,
+        "rate_bits": 8_000_000,
+        "bytes": 1420,
+        "packets": 10,
+        "drops": 0,
+        "overlimits": 0,
+        "backlog_bytes": 0,
+    }
+    table = lab.exec("gw", sys.executable, "-m", "natgwd", "status", "--applied-state", str(lab.applied_state_path))
+    assert any(line.split()[:5] == ["eip", "my-eip2", EIP2, "ingress", "8Mbit"] for line in table.stdout.splitlines())
