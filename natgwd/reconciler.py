@@ -86,6 +86,7 @@ class Reconciler:
     ) -> None:
         self.nft = nft
         self.qos = qos
+        self._qos_applied: QosWants | None = None
         self.links = links
         self.ensure_forwarding = ensure_forwarding
         self.conntrack = conntrack
@@ -132,7 +133,7 @@ class Reconciler:
             plan = link_plan(state)
             # Unchanged links were verified by the last apply; resync keeps verifying them.
             outcome = Outcome() if plan == self._links_applied else self._apply_links(state, plan)
-            self._apply_qos(state, outcome)
+            self._apply_qos(state, outcome, verify=False)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if drifted:
                 log.warning("nftables drift found while applying", operations=len(tx.operations))
@@ -177,7 +178,7 @@ class Reconciler:
                 self._full_conntrack_scan = True
             self._written = self._table.contents()
             outcome = self._apply_links(self.state, link_plan(self.state))
-            self._apply_qos(self.state, outcome)
+            self._apply_qos(self.state, outcome, verify=True)
             outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
             if self._full_conntrack_scan:
                 outcome.conntrack_deleted = self._clean_conntrack(None)
@@ -258,15 +259,22 @@ class Reconciler:
         self._announce_eips(state, report)
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
 
-    def _apply_qos(self, state: DesiredState, outcome: Outcome) -> None:
+    def _apply_qos(self, state: DesiredState, outcome: Outcome, verify: bool) -> None:
         """Shape as the state's QoS policies say (and remove natgwd's shaping where they
-        say nothing), once the external interface exists."""
+        say nothing), once the external interface exists. Unchanged QoS was verified by
+        the last apply (reading 1,000 EIPs' trees back takes half a second); `verify`
+        (resync) reads the kernel anyway."""
         if self.qos is None or state.external.interface in outcome.missing_interfaces:
             return
+        wanted = wants(state)
+        if not verify and wanted == self._qos_applied:
+            return
         try:
-            report = self.qos.apply(wants(state))
-        except OSError as err:  # NetlinkError is an OSError
-            report = TcReport(errors=[f"traffic control: {err}"])
+            report = self.qos.apply(wanted)
+        except Exception as err:  # a shaping failure must not stop NAT from being kept
+            log.exception("traffic control failed")
+            report = TcReport(errors=[f"traffic control: {type(err).__name__}: {err}"])
+        self._qos_applied = None if report.errors else wanted
         for change in report.changes:
             log.info("qos change", change=change)
         for error in report.errors:

@@ -128,6 +128,9 @@ class KernelTc:
 
     def __init__(self) -> None:
         self.fq_codel: bool | None = None  # unknown until a leaf is first added
+        # What each class of a tree limits, as last synced, by device: a scrape then needs
+        # the classes only (reading the filters back costs twice as much).
+        self._keys: dict[str, dict[int, ClassKey]] = {}
 
     @property
     def leaf(self) -> str | None:
@@ -174,10 +177,12 @@ class KernelTc:
         and what the class limits."""
         found: list[ClassStats] = []
         with IPRoute() as ipr:
-            for direction, index in self._tree_devices(ipr, external):
-                filters = self._filters(ipr, index, ROOT_HANDLE)
-                keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
-                keys[DEFAULT_MINOR] = ClassKey("default")
+            for direction, name, index in self._tree_devices(ipr, external):
+                keys = self._keys.get(name)
+                if keys is None:
+                    filters = self._filters(ipr, index, ROOT_HANDLE)
+                    keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
+                    keys[DEFAULT_MINOR] = ClassKey("default")
                 for msg in ipr.get_classes(index):
                     minor = msg["handle"] & 0xFFFF
                     if msg["handle"] >> 16 != ROOT_MAJOR or minor not in keys:
@@ -211,12 +216,12 @@ class KernelTc:
             externals |= {n for n in names.values() if ifb_name(n) in ifbs}
         return sorted(externals)
 
-    def _tree_devices(self, ipr: IPRoute, external: str) -> Iterable[tuple[Direction, int]]:
-        devices: list[tuple[Direction, int]] = []
+    def _tree_devices(self, ipr: IPRoute, external: str) -> Iterable[tuple[Direction, str, int]]:
+        devices: list[tuple[Direction, str, int]] = []
         for direction, name in zip(DIRECTIONS, (ifb_name(external), external), strict=True):
             index = _index(ipr, name)
-            if index is not None and self._root(ipr, index)[0] == "htb":
-                devices.append((direction, index))
+            if index is not None and self._root(ipr, index) == ("htb", ROOT_HANDLE):
+                devices.append((direction, name, index))
         return devices
 
     # --- one HTB tree ----------------------------------------------------------------
@@ -231,6 +236,7 @@ class KernelTc:
     def _sync_tree(
         self, ipr: IPRoute, index: int, name: str, direction: Direction, wants: QosWants, report: TcReport
     ) -> None:
+        self._keys.pop(name, None)  # until this sync has finished
         kind, root = self._root(ipr, index)
         if root == ROOT_HANDLE and kind != "htb":
             ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
@@ -248,9 +254,12 @@ class KernelTc:
         filters = self._filters(ipr, index, ROOT_HANDLE)
         previous = {key: f.spec.minor for f in filters if (key := key_of(direction, f.spec)) is not None}
         wanted = tree(direction, wants.by_direction[direction], previous)
-        self._sync_filters(ipr, index, name, filters, wanted, report, removals=True)
+        # Filters go before their classes do, and come after them: a filter never points
+        # to a class that is not there.
+        kept = self._remove_filters(ipr, index, name, filters, wanted, report)
         self._sync_classes(ipr, index, name, wanted, report)
-        self._sync_filters(ipr, index, name, self._filters(ipr, index, ROOT_HANDLE), wanted, report, removals=False)
+        self._add_filters(ipr, index, name, kept, wanted, report)
+        self._keys[name] = dict(wanted.keys)
 
     def _filters(self, ipr: IPRoute, index: int, parent: int) -> list[_KernelFilter]:
         found = []
@@ -265,25 +274,22 @@ class KernelTc:
             found.append(_KernelFilter(spec, int(msg["handle"]), _mirred_target(options)))
         return found
 
-    def _sync_filters(
-        self,
-        ipr: IPRoute,
-        index: int,
-        name: str,
-        present: list[_KernelFilter],
-        wanted: Tree,
-        report: TcReport,
-        removals: bool,
-    ) -> None:
+    def _remove_filters(
+        self, ipr: IPRoute, index: int, name: str, present: list[_KernelFilter], wanted: Tree, report: TcReport
+    ) -> set[FilterSpec]:
+        """Delete the filters the tree does not have (and second copies); the ones kept."""
         kept: set[FilterSpec] = set()
         for kernel in present:
             if kernel.spec in wanted.filters and kernel.spec not in kept and kernel.mirred_ifindex is None:
                 kept.add(kernel.spec)
-            elif removals:
+            else:
                 self._del_filter(ipr, index, ROOT_HANDLE, kernel)
                 report.changes.append(f"delete filter {_describe(kernel.spec)} on {name}")
-        if removals:
-            return
+        return kept
+
+    def _add_filters(
+        self, ipr: IPRoute, index: int, name: str, kept: set[FilterSpec], wanted: Tree, report: TcReport
+    ) -> None:
         for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
             ipr.tc(
                 "add-filter",
@@ -431,6 +437,7 @@ class KernelTc:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for link in ipr.get_links():
             if _is_our_ifb(link) and link["index"] not in ifbs:
+                self._keys.pop(names[link["index"]], None)
                 ipr.link("del", index=link["index"])
                 report.changes.append(f"delete ifb {names[link['index']]}")
         for msg in ipr.get_qdiscs():
@@ -438,6 +445,7 @@ class KernelTc:
             if index not in names:
                 continue  # an IFB deleted just now
             if msg["parent"] == TC_H_ROOT and msg["handle"] == ROOT_HANDLE and index not in roots_on:
+                self._keys.pop(names[index], None)
                 ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
                 report.changes.append(f"delete root qdisc {ROOT_MAJOR:x}: on {names[index]}")
             elif msg.get_attr("TCA_KIND") == "ingress" and index not in redirects_on:
