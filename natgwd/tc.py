@@ -252,12 +252,18 @@ class KernelTc:
             ipr.tc("add", "htb", index, ROOT_HANDLE, parent=TC_H_ROOT, default=DEFAULT_MINOR)
             report.changes.append(f"add htb root qdisc {ROOT_MAJOR:x}: on {name}")
         filters = self._filters(ipr, index, ROOT_HANDLE)
-        previous = {key: f.spec.minor for f in filters if (key := key_of(direction, f.spec)) is not None}
+        classes = self._classes(ipr, index)
+        # Class ids from the filters that lead to a class: a stray filter cannot move one.
+        previous = {
+            key: f.spec.minor
+            for f in filters
+            if f.spec.minor in classes and (key := key_of(direction, f.spec)) is not None
+        }
         wanted = tree(direction, wants.by_direction[direction], previous)
         # Filters go before their classes do, and come after them: a filter never points
         # to a class that is not there.
         kept = self._remove_filters(ipr, index, name, filters, wanted, report)
-        self._sync_classes(ipr, index, name, wanted, report)
+        self._sync_classes(ipr, index, name, classes, wanted, report)
         self._add_filters(ipr, index, name, kept, wanted, report)
         self._keys[name] = dict(wanted.keys)
 
@@ -270,7 +276,9 @@ class KernelTc:
             keys = _u32_keys(options)
             classid = options.get_attr("TCA_U32_CLASSID") or 0
             value, mask, offset = keys[0] if len(keys) == 1 else (0, 0, -1)  # -1: not a one-key filter
-            spec = FilterSpec(msg["info"] >> 16, offset, value, mask, classid & 0xFFFF if classid >> 16 else -1)
+            # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
+            minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
+            spec = FilterSpec(msg["info"] >> 16, offset, value, mask, minor)
             found.append(_KernelFilter(spec, int(msg["handle"]), _mirred_target(options)))
         return found
 
@@ -319,12 +327,24 @@ class KernelTc:
             if err.code != errno.ENOENT:
                 raise
 
-    def _sync_classes(self, ipr: IPRoute, index: int, name: str, wanted: Tree, report: TcReport) -> None:
+    def _classes(self, ipr: IPRoute, index: int) -> dict[int, Mapping[str, int]]:
+        """The HTB parameters of the tree's classes, by minor."""
         present: dict[int, Mapping[str, int]] = {}
         for msg in ipr.get_classes(index):
             # A class at the top of the tree lists the root (not the qdisc) as its parent.
             if msg["handle"] >> 16 == ROOT_MAJOR and msg["parent"] in (TC_H_ROOT, ROOT_HANDLE):
                 present[msg["handle"] & 0xFFFF] = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+        return present
+
+    def _sync_classes(
+        self,
+        ipr: IPRoute,
+        index: int,
+        name: str,
+        present: dict[int, Mapping[str, int]],
+        wanted: Tree,
+        report: TcReport,
+    ) -> None:
         for minor in sorted(present.keys() - wanted.classes.keys()):
             # Without a kind: pyroute2 would encode HTB parameters; the parent is then the
             # root, whose qdisc is natgwd's tree.

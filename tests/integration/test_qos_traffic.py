@@ -215,6 +215,8 @@ def test_drift_repaired_at_resync_and_cleanup_removes_all(lab: Lab, seed_state: 
     shaped = leftovers(lab)
     assert "htb 4e47:" in shaped["qdiscs"] and "ifb-net2" in shaped["ifb"]
     lab.exec("gw", "ip", "link", "del", "ifb-net2")
+    stray = ("parent", "4e47:", "protocol", "ip", "prio", "100", "u32", "match", "ip", "src", f"{EIP1}/32")
+    lab.exec("gw", "tc", "filter", "add", "dev", "net2", *stray, "flowid", "4e47:fffe")
     lab.exec("gw", "tc", "class", "change", "dev", "net2", "classid", "4e47:fffe", "htb", "rate", "1mbit")
     wait_for(lambda: leftovers(lab) == shaped, f"the tree to be rebuilt as {shaped}", timeout=20)
     wait_for(
