@@ -71,7 +71,7 @@ class DaemonMetrics:
             self.rules.labels(kind)
         for result in ("applied", "unchanged", "invalid", "error"):
             self.reconciles.labels(result)
-        for resource in ("nftables", "addresses_routes", "forwarding", "qos"):
+        for resource in ("nftables", "addresses_routes", "forwarding"):
             self.drift_repairs.labels(resource)
 
 
