@@ -63,6 +63,7 @@ def limited_state(count: int, ingress: float = 10, egress: float = 20) -> dict[s
 
 
 def with_policy(state: dict[str, Any], name: str, direction: str, rate: float) -> dict[str, Any]:
+    """The state with the seed's first EIP (DNAT and SNAT) limited by a policy of its own."""
     result: dict[str, Any] = json.loads(json.dumps(state))
     rule = {"name": "r", "direction": direction, "rateMax": str(rate)}
     result.setdefault("qosPolicies", []).append({"name": name, "bandwidthLimitRules": [rule]})
@@ -80,8 +81,8 @@ def _control_worker(namespace: str, count: int, queue: Any) -> None:
 
     netns.setns(namespace)
     shaper = KernelTc()
-    state = load_state(json.dumps(limited_state(count)).encode())
-    changed = load_state(json.dumps(limited_state(count, ingress=12)).encode())
+    state = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 10)).encode())
+    changed = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 12)).encode())
     timings: dict[str, Any] = {}
     for label, target in (("first_apply", state), ("no_change", state), ("one_rate_change", changed)):
         started = time.monotonic()
@@ -94,7 +95,8 @@ def _control_worker(namespace: str, count: int, queue: Any) -> None:
         scrapes.append(time.monotonic() - started)
     timings["scrape_statistics"] = {**summary(scrapes), "classes": classes}
     started = time.monotonic()
-    timings["remove_all"] = {"seconds": time.monotonic() - started, "changes": len(shaper.remove_all().changes)}
+    removed = shaper.remove_all()
+    timings["remove_all"] = {"seconds": time.monotonic() - started, "changes": len(removed.changes)}
     queue.put(timings)
 
 
