@@ -408,7 +408,11 @@ class KernelTc:
                 ipr.link("set", index=index, state="up")
                 report.changes.append(f"set {name} up")
             return index
-        ipr.link("add", ifname=name, kind="ifb")
+        try:
+            ipr.link("add", ifname=name, kind="ifb")
+        except NetlinkError as err:  # no ifb module in this kernel, or not allowed to load it
+            report.errors.append(f"ingress QoS not applied: cannot create the IFB device {name}: {err}")
+            return None
         index = _index(ipr, name)
         assert index is not None
         ipr.link("set", index=index, ifalias=IFB_ALIAS, txqlen=IFB_TXQUEUELEN, state="up")
