@@ -108,6 +108,7 @@ def qos_policies(
 ) -> tuple[tuple[QosPolicy, ...], str | None]:
     """The policies of the document and the gateway's own one; every problem to `fail`."""
     policies: dict[str, tuple[int, QosPolicy]] = {}
+    paths: dict[str, list[str]] = {}  # of each policy's rules in the document
     for i, item in enumerate(doc.get("qosPolicies", [])):
         path = f"$.qosPolicies[{i}]"
         if item["name"] in policies:
@@ -126,6 +127,7 @@ def qos_policies(
                 rules.append((j, rule))
         policy = QosPolicy(item["name"], tuple(r for _, r in rules), item.get("bindingType"), item.get("shared", True))
         policies[policy.name] = (i, policy)
+        paths[policy.name] = [f"{path}.bandwidthLimitRules[{j}]" for j, _ in rules]
     users: dict[str, list[str]] = {}
     for i, eip in enumerate(eips):
         if eip.qos_policy is None:
@@ -140,10 +142,17 @@ def qos_policies(
                 f"$.qosPolicies[{index}].shared",
                 f"is false but EIPs {', '.join(eip_names)} use the policy; one EIP at most",
             )
-        _eip_rules(index, policy, fail)
+        _eip_rules(policy, paths[name], fail)
     gateway = doc.get("qosPolicy")
     if gateway is not None and _bound("$.qosPolicy", gateway, "NATGW", policies, fail):
-        _gateway_rules(*policies[gateway], fail)
+        _gateway_rules(policies[gateway][1], paths[gateway], fail)
+    # A policy not bound yet is checked as what its bindingType says it is for.
+    for name, (_, policy) in policies.items():
+        if name not in users and name != gateway:
+            if policy.binding_type == "EIP":
+                _eip_rules(policy, paths[name], fail)
+            elif policy.binding_type == "NATGW":
+                _gateway_rules(policy, paths[name], fail)
     return tuple(policy for _, policy in policies.values()), gateway
 
 
@@ -159,10 +168,9 @@ def _bound(path: str, name: str, binding: str, policies: dict[str, tuple[int, Qo
     return True
 
 
-def _eip_rules(index: int, policy: QosPolicy, fail: Fail) -> None:
+def _eip_rules(policy: QosPolicy, paths: list[str], fail: Fail) -> None:
     seen: dict[Direction, str] = {}
-    for j, rule in enumerate(policy.rules):
-        path = f"$.qosPolicies[{index}].bandwidthLimitRules[{j}]"
+    for rule, path in zip(policy.rules, paths, strict=True):
         if rule.match is not None:
             fail(f"{path}.matchValue", "an EIP's rules match the EIP's address; matchValue is for the gateway's policy")
         elif rule.direction in seen:
@@ -174,9 +182,8 @@ def _eip_rules(index: int, policy: QosPolicy, fail: Fail) -> None:
             seen[rule.direction] = rule.name
 
 
-def _gateway_rules(index: int, policy: QosPolicy, fail: Fail) -> None:
-    for j, rule in enumerate(policy.rules):
-        path = f"$.qosPolicies[{index}].bandwidthLimitRules[{j}]"
+def _gateway_rules(policy: QosPolicy, paths: list[str], fail: Fail) -> None:
+    for j, (rule, path) in enumerate(zip(policy.rules, paths, strict=True)):
         for other in policy.rules[:j]:
             if other.direction != rule.direction:
                 continue

@@ -188,3 +188,23 @@ def test_host_bits_in_match_value() -> None:
     assert problems(seed_with([policy], gateway="gw")) == {
         "$.qosPolicies[0].bandwidthLimitRules[0].matchValue": "has host bits set (did you mean dst 10.0.0.0/24?)"
     }
+
+
+def test_paths_stay_right_after_a_refused_rule_and_unbound_policies_are_checked_by_type() -> None:
+    eip_policy = {
+        "name": "p",
+        "bindingType": "EIP",
+        "bandwidthLimitRules": [rule("bad", "ingress", 0), rule("a", "ingress", 1), rule("b", "ingress", 2)],
+    }
+    gateway_policy = {
+        "name": "g",
+        "bindingType": "NATGW",
+        "bandwidthLimitRules": [rule("x", "egress", 1), rule("y", "egress", 2)],
+    }
+    # neither is bound: each is still checked as what its bindingType says
+    assert problems(seed_with([eip_policy, gateway_policy])) == {
+        "$.qosPolicies[0].bandwidthLimitRules[0].rateMax": "is 0: a limit of nothing stops all traffic (unbind the "
+        "policy to remove a limit)",
+        "$.qosPolicies[0].bandwidthLimitRules[2].direction": "conflicts with rule 'a': an EIP has one ingress limit",
+        "$.qosPolicies[1].bandwidthLimitRules[1].direction": "conflicts with rule 'x': one egress limit per NIC",
+    }
