@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from natgwd import __version__, kubeovn
+from natgwd.model import DesiredState
 from natgwd.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
@@ -50,6 +51,8 @@ def _render(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from natgwd.nft import KernelNft, NftError
+    from natgwd.qos_status import format_table as format_qos_table
+    from natgwd.qos_status import kernel_statuses
     from natgwd.status import format_table, rule_statuses
 
     try:
@@ -62,12 +65,16 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     applied = _applied_record(Path(args.applied_state)) if args.applied_state else None
     rules = rule_statuses(table)
+    shaping = kernel_statuses(_applied_state(Path(args.applied_state)) if args.applied_state else None)
     if args.json:
-        print(json.dumps({"applied": applied, "rules": [r.as_dict() for r in rules]}, indent=1))
+        output = {"applied": applied, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
+        print(json.dumps(output, indent=1))
         return 0
     if applied:
         print(f"applied state sha256 {applied['sha256']} at {applied['applied_at']}")
     sys.stdout.write(format_table(rules))
+    if shaping:
+        sys.stdout.write("\n" + format_qos_table(shaping))
     return 0
 
 
@@ -79,6 +86,15 @@ def _applied_record(path: Path) -> dict[str, str] | None:
         return None
 
 
+def _applied_state(path: Path) -> DesiredState | None:
+    """The state the daemon last applied, from its record (None when there is none)."""
+    try:
+        record = json.loads(path.read_bytes())
+        return load_state(json.dumps(record["state"]).encode())
+    except (OSError, ValueError, KeyError, TypeError, InvalidStateError):
+        return None
+
+
 def _run(args: argparse.Namespace) -> int:
     from natgwd.conntrack import ConntrackCleaner
     from natgwd.daemon import Daemon, DaemonConfig
@@ -87,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
     from natgwd.reconciler import Announce, Reconciler
+    from natgwd.tc import KernelTc
 
     configure(args.log_format, args.log_level)
     # A 10,000-rule state is a million objects, and each change builds a new one: with the
@@ -102,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     def reconciler(announce: Announce) -> Reconciler:
-        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
+        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
 
     return Daemon(config, reconciler).run()
 
@@ -110,11 +127,13 @@ def _run(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from natgwd.netlink import Netlink
     from natgwd.nft import KernelNft
+    from natgwd.tc import KernelTc
 
     KernelNft().delete_table()
     print("deleted nftables table inet natgwd")
+    shaping = KernelTc().remove_all()
     report = Netlink().remove_owned()
-    for change in report.changes:
+    for change in shaping.changes + report.changes:
         print(change)
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
@@ -160,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("file")
     render.set_defaults(func=_render)
 
-    status = sub.add_parser("status", help="the rules in the kernel with their live counters")
+    status = sub.add_parser("status", help="the rules and QoS classes in the kernel with their live counters")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
     status.set_defaults(func=_status)
@@ -172,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     imported.set_defaults(func=kubeovn.run)
 
     cleanup = sub.add_parser(
-        "cleanup", help="remove everything natgwd created (table, its addresses and routes): decommissioning"
+        "cleanup",
+        help="remove everything natgwd created (table, QoS qdiscs and IFB, addresses and routes): decommissioning",
     )
     cleanup.add_argument("--applied-state", default=APPLIED_STATE)
     cleanup.set_defaults(func=_cleanup)

@@ -30,6 +30,7 @@ from natgwd.garp import Announcer
 from natgwd.metrics import DaemonMetrics, RuleCounters
 from natgwd.nft import NftError
 from natgwd.notify import Notifier
+from natgwd.qos_status import shaping_exposition
 from natgwd.reconciler import Announce, Outcome, Reconciler
 from natgwd.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
 from natgwd.watch import DirectoryWaker, FileWatcher
@@ -138,7 +139,8 @@ class Daemon:
     # --- the HTTP endpoint's answers ---------------------------------------------------
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry) + self.rule_counters.exposition()
+        shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
+        return generate_latest(self.registry) + self.rule_counters.exposition() + shaping
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

@@ -45,6 +45,7 @@ from ipaddress import (
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from natgwd.kubeovn_qos import carry_qos
 from natgwd.shim import write_atomically
 from natgwd.validation import InvalidStateError, load_state
 
@@ -62,9 +63,10 @@ PORT_PATTERN = re.compile(r"^([0-9]{1,5})(?:[-:]([0-9]{1,5}))?$")
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 # Kinds that describe the surroundings of the gateway: read for lookups, never state.
-CONTEXT_KINDS = frozenset({"Vpc", "Subnet", "NetworkAttachmentDefinition", "Pod", "StatefulSet", "Deployment"})
+CONTEXT_KINDS = frozenset(
+    {"Vpc", "Subnet", "NetworkAttachmentDefinition", "Pod", "StatefulSet", "Deployment", "QoSPolicy"}
+)
 UNSUPPORTED_KINDS = {
-    "QoSPolicy": "QoS is not supported by natgwd yet; bandwidth limits are not carried over",
     "OvnEip": "OVN NAT (ovn-eip) is done by OVN itself, not by the iptables VPC NAT gateway",
     "OvnFip": "OVN NAT (ovn-fip) is done by OVN itself, not by the iptables VPC NAT gateway",
     "OvnSnatRule": "OVN NAT (ovn-snat) is done by OVN itself, not by the iptables VPC NAT gateway",
@@ -481,10 +483,9 @@ class _Importer:
         spec = _section(gw, "spec")
         used: set[int] = {id(gw)}
 
-        for key, what in (("qosPolicy", "QoS policy"), ("bgpSpeaker", "BGP speaker")):
-            value = spec.get(key)
-            if value and not (isinstance(value, dict) and not value.get("enabled")):
-                self.report("warning", gw, f"{what} is not carried over (natgwd does not do it)")
+        value = spec.get("bgpSpeaker")
+        if value and not (isinstance(value, dict) and not value.get("enabled")):
+            self.report("warning", gw, "BGP speaker is not carried over (natgwd does not do it)")
         if int(spec.get("replicas") or 1) > 1:
             self.report("note", gw, "HA gateway: give every replica the same desired state")
 
@@ -616,10 +617,14 @@ class _Importer:
 
         eips, eip_names = self.eips(gw_name, external_names[0], used)
         rules = self.rules(eip_names, used)
+        state = self.validated(state, eips, rules)
+        eip_sources = {rule.entry["name"]: rule.source for rule in eips}
+        qos = self.by_kind.get("QoSPolicy", [])
+        used |= carry_qos(state, gw, eip_sources, qos, state_name, self.report)
         for obj in self.objects:
             if id(obj) not in used and not self.reported(obj):
                 self.unused(obj)
-        return ImportResult(gw_name, self.validated(state, eips, rules), self.findings)
+        return ImportResult(gw_name, state, self.findings)
 
     def reported(self, obj: Obj) -> bool:
         kind, name = str(obj["kind"]), _label(obj)
@@ -801,8 +806,6 @@ class _Importer:
                 continue
             if _text(spec.get("v6ip")):
                 self.report("note", eip, "v6ip ignored (natgwd is IPv4-only)")
-            if _text(spec.get("qosPolicy")):
-                self.report("warning", eip, f"QoS policy {spec['qosPolicy']} is not carried over (no QoS in natgwd)")
             subnet = _text(spec.get("externalSubnet"))
             if subnet and subnet != external_subnet:
                 self.report(

@@ -7,6 +7,8 @@ from functools import cached_property
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Literal
 
+from natgwd.qos_model import QosPolicy
+
 Protocol = Literal["tcp", "udp"]
 RuleKind = Literal["snat", "dnat", "fip"]
 DnatType = Literal["exclusive", "share"]
@@ -63,6 +65,7 @@ class ExternalSide:
 class Eip:
     name: str
     v4ip: IPv4Address
+    qos_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class DesiredState:
     snat: tuple[SnatRule, ...] = ()
     dnat: tuple[DnatRule, ...] = ()
     fip: tuple[FipRule, ...] = ()
+    qos_policies: tuple[QosPolicy, ...] = ()
+    qos_policy: str | None = None  # the gateway's own (VpcNatGateway.spec.qosPolicy)
 
     def eip_interface(self, eip: Eip) -> IPv4Interface:
         """The EIP as an address of the external interface: the prefix of the external

@@ -26,8 +26,10 @@ from natgwd.model import DesiredState
 from natgwd.netlink import LinkReport
 from natgwd.nft import Nft
 from natgwd.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
+from natgwd.qos_plan import QosWants, wants
 from natgwd.stale import Filter, Translations, changed_filters
 from natgwd.table import DesiredTable, TableContents, Transaction, plan_transaction
+from natgwd.tc import ClassStats, TcReport
 
 log = structlog.get_logger("natgwd.reconciler")
 
@@ -36,6 +38,15 @@ FULL_READ_EVERY = 6  # resyncs
 
 class Links(Protocol):
     def apply(self, plan: LinkPlan) -> LinkReport: ...
+
+
+class Shaper(Protocol):
+    def apply(self, wants: QosWants) -> TcReport: ...
+
+    def stats(self, external: str) -> list[ClassStats]: ...
+
+    @property
+    def leaf(self) -> str | None: ...
 
 
 class Cleaner(Protocol):
@@ -57,6 +68,7 @@ class Outcome:
     link_errors: list[str] = field(default_factory=list)
     conntrack_deleted: dict[str, int] = field(default_factory=dict)
     repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
+    qos_changes: list[str] = field(default_factory=list)  # errors go to link_errors
 
     @property
     def complete(self) -> bool:
@@ -71,8 +83,11 @@ class Reconciler:
         ensure_forwarding: Callable[[], bool],
         conntrack: Cleaner | None = None,
         announce: Announce | None = None,
+        qos: Shaper | None = None,
     ) -> None:
         self.nft = nft
+        self.qos = qos
+        self._qos_applied: QosWants | None = None
         self.links = links
         self.ensure_forwarding = ensure_forwarding
         self.conntrack = conntrack
@@ -144,9 +159,12 @@ class Reconciler:
         plan = link_plan(state)
         # Unchanged links were verified by the last apply; a resync verifies them again.
         outcome = self._apply_links(state, plan) if resync or plan != self._links_applied else Outcome()
+        self._apply_qos(state, outcome, verify=resync)
         outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
         if resync and outcome.link_changes:
             repairs["addresses_routes"] = len(outcome.link_changes)
+        if resync and outcome.qos_changes:
+            repairs["qos"] = len(outcome.qos_changes)
         outcome.repairs = repairs
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
@@ -234,6 +252,29 @@ class Reconciler:
             log.error("link change failed", error=error)
         self._announce_eips(state, report)
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
+
+    def _apply_qos(self, state: DesiredState, outcome: Outcome, verify: bool) -> None:
+        """Shape as the state's QoS policies say (and remove natgwd's shaping where they
+        say nothing), once the external interface exists. Unchanged QoS was verified by
+        the last apply (reading 1,000 EIPs' trees back takes half a second); `verify`
+        (resync) reads the kernel anyway."""
+        if self.qos is None or state.external.interface in outcome.missing_interfaces:
+            return
+        wanted = wants(state)
+        if not verify and wanted == self._qos_applied:
+            return
+        try:
+            report = self.qos.apply(wanted)
+        except Exception as err:  # a shaping failure must not stop NAT from being kept
+            log.exception("traffic control failed")
+            report = TcReport(errors=[f"traffic control: {type(err).__name__}: {err}"])
+        self._qos_applied = None if report.errors else wanted
+        for change in report.changes:
+            log.info("qos change", change=change)
+        for error in report.errors:
+            log.error("qos not applied", error=error)
+        outcome.qos_changes = report.changes
+        outcome.link_errors.extend(report.errors)
 
     def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
         """Gratuitous ARP for every EIP once the external interface exists after start

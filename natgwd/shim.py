@@ -62,7 +62,6 @@ DEFAULT_TIMEOUT = 30.0
 # `iptables --version` of a current nft-based iptables: the controller parses it and, being
 # newer than 1.6.2, adds --random-fully to SNAT rules (natgwd always randomises fully).
 IPTABLES_VERSION = "iptables v1.8.9 (nf_tables)"
-QOS_UNSUPPORTED = "natgwd: QoS is not supported yet"
 DEFAULT_VPC_INTERFACE = "eth0"  # the script's defaults, for `init` without arguments
 DEFAULT_EXTERNAL_INTERFACE = "net1"
 JOURNAL_MAX_BYTES = 256 * 1024
@@ -91,7 +90,9 @@ Usage: nat-gateway.sh COMMAND [RULE...]   (natgwd: each call edits the desired s
   nft-dnat-map-add EIP,PORT,PROTOCOL,IP1:PORT1@IP2:PORT2...   share DNAT: exactly these backends
   nft-dnat-map-del EIP,PORT,PROTOCOL
   get-iptables-version
-  eip-ingress-qos-add/-del, eip-egress-qos-add/-del, qos-add/-del   not supported yet
+  eip-ingress-qos-add|eip-egress-qos-add IP,PRIORITY,RATE,BURST    an EIP's limit (Mbit/s, MB)
+  eip-ingress-qos-del|eip-egress-qos-del IP
+  qos-add|qos-del DIRECTION,IFACE,PRIORITY,u32|matchall,ip,src|dst,CIDR,RATE,BURST   the gateway's limits
   help
 
 Environment: NATGWD_STATE, NATGWD_APPLIED_STATE, NATGWD_SHIM_TIMEOUT, GATEWAY_V4."""
@@ -720,8 +721,6 @@ EDITS: dict[str, Callable[[str], Op]] = {
     "nft-dnat-map-add": parse_share_add,
     "nft-dnat-map-del": parse_share_del,
 }
-QOS_ADDS = frozenset({"eip-ingress-qos-add", "eip-egress-qos-add", "qos-add"})
-QOS_DELS = frozenset({"eip-ingress-qos-del", "eip-egress-qos-del", "qos-del"})
 
 
 # --- init -----------------------------------------------------------------------------
@@ -873,7 +872,7 @@ def generation_of(raw: bytes) -> int | None:
 
 def _compact(doc: Doc) -> Doc:
     """The document without empty optional lists (the shim never writes them)."""
-    result = {k: v for k, v in doc.items() if not (k in ("eips", *RULE_SECTIONS) and v == [])}
+    result = {k: v for k, v in doc.items() if not (k in ("eips", "qosPolicies", *RULE_SECTIONS) and v == [])}
     internal = result.get("internal")
     if isinstance(internal, dict) and internal.get("routes") == []:
         result["internal"] = {k: v for k, v in internal.items() if k != "routes"}
@@ -1092,14 +1091,10 @@ def run(
         print(f"{command} {' '.join(rules)}", file=out)
         print(IPTABLES_VERSION, file=out)
         return 0
-    if command in QOS_ADDS:
-        print(QOS_UNSUPPORTED, file=err)
-        return 1
-    if command in QOS_DELS:
-        # Nothing natgwd did can be undone; failing would wedge the controller's delete.
-        print(f"Warning: {QOS_UNSUPPORTED}; nothing to delete", file=err)
-        return 0
-    if command != "init" and command not in EDITS:
+    from natgwd.shim_qos import QOS_EDITS  # here: it imports this module's helpers
+
+    edits = {**EDITS, **QOS_EDITS}
+    if command != "init" and command not in edits:
         print(USAGE, file=out)
         return 1
     print(f"{command} {' '.join(rules)}", file=out)
@@ -1113,7 +1108,7 @@ def run(
         else:
             if not rules:
                 raise ShimError(f"natgwd: {command} needs a rule (see `help`)")
-            ops = [EDITS[command](rule) for rule in rules]
+            ops = [edits[command](rule) for rule in rules]
 
             def edit(doc: Doc | None, ctx: Context) -> Doc:
                 if doc is None:
@@ -1145,4 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as natgwd.shim, not as __main__: natgwd.shim_qos raises natgwd.shim's ShimError.
+    from natgwd.shim import main as shim_main
+
+    raise SystemExit(shim_main())

@@ -36,6 +36,7 @@ from natgwd.model import (
     Route,
     SnatRule,
 )
+from natgwd.qos_validation import qos_policies
 
 T = TypeVar("T")
 
@@ -327,6 +328,8 @@ def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:
         meaning = _PATTERN_MEANING.get(definition or "", f"must be at most {value} characters")
         return [Problem(path, f"{meaning} (at most {value} characters)")]
     if kind == "oneOf":
+        if _definition_of(error.schema) == "decimal":
+            return [Problem(path, 'must be a number of at least 0, as a number or a string such as "2.5"')]
         return [Problem(path, 'must be a port 1-65535 (integer or string) or a range "first-last"')]
     if kind == "maxItems":
         return [Problem(path, f"has more than {value} items")]
@@ -411,9 +414,10 @@ class _Semantics:
         snat = self._snat(eip_names)
         dnat = self._dnat(eip_names, internal)
         fip = self._fip(eip_names, internal, dnat)
+        policies, gateway_policy = qos_policies(self.doc, eips, external.interface, self.fail)
         if self.problems:
             raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
-        return DesiredState(internal, external, eips, snat, dnat, fip)
+        return DesiredState(internal, external, eips, snat, dnat, fip, policies, gateway_policy)
 
     # addresses -------------------------------------------------------------------------
 
@@ -511,7 +515,7 @@ class _Semantics:
         for i, item in enumerate(items):
             address = self.address(f"$.eips[{i}].v4ip", item["v4ip"])
             if address is not None:
-                eips.append(Eip(item["name"], address))
+                eips.append(Eip(item["name"], address, item.get("qosPolicy")))
         return tuple(eips)
 
     def known_eip(self, path: str, name: str, eip_names: set[str]) -> bool:

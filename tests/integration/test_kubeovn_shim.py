@@ -29,6 +29,7 @@ import pytest
 from natgwd.lab import EXTERNAL_HOST, Lab, Natgwd
 from natgwd.validation import InvalidStateError, load_state
 from tests.integration.helpers import addresses, events_named, kill_process, prober, routes, tcp_get
+from tests.integration.qos_helpers import assert_shaped, iperf, iperf_server
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
 VM1, VM2, VM3 = "172.20.10.2", "172.20.10.3", "172.20.10.4"
@@ -558,3 +559,50 @@ def test_older_controllers_drive_the_gateway(lab: Lab, tmp_path: Path, version: 
     gateway.ok("floating-ip-del", f"{EIP2},{VM2}")
     assert tcp_get(lab, "ext", EIP1, 8888) == ""
     assert tcp_get(lab, "ext", EIP2, 80) == ""
+
+
+# --- QoS in the controller's replay (handleInitVpcNatGw) -------------------------------------
+
+
+def htb_rates(lab: Lab, device: str) -> list[str]:
+    """The rates of natgwd's HTB classes on a device, without the default class."""
+    out = lab.exec("gw", "tc", "class", "show", "dev", device).stdout
+    return sorted(line.split(" rate ")[1].split()[0] for line in out.splitlines() if "4e47:fffe" not in line)
+
+
+def test_replay_with_qos_calls_brings_back_every_rule_and_limit(gateway: Gateway) -> None:
+    """Guards against the controller's replay stopping at its first QoS call (it returns
+    before queueing the rule replays when one fails): after `init`, the QoS calls come
+    first, even before the EIPs' eip-add, then the EIPs and the rules; every call must
+    succeed, and every rule and limit must work."""
+    lab = gateway.lab
+    lab.serve("vm1", tcp=[80], tag="vm1")
+    lab.serve("vm2", tcp=[80], tag="vm2")
+    iperf_server(lab, "vm1", 5201)
+    replay = [
+        ("eip-ingress-qos-add", f"{EIP1},1,10,1"),
+        ("eip-egress-qos-add", f"{EIP1},1,20,1"),
+        ("eip-ingress-qos-add", f"{EIP2},1,8,1"),
+        ("qos-add", "egress,net2,2,u32,ip,dst,10.115.60.0/24,40,1"),
+        ("eip-add", f"{EIP1}/21"),
+        ("eip-add", f"{EIP2}/21"),
+        ("floating-ip-add", f"{EIP2},{VM2}"),
+        ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
+        ("dnat-add", f"{EIP1},8888,tcp,{VM1},80"),
+        ("dnat-add", f"{EIP1},5201,tcp,{VM1},5201"),
+    ]
+    for call in replay:
+        gateway.ok(*call)
+    assert tcp_get(lab, "ext", EIP1, 8888).endswith("@vm1")
+    assert tcp_get(lab, "ext", EIP2, 80).endswith("@vm2")
+    assert gateway.source_seen("vm1") == EIP1
+    assert gateway.source_seen("vm2") == EIP2
+    assert htb_rates(lab, "ifb-net2") == ["10Mbit", "8Mbit"]
+    assert htb_rates(lab, "net2") == ["20Mbit", "40Mbit"]
+    assert_shaped(iperf(lab, "ext", EIP1, 5201), 10, "ingress of the DNAT EIP after the replay")
+
+    # The controller replays again (another restart of its own): nothing changes.
+    before = gateway.state_path.read_bytes()
+    for call in replay:
+        assert "nothing to change" in gateway.ok(*call).out, call
+    assert gateway.state_path.read_bytes() == before

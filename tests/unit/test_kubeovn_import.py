@@ -224,7 +224,7 @@ def test_eips_from_status_other_gateways_ipv6_qos_and_missing_addresses() -> Non
         "other": "note: EIP of gateway gw2, not gw1",
         "v6-only": "warning: IPv6-only EIP (natgwd is IPv4-only); skipped",
         "pending": "warning: has no address yet; skipped",
-        "limited": "warning: QoS policy slow is not carried over (no QoS in natgwd)",
+        "limited": "warning: QoS policy slow is not in the input; no bandwidth limit carried over",
         "going": "warning: being deleted; skipped",
     }
     for name, reason in expect.items():
@@ -246,7 +246,7 @@ def test_rules_are_selected_by_their_eip() -> None:
     assert reasons(result.findings, "IptablesSnatRule", "lost") == [
         "warning: names EIP nope, which is not in the input; skipped"
     ]
-    assert reasons(result.findings, "QoSPolicy", "slow")[0].startswith("warning: QoS is not supported by natgwd yet")
+    assert reasons(result.findings, "QoSPolicy", "slow") == ["note: not needed for this gateway's state; ignored"]
     assert reasons(result.findings, "OvnEip", "ovn1")[0].startswith("warning: OVN NAT")
     assert reasons(result.findings, "Widget", "w") == [
         "warning: kind Widget is not something natgwd import knows; ignored"
@@ -377,3 +377,78 @@ def test_main_to_stdout_strict_and_errors(tmp_path: Path, capsys: pytest.Capture
     assert "choose the gateway with --gateway" in capsys.readouterr().err
     assert kubeovn.main([str(tmp_path / "missing.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_qos_policies_of_the_eips_and_the_gateway_are_carried_over() -> None:
+    objects = seed_objects(STATEFULSET)
+    gateway = next(o for o in objects if o["kind"] == "VpcNatGateway")
+    gateway["spec"]["qosPolicy"] = "gw-limits"
+    for item in objects:
+        if item["kind"] == "IptablesEIP":
+            item["spec"]["qosPolicy"] = "eip-limit"
+    in_rule = {"name": "In", "interface": "net2", "rateMax": "10", "burstMax": "1", "priority": 1}
+    gw_rule = {"name": "to-vpc", "rateMax": "20", "direction": "egress", "matchType": "ip"}
+    result = import_objects(
+        [
+            *objects,
+            obj(
+                "QoSPolicy",
+                "eip-limit",
+                {
+                    "bindingType": "EIP",
+                    "shared": True,
+                    "bandwidthLimitRules": [
+                        {**in_rule, "direction": "ingress"},
+                        {"name": "out", "rateMax": "2.5", "direction": "egress", "matchValue": ""},
+                    ],
+                },
+            ),
+            obj(
+                "QoSPolicy",
+                "gw-limits",
+                {
+                    "bindingType": "NATGW",
+                    "bandwidthLimitRules": [
+                        {**gw_rule, "matchValue": "dst 10.0.0.0/24", "priority": 2},
+                    ],
+                },
+            ),
+            obj("QoSPolicy", "unrelated", {"bindingType": "EIP", "bandwidthLimitRules": []}),
+        ],
+        ImportOptions(gateway="gw1"),
+    )
+    state = result.state
+    assert [e.get("qosPolicy") for e in state["eips"]] == ["eip-limit"]
+    assert state["qosPolicy"] == "gw-limits"
+    assert state["qosPolicies"] == [
+        {
+            "name": "eip-limit",
+            "bandwidthLimitRules": [
+                {**in_rule, "name": kubeovn.state_name("In"), "direction": "ingress"},
+                {"name": "out", "rateMax": "2.5", "direction": "egress"},
+            ],
+            "bindingType": "EIP",
+            "shared": True,
+        },
+        {
+            "name": "gw-limits",
+            "bandwidthLimitRules": [{**gw_rule, "matchValue": "dst 10.0.0.0/24", "priority": 2}],
+            "bindingType": "NATGW",
+        },
+    ]
+    assert load_state(json.dumps(state).encode()).qos_policies[0].rules[0].rate_bits == 10_000_000
+    assert reasons(result.findings, "QoSPolicy", "unrelated") == ["note: not needed for this gateway's state; ignored"]
+    assert not reasons(result.findings, "QoSPolicy", "eip-limit")
+
+
+def test_a_qos_policy_natgwd_refuses_is_left_out_with_the_reason() -> None:
+    result = with_seed(
+        eip("limited", "10.115.55.202", qosPolicy="zero"),
+        obj("QoSPolicy", "zero", {"bandwidthLimitRules": [{"name": "r", "rateMax": "0", "direction": "ingress"}]}),
+    )
+    assert "qosPolicies" not in result.state
+    assert {"name": "limited", "v4ip": "10.115.55.202"} in result.state["eips"]
+    assert reasons(result.findings, "QoSPolicy", "zero") == [
+        "warning: natgwd refuses it: $.qosPolicies[0].bandwidthLimitRules[0].rateMax: is 0: a limit of nothing "
+        "stops all traffic (unbind the policy to remove a limit); no bandwidth limit carried over"
+    ]

@@ -616,17 +616,95 @@ def test_get_iptables_version_enables_random_fully(gw: Gateway) -> None:
     assert "iptables v1.8.9 (nf_tables)" in result.out.splitlines()
 
 
-@pytest.mark.parametrize("command", ["eip-ingress-qos-add", "eip-egress-qos-add", "qos-add"])
-def test_qos_adds_are_refused(ready: Gateway, command: str) -> None:
-    ready.fails(command, f"{EIP1},1,10,1", match="^natgwd: QoS is not supported yet$")
+# --- QoS (Kube-OVN's QoSPolicy calls) ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["eip-ingress-qos-del", "eip-egress-qos-del", "qos-del"])
-def test_qos_deletes_have_nothing_to_delete(ready: Gateway, command: str) -> None:
-    before = ready.raw()
-    result = ready.ok(command, EIP1)
-    assert result.err.strip() == "Warning: natgwd: QoS is not supported yet; nothing to delete"
-    assert ready.raw() == before
+def test_eip_qos_add_makes_a_policy_of_the_eips_own_then_replaces_and_deletes(ready: Gateway) -> None:
+    ready.ok("eip-ingress-qos-add", f"{EIP1},1,10,1")
+    ready.ok("eip-egress-qos-add", f"{EIP1}/21,2,2.50,0.5")
+    state = ready.state()
+    assert state["eips"][0] == {"name": "eip-10-115-55-200", "v4ip": EIP1, "qosPolicy": "qos-10-115-55-200"}
+    assert state["qosPolicies"] == [
+        {
+            "name": "qos-10-115-55-200",
+            "bindingType": "EIP",
+            "bandwidthLimitRules": [
+                {"name": "ingress", "direction": "ingress", "rateMax": "10", "burstMax": "1", "priority": 1},
+                {"name": "egress", "direction": "egress", "rateMax": "2.5", "burstMax": "0.5", "priority": 2},
+            ],
+        }
+    ]
+    assert load_state(ready.raw()).qos_policies[0].rules[1].rate_bits == 2_500_000
+    assert "nothing to change" in ready.ok("eip-egress-qos-add", f"{EIP1},2,2.5,0.5").out
+    ready.ok("eip-egress-qos-add", f"{EIP1},2,5,0.5")  # a changed policy: the new rate replaces the old
+    assert ready.state()["qosPolicies"][0]["bandwidthLimitRules"][1]["rateMax"] == "5"
+    ready.ok("eip-ingress-qos-del", EIP1)
+    assert [r["name"] for r in ready.state()["qosPolicies"][0]["bandwidthLimitRules"]] == ["egress"]
+    ready.ok("eip-egress-qos-del", f"{EIP1}/21")
+    assert "qosPolicies" not in ready.state() and "qosPolicy" not in ready.state()["eips"][0]
+    assert "nothing to change" in ready.ok("eip-egress-qos-del", EIP1).out
+    assert "nothing to change" in ready.ok("eip-egress-qos-del", "10.115.55.99").out
+
+
+def test_eip_qos_on_a_shared_policy_copies_it_first(ready: Gateway) -> None:
+    state = ready.state()
+    state["qosPolicies"] = [
+        {"name": "shared", "bandwidthLimitRules": [{"name": "in", "direction": "ingress", "rateMax": "10"}]}
+    ]
+    state["eips"][0]["qosPolicy"] = state["eips"][1]["qosPolicy"] = "shared"
+    ready.state_path.write_text(json.dumps(state))
+    ready.ok("eip-egress-qos-add", f"{EIP2},1,20,1")
+    after = ready.state()
+    assert [e.get("qosPolicy") for e in after["eips"]] == ["shared", "qos-10-115-55-201", None]
+    assert after["qosPolicies"][0]["bandwidthLimitRules"] == [{"name": "in", "direction": "ingress", "rateMax": "10"}]
+    assert [r["direction"] for r in after["qosPolicies"][1]["bandwidthLimitRules"]] == ["ingress", "egress"]
+
+
+def test_eip_qos_before_its_eip_adds_the_eip(gw: Gateway) -> None:
+    """A replay can bring the QoS call before the EIP's eip-add."""
+    gw.ok("init", "net1,net2")
+    result = gw.ok("eip-ingress-qos-add", f"{EIP1},1,10,1")
+    assert f"EIP {EIP1} was not added (eip-add); added it" in result.err
+    assert gw.state()["eips"][0]["qosPolicy"] == "qos-10-115-55-200"
+
+
+def test_gateway_qos_add_and_del_in_upstreams_nine_fields(ready: Gateway) -> None:
+    ready.ok("qos-add", "egress,net2,2,u32,ip,dst,10.0.0.0/24,20,1")
+    ready.ok("qos-add", "ingress,net2,3,matchall,,,,40,1")
+    result = ready.ok("qos-add", "egress,,4,u32,ip,src,10.0.0.5/24,5,1")  # upstream #6729: no interface
+    assert "names no interface; using the external one (net2)" in result.err
+    state = ready.state()
+    assert state["qosPolicy"] == "gateway-qos"
+    rules = state["qosPolicies"][0]["bandwidthLimitRules"]
+    assert [(r["name"], r.get("matchValue")) for r in rules] == [
+        ("egress-dst-10-0-0-0-24", "dst 10.0.0.0/24"),
+        ("ingress-all", None),
+        ("egress-src-10-0-0-0-24", "src 10.0.0.0/24"),
+    ]
+    ready.ok("qos-add", "egress,net2,2,u32,ip,dst,10.0.0.0/24,30,1")
+    assert ready.state()["qosPolicies"][0]["bandwidthLimitRules"][0]["rateMax"] == "30"
+    for rule in ("egress,net2,2,u32,ip,dst,10.0.0.0/24,30,1", "ingress,net2,3,matchall,,,,40,1"):
+        ready.ok("qos-del", rule)
+    ready.ok("qos-del", "egress,,2,u32,ip,src,10.0.0.0/24,5,1")
+    assert "qosPolicy" not in ready.state() and "qosPolicies" not in ready.state()
+
+
+@pytest.mark.parametrize(
+    ("command", "rule", "match"),
+    [
+        ("eip-ingress-qos-add", f"{EIP1},1,10", "expected IP,PRIORITY,RATE,BURST"),
+        ("eip-ingress-qos-add", f"{EIP1},high,10,1", "priority 'high' is not a whole number 0-1023"),
+        ("eip-egress-qos-add", f"{EIP1},1,fast,1", "rate 'fast' is not a number"),
+        ("eip-egress-qos-add", f"{EIP1},1,0,1", "rateMax: is 0"),
+        ("eip-egress-qos-add", f"{EIP1},1,20000,1", "above the largest rate"),
+        ("qos-add", "egress,net2,1,u32,ip,dst,10.0.0.0/24,20", "expected DIRECTION,IFACE"),
+        ("qos-add", "sideways,net2,1,u32,ip,dst,10.0.0.0/24,20,1", "direction 'sideways'"),
+        ("qos-add", "egress,net2,1,flower,ip,dst,10.0.0.0/24,20,1", "classifier 'flower'"),
+        ("qos-add", "egress,net1,1,u32,ip,dst,10.0.0.0/24,20,1", "natgwd shapes the external interface"),
+    ],
+)
+def test_bad_qos_calls_refused(ready: Gateway, command: str, rule: str, match: str) -> None:
+    ready.fails(command, rule, match=match)
 
 
 def test_help_unknown_and_nothing(gw: Gateway) -> None:
@@ -850,3 +928,12 @@ def test_the_executable_wrapper_runs_the_shim(ready: Gateway) -> None:
         ["bash", str(wrapper), "dnat-add", f"{EIP1},8888,tcp,{VM2},80"], env=env, text=True, capture_output=True
     )
     assert result.returncode == 1 and "already goes to" in result.stderr
+    # QoS calls through the wrapper too: their errors are the shim's, not a traceback
+    result = subprocess.run(
+        ["bash", str(wrapper), "eip-egress-qos-add", f"{EIP1},1,fast,1"], env=env, text=True, capture_output=True
+    )
+    assert (result.returncode, result.stderr) == (1, "natgwd: rate 'fast' is not a number\n")
+    result = subprocess.run(
+        ["bash", str(wrapper), "eip-egress-qos-add", f"{EIP1},1,20,1"], env=env, text=True, capture_output=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -160,7 +160,8 @@ def test_problem_and_error_text() -> None:
 def test_unknown_top_level_field() -> None:
     doc = seed()
     doc["eipz"] = []
-    assert_only(doc, "$.eipz", "unknown field", "allowed here: dnat, eips, external, fip, internal, snat, version")
+    allowed = "allowed here: dnat, eips, external, fip, internal, qosPolicies, qosPolicy, snat, version"
+    assert_only(doc, "$.eipz", "unknown field", allowed)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +170,7 @@ def test_unknown_top_level_field() -> None:
         (("internal",), "$.internal.mtu", "addresses, interface, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
         (("external",), "$.external.mtu", "addresses, gateway, interface"),
-        (("eips", 0), "$.eips[0].mtu", "name, v4ip"),
+        (("eips", 0), "$.eips[0].mtu", "name, qosPolicy, v4ip"),
         (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, type"),
         (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name"),

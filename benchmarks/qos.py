@@ -1,0 +1,221 @@
+"""QoS: how exactly a limit holds, what shaping costs the data plane with 1,000 limited
+EIPs, and what reconciling that many limits costs natgwd.
+
+    .venv/bin/python -m benchmarks.qos                (as root, from the repository)
+
+Three parts, each in namespaces it creates and deletes:
+
+- control plane: natgwd.tc.KernelTc in a bare gateway namespace with N EIPs limited in
+  both directions: the first apply, an apply with nothing to change (what every resync
+  does), one rate change, one scrape's statistics, and removing it all;
+- accuracy: natgwd in the seed lab, one limit at a time on the DNAT EIP (ingress, ext ->
+  vm1 through DNAT) and on the SNAT EIP (egress, vm1 -> ext), measured by iperf3 (TCP
+  payload; HTB counts frames, so the ideal ratio is 1448/1514 = 0.956);
+- data-plane cost: an unlimited EIP's TCP throughput and the CPU time the whole machine
+  spends per GB moved, without QoS and with N other EIPs limited in both directions (each
+  packet of the unlimited EIP then walks the u32 filters of all of them before it falls to
+  the default class), and the same for a limited EIP whose limit is above what it can reach.
+
+Results go to benchmarks/results/qos-<UTC timestamp>.json; a table is printed. The machine
+is shared: numbers are for orientation, run it again before relying on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.netns import bare_gateway
+from benchmarks.stats import summary
+from natgwd.lab import SEED_STATE, Lab
+from natgwd.qos_plan import wants
+from natgwd.validation import load_state
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+FIRST_LIMITED_EIP = "10.115.49.0"  # inside the seed's external /21, clear of its EIPs
+DNAT_EIP, FIP_EIP, UPSTREAM = "10.115.55.200", "10.115.55.201", "10.115.55.254"
+PAYLOAD = 1448 / 1514
+
+
+def limited_state(count: int, ingress: float = 10, egress: float = 20) -> dict[str, Any]:
+    """The seed with `count` more EIPs, each limited in both directions."""
+    state: dict[str, Any] = json.loads(json.dumps(SEED_STATE))
+    rules = [
+        {"name": "in", "direction": "ingress", "rateMax": str(ingress)},
+        {"name": "out", "direction": "egress", "rateMax": str(egress)},
+    ]
+    state["qosPolicies"] = [{"name": "limited", "bindingType": "EIP", "bandwidthLimitRules": rules}]
+    first = int(ipaddress.IPv4Address(FIRST_LIMITED_EIP))
+    state["eips"] += [
+        {"name": f"limited-{i:04d}", "v4ip": str(ipaddress.IPv4Address(first + i)), "qosPolicy": "limited"}
+        for i in range(count)
+    ]
+    return state
+
+
+def with_policy(state: dict[str, Any], name: str, direction: str, rate: float) -> dict[str, Any]:
+    """The state with the seed's first EIP (DNAT and SNAT) limited by a policy of its own."""
+    result: dict[str, Any] = json.loads(json.dumps(state))
+    rule = {"name": "r", "direction": direction, "rateMax": str(rate)}
+    result.setdefault("qosPolicies", []).append({"name": name, "bandwidthLimitRules": [rule]})
+    result["eips"][0]["qosPolicy"] = name
+    return result
+
+
+# --- control plane ---------------------------------------------------------------------------
+
+
+def _control_worker(namespace: str, count: int, queue: Any) -> None:
+    from pyroute2 import netns
+
+    from natgwd.tc import KernelTc
+
+    netns.setns(namespace)
+    shaper = KernelTc()
+    state = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 10)).encode())
+    changed = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 12)).encode())
+    timings: dict[str, Any] = {}
+    for label, target in (("first_apply", state), ("no_change", state), ("one_rate_change", changed)):
+        started = time.monotonic()
+        report = shaper.apply(wants(target))
+        timings[label] = {"seconds": time.monotonic() - started, "changes": len(report.changes)}
+    scrapes = []
+    for _ in range(5):
+        started = time.monotonic()
+        classes = len(shaper.stats("net2"))
+        scrapes.append(time.monotonic() - started)
+    timings["scrape_statistics"] = {**summary(scrapes), "classes": classes}
+    started = time.monotonic()
+    removed = shaper.remove_all()
+    timings["remove_all"] = {"seconds": time.monotonic() - started, "changes": len(removed.changes)}
+    queue.put(timings)
+
+
+def control_plane(count: int) -> dict[str, Any]:
+    with bare_gateway("ngwqos") as namespace:
+        queue: Any = multiprocessing.get_context("fork").Queue()
+        worker = multiprocessing.get_context("fork").Process(target=_control_worker, args=(namespace, count, queue))
+        worker.start()
+        result = queue.get(timeout=600)
+        worker.join(30)
+    return dict(result)
+
+
+# --- the lab: accuracy and cost -------------------------------------------------------------
+
+
+def _iperf(lab: Lab, role: str, address: str, port: int, seconds: int) -> float:
+    client = ["iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-O", "1", "-J"]
+    result = lab.exec(role, *client, timeout=seconds + 60)
+    return float(json.loads(result.stdout)["end"]["sum_received"]["bits_per_second"])
+
+
+def _wait_listening(lab: Lab, role: str, port: int) -> None:
+    deadline = time.monotonic() + 30
+    while not lab.exec(role, "ss", "-Hlnt", f"sport = :{port}").stdout.strip():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"iperf3 in {role} does not listen on {port}")
+        time.sleep(0.05)
+
+
+def _busy_seconds() -> float:
+    """CPU time the whole machine spent not idle, in seconds (all CPUs)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(lab: Lab, role: str, address: str, port: int, seconds: int) -> dict[str, float]:
+    busy = _busy_seconds()
+    rate = _iperf(lab, role, address, port, seconds)
+    cpu = _busy_seconds() - busy
+    moved = rate / 8 * seconds
+    return {"mbit_per_s": rate / 1e6, "cpu_seconds_per_gb": cpu / (moved / 1e9)}
+
+
+def _apply(daemon: Any, state: dict[str, Any]) -> None:
+    daemon.write_state(state)
+    daemon.wait_applied(timeout=120)
+
+
+def lab_parts(count: int, seconds: int, rates: list[float]) -> dict[str, Any]:
+    with Lab() as lab:
+        servers = (("vm1", 80), ("ext", 5201))
+        for role, port in servers:
+            lab.spawn(role, "iperf3", "-s", "-p", str(port))
+        daemon = lab.start_natgwd(json.loads(json.dumps(SEED_STATE)))
+        daemon.wait_ready(timeout=60)
+        for role, port in servers:
+            _wait_listening(lab, role, port)
+        accuracy = []
+        for rate in rates:
+            _apply(daemon, with_policy(SEED_STATE, "dnat-in", "ingress", rate))
+            ingress = _iperf(lab, "ext", DNAT_EIP, 8888, seconds)
+            _apply(daemon, with_policy(SEED_STATE, "snat-out", "egress", rate))
+            egress = _iperf(lab, "vm1", UPSTREAM, 5201, seconds)
+            accuracy.append(
+                {
+                    "limit_mbit": rate,
+                    "ingress_mbit": ingress / 1e6,
+                    "egress_mbit": egress / 1e6,
+                    "ingress_ratio": ingress / (rate * 1e6),
+                    "egress_ratio": egress / (rate * 1e6),
+                }
+            )
+        cost: dict[str, Any] = {}
+        _apply(daemon, json.loads(json.dumps(SEED_STATE)))
+        cost["no_qos"] = _measured(lab, "vm2", UPSTREAM, 5201, seconds)
+        _apply(daemon, limited_state(count))
+        cost[f"unlimited_eip_beside_{count}_limited"] = _measured(lab, "vm2", UPSTREAM, 5201, seconds)
+        _apply(daemon, with_policy(limited_state(count), "high", "egress", 10_000))
+        cost[f"eip_limited_at_10gbit_beside_{count}_limited"] = _measured(lab, "vm1", UPSTREAM, 5201, seconds)
+        daemon.stop()
+    return {"accuracy": accuracy, "cost": cost}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eips", type=int, default=1000, help="limited EIPs (at most 1,500)")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run")
+    parser.add_argument("--rates", default="5,10,50,200", help="limits to measure, Mbit/s")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 1
+    results: dict[str, Any] = {
+        "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "eips": args.eips,
+        "control_plane": control_plane(args.eips),
+    }
+    results.update(lab_parts(args.eips, args.seconds, [float(r) for r in args.rates.split(",")]))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"qos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"control plane, {args.eips} EIPs limited both ways ({2 * args.eips} classes and filters):")
+    for label, value in results["control_plane"].items():
+        seconds = value.get("seconds", value.get("median"))
+        print(f"  {label:20} {seconds:8.3f} s  {value.get('changes', value.get('classes', ''))}")
+    print(f"accuracy (iperf3 payload / limit; ideal {PAYLOAD:.3f}):")
+    for row in results["accuracy"]:
+        print(
+            f"  {row['limit_mbit']:7g} Mbit/s  ingress {row['ingress_mbit']:8.2f} ({row['ingress_ratio']:.3f})"
+            f"  egress {row['egress_mbit']:8.2f} ({row['egress_ratio']:.3f})"
+        )
+    print("data-plane cost:")
+    for label, value in results["cost"].items():
+        print(f"  {label:42} {value['mbit_per_s']:9.0f} Mbit/s  {value['cpu_seconds_per_gb']:6.2f} CPU-s/GB")
+    print(f"written to {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
