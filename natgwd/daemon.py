@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from natgwd.counters import Listings
 from natgwd.endpoints import serve
 from natgwd.garp import Announcer
+from natgwd.ha import HaController
 from natgwd.metrics import DaemonMetrics, RuleCounters
 from natgwd.nft import NftError
 from natgwd.notify import Notifier
@@ -54,12 +55,18 @@ class DaemonConfig:
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, make_reconciler: Callable[[Announce], Reconciler]) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        make_reconciler: Callable[[Announce], Reconciler],
+        make_ha: Callable[[Announce, CollectorRegistry], HaController] | None = None,
+    ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
         announcer = Announcer(lambda interface, frames: self.metrics.garp_sent.labels(interface).inc(frames))
         self.reconciler = make_reconciler(announcer.request)
+        self.ha = make_ha(announcer.request, self.registry) if make_ha is not None else None
         self.rule_counters = RuleCounters(self._counting_sets)
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
@@ -85,6 +92,8 @@ class Daemon:
         server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
+        if self.ha is not None:
+            self.ha.start()
         self._recall_applied()
         log.info(
             "natgwd started",
@@ -101,6 +110,9 @@ class Daemon:
                 self._wake.clear()
         finally:
             self.notifier.send("STOPPING=1")
+            if self.ha is not None:
+                # A planned switchover: keepalived hands the addresses over as it stops.
+                self.ha.stop()
             waker.stop()
             server.shutdown()
             server.server_close()
@@ -152,9 +164,14 @@ class Daemon:
             "applied_sha256": self._applied_digest,
             "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
         }
-        if self._not_ready:
-            detail["reason"] = self._not_ready
-        return self._not_ready is None, detail
+        reasons = [self._not_ready] if self._not_ready else []
+        if self.ha is not None:
+            ha_reason, ha_detail = self.ha.readiness()
+            detail.update(ha_detail)
+            reasons += [ha_reason] if ha_reason else []
+        if reasons:
+            detail["reason"] = "; ".join(reasons)
+        return not reasons, detail
 
     # --- reconciling ------------------------------------------------------------------
 
@@ -197,6 +214,8 @@ class Daemon:
         self._record_applied(raw)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
+        if self.ha is not None:
+            self.ha.applied(state, digest, outcome.complete)
         self._finished(outcome, started, digest=digest)
 
     def resync(self) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from natgwd.ha_config import HaConfig
 
 Protocol = Literal["tcp", "udp"]
 RuleKind = Literal["snat", "dnat", "fip"]
@@ -103,6 +106,7 @@ class DesiredState:
     snat: tuple[SnatRule, ...] = ()
     dnat: tuple[DnatRule, ...] = ()
     fip: tuple[FipRule, ...] = ()
+    ha: HaConfig | None = None  # an active/standby pair: keepalived owns the addresses
 
     def eip_interface(self, eip: Eip) -> IPv4Interface:
         """The EIP as an address of the external interface: the prefix of the external

@@ -160,7 +160,7 @@ def test_problem_and_error_text() -> None:
 def test_unknown_top_level_field() -> None:
     doc = seed()
     doc["eipz"] = []
-    assert_only(doc, "$.eipz", "unknown field", "allowed here: dnat, eips, external, fip, internal, snat, version")
+    assert_only(doc, "$.eipz", "unknown field", "allowed here: dnat, eips, external, fip, ha, internal, snat, version")
 
 
 @pytest.mark.parametrize(
