@@ -93,7 +93,7 @@ class Daemon:
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
-            self.ha.start()
+            self.ha.start(self.resync_soon)
         self._recall_applied()
         log.info(
             "natgwd started",
@@ -127,6 +127,11 @@ class Daemon:
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         log.info("SIGHUP: re-reading the desired state and resyncing")
         self._force = True
+        self._wake.set()
+
+    def resync_soon(self) -> None:
+        """From any thread: resync at the next turn of the loop."""
+        self._next_resync = 0.0
         self._wake.set()
 
     def step(self) -> None:

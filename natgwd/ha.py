@@ -26,6 +26,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -85,10 +86,14 @@ class HaController:
         self._role = "init"
         self._peer_state_told: bool | None = None
         self._fifo_thread: threading.Thread | None = None
+        self._resync: Callable[[], None] = lambda: None
 
     # --- the daemon's calls ------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, resync: Callable[[], None]) -> None:
+        """`resync` asks the daemon to put routes back at once: the kernel drops every
+        route through an interface whose last address keepalived just removed."""
+        self._resync = resync
         self._supervisor = Supervisor()
 
     def stop(self) -> None:
@@ -190,7 +195,7 @@ class HaController:
                     "keepalived",
                     (
                         self.binaries.keepalived,
-                        *("--dont-fork", "--log-console", "--log-detail"),
+                        *("--vrrp", "--dont-fork", "--log-console", "--log-detail"),
                         *("-f", str(paths.keepalived_conf)),
                         *("-p", str(paths.keepalived_pid), "-r", str(paths.vrrp_pid)),
                     ),
@@ -241,6 +246,7 @@ class HaController:
             previous, self._role = self._role, role
             state = self._state
         log.info("HA role changed", role=role, previous=previous)
+        self._resync()
         self.metrics.set_role(role)
         self.metrics.transitions.labels(role).inc()
         self.metrics.last_transition.set(time.time())

@@ -78,9 +78,15 @@ def keepalived_conf(
         # and `nopreempt` is only allowed on a BACKUP.
         "    state BACKUP",
         f"    interface {ha.interface}",
+        # The sync link going down must not fault the member: with both members faulted
+        # nobody holds the addresses. (net1 and net2, the addresses' links, stay tracked.)
+        "    dont_track_primary",
         f"    virtual_router_id {ha.virtual_router_id}",
         f"    priority {me.priority}",
         f"    advert_int {ha.advert_interval}",
+        # Hearing a lower priority while active means two were active (a healed split
+        # brain): announce again so that traffic comes back to the one that stays.
+        "    garp_lower_prio_repeat 3",
         *([] if ha.preempt else ["    nopreempt"]),
         f"    unicast_src_ip {me.address}",
         "    unicast_peer {",

@@ -69,6 +69,7 @@ class Natgwd:
     process: subprocess.Popen[bytes]
     log_path: Path
     metrics_port: int
+    role: str = "gw"  # the namespace it runs in
 
     def write_state(self, state: dict[str, Any] | str | bytes) -> None:
         """Replace the state file atomically (write a sibling, rename over)."""
@@ -85,7 +86,7 @@ class Natgwd:
         """GET a path of natgwd's HTTP endpoint from inside the gateway namespace."""
         url = f"http://127.0.0.1:{self.metrics_port}{path}"
         result = self.lab.exec(
-            "gw", "curl", "-s", "-m", "5", "-o", "/dev/stdout", "-w", "\n%{http_code}", url, check=False
+            self.role, "curl", "-s", "-m", "5", "-o", "/dev/stdout", "-w", "\n%{http_code}", url, check=False
         )
         body, _, status = result.stdout.rpartition("\n")
         return int(status or 0), body
@@ -211,16 +212,20 @@ class Lab:
         self.exec("lan", "ip", "link", "set", "br0", "up")
         self._veth("gw", "net1", "lan", "p-gw")
         self.exec("lan", "ip", "link", "set", "p-gw", "master", "br0", "up")
+        self._add_vms()
+        # External side: the upstream gateway, directly on net2's segment.
+        self._veth("gw", "net2", "ext", "eth0")
+        self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST}/{EXTERNAL_PREFIX}", "dev", "eth0")
+        self.exec("ext", "ip", "link", "set", "eth0", "up")
+
+    def _add_vms(self) -> None:
+        """The VMs, each on a port of the bridge br0 in "lan", routed via the gateway."""
         for role, address in zip(self.vm_roles(), self.vms, strict=True):
             self._veth(role, "eth0", "lan", f"p-{role}")
             self.exec("lan", "ip", "link", "set", f"p-{role}", "master", "br0", "up")
             self.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
             self.exec(role, "ip", "link", "set", "eth0", "up")
             self.exec(role, "ip", "route", "add", "default", "via", "172.20.10.254")
-        # External side: the upstream gateway, directly on net2's segment.
-        self._veth("gw", "net2", "ext", "eth0")
-        self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST}/{EXTERNAL_PREFIX}", "dev", "eth0")
-        self.exec("ext", "ip", "link", "set", "eth0", "up")
 
     def close(self) -> None:
         for process in reversed(self._processes):
@@ -263,6 +268,8 @@ class Lab:
         *args: str,
         metrics_port: int = 9469,
         state_path: Path | None = None,
+        role: str = "gw",
+        applied_state_path: Path | None = None,
     ) -> Natgwd:
         path = state_path or self.workdir / "state.json"
         log_path = self.workdir / f"natgwd-{len(self._processes)}.log"
@@ -276,14 +283,14 @@ class Lab:
             "--metrics-address",
             f"127.0.0.1:{metrics_port}",
             "--applied-state",
-            str(self.applied_state_path),
+            str(applied_state_path or self.applied_state_path),
             *args,
         ]
-        daemon = Natgwd(self, path, None, log_path, metrics_port)  # type: ignore[arg-type]
+        daemon = Natgwd(self, path, None, log_path, metrics_port, role)  # type: ignore[arg-type]
         if state is not None:
             daemon.write_state(state)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        daemon.process = self.spawn("gw", *cmd, log_path=log_path, env=env)
+        daemon.process = self.spawn(role, *cmd, log_path=log_path, env=env)
         return daemon
 
     def serve(

@@ -182,9 +182,11 @@ global_defs {
 vrrp_instance natgwd {
     state BACKUP
     interface sync0
+    dont_track_primary
     virtual_router_id 51
     priority 100
     advert_int 0.2
+    garp_lower_prio_repeat 3
     nopreempt
     unicast_src_ip 169.254.64.2
     unicast_peer {
