@@ -46,9 +46,22 @@ from natgwd.supervisor import ChildSpec, Supervisor, remove_stale
 
 log = structlog.get_logger("natgwd.ha")
 
-MASTER_COMMANDS = (("-c",), ("-f",), ("-R",), ("-B",))
-BACKUP_COMMANDS = (("-t",), ("-n",))
+# conntrackd injects the peer's entries into the kernel as they arrive (DisableExternalCache),
+# so a new active has nothing to commit: it makes its own cache the kernel's table (-f
+# internal, -R) and sends it all to the peer (-B). Plain -f would flush the injected
+# entries from the kernel. A new standby asks the active for its table (-n).
+MASTER_COMMANDS = (("-f", "internal"), ("-R",), ("-B",))
+BACKUP_COMMANDS = (("-n",),)
+# keepalived's event for an active member that hears a lower priority: another member was
+# active too (a healed split brain). This one stays active and announces its addresses again
+# (garp_lower_prio_repeat in keepalived.conf).
+HEALED = "master_rx_lower_pri"
 COMMAND_TIMEOUT_SECONDS = 10.0
+# Both members translate every synced connection the same way; with liberal TCP window
+# tracking either one forwards any packet of it, whatever the other saw of the stream. That
+# makes a split brain harmless for established connections, and a takeover too when the
+# stream moved on while the entry was on its way.
+TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class HaController:
             if members is None:
                 return
             self._problem = None
+            self._liberal()
             self._run(state, ha, *members)
 
     def readiness(self) -> tuple[str | None, dict[str, Any]]:
@@ -209,8 +223,17 @@ class HaController:
             log.info("reloading keepalived for the new addresses")
             self._supervisor.signal("keepalived", 1)  # SIGHUP
         if self._peer is None:
-            self._peer = PeerLink(me.address, peer.address, HELLO_PORT, self._hello)
+            self._peer = PeerLink(ha.interface, me.address, peer.address, HELLO_PORT, self._hello)
         self._check_peer_state()
+
+    def _liberal(self) -> None:
+        try:
+            if TCP_BE_LIBERAL.read_text().strip() != "1":
+                TCP_BE_LIBERAL.write_text("1\n")
+                log.info("TCP window tracking set liberal for HA", sysctl=str(TCP_BE_LIBERAL))
+        except OSError as err:
+            # Read-only /proc/sys: the pod's securityContext.sysctls sets it (deploy/).
+            log.warning("cannot set TCP window tracking liberal", sysctl=str(TCP_BE_LIBERAL), error=str(err))
 
     def _write(self, path: Path, text: str) -> bool:
         if self._written.get(path) == text:
@@ -242,6 +265,12 @@ class HaController:
                     self._on_role(role)
 
     def _on_role(self, role: str) -> None:
+        if role == HEALED:
+            # Not `conntrackd -n` to pull the peer's table here: injecting the peer's copy
+            # over this member's live entries stalled every TCP flow for seconds (measured).
+            # The peer's FTFW resend queue delivers what it sent into the cut link anyway.
+            log.warning("the peer was active too (split brain); it yields now, this member stays active")
+            return
         with self._lock:
             previous, self._role = self._role, role
             state = self._state

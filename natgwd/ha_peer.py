@@ -56,7 +56,7 @@ class PeerLink:
     """Sends hellos from `me` to `peer` and listens for the peer's, on a thread."""
 
     def __init__(
-        self, me: IPv4Address, peer: IPv4Address, port: int, mine: Callable[[], tuple[str | None, str]]
+        self, interface: str, me: IPv4Address, peer: IPv4Address, port: int, mine: Callable[[], tuple[str | None, str]]
     ) -> None:
         self.me, self.peer, self.port = me, peer, port
         self._mine = mine
@@ -65,6 +65,8 @@ class PeerLink:
         self._stopping = threading.Event()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Only over the sync link: with it down, a hello must not leave by the default route.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         self._sock.bind((str(me), port))
         self._sock.settimeout(INTERVAL_SECONDS / 4)
         self._thread = threading.Thread(target=self._run, name="natgwd-ha-peer", daemon=True)

@@ -108,6 +108,11 @@ def conntrackd_conf(ha: HaConfig, me: HaMember, peer: HaMember, paths: HaPaths) 
         "# Written by natgwd from the desired state; changes here are overwritten.",
         "Sync {",
         "    Mode FTFW {",
+        # Entries from the peer go straight into the kernel, not into a cache to commit at
+        # takeover: packets that reach a new active member in the first milliseconds
+        # (right after its gratuitous ARP) must find their connection there already, or a
+        # SNAT flow gets a new random port and the far end resets it.
+        "        DisableExternalCache on",
         # Ask the peer for its whole table on start: a restarted member is complete at once.
         "        StartupResync on",
         "    }",

@@ -218,3 +218,9 @@ def established_peers(lab: Lab, role: str, port: int) -> list[str]:
     """The remote ends of established TCP connections to a local port, as ss shows them."""
     out = lab.exec(role, "ss", "-Htn", "state", "established", f"( sport = :{port} )").stdout
     return sorted(line.split()[-1] for line in out.splitlines() if line.strip())
+
+
+def connection_marks(lab: Lab, role: str) -> set[int]:
+    """The ct marks (natgwd's rule ids) of the kernel's connections in a namespace."""
+    out = lab.exec(role, "conntrack", "-L", check=False).stdout
+    return {int(word[5:]) for line in out.splitlines() for word in line.split() if word.startswith("mark=")} - {0}

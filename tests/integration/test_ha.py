@@ -19,6 +19,7 @@ from tests.integration.ha_lab import (
     GATEWAYS,
     Flow,
     HaLab,
+    connection_marks,
     established_peers,
     ha_state,
     kill_all,
@@ -86,11 +87,9 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     assert fip_views(flows["fip"]) == {fip_views(flows["fip"]).pop()}
     fip_view = fip_views(flows["fip"]).pop()
     assert fip_view.startswith(f"{EIP2}:")
-    # The standby's conntrackd holds the active's connections in its external cache.
-    wait_for(
-        lambda: (metric(gwb, 'natgwd_conntrackd_entries{cache="external"}') or 0) >= 3,
-        "the standby to hold the three flows",
-    )
+    # conntrackd put the active's connections (rule ids 1-3) into the standby's kernel.
+    wait_for(lambda: connection_marks(ha_lab, "gwb") == {1, 2, 3}, "the standby to hold the three flows")
+    assert (metric(gwa, 'natgwd_conntrackd_entries{cache="internal"}') or 0) >= 3
 
     # Hard failure: every process of the active killed, its links down.
     failed_at = time.monotonic()
@@ -111,6 +110,7 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     assert "172.20.10.254/24" in addresses(ha_lab, "gwb", "net1")
     assert metric(gwb, 'natgwd_ha_transitions_total{role="master"}') == 1
     assert (metric(gwb, "natgwd_ha_conntrack_commit_seconds") or 0) > 0
+    assert metric(gwb, "natgwd_ha_peer_reachable") == 0
 
     # The failed member comes back as standby (no preemption) and resyncs...
     for interface in ("net1", "net2", "sync0"):
@@ -120,10 +120,7 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     wait_role(gwa, "backup")
     assert addresses(ha_lab, "gwa", "net1") == set()  # keepalived removed what the killed one left
     wait_for(lambda: metric(gwb, "natgwd_ha_peer_reachable") == 1, "gwb to hear gwa again")
-    wait_for(
-        lambda: (metric(gwa, 'natgwd_conntrackd_entries{cache="external"}') or 0) >= 3,
-        "the returned standby to hold the flows",
-    )
+    wait_for(lambda: connection_marks(ha_lab, "gwa") == {1, 2, 3}, "the returned standby to hold the flows")
     # ...then a planned switchover: SIGTERM on the active hands everything back.
     switched_at = time.monotonic()
     assert gwb.stop(signal.SIGTERM) == 0
@@ -140,3 +137,51 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     # New connections work at once on the new active.
     assert ha_lab.http_get("ext", EIP, 8888).startswith(f"{EXTERNAL_HOST}:")
     assert role_of(gwa) == "master"
+
+
+def test_split_brain_keeps_flows_and_heals_to_one_active(ha_lab: HaLab) -> None:
+    """The sync link cut with both members alive: the standby hears no adverts and takes
+    the addresses too. Both are active; the last gratuitous ARP (the new one's) draws the
+    traffic, and since both hold the same connections with the same translations and TCP
+    tracking is liberal, the flows go on through whichever member a packet reaches. When
+    the link returns the lower priority yields, the other announces the addresses again
+    and pulls the connections made meanwhile."""
+    members = start_pair(ha_lab)
+    gwa, gwb = members["gwa"], members["gwb"]
+    flows = start_flows(ha_lab)
+    seen_outside = snat_peer(ha_lab)
+    fip_view = fip_views(flows["fip"]).pop()
+    wait_for(lambda: connection_marks(ha_lab, "gwb") == {1, 2, 3}, "the standby to hold the three flows")
+
+    cut_at = time.monotonic()
+    ha_lab.exec("gwb", "ip", "link", "set", "sync0", "down")
+    wait_role(gwb, "master", timeout=10)
+    assert role_of(gwa) == "master"
+    for gateway in GATEWAYS:
+        assert "172.20.10.254/24" in addresses(ha_lab, gateway, "net1")
+        assert f"{EIP}/21" in addresses(ha_lab, gateway, "net2")
+    for flow in flows.values():
+        flow.wait_more(50)
+    gaps = {name: flow.largest_gap(cut_at) for name, flow in flows.items()}
+    print(f"split brain: largest gaps {gaps}")
+    assert all(gap < GAP_LIMIT_SECONDS for gap in gaps.values()), gaps
+    wait_for(lambda: metric(gwa, "natgwd_ha_peer_reachable") == 0, "gwa to miss its peer")
+    # New connections work during the split.
+    assert ha_lab.http_get("ext", EIP, 8888).startswith(f"{EXTERNAL_HOST}:")
+
+    healed_at = time.monotonic()
+    ha_lab.exec("gwb", "ip", "link", "set", "sync0", "up")
+    wait_role(gwb, "backup", timeout=10)
+    wait_for(lambda: addresses(ha_lab, "gwb", "net1") == set(), "gwb to give the addresses up")
+    assert role_of(gwa) == "master"
+    assert "172.20.10.254/24" in addresses(ha_lab, "gwa", "net1")
+    for flow in flows.values():
+        flow.wait_more(50)
+    gaps = {name: flow.largest_gap(healed_at) for name, flow in flows.items()}
+    print(f"healed: largest gaps {gaps}")
+    assert all(gap < GAP_LIMIT_SECONDS for gap in gaps.values()), gaps
+    assert snat_peer(ha_lab) == seen_outside
+    assert fip_views(flows["fip"]) == {fip_view}
+    assert "split brain" in gwa.log()
+    wait_for(lambda: metric(gwa, "natgwd_ha_peer_reachable") == 1, "gwa to hear gwb again")
+    assert ha_lab.http_get("ext", EIP, 8888).startswith(f"{EXTERNAL_HOST}:")
