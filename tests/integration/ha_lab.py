@@ -129,7 +129,6 @@ try:
     else:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.connect((host, port))
-        s.settimeout(period)
         out.write("connected %s:%d\n" % s.getsockname())
     n = 0
     while True:
@@ -146,16 +145,17 @@ try:
             if got != msg:
                 raise ValueError("echo %r != %r" % (got, msg))
             out.write("ok %d %.4f\n" % (n, time.monotonic()))
+            time.sleep(period)
         else:
-            try:
-                while True:
+            # Answers until the next datagram is due; one datagram per period.
+            due = time.monotonic() + period
+            while (left := due - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
                     got = s.recv(4096)
-                    out.write("ok %d %.4f %s\n" % (n, time.monotonic(), got.decode()))
-                    s.settimeout(0)
-            except (BlockingIOError, TimeoutError):
-                pass
-            s.settimeout(period)
-        time.sleep(period if proto == "tcp" else 0)
+                except TimeoutError:
+                    break
+                out.write("ok %d %.4f %s\n" % (n, time.monotonic(), got.decode()))
 except Exception as err:
     out.write("error %s: %s\n" % (type(err).__name__, err))
 """
