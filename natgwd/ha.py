@@ -223,7 +223,7 @@ class HaController:
             log.info("reloading keepalived for the new addresses")
             self._supervisor.signal("keepalived", 1)  # SIGHUP
         if self._peer is None:
-            self._peer = PeerLink(ha.interface, me.address, peer.address, HELLO_PORT, self._hello)
+            self._peer = PeerLink(ha.interface, me.address, peer.address, HELLO_PORT, self._hello, self._peer_returned)
         self._check_peer_state()
 
     def _liberal(self) -> None:
@@ -266,10 +266,8 @@ class HaController:
 
     def _on_role(self, role: str) -> None:
         if role == HEALED:
-            # Not `conntrackd -n` to pull the peer's table here: injecting the peer's copy
-            # over this member's live entries stalled every TCP flow for seconds (measured).
-            # The peer's FTFW resend queue delivers what it sent into the cut link anyway.
             log.warning("the peer was active too (split brain); it yields now, this member stays active")
+            self._announce_all()
             return
         with self._lock:
             previous, self._role = self._role, role
@@ -286,10 +284,30 @@ class HaController:
                 started = time.monotonic()
                 self._conntrackd(MASTER_COMMANDS)
                 self.metrics.commit_seconds.set(time.monotonic() - started)
-            for interface, addresses in virtual_addresses(state).items():
-                self.announce(interface, [a.ip for a in addresses])
+            self._announce_all()
         elif role in ("backup", "fault") and state.ha.conntrack_sync:
             self._conntrackd(BACKUP_COMMANDS)
+
+    def _peer_returned(self) -> None:
+        """The peer is heard again after a silence. It may have taken the addresses
+        meanwhile (a cut sync link): if this member is active, upstream and the VMs may
+        still send to the peer's MAC, and keepalived announces again only if it happens to
+        hear the peer's lower priority before the peer yields. So announce here too.
+        (Not `conntrackd -n` to pull the peer's connections: injecting the peer's copy over
+        this member's live entries stalled every TCP flow for seconds, measured; the peer's
+        FTFW resend queue delivers what it sent into the cut link anyway.)"""
+        with self._lock:
+            active = self._role == "master"
+        log.warning("the peer is reachable again", role=self._role)
+        if active:
+            self._announce_all()
+
+    def _announce_all(self) -> None:
+        state = self._state
+        if state is None:
+            return
+        for interface, addresses in virtual_addresses(state).items():
+            self.announce(interface, [a.ip for a in addresses])
 
     def _conntrackd(self, commands: tuple[tuple[str, ...], ...]) -> None:
         for args in commands:

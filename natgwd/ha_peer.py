@@ -56,10 +56,17 @@ class PeerLink:
     """Sends hellos from `me` to `peer` and listens for the peer's, on a thread."""
 
     def __init__(
-        self, interface: str, me: IPv4Address, peer: IPv4Address, port: int, mine: Callable[[], tuple[str | None, str]]
+        self,
+        interface: str,
+        me: IPv4Address,
+        peer: IPv4Address,
+        port: int,
+        mine: Callable[[], tuple[str | None, str]],
+        on_return: Callable[[], None],
     ) -> None:
         self.me, self.peer, self.port = me, peer, port
         self._mine = mine
+        self._on_return = on_return  # the peer is heard again after silence (not at first)
         self._heard_at: float | None = None
         self._heard: tuple[str | None, str] | None = None
         self._stopping = threading.Event()
@@ -102,4 +109,7 @@ class PeerLink:
                 continue
             hello = decode_hello(data) if source == str(self.peer) else None
             if hello is not None:
+                returned = self._heard_at is not None and not self.view().reachable
                 self._heard, self._heard_at = hello, time.monotonic()
+                if returned:
+                    self._on_return()

@@ -268,8 +268,6 @@ class Lab:
         *args: str,
         metrics_port: int = 9469,
         state_path: Path | None = None,
-        role: str = "gw",
-        applied_state_path: Path | None = None,
     ) -> Natgwd:
         path = state_path or self.workdir / "state.json"
         log_path = self.workdir / f"natgwd-{len(self._processes)}.log"
@@ -283,14 +281,14 @@ class Lab:
             "--metrics-address",
             f"127.0.0.1:{metrics_port}",
             "--applied-state",
-            str(applied_state_path or self.applied_state_path),
+            str(self.applied_state_path),
             *args,
         ]
-        daemon = Natgwd(self, path, None, log_path, metrics_port, role)  # type: ignore[arg-type]
+        daemon = Natgwd(self, path, None, log_path, metrics_port)  # type: ignore[arg-type]
         if state is not None:
             daemon.write_state(state)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        daemon.process = self.spawn(role, *cmd, log_path=log_path, env=env)
+        daemon.process = self.spawn("gw", *cmd, log_path=log_path, env=env)
         return daemon
 
     def serve(

@@ -17,16 +17,20 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from natgwd.lab import EXTERNAL_HOST, EXTERNAL_PREFIX, LAN_ROUTER, SEED_STATE, Lab, Natgwd, run
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import METRICS_PORT, natgwd_command, wait_for
 
 GATEWAYS = ("gwa", "gwb")
 SYNC = {"gwa": "169.254.64.1", "gwb": "169.254.64.2"}
 PRIORITY = {"gwa": 150, "gwb": 100}
+# What the Kubernetes manifest grants (image/kubernetes/ha/statefulset.yaml): root with only
+# these capabilities runs natgwd, keepalived and conntrackd.
+MINIMAL_CAPABILITIES = ("setpriv", "--bounding-set", "-all,+net_admin,+net_raw", "--inh-caps", "-all", "--")
 
 
 def ha_state(advert_interval: float = 0.2, conntrack_sync: bool = True) -> dict[str, Any]:
@@ -67,19 +71,21 @@ class HaLab(Lab):
                 kill_all(self, gateway)
         super().close()
 
-    def start_member(self, gateway: str, state: dict[str, Any]) -> Natgwd:
+    def start_member(self, gateway: str, state: dict[str, Any], wrapper: Sequence[str] = ()) -> Natgwd:
+        """natgwd in a gateway's namespace, with files of its own, behind a `wrapper`
+        command (setpriv) that execs it."""
         directory = self.workdir / gateway
         directory.mkdir(exist_ok=True)
-        return self.start_natgwd(
-            state,
-            "--ha-run-dir",
-            str(directory / "run"),
-            "--resync-interval",
-            "2",
-            role=gateway,
-            state_path=directory / "state.json",
-            applied_state_path=directory / "applied.json",
+        daemon = Natgwd(self, directory / "state.json", None, directory / "natgwd.log", METRICS_PORT, gateway)  # type: ignore[arg-type]
+        daemon.write_state(state)
+        command = natgwd_command(
+            daemon.state_path,
+            str(directory / "applied.json"),
+            *("--ha-run-dir", str(directory / "run"), "--resync-interval", "2"),
         )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        daemon.process = self.spawn(gateway, *wrapper, *command, log_path=daemon.log_path, env=env)
+        return daemon
 
 
 def pids_in(lab: Lab, role: str) -> list[int]:

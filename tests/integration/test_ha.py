@@ -17,6 +17,7 @@ import pytest
 from natgwd.lab import EXTERNAL_HOST, Natgwd
 from tests.integration.ha_lab import (
     GATEWAYS,
+    MINIMAL_CAPABILITIES,
     Flow,
     HaLab,
     connection_marks,
@@ -47,7 +48,7 @@ def start_pair(lab: HaLab, **state_options: float | bool) -> dict[str, Natgwd]:
     state = ha_state(**state_options)  # type: ignore[arg-type]
     members = {}
     for gateway, role in zip(GATEWAYS, ("master", "backup"), strict=True):
-        members[gateway] = lab.start_member(gateway, state)
+        members[gateway] = lab.start_member(gateway, state, MINIMAL_CAPABILITIES)
         members[gateway].wait_ready(timeout=30)
         wait_role(members[gateway], role)
     return members
@@ -115,7 +116,7 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     # The failed member comes back as standby (no preemption) and resyncs...
     for interface in ("net1", "net2", "sync0"):
         ha_lab.exec("gwa", "ip", "link", "set", interface, "up")
-    gwa = ha_lab.start_member("gwa", ha_state())
+    gwa = ha_lab.start_member("gwa", ha_state(), MINIMAL_CAPABILITIES)
     gwa.wait_ready(timeout=30)
     wait_role(gwa, "backup")
     assert addresses(ha_lab, "gwa", "net1") == set()  # keepalived removed what the killed one left
