@@ -80,6 +80,8 @@ def _applied_record(path: Path) -> dict[str, str] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from collections.abc import Callable
+
     from prometheus_client import CollectorRegistry
 
     from natgwd.conntrack import ConntrackCleaner
@@ -107,8 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     def reconciler(announce: Announce) -> Reconciler:
         return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
 
-    def ha(announce: Announce, registry: CollectorRegistry) -> HaController:
-        return HaController(Path(args.ha_run_dir), announce, registry)
+    def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
+        return HaController(Path(args.ha_run_dir), count_garp, registry)
 
     return Daemon(config, reconciler, ha).run()
 

@@ -59,14 +59,17 @@ class Daemon:
         self,
         config: DaemonConfig,
         make_reconciler: Callable[[Announce], Reconciler],
-        make_ha: Callable[[Announce, CollectorRegistry], HaController] | None = None,
+        make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
-        announcer = Announcer(lambda interface, frames: self.metrics.garp_sent.labels(interface).inc(frames))
-        self.reconciler = make_reconciler(announcer.request)
-        self.ha = make_ha(announcer.request, self.registry) if make_ha is not None else None
+
+        def count_garp(interface: str, frames: int) -> None:
+            self.metrics.garp_sent.labels(interface).inc(frames)
+
+        self.reconciler = make_reconciler(Announcer(count_garp).request)
+        self.ha = make_ha(count_garp, self.registry) if make_ha is not None else None
         self.rule_counters = RuleCounters(self._counting_sets)
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()

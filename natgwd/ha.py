@@ -36,12 +36,12 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pyroute2 import IPRoute
 
+from natgwd.ha_announce import ActiveAnnouncer
 from natgwd.ha_config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.ha_metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
 from natgwd.ha_peer import PeerLink
 from natgwd.ha_render import HaPaths, conntrackd_conf, keepalived_conf
 from natgwd.model import DesiredState
-from natgwd.reconciler import Announce
 from natgwd.supervisor import ChildSpec, Supervisor, remove_stale
 
 log = structlog.get_logger("natgwd.ha")
@@ -80,11 +80,16 @@ def parse_notify(line: str) -> str | None:
 
 class HaController:
     def __init__(
-        self, run_dir: Path, announce: Announce, registry: CollectorRegistry, binaries: Binaries = Binaries()
+        self,
+        run_dir: Path,
+        on_garp_sent: Callable[[str, int], None],
+        registry: CollectorRegistry,
+        binaries: Binaries = Binaries(),
     ) -> None:
         self.paths = HaPaths(run_dir)
         self.binaries = binaries
-        self.announce = announce
+        self._announcer = ActiveAnnouncer(lambda: self._role == "master", on_garp_sent)
+        self._master_since: float | None = None  # monotonic
         self.metrics = HaMetrics(registry)
         registry.register(HaCollector(self._snapshot))
         self._supervisor: Supervisor | None = None
@@ -272,6 +277,7 @@ class HaController:
         with self._lock:
             previous, self._role = self._role, role
             state = self._state
+            self._master_since = time.monotonic() if role == "master" else None
         log.info("HA role changed", role=role, previous=previous)
         self._resync()
         self.metrics.set_role(role)
@@ -288,26 +294,27 @@ class HaController:
         elif role in ("backup", "fault") and state.ha.conntrack_sync:
             self._conntrackd(BACKUP_COMMANDS)
 
-    def _peer_returned(self) -> None:
+    def _peer_returned(self, silent_since: float) -> None:
         """The peer is heard again after a silence. It may have taken the addresses
-        meanwhile (a cut sync link): if this member is active, upstream and the VMs may
-        still send to the peer's MAC, and keepalived announces again only if it happens to
-        hear the peer's lower priority before the peer yields. So announce here too.
+        meanwhile (a cut sync link): if this member was active all along, upstream and the
+        VMs may still send to the peer's MAC, and keepalived announces again only if it
+        happens to hear the peer's lower priority before the peer yields. So announce here
+        too. A member that became active during the silence is the one about to yield: it
+        must not announce.
         (Not `conntrackd -n` to pull the peer's connections: injecting the peer's copy over
         this member's live entries stalled every TCP flow for seconds, measured; the peer's
         FTFW resend queue delivers what it sent into the cut link anyway.)"""
         with self._lock:
-            active = self._role == "master"
+            since = self._master_since
         log.warning("the peer is reachable again", role=self._role)
-        if active:
+        if since is not None and since <= silent_since:
             self._announce_all()
 
     def _announce_all(self) -> None:
         state = self._state
         if state is None:
             return
-        for interface, addresses in virtual_addresses(state).items():
-            self.announce(interface, [a.ip for a in addresses])
+        self._announcer.request({name: [a.ip for a in values] for name, values in virtual_addresses(state).items()})
 
     def _conntrackd(self, commands: tuple[tuple[str, ...], ...]) -> None:
         for args in commands:

@@ -62,11 +62,13 @@ class PeerLink:
         peer: IPv4Address,
         port: int,
         mine: Callable[[], tuple[str | None, str]],
-        on_return: Callable[[], None],
+        on_return: Callable[[float], None],
     ) -> None:
         self.me, self.peer, self.port = me, peer, port
         self._mine = mine
-        self._on_return = on_return  # the peer is heard again after silence (not at first)
+        # Called with the monotonic time of the last hello before a silence, when the peer
+        # is heard again (not when it is first heard).
+        self._on_return = on_return
         self._heard_at: float | None = None
         self._heard: tuple[str | None, str] | None = None
         self._stopping = threading.Event()
@@ -109,7 +111,7 @@ class PeerLink:
                 continue
             hello = decode_hello(data) if source == str(self.peer) else None
             if hello is not None:
-                returned = self._heard_at is not None and not self.view().reachable
+                silent_since = self._heard_at if self._heard_at is not None and not self.view().reachable else None
                 self._heard, self._heard_at = hello, time.monotonic()
-                if returned:
-                    self._on_return()
+                if silent_since is not None:
+                    self._on_return(silent_since)

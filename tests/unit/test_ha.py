@@ -207,6 +207,7 @@ CONNTRACKD_CONF = """\
 # Written by natgwd from the desired state; changes here are overwritten.
 Sync {
     Mode FTFW {
+        DisableExternalCache on
         StartupResync on
     }
     UDP {
