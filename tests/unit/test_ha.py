@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from natgwd import ha_announce
 from natgwd.ha import parse_notify
 from natgwd.ha_config import HaConfig, HaMember, virtual_addresses
 from natgwd.ha_metrics import parse_stats
@@ -399,3 +400,29 @@ def test_supervisor_stops_children(tmp_path: Path) -> None:
     assert pid is not None
     supervisor.stop()
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+# --- announcements --------------------------------------------------------------------
+
+
+def test_announcements_stop_when_no_longer_active(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[str, tuple[str, ...]]] = []
+    active = [True]
+
+    def fake_announce(interface: str, addresses: list[IPv4Address], count: int) -> int:
+        sent.append((interface, tuple(map(str, addresses))))
+        if len(sent) == 4:  # two rounds of two interfaces
+            active[0] = False
+        return len(addresses) * count
+
+    monkeypatch.setattr(ha_announce, "announce", fake_announce)
+    monkeypatch.setattr(ha_announce, "INTERVAL_SECONDS", 0.01)
+    counted: list[tuple[str, int]] = []
+    announcer = ha_announce.ActiveAnnouncer(lambda: active[0], lambda name, frames: counted.append((name, frames)))
+    announcer.request({"net1": [IPv4Address("172.20.10.254")], "net2": [IPv4Address("10.115.55.200")]})
+    deadline = time.monotonic() + 5
+    while len(sent) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the third round would come 0.01 s later: give it ten times that
+    assert sent == [("net1", ("172.20.10.254",)), ("net2", ("10.115.55.200",))] * 2
+    assert counted == [("net1", 1), ("net2", 1)] * 2
