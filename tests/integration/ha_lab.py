@@ -35,6 +35,12 @@ MINIMAL_CAPABILITIES = ("setpriv", "--bounding-set", "-all,+net_admin,+net_raw",
 
 def ha_state(advert_interval: float = 0.2, conntrack_sync: bool = True) -> dict[str, Any]:
     state: dict[str, Any] = json.loads(json.dumps(SEED_STATE))
+    # A share DNAT group (Kube-OVN's load-balanced DNAT): two backends behind my-eip:9999.
+    state["dnat"] += [
+        {"name": f"share-{vm}", "eip": "my-eip", "protocol": "tcp", "externalPort": "9999"}
+        | {"internalIp": ip, "internalPort": "80", "type": "share"}
+        for vm, ip in (("vm1", "172.20.10.2"), ("vm3", "172.20.10.4"))
+    ]
     state["ha"] = {
         "interface": "sync0",
         "virtualRouterId": 51,

@@ -1,5 +1,5 @@
 """An active/standby pair of natgwd gateways (keepalived VRRP + conntrackd FTFW, run by
-natgwd) with real, long-lived flows through DNAT, SNAT and a FIP: a hard failure of the
+natgwd) with real, long-lived flows through DNAT, share DNAT, SNAT and a FIP: a hard failure of the
 active (every process SIGKILLed, its links down) and a planned switchover (SIGTERM) move
 the addresses to the other member, and every flow goes on with no reset, the SNAT flow
 with the same translated source port as seen outside. Also: the heartbeat link cut
@@ -8,9 +8,11 @@ with the same translated source port as seen outside. Also: the heartbeat link c
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,11 +27,12 @@ from tests.integration.ha_lab import (
     ha_state,
     kill_all,
     metric,
+    pids_in,
     role_of,
     start_flow,
     wait_role,
 )
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import log_events, wait_for
 from tests.integration.lifecycle_helpers import addresses
 
 EIP, EIP2 = "10.115.55.200", "10.115.55.201"
@@ -55,10 +58,12 @@ def start_pair(lab: HaLab, **state_options: float | bool) -> dict[str, Natgwd]:
 
 
 def start_flows(lab: HaLab) -> dict[str, Flow]:
-    lab.serve("vm1", tcp=[80])  # DNAT target: echoes raw TCP
+    lab.serve("vm1", tcp=[80])  # DNAT target (and a share DNAT backend): echoes raw TCP
+    lab.serve("vm3", tcp=[80])  # the other share DNAT backend
     lab.serve("ext", tcp=[9000], udp=[9001])
     flows = {
         "dnat": start_flow(lab, "ext", "tcp", EIP, 8888, "dnat"),
+        "share": start_flow(lab, "ext", "tcp", EIP, 9999, "share"),
         "snat": start_flow(lab, "vm3", "tcp", EXTERNAL_HOST, 9000, "snat"),
         "fip": start_flow(lab, "vm2", "udp", EXTERNAL_HOST, 9001, "fip"),
     }
@@ -88,9 +93,12 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     assert fip_views(flows["fip"]) == {fip_views(flows["fip"]).pop()}
     fip_view = fip_views(flows["fip"]).pop()
     assert fip_view.startswith(f"{EIP2}:")
-    # conntrackd put the active's connections (rule ids 1-3) into the standby's kernel.
-    wait_for(lambda: connection_marks(ha_lab, "gwb") == {1, 2, 3}, "the standby to hold the three flows")
-    assert (metric(gwa, 'natgwd_conntrackd_entries{cache="internal"}') or 0) >= 3
+    # conntrackd put the active's connections (marked with their rules' ids) into the
+    # standby's kernel.
+    marks = connection_marks(ha_lab, "gwa")
+    assert len(marks) == 4  # dnat01, one of the two share backends, my-snat, fip01
+    wait_for(lambda: connection_marks(ha_lab, "gwb") == marks, "the standby to hold the four flows")
+    assert (metric(gwa, 'natgwd_conntrackd_entries{cache="internal"}') or 0) >= 4
 
     # Hard failure: every process of the active killed, its links down.
     failed_at = time.monotonic()
@@ -121,7 +129,7 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     wait_role(gwa, "backup")
     assert addresses(ha_lab, "gwa", "net1") == set()  # keepalived removed what the killed one left
     wait_for(lambda: metric(gwb, "natgwd_ha_peer_reachable") == 1, "gwb to hear gwa again")
-    wait_for(lambda: connection_marks(ha_lab, "gwa") == {1, 2, 3}, "the returned standby to hold the flows")
+    wait_for(lambda: connection_marks(ha_lab, "gwa") == marks, "the returned standby to hold the flows")
     # ...then a planned switchover: SIGTERM on the active hands everything back.
     switched_at = time.monotonic()
     assert gwb.stop(signal.SIGTERM) == 0
@@ -152,7 +160,8 @@ def test_split_brain_keeps_flows_and_heals_to_one_active(ha_lab: HaLab) -> None:
     flows = start_flows(ha_lab)
     seen_outside = snat_peer(ha_lab)
     fip_view = fip_views(flows["fip"]).pop()
-    wait_for(lambda: connection_marks(ha_lab, "gwb") == {1, 2, 3}, "the standby to hold the three flows")
+    marks = connection_marks(ha_lab, "gwa")
+    wait_for(lambda: connection_marks(ha_lab, "gwb") == marks, "the standby to hold the flows")
 
     cut_at = time.monotonic()
     ha_lab.exec("gwb", "ip", "link", "set", "sync0", "down")
@@ -186,3 +195,40 @@ def test_split_brain_keeps_flows_and_heals_to_one_active(ha_lab: HaLab) -> None:
     assert "split brain" in gwa.log()
     wait_for(lambda: metric(gwa, "natgwd_ha_peer_reachable") == 1, "gwa to hear gwb again")
     assert ha_lab.http_get("ext", EIP, 8888).startswith(f"{EXTERNAL_HOST}:")
+
+
+def test_children_are_restarted_and_a_differing_peer_is_reported(ha_lab: HaLab) -> None:
+    """conntrackd and keepalived killed hard on the standby are restarted (conntrackd's
+    stale lock file removed first), counted, and the member is ready again; a peer that
+    applied another state is reported on both sides until the states agree again."""
+    members = start_pair(ha_lab)
+    gwa, gwb = members["gwa"], members["gwb"]
+    for daemon in (gwa, gwb):
+        wait_for(lambda d=daemon: metric(d, "natgwd_ha_peer_state_match") == 1, f"{daemon.role} to match its peer")
+    lock = ha_lab.workdir / "gwb" / "run" / "conntrackd.lock"
+    assert lock.exists()
+    for process in ("conntrackd", "keepalived"):
+        (pid,) = [p for p in pids_in(ha_lab, "gwb") if Path(f"/proc/{p}/comm").read_text().strip() == process][:1]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda p=process: metric(gwb, f'natgwd_ha_process_restarts_total{{process="{p}"}}') == 1,
+            f"{process} to be restarted",
+        )
+        wait_for(lambda p=process: metric(gwb, f'natgwd_ha_process_up{{process="{p}"}}') == 1, f"{process} up")
+    gwb.wait_ready()
+    wait_role(gwb, "backup")
+    assert role_of(gwa) == "master"  # the standby's trouble never moved the addresses
+    exits = [e for e in log_events(gwb) if e.get("event") == "child exited"]
+    assert [(e["process"], e["code"]) for e in exits] == [("conntrackd", -9), ("keepalived", -9)]
+
+    different = ha_state()
+    different["eips"].append({"name": "my-eip3", "v4ip": "10.115.55.202"})
+    gwb.write_state(different)
+    gwb.wait_applied()
+    for daemon in (gwa, gwb):
+        wait_for(lambda d=daemon: metric(d, "natgwd_ha_peer_state_match") == 0, f"{daemon.role} to see the mismatch")
+    assert "the peer applied a different desired state" in gwa.log()
+    gwb.write_state(ha_state())
+    gwb.wait_applied()
+    for daemon in (gwa, gwb):
+        wait_for(lambda d=daemon: metric(d, "natgwd_ha_peer_state_match") == 1, f"{daemon.role} to match again")
