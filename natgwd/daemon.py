@@ -237,6 +237,9 @@ class Daemon:
             self._failed(f"resync failed: {err}")
             return
         self._count(outcome)
+        if self.ha is not None and self._applied_digest is not None:
+            # Retries what waits on the kernel (the sync interface's address, a complete apply).
+            self.ha.applied(self.reconciler.state, self._applied_digest, outcome.complete)
         if self._seen_digest == self._applied_digest:
             self._finished(outcome, started, digest=None)
 

@@ -8,6 +8,7 @@ with the same translated source port as seen outside. Also: the heartbeat link c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -232,3 +233,24 @@ def test_children_are_restarted_and_a_differing_peer_is_reported(ha_lab: HaLab) 
     gwb.wait_applied()
     for daemon in (gwa, gwb):
         wait_for(lambda d=daemon: metric(d, "natgwd_ha_peer_state_match") == 1, f"{daemon.role} to match again")
+
+
+def test_member_waits_for_its_sync_address(ha_lab: HaLab) -> None:
+    """Without its address on the sync interface a member does not know which one it is:
+    it applies the rules but runs no keepalived (never takes the addresses) and says why on
+    /readyz; once the address appears it starts on the next resync."""
+    ha_lab.exec("gwa", "ip", "addr", "del", "169.254.64.1/30", "dev", "sync0")
+    gwa = ha_lab.start_member("gwa", ha_state(), MINIMAL_CAPABILITIES)
+
+    def waiting() -> str | None:
+        status, body = gwa.get("/readyz")
+        reason = json.loads(body).get("reason", "") if body else ""
+        return reason if status == 503 and "holds neither ha.members address" in reason else None
+
+    reason = wait_for(waiting, "the reason on /readyz")
+    assert "sync0 holds neither ha.members address (169.254.64.1 or 169.254.64.2)" in reason
+    assert not [p for p in pids_in(ha_lab, "gwa") if Path(f"/proc/{p}/comm").read_text().strip() == "keepalived"]
+    assert addresses(ha_lab, "gwa", "net1") == set()
+    ha_lab.exec("gwa", "ip", "addr", "add", "169.254.64.1/30", "dev", "sync0")
+    gwa.wait_ready(timeout=30)
+    wait_role(gwa, "master")
