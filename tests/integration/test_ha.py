@@ -254,3 +254,21 @@ def test_member_waits_for_its_sync_address(ha_lab: HaLab) -> None:
     ha_lab.exec("gwa", "ip", "addr", "add", "169.254.64.1/30", "dev", "sync0")
     gwa.wait_ready(timeout=30)
     wait_role(gwa, "master")
+
+
+def test_a_new_eip_is_added_by_keepalived_on_the_active_only(ha_lab: HaLab) -> None:
+    """A changed state reloads keepalived (SIGHUP, no restart: the addresses stay put) and
+    the new EIP appears on the active member only."""
+    members = start_pair(ha_lab)
+    state = ha_state()
+    state["eips"].append({"name": "my-eip3", "v4ip": "10.115.55.202"})
+    for daemon in members.values():
+        daemon.write_state(state)
+        daemon.wait_applied()
+    wait_for(lambda: "10.115.55.202/21" in addresses(ha_lab, "gwa", "net2"), "the new EIP on the active")
+    assert "10.115.55.202/21" not in addresses(ha_lab, "gwb", "net2")
+    assert addresses(ha_lab, "gwb", "net2") == set()
+    for daemon in members.values():
+        assert metric(daemon, 'natgwd_ha_process_restarts_total{process="keepalived"}') == 0
+    assert metric(members["gwa"], 'natgwd_ha_transitions_total{role="master"}') == 1
+    assert role_of(members["gwa"]) == "master"
