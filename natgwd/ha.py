@@ -289,7 +289,7 @@ class HaController:
             if state.ha.conntrack_sync:
                 started = time.monotonic()
                 self._conntrackd(MASTER_COMMANDS)
-                self.metrics.commit_seconds.set(time.monotonic() - started)
+                self.metrics.takeover_seconds.set(time.monotonic() - started)
             self._announce_all()
         elif role in ("backup", "fault") and state.ha.conntrack_sync:
             self._conntrackd(BACKUP_COMMANDS)

@@ -33,9 +33,9 @@ class HaMetrics:
             "Unix time of the last VRRP role change.",
             registry=registry,
         )
-        self.commit_seconds = Gauge(
-            "natgwd_ha_conntrack_commit_seconds",
-            "Time the last takeover took to commit the synced connections to the kernel.",
+        self.takeover_seconds = Gauge(
+            "natgwd_ha_takeover_conntrackd_seconds",
+            "Time the conntrackd commands of the last takeover took (-f internal, -R, -B).",
             registry=registry,
         )
         for role in ROLES:
@@ -127,7 +127,8 @@ class HaCollector(Collector):
             return
         entries = GaugeMetricFamily(
             "natgwd_conntrackd_entries",
-            "Connections in conntrackd's caches: internal (this member's), external (the peer's, synced).",
+            "Connections in conntrackd's caches: internal (this member's own); the peer's go straight to the kernel"
+            " (DisableExternalCache), so there is no external cache to report.",
             labels=["cache"],
         )
         for cache in ("internal", "external"):

@@ -119,7 +119,7 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     assert fip_views(flows["fip"]) == {fip_view}
     assert "172.20.10.254/24" in addresses(ha_lab, "gwb", "net1")
     assert metric(gwb, 'natgwd_ha_transitions_total{role="master"}') == 1
-    assert (metric(gwb, "natgwd_ha_conntrack_commit_seconds") or 0) > 0
+    assert (metric(gwb, "natgwd_ha_takeover_conntrackd_seconds") or 0) > 0
     assert metric(gwb, "natgwd_ha_peer_reachable") == 0
 
     # The failed member comes back as standby (no preemption) and resyncs...
