@@ -101,6 +101,12 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     wait_for(lambda: connection_marks(ha_lab, "gwb") == marks, "the standby to hold the four flows")
     assert (metric(gwa, 'natgwd_conntrackd_entries{cache="internal"}') or 0) >= 4
 
+    # Each member counts what it forwards: nothing so far on the standby. The replicated
+    # connections carry their rule's mark, so the new active counts them from its takeover.
+    dnat_packets = f'natgwd_rule_packets_total{{kind="dnat",name="dnat01",eip="{EIP}",direction="original"}}'
+    assert metric(gwb, dnat_packets) == 0
+    assert (metric(gwa, dnat_packets) or 0) >= 25
+
     # Hard failure: every process of the active killed, its links down.
     failed_at = time.monotonic()
     killed = kill_all(ha_lab, "gwa")
@@ -121,6 +127,7 @@ def test_failover_keeps_dnat_snat_and_fip_flows(ha_lab: HaLab) -> None:
     assert metric(gwb, 'natgwd_ha_transitions_total{role="master"}') == 1
     assert (metric(gwb, "natgwd_ha_takeover_conntrackd_seconds") or 0) > 0
     assert metric(gwb, "natgwd_ha_peer_reachable") == 0
+    assert (metric(gwb, dnat_packets) or 0) >= 50
 
     # The failed member comes back as standby (no preemption) and resyncs...
     for interface in ("net1", "net2", "sync0"):
