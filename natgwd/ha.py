@@ -391,8 +391,10 @@ class HaController:
     def _keepalived_exited(self, _name: str, _code: int) -> None:
         # keepalived killed hard leaves its addresses behind; the next one removes them
         # as it starts (it enters BACKUP by removing every configured address).
-        with self._lock:
-            self._role = "init"
+        # Not under self._lock: the supervisor thread calls this, and _stop_member holds the
+        # lock while it waits for that thread.
+        self._role = "init"
+        self.metrics.set_role("init")
 
     def _clear_keepalived_pids(self) -> None:
         # keepalived refuses to start while its pid file names a live process, and a
@@ -409,6 +411,9 @@ class HaController:
         if self._supervisor is not None and self._keepalived_started:
             self._supervisor.remove("keepalived")
             self._supervisor.remove("conntrackd")
+            # keepalived took its addresses along, the ones natgwd now configures itself
+            # without an `ha` section included: put them back.
+            self._resync()
         self._keepalived_started = False
         self._stop_peer()
         self._members = None

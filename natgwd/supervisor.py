@@ -170,12 +170,17 @@ class Supervisor:
         self._submit(start)
 
     def remove(self, name: str) -> None:
+        """Stop a child and forget it; returns once it is stopped."""
+        done = threading.Event()
+
         def stop() -> None:
             child = self._children.pop(name, None)
             if child is not None:
                 child.stop()
+            done.set()
 
         self._submit(stop)
+        done.wait(STOP_TIMEOUT_SECONDS * 2)
 
     def signal(self, name: str, signum: int) -> None:
         def send() -> None:

@@ -279,3 +279,33 @@ def test_a_new_eip_is_added_by_keepalived_on_the_active_only(ha_lab: HaLab) -> N
         assert metric(daemon, 'natgwd_ha_process_restarts_total{process="keepalived"}') == 0
     assert metric(members["gwa"], 'natgwd_ha_transitions_total{role="master"}') == 1
     assert role_of(members["gwa"]) == "master"
+
+
+def test_leaving_ha_mode_gives_the_addresses_back_to_natgwd(ha_lab: HaLab) -> None:
+    """A state without `ha` stops keepalived and conntrackd; natgwd then configures the
+    addresses itself, as a single gateway, within a resync."""
+    members = start_pair(ha_lab)
+    assert members["gwb"].stop(signal.SIGTERM) == 0
+    single = ha_state()
+    del single["ha"]
+    members["gwa"].write_state(single)
+    members["gwa"].wait_applied()
+
+    def children() -> list[str]:
+        return [
+            name
+            for p in pids_in(ha_lab, "gwa")
+            if (name := Path(f"/proc/{p}/comm").read_text().strip()) in ("keepalived", "conntrackd")
+        ]
+
+    wait_for(lambda: not children(), "keepalived and conntrackd to stop")
+    wait_for(
+        lambda: (
+            {"10.115.48.1/21", f"{EIP}/21", f"{EIP2}/21"} <= addresses(ha_lab, "gwa", "net2")
+            and "172.20.10.254/24" in addresses(ha_lab, "gwa", "net1")
+        ),
+        "natgwd to configure the addresses",
+    )
+    assert "ha" not in members["gwa"].wait_ready()
+    ha_lab.serve("vm1", tcp=[80])
+    assert ha_lab.http_get("ext", EIP, 8888).startswith(f"{EXTERNAL_HOST}:")
