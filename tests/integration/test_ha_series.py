@@ -1,7 +1,7 @@
 """Failovers back and forth in a row, with conntrackd and without it (the Kube-OVN and
-Neutron default), for benchmarks/RESULTS.md: each round SIGKILLs every process of the
-active member and takes its links down, then brings it back as the standby. Slow (about
-two minutes per mode); run with
+Neutron default), for benchmarks/RESULTS.md: flows through DNAT, share DNAT, SNAT and a
+FIP; each round SIGKILLs every process of the active member and takes its links down,
+then brings it back as the standby. Slow (about two minutes per mode); run with
 
     pytest -m slow tests/integration/test_ha_series.py -p no:xdist -s
 
@@ -35,6 +35,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "ha_f
 EIP = "10.115.55.200"
 FLOWS = {
     "dnat": ("ext", "tcp", EIP, 8888),
+    "share": ("ext", "tcp", EIP, 9999),
     "snat": ("vm3", "tcp", EXTERNAL_HOST, 9000),
     "fip": ("vm2", "udp", EXTERNAL_HOST, 9001),
 }
@@ -53,7 +54,8 @@ def run_series(lab: HaLab, conntrack_sync: bool) -> list[dict[str, Any]]:
         members[gateway] = lab.start_member(gateway, state)
         members[gateway].wait_ready(timeout=30)
         wait_role(members[gateway], role)
-    lab.serve("vm1", tcp=[80])
+    lab.serve("vm1", tcp=[80])  # dnat01 and a share DNAT backend
+    lab.serve("vm3", tcp=[80])  # the other share DNAT backend
     lab.serve("ext", tcp=[9000], udp=[9001])
     started = 0
 
