@@ -2,7 +2,7 @@
 # Build the natgwd container image without any container registry (no base image pull):
 #
 #   debootstrap --variant=minbase bookworm  ->  rootfs with Debian's python3, python3-nftables,
-#   nftables, iproute2, conntrack (+ bookworm-updates and bookworm-security applied)
+#   nftables, iproute2, conntrack, keepalived, conntrackd (+ bookworm-updates and -security)
 #   natgwd wheel + its PyPI dependencies    ->  venv /opt/natgwd (--system-site-packages, so
 #                                              Debian's nftables binding is importable)
 #   strip docs/man/locales/apt lists/caches ->  buildah from scratch + commit (docker format,
@@ -36,7 +36,8 @@ BASE_MAX_AGE_HOURS=${NATGWD_BASE_MAX_AGE_HOURS:-24}
 # The rootfs's python3 must be the one the wheels are chosen for.
 PY_VERSION=3.11
 # procps: sysctl, which kube-ovn-controller's postStart hook runs (`sysctl -w net.ipv4.ip_forward=1`).
-PACKAGES=python3,python3-nftables,libnftables1,nftables,iproute2,conntrack,procps
+# keepalived and conntrackd: the HA pair's children (natgwd runs them with an `ha` section).
+PACKAGES=python3,python3-nftables,libnftables1,nftables,iproute2,conntrack,procps,keepalived,conntrackd
 VENV=/opt/natgwd
 # Bump when the base rootfs recipe changes (invalidates cached bases).
 BASE_RECIPE=3

@@ -96,9 +96,14 @@ def _applied_state(path: Path) -> DesiredState | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from collections.abc import Callable
+
+    from prometheus_client import CollectorRegistry
+
     from natgwd.conntrack import ConntrackCleaner
     from natgwd.daemon import Daemon, DaemonConfig
     from natgwd.endpoints import parse_address
+    from natgwd.ha import HaController
     from natgwd.logs import configure
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
@@ -121,7 +126,10 @@ def _run(args: argparse.Namespace) -> int:
     def reconciler(announce: Announce) -> Reconciler:
         return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
 
-    return Daemon(config, reconciler).run()
+    def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
+        return HaController(Path(args.ha_run_dir), count_garp, registry)
+
+    return Daemon(config, reconciler, ha).run()
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -168,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
         "--allow-writable-state",
         action="store_true",
         help="accept a state file that users other than root (or natgwd's own) can write",
+    )
+    run.add_argument(
+        "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
     )
     run.set_defaults(func=_run)
 

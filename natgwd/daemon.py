@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from natgwd.counters import Listings
 from natgwd.endpoints import serve
 from natgwd.garp import Announcer
+from natgwd.ha import HaController
 from natgwd.metrics import DaemonMetrics, RuleCounters
 from natgwd.nft import NftError
 from natgwd.notify import Notifier
@@ -55,12 +56,21 @@ class DaemonConfig:
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, make_reconciler: Callable[[Announce], Reconciler]) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        make_reconciler: Callable[[Announce], Reconciler],
+        make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
+    ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
-        announcer = Announcer(lambda interface, frames: self.metrics.garp_sent.labels(interface).inc(frames))
-        self.reconciler = make_reconciler(announcer.request)
+
+        def count_garp(interface: str, frames: int) -> None:
+            self.metrics.garp_sent.labels(interface).inc(frames)
+
+        self.reconciler = make_reconciler(Announcer(count_garp).request)
+        self.ha = make_ha(count_garp, self.registry) if make_ha is not None else None
         self.rule_counters = RuleCounters(self._counting_sets)
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
@@ -86,6 +96,8 @@ class Daemon:
         server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
+        if self.ha is not None:
+            self.ha.start(self.resync_soon)
         self._recall_applied()
         log.info(
             "natgwd started",
@@ -102,6 +114,9 @@ class Daemon:
                 self._wake.clear()
         finally:
             self.notifier.send("STOPPING=1")
+            if self.ha is not None:
+                # A planned switchover: keepalived hands the addresses over as it stops.
+                self.ha.stop()
             waker.stop()
             server.shutdown()
             server.server_close()
@@ -116,6 +131,11 @@ class Daemon:
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
         log.info("SIGHUP: re-reading the desired state and resyncing")
         self._force = True
+        self._wake.set()
+
+    def resync_soon(self) -> None:
+        """From any thread: resync at the next turn of the loop."""
+        self._next_resync = 0.0
         self._wake.set()
 
     def step(self) -> None:
@@ -154,9 +174,14 @@ class Daemon:
             "applied_sha256": self._applied_digest,
             "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
         }
-        if self._not_ready:
-            detail["reason"] = self._not_ready
-        return self._not_ready is None, detail
+        reasons = [self._not_ready] if self._not_ready else []
+        if self.ha is not None:
+            ha_reason, ha_detail = self.ha.readiness()
+            detail.update(ha_detail)
+            reasons += [ha_reason] if ha_reason else []
+        if reasons:
+            detail["reason"] = "; ".join(reasons)
+        return not reasons, detail
 
     # --- reconciling ------------------------------------------------------------------
 
@@ -199,6 +224,8 @@ class Daemon:
         self._record_applied(raw)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
+        if self.ha is not None:
+            self.ha.applied(state, digest, outcome.complete)
         self._finished(outcome, started, digest=digest)
 
     def resync(self) -> None:
@@ -212,6 +239,9 @@ class Daemon:
             self._failed(f"resync failed: {err}")
             return
         self._count(outcome)
+        if self.ha is not None and self._applied_digest is not None:
+            # Retries what waits on the kernel (the sync interface's address, a complete apply).
+            self.ha.applied(self.reconciler.state, self._applied_digest, outcome.complete)
         if self._seen_digest == self._applied_digest:
             self._finished(outcome, started, digest=None)
 

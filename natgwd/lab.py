@@ -69,6 +69,7 @@ class Natgwd:
     process: subprocess.Popen[bytes]
     log_path: Path
     metrics_port: int
+    role: str = "gw"  # the namespace it runs in
 
     def write_state(self, state: dict[str, Any] | str | bytes) -> None:
         """Replace the state file atomically (write a sibling, rename over)."""
@@ -85,7 +86,7 @@ class Natgwd:
         """GET a path of natgwd's HTTP endpoint from inside the gateway namespace."""
         url = f"http://127.0.0.1:{self.metrics_port}{path}"
         result = self.lab.exec(
-            "gw", "curl", "-s", "-m", "5", "-o", "/dev/stdout", "-w", "\n%{http_code}", url, check=False
+            self.role, "curl", "-s", "-m", "5", "-o", "/dev/stdout", "-w", "\n%{http_code}", url, check=False
         )
         body, _, status = result.stdout.rpartition("\n")
         return int(status or 0), body
@@ -209,13 +210,17 @@ class Lab:
         self.exec("lan", "ip", "link", "add", "br0", "type", "bridge")
         self.exec("lan", "ip", "addr", "add", LAN_ROUTER, "dev", "br0")
         self.exec("lan", "ip", "link", "set", "br0", "up")
+        self._add_vms()
+        self._gateway_links()
+
+    def _add_vms(self) -> None:
+        """The VMs, each on a port of the bridge br0 in "lan", routed via the gateway."""
         for role, address in zip(self.vm_roles(), self.vms, strict=True):
             self._veth(role, "eth0", "lan", f"p-{role}")
             self.exec("lan", "ip", "link", "set", f"p-{role}", "master", "br0", "up")
             self.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
             self.exec(role, "ip", "link", "set", "eth0", "up")
             self.exec(role, "ip", "route", "add", "default", "via", "172.20.10.254")
-        self._gateway_links()
 
     def _gateway_links(self) -> None:
         # net1 on the internal segment; net2 on the external one, where the upstream

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from natgwd.ha_config import HaConfig
 
 from natgwd.qos_model import QosPolicy
 
@@ -108,6 +111,7 @@ class DesiredState:
     fip: tuple[FipRule, ...] = ()
     qos_policies: tuple[QosPolicy, ...] = ()
     qos_policy: str | None = None  # the gateway's own (VpcNatGateway.spec.qosPolicy)
+    ha: HaConfig | None = None  # an active/standby pair: keepalived owns the addresses
 
     def eip_interface(self, eip: Eip) -> IPv4Interface:
         """The EIP as an address of the external interface: the prefix of the external

@@ -281,7 +281,8 @@ class Reconciler:
         (upstream may still have the MAC of the gateway's previous home), then for each
         EIP address as it is added."""
         external = state.external.interface
-        if self.announce is None or external in report.missing:
+        # In HA mode the EIPs are the active member's alone: it announces them on taking over.
+        if self.announce is None or state.ha is not None or external in report.missing:
             return
         eips = {e.v4ip for e in state.eips}
         if self._announced_all:

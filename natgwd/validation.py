@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import fastjsonschema
 import jsonschema
 
+from natgwd.ha_config import HaConfig, parse_ha
 from natgwd.memo import RoundMemo
 from natgwd.model import (
     DesiredState,
@@ -415,9 +416,18 @@ class _Semantics:
         dnat = self._dnat(eip_names, internal)
         fip = self._fip(eip_names, internal, dnat)
         policies, gateway_policy = qos_policies(self.doc, eips, external.interface, self.fail)
+        ha = self._ha(internal, external)
         if self.problems:
             raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
-        return DesiredState(internal, external, eips, snat, dnat, fip, policies, gateway_policy)
+        return DesiredState(internal, external, eips, snat, dnat, fip, policies, gateway_policy, ha)
+
+    def _ha(self, internal: InternalSide, external: ExternalSide) -> HaConfig | None:
+        if "ha" not in self.doc:
+            return None
+        ha, problems = parse_ha(self.doc["ha"], (internal.interface, external.interface))
+        for path, reason in problems:
+            self.fail(path, reason)
+        return ha
 
     # addresses -------------------------------------------------------------------------
 

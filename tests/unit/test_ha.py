@@ -1,0 +1,428 @@
+"""The HA pieces without root: the `ha` section's validation, the keepalived and
+conntrackd configurations (exact text), the link plan of an HA member, the notify and
+statistics parsers, the peer hello, and the supervisor with real (harmless) children."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from decimal import Decimal
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from natgwd import ha_announce
+from natgwd.ha import parse_notify
+from natgwd.ha_config import HaConfig, HaMember, virtual_addresses
+from natgwd.ha_metrics import parse_stats
+from natgwd.ha_peer import decode_hello, encode_hello
+from natgwd.ha_render import HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.lab import SEED_STATE
+from natgwd.links import RouteSpec, link_plan
+from natgwd.supervisor import ChildSpec, Supervisor
+from natgwd.validation import InvalidStateError, Problem, load_state
+
+HA_SECTION: dict[str, Any] = {
+    "interface": "sync0",
+    "virtualRouterId": 51,
+    "advertInterval": 0.2,
+    "members": [{"address": "169.254.64.1", "priority": 150}, {"address": "169.254.64.2", "priority": 100}],
+}
+
+
+def ha_doc(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(json.dumps(SEED_STATE))
+    doc["ha"] = {**json.loads(json.dumps(HA_SECTION)), **changes}
+    return doc
+
+
+def problems(doc: dict[str, Any]) -> list[Problem]:
+    with pytest.raises(InvalidStateError) as caught:
+        load_state(json.dumps(doc).encode())
+    return caught.value.problems
+
+
+# --- validation -----------------------------------------------------------------------
+
+
+def test_ha_section_parses_with_defaults() -> None:
+    state = load_state(json.dumps(ha_doc()).encode())
+    assert state.ha == HaConfig(
+        interface="sync0",
+        virtual_router_id=51,
+        advert_interval=Decimal("0.2"),
+        preempt=False,
+        conntrack_sync=True,
+        members=(HaMember(IPv4Address("169.254.64.1"), 150), HaMember(IPv4Address("169.254.64.2"), 100)),
+    )
+
+
+def test_state_without_ha_has_none() -> None:
+    assert load_state(json.dumps(SEED_STATE).encode()).ha is None
+
+
+@pytest.mark.parametrize(
+    ("value", "written"), [(1, "1"), (10, "10"), (0.01, "0.01"), (2.5, "2.5"), (40.95, "40.95"), (0.50, "0.5")]
+)
+def test_advert_interval_accepts_centiseconds(value: float, written: str) -> None:
+    state = load_state(json.dumps(ha_doc(advertInterval=value)).encode())
+    assert state.ha is not None and str(state.ha.advert_interval) == written
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (0, "must be between 0.01 and 40.95 seconds (VRRPv3)"),
+        (41, "must be between 0.01 and 40.95 seconds (VRRPv3)"),
+        (0.005, "must be between 0.01 and 40.95 seconds (VRRPv3)"),
+        (0.125, "must be a multiple of 0.01 seconds (VRRPv3 counts centiseconds)"),
+    ],
+)
+def test_advert_interval_out_of_range(value: float, reason: str) -> None:
+    assert problems(ha_doc(advertInterval=value)) == [Problem("$.ha.advertInterval", reason)]
+
+
+def test_advert_interval_must_be_a_number() -> None:
+    assert problems(ha_doc(advertInterval="0.2")) == [Problem("$.ha.advertInterval", "must be a number")]
+
+
+def test_members_must_differ() -> None:
+    doc = ha_doc(members=[{"address": "169.254.64.1", "priority": 100}, {"address": "169.254.64.1", "priority": 100}])
+    assert problems(doc) == [
+        Problem("$.ha.members[1].address", "must differ from members[0].address"),
+        Problem("$.ha.members[1].priority", "must differ from members[0].priority"),
+    ]
+
+
+def test_exactly_two_members() -> None:
+    found = problems(ha_doc(members=[{"address": "169.254.64.1", "priority": 100}]))
+    assert [p.path for p in found] == ["$.ha.members"]
+    assert "is too short" in found[0].reason
+
+
+def test_member_address_must_be_unicast() -> None:
+    doc = ha_doc(members=[{"address": "224.0.0.18", "priority": 100}, {"address": "169.254.64.2", "priority": 90}])
+    assert problems(doc) == [Problem("$.ha.members[0].address", "224.0.0.18 is not a usable unicast address")]
+
+
+def test_sync_interface_must_not_be_a_nat_interface() -> None:
+    assert problems(ha_doc(interface="net2")) == [
+        Problem("$.ha.interface", "must differ from internal.interface and external.interface")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("virtualRouterId", 0, "$.ha.virtualRouterId"),
+        ("virtualRouterId", 256, "$.ha.virtualRouterId"),
+        ("preempt", "yes", "$.ha.preempt"),
+        ("unicastPeers", [], "$.ha.unicastPeers"),
+    ],
+)
+def test_ha_shape_problems(field: str, value: Any, path: str) -> None:
+    assert [p.path for p in problems(ha_doc(**{field: value}))] == [path]
+
+
+def test_priority_range() -> None:
+    doc = ha_doc(members=[{"address": "169.254.64.1", "priority": 255}, {"address": "169.254.64.2", "priority": 0}])
+    assert [p.path for p in problems(doc)] == ["$.ha.members[0].priority", "$.ha.members[1].priority"]
+
+
+def test_member_on_finds_self_and_peer() -> None:
+    state = load_state(json.dumps(ha_doc()).encode())
+    assert state.ha is not None
+    first, second = state.ha.members
+    assert state.ha.member_on([IPv4Address("169.254.64.2"), IPv4Address("10.0.0.1")]) == (second, first)
+    assert state.ha.member_on([IPv4Address("169.254.64.1")]) == (first, second)
+    assert state.ha.member_on([IPv4Address("169.254.64.3")]) is None
+
+
+# --- link plan ------------------------------------------------------------------------
+
+
+def test_ha_member_configures_no_moving_address_and_keeps_routes_onlink() -> None:
+    state = load_state(json.dumps(ha_doc()).encode())
+    plan = link_plan(state)
+    assert [(i.name, i.addresses) for i in plan.interfaces] == [("net1", frozenset()), ("net2", frozenset())]
+    assert plan.routes == (
+        RouteSpec(IPv4Network("0.0.0.0/0"), IPv4Address("10.115.55.254"), "net2", onlink=True),
+        RouteSpec(IPv4Network("10.55.0.0/16"), IPv4Address("172.20.10.1"), "net1", onlink=True),
+    )
+    assert virtual_addresses(state) == {
+        "net1": (IPv4Interface("172.20.10.254/24"),),
+        "net2": (
+            IPv4Interface("10.115.48.1/21"),
+            IPv4Interface("10.115.55.200/21"),
+            IPv4Interface("10.115.55.201/21"),
+        ),
+    }
+
+
+def test_single_gateway_plan_is_unchanged() -> None:
+    plan = link_plan(load_state(json.dumps(SEED_STATE).encode()))
+    assert plan.interfaces[0].addresses == frozenset({IPv4Interface("172.20.10.254/24")})
+    assert RouteSpec(IPv4Network("10.55.0.0/16"), IPv4Address("172.20.10.1"), "net1", onlink=False) in plan.routes
+
+
+# --- rendering ------------------------------------------------------------------------
+
+KEEPALIVED_CONF = """\
+# Written by natgwd from the desired state; changes here are overwritten.
+global_defs {
+    router_id natgwd-51
+    vrrp_version 3
+    notify_fifo /run/ngw/keepalived.fifo
+    vrrp_garp_master_delay 1
+    vrrp_garp_master_repeat 3
+}
+
+vrrp_instance natgwd {
+    state BACKUP
+    interface sync0
+    dont_track_primary
+    virtual_router_id 51
+    priority 100
+    advert_int 0.2
+    garp_lower_prio_repeat 3
+    nopreempt
+    unicast_src_ip 169.254.64.2
+    unicast_peer {
+        169.254.64.1
+    }
+    virtual_ipaddress {
+        172.20.10.254/24 dev net1
+    }
+    virtual_ipaddress_excluded {
+        10.115.48.1/21 dev net2
+        10.115.55.200/21 dev net2
+        10.115.55.201/21 dev net2
+    }
+}
+"""
+
+CONNTRACKD_CONF = """\
+# Written by natgwd from the desired state; changes here are overwritten.
+Sync {
+    Mode FTFW {
+        DisableExternalCache on
+        StartupResync on
+    }
+    UDP {
+        IPv4_address 169.254.64.2
+        IPv4_Destination_Address 169.254.64.1
+        Port 3780
+        Interface sync0
+        SndSocketBuffer 1249280
+        RcvSocketBuffer 1249280
+        Checksum on
+    }
+}
+
+General {
+    HashSize 32768
+    HashLimit 131072
+    LogFile off
+    Syslog off
+    LockFile /run/ngw/conntrackd.lock
+    UNIX {
+        Path /run/ngw/conntrackd.ctl
+    }
+    NetlinkBufferSize 2097152
+    NetlinkBufferSizeMaxGrowth 8388608
+    NetlinkEventsReliable On
+    Filter From Userspace {
+        Protocol Accept {
+            TCP
+            UDP
+            ICMP
+        }
+        Address Ignore {
+            IPv4_address 127.0.0.1
+            IPv4_address 169.254.64.2
+            IPv4_address 169.254.64.1
+        }
+    }
+}
+"""
+
+
+def second_member(doc: dict[str, Any]) -> tuple[Any, HaConfig, HaMember, HaMember]:
+    state = load_state(json.dumps(doc).encode())
+    assert state.ha is not None
+    found = state.ha.member_on([IPv4Address("169.254.64.2")])
+    assert found is not None
+    return state, state.ha, *found
+
+
+def test_keepalived_conf_exact() -> None:
+    state, ha, me, peer = second_member(ha_doc())
+    text = keepalived_conf(ha, me, peer, virtual_addresses(state), HaPaths(Path("/run/ngw")), "net1")
+    assert text == KEEPALIVED_CONF
+
+
+def test_keepalived_conf_with_preemption_has_no_nopreempt() -> None:
+    state, ha, me, peer = second_member(ha_doc(preempt=True, advertInterval=1))
+    text = keepalived_conf(ha, me, peer, virtual_addresses(state), HaPaths(Path("/run/ngw")), "net1")
+    assert "nopreempt" not in text
+    assert "    advert_int 1\n" in text
+
+
+def test_keepalived_conf_without_eips_has_no_empty_block() -> None:
+    doc = ha_doc()
+    for section in ("eips", "snat", "dnat", "fip"):
+        doc[section] = []
+    doc["external"]["addresses"] = []
+    state, ha, me, peer = second_member(doc)
+    text = keepalived_conf(ha, me, peer, virtual_addresses(state), HaPaths(Path("/run/ngw")), "net1")
+    assert "virtual_ipaddress_excluded" not in text
+    assert "    virtual_ipaddress {\n        172.20.10.254/24 dev net1\n    }\n" in text
+
+
+def test_conntrackd_conf_exact() -> None:
+    _, ha, me, peer = second_member(ha_doc())
+    assert conntrackd_conf(ha, me, peer, HaPaths(Path("/run/ngw"))) == CONNTRACKD_CONF
+
+
+# --- parsers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "role"),
+    [
+        ('INSTANCE "natgwd" MASTER 150\n', "master"),
+        ('INSTANCE "natgwd" BACKUP 150', "backup"),
+        ('INSTANCE "natgwd" FAULT 0', "fault"),
+        ('GROUP "g" MASTER', None),
+        ("", None),
+    ],
+)
+def test_parse_notify(line: str, role: str | None) -> None:
+    assert parse_notify(line) == role
+
+
+STATS = """\
+cache internal:
+current active connections:\t           3
+connections created:\t\t           7\tfailed:\t           0
+
+cache external:
+current active connections:\t           2
+connections created:\t\t           2\tfailed:\t           0
+
+traffic processed:
+                   0 Bytes                         0 Pckts
+
+UDP traffic (active device=sync0):
+                 916 Bytes sent                  480 Bytes recv
+                  21 Pckts sent                   12 Pckts recv
+                   1 Error send                    0 Error recv
+
+message tracking:
+                   0 Malformed msgs                    4 Lost msgs
+"""
+
+QUEUES = """\
+queue txqueue:
+current elements:\t\t           0
+
+queue rsqueue:
+current elements:\t\t           5
+maximum elements:\t\t      131072
+"""
+
+
+def test_parse_conntrackd_stats() -> None:
+    assert parse_stats(STATS, QUEUES) == {
+        "entries_internal": 3,
+        "entries_external": 2,
+        "bytes_sent": 916,
+        "bytes_received": 480,
+        "messages_sent": 21,
+        "messages_received": 12,
+        "send_errors": 1,
+        "receive_errors": 0,
+        "messages_lost": 4,
+        "resend_queue": 5,
+    }
+
+
+def test_parse_conntrackd_stats_of_nothing() -> None:
+    assert parse_stats("", "") == {}
+
+
+def test_hello_round_trip_and_garbage() -> None:
+    assert decode_hello(encode_hello("ab" * 32, "master")) == ("ab" * 32, "master")
+    assert decode_hello(encode_hello(None, "init")) == (None, "init")
+    for junk in (b"", b"[]", b'{"role": 5}', b'{"sha256": 1, "role": "x"}', b"x" * 600):
+        assert decode_hello(junk) is None
+
+
+# --- supervisor -----------------------------------------------------------------------
+
+
+def test_supervisor_restarts_with_backoff_and_logs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    starts = tmp_path / "starts"
+    lock = tmp_path / "lock"
+    lock.write_text("stale")
+    script = f"import sys; open({str(starts)!r}, 'a').write('x'); print('hello from child'); sys.exit(3)"
+    exits: list[int] = []
+    supervisor = Supervisor()
+    try:
+        supervisor.run(
+            ChildSpec("crasher", (sys.executable, "-c", script), prepare=lambda: lock.unlink(missing_ok=True)),
+            on_exit=lambda _name, code: exits.append(code),
+        )
+        deadline = time.monotonic() + 15
+        while len(exits) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = supervisor.statuses()["crasher"]
+    finally:
+        supervisor.stop()
+    assert exits[:3] == [3, 3, 3]
+    assert status.restarts >= 2 and status.last_exit == 3
+    assert not lock.exists()
+    assert "hello from child" in capsys.readouterr().out
+    # Backoff doubles from 0.2 s: three starts take at least 0.2 + 0.4 s.
+    assert len(starts.read_text()) >= 3
+
+
+def test_supervisor_stops_children(tmp_path: Path) -> None:
+    supervisor = Supervisor()
+    supervisor.run(ChildSpec("sleeper", (sys.executable, "-c", "import time; time.sleep(60)")))
+    deadline = time.monotonic() + 10
+    while not supervisor.statuses().get("sleeper", None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = supervisor.statuses()["sleeper"].pid
+    assert pid is not None
+    supervisor.stop()
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+# --- announcements --------------------------------------------------------------------
+
+
+def test_announcements_stop_when_no_longer_active(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[str, tuple[str, ...]]] = []
+    active = [True]
+
+    def fake_announce(interface: str, addresses: list[IPv4Address], count: int) -> int:
+        sent.append((interface, tuple(map(str, addresses))))
+        if len(sent) == 4:  # two rounds of two interfaces
+            active[0] = False
+        return len(addresses) * count
+
+    monkeypatch.setattr(ha_announce, "announce", fake_announce)
+    monkeypatch.setattr(ha_announce, "INTERVAL_SECONDS", 0.01)
+    counted: list[tuple[str, int]] = []
+    announcer = ha_announce.ActiveAnnouncer(lambda: active[0], lambda name, frames: counted.append((name, frames)))
+    announcer.request({"net1": [IPv4Address("172.20.10.254")], "net2": [IPv4Address("10.115.55.200")]})
+    deadline = time.monotonic() + 5
+    while len(sent) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the third round would come 0.01 s later: give it ten times that
+    assert sent == [("net1", ("172.20.10.254",)), ("net2", ("10.115.55.200",))] * 2
+    assert counted == [("net1", 1), ("net2", 1)] * 2
