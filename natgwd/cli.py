@@ -10,22 +10,32 @@ import sys
 from pathlib import Path
 
 from natgwd import __version__, kubeovn
+from natgwd.model import DesiredState
 from natgwd.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
-def _check(args: argparse.Namespace) -> int:
+def _load(file: str) -> DesiredState | None:
+    """The state in the file, or None once every problem is printed as `check` prints them."""
     try:
-        state = load_state(Path(args.file).read_bytes())
+        return load_state(Path(file).read_bytes())
     except OSError as err:
-        print(f"{args.file}: cannot read: {err.strerror}", file=sys.stderr)
-        return 1
+        print(f"{file}: cannot read: {err.strerror}", file=sys.stderr)
     except InvalidStateError as err:
-        print(f"{args.file}: invalid desired state ({len(err.problems)} problems):", file=sys.stderr)
+        count = len(err.problems)
+        print(f"{file}: invalid desired state ({count} problem{'' if count == 1 else 's'}):", file=sys.stderr)
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
+        if err.skipped:
+            print(f"  ({err.skipped})", file=sys.stderr)
+    return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    state = _load(args.file)
+    if state is None:
         return 1
     print(
         f"{args.file}: valid: {len(state.eips)} eips, {len(state.snat)} snat, "
@@ -38,10 +48,8 @@ def _render(args: argparse.Namespace) -> int:
     from natgwd.plan import assign_ids, desired_table
     from natgwd.table import plan_transaction
 
-    try:
-        state = load_state(Path(args.file).read_bytes())
-    except (OSError, InvalidStateError) as err:
-        print(f"{args.file}: {err}", file=sys.stderr)
+    state = _load(args.file)
+    if state is None:
         return 1
     table = desired_table(state, assign_ids(state, {}))
     sys.stdout.write(plan_transaction(None, table).script())
