@@ -90,29 +90,36 @@ def _applied_record(path: Path) -> dict[str, str] | None:
 def _run(args: argparse.Namespace) -> int:
     from natgwd.conntrack import ConntrackCleaner
     from natgwd.daemon import Daemon, DaemonConfig
-    from natgwd.endpoints import parse_address
     from natgwd.logs import configure
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
     from natgwd.reconciler import Announce, Reconciler
+    from natgwd.startup import Exit, StartupError, parse_address, report
 
     configure(args.log_format, args.log_level)
     # A 10,000-rule state is a million objects, and each change builds a new one: with the
     # default thresholds the cycle collector walks the whole heap several times per change
     # (a third of its time). Collecting less often still frees every cycle, a little later.
     gc.set_threshold(*GC_THRESHOLDS)
-    config = DaemonConfig(
-        Path(args.state),
-        parse_address(args.metrics_address),
-        args.resync_interval,
-        Path(args.applied_state) if args.applied_state else None,
-        args.allow_writable_state,
-    )
 
     def reconciler(announce: Announce) -> Reconciler:
-        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
+        try:
+            nft = KernelNft()
+        except (ImportError, OSError) as err:
+            raise StartupError(Exit.KERNEL, f"cannot open libnftables (python3-nftables): {err}", "nftables") from None
+        return Reconciler(nft, Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
 
-    return Daemon(config, reconciler).run()
+    try:
+        config = DaemonConfig(
+            Path(args.state),
+            parse_address(args.metrics_address),
+            args.resync_interval,
+            Path(args.applied_state) if args.applied_state else None,
+            args.allow_writable_state,
+        )
+        return Daemon(config, reconciler).run()
+    except StartupError as err:
+        return report(err)
 
 
 def _cleanup(args: argparse.Namespace) -> int:
