@@ -456,7 +456,7 @@ def test_render_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert err.splitlines() == [
         f"{path}: invalid desired state (1 problem):",
         "  $.version: must be 1 (the only supported version)",
-        f"  (the checks of addresses, EIP references, duplicates, conflicts and reachability were skipped: "
+        "  (the checks of addresses, EIP references, duplicates, conflicts and reachability were skipped: "
         "they need $.version fixed first)",
     ]
 
