@@ -85,7 +85,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
             server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
-        except OSError as err:
+        except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
             raise listen_error(self.config.metrics_address, err) from None
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()

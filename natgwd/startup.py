@@ -49,18 +49,18 @@ def parse_address(text: str) -> tuple[str, int]:
 
 _LISTEN_ERRORS = {
     errno.EADDRINUSE: (Exit.ADDRESS_IN_USE, "the address is already in use (another process listens there)"),
-    errno.EADDRNOTAVAIL: (
-        Exit.ADDRESS_NOT_HERE,
-        "no interface of this host has that address (or its interface, e.g. lo, is down)",
-    ),
+    errno.EADDRNOTAVAIL: (Exit.ADDRESS_NOT_HERE, "no interface of this host has that address"),
     errno.EACCES: (Exit.ADDRESS_FORBIDDEN, "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"),
 }
 
 
-def listen_error(address: tuple[str, int], err: OSError) -> StartupError:
+def listen_error(address: tuple[str, int], err: OSError | TypeError | UnicodeError) -> StartupError:
+    """What binding `address` raised, as the cause a user can act on."""
     value = "{}:{}".format(*address) if ":" not in address[0] else "[{}]:{}".format(*address)
     if isinstance(err, socket.gaierror):
         code, cause = Exit.ADDRESS_UNKNOWN_HOST, f"host {address[0]!r} does not resolve: {err.strerror}"
+    elif not isinstance(err, OSError):  # the socket module cannot even encode the host name
+        code, cause = Exit.ADDRESS_UNKNOWN_HOST, f"host {address[0]!r} is not a valid host name"
     else:
         code, cause = _LISTEN_ERRORS.get(err.errno or 0, (Exit.ADDRESS_OTHER, err.strerror or str(err)))
     return StartupError(code, f"cannot serve /metrics on {value} (--metrics-address): {cause}", value)

@@ -86,10 +86,17 @@ def run_alone(tmp_path: Path, metrics_address: str, occupy: str = "") -> tuple[i
             "",
             Exit.ADDRESS_NOT_HERE,
             "natgwd: cannot serve /metrics on 192.0.2.1:9469 (--metrics-address): "
-            "no interface of this host has that address (or its interface, e.g. lo, is down)",
+            "no interface of this host has that address",
+        ),
+        (
+            "ä" * 70 + ":9469",
+            "",
+            Exit.ADDRESS_UNKNOWN_HOST,
+            f"natgwd: cannot serve /metrics on {'ä' * 70}:9469 (--metrics-address): "
+            f"host {'ä' * 70!r} is not a valid host name",
         ),
     ],
-    ids=["no-port", "port-out-of-range", "in-use", "not-on-this-host"],
+    ids=["no-port", "port-out-of-range", "in-use", "not-on-this-host", "invalid-host-name"],
 )
 def test_startup_failure_is_one_line_a_log_event_and_its_own_exit_code(
     tmp_path: Path, address: str, occupy: str, code: Exit, line: str

@@ -60,5 +60,11 @@ def test_listen_errors_name_the_address_and_the_cause(err: OSError, code: Exit, 
     assert "\n" not in str(error)
 
 
+def test_a_host_name_the_socket_module_cannot_encode() -> None:
+    error = listen_error(("ä" * 70, 80), TypeError("encoding of hostname failed"))
+    assert error.code == Exit.ADDRESS_UNKNOWN_HOST
+    assert str(error).endswith("is not a valid host name")
+
+
 def test_an_ipv6_address_is_named_in_brackets() -> None:
     assert listen_error(("::1", 80), OSError(errno.EADDRINUSE, "x")).value == "[::1]:80"
