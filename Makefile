@@ -25,10 +25,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
+# `natgwd` on PATH: a link to the venv's command (never over a natgwd installed otherwise;
+# BIN_LINK= for none).
+BIN_LINK ?= /usr/local/bin/natgwd
+NATGWD := $(abspath $(VENV))/bin/natgwd
+
 venv: deps $(VENV)/.installed
+	@if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" != "$(NATGWD)" ]; then \
+		if [ -e "$(BIN_LINK)" ] && [ ! -L "$(BIN_LINK)" ]; then \
+			echo "$(BIN_LINK) is not natgwd's link: left alone; the CLI is $(NATGWD)"; \
+		else ln -sfn "$(NATGWD)" "$(BIN_LINK)" && echo "linked $(BIN_LINK) -> $(NATGWD)"; fi; \
+	fi
 
 demo: venv
 	$(PY) -m natgwd.demo
+	@echo; echo "The natgwd command: $$(command -v natgwd || echo $(NATGWD)) (try: natgwd --help)"
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)

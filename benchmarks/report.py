@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ from natgwd.daemon import POLL_SECONDS
 METHODS = ("natgwd", "floor", "iptables-restore", "per-rule-exec", "naive-nft")
 COMPETITORS = ("natgwd", "iptables-restore", "per-rule-exec", "naive-nft")
 KINDS = ("add", "change", "delete")
+# Colour, marker, line style, marker size: the baselines nearly coincide on some plots, so
+# each differs from the others in every one of these, and the larger markers are hollow.
 STYLE = {
-    "natgwd": ("tab:blue", "o", "-"),
-    "floor": ("tab:gray", "s", "--"),
-    "iptables-restore": ("tab:orange", "^", "-"),
-    "per-rule-exec": ("tab:red", "v", "-"),
-    "naive-nft": ("tab:green", "D", "-"),
+    "natgwd": ("tab:blue", "o", "-", 6),
+    "floor": ("tab:gray", "s", ":", 6),
+    "iptables-restore": ("tab:orange", "^", "--", 11),
+    "per-rule-exec": ("tab:red", "v", "-.", 8),
+    "naive-nft": ("tab:green", "D", (0, (6, 2, 1, 2, 1, 2)), 5),
 }
 
 
@@ -312,13 +315,75 @@ def profile_section(results: dict[str, Any]) -> list[str]:
         shares = stage_shares(profile.get(kind, {}))
         if shares:
             lines.append(f"- {label} at N={n:,}, shares of the profiled time: {shares}.")
+    if any(profile.get(kind, {}).get("cumulative") for kind in ("full_apply", "one_change")):
+        lines += ["", "The profiler's top functions are in the appendix."]
+    return lines
+
+
+def profile_appendix(results: dict[str, Any]) -> list[str]:
+    """cProfile's listings: for whoever digs into the profile, after the results."""
+    profile = results.get("profile") or {}
+    lines: list[str] = []
     for kind, label in (("full_apply", "full apply"), ("one_change", "one change")):
         data = profile.get(kind, {})
         if data.get("cumulative"):
             lines += ["", f"Top functions, {label}, by cumulative time:", "", "```", data["cumulative"].rstrip(), "```"]
         if data.get("tottime"):
             lines += ["", f"Top functions, {label}, by own time:", "", "```", data["tottime"].rstrip(), "```"]
-    return lines
+    if not lines:
+        return []
+    return [
+        "## Appendix: cProfile listings",
+        "",
+        f"natgwd at N={profile.get('n', 0):,}, as in the profile above.",
+        *lines,
+        "",
+    ]
+
+
+def takeaway(results: dict[str, Any]) -> list[str]:
+    """The short answer, at the largest N natgwd ran: where it wins and where it does not."""
+    ran = [n for n in results["sizes"] if ok(cell(results, "natgwd", n))]
+    if not ran:
+        return []
+    n, first = ran[-1], ran[0]
+    others = [m for m in COMPETITORS if m != "natgwd" and ok(cell(results, m, n))]
+    parts = []
+    for label, metric, get, lower in (
+        ("new connections through DNAT", "connections/s", lambda c: median(c.get("conn")), False),
+        ("full apply", "full apply", lambda c: median(c.get("full")), True),
+        ("one change", "one change", lambda c: median(c.get("changes", {}).get("all")), True),
+    ):
+        mine = get(cell(results, "natgwd", n))
+        theirs = {m: v for m in others if (v := get(cell(results, m, n))) is not None}
+        if mine is None or not theirs:
+            continue
+        best = (min if lower else max)(theirs, key=theirs.__getitem__)
+        wins = mine <= theirs[best] if lower else mine >= theirs[best]
+        verdict = "natgwd is the fastest" if wins else "natgwd is slower"
+        parts.append(
+            f"{label}, {verdict}: {fmt_metric(metric, mine)} against {fmt_metric(metric, theirs[best])} "
+            f"for the best other, {title(results, best)}"
+        )
+    if not parts:
+        return []
+    text = f"**Takeaway.** At N={n:,} rules: " + "; ".join(parts) + "."
+    flat = [median(cell(results, "natgwd", size).get("conn")) for size in (first, n)]
+    if all(flat):
+        text += (
+            f" natgwd's connection rate does not fall with the rule count ({flat[0]:,.0f}/s at N={first:,}, "
+            f"{flat[1]:,.0f}/s at N={n:,}): every lookup is one hash-map hit, where the others walk their rules."
+        )
+    events = [e for e in cell(results, "natgwd", n).get("natgwd", {}).get("events", []) if e["kind"] in KINDS]
+    own = sorted(e["daemon_seconds"] for e in events if e.get("daemon_seconds") is not None)
+    nft = sorted(e["daemon_nft_seconds"] for e in events if e.get("daemon_nft_seconds") is not None)
+    if own and nft:
+        mid_own, mid_nft = own[len(own) // 2], nft[len(nft) // 2]
+        text += (
+            f" Of a change's {seconds(mid_own)} inside natgwd, the nftables transaction takes {seconds(mid_nft)}: "
+            "the rest is validating and planning the whole state again in Python (section 2, and the profile)."
+        )
+    return [text, ""]
 
 
 def stage_shares(data: dict[str, Any], top: int = 5) -> str:
@@ -358,36 +423,73 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
                     ys.append(value)
         return xs, ys
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for axis, label, get in (
-        (axes[0], "full apply", lambda c: median(c.get("full"))),
-        (axes[1], "one change (median of add, change, delete)", lambda c: median(c.get("changes", {}).get("all"))),
+    def draw(axis: Any, method: str, xs: list[int], ys: list[float]) -> None:
+        color, marker, line, size = STYLE[method]
+        axis.plot(
+            xs,
+            ys,
+            marker=marker,
+            markersize=size,
+            markerfacecolor="none" if size > 6 else color,
+            linestyle=line,
+            color=color,
+            label=title(results, method),
+        )
+
+    def note_end(axis: Any, method: str, key: str, xs: list[int], ys: list[float]) -> None:
+        """Say on the plot why a series stops before the largest N."""
+        later = [n for n in sizes if n > xs[-1]]
+        if not later:
+            return
+        reason = cell(results, method, later[0]).get(key, {}).get("not_run") or not_run(cell(results, method, later[0]))
+        axis.annotate(
+            f"{title(results, method).split(' (')[0]}: not run at N ≥ {later[0]:,}:\n" + textwrap.fill(reason, 42),
+            xy=(xs[-1], ys[-1]),
+            xytext=(12, -12),
+            textcoords="offset points",
+            ha="left",
+            va="top",
+            fontsize=7,
+            color=STYLE[method][0],
+            arrowprops={"arrowstyle": "->", "color": STYLE[method][0]},
+        )
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5.4))
+    for axis, label, key, get in (
+        (axes[0], "full apply", "full", lambda c: median(c.get("full"))),
+        (
+            axes[1],
+            "one change (median of add, change, delete)",
+            "changes",
+            lambda c: median(c.get("changes", {}).get("all")),
+        ),
     ):
         for method in methods_of(results):
             xs, ys = series(method, get)
             if xs:
-                color, marker, line = STYLE[method]
-                axis.plot(xs, ys, marker=marker, linestyle=line, color=color, label=title(results, method))
+                draw(axis, method, xs, ys)
+                note_end(axis, method, key, xs, ys)
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("N (DNAT rules; + N/10 SNAT + N/10 FIP)")
         axis.set_ylabel("seconds")
         axis.set_title(label)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # One legend for both, below them: inside, it covered a line.
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     figure.suptitle("Time until the change is in the kernel (lower is better)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     path = directory / "apply_time.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     written.append(path)
 
-    figure, axis = plt.subplots(figsize=(7, 4.8))
+    figure, axis = plt.subplots(figsize=(10, 4.8))
     for method in methods_of(results):
         xs, ys = series(method, lambda c: median(c.get("conn")))
         if xs:
-            color, marker, line = STYLE[method]
-            axis.plot(xs, ys, marker=marker, linestyle=line, color=color, label=title(results, method))
+            draw(axis, method, xs, ys)
     plain = median(results.get("plain_routing", {}).get("conn"))
     if plain:
         axis.axhline(plain, color="black", linestyle=":", label="no NAT (plain routing)")
@@ -397,7 +499,7 @@ def plots(results: dict[str, Any], directory: Path) -> list[Path]:
     axis.set_ylabel("new TCP connections per second")
     axis.set_title("New connections through DNAT to the last rule (higher is better)")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside: no line hidden
     figure.tight_layout()
     path = directory / "conn_rate.png"
     figure.savefig(path, dpi=110)
@@ -486,6 +588,7 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         "- Everything runs in network namespaces created for the run (natgwd.lab.Lab: gw, lan, ext, vm1), one "
         "fresh gateway per method and size, removed afterwards.",
         "",
+        *takeaway(results),
         "## Summary",
         "",
         "Where natgwd is the fastest of the data planes (natgwd, iptables-restore, per-rule exec, naive nftables; "
@@ -607,6 +710,7 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         "older run again. Timing is never a test: tests/integration/test_bench_smoke.py only checks that the suite "
         "runs at N=10 and reports every method and metric.",
         "",
+        *profile_appendix(results),
     ]
     text = "\n".join(lines)
     markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -17,16 +17,25 @@ APPLIED_STATE = "/var/lib/natgwd/applied.json"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
-def _check(args: argparse.Namespace) -> int:
+def _load(file: str) -> DesiredState | None:
+    """The state in the file, or None once every problem is printed as `check` prints them."""
     try:
-        state = load_state(Path(args.file).read_bytes())
+        return load_state(Path(file).read_bytes())
     except OSError as err:
-        print(f"{args.file}: cannot read: {err.strerror}", file=sys.stderr)
-        return 1
+        print(f"{file}: cannot read: {err.strerror}", file=sys.stderr)
     except InvalidStateError as err:
-        print(f"{args.file}: invalid desired state ({len(err.problems)} problems):", file=sys.stderr)
+        count = len(err.problems)
+        print(f"{file}: invalid desired state ({count} problem{'' if count == 1 else 's'}):", file=sys.stderr)
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
+        if err.skipped:
+            print(f"  ({err.skipped})", file=sys.stderr)
+    return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    state = _load(args.file)
+    if state is None:
         return 1
     print(
         f"{args.file}: valid: {len(state.eips)} eips, {len(state.snat)} snat, "
@@ -39,10 +48,8 @@ def _render(args: argparse.Namespace) -> int:
     from natgwd.plan import assign_ids, desired_table
     from natgwd.table import plan_transaction
 
-    try:
-        state = load_state(Path(args.file).read_bytes())
-    except (OSError, InvalidStateError) as err:
-        print(f"{args.file}: {err}", file=sys.stderr)
+    state = _load(args.file)
+    if state is None:
         return 1
     table = desired_table(state, assign_ids(state, {}))
     sys.stdout.write(plan_transaction(None, table).script())
@@ -102,12 +109,12 @@ def _run(args: argparse.Namespace) -> int:
 
     from natgwd.conntrack import ConntrackCleaner
     from natgwd.daemon import Daemon, DaemonConfig
-    from natgwd.endpoints import parse_address
     from natgwd.ha import HaController
     from natgwd.logs import configure
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
     from natgwd.reconciler import Announce, Reconciler
+    from natgwd.startup import Exit, StartupError, parse_address, report
     from natgwd.tc import KernelTc
 
     configure(args.log_format, args.log_level)
@@ -115,21 +122,28 @@ def _run(args: argparse.Namespace) -> int:
     # default thresholds the cycle collector walks the whole heap several times per change
     # (a third of its time). Collecting less often still frees every cycle, a little later.
     gc.set_threshold(*GC_THRESHOLDS)
-    config = DaemonConfig(
-        Path(args.state),
-        parse_address(args.metrics_address),
-        args.resync_interval,
-        Path(args.applied_state) if args.applied_state else None,
-        args.allow_writable_state,
-    )
 
     def reconciler(announce: Announce) -> Reconciler:
-        return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
+        try:
+            nft = KernelNft()
+        except (ImportError, OSError) as err:
+            raise StartupError(Exit.KERNEL, f"cannot open libnftables (python3-nftables): {err}", "nftables") from None
+        return Reconciler(nft, Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
 
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
         return HaController(Path(args.ha_run_dir), count_garp, registry)
 
-    return Daemon(config, reconciler, ha).run()
+    try:
+        config = DaemonConfig(
+            Path(args.state),
+            parse_address(args.metrics_address),
+            args.resync_interval,
+            Path(args.applied_state) if args.applied_state else None,
+            args.allow_writable_state,
+        )
+        return Daemon(config, reconciler, ha).run()
+    except StartupError as err:
+        return report(err)
 
 
 def _cleanup(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from natgwd.nft import NftError
 from natgwd.notify import Notifier
 from natgwd.qos_status import shaping_exposition
 from natgwd.reconciler import Announce, Outcome, Reconciler
+from natgwd.startup import listen_error
 from natgwd.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
 from natgwd.watch import DirectoryWaker, FileWatcher
 
@@ -82,7 +83,7 @@ class Daemon:
         self._seen_digest: str | None = None
         self._applied_digest: str | None = None
         self._applied_at: float | None = None
-        self._not_ready: str | None = "desired state not applied yet"
+        self._not_ready: str | None = f"no state applied yet; waiting for {config.state_path}"
         self._retry_at: float | None = None
         self._retry_delay = RETRY_FIRST_SECONDS
         self._next_resync = time.monotonic() + config.resync_interval
@@ -93,7 +94,10 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-        server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
+        try:
+            server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
+        except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
+            raise listen_error(self.config.metrics_address, err) from None
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
@@ -206,7 +210,7 @@ class Daemon:
         try:
             state = load_state(raw)
         except InvalidStateError as err:
-            self._rejected(err.problems, digest)
+            self._rejected(err.problems, digest, err.skipped)
             return
         except Exception as err:  # no input may take the daemon down, whatever it trips over
             log.exception("validation failed unexpectedly")
@@ -282,19 +286,27 @@ class Daemon:
                 seconds=round(seconds, 4),
             )
 
-    def _rejected(self, problems: list[Problem], digest: str | None) -> None:
+    def _rejected(self, problems: list[Problem], digest: str | None, skipped: str | None = None) -> None:
         self._seen_digest = digest
         self._retry_at = None  # nothing to retry until the file changes
         self.metrics.desired_state_valid.set(0)
         self.metrics.reconciles.labels("invalid").inc()
-        self._not_ready = "desired state rejected; the last good state stays applied: " + "; ".join(
-            str(p) for p in problems[:5]
-        )
+        listed = "; ".join(str(p) for p in problems[:5])
+        path = str(self.config.state_path)
+        extra = {"skipped": skipped} if skipped else {}
+        if self._applied_digest is None:
+            self._not_ready = f"no state applied yet; waiting for {path}: {listed}"
+            log.error(
+                "desired state rejected; no state applied yet", path=path, problems=[str(p) for p in problems], **extra
+            )
+            return
+        self._not_ready = f"desired state rejected; the last good state stays applied: {listed}"
         log.error(
             "desired state rejected; keeping the last good state",
-            path=str(self.config.state_path),
+            path=path,
             problems=[str(p) for p in problems],
             applied_sha256=self._applied_digest,
+            **extra,
         )
 
     def _failed(self, reason: str) -> None:

@@ -1,8 +1,9 @@
 """`python -m natgwd.demo`: the seed's NAT gateway in network namespaces, with real traffic.
 
 Builds the topology of natgwd.lab, starts natgwd with the seed's desired state, sends a
-ping and a UDP flow out through SNAT and an HTTP request in through DNAT, prints what the
-far ends saw and the per-rule counters, then removes everything it created.
+ping and a UDP flow out through SNAT, an HTTP request in through DNAT, and HTTP both ways
+through the floating IP, prints what the far ends saw and the per-rule counters, then
+removes everything it created.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import json
 import sys
 
 from natgwd.lab import EXTERNAL_HOST, SEED_STATE, Lab
+
+FIP = SEED_STATE["fip"][0]
+FIP_EIP = next(eip["v4ip"] for eip in SEED_STATE["eips"] if eip["name"] == FIP["eip"])
 
 
 def _say(title: str, text: str = "") -> None:
@@ -23,6 +27,7 @@ def main() -> int:
     with Lab() as lab:
         _say("topology", f"namespaces {lab.prefix}-{{gw,lan,ext,vm1,vm2,vm3}}; natgwd runs in {lab.ns('gw')}")
         lab.serve("vm1", tcp=[80])
+        lab.serve("vm2", tcp=[80])
         lab.serve("ext", tcp=[8080], udp=[5353])
         daemon = lab.start_natgwd(SEED_STATE, "--log-format", "console")
         ready = daemon.wait_ready()
@@ -44,12 +49,21 @@ def main() -> int:
         seen = lab.http_get("ext", "10.115.55.200", 8888)
         _say("HTTP from ext to EIP 10.115.55.200:8888, DNAT to vm1 172.20.10.2:80; vm1 saw the client as", seen)
 
+        seen = lab.http_get("vm2", EXTERNAL_HOST, 8080)
+        _say(f"HTTP from vm2 ({FIP['internalIp']}, floating IP {FIP_EIP}) out to ext:8080; ext saw the client as", seen)
+        seen = lab.http_get("ext", FIP_EIP, 80)
+        _say(f"HTTP from ext in to the floating IP {FIP_EIP}:80, 1:1 NAT to vm2; vm2 saw the client as", seen)
+
         status = lab.exec(
             "gw", sys.executable, "-m", "natgwd", "status", "--applied-state", str(lab.applied_state_path)
         ).stdout
         _say("natgwd status (rules with live counters)", status)
         metrics = [line for line in daemon.get("/metrics")[1].splitlines() if line.startswith("natgwd_rule_")]
         _say("per-rule counters on /metrics", "\n".join(metrics))
+        _say(
+            f"the floating IP's counters: {FIP['name']} counted both connections, out and in",
+            "\n".join(line for line in metrics if f'name="{FIP["name"]}"' in line),
+        )
         daemon.stop()
         _say("natgwd log", daemon.log())
     _say("cleaned up: every namespace and process of the demo is gone")

@@ -20,13 +20,6 @@ log = structlog.get_logger("natgwd.http")
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 MAX_CONCURRENT_REQUESTS = 64
 REQUEST_DEADLINE_SECONDS = 5.0  # to send a whole request line and headers
 

@@ -3,14 +3,16 @@ is not one.
 
 Two passes: the shipped JSON Schema checks the shape (fields, types, formats), then the
 semantic pass checks what a schema cannot say (addresses, references, conflicts,
-reachability). The semantic pass runs only on a well-shaped document, because its checks
-rely on the shape.
+reachability). The semantic pass relies on the shape, so it runs on the document without
+the rules and EIPs the schema refused; when the schema refuses anything else (the
+interfaces, the version, the document itself), it is skipped and the error says so.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -54,9 +56,12 @@ class Problem:
 
 
 class InvalidStateError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("; ".join(str(p) for p in problems))
+    """`skipped` says which checks did not run and why, when some could not."""
+
+    def __init__(self, problems: list[Problem], skipped: str | None = None) -> None:
+        super().__init__("; ".join([str(p) for p in problems] + ([skipped] if skipped else [])))
         self.problems = problems
+        self.skipped = skipped
 
 
 @cache
@@ -76,11 +81,42 @@ def load_state(raw: bytes) -> DesiredState:
     # JSON text cannot hold a raw control character in a string (the decoder refuses
     # one), only an escape, which needs a backslash; DEL may stand raw.
     problems = _shape_problems(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
-    if problems:
-        raise InvalidStateError(problems)
     for memo in _SEMANTIC_MEMOS:
         memo.next_round()
-    return _Semantics(document).build()
+    if not problems:
+        return _Semantics(document).build()
+    if len(problems) > MAX_PROBLEMS:
+        raise InvalidStateError(problems, skipped=f"{_SEMANTIC_CHECKS} were skipped: too many problems")
+    set_aside, elsewhere = _refused_items(problems)
+    if elsewhere:
+        paths = sorted({p.path for p in elsewhere})
+        first = paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+        skipped = f"{_SEMANTIC_CHECKS} were skipped: they need {first} fixed first"
+        raise InvalidStateError(problems, skipped=skipped)
+    try:
+        _Semantics(document, set_aside).build()
+    except InvalidStateError as err:
+        problems = sorted(problems + err.problems, key=lambda p: p.path)
+    if len(problems) > MAX_PROBLEMS:
+        problems = [*problems[:MAX_PROBLEMS], Problem("$", f"more problems not listed (stopped at {MAX_PROBLEMS})")]
+    raise InvalidStateError(problems)
+
+
+_SEMANTIC_CHECKS = "the checks of addresses, EIP references, duplicates, conflicts and reachability"
+
+
+def _refused_items(problems: list[Problem]) -> tuple[dict[str, set[int]], list[Problem]]:
+    """The indices of the rules and EIPs the schema refused, per section, and the problems
+    that lie outside any one of them."""
+    item_path = re.compile(r"\$\.(" + "|".join(RULE_SECTIONS) + r")\[(\d+)\]")
+    set_aside: dict[str, set[int]] = defaultdict(set)
+    elsewhere: list[Problem] = []
+    for problem in problems:
+        if match := item_path.match(problem.path):
+            set_aside[match[1]].add(int(match[2]))
+        else:
+            elsewhere.append(problem)
+    return set_aside, elsewhere
 
 
 # --- decoding -------------------------------------------------------------------------
@@ -396,9 +432,21 @@ _SEMANTIC_MEMOS = (_ADDRESSES, _NETWORKS, _PORT_RANGES, _DNAT_RULES)
 class _Semantics:
     """Checks that need the whole document; collects every problem before raising."""
 
-    def __init__(self, document: dict[str, Any]) -> None:
+    def __init__(self, document: dict[str, Any], set_aside: dict[str, set[int]] | None = None) -> None:
         self.doc = document
         self.problems: list[Problem] = []
+        # Items the schema refused (already reported): skipped here, and an EIP's name among
+        # them is not reported again as unknown by the rules that name it.
+        self.set_aside = set_aside or {}
+        aside_eips = [item for i, item in enumerate(document.get("eips", [])) if i in self.set_aside.get("eips", ())]
+        names = [item.get("name") if isinstance(item, dict) else None for item in aside_eips]
+        self.set_aside_eips = {name for name in names if isinstance(name, str)}
+        # One without a name could be any EIP: no rule's EIP can be called unknown then.
+        self.any_eip_set_aside = any(not isinstance(name, str) for name in names)
+
+    def items(self, section: str) -> list[tuple[int, dict[str, Any]]]:
+        aside = self.set_aside.get(section, set())
+        return [(i, item) for i, item in enumerate(self.doc.get(section, [])) if i not in aside]
 
     def fail(self, path: str, reason: str) -> None:
         self.problems.append(Problem(path, reason))
@@ -463,9 +511,9 @@ class _Semantics:
             return None
         return result
 
-    def duplicates(self, section: str, items: list[dict[str, Any]], field: str) -> None:
+    def duplicates(self, section: str, items: list[tuple[int, dict[str, Any]]], field: str) -> None:
         seen: dict[Any, int] = {}
-        for index, item in enumerate(items):
+        for index, item in items:
             key = item[field]
             if key in seen:
                 self.fail(f"$.{section}[{index}].{field}", f"duplicates {section}[{seen[key]}] ({key!r})")
@@ -518,21 +566,22 @@ class _Semantics:
         return ExternalSide(section["interface"], addresses, gateway)
 
     def _eips(self) -> tuple[Eip, ...]:
-        items = self.doc.get("eips", [])
+        items = self.items("eips")
         self.duplicates("eips", items, "name")
         self.duplicates("eips", items, "v4ip")
         eips = []
-        for i, item in enumerate(items):
+        for i, item in items:
             address = self.address(f"$.eips[{i}].v4ip", item["v4ip"])
             if address is not None:
                 eips.append(Eip(item["name"], address, item.get("qosPolicy")))
         return tuple(eips)
 
     def known_eip(self, path: str, name: str, eip_names: set[str]) -> bool:
-        if name not in eip_names:
+        if name in eip_names:
+            return True
+        if name not in self.set_aside_eips and not self.any_eip_set_aside:
             self.fail(path, f"names EIP {name!r}, which is not in eips")
-            return False
-        return True
+        return False
 
     def reachable(self, path: str, address: IPv4Address, internal: InternalSide) -> bool:
         if internal.reaches(address):
@@ -541,11 +590,11 @@ class _Semantics:
         return False
 
     def _snat(self, eip_names: set[str]) -> tuple[SnatRule, ...]:
-        items = self.doc.get("snat", [])
+        items = self.items("snat")
         self.duplicates("snat", items, "name")
         rules: list[SnatRule] = []
         owner: dict[IPv4Network, int] = {}
-        for i, item in enumerate(items):
+        for i, item in items:
             path = f"$.snat[{i}]"
             known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
             cidr = self.network(f"{path}.internalCIDR", item["internalCIDR"])
@@ -559,10 +608,10 @@ class _Semantics:
         return tuple(rules)
 
     def _dnat(self, eip_names: set[str], internal: InternalSide) -> tuple[DnatRule, ...]:
-        items = self.doc.get("dnat", [])
+        items = self.items("dnat")
         self.duplicates("dnat", items, "name")
         rules: list[tuple[int, DnatRule]] = []
-        for i, item in enumerate(items):
+        for i, item in items:
             path = f"$.dnat[{i}]"
             known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
             external = self.port_range(f"{path}.externalPort", item["externalPort"])
@@ -632,13 +681,13 @@ class _Semantics:
                     widest = (index, rule)
 
     def _fip(self, eip_names: set[str], internal: InternalSide, dnat: tuple[DnatRule, ...]) -> tuple[FipRule, ...]:
-        items = self.doc.get("fip", [])
+        items = self.items("fip")
         self.duplicates("fip", items, "name")
         self.duplicates("fip", items, "eip")
         self.duplicates("fip", items, "internalIp")
         dnat_eips = {rule.eip for rule in dnat}
         rules: list[FipRule] = []
-        for i, item in enumerate(items):
+        for i, item in items:
             path = f"$.fip[{i}]"
             known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
             if known and item["eip"] in dnat_eips:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.metadata
 import json
 import os
 import random
@@ -488,8 +489,12 @@ def put_dangling_symlink(path: Path) -> None:
 
 
 def put_fifo(path: Path) -> None:
-    clear(path)
-    os.mkfifo(path)
+    """Renamed into place: removing the file first would show natgwd a missing file, a
+    second (and rightful) rejection before the FIFO's."""
+    tmp = path.with_name(".hostile.fifo")
+    clear(tmp)
+    os.mkfifo(tmp)
+    os.replace(tmp, path)
 
 
 def put_dev_zero(path: Path) -> None:
@@ -1000,6 +1005,34 @@ def setpriv(uid: int | None) -> list[str]:
     ]
 
 
+def readable_runtime(into: Path) -> Path:
+    """natgwd and the distributions it needs at run time, copied into `into` (readable by
+    every user) for PYTHONPATH: the checkout and its .venv may sit in a folder only root can
+    enter (root's home, mkdtemp), which another uid cannot import from."""
+    import natgwd
+
+    shutil.copytree(Path(natgwd.__file__).parent, into / "natgwd", ignore=shutil.ignore_patterns("__pycache__"))
+    todo, seen = ["natgwd"], set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            found = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an optional dependency not installed
+        todo += [re.split(r"[^A-Za-z0-9._-]", r, maxsplit=1)[0] for r in found.requires or () if "extra ==" not in r]
+        if name == "natgwd":
+            continue  # its files are the editable install's hook into the checkout
+        for file in found.files or ():
+            source = Path(str(found.locate_file(file)))
+            if not file.parts[0].startswith("..") and source.is_file():
+                (into / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, into / file)
+    return into
+
+
 @pytest.mark.parametrize("uid", [0, 65534], ids=["uid0", "uid65534"])
 def test_runs_with_only_net_admin_and_net_raw(lab: Lab, uid: int) -> None:
     """Prevents: natgwd needing more than CAP_NET_ADMIN and CAP_NET_RAW (as the README
@@ -1012,8 +1045,15 @@ def test_runs_with_only_net_admin_and_net_raw(lab: Lab, uid: int) -> None:
     lab.exec("gw", "sysctl", "-qw", "net.ipv4.ip_forward=0")  # natgwd must turn it on itself
     capture = capture_arp(lab, "ext", "eth0")
     applied = None if uid == 0 else ""  # nowhere to write the record as another uid
+    wrapper, env = setpriv(uid), {}
+    if uid:
+        # The system's interpreter (the venv's is a link inside the checkout) on a copy of
+        # natgwd that any uid can read; -P: not the working directory (the checkout) either.
+        env = {"PYTHONPATH": str(readable_runtime(lab.workdir / "runtime"))}
+        wrapper += ["sh", "-c", 'shift; exec "$INTERPRETER" -P "$@"', "sh"]
+        env["INTERPRETER"] = os.path.realpath(sys.executable)
     daemon = start_natgwd_with(
-        lab, seed(), "--resync-interval", "1", wrapper=setpriv(uid), applied_state=applied, name="caps"
+        lab, seed(), "--resync-interval", "1", wrapper=wrapper, env=env, applied_state=applied, name="caps"
     )
     daemon.wait_applied(timeout=20)
 

@@ -417,7 +417,7 @@ def test_check_unparseable_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["check", str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith(f"{path}: invalid desired state (1 problems):\n  $: not valid JSON: ")
+    assert err.startswith(f"{path}: invalid desired state (1 problem):\n  $: not valid JSON: ")
 
 
 def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -453,7 +453,49 @@ def test_render_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["render", str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"{path}: $.version: must be 1 (the only supported version)\n"
+    assert err.splitlines() == [
+        f"{path}: invalid desired state (1 problem):",
+        "  $.version: must be 1 (the only supported version)",
+        "  (the checks of addresses, EIP references, duplicates, conflicts and reachability were skipped: "
+        "they need $.version fixed first)",
+    ]
+
+
+def test_check_lists_schema_and_semantic_problems_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = seed()
+    doc["eips"][0]["name"] = "My-EIP"  # the schema refuses it; rules naming it are not reported again
+    doc["snat"][0]["eip"] = "My-EIP"
+    doc["dnat"][0]["externalPort"] = 70000  # the schema refuses it
+    doc["fip"].append({"name": "fip02", "eip": "nope", "internalIp": "172.20.10.4"})
+    doc["snat"].append({"name": "lan2", "eip": "my-eip2", "internalCIDR": "172.20.10.1/24"})
+    path = write(tmp_path, doc)
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}: invalid desired state (5 problems):",
+        '  $.dnat[0].externalPort: must be a port 1-65535 (integer or string) or a range "first-last"',
+        "  $.eips[0].name: must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending "
+        "with a letter or digit",
+        "  $.fip[1].eip: names EIP 'nope', which is not in eips",
+        "  $.snat[0].eip: must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending "
+        "with a letter or digit",
+        "  $.snat[1].internalCIDR: has host bits set (did you mean 172.20.10.0/24?)",
+    ]
+
+
+def test_render_invalid_file_prints_problems_as_check_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = seed()
+    doc["dnat"][0]["externalPort"] = "90-80"
+    doc["snat"][0]["internalCIDR"] = "172.20.10.1/24"
+    path = write(tmp_path, doc)
+    assert main(["check", str(path)]) == 1
+    checked = capsys.readouterr().err
+    assert main(["render", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == checked
+    assert err.startswith(f"{path}: invalid desired state (2 problems):\n  $.dnat[0].externalPort: ")
 
 
 def test_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
