@@ -104,7 +104,14 @@ def _run(args: argparse.Namespace) -> int:
     def reconciler(announce: Announce) -> Reconciler:
         return Reconciler(KernelNft(), Netlink(), ensure_forwarding, ConntrackCleaner(), announce)
 
-    return Daemon(config, reconciler).run()
+    from natgwd.observe import watch_factory
+
+    try:
+        make_watch = watch_factory(args)
+    except ValueError as err:
+        print(f"natgwd run: {err}", file=sys.stderr)
+        return 2
+    return Daemon(config, reconciler, make_watch).run()
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -150,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept a state file that users other than root (or natgwd's own) can write",
     )
+    from natgwd.observe import add_arguments as add_observe_arguments
+
+    add_observe_arguments(run)
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a desired-state file; exit 1 listing every problem")

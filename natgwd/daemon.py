@@ -24,6 +24,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd import ctstats
+from natgwd.connwatch import MakeWatch
 from natgwd.counters import Listings
 from natgwd.endpoints import serve
 from natgwd.garp import Announcer
@@ -54,13 +56,20 @@ class DaemonConfig:
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, make_reconciler: Callable[[Announce], Reconciler]) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        make_reconciler: Callable[[Announce], Reconciler],
+        make_watch: MakeWatch | None = None,
+    ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
         announcer = Announcer(lambda interface, frames: self.metrics.garp_sent.labels(interface).inc(frames))
         self.reconciler = make_reconciler(announcer.request)
         self.rule_counters = RuleCounters(self._counting_sets)
+        # Open connections, port usage and translation logs, from conntrack events.
+        self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
         self._told_ready = False
@@ -86,6 +95,8 @@ class Daemon:
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         self._recall_applied()
+        if self.watch is not None:
+            self.watch.start()
         log.info(
             "natgwd started",
             state=str(self.config.state_path),
@@ -102,6 +113,8 @@ class Daemon:
         finally:
             self.notifier.send("STOPPING=1")
             waker.stop()
+            if self.watch is not None:
+                self.watch.stop()
             server.shutdown()
             server.server_close()
         log.info("natgwd stopped; the data plane stays in place")
@@ -138,7 +151,9 @@ class Daemon:
     # --- the HTTP endpoint's answers ---------------------------------------------------
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry) + self.rule_counters.exposition()
+        listings = self._counting_sets()
+        body = generate_latest(self.registry) + self.rule_counters.exposition(listings) + ctstats.scrape()
+        return body + self.watch.exposition(listings) if self.watch is not None else body
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

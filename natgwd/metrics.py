@@ -87,8 +87,11 @@ class RuleCounters:
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
 
-    def exposition(self) -> bytes:
-        listings = self._read()
+    def exposition(self, listings: Listings | None = None) -> bytes:
+        """`listings`: the counting sets when the caller has just listed them (one listing
+        per scrape serves every exporter); read here otherwise."""
+        if listings is None:
+            listings = self._read()
         connections, packets, octets, invalid = (
             [f"# HELP {family} {help_text}", f"# TYPE {family} counter"] for family, help_text in _FAMILIES
         )
