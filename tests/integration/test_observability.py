@@ -114,9 +114,9 @@ class Held:
 
 
 def hold(lab: Lab, role: str, address: str, port: int, count: int, proto: str, first_port: int) -> Held:
+    arguments = [address, str(port), str(count), proto, str(first_port)]
     process = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns(role), sys.executable, "-c", HOLD, address, str(port), str(count), proto]
-        + [str(first_port)],
+        ["ip", "netns", "exec", lab.ns(role), sys.executable, "-c", HOLD, *arguments],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
