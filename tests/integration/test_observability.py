@@ -252,3 +252,85 @@ def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any],
 
 def translog_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# Fills conntrack with entries holding every port of the EIP's source NAT range towards
+# one destination (UDP), in batches of netlink requests: as if that many flows were open.
+OCCUPY = """
+import socket, struct, sys
+eip, dest, dport, mark, first, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+def attr(kind, payload, nested=False):
+    return struct.pack("=HH", 4 + len(payload), kind | (0x8000 if nested else 0)) + payload + bytes(-len(payload) % 4)
+def tup(kind, src, sport, dst, dport):
+    ip = attr(1, socket.inet_aton(src)) + attr(2, socket.inet_aton(dst))
+    l4 = attr(1, bytes([17])) + attr(2, struct.pack(">H", sport)) + attr(3, struct.pack(">H", dport))
+    return attr(kind, attr(1, ip, True) + attr(2, l4, True), True)
+sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+sock.bind((0, 0))
+ports = list(range(first, last + 1))
+for start in range(0, len(ports), 200):
+    chunk = ports[start:start + 200]
+    data = b""
+    for port in chunk:
+        body = struct.pack("=BBH", socket.AF_INET, 0, 0) + tup(1, "172.20.10.99", port, dest, dport)
+        body += tup(2, dest, dport, eip, port) + attr(7, struct.pack(">I", 3600)) + attr(8, struct.pack(">I", mark))
+        data += struct.pack("=IHHII", 16 + len(body), 0x100, 0x1 | 0x4 | 0x200 | 0x400, port, 0) + body
+    sock.send(data)
+    for _ in chunk:
+        reply = sock.recv(65536)
+        error = struct.unpack_from("=i", reply, 16)[0]
+        assert error == 0, (error, chunk)
+"""
+NAT_PORTS = (1024, 65535)  # the source NAT range for source ports from 1024 up
+
+
+def rule_mark(lab: Lab, comment: str) -> int:
+    listing = json.loads(lab.exec("gw", "nft", "-j", "list", "set", "inet", "natgwd", "rule_connections").stdout)
+    (nft_set,) = [obj["set"] for obj in listing["nftables"] if "set" in obj]
+    for element in nft_set["elem"]:
+        if element["elem"].get("comment") == comment:
+            return int(element["elem"]["val"])
+    raise AssertionError(f"no rule {comment} in {nft_set}")
+
+
+def test_port_exhaustion_is_counted_for_the_eip(
+    lab: Lab, seed_state: dict[str, Any], held: list[Held], tmp_path: Path
+) -> None:
+    quiet_gateway(lab)
+    peer_echo(lab, "ext")
+    daemon = start(lab, seed_state)
+    mark = rule_mark(lab, f"snat/my-snat/{DNAT_EIP}")
+    daemon.stop()
+    # While natgwd is down, every port of the EIP towards ext:7777/udp gets taken, by
+    # entries carrying the SNAT rule's mark: the restarted daemon finds them in its dump.
+    lab.exec("gw", sys.executable, "-c", OCCUPY, DNAT_EIP, UPSTREAM, str(ECHO_PORT), str(mark), *map(str, NAT_PORTS))
+    ports = NAT_PORTS[1] - NAT_PORTS[0] + 1
+    daemon = lab.start_natgwd(seed_state)
+    # The first apply after a start checks every conntrack entry: 64,512 of them here.
+    daemon.wait_ready(timeout=180)
+    daemon.wait_applied(timeout=180)
+    eip = {("eip", DNAT_EIP)}
+    wait_value(daemon, "natgwd_eip_max_ports_per_destination", eip, ports)
+    assert value(daemon, "natgwd_rule_open_connections", SNAT_ID) == ports
+    before_failures = value(daemon, "natgwd_eip_port_allocation_failures_total", eip)
+    insert_failed = value(daemon, "natgwd_conntrack_insert_failed_total")
+    assert before_failures == 0
+
+    # Five new flows from the VPC to that destination: no port is left for any of them.
+    for source_port in range(45000, 45005):
+        lab.exec(
+            "vm1",
+            sys.executable,
+            "-c",
+            "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
+            f"s.bind(('0.0.0.0',{source_port})); s.sendto(b'x',(sys.argv[1],{ECHO_PORT}))",
+            UPSTREAM,
+        )
+    wait_value(daemon, "natgwd_eip_port_allocation_failures_total", eip, 5)
+    assert value(daemon, "natgwd_conntrack_insert_failed_total") == (insert_failed or 0) + 5
+    assert value(daemon, "natgwd_eip_port_allocation_failures_total", {("eip", FIP_EIP)}) == 0
+    # Another destination port still has every port free.
+    another = hold(lab, "vm1", UPSTREAM, ECHO_PORT, 1, "tcp", 45100)
+    held.append(another)
+    assert another.seen[0].startswith(f"{DNAT_EIP}:")
+    assert value(daemon, "natgwd_eip_port_allocation_failures_total", eip) == 5
