@@ -258,7 +258,8 @@ def translog_lines(path: Path) -> list[dict[str, Any]]:
 # one destination (UDP), in batches of netlink requests: as if that many flows were open.
 OCCUPY = """
 import socket, struct, sys
-eip, dest, dport, mark, first, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+eip, dest = sys.argv[1], sys.argv[2]
+dport, mark, first, last = (int(a) for a in sys.argv[3:7])
 def attr(kind, payload, nested=False):
     return struct.pack("=HH", 4 + len(payload), kind | (0x8000 if nested else 0)) + payload + bytes(-len(payload) % 4)
 def tup(kind, src, sport, dst, dport):
