@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,151 @@ def test_port_exhaustion_is_counted_for_the_eip(
     held.append(another)
     assert another.seen[0].startswith(f"{DNAT_EIP}:")
     assert value(daemon, "natgwd_eip_port_allocation_failures_total", eip) == 5
+    # The alert fires on these very figures.
+    promtool_fires(tmp_path, "NatgwdPortAllocationFailing", "natgwd_eip_port_allocation_failures_total", DNAT_EIP, 0, 5)
+
+
+ALERTS = Path(__file__).parents[2] / "monitoring" / "natgwd-alerts.yml"
+
+
+def promtool_fires(tmp_path: Path, alert: str, series: str, eip: str, before: float, after: float) -> None:
+    """`promtool test rules` with a series going from `before` to `after` (scraped values)
+    expects `alert` firing for the EIP two minutes after the rise."""
+    test = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'{series}{{instance="gw",eip="{eip}"}}', "values": f"{before:g}x5 {after:g}x5"}
+                ],
+                "alert_rule_test": [
+                    {"alertname": alert, "eval_time": "5m", "exp_alerts": []},
+                    {
+                        "alertname": alert,
+                        "eval_time": "7m",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "instance": "gw", "eip": eip},
+                                "exp_annotations": {
+                                    "summary": f"EIP {eip} on gw failed to allocate source ports for "
+                                    f"{after - before:g} connections in 5 minutes",
+                                    "description": "Add EIPs to the SNAT rule's traffic, "
+                                    "or spread it over more destinations.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "scraped.test.yml"
+    path.write_text(json.dumps(test))  # JSON is YAML
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def translog_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ends(src: str, sport: int, dst: str, dport: int, proto: int) -> dict[str, Any]:
+    return {"src_ip": src, "src_port": sport, "dest_ip": dst, "dest_port": dport, "protocol": proto}
+
+
+def test_translation_log_matches_both_ends(lab: Lab, seed_state: dict[str, Any], held: list[Held]) -> None:
+    quiet_gateway(lab)
+    peer_echo(lab, "ext")
+    peer_echo(lab, "vm1", 80)
+    log_path = lab.workdir / "translations.jsonl"
+    daemon = start(lab, seed_state, "--translation-log", str(log_path))
+    assert lab.exec("gw", "sysctl", "-n", "net.netfilter.nf_conntrack_acct").stdout.strip() == "1"
+
+    udp = hold(lab, "vm1", UPSTREAM, ECHO_PORT, 1, "udp", 46000)
+    held.append(udp)
+    tcp = hold(lab, "ext", DNAT_EIP, 8888, 1, "tcp", 46100)
+    held.append(tcp)
+    nat_ip, nat_port = udp.seen[0].split(":")  # what the far end saw: the EIP and a port
+    assert nat_ip == DNAT_EIP
+    assert tcp.seen == [f"{UPSTREAM}:46100"]  # the backend sees the client itself
+    udp_original = ends("172.20.10.2", 46000, UPSTREAM, ECHO_PORT, 17)
+    udp_translated = ends(DNAT_EIP, int(nat_port), UPSTREAM, ECHO_PORT, 17)
+    tcp_original = ends(UPSTREAM, 46100, DNAT_EIP, 8888, 6)
+    tcp_translated = ends(UPSTREAM, 46100, "172.20.10.2", 80, 6)
+
+    starts = wait_for(lambda: len(lines := translog_lines(log_path)) == 2 and lines, "two start lines")
+    by_proto = {line["connection"]["protocol"]: line for line in starts}
+    assert all(line["event"] == "start" for line in starts)
+    snat, dnat = by_proto[17], by_proto[6]
+    assert (snat["original"], snat["translated"]) == (udp_original, udp_translated)
+    assert snat["connection"] == {**udp_original, "nat_ip": DNAT_EIP, "nat_port": int(nat_port)}
+    assert (snat["rule"], snat["eip"]) == ({"kind": "snat", "name": "my-snat"}, DNAT_EIP)
+    assert (dnat["original"], dnat["translated"]) == (tcp_original, tcp_translated)
+    assert dnat["connection"] == {**tcp_original, "nat_ip": "172.20.10.2", "nat_port": 80}
+    assert (dnat["rule"], dnat["eip"]) == ({"kind": "dnat", "name": "dnat01"}, DNAT_EIP)
+
+    udp.close()
+    tcp.close()
+    lines = wait_for(lambda: len(lines := translog_lines(log_path)) == 4 and lines, "two end lines", 30)
+    ended = {line["connection"]["protocol"]: line for line in lines[2:]}
+    assert all(line["event"] == "end" for line in ended.values())
+    assert ended[17]["translated"] == udp_translated and ended[6]["translated"] == tcp_translated
+    # One datagram each way: "hello" out, the address the server saw back.
+    assert (ended[17]["packets_sent"], ended[17]["bytes_sent"]) == (1, 28 + len("hello"))
+    assert (ended[17]["packets_received"], ended[17]["bytes_received"]) == (1, 28 + len(udp.seen[0]))
+    # TCP: handshake, data, FINs: more than three packets each way.
+    assert ended[6]["packets_sent"] >= 4 and ended[6]["packets_received"] >= 3
+    assert ended[6]["conntrack_id"] == dnat["conntrack_id"]
+    wait_value(daemon, "natgwd_translation_log_lines_total", None, 4)
+    assert value(daemon, "natgwd_translation_log_dropped_lines_total") == 0
+
+
+PROMETHEUS_CONFIG = """
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+rule_files: [{alerts}]
+scrape_configs:
+  - job_name: natgwd
+    static_configs: [{{targets: ["127.0.0.1:{port}"]}}]
+"""
+
+
+def prometheus_query(lab: Lab, port: int, query: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(query)}"
+    result = lab.exec("gw", "curl", "-s", "-m", "5", url, check=False)
+    if result.returncode != 0 or not result.stdout:
+        return []
+    answer = json.loads(result.stdout)
+    return list(answer["data"]["result"]) if answer.get("status") == "success" else []
+
+
+def test_prometheus_scrapes_natgwd(lab: Lab, seed_state: dict[str, Any], held: list[Held]) -> None:
+    quiet_gateway(lab)
+    peer_echo(lab, "vm1", 80)
+    daemon = start(lab, seed_state, "--translation-log", str(lab.workdir / "translations.jsonl"))
+    held.append(hold(lab, "ext", DNAT_EIP, 8888, 3, "tcp", 47000))
+    wait_value(daemon, "natgwd_rule_open_connections", DNAT_ID, 3)
+
+    _, body = daemon.get("/metrics")
+    check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
+
+    config = lab.workdir / "prometheus.yml"
+    config.write_text(PROMETHEUS_CONFIG.format(alerts=ALERTS, port=daemon.metrics_port))
+    port = 9090
+    lab.spawn(
+        "gw",
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={lab.workdir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    )
+    up = wait_for(lambda: prometheus_query(lab, port, 'up{job="natgwd"} == 1'), "Prometheus scraping natgwd", 60)
+    assert len(up) == 1
+    query = 'natgwd_rule_open_connections{name="dnat01"}'
+    (sample,) = wait_for(lambda: prometheus_query(lab, port, query), "the open-connection gauge in Prometheus", 30)
+    assert sample["value"][1] == "3"
+    # Every sample natgwd exposes was ingested (no sample rejected by the scrape).
+    scraped = prometheus_query(lab, port, 'scrape_samples_scraped{job="natgwd"}')
+    assert scraped and float(scraped[0]["value"][1]) == len(daemon.metrics())
