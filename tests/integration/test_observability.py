@@ -251,10 +251,6 @@ def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any],
     assert value(daemon, "natgwd_conntrack_events_lost_total") == 0
 
 
-def translog_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 # Fills conntrack with entries holding every port of the EIP's source NAT range towards
 # one destination (UDP), in batches of netlink requests: as if that many flows were open.
 OCCUPY = """
