@@ -181,6 +181,12 @@ def parser() -> argparse.ArgumentParser:
     kubeovn.add_arguments(imported)
     imported.set_defaults(func=kubeovn.run)
 
+    from natgwd import top as top_view
+
+    live = sub.add_parser("top", help="live view of the rules by connections, packets and bytes per second")
+    top_view.add_arguments(live)
+    live.set_defaults(func=top_view.run)
+
     cleanup = sub.add_parser(
         "cleanup", help="remove everything natgwd created (table, its addresses and routes): decommissioning"
     )

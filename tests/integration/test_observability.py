@@ -232,6 +232,13 @@ def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any],
     assert found[("natgwd_eip_max_ports_per_destination", frozenset({("eip", DNAT_EIP)}))] == 3
     assert found[("natgwd_eip_max_ports_per_destination", frozenset({("eip", FIP_EIP)}))] == 2
     assert found[("natgwd_rule_connections_closed_total", frozenset(DNAT_ID))] == 0
+    screen = lab.exec("gw", sys.executable, "-m", "natgwd", "top", "--once", "--interval", "0.2", "--sort", "o").stdout
+    rows = [line.split() for line in screen.splitlines()[4:]]
+    assert [(row[0], row[1], row[2], row[-1]) for row in rows] == [
+        ("dnat", "dnat01", DNAT_EIP, "5"),
+        ("snat", "my-snat", DNAT_EIP, "3"),
+        ("fip", "fip01", FIP_EIP, "2"),
+    ]
 
     # A restart counts what is open from one dump, then follows the events again.
     daemon.stop()
