@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from natgwd.ctevents import CtEvent, CtTuple, Traffic
 from natgwd.ctstats import Pressure, exposition, summed
 from natgwd.plan import RuleLabels
-from natgwd.translog import RateCap, Selection, TransLog, record
+from natgwd.translog import RateCap, Selection, TransLog, line
 
 # As pyroute2's Conntrack.stat() gives them on a 2-CPU machine.
 PER_CPU = [
@@ -43,7 +43,7 @@ def test_pressure_exposition() -> None:
 
 SNAT = RuleLabels("snat", "my-snat", "10.115.55.200")
 DNAT = RuleLabels("dnat", "dnat01", "10.115.55.200")
-WHEN = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
+WHEN = datetime(2026, 11, 30, 3, 0, tzinfo=UTC).isoformat()
 
 
 def snat_event(kind: str = "new") -> CtEvent:
@@ -59,8 +59,8 @@ def snat_event(kind: str = "new") -> CtEvent:
 
 
 def test_snat_start_line_has_gcp_fields() -> None:
-    line = record(snat_event(), SNAT, WHEN)
-    assert line["connection"] == {
+    logged = json.loads(line(snat_event(), SNAT, WHEN))
+    assert logged["connection"] == {
         "src_ip": "172.20.10.2",
         "src_port": 40001,
         "dest_ip": "10.115.55.254",
@@ -69,9 +69,9 @@ def test_snat_start_line_has_gcp_fields() -> None:
         "nat_ip": "10.115.55.200",
         "nat_port": 61234,
     }
-    assert line["translated"]["src_ip"] == "10.115.55.200" and line["translated"]["dest_port"] == 53
-    assert (line["event"], line["rule"], line["eip"]) == ("start", {"kind": "snat", "name": "my-snat"}, SNAT.eip)
-    assert "bytes_sent" not in line
+    assert logged["translated"]["src_ip"] == "10.115.55.200" and logged["translated"]["dest_port"] == 53
+    assert (logged["event"], logged["rule"], logged["eip"]) == ("start", {"kind": "snat", "name": "my-snat"}, SNAT.eip)
+    assert "bytes_sent" not in logged
 
 
 def test_dnat_end_line_names_the_new_destination_and_counts() -> None:
@@ -84,16 +84,16 @@ def test_dnat_end_line_names_the_new_destination_and_counts() -> None:
         counters_orig=Traffic(6, 400),
         counters_reply=Traffic(4, 300),
     )
-    line = record(event, DNAT, WHEN)
-    assert (line["connection"]["nat_ip"], line["connection"]["nat_port"]) == ("172.20.10.2", 80)
-    assert line["translated"] == {
+    logged = json.loads(line(event, DNAT, WHEN))
+    assert (logged["connection"]["nat_ip"], logged["connection"]["nat_port"]) == ("172.20.10.2", 80)
+    assert logged["translated"] == {
         "src_ip": "10.115.55.254",
         "src_port": 50000,
         "dest_ip": "172.20.10.2",
         "dest_port": 80,
         "protocol": 6,
     }
-    assert (line["packets_sent"], line["bytes_sent"], line["packets_received"], line["bytes_received"]) == (
+    assert (logged["packets_sent"], logged["bytes_sent"], logged["packets_received"], logged["bytes_received"]) == (
         6,
         400,
         4,
@@ -119,8 +119,8 @@ def test_rate_cap_drops_and_counts_lines_over_the_rate() -> None:
     now[0] += 0.5  # one and a half tokens back
     log.write([snat_event("destroy")] * 2, {1: SNAT})
     assert (log.written, log.dropped) == (4, 3)
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [line["event"] for line in lines] == ["start", "start", "start", "end"]
+    lines = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [logged["event"] for logged in lines] == ["start", "start", "start", "end"]
     assert "natgwd_translation_log_dropped_lines_total 3" in log.exposition()
 
 
