@@ -27,6 +27,7 @@ import structlog
 from natgwd.counters import Listings
 from natgwd.ctevents import CtEvent, EventsLostError, EventSocket, dump
 from natgwd.ctopen import Tracker
+from natgwd.metrics import escaped
 from natgwd.plan import RULE_CONNECTIONS, RuleLabels
 from natgwd.translog import TransLog
 
@@ -43,10 +44,6 @@ def _attempts(listings: Listings) -> dict[int, tuple[RuleLabels, int]]:
         if labels is not None:
             found[int(key, 0)] = (labels, int(count))
     return found
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class ConnectionWatch:
@@ -166,18 +163,17 @@ class ConnectionWatch:
         families: dict[str, list[str]] = {name: [] for name, *_ in _FAMILIES}
         open_per_eip: dict[str, int] = {}
         with self._lock:
-            base = self._base if drained else None
-            for mark, (labels, count) in attempts.items():
-                if base is None:
-                    break
-                failed = count - base.get(mark, 0) - snapshot.opened.get(mark, 0) + self._prior.get(mark, 0)
-                _, before = self._failures.get(mark, (labels.eip, 0))
-                self._failures[mark] = (labels.eip, max(before, failed))
+            base = self._base
+            if drained and base is not None:
+                for mark, (labels, count) in attempts.items():
+                    failed = count - base.get(mark, 0) - snapshot.opened.get(mark, 0) + self._prior.get(mark, 0)
+                    _, before = self._failures.get(mark, (labels.eip, 0))
+                    self._failures[mark] = (labels.eip, max(before, failed))
             failures_per_eip: dict[str, int] = {}
             for eip, failed in self._failures.values():
                 failures_per_eip[eip] = failures_per_eip.get(eip, 0) + failed
         for mark, (labels, _) in sorted(attempts.items()):
-            rule = f'kind="{labels.kind}",name="{_escape(labels.name)}",eip="{_escape(labels.eip)}"'
+            rule = f'kind="{labels.kind}",name="{escaped(labels.name)}",eip="{escaped(labels.eip)}"'
             now_open = snapshot.open.get(mark, 0)
             open_per_eip[labels.eip] = open_per_eip.get(labels.eip, 0) + now_open
             families["natgwd_rule_open_connections"].append(f"natgwd_rule_open_connections{{{rule}}} {now_open}")
@@ -185,7 +181,7 @@ class ConnectionWatch:
                 f"natgwd_rule_connections_closed_total{{{rule}}} {snapshot.closed.get(mark, 0)}"
             )
         for eip in sorted(open_per_eip.keys() | failures_per_eip.keys()):
-            label = f'eip="{_escape(eip)}"'
+            label = f'eip="{escaped(eip)}"'
             families["natgwd_eip_open_connections"].append(
                 f"natgwd_eip_open_connections{{{label}}} {open_per_eip.get(eip, 0)}"
             )

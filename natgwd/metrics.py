@@ -99,16 +99,16 @@ class RuleCounters:
         for mark, count, _, comment in listings.get(RULE_CONNECTIONS, ()):
             rule = RuleLabels.from_comment(comment)
             if rule is not None:
-                labels_of[mark] = labels = f'kind="{rule.kind}",name="{_escape(rule.name)}",eip="{_escape(rule.eip)}"'
+                labels_of[mark] = labels = f'kind="{rule.kind}",name="{escaped(rule.name)}",eip="{escaped(rule.eip)}"'
                 connections.append(f"natgwd_rule_connections_total{{{labels}}} {count}")
         for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
             direction, _, mark = key.partition(" . ")
             if (rule_labels := labels_of.get(mark)) is not None:
-                labels = f'{rule_labels},direction="{_escape(direction)}"'
+                labels = f'{rule_labels},direction="{escaped(direction)}"'
                 packets.append(f"natgwd_rule_packets_total{{{labels}}} {count}")
                 octets.append(f"natgwd_rule_bytes_total{{{labels}}} {size}")
         for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
-            name = _escape(interface.strip('"'))
+            name = escaped(interface.strip('"'))
             invalid.append(f'natgwd_invalid_dropped_packets_total{{interface="{name}"}} {count}')
         return "\n".join((*connections, *packets, *octets, *invalid, "")).encode()
 
@@ -124,7 +124,7 @@ _FAMILIES = (
 )
 
 
-def _escape(value: str) -> str:
+def escaped(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
         return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value
