@@ -6,15 +6,16 @@ a NEW event names the rule, and a DESTROY event of the same connection names it 
 
 Exact across restarts (and after lost events): `Tracker.start` subscribes to the events
 *before* dumping the table, seeds the counts from the dump, then takes the events that
-queued up meanwhile in a "window" mode that uses the ids of the dumped entries to decide
-what is already counted:
-- a NEW whose id was dumped is skipped (the dump saw the connection already);
-- a DESTROY of a dumped id, or of an id NEW-counted in the window, is subtracted;
+queued up meanwhile in a "window" mode that uses the identities of the dumped entries to
+decide what is already counted:
+- a NEW of a dumped connection is skipped (the dump saw it already);
+- a DESTROY of a dumped connection, or of one NEW-counted in the window, is subtracted;
 - any other DESTROY in the window is of a connection that ended before the dump reached
   it, never counted, and is ignored.
-After the window every live connection was either dumped or NEW-counted, so a DESTROY is
-subtracted unless its id is that of a connection already gone. Only the ids of dumped
-entries are kept (until they close), not one per connection.
+After the window every live connection was either dumped or NEW-counted, so every NEW is
+added and every DESTROY subtracted, and the identities are dropped: nothing is kept per
+connection. A connection's identity is its conntrack id with its original tuple: the id
+alone is a 32-bit hash, and 129,024 entries here already held two pairs of equal ids.
 
 Port usage: a source-NATed connection's reply tuple is (destination -> EIP:port), so the
 connections open from one EIP to one destination (protocol, address, port) are the
@@ -42,6 +43,10 @@ class Snapshot:
     ports: dict[str, int]  # EIP -> the most source ports in use towards one destination
 
 
+def _identity(event: CtEvent) -> int:
+    return hash((event.id, event.orig))
+
+
 class Tracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -51,8 +56,10 @@ class Tracker:
         self._by_destination: Counter[Destination] = Counter()
         self._most: dict[str, int] = {}  # EIP -> highest count among its destinations
         self._stale_most: set[str] = set()  # EIPs whose maximum may have dropped
-        self._dumped: set[int] = set()  # ids of dumped entries still open
-        self._window: set[int] | None = None  # ids NEW-counted while in the window
+        # Identities (hash of id and original tuple) of the dumped connections still open,
+        # and of those NEW-counted since; None once the window is over.
+        self._dumped: set[int] | None = None
+        self._window: set[int] | None = None
 
     # --- the event thread ------------------------------------------------------------
 
@@ -61,44 +68,46 @@ class Tracker:
         window's, until `end_window`. Counted aside and swapped in: a dump of a million
         entries takes seconds, during which scrapes still get the last figures."""
         fresh = Tracker()
+        identities = set()
         for entry in dumped:
             if entry.mark:
-                fresh._dumped.add(entry.id)
+                identities.add(_identity(entry))
                 fresh._add(entry, 1)
         with self._lock:
             self._open, self._opened, self._closed = fresh._open, fresh._opened, fresh._closed
             self._by_destination, self._most, self._stale_most = fresh._by_destination, fresh._most, set()
-            self._dumped, self._window = fresh._dumped, set()
+            self._dumped, self._window = identities, set()
 
     def end_window(self) -> None:
         with self._lock:
-            self._window = None
+            self._dumped = self._window = None
 
     def take(self, events: Iterable[CtEvent]) -> list[CtEvent]:
         """Count the events; returns those that changed the counts (for translation logs)."""
         counted: list[CtEvent] = []
         with self._lock:
+            dumped, window = self._dumped, self._window
             for event in events:
-                if not event.mark:
+                if not event.mark or event.kind == "entry":
                     continue
-                if event.kind == "new":
-                    if event.id in self._dumped:
+                if dumped is not None and window is not None:
+                    identity = _identity(event)
+                    if event.kind == "new":
+                        if identity in dumped:
+                            continue
+                        window.add(identity)
+                    elif identity in dumped:
+                        dumped.discard(identity)
+                    elif identity in window:
+                        window.discard(identity)
+                    else:
                         continue
-                    if self._window is not None:
-                        self._window.add(event.id)
+                if event.kind == "new":
                     self._opened[event.mark] += 1
                     self._add(event, 1)
-                elif event.kind == "destroy":
-                    if event.id in self._dumped:
-                        self._dumped.discard(event.id)
-                    elif self._window is not None:
-                        if event.id not in self._window:
-                            continue
-                        self._window.discard(event.id)
+                else:
                     self._closed[event.mark] += 1
                     self._add(event, -1)
-                else:
-                    continue
                 counted.append(event)
         return counted
 

@@ -82,3 +82,15 @@ def test_start_again_forgets_the_old_counts() -> None:
     snapshot = tracker.snapshot()
     assert snapshot.open == {1: 1}
     assert snapshot.opened == {}
+
+
+def test_equal_ids_of_different_connections_are_told_apart() -> None:
+    tracker = Tracker()
+    same_id = [snat("entry", 1, sport=40000), snat("entry", 1, sport=41000)]
+    tracker.start(same_id)
+    tracker.take([snat("destroy", 1, sport=40000), snat("destroy", 1, sport=41000), snat("new", 1, sport=42000)])
+    assert tracker.snapshot().open == {1: 1}
+    tracker.end_window()
+    # Another connection with an equal id later: counted, and so is its end.
+    tracker.take([snat("new", 1, sport=43000), snat("destroy", 1, sport=42000)])
+    assert tracker.snapshot().open == {1: 1}
