@@ -452,9 +452,10 @@ scrape_configs:
 def prometheus_query(lab: Lab, port: int, query: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(query)}"
     result = lab.exec("gw", "curl", "-s", "-m", "5", url, check=False)
-    if result.returncode != 0 or not result.stdout:
+    try:
+        answer = json.loads(result.stdout)
+    except ValueError:  # not up yet: nothing, or "Service Unavailable" while it starts
         return []
-    answer = json.loads(result.stdout)
     return list(answer["data"]["result"]) if answer.get("status") == "success" else []
 
 
