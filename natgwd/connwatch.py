@@ -34,6 +34,7 @@ from natgwd.translog import TransLog
 log = structlog.get_logger("natgwd.connwatch")
 
 RETRY_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 
 
 def _attempts(listings: Listings) -> dict[int, tuple[RuleLabels, int]]:
@@ -79,9 +80,11 @@ class ConnectionWatch:
     # --- the thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        retry = RETRY_SECONDS
         while not self._stopping.is_set():
             try:
                 sock = self._begin()
+                retry = RETRY_SECONDS
                 while not self._stopping.is_set() and not self._lost_pending.is_set():
                     ready, _, _ = select.select([sock], [], [], 0.5)
                     if ready:
@@ -93,8 +96,9 @@ class ConnectionWatch:
                 self.lost += 1
                 log.warning("conntrack events lost (socket buffer full); recounting from a dump")
             except Exception:
-                log.exception("watching conntrack failed; starting again", retry_in=RETRY_SECONDS)
-                self._stopping.wait(RETRY_SECONDS)
+                log.exception("watching conntrack failed; starting again", retry_in=retry)
+                self._stopping.wait(retry)
+                retry = min(retry * 2, RETRY_MAX_SECONDS)
             finally:
                 with self._receiving:
                     if self._sock is not None:
