@@ -113,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.logs import configure
     from natgwd.netlink import Netlink, ensure_forwarding
     from natgwd.nft import KernelNft
+    from natgwd.observe import watch_factory
     from natgwd.reconciler import Announce, Reconciler
     from natgwd.startup import Exit, StartupError, parse_address, report
     from natgwd.tc import KernelTc
@@ -134,6 +135,10 @@ def _run(args: argparse.Namespace) -> int:
         return HaController(Path(args.ha_run_dir), count_garp, registry)
 
     try:
+        try:
+            make_watch = watch_factory(args)
+        except ValueError as err:
+            raise StartupError(Exit.OBSERVE_OPTION, str(err), str(err).partition(" ")[0]) from None
         config = DaemonConfig(
             Path(args.state),
             parse_address(args.metrics_address),
@@ -141,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.applied_state) if args.applied_state else None,
             args.allow_writable_state,
         )
-        return Daemon(config, reconciler, ha).run()
+        return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch).run()
     except StartupError as err:
         return report(err)
 
@@ -194,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
     )
+    from natgwd.observe import add_arguments as add_observe_arguments
+
+    add_observe_arguments(run)
     run.set_defaults(func=_run)
 
     check = sub.add_parser("check", help="validate a desired-state file; exit 1 listing every problem")
@@ -214,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
     )
     kubeovn.add_arguments(imported)
     imported.set_defaults(func=kubeovn.run)
+
+    from natgwd import top as top_view
+
+    live = sub.add_parser("top", help="live view of the rules by connections, packets and bytes per second")
+    top_view.add_arguments(live)
+    live.set_defaults(func=top_view.run)
 
     cleanup = sub.add_parser(
         "cleanup",

@@ -24,6 +24,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd import ctstats
+from natgwd.connwatch import MakeWatch
 from natgwd.counters import Listings
 from natgwd.endpoints import serve
 from natgwd.garp import Announcer
@@ -62,6 +64,7 @@ class Daemon:
         config: DaemonConfig,
         make_reconciler: Callable[[Announce], Reconciler],
         make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
+        make_watch: MakeWatch | None = None,
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
@@ -73,6 +76,8 @@ class Daemon:
         self.reconciler = make_reconciler(Announcer(count_garp).request)
         self.ha = make_ha(count_garp, self.registry) if make_ha is not None else None
         self.rule_counters = RuleCounters(self._counting_sets)
+        # Open connections, port usage and translation logs, from conntrack events.
+        self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
         self._told_ready = False
@@ -103,6 +108,8 @@ class Daemon:
         if self.ha is not None:
             self.ha.start(self.resync_soon)
         self._recall_applied()
+        if self.watch is not None:
+            self.watch.start()
         log.info(
             "natgwd started",
             state=str(self.config.state_path),
@@ -122,6 +129,8 @@ class Daemon:
                 # A planned switchover: keepalived hands the addresses over as it stops.
                 self.ha.stop()
             waker.stop()
+            if self.watch is not None:
+                self.watch.stop()
             server.shutdown()
             server.server_close()
         log.info("natgwd stopped; the data plane stays in place")
@@ -163,8 +172,10 @@ class Daemon:
     # --- the HTTP endpoint's answers ---------------------------------------------------
 
     def exposition(self) -> bytes:
+        listings = self._counting_sets()
         shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
-        return generate_latest(self.registry) + self.rule_counters.exposition() + shaping
+        body = generate_latest(self.registry) + self.rule_counters.exposition(listings) + ctstats.scrape() + shaping
+        return body + self.watch.exposition(listings) if self.watch is not None else body
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

@@ -87,8 +87,11 @@ class RuleCounters:
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
 
-    def exposition(self) -> bytes:
-        listings = self._read()
+    def exposition(self, listings: Listings | None = None) -> bytes:
+        """`listings`: the counting sets when the caller has just listed them (one listing
+        per scrape serves every exporter); read here otherwise."""
+        if listings is None:
+            listings = self._read()
         connections, packets, octets, invalid = (
             [f"# HELP {family} {help_text}", f"# TYPE {family} counter"] for family, help_text in _FAMILIES
         )
@@ -96,16 +99,16 @@ class RuleCounters:
         for mark, count, _, comment in listings.get(RULE_CONNECTIONS, ()):
             rule = RuleLabels.from_comment(comment)
             if rule is not None:
-                labels_of[mark] = labels = f'kind="{rule.kind}",name="{_escape(rule.name)}",eip="{_escape(rule.eip)}"'
+                labels_of[mark] = labels = f'kind="{rule.kind}",name="{escaped(rule.name)}",eip="{escaped(rule.eip)}"'
                 connections.append(f"natgwd_rule_connections_total{{{labels}}} {count}")
         for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
             direction, _, mark = key.partition(" . ")
             if (rule_labels := labels_of.get(mark)) is not None:
-                labels = f'{rule_labels},direction="{_escape(direction)}"'
+                labels = f'{rule_labels},direction="{escaped(direction)}"'
                 packets.append(f"natgwd_rule_packets_total{{{labels}}} {count}")
                 octets.append(f"natgwd_rule_bytes_total{{{labels}}} {size}")
         for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
-            name = _escape(interface.strip('"'))
+            name = escaped(interface.strip('"'))
             invalid.append(f'natgwd_invalid_dropped_packets_total{{interface="{name}"}} {count}')
         return "\n".join((*connections, *packets, *octets, *invalid, "")).encode()
 
@@ -121,7 +124,7 @@ _FAMILIES = (
 )
 
 
-def _escape(value: str) -> str:
+def escaped(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
         return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as CounterOf
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Protocol
@@ -176,6 +176,11 @@ class Reconciler:
     def element_count(self) -> int:
         written = self._written
         return written.element_count() if written is not None else 0
+
+    @property
+    def rule_ids(self) -> Mapping[RuleLabels, int]:
+        """The id (ct mark) of every applied rule; a new mapping on each change, never edited."""
+        return self._ids or {}
 
     def counting_sets(self) -> Listings:
         """The kernel's counting sets, for a scrape; also remembered for re-seeding."""

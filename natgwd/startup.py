@@ -26,6 +26,7 @@ class Exit(IntEnum):
     ADDRESS_FORBIDDEN = 8  # binding needs a privilege natgwd lacks
     ADDRESS_OTHER = 9  # any other reason the socket cannot listen
     KERNEL = 10  # libnftables or netlink cannot be opened
+    OBSERVE_OPTION = 11  # a connection-event or translation-log option is invalid
 
 
 class StartupError(Exception):

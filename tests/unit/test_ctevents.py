@@ -1,0 +1,96 @@
+"""ctnetlink messages -> CtEvent: a NEW event as the kernel sent it, and messages built to
+the kernel's layout (dump entries, DESTROY with counters, DONE, errors)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import pytest
+
+from natgwd.ctevents import CtEvent, CtNetlinkError, CtTuple, Traffic, parse
+
+# A NEW event captured on this kernel: TCP 127.0.0.1:38074 -> 127.0.0.1:5555, ct mark 7.
+CAPTURED_NEW = bytes.fromhex(
+    "cc000000000100060000000000000000020000003400018014000180080001007f000001080002007f000001"
+    "1c00028005000100060000000600020094ba00000600030015b300003400028014000180080001007f000001"
+    "080002007f0000011c00028005000100060000000600020015b300000600030094ba000008000c00f4690057"
+    "08000300000000080800070000000078300004802c0001800500010001000000050002000a00000005000300"
+    "00000000060004000300000006000500000000000800080000000007"
+)
+
+NESTED = 0x8000
+
+
+def attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
+    header = struct.pack("=HH", 4 + len(payload), kind | (NESTED if nested else 0))
+    return header + payload + b"\0" * (-len(payload) % 4)
+
+
+def tuple_attr(kind: int, proto: int, src: str, sport: int, dst: str, dport: int) -> bytes:
+    ip = attr(1, socket.inet_aton(src)) + attr(2, socket.inet_aton(dst))
+    l4 = attr(1, bytes([proto])) + attr(2, struct.pack(">H", sport)) + attr(3, struct.pack(">H", dport))
+    return attr(kind, attr(1, ip, True) + attr(2, l4, True), True)
+
+
+def message(msg_type: int, flags: int, attrs: bytes) -> bytes:
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, 0, 0) + body
+
+
+def counters(kind: int, packets: int, octets: int) -> bytes:
+    return attr(kind, attr(1, struct.pack(">Q", packets)) + attr(2, struct.pack(">Q", octets)), True)
+
+
+SNAT_ORIG = (17, "172.20.10.2", 40001, "10.115.55.254", 53)
+SNAT_REPLY = (17, "10.115.55.254", 53, "10.115.55.200", 61234)
+
+
+def snat_attrs(conntrack_id: int, mark: int) -> bytes:
+    return (
+        tuple_attr(1, *SNAT_ORIG)
+        + tuple_attr(2, *SNAT_REPLY)
+        + attr(3, struct.pack(">I", 0x1A8))
+        + attr(8, struct.pack(">I", mark))
+        + attr(12, struct.pack(">I", conntrack_id))
+    )
+
+
+def test_captured_new_event() -> None:
+    (event,) = parse(CAPTURED_NEW).events
+    assert event == CtEvent(
+        "new",
+        0xF4690057,
+        7,
+        CtTuple(6, "127.0.0.1", 38074, "127.0.0.1", 5555),
+        CtTuple(6, "127.0.0.1", 5555, "127.0.0.1", 38074),
+        status=8,
+    )
+    assert not event.source_translated and not event.destination_translated
+
+
+def test_destroy_with_counters_and_a_dump_entry_in_one_datagram() -> None:
+    destroy = message(0x102, 0, snat_attrs(11, 3) + counters(9, 2, 62) + counters(10, 1, 40))
+    entry = message(0x100, 0x2, snat_attrs(12, 4))  # NLM_F_MULTI: part of a dump
+    batch = parse(destroy + entry + struct.pack("=IHHII", 20, 3, 2, 0, 0) + b"\0" * 4)
+    first, second = batch.events
+    assert batch.done
+    assert (first.kind, first.id, first.mark) == ("destroy", 11, 3)
+    assert first.counters_orig == Traffic(2, 62) and first.counters_reply == Traffic(1, 40)
+    assert first.orig == CtTuple(*SNAT_ORIG) and first.reply == CtTuple(*SNAT_REPLY)
+    assert first.source_translated and not first.destination_translated
+    assert (second.kind, second.id, second.mark, second.counters_orig) == ("entry", 12, 4, None)
+
+
+def test_other_subsystems_are_skipped() -> None:
+    assert parse(message(0x200, 0, snat_attrs(1, 1))).events == []
+
+
+def test_netlink_error_raises_with_its_code() -> None:
+    error = struct.pack("=IHHII", 36, 2, 0, 0, 0) + struct.pack("=i", -errno.EPERM) + b"\0" * 16
+    with pytest.raises(CtNetlinkError) as raised:
+        parse(error)
+    assert raised.value.errno == errno.EPERM
+    ack = struct.pack("=IHHII", 36, 2, 0, 0, 0) + struct.pack("=i", 0) + b"\0" * 16
+    assert parse(ack).events == []

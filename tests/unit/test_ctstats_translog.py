@@ -1,0 +1,131 @@
+"""Conntrack statistics summed and exposed; translation log lines, selection and rate cap."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+
+from natgwd.ctevents import CtEvent, CtTuple, Traffic
+from natgwd.ctstats import Pressure, exposition, summed
+from natgwd.plan import RuleLabels
+from natgwd.translog import RateCap, Selection, TransLog, line
+
+# As pyroute2's Conntrack.stat() gives them on a 2-CPU machine.
+PER_CPU = [
+    {"cpu": 0, "found": 3, "invalid": 1, "insert_failed": 5, "drop": 5, "early_drop": 0, "clash_resolve": 2},
+    {"cpu": 1, "found": 4, "invalid": 0, "insert_failed": 7, "drop": 6, "early_drop": 1, "chain_toolong": 1},
+]
+
+
+def test_statistics_are_summed_over_cpus() -> None:
+    assert summed(PER_CPU) == {
+        "found": 7,
+        "invalid": 1,
+        "insert_failed": 12,
+        "drop": 11,
+        "early_drop": 1,
+        "clash_resolve": 2,
+        "chain_toolong": 1,
+    }
+
+
+def test_pressure_exposition() -> None:
+    text = exposition(Pressure(10, 262144, summed(PER_CPU))).decode()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert "natgwd_conntrack_entries 10" in lines
+    assert "natgwd_conntrack_entries_limit 262144" in lines
+    assert "natgwd_conntrack_insert_failed_total 12" in lines
+    assert "natgwd_conntrack_chaintoolong_total 1" in lines
+    assert "# TYPE natgwd_conntrack_drop_total counter" in text
+    assert "natgwd_conntrack_error_total" not in text  # not reported: not exported
+
+
+SNAT = RuleLabels("snat", "my-snat", "10.115.55.200")
+DNAT = RuleLabels("dnat", "dnat01", "10.115.55.200")
+WHEN = datetime(2026, 11, 30, 3, 0, tzinfo=UTC).isoformat()
+
+
+def snat_event(kind: str = "new") -> CtEvent:
+    return CtEvent(
+        kind,  # type: ignore[arg-type]
+        7,
+        1,
+        CtTuple(17, "172.20.10.2", 40001, "10.115.55.254", 53),
+        CtTuple(17, "10.115.55.254", 53, "10.115.55.200", 61234),
+        counters_orig=Traffic(1, 33),
+        counters_reply=Traffic(1, 45),
+    )
+
+
+def test_snat_start_line_has_gcp_fields() -> None:
+    logged = json.loads(line(snat_event(), SNAT, WHEN))
+    assert logged["connection"] == {
+        "src_ip": "172.20.10.2",
+        "src_port": 40001,
+        "dest_ip": "10.115.55.254",
+        "dest_port": 53,
+        "protocol": 17,
+        "nat_ip": "10.115.55.200",
+        "nat_port": 61234,
+    }
+    assert logged["translated"]["src_ip"] == "10.115.55.200" and logged["translated"]["dest_port"] == 53
+    assert (logged["event"], logged["rule"], logged["eip"]) == ("start", {"kind": "snat", "name": "my-snat"}, SNAT.eip)
+    assert "bytes_sent" not in logged
+
+
+def test_dnat_end_line_names_the_new_destination_and_counts() -> None:
+    event = CtEvent(
+        "destroy",
+        8,
+        2,
+        CtTuple(6, "10.115.55.254", 50000, "10.115.55.200", 8888),
+        CtTuple(6, "172.20.10.2", 80, "10.115.55.254", 50000),
+        counters_orig=Traffic(6, 400),
+        counters_reply=Traffic(4, 300),
+    )
+    logged = json.loads(line(event, DNAT, WHEN))
+    assert (logged["connection"]["nat_ip"], logged["connection"]["nat_port"]) == ("172.20.10.2", 80)
+    assert logged["translated"] == {
+        "src_ip": "10.115.55.254",
+        "src_port": 50000,
+        "dest_ip": "172.20.10.2",
+        "dest_port": 80,
+        "protocol": 6,
+    }
+    assert (logged["packets_sent"], logged["bytes_sent"], logged["packets_received"], logged["bytes_received"]) == (
+        6,
+        400,
+        4,
+        300,
+    )
+
+
+def test_selection() -> None:
+    assert Selection().wants(SNAT)
+    assert Selection(rules=frozenset({"snat/my-snat"})).wants(SNAT)
+    assert not Selection(rules=frozenset({"snat/my-snat"})).wants(DNAT)
+    assert Selection(eips=frozenset({"10.115.55.200"})).wants(DNAT)
+    assert not Selection(eips=frozenset({"10.115.55.201"})).wants(DNAT)
+
+
+def test_rate_cap_drops_and_counts_lines_over_the_rate() -> None:
+    now = [100.0]
+    out = io.StringIO()
+    log = TransLog(out, Selection(rules=frozenset({"snat/my-snat"})), rate=3, clock=lambda: now[0])
+    dnat_event = CtEvent("new", 9, 2, CtTuple(6, "a", 1, "b", 2), CtTuple(6, "c", 3, "d", 4))
+    log.write([snat_event()] * 5 + [dnat_event], {1: SNAT, 2: DNAT})
+    assert (log.written, log.dropped) == (3, 2)  # the DNAT line was not selected
+    now[0] += 0.5  # one and a half tokens back
+    log.write([snat_event("destroy")] * 2, {1: SNAT})
+    assert (log.written, log.dropped) == (4, 3)
+    lines = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [logged["event"] for logged in lines] == ["start", "start", "start", "end"]
+    assert "natgwd_translation_log_dropped_lines_total 3" in log.exposition()
+
+
+def test_rate_cap_refills_to_at_most_one_second() -> None:
+    now = [0.0]
+    cap = RateCap(2, clock=lambda: now[0])
+    now[0] = 60.0
+    assert [cap.allow() for _ in range(3)] == [True, True, False]
