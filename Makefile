@@ -39,7 +39,9 @@ venv: deps $(VENV)/.installed
 
 demo: venv
 	$(PY) -m natgwd.demo
-	@echo; echo "The natgwd command: $$(command -v natgwd || echo $(NATGWD)) (try: natgwd --help)"
+	@echo; if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" = "$(NATGWD)" ]; then \
+		echo "The natgwd command is on PATH: $(BIN_LINK) -> $(NATGWD) (try: natgwd --help)"; \
+	else echo "The natgwd command: $(NATGWD) (try: $(NATGWD) --help)"; fi
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
