@@ -165,8 +165,24 @@ def value(daemon: Natgwd, name: str, labels: set[tuple[str, str]] | None = None)
     return samples(daemon).get((name, frozenset(labels or set())))
 
 
-def wait_value(daemon: Natgwd, name: str, labels: set[tuple[str, str]] | None, expected: float) -> None:
-    wait_for(lambda: value(daemon, name, labels) == expected, f"{name}{sorted(labels or ())} == {expected}", 30)
+def reap(lab: Lab) -> None:
+    """Have conntrack remove the gateway's expired entries now. Its garbage collector visits
+    them at intervals of up to a minute when any namespace holds long-lived entries (as a
+    test running alongside may); a dump removes the expired entries it meets."""
+    lab.exec("gw", "conntrack", "-L", check=False)
+
+
+def wait_value(
+    daemon: Natgwd, name: str, labels: set[tuple[str, str]] | None, expected: float, closing: bool = False
+) -> None:
+    """Poll the sample until it equals `expected`; `closing`: connections are expiring."""
+
+    def check() -> bool:
+        if closing:
+            reap(daemon.lab)
+        return value(daemon, name, labels) == expected
+
+    wait_for(check, f"{name}{sorted(labels or ())} == {expected}", 30, interval=0.2 if closing else 0.05)
 
 
 def conntrack_s(lab: Lab) -> dict[str, int]:
@@ -203,7 +219,7 @@ def test_conntrack_pressure_counts_held_connections(lab: Lab, seed_state: dict[s
     ):
         assert found[(family, frozenset())] == kernel[stat], family
     held[0].close()
-    wait_value(daemon, "natgwd_conntrack_entries", None, 0)
+    wait_value(daemon, "natgwd_conntrack_entries", None, 0, closing=True)
 
 
 def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any], held: list[Held]) -> None:
@@ -247,13 +263,13 @@ def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any],
     assert value(daemon, "natgwd_eip_open_connections", {("eip", DNAT_EIP)}) == 8
 
     dnat.close()
-    wait_value(daemon, "natgwd_rule_open_connections", DNAT_ID, 0)
+    wait_value(daemon, "natgwd_rule_open_connections", DNAT_ID, 0, closing=True)
     wait_value(daemon, "natgwd_rule_connections_closed_total", DNAT_ID, 5)
     assert value(daemon, "natgwd_eip_open_connections", {("eip", DNAT_EIP)}) == 3
     snat.close()
     fip.close()
-    wait_value(daemon, "natgwd_eip_open_connections", {("eip", DNAT_EIP)}, 0)
-    wait_value(daemon, "natgwd_eip_open_connections", {("eip", FIP_EIP)}, 0)
+    wait_value(daemon, "natgwd_eip_open_connections", {("eip", DNAT_EIP)}, 0, closing=True)
+    wait_value(daemon, "natgwd_eip_open_connections", {("eip", FIP_EIP)}, 0, closing=True)
     assert value(daemon, "natgwd_eip_max_ports_per_destination", {("eip", DNAT_EIP)}) == 0
     assert value(daemon, "natgwd_conntrack_events_lost_total") == 0
 
@@ -426,7 +442,13 @@ def test_translation_log_matches_both_ends(lab: Lab, seed_state: dict[str, Any],
 
     udp.close()
     tcp.close()
-    lines = wait_for(lambda: len(lines := translog_lines(log_path)) == 4 and lines, "two end lines", 30)
+
+    def ended() -> list[dict[str, Any]] | None:
+        reap(lab)
+        lines = translog_lines(log_path)
+        return lines if len(lines) == 4 else None
+
+    lines = wait_for(ended, "two end lines", 30, interval=0.2)
     ended = {line["connection"]["protocol"]: line for line in lines[2:]}
     assert all(line["event"] == "end" for line in ended.values())
     assert ended[17]["translated"] == udp_translated and ended[6]["translated"] == tcp_translated
