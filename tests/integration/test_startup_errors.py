@@ -37,7 +37,9 @@ except subprocess.TimeoutExpired as expired:
 """
 
 
-def run_alone(tmp_path: Path, metrics_address: str, occupy: str = "") -> tuple[int | None, list[str]]:
+def run_alone(
+    tmp_path: Path, metrics_address: str, occupy: str = "", extra: tuple[str, ...] = ()
+) -> tuple[int | None, list[str]]:
     if os.geteuid() != 0:
         pytest.skip("needs root (a network namespace of its own)")
     state = tmp_path / "state.json"
@@ -52,6 +54,7 @@ def run_alone(tmp_path: Path, metrics_address: str, occupy: str = "") -> tuple[i
         "",
         "--metrics-address",
         metrics_address,
+        *extra,
     ]
     done = subprocess.run(
         ["unshare", "--net", sys.executable, "-c", _RUNNER, occupy, *command],
@@ -112,6 +115,17 @@ def test_startup_failure_is_one_line_a_log_event_and_its_own_exit_code(
     assert failed["value"] in line
     assert failed["reason"] == line.removeprefix("natgwd: ")
     assert all(event["event"] != "natgwd started" for event in events)
+
+
+def test_an_invalid_observability_option_is_one_line_and_its_own_exit_code(tmp_path: Path) -> None:
+    extra = ("--no-connection-events", "--translation-log", "-")
+    exit_code, stderr = run_alone(tmp_path, "127.0.0.1:0", extra=extra)
+    assert exit_code == Exit.OBSERVE_OPTION, stderr
+    plain = [text for text in stderr if not text.startswith("{")]
+    assert plain == ["natgwd: --translation-log needs --connection-events"]
+    events = [json.loads(text) for text in stderr if text.startswith("{")]
+    (failed,) = [event for event in events if event["event"] == "natgwd cannot start"]
+    assert (failed["exit_code"], failed["value"]) == (Exit.OBSERVE_OPTION, "--translation-log")
 
 
 def test_exit_codes_are_distinct() -> None:
