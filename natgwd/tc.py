@@ -1,5 +1,6 @@
-"""The shell around the kernel's traffic control (pyroute2's tc API, never the `tc`
-program): makes the kernel hold the trees natgwd.qos_plan describes, by difference.
+"""The shell around the kernel's traffic control (pyroute2's tc API, and rtnetlink messages
+built here for the u32 filters that API cannot express; never the `tc` program): makes the
+kernel hold the trees natgwd.qos_plan describes, by difference.
 
 What is natgwd's is recorded in the kernel itself, so a restart (or `natgwd cleanup`)
 finds it again: the root HTB qdisc with handle 4e47:, the u32 filter at priority
