@@ -1,5 +1,6 @@
-"""The shell around the kernel's traffic control (pyroute2's tc API, never the `tc`
-program): makes the kernel hold the trees natgwd.qos_plan describes, by difference.
+"""The shell around the kernel's traffic control (pyroute2's tc API, and rtnetlink messages
+built here for the u32 filters that API cannot express; never the `tc` program): makes the
+kernel hold the trees natgwd.qos_plan describes, by difference.
 
 What is natgwd's is recorded in the kernel itself, so a restart (or `natgwd cleanup`)
 finds it again: the root HTB qdisc with handle 4e47:, the u32 filter at priority
@@ -15,6 +16,8 @@ class change (its queue and the flows in it stay), a new EIP one class and one f
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,10 +28,14 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
+from natgwd.netlink import NLA_F_NESTED, _nla
 from natgwd.qos_model import DIRECTIONS, Direction
 from natgwd.qos_plan import (
     DEFAULT_MINOR,
+    DESTINATION_OFFSET,
+    EIP_PRIO,
     ROOT_MAJOR,
+    SOURCE_OFFSET,
     ClassKey,
     FilterSpec,
     QosWants,
@@ -51,6 +58,11 @@ IFB_ALIAS = "natgwd qos"
 IFB_TXQUEUELEN = 1000
 MAX_QUANTUM = 200_000  # the kernel's bounds for a sensible HTB quantum
 MIN_QUANTUM = 2_000
+# EIP filters sit in a u32 hash table of 256 buckets keyed by the address's last byte:
+# a packet is compared with the EIPs of its bucket, not with every EIP.
+EIP_TABLE = 0x4E4 << 20
+HASH_BUCKETS = 256
+HASH_MASK = 0xFF
 
 
 @dataclass
@@ -76,30 +88,107 @@ class _KernelFilter:
     spec: FilterSpec
     handle: int
     mirred_ifindex: int | None
+    link: int = 0  # the hash table a link filter sends packets to
+    hash_key: tuple[int, int] = (0, 0)  # a link filter's (offset, mask) of the hashed word
+    divisor: int = 0  # > 0: the entry of a hash table, not a filter
+
+    @property
+    def table(self) -> int:
+        return self.handle & 0xFFF00000
+
+    @property
+    def bucket(self) -> int:
+        return (self.handle >> 12) & 0xFF
 
 
-def _u32_key(spec: FilterSpec) -> str:
-    # pyroute2 strips leading zero bytes of the mask: a zero mask must be written "0x0".
-    if spec.mask == 0:
-        return f"0x0/0x0+{spec.offset}"
-    return f"0x{spec.value:08x}/0x{spec.mask:08x}+{spec.offset}"
+@dataclass(frozen=True)
+class _Selector:
+    keys: list[tuple[int, int, int]]  # (value, mask, offset)
+    hash_offset: int
+    hash_mask: int
 
 
-def _u32_keys(options: Any) -> list[tuple[int, int, int]]:
-    """(value, mask, offset) of each key. Read from the attribute's bytes: pyroute2 0.9's
-    decoder starts the keys 4 bytes early."""
+def _selector(options: Any) -> _Selector:
+    """The u32 selector, read from the attribute's bytes: pyroute2 0.9's decoder starts the
+    keys 4 bytes early and does not give the hash key."""
     selector = options.get_attr("TCA_U32_SEL")
     if selector is None:
-        return []
+        return _Selector([], 0, 0)
     data = bytes(selector.data[selector.offset : selector.offset + selector.length])
-    count = data[6]  # nla header (4), flags, offshift, nkeys
+    # nla header (4), then struct tc_u32_sel: flags, offshift, nkeys, pad, offmask, off,
+    # offoff, hoff (host order), hmask (network order); then the keys
+    count = data[6]
+    (hash_offset,) = struct.unpack_from("=h", data, 14)
+    (hash_mask,) = struct.unpack_from(">I", data, 16)
     keys = []
     for i in range(count):
         # struct tc_u32_key: mask and value in network order, the offset in host order
         mask, value = struct.unpack_from(">II", data, 20 + 16 * i)
         (offset,) = struct.unpack_from("=i", data, 28 + 16 * i)
         keys.append((value, mask, offset))
-    return keys
+    return _Selector(keys, hash_offset, hash_mask)
+
+
+def _u32_link(options: Any) -> int:
+    value = options.get_attr("TCA_U32_LINK")
+    if value is None:
+        return 0
+    raw = bytes.fromhex(value.replace(":", "")) if isinstance(value, str) else bytes(value)
+    return int(struct.unpack("=I", raw[:4])[0]) if len(raw) >= 4 else 0
+
+
+# rtnetlink and u32 constants (linux/rtnetlink.h, linux/pkt_cls.h): pyroute2's tc API
+# cannot set a u32 filter's hash table, link or divisor, so these messages are built here.
+RTM_NEWTFILTER = 44
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_U32_CLASSID, TCA_U32_HASH, TCA_U32_LINK, TCA_U32_DIVISOR, TCA_U32_SEL = 1, 2, 3, 4, 5
+TC_U32_TERMINAL = 1
+
+
+def _add_u32(
+    index: int,
+    prio: int,
+    *,
+    keys: tuple[tuple[int, int, int], ...] = (),
+    classid: int | None = None,
+    into: int | None = None,
+    link: int | None = None,
+    hash_key: tuple[int, int] = (0, 0),
+    divisor: int | None = None,
+    handle_: int = 0,
+) -> None:
+    """Add one IPv4 u32 filter (or, with `divisor`, a hash table) to natgwd's tree: keys
+    (value, mask, offset), to `classid`, in hash table bucket `into`, or linking to the
+    hash table `link` by `hash_key` (offset, mask)."""
+    options = b""
+    if classid is not None:
+        options += _nla(TCA_U32_CLASSID, struct.pack("=I", classid))
+    if into is not None:
+        options += _nla(TCA_U32_HASH, struct.pack("=I", into))
+    if link is not None:
+        options += _nla(TCA_U32_LINK, struct.pack("=I", link))
+    if divisor is not None:
+        options += _nla(TCA_U32_DIVISOR, struct.pack("=I", divisor))
+    else:
+        hash_offset, hash_mask = hash_key
+        flags = TC_U32_TERMINAL if classid is not None else 0
+        selector = struct.pack("=BBBxHHhh", flags, 0, len(keys), 0, 0, 0, hash_offset) + struct.pack(">I", hash_mask)
+        selector += b"".join(
+            struct.pack(">II", mask, value) + struct.pack("=ii", offset, 0) for value, mask, offset in keys
+        )
+        options += _nla(TCA_U32_SEL, selector)
+    info = (prio << 16) | socket.htons(ETH_P_IP)
+    body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
+    body += _nla(TCA_KIND, b"u32\0") + _nla(TCA_OPTIONS | NLA_F_NESTED, options)
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    header = struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, flags, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    error = struct.unpack_from("=i", reply, 16)[0]
+    if error:
+        raise OSError(-error, f"add u32 filter: {os.strerror(-error)}")
 
 
 def _mirred_target(options: Any) -> int | None:
@@ -257,29 +346,40 @@ class KernelTc:
         previous = {
             key: f.spec.minor
             for f in filters
-            if f.spec.minor in classes and (key := key_of(direction, f.spec)) is not None
+            if f.spec.minor in classes and _placed(f) and (key := key_of(direction, f.spec)) is not None
         }
         wanted = tree(direction, wants.by_direction[direction], previous)
         # Filters go before their classes do, and come after them: a filter never points
         # to a class that is not there.
-        kept = self._remove_filters(ipr, index, name, filters, wanted, report)
+        rules = [f for f in filters if not f.divisor and not f.link]
+        kept = self._remove_filters(ipr, index, name, rules, wanted, report)
+        self._sync_table(ipr, index, name, direction, filters, report)
         self._sync_classes(ipr, index, name, classes, wanted, report)
         self._add_filters(ipr, index, name, kept, wanted, report)
         self._keys[name] = dict(wanted.keys)
 
     def _filters(self, ipr: IPRoute, index: int, parent: int) -> list[_KernelFilter]:
+        """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
         found = []
         for msg in ipr.get_filters(index, parent=parent):
             options = msg.get_attr("TCA_OPTIONS")
-            if msg.get_attr("TCA_KIND") != "u32" or options is None or not msg["handle"] & 0xFFF:
-                continue  # a hash table, not a rule
-            keys = _u32_keys(options)
+            if msg.get_attr("TCA_KIND") != "u32" or options is None:
+                continue
+            prio, filter_handle = msg["info"] >> 16, int(msg["handle"])
+            if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
+                if filter_handle == EIP_TABLE:
+                    divisor = int(options.get_attr("TCA_U32_DIVISOR") or 1)
+                    found.append(_KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor))
+                continue
+            selector = _selector(options)
             classid = options.get_attr("TCA_U32_CLASSID") or 0
-            value, mask, offset = keys[0] if len(keys) == 1 else (0, 0, -1)  # -1: not a one-key filter
+            value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
             # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
             minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
-            spec = FilterSpec(msg["info"] >> 16, offset, value, mask, minor)
-            found.append(_KernelFilter(spec, int(msg["handle"]), _mirred_target(options)))
+            spec = FilterSpec(prio, offset, value, mask, minor)
+            hash_key = (selector.hash_offset, selector.hash_mask)
+            link = _u32_link(options)
+            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options), link, hash_key))
         return found
 
     def _remove_filters(
@@ -288,7 +388,8 @@ class KernelTc:
         """Delete the filters the tree does not have (and second copies); the ones kept."""
         kept: set[FilterSpec] = set()
         for kernel in present:
-            if kernel.spec in wanted.filters and kernel.spec not in kept and kernel.mirred_ifindex is None:
+            wanted_here = kernel.spec in wanted.filters and kernel.mirred_ifindex is None and _placed(kernel)
+            if wanted_here and kernel.spec not in kept:
                 kept.add(kernel.spec)
             else:
                 self._del_filter(ipr, index, ROOT_HANDLE, kernel)
@@ -299,17 +400,38 @@ class KernelTc:
         self, ipr: IPRoute, index: int, name: str, kept: set[FilterSpec], wanted: Tree, report: TcReport
     ) -> None:
         for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
-            ipr.tc(
-                "add-filter",
-                "u32",
-                index,
-                parent=ROOT_HANDLE,
-                prio=spec.prio,
-                protocol=ETH_P_IP,
-                target=handle(spec.minor),
-                keys=[_u32_key(spec)],
+            bucket = EIP_TABLE | (spec.value & HASH_MASK) << 12 if spec.prio == EIP_PRIO else None
+            _add_u32(
+                index, spec.prio, keys=((spec.value, spec.mask, spec.offset),), classid=handle(spec.minor), into=bucket
             )
             report.changes.append(f"add filter {_describe(spec)} on {name}")
+
+    def _sync_table(
+        self,
+        ipr: IPRoute,
+        index: int,
+        name: str,
+        direction: Direction,
+        present: list[_KernelFilter],
+        report: TcReport,
+    ) -> None:
+        """The EIP hash table and the one filter that links to it. Every tree has them, also
+        without EIP limits: the kernel releases a hash table only after the filters that
+        linked to it are gone for good (RCU), so deleting one now would fail as busy."""
+        hash_key = (SOURCE_OFFSET if direction == "egress" else DESTINATION_OFFSET, HASH_MASK)
+        tables = [f for f in present if f.divisor == HASH_BUCKETS]
+        links = [f for f in present if f.link]
+        good = [f for f in links if (f.link, f.spec.prio, f.hash_key) == (EIP_TABLE, EIP_PRIO, hash_key)]
+        for kernel in links:
+            if kernel is not (good[0] if good else None):
+                self._del_filter(ipr, index, ROOT_HANDLE, kernel)
+                report.changes.append(f"delete a wrong link to the EIP hash table on {name}")
+        if not tables:
+            _add_u32(index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
+            report.changes.append(f"add the EIP hash table on {name}")
+        if not good:
+            _add_u32(index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
+            report.changes.append(f"add the link to the EIP hash table on {name}")
 
     def _del_filter(self, ipr: IPRoute, index: int, parent: int, kernel: _KernelFilter) -> None:
         try:
@@ -486,6 +608,14 @@ class KernelTc:
         if len(ours) == len(filters):
             ipr.tc("del", "ingress", index, INGRESS_HANDLE)
             report.changes.append(f"delete ingress qdisc on {name}")
+
+
+def _placed(kernel: _KernelFilter) -> bool:
+    """Whether a filter sits where natgwd puts its spec: an EIP's in its hash bucket,
+    any other outside the hash table."""
+    if kernel.spec.prio == EIP_PRIO:
+        return kernel.table == EIP_TABLE and kernel.bucket == kernel.spec.value & HASH_MASK
+    return kernel.table != EIP_TABLE
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
