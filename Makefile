@@ -38,7 +38,7 @@ venv: deps $(VENV)/.installed
 	fi
 
 demo: venv
-	$(PY) -m natgwd.demo
+	$(PY) -m natgwd.lab.demo
 	@echo; if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" = "$(NATGWD)" ]; then \
 		echo "The natgwd command is on PATH: $(BIN_LINK) -> $(NATGWD) (try: natgwd --help)"; \
 	else echo "The natgwd command: $(NATGWD) (try: $(NATGWD) --help)"; fi

@@ -11,7 +11,7 @@ options). Three parts, run one after the other:
   the full apply, the one-rule change and the resync.
 - end-to-end: the real daemon in a Lab; from the gateway namespace, write the file and poll
   /readyz until it reports that file's sha256 applied. This includes up to one period of
-  file watcher polling (natgwd.daemon.POLL_SECONDS); the daemon's own "desired state applied"
+  file watcher polling (natgwd.runtime.daemon.POLL_SECONDS); the daemon's own "desired state applied"
   log line gives the time from reading the file to the kernel matching it.
 - /metrics scrape time and the daemon's RSS at this size.
 
@@ -46,7 +46,7 @@ from typing import Any
 
 from benchmarks.netns import bare_gateway
 from benchmarks.stats import rss_of, summary
-from natgwd.daemon import POLL_SECONDS
+from natgwd.runtime.daemon import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -231,16 +231,16 @@ APPLY_STAGES = (
 
 
 def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
-    import natgwd.reconciler as reconciler_module
-    from natgwd import daemon as daemon_module
-    from natgwd import validation
-    from natgwd.counters import CounterMemory
-    from natgwd.logs import configure
-    from natgwd.metrics import RuleCounters
-    from natgwd.netlink import Netlink, ensure_forwarding
-    from natgwd.nft import KernelNft
-    from natgwd.reconciler import Reconciler
-    from natgwd.table import DesiredTable, Transaction
+    import natgwd.runtime.reconciler as reconciler_module
+    from natgwd.kernel.netlink import Netlink, ensure_forwarding
+    from natgwd.kernel.nft import KernelNft
+    from natgwd.planning.counters import CounterMemory
+    from natgwd.planning.table import DesiredTable, Transaction
+    from natgwd.runtime import daemon as daemon_module
+    from natgwd.runtime.logs import configure
+    from natgwd.runtime.metrics import RuleCounters
+    from natgwd.runtime.reconciler import Reconciler
+    from natgwd.state import validation
 
     configure("json", "info")  # as the daemon logs (to this worker's stderr, a file)
     stages = Stages()
@@ -268,7 +268,7 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     parameters = inspect.signature(Reconciler).parameters
     if "conntrack" in parameters:
-        from natgwd.conntrack import ConntrackCleaner
+        from natgwd.kernel.conntrack import ConntrackCleaner
 
         extra["conntrack"] = ConntrackCleaner()
     if "announce" in parameters:
@@ -439,7 +439,7 @@ def http_get(port: int, path: str, timeout: float = 30) -> tuple[int, bytes]:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """As natgwd.lab.Natgwd.write_state: write a sibling, rename over."""
+    """As natgwd.lab.topology.Natgwd.write_state: write a sibling, rename over."""
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -579,7 +579,7 @@ def daemon_log_records(log_path: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_endtoend(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from natgwd.lab import Lab
+    from natgwd.lab.topology import Lab
 
     with Lab() as lab:
         print(f"end-to-end part in lab {lab.prefix} ...", file=sys.stderr, flush=True)

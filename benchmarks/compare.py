@@ -2,7 +2,7 @@
 
     python -m benchmarks [--sizes 100,1000,10000,50000] [--rounds 10] ...   (as root)
 
-For each N and each method, in a gateway namespace of its own (natgwd.lab.Lab: gw, lan,
+For each N and each method, in a gateway namespace of its own (natgwd.lab.topology.Lab: gw, lan,
 ext, vm1), the same generated rule set (benchmarks.rulesets) is:
 
 1. applied in full (repeated; between repeats the gateway goes back to no NAT rules);
@@ -57,8 +57,8 @@ from benchmarks import rulesets
 from benchmarks.netns import Netns, bare_gateway
 from benchmarks.rulesets import SERVER_PORT, Step, Workload
 from benchmarks.stats import percentile, rss_of, summary
-from natgwd.daemon import POLL_SECONDS
-from natgwd.lab import EXTERNAL_HOST, VM_ADDRESSES, Lab
+from natgwd.lab.topology import EXTERNAL_HOST, VM_ADDRESSES, Lab
+from natgwd.runtime.daemon import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
@@ -239,7 +239,7 @@ class NatgwdGateway(Gateway):
             time.sleep(APPLIED_POLL_SECONDS)
 
     def _write_and_wait(self, raw: bytes, kind: str) -> float:
-        from natgwd.daemon import POLL_SECONDS
+        from natgwd.runtime.daemon import POLL_SECONDS
 
         digest = hashlib.sha256(raw).hexdigest()
         # An independent writer lands at a random moment of the watcher's period.

@@ -3,7 +3,7 @@ events) and of translation logs, at the highest new-connection rate the lab reac
 
     python -m benchmarks.observe_cost [--seconds 10] [--rounds 3]   (as root)
 
-In the seed lab (natgwd.lab), connrate's client in ext opens TCP connections through
+In the seed lab (natgwd.lab.topology), connrate's client in ext opens TCP connections through
 DNAT (EIP:8888 -> vm1:80) for a fixed time, against natgwd run three ways, interleaved
 round by round so that the machine's load hits all alike:
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.compare import compile_connrate
 from benchmarks.stats import summary
-from natgwd.lab import SEED_STATE, Lab
+from natgwd.lab.topology import SEED_STATE, Lab
 
 WAYS: dict[str, tuple[str, ...]] = {
     "off": ("--no-connection-events",),

@@ -26,21 +26,21 @@ from typing import Any
 # (label, file, function): cumulative time of each, from the profile. Labels starting
 # with "of which" are parts of the stage above them (not counted again in shares).
 STAGES = (
-    ("read file", "natgwd/daemon.py", "_read"),
-    ("validate (load_state)", "natgwd/validation.py", "load_state"),
-    ("of which JSON Schema (_shape_problems)", "natgwd/validation.py", "_shape_problems"),
-    ("of which semantics (_Semantics.build)", "natgwd/validation.py", "build"),
-    ("plan: assign_ids", "natgwd/plan.py", "assign_ids"),
-    ("plan: desired_table", "natgwd/plan.py", "desired_table"),
-    ("diff: plan_transaction", "natgwd/table.py", "plan_transaction"),
-    ("render the script (Transaction.script)", "natgwd/table.py", "script"),
-    ("libnftables cmd (nft._Context)", "natgwd/nft.py", "__call__"),
-    ("TableContents of the new table (DesiredTable.contents)", "natgwd/table.py", "contents"),
-    ("links (Netlink.apply)", "natgwd/netlink.py", "apply"),
-    ("conntrack: changed filters (stale.changed_filters)", "natgwd/stale.py", "changed_filters"),
-    ("conntrack cleanup (_clean_conntrack)", "natgwd/reconciler.py", "_clean_conntrack"),
-    ("applied-state record", "natgwd/daemon.py", "_record_applied"),
-    ("total: Daemon.reconcile_file", "natgwd/daemon.py", "reconcile_file"),
+    ("read file", "natgwd/runtime/daemon.py", "_read"),
+    ("validate (load_state)", "natgwd/state/validation.py", "load_state"),
+    ("of which JSON Schema (_shape_problems)", "natgwd/state/validation.py", "_shape_problems"),
+    ("of which semantics (_Semantics.build)", "natgwd/state/validation.py", "build"),
+    ("plan: assign_ids", "natgwd/planning/plan.py", "assign_ids"),
+    ("plan: desired_table", "natgwd/planning/plan.py", "desired_table"),
+    ("diff: plan_transaction", "natgwd/planning/table.py", "plan_transaction"),
+    ("render the script (Transaction.script)", "natgwd/planning/table.py", "script"),
+    ("libnftables cmd (nft._Context)", "natgwd/kernel/nft.py", "__call__"),
+    ("TableContents of the new table (DesiredTable.contents)", "natgwd/planning/table.py", "contents"),
+    ("links (Netlink.apply)", "natgwd/kernel/netlink.py", "apply"),
+    ("conntrack: changed filters (stale.changed_filters)", "natgwd/planning/stale.py", "changed_filters"),
+    ("conntrack cleanup (_clean_conntrack)", "natgwd/runtime/reconciler.py", "_clean_conntrack"),
+    ("applied-state record", "natgwd/runtime/daemon.py", "_record_applied"),
+    ("total: Daemon.reconcile_file", "natgwd/runtime/daemon.py", "reconcile_file"),
 )
 
 
@@ -67,12 +67,12 @@ def top(profile: cProfile.Profile, sort: str, limit: int) -> str:
 
 def main(argv: list[str]) -> int:
     from natgwd.cli import GC_THRESHOLDS
-    from natgwd.conntrack import ConntrackCleaner
-    from natgwd.daemon import Daemon, DaemonConfig
-    from natgwd.logs import configure
-    from natgwd.netlink import Netlink, ensure_forwarding
-    from natgwd.nft import KernelNft
-    from natgwd.reconciler import Announce, Reconciler
+    from natgwd.kernel.conntrack import ConntrackCleaner
+    from natgwd.kernel.netlink import Netlink, ensure_forwarding
+    from natgwd.kernel.nft import KernelNft
+    from natgwd.runtime.daemon import Daemon, DaemonConfig
+    from natgwd.runtime.logs import configure
+    from natgwd.runtime.reconciler import Announce, Reconciler
 
     directory = Path(argv[0])
     configure("json", "info")  # as the daemon logs (to stderr: the worker's log file)

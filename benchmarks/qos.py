@@ -5,7 +5,7 @@ EIPs, and what reconciling that many limits costs natgwd.
 
 Three parts, each in namespaces it creates and deletes:
 
-- control plane: natgwd.tc.KernelTc in a bare gateway namespace with N EIPs limited in
+- control plane: natgwd.qos.tc.KernelTc in a bare gateway namespace with N EIPs limited in
   both directions: the first apply, an apply with nothing to change (what every resync
   does), one rate change, one scrape's statistics, and removing it all;
 - accuracy: natgwd in the seed lab, one limit at a time on the DNAT EIP (ingress, ext ->
@@ -35,9 +35,9 @@ from typing import Any
 
 from benchmarks.netns import bare_gateway
 from benchmarks.stats import summary
-from natgwd.lab import SEED_STATE, Lab
-from natgwd.qos_plan import wants
-from natgwd.validation import load_state
+from natgwd.lab.topology import SEED_STATE, Lab
+from natgwd.qos.plan import wants
+from natgwd.state.validation import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -77,7 +77,7 @@ def with_policy(state: dict[str, Any], name: str, direction: str, rate: float) -
 def _control_worker(namespace: str, count: int, queue: Any) -> None:
     from pyroute2 import netns
 
-    from natgwd.tc import KernelTc
+    from natgwd.qos.tc import KernelTc
 
     netns.setns(namespace)
     shaper = KernelTc()

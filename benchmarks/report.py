@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from natgwd.daemon import POLL_SECONDS
+from natgwd.runtime.daemon import POLL_SECONDS
 
 METHODS = ("natgwd", "floor", "iptables-restore", "per-rule-exec", "naive-nft")
 COMPETITORS = ("natgwd", "iptables-restore", "per-rule-exec", "naive-nft")
@@ -585,7 +585,7 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         f"{', '.join(f'{x:.2f}' for x in load_end)} at the end (other work on the machine shares its 2 cores).",
         f"- **Versions**: natgwd {v['natgwd']}; Python {v['python']}; {v['nft']}; {v['iptables']}; {v['iperf3']}; "
         f"{v['gcc']}; {v['conntrack']}; matplotlib {v['matplotlib']}.",
-        "- Everything runs in network namespaces created for the run (natgwd.lab.Lab: gw, lan, ext, vm1), one "
+        "- Everything runs in network namespaces created for the run (natgwd.lab.topology.Lab: gw, lan, ext, vm1), one "
         "fresh gateway per method and size, removed afterwards.",
         "",
         *takeaway(results),

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.apply_scale import CHANGED_TARGETS, DNAT_TARGETS, _ip, build_state
-from natgwd.lab import EXTERNAL_PREFIX, VM_ADDRESSES
+from natgwd.lab.topology import EXTERNAL_PREFIX, VM_ADDRESSES
 
 INTERNAL_IF = "net1"
 EXTERNAL_IF = "net2"
@@ -185,7 +185,7 @@ def desired_state(state: dict[str, Any]) -> Any:
     """natgwd's DesiredState of a (valid) state, without the JSON Schema pass where the
     validation module allows it: the floor's scripts are prepared untimed, and the schema
     pass is most of the time of load_state at large N."""
-    from natgwd import validation
+    from natgwd.state import validation
 
     raw = encode(state)
     decode, semantics = getattr(validation, "_decode", None), getattr(validation, "_Semantics", None)
@@ -201,8 +201,8 @@ class FloorPlanner:
     incremental transaction natgwd would send."""
 
     def __init__(self, state: dict[str, Any]) -> None:
-        from natgwd.plan import assign_ids, desired_table
-        from natgwd.table import plan_transaction
+        from natgwd.planning.plan import assign_ids, desired_table
+        from natgwd.planning.table import plan_transaction
 
         desired = desired_state(state)
         self._ids = assign_ids(desired, {})
@@ -212,8 +212,8 @@ class FloorPlanner:
         self._contents = table.contents()
 
     def next_script(self, state: dict[str, Any]) -> str:
-        from natgwd.plan import assign_ids, desired_table
-        from natgwd.table import plan_transaction
+        from natgwd.planning.plan import assign_ids, desired_table
+        from natgwd.planning.table import plan_transaction
 
         desired = desired_state(state)
         ids = assign_ids(desired, self._ids, self._highest)

@@ -226,7 +226,7 @@ in_root "$VENV/bin/python" "/tmp/wheels/$pip_wheel/pip" install -q --no-index --
     --no-cache-dir --disable-pip-version-check natgwd
 rm -f "$rootfs$VENV"/bin/activate* "$rootfs$VENV"/bin/Activate.ps1
 in_root "$VENV/bin/natgwd" --version
-in_root "$VENV/bin/python" -c 'import nftables, pyroute2, natgwd.daemon'
+in_root "$VENV/bin/python" -c 'import nftables, pyroute2, natgwd.runtime.daemon'
 in_root "$VENV/bin/natgwd" check /dev/stdin <"$ROOT/examples/seed.json" >/dev/null
 unmount_rootfs
 rm -rf "$rootfs/tmp/wheels" "$rootfs"/root/.cache "$rootfs"/tmp/* "${rootfs:?}"/dev/*

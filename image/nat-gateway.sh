@@ -1,2 +1,2 @@
 #!/bin/sh
-exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.shim "$@"
+exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.kubeovn.shim "$@"

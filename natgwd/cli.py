@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from natgwd import __version__, kubeovn
-from natgwd.model import DesiredState
-from natgwd.validation import InvalidStateError, load_state
+from natgwd import __version__
+from natgwd.kubeovn import importer as kubeovn
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
@@ -45,8 +46,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from natgwd.plan import assign_ids, desired_table
-    from natgwd.table import plan_transaction
+    from natgwd.planning.plan import assign_ids, desired_table
+    from natgwd.planning.table import plan_transaction
 
     state = _load(args.file)
     if state is None:
@@ -57,10 +58,10 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from natgwd.nft import KernelNft, NftError
-    from natgwd.qos_status import format_table as format_qos_table
-    from natgwd.qos_status import kernel_statuses
-    from natgwd.status import format_table, rule_statuses
+    from natgwd.kernel.nft import KernelNft, NftError
+    from natgwd.qos.status import format_table as format_qos_table
+    from natgwd.qos.status import kernel_statuses
+    from natgwd.runtime.status import format_table, rule_statuses
 
     try:
         table = KernelNft().read_table()
@@ -107,16 +108,16 @@ def _run(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry
 
-    from natgwd.conntrack import ConntrackCleaner
-    from natgwd.daemon import Daemon, DaemonConfig
-    from natgwd.ha import HaController
-    from natgwd.logs import configure
-    from natgwd.netlink import Netlink, ensure_forwarding
-    from natgwd.nft import KernelNft
-    from natgwd.observe import watch_factory
-    from natgwd.reconciler import Announce, Reconciler
-    from natgwd.startup import Exit, StartupError, parse_address, report
-    from natgwd.tc import KernelTc
+    from natgwd.ha.controller import HaController
+    from natgwd.kernel.conntrack import ConntrackCleaner
+    from natgwd.kernel.netlink import Netlink, ensure_forwarding
+    from natgwd.kernel.nft import KernelNft
+    from natgwd.observability.options import watch_factory
+    from natgwd.qos.tc import KernelTc
+    from natgwd.runtime.daemon import Daemon, DaemonConfig
+    from natgwd.runtime.logs import configure
+    from natgwd.runtime.reconciler import Announce, Reconciler
+    from natgwd.runtime.startup import Exit, StartupError, parse_address, report
 
     configure(args.log_format, args.log_level)
     # A 10,000-rule state is a million objects, and each change builds a new one: with the
@@ -152,9 +153,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from natgwd.netlink import Netlink
-    from natgwd.nft import KernelNft
-    from natgwd.tc import KernelTc
+    from natgwd.kernel.netlink import Netlink
+    from natgwd.kernel.nft import KernelNft
+    from natgwd.qos.tc import KernelTc
 
     KernelNft().delete_table()
     print("deleted nftables table inet natgwd")
@@ -199,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
     )
-    from natgwd.observe import add_arguments as add_observe_arguments
+    from natgwd.observability.options import add_arguments as add_observe_arguments
 
     add_observe_arguments(run)
     run.set_defaults(func=_run)
@@ -223,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     kubeovn.add_arguments(imported)
     imported.set_defaults(func=kubeovn.run)
 
-    from natgwd import top as top_view
+    from natgwd.observability import top as top_view
 
     live = sub.add_parser("top", help="live view of the rules by connections, packets and bytes per second")
     top_view.add_arguments(live)

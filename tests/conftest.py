@@ -1,5 +1,5 @@
 """Shared fixtures. Integration tests (tests/integration) need root and build their own
-network namespaces through natgwd.lab; they are skipped, with the reason, elsewhere."""
+network namespaces through natgwd.lab.topology; they are skipped, with the reason, elsewhere."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import SEED_STATE, Lab
+from natgwd.lab.topology import SEED_STATE, Lab
 
 INTEGRATION = Path(__file__).parent / "integration"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from natgwd.lab import EXTERNAL_HOST, EXTERNAL_PREFIX, LAN_ROUTER, SEED_STATE, Lab, Natgwd, run
+from natgwd.lab.topology import EXTERNAL_HOST, EXTERNAL_PREFIX, LAN_ROUTER, SEED_STATE, Lab, Natgwd, run
 from tests.integration.helpers import METRICS_PORT, natgwd_command, wait_for
 
 GATEWAYS = ("gwa", "gwb")

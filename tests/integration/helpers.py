@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import pytest
 
-from natgwd.lab import Lab, Natgwd
+from natgwd.lab.topology import Lab, Natgwd
 
 T = TypeVar("T")
 
@@ -347,7 +347,7 @@ def gateway_routes(lab: Lab) -> dict[str, dict[str, Any]]:
     return {r["dst"]: r for r in json.loads(lab.exec("gw", "ip", "-j", "-4", "route").stdout)}
 
 
-# The seed's addresses, and a lab server on the upstream host (natgwd.lab.EXTERNAL_HOST).
+# The seed's addresses, and a lab server on the upstream host (natgwd.lab.topology.EXTERNAL_HOST).
 DNAT_EIP = "10.115.55.200"
 FIP_EIP = "10.115.55.201"
 UPSTREAM = "10.115.55.254"

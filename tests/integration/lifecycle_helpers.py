@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from natgwd.lab import Lab, Natgwd
+from natgwd.lab.topology import Lab, Natgwd
 from tests.integration.helpers import RuleCounters, wait_for
 
 # --- natgwd's metrics ------------------------------------------------------------------

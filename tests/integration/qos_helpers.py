@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from natgwd.lab import Lab
+from natgwd.lab.topology import Lab
 from tests.integration.helpers import wait_listening
 
 PAYLOAD = 1448 / 1514  # TCP payload per Ethernet frame at MTU 1500 with timestamps

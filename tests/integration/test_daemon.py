@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import Lab, Natgwd
+from natgwd.lab.topology import Lab, Natgwd
 from tests.integration.helpers import (
     DNAT_EIP,
     FIP_EIP,

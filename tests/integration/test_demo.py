@@ -1,4 +1,4 @@
-"""`make demo` (python -m natgwd.demo) shows traffic through SNAT, DNAT and the floating IP
+"""`make demo` (python -m natgwd.lab.demo) shows traffic through SNAT, DNAT and the floating IP
 both ways, with the floating IP's counters (issue 17, item 6). The demo builds and removes
 its own lab."""
 
@@ -23,7 +23,7 @@ def sections(output: str) -> dict[str, str]:
 def test_demo_sends_traffic_through_the_floating_ip_both_ways() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
-    done = subprocess.run([sys.executable, "-m", "natgwd.demo"], capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-m", "natgwd.lab.demo"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     shown = sections(done.stdout)
     out = next(text for title, text in shown.items() if title.startswith("HTTP from vm2"))

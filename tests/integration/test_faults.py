@@ -32,12 +32,12 @@ from typing import Any
 
 import pytest
 
-from natgwd.endpoints import MAX_CONCURRENT_REQUESTS
-from natgwd.lab import SEED_STATE, Lab, Natgwd
-from natgwd.nft import parse_table
-from natgwd.plan import RULE_CONNECTIONS, RULE_TRAFFIC, assign_ids, desired_table
-from natgwd.table import TableContents
-from natgwd.validation import MAX_FILE_BYTES, load_state
+from natgwd.kernel.nft import parse_table
+from natgwd.lab.topology import SEED_STATE, Lab, Natgwd
+from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, assign_ids, desired_table
+from natgwd.planning.table import TableContents
+from natgwd.runtime.endpoints import MAX_CONCURRENT_REQUESTS
+from natgwd.state.validation import MAX_FILE_BYTES, load_state
 from tests.integration.helpers import (
     DNAT_EIP,
     FIP_EIP,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from natgwd.lab import EXTERNAL_HOST, Natgwd
+from natgwd.lab.topology import EXTERNAL_HOST, Natgwd
 from tests.integration.ha_lab import (
     GATEWAYS,
     MINIMAL_CAPABILITIES,

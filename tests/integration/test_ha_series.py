@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import EXTERNAL_HOST
+from natgwd.lab.topology import EXTERNAL_HOST
 from tests.integration.ha_lab import (
     GATEWAYS,
     Flow,

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import EXTERNAL_HOST, SEED_STATE, Lab
+from natgwd.lab.topology import EXTERNAL_HOST, SEED_STATE, Lab
 
 pytestmark = [pytest.mark.image]
 
@@ -167,7 +167,7 @@ class Container:
 
 
 def _client_address(answer: str) -> str:
-    """The address part of natgwd.labserver's "ip:port" answer."""
+    """The address part of natgwd.lab.servers's "ip:port" answer."""
     host, sep, port = answer.strip().rpartition(":")
     assert sep and port.isdigit(), f"not an ip:port answer: {answer!r}"
     return host

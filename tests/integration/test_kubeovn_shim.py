@@ -1,4 +1,4 @@
-"""The drop-in nat-gateway.sh (natgwd.shim) driving a real natgwd in the seed topology,
+"""The drop-in nat-gateway.sh (natgwd.kubeovn.shim) driving a real natgwd in the seed topology,
 the way kube-ovn-controller drives Kube-OVN's script: one exec per rule, inside the gateway
 namespace, each call returning once natgwd has applied it. Ports the scenarios of
 Kube-OVN's test/e2e/iptables-vpc-nat-gw that apply to the data plane (reference section
@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import EXTERNAL_HOST, Lab, Natgwd
-from natgwd.validation import InvalidStateError, load_state
+from natgwd.lab.topology import EXTERNAL_HOST, Lab, Natgwd
+from natgwd.state.validation import InvalidStateError, load_state
 from tests.integration.helpers import addresses, events_named, kill_process, prober, routes, tcp_get
 from tests.integration.qos_helpers import assert_shaped, iperf, iperf_server
 
@@ -60,7 +60,15 @@ class Gateway:
             f"GATEWAY_V4={self.gateway_v4}",
         ]
         result = self.lab.exec(
-            "gw", "env", *env, sys.executable, "-m", "natgwd.shim", *args, check=False, timeout=float(timeout) + 30
+            "gw",
+            "env",
+            *env,
+            sys.executable,
+            "-m",
+            "natgwd.kubeovn.shim",
+            *args,
+            check=False,
+            timeout=float(timeout) + 30,
         )
         return Call(result.returncode, result.stdout, result.stderr)
 

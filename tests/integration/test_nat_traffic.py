@@ -1,4 +1,4 @@
-"""Real packets through natgwd in the seed topology (natgwd.lab): forwarding, addresses
+"""Real packets through natgwd in the seed topology (natgwd.lab.topology): forwarding, addresses
 and routes, SNAT, DNAT, port ranges, floating IPs, longest-prefix SNAT, hairpin, changes
 and removals, and exact per-rule counters. Every test builds its own lab; traffic stays
 between the lab's namespaces."""
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import EXTERNAL_HOST, Lab
+from natgwd.lab.topology import EXTERNAL_HOST, Lab
 from tests.integration.helpers import (
     RouteEntry,
     RuleCounters,

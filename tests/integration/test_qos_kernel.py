@@ -1,4 +1,4 @@
-"""natgwd.tc against the kernel over a sequence of random QoS states: every transition
+"""natgwd.qos.tc against the kernel over a sequence of random QoS states: every transition
 leaves exactly the planned classes and filters (read back with `tc`), applying the same
 state again changes nothing, and removal leaves nothing. Runs in a namespace of its own
 with one veth pair; no traffic."""
@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import SEED_STATE
-from natgwd.qos_plan import tree, wants
-from natgwd.validation import InvalidStateError, load_state
+from natgwd.lab.topology import SEED_STATE
+from natgwd.qos.plan import tree, wants
+from natgwd.state.validation import InvalidStateError, load_state
 
 STATES = 25
 WORKER = """
 import json, sys
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for results
-from natgwd.tc import KernelTc
-from natgwd.qos_plan import wants
-from natgwd.validation import load_state
+from natgwd.qos.tc import KernelTc
+from natgwd.qos.plan import wants
+from natgwd.state.validation import load_state
 shaper = KernelTc()
 out = []
 for raw in json.load(open(sys.argv[1])):

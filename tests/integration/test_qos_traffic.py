@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import Lab
+from natgwd.lab.topology import Lab
 from tests.integration.helpers import (
     apply,
     events_named,

@@ -18,15 +18,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from natgwd.lab import SEED_STATE, run
+from natgwd.lab.topology import SEED_STATE, run
 from tests.unit.test_properties import valid_documents
 
 HELPER = r"""
 import json, sys
-from natgwd.nft import KernelNft
-from natgwd.plan import assign_ids, desired_table
-from natgwd.table import plan_transaction
-from natgwd.validation import load_state
+from natgwd.kernel.nft import KernelNft
+from natgwd.planning.plan import assign_ids, desired_table
+from natgwd.planning.table import plan_transaction
+from natgwd.state.validation import load_state
 
 nft = KernelNft()
 for line in sys.stdin:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.startup import Exit
+from natgwd.runtime.startup import Exit
 
 # In the fresh namespace: loopback up, optionally a listener holding a port, then natgwd.
 # A natgwd that starts after all is stopped at the deadline and reported as still running.

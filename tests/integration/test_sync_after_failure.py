@@ -14,19 +14,19 @@ import json
 import sys
 from typing import Any
 
-from natgwd.lab import EXTERNAL_HOST, Lab
-from natgwd.nft import parse_table
-from natgwd.plan import assign_ids, desired_table
-from natgwd.table import TableContents
-from natgwd.validation import load_state
+from natgwd.kernel.nft import parse_table
+from natgwd.lab.topology import EXTERNAL_HOST, Lab
+from natgwd.planning.plan import assign_ids, desired_table
+from natgwd.planning.table import TableContents
+from natgwd.state.validation import load_state
 from tests.integration.helpers import send_udp, udp_bytes, udp_sink
 
 HELPER = r"""
 import json, sys
-from natgwd.netlink import Netlink, ensure_forwarding
-from natgwd.nft import KernelNft, NftError
-from natgwd.reconciler import Reconciler
-from natgwd.validation import load_state
+from natgwd.kernel.netlink import Netlink, ensure_forwarding
+from natgwd.kernel.nft import KernelNft, NftError
+from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.validation import load_state
 
 
 class RefusingNft(KernelNft):

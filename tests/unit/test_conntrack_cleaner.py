@@ -1,4 +1,4 @@
-"""natgwd.conntrack.ConntrackCleaner over stand-in sockets: entries are judged as the dump
+"""natgwd.kernel.conntrack.ConntrackCleaner over stand-in sockets: entries are judged as the dump
 streams them and deleted at once on a second socket, so the cleaner never holds the table
 (a gateway may track a million connections); entries already gone are not counted."""
 
@@ -12,10 +12,10 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natgwd.conntrack import ConntrackCleaner
-from natgwd.lab import SEED_STATE
-from natgwd.stale import Translations
-from natgwd.validation import load_state
+from natgwd.kernel.conntrack import ConntrackCleaner
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.stale import Translations
+from natgwd.state.validation import load_state
 
 TABLE_SIZE = 20_000
 

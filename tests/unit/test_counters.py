@@ -1,10 +1,10 @@
-"""natgwd.counters: listings in the kernel's notation, and the memory that seeds re-created
+"""natgwd.planning.counters: listings in the kernel's notation, and the memory that seeds re-created
 counting elements."""
 
 from __future__ import annotations
 
-from natgwd.counters import CounterMemory, canonical_key
-from natgwd.table import Counter, Element
+from natgwd.planning.counters import CounterMemory, canonical_key
+from natgwd.planning.table import Counter, Element
 
 
 def test_canonical_keys_write_marks_in_decimal() -> None:

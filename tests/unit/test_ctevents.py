@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from natgwd.ctevents import CtEvent, CtNetlinkError, CtTuple, Traffic, parse
+from natgwd.observability.ctevents import CtEvent, CtNetlinkError, CtTuple, Traffic, parse
 
 # A NEW event captured on this kernel: TCP 127.0.0.1:38074 -> 127.0.0.1:5555, ct mark 7.
 CAPTURED_NEW = bytes.fromhex(

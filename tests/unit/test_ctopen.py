@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from natgwd.ctevents import CtEvent, CtTuple, Kind
-from natgwd.ctopen import Tracker
+from natgwd.observability.ctevents import CtEvent, CtTuple, Kind
+from natgwd.observability.ctopen import Tracker
 
 EIP = "10.115.55.200"
 

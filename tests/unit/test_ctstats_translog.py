@@ -6,10 +6,10 @@ import io
 import json
 from datetime import UTC, datetime
 
-from natgwd.ctevents import CtEvent, CtTuple, Traffic
-from natgwd.ctstats import Pressure, exposition, summed
-from natgwd.plan import RuleLabels
-from natgwd.translog import RateCap, Selection, TransLog, line
+from natgwd.observability.ctevents import CtEvent, CtTuple, Traffic
+from natgwd.observability.ctstats import Pressure, exposition, summed
+from natgwd.observability.translog import RateCap, Selection, TransLog, line
+from natgwd.planning.plan import RuleLabels
 
 # As pyroute2's Conntrack.stat() gives them on a 2-CPU machine.
 PER_CPU = [

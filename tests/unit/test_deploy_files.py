@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from natgwd.cli import parser
-from natgwd.lab import SEED_STATE
-from natgwd.validation import load_state
+from natgwd.lab.topology import SEED_STATE
+from natgwd.state.validation import load_state
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML (pip install pyyaml) to read the Kubernetes manifests")
 

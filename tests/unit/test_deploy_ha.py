@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from natgwd.cli import parser
-from natgwd.validation import load_state
+from natgwd.state.validation import load_state
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML to read the Kubernetes manifests")
 

@@ -1,4 +1,4 @@
-"""natgwd.endpoints: /metrics compressed for clients that ask (on loopback, port 0)."""
+"""natgwd.runtime.endpoints: /metrics compressed for clients that ask (on loopback, port 0)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from natgwd.endpoints import accepts_gzip, serve
+from natgwd.runtime.endpoints import accepts_gzip, serve
 
 BODY = b'natgwd_rule_connections_total{kind="dnat",name="d",eip="10.0.0.1"} 5\n' * 1000
 

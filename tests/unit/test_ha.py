@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 
-from natgwd import ha_announce
-from natgwd.ha import parse_notify
-from natgwd.ha_config import HaConfig, HaMember, virtual_addresses
-from natgwd.ha_metrics import parse_stats
-from natgwd.ha_peer import decode_hello, encode_hello
-from natgwd.ha_render import HaPaths, conntrackd_conf, keepalived_conf
-from natgwd.lab import SEED_STATE
-from natgwd.links import RouteSpec, link_plan
-from natgwd.supervisor import ChildSpec, Supervisor
-from natgwd.validation import InvalidStateError, Problem, load_state
+from natgwd.ha import announce as ha_announce
+from natgwd.ha.config import HaConfig, HaMember, virtual_addresses
+from natgwd.ha.controller import parse_notify
+from natgwd.ha.metrics import parse_stats
+from natgwd.ha.peer import decode_hello, encode_hello
+from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.ha.supervisor import ChildSpec, Supervisor
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.links import RouteSpec, link_plan
+from natgwd.state.validation import InvalidStateError, Problem, load_state
 
 HA_SECTION: dict[str, Any] = {
     "interface": "sync0",

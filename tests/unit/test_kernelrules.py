@@ -1,4 +1,4 @@
-"""natgwd.kernelrules: the rules natgwd's table holds, read back as desired-state sections
+"""natgwd.kubeovn.kernelrules: the rules natgwd's table holds, read back as desired-state sections
 (the drop-in's `init` after a container restart starts from them). Round trip: a state,
 planned into a table, read back, gives the same rules with the same names, so natgwd's
 next transaction is empty."""
@@ -9,11 +9,11 @@ import json
 import re
 from typing import Any
 
-from natgwd.kernelrules import rules_from_table, share_members
-from natgwd.lab import SEED_STATE
-from natgwd.plan import assign_ids, desired_table
-from natgwd.table import DesiredTable
-from natgwd.validation import load_state
+from natgwd.kubeovn.kernelrules import rules_from_table, share_members
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.plan import assign_ids, desired_table
+from natgwd.planning.table import DesiredTable
+from natgwd.state.validation import load_state
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
 

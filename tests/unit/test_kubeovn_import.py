@@ -1,4 +1,4 @@
-"""natgwd.kubeovn (`natgwd import`): Kube-OVN objects as kubectl prints them -> the desired
+"""natgwd.kubeovn.importer (`natgwd import`): Kube-OVN objects as kubectl prints them -> the desired
 state of one gateway, with everything not carried over reported.
 
 The seed's objects are transcribed verbatim in tests/data/kubeovn-seed (including the seed
@@ -15,10 +15,17 @@ from typing import Any
 import pytest
 import yaml
 
-from natgwd import kubeovn
-from natgwd.kubeovn import Finding, ImportFailedError, ImportOptions, import_objects, parse_documents, read_inputs
-from natgwd.lab import SEED_STATE
-from natgwd.validation import load_state
+from natgwd.kubeovn import importer as kubeovn
+from natgwd.kubeovn.importer import (
+    Finding,
+    ImportFailedError,
+    ImportOptions,
+    import_objects,
+    parse_documents,
+    read_inputs,
+)
+from natgwd.lab.topology import SEED_STATE
+from natgwd.state.validation import load_state
 
 SEED_DIR = Path(__file__).resolve().parents[1] / "data" / "kubeovn-seed"
 POD = "pod-vpc-nat-gw-gw1-0.yaml"

@@ -1,8 +1,8 @@
-"""natgwd.memo.RoundMemo: results reused from the previous state, and only from it."""
+"""natgwd.state.memo.RoundMemo: results reused from the previous state, and only from it."""
 
 from __future__ import annotations
 
-from natgwd.memo import RoundMemo
+from natgwd.state.memo import RoundMemo
 
 
 def test_results_are_computed_once_and_kept_for_one_more_round() -> None:

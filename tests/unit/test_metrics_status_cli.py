@@ -13,18 +13,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from natgwd.cli import main
-from natgwd.counters import COUNTING_SETS, Listings
-from natgwd.fake import FakeNft
-from natgwd.lab import SEED_STATE
-from natgwd.metrics import RuleCounters
-from natgwd.model import DesiredState
-from natgwd.netlink import LinkReport
-from natgwd.plan import assign_ids, desired_table
-from natgwd.reconciler import Reconciler
-from natgwd.status import RuleStatus, format_table, rule_statuses
-from natgwd.table import Counter, Element, TableContents, plan_transaction
-from natgwd.validation import load_state
-from natgwd.watch import FileWatcher
+from natgwd.kernel.fake import FakeNft
+from natgwd.kernel.netlink import LinkReport
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.counters import COUNTING_SETS, Listings
+from natgwd.planning.plan import assign_ids, desired_table
+from natgwd.planning.table import Counter, Element, TableContents, plan_transaction
+from natgwd.runtime.metrics import RuleCounters
+from natgwd.runtime.reconciler import Reconciler
+from natgwd.runtime.status import RuleStatus, format_table, rule_statuses
+from natgwd.runtime.watch import FileWatcher
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import load_state
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -16,13 +16,13 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from natgwd.connwatch import ConnectionWatch
-from natgwd.counters import Listings
-from natgwd.ctstats import STAT_FAMILIES, Pressure
-from natgwd.ctstats import exposition as pressure_exposition
-from natgwd.metrics import DaemonMetrics, RuleCounters
-from natgwd.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
-from natgwd.translog import Selection, TransLog
+from natgwd.observability.connwatch import ConnectionWatch
+from natgwd.observability.ctstats import STAT_FAMILIES, Pressure
+from natgwd.observability.ctstats import exposition as pressure_exposition
+from natgwd.observability.translog import Selection, TransLog
+from natgwd.planning.counters import Listings
+from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 
 MONITORING = Path(__file__).parents[2] / "monitoring"
 ALERTS = MONITORING / "natgwd-alerts.yml"

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from natgwd.cli import parser
-from natgwd.observe import selection, watch_factory
+from natgwd.observability.options import selection, watch_factory
 
 
 def run_args(*extra: str) -> argparse.Namespace:

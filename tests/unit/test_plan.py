@@ -1,4 +1,4 @@
-"""natgwd.plan: the table (sets, maps, chains) a desired state becomes, and rule ids."""
+"""natgwd.planning.plan: the table (sets, maps, chains) a desired state becomes, and rule ids."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import SEED_STATE
-from natgwd.model import DesiredState
-from natgwd.plan import (
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.plan import (
     DIRECTIONS,
     ID_HIGH_WATER,
     INVALID_DROPS,
@@ -21,8 +20,9 @@ from natgwd.plan import (
     rule_labels,
     share_chain_name,
 )
-from natgwd.table import DesiredTable, Element
-from natgwd.validation import load_state
+from natgwd.planning.table import DesiredTable, Element
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import load_state
 
 STATIC_SETS = {
     "eips": "set",

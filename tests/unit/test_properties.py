@@ -25,11 +25,11 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from natgwd.lab import SEED_STATE
-from natgwd.model import DesiredState
-from natgwd.plan import RULE_CONNECTIONS, assign_ids, desired_table
-from natgwd.table import plan_transaction
-from natgwd.validation import (
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.plan import RULE_CONNECTIONS, assign_ids, desired_table
+from natgwd.planning.table import plan_transaction
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import (
     RULE_SECTIONS,
     InvalidStateError,
     Problem,

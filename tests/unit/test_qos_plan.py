@@ -1,4 +1,4 @@
-"""natgwd.qos_plan: the traffic-control tree of a desired state's QoS, without a kernel."""
+"""natgwd.qos.plan: the traffic-control tree of a desired state's QoS, without a kernel."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from natgwd.lab import SEED_STATE
-from natgwd.model import DesiredState
-from natgwd.qos_plan import (
+from natgwd.lab.topology import SEED_STATE
+from natgwd.qos.plan import (
     DEFAULT_MINOR,
     EIP_MINORS,
     EIP_PRIO,
@@ -29,7 +28,8 @@ from natgwd.qos_plan import (
     tree,
     wants,
 )
-from natgwd.validation import load_state
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import load_state
 
 EIP1, EIP2 = "10.115.55.200", "10.115.55.201"
 

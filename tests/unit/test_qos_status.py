@@ -1,4 +1,4 @@
-"""natgwd.qos_status: the kernel's per-class counters labelled from the desired state, as
+"""natgwd.qos.status: the kernel's per-class counters labelled from the desired state, as
 Prometheus samples and as `natgwd status` rows."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from natgwd.lab import SEED_STATE
-from natgwd.qos_plan import ClassKey
-from natgwd.qos_status import QosStatus, exposition, format_table, qos_statuses, shaping_exposition
-from natgwd.tc import ClassStats
-from natgwd.validation import load_state
+from natgwd.lab.topology import SEED_STATE
+from natgwd.qos.plan import ClassKey
+from natgwd.qos.status import QosStatus, exposition, format_table, qos_statuses, shaping_exposition
+from natgwd.qos.tc import ClassStats
+from natgwd.state.validation import load_state
 
 EIP2 = "10.115.55.201"
 

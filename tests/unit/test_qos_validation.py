@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import SEED_STATE
-from natgwd.qos_model import BandwidthLimitRule, Match, QosPolicy
-from natgwd.validation import InvalidStateError, load_state
+from natgwd.lab.topology import SEED_STATE
+from natgwd.qos.model import BandwidthLimitRule, Match, QosPolicy
+from natgwd.state.validation import InvalidStateError, load_state
 
 
 def seed_with(policies: list[dict[str, Any]], eip_policy: str | None = None, gateway: str | None = None) -> bytes:

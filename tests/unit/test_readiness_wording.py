@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from natgwd.daemon import Daemon, DaemonConfig
-from natgwd.fake import FakeNft
-from natgwd.lab import SEED_STATE
-from natgwd.netlink import LinkReport
-from natgwd.reconciler import Announce, Reconciler
+from natgwd.kernel.fake import FakeNft
+from natgwd.kernel.netlink import LinkReport
+from natgwd.lab.topology import SEED_STATE
+from natgwd.runtime.daemon import Daemon, DaemonConfig
+from natgwd.runtime.reconciler import Announce, Reconciler
 
 
 class NoLinks:

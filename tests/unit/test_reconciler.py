@@ -1,4 +1,4 @@
-"""natgwd.reconciler against the in-memory FakeNft: minimal transactions, counters that
+"""natgwd.runtime.reconciler against the in-memory FakeNft: minimal transactions, counters that
 survive, adoption after a restart, drift repair, and failure handling."""
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from typing import Any
 
 import pytest
 
-from natgwd.counters import counted_elements
-from natgwd.fake import FakeNft
-from natgwd.lab import SEED_STATE
-from natgwd.links import LinkPlan, link_plan
-from natgwd.model import DesiredState
-from natgwd.netlink import LinkReport
-from natgwd.nft import NftError
-from natgwd.plan import assign_ids, desired_table
-from natgwd.reconciler import FULL_READ_EVERY, Outcome, Reconciler
-from natgwd.table import (
+from natgwd.kernel.fake import FakeNft
+from natgwd.kernel.netlink import LinkReport
+from natgwd.kernel.nft import NftError
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.counters import counted_elements
+from natgwd.planning.links import LinkPlan, link_plan
+from natgwd.planning.plan import assign_ids, desired_table
+from natgwd.planning.table import (
     AddElements,
     AddTable,
     Counter,
@@ -27,7 +25,9 @@ from natgwd.table import (
     TableContents,
     plan_transaction,
 )
-from natgwd.validation import load_state
+from natgwd.runtime.reconciler import FULL_READ_EVERY, Outcome, Reconciler
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import load_state
 
 DNAT_KEY = "10.115.55.200 . tcp . 8888"
 # Rule ids the seed gets on a fresh table, and their rule_connections comments.

@@ -1,4 +1,4 @@
-"""natgwd.reconciler with a shaper: QoS applied after the interfaces, skipped when
+"""natgwd.runtime.reconciler with a shaper: QoS applied after the interfaces, skipped when
 unchanged, verified at every resync (changes then count as repairs), and its failures
 reported without stopping NAT."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from natgwd.fake import FakeNft
-from natgwd.lab import SEED_STATE
-from natgwd.qos_plan import QosWants
-from natgwd.reconciler import Reconciler
-from natgwd.tc import ClassStats, TcReport
-from natgwd.validation import load_state
+from natgwd.kernel.fake import FakeNft
+from natgwd.lab.topology import SEED_STATE
+from natgwd.qos.plan import QosWants
+from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.validation import load_state
 from tests.unit.test_reconciler import FakeLinks
 
 

@@ -1,7 +1,7 @@
-"""natgwd.setdump: counting-set elements decoded from netlink messages as nf_tables
+"""natgwd.kernel.setdump: counting-set elements decoded from netlink messages as nf_tables
 builds them (single counter expression or a list of expressions, with and without the
 64-bit pad attribute, flags and comments), then canonicalised by
-natgwd.counters.counted_elements; any other shape is an error, never a missing sample."""
+natgwd.planning.counters.counted_elements; any other shape is an error, never a missing sample."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from natgwd.counters import counted_elements
-from natgwd.plan import RULE_CONNECTIONS, RULE_TRAFFIC, set_key_type
-from natgwd.setdump import SetDumpError, _decode, _element_pattern, key_layout
-from natgwd.table import Counter, Element
+from natgwd.kernel.setdump import SetDumpError, _decode, _element_pattern, key_layout
+from natgwd.planning.counters import counted_elements
+from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, set_key_type
+from natgwd.planning.table import Counter, Element
 
 
 def attribute(kind: int, payload: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""natgwd.shim, the drop-in nat-gateway.sh: every subcommand's argument format, Kube-OVN's
+"""natgwd.kubeovn.shim, the drop-in nat-gateway.sh: every subcommand's argument format, Kube-OVN's
 idempotence and conflict semantics and exit codes, atomic and validated edits of the state
 file, and the wait for natgwd (a fake applier thread plays natgwd: it copies the state
 file's sha256 into the applied-state record, skipping contents it did not get to see, as
@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from natgwd import shim
-from natgwd.validation import load_state
+from natgwd.kubeovn import shim
+from natgwd.state.validation import load_state
 
 ROOT = Path(__file__).resolve().parents[2]
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
@@ -48,7 +48,7 @@ class FakeLinks:
             "eth0": (["10.52.1.66/32"], []),
         }
     )
-    kernel_rules: dict[str, Any] | Exception | None = None  # natgwd's table, as natgwd.kernelrules reads it
+    kernel_rules: dict[str, Any] | Exception | None = None  # natgwd's table, as natgwd.kubeovn.kernelrules reads it
 
     def exists(self, name: str) -> bool:
         return name in self.links
@@ -905,7 +905,7 @@ def test_50_concurrent_processes_lose_nothing(ready: Gateway) -> None:
     env = {**os.environ, **ready.env, "NATGWD_SHIM_TIMEOUT": "60"}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "natgwd.shim", "snat-add", f"{EIP1},10.{i}.0.0/16"],
+            [sys.executable, "-m", "natgwd.kubeovn.shim", "snat-add", f"{EIP1},10.{i}.0.0/16"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""natgwd.stale.changed_filters: the conntrack dumps a change needs, found by comparing
+"""natgwd.planning.stale.changed_filters: the conntrack dumps a change needs, found by comparing
 rules by value, also when most of them are the very objects of the last state."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import copy
 import json
 from typing import Any
 
-from natgwd.lab import SEED_STATE
-from natgwd.model import DesiredState
-from natgwd.stale import Filter, changed_filters
-from natgwd.validation import load_state
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.stale import Filter, changed_filters
+from natgwd.state.model import DesiredState
+from natgwd.state.validation import load_state
 
 DNAT_EIP = "10.115.55.200"
 

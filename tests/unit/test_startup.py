@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from natgwd.startup import Exit, StartupError, listen_error, parse_address
+from natgwd.runtime.startup import Exit, StartupError, listen_error, parse_address
 
 
 @pytest.mark.parametrize(

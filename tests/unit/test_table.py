@@ -1,5 +1,5 @@
-"""natgwd.table (transactions), natgwd.fake (atomicity, references, generations) and
-natgwd.nft.parse_table (the kernel's JSON read back into the same TableContents the plan
+"""natgwd.planning.table (transactions), natgwd.kernel.fake (atomicity, references, generations) and
+natgwd.kernel.nft.parse_table (the kernel's JSON read back into the same TableContents the plan
 produces)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from natgwd.fake import FakeNft
-from natgwd.lab import SEED_STATE
-from natgwd.nft import NftError, parse_table
-from natgwd.plan import assign_ids, desired_table, share_chain_name
-from natgwd.table import (
+from natgwd.kernel.fake import FakeNft
+from natgwd.kernel.nft import NftError, parse_table
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.plan import assign_ids, desired_table, share_chain_name
+from natgwd.planning.table import (
     ELEMENTS_PER_COMMAND,
     AddChain,
     AddElements,
@@ -37,7 +37,7 @@ from natgwd.table import (
     render_element,
     rule_tag,
 )
-from natgwd.validation import load_state
+from natgwd.state.validation import load_state
 
 DNAT_KEY = "10.115.55.200 . tcp . 8888"
 

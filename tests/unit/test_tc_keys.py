@@ -1,8 +1,8 @@
-"""natgwd.tc's HTB parameters: the quantum within the kernel's bounds, a burst in ticks."""
+"""natgwd.qos.tc's HTB parameters: the quantum within the kernel's bounds, a burst in ticks."""
 
 from __future__ import annotations
 
-from natgwd.tc import _quantum, _ticks
+from natgwd.qos.tc import _quantum, _ticks
 
 
 def test_quantum_within_the_kernels_bounds_and_burst_ticks() -> None:

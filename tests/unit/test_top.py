@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from natgwd.top import parse, rates, render
+from natgwd.observability.top import parse, rates, render
 
 SNAT = ("snat", "my-snat", "10.115.55.200")
 DNAT = ("dnat", "dnat01", "10.115.55.200")

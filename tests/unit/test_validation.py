@@ -1,4 +1,4 @@
-"""natgwd.validation: every way a desired-state file can be wrong is reported as an
+"""natgwd.state.validation: every way a desired-state file can be wrong is reported as an
 InvalidStateError carrying the JSON path and a reason, and nothing else ever escapes."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from natgwd.lab import SEED_STATE
-from natgwd.model import (
+from natgwd.lab.topology import SEED_STATE
+from natgwd.state.model import (
     DesiredState,
     DnatRule,
     Eip,
@@ -25,7 +25,7 @@ from natgwd.model import (
     Route,
     SnatRule,
 )
-from natgwd.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
+from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
 
 EXAMPLE_SEED = Path(__file__).parents[2] / "examples" / "seed.json"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab import SEED_STATE
-from natgwd.validation import InvalidStateError, load_state
+from natgwd.lab.topology import SEED_STATE
+from natgwd.state.validation import InvalidStateError, load_state
 
 SKIPPED = "the checks of addresses, EIP references, duplicates, conflicts and reachability were skipped"
 DNS_LABEL = "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit"

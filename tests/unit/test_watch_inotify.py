@@ -1,4 +1,4 @@
-"""natgwd.watch.DirectoryWaker: inotify wakes the poll when the state file, or a
+"""natgwd.runtime.watch.DirectoryWaker: inotify wakes the poll when the state file, or a
 ConfigMap's `..data`, changes; nothing else in the directory does."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from natgwd.watch import DirectoryWaker
+from natgwd.runtime.watch import DirectoryWaker
 
 WOKEN_WITHIN = 5.0  # generous: a wake takes microseconds; this only bounds a failing test
 

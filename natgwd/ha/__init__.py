@@ -1,0 +1,1 @@
+"""High availability: the ha section, keepalived and conntrackd configurations, their supervision, roles."""

@@ -1,0 +1,419 @@
+"""An HA member: natgwd's side of an active/standby pair.
+
+After each apply the daemon hands the state over (`applied`). With an `ha` section this
+writes keepalived.conf and conntrackd.conf, keeps both running under the Supervisor
+(conntrackd first, so it syncs before keepalived can make this member active) and reacts
+to keepalived's role changes, which arrive as lines on its notify FIFO:
+
+- becoming master: commit the connections conntrackd received from the peer to the
+  kernel before they are needed (Neutron's sequence `-c`, `-f`, `-R`, `-B`), then
+  gratuitous ARP for every moved address;
+- becoming backup (or fault): `-t` (let the kernel's entries expire: the peer owns the
+  connections now), `-n` (ask the master for its table).
+
+keepalived starts only after the first complete apply: a member never takes the addresses
+before its nftables table and routes are in place. A standby keeps table and routes
+loaded, so a takeover only moves addresses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from pyroute2 import IPRoute
+
+from natgwd.ha.announce import ActiveAnnouncer
+from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
+from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
+from natgwd.ha.peer import PeerLink
+from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.state.model import DesiredState
+
+log = structlog.get_logger("natgwd.ha.controller")
+
+# conntrackd injects the peer's entries into the kernel as they arrive (DisableExternalCache),
+# so a new active has nothing to commit: it makes its own cache the kernel's table (-f
+# internal, -R) and sends it all to the peer (-B). Plain -f would flush the injected
+# entries from the kernel. A new standby asks the active for its table (-n).
+MASTER_COMMANDS = (("-f", "internal"), ("-R",), ("-B",))
+BACKUP_COMMANDS = (("-n",),)
+# keepalived's event for an active member that hears a lower priority: another member was
+# active too (a healed split brain). This one stays active and announces its addresses again
+# (garp_lower_prio_repeat in keepalived.conf).
+HEALED = "master_rx_lower_pri"
+COMMAND_TIMEOUT_SECONDS = 10.0
+# Both members translate every synced connection the same way; with liberal TCP window
+# tracking either one forwards any packet of it, whatever the other saw of the stream. That
+# makes a split brain harmless for established connections, and a takeover too when the
+# stream moved on while the entry was on its way.
+TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+@dataclass(frozen=True)
+class Binaries:
+    keepalived: str = "keepalived"
+    conntrackd: str = "conntrackd"
+
+
+def parse_notify(line: str) -> str | None:
+    """The role in a notify FIFO line (`INSTANCE "natgwd" MASTER 150`), lower case."""
+    parts = line.split()
+    if len(parts) >= 3 and parts[0] == "INSTANCE":
+        return parts[2].lower()
+    return None
+
+
+class HaController:
+    def __init__(
+        self,
+        run_dir: Path,
+        on_garp_sent: Callable[[str, int], None],
+        registry: CollectorRegistry,
+        binaries: Binaries = Binaries(),
+    ) -> None:
+        self.paths = HaPaths(run_dir)
+        self.binaries = binaries
+        self._announcer = ActiveAnnouncer(lambda: self._role == "master", on_garp_sent)
+        self._master_since: float | None = None  # monotonic
+        self.metrics = HaMetrics(registry)
+        registry.register(HaCollector(self._snapshot))
+        self._supervisor: Supervisor | None = None
+        self._lock = threading.RLock()
+        self._state: DesiredState | None = None
+        self._digest: str | None = None
+        self._members: tuple[HaMember, HaMember] | None = None
+        self._written: dict[Path, str] = {}
+        self._keepalived_started = False
+        self._peer: PeerLink | None = None
+        self._problem: str | None = None
+        self._role = "init"
+        self._peer_state_told: bool | None = None
+        self._fifo_thread: threading.Thread | None = None
+        self._resync: Callable[[], None] = lambda: None
+
+    # --- the daemon's calls ------------------------------------------------------------
+
+    def start(self, resync: Callable[[], None]) -> None:
+        """`resync` asks the daemon to put routes back at once: the kernel drops every
+        route through an interface whose last address keepalived just removed."""
+        self._resync = resync
+        self._supervisor = Supervisor()
+
+    def stop(self) -> None:
+        """Stop keepalived (it gives the addresses up at once: priority 0) and conntrackd."""
+        with self._lock:
+            self._stop_member()
+            if self._supervisor is not None:
+                self._supervisor.stop()
+
+    def applied(self, state: DesiredState, digest: str, complete: bool) -> None:
+        with self._lock:
+            self._state, self._digest = state, digest
+            ha = state.ha
+            if ha is None:
+                self._stop_member()
+                return
+            if not complete and not self._keepalived_started:
+                self._problem = "waiting for the first complete apply before starting keepalived"
+                return
+            members = self._resolve(ha)
+            if members is None:
+                return
+            self._problem = None
+            self._liberal()
+            self._run(state, ha, *members)
+
+    def readiness(self) -> tuple[str | None, dict[str, Any]]:
+        with self._lock:
+            state = self._state
+            if state is None or state.ha is None:
+                return None, {}
+            detail: dict[str, Any] = {"role": self._role}
+            if self._members is not None:
+                me, peer = self._members
+                detail.update(me=str(me.address), peer=str(peer.address))
+            if self._peer is not None:
+                view = self._peer.view()
+                detail.update(peer_reachable=view.reachable, peer_role=view.role, peer_sha256=view.sha256)
+            reasons = [self._problem] if self._problem else []
+            statuses = self._supervisor.statuses() if self._supervisor else {}
+            for name in self._wanted_children(state.ha):
+                status = statuses.get(name)
+                if status is None or not status.up:
+                    restarts = status.restarts if status else 0
+                    reasons.append(f"{name} is not running (restarts: {restarts})")
+            return "; ".join(reasons) or None, {"ha": detail}
+
+    # --- pieces ---------------------------------------------------------------------
+
+    def _resolve(self, ha: HaConfig) -> tuple[HaMember, HaMember] | None:
+        """Which member this is, by the addresses on the sync interface."""
+        try:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=ha.interface)
+                present = (
+                    [IPv4Address(m.get("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET, index=found[0])]
+                    if found
+                    else []
+                )
+        except OSError as err:
+            self._problem = f"cannot read the addresses of {ha.interface}: {err}"
+            return None
+        members = ha.member_on(present)
+        if members is None:
+            wanted = " or ".join(str(m.address) for m in ha.members)
+            self._problem = f"sync interface {ha.interface} holds neither ha.members address ({wanted})"
+            log.error("HA member unknown", interface=ha.interface, wanted=wanted, present=[str(a) for a in present])
+            return None
+        if members != self._members:
+            log.info("HA member", me=str(members[0].address), peer=str(members[1].address))
+            self._stop_peer()
+            self._members = members
+        return members
+
+    def _run(self, state: DesiredState, ha: HaConfig, me: HaMember, peer: HaMember) -> None:
+        assert self._supervisor is not None
+        paths = self.paths
+        paths.directory.mkdir(parents=True, exist_ok=True)
+        self._ensure_fifo()
+        ctd_text = conntrackd_conf(ha, me, peer, paths)
+        self._write(paths.conntrackd_conf, ctd_text)
+        if ha.conntrack_sync:
+            # The config's digest in the spec: a changed config restarts conntrackd.
+            version = hashlib.sha256(ctd_text.encode()).hexdigest()[:12]
+            self._supervisor.run(
+                ChildSpec(
+                    "conntrackd",
+                    (self.binaries.conntrackd, "-C", str(paths.conntrackd_conf)),
+                    prepare=lambda: remove_stale(paths.conntrackd_lock),
+                    version=version,
+                )
+            )
+        else:
+            self._supervisor.remove("conntrackd")
+        text = keepalived_conf(ha, me, peer, virtual_addresses(state), paths, state.internal.interface)
+        changed = self._write(paths.keepalived_conf, text)
+        if not self._keepalived_started:
+            self._supervisor.run(
+                ChildSpec(
+                    "keepalived",
+                    (
+                        self.binaries.keepalived,
+                        *("--vrrp", "--dont-fork", "--log-console", "--log-detail"),
+                        *("-f", str(paths.keepalived_conf)),
+                        *("-p", str(paths.keepalived_pid), "-r", str(paths.vrrp_pid)),
+                    ),
+                    prepare=self._clear_keepalived_pids,
+                ),
+                on_exit=self._keepalived_exited,
+            )
+            self._keepalived_started = True
+        elif changed:
+            # A reload, not a restart: a restart would give the addresses up.
+            log.info("reloading keepalived for the new addresses")
+            self._supervisor.signal("keepalived", 1)  # SIGHUP
+        if self._peer is None:
+            self._peer = PeerLink(ha.interface, me.address, peer.address, HELLO_PORT, self._hello, self._peer_returned)
+        self._check_peer_state()
+
+    def _liberal(self) -> None:
+        try:
+            if TCP_BE_LIBERAL.read_text().strip() != "1":
+                TCP_BE_LIBERAL.write_text("1\n")
+                log.info("TCP window tracking set liberal for HA", sysctl=str(TCP_BE_LIBERAL))
+        except OSError as err:
+            # Read-only /proc/sys: the pod's securityContext.sysctls sets it (deploy/).
+            log.warning("cannot set TCP window tracking liberal", sysctl=str(TCP_BE_LIBERAL), error=str(err))
+
+    def _write(self, path: Path, text: str) -> bool:
+        if self._written.get(path) == text:
+            return False
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        self._written[path] = text
+        return True
+
+    def _ensure_fifo(self) -> None:
+        path = self.paths.notify_fifo
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISFIFO(path.lstat().st_mode):
+                path.unlink()
+        with contextlib.suppress(FileExistsError):
+            os.mkfifo(path, 0o600)
+        if self._fifo_thread is None:
+            self._fifo_thread = threading.Thread(target=self._read_fifo, name="natgwd-ha-notify", daemon=True)
+            self._fifo_thread.start()
+
+    def _read_fifo(self) -> None:
+        # Read-write: the FIFO never reports end of file when keepalived restarts.
+        fd = os.open(self.paths.notify_fifo, os.O_RDWR)
+        with os.fdopen(fd, "rb", buffering=0) as fifo:
+            for raw in fifo:
+                role = parse_notify(raw.decode(errors="replace"))
+                if role is not None:
+                    self._on_role(role)
+
+    def _on_role(self, role: str) -> None:
+        if role == HEALED:
+            log.warning("the peer was active too (split brain); it yields now, this member stays active")
+            self._announce_all()
+            return
+        with self._lock:
+            previous, self._role = self._role, role
+            state = self._state
+            self._master_since = time.monotonic() if role == "master" else None
+        log.info("HA role changed", role=role, previous=previous)
+        self._resync()
+        self.metrics.set_role(role)
+        self.metrics.transitions.labels(role).inc()
+        self.metrics.last_transition.set(time.time())
+        if state is None or state.ha is None:
+            return
+        if role == "master":
+            if state.ha.conntrack_sync:
+                started = time.monotonic()
+                self._conntrackd(MASTER_COMMANDS)
+                self.metrics.takeover_seconds.set(time.monotonic() - started)
+            self._announce_all()
+        elif role in ("backup", "fault") and state.ha.conntrack_sync:
+            self._conntrackd(BACKUP_COMMANDS)
+
+    def _peer_returned(self, silent_since: float) -> None:
+        """The peer is heard again after a silence. It may have taken the addresses
+        meanwhile (a cut sync link): if this member was active all along, upstream and the
+        VMs may still send to the peer's MAC, and keepalived announces again only if it
+        happens to hear the peer's lower priority before the peer yields. So announce here
+        too. A member that became active during the silence is the one about to yield: it
+        must not announce.
+        (Not `conntrackd -n` to pull the peer's connections: injecting the peer's copy over
+        this member's live entries stalled every TCP flow for seconds, measured; the peer's
+        FTFW resend queue delivers what it sent into the cut link anyway.)"""
+        with self._lock:
+            since = self._master_since
+        log.warning("the peer is reachable again", role=self._role)
+        if since is not None and since <= silent_since:
+            self._announce_all()
+
+    def _announce_all(self) -> None:
+        state = self._state
+        if state is None:
+            return
+        self._announcer.request({name: [a.ip for a in values] for name, values in virtual_addresses(state).items()})
+
+    def _conntrackd(self, commands: tuple[tuple[str, ...], ...]) -> None:
+        for args in commands:
+            argv = [self.binaries.conntrackd, "-C", str(self.paths.conntrackd_conf), *args]
+            try:
+                result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                log.error("conntrackd command failed", argv=argv, error=str(err))
+                continue
+            output = (result.stdout + result.stderr).strip()
+            if result.returncode:
+                log.error("conntrackd command failed", argv=argv, code=result.returncode, output=output)
+            else:
+                log.info("conntrackd command", argv=argv, output=output)
+
+    def _hello(self) -> tuple[str | None, str]:
+        return self._digest, self._role
+
+    def _check_peer_state(self) -> None:
+        match = self._peer_state_match()
+        if match is None or match == self._peer_state_told:
+            return
+        self._peer_state_told = match
+        if match:
+            log.info("the peer applied the same desired state", sha256=(self._digest or "")[:12])
+        else:
+            view = self._peer.view() if self._peer else None
+            log.warning(
+                "the peer applied a different desired state",
+                sha256=(self._digest or "")[:12],
+                peer_sha256=(view.sha256 or "")[:12] if view else None,
+            )
+
+    def _peer_state_match(self) -> bool | None:
+        if self._peer is None:
+            return None
+        view = self._peer.view()
+        if not view.reachable or view.sha256 is None:
+            return None
+        return view.sha256 == self._digest
+
+    def _snapshot(self) -> HaSnapshot | None:
+        with self._lock:
+            state = self._state
+            if state is None or state.ha is None or self._supervisor is None:
+                return None
+            self._check_peer_state()
+            statuses = self._supervisor.statuses()
+            view = self._peer.view() if self._peer else None
+            match = self._peer_state_match()
+        conntrackd = statuses.get("conntrackd")
+        stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
+        return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats)
+
+    def _conntrackd_stats(self) -> dict[str, int] | None:
+        texts = []
+        for extra in ((), ("queue",)):
+            argv = [self.binaries.conntrackd, "-C", str(self.paths.conntrackd_conf), "-s", *extra]
+            try:
+                result = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                log.warning("cannot read conntrackd statistics", error=str(err))
+                return None
+            if result.returncode:
+                return None
+            texts.append(result.stdout)
+        return parse_stats(*texts)
+
+    def _wanted_children(self, ha: HaConfig) -> list[str]:
+        if not self._keepalived_started:
+            return []
+        return ["keepalived", "conntrackd"] if ha.conntrack_sync else ["keepalived"]
+
+    def _keepalived_exited(self, _name: str, _code: int) -> None:
+        # keepalived killed hard leaves its addresses behind; the next one removes them
+        # as it starts (it enters BACKUP by removing every configured address).
+        # Not under self._lock: the supervisor thread calls this, and _stop_member holds the
+        # lock while it waits for that thread.
+        self._role = "init"
+        self.metrics.set_role("init")
+
+    def _clear_keepalived_pids(self) -> None:
+        # keepalived refuses to start while its pid file names a live process, and a
+        # killed keepalived's pid may be reused by anything.
+        for path in (self.paths.keepalived_pid, self.paths.vrrp_pid):
+            remove_stale(path)
+
+    def _stop_peer(self) -> None:
+        if self._peer is not None:
+            self._peer.stop()
+            self._peer = None
+
+    def _stop_member(self) -> None:
+        if self._supervisor is not None and self._keepalived_started:
+            self._supervisor.remove("keepalived")
+            self._supervisor.remove("conntrackd")
+            # keepalived took its addresses along, the ones natgwd now configures itself
+            # without an `ha` section included: put them back.
+            self._resync()
+        self._keepalived_started = False
+        self._stop_peer()
+        self._members = None

@@ -1,0 +1,232 @@
+"""Child processes that natgwd runs and keeps running (keepalived, conntrackd).
+
+Each child is restarted with exponential backoff when it exits, its output goes line by
+line into natgwd's log, and its state (up, restarts, last exit) is there for /readyz and
+/metrics. A child gets SIGTERM when natgwd dies, even by SIGKILL (PR_SET_PDEATHSIG), so a
+killed natgwd never leaves keepalived holding the addresses without anyone watching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+log = structlog.get_logger("natgwd.ha.supervisor")
+
+BACKOFF_FIRST_SECONDS = 0.2
+BACKOFF_MAX_SECONDS = 30.0
+STABLE_SECONDS = 30.0  # a child that ran this long starts over at the first backoff step
+STOP_TIMEOUT_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str
+    argv: Sequence[str]
+    # Runs before every start: clears what a killed predecessor left (a lock file).
+    prepare: Callable[[], None] | None = field(default=None, compare=False)
+    # A different version is a different child: it replaces the running one.
+    version: str = ""
+
+
+@dataclass
+class ChildStatus:
+    up: bool = False
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    on_exit: Callable[[str, int], None] | None = None
+    status: ChildStatus = field(default_factory=ChildStatus)
+    _process: subprocess.Popen[bytes] | None = None
+    _started_at: float = 0.0
+    _start_at: float = 0.0  # monotonic time of the next (re)start
+    _backoff: float = BACKOFF_FIRST_SECONDS
+
+    def start(self) -> None:
+        if self.spec.prepare is not None:
+            self.spec.prepare()
+        try:
+            # A session of its own: a terminal's Ctrl-C reaches natgwd, which then stops the
+            # children in order, instead of reaching all of them at once.
+            process = subprocess.Popen(
+                list(self.spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as err:
+            log.error("cannot start child", process=self.spec.name, error=str(err))
+            self._schedule(time.monotonic())
+            return
+        self._process, self._started_at = process, time.monotonic()
+        self.status.up, self.status.pid = True, process.pid
+        log.info("child started", process=self.spec.name, pid=process.pid, argv=list(self.spec.argv))
+        threading.Thread(
+            target=self._forward, args=(process,), name=f"natgwd-{self.spec.name}-log", daemon=True
+        ).start()
+
+    def check(self, now: float) -> None:
+        """Restart the child if it exited and its backoff has passed."""
+        process = self._process
+        if process is not None:
+            code = process.poll()
+            if code is None:
+                if now - self._started_at >= STABLE_SECONDS:
+                    self._backoff = BACKOFF_FIRST_SECONDS
+                return
+            self._process = None
+            self.status.up, self.status.pid, self.status.last_exit = False, None, code
+            log.error("child exited", process=self.spec.name, code=code, restart_in=round(self._backoff, 2))
+            if self.on_exit is not None:
+                self.on_exit(self.spec.name, code)
+            self._schedule(now)
+            return
+        if now >= self._start_at:
+            self.status.restarts += 1
+            self.start()
+
+    def _schedule(self, now: float) -> None:
+        self._start_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
+
+    def signal(self, signum: int) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("child ignored SIGTERM; killing it", process=self.spec.name, pid=process.pid)
+                process.kill()
+                process.wait()
+        self.status.up, self.status.pid, self.status.last_exit = False, None, process.returncode
+        log.info("child stopped", process=self.spec.name, code=process.returncode)
+
+    def _forward(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        with process.stdout:
+            for raw in process.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                if line:
+                    log.info("child output", process=self.spec.name, pid=process.pid, line=line)
+
+
+class Supervisor:
+    """Runs children from one thread of its own (PR_SET_PDEATHSIG follows the thread that
+    forked a child, so that thread must live as long as the children do)."""
+
+    TICK_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self._children: dict[str, Child] = {}
+        self._requests: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="natgwd-supervisor", daemon=True)
+        self._thread.start()
+
+    def run(self, spec: ChildSpec, on_exit: Callable[[str, int], None] | None = None) -> None:
+        """Start `spec` (stopping a child of the same name with another spec first)."""
+
+        def start() -> None:
+            current = self._children.get(spec.name)
+            if current is not None and current.spec == spec:
+                return
+            if current is not None:
+                current.stop()
+            child = Child(spec, on_exit)
+            self._children[spec.name] = child
+            child.start()
+
+        self._submit(start)
+
+    def remove(self, name: str) -> None:
+        """Stop a child and forget it; returns once it is stopped."""
+        done = threading.Event()
+
+        def stop() -> None:
+            child = self._children.pop(name, None)
+            if child is not None:
+                child.stop()
+            done.set()
+
+        self._submit(stop)
+        done.wait(STOP_TIMEOUT_SECONDS * 2)
+
+    def signal(self, name: str, signum: int) -> None:
+        def send() -> None:
+            child = self._children.get(name)
+            if child is not None:
+                child.signal(signum)
+
+        self._submit(send)
+
+    def statuses(self) -> dict[str, ChildStatus]:
+        with self._lock:
+            return {name: ChildStatus(**vars(child.status)) for name, child in self._children.items()}
+
+    def stop(self) -> None:
+        """Stop every child, in reverse order of start, and the thread."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _submit(self, request: Callable[[], None]) -> None:
+        with self._lock:
+            self._requests.append(request)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                requests, self._requests = self._requests, []
+                stopping = self._stopping
+            for request in requests:
+                request()
+            if stopping:
+                for child in reversed(list(self._children.values())):
+                    child.stop()
+                self._children.clear()
+                return
+            now = time.monotonic()
+            for child in list(self._children.values()):
+                child.check(now)
+            self._wake.wait(self.TICK_SECONDS)
+            self._wake.clear()
+
+
+def remove_stale(path: os.PathLike[str] | str) -> None:
+    """Delete a file a killed child left behind (its lock or pid file). Only called while
+    that child is not running, so the file cannot be a live one."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,188 @@
+"""An in-memory stand-in for the kernel's natgwd table, for tests without root.
+
+It applies transactions with the kernel's rules that matter to reconciliation: all or
+nothing, adding an existing map key with another value fails, deleting a missing element
+or object fails, references must resolve (as knftables' fake checks them), and counters
+live on elements. The ruleset generation moves by one per commit, as the kernel's does.
+It is as strict as the oldest kernel natgwd supports: before 6.2, a chain still counts as
+referenced by a verdict-map element deleted in the same transaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import TypeVar
+
+from natgwd.kernel.nft import NftError
+from natgwd.planning.counters import CountedElement
+from natgwd.planning.table import (
+    AddChain,
+    AddElements,
+    AddRule,
+    AddSet,
+    AddTable,
+    Counter,
+    DeleteChain,
+    DeleteElements,
+    DeleteSet,
+    Element,
+    FlushChain,
+    TableContents,
+    Transaction,
+    verdict_targets,
+)
+
+T = TypeVar("T")
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.table: TableContents | None = None
+        self.transactions: list[Transaction] = []
+        self.fail_next: str | None = None
+        self._generation = 1
+        self._rule_text: dict[str, str] = {}  # tag -> rule, for reference checks
+
+    def apply(self, tx: Transaction) -> None:
+        if not tx:
+            return
+        if self.fail_next is not None:
+            reason, self.fail_next = self.fail_next, None
+            raise NftError(reason)
+        self.table = self._applied(tx)
+        self.transactions.append(tx)
+        self._generation += 1
+
+    def foreign(self) -> TableContents:
+        """The table for a test to change as another process would: the change counts as
+        that process's commit, so the generation moves."""
+        assert self.table is not None
+        self._generation += 1
+        return self.table
+
+    def check(self, tx: Transaction) -> None:
+        self._applied(tx)
+
+    def read_table(self) -> TableContents | None:
+        return copy.deepcopy(self.table)
+
+    def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
+        """As the kernel lists them: marks in hex."""
+        if self.table is None:
+            return {}
+        return {
+            name: [_counted(key, element) for key, element in self.table.elements[name].items()]
+            for name in names
+            if name in self.table.elements
+        }
+
+    def delete_table(self) -> None:
+        if self.table is not None:
+            self.table = None
+            self._generation += 1
+
+    def generation(self) -> int:
+        return self._generation
+
+    def count(self, set_name: str, key: str, packets: int, size: int) -> None:
+        """Pretend the kernel matched `packets` packets of `size` bytes on an element."""
+        assert self.table is not None
+        element = self.table.elements[set_name][key]
+        old = element.counter or Counter(0, 0)
+        new = Counter(old.packets + packets, old.bytes + packets * size)
+        self.table.elements[set_name][key] = Element(element.value, element.comment, new)
+
+    def _applied(self, tx: Transaction) -> TableContents:
+        table = copy.deepcopy(self.table)
+        jumped_to_before = verdict_targets(table) if table is not None else set()
+        for op in tx.operations:
+            if isinstance(op, AddTable):
+                table = table or TableContents()
+                continue
+            if table is None:
+                raise NftError(f"{op.render()}: No such file or directory (no table)")
+            if isinstance(op, AddRule):
+                self._check_rule_references(table, op)
+            elif isinstance(op, DeleteChain) and op.name in jumped_to_before | self._chains_referenced(table):
+                raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)")
+            elif isinstance(op, DeleteSet) and op.name in self._sets_referenced(table):
+                raise NftError(f"{op.render()}: Device or resource busy (set is referenced)")
+            _apply(table, op)
+        assert table is not None
+        return table
+
+    def _check_rule_references(self, table: TableContents, op: AddRule) -> None:
+        for name in _SET_REFERENCE.findall(op.rule):
+            _need(table.sets, name, op.render())
+        for name in _CHAIN_REFERENCE.findall(op.rule):
+            _need(table.chains, name, op.render())
+        self._rule_text[op.tag] = op.rule
+
+    def _rules(self, table: TableContents) -> list[str]:
+        return [self._rule_text.get(tag, "") for tags in table.chains.values() for tag in tags]
+
+    def _sets_referenced(self, table: TableContents) -> set[str]:
+        return {name for rule in self._rules(table) for name in _SET_REFERENCE.findall(rule)}
+
+    def _chains_referenced(self, table: TableContents) -> set[str]:
+        by_rules = {name for rule in self._rules(table) for name in _CHAIN_REFERENCE.findall(rule)}
+        return by_rules | verdict_targets(table)
+
+
+_SET_REFERENCE = re.compile(r"@(\w+)")
+_CHAIN_REFERENCE = re.compile(r"\b(?:jump|goto) (\w+)")
+
+
+def _apply(table: TableContents, op: object) -> None:
+    if isinstance(op, AddSet):
+        if op.spec.name not in table.sets:
+            table.sets[op.spec.name] = op.spec.keyword
+            table.elements[op.spec.name] = {}
+    elif isinstance(op, DeleteSet):
+        if op.name not in table.sets:
+            raise NftError(f"{op.render()}: No such file or directory")
+        del table.sets[op.name]
+        del table.elements[op.name]
+    elif isinstance(op, AddChain):
+        table.chains.setdefault(op.name, ())
+    elif isinstance(op, DeleteChain):
+        if table.chains.get(op.name):
+            raise NftError(f"{op.render()}: Device or resource busy (chain not empty)")
+        _need(table.chains, op.name, op.render())
+        del table.chains[op.name]
+    elif isinstance(op, FlushChain):
+        _need(table.chains, op.name, op.render())
+        table.chains[op.name] = ()
+    elif isinstance(op, AddRule):
+        _need(table.chains, op.chain, op.render())
+        table.chains[op.chain] = (*table.chains[op.chain], op.tag)
+    elif isinstance(op, AddElements):
+        elements = _need(table.elements, op.set_name, op.render())
+        for key, element in op.elements:
+            if element.value is not None and (jump := _CHAIN_REFERENCE.match(element.value)):
+                _need(table.chains, jump.group(1), op.render())
+            existing = elements.get(key)
+            if existing is not None and existing.value != element.value:
+                raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)")
+            if existing is None:
+                seeded = element.counter or Counter(0, 0)
+                elements[key] = Element(element.value, element.comment, seeded)
+    elif isinstance(op, DeleteElements):
+        elements = _need(table.elements, op.set_name, op.render())
+        for key in op.keys:
+            if key not in elements:
+                raise NftError(f"{op.render()}: No such file or directory (element {key})")
+            del elements[key]
+
+
+def _need(mapping: dict[str, T], name: str, command: str) -> T:
+    if name not in mapping:
+        raise NftError(f"{command}: No such file or directory")
+    return mapping[name]
+
+
+def _counted(key: str, element: Element) -> CountedElement:
+    listed = " . ".join(f"0x{int(part):08x}" if part.isdigit() else part for part in key.split(" . "))
+    counter = element.counter or Counter(0, 0)
+    return (listed, str(counter.packets), str(counter.bytes), element.comment or "")

@@ -1,0 +1,209 @@
+"""The shell around rtnetlink (pyroute2) and the forwarding sysctl.
+
+Ownership is recorded in the kernel, not in a file that a container restart would lose:
+addresses natgwd adds carry IFA_PROTO and routes carry a route protocol, both NATGWD_PROTO.
+Only those are ever removed; an address or route that was there before (from the CNI, or
+an operator) is left alone even when natgwd also declares it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from natgwd.planning.links import LinkPlan, RouteSpec
+
+NATGWD_PROTO = 249  # unassigned in iproute2's rt_protos; marks what natgwd added
+RTNH_F_ONLINK = 4
+MAIN_TABLE = 254
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+@dataclass
+class LinkReport:
+    missing: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    added_addresses: list[tuple[str, IPv4Interface]] = field(default_factory=list)
+
+
+def ensure_forwarding(path: Path = IP_FORWARD) -> bool:
+    """Turn IPv4 forwarding on for the whole namespace; True when it was off. Where
+    /proc/sys is read-only (an unprivileged container) this is left to the per-interface
+    settings that Netlink.apply makes over netlink."""
+    if path.read_text().strip() == "1":
+        return False
+    try:
+        path.write_text("1\n")
+    except OSError:
+        return False
+    return True
+
+
+# IPv4 per-interface settings (include/uapi/linux/ip.h IPV4_DEVCONF_*), set over rtnetlink
+# so that CAP_NET_ADMIN suffices where /proc/sys is mounted read-only.
+DEVCONF_FORWARDING = 1
+DEVCONF_PROMOTE_SECONDARIES = 20
+_WANTED_DEVCONF = {"forwarding": DEVCONF_FORWARDING, "promote_secondaries": DEVCONF_PROMOTE_SECONDARIES}
+RTM_SETLINK = 19
+IFLA_AF_SPEC = 26
+IFLA_INET_CONF = 1
+NLA_F_NESTED = 0x8000
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    header = struct.pack("=HH", 4 + len(payload), kind)
+    return header + payload + b"\0" * (-len(payload) % 4)
+
+
+def _set_devconf(index: int, settings: dict[int, int]) -> None:
+    """RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF; pyroute2 only decodes these."""
+    conf = b"".join(_nla(key, struct.pack("=I", value)) for key, value in settings.items())
+    spec = _nla(
+        IFLA_AF_SPEC | NLA_F_NESTED, _nla(socket.AF_INET | NLA_F_NESTED, _nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
+    )
+    body = struct.pack("=BxHiII", 0, 0, index, 0, 0) + spec
+    header = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, 0x1 | 0x4, 1, 0)  # NLM_F_REQUEST|NLM_F_ACK
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    error = struct.unpack_from("=i", reply, 16)[0]
+    if error:
+        raise OSError(-error, os.strerror(-error))
+
+
+class Netlink:
+    def apply(self, plan: LinkPlan) -> LinkReport:
+        report = LinkReport()
+        with IPRoute() as ipr:
+            index: dict[str, int] = {}
+            for spec in plan.interfaces:
+                found = ipr.link_lookup(ifname=spec.name)
+                if not found:
+                    report.missing.append(spec.name)
+                    continue
+                index[spec.name] = found[0]
+                self._up(ipr, spec.name, found[0], report)
+                self._addresses(ipr, found[0], spec.name, spec.addresses, report)
+            self._routes(ipr, plan.routes, index, report)
+        return report
+
+    def remove_owned(self) -> LinkReport:
+        """Delete every address and route natgwd added (for a decommissioned gateway)."""
+        report = LinkReport()
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr(family=socket.AF_INET):
+                if msg.get("IFA_PROTO") == NATGWD_PROTO:
+                    self._del_addr(ipr, msg["index"], _interface_of(msg), report)
+            for route in self._owned_routes(ipr):
+                self._del_route(ipr, route, report)
+        return report
+
+    # --- pieces ---------------------------------------------------------------------
+
+    def _up(self, ipr: IPRoute, name: str, idx: int, report: LinkReport) -> None:
+        link = ipr.get_links(idx)[0]
+        if not link["flags"] & 1:  # IFF_UP
+            ipr.link("set", index=idx, state="up")
+            report.changes.append(f"set {name} up")
+        # forwarding: packets from this interface are routed. promote_secondaries: without
+        # it, deleting the interface's primary address (a changed external.addresses) makes
+        # the kernel delete every secondary of that subnet: all EIPs, and others' addresses.
+        inet = link.get_attr("IFLA_AF_SPEC").get_attr("AF_INET")
+        off = {key: 1 for name_, key in _WANTED_DEVCONF.items() if inet[name_] != 1}
+        if off:
+            try:
+                _set_devconf(idx, off)
+                report.changes.append(f"set {name} " + ", ".join(n for n, k in _WANTED_DEVCONF.items() if k in off))
+            except OSError as err:
+                report.errors.append(f"set {name} forwarding/promote_secondaries: {err}")
+
+    def _addresses(
+        self, ipr: IPRoute, idx: int, name: str, wanted: frozenset[IPv4Interface], report: LinkReport
+    ) -> None:
+        present = {_interface_of(msg): msg for msg in ipr.get_addr(family=socket.AF_INET, index=idx)}
+        for address in sorted(wanted - present.keys()):
+            try:
+                ipr.addr(
+                    "add",
+                    index=idx,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                    IFA_PROTO=NATGWD_PROTO,
+                )
+                report.changes.append(f"add address {address} dev {name}")
+                report.added_addresses.append((name, address))
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    report.errors.append(f"add address {address} dev {name}: {err}")
+        for address, msg in present.items():
+            if address not in wanted and msg.get("IFA_PROTO") == NATGWD_PROTO:
+                self._del_addr(ipr, idx, address, report)
+
+    def _del_addr(self, ipr: IPRoute, idx: int, address: IPv4Interface, report: LinkReport) -> None:
+        try:
+            ipr.addr("del", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            report.changes.append(f"delete address {address}")
+        except NetlinkError as err:
+            if err.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                report.errors.append(f"delete address {address}: {err}")
+
+    def _owned_routes(self, ipr: IPRoute) -> list[dict]:
+        return [r for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE) if r["proto"] == NATGWD_PROTO]
+
+    def _routes(self, ipr: IPRoute, wanted: tuple[RouteSpec, ...], index: dict[str, int], report: LinkReport) -> None:
+        existing = {
+            IPv4Network(f"{r.get('RTA_DST', '0.0.0.0')}/{r['dst_len']}"): r
+            for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+            if r.get("RTA_PRIORITY", 0) == 0 and r["type"] == 1  # unicast, metric 0
+        }
+        wanted_dsts = set()
+        for spec in wanted:
+            wanted_dsts.add(spec.dst)
+            if spec.interface not in index:
+                continue  # follows the interface when it appears
+            current = existing.get(spec.dst)
+            if (
+                current is not None
+                and current.get("RTA_GATEWAY") == str(spec.via)
+                and current.get("RTA_OIF") == index[spec.interface]
+            ):
+                continue
+            try:
+                ipr.route(
+                    "replace",
+                    dst=str(spec.dst),
+                    gateway=str(spec.via),
+                    oif=index[spec.interface],
+                    proto=NATGWD_PROTO,
+                    flags=RTNH_F_ONLINK if spec.onlink else 0,
+                    table=MAIN_TABLE,
+                )
+                report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}")
+            except NetlinkError as err:
+                report.errors.append(f"route {spec.dst} via {spec.via} dev {spec.interface}: {err}")
+        for route in self._owned_routes(ipr):
+            dst = IPv4Network(f"{route.get('RTA_DST', '0.0.0.0')}/{route['dst_len']}")
+            if dst not in wanted_dsts:
+                self._del_route(ipr, route, report)
+
+    def _del_route(self, ipr: IPRoute, route: dict, report: LinkReport) -> None:
+        dst = f"{route.get('RTA_DST', '0.0.0.0')}/{route['dst_len']}"
+        try:
+            ipr.route("del", dst=dst, table=MAIN_TABLE, proto=NATGWD_PROTO, oif=route.get("RTA_OIF"))
+            report.changes.append(f"delete route {dst}")
+        except NetlinkError as err:
+            if err.code != errno.ESRCH:
+                report.errors.append(f"delete route {dst}: {err}")
+
+
+def _interface_of(msg: dict) -> IPv4Interface:
+    return IPv4Interface(f"{msg.get('IFA_ADDRESS') or msg.get('IFA_LOCAL')}/{msg['prefixlen']}")

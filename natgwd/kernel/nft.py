@@ -1,0 +1,167 @@
+"""The shell around libnftables: apply a transaction, read the table back.
+
+Scripts are written as text and read back as JSON, the same split kube-proxy's knftables
+makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one text
+`cmd()` call is one atomic kernel transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+from natgwd.kernel.setdump import NFPROTO_INET, SetDumper, SetDumpError, key_layout
+from natgwd.planning.counters import CountedElement
+from natgwd.planning.plan import set_key_type
+from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
+
+
+class NftError(Exception):
+    pass
+
+
+class Nft(Protocol):
+    def apply(self, tx: Transaction) -> None: ...
+
+    def check(self, tx: Transaction) -> None: ...
+
+    def read_table(self) -> TableContents | None: ...
+
+    def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]: ...
+
+    def delete_table(self) -> None: ...
+
+    def generation(self) -> int: ...
+
+
+class KernelNft:
+    """libnftables through Debian's python3-nftables binding; counters straight over
+    netlink (natgwd.kernel.setdump), so that a scrape neither waits for nor delays a transaction."""
+
+    def __init__(self) -> None:
+        from nftables import Nftables  # only importable where libnftables is installed
+
+        self._run = _Context(Nftables(), json_output=True)
+        self._sets = SetDumper(NFPROTO_INET, TABLE)
+
+    def apply(self, tx: Transaction) -> None:
+        if tx:
+            self._run(tx.script())
+
+    def check(self, tx: Transaction) -> None:
+        if tx:
+            self._run(tx.script(), dry_run=True)
+
+    def read_table(self) -> TableContents | None:
+        try:
+            output = self._run(f"list table {FAMILY} {TABLE}")
+        except NftError as err:
+            if "No such file or directory" in str(err):
+                return None
+            raise
+        return parse_table(_load(output))
+
+    def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
+        """The elements of counting sets, with their counters and comments."""
+        result: dict[str, list[CountedElement]] = {}
+        for name in names:
+            try:
+                elements = self._sets.read(name, key_layout(set_key_type(name)))
+            except SetDumpError as err:
+                raise NftError(str(err)) from err
+            if elements is not None:
+                result[name] = elements
+        return result
+
+    def delete_table(self) -> None:
+        try:
+            self._run(f"delete table {FAMILY} {TABLE}")
+        except NftError as err:
+            if "No such file or directory" not in str(err):
+                raise
+
+    def generation(self) -> int:
+        """The kernel's ruleset generation: it moves with every commit to any table."""
+        from pyroute2.netlink.nfnetlink import nfgen_msg
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN
+        from pyroute2.nftables.main import NFTables
+
+        with NFTables() as socket:
+            (message,) = socket.request_get(nfgen_msg(), NFT_MSG_GETGEN)
+        return int(message.get_attr("NFTA_GEN_ID"))
+
+
+class _Context:
+    """One libnftables context; its calls are serialised because a context is not safe to
+    share between threads."""
+
+    def __init__(self, nft: Any, json_output: bool) -> None:
+        self._nft = nft
+        self._nft.set_json_output(json_output)
+        self._nft.set_handle_output(False)
+        self._lock = threading.Lock()
+
+    def __call__(self, script: str, dry_run: bool = False) -> Any:
+        with self._lock:
+            self._nft.set_dry_run(dry_run)
+            try:
+                rc, output, error = self._nft.cmd(script)
+            finally:
+                self._nft.set_dry_run(False)
+        if rc != 0:
+            raise NftError(error.strip() or f"libnftables returned {rc}")
+        return output
+
+
+def _load(output: str) -> list[dict[str, Any]]:
+    import json
+
+    objects: list[dict[str, Any]] = json.loads(output)["nftables"]
+    return objects
+
+
+def _canonical(value: Any, quoted: bool) -> str:
+    if isinstance(value, dict) and "concat" in value:
+        return " . ".join(_canonical(v, quoted) for v in value["concat"])
+    if isinstance(value, dict) and ("goto" in value or "jump" in value):
+        verdict, target = next(iter(value.items()))
+        return f"{verdict} {target['target']}"
+    if isinstance(value, str) and quoted:
+        return f'"{value}"'
+    return str(value)
+
+
+def _parse_element(item: Any, is_map: bool, quoted: bool) -> tuple[str, Element]:
+    value = None
+    if is_map:
+        item, mapped = item
+        value = _canonical(mapped, quoted=False)
+    comment = None
+    counter = None
+    if isinstance(item, dict) and "elem" in item:
+        wrapped = item["elem"]
+        item = wrapped["val"]
+        comment = wrapped.get("comment")
+        if "counter" in wrapped:
+            counter = Counter(wrapped["counter"]["packets"], wrapped["counter"]["bytes"])
+    return _canonical(item, quoted), Element(value, comment, counter)
+
+
+def parse_table(objects: list[dict[str, Any]]) -> TableContents:
+    """TableContents from `nft -j list table|set` output."""
+    contents = TableContents()
+    chains: dict[str, list[str]] = {}
+    for obj in objects:
+        kind, body = next(iter(obj.items()))
+        if kind in ("set", "map"):
+            contents.sets[body["name"]] = kind
+            # ifname keys come back bare but must be written quoted.
+            quoted = body.get("type") == "ifname"
+            elements = (_parse_element(i, kind == "map", quoted) for i in body.get("elem", ()))
+            contents.elements[body["name"]] = dict(elements)
+        elif kind == "chain":
+            chains.setdefault(body["name"], [])
+        elif kind == "rule":
+            chains.setdefault(body["chain"], []).append(body.get("comment", ""))
+    contents.chains = {name: tuple(tags) for name, tags in chains.items()}
+    return contents

@@ -1,0 +1,1 @@
+"""Kube-OVN: importing its objects, and the drop-in for its nat-gateway.sh."""

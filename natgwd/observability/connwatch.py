@@ -1,0 +1,234 @@
+"""The connection watcher: one thread reading conntrack events into natgwd.observability.ctopen's
+tracker (and the translation log), and the /metrics lines made from it at scrape time.
+
+Port-allocation failures per EIP. Linux has no such counter: a source NAT that finds no
+free tuple still hands the packet on, and conntrack refuses the entry when it confirms the
+connection (insert_failed, the packet dropped), after every nftables hook. natgwd's
+`account` chain (filter, postrouting 300, after source NAT) counts each rule's first
+packets before that confirmation (natgwd_rule_connections_total), and a NEW event is sent
+only for a confirmed entry. So for each rule, first packets counted minus NEW events is
+the connections the kernel failed to commit, and the rule names the EIP. The counts are
+taken from the moment the watcher subscribed: the counter is read after subscribing, and
+events are drained after reading it, so an entry confirmed but not yet read can only make
+the figure lower for a moment, never higher; the exported value only ever rises. (With
+fully-random source NAT nothing else fails a commit in practice; a clash on a DNAT rule's
+connection would be counted for its EIP too.)
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from natgwd.observability.ctevents import CtEvent, EventsLostError, EventSocket, dump
+from natgwd.observability.ctopen import Tracker
+from natgwd.observability.translog import TransLog
+from natgwd.planning.counters import Listings
+from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
+from natgwd.runtime.metrics import escaped
+
+log = structlog.get_logger("natgwd.observability.connwatch")
+
+RETRY_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+
+
+def _attempts(listings: Listings) -> dict[int, tuple[RuleLabels, int]]:
+    """mark -> (rule, first packets counted) from a scrape's listing."""
+    found = {}
+    for key, count, _, comment in listings.get(RULE_CONNECTIONS, ()):
+        labels = RuleLabels.from_comment(comment)
+        if labels is not None:
+            found[int(key, 0)] = (labels, int(count))
+    return found
+
+
+class ConnectionWatch:
+    def __init__(
+        self,
+        listings: Callable[[], Listings],
+        rule_ids: Callable[[], Mapping[RuleLabels, int]],
+        translog: TransLog | None = None,
+    ) -> None:
+        self._listings = listings
+        self._rule_ids = rule_ids
+        self._translog = translog
+        self.tracker = Tracker()
+        self.lost = 0  # times events were lost and the counts rebuilt
+        self._stopping = threading.Event()
+        self._lost_pending = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="natgwd-connwatch", daemon=True)
+        self._lock = threading.Lock()
+        self._receiving = threading.RLock()  # one reader of the socket at a time
+        self._sock: EventSocket | None = None
+        self._base: dict[int, int] | None = None  # mark -> first packets counted when counting began
+        self._prior: dict[int, int] = {}  # mark -> failures counted in earlier epochs
+        self._failures: dict[int, tuple[str, int]] = {}  # mark -> (EIP, failures exported)
+        self._labels_for: tuple[int, dict[int, RuleLabels]] = (0, {})
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+
+    # --- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        retry = RETRY_SECONDS
+        while not self._stopping.is_set():
+            try:
+                sock = self._begin()
+                retry = RETRY_SECONDS
+                while not self._stopping.is_set() and not self._lost_pending.is_set():
+                    ready, _, _ = select.select([sock], [], [], 0.5)
+                    if ready:
+                        self._drain()
+                if self._lost_pending.is_set():
+                    raise EventsLostError
+            except EventsLostError:
+                self._lost_pending.clear()
+                self.lost += 1
+                log.warning("conntrack events lost (socket buffer full); recounting from a dump")
+            except Exception:
+                log.exception("watching conntrack failed; starting again", retry_in=retry)
+                self._stopping.wait(retry)
+                retry = min(retry * 2, RETRY_MAX_SECONDS)
+            finally:
+                with self._receiving:
+                    if self._sock is not None:
+                        self._sock.close()
+                    self._sock = None
+
+    def _begin(self) -> EventSocket:
+        with self._receiving:
+            self._sock = sock = EventSocket()  # subscribe first: nothing that happens from here is missed
+            attempts = _attempts(self._listings())
+            started = time.monotonic()
+            with self._lock:
+                self._base = None  # no failure figures while the counts are rebuilt
+            self.tracker.start(dump())
+            while events := sock.receive(block=False):
+                self._take(events)
+            self.tracker.end_window()
+            snapshot = self.tracker.snapshot()
+            with self._lock:
+                for mark, (_, failed) in self._failures.items():
+                    self._prior[mark] = failed
+                self._base = {mark: count for mark, (_, count) in attempts.items()}
+        log.info(
+            "counting open connections from conntrack events",
+            dump_seconds=round(time.monotonic() - started, 3),
+            open=sum(snapshot.open.values()),
+            new_while_dumping=sum(snapshot.opened.values()),
+        )
+        return sock
+
+    def _drain(self, timeout: float = -1) -> bool:
+        """Take every event queued so far (the thread, and a scrape after reading counters);
+        False when another reader held the socket longer than `timeout` (a dump under way)."""
+        if not self._receiving.acquire(timeout=timeout):
+            return False
+        try:
+            while self._sock is not None and (events := self._sock.receive(block=False)):
+                self._take(events)
+        except EventsLostError:
+            self._lost_pending.set()  # the thread recounts
+            return False
+        finally:
+            self._receiving.release()
+        return self._sock is not None
+
+    def _take(self, events: list[CtEvent]) -> None:
+        counted = self.tracker.take(events)
+        if self._translog is not None and counted:
+            self._translog.write(counted, self._labels_by_mark())
+
+    def _labels_by_mark(self) -> dict[int, RuleLabels]:
+        ids = self._rule_ids()
+        if self._labels_for[0] != id(ids):  # the reconciler hands out a new mapping per change
+            self._labels_for = (id(ids), {mark: labels for labels, mark in ids.items()})
+        return self._labels_for[1]
+
+    # --- scrapes --------------------------------------------------------------------------
+
+    def exposition(self, listings: Listings) -> bytes:
+        """The lines for a scrape, given the counting sets it listed just before: the
+        events queued until now are taken first, so every first packet counted in the
+        listing whose connection was committed has had its NEW event counted."""
+        attempts = _attempts(listings)
+        drained = self._drain(timeout=1.0)
+        snapshot = self.tracker.snapshot()
+        families: dict[str, list[str]] = {name: [] for name, *_ in _FAMILIES}
+        open_per_eip: dict[str, int] = {}
+        with self._lock:
+            base = self._base
+            if drained and base is not None:
+                for mark, (labels, count) in attempts.items():
+                    failed = count - base.get(mark, 0) - snapshot.opened.get(mark, 0) + self._prior.get(mark, 0)
+                    _, before = self._failures.get(mark, (labels.eip, 0))
+                    self._failures[mark] = (labels.eip, max(before, failed))
+            failures_per_eip: dict[str, int] = {}
+            for eip, failed in self._failures.values():
+                failures_per_eip[eip] = failures_per_eip.get(eip, 0) + failed
+        for mark, (labels, _) in sorted(attempts.items()):
+            rule = f'kind="{labels.kind}",name="{escaped(labels.name)}",eip="{escaped(labels.eip)}"'
+            now_open = snapshot.open.get(mark, 0)
+            open_per_eip[labels.eip] = open_per_eip.get(labels.eip, 0) + now_open
+            families["natgwd_rule_open_connections"].append(f"natgwd_rule_open_connections{{{rule}}} {now_open}")
+            families["natgwd_rule_connections_closed_total"].append(
+                f"natgwd_rule_connections_closed_total{{{rule}}} {snapshot.closed.get(mark, 0)}"
+            )
+        for eip in sorted(open_per_eip.keys() | failures_per_eip.keys()):
+            label = f'eip="{escaped(eip)}"'
+            families["natgwd_eip_open_connections"].append(
+                f"natgwd_eip_open_connections{{{label}}} {open_per_eip.get(eip, 0)}"
+            )
+            families["natgwd_eip_max_ports_per_destination"].append(
+                f"natgwd_eip_max_ports_per_destination{{{label}}} {snapshot.ports.get(eip, 0)}"
+            )
+            families["natgwd_eip_port_allocation_failures_total"].append(
+                f"natgwd_eip_port_allocation_failures_total{{{label}}} {failures_per_eip.get(eip, 0)}"
+            )
+        families["natgwd_conntrack_events_lost_total"].append(f"natgwd_conntrack_events_lost_total {self.lost}")
+        lines = []
+        for name, kind, help_text in _FAMILIES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *families[name]]
+        if self._translog is not None:
+            lines += self._translog.exposition()
+        return ("\n".join(lines) + "\n").encode()
+
+
+_FAMILIES = (
+    ("natgwd_rule_open_connections", "gauge", "Connections the rule translated that are open now (conntrack)."),
+    (
+        "natgwd_rule_connections_closed_total",
+        "counter",
+        "Connections the rule translated that closed or timed out, since natgwd started.",
+    ),
+    ("natgwd_eip_open_connections", "gauge", "Connections translated to or from the EIP that are open now."),
+    (
+        "natgwd_eip_max_ports_per_destination",
+        "gauge",
+        "Source ports of the EIP in use towards its busiest destination (protocol, address, port).",
+    ),
+    (
+        "natgwd_eip_port_allocation_failures_total",
+        "counter",
+        "New connections through the EIP's rules that conntrack could not commit (no free NAT tuple).",
+    ),
+    (
+        "natgwd_conntrack_events_lost_total",
+        "counter",
+        "Times conntrack events were lost (socket buffer full) and open connections recounted from a dump.",
+    ),
+)
+
+
+# What the daemon calls to make the watcher: given its scrape's listing and the rule ids.
+MakeWatch = Callable[[Callable[[], Listings], Callable[[], Mapping[RuleLabels, int]]], ConnectionWatch]

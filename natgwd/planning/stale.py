@@ -1,0 +1,160 @@
+"""Which conntrack entries no longer match the desired translations (pure; no kernel).
+
+nftables changes only affect connections that start afterwards: an existing entry keeps
+the translation it got on its first packet. natgwd therefore checks entries against the
+desired state and deletes those whose translation differs, so the next packet of the flow
+is translated by the current rules (Kube-OVN #1922, #4193). An entry is judged only by
+the rules that cover it, so entries of rules that did not change are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from typing import TypeVar
+
+from natgwd.state.model import DesiredState
+
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A conntrack entry, reduced to what a NAT decision depends on. `orig_*` is the tuple
+    as the initiator sent it, `reply_*` the tuple the answer travels with."""
+
+    proto: int
+    orig_src: str
+    orig_dst: str
+    orig_dport: int | None
+    reply_src: str
+    reply_sport: int | None
+    reply_dst: str
+    mark: int
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A kernel-side dump filter: entries whose `tuple` ('orig' or 'reply') has `field`
+    ('saddr' or 'daddr') equal to `address`."""
+
+    tuple: str
+    field: str
+    address: str
+
+
+class Translations:
+    """The desired translations of a state, indexed for one lookup per entry."""
+
+    def __init__(self, state: DesiredState, rule_ids: Iterable[int]) -> None:
+        eip = {e.name: str(e.v4ip) for e in state.eips}
+        self.rule_ids = set(rule_ids)
+        self.fip_in = {eip[f.eip]: str(f.internal_ip) for f in state.fip}
+        self.fip_out = {str(f.internal_ip): eip[f.eip] for f in state.fip}
+        self.dnat: dict[tuple[str, int, int], tuple[str, int]] = {}
+        # Share groups: a connection stays with the backend it got, even one since removed
+        # (Kube-OVN's semantics); only removing the whole group ends its connections.
+        self.share: set[tuple[str, int, int]] = set()
+        for d in state.dnat:
+            if d.type == "share":
+                self.share.add((eip[d.eip], PROTOCOL_NUMBERS[d.protocol], d.external_port.first))
+                continue
+            shift = d.internal_port.first - d.external_port.first
+            for port in range(d.external_port.first, d.external_port.last + 1):
+                key = (eip[d.eip], PROTOCOL_NUMBERS[d.protocol], port)
+                self.dnat[key] = (str(d.internal_ip), port + shift)
+        self.snat: dict[int, dict[IPv4Address, str]] = {}
+        for s in state.snat:
+            self.snat.setdefault(s.internal_cidr.prefixlen, {})[s.internal_cidr.network_address] = eip[s.eip]
+        self.snat_prefixes = sorted(self.snat, reverse=True)
+        self.internal = [a.network for a in state.internal.addresses] + [r.dst for r in state.internal.routes]
+        self.local = {str(a.ip) for a in (*state.internal.addresses, *state.external.addresses)} | set(eip.values())
+
+    def _snat_target(self, source: IPv4Address) -> str | None:
+        for prefixlen in self.snat_prefixes:
+            network = IPv4Network(f"{source}/{prefixlen}", strict=False).network_address
+            target = self.snat[prefixlen].get(network)
+            if target is not None:
+                return target
+        return None
+
+    def _internal(self, address: str) -> bool:
+        parsed = ip_address(address)
+        return any(parsed in network for network in self.internal)
+
+    def stale(self, flow: Flow) -> str | None:
+        """The reason `flow` must be deleted ('fip', 'dnat', 'snat', 'removed'), or None."""
+        if flow.orig_dst in self.fip_in:
+            if flow.reply_src != self.fip_in[flow.orig_dst]:
+                return "fip"
+        elif (key := (flow.orig_dst, flow.proto, flow.orig_dport or 0)) in self.share:
+            pass
+        elif key in self.dnat:
+            if (flow.reply_src, flow.reply_sport) != self.dnat[key]:
+                return "dnat"
+        elif flow.reply_src != flow.orig_dst and self._from_removed_rule(flow):
+            return "removed"
+        if flow.orig_dst in self.local:
+            return None  # to the gateway itself, or hairpin: judged on the destination side
+        peer = flow.reply_src  # where the flow really goes, after any DNAT
+        if peer in self.local or self._internal(peer):
+            return None  # stays inside: never source-NATed
+        if flow.orig_src in self.fip_out:
+            return None if flow.reply_dst == self.fip_out[flow.orig_src] else "fip"
+        try:
+            target = self._snat_target(IPv4Address(flow.orig_src))
+        except ValueError:
+            return None
+        if target is not None:
+            return None if flow.reply_dst == target else "snat"
+        if flow.reply_dst != flow.orig_src and self._from_removed_rule(flow):
+            return "removed"
+        return None
+
+    def _from_removed_rule(self, flow: Flow) -> bool:
+        # Only natgwd sets ct marks here; a mark that is no current rule's id was a rule's.
+        return flow.mark != 0 and flow.mark not in self.rule_ids
+
+
+def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter] | None:
+    """The dumps that find every entry a change from `old` to `new` can make stale, or
+    None when only a full scan can (start-up, any SNAT change: flows that left un-NATed
+    are found by their source CIDR, which the kernel cannot filter on)."""
+    if old is None or set(old.snat) != set(new.snat):
+        return None
+    filters: set[Filter] = set()
+    gone_fips, added_fips = _differences(old.fip, new.fip)
+    gone_dnats, added_dnats = _differences(old.dnat, new.dnat)
+    for state, others, fips, dnats in ((old, new, gone_fips, gone_dnats), (new, old, added_fips, added_dnats)):
+        eip = {e.name: str(e.v4ip) for e in state.eips}
+        other_eips = {str(e.v4ip) for e in others.eips}
+        for address in set(eip.values()) - other_eips:
+            filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
+        for fip in fips:
+            filters |= {
+                Filter("orig", "daddr", eip[fip.eip]),
+                Filter("orig", "saddr", str(fip.internal_ip)),
+                Filter("reply", "daddr", eip[fip.eip]),
+            }
+        for dnat in dnats:
+            filters.add(Filter("orig", "daddr", eip[dnat.eip]))
+    # A rule naming an EIP whose address changed is a different rule value only if the
+    # EIP name is compared; compare addresses too.
+    old_eips = {e.name: e.v4ip for e in old.eips}
+    for e in new.eips:
+        if e.name in old_eips and old_eips[e.name] != e.v4ip:
+            for address in (str(old_eips[e.name]), str(e.v4ip)):
+                filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
+    return sorted(filters, key=lambda f: (f.tuple, f.field, f.address))
+
+
+def _differences(old: tuple[R, ...], new: tuple[R, ...]) -> tuple[set[R], set[R]]:
+    """The rules only in `old` and only in `new`, by value. Validation hands out the very
+    rule object of the last state for an unchanged rule: those are set aside by identity,
+    and only the rest is hashed (a rule's hash is computed in Python, field by field)."""
+    old_ids, new_ids = set(map(id, old)), set(map(id, new))
+    old_rest = {rule for rule in old if id(rule) not in new_ids}
+    new_rest = {rule for rule in new if id(rule) not in old_ids}
+    return old_rest - new_rest, new_rest - old_rest

@@ -1,0 +1,633 @@
+"""The shell around the kernel's traffic control (pyroute2's tc API, and rtnetlink messages
+built here for the u32 filters that API cannot express; never the `tc` program): makes the
+kernel hold the trees natgwd.qos.plan describes, by difference.
+
+What is natgwd's is recorded in the kernel itself, so a restart (or `natgwd cleanup`)
+finds it again: the root HTB qdisc with handle 4e47:, the u32 filter at priority
+MIRRED_PRIO in an ingress qdisc that redirects to natgwd's IFB device, and IFB devices
+whose alias is IFB_ALIAS. Anything else (another root qdisc, an ingress qdisc with other
+filters, a link of the IFB's name that is not natgwd's) is never changed: QoS that would
+need it is reported as an error instead.
+
+Each sync reads the trees back and touches only what differs: a changed rate is one
+class change (its queue and the flows in it stay), a new EIP one class and one filter.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
+
+from natgwd.kernel.netlink import NLA_F_NESTED, _nla
+from natgwd.qos.model import DIRECTIONS, Direction
+from natgwd.qos.plan import (
+    DEFAULT_MINOR,
+    DESTINATION_OFFSET,
+    EIP_PRIO,
+    ROOT_MAJOR,
+    SOURCE_OFFSET,
+    ClassKey,
+    FilterSpec,
+    QosWants,
+    Tree,
+    handle,
+    ifb_name,
+    key_of,
+    tree,
+)
+
+log = structlog.get_logger("natgwd.qos.tc")
+
+ETH_P_IP = 0x0800
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_INGRESS = 0xFFFFFFF1
+INGRESS_HANDLE = 0xFFFF0000
+ROOT_HANDLE = ROOT_MAJOR << 16
+MIRRED_PRIO = ROOT_MAJOR  # the redirect filter's priority in the ingress qdisc
+IFB_ALIAS = "natgwd qos"
+IFB_TXQUEUELEN = 1000
+MAX_QUANTUM = 200_000  # the kernel's bounds for a sensible HTB quantum
+MIN_QUANTUM = 2_000
+# EIP filters sit in a u32 hash table of 256 buckets keyed by the address's last byte:
+# a packet is compared with the EIPs of its bucket, not with every EIP.
+EIP_TABLE = 0x4E4 << 20
+HASH_BUCKETS = 256
+HASH_MASK = 0xFF
+
+
+@dataclass
+class TcReport:
+    changes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    direction: Direction
+    key: ClassKey
+    rate_bytes: int  # configured, per second
+    bytes: int
+    packets: int
+    drops: int
+    overlimits: int
+    backlog_bytes: int
+
+
+@dataclass(frozen=True)
+class _KernelFilter:
+    spec: FilterSpec
+    handle: int
+    mirred_ifindex: int | None
+    link: int = 0  # the hash table a link filter sends packets to
+    hash_key: tuple[int, int] = (0, 0)  # a link filter's (offset, mask) of the hashed word
+    divisor: int = 0  # > 0: the entry of a hash table, not a filter
+
+    @property
+    def table(self) -> int:
+        return self.handle & 0xFFF00000
+
+    @property
+    def bucket(self) -> int:
+        return (self.handle >> 12) & 0xFF
+
+
+@dataclass(frozen=True)
+class _Selector:
+    keys: list[tuple[int, int, int]]  # (value, mask, offset)
+    hash_offset: int
+    hash_mask: int
+
+
+def _selector(options: Any) -> _Selector:
+    """The u32 selector, read from the attribute's bytes: pyroute2 0.9's decoder starts the
+    keys 4 bytes early and does not give the hash key."""
+    selector = options.get_attr("TCA_U32_SEL")
+    if selector is None:
+        return _Selector([], 0, 0)
+    data = bytes(selector.data[selector.offset : selector.offset + selector.length])
+    # nla header (4), then struct tc_u32_sel: flags, offshift, nkeys, pad, offmask, off,
+    # offoff, hoff (host order), hmask (network order); then the keys
+    count = data[6]
+    (hash_offset,) = struct.unpack_from("=h", data, 14)
+    (hash_mask,) = struct.unpack_from(">I", data, 16)
+    keys = []
+    for i in range(count):
+        # struct tc_u32_key: mask and value in network order, the offset in host order
+        mask, value = struct.unpack_from(">II", data, 20 + 16 * i)
+        (offset,) = struct.unpack_from("=i", data, 28 + 16 * i)
+        keys.append((value, mask, offset))
+    return _Selector(keys, hash_offset, hash_mask)
+
+
+def _u32_link(options: Any) -> int:
+    value = options.get_attr("TCA_U32_LINK")
+    if value is None:
+        return 0
+    raw = bytes.fromhex(value.replace(":", "")) if isinstance(value, str) else bytes(value)
+    return int(struct.unpack("=I", raw[:4])[0]) if len(raw) >= 4 else 0
+
+
+# rtnetlink and u32 constants (linux/rtnetlink.h, linux/pkt_cls.h): pyroute2's tc API
+# cannot set a u32 filter's hash table, link or divisor, so these messages are built here.
+RTM_NEWTFILTER = 44
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_U32_CLASSID, TCA_U32_HASH, TCA_U32_LINK, TCA_U32_DIVISOR, TCA_U32_SEL = 1, 2, 3, 4, 5
+TC_U32_TERMINAL = 1
+
+
+def _add_u32(
+    index: int,
+    prio: int,
+    *,
+    keys: tuple[tuple[int, int, int], ...] = (),
+    classid: int | None = None,
+    into: int | None = None,
+    link: int | None = None,
+    hash_key: tuple[int, int] = (0, 0),
+    divisor: int | None = None,
+    handle_: int = 0,
+) -> None:
+    """Add one IPv4 u32 filter (or, with `divisor`, a hash table) to natgwd's tree: keys
+    (value, mask, offset), to `classid`, in hash table bucket `into`, or linking to the
+    hash table `link` by `hash_key` (offset, mask)."""
+    options = b""
+    if classid is not None:
+        options += _nla(TCA_U32_CLASSID, struct.pack("=I", classid))
+    if into is not None:
+        options += _nla(TCA_U32_HASH, struct.pack("=I", into))
+    if link is not None:
+        options += _nla(TCA_U32_LINK, struct.pack("=I", link))
+    if divisor is not None:
+        options += _nla(TCA_U32_DIVISOR, struct.pack("=I", divisor))
+    else:
+        hash_offset, hash_mask = hash_key
+        flags = TC_U32_TERMINAL if classid is not None else 0
+        selector = struct.pack("=BBBxHHhh", flags, 0, len(keys), 0, 0, 0, hash_offset) + struct.pack(">I", hash_mask)
+        selector += b"".join(
+            struct.pack(">II", mask, value) + struct.pack("=ii", offset, 0) for value, mask, offset in keys
+        )
+        options += _nla(TCA_U32_SEL, selector)
+    info = (prio << 16) | socket.htons(ETH_P_IP)
+    body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
+    body += _nla(TCA_KIND, b"u32\0") + _nla(TCA_OPTIONS | NLA_F_NESTED, options)
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    header = struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, flags, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    error = struct.unpack_from("=i", reply, 16)[0]
+    if error:
+        raise OSError(-error, f"add u32 filter: {os.strerror(-error)}")
+
+
+def _mirred_target(options: Any) -> int | None:
+    actions = options.get_attr("TCA_U32_ACT")
+    if actions is None:
+        return None
+    for _, action in actions.get("attrs", ()):
+        if not hasattr(action, "get_attr") or action.get_attr("TCA_ACT_KIND") != "mirred":
+            continue
+        parms = action.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")
+        if parms is not None:
+            return int(parms["ifindex"])
+    return None
+
+
+def _quantum(rate_bytes: int) -> int:
+    return min(max(rate_bytes // 10, MIN_QUANTUM), MAX_QUANTUM)
+
+
+def _ticks(rate_bytes: int, burst: int) -> int:
+    return int(calc_xmittime(rate_bytes, burst))
+
+
+class KernelTc:
+    """Traffic control in the current network namespace."""
+
+    def __init__(self) -> None:
+        self.fq_codel: bool | None = None  # unknown until a leaf is first added
+        # What each class of a tree limits, as last synced, by device: a scrape then needs
+        # the classes only (reading the filters back costs twice as much).
+        self._keys: dict[str, dict[int, ClassKey]] = {}
+
+    @property
+    def leaf(self) -> str | None:
+        """The leaf qdisc of the classes: fq_codel, the kernel's default, or None (unknown
+        until a sync has had a class to put one under)."""
+        return None if self.fq_codel is None else "fq_codel" if self.fq_codel else "default"
+
+    # --- the whole -----------------------------------------------------------------
+
+    def apply(self, wants: QosWants) -> TcReport:
+        report = TcReport()
+        with IPRoute() as ipr:
+            external = _index(ipr, wants.external)
+            if external is None:
+                return report  # the link report says it is missing; QoS follows it
+            keep = {external}
+            if wants.active("egress"):
+                self._sync_tree(ipr, external, wants.external, "egress", wants, report)
+            ifb = None
+            if wants.active("ingress"):
+                ifb = self._ensure_ifb(ipr, wants.ifb, report)
+            if ifb is not None:
+                keep.add(ifb)
+                if self._ensure_redirect(ipr, external, wants.external, ifb, report):
+                    self._sync_tree(ipr, ifb, wants.ifb, "ingress", wants, report)
+            self._sweep(
+                ipr,
+                roots_on=keep if wants.active("egress") else keep - {external},
+                redirects_on={external} if ifb is not None else set(),
+                ifbs={ifb} if ifb is not None else set(),
+                report=report,
+            )
+        return report
+
+    def remove_all(self) -> TcReport:
+        """Delete every qdisc, filter and IFB natgwd created, in every interface."""
+        report = TcReport()
+        with IPRoute() as ipr:
+            self._sweep(ipr, roots_on=set(), redirects_on=set(), ifbs=set(), report=report)
+        return report
+
+    def stats(self, external: str) -> list[ClassStats]:
+        """Per class of natgwd's trees for this external interface: the kernel's counters
+        and what the class limits."""
+        found: list[ClassStats] = []
+        with IPRoute() as ipr:
+            for direction, name, index in self._tree_devices(ipr, external):
+                keys = self._keys.get(name)
+                if keys is None:
+                    filters = self._filters(ipr, index, ROOT_HANDLE)
+                    keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
+                    keys[DEFAULT_MINOR] = ClassKey("default")
+                for msg in ipr.get_classes(index):
+                    minor = msg["handle"] & 0xFFFF
+                    if msg["handle"] >> 16 != ROOT_MAJOR or minor not in keys:
+                        continue
+                    parms = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+                    stats = dict(msg.get_attr("TCA_STATS2")["attrs"])
+                    basic, queue = stats.get("TCA_STATS_BASIC", {}), stats.get("TCA_STATS_QUEUE", {})
+                    found.append(
+                        ClassStats(
+                            direction,
+                            keys[minor],
+                            int(parms["rate"]),
+                            int(basic.get("bytes", 0)),
+                            int(basic.get("packets", 0)),
+                            int(queue.get("drops", 0)),
+                            int(queue.get("overlimits", 0)),
+                            int(queue.get("backlog", 0)),
+                        )
+                    )
+        return found
+
+    def shaped_interfaces(self) -> list[str]:
+        """The interfaces natgwd shapes now (for `natgwd status` without a state): those
+        with its root qdisc, and those whose IFB it made."""
+        with IPRoute() as ipr:
+            links = {link["index"]: link for link in ipr.get_links()}
+            names = {index: str(link.get_attr("IFLA_IFNAME")) for index, link in links.items()}
+            found = {names[m["index"]] for m in ipr.get_qdiscs() if m["handle"] == ROOT_HANDLE and m["index"] in names}
+            ifbs = {names[i] for i, link in links.items() if _is_our_ifb(link)}
+            externals = {name for name in found if name not in ifbs}
+            externals |= {n for n in names.values() if ifb_name(n) in ifbs}
+        return sorted(externals)
+
+    def _tree_devices(self, ipr: IPRoute, external: str) -> Iterable[tuple[Direction, str, int]]:
+        devices: list[tuple[Direction, str, int]] = []
+        for direction, name in zip(DIRECTIONS, (ifb_name(external), external), strict=True):
+            index = _index(ipr, name)
+            if index is not None and self._root(ipr, index) == ("htb", ROOT_HANDLE):
+                devices.append((direction, name, index))
+        return devices
+
+    # --- one HTB tree ----------------------------------------------------------------
+
+    def _root(self, ipr: IPRoute, index: int) -> tuple[str | None, int | None]:
+        """The kind and handle of the device's root qdisc (None, None: none listed)."""
+        for msg in ipr.get_qdiscs(index):
+            if msg["parent"] == TC_H_ROOT and msg["index"] == index:
+                return msg.get_attr("TCA_KIND"), int(msg["handle"])
+        return None, None
+
+    def _sync_tree(
+        self, ipr: IPRoute, index: int, name: str, direction: Direction, wants: QosWants, report: TcReport
+    ) -> None:
+        self._keys.pop(name, None)  # until this sync has finished
+        kind, root = self._root(ipr, index)
+        if root == ROOT_HANDLE and kind != "htb":
+            ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
+            report.changes.append(f"delete {kind} root qdisc {ROOT_MAJOR:x}: on {name} (not HTB)")
+            kind, root = None, None
+        if root not in (None, 0, ROOT_HANDLE):
+            report.errors.append(
+                f"{direction} QoS not applied: {name} has a root qdisc {kind} {root >> 16:x}: that natgwd did not "
+                "create (natgwd never replaces it)"
+            )
+            return
+        if root != ROOT_HANDLE:
+            ipr.tc("add", "htb", index, ROOT_HANDLE, parent=TC_H_ROOT, default=DEFAULT_MINOR)
+            report.changes.append(f"add htb root qdisc {ROOT_MAJOR:x}: on {name}")
+        filters = self._filters(ipr, index, ROOT_HANDLE)
+        classes = self._classes(ipr, index)
+        # Class ids from the filters that lead to a class: a stray filter cannot move one.
+        previous = {
+            key: f.spec.minor
+            for f in filters
+            if f.spec.minor in classes and _placed(f) and (key := key_of(direction, f.spec)) is not None
+        }
+        wanted = tree(direction, wants.by_direction[direction], previous)
+        # Filters go before their classes do, and come after them: a filter never points
+        # to a class that is not there.
+        rules = [f for f in filters if not f.divisor and not f.link]
+        kept = self._remove_filters(ipr, index, name, rules, wanted, report)
+        self._sync_table(ipr, index, name, direction, filters, report)
+        self._sync_classes(ipr, index, name, classes, wanted, report)
+        self._add_filters(ipr, index, name, kept, wanted, report)
+        self._keys[name] = dict(wanted.keys)
+
+    def _filters(self, ipr: IPRoute, index: int, parent: int) -> list[_KernelFilter]:
+        """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
+        found = []
+        for msg in ipr.get_filters(index, parent=parent):
+            options = msg.get_attr("TCA_OPTIONS")
+            if msg.get_attr("TCA_KIND") != "u32" or options is None:
+                continue
+            prio, filter_handle = msg["info"] >> 16, int(msg["handle"])
+            if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
+                if filter_handle == EIP_TABLE:
+                    divisor = int(options.get_attr("TCA_U32_DIVISOR") or 1)
+                    found.append(_KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor))
+                continue
+            selector = _selector(options)
+            classid = options.get_attr("TCA_U32_CLASSID") or 0
+            value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
+            # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
+            minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
+            spec = FilterSpec(prio, offset, value, mask, minor)
+            hash_key = (selector.hash_offset, selector.hash_mask)
+            link = _u32_link(options)
+            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options), link, hash_key))
+        return found
+
+    def _remove_filters(
+        self, ipr: IPRoute, index: int, name: str, present: list[_KernelFilter], wanted: Tree, report: TcReport
+    ) -> set[FilterSpec]:
+        """Delete the filters the tree does not have (and second copies); the ones kept."""
+        kept: set[FilterSpec] = set()
+        for kernel in present:
+            wanted_here = kernel.spec in wanted.filters and kernel.mirred_ifindex is None and _placed(kernel)
+            if wanted_here and kernel.spec not in kept:
+                kept.add(kernel.spec)
+            else:
+                self._del_filter(ipr, index, ROOT_HANDLE, kernel)
+                report.changes.append(f"delete filter {_describe(kernel.spec)} on {name}")
+        return kept
+
+    def _add_filters(
+        self, ipr: IPRoute, index: int, name: str, kept: set[FilterSpec], wanted: Tree, report: TcReport
+    ) -> None:
+        for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
+            bucket = EIP_TABLE | (spec.value & HASH_MASK) << 12 if spec.prio == EIP_PRIO else None
+            _add_u32(
+                index, spec.prio, keys=((spec.value, spec.mask, spec.offset),), classid=handle(spec.minor), into=bucket
+            )
+            report.changes.append(f"add filter {_describe(spec)} on {name}")
+
+    def _sync_table(
+        self,
+        ipr: IPRoute,
+        index: int,
+        name: str,
+        direction: Direction,
+        present: list[_KernelFilter],
+        report: TcReport,
+    ) -> None:
+        """The EIP hash table and the one filter that links to it. Every tree has them, also
+        without EIP limits: the kernel releases a hash table only after the filters that
+        linked to it are gone for good (RCU), so deleting one now would fail as busy."""
+        hash_key = (SOURCE_OFFSET if direction == "egress" else DESTINATION_OFFSET, HASH_MASK)
+        tables = [f for f in present if f.divisor == HASH_BUCKETS]
+        links = [f for f in present if f.link]
+        good = [f for f in links if (f.link, f.spec.prio, f.hash_key) == (EIP_TABLE, EIP_PRIO, hash_key)]
+        for kernel in links:
+            if kernel is not (good[0] if good else None):
+                self._del_filter(ipr, index, ROOT_HANDLE, kernel)
+                report.changes.append(f"delete a wrong link to the EIP hash table on {name}")
+        if not tables:
+            _add_u32(index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
+            report.changes.append(f"add the EIP hash table on {name}")
+        if not good:
+            _add_u32(index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
+            report.changes.append(f"add the link to the EIP hash table on {name}")
+
+    def _del_filter(self, ipr: IPRoute, index: int, parent: int, kernel: _KernelFilter) -> None:
+        try:
+            ipr.tc(
+                "del-filter",
+                "u32",
+                index,
+                handle=kernel.handle,
+                parent=parent,
+                prio=kernel.spec.prio,
+                protocol=ETH_P_IP,
+                target=0,
+            )
+        except NetlinkError as err:
+            if err.code != errno.ENOENT:
+                raise
+
+    def _classes(self, ipr: IPRoute, index: int) -> dict[int, Mapping[str, int]]:
+        """The HTB parameters of the tree's classes, by minor."""
+        present: dict[int, Mapping[str, int]] = {}
+        for msg in ipr.get_classes(index):
+            # A class at the top of the tree lists the root (not the qdisc) as its parent.
+            if msg["handle"] >> 16 == ROOT_MAJOR and msg["parent"] in (TC_H_ROOT, ROOT_HANDLE):
+                present[msg["handle"] & 0xFFFF] = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+        return present
+
+    def _sync_classes(
+        self,
+        ipr: IPRoute,
+        index: int,
+        name: str,
+        present: dict[int, Mapping[str, int]],
+        wanted: Tree,
+        report: TcReport,
+    ) -> None:
+        for minor in sorted(present.keys() - wanted.classes.keys()):
+            # Without a kind: pyroute2 would encode HTB parameters; the parent is then the
+            # root, whose qdisc is natgwd's tree.
+            ipr.tc("del-class", index=index, handle=handle(minor))
+            report.changes.append(f"delete class {ROOT_MAJOR:x}:{minor:x} on {name}")
+        for minor, spec in sorted(wanted.classes.items()):
+            ticks = _ticks(spec.rate_bytes, spec.burst_bytes)
+            parms = present.get(minor)
+            if parms is not None and (parms["rate"], parms["ceil"], parms["buffer"], parms["cbuffer"]) == (
+                spec.rate_bytes,
+                spec.rate_bytes,
+                ticks,
+                ticks,
+            ):
+                continue
+            ipr.tc(
+                "change-class" if parms is not None else "add-class",
+                "htb",
+                index,
+                handle(minor),
+                parent=ROOT_HANDLE,
+                rate=spec.rate_bytes,
+                ceil=spec.rate_bytes,
+                burst=spec.burst_bytes,
+                cburst=spec.burst_bytes,
+                quantum=_quantum(spec.rate_bytes),
+            )
+            verb = "change" if parms is not None else "add"
+            report.changes.append(f"{verb} class {ROOT_MAJOR:x}:{minor:x} rate {spec.rate_bytes * 8} bit/s on {name}")
+        self._leaves(ipr, index, wanted)
+
+    def _leaves(self, ipr: IPRoute, index: int, wanted: Tree) -> None:
+        """fq_codel under every class where the kernel has it (as upstream); else HTB's
+        default leaf, said once in the log (and by the leaf metric)."""
+        if self.fq_codel is False:
+            return
+        with_leaf = {msg["parent"] for msg in ipr.get_qdiscs(index) if msg.get_attr("TCA_KIND") == "fq_codel"}
+        for minor in wanted.classes:
+            if handle(minor) in with_leaf:
+                continue
+            try:
+                ipr.tc("replace", "fq_codel", index, 0, parent=handle(minor))
+            except NetlinkError as err:
+                if err.code not in (errno.ENOENT, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.fq_codel = False
+                log.warning("fq_codel is not available in this kernel; HTB classes keep the default leaf qdisc")
+                return
+            self.fq_codel = True
+
+    # --- ingress: the IFB device and the redirect ------------------------------------
+
+    def _ensure_ifb(self, ipr: IPRoute, name: str, report: TcReport) -> int | None:
+        index = _index(ipr, name)
+        if index is not None:
+            link = ipr.get_links(index)[0]
+            if not _is_our_ifb(link):
+                report.errors.append(f"ingress QoS not applied: a link named {name} exists that natgwd did not create")
+                return None
+            if not link["flags"] & 1:
+                ipr.link("set", index=index, state="up")
+                report.changes.append(f"set {name} up")
+            return index
+        try:
+            ipr.link("add", ifname=name, kind="ifb")
+        except NetlinkError as err:  # no ifb module in this kernel, or not allowed to load it
+            report.errors.append(f"ingress QoS not applied: cannot create the IFB device {name}: {err}")
+            return None
+        index = _index(ipr, name)
+        assert index is not None
+        ipr.link("set", index=index, ifalias=IFB_ALIAS, txqlen=IFB_TXQUEUELEN, state="up")
+        report.changes.append(f"add ifb {name}")
+        return index
+
+    def _ensure_redirect(self, ipr: IPRoute, index: int, name: str, ifb: int, report: TcReport) -> bool:
+        has_ingress = any(msg.get_attr("TCA_KIND") == "ingress" for msg in ipr.get_qdiscs(index))
+        if not has_ingress:
+            ipr.tc("add", "ingress", index, INGRESS_HANDLE)
+            report.changes.append(f"add ingress qdisc on {name}")
+        filters = self._filters(ipr, index, INGRESS_HANDLE)
+        foreign = [f for f in filters if f.spec.prio != MIRRED_PRIO]
+        if foreign:
+            report.errors.append(
+                f"ingress QoS not applied: the ingress qdisc of {name} has {len(foreign)} filters natgwd did not add"
+            )
+            return False
+        redirect = FilterSpec(MIRRED_PRIO, 0, 0, 0, -1)
+        ours = [f for f in filters if f.spec == redirect and f.mirred_ifindex == ifb]
+        for kernel in filters:
+            if kernel is not (ours[0] if ours else None):
+                self._del_filter(ipr, index, INGRESS_HANDLE, kernel)
+                report.changes.append(f"delete stray filter at priority {MIRRED_PRIO} on {name} ingress")
+        if not ours:
+            ipr.tc(
+                "add-filter",
+                "u32",
+                index,
+                parent=INGRESS_HANDLE,
+                prio=MIRRED_PRIO,
+                protocol=ETH_P_IP,
+                target=0,
+                keys=["0x0/0x0+0"],
+                action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": ifb},
+            )
+            report.changes.append(f"add redirect of {name} ingress to ifb {ifb}")
+        return True
+
+    # --- removal -----------------------------------------------------------------------
+
+    def _sweep(
+        self, ipr: IPRoute, roots_on: set[int], redirects_on: set[int], ifbs: set[int], report: TcReport
+    ) -> None:
+        """Remove natgwd's trees, redirects and IFBs everywhere but where they are wanted."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for link in ipr.get_links():
+            if _is_our_ifb(link) and link["index"] not in ifbs:
+                self._keys.pop(names[link["index"]], None)
+                ipr.link("del", index=link["index"])
+                report.changes.append(f"delete ifb {names[link['index']]}")
+        for msg in ipr.get_qdiscs():
+            index = msg["index"]
+            if index not in names:
+                continue  # an IFB deleted just now
+            if msg["parent"] == TC_H_ROOT and msg["handle"] == ROOT_HANDLE and index not in roots_on:
+                self._keys.pop(names[index], None)
+                ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
+                report.changes.append(f"delete root qdisc {ROOT_MAJOR:x}: on {names[index]}")
+            elif msg.get_attr("TCA_KIND") == "ingress" and index not in redirects_on:
+                self._remove_redirect(ipr, index, names[index], report)
+
+    def _remove_redirect(self, ipr: IPRoute, index: int, name: str, report: TcReport) -> None:
+        filters = self._filters(ipr, index, INGRESS_HANDLE)
+        ours = [f for f in filters if f.spec.prio == MIRRED_PRIO]
+        if not ours:
+            return  # not natgwd's
+        for kernel in ours:
+            self._del_filter(ipr, index, INGRESS_HANDLE, kernel)
+        report.changes.append(f"delete redirect of {name} ingress")
+        if len(ours) == len(filters):
+            ipr.tc("del", "ingress", index, INGRESS_HANDLE)
+            report.changes.append(f"delete ingress qdisc on {name}")
+
+
+def _placed(kernel: _KernelFilter) -> bool:
+    """Whether a filter sits where natgwd puts its spec: an EIP's in its hash bucket,
+    any other outside the hash table."""
+    if kernel.spec.prio == EIP_PRIO:
+        return kernel.table == EIP_TABLE and kernel.bucket == kernel.spec.value & HASH_MASK
+    return kernel.table != EIP_TABLE
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def _is_our_ifb(link: Any) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return bool(kind == "ifb" and link.get_attr("IFLA_IFALIAS") == IFB_ALIAS)
+
+
+def _describe(spec: FilterSpec) -> str:
+    return f"prio {spec.prio} {spec.value:08x}/{spec.mask:08x}@{spec.offset} -> {ROOT_MAJOR:x}:{spec.minor:x}"

@@ -1,0 +1,1 @@
+"""The running daemon: reconciling, the watch loop, HTTP endpoints, metrics, notifications, logs."""

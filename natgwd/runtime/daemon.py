@@ -1,0 +1,417 @@
+"""`natgwd run`: watch the desired-state file, reconcile, resync, serve metrics.
+
+One thread reconciles; the HTTP server reads counters from the kernel on its own threads.
+On SIGTERM the daemon exits and leaves the data plane in place, as kube-proxy does: NAT
+keeps working while the daemon is down, and the next start adopts the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+
+from natgwd.ha.controller import HaController
+from natgwd.kernel.garp import Announcer
+from natgwd.kernel.nft import NftError
+from natgwd.observability import ctstats
+from natgwd.observability.connwatch import MakeWatch
+from natgwd.planning.counters import Listings
+from natgwd.qos.status import shaping_exposition
+from natgwd.runtime.endpoints import serve
+from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
+from natgwd.runtime.notify import Notifier
+from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
+from natgwd.runtime.startup import listen_error
+from natgwd.runtime.watch import DirectoryWaker, FileWatcher
+from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
+
+log = structlog.get_logger("natgwd.runtime.daemon")
+
+# One stat() per poll: detection within 50 ms costs next to nothing. inotify (watch.py)
+# usually wakes the poll at once; this is the bound where it cannot.
+POLL_SECONDS = 0.05
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 10.0
+STALL_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_path: Path
+    metrics_address: tuple[str, int]
+    resync_interval: float
+    applied_state_path: Path | None = None
+    allow_writable_state: bool = False
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        make_reconciler: Callable[[Announce], Reconciler],
+        make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
+        make_watch: MakeWatch | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = DaemonMetrics(self.registry)
+
+        def count_garp(interface: str, frames: int) -> None:
+            self.metrics.garp_sent.labels(interface).inc(frames)
+
+        self.reconciler = make_reconciler(Announcer(count_garp).request)
+        self.ha = make_ha(count_garp, self.registry) if make_ha is not None else None
+        self.rule_counters = RuleCounters(self._counting_sets)
+        # Open connections, port usage and translation logs, from conntrack events.
+        self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
+        self.watcher = FileWatcher(config.state_path)
+        self.notifier = Notifier()
+        self._told_ready = False
+        self._last_step = time.monotonic()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._force = False
+        self._seen_digest: str | None = None
+        self._applied_digest: str | None = None
+        self._applied_at: float | None = None
+        self._not_ready: str | None = f"no state applied yet; waiting for {config.state_path}"
+        self._retry_at: float | None = None
+        self._retry_delay = RETRY_FIRST_SECONDS
+        self._next_resync = time.monotonic() + config.resync_interval
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        try:
+            server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
+        except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
+            raise listen_error(self.config.metrics_address, err) from None
+        waker = DirectoryWaker(self.config.state_path, self._wake.set)
+        waker.start()
+        if self.ha is not None:
+            self.ha.start(self.resync_soon)
+        self._recall_applied()
+        if self.watch is not None:
+            self.watch.start()
+        log.info(
+            "natgwd started",
+            state=str(self.config.state_path),
+            metrics="{}:{}".format(*server.server_address[:2]),
+            resync_interval=self.config.resync_interval,
+        )
+        try:
+            while not self._stopping:
+                self._last_step = time.monotonic()
+                self.step()
+                self.notifier.watchdog()
+                self._wake.wait(POLL_SECONDS)
+                self._wake.clear()
+        finally:
+            self.notifier.send("STOPPING=1")
+            if self.ha is not None:
+                # A planned switchover: keepalived hands the addresses over as it stops.
+                self.ha.stop()
+            waker.stop()
+            if self.watch is not None:
+                self.watch.stop()
+            server.shutdown()
+            server.server_close()
+        log.info("natgwd stopped; the data plane stays in place")
+        return 0
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        self._stopping = True
+        self._wake.set()
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: re-reading the desired state and resyncing")
+        self._force = True
+        self._wake.set()
+
+    def resync_soon(self) -> None:
+        """From any thread: resync at the next turn of the loop."""
+        self._next_resync = 0.0
+        self._wake.set()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if self._force:
+            self._force = False
+            self.watcher.poll()
+            self.reconcile_file(force=True)
+            self.resync()
+            return
+        seen = self.watcher.poll()
+        if seen is not None:
+            self.reconcile_file(force=False, quiet=seen == "recheck")
+        # Not `elif`: a file rewritten every few hundred milliseconds must not starve
+        # retries and drift repair.
+        if self._retry_at is not None and now >= self._retry_at:
+            self.reconcile_file(force=True)
+        elif now >= self._next_resync:
+            self.resync()
+
+    # --- the HTTP endpoint's answers ---------------------------------------------------
+
+    def exposition(self) -> bytes:
+        listings = self._counting_sets()
+        shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
+        body = generate_latest(self.registry) + self.rule_counters.exposition(listings) + ctstats.scrape() + shaping
+        return body + self.watch.exposition(listings) if self.watch is not None else body
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """Alive while the loop keeps turning. A reconcile of a very large state takes
+        seconds, so only a loop stuck far longer than that counts as dead."""
+        stalled = time.monotonic() - self._last_step
+        limit = max(STALL_SECONDS, 3 * self.config.resync_interval)
+        return stalled < limit, {"seconds_since_loop": round(stalled, 1)}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {
+            "applied_sha256": self._applied_digest,
+            "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
+        }
+        reasons = [self._not_ready] if self._not_ready else []
+        if self.ha is not None:
+            ha_reason, ha_detail = self.ha.readiness()
+            detail.update(ha_detail)
+            reasons += [ha_reason] if ha_reason else []
+        if reasons:
+            detail["reason"] = "; ".join(reasons)
+        return not reasons, detail
+
+    # --- reconciling ------------------------------------------------------------------
+
+    def reconcile_file(self, force: bool, quiet: bool = False) -> None:
+        """Read, validate and apply the file. `force` applies even unchanged content;
+        `quiet` neither counts nor logs unchanged content (a precautionary re-read)."""
+        started = time.monotonic()
+        try:
+            raw = _read(self.config.state_path, self.config.allow_writable_state)
+        except InvalidStateError as err:
+            # Stands for the content: the same unreadable file is rejected once, not per poll.
+            seen = "unreadable: " + "; ".join(str(p) for p in err.problems)
+            if seen != self._seen_digest or force:
+                self._rejected(err.problems, seen)
+            return
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self._seen_digest and not force:
+            if not quiet:
+                self.metrics.reconciles.labels("unchanged").inc()
+            return
+        self._seen_digest = digest
+        try:
+            state = load_state(raw)
+        except InvalidStateError as err:
+            self._rejected(err.problems, digest, err.skipped)
+            return
+        except Exception as err:  # no input may take the daemon down, whatever it trips over
+            log.exception("validation failed unexpectedly")
+            self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], digest)
+            return
+        self.metrics.desired_state_valid.set(1)
+        try:
+            outcome = self.reconciler.apply(state)
+        except (NftError, OSError) as err:
+            self._failed(f"applying the desired state failed: {err}")
+            return
+        self._count(outcome)
+        self._applied_digest = digest
+        self._applied_at = time.time()
+        self._record_applied(raw)
+        for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
+            self.metrics.rules.labels(kind).set(len(rules))
+        if self.ha is not None:
+            self.ha.applied(state, digest, outcome.complete)
+        self._finished(outcome, started, digest=digest)
+
+    def resync(self) -> None:
+        self._next_resync = time.monotonic() + self.config.resync_interval
+        if self.reconciler.state is None:
+            return
+        started = time.monotonic()
+        try:
+            outcome = self.reconciler.resync()
+        except (NftError, OSError) as err:
+            self._failed(f"resync failed: {err}")
+            return
+        self._count(outcome)
+        if self.ha is not None and self._applied_digest is not None:
+            # Retries what waits on the kernel (the sync interface's address, a complete apply).
+            self.ha.applied(self.reconciler.state, self._applied_digest, outcome.complete)
+        if self._seen_digest == self._applied_digest:
+            self._finished(outcome, started, digest=None)
+
+    def _count(self, outcome: Outcome) -> None:
+        for reason, count in outcome.conntrack_deleted.items():
+            self.metrics.conntrack_deleted.labels(reason).inc(count)
+        for resource, count in outcome.repairs.items():
+            log.warning("drift repaired", resource=resource, changes=count)
+            self.metrics.drift_repairs.labels(resource).inc(count)
+
+    def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
+        self.metrics.nft_elements.set(self.reconciler.element_count)
+
+        if outcome.complete:
+            self._not_ready = None
+            if not self._told_ready:
+                self.notifier.send("READY=1")
+                self._told_ready = True
+            self._retry_at, self._retry_delay = None, RETRY_FIRST_SECONDS
+            self.metrics.last_success.set(time.time())
+            self.metrics.reconcile_duration.observe(seconds)
+        else:
+            waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
+            self._not_ready = "; ".join(waiting + outcome.link_errors)
+            self._schedule_retry()
+        if digest is not None:
+            self.metrics.reconciles.labels("applied").inc()
+            log.info(
+                "desired state applied",
+                sha256=digest[:12],
+                complete=outcome.complete,
+                nft_operations=outcome.nft_operations,
+                changed_elements=outcome.changed_elements,
+                link_changes=len(outcome.link_changes),
+                missing_interfaces=outcome.missing_interfaces,
+                seconds=round(seconds, 4),
+            )
+
+    def _rejected(self, problems: list[Problem], digest: str | None, skipped: str | None = None) -> None:
+        self._seen_digest = digest
+        self._retry_at = None  # nothing to retry until the file changes
+        self.metrics.desired_state_valid.set(0)
+        self.metrics.reconciles.labels("invalid").inc()
+        listed = "; ".join(str(p) for p in problems[:5])
+        path = str(self.config.state_path)
+        extra = {"skipped": skipped} if skipped else {}
+        if self._applied_digest is None:
+            self._not_ready = f"no state applied yet; waiting for {path}: {listed}"
+            log.error(
+                "desired state rejected; no state applied yet", path=path, problems=[str(p) for p in problems], **extra
+            )
+            return
+        self._not_ready = f"desired state rejected; the last good state stays applied: {listed}"
+        log.error(
+            "desired state rejected; keeping the last good state",
+            path=path,
+            problems=[str(p) for p in problems],
+            applied_sha256=self._applied_digest,
+            **extra,
+        )
+
+    def _failed(self, reason: str) -> None:
+        self.metrics.reconciles.labels("error").inc()
+        self._not_ready = reason
+        log.error("reconcile failed", reason=reason, retry_in=self._retry_delay)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_SECONDS)
+
+    def _recall_applied(self) -> None:
+        path = self.config.applied_state_path
+        if path is None or not path.exists():
+            return
+        try:
+            record = json.loads(path.read_bytes())
+            log.info("last applied before this start", sha256=record["sha256"], applied_at=record["applied_at"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring unreadable record of the last applied state", path=str(path), error=str(err))
+
+    def _record_applied(self, raw: bytes) -> None:
+        """Keep the applied state on disk (atomically), for `natgwd status` and for
+        telling after a restart what changed while natgwd was down."""
+        path = self.config.applied_state_path
+        if path is None:
+            return
+        applied_at = datetime.fromtimestamp(self._applied_at or 0, UTC).isoformat()
+        # The state is valid JSON already: embed its bytes rather than re-encode megabytes.
+        head = json.dumps({"sha256": self._applied_digest, "applied_at": applied_at})[:-1]
+        record = head.encode() + b', "state": ' + raw.strip() + b"}\n"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(record)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("cannot record the applied state", path=str(path), error=str(err))
+
+    def _counting_sets(self) -> Listings:
+        try:
+            return self.reconciler.counting_sets()
+        except NftError as err:
+            log.error("reading counters failed", error=str(err))
+            return {}
+
+
+def _read(path: Path, allow_writable: bool) -> bytes:
+    try:
+        # O_NONBLOCK: a FIFO put in the file's place must not hang the daemon.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        reason = "file does not exist"
+    except PermissionError:
+        reason = "permission denied"
+    except OSError as err:
+        reason = err.strerror or str(err)
+    else:
+        try:
+            status = os.fstat(fd)
+            if stat.S_ISDIR(status.st_mode):
+                reason = "is a directory, not a file"
+            elif not stat.S_ISREG(status.st_mode):
+                reason = "is not a regular file"
+            elif not allow_writable and (unsafe := _writable_by_others(status)):
+                reason = f"{unsafe}, who could rewrite the gateway's NAT (--allow-writable-state to accept)"
+            else:
+                return _read_at_most(fd, MAX_FILE_BYTES + 1)
+        except OSError as err:
+            reason = err.strerror or str(err)
+        finally:
+            os.close(fd)
+    raise InvalidStateError([Problem("$", f"cannot read {path}: {reason}")])
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """One byte over the limit is enough to reject a file without holding all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _writable_by_others(status: os.stat_result) -> str | None:
+    if status.st_mode & stat.S_IWOTH:
+        return "is writable by every user"
+    if status.st_mode & stat.S_IWGRP and status.st_gid not in (0, os.getegid()):
+        return f"is writable by group {status.st_gid}"
+    if status.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {status.st_uid}"
+    return None

@@ -1,0 +1,318 @@
+"""Keep the kernel equal to a desired state: one atomic nftables transaction per change,
+then interfaces, addresses and routes.
+
+The reconciler keeps the table contents it last wrote (like kube-proxy's element
+storage) so that a change costs a diff against memory. The kernel is read back when memory
+says nothing about it (start, after a failed transaction), when anyone else committed since
+(the ruleset generation moved), and every few resyncs; that is how drift is found and
+repaired. Applies and resyncs are one path (`_sync`), so what one knows the other trusts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as CounterOf
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Protocol
+
+import structlog
+
+from natgwd.kernel.netlink import LinkReport
+from natgwd.kernel.nft import Nft
+from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
+from natgwd.planning.links import LinkPlan, link_plan
+from natgwd.planning.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
+from natgwd.planning.stale import Filter, Translations, changed_filters
+from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
+from natgwd.qos.plan import QosWants, wants
+from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.state.model import DesiredState
+
+log = structlog.get_logger("natgwd.runtime.reconciler")
+
+FULL_READ_EVERY = 6  # resyncs
+
+
+class Links(Protocol):
+    def apply(self, plan: LinkPlan) -> LinkReport: ...
+
+
+class Shaper(Protocol):
+    def apply(self, wants: QosWants) -> TcReport: ...
+
+    def stats(self, external: str) -> list[ClassStats]: ...
+
+    @property
+    def leaf(self) -> str | None: ...
+
+
+class Cleaner(Protocol):
+    def clean(self, translations: Translations, filters: list[Filter] | None) -> CounterOf[str]: ...
+
+
+Announce = Callable[[str, list[IPv4Address]], None]
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did. `complete` is False while interfaces are missing or a
+    netlink change failed; nftables is then already applied and the rest is retried."""
+
+    nft_operations: int = 0
+    changed_elements: int = 0
+    link_changes: list[str] = field(default_factory=list)
+    missing_interfaces: list[str] = field(default_factory=list)
+    link_errors: list[str] = field(default_factory=list)
+    conntrack_deleted: dict[str, int] = field(default_factory=dict)
+    repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
+    qos_changes: list[str] = field(default_factory=list)  # errors go to link_errors
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_interfaces and not self.link_errors
+
+
+class Reconciler:
+    def __init__(
+        self,
+        nft: Nft,
+        links: Links,
+        ensure_forwarding: Callable[[], bool],
+        conntrack: Cleaner | None = None,
+        announce: Announce | None = None,
+        qos: Shaper | None = None,
+    ) -> None:
+        self.nft = nft
+        self.qos = qos
+        self._qos_applied: QosWants | None = None
+        self.links = links
+        self.ensure_forwarding = ensure_forwarding
+        self.conntrack = conntrack
+        self.announce = announce
+        self._full_conntrack_scan = True  # the first programming checks every entry (#4193)
+        self._announced_all = False
+        self._links_applied: LinkPlan | None = None
+        self._generation: int | None = None  # the ruleset generation of what _written describes
+        self._must_read = True  # memory says nothing about the kernel until it was read
+        self._resyncs = 0
+        self.state: DesiredState | None = None
+        self._table: DesiredTable | None = None
+        self._written: TableContents | None = None  # the kernel's table, unless _must_read (None: no table)
+        self._ids: dict[RuleLabels, int] | None = None
+        self._highest_id = 0
+        self._counters = CounterMemory()
+        self._lock = threading.Lock()
+
+    # --- syncing --------------------------------------------------------------------
+
+    def apply(self, state: DesiredState) -> Outcome:
+        """Make the kernel hold `state`. Raises NftError with nothing changed in nftables
+        if the transaction is refused."""
+        with self._lock:
+            return self._sync(state, resync=False)
+
+    def resync(self) -> Outcome:
+        """Compare the kernel with the applied state and repair what differs (reported in
+        the outcome's repairs)."""
+        with self._lock:
+            if self.state is None:
+                return Outcome()
+            self._resyncs += 1
+            return self._sync(self.state, resync=True)
+
+    def _sync(self, state: DesiredState, resync: bool) -> Outcome:
+        """The one path from a desired state to the kernel, for applies, resyncs, SIGHUP,
+        adoption at start and repair after a failure.
+
+        A resync re-verifies what an apply may take on trust (links, and now and then the
+        table even when no one committed), and everything it has to change is drift."""
+        repairs: dict[str, int] = {}
+        if self.ensure_forwarding() and self.state is not None:
+            repairs["forwarding"] = 1
+        kernel, drifted = self._current_table(reread=resync and self._resyncs % FULL_READ_EVERY == 0)
+        assert self._ids is not None
+        if resync and self._table is not None:
+            table, ids = self._table, self._ids
+        else:
+            ids = assign_ids(state, self._ids, self._highest_id)
+            table = desired_table(state, ids, self._highest_id)
+        tx = plan_transaction(kernel, table, self._counters)
+        self._commit(tx)
+        self._written = table.contents()
+        self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
+        previous = self.state
+        if table is not self._table:
+            self._ids, self._table, self.state = ids, table, state
+            self._highest_id = max(self._highest_id, *ids.values(), 0)
+            self._counters.forget_except(table.elements)
+        # A resync wants what was applied already, so all it changes is drift, except for
+        # deleting chains an earlier transaction emptied.
+        repaired = len(tx.operations) - tx.finishing if resync else len(tx.operations) if drifted else 0
+        if repaired:
+            log.warning("nftables drift", operations=repaired, changed_elements=tx.changed_elements)
+            repairs["nftables"] = repaired
+            # Connections that started while rules were missing or wrong left un-NATed.
+            self._full_conntrack_scan = True
+        plan = link_plan(state)
+        # Unchanged links were verified by the last apply; a resync verifies them again.
+        outcome = self._apply_links(state, plan) if resync or plan != self._links_applied else Outcome()
+        self._apply_qos(state, outcome, verify=resync)
+        outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+        if resync and outcome.link_changes:
+            repairs["addresses_routes"] = len(outcome.link_changes)
+        if resync and outcome.qos_changes:
+            repairs["qos"] = len(outcome.qos_changes)
+        outcome.repairs = repairs
+        if self._full_conntrack_scan:
+            outcome.conntrack_deleted = self._clean_conntrack(None)
+        elif previous is not None and previous != state:
+            outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
+        return outcome
+
+    @property
+    def element_count(self) -> int:
+        written = self._written
+        return written.element_count() if written is not None else 0
+
+    @property
+    def rule_ids(self) -> Mapping[RuleLabels, int]:
+        """The id (ct mark) of every applied rule; a new mapping on each change, never edited."""
+        return self._ids or {}
+
+    def counting_sets(self) -> Listings:
+        """The kernel's counting sets, for a scrape; also remembered for re-seeding."""
+        listings = self.nft.read_counters(COUNTING_SETS)
+        self._counters.remember_listings(listings)
+        return listings
+
+    # --- pieces ---------------------------------------------------------------------
+
+    def _current_table(self, reread: bool) -> tuple[TableContents | None, bool]:
+        """What the kernel's table holds (None: no table), and whether it drifted from
+        what we last knew it to hold. Memory is trusted only while no one else committed
+        since our last commit or read, and never after a failure."""
+        generation = self.nft.generation()
+        if not self._must_read and generation == self._generation and not reread:
+            return self._written, False
+        kernel = self.nft.read_table()
+        drifted = not self._must_read and kernel != self._written
+        self._generation, self._written, self._must_read = generation, kernel, False
+        if kernel is not None:
+            self._counters.remember(kernel.elements)
+        if self._ids is None:
+            self._adopt(kernel)
+        return kernel, drifted
+
+    def _adopt(self, kernel: TableContents | None) -> None:
+        """Take over the rule ids of the table found at start, so a restart changes
+        nothing that is already right (no flush, no traffic blip)."""
+        existing: dict[RuleLabels, int] = {}
+        if kernel is not None:
+            for mark, element in kernel.elements.get(RULE_CONNECTIONS, {}).items():
+                labels = RuleLabels.from_comment(element.comment or "")
+                if labels is not None and mark.isdigit():
+                    existing[labels] = int(mark)
+            recorded = [int(m) for m in kernel.elements.get(ID_HIGH_WATER, {}) if m.isdigit()]
+            self._highest_id = max(self._highest_id, *recorded, 0)
+        self._ids = existing
+        log.info(
+            "adopted nftables table",
+            found=kernel is not None,
+            rules=len(existing),
+            elements=kernel.element_count() if kernel else 0,
+        )
+
+    def _commit(self, tx: Transaction) -> None:
+        if not tx:
+            return
+        started = time.monotonic()
+        before = self.nft.generation()
+        try:
+            self.nft.apply(tx)
+        except Exception:
+            # Refused, as far as we know, but whatever made it fail may have changed the
+            # kernel too: the next sync reads the kernel instead of trusting memory.
+            self._must_read = True
+            raise
+        after = self.nft.generation()
+        # Our commit is the only one since the kernel was last known to us only if the
+        # generation moved by exactly one from the one we knew; else read it next time.
+        self._generation = after if before == self._generation and after == before + 1 else None
+        log.info(
+            "nftables transaction applied",
+            operations=len(tx.operations),
+            changed_elements=tx.changed_elements,
+            seconds=round(time.monotonic() - started, 4),
+        )
+
+    def _apply_links(self, state: DesiredState, plan: LinkPlan) -> Outcome:
+        report = self.links.apply(plan)
+        self._links_applied = plan if not report.missing and not report.errors else None
+        for change in report.changes:
+            log.info("link change", change=change)
+        for error in report.errors:
+            log.error("link change failed", error=error)
+        self._announce_eips(state, report)
+        return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
+
+    def _apply_qos(self, state: DesiredState, outcome: Outcome, verify: bool) -> None:
+        """Shape as the state's QoS policies say (and remove natgwd's shaping where they
+        say nothing), once the external interface exists. Unchanged QoS was verified by
+        the last apply (reading 1,000 EIPs' trees back takes half a second); `verify`
+        (resync) reads the kernel anyway."""
+        if self.qos is None or state.external.interface in outcome.missing_interfaces:
+            return
+        wanted = wants(state)
+        if not verify and wanted == self._qos_applied:
+            return
+        try:
+            report = self.qos.apply(wanted)
+        except Exception as err:  # a shaping failure must not stop NAT from being kept
+            log.exception("traffic control failed")
+            report = TcReport(errors=[f"traffic control: {type(err).__name__}: {err}"])
+        self._qos_applied = None if report.errors else wanted
+        for change in report.changes:
+            log.info("qos change", change=change)
+        for error in report.errors:
+            log.error("qos not applied", error=error)
+        outcome.qos_changes = report.changes
+        outcome.link_errors.extend(report.errors)
+
+    def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
+        """Gratuitous ARP for every EIP once the external interface exists after start
+        (upstream may still have the MAC of the gateway's previous home), then for each
+        EIP address as it is added."""
+        external = state.external.interface
+        # In HA mode the EIPs are the active member's alone: it announces them on taking over.
+        if self.announce is None or state.ha is not None or external in report.missing:
+            return
+        eips = {e.v4ip for e in state.eips}
+        if self._announced_all:
+            added = sorted(a.ip for name, a in report.added_addresses if name == external and a.ip in eips)
+        else:
+            added, self._announced_all = sorted(eips), True
+        if added:
+            self.announce(external, added)
+
+    def _clean_conntrack(self, filters: list[Filter] | None) -> dict[str, int]:
+        if self.conntrack is None or self.state is None or self._ids is None:
+            return {}
+        started = time.monotonic()
+        try:
+            deleted = self.conntrack.clean(Translations(self.state, self._ids.values()), filters)
+        except OSError as err:  # NetlinkError is an OSError
+            log.error("conntrack cleanup failed; retrying with a full scan next time", error=str(err))
+            self._full_conntrack_scan = True
+            return {}
+        self._full_conntrack_scan = False
+        if deleted:
+            log.info(
+                "stale conntrack entries deleted",
+                by_reason=dict(deleted),
+                full_scan=filters is None,
+                seconds=round(time.monotonic() - started, 4),
+            )
+        return dict(deleted)

@@ -1,0 +1,114 @@
+"""`natgwd status`: the rules in the kernel with their live counters, read from the table
+alone (what operators used `iptables-legacy -t nat -L -n -v` for)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels
+from natgwd.planning.table import Counter, TableContents
+
+# map holding the rule id -> (map holding the target, how to show one translation)
+_TRANSLATIONS = {
+    "fip_in_rule": "fip_in_target",
+    "fip_out_rule": "fip_out_target",
+    "dnat_rule": "dnat_target",
+}
+
+
+@dataclass
+class RuleStatus:
+    kind: str
+    name: str
+    eip: str
+    id: int
+    translations: list[str] = field(default_factory=list)
+    connections: int = 0
+    original_packets: int = 0
+    original_bytes: int = 0
+    reply_packets: int = 0
+    reply_bytes: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _arrow(key: str, target: str, rule_map: str) -> str:
+    if rule_map == "dnat_rule":
+        eip, proto, port = key.split(" . ")
+        address, target_port = target.split(" . ")
+        return f"{eip}:{port}/{proto} -> {address}:{target_port}"
+    if rule_map.startswith("snat_p"):
+        prefix = rule_map.removeprefix("snat_p").removesuffix("_rule")
+        return f"{key}/{prefix} -> {target}"
+    if rule_map == "fip_out_rule":
+        return f"{key} -> {target} (out)"
+    return f"{key} -> {target} (in)"
+
+
+def rule_statuses(table: TableContents) -> list[RuleStatus]:
+    rules: dict[str, RuleStatus] = {}
+    for mark, element in table.elements.get(RULE_CONNECTIONS, {}).items():
+        labels = RuleLabels.from_comment(element.comment or "")
+        if labels is None:
+            continue
+        counter = element.counter or Counter(0, 0)
+        rules[mark] = RuleStatus(labels.kind, labels.name, labels.eip, int(mark), connections=counter.packets)
+    for key, element in table.elements.get(RULE_TRAFFIC, {}).items():
+        direction, _, mark = key.partition(" . ")
+        if mark in rules and element.counter is not None:
+            setattr(rules[mark], f"{direction}_packets", element.counter.packets)
+            setattr(rules[mark], f"{direction}_bytes", element.counter.bytes)
+    translations: dict[str, list[str]] = defaultdict(list)
+    rule_maps = {
+        **_TRANSLATIONS,
+        **{n: n.replace("_rule", "_target") for n in table.elements if n.startswith("snat_p") and n.endswith("_rule")},
+    }
+    for rule_map, target_map in rule_maps.items():
+        targets = table.elements.get(target_map, {})
+        for key, element in table.elements.get(rule_map, {}).items():
+            target = targets.get(key)
+            if element.value is not None and target is not None and target.value is not None:
+                translations[element.value].append(_arrow(key, target.value, rule_map))
+    for mark, target in table.elements.get("share_target", {}).items():
+        if target.value is not None:
+            address, port = target.value.split(" . ")
+            translations[mark].append(f"(share backend) -> {address}:{port}")
+    for mark, rule in rules.items():
+        rule.translations = _summarise(sorted(translations.get(mark, []), key=_natural))
+    return sorted(rules.values(), key=lambda r: (r.kind, r.name))
+
+
+def _natural(text: str) -> list[int | str]:
+    """Sort key that orders the numbers inside text by value (port 9999 before 10000)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _summarise(translations: list[str]) -> list[str]:
+    # A port range is one element per port: show its ends, not thousands of lines.
+    if len(translations) <= 2:
+        return translations
+    return [translations[0], f"... {len(translations) - 2} more ...", translations[-1]]
+
+
+def format_table(rules: list[RuleStatus]) -> str:
+    header = ("KIND", "NAME", "EIP", "TRANSLATION", "CONNS", "ORIG PKTS", "ORIG BYTES", "REPLY PKTS", "REPLY BYTES")
+    rows = [
+        (
+            r.kind,
+            r.name,
+            r.eip,
+            "; ".join(r.translations),
+            str(r.connections),
+            str(r.original_packets),
+            str(r.original_bytes),
+            str(r.reply_packets),
+            str(r.reply_bytes),
+        )
+        for r in rules
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""The desired state: its model, JSON Schema and validation."""
