@@ -50,7 +50,44 @@ SEED_STATE: dict[str, Any] = {
     "fip": [{"name": "fip01", "eip": "my-eip2", "internalIp": "172.20.10.3"}],
 }
 
+# The seed made dual-stack: every IPv4 rule gets its IPv6 twin on the same EIP names.
+# Unique local addresses only (fd00::/8): nothing here is routed beyond the lab.
+DUAL_STACK_STATE: dict[str, Any] = {
+    **SEED_STATE,
+    "internal": {
+        "interface": "net1",
+        "addresses": ["172.20.10.254/24", "fd00:10::fe/64"],
+        "routes": [{"dst": "10.55.0.0/16", "via": "172.20.10.1"}, {"dst": "fd00:55::/64", "via": "fd00:10::1"}],
+    },
+    "external": {
+        "interface": "net2",
+        "addresses": ["10.115.48.1/21", "fd00:115::1/64"],
+        "gateway": "10.115.55.254",
+        "gateway6": "fd00:115::fe",
+    },
+    "eips": [
+        {"name": "my-eip", "v4ip": "10.115.55.200", "v6ip": "fd00:115::200"},
+        {"name": "my-eip2", "v4ip": "10.115.55.201", "v6ip": "fd00:115::201"},
+    ],
+    "snat": [*SEED_STATE["snat"], {"name": "my-snat6", "eip": "my-eip", "internalCIDR": "fd00:10::/64"}],
+    "dnat": [
+        *SEED_STATE["dnat"],
+        {
+            "name": "dnat01-6",
+            "eip": "my-eip",
+            "protocol": "tcp",
+            "externalPort": "8888",
+            "internalIp": "fd00:10::2",
+            "internalPort": "80",
+        },
+    ],
+    "fip": [*SEED_STATE["fip"], {"name": "fip01-6", "eip": "my-eip2", "internalIp": "fd00:10::3"}],
+}
+
 VM_ADDRESSES = ("172.20.10.2", "172.20.10.3", "172.20.10.4")
+VM6_ADDRESSES = ("fd00:10::2", "fd00:10::3", "fd00:10::4")
+LAN_ROUTER6 = "fd00:10::1/64"
+EXTERNAL_HOST6 = "fd00:115::fe"
 LAN_ROUTER = "172.20.10.1/24"
 EXTERNAL_HOST = "10.115.55.254"
 EXTERNAL_PREFIX = 21

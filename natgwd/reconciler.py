@@ -15,14 +15,13 @@ import time
 from collections import Counter as CounterOf
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from typing import Protocol
 
 import structlog
 
 from natgwd.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.links import LinkPlan, link_plan
-from natgwd.model import DesiredState
+from natgwd.model import DesiredState, IPAddress
 from natgwd.netlink import LinkReport
 from natgwd.nft import Nft
 from natgwd.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
@@ -42,7 +41,7 @@ class Cleaner(Protocol):
     def clean(self, translations: Translations, filters: list[Filter] | None) -> CounterOf[str]: ...
 
 
-Announce = Callable[[str, list[IPv4Address]], None]
+Announce = Callable[[str, list[IPAddress]], None]
 
 
 @dataclass
@@ -236,17 +235,19 @@ class Reconciler:
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
 
     def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
-        """Gratuitous ARP for every EIP once the external interface exists after start
-        (upstream may still have the MAC of the gateway's previous home), then for each
-        EIP address as it is added."""
+        """Gratuitous ARP (IPv4) or an unsolicited neighbour advertisement (IPv6) for every
+        EIP address once the external interface exists after start (upstream may still
+        have the MAC of the gateway's previous home), then for each EIP address as it is
+        added."""
         external = state.external.interface
         if self.announce is None or external in report.missing:
             return
-        eips = {e.v4ip for e in state.eips}
+        eips = {a for e in state.eips for a in e.addresses}
         if self._announced_all:
-            added = sorted(a.ip for name, a in report.added_addresses if name == external and a.ip in eips)
+            added = [a.ip for name, a in report.added_addresses if name == external and a.ip in eips]
         else:
-            added, self._announced_all = sorted(eips), True
+            added, self._announced_all = list(eips), True
+        added.sort(key=lambda a: (a.version, a))
         if added:
             self.announce(external, added)
 

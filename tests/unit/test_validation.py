@@ -168,8 +168,8 @@ def test_unknown_top_level_field() -> None:
     [
         (("internal",), "$.internal.mtu", "addresses, interface, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
-        (("external",), "$.external.mtu", "addresses, gateway, interface"),
-        (("eips", 0), "$.eips[0].mtu", "name, v4ip"),
+        (("external",), "$.external.mtu", "addresses, gateway, gateway6, interface"),
+        (("eips", 0), "$.eips[0].mtu", "name, v4ip, v6ip"),
         (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, type"),
         (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name"),
@@ -315,7 +315,7 @@ def test_overlong_address_reports_length_and_format() -> None:
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("172.20.10.254", "must be an IPv4 address with prefix length"),
+        ("172.20.10.254", "must be an IPv4 or IPv6 address with prefix length"),
         ("172.20.10.254/33", "not a valid IPv4 address/prefix"),
         ("172.20.10.0/24", "172.20.10.0 is the network or broadcast address of 172.20.10.0/24"),
         ("172.20.10.255/24", "172.20.10.255 is the network or broadcast address of 172.20.10.0/24"),
@@ -356,8 +356,8 @@ def test_route_dst_with_host_bits_suggests_the_network() -> None:
     [
         ("172.20.10.0/40", "not a valid IPv4 network"),
         ("172.20.300.0/24", "not a valid IPv4 network"),
-        ("172.20.10.0/", "must be an IPv4 network such as 172.20.10.0/24"),
-        ("172.20.10.0/24 ", "must be an IPv4 network such as 172.20.10.0/24"),
+        ("172.20.10.0/", "must be an IPv4 or IPv6 network such as 172.20.10.0/24"),
+        ("172.20.10.0/24 ", "must be an IPv4 or IPv6 network such as 172.20.10.0/24"),
     ],
 )
 def test_invalid_cidr(value: str, reason: str) -> None:
