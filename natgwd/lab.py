@@ -7,6 +7,11 @@ the lab creates, and everything is removed on close, also after a failure.
     vm3 172.20.10.4 ─┘                                  natgwd runs in gw
 
 The gateway's interfaces start down and without addresses: natgwd configures them.
+
+With ipv6=True the lab is dual-stack (DUAL_STACK_STATE): the VMs also have fd00:10::2-4
+behind fd00:10::fe, the VPC router fd00:10::1 and the upstream fd00:115::fe. Every
+namespace but the gateway skips duplicate address detection (accept_dad 0): the
+gateway's addresses are natgwd's, which adds them without it (IFA_F_NODAD).
 """
 
 from __future__ import annotations
@@ -183,6 +188,7 @@ class Natgwd:
 class Lab:
     prefix: str = field(default_factory=lambda: "ngw" + secrets.token_hex(3))
     vms: tuple[str, ...] = VM_ADDRESSES
+    ipv6: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="natgwd-lab-")))
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
@@ -218,6 +224,10 @@ class Lab:
         run(["ip", "netns", "add", name])
         self._namespaces.append(name)
         self.exec(role, "ip", "link", "set", "lo", "up")
+        if self.ipv6 and role != "gw":
+            # Set before the namespace's links exist: "default" is what new links inherit.
+            for scope in ("all", "default"):
+                self.exec(role, "sysctl", "-qw", f"net.ipv6.conf.{scope}.accept_dad=0")
         return name
 
     def _veth(self, a_role: str, a_name: str, b_role: str, b_name: str) -> None:
@@ -258,6 +268,15 @@ class Lab:
         self._veth("gw", "net2", "ext", "eth0")
         self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST}/{EXTERNAL_PREFIX}", "dev", "eth0")
         self.exec("ext", "ip", "link", "set", "eth0", "up")
+        if self.ipv6:
+            self._build_ipv6()
+
+    def _build_ipv6(self) -> None:
+        self.exec("lan", "ip", "addr", "add", LAN_ROUTER6, "dev", "br0")
+        for role, address in zip(self.vm_roles(), VM6_ADDRESSES, strict=False):
+            self.exec(role, "ip", "addr", "add", f"{address}/64", "dev", "eth0")
+            self.exec(role, "ip", "-6", "route", "add", "default", "via", "fd00:10::fe")
+        self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST6}/64", "dev", "eth0")
 
     def close(self) -> None:
         for process in reversed(self._processes):
@@ -350,7 +369,8 @@ class Lab:
 
     def http_get(self, role: str, address: str, port: int, path: str = "/", timeout: float = 5) -> str:
         """GET from a namespace; the lab server answers with the client address it saw."""
-        url = urllib.parse.urlunsplit(("http", f"{address}:{port}", path, "", ""))
+        host = f"[{address}]" if ":" in address else address
+        url = urllib.parse.urlunsplit(("http", f"{host}:{port}", path, "", ""))
         return self.exec(role, "curl", "-s", "-m", str(timeout), url, timeout=timeout + 5).stdout
 
     def udp_exchange(
@@ -358,10 +378,11 @@ class Lab:
     ) -> list[str]:
         """Send datagrams from one socket in a namespace; return each answer (the client
         address the server saw), '' for a datagram that got none."""
+        family, anywhere = ("AF_INET6", "::") if ":" in address else ("AF_INET", "0.0.0.0")
         script = (
             "import socket,sys,json\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            f"s.bind(('0.0.0.0',{source_port}))\n"
+            f"s=socket.socket(socket.{family},socket.SOCK_DGRAM)\n"
+            f"s.bind(({anywhere!r},{source_port}))\n"
             f"s.settimeout({timeout})\n"
             "out=[]\n"
             f"for p in {list(payloads)!r}:\n"

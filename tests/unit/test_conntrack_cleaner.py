@@ -5,8 +5,8 @@ streams them and deleted at once on a second socket, so the cleaner never holds 
 from __future__ import annotations
 
 import errno
-import socket
 import json
+import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
