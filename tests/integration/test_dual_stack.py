@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import sys
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from natgwd.lab import DUAL_STACK_STATE, EXTERNAL_HOST, EXTERNAL_HOST6, Lab
 from tests.integration.helpers import (
     apply,
+    events_named,
     host_of,
     rule_counters,
     start,
@@ -153,3 +156,69 @@ def test_neighbour_advertisements_at_start_and_for_an_added_eip(dual_lab: Lab, d
     dual_state["eips"].append({"name": "eip-new", "v6ip": added})
     apply(daemon, dual_state)
     wait_for(lambda: _neighbour(dual_lab, added) == gateway_mac, f"upstream learning {added}")
+
+
+def _v6_works(lab: Lab) -> None:
+    """DNAT in, SNAT out and FIP in over IPv6."""
+    assert host_of(lab.http_get("ext", EIP1_6, 8888)) == EXTERNAL_HOST6
+    assert host_of(lab.http_get("vm3", EXTERNAL_HOST6, 80)) == EIP1_6
+    assert host_of(lab.http_get("ext", EIP2_6, 80)) == EXTERNAL_HOST6
+
+
+def _table(lab: Lab) -> str:
+    return lab.exec("gw", "nft", "-j", "list", "table", "inet", "natgwd").stdout
+
+
+def _routes6(lab: Lab) -> dict[str, dict[str, Any]]:
+    return {r["dst"]: r for r in json.loads(lab.exec("gw", "ip", "-j", "-6", "route").stdout)}
+
+
+def test_ipv6_survives_kill_9_restart_adoption_drift_and_cleanup(dual_lab: Lab, dual_state: dict[str, Any]) -> None:
+    """Guards against IPv6 state a restarted natgwd does not recognise as its own (it
+    would re-create the table or re-add addresses and routes: a blip, counters reset),
+    IPv6 drift left unrepaired, and `cleanup` leaving IPv6 addresses or routes behind."""
+    lab = dual_lab
+    dual_lab.serve("ext", tcp=[80])
+    dual_lab.serve("vm1", tcp=[80])
+    dual_lab.serve("vm2", tcp=[80])
+    first = start(lab, dual_state)
+    _v6_works(lab)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    _v6_works(lab)  # down: the table, addresses and routes stay and keep translating
+    down = _table(lab)
+
+    second = start(lab, dual_state, "--resync-interval", "1")
+    (applied,) = events_named(second, "desired state applied")
+    assert (applied["nft_operations"], applied["changed_elements"], applied["link_changes"]) == (0, 0, 0), applied
+    assert _table(lab) == down  # same handles, counters included
+    snat6 = rule_counters(second, "snat", "my-snat6", EIP1_6)
+    assert snat6 is not None and snat6.connections == 2  # one before the kill, one while down
+
+    # Drift: an IPv6 EIP address, the IPv6 default route, an IPv6 map element, forwarding.
+    lab.exec("gw", "ip", "addr", "del", f"{EIP1_6}/64", "dev", "net2")
+    lab.exec("gw", "ip", "-6", "route", "del", "default")
+    key = f"{EIP1_6} . tcp . 8888"
+    lab.exec("gw", "nft", "delete", "element", "inet", "natgwd", "dnat_target6", f"{{ {key} }}")
+    lab.exec("gw", "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
+    wait_for(lambda: addresses6(lab, "gw", "net2").get(f"{EIP1_6}/64") == [], "the IPv6 EIP restored", timeout=10)
+    wait_for(lambda: _routes6(lab).get("default", {}).get("gateway") == EXTERNAL_HOST6, "the IPv6 default route")
+    wait_for(
+        lambda: (
+            lab.exec(
+                "gw", "nft", "get", "element", "inet", "natgwd", "dnat_target6", f"{{ {key} }}", check=False
+            ).returncode
+            == 0
+        ),
+        "the IPv6 DNAT element restored",
+    )
+    wait_for(
+        lambda: lab.exec("gw", "cat", "/proc/sys/net/ipv6/conf/all/forwarding").stdout.strip() == "1",
+        "IPv6 forwarding on",
+    )
+    _v6_works(lab)
+    assert second.stop() == 0
+
+    result = lab.exec("gw", sys.executable, "-m", "natgwd", "cleanup", "--applied-state", str(lab.applied_state_path))
+    assert result.returncode == 0, result.stderr
+    assert addresses6(lab, "gw", "net2") == {} and addresses6(lab, "gw", "net1") == {}
+    assert "default" not in _routes6(lab) and "fd00:55::/64" not in _routes6(lab)
