@@ -12,6 +12,11 @@ With ipv6=True the lab is dual-stack (DUAL_STACK_STATE): the VMs also have fd00:
 behind fd00:10::fe, the VPC router fd00:10::1 and the upstream fd00:115::fe. Every
 namespace but the gateway skips duplicate address detection (accept_dad 0): the
 gateway's addresses are natgwd's, which adds them without it (IFA_F_NODAD).
+
+With second_external=True the gateway also has net3 on a second external network, to the
+upstream router "ext2" (10.116.0.254/24, and fd00:116::fe/64 with ipv6). Both upstream
+routers also carry REMOTE_HOST, one address "on the internet" that each reaches directly:
+which of them answers tells which network a connection took.
 """
 
 from __future__ import annotations
@@ -93,6 +98,9 @@ VM_ADDRESSES = ("172.20.10.2", "172.20.10.3", "172.20.10.4")
 VM6_ADDRESSES = ("fd00:10::2", "fd00:10::3", "fd00:10::4")
 LAN_ROUTER6 = "fd00:10::1/64"
 EXTERNAL_HOST6 = "fd00:115::fe"
+EXTERNAL2_HOST, EXTERNAL2_HOST6 = "10.116.0.254", "fd00:116::fe"
+# Benchmarking (198.18.0.0/15) and unique local ranges: never routed beyond the lab.
+REMOTE_HOST, REMOTE_HOST6 = "198.18.0.1", "fd00:198::1"
 LAN_ROUTER = "172.20.10.1/24"
 EXTERNAL_HOST = "10.115.55.254"
 EXTERNAL_PREFIX = 21
@@ -189,6 +197,7 @@ class Lab:
     prefix: str = field(default_factory=lambda: "ngw" + secrets.token_hex(3))
     vms: tuple[str, ...] = VM_ADDRESSES
     ipv6: bool = False
+    second_external: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="natgwd-lab-")))
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
@@ -250,7 +259,7 @@ class Lab:
         )
 
     def build(self) -> None:
-        for role in ("gw", "lan", "ext", *self.vm_roles()):
+        for role in ("gw", "lan", "ext", *(["ext2"] if self.second_external else []), *self.vm_roles()):
             self._add_ns(role)
         # Internal L2 segment: a bridge in "lan", which also plays the VPC router 172.20.10.1.
         self.exec("lan", "ip", "link", "add", "br0", "type", "bridge")
@@ -270,6 +279,16 @@ class Lab:
         self.exec("ext", "ip", "link", "set", "eth0", "up")
         if self.ipv6:
             self._build_ipv6()
+        if self.second_external:
+            self._veth("gw", "net3", "ext2", "eth0")
+            self.exec("ext2", "ip", "addr", "add", f"{EXTERNAL2_HOST}/24", "dev", "eth0")
+            self.exec("ext2", "ip", "link", "set", "eth0", "up")
+            if self.ipv6:
+                self.exec("ext2", "ip", "addr", "add", f"{EXTERNAL2_HOST6}/64", "dev", "eth0")
+            for role in ("ext", "ext2"):
+                self.exec(role, "ip", "addr", "add", f"{REMOTE_HOST}/32", "dev", "lo")
+                if self.ipv6:
+                    self.exec(role, "ip", "addr", "add", f"{REMOTE_HOST6}/128", "dev", "lo")
 
     def _build_ipv6(self) -> None:
         self.exec("lan", "ip", "addr", "add", LAN_ROUTER6, "dev", "br0")

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from natgwd.model import DesiredState, IPAddress, IPInterface, IPNetwork
+from natgwd.policy import PolicyRule, network_ids, policy_rules
+
+MAIN_TABLE = 254
 
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 DEFAULT_ROUTE6 = IPv6Network("::/0")
@@ -17,9 +20,10 @@ class RouteSpec:
     via: IPAddress
     interface: str
     onlink: bool
+    table: int = MAIN_TABLE
 
-    def sort_key(self) -> tuple[int, IPNetwork]:
-        return (self.dst.version, self.dst)
+    def sort_key(self) -> tuple[int, int, IPNetwork]:
+        return (self.table, self.dst.version, self.dst)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class InterfaceSpec:
 class LinkPlan:
     interfaces: tuple[InterfaceSpec, ...]
     routes: tuple[RouteSpec, ...]
+    rules: tuple[PolicyRule, ...] = ()
 
     @property
     def interface_names(self) -> tuple[str, ...]:
@@ -39,19 +44,25 @@ class LinkPlan:
 
 
 def link_plan(state: DesiredState) -> LinkPlan:
-    internal, external = state.internal, state.external
-    external_addresses = set(external.addresses) | {a for e in state.eips for a in state.eip_interfaces(e)}
+    internal = state.internal
     routes = [RouteSpec(r.dst, r.via, internal.interface, onlink=False) for r in internal.routes]
-    if external.gateway is not None:
-        # onlink: the gateway may sit outside the subnet of an EIP that shares its L2.
-        routes.append(RouteSpec(DEFAULT_ROUTE, external.gateway, external.interface, onlink=True))
-    if external.gateway6 is not None:
-        routes.append(RouteSpec(DEFAULT_ROUTE6, external.gateway6, external.interface, onlink=True))
+    interfaces = [InterfaceSpec(internal.interface, frozenset(internal.addresses))]
+    tables = network_ids(state)
+    for network in state.externals:
+        eips = {a for e in state.eips if e.network == network.name for a in state.eip_interfaces(e)}
+        interfaces.append(InterfaceSpec(network.interface, frozenset(set(network.addresses) | eips)))
+        # Only `external` routes by default; each network also has its own table when there are several.
+        own_tables = [MAIN_TABLE] if network is state.external else []
+        if tables:
+            own_tables.append(tables[network.name])
+        for table in own_tables:
+            for default, gateway in ((DEFAULT_ROUTE, network.gateway), (DEFAULT_ROUTE6, network.gateway6)):
+                if gateway is not None:
+                    # onlink: the gateway may sit outside the subnet of an EIP that shares its L2.
+                    routes.append(RouteSpec(default, gateway, network.interface, onlink=True, table=table))
     return LinkPlan(
-        (
-            InterfaceSpec(internal.interface, frozenset(internal.addresses)),
-            InterfaceSpec(external.interface, frozenset(external_addresses)),
-        ),
+        tuple(interfaces),
         # IPv4 and IPv6 networks do not compare: sort by family first.
         tuple(sorted(routes, key=RouteSpec.sort_key)),
+        policy_rules(state),
     )

@@ -61,12 +61,21 @@ class InternalSide:
         }
 
 
+PRIMARY_NETWORK = "external"  # the name of `external` unless it names itself
+
+
 @dataclass(frozen=True)
 class ExternalSide:
+    """One external network: `external`, or one of `externals` (each with a name)."""
+
     interface: str
     addresses: tuple[IPInterface, ...]
     gateway: IPv4Address | None
     gateway6: IPv6Address | None = None
+    name: str = PRIMARY_NETWORK
+
+    def contains(self, address: IPAddress) -> bool:
+        return any(a.version == address.version and address in a.network for a in self.addresses)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Eip:
     name: str
     v4ip: IPv4Address | None
     v6ip: IPv6Address | None = None
+    network: str = PRIMARY_NETWORK  # the external network the EIP lives on
 
     def address(self, family: int) -> IPAddress | None:
         return self.v4ip if family == 4 else self.v6ip
@@ -135,15 +145,24 @@ class DesiredState:
     snat: tuple[SnatRule, ...] = ()
     dnat: tuple[DnatRule, ...] = ()
     fip: tuple[FipRule, ...] = ()
+    more_externals: tuple[ExternalSide, ...] = ()
+
+    @property
+    def externals(self) -> tuple[ExternalSide, ...]:
+        """Every external network, `external` first."""
+        return (self.external, *self.more_externals)
+
+    def network_of(self, eip: Eip) -> ExternalSide:
+        return next(n for n in self.externals if n.name == eip.network)
 
     def eip_interfaces(self, eip: Eip) -> tuple[IPInterface, ...]:
         """The EIP's addresses as addresses of the external interface: the prefix of the
         external subnet that contains each (so the kernel answers ARP or neighbour
         solicitations for it on that subnet), else a host prefix."""
-        return tuple(self._external_interface(address) for address in eip.addresses)
+        return tuple(self._external_interface(self.network_of(eip), address) for address in eip.addresses)
 
-    def _external_interface(self, address: IPAddress) -> IPInterface:
-        for external in self.external.addresses:
+    def _external_interface(self, network: ExternalSide, address: IPAddress) -> IPInterface:
+        for external in network.addresses:
             if address.version == external.version and address in external.network:
                 return ip_interface(f"{address}/{external.network.prefixlen}")
         return ip_interface(f"{address}/{address.max_prefixlen}")

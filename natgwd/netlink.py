@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from natgwd.links import LinkPlan, RouteSpec
 from natgwd.model import IPInterface, IPNetwork
+from natgwd.policy import PolicyRule
 
 NATGWD_PROTO = 249  # unassigned in iproute2's rt_protos; marks what natgwd added
 RTNH_F_ONLINK = 4
@@ -107,6 +108,7 @@ class Netlink:
                 self._up(ipr, spec.name, found[0], report)
                 self._addresses(ipr, found[0], spec.name, spec.addresses, report)
             self._routes(ipr, plan.routes, index, report)
+            self._rules(ipr, plan.rules, report)
         return report
 
     def remove_owned(self) -> LinkReport:
@@ -119,6 +121,7 @@ class Netlink:
                         self._del_addr(ipr, msg["index"], _interface_of(msg), report)
             for route in self._owned_routes(ipr):
                 self._del_route(ipr, route, report)
+            self._rules(ipr, (), report)
         return report
 
     # --- pieces ---------------------------------------------------------------------
@@ -170,27 +173,24 @@ class Netlink:
                 report.errors.append(f"delete address {address}: {err}")
 
     def _owned_routes(self, ipr: IPRoute) -> list[dict]:
-        return [
-            r
-            for family in FAMILIES
-            for r in ipr.get_routes(family=family, table=MAIN_TABLE)
-            if r["proto"] == NATGWD_PROTO
-        ]
+        # Every table: with several external networks natgwd has a table per network.
+        return [r for family in FAMILIES for r in ipr.get_routes(family=family) if r["proto"] == NATGWD_PROTO]
 
     def _routes(self, ipr: IPRoute, wanted: tuple[RouteSpec, ...], index: dict[str, int], report: LinkReport) -> None:
+        tables = {MAIN_TABLE} | {spec.table for spec in wanted}
         existing = {
-            _dst_of(r): r
+            (r.get("RTA_TABLE"), _dst_of(r)): r
             for family in FAMILIES
-            for r in ipr.get_routes(family=family, table=MAIN_TABLE)
+            for r in ipr.get_routes(family=family)
             # unicast, with the metric a route added without one gets (0; 1024 for IPv6)
-            if r.get("RTA_PRIORITY", 0) == _DEFAULT_METRIC[family] and r["type"] == 1
+            if r.get("RTA_TABLE") in tables and r.get("RTA_PRIORITY", 0) == _DEFAULT_METRIC[family] and r["type"] == 1
         }
         wanted_dsts = set()
         for spec in wanted:
-            wanted_dsts.add(spec.dst)
+            wanted_dsts.add((spec.table, spec.dst))
             if spec.interface not in index:
                 continue  # follows the interface when it appears
-            current = existing.get(spec.dst)
+            current = existing.get((spec.table, spec.dst))
             if (
                 current is not None
                 and current.get("RTA_GATEWAY") == str(spec.via)
@@ -206,25 +206,83 @@ class Netlink:
                     oif=index[spec.interface],
                     proto=NATGWD_PROTO,
                     flags=RTNH_F_ONLINK if spec.onlink else 0,
-                    table=MAIN_TABLE,
+                    table=spec.table,
                 )
-                report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}")
+                report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}{_in_table(spec.table)}")
             except NetlinkError as err:
                 report.errors.append(f"route {spec.dst} via {spec.via} dev {spec.interface}: {err}")
         for route in self._owned_routes(ipr):
-            if _dst_of(route) not in wanted_dsts:
+            if (route.get("RTA_TABLE"), _dst_of(route)) not in wanted_dsts:
                 self._del_route(ipr, route, report)
 
     def _del_route(self, ipr: IPRoute, route: dict, report: LinkReport) -> None:
         dst = str(_dst_of(route))
+        table = route.get("RTA_TABLE", MAIN_TABLE)
         try:
-            ipr.route(
-                "del", dst=dst, family=route["family"], table=MAIN_TABLE, proto=NATGWD_PROTO, oif=route.get("RTA_OIF")
-            )
-            report.changes.append(f"delete route {dst}")
+            ipr.route("del", dst=dst, family=route["family"], table=table, proto=NATGWD_PROTO, oif=route.get("RTA_OIF"))
+            report.changes.append(f"delete route {dst}{_in_table(table)}")
         except NetlinkError as err:
             if err.code != errno.ESRCH:
                 report.errors.append(f"delete route {dst}: {err}")
+
+    def _rules(self, ipr: IPRoute, wanted: tuple[PolicyRule, ...], report: LinkReport) -> None:
+        """Make natgwd's policy rules (FRA_PROTOCOL NATGWD_PROTO) exactly `wanted`."""
+        owned = {
+            _rule_of(msg): msg
+            for family in FAMILIES
+            for msg in ipr.get_rules(family=family)
+            if msg.get_attr("FRA_PROTOCOL") == NATGWD_PROTO
+        }
+        for rule in wanted:
+            if rule in owned:
+                continue
+            try:
+                ipr.rule("add", protocol=NATGWD_PROTO, **_rule_fields(rule))
+                report.changes.append(f"add {rule}")
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    report.errors.append(f"add {rule}: {err}")
+        for rule in owned.keys() - set(wanted):
+            try:
+                ipr.rule("del", protocol=NATGWD_PROTO, **_rule_fields(rule))
+                report.changes.append(f"delete {rule}")
+            except NetlinkError as err:
+                if err.code not in (errno.ENOENT, errno.ESRCH):
+                    report.errors.append(f"delete {rule}: {err}")
+
+
+def _rule_fields(rule: PolicyRule) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "family": socket.AF_INET6 if rule.family == 6 else socket.AF_INET,
+        "priority": rule.priority,
+        "table": rule.table,
+    }
+    if rule.fwmark:
+        fields["fwmark"] = rule.fwmark
+    if rule.src:
+        fields.update(src=rule.src, src_len=128 if rule.family == 6 else 32)
+    if rule.suppress_prefixlength >= 0:
+        fields["suppress_prefixlen"] = rule.suppress_prefixlength
+    return fields
+
+
+_NO_SUPPRESSION = 0xFFFFFFFF
+
+
+def _rule_of(msg: dict) -> PolicyRule:
+    suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")  # type: ignore[attr-defined]
+    return PolicyRule(
+        family=6 if msg["family"] == socket.AF_INET6 else 4,
+        priority=msg.get_attr("FRA_PRIORITY") or 0,  # type: ignore[attr-defined]
+        table=msg.get_attr("FRA_TABLE") or msg["table"],  # type: ignore[attr-defined]
+        fwmark=msg.get_attr("FRA_FWMARK") or 0,  # type: ignore[attr-defined]
+        src=msg.get_attr("FRA_SRC") or "",  # type: ignore[attr-defined]
+        suppress_prefixlength=-1 if suppress in (None, _NO_SUPPRESSION) else suppress,
+    )
+
+
+def _in_table(table: int) -> str:
+    return "" if table == MAIN_TABLE else f" table {table}"
 
 
 def _interface_of(msg: dict) -> IPInterface:

@@ -16,6 +16,11 @@ Layout (family inet, table natgwd):
   rules of its own beside the IPv4 ones in the same chains, present only when an EIP has a
   v6ip, so an IPv4-only table is what it always was. Counting, ct marks and the invalid
   drop do not depend on the family and are shared.
+- With several external networks, SNAT and FIP-out apply on every external interface, and
+  a chain "steer" (prerouting, mangle) sets each packet's firewall mark to the network
+  its translation uses, for natgwd.policy's rules: from the same lookups as the NAT maps
+  (the FIP, else the longest SNAT prefix) for traffic from the VPC, from the EIP it was
+  addressed to for replies of inbound connections.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from natgwd.memo import RoundMemo
 from natgwd.model import DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
+from natgwd.policy import network_ids
 from natgwd.table import ChainSpec, DesiredTable, Element, SetSpec
 
 RULE_CONNECTIONS = "rule_connections"
@@ -187,9 +193,14 @@ def _prerouting(family: _Family) -> tuple[str, ...]:
     )
 
 
+def _external_interfaces(state: DesiredState) -> str:
+    names = [f'"{network.interface}"' for network in state.externals]
+    return names[0] if len(names) == 1 else "{ " + ", ".join(names) + " }"
+
+
 def _postrouting(state: DesiredState, family: _Family, snat_prefixes: list[int]) -> tuple[str, ...]:
     internal = f'"{state.internal.interface}"'
-    external = f'"{state.external.interface}"'
+    external = _external_interfaces(state)
     ip, name = family.ip, family.name
     return (
         # Hairpin: a VPC client reached an EIP that was DNATed back into the VPC;
@@ -251,7 +262,7 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
     elements[ID_HIGH_WATER] = {str(max(highest_id, *ids.values(), 0)): _MEMBER}
     for (_, version), address in eip_of.items():
         elements[(V4 if version == 4 else V6).name("eips")][address] = _MEMBER
-    elements[INVALID_DROPS] = {f'"{state.external.interface}"': _MEMBER}
+    elements[INVALID_DROPS] = {f'"{network.interface}"': _MEMBER for network in state.externals}
     connections, traffic = elements[RULE_CONNECTIONS], elements[RULE_TRAFFIC]
 
     def count(labels: RuleLabels) -> str:
@@ -313,4 +324,51 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
     share_chains = tuple(
         _share_chain(name, sorted(marks, key=int), family) for name, (family, marks) in sorted(share_groups.items())
     )
-    return DesiredTable(tuple(sets), share_chains + _chains(state, prefixes), elements)
+    chains = share_chains + _chains(state, prefixes)
+    if network_ids(state):
+        chains += (_steer(state, prefixes, sets, elements),)
+    return DesiredTable(tuple(sets), chains, elements)
+
+
+def _steer(
+    state: DesiredState,
+    prefixes: dict[_Family, list[int]],
+    sets: list[SetSpec],
+    elements: dict[str, dict[str, Element]],
+) -> ChainSpec:
+    """The maps from an EIP, a FIP's internal address and a SNAT CIDR to the id of the
+    external network it uses (natgwd.policy), and the chain that marks packets with it."""
+    ids = network_ids(state)
+    network_of: dict[tuple[str, int], Element] = {
+        (e.name, a.version): _MAPPED_TO(str(ids[e.network])) for e in state.eips for a in e.addresses
+    }
+    internal = f'"{state.internal.interface}"'
+    rules: list[str] = []
+    for family, lengths in prefixes.items():
+        ip, name, addr = family.ip, family.name, family.addr
+        maps = [name("eip_network"), name("fip_out_network"), *(f"{family.snat_map(p)}_network" for p in lengths)]
+        for map_name in maps:
+            sets.append(SetSpec(map_name, f"type {addr} : mark;"))
+            elements[map_name] = {}
+        for eip in state.eips:
+            address = eip.address(family.version)
+            if address is not None:
+                elements[name("eip_network")][_TEXT(address)] = network_of[eip.name, family.version]
+        for fip in state.fip:
+            if fip.family == family.version:
+                elements[name("fip_out_network")][_TEXT(fip.internal_ip)] = network_of[fip.eip, fip.family]
+        for snat in state.snat:
+            if snat.family == family.version:
+                key = _TEXT(snat.internal_cidr.network_address)
+                map_name = f"{family.snat_map(snat.internal_cidr.prefixlen)}_network"
+                elements[map_name][key] = network_of[snat.eip, snat.family]
+        rules.append(
+            f"iifname {internal} ct direction original meta mark set {ip} saddr map @{name('fip_out_network')}"
+        )
+        rules.extend(
+            f"iifname {internal} ct direction original meta mark 0 "
+            f"meta mark set {family.snat_key(p)} map @{family.snat_map(p)}_network"
+            for p in lengths
+        )
+        rules.append(f"ct direction reply meta mark set ct original {ip} daddr map @{name('eip_network')}")
+    return ChainSpec("steer", "type filter hook prerouting priority mangle; policy accept;", tuple(rules))

@@ -239,17 +239,21 @@ class Reconciler:
         EIP address once the external interface exists after start (upstream may still
         have the MAC of the gateway's previous home), then for each EIP address as it is
         added."""
-        external = state.external.interface
-        if self.announce is None or external in report.missing:
+        if self.announce is None or state.external.interface in report.missing:
             return
-        eips = {a for e in state.eips for a in e.addresses}
-        if self._announced_all:
-            added = [a.ip for name, a in report.added_addresses if name == external and a.ip in eips]
-        else:
-            added, self._announced_all = list(eips), True
-        added.sort(key=lambda a: (a.version, a))
-        if added:
-            self.announce(external, added)
+        first, self._announced_all = not self._announced_all, True
+        # Each EIP on the interface of its own external network.
+        for network in state.externals:
+            if network.interface in report.missing:
+                continue
+            eips = {a for e in state.eips if e.network == network.name for a in e.addresses}
+            if first:
+                added = list(eips)
+            else:
+                added = [a.ip for name, a in report.added_addresses if name == network.interface and a.ip in eips]
+            added.sort(key=lambda a: (a.version, a))
+            if added:
+                self.announce(network.interface, added)
 
     def _clean_conntrack(self, filters: list[Filter] | None) -> dict[str, int]:
         if self.conntrack is None or self.state is None or self._ids is None:

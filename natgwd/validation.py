@@ -33,6 +33,7 @@ import jsonschema
 
 from natgwd.memo import RoundMemo
 from natgwd.model import (
+    PRIMARY_NETWORK,
     DesiredState,
     DnatRule,
     DnatType,
@@ -428,13 +429,15 @@ class _Semantics:
         self.doc = document
         self.problems: list[Problem] = []
         self.eips: dict[str, Eip] = {}
+        self.networks: tuple[ExternalSide, ...] = ()
 
     def fail(self, path: str, reason: str) -> None:
         self.problems.append(Problem(path, reason))
 
     def build(self) -> DesiredState:
-        external = self._external()
-        internal = self._internal(external)
+        external = self._external("$.external", self.doc["external"])
+        more = self._more_externals()
+        internal = self._internal((external, *more))
         if internal.interface == external.interface:
             self.fail("$.external.interface", "must differ from internal.interface")
         for gateway, field, default in (
@@ -443,6 +446,7 @@ class _Semantics:
         ):
             if gateway is not None and any(str(r.dst) == default for r in internal.routes):
                 self.fail("$.internal.routes", f"a default route ({default}) conflicts with external.{field}")
+        self.networks = (external, *more)
         eips = self._eips()
         self.eips.update((e.name, e) for e in eips)
         eip_names = set(self.eips)
@@ -451,7 +455,7 @@ class _Semantics:
         fip = self._fip(eip_names, internal, dnat)
         if self.problems:
             raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
-        return DesiredState(internal, external, eips, snat, dnat, fip)
+        return DesiredState(internal, external, eips, snat, dnat, fip, more)
 
     # addresses -------------------------------------------------------------------------
 
@@ -514,7 +518,7 @@ class _Semantics:
 
     # sections --------------------------------------------------------------------------
 
-    def _internal(self, external: ExternalSide) -> InternalSide:
+    def _internal(self, externals: tuple[ExternalSide, ...]) -> InternalSide:
         section = self.doc["internal"]
         addresses = tuple(
             a
@@ -539,7 +543,12 @@ class _Semantics:
             # A wider route is harmless (the connected route is more specific); an equal one
             # would replace it and a narrower one would take part of the external subnet.
             clash = next(
-                (a.network for a in external.addresses if a.version == dst.version and dst.subnet_of(a.network)),  # type: ignore[arg-type]
+                (
+                    a.network
+                    for external in externals
+                    for a in external.addresses
+                    if a.version == dst.version and dst.subnet_of(a.network)  # type: ignore[arg-type]
+                ),
                 None,
             )
             if clash is not None:
@@ -548,30 +557,55 @@ class _Semantics:
             routes.append(Route(dst, via))
         return InternalSide(section["interface"], addresses, tuple(routes))
 
-    def _external(self) -> ExternalSide:
-        section = self.doc["external"]
+    def _external(self, path: str, section: dict[str, Any]) -> ExternalSide:
         addresses = tuple(
             a
             for i, text in enumerate(section["addresses"])
-            if (a := self.interface_address(f"$.external.addresses[{i}]", text)) is not None
+            if (a := self.interface_address(f"{path}.addresses[{i}]", text)) is not None
         )
         gateway = None
         if "gateway" in section:
-            gateway = self.address("$.external.gateway", section["gateway"])
+            gateway = self.address(f"{path}.gateway", section["gateway"])
         gateway6 = None
         if "gateway6" in section:
-            gateway6 = self._gateway6(section["gateway6"])
+            gateway6 = self._gateway6(f"{path}.gateway6", section["gateway6"])
         assert gateway is None or isinstance(gateway, IPv4Address)
-        return ExternalSide(section["interface"], addresses, gateway, gateway6)
+        return ExternalSide(section["interface"], addresses, gateway, gateway6, section.get("name", PRIMARY_NETWORK))
 
-    def _gateway6(self, text: str) -> IPv6Address | None:
+    def _more_externals(self) -> tuple[ExternalSide, ...]:
+        """`externals`: more external networks, each with a name and an interface of its own."""
+        networks = [self._external(f"$.externals[{i}]", item) for i, item in enumerate(self.doc.get("externals", []))]
+        names = {self.doc["external"].get("name", PRIMARY_NETWORK): "external"}
+        interfaces = {self.doc["external"]["interface"]: "external", self.doc["internal"]["interface"]: "internal"}
+        for i, network in enumerate(networks):
+            path = f"$.externals[{i}]"
+            if network.name in names:
+                self.fail(f"{path}.name", f"{network.name!r} is already the name of {names[network.name]}")
+            if network.interface in interfaces:
+                self.fail(f"{path}.interface", f"{network.interface} is already {interfaces[network.interface]}'s")
+            names.setdefault(network.name, f"externals[{i}]")
+            interfaces.setdefault(network.interface, f"externals[{i}]")
+        return tuple(networks)
+
+    def _eip_network(self, path: str, item: dict[str, Any], addresses: tuple[IPAddress, ...]) -> str | None:
+        """The network an EIP lives on: the one it names, else the first whose subnet
+        contains one of its addresses, else `external`."""
+        if "externalSubnet" in item:
+            if not any(n.name == item["externalSubnet"] for n in self.networks):
+                known = ", ".join(repr(n.name) for n in self.networks)
+                self.fail(f"{path}.externalSubnet", f"names no external network (known: {known})")
+                return None
+            return str(item["externalSubnet"])
+        return next((n.name for n in self.networks if any(n.contains(a) for a in addresses)), self.networks[0].name)
+
+    def _gateway6(self, path: str, text: str) -> IPv6Address | None:
         # A router's link-local address is the usual IPv6 nexthop; the route names the interface.
         try:
             if IPv6Address(text).is_link_local:
                 return IPv6Address(text)
         except AddressValueError:
             pass
-        address = self.address("$.external.gateway6", text)
+        address = self.address(path, text)
         assert address is None or isinstance(address, IPv6Address)
         return address
 
@@ -592,7 +626,9 @@ class _Semantics:
             if ("v4ip" in item and v4 is None) or ("v6ip" in item and v6 is None):
                 continue
             assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
-            eips.append(Eip(item["name"], v4, v6))
+            network = self._eip_network(f"$.eips[{i}]", item, tuple(a for a in (v4, v6) if a is not None))
+            if network is not None:
+                eips.append(Eip(item["name"], v4, v6, network))
         return tuple(eips)
 
     def same_family(self, path: str, eip: str, address: IPAddress | IPNetwork) -> bool:
