@@ -90,7 +90,7 @@ def valid_documents(draw: st.DrawFn, max_eips: int = 6) -> dict[str, Any]:
     prefix lengths (bare addresses for some /32s), DNAT single ports and equal-length
     ranges laid out without overlaps, share groups, FIPs on EIPs of their own. Dual-stack
     documents give some EIPs a v6ip (a few lose their v4ip) and some rules an IPv6 twin."""
-    internal_if, external_if = draw(st.lists(IFNAMES, min_size=2, max_size=2, unique=True))
+    internal_if, external_if, second_if = draw(st.lists(IFNAMES, min_size=3, max_size=3, unique=True))
     eip_count = draw(st.integers(min_value=1, max_value=max_eips))
     offsets = draw(
         st.lists(st.integers(2, EXTERNAL_NET.num_addresses - 3), min_size=eip_count, max_size=eip_count, unique=True)
@@ -179,6 +179,15 @@ def valid_documents(draw: st.DrawFn, max_eips: int = 6) -> dict[str, Any]:
         document["external"]["addresses"].append("fd00:115::1/64")
         if draw(st.booleans()):
             document["external"]["gateway6"] = "fd00:115::fe"
+    if draw(st.integers(0, 3)) == 0:
+        # A second external network; EIPs join it by name (their addresses stay in the
+        # first network's subnet, so only the name can bind them).
+        document["externals"] = [
+            {"name": "second", "interface": second_if, "addresses": ["10.116.0.1/24"], "gateway": "10.116.0.254"}
+        ]
+        for eip in eips:
+            if draw(st.booleans()):
+                eip["externalSubnet"] = "second"
     for section, rules in (("eips", eips), ("snat", snats), ("dnat", dnats), ("fip", fips)):
         if rules or draw(st.booleans()):
             document[section] = draw(st.permutations(rules))
@@ -307,6 +316,7 @@ def test_generated_states_are_accepted_and_render_safely(document: dict[str, Any
     assert labels <= set(comments)
     # Without its comments and quoted interface names, no line has a quote left.
     interfaces = {document["internal"]["interface"], document["external"]["interface"]}
+    interfaces |= {network["interface"] for network in document.get("externals", [])}
     for line in lines:
         bare = COMMENT.sub("", line)
         for interface in interfaces:
