@@ -10,6 +10,7 @@ import copy
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,7 +95,7 @@ def test_each_eip_uses_its_own_external_network(two_externals_lab: Lab) -> None:
     inbound DNAT and FIP connections going back through the main default route, and
     against SNAT or FIP-out not applying on a second external interface."""
     lab = two_externals_lab
-    start(lab, two_networks_state())
+    daemon = start(lab, two_networks_state())
     lab.serve("ext", tcp=[80], tag="ext")
     lab.serve("ext2", tcp=[80], tag="ext2")
     lab.serve("vm1", tcp=[80])
@@ -120,6 +121,15 @@ def test_each_eip_uses_its_own_external_network(two_externals_lab: Lab) -> None:
     seen = " ".join(on_net3)
     for address in (*EIP3.values(), *EIP4.values()):
         assert f"{address}." in seen, f"no packet of {address} on net3"
+
+    # Decommissioning removes the per-network tables and the rules with everything else.
+    assert "lookup 4241" in lab.exec("gw", "ip", "rule").stdout
+    assert daemon.stop() == 0
+    lab.exec("gw", sys.executable, "-m", "natgwd", "cleanup", "--applied-state", str(lab.applied_state_path))
+    for family in ("-4", "-6"):
+        assert "proto 249" not in lab.exec("gw", "ip", family, "rule").stdout
+        for table in ("4240", "4241"):
+            assert lab.exec("gw", "ip", family, "route", "show", "table", table).stdout == ""
 
 
 def answered_by_vm(answer: str) -> str:
