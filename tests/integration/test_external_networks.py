@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from natgwd.lab import DUAL_STACK_STATE, REMOTE_HOST, REMOTE_HOST6, Lab
-from tests.integration.helpers import start, tcp_get, wait_for
+from tests.integration.helpers import events_named, start, tcp_get, wait_for
 
 EIP2 = {4: "10.115.55.201", 6: "fd00:115::201"}  # my-eip2 (network "external"): fip01 <-> vm2
 EIP3 = {4: "10.116.0.200", 6: "fd00:116::200"}  # eip3 (ext2): SNAT of vm3, DNAT 8888 -> vm1:80
@@ -121,6 +121,13 @@ def test_each_eip_uses_its_own_external_network(two_externals_lab: Lab) -> None:
     seen = " ".join(on_net3)
     for address in (*EIP3.values(), *EIP4.values()):
         assert f"{address}." in seen, f"no packet of {address} on net3"
+
+    # A restarted natgwd finds its rules, tables and steer chain as they should be.
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    daemon = start(lab, two_networks_state())
+    (applied,) = events_named(daemon, "desired state applied")
+    assert (applied["nft_operations"], applied["link_changes"]) == (0, 0), applied
+    assert answered(lab.http_get("vm3", REMOTE[4], 80)) == (EIP3[4], "ext2")
 
     # Decommissioning removes the per-network tables and the rules with everything else.
     assert "lookup 4241" in lab.exec("gw", "ip", "rule").stdout
