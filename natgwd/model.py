@@ -166,14 +166,3 @@ class DesiredState:
             if address.version == external.version and address in external.network:
                 return ip_interface(f"{address}/{external.network.prefixlen}")
         return ip_interface(f"{address}/{address.max_prefixlen}")
-
-    def rule_eip_address(self, rule: SnatRule | DnatRule | FipRule) -> IPAddress:
-        """The EIP address a rule translates to or from: the one of the rule's family
-        (validation guarantees it exists)."""
-        address = self._eips_by_name[rule.eip].address(rule.family)
-        assert address is not None
-        return address
-
-    @cached_property
-    def _eips_by_name(self) -> dict[str, Eip]:
-        return {e.name: e for e in self.eips}

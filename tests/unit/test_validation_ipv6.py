@@ -33,11 +33,12 @@ def test_the_dual_stack_seed_loads_with_both_families() -> None:
     assert IPv6Interface("fd00:10::fe/64") in state.internal.addresses
     assert state.internal.routes[1].dst == IPv6Network("fd00:55::/64")
     assert [s.family for s in state.snat] == [4, 6]
-    assert [(d.family, str(state.rule_eip_address(d))) for d in state.dnat] == [
+    eips = {e.name: e for e in state.eips}
+    assert [(d.family, str(eips[d.eip].address(d.family))) for d in state.dnat] == [
         (4, "10.115.55.200"),
         (6, "fd00:115::200"),
     ]
-    assert [(f.family, str(state.rule_eip_address(f))) for f in state.fip] == [
+    assert [(f.family, str(eips[f.eip].address(f.family))) for f in state.fip] == [
         (4, "10.115.55.201"),
         (6, "fd00:115::201"),
     ]
