@@ -222,3 +222,32 @@ def test_ipv6_survives_kill_9_restart_adoption_drift_and_cleanup(dual_lab: Lab, 
     assert result.returncode == 0, result.stderr
     assert addresses6(lab, "gw", "net2") == {} and addresses6(lab, "gw", "net1") == {}
     assert "default" not in _routes6(lab) and "fd00:55::/64" not in _routes6(lab)
+
+
+def test_an_ipv6_dnat_change_moves_a_live_udp_flow(dual_lab: Lab, dual_state: dict[str, Any]) -> None:
+    """Guards against IPv6 conntrack entries left pinning a flow to an old DNAT target:
+    natgwd dumps and deletes IPv6 entries (AF_INET6) as it does IPv4 ones, so the very next
+    datagram follows the changed rule, and a removed rule stops the flow."""
+    dual_lab.serve("vm1", udp=[5000], tag="vm1")
+    dual_lab.serve("vm3", udp=[5000], tag="vm3")
+    rule = {
+        "name": "udp6",
+        "eip": "my-eip",
+        "protocol": "udp",
+        "externalPort": 5000,
+        "internalIp": "fd00:10::2",
+        "internalPort": 5000,
+    }
+    dual_state["dnat"].append(rule)
+    daemon = start(dual_lab, dual_state)
+
+    def once() -> str:
+        return dual_lab.udp_exchange("ext", EIP1_6, 5000, [b"x"], timeout=2, source_port=40001)[0]
+
+    for _ in range(2):
+        assert once() == f"{EXTERNAL_HOST6}:40001 @vm1"
+    rule["internalIp"] = "fd00:10::4"
+    apply(daemon, dual_state)
+    assert once() == f"{EXTERNAL_HOST6}:40001 @vm3"
+    deleted = daemon.metrics()['natgwd_conntrack_entries_deleted_total{reason="dnat"}']
+    assert deleted == 1
