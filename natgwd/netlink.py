@@ -29,7 +29,8 @@ MAIN_TABLE = 254
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 # IPv6 routes by the namespace-wide "all" setting alone (ip6_forward reads devconf_all), and
 # the kernel refuses IPv6 devconf over RTM_SETLINK: only the sysctl file can turn it on.
-IP6_FORWARD = Path("/proc/sys/net/ipv6/conf/all/forwarding")
+IP6_CONF = Path("/proc/sys/net/ipv6/conf")
+IP6_FORWARD = IP6_CONF / "all" / "forwarding"
 # Addresses natgwd adds skip duplicate address detection: an IPv6 EIP would otherwise stay
 # "tentative" (unusable as a source, not answered for) for a second or more after each add.
 IFA_F_NODAD = 0x02
@@ -129,6 +130,7 @@ class Netlink:
     def _up(self, ipr: IPRoute, name: str, idx: int, report: LinkReport) -> None:
         link = ipr.get_links(idx)[0]
         if not link["flags"] & 1:  # IFF_UP
+            self._skip_link_local_dad(name, report)
             ipr.link("set", index=idx, state="up")
             report.changes.append(f"set {name} up")
         # forwarding: packets from this interface are routed. promote_secondaries: without
@@ -142,6 +144,20 @@ class Netlink:
                 report.changes.append(f"set {name} " + ", ".join(n for n, k in _WANTED_DEVCONF.items() if k in off))
             except OSError as err:
                 report.errors.append(f"set {name} forwarding/promote_secondaries: {err}")
+
+    def _skip_link_local_dad(self, name: str, report: LinkReport) -> None:
+        """Before natgwd brings an interface up: no duplicate address detection for the
+        link-local address the kernel then gives it. While that address is tentative (a
+        second or more) the kernel sends no neighbour solicitation for forwarded packets,
+        so IPv6 DNAT and FIP traffic to the VPC would wait for it. Where /proc/sys is
+        read-only this is skipped: the wait is all it costs."""
+        path = IP6_CONF / name / "accept_dad"
+        try:
+            if path.read_text().strip() != "0":
+                path.write_text("0\n")
+                report.changes.append(f"set {name} accept_dad 0")
+        except OSError:
+            pass
 
     def _addresses(self, ipr: IPRoute, idx: int, name: str, wanted: frozenset[IPInterface], report: LinkReport) -> None:
         present = {_interface_of(msg): msg for family in FAMILIES for msg in ipr.get_addr(family=family, index=idx)}

@@ -53,19 +53,25 @@ def addresses6(lab: Lab, role: str, interface: str) -> dict[str, list[str]]:
 
 
 def test_ipv6_addresses_routes_and_forwarding(dual_lab: Lab, dual_state: dict[str, Any]) -> None:
-    """Guards against IPv6 EIPs the gateway cannot use yet (tentative during duplicate
+    """Guards against IPv6 addresses the gateway cannot use yet (tentative during duplicate
     address detection), a missing IPv6 default route, and IPv6 forwarding left off."""
     dual_lab.exec("gw", "sh", "-c", "echo 0 > /proc/sys/net/ipv6/conf/all/forwarding")
+    # net2 is up before natgwd starts (as a CNI leaves it), with duplicate address
+    # detection on: only natgwd's NODAD keeps the EIPs from being tentative. natgwd brings
+    # net1 up itself, without DAD for its link-local address either.
+    dual_lab.exec("gw", "ip", "link", "set", "net2", "up")
     start(dual_lab, dual_state)
     assert dual_lab.exec("gw", "cat", "/proc/sys/net/ipv6/conf/all/forwarding").stdout.strip() == "1"
-    # The gateway namespace does DAD (accept_dad 1): only natgwd's NODAD keeps these usable.
     assert dual_lab.exec("gw", "cat", "/proc/sys/net/ipv6/conf/net2/accept_dad").stdout.strip() == "1"
     assert addresses6(dual_lab, "gw", "net2") == {
         "fd00:115::1/64": [],
         f"{EIP1_6}/64": [],
         f"{EIP2_6}/64": [],
     }
+    assert dual_lab.exec("gw", "cat", "/proc/sys/net/ipv6/conf/net1/accept_dad").stdout.strip() == "0"
     assert addresses6(dual_lab, "gw", "net1") == {"fd00:10::fe/64": []}
+    [net1] = json.loads(dual_lab.exec("gw", "ip", "-j", "-6", "addr", "show", "dev", "net1", "scope", "link").stdout)
+    assert net1["addr_info"] and not any(a.get("tentative") for a in net1["addr_info"]), net1
     routes = {
         r["dst"]: (r.get("gateway"), r["dev"], "onlink" in r.get("flags", ()))
         for r in json.loads(dual_lab.exec("gw", "ip", "-j", "-6", "route").stdout)

@@ -73,7 +73,7 @@ def capture(lab: Lab, interface: str, expression: str) -> Iterator[list[str]]:
     """Packets on a gateway interface matching a tcpdump expression, as tcpdump prints
     them, once the block is done."""
     log = lab.workdir / f"tcpdump-{interface}-{time.monotonic_ns()}.log"
-    process = lab.spawn("gw", "tcpdump", "-i", interface, "-n", "-l", "-U", expression, log_path=log)
+    process = lab.spawn("gw", "tcpdump", "-i", interface, "-n", "-l", "--immediate-mode", expression, log_path=log)
     wait_for(lambda: log.exists() and "listening on" in log.read_text(), f"tcpdump listening on {interface}")
     packets: list[str] = []
     try:
