@@ -47,6 +47,26 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
+def dual_lab() -> Iterator[Lab]:
+    """The seed topology made dual-stack (Lab(ipv6=True)); removed after the test."""
+    reason = _integration_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Lab(ipv6=True) as built:
+        yield built
+
+
+@pytest.fixture
+def two_externals_lab() -> Iterator[Lab]:
+    """The dual-stack seed with a second external network (net3 to "ext2")."""
+    reason = _integration_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Lab(ipv6=True, second_external=True) as built:
+        yield built
+
+
+@pytest.fixture
 def seed_state() -> dict[str, Any]:
     """A deep copy of the seed's desired state, free to modify."""
     copied: dict[str, Any] = json.loads(json.dumps(SEED_STATE))

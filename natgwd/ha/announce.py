@@ -56,7 +56,7 @@ class ActiveAnnouncer:
         if not addresses:
             return
         try:
-            sent = announce(interface, addresses, count=1)
+            sent = announce(interface, list(addresses), count=1)
         except OSError as err:
             log.error("gratuitous ARP failed", interface=interface, error=str(err))
             return

@@ -16,7 +16,7 @@ from ipaddress import AddressValueError, IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from natgwd.state.model import DesiredState
+    from natgwd.state.model import DesiredState, IPInterface
 
 # VRRPv3 (RFC 5798) carries the interval in centiseconds in 12 bits.
 ADVERT_MIN = Decimal("0.01")
@@ -57,11 +57,16 @@ def virtual_addresses(state: DesiredState) -> dict[str, tuple[IPv4Interface, ...
     of the internal and external side (the VMs' gateway, the gateway's own external
     address) and every EIP. natgwd does not configure these itself in HA mode."""
     internal, external = state.internal, state.external
-    eips = [state.eip_interface(e) for e in state.eips]
+    eips = [a for e in state.eips for a in state.eip_interfaces(e)]
+    # Validation refuses IPv6 addresses beside an ha section: the pair moves IPv4 only.
     return {
-        internal.interface: tuple(dict.fromkeys(internal.addresses)),
-        external.interface: tuple(dict.fromkeys([*external.addresses, *eips])),
+        internal.interface: tuple(dict.fromkeys(_ipv4(internal.addresses))),
+        external.interface: tuple(dict.fromkeys(_ipv4([*external.addresses, *eips]))),
     }
+
+
+def _ipv4(addresses: Iterable[IPInterface]) -> list[IPv4Interface]:
+    return [a for a in addresses if isinstance(a, IPv4Interface)]
 
 
 def parse_ha(

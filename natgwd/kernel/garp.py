@@ -2,6 +2,10 @@
 sender and target address are both the EIP, broadcast, so that upstream switches and
 routers learn the EIP's new MAC after the gateway moved (Kube-OVN #4690).
 
+IPv6 EIPs get the IPv6 counterpart (RFC 4861 7.2.6): an unsolicited neighbour
+advertisement to all nodes (ff02::1), override flag set, carrying the target link-layer
+address option, as `ndisc6`'s and keepalived's unsolicited NAs do.
+
 Sending takes about two seconds (three frames one second apart), so it runs on a thread
 of its own and never holds up a reconcile.
 """
@@ -14,14 +18,23 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import structlog
+
+from natgwd.state.model import IPAddress
 
 log = structlog.get_logger("natgwd.kernel.garp")
 
 ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
 BROADCAST = b"\xff" * 6
+ALL_NODES = IPv6Address("ff02::1")
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
+ICMPV6 = 58
+NEIGHBOUR_ADVERTISEMENT = 136
+NA_FLAG_OVERRIDE = 0x20000000
+OPTION_TARGET_LINK_LAYER = 2
 
 
 def arp_frame(mac: bytes, address: IPv4Address) -> bytes:
@@ -31,17 +44,43 @@ def arp_frame(mac: bytes, address: IPv4Address) -> bytes:
     return ethernet + arp
 
 
-def announce(interface: str, addresses: list[IPv4Address], count: int = 3, interval: float = 1.0) -> int:
-    """Send `count` rounds of gratuitous ARP for each address; return frames sent."""
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def na_frame(mac: bytes, address: IPv6Address) -> bytes:
+    """An unsolicited neighbour advertisement for `address`, from it to all nodes."""
+    option = struct.pack("!BB", OPTION_TARGET_LINK_LAYER, 1) + mac
+    body = struct.pack("!I", NA_FLAG_OVERRIDE) + address.packed + option
+    pseudo = address.packed + ALL_NODES.packed + struct.pack("!I3xB", 4 + len(body), ICMPV6)
+    checksum = _checksum(pseudo + struct.pack("!BBH", NEIGHBOUR_ADVERTISEMENT, 0, 0) + body)
+    icmp = struct.pack("!BBH", NEIGHBOUR_ADVERTISEMENT, 0, checksum) + body
+    # Version 6, hop limit 255: receivers drop neighbour discovery that crossed a router.
+    ipv6 = struct.pack("!IHBB", 6 << 28, len(icmp), ICMPV6, 255) + address.packed + ALL_NODES.packed
+    return ALL_NODES_MAC + mac + struct.pack("!H", ETH_P_IPV6) + ipv6 + icmp
+
+
+def announce(interface: str, addresses: list[IPAddress], count: int = 3, interval: float = 1.0) -> int:
+    """Send `count` rounds of gratuitous ARP (IPv4) or unsolicited neighbour
+    advertisements (IPv6) for each address; return frames sent."""
     sent = 0
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
+    # One raw socket sends both: the frames carry their own Ethernet header and type.
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
         sock.bind((interface, 0))
         mac = sock.getsockname()[4]
+        frames = [
+            arp_frame(mac, address) if isinstance(address, IPv4Address) else na_frame(mac, address)
+            for address in addresses
+        ]
         for round_number in range(count):
             if round_number:
                 time.sleep(interval)
-            for address in addresses:
-                sock.send(arp_frame(mac, address))
+            for frame in frames:
+                sock.send(frame)
                 sent += 1
     return sent
 
@@ -50,11 +89,11 @@ class Announcer:
     """Sends announcements in the background, one request after another."""
 
     def __init__(self, on_sent: Callable[[str, int], None]) -> None:
-        self._requests: queue.SimpleQueue[tuple[str, list[IPv4Address]]] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[str, list[IPAddress]]] = queue.SimpleQueue()
         self._on_sent = on_sent
         threading.Thread(target=self._work, name="natgwd-garp", daemon=True).start()
 
-    def request(self, interface: str, addresses: list[IPv4Address]) -> None:
+    def request(self, interface: str, addresses: list[IPAddress]) -> None:
         if addresses:
             self._requests.put((interface, addresses))
 

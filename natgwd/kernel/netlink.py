@@ -13,18 +13,29 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import ip_interface, ip_network
 from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from natgwd.planning.links import LinkPlan, RouteSpec
+from natgwd.planning.policy import PolicyRule
+from natgwd.state.model import IPInterface, IPNetwork
 
 NATGWD_PROTO = 249  # unassigned in iproute2's rt_protos; marks what natgwd added
 RTNH_F_ONLINK = 4
 MAIN_TABLE = 254
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# IPv6 routes by the namespace-wide "all" setting alone (ip6_forward reads devconf_all), and
+# the kernel refuses IPv6 devconf over RTM_SETLINK: only the sysctl file can turn it on.
+IP6_CONF = Path("/proc/sys/net/ipv6/conf")
+IP6_FORWARD = IP6_CONF / "all" / "forwarding"
+# Addresses natgwd adds skip duplicate address detection: an IPv6 EIP would otherwise stay
+# "tentative" (unusable as a source, not answered for) for a second or more after each add.
+IFA_F_NODAD = 0x02
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_DEFAULT_METRIC = {socket.AF_INET: 0, socket.AF_INET6: 1024}
 
 
 @dataclass
@@ -32,20 +43,24 @@ class LinkReport:
     missing: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    added_addresses: list[tuple[str, IPv4Interface]] = field(default_factory=list)
+    added_addresses: list[tuple[str, IPInterface]] = field(default_factory=list)
 
 
-def ensure_forwarding(path: Path = IP_FORWARD) -> bool:
-    """Turn IPv4 forwarding on for the whole namespace; True when it was off. Where
-    /proc/sys is read-only (an unprivileged container) this is left to the per-interface
-    settings that Netlink.apply makes over netlink."""
-    if path.read_text().strip() == "1":
-        return False
-    try:
-        path.write_text("1\n")
-    except OSError:
-        return False
-    return True
+def ensure_forwarding(paths: tuple[Path, ...] = (IP_FORWARD, IP6_FORWARD)) -> bool:
+    """Turn IPv4 and IPv6 forwarding on for the whole namespace; True when one was off.
+    Where /proc/sys is read-only (an unprivileged container) IPv4 is left to the
+    per-interface settings that Netlink.apply makes over netlink; a kernel without IPv6
+    has no IPv6 file."""
+    changed = False
+    for path in paths:
+        try:
+            if path.read_text().strip() == "1":
+                continue
+            path.write_text("1\n")
+        except OSError:
+            continue
+        changed = True
+    return changed
 
 
 # IPv4 per-interface settings (include/uapi/linux/ip.h IPV4_DEVCONF_*), set over rtnetlink
@@ -94,17 +109,20 @@ class Netlink:
                 self._up(ipr, spec.name, found[0], report)
                 self._addresses(ipr, found[0], spec.name, spec.addresses, report)
             self._routes(ipr, plan.routes, index, report)
+            self._rules(ipr, plan.rules, report)
         return report
 
     def remove_owned(self) -> LinkReport:
         """Delete every address and route natgwd added (for a decommissioned gateway)."""
         report = LinkReport()
         with IPRoute() as ipr:
-            for msg in ipr.get_addr(family=socket.AF_INET):
-                if msg.get("IFA_PROTO") == NATGWD_PROTO:
-                    self._del_addr(ipr, msg["index"], _interface_of(msg), report)
+            for family in FAMILIES:
+                for msg in ipr.get_addr(family=family):
+                    if msg.get("IFA_PROTO") == NATGWD_PROTO:
+                        self._del_addr(ipr, msg["index"], _interface_of(msg), report)
             for route in self._owned_routes(ipr):
                 self._del_route(ipr, route, report)
+            self._rules(ipr, (), report)
         return report
 
     # --- pieces ---------------------------------------------------------------------
@@ -112,6 +130,7 @@ class Netlink:
     def _up(self, ipr: IPRoute, name: str, idx: int, report: LinkReport) -> None:
         link = ipr.get_links(idx)[0]
         if not link["flags"] & 1:  # IFF_UP
+            self._skip_link_local_dad(name, report)
             ipr.link("set", index=idx, state="up")
             report.changes.append(f"set {name} up")
         # forwarding: packets from this interface are routed. promote_secondaries: without
@@ -126,11 +145,23 @@ class Netlink:
             except OSError as err:
                 report.errors.append(f"set {name} forwarding/promote_secondaries: {err}")
 
-    def _addresses(
-        self, ipr: IPRoute, idx: int, name: str, wanted: frozenset[IPv4Interface], report: LinkReport
-    ) -> None:
-        present = {_interface_of(msg): msg for msg in ipr.get_addr(family=socket.AF_INET, index=idx)}
-        for address in sorted(wanted - present.keys()):
+    def _skip_link_local_dad(self, name: str, report: LinkReport) -> None:
+        """Before natgwd brings an interface up: no duplicate address detection for the
+        link-local address the kernel then gives it. While that address is tentative (a
+        second or more) the kernel sends no neighbour solicitation for forwarded packets,
+        so IPv6 DNAT and FIP traffic to the VPC would wait for it. Where /proc/sys is
+        read-only this is skipped: the wait is all it costs."""
+        path = IP6_CONF / name / "accept_dad"
+        try:
+            if path.read_text().strip() != "0":
+                path.write_text("0\n")
+                report.changes.append(f"set {name} accept_dad 0")
+        except OSError:
+            pass
+
+    def _addresses(self, ipr: IPRoute, idx: int, name: str, wanted: frozenset[IPInterface], report: LinkReport) -> None:
+        present = {_interface_of(msg): msg for family in FAMILIES for msg in ipr.get_addr(family=family, index=idx)}
+        for address in sorted(wanted - present.keys(), key=lambda a: (a.version, a)):
             try:
                 ipr.addr(
                     "add",
@@ -138,6 +169,7 @@ class Netlink:
                     address=str(address.ip),
                     prefixlen=address.network.prefixlen,
                     IFA_PROTO=NATGWD_PROTO,
+                    **({"flags": IFA_F_NODAD} if address.version == 6 else {}),
                 )
                 report.changes.append(f"add address {address} dev {name}")
                 report.added_addresses.append((name, address))
@@ -148,7 +180,7 @@ class Netlink:
             if address not in wanted and msg.get("IFA_PROTO") == NATGWD_PROTO:
                 self._del_addr(ipr, idx, address, report)
 
-    def _del_addr(self, ipr: IPRoute, idx: int, address: IPv4Interface, report: LinkReport) -> None:
+    def _del_addr(self, ipr: IPRoute, idx: int, address: IPInterface, report: LinkReport) -> None:
         try:
             ipr.addr("del", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
             report.changes.append(f"delete address {address}")
@@ -157,20 +189,24 @@ class Netlink:
                 report.errors.append(f"delete address {address}: {err}")
 
     def _owned_routes(self, ipr: IPRoute) -> list[dict]:
-        return [r for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE) if r["proto"] == NATGWD_PROTO]
+        # Every table: with several external networks natgwd has a table per network.
+        return [r for family in FAMILIES for r in ipr.get_routes(family=family) if r["proto"] == NATGWD_PROTO]
 
     def _routes(self, ipr: IPRoute, wanted: tuple[RouteSpec, ...], index: dict[str, int], report: LinkReport) -> None:
+        tables = {MAIN_TABLE} | {spec.table for spec in wanted}
         existing = {
-            IPv4Network(f"{r.get('RTA_DST', '0.0.0.0')}/{r['dst_len']}"): r
-            for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
-            if r.get("RTA_PRIORITY", 0) == 0 and r["type"] == 1  # unicast, metric 0
+            (r.get("RTA_TABLE"), _dst_of(r)): r
+            for family in FAMILIES
+            for r in ipr.get_routes(family=family)
+            # unicast, with the metric a route added without one gets (0; 1024 for IPv6)
+            if r.get("RTA_TABLE") in tables and r.get("RTA_PRIORITY", 0) == _DEFAULT_METRIC[family] and r["type"] == 1
         }
         wanted_dsts = set()
         for spec in wanted:
-            wanted_dsts.add(spec.dst)
+            wanted_dsts.add((spec.table, spec.dst))
             if spec.interface not in index:
                 continue  # follows the interface when it appears
-            current = existing.get(spec.dst)
+            current = existing.get((spec.table, spec.dst))
             if (
                 current is not None
                 and current.get("RTA_GATEWAY") == str(spec.via)
@@ -181,29 +217,94 @@ class Netlink:
                 ipr.route(
                     "replace",
                     dst=str(spec.dst),
+                    family=socket.AF_INET6 if spec.dst.version == 6 else socket.AF_INET,
                     gateway=str(spec.via),
                     oif=index[spec.interface],
                     proto=NATGWD_PROTO,
                     flags=RTNH_F_ONLINK if spec.onlink else 0,
-                    table=MAIN_TABLE,
+                    table=spec.table,
                 )
-                report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}")
+                report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}{_in_table(spec.table)}")
             except NetlinkError as err:
                 report.errors.append(f"route {spec.dst} via {spec.via} dev {spec.interface}: {err}")
         for route in self._owned_routes(ipr):
-            dst = IPv4Network(f"{route.get('RTA_DST', '0.0.0.0')}/{route['dst_len']}")
-            if dst not in wanted_dsts:
+            if (route.get("RTA_TABLE"), _dst_of(route)) not in wanted_dsts:
                 self._del_route(ipr, route, report)
 
     def _del_route(self, ipr: IPRoute, route: dict, report: LinkReport) -> None:
-        dst = f"{route.get('RTA_DST', '0.0.0.0')}/{route['dst_len']}"
+        dst = str(_dst_of(route))
+        table = route.get("RTA_TABLE", MAIN_TABLE)
         try:
-            ipr.route("del", dst=dst, table=MAIN_TABLE, proto=NATGWD_PROTO, oif=route.get("RTA_OIF"))
-            report.changes.append(f"delete route {dst}")
+            ipr.route("del", dst=dst, family=route["family"], table=table, proto=NATGWD_PROTO, oif=route.get("RTA_OIF"))
+            report.changes.append(f"delete route {dst}{_in_table(table)}")
         except NetlinkError as err:
             if err.code != errno.ESRCH:
                 report.errors.append(f"delete route {dst}: {err}")
 
+    def _rules(self, ipr: IPRoute, wanted: tuple[PolicyRule, ...], report: LinkReport) -> None:
+        """Make natgwd's policy rules (FRA_PROTOCOL NATGWD_PROTO) exactly `wanted`."""
+        owned = {
+            _rule_of(msg): msg
+            for family in FAMILIES
+            for msg in ipr.get_rules(family=family)
+            if msg.get_attr("FRA_PROTOCOL") == NATGWD_PROTO
+        }
+        for rule in wanted:
+            if rule in owned:
+                continue
+            try:
+                ipr.rule("add", protocol=NATGWD_PROTO, **_rule_fields(rule))
+                report.changes.append(f"add {rule}")
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    report.errors.append(f"add {rule}: {err}")
+        for rule in owned.keys() - set(wanted):
+            try:
+                ipr.rule("del", protocol=NATGWD_PROTO, **_rule_fields(rule))
+                report.changes.append(f"delete {rule}")
+            except NetlinkError as err:
+                if err.code not in (errno.ENOENT, errno.ESRCH):
+                    report.errors.append(f"delete {rule}: {err}")
 
-def _interface_of(msg: dict) -> IPv4Interface:
-    return IPv4Interface(f"{msg.get('IFA_ADDRESS') or msg.get('IFA_LOCAL')}/{msg['prefixlen']}")
+
+def _rule_fields(rule: PolicyRule) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "family": socket.AF_INET6 if rule.family == 6 else socket.AF_INET,
+        "priority": rule.priority,
+        "table": rule.table,
+    }
+    if rule.fwmark:
+        fields["fwmark"] = rule.fwmark
+    if rule.src:
+        fields.update(src=rule.src, src_len=128 if rule.family == 6 else 32)
+    if rule.suppress_prefixlength >= 0:
+        fields["suppress_prefixlen"] = rule.suppress_prefixlength
+    return fields
+
+
+_NO_SUPPRESSION = 0xFFFFFFFF
+
+
+def _rule_of(msg: dict) -> PolicyRule:
+    suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")  # type: ignore[attr-defined]
+    return PolicyRule(
+        family=6 if msg["family"] == socket.AF_INET6 else 4,
+        priority=msg.get_attr("FRA_PRIORITY") or 0,  # type: ignore[attr-defined]
+        table=msg.get_attr("FRA_TABLE") or msg["table"],  # type: ignore[attr-defined]
+        fwmark=msg.get_attr("FRA_FWMARK") or 0,  # type: ignore[attr-defined]
+        src=msg.get_attr("FRA_SRC") or "",  # type: ignore[attr-defined]
+        suppress_prefixlength=-1 if suppress in (None, _NO_SUPPRESSION) else suppress,
+    )
+
+
+def _in_table(table: int) -> str:
+    return "" if table == MAIN_TABLE else f" table {table}"
+
+
+def _interface_of(msg: dict) -> IPInterface:
+    return ip_interface(f"{msg.get('IFA_ADDRESS') or msg.get('IFA_LOCAL')}/{msg['prefixlen']}")
+
+
+def _dst_of(route: dict) -> IPNetwork:
+    unspecified = "::" if route["family"] == socket.AF_INET6 else "0.0.0.0"
+    return ip_network(f"{route.get('RTA_DST', unspecified)}/{route['dst_len']}")

@@ -12,12 +12,14 @@ desired-state file (version 1) for one gateway:
   (routes to the other VPC subnets and service CIDRs through the VPC router), the interface
   names and the external address from `k8s.v1.cni.cncf.io/network-status` or the external
   provider's `ip_address` annotation.
-- IptablesEIP (`spec.natGwDp` = the gateway; `spec.v4ip`, else `status.ip`), then the
-  IptablesSnatRule / IptablesDnatRule (`spec.type` exclusive or share) / IptablesFIPRule
-  objects whose `spec.eip` is one of those EIPs.
+- IptablesEIP (`spec.natGwDp` = the gateway; `spec.v4ip`, else `status.ip`; `spec.v6ip`),
+  then the IptablesSnatRule / IptablesDnatRule (`spec.type` exclusive or share) /
+  IptablesFIPRule objects whose `spec.eip` is one of those EIPs, of either family.
+- Dual-stack Subnets ("10.0.0.0/24,fd00::/64") and annotations give the IPv6 side too: the
+  gateway's IPv6 VPC and external addresses, `gateway6` and IPv6 VPC routes.
 
 Nothing is dropped silently: every object or value that does not make it into the state
-(another gateway's EIP, a rule naming an unknown EIP, QoS, IPv6, a route that would shadow
+(another gateway's EIP, a rule naming an unknown EIP, QoS, a route that would shadow
 the external subnet, a conflict Kube-OVN's webhook would have refused, ...) is reported as a
 Finding, "warning" when NAT behaviour the input asked for is not carried over or was
 changed, "note" for context objects that carry nothing natgwd needs. The result is
@@ -39,7 +41,10 @@ from ipaddress import (
     IPv4Address,
     IPv4Interface,
     IPv4Network,
+    IPv6Address,
+    IPv6Network,
     NetmaskValueError,
+    ip_address,
     ip_network,
 )
 from pathlib import Path
@@ -260,6 +265,25 @@ def _v4_address(text: str) -> IPv4Address | None:
 def _v4_network(text: str, strict: bool = True) -> IPv4Network | None:
     try:
         return IPv4Network(text.strip(), strict=strict)
+    except (AddressValueError, NetmaskValueError, ValueError):
+        return None
+
+
+def _v6_part(text: str) -> str:
+    """The IPv6 member of a Kube-OVN dual-stack value such as "10.0.0.0/24,fd00::/64"."""
+    return next((part.strip() for part in text.split(",") if ":" in part), "")
+
+
+def _v6_address(text: str) -> IPv6Address | None:
+    try:
+        return IPv6Address(text.split("/")[0].strip())
+    except (AddressValueError, ValueError):
+        return None
+
+
+def _v6_network(text: str) -> IPv6Network | None:
+    try:
+        return IPv6Network(text.strip(), strict=False)
     except (AddressValueError, NetmaskValueError, ValueError):
         return None
 
@@ -594,6 +618,9 @@ class _Importer:
             self.report("warning", gw, "the external gateway is unknown: no default route in the state")
         external_address = self.external_address(external, attachments, external_if, external_cidr, workload)
 
+        internal6, external6, gateway6 = self.ipv6_sides(
+            spec, internal_spec, internal, external_spec, external, attachments, external_if
+        )
         routes = self.internal_routes(
             gw,
             spec,
@@ -603,6 +630,7 @@ class _Importer:
             internal_gateway,
             external_cidr,
             used,
+            _v6_network(internal6) if internal6 else None,
         )
 
         state: dict[str, Any] = {
@@ -614,6 +642,12 @@ class _Importer:
             state["internal"]["routes"] = routes
         if external_gateway is not None:
             state["external"]["gateway"] = str(external_gateway)
+        if internal6 is not None:
+            state["internal"]["addresses"].append(internal6)
+        if external6 is not None:
+            state["external"]["addresses"].append(external6)
+        if gateway6 is not None:
+            state["external"]["gateway6"] = gateway6
 
         eips, eip_names = self.eips(gw_name, external_names[0], used)
         rules = self.rules(eip_names, used)
@@ -710,6 +744,7 @@ class _Importer:
         internal_gateway: IPv4Address | None,
         external_cidr: IPv4Network | None,
         used: set[int],
+        internal_cidr6: IPv6Network | None = None,
     ) -> list[dict[str, str]]:
         candidates: list[tuple[Obj | tuple[str, str], str, str]] = []
         if workload is not None and internal.provider is not None:
@@ -742,11 +777,13 @@ class _Importer:
                 via = str(internal_gateway)
             candidates.append((gw, _text(route.get("cidr")), via))
 
-        routes: dict[IPv4Network, IPv4Address] = {}
+        routes: dict[IPv4Network | IPv6Network, IPv4Address | IPv6Address] = {}
         for source, dst_text, via_text in candidates:
             where = f"route {dst_text} via {via_text}"
             if _is_v6(dst_text) or ":" in via_text:
-                self.report("note", source, f"{where}: IPv6, skipped (natgwd is IPv4-only)")
+                route6 = self.internal_route6(source, where, dst_text, via_text, internal_cidr6)
+                if route6 is not None and route6[0] not in routes:
+                    routes[route6[0]] = route6[1]
                 continue
             dst, nexthop = _v4_network(dst_text, strict=False), _v4_address(via_text)
             if dst is None or nexthop is None:
@@ -771,6 +808,57 @@ class _Importer:
                 routes.setdefault(dst, nexthop)
         return [{"dst": str(network), "via": str(address)} for network, address in routes.items()]
 
+    def internal_route6(
+        self, source: Obj | tuple[str, str], where: str, dst_text: str, via_text: str, cidr6: IPv6Network | None
+    ) -> tuple[IPv6Network, IPv6Address] | None:
+        if cidr6 is None:
+            self.report("note", source, f"{where}: IPv6, and the gateway has no IPv6 VPC address; skipped")
+            return None
+        dst, nexthop = _v6_network(dst_text), _v6_address(via_text)
+        if dst is None or nexthop is None:
+            self.report("warning", source, f"{where}: not an IPv6 CIDR and nexthop; skipped")
+        elif dst.prefixlen == 0:
+            self.report("warning", source, f"{where}: a default route on the VPC side; skipped")
+        elif dst.subnet_of(cidr6):
+            self.report("note", source, f"{where}: inside the connected subnet {cidr6}; skipped")
+        elif nexthop not in cidr6:
+            self.report("warning", source, f"{where}: nexthop outside the VPC subnet {cidr6}; skipped")
+        else:
+            return dst, nexthop
+        return None
+
+    def ipv6_sides(
+        self,
+        spec: dict[str, Any],
+        internal_spec: dict[str, Any],
+        internal: _Side,
+        external_spec: dict[str, Any],
+        external: _Side,
+        attachments: list[Attachment],
+        external_if: str,
+    ) -> tuple[str | None, str | None, str | None]:
+        """The IPv6 VPC address, external address (with prefixes) and gateway of a
+        dual-stack gateway, each None when the input does not say it."""
+        cidr6 = _v6_network(_v6_part(_text(internal_spec.get("cidrBlock")) or internal.attributes.get("cidr", "")))
+        lan6 = _v6_address(_v6_part(_text(spec.get("lanIp")))) or _v6_address(
+            _v6_part(internal.attributes.get("ip_address", ""))
+        )
+        internal6 = f"{lan6}/{cidr6.prefixlen}" if lan6 is not None and cidr6 is not None and lan6 in cidr6 else None
+        ext_cidr6 = _v6_network(_v6_part(_text(external_spec.get("cidrBlock")) or external.attributes.get("cidr", "")))
+        found = [
+            address
+            for attachment in attachments
+            if attachment.interface == external_if
+            for address in map(_v6_address, attachment.ips)
+            if address is not None and (ext_cidr6 is None or address in ext_cidr6)
+        ]
+        ext6 = found[0] if found else _v6_address(_v6_part(external.attributes.get("ip_address", "")))
+        external6 = None if ext6 is None else f"{ext6}/{ext_cidr6.prefixlen if ext_cidr6 else 128}"
+        gateway6 = _v6_address(_v6_part(_text(external_spec.get("gateway")))) or _v6_address(
+            _v6_part(external.attributes.get("gateway", ""))
+        )
+        return internal6, external6, None if gateway6 is None else str(gateway6)
+
     # EIPs and rules -------------------------------------------------------------------
 
     def eips(self, gw_name: str, external_subnet: str, used: set[int]) -> tuple[list[_Rule], dict[str, str]]:
@@ -779,7 +867,7 @@ class _Importer:
         self.skipped_eips: set[str] = set()
         chosen: list[_Rule] = []
         names: dict[str, str] = {}
-        by_address: dict[IPv4Address, str] = {}
+        by_address: dict[IPv4Address | IPv6Address, str] = {}
         for eip in sorted(self.by_kind.get("IptablesEIP", []), key=_created):
             name, spec, status = _name(eip), _section(eip, "spec"), _section(eip, "status")
             owner = _text(spec.get("natGwDp"))
@@ -792,20 +880,22 @@ class _Importer:
             if _deleting(eip):
                 self.report("warning", eip, "being deleted; skipped")
                 continue
-            text = _text(spec.get("v4ip")) or _text(status.get("ip"))
-            if not text:
-                reason = "IPv6-only EIP (natgwd is IPv4-only)" if _text(spec.get("v6ip")) else "has no address yet"
-                self.report("warning", eip, f"{reason}; skipped")
+            text, text6 = _text(spec.get("v4ip")) or _text(status.get("ip")), _text(spec.get("v6ip"))
+            if not text and not text6:
+                self.report("warning", eip, "has no address yet; skipped")
                 continue
-            address = _v4_address(text)
-            if address is None:
+            address = _v4_address(text) if text else None
+            address6 = _v6_address(text6) if text6 else None
+            if text and address is None:
                 self.report("warning", eip, f"v4ip {text!r} is not an IPv4 address; skipped")
                 continue
-            if address in by_address:
-                self.report("warning", eip, f"{address} is already EIP {by_address[address]}; skipped")
+            if text6 and address6 is None:
+                self.report("warning", eip, f"v6ip {text6!r} is not an IPv6 address; skipped")
                 continue
-            if _text(spec.get("v6ip")):
-                self.report("note", eip, "v6ip ignored (natgwd is IPv4-only)")
+            taken = next((a for a in (address, address6) if a is not None and a in by_address), None)
+            if taken is not None:
+                self.report("warning", eip, f"{taken} is already EIP {by_address[taken]}; skipped")
+                continue
             subnet = _text(spec.get("externalSubnet"))
             if subnet and subnet != external_subnet:
                 self.report(
@@ -819,8 +909,12 @@ class _Importer:
                 self.report("note", eip, f"named {own} in the state (natgwd names are DNS-1123 labels)")
             self.skipped_eips.discard(name)
             names[name] = own
-            by_address[address] = name
-            chosen.append(_Rule("eips", {"name": own, "v4ip": str(address)}, eip, "IptablesEIP"))
+            entry = {"name": own}
+            for field_name, value in (("v4ip", address), ("v6ip", address6)):
+                if value is not None:
+                    by_address[value] = name
+                    entry[field_name] = str(value)
+            chosen.append(_Rule("eips", entry, eip, "IptablesEIP"))
         return chosen, names
 
     def rule_eip(self, rule: Obj, eip_names: dict[str, str], used: set[int]) -> str | None:
@@ -864,23 +958,21 @@ class _Importer:
         return own
 
     def internal_ip(self, obj: Obj, text: str) -> str | None:
-        if ":" in text:
-            self.report("warning", obj, f"internalIp {text} is IPv6 (natgwd is IPv4-only); skipped")
-            return None
-        address = _v4_address(text)
+        address = _v6_address(text) if ":" in text else _v4_address(text)
         if address is None or "/" in text:
-            self.report("warning", obj, f"internalIp {text!r} is not an IPv4 address; skipped")
+            self.report("warning", obj, f"internalIp {text!r} is not an IPv4 or IPv6 address; skipped")
             return None
         return str(address)
 
     def snat(self, obj: Obj, _eip: str) -> dict[str, Any] | None:
         text = _text(_section(obj, "spec").get("internalCIDR"))
-        if _is_v6(text):
-            self.report("warning", obj, f"internalCIDR {text} is IPv6 (natgwd is IPv4-only); skipped")
-            return None
-        cidr = _v4_network(text if "/" in text else f"{text}/32", strict=False)
+        cidr: IPv4Network | IPv6Network | None
+        if ":" in text:
+            cidr = _v6_network(text if "/" in text else f"{text}/128")
+        else:
+            cidr = _v4_network(text if "/" in text else f"{text}/32", strict=False)
         if cidr is None:
-            self.report("warning", obj, f"internalCIDR {text!r} is not an IPv4 CIDR; skipped")
+            self.report("warning", obj, f"internalCIDR {text!r} is not an IPv4 or IPv6 CIDR; skipped")
             return None
         if "/" in text and str(cidr) != text:
             self.report("warning", obj, f"internalCIDR {text} has host bits set; imported as {cidr}")
@@ -929,11 +1021,14 @@ class _Importer:
         kept: list[_Rule] = []
         snat_cidrs: dict[str, str] = {}
         dnat_identity: dict[tuple[str, str, str], tuple[str, str]] = {}
-        fip_eips: dict[str, str] = {}
-        dnat_eips: dict[str, str] = {}
+        # By EIP and family: a dual-stack EIP carries one FIP (or DNATs) per family.
+        fip_eips: dict[tuple[str, int], str] = {}
+        dnat_eips: dict[tuple[str, int], str] = {}
         ordered = sorted(rules, key=lambda r: _created(r.source))
         for rule in ordered:
             entry, name = rule.entry, rule.entry["name"]
+            family = ip_address(entry["internalIp"]).version if "internalIp" in entry else 0
+            eip_family = (entry["eip"], family)
             if rule.section == "snat":
                 owner = snat_cidrs.get(entry["internalCIDR"])
                 if owner is not None:
@@ -941,10 +1036,10 @@ class _Importer:
                     continue
                 snat_cidrs[entry["internalCIDR"]] = name
             elif rule.section == "dnat":
-                identity = (entry["eip"], entry["protocol"], entry["externalPort"])
+                identity = (f"{entry['eip']}/{family}", entry["protocol"], entry["externalPort"])
                 kind = entry.get("type", "exclusive")
-                if entry["eip"] in fip_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} has FIP {fip_eips[entry['eip']]}")
+                if eip_family in fip_eips:
+                    self.report("warning", rule.source, f"EIP {entry['eip']} has FIP {fip_eips[eip_family]}")
                     continue
                 if identity in dnat_identity:
                     other, other_kind = dnat_identity[identity]
@@ -957,15 +1052,15 @@ class _Importer:
                         )
                         continue
                 dnat_identity.setdefault(identity, (name, kind))
-                dnat_eips.setdefault(entry["eip"], name)
+                dnat_eips.setdefault(eip_family, name)
             else:
-                if entry["eip"] in fip_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} already has FIP {fip_eips[entry['eip']]}")
+                if eip_family in fip_eips:
+                    self.report("warning", rule.source, f"EIP {entry['eip']} already has FIP {fip_eips[eip_family]}")
                     continue
-                if entry["eip"] in dnat_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} has DNAT {dnat_eips[entry['eip']]}")
+                if eip_family in dnat_eips:
+                    self.report("warning", rule.source, f"EIP {entry['eip']} has DNAT {dnat_eips[eip_family]}")
                     continue
-                fip_eips[entry["eip"]] = name
+                fip_eips[eip_family] = name
             kept.append(rule)
         return kept
 

@@ -265,7 +265,10 @@ def _address(text: str, what: str) -> IPv4Address:
     """An IPv4 address; as the script, an "/prefix" on an EIP field is ignored."""
     bare = text.split("/")[0]
     if ":" in bare:
-        raise ShimError(f"natgwd: {what} {text}: IPv6 is not supported (natgwd is IPv4-only)")
+        raise ShimError(
+            f"natgwd: {what} {text}: IPv6 is not supported through the script interface "
+            "(Kube-OVN's is IPv4-only; IPv6 goes in the state file)"
+        )
     try:
         return IPv4Address(bare)
     except (AddressValueError, ValueError):
@@ -274,7 +277,10 @@ def _address(text: str, what: str) -> IPv4Address:
 
 def _network(text: str, what: str, warnings: list[str]) -> IPv4Network:
     if ":" in text:
-        raise ShimError(f"natgwd: {what} {text}: IPv6 is not supported (natgwd is IPv4-only)")
+        raise ShimError(
+            f"natgwd: {what} {text}: IPv6 is not supported through the script interface "
+            "(Kube-OVN's is IPv4-only; IPv6 goes in the state file)"
+        )
     try:
         network = IPv4Network(text if "/" in text else f"{text}/32", strict=False)
     except (AddressValueError, NetmaskValueError, ValueError):

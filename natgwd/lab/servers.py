@@ -18,15 +18,22 @@ def main() -> None:
     args = parser.parse_args()
     suffix = f" @{args.tag}" if args.tag else ""
     selector = selectors.DefaultSelector()
-    for port in args.tcp:
-        listener = socket.create_server(("0.0.0.0", port), reuse_port=True, backlog=512)
-        listener.setblocking(False)
-        selector.register(listener, selectors.EVENT_READ, "tcp")
-    for port in args.udp:
-        datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        datagram.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        datagram.bind(("0.0.0.0", port))
-        selector.register(datagram, selectors.EVENT_READ, "udp")
+    # One socket per family (IPv6 only on IPv6): an IPv4 client is reported as itself,
+    # not as an IPv4-mapped IPv6 address.
+    for family, anywhere in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        if family == socket.AF_INET6 and not socket.has_ipv6:
+            continue
+        for port in args.tcp:
+            listener = socket.create_server((anywhere, port), family=family, reuse_port=True, backlog=512)
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ, "tcp")
+        for port in args.udp:
+            datagram = socket.socket(family, socket.SOCK_DGRAM)
+            datagram.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                datagram.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            datagram.bind((anywhere, port))
+            selector.register(datagram, selectors.EVENT_READ, "udp")
     while True:
         for key, _ in selector.select():
             sock: socket.socket = key.fileobj  # type: ignore[assignment]

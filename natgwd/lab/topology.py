@@ -7,6 +7,16 @@ the lab creates, and everything is removed on close, also after a failure.
     vm3 172.20.10.4 ─┘                                  natgwd runs in gw
 
 The gateway's interfaces start down and without addresses: natgwd configures them.
+
+With ipv6=True the lab is dual-stack (DUAL_STACK_STATE): the VMs also have fd00:10::2-4
+behind fd00:10::fe, the VPC router fd00:10::1 and the upstream fd00:115::fe. Every
+namespace but the gateway skips duplicate address detection (accept_dad 0): the
+gateway's addresses are natgwd's, which adds them without it (IFA_F_NODAD).
+
+With second_external=True the gateway also has net3 on a second external network, to the
+upstream router "ext2" (10.116.0.254/24, and fd00:116::fe/64 with ipv6). Both upstream
+routers also carry REMOTE_HOST, one address "on the internet" that each reaches directly:
+which of them answers tells which network a connection took.
 """
 
 from __future__ import annotations
@@ -50,7 +60,47 @@ SEED_STATE: dict[str, Any] = {
     "fip": [{"name": "fip01", "eip": "my-eip2", "internalIp": "172.20.10.3"}],
 }
 
+# The seed made dual-stack: every IPv4 rule gets its IPv6 twin on the same EIP names.
+# Unique local addresses only (fd00::/8): nothing here is routed beyond the lab.
+DUAL_STACK_STATE: dict[str, Any] = {
+    **SEED_STATE,
+    "internal": {
+        "interface": "net1",
+        "addresses": ["172.20.10.254/24", "fd00:10::fe/64"],
+        "routes": [{"dst": "10.55.0.0/16", "via": "172.20.10.1"}, {"dst": "fd00:55::/64", "via": "fd00:10::1"}],
+    },
+    "external": {
+        "interface": "net2",
+        "addresses": ["10.115.48.1/21", "fd00:115::1/64"],
+        "gateway": "10.115.55.254",
+        "gateway6": "fd00:115::fe",
+    },
+    "eips": [
+        {"name": "my-eip", "v4ip": "10.115.55.200", "v6ip": "fd00:115::200"},
+        {"name": "my-eip2", "v4ip": "10.115.55.201", "v6ip": "fd00:115::201"},
+    ],
+    "snat": [*SEED_STATE["snat"], {"name": "my-snat6", "eip": "my-eip", "internalCIDR": "fd00:10::/64"}],
+    "dnat": [
+        *SEED_STATE["dnat"],
+        {
+            "name": "dnat01-6",
+            "eip": "my-eip",
+            "protocol": "tcp",
+            "externalPort": "8888",
+            "internalIp": "fd00:10::2",
+            "internalPort": "80",
+        },
+    ],
+    "fip": [*SEED_STATE["fip"], {"name": "fip01-6", "eip": "my-eip2", "internalIp": "fd00:10::3"}],
+}
+
 VM_ADDRESSES = ("172.20.10.2", "172.20.10.3", "172.20.10.4")
+VM6_ADDRESSES = ("fd00:10::2", "fd00:10::3", "fd00:10::4")
+LAN_ROUTER6 = "fd00:10::1/64"
+EXTERNAL_HOST6 = "fd00:115::fe"
+EXTERNAL2_HOST, EXTERNAL2_HOST6 = "10.116.0.254", "fd00:116::fe"
+# Benchmarking (198.18.0.0/15) and unique local ranges: never routed beyond the lab.
+REMOTE_HOST, REMOTE_HOST6 = "198.18.0.1", "fd00:198::1"
 LAN_ROUTER = "172.20.10.1/24"
 EXTERNAL_HOST = "10.115.55.254"
 EXTERNAL_PREFIX = 21
@@ -147,6 +197,8 @@ class Natgwd:
 class Lab:
     prefix: str = field(default_factory=lambda: "ngw" + secrets.token_hex(3))
     vms: tuple[str, ...] = VM_ADDRESSES
+    ipv6: bool = False
+    second_external: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="natgwd-lab-")))
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
@@ -182,6 +234,10 @@ class Lab:
         run(["ip", "netns", "add", name])
         self._namespaces.append(name)
         self.exec(role, "ip", "link", "set", "lo", "up")
+        if self.ipv6 and role != "gw":
+            # Set before the namespace's links exist: "default" is what new links inherit.
+            for scope in ("all", "default"):
+                self.exec(role, "sysctl", "-qw", f"net.ipv6.conf.{scope}.accept_dad=0")
         return name
 
     def _veth(self, a_role: str, a_name: str, b_role: str, b_name: str) -> None:
@@ -204,7 +260,7 @@ class Lab:
         )
 
     def build(self) -> None:
-        for role in ("gw", "lan", "ext", *self.vm_roles()):
+        for role in ("gw", "lan", "ext", *(["ext2"] if self.second_external else []), *self.vm_roles()):
             self._add_ns(role)
         # Internal L2 segment: a bridge in "lan", which also plays the VPC router 172.20.10.1.
         self.exec("lan", "ip", "link", "add", "br0", "type", "bridge")
@@ -230,6 +286,25 @@ class Lab:
         self._veth("gw", "net2", "ext", "eth0")
         self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST}/{EXTERNAL_PREFIX}", "dev", "eth0")
         self.exec("ext", "ip", "link", "set", "eth0", "up")
+        if self.ipv6:
+            self._build_ipv6()
+        if self.second_external:
+            self._veth("gw", "net3", "ext2", "eth0")
+            self.exec("ext2", "ip", "addr", "add", f"{EXTERNAL2_HOST}/24", "dev", "eth0")
+            self.exec("ext2", "ip", "link", "set", "eth0", "up")
+            if self.ipv6:
+                self.exec("ext2", "ip", "addr", "add", f"{EXTERNAL2_HOST6}/64", "dev", "eth0")
+            for role in ("ext", "ext2"):
+                self.exec(role, "ip", "addr", "add", f"{REMOTE_HOST}/32", "dev", "lo")
+                if self.ipv6:
+                    self.exec(role, "ip", "addr", "add", f"{REMOTE_HOST6}/128", "dev", "lo")
+
+    def _build_ipv6(self) -> None:
+        self.exec("lan", "ip", "addr", "add", LAN_ROUTER6, "dev", "br0")
+        for role, address in zip(self.vm_roles(), VM6_ADDRESSES, strict=False):
+            self.exec(role, "ip", "addr", "add", f"{address}/64", "dev", "eth0")
+            self.exec(role, "ip", "-6", "route", "add", "default", "via", "fd00:10::fe")
+        self.exec("ext", "ip", "addr", "add", f"{EXTERNAL_HOST6}/64", "dev", "eth0")
 
     def recreate_gateway(self, timeout: float = 10) -> None:
         """A new gateway namespace in place of the old one, as when Kubernetes recreates
@@ -344,7 +419,8 @@ class Lab:
 
     def http_get(self, role: str, address: str, port: int, path: str = "/", timeout: float = 5) -> str:
         """GET from a namespace; the lab server answers with the client address it saw."""
-        url = urllib.parse.urlunsplit(("http", f"{address}:{port}", path, "", ""))
+        host = f"[{address}]" if ":" in address else address
+        url = urllib.parse.urlunsplit(("http", f"{host}:{port}", path, "", ""))
         return self.exec(role, "curl", "-s", "-m", str(timeout), url, timeout=timeout + 5).stdout
 
     def udp_exchange(
@@ -352,10 +428,11 @@ class Lab:
     ) -> list[str]:
         """Send datagrams from one socket in a namespace; return each answer (the client
         address the server saw), '' for a datagram that got none."""
+        family, anywhere = ("AF_INET6", "::") if ":" in address else ("AF_INET", "0.0.0.0")
         script = (
             "import socket,sys,json\n"
-            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            f"s.bind(('0.0.0.0',{source_port}))\n"
+            f"s=socket.socket(socket.{family},socket.SOCK_DGRAM)\n"
+            f"s.bind(({anywhere!r},{source_port}))\n"
             f"s.settimeout({timeout})\n"
             "out=[]\n"
             f"for p in {list(payloads)!r}:\n"

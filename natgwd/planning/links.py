@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
-from natgwd.state.model import DesiredState
+from natgwd.planning.policy import PolicyRule, network_ids, policy_rules
+from natgwd.state.model import DesiredState, IPAddress, IPInterface, IPNetwork
+
+MAIN_TABLE = 254
 
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+DEFAULT_ROUTE6 = IPv6Network("::/0")
 
 
 @dataclass(frozen=True, order=True)
 class RouteSpec:
-    dst: IPv4Network
-    via: IPv4Address
+    dst: IPNetwork
+    via: IPAddress
     interface: str
     onlink: bool
+    table: int = MAIN_TABLE
+
+    def sort_key(self) -> tuple[int, int, IPNetwork]:
+        return (self.table, self.dst.version, self.dst)
 
 
 @dataclass(frozen=True)
 class InterfaceSpec:
     name: str
-    addresses: frozenset[IPv4Interface]
+    addresses: frozenset[IPInterface]
 
 
 @dataclass(frozen=True)
 class LinkPlan:
     interfaces: tuple[InterfaceSpec, ...]
     routes: tuple[RouteSpec, ...]
+    rules: tuple[PolicyRule, ...] = ()
 
     @property
     def interface_names(self) -> tuple[str, ...]:
@@ -35,30 +44,30 @@ class LinkPlan:
 
 
 def link_plan(state: DesiredState) -> LinkPlan:
-    internal, external = state.internal, state.external
-    if state.ha is not None:
-        # keepalived adds and removes every one of these addresses: natgwd adding them too
-        # would put them on the standby as well. Routes stay on both members, onlink since
-        # the standby holds no address in the nexthop's subnet; a takeover then moves only
-        # addresses.
-        return LinkPlan(
-            (InterfaceSpec(internal.interface, frozenset()), InterfaceSpec(external.interface, frozenset())),
-            tuple(sorted(_routes(state, onlink=True))),
-        )
-    external_addresses = set(external.addresses) | {state.eip_interface(e) for e in state.eips}
+    internal = state.internal
+    # In HA mode keepalived adds and removes every address natgwd would add, so that the
+    # standby holds none; routes stay on both members, onlink since the standby holds no
+    # address in the nexthop's subnet: a takeover then moves only addresses.
+    ha = state.ha is not None
+    routes = [RouteSpec(r.dst, r.via, internal.interface, onlink=ha) for r in internal.routes]
+    interfaces = [InterfaceSpec(internal.interface, frozenset() if ha else frozenset(internal.addresses))]
+    tables = network_ids(state)
+    for network in state.externals:
+        eips = {a for e in state.eips if e.network == network.name for a in state.eip_interfaces(e)}
+        addresses: frozenset[IPInterface] = frozenset() if ha else frozenset(set(network.addresses) | eips)
+        interfaces.append(InterfaceSpec(network.interface, addresses))
+        # Only `external` routes by default; each network also has its own table when there are several.
+        own_tables = [MAIN_TABLE] if network is state.external else []
+        if tables:
+            own_tables.append(tables[network.name])
+        for table in own_tables:
+            for default, gateway in ((DEFAULT_ROUTE, network.gateway), (DEFAULT_ROUTE6, network.gateway6)):
+                if gateway is not None:
+                    # onlink: the gateway may sit outside the subnet of an EIP that shares its L2.
+                    routes.append(RouteSpec(default, gateway, network.interface, onlink=True, table=table))
     return LinkPlan(
-        (
-            InterfaceSpec(internal.interface, frozenset(internal.addresses)),
-            InterfaceSpec(external.interface, frozenset(external_addresses)),
-        ),
-        tuple(sorted(_routes(state, onlink=False))),
+        tuple(interfaces),
+        # IPv4 and IPv6 networks do not compare: sort by family first.
+        tuple(sorted(routes, key=RouteSpec.sort_key)),
+        policy_rules(state),
     )
-
-
-def _routes(state: DesiredState, onlink: bool) -> list[RouteSpec]:
-    internal, external = state.internal, state.external
-    routes = [RouteSpec(r.dst, r.via, internal.interface, onlink=onlink) for r in internal.routes]
-    if external.gateway is not None:
-        # onlink: the gateway may sit outside the subnet of an EIP that shares its L2.
-        routes.append(RouteSpec(DEFAULT_ROUTE, external.gateway, external.interface, onlink=True))
-    return routes

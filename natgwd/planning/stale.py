@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import ip_address, ip_network
 from typing import TypeVar
 
-from natgwd.state.model import DesiredState
+from natgwd.planning.plan import address_text
+from natgwd.state.model import DesiredState, IPAddress
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 R = TypeVar("R")
@@ -49,33 +50,39 @@ class Translations:
     """The desired translations of a state, indexed for one lookup per entry."""
 
     def __init__(self, state: DesiredState, rule_ids: Iterable[int]) -> None:
-        eip = {e.name: str(e.v4ip) for e in state.eips}
+        # Addresses as conntrack reports them (inet_ntop), the same text nft uses.
+        eip = {(e.name, a.version): address_text(a) for e in state.eips for a in e.addresses}
         self.rule_ids = set(rule_ids)
-        self.fip_in = {eip[f.eip]: str(f.internal_ip) for f in state.fip}
-        self.fip_out = {str(f.internal_ip): eip[f.eip] for f in state.fip}
+        self.fip_in = {eip[f.eip, f.family]: address_text(f.internal_ip) for f in state.fip}
+        self.fip_out = {address_text(f.internal_ip): eip[f.eip, f.family] for f in state.fip}
         self.dnat: dict[tuple[str, int, int], tuple[str, int]] = {}
         # Share groups: a connection stays with the backend it got, even one since removed
         # (Kube-OVN's semantics); only removing the whole group ends its connections.
         self.share: set[tuple[str, int, int]] = set()
         for d in state.dnat:
             if d.type == "share":
-                self.share.add((eip[d.eip], PROTOCOL_NUMBERS[d.protocol], d.external_port.first))
+                self.share.add((eip[d.eip, d.family], PROTOCOL_NUMBERS[d.protocol], d.external_port.first))
                 continue
             shift = d.internal_port.first - d.external_port.first
             for port in range(d.external_port.first, d.external_port.last + 1):
-                key = (eip[d.eip], PROTOCOL_NUMBERS[d.protocol], port)
-                self.dnat[key] = (str(d.internal_ip), port + shift)
-        self.snat: dict[int, dict[IPv4Address, str]] = {}
+                key = (eip[d.eip, d.family], PROTOCOL_NUMBERS[d.protocol], port)
+                self.dnat[key] = (address_text(d.internal_ip), port + shift)
+        # (family, prefix length) -> network -> EIP, consulted longest prefix first
+        self.snat: dict[tuple[int, int], dict[IPAddress, str]] = {}
         for s in state.snat:
-            self.snat.setdefault(s.internal_cidr.prefixlen, {})[s.internal_cidr.network_address] = eip[s.eip]
+            cidr = s.internal_cidr
+            self.snat.setdefault((cidr.version, cidr.prefixlen), {})[cidr.network_address] = eip[s.eip, s.family]
         self.snat_prefixes = sorted(self.snat, reverse=True)
         self.internal = [a.network for a in state.internal.addresses] + [r.dst for r in state.internal.routes]
-        self.local = {str(a.ip) for a in (*state.internal.addresses, *state.external.addresses)} | set(eip.values())
+        self.local = {address_text(a.ip) for a in (*state.internal.addresses, *state.external.addresses)}
+        self.local |= set(eip.values())
 
-    def _snat_target(self, source: IPv4Address) -> str | None:
-        for prefixlen in self.snat_prefixes:
-            network = IPv4Network(f"{source}/{prefixlen}", strict=False).network_address
-            target = self.snat[prefixlen].get(network)
+    def _snat_target(self, source: IPAddress) -> str | None:
+        for version, prefixlen in self.snat_prefixes:
+            if version != source.version:
+                continue
+            network = ip_network(f"{source}/{prefixlen}", strict=False).network_address
+            target = self.snat[version, prefixlen].get(network)
             if target is not None:
                 return target
         return None
@@ -104,7 +111,7 @@ class Translations:
         if flow.orig_src in self.fip_out:
             return None if flow.reply_dst == self.fip_out[flow.orig_src] else "fip"
         try:
-            target = self._snat_target(IPv4Address(flow.orig_src))
+            target = self._snat_target(ip_address(flow.orig_src))
         except ValueError:
             return None
         if target is not None:
@@ -128,25 +135,30 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
     gone_fips, added_fips = _differences(old.fip, new.fip)
     gone_dnats, added_dnats = _differences(old.dnat, new.dnat)
     for state, others, fips, dnats in ((old, new, gone_fips, gone_dnats), (new, old, added_fips, added_dnats)):
-        eip = {e.name: str(e.v4ip) for e in state.eips}
-        other_eips = {str(e.v4ip) for e in others.eips}
+        eip = {(e.name, a.version): address_text(a) for e in state.eips for a in e.addresses}
+        other_eips = {address_text(a) for e in others.eips for a in e.addresses}
         for address in set(eip.values()) - other_eips:
             filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
         for fip in fips:
             filters |= {
-                Filter("orig", "daddr", eip[fip.eip]),
-                Filter("orig", "saddr", str(fip.internal_ip)),
-                Filter("reply", "daddr", eip[fip.eip]),
+                Filter("orig", "daddr", eip[fip.eip, fip.family]),
+                Filter("orig", "saddr", address_text(fip.internal_ip)),
+                Filter("reply", "daddr", eip[fip.eip, fip.family]),
             }
         for dnat in dnats:
-            filters.add(Filter("orig", "daddr", eip[dnat.eip]))
+            filters.add(Filter("orig", "daddr", eip[dnat.eip, dnat.family]))
     # A rule naming an EIP whose address changed is a different rule value only if the
     # EIP name is compared; compare addresses too.
-    old_eips = {e.name: e.v4ip for e in old.eips}
+    old_eips = {e.name: e for e in old.eips}
     for e in new.eips:
-        if e.name in old_eips and old_eips[e.name] != e.v4ip:
-            for address in (str(old_eips[e.name]), str(e.v4ip)):
-                filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
+        before = old_eips.get(e.name)
+        for version in (4, 6):
+            if before is None or before.address(version) == e.address(version):
+                continue
+            for changed in (before.address(version), e.address(version)):
+                if changed is not None:
+                    text = address_text(changed)
+                    filters |= {Filter("orig", "daddr", text), Filter("reply", "daddr", text)}
     return sorted(filters, key=lambda f: (f.tuple, f.field, f.address))
 
 

@@ -18,7 +18,7 @@ from natgwd.qos.model import (
     MatchDirection,
     QosPolicy,
 )
-from natgwd.state.model import Eip
+from natgwd.state.model import Eip, ExternalSide
 
 MIN_RATE_MBIT = Decimal("0.01")  # 10 kbit/s: below it a packet waits for over a second
 MAX_RATE_MBIT = Decimal(10_000)  # the class that carries unlimited traffic runs at 10 Gbit/s
@@ -104,7 +104,7 @@ def _rule(path: str, item: dict[str, Any], external: str, fail: Fail) -> Bandwid
 
 
 def qos_policies(
-    doc: dict[str, Any], eips: Sequence[Eip], external_interface: str, fail: Fail
+    doc: dict[str, Any], eips: Sequence[Eip], external: ExternalSide, fail: Fail
 ) -> tuple[tuple[QosPolicy, ...], str | None]:
     """The policies of the document and the gateway's own one; every problem to `fail`."""
     policies: dict[str, tuple[int, QosPolicy]] = {}
@@ -122,7 +122,7 @@ def qos_policies(
                 fail(f"{rule_path}.name", f"duplicates bandwidthLimitRules[{names[rule_item['name']]}]")
                 continue
             names[rule_item["name"]] = j
-            rule = _rule(rule_path, rule_item, external_interface, fail)
+            rule = _rule(rule_path, rule_item, external.interface, fail)
             if rule is not None:
                 rules.append((j, rule))
         policy = QosPolicy(item["name"], tuple(r for _, r in rules), item.get("bindingType"), item.get("shared", True))
@@ -133,6 +133,10 @@ def qos_policies(
         if eip.qos_policy is None:
             continue
         path = f"$.eips[{i}].qosPolicy"
+        if eip.v4ip is None or eip.network != external.name:
+            # The trees shape the external interface, matching IPv4 addresses.
+            fail(path, f"EIP {eip.name!r}: QoS limits an IPv4 EIP on the external network {external.name!r}")
+            continue
         if _bound(path, eip.qos_policy, "EIP", policies, fail):
             users.setdefault(eip.qos_policy, []).append(eip.name)
     for name, eip_names in users.items():

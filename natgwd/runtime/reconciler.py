@@ -15,7 +15,6 @@ import time
 from collections import Counter as CounterOf
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from typing import Protocol
 
 import structlog
@@ -29,7 +28,7 @@ from natgwd.planning.stale import Filter, Translations, changed_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.qos.plan import QosWants, wants
 from natgwd.qos.tc import ClassStats, TcReport
-from natgwd.state.model import DesiredState
+from natgwd.state.model import DesiredState, IPAddress
 
 log = structlog.get_logger("natgwd.runtime.reconciler")
 
@@ -53,7 +52,7 @@ class Cleaner(Protocol):
     def clean(self, translations: Translations, filters: list[Filter] | None) -> CounterOf[str]: ...
 
 
-Announce = Callable[[str, list[IPv4Address]], None]
+Announce = Callable[[str, list[IPAddress]], None]
 
 
 @dataclass
@@ -282,20 +281,26 @@ class Reconciler:
         outcome.link_errors.extend(report.errors)
 
     def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
-        """Gratuitous ARP for every EIP once the external interface exists after start
-        (upstream may still have the MAC of the gateway's previous home), then for each
-        EIP address as it is added."""
-        external = state.external.interface
+        """Gratuitous ARP (IPv4) or an unsolicited neighbour advertisement (IPv6) for every
+        EIP address once the external interface exists after start (upstream may still
+        have the MAC of the gateway's previous home), then for each EIP address as it is
+        added."""
         # In HA mode the EIPs are the active member's alone: it announces them on taking over.
-        if self.announce is None or state.ha is not None or external in report.missing:
+        if self.announce is None or state.ha is not None or state.external.interface in report.missing:
             return
-        eips = {e.v4ip for e in state.eips}
-        if self._announced_all:
-            added = sorted(a.ip for name, a in report.added_addresses if name == external and a.ip in eips)
-        else:
-            added, self._announced_all = sorted(eips), True
-        if added:
-            self.announce(external, added)
+        first, self._announced_all = not self._announced_all, True
+        # Each EIP on the interface of its own external network.
+        for network in state.externals:
+            if network.interface in report.missing:
+                continue
+            eips = {a for e in state.eips if e.network == network.name for a in e.addresses}
+            if first:
+                added = list(eips)
+            else:
+                added = [a.ip for name, a in report.added_addresses if name == network.interface and a.ip in eips]
+            added.sort(key=lambda a: (a.version, a))
+            if added:
+                self.announce(network.interface, added)
 
     def _clean_conntrack(self, filters: list[Filter] | None) -> dict[str, int]:
         if self.conntrack is None or self.state is None or self._ids is None:

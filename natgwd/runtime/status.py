@@ -10,12 +10,15 @@ from dataclasses import asdict, dataclass, field
 from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels
 from natgwd.planning.table import Counter, TableContents
 
-# map holding the rule id -> (map holding the target, how to show one translation)
+# map holding the rule id -> map holding the target, for both families (IPv6 maps end in 6)
 _TRANSLATIONS = {
-    "fip_in_rule": "fip_in_target",
-    "fip_out_rule": "fip_out_target",
-    "dnat_rule": "dnat_target",
+    f"{kind}_rule{suffix}": f"{kind}_target{suffix}" for kind in ("fip_in", "fip_out", "dnat") for suffix in ("", "6")
 }
+_SNAT_RULE = re.compile(r"^snat6?_p(\d+)_rule$")
+
+
+def _endpoint(address: str, port: str) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 @dataclass
@@ -36,14 +39,13 @@ class RuleStatus:
 
 
 def _arrow(key: str, target: str, rule_map: str) -> str:
-    if rule_map == "dnat_rule":
+    if rule_map.startswith("dnat_rule"):
         eip, proto, port = key.split(" . ")
         address, target_port = target.split(" . ")
-        return f"{eip}:{port}/{proto} -> {address}:{target_port}"
-    if rule_map.startswith("snat_p"):
-        prefix = rule_map.removeprefix("snat_p").removesuffix("_rule")
-        return f"{key}/{prefix} -> {target}"
-    if rule_map == "fip_out_rule":
+        return f"{_endpoint(eip, port)}/{proto} -> {_endpoint(address, target_port)}"
+    if snat := _SNAT_RULE.match(rule_map):
+        return f"{key}/{snat.group(1)} -> {target}"
+    if rule_map.startswith("fip_out_rule"):
         return f"{key} -> {target} (out)"
     return f"{key} -> {target} (in)"
 
@@ -64,7 +66,7 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
     translations: dict[str, list[str]] = defaultdict(list)
     rule_maps = {
         **_TRANSLATIONS,
-        **{n: n.replace("_rule", "_target") for n in table.elements if n.startswith("snat_p") and n.endswith("_rule")},
+        **{n: n.replace("_rule", "_target") for n in table.elements if _SNAT_RULE.match(n)},
     }
     for rule_map, target_map in rule_maps.items():
         targets = table.elements.get(target_map, {})
@@ -72,10 +74,11 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
             target = targets.get(key)
             if element.value is not None and target is not None and target.value is not None:
                 translations[element.value].append(_arrow(key, target.value, rule_map))
-    for mark, target in table.elements.get("share_target", {}).items():
-        if target.value is not None:
-            address, port = target.value.split(" . ")
-            translations[mark].append(f"(share backend) -> {address}:{port}")
+    for share_map in ("share_target", "share_target6"):
+        for mark, target in table.elements.get(share_map, {}).items():
+            if target.value is not None:
+                address, port = target.value.split(" . ")
+                translations[mark].append(f"(share backend) -> {_endpoint(address, port)}")
     for mark, rule in rules.items():
         rule.translations = _summarise(sorted(translations.get(mark, []), key=_natural))
     return sorted(rules.values(), key=lambda r: (r.kind, r.name))

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from natgwd.ha.config import HaConfig
 
 from natgwd.qos.model import QosPolicy
+
+# Either family: a rule translates within the family of its internal address or CIDR.
+IPAddress = IPv4Address | IPv6Address
+IPInterface = IPv4Interface | IPv6Interface
+IPNetwork = IPv4Network | IPv6Network
+Family = Literal[4, 6]
 
 Protocol = Literal["tcp", "udp"]
 RuleKind = Literal["snat", "dnat", "fip"]
@@ -34,48 +40,76 @@ class PortRange:
 
 @dataclass(frozen=True)
 class Route:
-    dst: IPv4Network
-    via: IPv4Address
+    dst: IPNetwork
+    via: IPAddress
 
 
 @dataclass(frozen=True)
 class InternalSide:
     interface: str
-    addresses: tuple[IPv4Interface, ...]
+    addresses: tuple[IPInterface, ...]
     routes: tuple[Route, ...]
 
-    def reaches(self, address: IPv4Address) -> bool:
+    def reaches(self, address: IPAddress) -> bool:
         """True when the gateway has a path to `address` through the internal side."""
         value = int(address)
-        return any(value & mask == network for network, mask in self._reached)
+        return any(value & mask == network for network, mask in self._reached[address.version])
 
     @cached_property
-    def _reached(self) -> tuple[tuple[int, int], ...]:
+    def _reached(self) -> dict[int, tuple[tuple[int, int], ...]]:
         # As integers: `address in network` costs a microsecond, and validation asks this
         # for every DNAT and FIP rule.
         networks = [a.network for a in self.addresses] + [r.dst for r in self.routes]
-        return tuple((int(n.network_address), int(n.netmask)) for n in networks)
+        return {
+            version: tuple((int(n.network_address), int(n.netmask)) for n in networks if n.version == version)
+            for version in (4, 6)
+        }
+
+
+PRIMARY_NETWORK = "external"  # the name of `external` unless it names itself
 
 
 @dataclass(frozen=True)
 class ExternalSide:
+    """One external network: `external`, or one of `externals` (each with a name)."""
+
     interface: str
-    addresses: tuple[IPv4Interface, ...]
+    addresses: tuple[IPInterface, ...]
     gateway: IPv4Address | None
+    gateway6: IPv6Address | None = None
+    name: str = PRIMARY_NETWORK
+
+    def contains(self, address: IPAddress) -> bool:
+        return any(a.version == address.version and address in a.network for a in self.addresses)
 
 
 @dataclass(frozen=True)
 class Eip:
+    """An EIP has an IPv4 address, an IPv6 address or both (Kube-OVN's v4ip and v6ip)."""
+
     name: str
-    v4ip: IPv4Address
+    v4ip: IPv4Address | None
+    v6ip: IPv6Address | None = None
+    network: str = PRIMARY_NETWORK  # the external network the EIP lives on
     qos_policy: str | None = None
+
+    def address(self, family: int) -> IPAddress | None:
+        return self.v4ip if family == 4 else self.v6ip
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        return tuple(a for a in (self.v4ip, self.v6ip) if a is not None)
 
 
 @dataclass(frozen=True)
 class SnatRule:
     name: str
     eip: str
-    internal_cidr: IPv4Network
+    internal_cidr: IPNetwork
+
+    @property
+    def family(self) -> Family:
+        return self.internal_cidr.version
 
 
 @dataclass(frozen=True)
@@ -84,21 +118,29 @@ class DnatRule:
     eip: str
     protocol: Protocol
     external_port: PortRange
-    internal_ip: IPv4Address
+    internal_ip: IPAddress
     internal_port: PortRange
     # "share": one backend of a group that spreads (eip, protocol, port) over its members
     type: DnatType = "exclusive"
 
     @property
-    def identity(self) -> tuple[str, str, PortRange]:
-        return (self.eip, self.protocol, self.external_port)
+    def family(self) -> Family:
+        return self.internal_ip.version
+
+    @property
+    def identity(self) -> tuple[str, int, str, PortRange]:
+        return (self.eip, self.family, self.protocol, self.external_port)
 
 
 @dataclass(frozen=True)
 class FipRule:
     name: str
     eip: str
-    internal_ip: IPv4Address
+    internal_ip: IPAddress
+
+    @property
+    def family(self) -> Family:
+        return self.internal_ip.version
 
 
 @dataclass(frozen=True)
@@ -112,11 +154,24 @@ class DesiredState:
     qos_policies: tuple[QosPolicy, ...] = ()
     qos_policy: str | None = None  # the gateway's own (VpcNatGateway.spec.qosPolicy)
     ha: HaConfig | None = None  # an active/standby pair: keepalived owns the addresses
+    more_externals: tuple[ExternalSide, ...] = ()
 
-    def eip_interface(self, eip: Eip) -> IPv4Interface:
-        """The EIP as an address of the external interface: the prefix of the external
-        subnet that contains it (so the kernel answers ARP for it on that subnet), else /32."""
-        for address in self.external.addresses:
-            if eip.v4ip in address.network:
-                return IPv4Interface(f"{eip.v4ip}/{address.network.prefixlen}")
-        return IPv4Interface(f"{eip.v4ip}/32")
+    @property
+    def externals(self) -> tuple[ExternalSide, ...]:
+        """Every external network, `external` first."""
+        return (self.external, *self.more_externals)
+
+    def network_of(self, eip: Eip) -> ExternalSide:
+        return next(n for n in self.externals if n.name == eip.network)
+
+    def eip_interfaces(self, eip: Eip) -> tuple[IPInterface, ...]:
+        """The EIP's addresses as addresses of the external interface: the prefix of the
+        external subnet that contains each (so the kernel answers ARP or neighbour
+        solicitations for it on that subnet), else a host prefix."""
+        return tuple(self._external_interface(self.network_of(eip), address) for address in eip.addresses)
+
+    def _external_interface(self, network: ExternalSide, address: IPAddress) -> IPInterface:
+        for external in network.addresses:
+            if address.version == external.version and address in external.network:
+                return ip_interface(f"{address}/{external.network.prefixlen}")
+        return ip_interface(f"{address}/{address.max_prefixlen}")

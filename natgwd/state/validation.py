@@ -18,7 +18,16 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError
+from ipaddress import (
+    AddressValueError,
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    NetmaskValueError,
+)
 from typing import Any, TypeVar
 
 import fastjsonschema
@@ -28,6 +37,7 @@ from natgwd.ha.config import HaConfig, parse_ha
 from natgwd.qos.validation import qos_policies
 from natgwd.state.memo import RoundMemo
 from natgwd.state.model import (
+    PRIMARY_NETWORK,
     DesiredState,
     DnatRule,
     DnatType,
@@ -35,6 +45,9 @@ from natgwd.state.model import (
     ExternalSide,
     FipRule,
     InternalSide,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
     PortRange,
     Protocol,
     Route,
@@ -201,7 +214,14 @@ _PATTERN_MEANING = {
     "ipv4Address": "must be an IPv4 address such as 10.115.55.200",
     "ipv4Interface": "must be an IPv4 address with prefix length such as 172.20.10.254/24",
     "ipv4Cidr": "must be an IPv4 network such as 172.20.10.0/24",
+    "ipv6Address": "must be an IPv6 address such as fd00:55::200",
+    "ipAddress": "must be an IPv4 or IPv6 address such as 172.20.10.2 or fd00:10::2",
+    "ipInterface": "must be an IPv4 or IPv6 address with prefix length such as 172.20.10.254/24 or fd00:10::fe/64",
+    "ipCidr": "must be an IPv4 or IPv6 network such as 172.20.10.0/24 or fd00:10::/64",
 }
+
+# Version 1 files name IPv4 fields; an IPv6 address in one of them has a field of its own.
+_IPV6_FIELD = {"v4ip": "v6ip", "gateway": "gateway6"}
 
 
 def _json_path(parts: Any) -> str:
@@ -359,6 +379,9 @@ def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:
     if kind == "pattern":
         definition = _definition_of(error.schema)
         meaning = _PATTERN_MEANING.get(definition or "", f"must match {value}")
+        field = path.rsplit(".", 1)[-1]
+        if field in _IPV6_FIELD and isinstance(error.instance, str) and ":" in error.instance:
+            meaning += f" (an IPv6 address goes in {_IPV6_FIELD[field]}, beside {field})"
         return [Problem(path, meaning)]
     if kind == "maxLength":
         definition = _definition_of(error.schema)
@@ -376,24 +399,34 @@ def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:
 # --- semantics ------------------------------------------------------------------------
 
 
-def _usable_address(text: str) -> IPv4Address | str:
+def _family_name(text: str) -> str:
+    # The schema admits only dotted IPv4 or text with a colon: a colon means IPv6.
+    return "IPv6" if ":" in text else "IPv4"
+
+
+def _usable_address(text: str) -> IPAddress | str:
     """The address, or why it is not a usable unicast one."""
     try:
-        address = IPv4Address(text)
+        address: IPAddress = IPv6Address(text) if ":" in text else IPv4Address(text)
     except AddressValueError as err:
-        return f"not a valid IPv4 address: {err}"
+        return f"not a valid {_family_name(text)} address: {err}"
     if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
         return f"{address} is not a usable unicast address"
+    if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
+        # Link-local addresses are not unique beyond one link; mapped ones are IPv4 in disguise.
+        return f"{address} is not a usable unicast address (link-local or IPv4-mapped)"
     return address
 
 
-def _network(text: str) -> IPv4Network | str:
+def _network(text: str) -> IPNetwork | str:
+    kind = IPv6Network if ":" in text else IPv4Network
+    host = 128 if ":" in text else 32
     try:
-        return IPv4Network(text if "/" in text else f"{text}/32")
+        return kind(text if "/" in text else f"{text}/{host}")
     except (AddressValueError, NetmaskValueError) as err:
-        return f"not a valid IPv4 network: {err}"
+        return f"not a valid {_family_name(text)} network: {err}"
     except ValueError:
-        return f"has host bits set (did you mean {IPv4Network(text, strict=False)}?)"
+        return f"has host bits set (did you mean {kind(text, strict=False)}?)"
 
 
 def _port_range(typed: tuple[type, int | str | float]) -> PortRange | str:
@@ -416,7 +449,7 @@ def _dnat_rule(fields: tuple[str, str, Protocol, int | str, int | str, type, typ
     internal_port = _PORT_RANGES((internal_type, internal))
     internal_ip = _ADDRESSES(address)
     assert isinstance(external_port, PortRange) and isinstance(internal_port, PortRange)
-    assert isinstance(internal_ip, IPv4Address)
+    assert isinstance(internal_ip, IPv4Address | IPv6Address)
     return DnatRule(name, eip, protocol, external_port, internal_ip, internal_port, kind)
 
 
@@ -435,6 +468,8 @@ class _Semantics:
     def __init__(self, document: dict[str, Any], set_aside: dict[str, set[int]] | None = None) -> None:
         self.doc = document
         self.problems: list[Problem] = []
+        self.eips: dict[str, Eip] = {}
+        self.networks: tuple[ExternalSide, ...] = ()
         # Items the schema refused (already reported): skipped here, and an EIP's name among
         # them is not reported again as unknown by the rules that name it.
         self.set_aside = set_aside or {}
@@ -452,22 +487,40 @@ class _Semantics:
         self.problems.append(Problem(path, reason))
 
     def build(self) -> DesiredState:
-        external = self._external()
-        internal = self._internal(external)
+        external = self._external("$.external", self.doc["external"])
+        more = self._more_externals()
+        internal = self._internal((external, *more))
         if internal.interface == external.interface:
             self.fail("$.external.interface", "must differ from internal.interface")
-        if external.gateway is not None and any(r.dst.prefixlen == 0 for r in internal.routes):
-            self.fail("$.internal.routes", "a default route (0.0.0.0/0) conflicts with external.gateway")
+        for gateway, field, default in (
+            (external.gateway, "gateway", "0.0.0.0/0"),
+            (external.gateway6, "gateway6", "::/0"),
+        ):
+            if gateway is not None and any(str(r.dst) == default for r in internal.routes):
+                self.fail("$.internal.routes", f"a default route ({default}) conflicts with external.{field}")
+        self.networks = (external, *more)
         eips = self._eips()
-        eip_names = {e.name for e in eips}
+        self.eips.update((e.name, e) for e in eips)
+        eip_names = set(self.eips)
         snat = self._snat(eip_names)
         dnat = self._dnat(eip_names, internal)
         fip = self._fip(eip_names, internal, dnat)
-        policies, gateway_policy = qos_policies(self.doc, eips, external.interface, self.fail)
+        policies, gateway_policy = qos_policies(self.doc, eips, external, self.fail)
         ha = self._ha(internal, external)
         if self.problems:
             raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
-        return DesiredState(internal, external, eips, snat, dnat, fip, policies, gateway_policy, ha)
+        return DesiredState(
+            internal,
+            external,
+            eips,
+            snat,
+            dnat,
+            fip,
+            qos_policies=policies,
+            qos_policy=gateway_policy,
+            ha=ha,
+            more_externals=more,
+        )
 
     def _ha(self, internal: InternalSide, external: ExternalSide) -> HaConfig | None:
         if "ha" not in self.doc:
@@ -475,31 +528,51 @@ class _Semantics:
         ha, problems = parse_ha(self.doc["ha"], (internal.interface, external.interface))
         for path, reason in problems:
             self.fail(path, reason)
+        ipv6 = [str(a) for a in (*internal.addresses, *external.addresses) if a.version == 6]
+        ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
+        if ipv6 or self.networks[1:]:
+            # keepalived's instance moves the IPv4 addresses of one external network.
+            what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
+            self.fail("$.ha", f"an HA pair moves IPv4 addresses on one external network; this state has {what}")
         return ha
 
     # addresses -------------------------------------------------------------------------
 
-    def address(self, path: str, text: str) -> IPv4Address | None:
-        return self._parsed(path, _ADDRESSES(text))
+    def address(self, path: str, text: str) -> IPAddress | None:
+        result: IPAddress | str = _ADDRESSES(text)
+        if isinstance(result, str):
+            self.fail(path, result)
+            return None
+        return result
 
-    def interface_address(self, path: str, text: str) -> IPv4Interface | None:
+    def interface_address(self, path: str, text: str) -> IPInterface | None:
         try:
-            interface = IPv4Interface(text)
+            interface: IPInterface = IPv6Interface(text) if ":" in text else IPv4Interface(text)
         except (AddressValueError, NetmaskValueError) as err:
-            self.fail(path, f"not a valid IPv4 address/prefix: {err}")
+            self.fail(path, f"not a valid {_family_name(text)} address/prefix: {err}")
             return None
         if self.address(path, str(interface.ip)) is None:
             return None
-        if interface.network.prefixlen < 31 and interface.ip in (
-            interface.network.network_address,
-            interface.network.broadcast_address,
+        # IPv6 has no broadcast address, and its subnet-router anycast address is a host's.
+        if (
+            interface.version == 4
+            and interface.network.prefixlen < 31
+            and interface.ip
+            in (
+                interface.network.network_address,
+                interface.network.broadcast_address,
+            )
         ):
             self.fail(path, f"{interface.ip} is the network or broadcast address of {interface.network}")
             return None
         return interface
 
-    def network(self, path: str, text: str) -> IPv4Network | None:
-        return self._parsed(path, _NETWORKS(text))
+    def network(self, path: str, text: str) -> IPNetwork | None:
+        result: IPNetwork | str = _NETWORKS(text)
+        if isinstance(result, str):
+            self.fail(path, result)
+            return None
+        return result
 
     def port_range(self, path: str, value: int | str) -> PortRange | None:
         # Typed: 80, 80.0 and "80" are equal keys otherwise, and only two are valid.
@@ -514,6 +587,8 @@ class _Semantics:
     def duplicates(self, section: str, items: list[tuple[int, dict[str, Any]]], field: str) -> None:
         seen: dict[Any, int] = {}
         for index, item in items:
+            if field not in item:
+                continue
             key = item[field]
             if key in seen:
                 self.fail(f"$.{section}[{index}].{field}", f"duplicates {section}[{seen[key]}] ({key!r})")
@@ -522,7 +597,7 @@ class _Semantics:
 
     # sections --------------------------------------------------------------------------
 
-    def _internal(self, external: ExternalSide) -> InternalSide:
+    def _internal(self, externals: tuple[ExternalSide, ...]) -> InternalSide:
         section = self.doc["internal"]
         addresses = tuple(
             a
@@ -530,7 +605,7 @@ class _Semantics:
             if (a := self.interface_address(f"$.internal.addresses[{i}]", text)) is not None
         )
         routes: list[Route] = []
-        seen: dict[IPv4Network, int] = {}
+        seen: dict[IPNetwork, int] = {}
         for i, route in enumerate(section.get("routes", ())):
             path = f"$.internal.routes[{i}]"
             dst = self.network(f"{path}.dst", route["dst"])
@@ -546,35 +621,110 @@ class _Semantics:
                 continue
             # A wider route is harmless (the connected route is more specific); an equal one
             # would replace it and a narrower one would take part of the external subnet.
-            clash = next((a.network for a in external.addresses if dst.subnet_of(a.network)), None)
+            clash = next(
+                (
+                    a.network
+                    for external in externals
+                    for a in external.addresses
+                    if a.version == dst.version and dst.subnet_of(a.network)  # type: ignore[arg-type]
+                ),
+                None,
+            )
             if clash is not None:
                 self.fail(f"{path}.dst", f"{dst} lies inside the external subnet {clash}")
                 continue
             routes.append(Route(dst, via))
         return InternalSide(section["interface"], addresses, tuple(routes))
 
-    def _external(self) -> ExternalSide:
-        section = self.doc["external"]
+    def _external(self, path: str, section: dict[str, Any]) -> ExternalSide:
         addresses = tuple(
             a
             for i, text in enumerate(section["addresses"])
-            if (a := self.interface_address(f"$.external.addresses[{i}]", text)) is not None
+            if (a := self.interface_address(f"{path}.addresses[{i}]", text)) is not None
         )
         gateway = None
         if "gateway" in section:
-            gateway = self.address("$.external.gateway", section["gateway"])
-        return ExternalSide(section["interface"], addresses, gateway)
+            gateway = self.address(f"{path}.gateway", section["gateway"])
+        gateway6 = None
+        if "gateway6" in section:
+            gateway6 = self._gateway6(f"{path}.gateway6", section["gateway6"])
+        assert gateway is None or isinstance(gateway, IPv4Address)
+        return ExternalSide(section["interface"], addresses, gateway, gateway6, section.get("name", PRIMARY_NETWORK))
+
+    def _more_externals(self) -> tuple[ExternalSide, ...]:
+        """`externals`: more external networks, each with a name and an interface of its own."""
+        networks = [self._external(f"$.externals[{i}]", item) for i, item in enumerate(self.doc.get("externals", []))]
+        names = {self.doc["external"].get("name", PRIMARY_NETWORK): "external"}
+        interfaces = {self.doc["external"]["interface"]: "external", self.doc["internal"]["interface"]: "internal"}
+        for i, network in enumerate(networks):
+            path = f"$.externals[{i}]"
+            if network.name in names:
+                self.fail(f"{path}.name", f"{network.name!r} is already the name of {names[network.name]}")
+            if network.interface in interfaces:
+                self.fail(f"{path}.interface", f"{network.interface} is already {interfaces[network.interface]}'s")
+            names.setdefault(network.name, f"externals[{i}]")
+            interfaces.setdefault(network.interface, f"externals[{i}]")
+        return tuple(networks)
+
+    def _eip_network(self, path: str, item: dict[str, Any], addresses: tuple[IPAddress, ...]) -> str | None:
+        """The network an EIP lives on: the one it names, else the first whose subnet
+        contains one of its addresses, else `external`."""
+        if "externalSubnet" in item:
+            if not any(n.name == item["externalSubnet"] for n in self.networks):
+                known = ", ".join(repr(n.name) for n in self.networks)
+                self.fail(f"{path}.externalSubnet", f"names no external network (known: {known})")
+                return None
+            return str(item["externalSubnet"])
+        return next((n.name for n in self.networks if any(n.contains(a) for a in addresses)), self.networks[0].name)
+
+    def _gateway6(self, path: str, text: str) -> IPv6Address | None:
+        # A router's link-local address is the usual IPv6 nexthop; the route names the interface.
+        try:
+            if IPv6Address(text).is_link_local:
+                return IPv6Address(text)
+        except AddressValueError:
+            pass
+        address = self.address(path, text)
+        assert address is None or isinstance(address, IPv6Address)
+        return address
 
     def _eips(self) -> tuple[Eip, ...]:
         items = self.items("eips")
         self.duplicates("eips", items, "name")
         self.duplicates("eips", items, "v4ip")
+        self.duplicates("eips", items, "v6ip")
         eips = []
         for i, item in items:
-            address = self.address(f"$.eips[{i}].v4ip", item["v4ip"])
-            if address is not None:
-                eips.append(Eip(item["name"], address, item.get("qosPolicy")))
+            if "v4ip" not in item and "v6ip" not in item:
+                self.fail(f"$.eips[{i}].v4ip", "required field is missing (an EIP needs v4ip, v6ip or both)")
+                # Still an EIP by name: its rules are not reported again for naming no EIP.
+                self.eips[item["name"]] = Eip(item["name"], None)
+                continue
+            v4 = self.address(f"$.eips[{i}].v4ip", item["v4ip"]) if "v4ip" in item else None
+            v6 = self.address(f"$.eips[{i}].v6ip", item["v6ip"]) if "v6ip" in item else None
+            if ("v4ip" in item and v4 is None) or ("v6ip" in item and v6 is None):
+                continue
+            assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
+            network = self._eip_network(f"$.eips[{i}]", item, tuple(a for a in (v4, v6) if a is not None))
+            if network is not None:
+                eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy")))
         return tuple(eips)
+
+    def same_family(self, path: str, eip: str, address: IPAddress | IPNetwork) -> bool:
+        """A rule translates within one family: the EIP needs an address of the family of
+        the rule's internal address (checked only for an EIP that exists)."""
+        found = self.eips.get(eip)
+        if found is None or found.address(address.version) is not None:
+            return True
+        if not found.addresses:
+            return False  # reported on the EIP
+        field, other = ("v6ip", "IPv6") if address.version == 6 else ("v4ip", "IPv4")
+        self.fail(
+            path,
+            f"{address} is {other} but EIP {eip!r} has no {field}; a rule translates within one "
+            f"family (give the EIP a {field} or use an {'IPv4' if address.version == 6 else 'IPv6'} address)",
+        )
+        return False
 
     def known_eip(self, path: str, name: str, eip_names: set[str]) -> bool:
         if name in eip_names:
@@ -583,7 +733,7 @@ class _Semantics:
             self.fail(path, f"names EIP {name!r}, which is not in eips")
         return False
 
-    def reachable(self, path: str, address: IPv4Address, internal: InternalSide) -> bool:
+    def reachable(self, path: str, address: IPAddress, internal: InternalSide) -> bool:
         if internal.reaches(address):
             return True
         self.fail(path, f"{address} is in no internal address's subnet and no internal route")
@@ -593,12 +743,12 @@ class _Semantics:
         items = self.items("snat")
         self.duplicates("snat", items, "name")
         rules: list[SnatRule] = []
-        owner: dict[IPv4Network, int] = {}
+        owner: dict[IPNetwork, int] = {}
         for i, item in items:
             path = f"$.snat[{i}]"
             known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
             cidr = self.network(f"{path}.internalCIDR", item["internalCIDR"])
-            if cidr is None or not known:
+            if cidr is None or not known or not self.same_family(f"{path}.internalCIDR", item["eip"], cidr):
                 continue
             if cidr in owner:
                 self.fail(f"{path}.internalCIDR", f"{cidr} is already translated by snat[{owner[cidr]}]")
@@ -618,6 +768,8 @@ class _Semantics:
             internal_port = self.port_range(f"{path}.internalPort", item["internalPort"])
             address = self.address(f"{path}.internalIp", item["internalIp"])
             if address is not None and not self.reachable(f"{path}.internalIp", address, internal):
+                address = None
+            if address is not None and not self.same_family(f"{path}.internalIp", item["eip"], address):
                 address = None
             if external and internal_port and len(external) != len(internal_port):
                 self.fail(
@@ -649,9 +801,9 @@ class _Semantics:
         return tuple(rule for _, rule in rules)
 
     def _no_overlapping_ports(self, rules: list[tuple[int, DnatRule]]) -> None:
-        by_identity: dict[tuple[str, str], list[tuple[int, DnatRule]]] = defaultdict(list)
+        by_identity: dict[tuple[str, int, str], list[tuple[int, DnatRule]]] = defaultdict(list)
         for index, rule in rules:
-            by_identity[(rule.eip, rule.protocol)].append((index, rule))
+            by_identity[(rule.eip, rule.family, rule.protocol)].append((index, rule))
         for group in by_identity.values():
             group.sort(key=lambda entry: entry[1].external_port)
             widest: tuple[int, DnatRule] | None = None
@@ -683,17 +835,25 @@ class _Semantics:
     def _fip(self, eip_names: set[str], internal: InternalSide, dnat: tuple[DnatRule, ...]) -> tuple[FipRule, ...]:
         items = self.items("fip")
         self.duplicates("fip", items, "name")
-        self.duplicates("fip", items, "eip")
         self.duplicates("fip", items, "internalIp")
-        dnat_eips = {rule.eip for rule in dnat}
+        # A dual-stack EIP may carry one FIP per family (one for its v4ip, one for its v6ip).
+        dnat_eips = {(rule.eip, rule.family) for rule in dnat}
+        owner: dict[tuple[str, int], int] = {}
         rules: list[FipRule] = []
         for i, item in items:
             path = f"$.fip[{i}]"
             known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
-            if known and item["eip"] in dnat_eips:
-                self.fail(f"{path}.eip", f"EIP {item['eip']!r} is also used by a dnat rule; a FIP needs the EIP alone")
-                known = False
             address = self.address(f"{path}.internalIp", item["internalIp"])
-            if address is not None and self.reachable(f"{path}.internalIp", address, internal) and known:
+            if address is None or not self.reachable(f"{path}.internalIp", address, internal) or not known:
+                continue
+            if not self.same_family(f"{path}.internalIp", item["eip"], address):
+                continue
+            key = (item["eip"], address.version)
+            if key in dnat_eips:
+                self.fail(f"{path}.eip", f"EIP {item['eip']!r} is also used by a dnat rule; a FIP needs the EIP alone")
+            elif key in owner:
+                self.fail(f"{path}.eip", f"duplicates fip[{owner[key]}] ({item['eip']!r})")
+            else:
+                owner[key] = i
                 rules.append(FipRule(item["name"], item["eip"], address))
         return tuple(rules)

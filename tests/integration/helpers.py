@@ -241,7 +241,8 @@ def tcp_get(lab: Lab, role: str, address: str, port: int, timeout: float = 2, so
     cmd = ["curl", "-s", "-m", str(timeout)]
     if source:
         cmd += ["--interface", source]
-    result = lab.exec(role, *cmd, f"http://{address}:{port}/", check=False, timeout=timeout + 10)
+    host = f"[{address}]" if ":" in address else address
+    result = lab.exec(role, *cmd, f"http://{host}:{port}/", check=False, timeout=timeout + 10)
     return result.stdout if result.returncode == 0 else ""
 
 

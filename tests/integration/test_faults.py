@@ -523,6 +523,26 @@ def nested_in_state(opener: bytes, depth: int) -> bytes:
     return encode(seed())[:-2] + b', "deep": ' + body + b"}"
 
 
+def other_state_with_ipv6(change: Callable[[dict[str, Any]], None]) -> bytes:
+    """other_state() made dual-stack on the internal side (fd00:10::fe/64), then changed."""
+    state = json.loads(other_state())
+    state["internal"]["addresses"].append("fd00:10::fe/64")
+    change(state)
+    return encode(state)
+
+
+def _ipv6_dnat02(state: dict[str, Any]) -> None:
+    state["dnat"][-1]["internalIp"] = "fd00:10::4"  # on my-eip, which has no v6ip
+
+
+def _v6ip_in_v4ip(state: dict[str, Any]) -> None:
+    state["eips"][0]["v4ip"] = "fd00:115::200"
+
+
+def _link_local_v6ip(state: dict[str, Any]) -> None:
+    state["eips"][0]["v6ip"] = "fe80::1"
+
+
 def group_writable_by_65534(path: Path) -> None:
     os.chown(path, 0, 65534)
     path.chmod(0o664)
@@ -571,6 +591,13 @@ HOSTILE: dict[str, Hostile] = {
     "port-negative": Hostile(put_bytes(replaced_port(b"-80")), "$.dnat[0].externalPort: must be a port"),
     "nan": Hostile(put_bytes(replaced_port(b"NaN")), "NaN is not a JSON number"),
     "not-an-object": Hostile(put_bytes(b"[]"), "$: must be an object"),
+    "ipv6-rule-on-an-ipv4-eip": Hostile(
+        put_bytes(other_state_with_ipv6(_ipv6_dnat02)), "fd00:10::4 is IPv6 but EIP 'my-eip' has no v6ip"
+    ),
+    "ipv6-address-in-v4ip": Hostile(
+        put_bytes(other_state_with_ipv6(_v6ip_in_v4ip)), "an IPv6 address goes in v6ip, beside v4ip"
+    ),
+    "link-local-v6ip": Hostile(put_bytes(other_state_with_ipv6(_link_local_v6ip)), "link-local or IPv4-mapped"),
     "world-writable": Hostile(put_other_state_with(lambda p: p.chmod(0o666)), "is writable by every user"),
     "group-writable-foreign-group": Hostile(
         put_other_state_with(group_writable_by_65534), "is writable by group 65534"

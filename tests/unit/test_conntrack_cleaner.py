@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -43,10 +44,11 @@ class Entry:
 
 
 class Socket:
-    def __init__(self, sockets: list[Socket], gone: set[int]) -> None:
+    def __init__(self, sockets: list[Socket], gone: set[int], family: int = socket.AF_INET) -> None:
         self.deleted: list[int] = []
         self.dumps = 0
         self._gone = gone
+        self.family = family
         sockets.append(self)
 
     def __enter__(self) -> Socket:
@@ -57,8 +59,9 @@ class Socket:
 
     def dump_entries(self, **_filters: Any) -> Iterator[Entry]:
         self.dumps += 1
-        for index in range(TABLE_SIZE):
-            yield Entry(index)
+        if self.family == socket.AF_INET:  # the IPv6 table of this test is empty
+            for index in range(TABLE_SIZE):
+                yield Entry(index)
 
     def delete(self, entry: Entry) -> None:
         if entry.index in self._gone:
@@ -69,11 +72,13 @@ class Socket:
 def test_a_full_scan_streams_the_table_and_deletes_on_a_second_socket() -> None:
     sockets: list[Socket] = []
     expired = {0, 4}
-    cleaner = ConntrackCleaner(connect=lambda: Socket(sockets, expired))  # type: ignore[arg-type, return-value]
+    cleaner = ConntrackCleaner(connect=lambda family: Socket(sockets, expired, family))  # type: ignore[arg-type, return-value]
     state = load_state(json.dumps(SEED_STATE).encode())
     deleted = cleaner.clean(Translations(state, [1, 2, 3]), None)
-    dumps, deletes = sockets
+    dumps, deletes, dumps6, deletes6 = sockets
+    assert [s.family for s in sockets] == [socket.AF_INET] * 2 + [socket.AF_INET6] * 2
     assert dumps.dumps == 1 and deletes.dumps == 0 and not dumps.deleted
+    assert dumps6.dumps == 1 and not deletes6.deleted
     assert deleted == {"dnat": TABLE_SIZE // 4 - len(expired)}
     assert deletes.deleted == [index for index in range(0, TABLE_SIZE, 4) if index not in expired]
     assert Entry.most_alive <= 3, f"{Entry.most_alive} entries held at once"

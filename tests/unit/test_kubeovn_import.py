@@ -226,10 +226,10 @@ def test_eips_from_status_other_gateways_ipv6_qos_and_missing_addresses() -> Non
         {"name": "from-status", "v4ip": "10.115.55.201"},
         {"name": "limited", "v4ip": "10.115.55.202"},
         {"name": "my-eip", "v4ip": "10.115.55.200"},
+        {"name": "v6-only", "v6ip": "fd00::10"},
     ]
     expect = {
         "other": "note: EIP of gateway gw2, not gw1",
-        "v6-only": "warning: IPv6-only EIP (natgwd is IPv4-only); skipped",
         "pending": "warning: has no address yet; skipped",
         "limited": "warning: QoS policy slow is not in the input; no bandwidth limit carried over",
         "going": "warning: being deleted; skipped",
@@ -276,7 +276,8 @@ def test_snat_cidrs_are_normalised_and_conflicts_resolved_in_creation_order() ->
     assert reasons(result.findings, "IptablesSnatRule", "again") == [
         "warning: 172.20.10.0/24 is already translated by my-snat"
     ]
-    assert "IPv6" in reasons(result.findings, "IptablesSnatRule", "v6")[0]
+    # e2 has no v6ip: an IPv6 rule on it is refused as mixing families.
+    assert "fd00::/64 is IPv6 but EIP 'e2' has no v6ip" in reasons(result.findings, "IptablesSnatRule", "v6")[0]
 
 
 def test_share_dnat_and_the_webhook_conflicts() -> None:
@@ -458,4 +459,65 @@ def test_a_qos_policy_natgwd_refuses_is_left_out_with_the_reason() -> None:
     assert reasons(result.findings, "QoSPolicy", "zero") == [
         "warning: natgwd refuses it: $.qosPolicies[0].bandwidthLimitRules[0].rateMax: is 0: a limit of nothing "
         "stops all traffic (unbind the policy to remove a limit); no bandwidth limit carried over"
+    ]
+
+
+# --- dual stack -----------------------------------------------------------------------
+
+
+def _dual_stack_seed() -> list[dict[str, Any]]:
+    """The seed's objects as a dual-stack gateway would show them: dual-stack Subnets and
+    pod annotations ("v4,v6"), an IPv6 route to the VPC, EIPs with v6ip and IPv6 rules."""
+    objects = seed_objects(STATEFULSET)
+    for item in objects:
+        item["metadata"].setdefault("creationTimestamp", "2026-03-06T22:33:47Z")
+        spec = item.get("spec", {})
+        if item["kind"] == "Subnet" and item["metadata"]["name"] == "subnetinternal":
+            spec.update(cidrBlock="172.20.10.0/24,fd00:10::/64", gateway="172.20.10.1,fd00:10::1", protocol="Dual")
+        if item["kind"] == "Subnet" and item["metadata"]["name"] == "subnetexternal":
+            spec.update(cidrBlock="10.115.48.0/21,fd00:115::/64", gateway="10.115.55.254,fd00:115::fe")
+        if item["kind"] == "Pod":
+            notes = item["metadata"]["annotations"]
+            for provider, v6 in (
+                ("internalvswitch.default", "fd00:10::fe"),
+                ("externalvswitch.kube-system", "fd00:115::1"),
+            ):
+                key = f"{provider}.ovn.kubernetes.io/ip_address"
+                notes[key] += f",{v6}"
+            routes = "internalvswitch.default.ovn.kubernetes.io/routes"
+            notes[routes] = json.dumps([*json.loads(notes[routes]), {"dst": "fd00:55::/64", "gw": "fd00:10::1"}])
+        if item["kind"] == "IptablesEIP":
+            spec["v6ip"] = "fd00:115::200"
+    return [
+        *objects,
+        eip("my-eip2", "10.115.55.201", v6ip="fd00:115::201"),
+        obj("IptablesSnatRule", "my-snat6", {"eip": "my-eip", "internalCIDR": "fd00:10::/64"}),
+        dnat("dnat01-6", "my-eip", "8888", "fd00:10::2", "80"),
+        obj("IptablesFIPRule", "fip01", {"eip": "my-eip2", "internalIp": "172.20.10.3"}),
+        obj("IptablesFIPRule", "fip01-6", {"eip": "my-eip2", "internalIp": "fd00:10::3"}),
+    ]
+
+
+def test_a_dual_stack_gateway_imports_as_the_dual_stack_seed() -> None:
+    from natgwd.lab.topology import DUAL_STACK_STATE
+
+    result = import_objects(_dual_stack_seed(), ImportOptions(gateway="gw1"))
+    assert result.state == DUAL_STACK_STATE
+    load_state(json.dumps(result.state).encode())
+    assert not any("IPv6" in f.reason for f in result.findings)
+
+
+def test_an_ipv6_route_without_an_ipv6_vpc_address_is_reported() -> None:
+    objects = _dual_stack_seed()
+    for item in objects:
+        if item["kind"] == "Subnet" and item["metadata"]["name"] == "subnetinternal":
+            item["spec"]["cidrBlock"] = "172.20.10.0/24"
+    result = import_objects(objects, ImportOptions(gateway="gw1"))
+    assert result.state["internal"]["addresses"] == ["172.20.10.254/24"]
+    assert "note: route fd00:55::/64 via fd00:10::1: IPv6, and the gateway has no IPv6 VPC address; skipped" in reasons(
+        result.findings, "Pod", "kube-system/vpc-nat-gw-gw1-0"
+    )
+    # Its IPv6 rules cannot reach their backends: refused, each with the reason.
+    assert reasons(result.findings, "IptablesFIPRule", "fip01-6") == [
+        "warning: natgwd refuses it: fd00:10::3 is in no internal address's subnet and no internal route; skipped"
     ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.plan import RULE_CONNECTIONS, assign_ids, desired_table
+from natgwd.planning.plan import RULE_CONNECTIONS, address_text, assign_ids, desired_table
 from natgwd.planning.table import plan_transaction
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import (
@@ -50,6 +50,24 @@ INTERNAL_POOL = [IPv4Address("172.20.10.0") + i for i in range(2, 254)] + [
     IPv4Address("10.60.0.0") + i for i in range(1, 4096)
 ]
 _PORT = st.integers(min_value=1, max_value=65535)
+EXTERNAL_NET6 = IPv6Network("fd00:115::/64")
+
+
+def _six(address: str) -> str:
+    """The IPv6 twin of an internal IPv4 address: 172.20.10.x -> fd00:10::x, 10.60.a.b ->
+    fd00:60::a:b (one to one, so unique addresses stay unique)."""
+    v4 = IPv4Address(address)
+    network = IPv6Network("fd00:10::/64" if v4 in IPv4Network("172.20.10.0/24") else "fd00:60::/64")
+    return str(network.network_address + (int(v4) & 0xFFFF))
+
+
+def _internal_of(rule: dict[str, Any]) -> str:
+    return str(rule.get("internalIp") or rule["internalCIDR"])
+
+
+def _family_address(eips: dict[str, dict[str, Any]], rule: dict[str, Any]) -> str:
+    """The EIP address a rule of the document translates to: the one of its family."""
+    return str(eips[rule["eip"]]["v6ip" if ":" in _internal_of(rule) else "v4ip"])
 
 
 def _port_value(draw: st.DrawFn, first: int, last: int) -> int | str:
@@ -70,8 +88,9 @@ def _unique_names(draw: st.DrawFn, count: int) -> list[str]:
 def valid_documents(draw: st.DrawFn, max_eips: int = 6) -> dict[str, Any]:
     """A consistent, valid desired-state document: random EIPs, SNAT CIDRs of random
     prefix lengths (bare addresses for some /32s), DNAT single ports and equal-length
-    ranges laid out without overlaps, share groups, FIPs on EIPs of their own."""
-    internal_if, external_if = draw(st.lists(IFNAMES, min_size=2, max_size=2, unique=True))
+    ranges laid out without overlaps, share groups, FIPs on EIPs of their own. Dual-stack
+    documents give some EIPs a v6ip (a few lose their v4ip) and some rules an IPv6 twin."""
+    internal_if, external_if, second_if = draw(st.lists(IFNAMES, min_size=3, max_size=3, unique=True))
     eip_count = draw(st.integers(min_value=1, max_value=max_eips))
     offsets = draw(
         st.lists(st.integers(2, EXTERNAL_NET.num_addresses - 3), min_size=eip_count, max_size=eip_count, unique=True)
@@ -136,6 +155,9 @@ def valid_documents(draw: st.DrawFn, max_eips: int = 6) -> dict[str, Any]:
         text = str(network.network_address) if prefix == 32 and draw(st.booleans()) else str(network)
         snat_cidrs.setdefault(network, {"eip": draw(st.sampled_from(eips))["name"], "internalCIDR": text})
     snats = list(snat_cidrs.values())
+    dual = draw(st.booleans())
+    if dual:
+        _add_ipv6(draw, eips, snats, dnats, fips)
 
     for rules in (snats, dnats, fips):
         for rule, name in zip(rules, _unique_names(draw, len(rules)), strict=True):
@@ -151,10 +173,58 @@ def valid_documents(draw: st.DrawFn, max_eips: int = 6) -> dict[str, Any]:
     }
     if draw(st.booleans()):
         document["external"]["gateway"] = "10.115.55.254"
+    if dual:
+        document["internal"]["addresses"].append("fd00:10::fe/64")
+        document["internal"]["routes"].append({"dst": "fd00:60::/64", "via": "fd00:10::1"})
+        document["external"]["addresses"].append("fd00:115::1/64")
+        if draw(st.booleans()):
+            document["external"]["gateway6"] = "fd00:115::fe"
+    if draw(st.integers(0, 3)) == 0:
+        # A second external network; EIPs join it by name (their addresses stay in the
+        # first network's subnet, so only the name can bind them).
+        document["externals"] = [
+            {"name": "second", "interface": second_if, "addresses": ["10.116.0.1/24"], "gateway": "10.116.0.254"}
+        ]
+        for eip in eips:
+            if draw(st.booleans()):
+                eip["externalSubnet"] = "second"
     for section, rules in (("eips", eips), ("snat", snats), ("dnat", dnats), ("fip", fips)):
         if rules or draw(st.booleans()):
             document[section] = draw(st.permutations(rules))
     return document
+
+
+def _add_ipv6(
+    draw: st.DrawFn,
+    eips: list[dict[str, Any]],
+    snats: list[dict[str, Any]],
+    dnats: list[dict[str, Any]],
+    fips: list[dict[str, Any]],
+) -> None:
+    for eip in eips:
+        if draw(st.booleans()):
+            eip["v6ip"] = str(EXTERNAL_NET6.network_address + int(IPv4Address(eip["v4ip"])) % 65536)
+            if draw(st.integers(0, 9)) == 0:  # now and then outside the external subnet (/128)
+                eip["v6ip"] = str(IPv6Address("fd00:203::") + draw(st.integers(1, 2**32)))
+    with_v6 = {e["name"] for e in eips if "v6ip" in e}
+    assume(len({e["v6ip"] for e in eips if "v6ip" in e}) == len(with_v6))
+    twins = {id(rule) for rules in (dnats, fips) for rule in rules if rule["eip"] in with_v6 and draw(st.booleans())}
+    dnats.extend({**rule, "internalIp": _six(rule["internalIp"])} for rule in list(dnats) if id(rule) in twins)
+    fips.extend({**rule, "internalIp": _six(rule["internalIp"])} for rule in list(fips) if id(rule) in twins)
+    if with_v6:
+        owners = sorted(with_v6)
+        cidrs: dict[IPv6Network, dict[str, Any]] = {}
+        for _ in range(draw(st.integers(0, 6))):
+            prefix = draw(st.sampled_from([0, 16, 48, 56, 64, 96, 112, 120, 127, 128]))
+            network = IPv6Network((draw(st.integers(0, 2**128 - 1)), prefix), strict=False)
+            text = str(network.network_address) if prefix == 128 and draw(st.booleans()) else str(network)
+            cidrs.setdefault(network, {"eip": draw(st.sampled_from(owners)), "internalCIDR": text})
+        snats.extend(cidrs.values())
+    # An IPv6-only EIP: one whose rules (if any) are all IPv6.
+    used_v4 = {r["eip"] for rules in (snats, dnats, fips) for r in rules if ":" not in str(_internal_of(r))}
+    for eip in eips:
+        if "v6ip" in eip and eip["name"] not in used_v4 and draw(st.booleans()):
+            del eip["v4ip"]
 
 
 def encode(document: Any) -> bytes:
@@ -182,23 +252,23 @@ def _ports(value: int | str) -> range:
 
 
 def expected_labels(document: dict[str, Any]) -> set[str]:
-    address = {e["name"]: e["v4ip"] for e in document.get("eips", [])}
+    eips = {e["name"]: e for e in document.get("eips", [])}
     return {
-        f"{kind}/{rule['name']}/{address[rule['eip']]}"
+        f"{kind}/{rule['name']}/{_family_address(eips, rule)}"
         for kind in ("snat", "dnat", "fip")
         for rule in document.get(kind, [])
     }
 
 
-def expected_dnat_targets(document: dict[str, Any]) -> dict[str, str]:
-    """dnat_target as the README describes it: one element per external port."""
-    address = {e["name"]: e["v4ip"] for e in document.get("eips", [])}
+def expected_dnat_targets(document: dict[str, Any], family: int = 4) -> dict[str, str]:
+    """dnat_target (dnat_target6) as the README describes it: one element per external port."""
+    eips = {e["name"]: e for e in document.get("eips", [])}
     targets = {}
     for rule in document.get("dnat", []):
-        if rule.get("type") == "share":
+        if rule.get("type") == "share" or (":" in rule["internalIp"]) != (family == 6):
             continue
         for external, internal in zip(_ports(rule["externalPort"]), _ports(rule["internalPort"]), strict=True):
-            key = f"{address[rule['eip']]} . {rule['protocol']} . {external}"
+            key = f"{_family_address(eips, rule)} . {rule['protocol']} . {external}"
             targets[key] = f"{rule['internalIp']} . {internal}"
     return targets
 
@@ -215,17 +285,23 @@ def test_generated_states_are_accepted_and_render_safely(document: dict[str, Any
 
     table = desired_table(state, assign_ids(state, {}))
     assert {k: e.value for k, e in table.elements["dnat_target"].items()} == expected_dnat_targets(document)
+    dual = any("v6ip" in e for e in document.get("eips", []))
+    assert ("dnat_target6" in table.elements) == dual
+    if dual:
+        assert {k: e.value for k, e in table.elements["dnat_target6"].items()} == expected_dnat_targets(document, 6)
     labels = {e.comment for e in table.elements[RULE_CONNECTIONS].values()}
     assert labels == expected_labels(document)
-    fip_in = {k: e.value for k, e in table.elements["fip_in_target"].items()}
-    address = {e["name"]: e["v4ip"] for e in document.get("eips", [])}
-    assert fip_in == {address[f["eip"]]: f["internalIp"] for f in document.get("fip", [])}
+    eips = {e["name"]: e for e in document.get("eips", [])}
+    fip_in = {
+        k: e.value for name in ("fip_in_target", "fip_in_target6") for k, e in table.elements.get(name, {}).items()
+    }
+    assert fip_in == {_family_address(eips, f): f["internalIp"] for f in document.get("fip", [])}
     for snat in document.get("snat", []):
-        network = IPv4Network(snat["internalCIDR"])
-        assert (
-            table.elements[f"snat_p{network.prefixlen}_target"][str(network.network_address)].value
-            == (address[snat["eip"]])
-        )
+        network = ip_network(snat["internalCIDR"])
+        family = "6" if network.version == 6 else ""
+        assert table.elements[f"snat{family}_p{network.prefixlen}_target"][
+            address_text(network.network_address)
+        ].value == _family_address(eips, snat)
 
     script, operations = render(state)
     lines = script.splitlines()
@@ -240,6 +316,7 @@ def test_generated_states_are_accepted_and_render_safely(document: dict[str, Any
     assert labels <= set(comments)
     # Without its comments and quoted interface names, no line has a quote left.
     interfaces = {document["internal"]["interface"], document["external"]["interface"]}
+    interfaces |= {network["interface"] for network in document.get("externals", [])}
     for line in lines:
         bare = COMMENT.sub("", line)
         for interface in interfaces:

@@ -163,7 +163,7 @@ def test_problem_and_error_text() -> None:
 def test_unknown_top_level_field() -> None:
     doc = seed()
     doc["eipz"] = []
-    allowed = "allowed here: dnat, eips, external, fip, ha, internal, qosPolicies, qosPolicy, snat, version"
+    allowed = "allowed here: dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, snat, version"
     assert_only(doc, "$.eipz", "unknown field", allowed)
 
 
@@ -172,8 +172,8 @@ def test_unknown_top_level_field() -> None:
     [
         (("internal",), "$.internal.mtu", "addresses, interface, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
-        (("external",), "$.external.mtu", "addresses, gateway, interface"),
-        (("eips", 0), "$.eips[0].mtu", "name, qosPolicy, v4ip"),
+        (("external",), "$.external.mtu", "addresses, gateway, gateway6, interface, name"),
+        (("eips", 0), "$.eips[0].mtu", "externalSubnet, name, qosPolicy, v4ip, v6ip"),
         (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, type"),
         (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name"),
@@ -319,7 +319,7 @@ def test_overlong_address_reports_length_and_format() -> None:
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("172.20.10.254", "must be an IPv4 address with prefix length"),
+        ("172.20.10.254", "must be an IPv4 or IPv6 address with prefix length"),
         ("172.20.10.254/33", "not a valid IPv4 address/prefix"),
         ("172.20.10.0/24", "172.20.10.0 is the network or broadcast address of 172.20.10.0/24"),
         ("172.20.10.255/24", "172.20.10.255 is the network or broadcast address of 172.20.10.0/24"),
@@ -360,8 +360,8 @@ def test_route_dst_with_host_bits_suggests_the_network() -> None:
     [
         ("172.20.10.0/40", "not a valid IPv4 network"),
         ("172.20.300.0/24", "not a valid IPv4 network"),
-        ("172.20.10.0/", "must be an IPv4 network such as 172.20.10.0/24"),
-        ("172.20.10.0/24 ", "must be an IPv4 network such as 172.20.10.0/24"),
+        ("172.20.10.0/", "must be an IPv4 or IPv6 network such as 172.20.10.0/24"),
+        ("172.20.10.0/24 ", "must be an IPv4 or IPv6 network such as 172.20.10.0/24"),
     ],
 )
 def test_invalid_cidr(value: str, reason: str) -> None:

@@ -1,0 +1,71 @@
+"""Policy routing for several external networks: each network gets a routing table of its
+own (its default routes), and traffic that belongs to an EIP is steered into the table of
+the EIP's network, so that it never leaves through another network's gateway.
+
+Two kinds of rules do the steering:
+
+- By firewall mark: the routing decision for a forwarded packet is taken before source NAT,
+  on the VM's own address, so natgwd's table marks the packet in prerouting with the id of
+  the network its translation will use (the same maps that pick the EIP; see
+  natgwd.planning.plan), and `fwmark ID lookup ID` sends it to that network's table. Replies of
+  inbound DNAT and FIP connections are marked by the EIP they were addressed to.
+- By source address: traffic the gateway itself sends from an EIP (`from EIP lookup ID`).
+
+A rule `lookup main suppress_prefixlength 0` before them keeps every route of the main
+table but its default route: marked traffic to the VPC or to a connected subnet is routed
+as before. With one external network none of this exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from natgwd.state.model import DesiredState, IPAddress
+
+NETWORK_BASE = 4240  # network i (0 = `external`) has table and firewall mark NETWORK_BASE + i
+SUPPRESS_PRIORITY = NETWORK_BASE
+STEER_PRIORITY = NETWORK_BASE + 1
+
+
+@dataclass(frozen=True, order=True)
+class PolicyRule:
+    """One `ip rule` (of one family) natgwd owns."""
+
+    family: int
+    priority: int
+    table: int
+    fwmark: int = 0
+    src: str = ""  # an EIP address, for a rule by source
+    suppress_prefixlength: int = -1
+
+    def __str__(self) -> str:
+        what = (
+            f"fwmark {self.fwmark}"
+            if self.fwmark
+            else f"from {self.src}"
+            if self.src
+            else f"suppress_prefixlength {self.suppress_prefixlength}"
+        )
+        return f"ipv{self.family} rule {self.priority}: {what} lookup {self.table}"
+
+
+def network_ids(state: DesiredState) -> dict[str, int]:
+    """Network name -> its table id and firewall mark; empty with one external network."""
+    if not state.more_externals:
+        return {}
+    return {network.name: NETWORK_BASE + index for index, network in enumerate(state.externals)}
+
+
+def policy_rules(state: DesiredState) -> tuple[PolicyRule, ...]:
+    ids = network_ids(state)
+    if not ids:
+        return ()
+    families = sorted({a.version for e in state.eips for a in e.addresses} | {4})
+    rules = [PolicyRule(f, SUPPRESS_PRIORITY, 254, suppress_prefixlength=0) for f in families]
+    for network in state.externals:
+        rules += [PolicyRule(f, STEER_PRIORITY, ids[network.name], fwmark=ids[network.name]) for f in families]
+    for eip in state.eips:
+        address: IPAddress
+        for address in eip.addresses:
+            rules.append(PolicyRule(address.version, STEER_PRIORITY, ids[eip.network], src=str(address)))
+    return tuple(sorted(rules))
