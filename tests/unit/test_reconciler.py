@@ -479,15 +479,20 @@ def test_apply_sees_drift_when_the_ruleset_generation_moved() -> None:
 # --- failures ---------------------------------------------------------------------------------
 
 
+def refuse_moving_dnat(fake: FakeNft, rec: Reconciler) -> None:
+    """The transaction that moves dnat01 is refused before it reaches the kernel."""
+    fake.fail_next = "boom"
+    with pytest.raises(NftError, match=r"^boom$"):
+        rec.apply(moved_dnat())
+
+
 def test_failed_transaction_raises_and_leaves_the_previous_state() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
     add_traffic(fake)
     before = copy.deepcopy(fake.table)
-    fake.fail_next = "boom"
-    with pytest.raises(NftError, match=r"^boom$"):
-        rec.apply(moved_dnat())
+    refuse_moving_dnat(fake, rec)
     assert fake.table == before
     assert counters(fake) == {k: e.counter for k, e in _counting(before).items()}
     assert rec.state == SEED
@@ -498,9 +503,7 @@ def test_after_a_failure_the_next_apply_reads_the_kernel() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    fake.fail_next = "boom"
-    with pytest.raises(NftError):
-        rec.apply(moved_dnat())
+    refuse_moving_dnat(fake, rec)
     # Someone else changes the kernel meanwhile: the next plan must start from it.
     del fake.foreign().elements["eips"]["10.115.55.201"]
     outcome = rec.apply(moved_dnat())
@@ -539,9 +542,7 @@ def test_resync_after_a_refused_apply_leaves_the_table_as_planned() -> None:
     rec.apply(SEED)
     add_traffic(fake)
     before = counters(fake)
-    fake.fail_next = "boom"
-    with pytest.raises(NftError):
-        rec.apply(moved_dnat())
+    refuse_moving_dnat(fake, rec)
     outcome = rec.resync()
     assert kernel(fake) == expected_contents(SEED)
     assert {name: len(tags) for name, tags in kernel(fake).chains.items()} == {
@@ -558,9 +559,7 @@ def test_sighup_after_a_refused_apply_reapplies_without_duplicates() -> None:
     fake = FakeNft()
     rec = reconciler(fake)
     rec.apply(SEED)
-    fake.fail_next = "boom"
-    with pytest.raises(NftError):
-        rec.apply(moved_dnat())
+    refuse_moving_dnat(fake, rec)
     rec.apply(moved_dnat())
     assert rec.resync().repairs == {}
     assert kernel(fake) == expected_contents(moved_dnat())
