@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from natgwd.kubeovn.qos_import import carry_qos
-from natgwd.kubeovn.shim import write_atomically
+from natgwd.planning.links import DEFAULT_ROUTE
+from natgwd.runtime.files import write_atomically
 from natgwd.state.validation import InvalidStateError, load_state
 
 Obj = dict[str, Any]
@@ -65,7 +66,6 @@ ANNOTATION_INFIX = ".kubernetes.io/"
 NAT_GW_ANNOTATION = "vpc_nat_gw"
 NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 PORT_PATTERN = re.compile(r"^([0-9]{1,5})(?:[-:]([0-9]{1,5}))?$")
-DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 # Kinds that describe the surroundings of the gateway: read for lookups, never state.
 CONTEXT_KINDS = frozenset(

@@ -44,7 +44,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from natgwd.kubeovn.kernelrules import dashed as _dashed
+from natgwd.planning.links import DEFAULT_ROUTE
+from natgwd.runtime.files import write_atomically
 from natgwd.state.validation import InvalidStateError, load_state
 
 DEFAULT_STATE = "/etc/natgwd/state.json"
@@ -67,7 +68,6 @@ DEFAULT_EXTERNAL_INTERFACE = "net1"
 JOURNAL_MAX_BYTES = 256 * 1024
 JOURNAL_KEEP = 1024
 RULE_SECTIONS = ("snat", "dnat", "fip")
-DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 Doc = dict[str, Any]
 
@@ -887,28 +887,6 @@ def _compact(doc: Doc) -> Doc:
 
 def render(doc: Doc, generation: int) -> bytes:
     return json.dumps(_compact(doc), indent=2).encode() + b"\n" + _stamp(generation)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a sibling temp file, fsync it, rename it over `path`, fsync the directory."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @contextlib.contextmanager
