@@ -11,6 +11,7 @@ from pathlib import Path
 
 from natgwd import __version__
 from natgwd.kubeovn import importer as kubeovn
+from natgwd.runtime import applied
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import InvalidStateError, load_state
 
@@ -71,15 +72,15 @@ def _status(args: argparse.Namespace) -> int:
     if table is None:
         print("no natgwd table in this network namespace", file=sys.stderr)
         return 1
-    applied = _applied_record(Path(args.applied_state)) if args.applied_state else None
+    record = _applied_record(Path(args.applied_state)) if args.applied_state else None
     rules = rule_statuses(table)
-    shaping = kernel_statuses(_applied_state(Path(args.applied_state)) if args.applied_state else None)
+    shaping = kernel_statuses(applied.read_state(Path(args.applied_state)) if args.applied_state else None)
     if args.json:
-        output = {"applied": applied, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
+        output = {"applied": record, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
         print(json.dumps(output, indent=1))
         return 0
-    if applied:
-        print(f"applied state sha256 {applied['sha256']} at {applied['applied_at']}")
+    if record:
+        print(f"applied state sha256 {record['sha256']} at {record['applied_at']}")
     sys.stdout.write(format_table(rules))
     if shaping:
         sys.stdout.write("\n" + format_qos_table(shaping))
@@ -87,20 +88,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _applied_record(path: Path) -> dict[str, str] | None:
-    try:
-        record = json.loads(path.read_bytes())
-        return {"sha256": str(record["sha256"]), "applied_at": str(record["applied_at"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _applied_state(path: Path) -> DesiredState | None:
-    """The state the daemon last applied, from its record (None when there is none)."""
-    try:
-        record = json.loads(path.read_bytes())
-        return load_state(json.dumps(record["state"]).encode())
-    except (OSError, ValueError, KeyError, TypeError, InvalidStateError):
-        return None
+    head = applied.read_head(path)
+    return {"sha256": head.sha256, "applied_at": head.applied_at.isoformat()} if head else None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -47,13 +47,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError, ip_network
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from natgwd.kubeovn.kernelrules import dashed as _dashed
 from natgwd.planning.links import DEFAULT_ROUTE
+from natgwd.runtime import applied
 from natgwd.runtime.files import write_atomically
 from natgwd.state.validation import InvalidStateError, load_state
 
@@ -1003,19 +1003,10 @@ def applied_digest(path: Path, not_before: float | None = None) -> str | None:
     """The sha256 natgwd's record names; None when there is no readable record, or when it
     was written before `not_before` (the boot: a record kept on disk across a node reboot
     speaks of a network namespace that no longer exists)."""
-    try:
-        record = json.loads(path.read_bytes())
-        if not isinstance(record, dict) or not record.get("sha256"):
-            return None
-        if not_before is not None:
-            applied_at = datetime.fromisoformat(str(record["applied_at"]))
-            if applied_at.tzinfo is None:
-                applied_at = applied_at.replace(tzinfo=UTC)
-            if applied_at.timestamp() < not_before:
-                return None
-        return str(record["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+    head = applied.read_head(path)
+    if head is None or (not_before is not None and head.applied_at.timestamp() < not_before):
         return None
+    return head.sha256
 
 
 def _file_digest(path: Path) -> str | None:

@@ -8,7 +8,6 @@ keeps working while the daemon is down, and the next start adopts the table.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import stat
@@ -31,6 +30,7 @@ from natgwd.observability import ctstats
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.qos.status import shaping_exposition
+from natgwd.runtime import applied
 from natgwd.runtime.endpoints import serve
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
@@ -334,11 +334,11 @@ class Daemon:
         path = self.config.applied_state_path
         if path is None or not path.exists():
             return
-        try:
-            record = json.loads(path.read_bytes())
-            log.info("last applied before this start", sha256=record["sha256"], applied_at=record["applied_at"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring unreadable record of the last applied state", path=str(path), error=str(err))
+        head = applied.read_head(path)
+        if head is None:
+            log.warning("ignoring unreadable record of the last applied state", path=str(path))
+            return
+        log.info("last applied before this start", sha256=head.sha256, applied_at=head.applied_at.isoformat())
 
     def _record_applied(self, raw: bytes) -> None:
         """Keep the applied state on disk (atomically), for `natgwd status` and for
@@ -346,15 +346,9 @@ class Daemon:
         path = self.config.applied_state_path
         if path is None:
             return
-        applied_at = datetime.fromtimestamp(self._applied_at or 0, UTC).isoformat()
-        # The state is valid JSON already: embed its bytes rather than re-encode megabytes.
-        head = json.dumps({"sha256": self._applied_digest, "applied_at": applied_at})[:-1]
-        record = head.encode() + b', "state": ' + raw.strip() + b"}\n"
+        assert self._applied_digest is not None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(record)
-            os.replace(tmp, path)
+            applied.write(path, self._applied_digest, self._applied_at or 0, raw)
         except OSError as err:
             log.warning("cannot record the applied state", path=str(path), error=str(err))
 
