@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from natgwd.planning.counters import CountedElement
+from natgwd.planning.plan import traffic_key
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -51,7 +52,7 @@ def _mark(data: bytes) -> str:
 
 def _direction_and_mark(data: bytes) -> str:
     # Concatenated keys give every part a 32-bit register: ct_dir's byte, then padding.
-    return f"{_DIRECTIONS[data[0]]} . {int.from_bytes(data[4:8], sys.byteorder)}"
+    return traffic_key(_DIRECTIONS[data[0]], str(int.from_bytes(data[4:8], sys.byteorder)))
 
 
 def _interface(data: bytes) -> str:

@@ -90,6 +90,17 @@ _STATIC_SETS = (
 )
 
 
+def traffic_key(direction: str, mark: str) -> str:
+    """A `rule_traffic` element's key: the connection's direction, then the rule's id."""
+    return f"{direction} . {mark}"
+
+
+def split_traffic_key(key: str) -> tuple[str, str]:
+    """(direction, mark) of a `rule_traffic` key."""
+    direction, _, mark = key.partition(" . ")
+    return direction, mark
+
+
 def set_key_type(name: str) -> str:
     """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;")."""
     body = next(spec.body for spec in _STATIC_SETS if spec.name == name)
@@ -273,7 +284,7 @@ def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id
         mark = str(ids[labels])
         connections[mark] = _COMMENTED(labels.comment)
         for direction in DIRECTIONS:
-            traffic[f"{direction} . {mark}"] = _MEMBER
+            traffic[traffic_key(direction, mark)] = _MEMBER
         return mark
 
     for fip in state.fip:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from natgwd.planning.counters import Listings
-from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels
+from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
 
 
 class DaemonMetrics:
@@ -102,7 +102,7 @@ class RuleCounters:
                 labels_of[mark] = labels = f'kind="{rule.kind}",name="{escaped(rule.name)}",eip="{escaped(rule.eip)}"'
                 connections.append(f"natgwd_rule_connections_total{{{labels}}} {count}")
         for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
-            direction, _, mark = key.partition(" . ")
+            direction, mark = split_traffic_key(key)
             if (rule_labels := labels_of.get(mark)) is not None:
                 labels = f'{rule_labels},direction="{escaped(direction)}"'
                 packets.append(f"natgwd_rule_packets_total{{{labels}}} {count}")

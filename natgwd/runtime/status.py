@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels
+from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
 from natgwd.planning.table import Counter, TableContents
 
 # map holding the rule id -> map holding the target, for both families (IPv6 maps end in 6)
@@ -59,7 +59,7 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
         counter = element.counter or Counter(0, 0)
         rules[mark] = RuleStatus(labels.kind, labels.name, labels.eip, int(mark), connections=counter.packets)
     for key, element in table.elements.get(RULE_TRAFFIC, {}).items():
-        direction, _, mark = key.partition(" . ")
+        direction, mark = split_traffic_key(key)
         if mark in rules and element.counter is not None:
             setattr(rules[mark], f"{direction}_packets", element.counter.packets)
             setattr(rules[mark], f"{direction}_bytes", element.counter.bytes)
