@@ -20,6 +20,7 @@ from typing import Any
 
 from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
 from natgwd.planning.table import FAMILY, TABLE, TableContents
+from natgwd.state.model import RULE_KINDS
 
 Doc = dict[str, Any]
 _SNAT_TARGET = re.compile(r"snat_p([0-9]+)_target")
@@ -131,7 +132,7 @@ def rules_from_table(contents: TableContents, shares: Mapping[str, list[str]]) -
 
     # Rules name their EIP by address here; EIPs get the drop-in's names.
     addresses = set(elements.get("eips", {}))
-    for section in ("snat", "dnat", "fip"):
+    for section in RULE_KINDS:
         for rule in doc[section]:
             addresses.add(rule["eip"])
             rule["eip"] = eip_name(rule["eip"])

@@ -55,6 +55,7 @@ from natgwd.kubeovn.kernelrules import dashed as _dashed
 from natgwd.planning.links import DEFAULT_ROUTE
 from natgwd.runtime import applied
 from natgwd.runtime.files import write_atomically
+from natgwd.state.model import RULE_KINDS
 from natgwd.state.validation import InvalidStateError, load_state
 
 DEFAULT_STATE = "/etc/natgwd/state.json"
@@ -67,7 +68,6 @@ DEFAULT_VPC_INTERFACE = "eth0"  # the script's defaults, for `init` without argu
 DEFAULT_EXTERNAL_INTERFACE = "net1"
 JOURNAL_MAX_BYTES = 256 * 1024
 JOURNAL_KEEP = 1024
-RULE_SECTIONS = ("snat", "dnat", "fip")
 
 Doc = dict[str, Any]
 
@@ -501,7 +501,7 @@ def parse_eip_del(rule: str) -> Op:
         if name is None:
             return
         doc["eips"] = [e for e in _items(doc, "eips") if e.get("name") != name]
-        for section in RULE_SECTIONS:
+        for section in RULE_KINDS:
             kept = [r for r in _items(doc, section) if r.get("eip") != name]
             gone = [str(r.get("name")) for r in _items(doc, section) if r.get("eip") == name]
             if gone:
@@ -821,7 +821,7 @@ def _take_over_kernel_rules(doc: Doc, links: Links, ctx: Context) -> None:
         ctx.warnings.append(f"natgwd's rules in the kernel do not fit this gateway, not taken over: {problems}")
         return
     doc.update(rules)
-    counts = ", ".join(f"{len(rules[s])} {s}" for s in ("eips", *RULE_SECTIONS) if rules.get(s))
+    counts = ", ".join(f"{len(rules[s])} {s}" for s in ("eips", *RULE_KINDS) if rules.get(s))
     ctx.warnings.append(f"no state file: took over natgwd's rules from the kernel ({counts})")
 
 
@@ -878,7 +878,7 @@ def generation_of(raw: bytes) -> int | None:
 
 def _compact(doc: Doc) -> Doc:
     """The document without empty optional lists (the shim never writes them)."""
-    result = {k: v for k, v in doc.items() if not (k in ("eips", "qosPolicies", *RULE_SECTIONS) and v == [])}
+    result = {k: v for k, v in doc.items() if not (k in ("eips", "qosPolicies", *RULE_KINDS) and v == [])}
     internal = result.get("internal")
     if isinstance(internal, dict) and internal.get("routes") == []:
         result["internal"] = {k: v for k, v in internal.items() if k != "routes"}

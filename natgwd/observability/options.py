@@ -15,6 +15,7 @@ from natgwd.observability.connwatch import ConnectionWatch, MakeWatch
 from natgwd.observability.translog import ACCT_SYSCTL, Selection, TransLog
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import RuleLabels
+from natgwd.state.model import RULE_KINDS
 
 log = structlog.get_logger("natgwd.observability.options")
 
@@ -58,7 +59,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
 def selection(rules: list[str], eips: list[str]) -> Selection:
     for rule in rules:
         kind, _, name = rule.partition("/")
-        if kind not in ("snat", "dnat", "fip") or not name:
+        if kind not in RULE_KINDS or not name:
             raise ValueError(f"--translation-log-rule {rule!r}: not KIND/NAME with KIND snat, dnat or fip")
     return Selection(frozenset(rules), frozenset(eips))
 

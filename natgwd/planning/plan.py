@@ -34,7 +34,7 @@ from ipaddress import IPv4Network, IPv6Network
 from natgwd.planning.policy import network_ids
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec
 from natgwd.state.memo import RoundMemo
-from natgwd.state.model import DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
+from natgwd.state.model import RULE_KINDS, DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
 
 RULE_CONNECTIONS = "rule_connections"
 ID_HIGH_WATER = "id_high_water"
@@ -138,9 +138,9 @@ class RuleLabels:
     @classmethod
     def from_comment(cls, comment: str) -> RuleLabels | None:
         parts = comment.split("/")
-        if len(parts) != 3 or parts[0] not in ("snat", "dnat", "fip"):
+        if len(parts) != 3 or parts[0] not in RULE_KINDS:
             return None
-        kind: RuleKind = parts[0]  # type: ignore[assignment]
+        kind: RuleKind = parts[0]
         return cls(kind, parts[1], parts[2])
 
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
+from natgwd.state.model import RULE_KINDS
 
 
 class DaemonMetrics:
@@ -67,7 +68,7 @@ class DaemonMetrics:
         )
         for reason in ("fip", "dnat", "snat", "removed"):
             self.conntrack_deleted.labels(reason)
-        for kind in ("snat", "dnat", "fip"):
+        for kind in RULE_KINDS:
             self.rules.labels(kind)
         for result in ("applied", "unchanged", "invalid", "error"):
             self.reconciles.labels(result)

@@ -20,6 +20,7 @@ Family = Literal[4, 6]
 
 Protocol = Literal["tcp", "udp"]
 RuleKind = Literal["snat", "dnat", "fip"]
+RULE_KINDS: tuple[RuleKind, ...] = ("snat", "dnat", "fip")  # also the rule sections of a state file
 DnatType = Literal["exclusive", "share"]
 
 

@@ -38,6 +38,7 @@ from natgwd.qos.validation import qos_policies
 from natgwd.state.memo import RoundMemo
 from natgwd.state.model import (
     PRIMARY_NETWORK,
+    RULE_KINDS,
     DesiredState,
     DnatRule,
     DnatType,
@@ -121,7 +122,7 @@ _SEMANTIC_CHECKS = "the checks of addresses, EIP references, duplicates, conflic
 def _refused_items(problems: list[Problem]) -> tuple[dict[str, set[int]], list[Problem]]:
     """The indices of the rules and EIPs the schema refused, per section, and the problems
     that lie outside any one of them."""
-    item_path = re.compile(r"\$\.(" + "|".join(RULE_SECTIONS) + r")\[(\d+)\]")
+    item_path = re.compile(r"\$\.(" + "|".join(ITEM_SECTIONS) + r")\[(\d+)\]")
     set_aside: dict[str, set[int]] = defaultdict(set)
     elsewhere: list[Problem] = []
     for problem in problems:
@@ -242,7 +243,7 @@ def _definition_of(subschema: dict[str, Any]) -> str | None:
     return None
 
 
-RULE_SECTIONS = ("eips", "snat", "dnat", "fip")
+ITEM_SECTIONS = ("eips", *RULE_KINDS)  # sections whose items are checked one by one
 
 
 def _inline_refs(node: Any, definitions: dict[str, Any]) -> Any:
@@ -274,8 +275,8 @@ def _validators() -> tuple[jsonschema.Draft7Validator, dict[str, jsonschema.Draf
     for a single item: items are checked one by one so that unchanged rules can be skipped."""
     full = schema()
     inlined = _inline_refs({k: v for k, v in full.items() if k != "definitions"}, full["definitions"])
-    items = {section: inlined["properties"][section]["items"] for section in RULE_SECTIONS}
-    for section in RULE_SECTIONS:
+    items = {section: inlined["properties"][section]["items"] for section in ITEM_SECTIONS}
+    for section in ITEM_SECTIONS:
         inlined["properties"][section] = {k: v for k, v in inlined["properties"][section].items() if k != "items"}
     return jsonschema.Draft7Validator(inlined), {s: jsonschema.Draft7Validator(i) for s, i in items.items()}
 
@@ -329,7 +330,7 @@ def _shape_problems(document: Any, control_characters_possible: bool = True) -> 
     for error in itertools.islice(top.iter_errors(document), MAX_PROBLEMS):
         problems.extend(_explain(error, _json_path(error.absolute_path)))
     passed: set[tuple[str, Hashable]] = set()
-    for section in RULE_SECTIONS:
+    for section in ITEM_SECTIONS:
         items = document.get(section) if isinstance(document, dict) else None
         if not isinstance(items, list):
             continue

@@ -30,7 +30,7 @@ from natgwd.planning.plan import RULE_CONNECTIONS, address_text, assign_ids, des
 from natgwd.planning.table import plan_transaction
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import (
-    RULE_SECTIONS,
+    ITEM_SECTIONS,
     InvalidStateError,
     Problem,
     _fast_item_checks,
@@ -660,7 +660,7 @@ def test_mutated_file_is_a_state_or_an_invalid_state_error_long(raw: bytes) -> N
 
 # --- the fast schema check is never laxer than jsonschema ----------------------------------
 
-SEED_RULES = [(section, item) for section in RULE_SECTIONS for item in SEED_STATE.get(section, [])]
+SEED_RULES = [(section, item) for section in ITEM_SECTIONS for item in SEED_STATE.get(section, [])]
 
 
 @st.composite
