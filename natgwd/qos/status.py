@@ -118,7 +118,8 @@ def kernel_statuses(state: DesiredState | None) -> list[QosStatus]:
 def shaping_exposition(shaping: Shaping | None, state: DesiredState | None) -> bytes:
     """The QoS samples for a scrape: nothing without QoS or when the kernel cannot be read
     (the scrape's other samples still go out)."""
-    if shaping is None or state is None:
+    # No policy bound: natgwd keeps no tree, and a scrape asks the kernel nothing.
+    if shaping is None or state is None or not (state.qos_policy or any(e.qos_policy for e in state.eips)):
         return b""
     try:
         rows = qos_statuses(shaping.stats(state.external.interface), state)
