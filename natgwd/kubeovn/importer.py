@@ -324,15 +324,21 @@ class AnnotatedRoute:
     gw: str
 
 
-def parse_routes(value: str) -> list[AnnotatedRoute] | None:
-    """The `routes` annotation ([{"dst": CIDR, "gw": IP}, ...]); None when unparsable."""
+def _json_objects(value: str) -> list[dict[str, Any]] | None:
+    """The objects of an annotation holding a JSON list; None when it is not one."""
     try:
         loaded = json.loads(value)
     except json.JSONDecodeError:
         return None
-    if not isinstance(loaded, list):
+    return [item for item in loaded if isinstance(item, dict)] if isinstance(loaded, list) else None
+
+
+def parse_routes(value: str) -> list[AnnotatedRoute] | None:
+    """The `routes` annotation ([{"dst": CIDR, "gw": IP}, ...]); None when unparsable."""
+    loaded = _json_objects(value)
+    if loaded is None:
         return None
-    return [AnnotatedRoute(_text(item.get("dst")), _text(item.get("gw"))) for item in loaded if isinstance(item, dict)]
+    return [AnnotatedRoute(_text(item.get("dst")), _text(item.get("gw"))) for item in loaded]
 
 
 @dataclass(frozen=True)
@@ -346,25 +352,21 @@ class Attachment:
 
 
 def parse_network_status(value: str) -> list[Attachment] | None:
-    try:
-        loaded = json.loads(value)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(loaded, list):
+    loaded = _json_objects(value)
+    if loaded is None:
         return None
     attachments = []
     for item in loaded:
-        if isinstance(item, dict):
-            ips: list[Any] = item["ips"] if isinstance(item.get("ips"), list) else []
-            gateways: list[Any] = item["gateway"] if isinstance(item.get("gateway"), list) else []
-            attachments.append(
-                Attachment(
-                    _text(item.get("name")),
-                    _text(item.get("interface")),
-                    tuple(_text(i) for i in ips),
-                    tuple(_text(g) for g in gateways),
-                )
+        ips: list[Any] = item["ips"] if isinstance(item.get("ips"), list) else []
+        gateways: list[Any] = item["gateway"] if isinstance(item.get("gateway"), list) else []
+        attachments.append(
+            Attachment(
+                _text(item.get("name")),
+                _text(item.get("interface")),
+                tuple(_text(i) for i in ips),
+                tuple(_text(g) for g in gateways),
             )
+        )
     return attachments
 
 
