@@ -77,6 +77,11 @@ class CounterMemory:
             (name, key): counter for (name, key), counter in self._known.items() if key in present.get(name, {})
         }
 
+    def forget(self, name: str, keys: Iterable[str]) -> None:
+        """Forget elements of set `name` that are gone with their rules."""
+        for key in keys:
+            self._known.pop((name, key), None)
+
     def _merge_listings(self) -> None:
         with self._lock:
             listings, self._latest_listings = self._latest_listings, None

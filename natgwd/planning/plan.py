@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Mapping
+from collections import Counter as CounterOf
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from natgwd.planning.policy import network_ids
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec
-from natgwd.state.memo import RoundMemo
 from natgwd.state.model import RULE_KINDS, DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
+from natgwd.state.rules import Rule
 
 RULE_CONNECTIONS = "rule_connections"
 ID_HIGH_WATER = "id_high_water"
@@ -110,17 +112,10 @@ def set_key_type(name: str) -> str:
 _MEMBER = Element()  # an element of a set: no value, no comment; one object for all of them
 
 
-# Kept from one plan to the next: str() of an address costs microseconds, and an element
-# that is the very object of the last plan is found unchanged without comparing it.
 def address_text(address: IPAddress) -> str:
     # As nft prints it (inet_ntop), which differs from str() for the IPv4-compatible and
     # IPv4-mapped ranges ("::0.1.0.0" where Python says "::1:0").
     return str(address) if address.version == 4 else socket.inet_ntop(socket.AF_INET6, address.packed)
-
-
-_TEXT: RoundMemo[IPAddress, str] = RoundMemo(address_text)
-_MAPPED_TO: RoundMemo[str, Element] = RoundMemo(Element)
-_COMMENTED: RoundMemo[str, Element] = RoundMemo(lambda comment: Element(comment=comment))
 
 
 @dataclass(frozen=True, order=True)
@@ -146,17 +141,17 @@ class RuleLabels:
 
 def eip_texts(state: DesiredState) -> dict[tuple[str, int], str]:
     """(EIP name, family) -> the EIP's address of that family, as nft writes it."""
-    return {(e.name, a.version): _TEXT(a) for e in state.eips for a in e.addresses}
+    return {(e.name, a.version): address_text(a) for e in state.eips for a in e.addresses}
+
+
+def labels_of(rule: Rule, eip_text: Mapping[tuple[str, int], str]) -> RuleLabels:
+    kind: RuleKind = "snat" if isinstance(rule, SnatRule) else "dnat" if isinstance(rule, DnatRule) else "fip"
+    return RuleLabels(kind, rule.name, eip_text[rule.eip, rule.family])
 
 
 def rule_labels(state: DesiredState) -> list[RuleLabels]:
-    eip_of = eip_texts(state)
-    labels: list[RuleLabels] = []
-    rules: tuple[SnatRule | DnatRule | FipRule, ...]
-    for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
-        for rule in rules:
-            labels.append(RuleLabels(kind, rule.name, eip_of[rule.eip, rule.family]))  # type: ignore[arg-type]
-    return labels
+    eip_text = eip_texts(state)
+    return [labels_of(rule, eip_text) for rules in (state.snat, state.dnat, state.fip) for rule in rules]
 
 
 def assign_ids(state: DesiredState, existing: Mapping[RuleLabels, int], highest_used: int = 0) -> dict[RuleLabels, int]:
@@ -172,6 +167,24 @@ def assign_ids(state: DesiredState, existing: Mapping[RuleLabels, int], highest_
             ids[labels] = next_id
             next_id += 1
     return ids
+
+
+def changed_ids(
+    ids: Mapping[RuleLabels, int], gone: Iterable[RuleLabels], arriving: Iterable[RuleLabels], highest_used: int
+) -> dict[RuleLabels, int]:
+    """`ids` without the rules `gone` and with the rules `arriving`. A rule that is both
+    (changed, with the same name and EIP) keeps its id; a new one gets the next id above
+    `highest_used`, which covers every id in `ids`."""
+    result = dict(ids)
+    taken = {labels: result.pop(labels) for labels in gone if labels in result}
+    next_id = highest_used + 1
+    for labels in arriving:
+        if labels in taken:
+            result[labels] = taken[labels]
+        else:
+            result[labels] = next_id
+            next_id += 1
+    return result
 
 
 def share_chain_name(eip: str, protocol: str, port: int) -> str:
@@ -265,118 +278,13 @@ def _chains(state: DesiredState, snat_prefixes: dict[_Family, list[int]]) -> tup
     )
 
 
-def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
-    for memo in (_TEXT, _MAPPED_TO, _COMMENTED):
-        memo.next_round()
-    families = [V4, V6] if any(e.v6ip is not None for e in state.eips) else [V4]
-    eip_of = eip_texts(state)
-    sets = list(_STATIC_SETS)
-    if V6 in families:
-        sets.extend(V6.sets())
-    elements: dict[str, dict[str, Element]] = {spec.name: {} for spec in sets}
-    elements[ID_HIGH_WATER] = {str(max(highest_id, *ids.values(), 0)): _MEMBER}
-    for (_, version), address in eip_of.items():
-        elements[(V4 if version == 4 else V6).name("eips")][address] = _MEMBER
-    elements[INVALID_DROPS] = {f'"{network.interface}"': _MEMBER for network in state.externals}
-    connections, traffic = elements[RULE_CONNECTIONS], elements[RULE_TRAFFIC]
-
-    def count(labels: RuleLabels) -> str:
-        mark = str(ids[labels])
-        connections[mark] = _COMMENTED(labels.comment)
-        for direction in DIRECTIONS:
-            traffic[traffic_key(direction, mark)] = _MEMBER
-        return mark
-
-    for fip in state.fip:
-        name = (V4 if fip.family == 4 else V6).name
-        eip, internal = eip_of[fip.eip, fip.family], _TEXT(fip.internal_ip)
-        marked = _MAPPED_TO(count(RuleLabels("fip", fip.name, eip)))
-        elements[name("fip_in_target")][eip] = _MAPPED_TO(internal)
-        elements[name("fip_in_rule")][eip] = marked
-        elements[name("fip_out_target")][internal] = _MAPPED_TO(eip)
-        elements[name("fip_out_rule")][internal] = marked
-
-    share_groups: dict[str, tuple[_Family, list[str]]] = {}
-    for dnat in state.dnat:
-        family = V4 if dnat.family == 4 else V6
-        eip, internal = eip_of[dnat.eip, dnat.family], _TEXT(dnat.internal_ip)
-        mark = count(RuleLabels("dnat", dnat.name, eip))
-        if dnat.type == "share":
-            port = dnat.external_port.first
-            chain = share_chain_name(eip, dnat.protocol, port)
-            elements[family.name("dnat_share")][f"{eip} . {dnat.protocol} . {port}"] = _MAPPED_TO(f"goto {chain}")
-            elements[family.name("share_target")][mark] = _MAPPED_TO(f"{internal} . {dnat.internal_port.first}")
-            share_groups.setdefault(chain, (family, []))[1].append(mark)
-            continue
-        dnat_target, dnat_rule = elements[family.name("dnat_target")], elements[family.name("dnat_rule")]
-        shift = dnat.internal_port.first - dnat.external_port.first
-        marked = _MAPPED_TO(mark)
-        # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
-        # range becomes one element per port.
-        for port in range(dnat.external_port.first, dnat.external_port.last + 1):
-            key = f"{eip} . {dnat.protocol} . {port}"
-            dnat_target[key] = _MAPPED_TO(f"{internal} . {port + shift}")
-            dnat_rule[key] = marked
-
-    prefixes = {
-        family: sorted({s.internal_cidr.prefixlen for s in state.snat if s.family == family.version}, reverse=True)
-        for family in families
-    }
-    for family, lengths in prefixes.items():
-        for p in lengths:
-            sets.append(SetSpec(f"{family.snat_map(p)}_target", f"type {family.addr} : {family.addr};"))
-            sets.append(SetSpec(f"{family.snat_map(p)}_rule", f"type {family.addr} : mark;"))
-            elements[f"{family.snat_map(p)}_target"] = {}
-            elements[f"{family.snat_map(p)}_rule"] = {}
-    for snat in state.snat:
-        family = V4 if snat.family == 4 else V6
-        eip = eip_of[snat.eip, snat.family]
-        mark = count(RuleLabels("snat", snat.name, eip))
-        p, network = snat.internal_cidr.prefixlen, _TEXT(snat.internal_cidr.network_address)
-        elements[f"{family.snat_map(p)}_target"][network] = _MAPPED_TO(eip)
-        elements[f"{family.snat_map(p)}_rule"][network] = _MAPPED_TO(mark)
-
-    share_chains = tuple(
-        _share_chain(name, sorted(marks, key=int), family) for name, (family, marks) in sorted(share_groups.items())
-    )
-    chains = share_chains + _chains(state, prefixes)
-    if network_ids(state):
-        chains += (_steer(state, prefixes, sets, elements),)
-    return DesiredTable(tuple(sets), chains, elements)
-
-
-def _steer(
-    state: DesiredState,
-    prefixes: dict[_Family, list[int]],
-    sets: list[SetSpec],
-    elements: dict[str, dict[str, Element]],
-) -> ChainSpec:
-    """The maps from an EIP, a FIP's internal address and a SNAT CIDR to the id of the
-    external network it uses (natgwd.planning.policy), and the chain that marks packets with it."""
-    ids = network_ids(state)
-    network_of: dict[tuple[str, int], Element] = {
-        (e.name, a.version): _MAPPED_TO(str(ids[e.network])) for e in state.eips for a in e.addresses
-    }
+def _steer(state: DesiredState, prefixes: dict[_Family, list[int]]) -> ChainSpec:
+    """The chain that marks packets with the id of the external network their translation
+    uses (natgwd.planning.policy), from maps keyed like the NAT maps."""
     internal = f'"{state.internal.interface}"'
     rules: list[str] = []
     for family, lengths in prefixes.items():
-        ip, name, addr = family.ip, family.name, family.addr
-        maps = [name("eip_network"), name("fip_out_network"), *(f"{family.snat_map(p)}_network" for p in lengths)]
-        for map_name in maps:
-            sets.append(SetSpec(map_name, f"type {addr} : mark;"))
-            elements[map_name] = {}
-        for eip in state.eips:
-            address = eip.address(family.version)
-            if address is not None:
-                elements[name("eip_network")][_TEXT(address)] = network_of[eip.name, family.version]
-        for fip in state.fip:
-            if fip.family == family.version:
-                elements[name("fip_out_network")][_TEXT(fip.internal_ip)] = network_of[fip.eip, fip.family]
-        for snat in state.snat:
-            if snat.family == family.version:
-                key = _TEXT(snat.internal_cidr.network_address)
-                map_name = f"{family.snat_map(snat.internal_cidr.prefixlen)}_network"
-                elements[map_name][key] = network_of[snat.eip, snat.family]
+        ip, name = family.ip, family.name
         rules.append(
             f"iifname {internal} ct direction original meta mark set {ip} saddr map @{name('fip_out_network')}"
         )
@@ -387,3 +295,274 @@ def _steer(
         )
         rules.append(f"ct direction reply meta mark set ct original {ip} daddr map @{name('eip_network')}")
     return ChainSpec("steer", "type filter hook prerouting priority mangle; policy accept;", tuple(rules))
+
+
+# --- one rule's elements ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What a rule's elements depend on besides the rule: the EIPs' addresses as nft
+    writes them and, with several external networks, the id of each EIP's network."""
+
+    eip_text: Mapping[tuple[str, int], str]
+    network_of: Mapping[tuple[str, int], Element] | None
+    families: tuple[_Family, ...]
+
+    @classmethod
+    def of(cls, state: DesiredState) -> Frame:
+        ids = network_ids(state)
+        network_of: dict[tuple[str, int], Element] | None = None
+        if ids:
+            network_of = {(e.name, a.version): Element(str(ids[e.network])) for e in state.eips for a in e.addresses}
+        families = (V4, V6) if any(e.v6ip is not None for e in state.eips) else (V4,)
+        return cls(eip_texts(state), network_of, families)
+
+
+Contribution = tuple[str, str, Element]  # (set, key, element)
+
+
+def _family(rule: Rule) -> _Family:
+    return V4 if rule.family == 4 else V6
+
+
+def rule_elements(rule: Rule, mark: int, frame: Frame) -> list[Contribution]:
+    """The elements a rule puts in the table, its counting elements included (not the
+    share group's entry, which belongs to the group)."""
+    family = _family(rule)
+    name = family.name
+    eip = frame.eip_text[rule.eip, rule.family]
+    marked = Element(str(mark))
+    labels = labels_of(rule, frame.eip_text)
+    elements: list[Contribution] = [
+        (RULE_CONNECTIONS, str(mark), Element(comment=labels.comment)),
+        *((RULE_TRAFFIC, traffic_key(direction, str(mark)), _MEMBER) for direction in DIRECTIONS),
+    ]
+    if isinstance(rule, FipRule):
+        internal = address_text(rule.internal_ip)
+        elements += [
+            (name("fip_in_target"), eip, Element(internal)),
+            (name("fip_in_rule"), eip, marked),
+            (name("fip_out_target"), internal, Element(eip)),
+            (name("fip_out_rule"), internal, marked),
+        ]
+        if frame.network_of is not None:
+            elements.append((name("fip_out_network"), internal, frame.network_of[rule.eip, rule.family]))
+    elif isinstance(rule, DnatRule):
+        internal = address_text(rule.internal_ip)
+        if rule.type == "share":
+            elements.append((name("share_target"), str(mark), Element(f"{internal} . {rule.internal_port.first}")))
+            return elements
+        shift = rule.internal_port.first - rule.external_port.first
+        # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
+        # range becomes one element per port.
+        for port in range(rule.external_port.first, rule.external_port.last + 1):
+            key = f"{eip} . {rule.protocol} . {port}"
+            elements += [
+                (name("dnat_target"), key, Element(f"{internal} . {port + shift}")),
+                (name("dnat_rule"), key, marked),
+            ]
+    else:
+        prefix = family.snat_map(rule.internal_cidr.prefixlen)
+        key = address_text(rule.internal_cidr.network_address)
+        elements += [(f"{prefix}_target", key, Element(eip)), (f"{prefix}_rule", key, marked)]
+        if frame.network_of is not None:
+            elements.append((f"{prefix}_network", key, frame.network_of[rule.eip, rule.family]))
+    return elements
+
+
+# --- the table, kept up to date rule by rule ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShareGroup:
+    """The share rules of one (EIP, protocol, port): one chain picks among their ids."""
+
+    family: _Family
+    key: str  # the dnat_share key: "EIP . protocol . port"
+    marks: frozenset[int]
+
+
+ElementChanges = dict[str, dict[str, Element | None]]  # set -> key -> new element (None: deleted)
+
+
+@dataclass(frozen=True)
+class TableChange:
+    """What a change of rules does to the planned table: computed without touching it,
+    so that nothing changes in memory unless the kernel took the transaction."""
+
+    state: DesiredState
+    ids: dict[RuleLabels, int]
+    highest_id: int
+    sets: tuple[SetSpec, ...]
+    chains: tuple[ChainSpec, ...]
+    elements: ElementChanges
+    share_groups: dict[str, ShareGroup]
+    snat_prefixes: CounterOf[tuple[int, int]]
+
+
+class TablePlan:
+    """The desired table of the applied state and what it is built from. A full plan
+    folds every rule's elements into an empty table; a change removes the elements of the
+    rules it drops and adds those of the rules it brings, so it costs what it changes."""
+
+    def __init__(self, state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> None:
+        self.state = state
+        self.frame = Frame.of(state)
+        self.ids: dict[RuleLabels, int] = {}
+        self.highest_id = 0
+        self.sets: tuple[SetSpec, ...] = ()
+        self.chains: tuple[ChainSpec, ...] = ()
+        self.elements: dict[str, dict[str, Element]] = {}
+        self.share_groups: dict[str, ShareGroup] = {}
+        self.snat_prefixes: CounterOf[tuple[int, int]] = CounterOf()
+        # Created in the sets' order, which the transaction's element commands follow.
+        self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}))
+        for set_name, key, element in _frame_elements(state, self.frame):
+            self.elements.setdefault(set_name, {})[key] = element
+        self.elements[ID_HIGH_WATER] = {"0": _MEMBER}  # one element: the highest id ever given out
+        rules: tuple[Rule, ...] = (*state.snat, *state.dnat, *state.fip)
+        self.commit(self._change(state, (), rules, dict(ids), max(highest_id, *ids.values(), 0)))
+
+    @property
+    def table(self) -> DesiredTable:
+        """The planned table; its elements are this plan's own, changed in place by commit."""
+        return DesiredTable(self.sets, self.chains, self.elements)
+
+    def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
+        """The table of `state`, which differs from this plan's state by the rules
+        `removed` and `added` only (its EIPs, networks and interfaces are the same)."""
+        gone = [labels_of(rule, self.frame.eip_text) for rule in removed]
+        arriving = [labels_of(rule, self.frame.eip_text) for rule in added]
+        ids = changed_ids(self.ids, gone, arriving, self.highest_id)
+        highest = max([self.highest_id, *(ids[labels] for labels in arriving)])
+        return self._change(state, removed, added, ids, highest)
+
+    def _change(
+        self,
+        state: DesiredState,
+        removed: Sequence[Rule],
+        added: Sequence[Rule],
+        ids: dict[RuleLabels, int],
+        highest_id: int,
+    ) -> TableChange:
+        changes: ElementChanges = defaultdict(dict)
+        groups = dict(self.share_groups)
+        prefixes = CounterOf(self.snat_prefixes)
+        for rule in removed:
+            mark = self.ids[labels_of(rule, self.frame.eip_text)]
+            for set_name, key, _ in rule_elements(rule, mark, self.frame):
+                changes[set_name][key] = None
+            self._count(rule, mark, groups, prefixes, -1)
+        for rule in added:
+            mark = ids[labels_of(rule, self.frame.eip_text)]
+            for set_name, key, element in rule_elements(rule, mark, self.frame):
+                changes[set_name][key] = element
+            self._count(rule, mark, groups, prefixes, +1)
+        for chain in groups.keys() | self.share_groups.keys():
+            before, after = self.share_groups.get(chain), groups.get(chain)
+            if (before is None) != (after is None):
+                group = after or before
+                assert group is not None
+                changes[group.family.name("dnat_share")][group.key] = Element(f"goto {chain}") if after else None
+        if highest_id != self.highest_id:
+            changes[ID_HIGH_WATER] = {str(self.highest_id): None, str(highest_id): _MEMBER}
+        # An element removed and added back the same is no change (a changed rule keeps
+        # its id, so its counting elements stay and keep counting).
+        for set_name, keyed in changes.items():
+            current = self.elements.get(set_name, {})
+            for key in [k for k, element in keyed.items() if current.get(k) == element]:
+                del keyed[key]
+        by_family = _prefixes_by_family(self.frame.families, prefixes)
+        sets = _sets(self.frame, by_family)
+        chains = _share_chains(groups) + _chains(state, by_family)
+        if self.frame.network_of is not None:
+            chains += (_steer(state, by_family),)
+        return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes)
+
+    def _count(
+        self, rule: Rule, mark: int, groups: dict[str, ShareGroup], prefixes: CounterOf[tuple[int, int]], sign: int
+    ) -> None:
+        """Keep the SNAT prefix lengths in use and the share groups' members up to date."""
+        if isinstance(rule, SnatRule):
+            prefixes[rule.family, rule.internal_cidr.prefixlen] += sign
+            return
+        if not isinstance(rule, DnatRule) or rule.type != "share":
+            return
+        eip, port = self.frame.eip_text[rule.eip, rule.family], rule.external_port.first
+        chain = share_chain_name(eip, rule.protocol, port)
+        group = groups.get(chain)
+        marks = group.marks if group is not None else frozenset()
+        marks = marks | {mark} if sign > 0 else marks - {mark}
+        if marks:
+            groups[chain] = ShareGroup(_family(rule), f"{eip} . {rule.protocol} . {port}", marks)
+        else:
+            groups.pop(chain, None)
+
+    def commit(self, change: TableChange) -> None:
+        """The kernel holds `change`: make it this plan's table (in place)."""
+        for set_name in {s.name for s in self.sets} - {s.name for s in change.sets}:
+            self.elements.pop(set_name, None)
+        for spec in change.sets:
+            self.elements.setdefault(spec.name, {})
+        for set_name, keyed in change.elements.items():
+            elements = self.elements.get(set_name)
+            if elements is None:
+                continue  # deleted with its set
+            for key, element in keyed.items():
+                if element is None:
+                    del elements[key]
+                else:
+                    elements[key] = element
+        self.state, self.ids, self.highest_id = change.state, change.ids, change.highest_id
+        self.sets, self.chains = change.sets, change.chains
+        self.share_groups, self.snat_prefixes = change.share_groups, +change.snat_prefixes
+
+
+def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
+    """The elements that do not belong to any one rule."""
+    elements: list[Contribution] = [
+        ((V4 if version == 4 else V6).name("eips"), address, _MEMBER)
+        for (_, version), address in frame.eip_text.items()
+    ]
+    elements += [(INVALID_DROPS, f'"{network.interface}"', _MEMBER) for network in state.externals]
+    if frame.network_of is not None:
+        elements += [
+            ((V4 if version == 4 else V6).name("eip_network"), frame.eip_text[name, version], network)
+            for (name, version), network in frame.network_of.items()
+        ]
+    return elements
+
+
+def _prefixes_by_family(families: Sequence[_Family], prefixes: CounterOf[tuple[int, int]]) -> dict[_Family, list[int]]:
+    """The SNAT prefix lengths in use per family, longest first (the order they are tried in)."""
+    in_use = [(version, p) for (version, p), count in prefixes.items() if count > 0]
+    return {family: sorted((p for v, p in in_use if v == family.version), reverse=True) for family in families}
+
+
+def _sets(frame: Frame, prefixes: dict[_Family, list[int]]) -> tuple[SetSpec, ...]:
+    sets = list(_STATIC_SETS)
+    if V6 in frame.families:
+        sets.extend(V6.sets())
+    for family, lengths in prefixes.items():
+        for p in lengths:
+            sets.append(SetSpec(f"{family.snat_map(p)}_target", f"type {family.addr} : {family.addr};"))
+            sets.append(SetSpec(f"{family.snat_map(p)}_rule", f"type {family.addr} : mark;"))
+    if frame.network_of is not None:
+        for family, lengths in prefixes.items():
+            names = [family.name("eip_network"), family.name("fip_out_network")]
+            names += [f"{family.snat_map(p)}_network" for p in lengths]
+            sets.extend(SetSpec(name, f"type {family.addr} : mark;") for name in names)
+    return tuple(sets)
+
+
+def _share_chains(groups: Mapping[str, ShareGroup]) -> tuple[ChainSpec, ...]:
+    return tuple(
+        _share_chain(name, [str(mark) for mark in sorted(group.marks)], group.family)
+        for name, group in sorted(groups.items())
+    )
+
+
+def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
+    """The table of `state` as a whole (a full plan)."""
+    return TablePlan(state, ids, highest_id).table

@@ -9,13 +9,14 @@ the rules that cover it, so entries of rules that did not change are never stale
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from typing import TypeVar
 
-from natgwd.planning.plan import address_text
-from natgwd.state.model import DesiredState, IPAddress
+from natgwd.planning.plan import address_text, eip_texts
+from natgwd.state.model import DesiredState, DnatRule, FipRule, IPAddress, SnatRule
+from natgwd.state.tracker import RuleDelta
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 R = TypeVar("R")
@@ -50,6 +51,13 @@ class Translations:
     """The desired translations of a state, indexed for one lookup per entry."""
 
     def __init__(self, state: DesiredState, rule_ids: Iterable[int]) -> None:
+        # Indexed at the first entry judged: a change's filtered dumps usually find none.
+        self._state, self._rule_ids = state, rule_ids
+        self._indexed = False
+
+    def _index(self) -> None:
+        self._indexed = True
+        state, rule_ids = self._state, self._rule_ids
         # Addresses as conntrack reports them (inet_ntop), the same text nft uses.
         eip = {(e.name, a.version): address_text(a) for e in state.eips for a in e.addresses}
         self.rule_ids = set(rule_ids)
@@ -93,6 +101,8 @@ class Translations:
 
     def stale(self, flow: Flow) -> str | None:
         """The reason `flow` must be deleted ('fip', 'dnat', 'snat', 'removed'), or None."""
+        if not self._indexed:
+            self._index()
         if flow.orig_dst in self.fip_in:
             if flow.reply_src != self.fip_in[flow.orig_dst]:
                 return "fip"
@@ -134,19 +144,15 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
     filters: set[Filter] = set()
     gone_fips, added_fips = _differences(old.fip, new.fip)
     gone_dnats, added_dnats = _differences(old.dnat, new.dnat)
-    for state, others, fips, dnats in ((old, new, gone_fips, gone_dnats), (new, old, added_fips, added_dnats)):
-        eip = {(e.name, a.version): address_text(a) for e in state.eips for a in e.addresses}
+    gone: list[DnatRule | FipRule] = [*gone_fips, *gone_dnats]
+    added: list[DnatRule | FipRule] = [*added_fips, *added_dnats]
+    for state, others, rules in ((old, new, gone), (new, old, added)):
+        eip = eip_texts(state)
         other_eips = {address_text(a) for e in others.eips for a in e.addresses}
         for address in set(eip.values()) - other_eips:
             filters |= {Filter("orig", "daddr", address), Filter("reply", "daddr", address)}
-        for fip in fips:
-            filters |= {
-                Filter("orig", "daddr", eip[fip.eip, fip.family]),
-                Filter("orig", "saddr", address_text(fip.internal_ip)),
-                Filter("reply", "daddr", eip[fip.eip, fip.family]),
-            }
-        for dnat in dnats:
-            filters.add(Filter("orig", "daddr", eip[dnat.eip, dnat.family]))
+        for rule in rules:
+            filters |= _rule_filters(rule, eip)
     # A rule naming an EIP whose address changed is a different rule value only if the
     # EIP name is compared; compare addresses too.
     old_eips = {e.name: e for e in old.eips}
@@ -160,6 +166,28 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
                     text = address_text(changed)
                     filters |= {Filter("orig", "daddr", text), Filter("reply", "daddr", text)}
     return sorted(filters, key=lambda f: (f.tuple, f.field, f.address))
+
+
+def delta_filters(delta: RuleDelta, eip: Mapping[tuple[str, int], str]) -> list[Filter] | None:
+    """changed_filters for a change of rules alone (the EIPs are the same), from the rules
+    it removes and adds."""
+    rules = [rule for rule in (*delta.removed, *delta.added) if not isinstance(rule, SnatRule)]
+    if len(rules) < len(delta):
+        return None
+    filters: set[Filter] = set().union(*(_rule_filters(rule, eip) for rule in rules))
+    return sorted(filters, key=lambda f: (f.tuple, f.field, f.address))
+
+
+def _rule_filters(rule: DnatRule | FipRule, eip: Mapping[tuple[str, int], str]) -> set[Filter]:
+    """The dumps that find the entries of a FIP's or a DNAT rule's connections."""
+    address = eip[rule.eip, rule.family]
+    if isinstance(rule, DnatRule):
+        return {Filter("orig", "daddr", address)}
+    return {
+        Filter("orig", "daddr", address),
+        Filter("orig", "saddr", address_text(rule.internal_ip)),
+        Filter("reply", "daddr", address),
+    }
 
 
 def _differences(old: tuple[R, ...], new: tuple[R, ...]) -> tuple[set[R], set[R]]:

@@ -37,7 +37,8 @@ from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.startup import listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
-from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
+from natgwd.state.tracker import StateTracker
+from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, validate_document
 
 log = structlog.get_logger("natgwd.runtime.daemon")
 
@@ -85,6 +86,8 @@ class Daemon:
         self._wake = threading.Event()
         self._stopping = False
         self._force = False
+        self.tracker = StateTracker()
+        self._unverified = False  # changes applied rule by rule since the last full check
         self._seen_digest: str | None = None
         self._applied_digest: str | None = None
         self._applied_at: float | None = None
@@ -219,7 +222,7 @@ class Daemon:
             return
         self._seen_digest = digest
         try:
-            state = load_state(raw)
+            change = self.tracker.check(raw)
         except InvalidStateError as err:
             self._rejected(err.problems, digest, err.skipped)
             return
@@ -228,11 +231,15 @@ class Daemon:
             self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], digest)
             return
         self.metrics.desired_state_valid.set(1)
+        state = change.state
         try:
-            outcome = self.reconciler.apply(state)
+            outcome = self.reconciler.apply(state, change.delta, change.base)
         except (NftError, OSError) as err:
             self._failed(f"applying the desired state failed: {err}")
             return
+        self.tracker.accept(change)
+        self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
+        self._unverified |= outcome.by_delta
         self._count(outcome)
         self._applied_digest = digest
         self._applied_at = time.time()
@@ -247,6 +254,8 @@ class Daemon:
         self._next_resync = time.monotonic() + self.config.resync_interval
         if self.reconciler.state is None:
             return
+        if self._unverified:
+            self._verify_deltas()
         started = time.monotonic()
         try:
             outcome = self.reconciler.resync()
@@ -259,6 +268,27 @@ class Daemon:
             self.ha.applied(self.reconciler.state, self._applied_digest, outcome.complete)
         if self._seen_digest == self._applied_digest:
             self._finished(outcome, started, digest=None)
+
+    def _verify_deltas(self) -> None:
+        """Validate and plan the applied document in full, off the path of changes, and
+        compare with what the changes made of it. A difference is a bug: it is logged,
+        counted, and the file is applied again on the full path."""
+        self._unverified = False
+        accepted = self.tracker.accepted
+        if accepted is None:
+            return
+        try:
+            full = validate_document(accepted.validated.document)
+            same = full.state == accepted.state and self.reconciler.verify_plan(full.state)
+        except InvalidStateError as err:
+            full, same = None, False
+            log.error("the applied document fails a full validation", problems=[str(p) for p in err.problems[:5]])
+        if same:
+            return
+        self.metrics.delta_mismatches.inc()
+        log.error("a change applied rule by rule differs from the full path; applying the state file in full")
+        self.tracker.forget()
+        self.reconcile_file(force=True)
 
     def _count(self, outcome: Outcome) -> None:
         for reason, count in outcome.conntrack_deleted.items():

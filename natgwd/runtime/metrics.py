@@ -66,6 +66,20 @@ class DaemonMetrics:
             ["interface"],
             registry=registry,
         )
+        self.state_changes = Counter(
+            "natgwd_state_changes",
+            "Applied desired states by path: delta (only the changed rules checked and planned) or full.",
+            ["path"],
+            registry=registry,
+        )
+        self.delta_mismatches = Counter(
+            "natgwd_delta_mismatches",
+            "Resyncs where the state or table built change by change differed from the full path's "
+            "(a bug; the state file was applied again in full).",
+            registry=registry,
+        )
+        for path in ("delta", "full"):
+            self.state_changes.labels(path)
         for reason in ("fip", "dnat", "snat", "removed"):
             self.conntrack_deleted.labels(reason)
         for kind in RULE_KINDS:

@@ -23,12 +23,13 @@ from natgwd.kernel.netlink import LinkReport
 from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.planning.links import LinkPlan, link_plan
-from natgwd.planning.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, assign_ids, desired_table
-from natgwd.planning.stale import Filter, Translations, changed_filters
+from natgwd.planning.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, TableChange, TablePlan, assign_ids
+from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.qos.plan import QosWants, wants
 from natgwd.qos.tc import ClassStats, TcReport
 from natgwd.state.model import DesiredState, IPAddress
+from natgwd.state.tracker import RuleDelta
 
 log = structlog.get_logger("natgwd.runtime.reconciler")
 
@@ -68,6 +69,7 @@ class Outcome:
     conntrack_deleted: dict[str, int] = field(default_factory=dict)
     repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
     qos_changes: list[str] = field(default_factory=list)  # errors go to link_errors
+    by_delta: bool = False  # planned from the changed rules alone
 
     @property
     def complete(self) -> bool:
@@ -98,20 +100,24 @@ class Reconciler:
         self._must_read = True  # memory says nothing about the kernel until it was read
         self._resyncs = 0
         self.state: DesiredState | None = None
-        self._table: DesiredTable | None = None
+        self._plan: TablePlan | None = None  # the applied state's table
         self._written: TableContents | None = None  # the kernel's table, unless _must_read (None: no table)
-        self._ids: dict[RuleLabels, int] | None = None
+        self._ids: dict[RuleLabels, int] | None = None  # of the applied rules, or adopted from the kernel
         self._highest_id = 0
         self._counters = CounterMemory()
         self._lock = threading.Lock()
 
     # --- syncing --------------------------------------------------------------------
 
-    def apply(self, state: DesiredState) -> Outcome:
-        """Make the kernel hold `state`. Raises NftError with nothing changed in nftables
-        if the transaction is refused."""
+    def apply(self, state: DesiredState, delta: RuleDelta | None = None, base: DesiredState | None = None) -> Outcome:
+        """Make the kernel hold `state`. `delta`: how `state` differs from `base` by its
+        rules alone (natgwd.state.tracker); when `base` is the applied state, only the
+        changed rules are planned. Raises NftError with nothing changed in nftables if
+        the transaction is refused."""
         with self._lock:
-            return self._sync(state, resync=False)
+            if delta is None or base is None or self._plan is None or base is not self._plan.state:
+                delta = None
+            return self._sync(state, resync=False, delta=delta)
 
     def resync(self) -> Outcome:
         """Compare the kernel with the applied state and repair what differs (reported in
@@ -122,7 +128,24 @@ class Reconciler:
             self._resyncs += 1
             return self._sync(self.state, resync=True)
 
-    def _sync(self, state: DesiredState, resync: bool) -> Outcome:
+    def verify_plan(self, state: DesiredState) -> bool:
+        """Whether the table kept up to date change by change equals the full plan of
+        `state` (validated as a whole). If not, the next sync plans in full."""
+        with self._lock:
+            plan = self._plan
+            if plan is None:
+                return True
+            try:
+                full = TablePlan(state, plan.ids, plan.highest_id)
+                same = state == plan.state and full.table.contents() == plan.table.contents()
+            except KeyError:  # a rule without an id
+                same = False
+            if not same:
+                log.error("the table planned change by change differs from the full plan; planning in full")
+                self._plan = None
+            return same
+
+    def _sync(self, state: DesiredState, resync: bool, delta: RuleDelta | None = None) -> Outcome:
         """The one path from a desired state to the kernel, for applies, resyncs, SIGHUP,
         adoption at start and repair after a failure.
 
@@ -132,21 +155,32 @@ class Reconciler:
         if self.ensure_forwarding() and self.state is not None:
             repairs["forwarding"] = 1
         kernel, drifted, generation = self._current_table(reread=resync and self._resyncs % FULL_READ_EVERY == 0)
-        assert self._ids is not None
-        if resync and self._table is not None:
-            table, ids = self._table, self._ids
+        plan, change = self._plan, None
+        if resync and plan is not None:
+            tx = plan_transaction(kernel, plan.table, self._counters)
+        elif plan is not None and delta is not None:
+            change = plan.change(state, delta.removed, delta.added)
+            tx = self._change_transaction(kernel, plan, change)
         else:
+            assert self._ids is not None
             ids = assign_ids(state, self._ids, self._highest_id)
-            table = desired_table(state, ids, self._highest_id)
-        tx = plan_transaction(kernel, table, self._counters)
+            plan = TablePlan(state, ids, self._highest_id)
+            tx = plan_transaction(kernel, plan.table, self._counters)
         self._commit(tx, generation)
-        self._written = table.contents()
-        self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
         previous = self.state
-        if table is not self._table:
-            self._ids, self._table, self.state = ids, table, state
-            self._highest_id = max(self._highest_id, *ids.values(), 0)
-            self._counters.forget_except(table.elements)
+        if change is not None:
+            assert plan is not None
+            self._remember_change(kernel, plan, change, tx)
+        else:
+            assert plan is not None
+            if plan is not self._plan:
+                self._plan = plan
+                self._counters.forget_except(plan.elements)
+            self._written = plan.table.contents()
+            self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
+        self._highest_id = max(self._highest_id, plan.highest_id)
+        self._ids = plan.ids
+        self.state = plan.state
         # A resync wants what was applied already, so all it changes is drift, except for
         # deleting chains an earlier transaction emptied.
         repaired = len(tx.operations) - tx.finishing if resync else len(tx.operations) if drifted else 0
@@ -155,11 +189,17 @@ class Reconciler:
             repairs["nftables"] = repaired
             # Connections that started while rules were missing or wrong left un-NATed.
             self._full_conntrack_scan = True
-        plan = link_plan(state)
-        # Unchanged links were verified by the last apply; a resync verifies them again.
-        outcome = self._apply_links(state, plan) if resync or plan != self._links_applied else Outcome()
-        self._apply_qos(state, outcome, verify=resync)
+        # A change of rules alone leaves links and shaping as they are (they depend on
+        # the EIPs and interfaces); unchanged links were verified by the last apply, and a
+        # resync verifies them again.
+        outcome = Outcome()
+        if delta is None or self._links_applied is None:
+            links = link_plan(state)
+            if resync or links != self._links_applied:
+                outcome = self._apply_links(state, links)
+            self._apply_qos(state, outcome, verify=resync)
         outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
+        outcome.by_delta = change is not None
         if resync and outcome.link_changes:
             repairs["addresses_routes"] = len(outcome.link_changes)
         if resync and outcome.qos_changes:
@@ -167,9 +207,64 @@ class Reconciler:
         outcome.repairs = repairs
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
+        elif delta is not None:
+            outcome.conntrack_deleted = self._clean_conntrack(delta_filters(delta, plan.frame.eip_text))
         elif previous is not None and previous != state:
             outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
         return outcome
+
+    def _change_transaction(self, kernel: TableContents | None, plan: TablePlan, change: TableChange) -> Transaction:
+        """The transaction of a change of rules. With memory trusted (no one else
+        committed) it is planned from the touched elements alone; else against the
+        kernel's table as read, as a whole."""
+        if kernel is not None and kernel is self._written:
+            touched = {
+                name: {key: kernel.elements[name][key] for key in keyed if key in kernel.elements.get(name, {})}
+                for name, keyed in change.elements.items()
+            }
+            wanted = {name: {k: e for k, e in keyed.items() if e} for name, keyed in change.elements.items()}
+            current = TableContents(kernel.sets, kernel.chains, touched)
+            return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted), self._counters)
+        elements = {name: dict(keyed) for name, keyed in plan.elements.items()}
+        for name, keyed in change.elements.items():
+            target = elements.setdefault(name, {})
+            for key, element in keyed.items():
+                if element is None:
+                    target.pop(key, None)
+                else:
+                    target[key] = element
+        wanted_sets = {spec.name for spec in change.sets}
+        whole = {name: keyed for name, keyed in elements.items() if name in wanted_sets}
+        return plan_transaction(kernel, DesiredTable(change.sets, change.chains, whole), self._counters)
+
+    def _remember_change(
+        self, kernel: TableContents | None, plan: TablePlan, change: TableChange, tx: Transaction
+    ) -> None:
+        """The kernel took a change of rules: the plan and the memory of the kernel's
+        table follow it in place, at the cost of the change."""
+        trusted = kernel is not None and kernel is self._written
+        plan.commit(change)
+        if not trusted:
+            self._written = plan.table.contents()
+        else:
+            assert self._written is not None
+            written = self._written
+            for name in written.sets.keys() - {spec.name for spec in change.sets}:
+                written.elements.pop(name, None)
+            written.sets = {spec.name: spec.keyword for spec in change.sets}
+            for name, keyed in change.elements.items():
+                if name not in written.sets:
+                    continue  # deleted with its set
+                target = written.elements.setdefault(name, {})
+                for key, element in keyed.items():
+                    if element is None:
+                        target.pop(key, None)
+                    else:
+                        target[key] = element
+            written.chains = {chain.name: chain.tags for chain in change.chains}
+        self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
+        for name, keyed in change.elements.items():
+            self._counters.forget(name, [key for key, element in keyed.items() if element is None])
 
     @property
     def element_count(self) -> int:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -22,51 +21,58 @@ from ipaddress import (
     AddressValueError,
     IPv4Address,
     IPv4Interface,
-    IPv4Network,
     IPv6Address,
     IPv6Interface,
-    IPv6Network,
     NetmaskValueError,
 )
-from typing import Any, TypeVar
+from typing import Any
 
 import fastjsonschema
 import jsonschema
 
 from natgwd.ha.config import HaConfig, parse_ha
 from natgwd.qos.validation import qos_policies
-from natgwd.state.memo import RoundMemo
 from natgwd.state.model import (
     PRIMARY_NETWORK,
     RULE_KINDS,
     DesiredState,
-    DnatRule,
-    DnatType,
     Eip,
     ExternalSide,
-    FipRule,
     InternalSide,
     IPAddress,
     IPInterface,
     IPNetwork,
-    PortRange,
-    Protocol,
     Route,
-    SnatRule,
+    RuleKind,
 )
-
-T = TypeVar("T")
+from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
+from natgwd.state.rules import network as parse_network
 
 MAX_FILE_BYTES = 32 * 1024 * 1024  # ~200,000 rules; parsing holds several times this
 
 
 @dataclass(frozen=True)
 class Problem:
+    """What is wrong and where: `path` is the JSONPath of the field; a problem of one
+    rule or EIP also names its section, its index in that section and the field."""
+
     path: str
     reason: str
+    section: str | None = None
+    index: int | None = None
+    field: str | None = None
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
+
+    @classmethod
+    def at(cls, parts: Sequence[str | int], reason: str) -> Problem:
+        """A problem at a path given as its parts (section, index, field...)."""
+        item = len(parts) >= 2 and parts[0] in ITEM_SECTIONS and isinstance(parts[1], int)
+        if not item:
+            return cls(_json_path(parts), reason)
+        fld = str(parts[2]) if len(parts) > 2 else None
+        return cls(_json_path(parts), reason, str(parts[0]), int(parts[1]), fld)
 
 
 class InvalidStateError(Exception):
@@ -89,14 +95,32 @@ MAX_DEPTH = 16  # the format needs 5 levels; deeper input is refused before it i
 MAX_PROBLEMS = 100  # a file with thousands of errors gets the first ones, not gigabytes of them
 
 
+@dataclass(frozen=True)
+class Validated:
+    """A valid document, the state it describes and the indexes of its rules."""
+
+    document: dict[str, Any]
+    state: DesiredState
+    index: RuleIndex
+
+
 def load_state(raw: bytes) -> DesiredState:
     """Parse and validate a desired-state document; raise InvalidStateError listing every problem."""
-    document = _decode(raw)
+    return validate(raw).state
+
+
+def validate(raw: bytes) -> Validated:
+    """load_state, keeping the decoded document and the rules' indexes."""
+    document = decode(raw)
+    check_depth(document)
     # JSON text cannot hold a raw control character in a string (the decoder refuses
     # one), only an escape, which needs a backslash; DEL may stand raw.
-    problems = _shape_problems(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
-    for memo in _SEMANTIC_MEMOS:
-        memo.next_round()
+    return validate_document(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
+
+
+def validate_document(document: Any, control_characters_possible: bool = True) -> Validated:
+    """Validate a decoded document (the full path: every rule is checked)."""
+    problems = _shape_problems(document, control_characters_possible)
     if not problems:
         return _Semantics(document).build()
     if len(problems) > MAX_PROBLEMS:
@@ -122,12 +146,11 @@ _SEMANTIC_CHECKS = "the checks of addresses, EIP references, duplicates, conflic
 def _refused_items(problems: list[Problem]) -> tuple[dict[str, set[int]], list[Problem]]:
     """The indices of the rules and EIPs the schema refused, per section, and the problems
     that lie outside any one of them."""
-    item_path = re.compile(r"\$\.(" + "|".join(ITEM_SECTIONS) + r")\[(\d+)\]")
     set_aside: dict[str, set[int]] = defaultdict(set)
     elsewhere: list[Problem] = []
     for problem in problems:
-        if match := item_path.match(problem.path):
-            set_aside[match[1]].add(int(match[2]))
+        if problem.section is not None and problem.index is not None:
+            set_aside[problem.section].add(problem.index)
         else:
             elsewhere.append(problem)
     return set_aside, elsewhere
@@ -141,11 +164,11 @@ class _DuplicateKeyError(ValueError):
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(f"duplicate key {key!r} in one object")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise _DuplicateKeyError(f"duplicate key {key!r} in one object")
     return result
 
 
@@ -153,7 +176,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _decode(raw: bytes) -> Any:
+def decode(raw: bytes) -> Any:
+    """The JSON document of a state file (any JSON value), or InvalidStateError."""
+    return decode_noting_fractions(raw)[0]
+
+
+def decode_noting_fractions(raw: bytes) -> tuple[Any, bool]:
+    """decode, and whether any number had a fraction or an exponent (80.0 equals 80 in
+    Python, and only one of them is a port)."""
+    fractions: list[str] = []
+
+    def parse_float(text: str) -> float:
+        fractions.append(text)
+        return float(text)
+
     if len(raw) > MAX_FILE_BYTES:
         raise InvalidStateError([Problem("$", f"file is larger than {MAX_FILE_BYTES} bytes")])
     if not raw.strip():
@@ -165,7 +201,9 @@ def _decode(raw: bytes) -> Any:
     except UnicodeDecodeError as err:
         raise InvalidStateError([Problem("$", f"file is not UTF-8: {err.reason} at byte {err.start}")]) from None
     try:
-        document = json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+        document = json.loads(
+            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant, parse_float=parse_float
+        )
     except json.JSONDecodeError as err:
         reason = f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         raise InvalidStateError([Problem("$", reason)]) from None
@@ -175,11 +213,10 @@ def _decode(raw: bytes) -> Any:
         # ValueError: NaN/Infinity, integers too long to convert. RecursionError: nesting.
         reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise InvalidStateError([Problem("$", f"not valid JSON: {reason}")]) from None
-    _check_depth(document)
-    return document
+    return document, bool(fractions)
 
 
-def _check_depth(document: Any) -> None:
+def check_depth(document: Any) -> None:
     """Refuse nesting the format never has: jsonschema and error messages recurse into it."""
     level, depth = [document], 0
     while level := [
@@ -281,44 +318,29 @@ def _validators() -> tuple[jsonschema.Draft7Validator, dict[str, jsonschema.Draf
     return jsonschema.Draft7Validator(inlined), {s: jsonschema.Draft7Validator(i) for s, i in items.items()}
 
 
-class _ItemCache:
-    """Rules that passed the schema in the previous document, by their content. A file
-    change typically touches a few of thousands of rules; the rest need no second look."""
-
-    def __init__(self) -> None:
-        self.passed: set[tuple[str, Hashable]] = set()
-
-
-_item_cache = _ItemCache()
-
-
-def _item_key(item: Any) -> Hashable:
-    """A rule's content: its fields and values with their types (1 and true are equal in
-    Python, and only one of them is a port). A rule holding a list or an object, which no
-    valid rule does, gets a key of its own, so it is always checked."""
-    if not isinstance(item, dict):
-        return object()
-    values = tuple(item.values())
-    key = (tuple(item), values, tuple(map(type, values)))
-    try:
-        hash(key)
-    except TypeError:
-        return object()
-    return key
-
-
 def _control_characters(document: Any) -> Iterator[Problem]:
     """Strings with control characters (a trailing newline slips past a `$` in the
     schema's patterns, which Python matches before a final newline)."""
-    stack: list[tuple[Any, str]] = [(document, "$")]
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
     while stack:
-        node, path = stack.pop()
+        node, parts = stack.pop()
         if isinstance(node, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in node):
-            yield Problem(path, "contains a control character")
+            yield Problem.at(parts, "contains a control character")
         elif isinstance(node, dict):
-            stack.extend((value, f"{path}.{key}") for key, value in node.items())
+            stack.extend((value, (*parts, key)) for key, value in node.items())
         elif isinstance(node, list):
-            stack.extend((value, f"{path}[{i}]") for i, value in enumerate(node))
+            stack.extend((value, (*parts, i)) for i, value in enumerate(node))
+
+
+def item_shape_ok(section: str, item: Any) -> bool:
+    """Whether one rule or EIP passes the schema (no reasons: see validate_document)."""
+    return _passes(_fast_item_checks()[section], item)
+
+
+def top_shape_ok(document: Any) -> bool:
+    """Whether the document without its rules' and EIPs' items passes the schema."""
+    top, _ = _validators()
+    return next(top.iter_errors(document), None) is None
 
 
 def _shape_problems(document: Any, control_characters_possible: bool = True) -> list[Problem]:
@@ -328,8 +350,7 @@ def _shape_problems(document: Any, control_characters_possible: bool = True) -> 
     if control_characters_possible:
         problems += itertools.islice(_control_characters(document), MAX_PROBLEMS)
     for error in itertools.islice(top.iter_errors(document), MAX_PROBLEMS):
-        problems.extend(_explain(error, _json_path(error.absolute_path)))
-    passed: set[tuple[str, Hashable]] = set()
+        problems.extend(_explain(error, list(error.absolute_path)))
     for section in ITEM_SECTIONS:
         items = document.get(section) if isinstance(document, dict) else None
         if not isinstance(items, list):
@@ -337,16 +358,10 @@ def _shape_problems(document: Any, control_characters_possible: bool = True) -> 
         for index, item in enumerate(items):
             if len(problems) >= MAX_PROBLEMS:
                 break
-            key = (section, _item_key(item))
-            if key in _item_cache.passed or _passes(fast_checks[section], item):
-                passed.add(key)
+            if _passes(fast_checks[section], item):
                 continue
-            errors = list(item_validators[section].iter_errors(item))
-            for error in errors:
-                problems.extend(_explain(error, _json_path([section, index, *error.absolute_path])))
-            if not errors:
-                passed.add(key)
-    _item_cache.passed = passed
+            for error in item_validators[section].iter_errors(item):
+                problems.extend(_explain(error, [section, index, *error.absolute_path]))
     if len(problems) >= MAX_PROBLEMS:
         problems = [*problems[:MAX_PROBLEMS], Problem("$", f"more problems not listed (stopped at {MAX_PROBLEMS})")]
     return sorted(set(problems), key=lambda p: (p.path, p.reason))
@@ -360,107 +375,44 @@ def _passes(check: Callable[[Any], Any], item: Any) -> bool:
     return True
 
 
-def _explain(error: jsonschema.ValidationError, path: str) -> list[Problem]:
+def _explain(error: jsonschema.ValidationError, parts: list[str | int]) -> list[Problem]:
     kind = error.validator
     value = error.validator_value
     if kind == "additionalProperties":
         allowed = set(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - allowed)
         known = ", ".join(sorted(allowed))
-        return [Problem(f"{path}.{key}", f"unknown field (allowed here: {known})") for key in extra]
+        return [Problem.at([*parts, key], f"unknown field (allowed here: {known})") for key in extra]
     if kind == "required":
         missing = [key for key in value if key not in error.instance]
-        return [Problem(f"{path}.{key}", "required field is missing") for key in missing]
+        return [Problem.at([*parts, key], "required field is missing") for key in missing]
     if kind == "type":
-        return [Problem(path, f"must be {'an' if value in ('object', 'array', 'integer') else 'a'} {value}")]
+        return [Problem.at(parts, f"must be {'an' if value in ('object', 'array', 'integer') else 'a'} {value}")]
     if kind == "const":
-        return [Problem(path, f"must be {json.dumps(value)} (the only supported version)")]
+        return [Problem.at(parts, f"must be {json.dumps(value)} (the only supported version)")]
     if kind == "enum":
-        return [Problem(path, "must be one of " + ", ".join(json.dumps(v) for v in value))]
+        return [Problem.at(parts, "must be one of " + ", ".join(json.dumps(v) for v in value))]
     if kind == "pattern":
         definition = _definition_of(error.schema)
         meaning = _PATTERN_MEANING.get(definition or "", f"must match {value}")
-        field = path.rsplit(".", 1)[-1]
+        field = str(parts[-1]) if parts else ""
         if field in _IPV6_FIELD and isinstance(error.instance, str) and ":" in error.instance:
             meaning += f" (an IPv6 address goes in {_IPV6_FIELD[field]}, beside {field})"
-        return [Problem(path, meaning)]
+        return [Problem.at(parts, meaning)]
     if kind == "maxLength":
         definition = _definition_of(error.schema)
         meaning = _PATTERN_MEANING.get(definition or "", f"must be at most {value} characters")
-        return [Problem(path, f"{meaning} (at most {value} characters)")]
+        return [Problem.at(parts, f"{meaning} (at most {value} characters)")]
     if kind == "oneOf":
         if _definition_of(error.schema) == "decimal":
-            return [Problem(path, 'must be a number of at least 0, as a number or a string such as "2.5"')]
-        return [Problem(path, 'must be a port 1-65535 (integer or string) or a range "first-last"')]
+            return [Problem.at(parts, 'must be a number of at least 0, as a number or a string such as "2.5"')]
+        return [Problem.at(parts, 'must be a port 1-65535 (integer or string) or a range "first-last"')]
     if kind == "maxItems":
-        return [Problem(path, f"has more than {value} items")]
-    return [Problem(path, error.message)]
+        return [Problem.at(parts, f"has more than {value} items")]
+    return [Problem.at(parts, error.message)]
 
 
 # --- semantics ------------------------------------------------------------------------
-
-
-def _family_name(text: str) -> str:
-    # The schema admits only dotted IPv4 or text with a colon: a colon means IPv6.
-    return "IPv6" if ":" in text else "IPv4"
-
-
-def _usable_address(text: str) -> IPAddress | str:
-    """The address, or why it is not a usable unicast one."""
-    try:
-        address: IPAddress = IPv6Address(text) if ":" in text else IPv4Address(text)
-    except AddressValueError as err:
-        return f"not a valid {_family_name(text)} address: {err}"
-    if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-        return f"{address} is not a usable unicast address"
-    if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
-        # Link-local addresses are not unique beyond one link; mapped ones are IPv4 in disguise.
-        return f"{address} is not a usable unicast address (link-local or IPv4-mapped)"
-    return address
-
-
-def _network(text: str) -> IPNetwork | str:
-    kind = IPv6Network if ":" in text else IPv4Network
-    host = 128 if ":" in text else 32
-    try:
-        return kind(text if "/" in text else f"{text}/{host}")
-    except (AddressValueError, NetmaskValueError) as err:
-        return f"not a valid {_family_name(text)} network: {err}"
-    except ValueError:
-        return f"has host bits set (did you mean {kind(text, strict=False)}?)"
-
-
-def _port_range(typed: tuple[type, int | str | float]) -> PortRange | str:
-    _, value = typed
-    if isinstance(value, float):  # JSON Schema draft 7 counts 80.0 as an integer
-        return f"must be a whole number or a string, not {value!r}"
-    first_text, _, last_text = str(value).partition("-")
-    first, last = int(first_text), int(last_text or first_text)
-    if not (1 <= first <= 65535 and 1 <= last <= 65535):
-        return "ports must be between 1 and 65535"
-    if first > last:
-        return f"range {value} is reversed (first port after last)"
-    return PortRange(first, last)
-
-
-def _dnat_rule(fields: tuple[str, str, Protocol, int | str, int | str, type, type, str, DnatType]) -> DnatRule:
-    """The rule of fields already checked (their values are parsed again from the memos)."""
-    name, eip, protocol, external, internal, external_type, internal_type, address, kind = fields
-    external_port = _PORT_RANGES((external_type, external))
-    internal_port = _PORT_RANGES((internal_type, internal))
-    internal_ip = _ADDRESSES(address)
-    assert isinstance(external_port, PortRange) and isinstance(internal_port, PortRange)
-    assert isinstance(internal_ip, IPv4Address | IPv6Address)
-    return DnatRule(name, eip, protocol, external_port, internal_ip, internal_port, kind)
-
-
-# Values (or the reason they are refused) by their text: at 10,000 rules parsing them again
-# for every change costs more than everything else validation does.
-_ADDRESSES = RoundMemo(_usable_address)
-_NETWORKS = RoundMemo(_network)
-_PORT_RANGES = RoundMemo(_port_range)
-_DNAT_RULES = RoundMemo(_dnat_rule)
-_SEMANTIC_MEMOS = (_ADDRESSES, _NETWORKS, _PORT_RANGES, _DNAT_RULES)
 
 
 class _Semantics:
@@ -484,10 +436,14 @@ class _Semantics:
         aside = self.set_aside.get(section, set())
         return [(i, item) for i, item in enumerate(self.doc.get(section, [])) if i not in aside]
 
-    def fail(self, path: str, reason: str) -> None:
-        self.problems.append(Problem(path, reason))
+    def fail(self, path: str | tuple[str | int, ...], reason: str) -> None:
+        """`path`: a JSONPath, or the parts of an EIP's field (section, index, field)."""
+        self.problems.append(Problem(path, reason) if isinstance(path, str) else Problem.at(path, reason))
 
-    def build(self) -> DesiredState:
+    def fail_item(self, section: str, index: int, field: str, reason: str) -> None:
+        self.problems.append(Problem.at([section, index, field], reason))
+
+    def build(self) -> Validated:
         external = self._external("$.external", self.doc["external"])
         more = self._more_externals()
         internal = self._internal((external, *more))
@@ -502,26 +458,44 @@ class _Semantics:
         self.networks = (external, *more)
         eips = self._eips()
         self.eips.update((e.name, e) for e in eips)
-        eip_names = set(self.eips)
-        snat = self._snat(eip_names)
-        dnat = self._dnat(eip_names, internal)
-        fip = self._fip(eip_names, internal, dnat)
+        context = RuleContext(self.eips, internal, frozenset(self.set_aside_eips), self.any_eip_set_aside)
+        index, rules = self._rules(context)
         policies, gateway_policy = qos_policies(self.doc, eips, external, self.fail)
         ha = self._ha(internal, external)
         if self.problems:
             raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
-        return DesiredState(
+        state = DesiredState(
             internal,
             external,
             eips,
-            snat,
-            dnat,
-            fip,
+            rules["snat"],  # type: ignore[arg-type]
+            rules["dnat"],  # type: ignore[arg-type]
+            rules["fip"],  # type: ignore[arg-type]
             qos_policies=policies,
             qos_policy=gateway_policy,
             ha=ha,
             more_externals=more,
         )
+        return Validated(self.doc, state, index)
+
+    def _rules(self, context: RuleContext) -> tuple[RuleIndex, dict[RuleKind, tuple[Rule, ...]]]:
+        """Every rule folded into empty indexes, in document order, section by section
+        (FIPs after DNAT rules: a FIP needs its EIP alone)."""
+        index = RuleIndex()
+        accepted: dict[RuleKind, tuple[Rule, ...]] = {}
+        for kind in RULE_KINDS:
+            rules = []
+            for i, item in self.items(kind):
+                # A rule with a taken name or address is still checked (every problem is
+                # listed); the state is refused anyway.
+                index.claim_name(kind, item["name"], i, self.fail_item)
+                if kind == "fip":
+                    index.claim_fip_address(item, i, self.fail_item)
+                rule = RULE_CHECKS[kind](item, i, context, self.fail_item)
+                if rule is not None and index.add(rule, i, self.fail_item):
+                    rules.append(rule)
+            accepted[kind] = tuple(rules)
+        return index, accepted
 
     def _ha(self, internal: InternalSide, external: ExternalSide) -> HaConfig | None:
         if "ha" not in self.doc:
@@ -539,8 +513,8 @@ class _Semantics:
 
     # addresses -------------------------------------------------------------------------
 
-    def address(self, path: str, text: str) -> IPAddress | None:
-        result: IPAddress | str = _ADDRESSES(text)
+    def address(self, path: str | tuple[str | int, ...], text: str) -> IPAddress | None:
+        result = usable_address(text)
         if isinstance(result, str):
             self.fail(path, result)
             return None
@@ -550,7 +524,7 @@ class _Semantics:
         try:
             interface: IPInterface = IPv6Interface(text) if ":" in text else IPv4Interface(text)
         except (AddressValueError, NetmaskValueError) as err:
-            self.fail(path, f"not a valid {_family_name(text)} address/prefix: {err}")
+            self.fail(path, f"not a valid {family_name(text)} address/prefix: {err}")
             return None
         if self.address(path, str(interface.ip)) is None:
             return None
@@ -569,17 +543,7 @@ class _Semantics:
         return interface
 
     def network(self, path: str, text: str) -> IPNetwork | None:
-        result: IPNetwork | str = _NETWORKS(text)
-        if isinstance(result, str):
-            self.fail(path, result)
-            return None
-        return result
-
-    def port_range(self, path: str, value: int | str) -> PortRange | None:
-        # Typed: 80, 80.0 and "80" are equal keys otherwise, and only two are valid.
-        return self._parsed(path, _PORT_RANGES((type(value), value)))
-
-    def _parsed(self, path: str, result: T | str) -> T | None:
+        result = parse_network(text)
         if isinstance(result, str):
             self.fail(path, result)
             return None
@@ -592,7 +556,7 @@ class _Semantics:
                 continue
             key = item[field]
             if key in seen:
-                self.fail(f"$.{section}[{index}].{field}", f"duplicates {section}[{seen[key]}] ({key!r})")
+                self.fail_item(section, index, field, f"duplicates {section}[{seen[key]}] ({key!r})")
             else:
                 seen[key] = index
 
@@ -667,13 +631,13 @@ class _Semantics:
             interfaces.setdefault(network.interface, f"externals[{i}]")
         return tuple(networks)
 
-    def _eip_network(self, path: str, item: dict[str, Any], addresses: tuple[IPAddress, ...]) -> str | None:
+    def _eip_network(self, index: int, item: dict[str, Any], addresses: tuple[IPAddress, ...]) -> str | None:
         """The network an EIP lives on: the one it names, else the first whose subnet
         contains one of its addresses, else `external`."""
         if "externalSubnet" in item:
             if not any(n.name == item["externalSubnet"] for n in self.networks):
                 known = ", ".join(repr(n.name) for n in self.networks)
-                self.fail(f"{path}.externalSubnet", f"names no external network (known: {known})")
+                self.fail(("eips", index, "externalSubnet"), f"names no external network (known: {known})")
                 return None
             return str(item["externalSubnet"])
         return next((n.name for n in self.networks if any(n.contains(a) for a in addresses)), self.networks[0].name)
@@ -697,164 +661,16 @@ class _Semantics:
         eips = []
         for i, item in items:
             if "v4ip" not in item and "v6ip" not in item:
-                self.fail(f"$.eips[{i}].v4ip", "required field is missing (an EIP needs v4ip, v6ip or both)")
+                self.fail(("eips", i, "v4ip"), "required field is missing (an EIP needs v4ip, v6ip or both)")
                 # Still an EIP by name: its rules are not reported again for naming no EIP.
                 self.eips[item["name"]] = Eip(item["name"], None)
                 continue
-            v4 = self.address(f"$.eips[{i}].v4ip", item["v4ip"]) if "v4ip" in item else None
-            v6 = self.address(f"$.eips[{i}].v6ip", item["v6ip"]) if "v6ip" in item else None
+            v4 = self.address(("eips", i, "v4ip"), item["v4ip"]) if "v4ip" in item else None
+            v6 = self.address(("eips", i, "v6ip"), item["v6ip"]) if "v6ip" in item else None
             if ("v4ip" in item and v4 is None) or ("v6ip" in item and v6 is None):
                 continue
             assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
-            network = self._eip_network(f"$.eips[{i}]", item, tuple(a for a in (v4, v6) if a is not None))
+            network = self._eip_network(i, item, tuple(a for a in (v4, v6) if a is not None))
             if network is not None:
                 eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy")))
         return tuple(eips)
-
-    def same_family(self, path: str, eip: str, address: IPAddress | IPNetwork) -> bool:
-        """A rule translates within one family: the EIP needs an address of the family of
-        the rule's internal address (checked only for an EIP that exists)."""
-        found = self.eips.get(eip)
-        if found is None or found.address(address.version) is not None:
-            return True
-        if not found.addresses:
-            return False  # reported on the EIP
-        field, other = ("v6ip", "IPv6") if address.version == 6 else ("v4ip", "IPv4")
-        self.fail(
-            path,
-            f"{address} is {other} but EIP {eip!r} has no {field}; a rule translates within one "
-            f"family (give the EIP a {field} or use an {'IPv4' if address.version == 6 else 'IPv6'} address)",
-        )
-        return False
-
-    def known_eip(self, path: str, name: str, eip_names: set[str]) -> bool:
-        if name in eip_names:
-            return True
-        if name not in self.set_aside_eips and not self.any_eip_set_aside:
-            self.fail(path, f"names EIP {name!r}, which is not in eips")
-        return False
-
-    def reachable(self, path: str, address: IPAddress, internal: InternalSide) -> bool:
-        if internal.reaches(address):
-            return True
-        self.fail(path, f"{address} is in no internal address's subnet and no internal route")
-        return False
-
-    def _snat(self, eip_names: set[str]) -> tuple[SnatRule, ...]:
-        items = self.items("snat")
-        self.duplicates("snat", items, "name")
-        rules: list[SnatRule] = []
-        owner: dict[IPNetwork, int] = {}
-        for i, item in items:
-            path = f"$.snat[{i}]"
-            known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
-            cidr = self.network(f"{path}.internalCIDR", item["internalCIDR"])
-            if cidr is None or not known or not self.same_family(f"{path}.internalCIDR", item["eip"], cidr):
-                continue
-            if cidr in owner:
-                self.fail(f"{path}.internalCIDR", f"{cidr} is already translated by snat[{owner[cidr]}]")
-                continue
-            owner[cidr] = i
-            rules.append(SnatRule(item["name"], item["eip"], cidr))
-        return tuple(rules)
-
-    def _dnat(self, eip_names: set[str], internal: InternalSide) -> tuple[DnatRule, ...]:
-        items = self.items("dnat")
-        self.duplicates("dnat", items, "name")
-        rules: list[tuple[int, DnatRule]] = []
-        for i, item in items:
-            path = f"$.dnat[{i}]"
-            known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
-            external = self.port_range(f"{path}.externalPort", item["externalPort"])
-            internal_port = self.port_range(f"{path}.internalPort", item["internalPort"])
-            address = self.address(f"{path}.internalIp", item["internalIp"])
-            if address is not None and not self.reachable(f"{path}.internalIp", address, internal):
-                address = None
-            if address is not None and not self.same_family(f"{path}.internalIp", item["eip"], address):
-                address = None
-            if external and internal_port and len(external) != len(internal_port):
-                self.fail(
-                    f"{path}.internalPort",
-                    f"range {internal_port} has {len(internal_port)} ports but externalPort "
-                    f"{external} has {len(external)}; they must be the same length",
-                )
-                continue
-            share = item.get("type") == "share"
-            if share and external and internal_port and len(external) > 1:
-                self.fail(f"{path}.externalPort", "a share rule takes a single port, not a range")
-                continue
-            if known and external and internal_port and address:
-                kind: DnatType = "share" if share else "exclusive"
-                # The same rule object as in the last state for an unchanged rule: a change
-                # then finds the rules that differ by identity, without hashing 10,000 of them.
-                ports = item["externalPort"], item["internalPort"]
-                fields = (
-                    item["name"],
-                    item["eip"],
-                    item["protocol"],
-                    *ports,
-                    *map(type, ports),
-                    item["internalIp"],
-                    kind,
-                )
-                rules.append((i, _DNAT_RULES(fields)))
-        self._no_overlapping_ports(rules)
-        return tuple(rule for _, rule in rules)
-
-    def _no_overlapping_ports(self, rules: list[tuple[int, DnatRule]]) -> None:
-        by_identity: dict[tuple[str, int, str], list[tuple[int, DnatRule]]] = defaultdict(list)
-        for index, rule in rules:
-            by_identity[(rule.eip, rule.family, rule.protocol)].append((index, rule))
-        for group in by_identity.values():
-            group.sort(key=lambda entry: entry[1].external_port)
-            widest: tuple[int, DnatRule] | None = None
-            backends: dict[tuple[object, ...], int] = {}
-            for index, rule in group:
-                if widest and widest[1].external_port.overlaps(rule.external_port):
-                    other_index, other = widest
-                    if rule.type == other.type == "share" and rule.external_port == other.external_port:
-                        backend = (rule.identity, rule.internal_ip, rule.internal_port)
-                        if backend in backends:
-                            self.fail(
-                                f"$.dnat[{index}].internalIp",
-                                f"backend {rule.internal_ip}:{rule.internal_port} is already in the share "
-                                f"group through dnat[{backends[backend]}]",
-                            )
-                        backends.setdefault(backend, index)
-                        continue
-                    why = "" if rule.type == other.type else " (share and exclusive rules cannot share an identity)"
-                    self.fail(
-                        f"$.dnat[{index}].externalPort",
-                        f"{rule.protocol} port {rule.external_port} on EIP {rule.eip!r} overlaps "
-                        f"dnat[{other_index}] ({other.external_port}){why}",
-                    )
-                if rule.type == "share":
-                    backends.setdefault((rule.identity, rule.internal_ip, rule.internal_port), index)
-                if widest is None or rule.external_port.last > widest[1].external_port.last:
-                    widest = (index, rule)
-
-    def _fip(self, eip_names: set[str], internal: InternalSide, dnat: tuple[DnatRule, ...]) -> tuple[FipRule, ...]:
-        items = self.items("fip")
-        self.duplicates("fip", items, "name")
-        self.duplicates("fip", items, "internalIp")
-        # A dual-stack EIP may carry one FIP per family (one for its v4ip, one for its v6ip).
-        dnat_eips = {(rule.eip, rule.family) for rule in dnat}
-        owner: dict[tuple[str, int], int] = {}
-        rules: list[FipRule] = []
-        for i, item in items:
-            path = f"$.fip[{i}]"
-            known = self.known_eip(f"{path}.eip", item["eip"], eip_names)
-            address = self.address(f"{path}.internalIp", item["internalIp"])
-            if address is None or not self.reachable(f"{path}.internalIp", address, internal) or not known:
-                continue
-            if not self.same_family(f"{path}.internalIp", item["eip"], address):
-                continue
-            key = (item["eip"], address.version)
-            if key in dnat_eips:
-                self.fail(f"{path}.eip", f"EIP {item['eip']!r} is also used by a dnat rule; a FIP needs the EIP alone")
-            elif key in owner:
-                self.fail(f"{path}.eip", f"duplicates fip[{owner[key]}] ({item['eip']!r})")
-            else:
-                owner[key] = i
-                rules.append(FipRule(item["name"], item["eip"], address))
-        return tuple(rules)

@@ -303,16 +303,16 @@ def test_recreated_counting_elements_are_seeded() -> None:
     }
     tx = plan_transaction(None, table, counters)
     script = tx.script().splitlines()
-    # Rules are counted FIP, DNAT, SNAT (ids 3, 2, 1): the elements keep that order.
+    # Rules are planned SNAT, DNAT, FIP (ids 1, 2, 3): the elements keep that order.
     assert (
         "add element inet natgwd rule_connections { "
-        '3 comment "fip/fip01/10.115.55.201", '
+        '1 comment "snat/my-snat/10.115.55.200", '
         '2 counter packets 5 bytes 300 comment "dnat/dnat01/10.115.55.200", '
-        '1 comment "snat/my-snat/10.115.55.200" }'
+        '3 comment "fip/fip01/10.115.55.201" }'
     ) in script
     assert (
-        "add element inet natgwd rule_traffic { original . 3, reply . 3, original . 2, "
-        "reply . 2 counter packets 7 bytes 900, original . 1, reply . 1 }"
+        "add element inet natgwd rule_traffic { original . 1, reply . 1, original . 2, "
+        "reply . 2 counter packets 7 bytes 900, original . 3, reply . 3 }"
     ) in script
     assert 'add element inet natgwd invalid_dropped { "net2" counter packets 1 bytes 40 }' in script
     assert sum("counter packets" in line for line in script) == 3

@@ -510,8 +510,8 @@ def test_two_dnats_with_the_same_eip_protocol_and_port() -> None:
 def test_port_range_overlapping_a_later_single_port() -> None:
     doc = seed()
     doc["dnat"].append(dnat("dnat02", "my-eip", "tcp", "8880-8890", "172.20.10.4", "80-90"))
-    # Reported on the rule that sorts later by port: dnat[0] (8888) inside dnat[1]'s range.
-    assert_only(doc, "$.dnat[0].externalPort", "tcp port 8888 on EIP 'my-eip' overlaps dnat[1] (8880-8890)")
+    # Reported on the rule that comes later in the document.
+    assert_only(doc, "$.dnat[1].externalPort", "tcp port 8880-8890 on EIP 'my-eip' overlaps dnat[0] (8888)")
 
 
 def test_overlap_with_a_wide_range_is_found_past_a_narrower_one() -> None:

@@ -1,0 +1,377 @@
+"""The checks of one rule: alone (its fields, its EIP, reachability) and against explicit
+indexes of the state's other rules (names, SNAT CIDR owners, DNAT port spans per EIP,
+family and protocol, share groups, FIP keys).
+
+A full validation folds every rule of a document into empty indexes; a change drops the
+rules it removes from the last accepted state's indexes and folds in the rules it adds,
+so it costs what it changes. Both use these same functions. Indexes are copied on write
+(`RuleIndex.fork`): the accepted state's indexes stay intact until a change is accepted.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Address, IPv6Network, NetmaskValueError
+from typing import Any
+
+from natgwd.state.model import (
+    DnatRule,
+    DnatType,
+    Eip,
+    FipRule,
+    InternalSide,
+    IPAddress,
+    IPNetwork,
+    PortRange,
+    RuleKind,
+    SnatRule,
+)
+from natgwd.state.ports import parse_port_range
+
+Rule = SnatRule | DnatRule | FipRule
+# (section, index in the document, field, reason)
+Fail = Callable[[str, int, str, str], None]
+
+
+# --- values ---------------------------------------------------------------------------
+
+
+def family_name(text: str) -> str:
+    # The schema admits only dotted IPv4 or text with a colon: a colon means IPv6.
+    return "IPv6" if ":" in text else "IPv4"
+
+
+def usable_address(text: str) -> IPAddress | str:
+    """The address, or why it is not a usable unicast one."""
+    try:
+        address: IPAddress = IPv6Address(text) if ":" in text else IPv4Address(text)
+    except AddressValueError as err:
+        return f"not a valid {family_name(text)} address: {err}"
+    if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
+        return f"{address} is not a usable unicast address"
+    if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
+        # Link-local addresses are not unique beyond one link; mapped ones are IPv4 in disguise.
+        return f"{address} is not a usable unicast address (link-local or IPv4-mapped)"
+    return address
+
+
+def network(text: str) -> IPNetwork | str:
+    """The network, or why it is not one."""
+    kind = IPv6Network if ":" in text else IPv4Network
+    host = 128 if ":" in text else 32
+    try:
+        return kind(text if "/" in text else f"{text}/{host}")
+    except (AddressValueError, NetmaskValueError) as err:
+        return f"not a valid {family_name(text)} network: {err}"
+    except ValueError:
+        return f"has host bits set (did you mean {kind(text, strict=False)}?)"
+
+
+# --- the context a rule is checked in --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What the checks of a rule need from the rest of the document."""
+
+    eips: Mapping[str, Eip]
+    internal: InternalSide
+    # EIPs the schema refused (already reported): a rule naming one is not reported again,
+    # and when one of them has no name at all no rule's EIP can be called unknown.
+    set_aside_eips: frozenset[str] = frozenset()
+    any_eip_set_aside: bool = False
+
+    def known_eip(self, fail: Fail, section: str, index: int, name: str) -> bool:
+        if name in self.eips:
+            return True
+        if name not in self.set_aside_eips and not self.any_eip_set_aside:
+            fail(section, index, "eip", f"names EIP {name!r}, which is not in eips")
+        return False
+
+    def same_family(self, fail: Fail, section: str, index: int, fld: str, eip: str, address: Any) -> bool:
+        """A rule translates within one family: the EIP needs an address of the family of
+        the rule's internal address (checked only for an EIP that exists)."""
+        found = self.eips.get(eip)
+        if found is None or found.address(address.version) is not None:
+            return True
+        if not found.addresses:
+            return False  # reported on the EIP
+        missing, other = ("v6ip", "IPv6") if address.version == 6 else ("v4ip", "IPv4")
+        fail(
+            section,
+            index,
+            fld,
+            f"{address} is {other} but EIP {eip!r} has no {missing}; a rule translates within one "
+            f"family (give the EIP a {missing} or use an {'IPv4' if address.version == 6 else 'IPv6'} address)",
+        )
+        return False
+
+    def reachable(self, fail: Fail, section: str, index: int, address: IPAddress) -> bool:
+        if self.internal.reaches(address):
+            return True
+        fail(section, index, "internalIp", f"{address} is in no internal address's subnet and no internal route")
+        return False
+
+
+def _parsed(fail: Fail, section: str, index: int, fld: str, result: Any) -> Any:
+    if isinstance(result, str):
+        fail(section, index, fld, result)
+        return None
+    return result
+
+
+# --- one rule alone ---------------------------------------------------------------------
+
+
+def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> SnatRule | None:
+    known = ctx.known_eip(fail, "snat", index, item["eip"])
+    cidr = _parsed(fail, "snat", index, "internalCIDR", network(item["internalCIDR"]))
+    if cidr is None or not known or not ctx.same_family(fail, "snat", index, "internalCIDR", item["eip"], cidr):
+        return None
+    return SnatRule(item["name"], item["eip"], cidr)
+
+
+def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> DnatRule | None:
+    known = ctx.known_eip(fail, "dnat", index, item["eip"])
+    external = _parsed(fail, "dnat", index, "externalPort", parse_port_range(item["externalPort"]))
+    internal_port = _parsed(fail, "dnat", index, "internalPort", parse_port_range(item["internalPort"]))
+    address = _parsed(fail, "dnat", index, "internalIp", usable_address(item["internalIp"]))
+    if address is not None and not ctx.reachable(fail, "dnat", index, address):
+        address = None
+    if address is not None and not ctx.same_family(fail, "dnat", index, "internalIp", item["eip"], address):
+        address = None
+    if external and internal_port and len(external) != len(internal_port):
+        fail(
+            "dnat",
+            index,
+            "internalPort",
+            f"range {internal_port} has {len(internal_port)} ports but externalPort "
+            f"{external} has {len(external)}; they must be the same length",
+        )
+        return None
+    share = item.get("type") == "share"
+    if share and external and internal_port and len(external) > 1:
+        fail("dnat", index, "externalPort", "a share rule takes a single port, not a range")
+        return None
+    if not (known and external and internal_port and address):
+        return None
+    kind: DnatType = "share" if share else "exclusive"
+    return DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind)
+
+
+def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> FipRule | None:
+    known = ctx.known_eip(fail, "fip", index, item["eip"])
+    address = _parsed(fail, "fip", index, "internalIp", usable_address(item["internalIp"]))
+    if address is None or not ctx.reachable(fail, "fip", index, address) or not known:
+        return None
+    if not ctx.same_family(fail, "fip", index, "internalIp", item["eip"], address):
+        return None
+    return FipRule(item["name"], item["eip"], address)
+
+
+RULE_CHECKS: dict[RuleKind, Callable[[dict[str, Any], int, RuleContext, Fail], Rule | None]] = {
+    "snat": snat_rule,
+    "dnat": dnat_rule,
+    "fip": fip_rule,
+}
+
+
+# --- the indexes of the other rules --------------------------------------------------
+
+
+Owner = tuple[str, int]  # the name of the rule that holds a key, and its index (for messages)
+Backend = tuple[IPAddress, PortRange]
+
+
+@dataclass(frozen=True)
+class Span:
+    """External ports of one (EIP, family, protocol) taken by an exclusive rule, or one
+    port taken by a share group (its backends, each with its rule)."""
+
+    first: int
+    last: int
+    owner: Owner | None = None
+    backends: Mapping[Backend, Owner] = field(default_factory=dict)
+
+    @property
+    def ports(self) -> PortRange:
+        return PortRange(self.first, self.last)
+
+
+DnatGroup = tuple[str, int, str]  # (EIP, family, protocol)
+FipKey = tuple[str, int]  # (EIP, family)
+
+
+def _first_port(span: Span) -> int:
+    return span.first
+
+
+@dataclass
+class RuleIndex:
+    """The accepted rules of a state and what each of them holds. Values are replaced,
+    never mutated, once they may be shared with a fork."""
+
+    rules: dict[RuleKind, dict[str, Rule]] = field(default_factory=lambda: {"snat": {}, "dnat": {}, "fip": {}})
+    names: dict[RuleKind, dict[str, int]] = field(default_factory=lambda: {"snat": {}, "dnat": {}, "fip": {}})
+    snat_owner: dict[IPNetwork, Owner] = field(default_factory=dict)
+    dnat_spans: dict[DnatGroup, tuple[Span, ...]] = field(default_factory=dict)
+    dnat_eips: dict[FipKey, int] = field(default_factory=dict)  # exclusive and share rules per key
+    fip_owner: dict[FipKey, Owner] = field(default_factory=dict)
+    fip_internal: dict[IPAddress, Owner] = field(default_factory=dict)
+
+    def fork(self) -> RuleIndex:
+        """A copy to change: the top-level dictionaries are copied, their values shared."""
+        return RuleIndex(
+            rules={kind: dict(rules) for kind, rules in self.rules.items()},
+            names={kind: dict(names) for kind, names in self.names.items()},
+            snat_owner=dict(self.snat_owner),
+            dnat_spans=dict(self.dnat_spans),
+            dnat_eips=dict(self.dnat_eips),
+            fip_owner=dict(self.fip_owner),
+            fip_internal=dict(self.fip_internal),
+        )
+
+    # names ---------------------------------------------------------------------------
+
+    def claim_name(self, kind: RuleKind, name: str, index: int, fail: Fail) -> bool:
+        names = self.names[kind]
+        if name in names:
+            fail(kind, index, "name", f"duplicates {kind}[{names[name]}] ({name!r})")
+            return False
+        names[name] = index
+        return True
+
+    # adding --------------------------------------------------------------------------
+
+    def add(self, rule: Rule, index: int, fail: Fail) -> bool:
+        """Fold in a rule that passed its own checks; False (and the reason to `fail`)
+        when it conflicts with a rule already in."""
+        if isinstance(rule, SnatRule):
+            added = self._add_snat(rule, index, fail)
+            kind: RuleKind = "snat"
+        elif isinstance(rule, DnatRule):
+            added = self._add_dnat(rule, index, fail)
+            kind = "dnat"
+        else:
+            added = self._add_fip(rule, index, fail)
+            kind = "fip"
+        if added:
+            self.rules[kind][rule.name] = rule
+        return added
+
+    def _add_snat(self, rule: SnatRule, index: int, fail: Fail) -> bool:
+        owner = self.snat_owner.get(rule.internal_cidr)
+        if owner is not None:
+            fail("snat", index, "internalCIDR", f"{rule.internal_cidr} is already translated by snat[{owner[1]}]")
+            return False
+        self.snat_owner[rule.internal_cidr] = (rule.name, index)
+        return True
+
+    def _add_dnat(self, rule: DnatRule, index: int, fail: Fail) -> bool:
+        key = (rule.eip, rule.family)
+        fip = self.fip_owner.get(key)
+        if fip is not None:
+            # Only a change meets this (a full fold adds FIPs after every DNAT rule); the
+            # FIP is the one reported, as a full validation does.
+            fail("fip", fip[1], "eip", f"EIP {rule.eip!r} is also used by a dnat rule; a FIP needs the EIP alone")
+            return False
+        group_key = (rule.eip, rule.family, rule.protocol)
+        group = self.dnat_spans.get(group_key, ())
+        first, last = rule.external_port.first, rule.external_port.last
+        # Spans are disjoint and sorted: only the last one starting at or before `last`
+        # can overlap.
+        at = bisect.bisect_right(group, last, key=_first_port)
+        before = group[at - 1] if at else None
+        backend: Backend = (rule.internal_ip, rule.internal_port)
+        if before is not None and before.last >= first:
+            if rule.type == "share" and before.owner is None and (before.first, before.last) == (first, last):
+                if backend in before.backends:
+                    fail(
+                        "dnat",
+                        index,
+                        "internalIp",
+                        f"backend {rule.internal_ip}:{rule.internal_port} is already in the share "
+                        f"group through dnat[{before.backends[backend][1]}]",
+                    )
+                    return False
+                joined = Span(first, last, None, {**before.backends, backend: (rule.name, index)})
+                self.dnat_spans[group_key] = (*group[: at - 1], joined, *group[at:])
+                self.dnat_eips[key] = self.dnat_eips.get(key, 0) + 1
+                return True
+            other = before.owner or next(iter(before.backends.values()))
+            kind_of_other = "exclusive" if before.owner is not None else "share"
+            why = "" if rule.type == kind_of_other else " (share and exclusive rules cannot share an identity)"
+            fail(
+                "dnat",
+                index,
+                "externalPort",
+                f"{rule.protocol} port {rule.external_port} on EIP {rule.eip!r} overlaps "
+                f"dnat[{other[1]}] ({before.ports}){why}",
+            )
+            return False
+        if rule.type == "share":
+            span = Span(first, last, None, {backend: (rule.name, index)})
+        else:
+            span = Span(first, last, (rule.name, index))
+        self.dnat_spans[group_key] = (*group[:at], span, *group[at:])
+        self.dnat_eips[key] = self.dnat_eips.get(key, 0) + 1
+        return True
+
+    def _add_fip(self, rule: FipRule, index: int, fail: Fail) -> bool:
+        key = (rule.eip, rule.family)
+        if self.dnat_eips.get(key):
+            fail("fip", index, "eip", f"EIP {rule.eip!r} is also used by a dnat rule; a FIP needs the EIP alone")
+            return False
+        owner = self.fip_owner.get(key)
+        if owner is not None:
+            fail("fip", index, "eip", f"duplicates fip[{owner[1]}] ({rule.eip!r})")
+            return False
+        self.fip_owner[key] = (rule.name, index)
+        return True
+
+    def claim_fip_address(self, item: dict[str, Any], index: int, fail: Fail) -> bool:
+        """One FIP per internal address, whatever else is wrong with either rule."""
+        address = usable_address(item["internalIp"])
+        if isinstance(address, str):
+            return True  # reported by the rule's own checks
+        owner = self.fip_internal.get(address)
+        if owner is not None:
+            fail("fip", index, "internalIp", f"duplicates fip[{owner[1]}] ({item['internalIp']!r})")
+            return False
+        self.fip_internal[address] = (item["name"], index)
+        return True
+
+    # removing ------------------------------------------------------------------------
+
+    def remove(self, kind: RuleKind, name: str) -> None:
+        """Drop an accepted rule and everything it holds."""
+        del self.names[kind][name]
+        rule = self.rules[kind].pop(name)
+        if isinstance(rule, SnatRule):
+            del self.snat_owner[rule.internal_cidr]
+        elif isinstance(rule, DnatRule):
+            self._remove_dnat(rule)
+        else:
+            del self.fip_owner[rule.eip, rule.family]
+            del self.fip_internal[rule.internal_ip]
+
+    def _remove_dnat(self, rule: DnatRule) -> None:
+        key = (rule.eip, rule.family)
+        self.dnat_eips[key] -= 1
+        if not self.dnat_eips[key]:
+            del self.dnat_eips[key]
+        group_key = (rule.eip, rule.family, rule.protocol)
+        group = self.dnat_spans[group_key]
+        at = bisect.bisect_left(group, rule.external_port.first, key=_first_port)
+        span = group[at]
+        rest: tuple[Span, ...] = ()
+        if span.owner is None:
+            backends = {b: o for b, o in span.backends.items() if o[0] != rule.name}
+            rest = (Span(span.first, span.last, None, backends),) if backends else ()
+        group = (*group[:at], *rest, *group[at + 1 :])
+        if group:
+            self.dnat_spans[group_key] = group
+        else:
+            del self.dnat_spans[group_key]

@@ -1,0 +1,258 @@
+"""Which rules a new desired-state document changes, and the state it describes, at the
+cost of what changed (kube-proxy's change tracker, for a whole document).
+
+A document is compared with the last accepted one: everything outside the rule lists
+must be equal, and in each rule list the run of items between the equal head and the
+equal tail is matched by (kind, name). Only the rules that differ are checked, against
+the indexes of all the others (natgwd.state.rules). The full path (every rule checked)
+is taken when something outside the rule lists changed, when a rule list holds anything
+but named objects, and when more than a fraction of the rules changed. A change the
+delta path refuses is validated again in full, so a refusal lists every problem exactly
+as a full validation does: the delta path decides nothing the full path would not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
+from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex
+from natgwd.state.validation import (
+    Validated,
+    check_depth,
+    decode_noting_fractions,
+    item_shape_ok,
+    schema,
+    validate_document,
+)
+
+# More changed rules than 1/FULL_FRACTION of the state (and than FULL_MINIMUM): the full
+# path is as cheap, and a whole-state rewrite is what it is made for.
+FULL_FRACTION = 4
+FULL_MINIMUM = 64
+PORT_FIELDS = ("externalPort", "internalPort")
+Windows = dict[RuleKind, tuple[int, int]]  # per rule list: the equal head and tail
+
+
+@dataclass(frozen=True)
+class RuleDelta:
+    """The rules a change removes from the last state and adds to it (a changed rule is
+    in both: its old value removed, its new value added)."""
+
+    removed: tuple[Rule, ...]
+    added: tuple[Rule, ...]
+
+    def __len__(self) -> int:
+        return len(self.removed) + len(self.added)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A valid document and its state; `delta` says how it differs from the state it was
+    checked against, None when it was validated as a whole."""
+
+    validated: Validated
+    delta: RuleDelta | None
+    base: DesiredState | None
+    # Names of DNAT rules whose item gives a port as the integer 1 (which equals `true`).
+    port_one: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def state(self) -> DesiredState:
+        return self.validated.state
+
+
+class StateTracker:
+    """The last accepted document, and the checks of the next one against it."""
+
+    def __init__(self) -> None:
+        self._accepted: Change | None = None
+
+    @property
+    def accepted(self) -> Change | None:
+        return self._accepted
+
+    @property
+    def state(self) -> DesiredState | None:
+        return self._accepted.state if self._accepted is not None else None
+
+    def check(self, raw: bytes) -> Change:
+        """The state `raw` describes (InvalidStateError listing every problem if none),
+        checked against the last accepted document. Changes nothing: see accept."""
+        document, fractions = decode_noting_fractions(raw)
+        if self._accepted is not None:
+            change = self._delta(document, fractions)
+            if change is not None:
+                return change
+        check_depth(document)
+        validated = validate_document(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
+        return Change(validated, None, self.state, _port_one(validated.document))
+
+    def check_document(self, document: Any) -> Change:
+        """check, for a document already decoded (its numbers' text unknown)."""
+        if self._accepted is not None:
+            change = self._delta(document, fractions=True)
+            if change is not None:
+                return change
+        check_depth(document)
+        validated = validate_document(document)
+        return Change(validated, None, self.state, _port_one(validated.document))
+
+    def accept(self, change: Change) -> None:
+        """`change` is applied: the next document is compared with it."""
+        self._accepted = change
+
+    def forget(self) -> None:
+        """The next document is checked as a whole."""
+        self._accepted = None
+
+    # --- the delta path ---------------------------------------------------------------
+
+    def _delta(self, document: Any, fractions: bool) -> Change | None:
+        """The change from the accepted document to `document` by its changed rules; None
+        when the full path must decide."""
+        assert self._accepted is not None
+        last = self._accepted.validated
+        if not isinstance(document, dict) or not _same_frame(last.document, document):
+            return None
+        windows: Windows = {}
+        changed = total = 0
+        for kind in RULE_KINDS:
+            items = document.get(kind, [])
+            if not isinstance(items, list) or len(items) > _max_items(kind):
+                return None
+            windows[kind] = head, tail = _equal_ends(last.document.get(kind, []), items)
+            changed += len(items) - head - tail
+            total += len(items)
+        if changed > max(FULL_MINIMUM, total // FULL_FRACTION):
+            return None
+        if (fractions or self._accepted.port_one) and not _ports_typed_alike(
+            last.document.get("dnat", []), document.get("dnat", []), windows["dnat"]
+        ):
+            return None
+        return self._checked(self._accepted, document, windows)
+
+    def _checked(self, base: Change, document: dict[str, Any], windows: Windows) -> Change | None:
+        """Fold the rules of the windows into the base's indexes; None at the first problem."""
+        last = base.validated
+        index = last.index.fork()
+        problems: list[tuple[str, int, str, str]] = []
+
+        def refuse(section: str, position: int, name: str, reason: str) -> None:
+            problems.append((section, position, name, reason))
+
+        removed: list[Rule] = []
+        arrivals: list[tuple[RuleKind, int, dict[str, Any]]] = []
+        port_one = set(base.port_one)
+        for kind in RULE_KINDS:
+            head, tail = windows[kind]
+            before = {item["name"]: item for item in _middle(last.document.get(kind, []), head, tail)}
+            for offset, item in enumerate(_middle(document.get(kind, []), head, tail)):
+                name = item.get("name") if type(item) is dict else None
+                if not isinstance(name, str):
+                    return None
+                old = before.pop(name, None)
+                if old is not None and old == item and not (kind == "dnat" and _port_types_differ(old, item)):
+                    continue
+                if old is not None:
+                    removed.append(index.rules[kind][name])
+                    index.remove(kind, name)
+                    port_one.discard(name)
+                arrivals.append((kind, head + offset, item))
+            for name in before:
+                removed.append(index.rules[kind][name])
+                index.remove(kind, name)
+                port_one.discard(name)
+        context = RuleContext({eip.name: eip for eip in last.state.eips}, last.state.internal)
+        added: list[Rule] = []
+        for kind, position, item in sorted(arrivals, key=lambda arrival: RULE_KINDS.index(arrival[0])):
+            if not item_shape_ok(kind, item) or _has_control_character(item):
+                return None
+            index.claim_name(kind, item["name"], position, refuse)
+            if kind == "fip":
+                index.claim_fip_address(item, position, refuse)
+            rule = RULE_CHECKS[kind](item, position, context, refuse)
+            if problems or rule is None or not index.add(rule, position, refuse) or problems:
+                return None
+            added.append(rule)
+            if kind == "dnat" and _ports_include_integer_one(item):
+                port_one.add(item["name"])
+        state = _with_rules(last, index, document, windows)
+        delta = RuleDelta(tuple(removed), tuple(added))
+        return Change(Validated(document, state, index), delta, last.state, frozenset(port_one))
+
+
+def _same_frame(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Everything outside the rule lists is equal, types included (1, 1.0 and true are
+    equal in Python; a schema tells them apart)."""
+    keys = (old.keys() | new.keys()) - set(RULE_KINDS)
+    for key in keys:
+        if key not in old or key not in new or old[key] != new[key]:
+            return False
+        # Every value of a valid EIP is a string: equal is the same there, and EIPs are
+        # most of the frame.
+        if key != "eips" and json.dumps(old[key]) != json.dumps(new[key]):
+            return False
+    return True
+
+
+def _max_items(kind: RuleKind) -> int:
+    return int(schema()["properties"][kind]["maxItems"])
+
+
+def _equal_ends(old: Sequence[Any], new: Sequence[Any]) -> tuple[int, int]:
+    """How many items at the head and at the tail of `new` equal those of `old` (the two
+    runs do not overlap). The comparisons run in C: a few milliseconds at 10,000 rules."""
+    shorter = min(len(old), len(new))
+    head = next(itertools.compress(itertools.count(), map(operator.ne, old, new)), shorter)
+    tail = next(itertools.compress(itertools.count(), map(operator.ne, reversed(old), reversed(new))), shorter)
+    return head, min(tail, shorter - head)
+
+
+def _middle(items: Sequence[Any], head: int, tail: int) -> Sequence[Any]:
+    return items[head : len(items) - tail]
+
+
+def _port_types_differ(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(type(old.get(name)) is not type(new.get(name)) for name in PORT_FIELDS)
+
+
+def _ports_typed_alike(old: Sequence[Any], new: Sequence[Any], window: tuple[int, int]) -> bool:
+    head, tail = window
+    heads = zip(old[:head], new[:head], strict=True)
+    tails = zip(old[len(old) - tail :], new[len(new) - tail :], strict=True)
+    ends = itertools.chain(heads, tails)
+    return not any(_port_types_differ(a, b) for a, b in ends)
+
+
+def _ports_include_integer_one(item: dict[str, Any]) -> bool:
+    return any(type(item.get(name)) is int and item.get(name) == 1 for name in PORT_FIELDS)
+
+
+def _port_one(document: dict[str, Any]) -> frozenset[str]:
+    return frozenset(item["name"] for item in document.get("dnat", ()) if _ports_include_integer_one(item))
+
+
+def _has_control_character(item: dict[str, Any]) -> bool:
+    return any(isinstance(v, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in v) for v in item.values())
+
+
+def _with_rules(last: Validated, index: RuleIndex, document: dict[str, Any], windows: Windows) -> DesiredState:
+    """The last state with each rule list's middle replaced: a valid state has one rule
+    per item, in the document's order."""
+    lists: dict[RuleKind, tuple[Rule, ...]] = {}
+    for kind in RULE_KINDS:
+        head, tail = windows[kind]
+        old: tuple[Rule, ...] = getattr(last.state, kind)
+        rules = index.rules[kind]
+        middle = tuple(rules[item["name"]] for item in _middle(document.get(kind, []), head, tail))
+        lists[kind] = (*old[:head], *middle, *old[len(old) - tail :])
+    snat: Any = lists["snat"]
+    dnat: Any = lists["dnat"]
+    fip: Any = lists["fip"]
+    return replace(last.state, snat=snat, dnat=dnat, fip=fip)
