@@ -61,8 +61,8 @@ LAST_USABLE_EIP = "10.115.55.250"  # 10.115.55.254 is the upstream gateway
 POLL_READYZ_SECONDS = 0.01
 KINDS = ("full", "change", "add", "delete", "noop")
 PROFILED = {
-    "full_apply": "load_state + Reconciler.apply from an empty kernel",
-    "one_rule_change": "load_state + Reconciler.apply, one DNAT internalIp changed",
+    "full_apply": "StateTracker.check + Reconciler.apply from an empty kernel",
+    "one_rule_change": "StateTracker.check + Reconciler.apply (the delta path), one DNAT internalIp changed",
     "resync": "Reconciler.resync, no drift",
     "scrape_counters": "the rule counters' exposition (read and format)",
 }
@@ -217,7 +217,8 @@ class Stages:
 APPLY_STAGES = (
     "adopt",
     "plan.assign_ids",
-    "plan.desired_table",
+    "plan.full",
+    "plan.change",
     "plan_transaction",
     "nft.apply",
     "table.contents",
@@ -235,17 +236,20 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
     from natgwd.kernel.nft import KernelNft
     from natgwd.planning.counters import CounterMemory
+    from natgwd.planning.plan import TablePlan
     from natgwd.planning.table import DesiredTable, Transaction
     from natgwd.runtime import daemon as daemon_module
     from natgwd.runtime.logs import configure
     from natgwd.runtime.metrics import RuleCounters
     from natgwd.runtime.reconciler import Reconciler
     from natgwd.state import validation
+    from natgwd.state.tracker import StateTracker
 
     configure("json", "info")  # as the daemon logs (to this worker's stderr, a file)
     stages = Stages()
     stages.wrap(reconciler_module, "assign_ids", "plan.assign_ids")
-    stages.wrap(reconciler_module, "desired_table", "plan.desired_table")
+    stages.wrap(reconciler_module, "TablePlan", "plan.full")
+    stages.wrap(TablePlan, "change", "plan.change")
     stages.wrap(reconciler_module, "plan_transaction", "plan_transaction")
     stages.wrap(reconciler_module, "link_plan", "links.plan")
     stages.wrap(KernelNft, "apply", "nft.apply")
@@ -261,6 +265,7 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
     stages.wrap(Reconciler, "_announce_eips", "announce")
     stages.wrap(Reconciler, "_clean_conntrack", "conntrack")  # Translations + dumps + deletes
     stages.wrap(reconciler_module, "changed_filters", "conntrack.filters")
+    stages.wrap(reconciler_module, "delta_filters", "conntrack.filters")
 
     # As `natgwd run` builds it (cli._run), where this natgwd has those parts: a conntrack
     # cleaner, and an announcer (here one that only counts; the daemon sends on a thread).
@@ -299,41 +304,39 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
         if report.errors:
             raise RuntimeError(f"removing addresses/routes failed: {report.errors}")
 
+    trackers: dict[int, StateTracker] = {}  # the daemon's StateTracker, per reconciler
+
     def measure(reconciler: Reconciler, kind: str, raw: bytes) -> tuple[dict[str, Any], Any]:
+        tracker = trackers.setdefault(id(reconciler), StateTracker())
         record: dict[str, Any] = {"kind": kind, "bytes": len(raw)}
         started = time.perf_counter()
         hashlib.sha256(raw).hexdigest()
         record["sha256"] = time.perf_counter() - started
-        # The parts of load_state, timed apart (private functions, benchmark only) ...
+        # Decoding alone, then the tracker's check as the daemon calls it (the delta path
+        # when only rules changed, else the full validation).
         started = time.perf_counter()
-        document = validation._decode(raw)
+        validation.decode(raw)
         record["load.decode"] = time.perf_counter() - started
         started = time.perf_counter()
-        problems = validation._shape_problems(document)
-        record["load.schema"] = time.perf_counter() - started
-        started = time.perf_counter()
-        validation._Semantics(document).build()
-        record["load.semantics"] = time.perf_counter() - started
-        assert not problems, problems[:5]
-        # ... and as the daemon calls it.
-        started = time.perf_counter()
-        state = validation.load_state(raw)
-        record["load_state"] = time.perf_counter() - started
+        change = tracker.check(raw)
+        record["load"] = time.perf_counter() - started
+        record["load.delta"] = change.delta is not None
         stages.take()
-        outcome = reconciler.apply(state)
+        outcome = reconciler.apply(change.state, change.delta, change.base)
+        tracker.accept(change)
         record.update(stages.take())
         if not outcome.complete:
             raise RuntimeError(f"incomplete apply: {outcome}")
         record["apply.other"] = record["apply.total"] - sum(record.get(s, 0.0) for s in APPLY_STAGES)
         record["nft.cmd"] = record.get("nft.apply", 0.0) - record.get("nft.render_script", 0.0)
-        record["plan"] = record.get("plan.assign_ids", 0.0) + record.get("plan.desired_table", 0.0)
+        record["plan"] = sum(record.get(key, 0.0) for key in ("plan.assign_ids", "plan.full", "plan.change"))
         record["daemon.record_applied"] = daemon_record(raw)
         record["conntrack.all"] = record.get("conntrack", 0.0) + record.get("conntrack.filters", 0.0)
-        record["total"] = record["load_state"] + record["apply.total"] + (record["daemon.record_applied"] or 0.0)
+        record["total"] = record["load"] + record["apply.total"] + (record["daemon.record_applied"] or 0.0)
         record["nft_operations"] = outcome.nft_operations
         record["changed_elements"] = outcome.changed_elements
         record["link_changes"] = len(outcome.link_changes)
-        return record, state
+        return record, change.state
 
     files = list(scenario(args))
     full_raw = files[0][1]
@@ -402,12 +405,19 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
     one_rule = json.loads(last_raw)
     one_rule["dnat"][len(one_rule["dnat"]) // 2]["internalIp"] = _ip(CHANGED_TARGETS, 9999)
     one_rule_raw = encode(one_rule)
-    profiled("one_rule_change", lambda: reconciler.apply(validation.load_state(one_rule_raw)))
+    tracker = trackers[id(reconciler)]
+
+    def one_rule_change() -> None:
+        change = tracker.check(one_rule_raw)
+        reconciler.apply(change.state, change.delta, change.base)
+        tracker.accept(change)
+
+    profiled("one_rule_change", one_rule_change)
     profiled("resync", reconciler.resync)
     profiled("scrape_counters", rule_counters.exposition)
     teardown()
     cold = fresh_reconciler()
-    profiled("full_apply", lambda: cold.apply(validation.load_state(full_raw)))
+    profiled("full_apply", lambda: cold.apply(StateTracker().check(full_raw).state))
     teardown()
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -679,11 +689,9 @@ def report(results: dict[str, Any]) -> str:
     if "inprocess" in s:
         p = s["inprocess"]
         columns = (
-            ("load", "load_state"),
-            ("schema", "load.schema"),
-            ("semant", "load.semantics"),
-            ("ids", "plan.assign_ids"),
-            ("table", "plan.desired_table"),
+            ("load", "load"),
+            ("decode", "load.decode"),
+            ("plan", "plan"),
             ("diff", "plan_transaction"),
             ("nft", "nft.apply"),
             ("links", "links.apply"),
@@ -693,20 +701,23 @@ def report(results: dict[str, Any]) -> str:
             ("total", "total"),
         )
         lines.append("")
-        lines.append("In process (fresh netns; load_state, Reconciler.apply stages, applied-state record), median ms:")
+        lines.append(
+            "In process (fresh netns; StateTracker.check, Reconciler.apply stages, applied-state record), median ms:"
+        )
         lines.append("  " + f"{'':7}" + "".join(f"{title:>7}" for title, _ in columns) + f"{'p95':>7}{'min':>7}")
         for kind in KINDS:
             row = "".join(f"{_ms(p.get(key, {}).get(kind)):>7}" for _, key in columns)
             lines.append(f"  {kind:7}{row}{_ms(p['total'][kind], 'p95'):>7}{_ms(p['total'][kind], 'min'):>7}")
         lines.append(
-            "  load = decode + schema (jsonschema) + semant(ic checks); ids + table = plan; diff = plan_transaction;"
+            "  load = StateTracker.check (decode, then the changed rules' checks, or a full validation);"
+            " plan = TablePlan (a change's, or in full); diff = plan_transaction;"
         )
         lines.append(
             "  nft = render + libnftables; links = Netlink.apply; ct = conntrack cleanup (changed_filters,"
             " Translations, dumps);"
         )
         lines.append(
-            "  other = rest of Reconciler.apply (table.contents, counters, previous != state);"
+            "  other = rest of Reconciler.apply (the generation, table contents, counters);"
             " record = Daemon._record_applied"
         )
         lines.append(

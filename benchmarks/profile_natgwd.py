@@ -27,11 +27,12 @@ from typing import Any
 # with "of which" are parts of the stage above them (not counted again in shares).
 STAGES = (
     ("read file", "natgwd/runtime/daemon.py", "_read"),
-    ("validate (load_state)", "natgwd/state/validation.py", "load_state"),
-    ("of which JSON Schema (_shape_problems)", "natgwd/state/validation.py", "_shape_problems"),
-    ("of which semantics (_Semantics.build)", "natgwd/state/validation.py", "build"),
+    ("validate (StateTracker.check)", "natgwd/state/tracker.py", "check"),
+    ("of which decoding", "natgwd/state/validation.py", "decode_noting_fractions"),
+    ("of which the full validation (validate_document)", "natgwd/state/validation.py", "validate_document"),
     ("plan: assign_ids", "natgwd/planning/plan.py", "assign_ids"),
-    ("plan: desired_table", "natgwd/planning/plan.py", "desired_table"),
+    ("plan in full (TablePlan)", "natgwd/planning/plan.py", "__init__"),
+    ("plan a change (TablePlan.change)", "natgwd/planning/plan.py", "change"),
     ("diff: plan_transaction", "natgwd/planning/table.py", "plan_transaction"),
     ("render the script (Transaction.script)", "natgwd/planning/table.py", "script"),
     ("libnftables cmd (nft._Context)", "natgwd/kernel/nft.py", "__call__"),

@@ -17,7 +17,6 @@ target) and the last SNAT rule covers the VMs' 172.20.10.0/24 (the iperf3 SNAT p
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from collections.abc import Iterator
@@ -182,17 +181,10 @@ def change_steps(work: Workload, rounds: int) -> list[Step]:
 
 
 def desired_state(state: dict[str, Any]) -> Any:
-    """natgwd's DesiredState of a (valid) state, without the JSON Schema pass where the
-    validation module allows it: the floor's scripts are prepared untimed, and the schema
-    pass is most of the time of load_state at large N."""
+    """natgwd's DesiredState of a (valid) state."""
     from natgwd.state import validation
 
-    raw = encode(state)
-    decode, semantics = getattr(validation, "_decode", None), getattr(validation, "_Semantics", None)
-    if decode is not None and semantics is not None:
-        with contextlib.suppress(Exception):
-            return semantics(decode(raw)).build()
-    return validation.load_state(raw)
+    return validation.load_state(encode(state))
 
 
 class FloorPlanner:

@@ -7,10 +7,22 @@ makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 import threading
 from typing import Any, Protocol
 
-from natgwd.kernel.setdump import NFPROTO_INET, SetDumper, SetDumpError, key_layout
+from natgwd.kernel.setdump import (
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    SetDumper,
+    SetDumpError,
+    key_layout,
+)
 from natgwd.planning.counters import CountedElement
 from natgwd.planning.plan import set_key_type
 from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
@@ -81,14 +93,30 @@ class KernelNft:
                 raise
 
     def generation(self) -> int:
-        """The kernel's ruleset generation: it moves with every commit to any table."""
-        from pyroute2.netlink.nfnetlink import nfgen_msg
-        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN
-        from pyroute2.nftables.main import NFTables
+        """The kernel's ruleset generation: it moves with every commit to any table.
+        Asked over a bare netlink socket: a change asks twice, and a library's socket
+        setup costs milliseconds each time."""
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
+            sock.bind((0, 0))
+            request = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN
+            sock.send(struct.pack("=IHHII", 16 + len(request), kind, NLM_F_REQUEST, 1, 0) + request)
+            reply = sock.recv(4096)
+        length, kind_seen = struct.unpack_from("=IH", reply)
+        if kind_seen == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", reply, 16)
+            raise NftError(f"reading the ruleset generation: {os.strerror(-code)}")
+        offset = 20  # netlink header, then nfgenmsg
+        while offset + 4 <= length:
+            size, attribute = struct.unpack_from("=HH", reply, offset)
+            if attribute & 0x3FFF == _NFTA_GEN_ID:
+                return int(struct.unpack_from("!I", reply, offset + 4)[0])
+            offset += (size + 3) & ~3
+        raise NftError("the kernel's answer names no ruleset generation")
 
-        with NFTables() as socket:
-            (message,) = socket.request_get(nfgen_msg(), NFT_MSG_GETGEN)
-        return int(message.get_attr("NFTA_GEN_ID"))
+
+_NFT_MSG_GETGEN = 16
+_NFTA_GEN_ID = 1
 
 
 class _Context:
