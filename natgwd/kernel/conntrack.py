@@ -9,6 +9,7 @@ large the table: a gateway may track a million connections.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections import Counter
@@ -62,11 +63,14 @@ class ConntrackCleaner:
     def _clean_family(
         self, family: int, translations: Translations, filters: list[Filter] | None, deleted: Counter[str]
     ) -> None:
-        with self._connect(family) as dumps, self._connect(family) as deletes:
+        with self._connect(family) as dumps, contextlib.ExitStack() as stack:
+            deletes: Conntrack | None = None  # opened at the first stale entry: most changes find none
             for entry in self._candidates(dumps, family, filters):
                 reason = translations.stale(_flow(entry))
                 if reason is None:
                     continue
+                if deletes is None:
+                    deletes = stack.enter_context(self._connect(family))
                 try:
                     deletes.delete(entry)
                 except NetlinkError as err:

@@ -224,7 +224,9 @@ class Reconciler:
             }
             wanted = {name: {k: e for k, e in keyed.items() if e} for name, keyed in change.elements.items()}
             current = TableContents(kernel.sets, kernel.chains, touched)
-            return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted), self._counters)
+            # No counter to seed: a counting element a change adds is a new rule id's (a
+            # changed rule keeps its id and its elements).
+            return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted))
         elements = {name: dict(keyed) for name, keyed in plan.elements.items()}
         for name, keyed in change.elements.items():
             target = elements.setdefault(name, {})

@@ -11,6 +11,7 @@ so it costs what it changes. Both use these same functions. Indexes are copied o
 from __future__ import annotations
 
 import bisect
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Address, IPv6Network, NetmaskValueError
@@ -46,7 +47,7 @@ def family_name(text: str) -> str:
 def usable_address(text: str) -> IPAddress | str:
     """The address, or why it is not a usable unicast one."""
     try:
-        address: IPAddress = IPv6Address(text) if ":" in text else IPv4Address(text)
+        address: IPAddress = IPv6Address(text) if ":" in text else _ipv4(text)
     except AddressValueError as err:
         return f"not a valid {family_name(text)} address: {err}"
     if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
@@ -55,6 +56,15 @@ def usable_address(text: str) -> IPAddress | str:
         # Link-local addresses are not unique beyond one link; mapped ones are IPv4 in disguise.
         return f"{address} is not a usable unicast address (link-local or IPv4-mapped)"
     return address
+
+
+def _ipv4(text: str) -> IPv4Address:
+    # inet_pton takes what IPv4Address takes (four decimal octets, no leading zeros) five
+    # times faster, which counts at 20,000 addresses; ipaddress explains a refusal.
+    try:
+        return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big"))
+    except (OSError, ValueError, UnicodeError):
+        return IPv4Address(text)
 
 
 def network(text: str) -> IPNetwork | str:
