@@ -75,10 +75,11 @@ def test_a_full_scan_streams_the_table_and_deletes_on_a_second_socket() -> None:
     cleaner = ConntrackCleaner(connect=lambda family: Socket(sockets, expired, family))  # type: ignore[arg-type, return-value]
     state = load_state(json.dumps(SEED_STATE).encode())
     deleted = cleaner.clean(Translations(state, [1, 2, 3]), None)
-    dumps, deletes, dumps6, deletes6 = sockets
-    assert [s.family for s in sockets] == [socket.AF_INET] * 2 + [socket.AF_INET6] * 2
+    # The IPv6 table holds nothing stale: no socket to delete with is opened for it.
+    dumps, deletes, dumps6 = sockets
+    assert [s.family for s in sockets] == [socket.AF_INET] * 2 + [socket.AF_INET6]
     assert dumps.dumps == 1 and deletes.dumps == 0 and not dumps.deleted
-    assert dumps6.dumps == 1 and not deletes6.deleted
+    assert dumps6.dumps == 1 and not dumps6.deleted
     assert deleted == {"dnat": TABLE_SIZE // 4 - len(expired)}
     assert deletes.deleted == [index for index in range(0, TABLE_SIZE, 4) if index not in expired]
     assert Entry.most_alive <= 3, f"{Entry.most_alive} entries held at once"
