@@ -22,12 +22,15 @@ from typing import Any
 
 from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex
+from natgwd.state.spans import Layout, Splice, layout_of, splice
 from natgwd.state.validation import (
     Validated,
     check_depth,
-    decode_noting_fractions,
+    decode_text,
     item_shape_ok,
+    scanner,
     schema,
+    text_of,
     validate_document,
 )
 
@@ -61,6 +64,7 @@ class Change:
     base: DesiredState | None
     # Names of DNAT rules whose item gives a port as the integer 1 (which equals `true`).
     port_one: frozenset[str] = field(default=frozenset(), compare=False)
+    layout: Layout | None = field(default=None, compare=False)  # where its rules lie in its text
 
     @property
     def state(self) -> DesiredState:
@@ -84,14 +88,23 @@ class StateTracker:
     def check(self, raw: bytes) -> Change:
         """The state `raw` describes (InvalidStateError listing every problem if none),
         checked against the last accepted document. Changes nothing: see accept."""
-        document, fractions = decode_noting_fractions(raw)
-        if self._accepted is not None:
+        text = text_of(raw)
+        accepted = self._accepted
+        if accepted is not None and accepted.layout is not None:
+            spliced = splice(accepted.layout, accepted.validated.document, text, scanner())
+            if spliced is not None:
+                change = self._spliced(accepted, spliced)
+                if change is not None:
+                    return change
+        document, fractions = decode_text(text)
+        layout = layout_of(text, document, scanner())
+        if accepted is not None:
             change = self._delta(document, fractions)
             if change is not None:
-                return change
+                return replace(change, layout=layout)
         check_depth(document)
         validated = validate_document(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
-        return Change(validated, None, self.state, _port_one(validated.document))
+        return Change(validated, None, self.state, _port_one(validated.document), layout)
 
     def check_document(self, document: Any) -> Change:
         """check, for a document already decoded (its numbers' text unknown)."""
@@ -112,6 +125,21 @@ class StateTracker:
         self._accepted = None
 
     # --- the delta path ---------------------------------------------------------------
+
+    def _spliced(self, base: Change, spliced: Splice) -> Change | None:
+        """The change of a text that differs from the accepted one inside one rule list:
+        the items outside the splice are the accepted document's own objects."""
+        document = spliced.document
+        items = document[spliced.kind]
+        if len(items) > _max_items(spliced.kind):
+            return None
+        total = sum(len(document.get(kind, ())) for kind in RULE_KINDS)
+        if len(items) - spliced.head - spliced.tail > max(FULL_MINIMUM, total // FULL_FRACTION):
+            return None
+        windows: Windows = {kind: (len(document.get(kind, ())), 0) for kind in RULE_KINDS}
+        windows[spliced.kind] = (spliced.head, spliced.tail)
+        change = self._checked(base, document, windows)
+        return replace(change, layout=spliced.layout) if change is not None else None
 
     def _delta(self, document: Any, fractions: bool) -> Change | None:
         """The change from the accepted document to `document` by its changed rules; None

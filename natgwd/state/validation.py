@@ -178,18 +178,11 @@ def _reject_constant(name: str) -> Any:
 
 def decode(raw: bytes) -> Any:
     """The JSON document of a state file (any JSON value), or InvalidStateError."""
-    return decode_noting_fractions(raw)[0]
+    return decode_text(text_of(raw))[0]
 
 
-def decode_noting_fractions(raw: bytes) -> tuple[Any, bool]:
-    """decode, and whether any number had a fraction or an exponent (80.0 equals 80 in
-    Python, and only one of them is a port)."""
-    fractions: list[str] = []
-
-    def parse_float(text: str) -> float:
-        fractions.append(text)
-        return float(text)
-
+def text_of(raw: bytes) -> str:
+    """The text of a state file, or InvalidStateError (too large, empty, NUL, not UTF-8)."""
     if len(raw) > MAX_FILE_BYTES:
         raise InvalidStateError([Problem("$", f"file is larger than {MAX_FILE_BYTES} bytes")])
     if not raw.strip():
@@ -197,13 +190,37 @@ def decode_noting_fractions(raw: bytes) -> tuple[Any, bool]:
     if b"\x00" in raw:
         raise InvalidStateError([Problem("$", f"file contains a NUL byte at offset {raw.index(0)}")])
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidStateError([Problem("$", f"file is not UTF-8: {err.reason} at byte {err.start}")]) from None
+
+
+def decoder(fractions: list[str]) -> json.JSONDecoder:
+    """The JSON decoder of state files: duplicate keys and NaN refused; the text of every
+    number with a fraction or an exponent goes to `fractions` (80.0 equals 80 in Python,
+    and only one of them is a port)."""
+
+    def parse_float(text: str) -> float:
+        fractions.append(text)
+        return float(text)
+
+    return json.JSONDecoder(
+        object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant, parse_float=parse_float
+    )
+
+
+def scanner() -> Callable[[str, int], tuple[Any, int]]:
+    """The decoder's scanner: (value, end) of the JSON value at an offset of a text."""
+    scan: Callable[[str, int], tuple[Any, int]] = decoder([]).scan_once  # type: ignore[attr-defined]
+    return scan
+
+
+def decode_text(text: str) -> tuple[Any, bool]:
+    """The document of a state file's text, and whether it holds a fraction; or
+    InvalidStateError."""
+    fractions: list[str] = []
     try:
-        document = json.loads(
-            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant, parse_float=parse_float
-        )
+        document = decoder(fractions).decode(text)
     except json.JSONDecodeError as err:
         reason = f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         raise InvalidStateError([Problem("$", reason)]) from None

@@ -20,8 +20,9 @@ from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.netlink import LinkReport
 from natgwd.planning.links import LinkPlan
 from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.spans import layout_of
 from natgwd.state.tracker import StateTracker
-from natgwd.state.validation import InvalidStateError, Validated, validate, validate_document
+from natgwd.state.validation import InvalidStateError, Validated, scanner, validate, validate_document
 
 FRAME: dict[str, Any] = {
     "version": 1,
@@ -68,8 +69,8 @@ FIELDS = {
 }
 
 
-def encode(document: dict[str, Any]) -> bytes:
-    return json.dumps(document).encode()
+def encode(document: dict[str, Any], indent: int | None = None) -> bytes:
+    return json.dumps(document, indent=indent).encode()
 
 
 def made_valid(document: dict[str, Any]) -> Validated:
@@ -152,10 +153,12 @@ def check(data: st.DataObject) -> None:
         ]
     accepted = made_valid(base)
     edited = data.draw(edits(accepted.document), label="edited")
-    raw = encode(edited)
+    # The text matters too: a change inside one rule list is decoded alone (state.spans).
+    indent = data.draw(st.sampled_from([None, 1, 2]), label="indent")
+    raw = encode(edited, indent)
 
     tracker = StateTracker()
-    first = tracker.check(encode(accepted.document))
+    first = tracker.check(encode(accepted.document, data.draw(st.sampled_from([indent, None]), label="base indent")))
     tracker.accept(first)
     try:
         full = validate(raw)
@@ -166,6 +169,8 @@ def check(data: st.DataObject) -> None:
         return
     change = tracker.check(raw)
     assert change.state == full.state
+    assert change.validated.document == full.document
+    assert change.layout == layout_of(raw.decode(), full.document, scanner())
     # A valid change of rules alone is decided on the delta path (a refusal there would
     # only cost time, since the full path then decides).
     assert (change.delta is None) == any(edited.get(key) != accepted.document.get(key) for key in FRAME)

@@ -1,0 +1,89 @@
+"""natgwd.state.spans: a new text that differs from the last one inside one rule list is
+read by decoding only that list's changed items, and reads exactly as a full decode."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from natgwd.state.spans import layout_of, splice
+from natgwd.state.validation import scanner
+
+
+def document(count: int) -> dict[str, Any]:
+    dnat = [
+        {"name": f"d{i}", "eip": "e", "protocol": "tcp", "externalPort": 1000 + i, "internalIp": "10.0.0.2"}
+        | {"internalPort": 80}
+        for i in range(count)
+    ]
+    return {"version": 1, "eips": [{"name": "e", "v4ip": "10.1.1.1"}], "snat": [], "dnat": dnat, "fip": []}
+
+
+def edited(before: dict[str, Any], edit: str, at: int) -> dict[str, Any]:
+    after = copy.deepcopy(before)
+    items = after["dnat"]
+    if edit == "change":
+        items[at]["internalIp"] = "10.0.0.3"
+    elif edit == "insert":
+        items.insert(at, dict(items[at], name="new", externalPort=9999))
+    else:
+        del items[at]
+    return after
+
+
+@pytest.mark.parametrize("indent", [None, 1, 4])
+@pytest.mark.parametrize("edit", ["change", "insert", "delete"])
+@pytest.mark.parametrize("at", [0, 50, 99])
+def test_one_changed_rule_is_decoded_alone(indent: int | None, edit: str, at: int) -> None:
+    before = document(100)
+    old_text = json.dumps(before, indent=indent)
+    layout = layout_of(old_text, json.loads(old_text), scanner())
+    assert layout is not None
+    after = edited(before, edit, at)
+    text = json.dumps(after, indent=indent)
+    spliced = splice(layout, before, text, scanner())
+    assert spliced is not None
+    assert spliced.document == json.loads(text)
+    assert spliced.kind == "dnat"
+    # At most the changed item and a neighbour whose text runs on like it are decoded.
+    assert len(after["dnat"]) - spliced.head - spliced.tail <= (1 if edit == "delete" else 2)
+    # The items outside the splice are the last document's own objects.
+    assert all(a is b for a, b in zip(spliced.document["dnat"][: spliced.head], before["dnat"], strict=False))
+    assert spliced.layout == layout_of(text, json.loads(text), scanner())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(version=2),  # outside the rule lists
+        lambda d: d["eips"].append({"name": "f", "v4ip": "10.1.1.2"}),
+        lambda d: (d["dnat"][0].update(internalPort=81), d["snat"].append({"name": "s"})),  # two lists
+    ],
+)
+def test_a_change_outside_one_rule_list_is_left_to_the_full_decode(change: Any) -> None:
+    before = document(10)
+    layout = layout_of(json.dumps(before), before, scanner())
+    assert layout is not None
+    after = copy.deepcopy(before)
+    change(after)
+    assert splice(layout, before, json.dumps(after), scanner()) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": 1, "dnat": [{"name": "a", "name": "b"}], "snat": [], "fip": []}',  # duplicate key
+        '{"version": 1, "dnat": [{"name": NaN}], "snat": [], "fip": []}',
+        '{"version": 1, "dnat": [{"name": "a"}, ], "snat": [], "fip": []}',  # trailing comma
+        '{"version": 1, "dnat": [{"name": "a"}], "snat": [], "fip": [] ',
+    ],
+)
+def test_text_a_full_decode_refuses_is_never_spliced(text: str) -> None:
+    before = {"version": 1, "dnat": [{"name": "x"}], "snat": [], "fip": []}
+    old_text = json.dumps(before)
+    layout = layout_of(old_text, before, scanner())
+    assert layout is not None
+    assert splice(layout, before, text, scanner()) is None
