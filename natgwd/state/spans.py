@@ -33,6 +33,7 @@ class Layout:
     text: str
     lists: dict[RuleKind, Span]  # from "[" to after "]"
     items: dict[RuleKind, list[Span]]
+    end: int  # after the document's closing "}"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def layout_of(text: str, document: Any, scan: Scan) -> Layout | None:
                 return None
     except (IndexError, StopIteration, ValueError, RecursionError):
         return None
-    return Layout(text, lists, items)
+    return Layout(text, lists, items, at + 1)
 
 
 def _items(text: str, at: int, scan: Scan) -> tuple[list[Span], int]:
@@ -108,6 +109,10 @@ def splice(last: Layout, document: dict[str, Any], text: str, scan: Scan) -> Spl
     prefix = _common_prefix(old, text, shorter)
     if prefix == len(old) == len(text):
         return None  # the same text: nothing to splice
+    if prefix >= last.end and not text[last.end :].strip(" \t\n\r"):
+        # Only the white space after the document differs (a writer's stamp, a newline).
+        first = RULE_KINDS[0]
+        return Splice(document, first, len(document.get(first, ())), 0, Layout(text, last.lists, last.items, last.end))
     suffix = _common_suffix(old, text, shorter - prefix)
     changed_end = len(old) - suffix  # the difference is old[prefix:changed_end]
     kind = next((k for k, (start, end) in last.lists.items() if start < prefix and changed_end < end), None)
@@ -137,7 +142,7 @@ def splice(last: Layout, document: dict[str, Any], text: str, scan: Scan) -> Spl
             new_items[other] = [(a + shift, b + shift) for a, b in last.items[other]]
     new_lists[kind] = (start, end + shift)
     new_items[kind] = [*spans[:head], *new_spans, *moved]
-    return Splice({**document, kind: items}, kind, head, tail, Layout(text, new_lists, new_items))
+    return Splice({**document, kind: items}, kind, head, tail, Layout(text, new_lists, new_items, last.end + shift))
 
 
 def _middle(

@@ -87,3 +87,14 @@ def test_text_a_full_decode_refuses_is_never_spliced(text: str) -> None:
     layout = layout_of(old_text, before, scanner())
     assert layout is not None
     assert splice(layout, before, text, scanner()) is None
+
+
+def test_white_space_after_the_document_is_no_change() -> None:
+    before = document(10)
+    text = json.dumps(before)
+    layout = layout_of(text, before, scanner())
+    assert layout is not None
+    spliced = splice(layout, before, text + "\n \t\n", scanner())
+    assert spliced is not None and spliced.document is before
+    assert spliced.head == len(before[spliced.kind]) and spliced.tail == 0
+    assert splice(layout, before, text + "\n x", scanner()) is None
