@@ -326,14 +326,13 @@ def _family(rule: Rule) -> _Family:
     return V4 if rule.family == 4 else V6
 
 
-def rule_elements(rule: Rule, mark: int, frame: Frame) -> list[Contribution]:
-    """The elements a rule puts in the table, its counting elements included (not the
-    share group's entry, which belongs to the group)."""
+def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> list[Contribution]:
+    """The elements a rule (with its labels and id) puts in the table, its counting
+    elements included (not the share group's entry, which belongs to the group)."""
     family = _family(rule)
     name = family.name
-    eip = frame.eip_text[rule.eip, rule.family]
+    eip = labels.eip
     marked = Element(str(mark))
-    labels = labels_of(rule, frame.eip_text)
     elements: list[Contribution] = [
         (RULE_CONNECTIONS, str(mark), Element(comment=labels.comment)),
         *((RULE_TRAFFIC, traffic_key(direction, str(mark)), _MEMBER) for direction in DIRECTIONS),
@@ -421,7 +420,8 @@ class TablePlan:
         for set_name, key, element in _frame_elements(state, self.frame):
             self.elements.setdefault(set_name, {})[key] = element
         self.elements[ID_HIGH_WATER] = {"0": _MEMBER}  # one element: the highest id ever given out
-        rules: tuple[Rule, ...] = (*state.snat, *state.dnat, *state.fip)
+        every: tuple[Rule, ...] = (*state.snat, *state.dnat, *state.fip)
+        rules = [(rule, labels_of(rule, self.frame.eip_text)) for rule in every]
         self.commit(self._change(state, (), rules, dict(ids), max(highest_id, *ids.values(), 0)))
 
     @property
@@ -432,31 +432,31 @@ class TablePlan:
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules
         `removed` and `added` only (its EIPs, networks and interfaces are the same)."""
-        gone = [labels_of(rule, self.frame.eip_text) for rule in removed]
-        arriving = [labels_of(rule, self.frame.eip_text) for rule in added]
-        ids = changed_ids(self.ids, gone, arriving, self.highest_id)
-        highest = max([self.highest_id, *(ids[labels] for labels in arriving)])
-        return self._change(state, removed, added, ids, highest)
+        gone = [(rule, labels_of(rule, self.frame.eip_text)) for rule in removed]
+        arriving = [(rule, labels_of(rule, self.frame.eip_text)) for rule in added]
+        ids = changed_ids(self.ids, (labels for _, labels in gone), (labels for _, labels in arriving), self.highest_id)
+        highest = max([self.highest_id, *(ids[labels] for _, labels in arriving)])
+        return self._change(state, gone, arriving, ids, highest)
 
     def _change(
         self,
         state: DesiredState,
-        removed: Sequence[Rule],
-        added: Sequence[Rule],
+        removed: Sequence[tuple[Rule, RuleLabels]],
+        added: Sequence[tuple[Rule, RuleLabels]],
         ids: dict[RuleLabels, int],
         highest_id: int,
     ) -> TableChange:
         changes: ElementChanges = defaultdict(dict)
         groups = dict(self.share_groups)
         prefixes = CounterOf(self.snat_prefixes)
-        for rule in removed:
-            mark = self.ids[labels_of(rule, self.frame.eip_text)]
-            for set_name, key, _ in rule_elements(rule, mark, self.frame):
+        for rule, labels in removed:
+            mark = self.ids[labels]
+            for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = None
             self._count(rule, mark, groups, prefixes, -1)
-        for rule in added:
-            mark = ids[labels_of(rule, self.frame.eip_text)]
-            for set_name, key, element in rule_elements(rule, mark, self.frame):
+        for rule, labels in added:
+            mark = ids[labels]
+            for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = element
             self._count(rule, mark, groups, prefixes, +1)
         for chain in groups.keys() | self.share_groups.keys():

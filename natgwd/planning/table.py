@@ -251,6 +251,7 @@ def plan_transaction(
             tx.add(AddChain(chain.name, chain.header))
         for rule, tag in zip(chain.rules, chain.tags, strict=True):
             tx.add(AddRule(chain.name, rule, tag))
+    counting = {spec.name for spec in desired.sets if "counter;" in spec.body}
     for name, wanted in desired.elements.items():
         have = current.elements.get(name, {})
         # Plans reuse element objects, so most elements are found unchanged by identity
@@ -258,15 +259,17 @@ def plan_transaction(
         if have == wanted:
             continue
         stale = [key for key, element in have.items() if (w := wanted.get(key)) is not element and w != element]
-        fresh = [
-            (key, _seeded(element, counters.get((name, key))))
-            for key, element in wanted.items()
-            if (h := have.get(key)) is not element and h != element
-        ]
+        if have:
+            added = [(k, e) for k, e in wanted.items() if (h := have.get(k)) is not e and h != e]
+        else:
+            added = list(wanted.items())
+        if name in counting:
+            # A re-created counting element keeps counting from where the kernel's was.
+            added = [(k, e if (c := counters.get((name, k))) is None else _seeded(e, c)) for k, e in added]
         if stale:
             tx.delete_elements(name, stale)
-        if fresh:
-            tx.add_elements(name, fresh)
+        if added:
+            tx.add_elements(name, added)
     stale_chains = sorted(current.chains.keys() - {c.name for c in desired.chains})
     jumped_to = verdict_targets(current) if stale_chains else set()
     for name in stale_chains:

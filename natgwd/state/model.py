@@ -108,7 +108,7 @@ class SnatRule:
     eip: str
     internal_cidr: IPNetwork
 
-    @property
+    @cached_property
     def family(self) -> Family:
         return self.internal_cidr.version
 
@@ -124,8 +124,10 @@ class DnatRule:
     # "share": one backend of a group that spreads (eip, protocol, port) over its members
     type: DnatType = "exclusive"
 
-    @property
+    @cached_property
     def family(self) -> Family:
+        # Cached (outside the fields, so equality and hashing ignore it): planning asks
+        # this several times per rule.
         return self.internal_ip.version
 
     @property
@@ -139,7 +141,7 @@ class FipRule:
     eip: str
     internal_ip: IPAddress
 
-    @property
+    @cached_property
     def family(self) -> Family:
         return self.internal_ip.version
 

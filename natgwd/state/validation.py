@@ -235,12 +235,14 @@ def decode_text(text: str) -> tuple[Any, bool]:
 
 def check_depth(document: Any) -> None:
     """Refuse nesting the format never has: jsonschema and error messages recurse into it."""
+    if not isinstance(document, dict | list):
+        return
     level, depth = [document], 0
     while level := [
         child
         for node in level
-        if isinstance(node, dict | list)
         for child in (node.values() if isinstance(node, dict) else node)
+        if isinstance(child, dict | list)
     ]:
         depth += 1
         if depth > MAX_DEPTH:
