@@ -245,7 +245,9 @@ def check_depth(document: Any) -> None:
         if isinstance(child, dict | list)
     ]:
         depth += 1
-        if depth > MAX_DEPTH:
+        # `level` holds the containers at `depth`: one with anything in it at MAX_DEPTH
+        # puts a value deeper than MAX_DEPTH.
+        if depth >= MAX_DEPTH and any(level):
             raise InvalidStateError([Problem(_too_deep(document), f"nested deeper than {MAX_DEPTH} levels")])
 
 
