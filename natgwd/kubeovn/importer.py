@@ -53,6 +53,8 @@ from typing import Any, Literal, TextIO
 from natgwd.kubeovn.qos_import import carry_qos
 from natgwd.planning.links import DEFAULT_ROUTE
 from natgwd.runtime.files import write_atomically
+from natgwd.state.model import PortRange
+from natgwd.state.ports import NOT_A_PORT, kube_ovn_port_range
 from natgwd.state.validation import InvalidStateError, load_state
 
 Obj = dict[str, Any]
@@ -65,7 +67,6 @@ NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
 ANNOTATION_INFIX = ".kubernetes.io/"
 NAT_GW_ANNOTATION = "vpc_nat_gw"
 NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-PORT_PATTERN = re.compile(r"^([0-9]{1,5})(?:[-:]([0-9]{1,5}))?$")
 
 # Kinds that describe the surroundings of the gateway: read for lookups, never state.
 CONTEXT_KINDS = frozenset(
@@ -986,13 +987,14 @@ class _Importer:
         if protocol not in ("tcp", "udp"):
             self.report("warning", obj, f"protocol {protocol or '(none)'} is not tcp or udp; skipped")
             return None
-        ports = []
+        ports: list[PortRange] = []
         for key in ("externalPort", "internalPort"):
-            match = PORT_PATTERN.match(_text(spec.get(key)))
-            if match is None:
-                self.report("warning", obj, f"{key} {spec.get(key)!r} is not a port or range; skipped")
+            port = kube_ovn_port_range(_text(spec.get(key)))
+            if isinstance(port, str):
+                why = "is not a port or range" if port == NOT_A_PORT else f"is refused: {port}"
+                self.report("warning", obj, f"{key} {spec.get(key)!r} {why}; skipped")
                 return None
-            ports.append(f"{match[1]}-{match[2]}" if match[2] else match[1])
+            ports.append(port)
         internal_ip = self.internal_ip(obj, _text(spec.get("internalIp")))
         if internal_ip is None:
             return None
@@ -1000,14 +1002,14 @@ class _Importer:
         if kind not in ("exclusive", "share"):
             self.report("warning", obj, f"type {kind!r} is neither exclusive nor share; skipped")
             return None
-        if kind == "share" and ("-" in ports[0] or "-" in ports[1]):
+        if kind == "share" and (len(ports[0]) > 1 or len(ports[1]) > 1):
             self.report("warning", obj, "a share DNAT takes single ports, not ranges; skipped")
             return None
         entry: dict[str, Any] = {
             "protocol": protocol,
-            "externalPort": ports[0],
+            "externalPort": str(ports[0]),
             "internalIp": internal_ip,
-            "internalPort": ports[1],
+            "internalPort": str(ports[1]),
         }
         if kind == "share":
             entry["type"] = "share"
