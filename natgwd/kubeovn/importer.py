@@ -53,6 +53,8 @@ from typing import Any, Literal, TextIO
 from natgwd.kubeovn.qos_import import carry_qos
 from natgwd.planning.links import DEFAULT_ROUTE
 from natgwd.runtime.files import write_atomically
+from natgwd.state.model import PortRange
+from natgwd.state.ports import NOT_A_PORT, kube_ovn_port_range
 from natgwd.state.validation import InvalidStateError, load_state
 
 Obj = dict[str, Any]
@@ -65,7 +67,6 @@ NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
 ANNOTATION_INFIX = ".kubernetes.io/"
 NAT_GW_ANNOTATION = "vpc_nat_gw"
 NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-PORT_PATTERN = re.compile(r"^([0-9]{1,5})(?:[-:]([0-9]{1,5}))?$")
 
 # Kinds that describe the surroundings of the gateway: read for lookups, never state.
 CONTEXT_KINDS = frozenset(
@@ -389,6 +390,56 @@ class _Side:
     attributes: dict[str, str]
 
 
+@dataclass(frozen=True)
+class _Surroundings:
+    """The gateway and what describes its two sides: its Subnets (None when not in the
+    input) and the CNI's view from its pod or workload."""
+
+    gw: Obj
+    internal_subnet_name: str
+    internal_subnet: Obj | None
+    external_subnet_name: str
+    external_subnet: Obj | None
+    workload: Obj | None
+    providers: dict[str, dict[str, str]]
+    attachments: list[Attachment]
+
+    @property
+    def name(self) -> str:
+        return _name(self.gw)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return _section(self.gw, "spec")
+
+    @property
+    def internal_spec(self) -> dict[str, Any]:
+        return _section(self.internal_subnet or {}, "spec")
+
+    @property
+    def external_spec(self) -> dict[str, Any]:
+        return _section(self.external_subnet or {}, "spec")
+
+
+@dataclass(frozen=True)
+class _Internal:
+    """The VPC side in IPv4: the gateway's address in its subnet, and the subnet's gateway."""
+
+    side: _Side
+    cidr: IPv4Network
+    address: IPv4Address
+    gateway: IPv4Address | None
+
+
+@dataclass(frozen=True)
+class _External:
+    """The external subnet in IPv4, as far as the input gives it."""
+
+    side: _Side
+    cidr: IPv4Network | None
+    gateway: IPv4Address | None
+
+
 class _Importer:
     def __init__(self, objects: Sequence[Obj], options: ImportOptions) -> None:
         self.objects = list(objects)
@@ -505,26 +556,52 @@ class _Importer:
 
     def run(self) -> ImportResult:
         gw = self.gateway()
-        gw_name = _name(gw)
-        spec = _section(gw, "spec")
         used: set[int] = {id(gw)}
+        self.gateway_notes(gw)
+        around = self.surroundings(gw, used)
+        internal = self.internal_side(around)
+        external = self.external_side(around)
+        state = self.interfaces(around, internal, external, used)
+        eips, eip_names = self.eips(around.name, around.external_subnet_name, used)
+        state = self.validated(state, eips, self.rules(eip_names, used))
+        eip_sources = {rule.entry["name"]: rule.source for rule in eips}
+        used |= carry_qos(state, gw, eip_sources, self.by_kind.get("QoSPolicy", []), state_name, self.report)
+        self.report_unused(used)
+        return ImportResult(around.name, state, self.findings)
 
+    def gateway_notes(self, gw: Obj) -> None:
+        """What the gateway itself asks for beyond the state."""
+        spec = _section(gw, "spec")
         value = spec.get("bgpSpeaker")
         if value and not (isinstance(value, dict) and not value.get("enabled")):
             self.report("warning", gw, "BGP speaker is not carried over (natgwd does not do it)")
         if int(spec.get("replicas") or 1) > 1:
             self.report("note", gw, "HA gateway: give every replica the same desired state")
 
-        internal_subnet_name = _text(spec.get("subnet"))
+    def surroundings(self, gw: Obj, used: set[int]) -> _Surroundings:
+        spec = _section(gw, "spec")
+        internal_name = _text(spec.get("subnet"))
         external_names = [_text(s) for s in spec.get("externalSubnets") or []] or [DEFAULT_EXTERNAL_SUBNET]
         if len(external_names) > 1:
             self.report(
                 "warning", gw, f"only externalSubnets[0] ({external_names[0]}) is used, as Kube-OVN does (#7134)"
             )
-        internal_subnet = self.subnet(internal_subnet_name)
-        external_subnet = self.subnet(external_names[0])
+        internal_subnet, external_subnet = self.subnet(internal_name), self.subnet(external_names[0])
         used.update(id(s) for s in (internal_subnet, external_subnet) if s is not None)
+        workload, annotations = self.chosen_workload(_name(gw), used)
+        return _Surroundings(
+            gw,
+            internal_name,
+            internal_subnet,
+            external_names[0],
+            external_subnet,
+            workload,
+            provider_annotations(annotations),
+            self.attachments(annotations, workload or gw),
+        )
 
+    def chosen_workload(self, gw_name: str, used: set[int]) -> tuple[Obj | None, dict[str, str]]:
+        """The gateway's pod or workload and its annotations; the other candidates are noted."""
         workload, annotations, candidates = self.workload(gw_name)
         for candidate in candidates:
             if candidate is not workload:
@@ -538,129 +615,155 @@ class _Importer:
                 "no gateway pod or StatefulSet in the input: routes come from the VPC's Subnets and "
                 "spec.routes, the external address from --external-address",
             )
-        providers = provider_annotations(annotations)
-        attachments = parse_network_status(annotations.get(NETWORK_STATUS, "")) if NETWORK_STATUS in annotations else []
-        if attachments is None:
-            self.report("warning", workload or gw, f"unparsable {NETWORK_STATUS} annotation; ignored")
-            attachments = []
+        return workload, annotations
 
-        # internal side
-        internal_spec = _section(internal_subnet or {}, "spec")
-        internal_cidr = _v4_network(_v4_part(_text(internal_spec.get("cidrBlock"))), strict=False)
-        lan_ip = _v4_address(_text(spec.get("lanIp")))
-        internal = self.match_side(
-            providers,
-            internal_subnet_name,
-            _text(internal_spec.get("provider")),
-            internal_cidr,
-            lan_ip,
+    def attachments(self, annotations: dict[str, str], holder: Obj) -> list[Attachment]:
+        if NETWORK_STATUS not in annotations:
+            return []
+        attachments = parse_network_status(annotations[NETWORK_STATUS])
+        if attachments is None:
+            self.report("warning", holder, f"unparsable {NETWORK_STATUS} annotation; ignored")
+            return []
+        return attachments
+
+    def internal_side(self, around: _Surroundings) -> _Internal:
+        """The VPC side: its CIDR from the Subnet, else the pod; the gateway's address from
+        spec.lanIp, else the pod. Without either there is no state to write."""
+        subnet_spec = around.internal_spec
+        cidr = _v4_network(_v4_part(_text(subnet_spec.get("cidrBlock"))), strict=False)
+        address = _v4_address(_text(around.spec.get("lanIp")))
+        side = self.match_side(
+            around.providers,
+            around.internal_subnet_name,
+            _text(subnet_spec.get("provider")),
+            cidr,
+            address,
             None,
-            workload,
+            around.workload,
         )
-        if internal_cidr is None:
-            internal_cidr = _v4_network(_v4_part(internal.attributes.get("cidr", "")), strict=False)
-            if internal_cidr is None:
+        if cidr is None:
+            cidr = _v4_network(_v4_part(side.attributes.get("cidr", "")), strict=False)
+            if cidr is None:
                 raise ImportFailedError(
-                    f"the internal subnet's CIDR is unknown: give the Subnet {internal_subnet_name!r} "
+                    f"the internal subnet's CIDR is unknown: give the Subnet {around.internal_subnet_name!r} "
                     "(or a gateway pod with its cidr annotation)"
                 )
             self.report(
-                "note", ("Subnet", internal_subnet_name), f"not in the input; its CIDR {internal_cidr} from the pod"
+                "note", ("Subnet", around.internal_subnet_name), f"not in the input; its CIDR {cidr} from the pod"
             )
-        if lan_ip is None:
-            lan_ip = _v4_address(_v4_part(internal.attributes.get("ip_address", "")))
-            if lan_ip is None:
-                raise ImportFailedError(f"VpcNatGateway {gw_name} has no spec.lanIp and no pod says its VPC address")
-        if lan_ip not in internal_cidr:
-            self.report("warning", gw, f"lanIp {lan_ip} is outside its subnet {internal_cidr}")
-        internal_gateway = _v4_address(_v4_part(_text(internal_spec.get("gateway")))) or _v4_address(
-            _v4_part(internal.attributes.get("gateway", ""))
+        if address is None:
+            address = _v4_address(_v4_part(side.attributes.get("ip_address", "")))
+            if address is None:
+                raise ImportFailedError(
+                    f"VpcNatGateway {around.name} has no spec.lanIp and no pod says its VPC address"
+                )
+        if address not in cidr:
+            self.report("warning", around.gw, f"lanIp {address} is outside its subnet {cidr}")
+        gateway = _v4_address(_v4_part(_text(subnet_spec.get("gateway")))) or _v4_address(
+            _v4_part(side.attributes.get("gateway", ""))
         )
+        return _Internal(side, cidr, address, gateway)
 
-        # external side
-        external_spec = _section(external_subnet or {}, "spec")
-        external_cidr = _v4_network(_v4_part(_text(external_spec.get("cidrBlock"))), strict=False)
-        external_gateway = _v4_address(_v4_part(_text(external_spec.get("gateway"))))
-        external = self.match_side(
-            providers,
-            external_names[0],
-            _text(external_spec.get("provider")),
-            external_cidr,
+    def external_side(self, around: _Surroundings) -> _External:
+        """The external subnet's CIDR and gateway, from its Subnet, else the pod."""
+        subnet_spec = around.external_spec
+        cidr = _v4_network(_v4_part(_text(subnet_spec.get("cidrBlock"))), strict=False)
+        gateway = _v4_address(_v4_part(_text(subnet_spec.get("gateway"))))
+        side = self.match_side(
+            around.providers,
+            around.external_subnet_name,
+            _text(subnet_spec.get("provider")),
+            cidr,
             None,
-            external_gateway,
-            workload,
+            gateway,
+            around.workload,
         )
-        if external_cidr is None:
-            external_cidr = _v4_network(_v4_part(external.attributes.get("cidr", "")), strict=False)
-        if external_gateway is None:
-            external_gateway = _v4_address(_v4_part(external.attributes.get("gateway", "")))
-        if external_subnet is None:
+        if cidr is None:
+            cidr = _v4_network(_v4_part(side.attributes.get("cidr", "")), strict=False)
+        if gateway is None:
+            gateway = _v4_address(_v4_part(side.attributes.get("gateway", "")))
+        if around.external_subnet is None:
             self.report(
                 "warning",
-                ("Subnet", external_names[0]),
+                ("Subnet", around.external_subnet_name),
                 "the gateway's external subnet is not in the input; "
-                + (f"its CIDR {external_cidr} from the pod" if external_cidr else "its CIDR is unknown"),
+                + (f"its CIDR {cidr} from the pod" if cidr else "its CIDR is unknown"),
             )
+        return _External(side, cidr, gateway)
 
+    def interfaces(self, around: _Surroundings, internal: _Internal, external: _External, used: set[int]) -> Obj:
+        """The state without its EIPs and rules: both interfaces, their addresses, the VPC
+        routes and the gateways, IPv6 included where the input gives it."""
         internal_if = self.interface(
-            "internal", self.options.internal_interface, attachments, lambda ips: lan_ip in ips, workload
+            "internal",
+            self.options.internal_interface,
+            around.attachments,
+            lambda ips: internal.address in ips,
+            around.workload,
         )
         external_if = self.interface(
             "external",
             self.options.external_interface,
-            attachments,
-            lambda ips: external_cidr is not None and any(ip in external_cidr for ip in ips),
-            workload,
+            around.attachments,
+            lambda ips: external.cidr is not None and any(ip in external.cidr for ip in ips),
+            around.workload,
         )
-        if external_gateway is None:
-            for attachment in attachments:
-                if attachment.interface == external_if:
-                    external_gateway = next(filter(None, map(_v4_address, attachment.gateways)), None)
-        if external_gateway is None:
-            self.report("warning", gw, "the external gateway is unknown: no default route in the state")
-        external_address = self.external_address(external, attachments, external_if, external_cidr, workload)
-
+        gateway = self.external_gateway(around, external.gateway, external_if)
+        address = self.external_address(external.side, around.attachments, external_if, external.cidr, around.workload)
         internal6, external6, gateway6 = self.ipv6_sides(
-            spec, internal_spec, internal, external_spec, external, attachments, external_if
+            around.spec,
+            around.internal_spec,
+            internal.side,
+            around.external_spec,
+            external.side,
+            around.attachments,
+            external_if,
         )
         routes = self.internal_routes(
-            gw,
-            spec,
-            workload,
-            internal,
-            internal_cidr,
-            internal_gateway,
-            external_cidr,
+            around.gw,
+            around.spec,
+            around.workload,
+            internal.side,
+            internal.cidr,
+            internal.gateway,
+            external.cidr,
             used,
             _v6_network(internal6) if internal6 else None,
         )
-
         state: dict[str, Any] = {
             "version": 1,
-            "internal": {"interface": internal_if, "addresses": [f"{lan_ip}/{internal_cidr.prefixlen}"]},
-            "external": {"interface": external_if, "addresses": [str(external_address)] if external_address else []},
+            "internal": {"interface": internal_if, "addresses": [f"{internal.address}/{internal.cidr.prefixlen}"]},
+            "external": {"interface": external_if, "addresses": [str(address)] if address else []},
         }
         if routes:
             state["internal"]["routes"] = routes
-        if external_gateway is not None:
-            state["external"]["gateway"] = str(external_gateway)
+        if gateway is not None:
+            state["external"]["gateway"] = str(gateway)
         if internal6 is not None:
             state["internal"]["addresses"].append(internal6)
         if external6 is not None:
             state["external"]["addresses"].append(external6)
         if gateway6 is not None:
             state["external"]["gateway6"] = gateway6
+        return state
 
-        eips, eip_names = self.eips(gw_name, external_names[0], used)
-        rules = self.rules(eip_names, used)
-        state = self.validated(state, eips, rules)
-        eip_sources = {rule.entry["name"]: rule.source for rule in eips}
-        qos = self.by_kind.get("QoSPolicy", [])
-        used |= carry_qos(state, gw, eip_sources, qos, state_name, self.report)
+    def external_gateway(
+        self, around: _Surroundings, gateway: IPv4Address | None, interface: str
+    ) -> IPv4Address | None:
+        """The external subnet's gateway, else the one the CNI gave the external interface."""
+        if gateway is None:
+            for attachment in around.attachments:
+                if attachment.interface == interface:
+                    gateway = next(filter(None, map(_v4_address, attachment.gateways)), None)
+        if gateway is None:
+            self.report("warning", around.gw, "the external gateway is unknown: no default route in the state")
+        return gateway
+
+    def report_unused(self, used: set[int]) -> None:
+        """Every object neither used nor reported yet gets a finding: nothing goes silently."""
         for obj in self.objects:
             if id(obj) not in used and not self.reported(obj):
                 self.unused(obj)
-        return ImportResult(gw_name, state, self.findings)
 
     def reported(self, obj: Obj) -> bool:
         kind, name = str(obj["kind"]), _label(obj)
@@ -986,13 +1089,14 @@ class _Importer:
         if protocol not in ("tcp", "udp"):
             self.report("warning", obj, f"protocol {protocol or '(none)'} is not tcp or udp; skipped")
             return None
-        ports = []
+        ports: list[PortRange] = []
         for key in ("externalPort", "internalPort"):
-            match = PORT_PATTERN.match(_text(spec.get(key)))
-            if match is None:
-                self.report("warning", obj, f"{key} {spec.get(key)!r} is not a port or range; skipped")
+            port = kube_ovn_port_range(_text(spec.get(key)))
+            if isinstance(port, str):
+                why = "is not a port or range" if port == NOT_A_PORT else f"is refused: {port}"
+                self.report("warning", obj, f"{key} {spec.get(key)!r} {why}; skipped")
                 return None
-            ports.append(f"{match[1]}-{match[2]}" if match[2] else match[1])
+            ports.append(port)
         internal_ip = self.internal_ip(obj, _text(spec.get("internalIp")))
         if internal_ip is None:
             return None
@@ -1000,14 +1104,14 @@ class _Importer:
         if kind not in ("exclusive", "share"):
             self.report("warning", obj, f"type {kind!r} is neither exclusive nor share; skipped")
             return None
-        if kind == "share" and ("-" in ports[0] or "-" in ports[1]):
+        if kind == "share" and (len(ports[0]) > 1 or len(ports[1]) > 1):
             self.report("warning", obj, "a share DNAT takes single ports, not ranges; skipped")
             return None
         entry: dict[str, Any] = {
             "protocol": protocol,
-            "externalPort": ports[0],
+            "externalPort": str(ports[0]),
             "internalIp": internal_ip,
-            "internalPort": ports[1],
+            "internalPort": str(ports[1]),
         }
         if kind == "share":
             entry["type"] = "share"
@@ -1087,8 +1191,7 @@ class _Importer:
                 dropped: list[_Rule] = []
                 fatal: list[str] = []
                 for problem in err.problems:
-                    match = re.match(r"^\$\.(eips|snat|dnat|fip)\[(\d+)\]", problem.path)
-                    culprit = placed.get((match[1], int(match[2]))) if match else None
+                    culprit = placed.get((problem.section or "", problem.index or 0))
                     if culprit is None:
                         fatal.append(str(problem))
                     elif culprit not in dropped:

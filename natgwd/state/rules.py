@@ -29,7 +29,7 @@ from natgwd.state.model import (
     RuleKind,
     SnatRule,
 )
-from natgwd.state.ports import parse_port_range
+from natgwd.state.ports import port_range
 
 Rule = SnatRule | DnatRule | FipRule
 # (section, index in the document, field, reason)
@@ -145,8 +145,8 @@ def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) ->
 
 def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> DnatRule | None:
     known = ctx.known_eip(fail, "dnat", index, item["eip"])
-    external = _parsed(fail, "dnat", index, "externalPort", parse_port_range(item["externalPort"]))
-    internal_port = _parsed(fail, "dnat", index, "internalPort", parse_port_range(item["internalPort"]))
+    external = _parsed(fail, "dnat", index, "externalPort", port_range(item["externalPort"]))
+    internal_port = _parsed(fail, "dnat", index, "internalPort", port_range(item["internalPort"]))
     address = _parsed(fail, "dnat", index, "internalIp", usable_address(item["internalIp"]))
     if address is not None and not ctx.reachable(fail, "dnat", index, address):
         address = None

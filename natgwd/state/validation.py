@@ -45,6 +45,7 @@ from natgwd.state.model import (
     Route,
     RuleKind,
 )
+from natgwd.state.ports import NOT_A_PORT
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
 from natgwd.state.rules import network as parse_network
 
@@ -427,7 +428,7 @@ def _explain(error: jsonschema.ValidationError, parts: list[str | int]) -> list[
     if kind == "oneOf":
         if _definition_of(error.schema) == "decimal":
             return [Problem.at(parts, 'must be a number of at least 0, as a number or a string such as "2.5"')]
-        return [Problem.at(parts, 'must be a port 1-65535 (integer or string) or a range "first-last"')]
+        return [Problem.at(parts, NOT_A_PORT)]
     if kind == "maxItems":
         return [Problem.at(parts, f"has more than {value} items")]
     return [Problem.at(parts, error.message)]

@@ -16,14 +16,13 @@ import itertools
 import json
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from natgwd.lab.topology import EXTERNAL_HOST, EXTERNAL_PREFIX, LAN_ROUTER, SEED_STATE, Lab, Natgwd, run
-from tests.integration.helpers import METRICS_PORT, natgwd_command, wait_for
+from tests.integration.helpers import METRICS_PORT, client_command, natgwd_command, wait_for
 
 GATEWAYS = ("gwa", "gwb")
 SYNC = {"gwa": "169.254.64.1", "gwb": "169.254.64.2"}
@@ -130,48 +129,6 @@ def metric(daemon: Natgwd, sample: str) -> float | None:
 
 # --- flows ----------------------------------------------------------------------------
 
-_FLOW = r"""
-import socket, sys, time
-proto, host, port, log, period = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
-out = open(log, "a", buffering=1)
-try:
-    if proto == "tcp":
-        s = socket.create_connection((host, port), timeout=30)
-        out.write("connected %s:%d\n" % s.getsockname())
-    else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.connect((host, port))
-        out.write("connected %s:%d\n" % s.getsockname())
-    n = 0
-    while True:
-        n += 1
-        msg = b"ping %d\n" % n
-        s.send(msg)
-        if proto == "tcp":
-            got = b""
-            while not got.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    raise ConnectionError("closed by the peer")
-                got += chunk
-            if got != msg:
-                raise ValueError("echo %r != %r" % (got, msg))
-            out.write("ok %d %.4f\n" % (n, time.monotonic()))
-            time.sleep(period)
-        else:
-            # Answers until the next datagram is due; one datagram per period.
-            due = time.monotonic() + period
-            while (left := due - time.monotonic()) > 0:
-                s.settimeout(left)
-                try:
-                    got = s.recv(4096)
-                except TimeoutError:
-                    break
-                out.write("ok %d %.4f %s\n" % (n, time.monotonic(), got.decode()))
-except Exception as err:
-    out.write("error %s: %s\n" % (type(err).__name__, err))
-"""
-
 
 @dataclass
 class Flow:
@@ -221,7 +178,7 @@ class Flow:
 
 def start_flow(lab: Lab, role: str, proto: str, address: str, port: int, name: str, period: float = 0.02) -> Flow:
     flow = Flow(name, lab.workdir / f"flow-{name}.log")
-    lab.spawn(role, sys.executable, "-c", _FLOW, proto, address, str(port), str(flow.log_path), str(period))
+    lab.spawn(role, *client_command("echo", proto, address, port, flow.log_path, period, 30))
     flow.local()
     return flow
 

@@ -387,29 +387,12 @@ def kill_process(process: subprocess.Popen[bytes]) -> None:
         process.wait(5)
 
 
-PROBER = r"""
-import socket, sys, time
-host, port, interval, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-log = open(out, "a", buffering=1)
-while True:
-    started = time.time()
-    try:
-        c = socket.create_connection((host, port), timeout=1)
-        c.settimeout(1)
-        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while True:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        c.close()
-        assert data.startswith(b"HTTP/1.1 200"), data[:60]
-        log.write("%.3f ok %s\n" % (started, data.rsplit(b"\r\n", 1)[-1].decode()))
-    except Exception as err:
-        log.write("%.3f fail %s\n" % (started, type(err).__name__))
-    time.sleep(max(0.0, interval - (time.time() - started)))
-"""
+CLIENTS = Path(__file__).with_name("clients.py")
+
+
+def client_command(mode: str, *args: object) -> list[str]:
+    """The command line of one of the client programs of clients.py (see its docstring)."""
+    return [sys.executable, str(CLIENTS), mode, *map(str, args)]
 
 
 @dataclass
@@ -430,7 +413,7 @@ class Prober:
 
 def prober(lab: Lab, role: str, address: str, port: int, name: str, interval: float = 0.05) -> Prober:
     path = lab.workdir / f"probe-{name}.log"
-    process = lab.spawn(role, sys.executable, "-c", PROBER, address, str(port), str(interval), str(path))
+    process = lab.spawn(role, *client_command("http-probe", address, port, interval, path))
     probe = Prober(name, path, process)
     wait_for(lambda: any(ok for _, ok, _ in probe.results()), f"the {name} prober's first success", timeout=10)
     return probe

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from natgwd.lab.topology import Lab, Natgwd
-from tests.integration.helpers import RuleCounters, wait_for
+from tests.integration.helpers import RuleCounters, client_command, wait_for
 
 # --- natgwd's metrics ------------------------------------------------------------------
 
@@ -65,33 +65,6 @@ def udp_once(lab: Lab, role: str, address: str, port: int, source_port: int, tim
     return lab.udp_exchange(role, address, port, [b"x"], timeout=timeout, source_port=source_port)[0]
 
 
-_STREAM_CLIENT = r"""
-import socket, sys, time
-host, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-out = open(log, "a", buffering=1)
-try:
-    s = socket.create_connection((host, port), timeout=10)
-    out.write("connected %s:%d\n" % s.getsockname())
-    n = 0
-    while True:
-        n += 1
-        msg = b"ping %d\n" % n
-        s.sendall(msg)
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed by the peer")
-            got += chunk
-        if got != msg:
-            raise ValueError("echo %r != %r" % (got, msg))
-        out.write("ok %d\n" % n)
-        time.sleep(0.05)
-except Exception as err:
-    out.write("error %s: %s\n" % (type(err).__name__, err))
-"""
-
-
 @dataclass
 class TcpStream:
     """One TCP connection from a namespace to an echo server that sends a line every
@@ -127,7 +100,7 @@ class TcpStream:
 
 def tcp_stream(lab: Lab, role: str, address: str, port: int, name: str) -> TcpStream:
     log_path = lab.workdir / f"stream-{name}.log"
-    process = lab.spawn(role, sys.executable, "-c", _STREAM_CLIENT, address, str(port), str(log_path))
+    process = lab.spawn(role, *client_command("echo", "tcp", address, port, log_path, 0.05, 10))
     stream = TcpStream(log_path, process)
     stream.local_address()
     return stream

@@ -47,6 +47,7 @@ from tests.integration.helpers import (
     assert_dnat_works,
     assert_fip_works,
     assert_snat_works,
+    client_command,
     encode,
     events_named,
     fetch,
@@ -1479,59 +1480,6 @@ WARM_UP_SHARE = 0.25
 LEAK_BOUND_MB = 50
 SOAK_RSS_CEILING_MB = 400
 
-SOAK_TRAFFIC = r"""
-import json, socket, sys, threading, time
-host, port, seconds, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-result = {"echo_ok": 0, "echo_errors": [], "http_ok": 0, "http_errors": [], "echo_local": None}
-stop = time.monotonic() + seconds
-def echo():
-    try:
-        s = socket.create_connection((host, port), timeout=5)
-        result["echo_local"] = "%s:%d" % s.getsockname()
-        n = 0
-        while time.monotonic() < stop:
-            n += 1
-            msg = b"ping %d\n" % n
-            s.sendall(msg)
-            got = b""
-            while not got.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    raise ConnectionError("closed by the peer")
-                got += chunk
-            if got != msg:
-                raise ValueError("echo %r != %r" % (got, msg))
-            result["echo_ok"] += 1
-            time.sleep(0.05)
-        s.close()
-    except Exception as err:
-        result["echo_errors"].append("%.3f %s: %s" % (time.time(), type(err).__name__, err))
-def http():
-    while time.monotonic() < stop:
-        started = time.monotonic()
-        try:
-            c = socket.create_connection((host, port), timeout=3)
-            c.settimeout(3)
-            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            data = b""
-            while True:
-                chunk = c.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            c.close()
-            if not data.startswith(b"HTTP/1.1 200"):
-                raise ValueError(repr(data[:80]))
-            result["http_ok"] += 1
-        except Exception as err:
-            result["http_errors"].append("%.3f %s: %s" % (time.time(), type(err).__name__, err))
-        time.sleep(max(0.0, 1 - (time.monotonic() - started)))
-threads = [threading.Thread(target=echo), threading.Thread(target=http)]
-for t in threads: t.start()
-for t in threads: t.join()
-json.dump(result, open(out, "w"))
-"""
-
 
 def soak_state() -> dict[str, Any]:
     """10,000 rules: the seed's three, 9,497 DNAT (one of them `churn`, whose target the
@@ -1581,7 +1529,7 @@ def _soak(lab: Lab, seconds: float) -> None:
     applied_start = metric(daemon, 'natgwd_reconciles_total{result="applied"}') or 0
 
     out = lab.workdir / "soak-traffic.json"
-    traffic = lab.spawn("ext", sys.executable, "-c", SOAK_TRAFFIC, DNAT_EIP, "8888", str(seconds), str(out))
+    traffic = lab.spawn("ext", *client_command("soak", DNAT_EIP, 8888, seconds, out))
     writes = [1]
     stop = threading.Event()
 

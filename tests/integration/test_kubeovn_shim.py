@@ -28,7 +28,7 @@ import pytest
 
 from natgwd.lab.topology import EXTERNAL_HOST, Lab, Natgwd
 from natgwd.state.validation import InvalidStateError, load_state
-from tests.integration.helpers import addresses, events_named, kill_process, prober, routes, tcp_get
+from tests.integration.helpers import addresses, client_command, events_named, kill_process, prober, routes, tcp_get
 from tests.integration.qos_helpers import assert_shaped, iperf, iperf_server
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
@@ -99,22 +99,7 @@ class Gateway:
 
     def answers(self, role: str, address: str, port: int, count: int) -> list[str]:
         """`count` fresh HTTP connections from `role`; each answer ('' when none)."""
-        script = (
-            "import socket,json\n"
-            "out=[]\n"
-            f"for _ in range({count}):\n"
-            "    try:\n"
-            f"        s=socket.create_connection(({address!r},{port}),timeout=2)\n"
-            "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-            "        data=b''\n"
-            "        while chunk:=s.recv(4096): data+=chunk\n"
-            "        s.close()\n"
-            "        out.append(data.split(b'\\r\\n\\r\\n',1)[-1].decode())\n"
-            "    except OSError:\n"
-            "        out.append('')\n"
-            "print(json.dumps(out))\n"
-        )
-        result = self.lab.exec(role, sys.executable, "-c", script, timeout=count * 3 + 10)
+        result = self.lab.exec(role, *client_command("http-answers", address, port, count), timeout=count * 3 + 10)
         return list(json.loads(result.stdout))
 
 
