@@ -42,10 +42,14 @@ def _connect(family: int = socket.AF_INET) -> Conntrack:
 
 class ConntrackCleaner:
     """Entries of both families: a dump asks for one family (nfgen_family), so each
-    family gets dumps and a delete socket of its own."""
+    family gets a dump socket and a delete socket of its own. They stay open from one
+    clean to the next (opening and closing netlink sockets costs milliseconds on a busy
+    machine) and are opened again after an error; the delete socket only once an entry
+    is stale."""
 
     def __init__(self, connect: Callable[[int], Conntrack] = _connect) -> None:
         self._connect = connect
+        self._sockets: dict[tuple[int, str], Conntrack] = {}
 
     def clean(self, translations: Translations, filters: list[Filter] | None) -> Counter[str]:
         """Delete the stale entries among those the filters select (all when None);
@@ -57,29 +61,42 @@ class ConntrackCleaner:
             )
             if wanted == []:
                 continue
-            self._clean_family(family, translations, wanted, deleted)
+            try:
+                self._clean_family(family, translations, wanted, deleted)
+            except BaseException:
+                self._close(family)
+                raise
         return deleted
+
+    def _socket(self, family: int, role: str) -> Conntrack:
+        found = self._sockets.get((family, role))
+        if found is None:
+            found = self._sockets[family, role] = self._connect(family)
+        return found
+
+    def _close(self, family: int) -> None:
+        for role in ("dumps", "deletes"):
+            ct = self._sockets.pop((family, role), None)
+            if ct is not None:
+                with contextlib.suppress(Exception):
+                    ct.close()
 
     def _clean_family(
         self, family: int, translations: Translations, filters: list[Filter] | None, deleted: Counter[str]
     ) -> None:
-        with self._connect(family) as dumps, contextlib.ExitStack() as stack:
-            deletes: Conntrack | None = None  # opened at the first stale entry: most changes find none
-            for entry in self._candidates(dumps, family, filters):
-                reason = translations.stale(_flow(entry))
-                if reason is None:
-                    continue
-                if deletes is None:
-                    deletes = stack.enter_context(self._connect(family))
-                try:
-                    deletes.delete(entry)
-                except NetlinkError as err:
-                    # Already gone: expired, deleted by its peer, or met twice (an entry
-                    # can match the filters of both an original and a reply dump).
-                    if err.code != errno.ENOENT:
-                        raise
-                    continue
-                deleted[reason] += 1
+        for entry in self._candidates(self._socket(family, "dumps"), family, filters):
+            reason = translations.stale(_flow(entry))
+            if reason is None:
+                continue
+            try:
+                self._socket(family, "deletes").delete(entry)
+            except NetlinkError as err:
+                # Already gone: expired, deleted by its peer, or met twice (an entry
+                # can match the filters of both an original and a reply dump).
+                if err.code != errno.ENOENT:
+                    raise
+                continue
+            deleted[reason] += 1
 
     def _candidates(self, ct: Conntrack, family: int, filters: list[Filter] | None) -> Iterator[object]:
         if filters is None:

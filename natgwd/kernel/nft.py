@@ -56,6 +56,9 @@ class KernelNft:
 
         self._run = _Context(Nftables(), json_output=True)
         self._sets = SetDumper(NFPROTO_INET, TABLE)
+        self._generation_socket: socket.socket | None = None
+        self._generation_lock = threading.Lock()
+        self._sequence = 0
 
     def apply(self, tx: Transaction) -> None:
         if tx:
@@ -101,15 +104,31 @@ class KernelNft:
 
     def generation(self) -> int:
         """The kernel's ruleset generation: it moves with every commit to any table.
-        Asked over a bare netlink socket: a change asks twice, and a library's socket
-        setup costs milliseconds each time."""
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
+        Asked on a bare netlink socket kept open: a change asks twice, and opening (or
+        closing) a netlink socket costs a millisecond on a busy machine."""
+        with self._generation_lock:
+            try:
+                return self._ask_generation()
+            except OSError:
+                self._close_generation_socket()  # a broken socket: one more try on a new one
+                return self._ask_generation()
+
+    def _ask_generation(self) -> int:
+        if self._generation_socket is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
             sock.bind((0, 0))
-            request = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-            kind = (NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN
-            sock.send(struct.pack("=IHHII", 16 + len(request), kind, NLM_F_REQUEST, 1, 0) + request)
-            reply = sock.recv(4096)
-        length, kind_seen = struct.unpack_from("=IH", reply)
+            self._generation_socket = sock
+        self._sequence += 1
+        request = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETGEN
+        self._generation_socket.send(
+            struct.pack("=IHHII", 16 + len(request), kind, NLM_F_REQUEST, self._sequence, 0) + request
+        )
+        while True:
+            reply = self._generation_socket.recv(4096)
+            length, kind_seen, _, sequence = struct.unpack_from("=IHHI", reply)
+            if sequence == self._sequence:  # not a late answer to an earlier try
+                break
         if kind_seen == NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", reply, 16)
             raise NftError(f"reading the ruleset generation: {os.strerror(-code)}")
@@ -120,6 +139,11 @@ class KernelNft:
                 return int(struct.unpack_from("!I", reply, offset + 4)[0])
             offset += (size + 3) & ~3
         raise NftError("the kernel's answer names no ruleset generation")
+
+    def _close_generation_socket(self) -> None:
+        if self._generation_socket is not None:
+            self._generation_socket.close()
+            self._generation_socket = None
 
 
 _LARGE_BYTES = 1 << 20
