@@ -162,12 +162,13 @@ class ConnectionWatch:
 
     # --- scrapes --------------------------------------------------------------------------
 
-    def exposition(self, listings: Listings) -> bytes:
+    def exposition(self, listings: Listings, rules: RuleLabelTexts | None = None) -> bytes:
         """The lines for a scrape, given the counting sets it listed just before: the
         events queued until now are taken first, so every first packet counted in the
-        listing whose connection was committed has had its NEW event counted."""
+        listing whose connection was committed has had its NEW event counted. `rules`:
+        the label texts the scrape's rule counters keep, rather than a copy of its own."""
         connections = listings.get(RULE_CONNECTIONS, ())
-        labelled = self._rules.of(connections)
+        labelled = (rules or self._rules).of(connections)
         if labelled is not self._by_id[0]:
             by_id = {label.id: label for label in sorted(labelled.values(), key=_ID)}
             self._by_id = (labelled, by_id, [label.text for label in by_id.values()])
@@ -180,10 +181,10 @@ class ConnectionWatch:
             failures_per_eip: dict[str, int] = {}
             for eip, failed in self._failures.values():
                 failures_per_eip[eip] = failures_per_eip.get(eip, 0) + failed
-        open_per_eip = dict.fromkeys((label.rule.eip for label in by_id.values()), 0)
+        open_per_eip = dict.fromkeys((label.eip for label in by_id.values()), 0)
         for mark, now_open in snapshot.open.items():
             if (label := by_id.get(mark)) is not None:
-                open_per_eip[label.rule.eip] += now_open
+                open_per_eip[label.eip] += now_open
         ids = by_id.keys()
         pieces = [
             family_text(_FAMILIES[0], texts, repeat("} "), list(map(str, map(snapshot.open.get, ids, repeat(0))))),
@@ -216,7 +217,7 @@ class ConnectionWatch:
         for mark, count, _, _ in connections:
             if (label := labelled.get(mark)) is None:
                 continue
-            rule_id, eip = label.id, label.rule.eip
+            rule_id, eip = label.id, label.eip
             failed = int(count) - base.get(rule_id, 0) - opened.get(rule_id, 0) + self._prior.get(rule_id, 0)
             known = failures.get(rule_id)
             if known is None or known[0] != eip or failed > known[1]:

@@ -175,7 +175,7 @@ class Daemon:
         listings = self._counting_sets()
         shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
         body = generate_latest(self.registry) + self.rule_counters.exposition(listings) + ctstats.scrape() + shaping
-        return body + self.watch.exposition(listings) if self.watch is not None else body
+        return body + self.watch.exposition(listings, self.rule_counters.rules) if self.watch is not None else body
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

@@ -90,7 +90,7 @@ class RuleCounters:
 
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
-        self._rules = RuleLabelTexts()
+        self.rules = RuleLabelTexts()  # the connection watch's scrape shares them
 
     def exposition(self, listings: Listings | None = None) -> bytes:
         """`listings`: the counting sets when the caller has just listed them (one listing
@@ -98,8 +98,12 @@ class RuleCounters:
         if listings is None:
             listings = self._read()
         connections = listings.get(RULE_CONNECTIONS, ())
-        labelled = self._rules.of(connections)
-        counts = [count for mark, count, _, _ in connections if mark in labelled]
+        labelled = self.rules.of(connections)
+        texts, counts = [], []
+        for mark, count, _, _ in connections:
+            if (rule := labelled.get(mark)) is not None:
+                texts.append(rule.text)
+                counts.append(count)
         rules, directions, packets, octets = [], [], [], []
         direction_texts: dict[str, str] = {}
         for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
@@ -118,7 +122,7 @@ class RuleCounters:
             dropped.append(count)
         return "".join(
             chain(
-                family_text(_FAMILIES[0], [rule.text for rule in labelled.values()], repeat("} "), counts),
+                family_text(_FAMILIES[0], texts, repeat("} "), counts),
                 family_text(_FAMILIES[1], rules, directions, packets),
                 family_text(_FAMILIES[2], rules, directions, octets),
                 family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
@@ -128,9 +132,9 @@ class RuleCounters:
 
 class RuleLabel(NamedTuple):
     comment: str  # the connections element's, which the rest was made from
-    rule: RuleLabels
     text: str  # kind="…",name="…",eip="…"
     id: int  # the mark, as a number
+    eip: str
 
 
 class RuleLabelTexts:
@@ -144,8 +148,8 @@ class RuleLabelTexts:
         self._known: dict[str, RuleLabel] = {}
 
     def of(self, connections: Iterable[CountedElement]) -> dict[str, RuleLabel]:
-        """mark -> label, for the connections elements whose comment names a rule, in
-        the listing's order."""
+        """mark -> label, for the connections elements whose comment names a rule (in
+        no particular order: the kernel lists them in another order after changes)."""
         known = self._known
         found: dict[str, RuleLabel] = {}
         made = 0
@@ -155,7 +159,7 @@ class RuleLabelTexts:
                 rule = RuleLabels.from_comment(comment)
                 if rule is None:
                     continue
-                label = RuleLabel(comment, rule, labels_text(rule), int(mark, 0))
+                label = RuleLabel(comment, labels_text(rule), int(mark, 0), rule.eip)
                 made += 1
             found[mark] = label
         if not made and len(found) == len(known):
