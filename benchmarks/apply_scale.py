@@ -428,10 +428,10 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
 # --- end-to-end worker (runs in the Lab's gateway namespace, next to the daemon) --------
 
 
-def http_get(port: int, path: str, timeout: float = 30) -> tuple[int, bytes]:
+def http_get(port: int, path: str, timeout: float = 30, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -506,8 +506,17 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 "samples": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
             }
         )
+    # As Prometheus scrapes: it asks for gzip.
+    gzipped = []
+    for _ in range(args.scrapes):
+        started = time.perf_counter()
+        status, body = http_get(port, "/metrics", timeout=120, headers={"Accept-Encoding": "gzip"})
+        seconds = time.perf_counter() - started
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        gzipped.append({"seconds": seconds, "bytes": len(body)})
     rss["after_scrapes"] = rss_of(pid)
-    return {"events": events, "scrapes": scrapes, "rss_kb": rss, "daemon_cmdline": cmdline}
+    return {"events": events, "scrapes": scrapes, "gzip_scrapes": gzipped, "rss_kb": rss, "daemon_cmdline": cmdline}
 
 
 # --- orchestration (host namespace) -----------------------------------------------------
@@ -631,6 +640,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             key: by_kind(endtoend["events"], key) for key in ("seconds", "daemon_seconds", "daemon_cpu_seconds")
         }
         out["endtoend"]["scrape"] = summary([s["seconds"] for s in endtoend["scrapes"]])
+        out["endtoend"]["scrape_gzip"] = summary([s["seconds"] for s in endtoend.get("gzip_scrapes", [])])
     return out
 
 
@@ -726,6 +736,12 @@ def report(results: dict[str, Any]) -> str:
             f"/metrics scrape (HTTP, daemon): median {_ms(sc)} ms, p95 {_ms(sc, 'p95')} ms, "
             f"{first.get('bytes', 0) / 1e6:.1f} MB, {first.get('samples', 0)} samples"
         )
+        gz = s["endtoend"]["scrape_gzip"]
+        if gz.get("n"):
+            lines.append(
+                f"/metrics scrape with gzip (as Prometheus asks): median {_ms(gz)} ms, p95 {_ms(gz, 'p95')} ms, "
+                f"{e2e['gzip_scrapes'][0]['bytes'] / 1e6:.2f} MB"
+            )
         rss = e2e["rss_kb"]
         lines.append(
             "daemon RSS: idle {} MB, after full apply {} MB, after scrapes {} MB (peak VmHWM {} MB)".format(
