@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from natgwd.kernel.setdump import SetDumpError, _elements, key_layout
+from natgwd.kernel.setdump import SetDumpError, _decode, _element_pattern, key_layout
 from natgwd.planning.counters import counted_elements
 from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, set_key_type
 from natgwd.planning.table import Counter, Element
@@ -51,8 +51,9 @@ def mark(value: int) -> bytes:
 
 
 def decode(key_type: str, *elements: bytes) -> list[tuple[str, str, str, str]]:
-    listing, _ = _elements([message(*elements)], key_layout(key_type), {})
-    return listing
+    layout = key_layout(key_type)
+    payload, start = message(*elements)
+    return _decode(payload, start, _element_pattern(layout.size), layout)
 
 
 def test_marks_with_comments_and_both_expression_forms() -> None:
