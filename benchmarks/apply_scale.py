@@ -493,6 +493,7 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
             print(f"end-to-end full apply: {seconds:.3f}s", flush=True)
 
     scrapes = []
+    cpu_before = cpu_seconds(pid)
     for _ in range(args.scrapes):
         started = time.perf_counter()
         status, body = http_get(port, "/metrics", timeout=120)
@@ -506,8 +507,12 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 "samples": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
             }
         )
+    # The daemon's CPU per scrape: wall time on a shared machine says less (clock ticks,
+    # so averaged over the scrapes).
+    scrape_cpu = (cpu_seconds(pid) - cpu_before) / max(args.scrapes, 1)
     # As Prometheus scrapes: it asks for gzip.
     gzipped = []
+    cpu_before = cpu_seconds(pid)
     for _ in range(args.scrapes):
         started = time.perf_counter()
         status, body = http_get(port, "/metrics", timeout=120, headers={"Accept-Encoding": "gzip"})
@@ -515,8 +520,17 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
         gzipped.append({"seconds": seconds, "bytes": len(body)})
+    gzip_cpu = (cpu_seconds(pid) - cpu_before) / max(args.scrapes, 1)
     rss["after_scrapes"] = rss_of(pid)
-    return {"events": events, "scrapes": scrapes, "gzip_scrapes": gzipped, "rss_kb": rss, "daemon_cmdline": cmdline}
+    return {
+        "events": events,
+        "scrapes": scrapes,
+        "scrape_cpu_seconds": scrape_cpu,
+        "gzip_scrapes": gzipped,
+        "gzip_scrape_cpu_seconds": gzip_cpu,
+        "rss_kb": rss,
+        "daemon_cmdline": cmdline,
+    }
 
 
 # --- orchestration (host namespace) -----------------------------------------------------
@@ -735,12 +749,14 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"/metrics scrape (HTTP, daemon): median {_ms(sc)} ms, p95 {_ms(sc, 'p95')} ms, "
             f"{first.get('bytes', 0) / 1e6:.1f} MB, {first.get('samples', 0)} samples"
+            + (f", daemon CPU {e2e['scrape_cpu_seconds'] * 1000:.0f} ms each" if "scrape_cpu_seconds" in e2e else "")
         )
         gz = s["endtoend"]["scrape_gzip"]
         if gz.get("n"):
             lines.append(
                 f"/metrics scrape with gzip (as Prometheus asks): median {_ms(gz)} ms, p95 {_ms(gz, 'p95')} ms, "
-                f"{e2e['gzip_scrapes'][0]['bytes'] / 1e6:.2f} MB"
+                f"{e2e['gzip_scrapes'][0]['bytes'] / 1e6:.2f} MB, "
+                f"daemon CPU {e2e['gzip_scrape_cpu_seconds'] * 1000:.0f} ms each"
             )
         rss = e2e["rss_kb"]
         lines.append(
