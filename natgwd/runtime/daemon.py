@@ -171,11 +171,13 @@ class Daemon:
 
     # --- the HTTP endpoint's answers ---------------------------------------------------
 
-    def exposition(self) -> bytes:
+    def exposition(self) -> list[bytes]:
         listings = self._counting_sets()
         shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
-        body = generate_latest(self.registry) + self.rule_counters.exposition(listings) + ctstats.scrape() + shaping
-        return body + self.watch.exposition(listings, self.rule_counters.rules) if self.watch is not None else body
+        parts = [generate_latest(self.registry), self.rule_counters.exposition(listings), ctstats.scrape(), shaping]
+        if self.watch is not None:
+            parts.append(self.watch.exposition(listings, self.rule_counters.rules))
+        return parts
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes
