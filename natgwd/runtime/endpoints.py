@@ -15,6 +15,8 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from natgwd.runtime.memory import release_freed_memory
+
 log = structlog.get_logger("natgwd.http")
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
@@ -132,6 +134,9 @@ def serve(
                     self._send(200, CONTENT_TYPE_LATEST, *gzipped(parts), gzipped=True)
                 else:
                     self._send(200, CONTENT_TYPE_LATEST, *parts)
+                del parts
+                # A scrape frees some 30 MB at 10,000 rules; given back after it was sent.
+                release_freed_memory()
             elif path == "/":
                 self._send(200, "text/plain; charset=utf-8", b"natgwd: /metrics /healthz /readyz\n")
             elif path == "/healthz":
