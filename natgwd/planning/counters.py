@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
+from itertools import compress
+from operator import itemgetter
 
 from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.table import Counter, Element
@@ -52,14 +54,15 @@ class CounterMemory:
 
     def __init__(self) -> None:
         self._known: dict[str, dict[str, Counter]] = {name: {} for name in COUNTING_SETS}
-        self._latest_listings: dict[str, list[tuple[str, str, str]]] | None = None  # from a scrape, not yet merged
+        self._latest_listings: dict[str, list[CountedElement]] | None = None  # from a scrape, not yet merged
         self._lock = threading.Lock()
 
     def remember_listings(self, listings: Listings) -> None:
-        """From a scrape: its elements that counted something, merged when next
-        consulted (a scrape must not wait for the merge)."""
+        """From a scrape: its elements that counted a packet (a byte comes with one),
+        merged when next consulted (a scrape must not wait for the merge; picked out in
+        one C loop)."""
         counted = {
-            name: [(key, packets, octets) for key, packets, octets, _ in listing if packets != "0" or octets != "0"]
+            name: list(compress(listing, map("0".__ne__, map(itemgetter(1), listing))))
             for name, listing in listings.items()
             if name in self._known
         }
@@ -94,7 +97,7 @@ class CounterMemory:
             listings, self._latest_listings = self._latest_listings, None
         for name, listing in (listings or {}).items():
             known = self._known[name]
-            for key, packets, octets in listing:
+            for key, packets, octets, _ in listing:
                 self._keep(known, canonical_key(key) if "0x" in key else key, Counter(int(packets), int(octets)))
 
     @staticmethod

@@ -55,10 +55,10 @@ def test_forgetting_keeps_only_present_elements_including_a_pending_listing() ->
 
 def test_a_reading_of_zero_is_not_kept() -> None:
     memory = CounterMemory()
-    memory.remember_listings({"rule_connections": [("7", "0", "0", "dnat/d/10.0.0.1"), ("8", "0", "60", "")]})
+    memory.remember_listings({"rule_connections": [("7", "0", "0", "dnat/d/10.0.0.1"), ("8", "1", "60", "")]})
     memory.remember({"rule_traffic": {"reply . 7": Element(counter=Counter(0, 0))}})
     assert memory.get(("rule_connections", "7")) is None
-    assert memory.get(("rule_connections", "8")) == Counter(0, 60)
+    assert memory.get(("rule_connections", "8")) == Counter(1, 60)
     assert memory.get(("rule_traffic", "reply . 7")) is None
 
 
