@@ -4,9 +4,10 @@ are rather than mirrored into client-side counters)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, repeat
-from typing import NamedTuple
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -91,6 +92,8 @@ class RuleCounters:
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
         self.rules = RuleLabelTexts()  # the connection watch's scrape shares them
+        # rule_traffic key -> (label text, direction text), for the rules' labels it was made from.
+        self._traffic_texts: tuple[Mapping[str, RuleLabel], dict[str, tuple[str, str]]] = ({}, {})
 
     def exposition(self, listings: Listings | None = None) -> bytes:
         """`listings`: the counting sets when the caller has just listed them (one listing
@@ -99,23 +102,13 @@ class RuleCounters:
             listings = self._read()
         connections = listings.get(RULE_CONNECTIONS, ())
         labelled = self.rules.of(connections)
-        texts, counts = [], []
-        for mark, count, _, _ in connections:
-            if (rule := labelled.get(mark)) is not None:
-                texts.append(rule.text)
-                counts.append(count)
-        rules, directions, packets, octets = [], [], [], []
-        direction_texts: dict[str, str] = {}
-        for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
-            direction, mark = split_traffic_key(key)
-            if (rule := labelled.get(mark)) is not None:
-                rules.append(rule.text)
-                text = direction_texts.get(direction)
-                if text is None:
-                    text = direction_texts[direction] = f',direction="{escaped(direction)}"}} '
-                directions.append(text)
-                packets.append(count)
-                octets.append(size)
+        found = list(map(labelled.get, map(_KEY, connections)))
+        if None in found:  # elements that name no rule are left out
+            texts = [label.text for label in found if label is not None]
+            counts = [element[1] for element, label in zip(connections, found, strict=True) if label is not None]
+        else:
+            texts, counts = list(map(_TEXT, found)), list(map(_PACKETS, connections))
+        rules, directions, packets, octets = self._traffic(labelled, listings.get(RULE_TRAFFIC, ()))
         interfaces, dropped = [], []
         for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
             interfaces.append(escaped(interface.strip('"')))
@@ -128,6 +121,46 @@ class RuleCounters:
                 family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
             )
         ).encode()
+
+    def _traffic(
+        self, labelled: Mapping[str, RuleLabel], traffic: Sequence[CountedElement]
+    ) -> tuple[list[str], list[str], list[str], list[str]]:
+        """Label text, direction text, packets and bytes of the traffic elements of the
+        labelled rules. While the rules stay the same (the same mapping from
+        RuleLabelTexts), each key's texts are looked up in C loops."""
+        made_for, texts_of = self._traffic_texts
+        if made_for is labelled:
+            found = list(map(texts_of.get, map(_KEY, traffic)))
+            if None not in found:
+                return (
+                    list(map(_KEY, found)),
+                    list(map(_TEXT, found)),
+                    list(map(_PACKETS, traffic)),
+                    list(map(_BYTES, traffic)),
+                )
+        texts_of = {}
+        direction_texts: dict[str, str] = {}
+        rules, directions, packets, octets = [], [], [], []
+        for key, count, size, _ in traffic:
+            direction, mark = split_traffic_key(key)
+            if (rule := labelled.get(mark)) is not None:
+                text = direction_texts.get(direction)
+                if text is None:
+                    text = direction_texts[direction] = f',direction="{escaped(direction)}"}} '
+                texts_of[key] = (rule.text, text)
+                rules.append(rule.text)
+                directions.append(text)
+                packets.append(count)
+                octets.append(size)
+        self._traffic_texts = (labelled, texts_of)
+        return rules, directions, packets, octets
+
+
+# Fields of listed elements, of RuleLabel and of (text, text) pairs, for C loops.
+_KEY: Callable[[Any], str] = itemgetter(0)
+_TEXT: Callable[[Any], str] = itemgetter(1)
+_PACKETS: Callable[[Any], str] = itemgetter(1)
+_BYTES: Callable[[Any], str] = itemgetter(2)
 
 
 class RuleLabel(NamedTuple):

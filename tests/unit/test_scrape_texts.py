@@ -123,3 +123,26 @@ def test_the_watch_writes_the_same_with_the_rule_counters_label_texts(
     for listing in sequence:
         counters.exposition(listing)
         assert shared.exposition(listing, counters.rules) == alone.exposition(listing)
+
+
+def test_scrapes_of_unchanged_rules_with_new_counts_and_elements() -> None:
+    connections = [("1", "10", "0", "dnat/a/10.0.0.1"), ("2", "20", "0", "fip/b/10.0.0.2"), ("3", "1", "0", "")]
+    first = {
+        "rule_connections": connections,
+        "rule_traffic": [("original . 1", "1", "10", ""), ("reply . 2", "2", "20", "")],
+    }
+    later = [
+        {
+            "rule_connections": connections,
+            "rule_traffic": [("reply . 2", "5", "50", ""), ("original . 1", "4", "40", "")],
+        },
+        # A key seen for the first time, and one of an element that names no rule.
+        {
+            "rule_connections": connections,
+            "rule_traffic": [("reply . 1", "7", "70", ""), ("original . 3", "1", "1", "")],
+        },
+        {"rule_connections": connections[::-1], "rule_traffic": [("reply . 1", "8", "80", "")]},
+    ]
+    counters = RuleCounters(dict)
+    for listing in (first, *later):
+        assert counters.exposition(listing) == one_line_per_sample(listing)
