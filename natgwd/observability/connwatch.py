@@ -162,13 +162,14 @@ class ConnectionWatch:
 
     # --- scrapes --------------------------------------------------------------------------
 
-    def exposition(self, listings: Listings, rules: RuleLabelTexts | None = None) -> bytes:
+    def exposition(self, listings: Listings, labelled: Mapping[str, RuleLabel] | None = None) -> bytes:
         """The lines for a scrape, given the counting sets it listed just before: the
         events queued until now are taken first, so every first packet counted in the
-        listing whose connection was committed has had its NEW event counted. `rules`:
-        the label texts the scrape's rule counters keep, rather than a copy of its own."""
+        listing whose connection was committed has had its NEW event counted. `labelled`:
+        the rules' labels the scrape's rule counters were written with (made here otherwise)."""
         connections = listings.get(RULE_CONNECTIONS, ())
-        labelled = (rules or self._rules).of(connections)
+        if labelled is None:
+            labelled = self._rules.of(connections)
         if labelled is not self._by_id[0]:
             by_id = {label.id: label for label in sorted(labelled.values(), key=_ID)}
             self._by_id = (labelled, by_id, [label.text for label in by_id.values()])

@@ -174,9 +174,10 @@ class Daemon:
     def exposition(self) -> list[bytes]:
         listings = self._counting_sets()
         shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
-        parts = [generate_latest(self.registry), self.rule_counters.exposition(listings), ctstats.scrape(), shaping]
+        counters, labelled = self.rule_counters.labelled_exposition(listings)
+        parts = [generate_latest(self.registry), counters, ctstats.scrape(), shaping]
         if self.watch is not None:
-            parts.append(self.watch.exposition(listings, self.rule_counters.rules))
+            parts.append(self.watch.exposition(listings, labelled))
         return parts
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:

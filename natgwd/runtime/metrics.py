@@ -91,17 +91,20 @@ class RuleCounters:
 
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
-        self.rules = RuleLabelTexts()  # the connection watch's scrape shares them
+        self._rules = RuleLabelTexts()
         # rule_traffic key -> (label text, direction text), for the rules' labels it was made from.
         self._traffic_texts: tuple[Mapping[str, RuleLabel], dict[str, tuple[str, str]]] = ({}, {})
 
     def exposition(self, listings: Listings | None = None) -> bytes:
         """`listings`: the counting sets when the caller has just listed them (one listing
         per scrape serves every exporter); read here otherwise."""
-        if listings is None:
-            listings = self._read()
+        return self.labelled_exposition(self._read() if listings is None else listings)[0]
+
+    def labelled_exposition(self, listings: Listings) -> tuple[bytes, Mapping[str, RuleLabel]]:
+        """The exposition, and the rules' labels it was made with (mark -> label), for
+        the other exporters of the same scrape."""
         connections = listings.get(RULE_CONNECTIONS, ())
-        labelled = self.rules.of(connections)
+        labelled = self._rules.of(connections)
         found = list(map(labelled.get, map(_KEY, connections)))
         if None in found:  # elements that name no rule are left out
             texts = [label.text for label in found if label is not None]
@@ -120,7 +123,7 @@ class RuleCounters:
                 family_text(_FAMILIES[2], rules, directions, octets),
                 family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
             )
-        ).encode()
+        ).encode(), labelled
 
     def _traffic(
         self, labelled: Mapping[str, RuleLabel], traffic: Sequence[CountedElement]

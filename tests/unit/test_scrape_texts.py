@@ -116,13 +116,13 @@ def watch() -> ConnectionWatch:
 
 @settings(max_examples=50, deadline=None)
 @given(scrapes)
-def test_the_watch_writes_the_same_with_the_rule_counters_label_texts(
+def test_the_watch_writes_the_same_with_the_rule_counters_labels(
     sequence: list[dict[str, list[CountedElement]]],
 ) -> None:
     counters, shared, alone = RuleCounters(dict), watch(), watch()
     for listing in sequence:
-        counters.exposition(listing)
-        assert shared.exposition(listing, counters.rules) == alone.exposition(listing)
+        _, labelled = counters.labelled_exposition(listing)
+        assert shared.exposition(listing, labelled) == alone.exposition(listing)
 
 
 def test_scrapes_of_unchanged_rules_with_new_counts_and_elements() -> None:
