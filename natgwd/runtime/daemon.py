@@ -13,7 +13,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,14 +171,16 @@ class Daemon:
 
     # --- the HTTP endpoint's answers ---------------------------------------------------
 
-    def exposition(self) -> list[bytes]:
+    def exposition(self) -> Iterator[bytes]:
+        """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
         listings = self._counting_sets()
-        shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
         counters, labelled = self.rule_counters.labelled_exposition(listings)
-        parts = [generate_latest(self.registry), counters, ctstats.scrape(), shaping]
+        yield generate_latest(self.registry)
+        yield counters
+        yield ctstats.scrape()
+        yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
         if self.watch is not None:
-            parts.append(self.watch.exposition(listings, labelled))
-        return parts
+            yield self.watch.exposition(listings, labelled)
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

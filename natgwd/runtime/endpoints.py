@@ -8,7 +8,8 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -101,13 +102,17 @@ def accepts_gzip(accept_encoding: str) -> bool:
 
 
 def gzipped(parts: Iterable[bytes]) -> list[bytes]:
-    """One gzip stream of the parts, in parts."""
+    """One gzip stream of the parts, in parts. Each part is compressed on a helper thread
+    while the next is being made (zlib lets go of the GIL): at 10,000 rules, compressing
+    the rule counters takes about as long as making the rest."""
     compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: the gzip format
-    return [*map(compressor.compress, parts), compressor.flush()]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="natgwd-gzip") as helper:  # one: in order
+        pending = [helper.submit(compressor.compress, part) for part in parts]
+        return [*(compressed.result() for compressed in pending), compressor.flush()]
 
 
 def serve(
-    address: tuple[str, int], exposition: Callable[[], Sequence[bytes]], readiness: Readiness, liveness: Readiness
+    address: tuple[str, int], exposition: Callable[[], Iterable[bytes]], readiness: Readiness, liveness: Readiness
 ) -> ThreadingHTTPServer:
     """Start serving in a background thread; the caller shuts the server down.
     `exposition` gives the body of /metrics in the Prometheus text format, in parts
@@ -128,13 +133,11 @@ def serve(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                parts = exposition()
                 if accepts_gzip(self.headers.get("Accept-Encoding", "")):
                     # 10,000 rules are 7.9 MB of text and 0.6 MB compressed (Prometheus asks).
-                    self._send(200, CONTENT_TYPE_LATEST, *gzipped(parts), gzipped=True)
+                    self._send(200, CONTENT_TYPE_LATEST, *gzipped(exposition()), gzipped=True)
                 else:
-                    self._send(200, CONTENT_TYPE_LATEST, *parts)
-                del parts
+                    self._send(200, CONTENT_TYPE_LATEST, *exposition())
                 # A scrape frees some 30 MB at 10,000 rules; given back after it was sent.
                 release_freed_memory()
             elif path == "/":
