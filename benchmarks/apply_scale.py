@@ -13,7 +13,9 @@ options). Three parts, run one after the other:
   /readyz until it reports that file's sha256 applied. This includes up to one period of
   file watcher polling (natgwd.runtime.daemon.POLL_SECONDS); the daemon's own "desired state applied"
   log line gives the time from reading the file to the kernel matching it.
-- /metrics scrape time and the daemon's RSS at this size.
+- /metrics scrape time, plain and gzipped as Prometheus asks, with the daemon's CPU per
+  scrape (less at the mercy of a shared machine's load than the time), and the daemon's
+  RSS at this size. `--dnat 50000` for the larger size.
 
 Results go to benchmarks/results/apply_scale-<UTC timestamp>.json; a compact table and the
 profiles are printed. Every namespace it creates is deleted on exit.
