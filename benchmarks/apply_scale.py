@@ -13,7 +13,9 @@ options). Three parts, run one after the other:
   /readyz until it reports that file's sha256 applied. This includes up to one period of
   file watcher polling (natgwd.runtime.daemon.POLL_SECONDS); the daemon's own "desired state applied"
   log line gives the time from reading the file to the kernel matching it.
-- /metrics scrape time and the daemon's RSS at this size.
+- /metrics scrape time, plain and gzipped as Prometheus asks, with the daemon's CPU per
+  scrape (less at the mercy of a shared machine's load than the time), and the daemon's
+  RSS at this size. `--dnat 50000` for the larger size.
 
 Results go to benchmarks/results/apply_scale-<UTC timestamp>.json; a compact table and the
 profiles are printed. Every namespace it creates is deleted on exit.
@@ -438,10 +440,10 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
 # --- end-to-end worker (runs in the Lab's gateway namespace, next to the daemon) --------
 
 
-def http_get(port: int, path: str, timeout: float = 30) -> tuple[int, bytes]:
+def http_get(port: int, path: str, timeout: float = 30, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -503,6 +505,7 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
             print(f"end-to-end full apply: {seconds:.3f}s", flush=True)
 
     scrapes = []
+    cpu_before = cpu_seconds(pid)
     for _ in range(args.scrapes):
         started = time.perf_counter()
         status, body = http_get(port, "/metrics", timeout=120)
@@ -516,8 +519,30 @@ def endtoend_worker(args: argparse.Namespace) -> dict[str, Any]:
                 "samples": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
             }
         )
+    # The daemon's CPU per scrape: wall time on a shared machine says less (clock ticks,
+    # so averaged over the scrapes).
+    scrape_cpu = (cpu_seconds(pid) - cpu_before) / max(args.scrapes, 1)
+    # As Prometheus scrapes: it asks for gzip.
+    gzipped = []
+    cpu_before = cpu_seconds(pid)
+    for _ in range(args.scrapes):
+        started = time.perf_counter()
+        status, body = http_get(port, "/metrics", timeout=120, headers={"Accept-Encoding": "gzip"})
+        seconds = time.perf_counter() - started
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        gzipped.append({"seconds": seconds, "bytes": len(body)})
+    gzip_cpu = (cpu_seconds(pid) - cpu_before) / max(args.scrapes, 1)
     rss["after_scrapes"] = rss_of(pid)
-    return {"events": events, "scrapes": scrapes, "rss_kb": rss, "daemon_cmdline": cmdline}
+    return {
+        "events": events,
+        "scrapes": scrapes,
+        "scrape_cpu_seconds": scrape_cpu,
+        "gzip_scrapes": gzipped,
+        "gzip_scrape_cpu_seconds": gzip_cpu,
+        "rss_kb": rss,
+        "daemon_cmdline": cmdline,
+    }
 
 
 # --- orchestration (host namespace) -----------------------------------------------------
@@ -641,6 +666,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             key: by_kind(endtoend["events"], key) for key in ("seconds", "daemon_seconds", "daemon_cpu_seconds")
         }
         out["endtoend"]["scrape"] = summary([s["seconds"] for s in endtoend["scrapes"]])
+        out["endtoend"]["scrape_gzip"] = summary([s["seconds"] for s in endtoend.get("gzip_scrapes", [])])
     return out
 
 
@@ -736,7 +762,15 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"/metrics scrape (HTTP, daemon): median {_ms(sc)} ms, p95 {_ms(sc, 'p95')} ms, "
             f"{first.get('bytes', 0) / 1e6:.1f} MB, {first.get('samples', 0)} samples"
+            + (f", daemon CPU {e2e['scrape_cpu_seconds'] * 1000:.0f} ms each" if "scrape_cpu_seconds" in e2e else "")
         )
+        gz = s["endtoend"]["scrape_gzip"]
+        if gz.get("n"):
+            lines.append(
+                f"/metrics scrape with gzip (as Prometheus asks): median {_ms(gz)} ms, p95 {_ms(gz, 'p95')} ms, "
+                f"{e2e['gzip_scrapes'][0]['bytes'] / 1e6:.2f} MB, "
+                f"daemon CPU {e2e['gzip_scrape_cpu_seconds'] * 1000:.0f} ms each"
+            )
         rss = e2e["rss_kb"]
         lines.append(
             "daemon RSS: idle {} MB, after full apply {} MB, after scrapes {} MB (peak VmHWM {} MB)".format(

@@ -11,6 +11,7 @@ exactly, so an element of any other shape fails the read loudly instead of being
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import re
 import socket
@@ -18,6 +19,7 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 from natgwd.planning.counters import CountedElement
 from natgwd.planning.plan import traffic_key
@@ -52,7 +54,7 @@ def _mark(data: bytes) -> str:
 
 def _direction_and_mark(data: bytes) -> str:
     # Concatenated keys give every part a 32-bit register: ct_dir's byte, then padding.
-    return traffic_key(_DIRECTIONS[data[0]], str(int.from_bytes(data[4:8], sys.byteorder)))
+    return _DIRECTION_PREFIXES[data[0]] + str(int.from_bytes(data[4:8], sys.byteorder))
 
 
 def _interface(data: bytes) -> str:
@@ -60,6 +62,8 @@ def _interface(data: bytes) -> str:
 
 
 _DIRECTIONS = ("original", "reply")
+# traffic_key(direction, mark) is the direction's prefix and the mark: made once, not per element.
+_DIRECTION_PREFIXES = tuple(traffic_key(direction, "") for direction in _DIRECTIONS)
 _LAYOUTS = {
     "mark": KeyLayout(4, _mark),
     "ct_dir . mark": KeyLayout(8, _direction_and_mark),
@@ -151,12 +155,13 @@ def _decode(message: bytes, start: int, pattern: re.Pattern[bytes], layout: KeyL
     end = start + length
     matches = list(pattern.finditer(message, start, end))
     # Non-overlapping matches inside the list that add up to its length tile it exactly.
-    if sum(m.end() - m.start() for m in matches) != length:
+    # (36,000 elements at 10,000 rules: the loops over them stay in C where they can.)
+    if sum(map(operator.sub, map(re.Match.end, matches), map(re.Match.start, matches))) != length:
         raise SetDumpError(f"an element of unexpected shape in a set dump: {message[start : start + 96].hex()}")
     text = layout.text
     return [
-        (text(key), str(int.from_bytes(packets, "big")), str(int.from_bytes(octets, "big")), (comment or b"").decode())
-        for key, octets, packets, comment in (m.groups() for m in matches)
+        (text(key), str(int.from_bytes(packets, "big")), str(int.from_bytes(octets, "big")), comment.decode())
+        for key, octets, packets, comment in map(re.Match.groups, matches, repeat(b""))
     ]
 
 

@@ -20,16 +20,18 @@ from __future__ import annotations
 import select
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain, repeat
+from operator import attrgetter
 
 import structlog
 
 from natgwd.observability.ctevents import CtEvent, EventsLostError, EventSocket, dump
 from natgwd.observability.ctopen import Tracker
 from natgwd.observability.translog import TransLog
-from natgwd.planning.counters import Listings
+from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
-from natgwd.runtime.metrics import escaped
+from natgwd.runtime.metrics import RuleLabel, RuleLabelTexts, escaped, family_text
 
 log = structlog.get_logger("natgwd.observability.connwatch")
 
@@ -69,6 +71,9 @@ class ConnectionWatch:
         self._prior: dict[int, int] = {}  # mark -> failures counted in earlier epochs
         self._failures: dict[int, tuple[str, int]] = {}  # mark -> (EIP, failures exported)
         self._labels_for: tuple[int, dict[int, RuleLabels]] = (0, {})
+        self._rules = RuleLabelTexts()
+        # The last scrape's rules, by id in order, and their label texts.
+        self._by_id: tuple[Mapping[str, RuleLabel], dict[int, RuleLabel], list[str]] = ({}, {}, [])
 
     def start(self) -> None:
         self._thread.start()
@@ -157,54 +162,72 @@ class ConnectionWatch:
 
     # --- scrapes --------------------------------------------------------------------------
 
-    def exposition(self, listings: Listings) -> bytes:
+    def exposition(self, listings: Listings, labelled: Mapping[str, RuleLabel] | None = None) -> bytes:
         """The lines for a scrape, given the counting sets it listed just before: the
         events queued until now are taken first, so every first packet counted in the
-        listing whose connection was committed has had its NEW event counted."""
-        attempts = _attempts(listings)
+        listing whose connection was committed has had its NEW event counted. `labelled`:
+        the rules' labels the scrape's rule counters were written with (made here otherwise)."""
+        connections = listings.get(RULE_CONNECTIONS, ())
+        if labelled is None:
+            labelled = self._rules.of(connections)
+        if labelled is not self._by_id[0]:
+            by_id = {label.id: label for label in sorted(labelled.values(), key=_ID)}
+            self._by_id = (labelled, by_id, [label.text for label in by_id.values()])
+        _, by_id, texts = self._by_id
         drained = self._drain(timeout=1.0)
         snapshot = self.tracker.snapshot()
-        families: dict[str, list[str]] = {name: [] for name, *_ in _FAMILIES}
-        open_per_eip: dict[str, int] = {}
         with self._lock:
-            base = self._base
-            if drained and base is not None:
-                for mark, (labels, count) in attempts.items():
-                    failed = count - base.get(mark, 0) - snapshot.opened.get(mark, 0) + self._prior.get(mark, 0)
-                    _, before = self._failures.get(mark, (labels.eip, 0))
-                    self._failures[mark] = (labels.eip, max(before, failed))
+            if drained and self._base is not None:
+                self._count_failures(connections, labelled, self._base, snapshot.opened)
             failures_per_eip: dict[str, int] = {}
             for eip, failed in self._failures.values():
                 failures_per_eip[eip] = failures_per_eip.get(eip, 0) + failed
-        for mark, (labels, _) in sorted(attempts.items()):
-            rule = f'kind="{labels.kind}",name="{escaped(labels.name)}",eip="{escaped(labels.eip)}"'
-            now_open = snapshot.open.get(mark, 0)
-            open_per_eip[labels.eip] = open_per_eip.get(labels.eip, 0) + now_open
-            families["natgwd_rule_open_connections"].append(f"natgwd_rule_open_connections{{{rule}}} {now_open}")
-            families["natgwd_rule_connections_closed_total"].append(
-                f"natgwd_rule_connections_closed_total{{{rule}}} {snapshot.closed.get(mark, 0)}"
-            )
-        for eip in sorted(open_per_eip.keys() | failures_per_eip.keys()):
-            label = f'eip="{escaped(eip)}"'
-            families["natgwd_eip_open_connections"].append(
-                f"natgwd_eip_open_connections{{{label}}} {open_per_eip.get(eip, 0)}"
-            )
-            families["natgwd_eip_max_ports_per_destination"].append(
-                f"natgwd_eip_max_ports_per_destination{{{label}}} {snapshot.ports.get(eip, 0)}"
-            )
-            families["natgwd_eip_port_allocation_failures_total"].append(
-                f"natgwd_eip_port_allocation_failures_total{{{label}}} {failures_per_eip.get(eip, 0)}"
-            )
-        families["natgwd_conntrack_events_lost_total"].append(f"natgwd_conntrack_events_lost_total {self.lost}")
-        lines = []
-        for name, kind, help_text in _FAMILIES:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *families[name]]
+        open_per_eip = dict.fromkeys((label.eip for label in by_id.values()), 0)
+        for mark, now_open in snapshot.open.items():
+            if (label := by_id.get(mark)) is not None:
+                open_per_eip[label.eip] += now_open
+        ids = by_id.keys()
+        pieces = [
+            family_text(_FAMILIES[0], texts, repeat("} "), list(map(str, map(snapshot.open.get, ids, repeat(0))))),
+            family_text(_FAMILIES[1], texts, repeat("} "), list(map(str, map(snapshot.closed.get, ids, repeat(0))))),
+        ]
+        eips = sorted(open_per_eip.keys() | failures_per_eip.keys())
+        eip_labels = [escaped(eip) for eip in eips]
+        for family, values in (
+            (_FAMILIES[2], (open_per_eip.get(eip, 0) for eip in eips)),
+            (_FAMILIES[3], (snapshot.ports.get(eip, 0) for eip in eips)),
+            (_FAMILIES[4], (failures_per_eip.get(eip, 0) for eip in eips)),
+        ):
+            pieces.append(family_text(family, eip_labels, repeat('"} '), list(map(str, values)), opening='{eip="'))
+        name, kind, help_text = _FAMILIES[5]
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {self.lost}"]
         if self._translog is not None:
             lines += self._translog.exposition()
-        return ("\n".join(lines) + "\n").encode()
+        pieces.append(iter(("\n".join(lines) + "\n",)))
+        return "".join(chain.from_iterable(pieces)).encode()
+
+    def _count_failures(
+        self,
+        connections: Iterable[CountedElement],
+        labelled: Mapping[str, RuleLabel],
+        base: Mapping[int, int],
+        opened: Mapping[int, int],
+    ) -> None:
+        """Under self._lock: the failures of every rule, from its first packets counted."""
+        failures = self._failures
+        for mark, count, _, _ in connections:
+            if (label := labelled.get(mark)) is None:
+                continue
+            rule_id, eip = label.id, label.eip
+            failed = int(count) - base.get(rule_id, 0) - opened.get(rule_id, 0) + self._prior.get(rule_id, 0)
+            known = failures.get(rule_id)
+            if known is None or known[0] != eip or failed > known[1]:
+                failures[rule_id] = (eip, max(known[1] if known is not None else 0, failed))
 
 
-_FAMILIES = (
+_ID = attrgetter("id")
+
+_FAMILIES = (  # name, type, help
     ("natgwd_rule_open_connections", "gauge", "Connections the rule translated that are open now (conntrack)."),
     (
         "natgwd_rule_connections_closed_total",

@@ -2,16 +2,18 @@
 of them.
 
 A scrape reads 36,000 counting elements at 10,000 rules, and may run while a change is
-being planned on another thread of the same interpreter. So a listing is kept in the
-kernel's own notation (marks in hex, counts as decimal text) and exported as it is; it is
-turned into the plan's notation only when the memory is consulted, which is when an
-element has to be re-created.
+being planned on another thread of the same interpreter. So a listing is kept as text
+(counts as decimal digits; marks in decimal as netlink is read, in hex as `nft list`
+writes them) and exported as it is; it is turned into the plan's notation only when the
+memory is consulted, which is when an element has to be re-created.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
+from itertools import compress
+from operator import itemgetter
 
 from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.table import Counter, Element
@@ -19,8 +21,8 @@ from natgwd.planning.table import Counter, Element
 COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS)
 
 
-# (key, packets, bytes, comment) as the kernel lists them: the key in the kernel's notation
-# ("0x00000007", "original . 0x00000007", '"net2"'), the counts in decimal digits, the
+# (key, packets, bytes, comment) as the kernel lists them: the key as read ("7",
+# "original . 7", or "0x00000007" as `nft list` writes it; '"net2"'), the counts in decimal digits, the
 # comment "" when there is none. A plain tuple: a scrape makes 36,000 of them.
 CountedElement = tuple[str, str, str, str]
 
@@ -46,36 +48,49 @@ class CounterMemory:
     rule's counters go backwards.
 
     Rule ids are never reused, so an element's counter only grows while it exists: merging
-    keeps the larger value, whatever order readings arrive in."""
+    keeps the larger value, whatever order readings arrive in. A reading of zero is not
+    kept: a re-created element starts from zero anyway. So an idle rule costs no memory,
+    and forgetting removed rules, at every change, touches only what was removed."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str], Counter] = {}
-        self._latest_listings: Listings | None = None  # from a scrape, not yet merged
+        self._known: dict[str, dict[str, Counter]] = {name: {} for name in COUNTING_SETS}
+        self._latest_listings: dict[str, list[CountedElement]] | None = None  # from a scrape, not yet merged
         self._lock = threading.Lock()
 
     def remember_listings(self, listings: Listings) -> None:
-        """From a scrape: kept as it is, merged when next consulted."""
+        """From a scrape: its elements that counted a packet (a byte comes with one),
+        merged when next consulted (a scrape must not wait for the merge; picked out in
+        one C loop)."""
+        counted = {
+            name: list(compress(listing, map("0".__ne__, map(itemgetter(1), listing))))
+            for name, listing in listings.items()
+            if name in self._known
+        }
         with self._lock:
-            self._latest_listings = listings
+            self._latest_listings = counted
 
     def remember(self, sets: Mapping[str, Mapping[str, Element]]) -> None:
         """From a table read (the reconciler's thread)."""
         self._merge_listings()
-        for name in COUNTING_SETS:
+        for name, known in self._known.items():
             for key, element in sets.get(name, {}).items():
                 if element.counter is not None:
-                    self._keep((name, key), element.counter)
+                    self._keep(known, key, element.counter)
 
     def get(self, name_and_key: tuple[str, str]) -> Counter | None:
         self._merge_listings()
-        return self._known.get(name_and_key)
+        name, key = name_and_key
+        known = self._known.get(name)
+        return known.get(key) if known is not None else None
 
     def forget_except(self, present: Mapping[str, Mapping[str, object]]) -> None:
         """Forget elements that are no longer wanted (their rules are gone)."""
         self._merge_listings()
-        self._known = {
-            (name, key): counter for (name, key), counter in self._known.items() if key in present.get(name, {})
-        }
+        for name, known in self._known.items():
+            wanted = present.get(name, {})
+            if not known.keys() <= wanted.keys():
+                for key in known.keys() - wanted.keys():
+                    del known[key]
 
     def forget(self, name: str, keys: Iterable[str]) -> None:
         """Forget elements of set `name` that are gone with their rules."""
@@ -86,11 +101,14 @@ class CounterMemory:
         with self._lock:
             listings, self._latest_listings = self._latest_listings, None
         for name, listing in (listings or {}).items():
-            for key, element in counted_elements(listing).items():
-                assert element.counter is not None
-                self._keep((name, key), element.counter)
+            known = self._known[name]
+            for key, packets, octets, _ in listing:
+                self._keep(known, canonical_key(key) if "0x" in key else key, Counter(int(packets), int(octets)))
 
-    def _keep(self, name_and_key: tuple[str, str], counter: Counter) -> None:
-        known = self._known.get(name_and_key)
-        if known is None or (counter.packets, counter.bytes) > (known.packets, known.bytes):
-            self._known[name_and_key] = counter
+    @staticmethod
+    def _keep(known: dict[str, Counter], key: str, counter: Counter) -> None:
+        if not (counter.packets or counter.bytes):
+            return
+        before = known.get(key)
+        if before is None or (counter.packets, counter.bytes) > (before.packets, before.bytes):
+            known[key] = counter

@@ -13,7 +13,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,11 +174,16 @@ class Daemon:
 
     # --- the HTTP endpoint's answers ---------------------------------------------------
 
-    def exposition(self) -> bytes:
+    def exposition(self) -> Iterator[bytes]:
+        """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
         listings = self._counting_sets()
-        shaping = shaping_exposition(self.reconciler.qos, self.reconciler.state)
-        body = generate_latest(self.registry) + self.rule_counters.exposition(listings) + ctstats.scrape() + shaping
-        return body + self.watch.exposition(listings) if self.watch is not None else body
+        counters, labelled = self.rule_counters.labelled_exposition(listings)
+        yield generate_latest(self.registry)
+        yield counters
+        yield ctstats.scrape()
+        yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
+        if self.watch is not None:
+            yield self.watch.exposition(listings, labelled)
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from natgwd.runtime.memory import release_freed_memory
 
 log = structlog.get_logger("natgwd.http")
 
@@ -98,11 +101,22 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
+def gzipped(parts: Iterable[bytes]) -> list[bytes]:
+    """One gzip stream of the parts, in parts. Each part is compressed on a helper thread
+    while the next is being made (zlib lets go of the GIL): at 10,000 rules, compressing
+    the rule counters takes about as long as making the rest."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: the gzip format
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="natgwd-gzip") as helper:  # one: in order
+        pending = [helper.submit(compressor.compress, part) for part in parts]
+        return [*(compressed.result() for compressed in pending), compressor.flush()]
+
+
 def serve(
-    address: tuple[str, int], exposition: Callable[[], bytes], readiness: Readiness, liveness: Readiness
+    address: tuple[str, int], exposition: Callable[[], Iterable[bytes]], readiness: Readiness, liveness: Readiness
 ) -> ThreadingHTTPServer:
     """Start serving in a background thread; the caller shuts the server down.
-    `exposition` gives the body of /metrics in the Prometheus text format."""
+    `exposition` gives the body of /metrics in the Prometheus text format, in parts
+    (sent one after the other: at 10,000 rules they are 8 MB, not to be copied into one)."""
 
     class Handler(BaseHTTPRequestHandler):
         # A client that stalls mid-request holds one of the slots for at most this long per
@@ -119,12 +133,13 @@ def serve(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                body = exposition()
                 if accepts_gzip(self.headers.get("Accept-Encoding", "")):
-                    # 10,000 rules are 5.6 MB of text and 0.3 MB compressed (Prometheus asks).
-                    self._send(200, CONTENT_TYPE_LATEST, gzip.compress(body, compresslevel=1), gzipped=True)
+                    # 10,000 rules are 7.9 MB of text and 0.6 MB compressed (Prometheus asks).
+                    self._send(200, CONTENT_TYPE_LATEST, *gzipped(exposition()), gzipped=True)
                 else:
-                    self._send(200, CONTENT_TYPE_LATEST, body)
+                    self._send(200, CONTENT_TYPE_LATEST, *exposition())
+                # A scrape frees some 30 MB at 10,000 rules; given back after it was sent.
+                release_freed_memory()
             elif path == "/":
                 self._send(200, "text/plain; charset=utf-8", b"natgwd: /metrics /healthz /readyz\n")
             elif path == "/healthz":
@@ -144,18 +159,19 @@ def serve(
         do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse  # noqa: N815
 
         def _send(
-            self, status: int, content_type: str, body: bytes, allow: str | None = None, gzipped: bool = False
+            self, status: int, content_type: str, *body: bytes, allow: str | None = None, gzipped: bool = False
         ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(sum(map(len, body))))
             if allow:
                 self.send_header("Allow", allow)
             if gzipped:
                 self.send_header("Content-Encoding", "gzip")
                 self.send_header("Vary", "Accept-Encoding")
             self.end_headers()
-            self.wfile.write(body)
+            for part in body:
+                self.wfile.write(part)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("http request", client=self.client_address[0], request=format % args)

@@ -4,11 +4,14 @@ are rather than mirrored into client-side counters)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain, repeat
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from natgwd.planning.counters import Listings
+from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
 from natgwd.state.model import RULE_KINDS
 
@@ -97,43 +100,159 @@ class RuleCounters:
     At 10,000 rules this is 60,000 samples. They are written as text directly, from the
     kernel's listing: building them through prometheus_client's metric families costs ten
     times more, and a scrape shares the interpreter with a daemon that may be planning a
-    change at that moment."""
+    change at that moment. Each family is joined from its pieces in one C loop, and the
+    label text of a rule is kept from one scrape to the next."""
 
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
+        self._rules = RuleLabelTexts()
+        # rule_traffic key -> (label text, direction text), for the rules' labels it was made from.
+        self._traffic_texts: tuple[Mapping[str, RuleLabel], dict[str, tuple[str, str]]] = ({}, {})
 
     def exposition(self, listings: Listings | None = None) -> bytes:
         """`listings`: the counting sets when the caller has just listed them (one listing
         per scrape serves every exporter); read here otherwise."""
-        if listings is None:
-            listings = self._read()
-        connections, packets, octets, invalid = (
-            [f"# HELP {family} {help_text}", f"# TYPE {family} counter"] for family, help_text in _FAMILIES
-        )
-        labels_of: dict[str, str] = {}
-        for mark, count, _, comment in listings.get(RULE_CONNECTIONS, ()):
-            rule = RuleLabels.from_comment(comment)
-            if rule is not None:
-                labels_of[mark] = labels = f'kind="{rule.kind}",name="{escaped(rule.name)}",eip="{escaped(rule.eip)}"'
-                connections.append(f"natgwd_rule_connections_total{{{labels}}} {count}")
-        for key, count, size, _ in listings.get(RULE_TRAFFIC, ()):
-            direction, mark = split_traffic_key(key)
-            if (rule_labels := labels_of.get(mark)) is not None:
-                labels = f'{rule_labels},direction="{escaped(direction)}"'
-                packets.append(f"natgwd_rule_packets_total{{{labels}}} {count}")
-                octets.append(f"natgwd_rule_bytes_total{{{labels}}} {size}")
+        return self.labelled_exposition(self._read() if listings is None else listings)[0]
+
+    def labelled_exposition(self, listings: Listings) -> tuple[bytes, Mapping[str, RuleLabel]]:
+        """The exposition, and the rules' labels it was made with (mark -> label), for
+        the other exporters of the same scrape."""
+        connections = listings.get(RULE_CONNECTIONS, ())
+        labelled = self._rules.of(connections)
+        found = list(map(labelled.get, map(_KEY, connections)))
+        if None in found:  # elements that name no rule are left out
+            texts = [label.text for label in found if label is not None]
+            counts = [element[1] for element, label in zip(connections, found, strict=True) if label is not None]
+        else:
+            texts, counts = list(map(_TEXT, found)), list(map(_PACKETS, connections))
+        rules, directions, packets, octets = self._traffic(labelled, listings.get(RULE_TRAFFIC, ()))
+        interfaces, dropped = [], []
         for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
-            name = escaped(interface.strip('"'))
-            invalid.append(f'natgwd_invalid_dropped_packets_total{{interface="{name}"}} {count}')
-        return "\n".join((*connections, *packets, *octets, *invalid, "")).encode()
+            interfaces.append(escaped(interface.strip('"')))
+            dropped.append(count)
+        return "".join(
+            chain(
+                family_text(_FAMILIES[0], texts, repeat("} "), counts),
+                family_text(_FAMILIES[1], rules, directions, packets),
+                family_text(_FAMILIES[2], rules, directions, octets),
+                family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
+            )
+        ).encode(), labelled
+
+    def _traffic(
+        self, labelled: Mapping[str, RuleLabel], traffic: Sequence[CountedElement]
+    ) -> tuple[list[str], list[str], list[str], list[str]]:
+        """Label text, direction text, packets and bytes of the traffic elements of the
+        labelled rules. While the rules stay the same (the same mapping from
+        RuleLabelTexts), each key's texts are looked up in C loops."""
+        made_for, texts_of = self._traffic_texts
+        if made_for is labelled:
+            found = list(map(texts_of.get, map(_KEY, traffic)))
+            if None not in found:
+                return (
+                    list(map(_KEY, found)),
+                    list(map(_TEXT, found)),
+                    list(map(_PACKETS, traffic)),
+                    list(map(_BYTES, traffic)),
+                )
+        texts_of = {}
+        direction_texts: dict[str, str] = {}
+        rules, directions, packets, octets = [], [], [], []
+        for key, count, size, _ in traffic:
+            direction, mark = split_traffic_key(key)
+            if (rule := labelled.get(mark)) is not None:
+                text = direction_texts.get(direction)
+                if text is None:
+                    text = direction_texts[direction] = f',direction="{escaped(direction)}"}} '
+                texts_of[key] = (rule.text, text)
+                rules.append(rule.text)
+                directions.append(text)
+                packets.append(count)
+                octets.append(size)
+        self._traffic_texts = (labelled, texts_of)
+        return rules, directions, packets, octets
+
+
+# Fields of listed elements, of RuleLabel and of (text, text) pairs, for C loops.
+_KEY: Callable[[Any], str] = itemgetter(0)
+_TEXT: Callable[[Any], str] = itemgetter(1)
+_PACKETS: Callable[[Any], str] = itemgetter(1)
+_BYTES: Callable[[Any], str] = itemgetter(2)
+
+
+class RuleLabel(NamedTuple):
+    comment: str  # the connections element's, which the rest was made from
+    text: str  # kind="…",name="…",eip="…"
+    id: int  # the mark, as a number
+    eip: str
+
+
+class RuleLabelTexts:
+    """The label text of every rule, by its id (mark) as the counting sets list it, kept
+    from one scrape to the next: made again only when an element's comment changes.
+    Replaced whole at each scrape, so it holds only the rules listed last, and concurrent
+    scrapes at worst make a text twice. While the rules stay the same, each scrape gets
+    the same mapping back, so that what a caller derives from it can be kept too."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, RuleLabel] = {}
+
+    def of(self, connections: Iterable[CountedElement]) -> dict[str, RuleLabel]:
+        """mark -> label, for the connections elements whose comment names a rule (in
+        no particular order: the kernel lists them in another order after changes)."""
+        known = self._known
+        found: dict[str, RuleLabel] = {}
+        made = 0
+        for mark, _, _, comment in connections:
+            label = known.get(mark)
+            if label is None or label.comment != comment:
+                rule = RuleLabels.from_comment(comment)
+                if rule is None:
+                    continue
+                label = RuleLabel(comment, labels_text(rule), int(mark, 0), rule.eip)
+                made += 1
+            found[mark] = label
+        if not made and len(found) == len(known):
+            return known
+        self._known = found
+        return found
+
+
+def labels_text(rule: RuleLabels) -> str:
+    return f'kind="{rule.kind}",name="{escaped(rule.name)}",eip="{escaped(rule.eip)}"'
+
+
+def family_text(
+    family: tuple[str, str, str],
+    labels: Sequence[str],
+    closings: Iterable[str],
+    values: Sequence[str],
+    opening: str = "{",
+) -> Iterator[str]:
+    """A family's HELP and TYPE lines and its samples, as pieces to join (four per
+    sample, each piece made once: joining is the one loop over 60,000 samples): sample i
+    is the name, `opening`, labels[i], the i-th of `closings`, values[i] and a newline."""
+    name, kind, help_text = family
+    header = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+    if not labels:
+        return iter((header,))
+    # The newline ending a sample and the start of the next are one piece.
+    separators = chain(repeat(f"\n{name}{opening}", len(labels) - 1), ("\n",))
+    samples = chain.from_iterable(zip(labels, closings, values, separators, strict=False))  # closings may repeat
+    return chain((header + name + opening,), samples)
 
 
 _FAMILIES = (
-    ("natgwd_rule_connections_total", "Connections the rule translated (first packets seen by NAT)."),
-    ("natgwd_rule_packets_total", "Packets of the connections the rule translated, by direction."),
-    ("natgwd_rule_bytes_total", "Bytes (IP length) of the connections the rule translated, by direction."),
+    ("natgwd_rule_connections_total", "counter", "Connections the rule translated (first packets seen by NAT)."),
+    ("natgwd_rule_packets_total", "counter", "Packets of the connections the rule translated, by direction."),
+    (
+        "natgwd_rule_bytes_total",
+        "counter",
+        "Bytes (IP length) of the connections the rule translated, by direction.",
+    ),
     (
         "natgwd_invalid_dropped_packets_total",
+        "counter",
         "Packets dropped because conntrack found them invalid (they would leave un-NATed).",
     ),
 )

@@ -51,3 +51,20 @@ def test_forgetting_keeps_only_present_elements_including_a_pending_listing() ->
     assert memory.get(("rule_connections", "1")) is None
     assert memory.get(("rule_connections", "2")) == Counter(2, 120)
     assert memory.get(("rule_connections", "3")) is None
+
+
+def test_a_reading_of_zero_is_not_kept() -> None:
+    memory = CounterMemory()
+    memory.remember_listings({"rule_connections": [("7", "0", "0", "dnat/d/10.0.0.1"), ("8", "1", "60", "")]})
+    memory.remember({"rule_traffic": {"reply . 7": Element(counter=Counter(0, 0))}})
+    assert memory.get(("rule_connections", "7")) is None
+    assert memory.get(("rule_connections", "8")) == Counter(1, 60)
+    assert memory.get(("rule_traffic", "reply . 7")) is None
+
+
+def test_forgetting_nothing_removed_keeps_everything() -> None:
+    memory = CounterMemory()
+    memory.remember({"rule_connections": {"1": Element(counter=Counter(1, 60)), "2": Element(counter=Counter(2, 9))}})
+    memory.forget_except({"rule_connections": {"1": Element(), "2": Element(), "3": Element()}})
+    assert memory.get(("rule_connections", "1")) == Counter(1, 60)
+    assert memory.get(("rule_connections", "2")) == Counter(2, 9)

@@ -15,7 +15,10 @@ BODY = b'natgwd_rule_connections_total{kind="dnat",name="d",eip="10.0.0.1"} 5\n'
 
 @pytest.fixture
 def port() -> Iterator[int]:
-    server = serve(("127.0.0.1", 0), lambda: BODY, lambda: (True, {}), lambda: (True, {}))
+    # In parts made as they are taken, as the daemon gives it.
+    server = serve(
+        ("127.0.0.1", 0), lambda: iter((BODY[:1000], b"", BODY[1000:])), lambda: (True, {}), lambda: (True, {})
+    )
     try:
         yield server.server_address[1]
     finally:
