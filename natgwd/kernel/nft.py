@@ -7,7 +7,6 @@ makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import struct
@@ -62,10 +61,7 @@ class KernelNft:
 
     def apply(self, tx: Transaction) -> None:
         if tx:
-            script = tx.script()
-            self._run(script)
-            if len(script) > _LARGE_BYTES:
-                release_freed_memory()
+            self._run(tx.script())
 
     def check(self, tx: Transaction) -> None:
         if tx:
@@ -78,10 +74,7 @@ class KernelNft:
             if "No such file or directory" in str(err):
                 return None
             raise
-        contents = parse_table(_load(output))
-        del output
-        release_freed_memory()  # the listing of a whole table is megabytes at 10,000 rules
-        return contents
+        return parse_table(_load(output))
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
         """The elements of counting sets, with their counters and comments."""
@@ -146,20 +139,9 @@ class KernelNft:
             self._generation_socket = None
 
 
-_LARGE_BYTES = 1 << 20
 _NFT_MSG_GETGEN = 16
 
 
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the kernel. libnftables' parse of a large
-    transaction and its listing of a whole table leave 70 MB free but mapped at 10,000
-    rules, which the daemon's RSS would carry until it exits. glibc only (malloc_trim)."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-_LIBC = ctypes.CDLL(None)
 _NFTA_GEN_ID = 1
 
 

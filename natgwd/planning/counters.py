@@ -94,8 +94,10 @@ class CounterMemory:
 
     def forget(self, name: str, keys: Iterable[str]) -> None:
         """Forget elements of set `name` that are gone with their rules."""
-        for key in keys:
-            self._known.pop((name, key), None)
+        known = self._known.get(name)
+        if known:
+            for key in keys:
+                known.pop(key, None)
 
     def _merge_listings(self) -> None:
         with self._lock:

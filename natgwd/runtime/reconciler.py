@@ -28,12 +28,14 @@ from natgwd.planning.stale import Filter, Translations, changed_filters, delta_f
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.qos.plan import QosWants, wants
 from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.runtime.memory import release_freed_memory
 from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import RuleDelta
 
 log = structlog.get_logger("natgwd.runtime.reconciler")
 
 FULL_READ_EVERY = 6  # resyncs
+LARGE_TRANSACTION = 5000  # elements
 
 
 class Links(Protocol):
@@ -294,6 +296,7 @@ class Reconciler:
         if not self._must_read and generation == self._generation and not reread:
             return self._written, False, generation
         kernel = self.nft.read_table()
+        release_freed_memory()  # the listing of a whole table: megabytes of JSON at 10,000 rules
         drifted = not self._must_read and kernel != self._written
         self._generation, self._written, self._must_read = generation, kernel, False
         if kernel is not None:
@@ -334,6 +337,9 @@ class Reconciler:
             # kernel too: the next sync reads the kernel instead of trusting memory.
             self._must_read = True
             raise
+        if tx.changed_elements >= LARGE_TRANSACTION:
+            # libnftables' parse of it left tens of megabytes free but mapped.
+            release_freed_memory()
         after = self.nft.generation()
         # Our commit is the only one since the kernel was last known to us only if the
         # generation moved by exactly one; else read it next time.
