@@ -77,11 +77,10 @@ class CounterMemory:
                 if element.counter is not None:
                     self._keep(known, key, element.counter)
 
-    def get(self, name_and_key: tuple[str, str]) -> Counter | None:
+    def of(self, set_name: str) -> Mapping[str, Counter]:
+        """The last known counter of each element of a counting set that ever counted."""
         self._merge_listings()
-        name, key = name_and_key
-        known = self._known.get(name)
-        return known.get(key) if known is not None else None
+        return self._known.get(set_name, {})
 
     def forget_except(self, present: Mapping[str, Mapping[str, object]]) -> None:
         """Forget elements that are no longer wanted (their rules are gone)."""

@@ -215,9 +215,14 @@ def render_element(key: str, element: Element) -> str:
 
 
 class KnownCounters(Protocol):
-    """(set, key) -> the last known counter of a counting element."""
+    """The last known counters of a counting set's elements, by key."""
 
-    def get(self, name_and_key: tuple[str, str], /) -> Counter | None: ...
+    def of(self, set_name: str, /) -> Mapping[str, Counter]: ...
+
+
+class _NoCounters:
+    def of(self, set_name: str, /) -> Mapping[str, Counter]:
+        return {}
 
 
 def plan_transaction(
@@ -230,12 +235,12 @@ def plan_transaction(
     `current` None means the table does not exist. Elements whose key or content changed
     are deleted and re-added (the kernel refuses to overwrite a map value); all others are
     left alone, so their per-element counters keep counting. A re-created counting element
-    is seeded from `counters` ((set, key) -> last known value) so that a table deleted by
-    hand does not send a rule's counters backwards.
+    is seeded from `counters` (its last known value) so that a table deleted by hand does
+    not send a rule's counters backwards.
     """
     tx = Transaction()
     if counters is None:
-        counters = {}
+        counters = _NoCounters()
     if current is None:
         current = TableContents()
         tx.add(AddTable())
@@ -263,9 +268,10 @@ def plan_transaction(
             added = [(k, e) for k, e in wanted.items() if (h := have.get(k)) is not e and h != e]
         else:
             added = list(wanted.items())
-        if name in counting:
+        known = counters.of(name) if name in counting else None
+        if known:
             # A re-created counting element keeps counting from where the kernel's was.
-            added = [(k, e if (c := counters.get((name, k))) is None else _seeded(e, c)) for k, e in added]
+            added = [(k, e if (c := known.get(k)) is None else _seeded(e, c)) for k, e in added]
         if stale:
             tx.delete_elements(name, stale)
         if added:

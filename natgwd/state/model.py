@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     from natgwd.ha.config import HaConfig
@@ -104,6 +104,7 @@ class Eip:
 
 @dataclass(frozen=True)
 class SnatRule:
+    kind: ClassVar[RuleKind] = "snat"
     name: str
     eip: str
     internal_cidr: IPNetwork
@@ -115,6 +116,7 @@ class SnatRule:
 
 @dataclass(frozen=True)
 class DnatRule:
+    kind: ClassVar[RuleKind] = "dnat"
     name: str
     eip: str
     protocol: Protocol
@@ -137,6 +139,7 @@ class DnatRule:
 
 @dataclass(frozen=True)
 class FipRule:
+    kind: ClassVar[RuleKind] = "fip"
     name: str
     eip: str
     internal_ip: IPAddress

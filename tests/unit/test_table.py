@@ -293,6 +293,16 @@ def test_unused_snat_map_deletion_applies_on_the_fake() -> None:
     assert not plan_transaction(fake.read_table(), after)
 
 
+class Known:
+    """Last known counters, given as (set, key) -> counter."""
+
+    def __init__(self, counters: dict[tuple[str, str], Counter]) -> None:
+        self._counters = counters
+
+    def of(self, set_name: str) -> dict[str, Counter]:
+        return {key: counter for (name, key), counter in self._counters.items() if name == set_name}
+
+
 def test_recreated_counting_elements_are_seeded() -> None:
     table = seed_table()
     counters = {
@@ -301,7 +311,7 @@ def test_recreated_counting_elements_are_seeded() -> None:
         ("invalid_dropped", '"net2"'): Counter(1, 40),
         ("dnat_rule", "not-a-key"): Counter(1, 1),
     }
-    tx = plan_transaction(None, table, counters)
+    tx = plan_transaction(None, table, Known(counters))
     script = tx.script().splitlines()
     # Rules are planned SNAT, DNAT, FIP (ids 1, 2, 3): the elements keep that order.
     assert (
@@ -323,7 +333,7 @@ def test_counters_are_not_seeded_into_elements_that_stay() -> None:
     current = table.contents()
     del current.elements["rule_connections"]["1"]
     counters = {("rule_connections", "1"): Counter(3, 30), ("rule_connections", "2"): Counter(5, 300)}
-    tx = plan_transaction(current, table, counters)
+    tx = plan_transaction(current, table, Known(counters))
     assert tx.operations == [
         AddElements("rule_connections", (("1", Element(comment="snat/my-snat/10.115.55.200")),)),
     ]
