@@ -41,6 +41,13 @@ FRAME: dict[str, Any] = {
 }
 
 # Valid values repeated: most rules drawn are valid, and collide with each other.
+# Two external networks: rules also fill the maps that steer packets to their network.
+TWO_NETWORKS: dict[str, Any] = {
+    **FRAME,
+    "externals": [{"name": "ext2", "interface": "net3", "addresses": ["10.116.0.1/24"], "gateway": "10.116.0.254"}],
+    "eips": [*FRAME["eips"][:2], {"name": "e3", "v4ip": "10.116.0.203"}, FRAME["eips"][3]],
+}
+
 names = st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "h"])
 eips = st.sampled_from(["e1", "e1", "e2", "e2", "e3", "e6", "nope"])
 reachable = ["172.20.10.2", "172.20.10.2", "172.20.10.3", "172.20.10.4", "172.30.1.1", "fd00:10::2", "fd00:10::3"]
@@ -139,7 +146,7 @@ def reconciler() -> Reconciler:
 
 
 def check(data: st.DataObject) -> None:
-    base = dict(FRAME)
+    base = dict(data.draw(st.sampled_from([FRAME, TWO_NETWORKS]), label="frame"))
     for section, strategy in ITEMS.items():
         base[section] = data.draw(st.lists(strategy, max_size=8), label=section)
     # A share group or two: backends of one (EIP, protocol, port).
@@ -173,7 +180,7 @@ def check(data: st.DataObject) -> None:
     assert change.layout == layout_of(raw.decode(), full.document, scanner())
     # A valid change of rules alone is decided on the delta path (a refusal there would
     # only cost time, since the full path then decides).
-    assert (change.delta is None) == any(edited.get(key) != accepted.document.get(key) for key in FRAME)
+    assert (change.delta is None) == any(edited.get(key) != accepted.document.get(key) for key in TWO_NETWORKS)
 
     by_delta, in_full = reconciler(), reconciler()
     for rec in (by_delta, in_full):
