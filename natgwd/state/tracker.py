@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
-from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex
+from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex
 from natgwd.state.spans import Layout, Splice, layout_of, splice
 from natgwd.state.validation import (
     Validated,
@@ -65,6 +65,8 @@ class Change:
     # Names of DNAT rules whose item gives a port as the integer 1 (which equals `true`).
     port_one: frozenset[str] = field(default=frozenset(), compare=False)
     layout: Layout | None = field(default=None, compare=False)  # where its rules lie in its text
+    # What the change writes to the base's indexes (they hold the base until accepted).
+    journal: Journal = field(default_factory=list, compare=False, repr=False)
 
     @property
     def state(self) -> DesiredState:
@@ -118,6 +120,9 @@ class StateTracker:
 
     def accept(self, change: Change) -> None:
         """`change` is applied: the next document is compared with it."""
+        if change.delta is not None:
+            assert self._accepted is not None and change.base is self._accepted.state, "a change of another base"
+            RuleIndex.redo(change.journal)
         self._accepted = change
 
     def forget(self) -> None:
@@ -166,9 +171,21 @@ class StateTracker:
         return self._checked(self._accepted, document, windows)
 
     def _checked(self, base: Change, document: dict[str, Any], windows: Windows) -> Change | None:
-        """Fold the rules of the windows into the base's indexes; None at the first problem."""
+        """The change that folds the rules of the windows into the base's indexes; None at
+        the first problem. The indexes are left as they were (accept writes the change)."""
+        index = base.validated.index
+        with index.journaled() as journal:
+            folded = self._fold(base, document, windows)
+        if folded is None:
+            return None
+        state, delta, port_one = folded
+        return Change(Validated(document, state, index), delta, base.state, port_one, journal=journal)
+
+    def _fold(
+        self, base: Change, document: dict[str, Any], windows: Windows
+    ) -> tuple[DesiredState, RuleDelta, frozenset[str]] | None:
         last = base.validated
-        index = last.index.fork()
+        index = last.index
         problems: list[tuple[str, int, str, str]] = []
 
         def refuse(section: str, position: int, name: str, reason: str) -> None:
@@ -211,8 +228,7 @@ class StateTracker:
             if kind == "dnat" and _ports_include_integer_one(item):
                 port_one.add(item["name"])
         state = _with_rules(last, index, document, windows)
-        delta = RuleDelta(tuple(removed), tuple(added))
-        return Change(Validated(document, state, index), delta, last.state, frozenset(port_one))
+        return state, RuleDelta(tuple(removed), tuple(added)), frozenset(port_one)
 
 
 def _same_frame(old: dict[str, Any], new: dict[str, Any]) -> bool:
