@@ -2,8 +2,8 @@
 cost of what changed (kube-proxy's change tracker, for a whole document).
 
 A document is compared with the last accepted one: everything outside the rule lists
-must be equal, and in each rule list the run of items between the equal head and the
-equal tail is matched by (kind, name). Only the rules that differ are checked, against
+must be equal, and in each rule list the items between the equal head and the equal tail
+are matched by (kind, name) and compared. Only the rules that differ are checked, against
 the indexes of all the others (natgwd.state.rules). The full path (every rule checked)
 is taken when something outside the rule lists changed, when a rule list holds anything
 but named objects, and when more than a fraction of the rules changed. A change the
@@ -138,9 +138,6 @@ class StateTracker:
         items = document[spliced.kind]
         if len(items) > _max_items(spliced.kind):
             return None
-        total = sum(len(document.get(kind, ())) for kind in RULE_KINDS)
-        if len(items) - spliced.head - spliced.tail > max(FULL_MINIMUM, total // FULL_FRACTION):
-            return None
         windows: Windows = {kind: (len(document.get(kind, ())), 0) for kind in RULE_KINDS}
         windows[spliced.kind] = (spliced.head, spliced.tail)
         change = self._checked(base, document, windows)
@@ -154,16 +151,11 @@ class StateTracker:
         if not isinstance(document, dict) or not _same_frame(last.document, document):
             return None
         windows: Windows = {}
-        changed = total = 0
         for kind in RULE_KINDS:
             items = document.get(kind, [])
             if not isinstance(items, list) or len(items) > _max_items(kind):
                 return None
-            windows[kind] = head, tail = _equal_ends(last.document.get(kind, []), items)
-            changed += len(items) - head - tail
-            total += len(items)
-        if changed > max(FULL_MINIMUM, total // FULL_FRACTION):
-            return None
+            windows[kind] = _equal_ends(last.document.get(kind, []), items)
         if (fractions or self._accepted.port_one) and not _ports_typed_alike(
             last.document.get("dnat", []), document.get("dnat", []), windows["dnat"]
         ):
@@ -213,6 +205,9 @@ class StateTracker:
                 removed.append(index.rules[kind][name])
                 index.remove(kind, name)
                 port_one.discard(name)
+        total = sum(len(document.get(kind, ())) for kind in RULE_KINDS)
+        if len(removed) + len(arrivals) > max(FULL_MINIMUM, total // FULL_FRACTION):
+            return None
         context = RuleContext({eip.name: eip for eip in last.state.eips}, last.state.internal)
         added: list[Rule] = []
         for kind, position, item in sorted(arrivals, key=lambda arrival: RULE_KINDS.index(arrival[0])):
