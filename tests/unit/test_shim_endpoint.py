@@ -6,6 +6,7 @@ stand-in for the daemon's reconciling thread that validates as natgwd does."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -119,7 +120,7 @@ CALLS = [
 
 def test_diff_then_fold_gives_each_document_back() -> None:
     documents = run_calls(SEED, CALLS)
-    deltas = [diff(a, b) for a, b in zip(documents, documents[1:], strict=False)]
+    deltas = [diff(a, b) for a, b in itertools.pairwise(documents)]
     assert all(deltas), "every call changed something"
     for i in range(len(deltas) + 1):
         assert compact(fold(SEED, deltas[:i])) == documents[i], i
