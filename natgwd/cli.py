@@ -137,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
             args.allow_writable_state,
             args.edit_port,
             Path(args.edit_token),
+            args.edit_fold_after,
         )
         return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch).run()
     except StartupError as err:
@@ -207,6 +208,12 @@ def parser() -> argparse.ArgumentParser:
         "--edit-token",
         default="/var/lib/natgwd/edit.token",
         help="with --edit-port: the file (mode 0600) natgwd writes the port and the callers' secret to",
+    )
+    run.add_argument(
+        "--edit-fold-after",
+        type=_positive,
+        default=1.0,
+        help="with --edit-port: seconds without a call before the calls' log is folded into the state file",
     )
     from natgwd.observability.options import add_arguments as add_observe_arguments
 

@@ -62,6 +62,7 @@ class DaemonConfig:
     allow_writable_state: bool = False
     edit_port: int | None = None  # nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port)
     edit_token_path: Path = Path("/var/lib/natgwd/edit.token")
+    edit_fold_after: float = 1.0  # seconds without a call before the edit log is folded into the file
 
 
 class Daemon:
@@ -90,7 +91,7 @@ class Daemon:
         self._last_step = time.monotonic()
         self._wake = threading.Event()
         self.edits = (
-            EditService(config.state_path, self._wake.set, self._edits_written)
+            EditService(config.state_path, self._wake.set, self._edits_written, compact_idle=config.edit_fold_after)
             if config.edit_port is not None
             else None
         )

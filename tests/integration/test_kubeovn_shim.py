@@ -50,10 +50,11 @@ class Call:
     err: str
 
 
-def start_natgwd(lab: Lab, state_path: Path, transport: str) -> Natgwd:
+def start_natgwd(lab: Lab, state_path: Path, transport: str, *args: str) -> Natgwd:
     """natgwd on `state_path`; with the edit endpoint unless the transport is the file."""
     token = state_path.with_name("edit.token")
-    args = ("--edit-port", "0", "--edit-token", str(token)) if transport == "endpoint" else ()
+    if transport == "endpoint":
+        args = ("--edit-port", "0", "--edit-token", str(token), *args)
     return lab.start_natgwd(None, *args, state_path=state_path)
 
 
@@ -79,9 +80,10 @@ class Gateway:
         result = self.lab.exec("gw", "env", *env, "bash", str(SCRIPT), *args, check=False, timeout=float(timeout) + 30)
         return Call(result.returncode, result.stdout, result.stderr)
 
-    def restart(self, natgwd_signal: int = signal.SIGKILL) -> None:
-        self.natgwd.stop(natgwd_signal)
-        self.natgwd = start_natgwd(self.lab, self.state_path, self.transport)
+    def restart(self, *args: str) -> None:
+        """kill -9 of natgwd, and a new one with `args`."""
+        self.natgwd.stop(signal.SIGKILL)
+        self.natgwd = start_natgwd(self.lab, self.state_path, self.transport, *args)
 
     def ok(self, *args: str) -> Call:
         call = self.shim(*args)
@@ -645,3 +647,59 @@ def test_replay_with_qos_calls_brings_back_every_rule_and_limit(gateway: Gateway
     for call in replay:
         assert "nothing to change" in gateway.ok(*call).out, call
     assert gateway.state() == before
+
+
+# --- the edit endpoint: what a call that returned 0 survives, and who may call ---------------
+
+
+def test_accepted_calls_survive_kill_9_and_a_wrong_token_changes_nothing(gateway: Gateway) -> None:
+    """Guards against the edit endpoint losing an answered call: calls land in natgwd's edit
+    log, not in the state file; after a kill -9 (the log not yet folded into the file) the
+    next natgwd applies every accepted rule with no call replayed, and traffic says so. A
+    caller with the wrong token is refused and changes nothing."""
+    lab = gateway.lab
+    for role in ("vm1", "vm2"):
+        lab.serve(role, tcp=[80], tag=role)
+    gateway.restart("--edit-fold-after", "600")  # a slow machine's pause between calls must not fold the log
+    file_before = gateway.state_path.read_bytes()
+    gateway.ok("eip-add", f"{EIP1}/21")
+    gateway.ok("eip-add", f"{EIP2}/21")
+    gateway.ok("snat-add", f"{EIP1},172.20.10.0/24,--random-fully")
+    gateway.ok("floating-ip-add", f"{EIP2},{VM2}")
+    for port in range(8000, 8010):
+        gateway.ok("dnat-add", f"{EIP1},{port},tcp,{VM1},80")
+    gateway.ok("dnat-del", f"{EIP1},8005,tcp")
+    wanted = gateway.state()
+    assert sorted(d["externalPort"] for d in wanted["dnat"]) == [str(p) for p in range(8000, 8010) if p != 8005]
+    assert tcp_get(lab, "ext", EIP1, 8003).endswith("@vm1")
+
+    gateway.natgwd.stop(signal.SIGKILL)
+    assert gateway.state_path.read_bytes() == file_before, "the calls were folded into the file: the test proves less"
+    gateway.restart()
+    wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+    assert gateway.state() == wanted
+    assert gateway.source_seen("vm1") == EIP1, "SNAT after the restart"
+    assert gateway.source_seen("vm2") == EIP2, "FIP after the restart"
+    assert tcp_get(lab, "ext", EIP1, 8009).endswith("@vm1"), "DNAT after the restart"
+    assert tcp_get(lab, "ext", EIP1, 8005) == "", "the deleted DNAT stays deleted"
+    assert "natgwd: nothing to change" in gateway.ok("dnat-add", f"{EIP1},8009,tcp,{VM1},80").out
+
+    token_file = gateway.state_path.with_name("edit.token")
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    port = token_file.read_text().split()[0]
+    forged = gateway.state_path.with_name("forged.token")
+    forged.write_text(f"{port} {'0' * 64}\n")
+    result = lab.exec(
+        "gw",
+        "env",
+        f"NATGWD_EDIT_TOKEN={forged}",
+        f"PATH={os.environ['PATH']}",
+        "bash",
+        str(SCRIPT),
+        "dnat-add",
+        f"{EIP1},7000,tcp,{VM1},80",
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
+    assert gateway.state() == wanted
+    assert tcp_get(lab, "ext", EIP1, 7000) == ""

@@ -56,11 +56,13 @@ class EditService:
         wake: Callable[[], None],
         written: Callable[[bytes], None],
         links: Callable[[], Links] = KernelView,
+        compact_idle: float = COMPACT_IDLE_SECONDS,
     ) -> None:
         """`wake` wakes the reconciling thread; `written(data)` tells the daemon the state
         file it wrote (its own write is no change to apply)."""
         self.state_path = state_path
         self._written = written
+        self._compact_idle = compact_idle
         self.log = EditLog(state_path.with_name(state_path.name + ".edits"))
         self.document: Doc | None = None  # the last accepted document (the file, the log folded in)
         self._base: str | None = None  # sha256 of the state file that document extends
@@ -178,7 +180,7 @@ class EditService:
             return False
         if self.log.entries >= COMPACT_ENTRIES or self.log.size >= COMPACT_BYTES:
             return True
-        return time.monotonic() - self._last_edit >= COMPACT_IDLE_SECONDS
+        return time.monotonic() - self._last_edit >= self._compact_idle
 
     def compact(self) -> bytes | None:
         """Rewrite the state file as the document, empty the log; the new content, or None
