@@ -11,6 +11,7 @@ without that token is refused before its arguments are read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from natgwd.kubeovn.shim.call import Reply
-from natgwd.kubeovn.shim.protocol import Request, RequestError, encode_reply, parse_request
+from natgwd.kubeovn.shim.protocol import MAX_REQUEST_BYTES, Request, RequestError, encode_reply, parse_request
 
 log = structlog.get_logger("natgwd.kubeovn.shim.endpoint")
 
@@ -68,6 +69,7 @@ class _Handler(socketserver.BaseRequestHandler):
         except RequestError as err:
             log.warning("edit request refused", reason=str(err), peer=str(self.client_address))
             self._reply(Reply(1, "", f"natgwd: {err}\n"))
+            self._drain(sock)
         except OSError:
             pass  # the caller went away or stalled: nobody to answer
         finally:
@@ -81,6 +83,16 @@ class _Handler(socketserver.BaseRequestHandler):
                 return None
             data += chunk
         return request
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Read what the caller still sends (bounded) before closing: closing a socket with
+        unread input resets the connection, and the caller could lose the reply."""
+        with contextlib.suppress(OSError):  # the caller gone or stalled: closing is all that is left
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(1.0)
+            left = MAX_REQUEST_BYTES
+            while left > 0 and (chunk := sock.recv(64 * 1024)):
+                left -= len(chunk)
 
     def _reply(self, reply: Reply) -> None:
         self.request.sendall(encode_reply(reply.code, reply.out, reply.err))
