@@ -57,9 +57,15 @@ def controller_calls(state: dict[str, Any]) -> list[list[str]]:
     return calls
 
 
-def skeleton(state: dict[str, Any]) -> dict[str, Any]:
-    """What `init` leaves: the interfaces and routes, no EIP and no rule."""
-    return {key: state[key] for key in ("version", "internal", "external")}
+def preloaded(state: dict[str, Any], replayed: int) -> dict[str, Any]:
+    """The state natgwd starts with: what `init` leaves (the interfaces and routes) and the
+    rules of all but the last `replayed` calls of the replay."""
+    start = {key: state[key] for key in ("version", "internal", "external")}
+    kept = sum(len(state[kind]) for kind in ("eips", "snat", "dnat", "fip")) - replayed
+    for kind in ("eips", "snat", "dnat", "fip"):  # the replay's order
+        start[kind] = state[kind][: max(kept, 0)]
+        kept -= len(start[kind])
+    return start
 
 
 def replay(gw: Netns, calls: list[list[str]], env: dict[str, str]) -> dict[str, Any]:
@@ -90,7 +96,10 @@ def replay(gw: Netns, calls: list[list[str]], env: dict[str, str]) -> dict[str, 
     }
 
 
-def run_transport(transport: str, state: dict[str, Any], calls: list[list[str]], resync: float) -> dict[str, Any]:
+def run_transport(
+    transport: str, state: dict[str, Any], calls: list[list[str]], replayed: int, resync: float
+) -> dict[str, Any]:
+    """natgwd on the state but for the last `replayed` of `calls`, then those calls."""
     with Lab() as lab:
         print(f"{transport}: {len(calls)} calls in lab {lab.prefix} ...", file=sys.stderr, flush=True)
         state_path = lab.workdir / "state.json"
@@ -98,7 +107,7 @@ def run_transport(transport: str, state: dict[str, Any], calls: list[list[str]],
         args = ["--resync-interval", str(resync)]
         if transport == "endpoint":
             args += ["--edit-port", "0", "--edit-token", str(token)]
-        daemon = lab.start_natgwd(skeleton(state), *args, state_path=state_path)
+        daemon = lab.start_natgwd(preloaded(state, replayed), *args, state_path=state_path)
         gw = Netns(lab.ns("gw"))
         try:
             deadline = time.monotonic() + 60
@@ -114,7 +123,7 @@ def run_transport(transport: str, state: dict[str, Any], calls: list[list[str]],
                 "NATGWD_SHIM_TIMEOUT": "120",
                 "GATEWAY_V4": GATEWAY_V4,
             }
-            result = replay(gw, calls, env)
+            result = replay(gw, calls[len(calls) - replayed :], env)
             # The transport alone: a call natgwd answers without touching the state.
             result["round_trip"] = replay(gw, [["get-iptables-version"]] * 50, env)["per_call"]
             edits = state_path.with_name(state_path.name + ".edits")
@@ -146,7 +155,8 @@ def _ms(value: float | None) -> str:
 
 def report(results: dict[str, Any]) -> str:
     lines = [
-        f"replay of {results['sizes']} ({results['calls']} calls), load average at the start "
+        f"replay of {results['sizes']} ({results['calls']} calls, the last {results['replayed']} replayed), "
+        f"load average at the start "
         f"{results['load_average_start']}",
         "| transport | calls | total | per call median | p95 | max | median by quarter | natgwd's apply, median "
         "| round trip alone, median | failed |",
@@ -170,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snat", type=int, default=1000)
     parser.add_argument("--fip", type=int, default=1000)
     parser.add_argument("--old-calls", type=int, default=300, help="calls replayed through the file protocol")
+    parser.add_argument(
+        "--replay-last",
+        type=int,
+        default=0,
+        help="start natgwd with all rules but the last N calls' and replay those only (the cost per call at "
+        "full size without the whole replay); default: the whole replay",
+    )
     parser.add_argument("--resync-interval", type=float, default=3600.0)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -184,9 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "runs": {},
     }
-    results["runs"]["endpoint"] = run_transport("endpoint", state, calls, args.resync_interval)
+    replayed = args.replay_last or len(calls)
+    results["replayed"] = replayed
+    results["runs"]["endpoint"] = run_transport("endpoint", state, calls, replayed, args.resync_interval)
     if args.old_calls:
-        results["runs"]["file"] = run_transport("file", state, calls[: args.old_calls], args.resync_interval)
+        old = min(args.old_calls, replayed)
+        if args.replay_last:  # the same calls at the same size
+            results["runs"]["file"] = run_transport("file", state, calls, old, args.resync_interval)
+        else:  # the start of the replay
+            results["runs"]["file"] = run_transport("file", state, calls[:old], old, args.resync_interval)
     results["ended"] = datetime.now(UTC).isoformat()
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"shim_replay-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
