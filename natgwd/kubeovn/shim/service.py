@@ -70,6 +70,7 @@ class EditService:
         self._links = links
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._last_edit = 0.0
+        self._compact_not_before = 0.0  # after a compaction that could not be done
         self._loaded = False
 
     # --- the endpoint's threads ----------------------------------------------------------
@@ -176,7 +177,7 @@ class EditService:
         return "natgwd: applied"
 
     def compaction_due(self) -> bool:
-        if self.log.entries == 0:
+        if self.log.entries == 0 or time.monotonic() < self._compact_not_before:
             return False
         if self.log.entries >= COMPACT_ENTRIES or self.log.size >= COMPACT_BYTES:
             return True
@@ -185,9 +186,10 @@ class EditService:
     def compact(self) -> bytes | None:
         """Rewrite the state file as the document, empty the log; the new content, or None
         when another writer holds the file's lock or replaced the file (the daemon's next
-        read of it decides)."""
+        read of it decides), or the file cannot be written (tried again later)."""
         if self.document is None:
             return None
+        self._compact_not_before = time.monotonic() + self._compact_idle
         try:
             with locked(lock_path(self.state_path), time.monotonic()):
                 if self._base is not None or self.state_path.exists():
@@ -201,6 +203,9 @@ class EditService:
                 write_atomically(self.state_path, data)
                 self.log.clear()
         except ShimError:
+            return None
+        except OSError as err:
+            log.warning("cannot fold the edit log into the state file", path=str(self.state_path), error=str(err))
             return None
         self._base = hashlib.sha256(data).hexdigest()
         self._written(data)
