@@ -50,7 +50,8 @@ def diff(before: Doc, after: Doc) -> Delta:
 
 
 def _named(value: object) -> bool:
-    return value is None or (isinstance(value, list) and all(isinstance(i, dict) for i in value))
+    # Documents here were validated (or made by edits): their lists hold objects.
+    return value is None or isinstance(value, list)
 
 
 def _list_change(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> tuple[list[str] | None, list[dict[str, Any]]]:
