@@ -8,18 +8,17 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pyroute2.netlink.exceptions import NetlinkError
-
-from natgwd.kernel.netlink import KernelLinks
-from natgwd.kubeovn.kernelrules import read_kernel_rules
 from natgwd.kubeovn.shim import grammar
 from natgwd.kubeovn.shim.edits import Context, Doc, parse_route_add
 from natgwd.kubeovn.shim.grammar import ShimError
 from natgwd.planning.links import DEFAULT_ROUTE
 from natgwd.state.model import RULE_KINDS
 from natgwd.state.validation import InvalidStateError, load_state
+
+if TYPE_CHECKING:
+    from natgwd.kernel.netlink import KernelLinks
 
 DEFAULT_VPC_INTERFACE = "eth0"  # the script's defaults, for `init` without arguments
 DEFAULT_EXTERNAL_INTERFACE = "net1"
@@ -48,16 +47,35 @@ class Links(Protocol):
         ...
 
 
-class KernelView(KernelLinks):
-    """The real kernel: natgwd.kernel.netlink's queries, and natgwd's table."""
+class KernelView:
+    """The real kernel: natgwd.kernel.netlink's queries, and natgwd's table. Imported when a
+    call asks (pyroute2 takes a tenth of a second to import, and most calls never ask)."""
+
+    def _links(self) -> KernelLinks:
+        from natgwd.kernel.netlink import KernelLinks
+
+        return KernelLinks()
+
+    def exists(self, name: str) -> bool:
+        return self._links().exists(name)
+
+    def addresses(self, name: str) -> list[IPv4Interface]:
+        return self._links().addresses(name)
+
+    def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
+        return self._links().routes(name)
 
     def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         try:
-            return super().delete_routes(name, dst)
+            return self._links().delete_routes(name, dst)
         except NetlinkError as err:
             raise ShimError(f"natgwd: ip route del {dst} dev {name}: {err}") from None
 
     def nat_rules(self) -> Doc | None:
+        from natgwd.kubeovn.kernelrules import read_kernel_rules
+
         return read_kernel_rules()
 
 
