@@ -27,14 +27,14 @@ class NoLinks:
         return LinkReport()
 
 
-def started(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]:
+def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]:
+    """A natgwd (not stepped yet) on the state file and edit log in `tmp_path`."""
     nft = FakeNft()
 
     def reconciler(_announce: Announce) -> Reconciler:
         return Reconciler(nft, NoLinks(), ensure_forwarding=lambda: False)
 
     state_path = tmp_path / "state.json"
-    state_path.write_text(json.dumps(SEED_STATE, indent=1))
     config = DaemonConfig(
         state_path,
         ("127.0.0.1", 0),
@@ -43,7 +43,12 @@ def started(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]
         edit_token_path=tmp_path / "edit.token",
         edit_fold_after=fold_after,
     )
-    daemon = Daemon(config, reconciler)
+    return Daemon(config, reconciler), nft
+
+
+def started(tmp_path: Path) -> tuple[Daemon, FakeNft]:
+    (tmp_path / "state.json").write_text(json.dumps(SEED_STATE, indent=1))
+    daemon, nft = on_files(tmp_path)
     daemon.step()
     assert daemon.reconciler.state is not None
     return daemon, nft
@@ -117,6 +122,21 @@ def test_a_failed_apply_answers_1_and_the_retry_keeps_the_accepted_calls(tmp_pat
     assert dnat_ports(daemon) == ["8888", "9000"]
     assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     assert dnat_ports(daemon) == ["8888", "9000", "9001"]
+
+
+def test_a_restart_whose_first_apply_fails_still_brings_back_the_logged_calls(tmp_path: Path) -> None:
+    daemon, _ = started(tmp_path)
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    again, nft = on_files(tmp_path)  # natgwd killed, a new one on the same files
+    nft.fail_next = "injected"
+    again.step()
+    assert again.reconciler.state is None
+    again.reconcile_file(force=True)  # what the scheduled retry does
+    assert dnat_ports(again) == ["8888", "9000"]
+    assert call(again, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
+    third, _ = on_files(tmp_path)
+    third.step()
+    assert dnat_ports(third) == ["8888", "9000", "9001"]
 
 
 def test_an_invalid_result_is_refused_and_changes_nothing(tmp_path: Path) -> None:

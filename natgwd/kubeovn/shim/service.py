@@ -71,7 +71,6 @@ class EditService:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._last_edit = 0.0
         self._compact_not_before = 0.0  # after a compaction that could not be done
-        self._loaded = False
 
     # --- the endpoint's threads ----------------------------------------------------------
 
@@ -90,12 +89,12 @@ class EditService:
         """What natgwd applies for the state file `raw`: the file with the edits logged on it."""
         if self.document is not None and digest == self._base:
             return json.dumps(self.document).encode()
-        if not self._loaded:  # at start: the log a previous natgwd left
-            self._loaded = True
-            deltas = self.log.load()
-            if deltas and self.log.base == digest:
-                log.info("edits folded into the state file", edits=len(deltas), state_sha256=digest[:12])
-                return json.dumps(compact(fold(json.loads(raw), deltas))).encode()
+        # At start (the log a previous natgwd left), after a failed first apply, or a file
+        # someone else wrote: the log on disk says which file it extends.
+        deltas = self.log.load()
+        if deltas and self.log.base == digest:
+            log.info("edits folded into the state file", edits=len(deltas), state_sha256=digest[:12])
+            return json.dumps(compact(fold(json.loads(raw), deltas))).encode()
         return raw
 
     def accepted(self, applied: bytes, digest: str) -> None:
