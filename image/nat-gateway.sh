@@ -9,6 +9,10 @@ if [ ! -e "$token_file" ]; then
     exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.kubeovn.shim "$@"
 fi
 
+if [ ! -r "$token_file" ]; then
+    echo "natgwd: cannot read $token_file (natgwd's edit endpoint takes calls from root only)" >&2
+    exit 1
+fi
 timeout=${NATGWD_SHIM_TIMEOUT:-30}
 [[ $timeout =~ ^[0-9]+(\.[0-9]+)?$ && $timeout != 0 && $timeout != 0.0 ]] || timeout=30
 # The deadline in microseconds, from EPOCHREALTIME (no fork). The controller's `init` may
@@ -32,9 +36,12 @@ while :; do
     sleep 0.05
 done
 
-printf '%s\0' natgwd-edit/1 "$token" "${GATEWAY_V4:-}" "$#" "$@" >&3
+# natgwd may answer (a refusal) before it has read everything: its reply still comes.
+trap '' PIPE
+printf '%s\0' natgwd-edit/1 "$token" "${GATEWAY_V4:-}" "$#" "$@" >&3 2>/dev/null
 now=${EPOCHREALTIME/[.,]/}
 wait_for=$(((deadline - 10#$now) / 1000000 + 1))
+((wait_for >= 1)) || wait_for=1
 if ! { IFS= read -r -d '' -t "$wait_for" code && IFS= read -r -d '' out && IFS= read -r -d '' err; } <&3 ||
     [[ ! $code =~ ^[0-9]{1,3}$ ]]; then
     echo "natgwd: no reply from its edit endpoint within ${timeout}s" >&2

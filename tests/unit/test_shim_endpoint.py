@@ -257,6 +257,10 @@ def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> Non
     forged.write_text(f"{port} {'0' * 64}\n")
     result = script(daemon, "eip-add", f"{EIP1}/21", NATGWD_EDIT_TOKEN=str(forged))
     assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
+    # Refused as soon as the token is read, while the script may still be sending 600 kB:
+    # it still gets the refusal.
+    result = script(daemon, "dnat-add", *(["x" * 200] * 3000), NATGWD_EDIT_TOKEN=str(forged))
+    assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
     with socket.create_connection(("127.0.0.1", int(port))) as sock:  # garbage: refused, nothing changed
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert b"not a natgwd edit request" in sock.recv(4096)

@@ -60,7 +60,9 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.settimeout(READ_SECONDS)
         if not self.server.slots.acquire(blocking=False):
-            self._reply(Reply(1, "", "natgwd: too many calls at once; try again\n"))
+            with contextlib.suppress(OSError):
+                self._reply(Reply(1, "", "natgwd: too many calls at once; try again\n"))
+            self._drain(sock)
             return
         try:
             request = self._read(sock)
