@@ -233,7 +233,7 @@ rm -rf "$rootfs/tmp/wheels" "$rootfs"/root/.cache "$rootfs"/tmp/* "${rootfs:?}"/
 install -d -m 0755 "$rootfs/etc/natgwd"
 install -d -m 0700 "$rootfs/var/lib/natgwd"
 # Kube-OVN drop-in (controller unchanged): its `sleep infinity` starts natgwd, and its
-# `bash /kube-ovn/nat-gateway.sh <subcommand> <rule>` execs edit natgwd's state file.
+# `bash /kube-ovn/nat-gateway.sh <subcommand> <rule>` execs: calls to natgwd's edit endpoint.
 install -m 0755 "$ROOT/image/sleep-infinity.sh" "$rootfs$VENV/bin/sleep"
 install -D -m 0755 "$ROOT/image/nat-gateway.sh" "$rootfs/kube-ovn/nat-gateway.sh"
 

@@ -1,2 +1,53 @@
-#!/bin/sh
-exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.kubeovn.shim "$@"
+#!/bin/bash
+# Kube-OVN's gateway script, for natgwd: kube-ovn-controller execs
+# `bash /kube-ovn/nat-gateway.sh COMMAND RULE...` and each call edits natgwd's desired state.
+# Where natgwd takes calls on loopback (`natgwd run --edit-port`, its token file exists), the
+# call goes there in one round trip: a bash process and no Python start per call. Otherwise
+# `python -m natgwd.kubeovn.shim` edits the state file itself. Both parse the call alike.
+token_file=${NATGWD_EDIT_TOKEN:-/var/lib/natgwd/edit.token}
+if [ ! -e "$token_file" ]; then
+    exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.kubeovn.shim "$@"
+fi
+
+if [ ! -r "$token_file" ]; then
+    echo "natgwd: cannot read $token_file (natgwd's edit endpoint takes calls from root only)" >&2
+    exit 1
+fi
+timeout=${NATGWD_SHIM_TIMEOUT:-30}
+[[ $timeout =~ ^[0-9]+(\.[0-9]+)?$ && $timeout != 0 && $timeout != 0.0 ]] || timeout=30
+# The deadline in microseconds, from EPOCHREALTIME (no fork). The controller's `init` may
+# come before natgwd listens: keep trying until then.
+seconds=${timeout%.*}
+fraction=${timeout#"$seconds"}
+fraction=${fraction#.}000000
+now=${EPOCHREALTIME/[.,]/}
+deadline=$((10#$now + 10#$seconds * 1000000 + 10#${fraction:0:6}))
+while :; do
+    port='' token=''
+    { read -r port token <"$token_file"; } 2>/dev/null
+    if [[ $port =~ ^[0-9]{1,5}$ && -n $token ]] && { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+        break
+    fi
+    now=${EPOCHREALTIME/[.,]/}
+    if ((10#$now >= deadline)); then
+        echo "natgwd: its edit endpoint ($token_file) did not answer within ${timeout}s" >&2
+        exit 1
+    fi
+    sleep 0.05
+done
+
+# natgwd may answer (a refusal) before it has read everything: its reply still comes.
+trap '' PIPE
+printf '%s\0' natgwd-edit/1 "$token" "${GATEWAY_V4:-}" "$#" "$@" >&3 2>/dev/null
+now=${EPOCHREALTIME/[.,]/}
+wait_for=$(((deadline - 10#$now) / 1000000 + 1))
+((wait_for >= 1)) || wait_for=1
+if ! { IFS= read -r -d '' -t "$wait_for" code && IFS= read -r -d '' out && IFS= read -r -d '' err; } <&3 ||
+    [[ ! $code =~ ^[0-9]{1,3}$ ]]; then
+    echo "natgwd: no reply from its edit endpoint within ${timeout}s" >&2
+    exit 1
+fi
+exec 3<&-
+printf '%s' "$out"
+printf '%s' "$err" >&2
+exit "$code"

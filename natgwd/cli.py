@@ -135,6 +135,9 @@ def _run(args: argparse.Namespace) -> int:
             args.resync_interval,
             Path(args.applied_state) if args.applied_state else None,
             args.allow_writable_state,
+            args.edit_port,
+            Path(args.edit_token),
+            args.edit_fold_after,
         )
         return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch).run()
     except StartupError as err:
@@ -166,6 +169,12 @@ def _positive(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port 0-65535")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="natgwd", description="VPC NAT gateway data plane", allow_abbrev=False)
     top.add_argument("--version", action="version", version=f"natgwd {__version__}")
@@ -188,6 +197,23 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
+    )
+    run.add_argument(
+        "--edit-port",
+        type=_port,
+        default=None,
+        help="take nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port; default: off)",
+    )
+    run.add_argument(
+        "--edit-token",
+        default="/var/lib/natgwd/edit.token",
+        help="with --edit-port: the file (mode 0600) natgwd writes the port and the callers' secret to",
+    )
+    run.add_argument(
+        "--edit-fold-after",
+        type=_positive,
+        default=1.0,
+        help="with --edit-port: seconds without a call before the calls' log is folded into the state file",
     )
     from natgwd.observability.options import add_arguments as add_observe_arguments
 

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from ipaddress import ip_interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface, ip_network
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -308,3 +308,70 @@ def _interface_of(msg: dict) -> IPInterface:
 def _dst_of(route: dict) -> IPNetwork:
     unspecified = "::" if route["family"] == socket.AF_INET6 else "0.0.0.0"
     return ip_network(f"{route.get('RTA_DST', unspecified)}/{route['dst_len']}")
+
+
+class KernelLinks:
+    """What the drop-in nat-gateway.sh asks of the interfaces (natgwd.kubeovn.shim.init):
+    what the CNI configured on them, and `ip route del` of the VPC routes the controller
+    removes, whoever installed them."""
+
+    IFA_F_SECONDARY = 0x01
+
+    def exists(self, name: str) -> bool:
+        with IPRoute() as ipr:
+            return bool(ipr.link_lookup(ifname=name))
+
+    def addresses(self, name: str) -> list[IPv4Interface]:
+        """Primary global IPv4 addresses that natgwd did not add (the CNI's)."""
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                return []
+            addresses = []
+            for msg in ipr.get_addr(family=socket.AF_INET, index=found[0]):
+                if msg["scope"] != 0 or msg["flags"] & self.IFA_F_SECONDARY or msg.get("IFA_PROTO") == NATGWD_PROTO:
+                    continue
+                local = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+                addresses.append(IPv4Interface(f"{local}/{msg['prefixlen']}"))
+            return addresses
+
+    def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
+        """The main table's IPv4 routes through a gateway out of the interface."""
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                return []
+            routes = []
+            for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+                gateway = msg.get("RTA_GATEWAY")
+                if msg.get("RTA_OIF") != found[0] or not gateway:
+                    continue
+                routes.append(
+                    (IPv4Network(f"{msg.get('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"), IPv4Address(gateway))
+                )
+            return routes
+
+    def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        """Delete the main table's routes to `dst` out of the interface, whoever added them
+        (`ip route del`); how many there were. Raises NetlinkError when one cannot go."""
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                return 0
+            doomed = [
+                msg
+                for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+                if msg.get("RTA_OIF") == found[0]
+                and msg["dst_len"] == dst.prefixlen
+                and msg.get("RTA_DST") == str(dst.network_address)
+            ]
+            deleted = 0
+            for msg in doomed:
+                try:
+                    ipr.route("del", dst=str(dst), table=MAIN_TABLE, oif=found[0], proto=msg["proto"])
+                except NetlinkError as err:
+                    if err.code == errno.ESRCH:  # gone meanwhile: not ours to count
+                        continue
+                    raise
+                deleted += 1
+            return deleted

@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from natgwd.ha.controller import HaController
 from natgwd.kernel.garp import Announcer
 from natgwd.kernel.nft import NftError
+from natgwd.kubeovn.shim.endpoint import EditEndpoint
+from natgwd.kubeovn.shim.service import EditService
 from natgwd.observability import ctstats
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
@@ -35,8 +37,9 @@ from natgwd.runtime.endpoints import serve
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
-from natgwd.runtime.startup import listen_error
+from natgwd.runtime.startup import Exit, StartupError, listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
+from natgwd.state.model import DesiredState
 from natgwd.state.tracker import StateTracker
 from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, validate_document
 
@@ -57,6 +60,9 @@ class DaemonConfig:
     resync_interval: float
     applied_state_path: Path | None = None
     allow_writable_state: bool = False
+    edit_port: int | None = None  # nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port)
+    edit_token_path: Path = Path("/var/lib/natgwd/edit.token")
+    edit_fold_after: float = 1.0  # seconds without a call before the edit log is folded into the file
 
 
 class Daemon:
@@ -84,6 +90,11 @@ class Daemon:
         self._told_ready = False
         self._last_step = time.monotonic()
         self._wake = threading.Event()
+        self.edits = (
+            EditService(config.state_path, self._wake.set, self._edits_written, compact_idle=config.edit_fold_after)
+            if config.edit_port is not None
+            else None
+        )
         self._stopping = False
         self._force = False
         self.tracker = StateTracker()
@@ -106,6 +117,7 @@ class Daemon:
             server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
         except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
             raise listen_error(self.config.metrics_address, err) from None
+        endpoint = self._start_edit_endpoint()
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
@@ -122,11 +134,15 @@ class Daemon:
         try:
             while not self._stopping:
                 self._last_step = time.monotonic()
+                self._wake.clear()  # before the step: a wake during it (an edit call) is not lost
                 self.step()
                 self.notifier.watchdog()
                 self._wake.wait(POLL_SECONDS)
-                self._wake.clear()
         finally:
+            if endpoint is not None and self.edits is not None:
+                endpoint.stop()
+                self.edits.refuse_pending("natgwd is stopping; try again")
+                self.edits.compact()
             self.notifier.send("STOPPING=1")
             if self.ha is not None:
                 # A planned switchover: keepalived hands the addresses over as it stops.
@@ -165,6 +181,10 @@ class Daemon:
         seen = self.watcher.poll()
         if seen is not None:
             self.reconcile_file(force=False, quiet=seen == "recheck")
+        if self.edits is not None:
+            self.edits.serve_pending(self._apply_edit)
+            if self.edits.compaction_due():
+                self.edits.compact()
         # Not `elif`: a file rewritten every few hundred milliseconds must not starve
         # retries and drift repair.
         if self._retry_at is not None and now >= self._retry_at:
@@ -226,8 +246,9 @@ class Daemon:
                 self.metrics.reconciles.labels("unchanged").inc()
             return
         self._seen_digest = digest
+        applied_raw = self.edits.effective(raw, digest) if self.edits is not None else raw
         try:
-            change = self.tracker.check(raw)
+            change = self.tracker.check(applied_raw)
         except InvalidStateError as err:
             self._rejected(err.problems, digest, err.skipped)
             return
@@ -248,12 +269,62 @@ class Daemon:
         self._count(outcome)
         self._applied_digest = digest
         self._applied_at = time.time()
-        self._record_applied(raw)
+        self._record_applied(applied_raw)
+        if self.edits is not None:
+            self.edits.accepted(applied_raw, digest, change.validated.document)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         if self.ha is not None:
             self.ha.applied(state, digest, outcome.complete)
         self._finished(outcome, started, digest=digest)
+
+    # --- nat-gateway.sh calls (natgwd.kubeovn.shim.service) -------------------------------
+
+    def _start_edit_endpoint(self) -> EditEndpoint | None:
+        if self.edits is None or self.config.edit_port is None:
+            return None
+        try:
+            endpoint = EditEndpoint(self.config.edit_port, self.config.edit_token_path, self.edits.submit)
+            endpoint.start()
+        except OSError as err:
+            where = f"127.0.0.1:{self.config.edit_port}"
+            message = f"cannot start the edit endpoint on {where} (--edit-port, --edit-token): {err}"
+            raise StartupError(Exit.ADDRESS_OTHER, message, where) from None
+        return endpoint
+
+    def _apply_document(self, document: dict[str, Any]) -> tuple[DesiredState, Outcome]:
+        """Validate and apply a document an edit produced: only its changed rules are
+        checked and planned (it keeps the other rules' very objects)."""
+        change = self.tracker.check_document(document)
+        outcome = self.reconciler.apply(change.state, change.delta, change.base)
+        self.tracker.accept(change)
+        self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
+        self._unverified |= outcome.by_delta
+        return change.state, outcome
+
+    def _apply_edit(self, document: dict[str, Any]) -> None:
+        started = time.monotonic()
+        try:
+            state, outcome = self._apply_document(document)
+        except (NftError, OSError) as err:
+            self._failed(f"applying an edit failed: {err}")
+            raise
+        self._count(outcome)
+        self._applied_at = time.time()
+        for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
+            self.metrics.rules.labels(kind).set(len(rules))
+        if self.ha is not None:
+            self.ha.applied(state, self._applied_digest or "", outcome.complete)
+        self._finished(outcome, started, digest=self._applied_digest or "")
+
+    def _edits_written(self, data: bytes) -> None:
+        """The edit service rewrote the state file as the applied document: no change to
+        apply (the watcher's recheck re-reads it quietly)."""
+        digest = hashlib.sha256(data).hexdigest()
+        self._seen_digest = self._applied_digest = digest
+        self._applied_at = time.time()
+        self.watcher.poll()
+        self._record_applied(data)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval

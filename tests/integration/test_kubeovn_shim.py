@@ -1,6 +1,8 @@
 """The drop-in nat-gateway.sh (natgwd.kubeovn.shim) driving a real natgwd in the seed topology,
-the way kube-ovn-controller drives Kube-OVN's script: one exec per rule, inside the gateway
-namespace, each call returning once natgwd has applied it. Ports the scenarios of
+the way kube-ovn-controller drives Kube-OVN's script: `bash nat-gateway.sh` once per rule,
+inside the gateway namespace, each call returning once natgwd has applied it. natgwd takes
+the calls on its edit endpoint (`--edit-port`, as the image runs it); tests marked with the
+`file` transport run them as the file protocol instead (natgwd without an endpoint). Ports the scenarios of
 Kube-OVN's test/e2e/iptables-vpc-nat-gw that apply to the data plane (reference section
 3.1), with real traffic instead of iptables-save greps.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -26,15 +29,27 @@ from typing import Any
 
 import pytest
 
+from natgwd.kubeovn.shim.editlog import EditLog, fold
+from natgwd.kubeovn.shim.edits import compact
 from natgwd.lab.topology import EXTERNAL_HOST, Lab, Natgwd
 from natgwd.state.validation import InvalidStateError, load_state
-from tests.integration.helpers import addresses, client_command, events_named, kill_process, prober, routes, tcp_get
+from tests.integration.helpers import (
+    addresses,
+    client_command,
+    events_named,
+    kill_process,
+    prober,
+    routes,
+    tcp_get,
+    wait_for,
+)
 from tests.integration.qos_helpers import assert_shaped, iperf, iperf_server
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
 VM1, VM2, VM3 = "172.20.10.2", "172.20.10.3", "172.20.10.4"
 UPSTREAM_PORT = 8080  # a server in "ext", the internet: it answers with the source it saw
 SHIM_TIMEOUT = "30"
+SCRIPT = Path(__file__).resolve().parents[2] / "image" / "nat-gateway.sh"
 
 
 @dataclass(frozen=True)
@@ -44,33 +59,40 @@ class Call:
     err: str
 
 
+def start_natgwd(lab: Lab, state_path: Path, transport: str, *args: str) -> Natgwd:
+    """natgwd on `state_path`; with the edit endpoint unless the transport is the file."""
+    token = state_path.with_name("edit.token")
+    if transport == "endpoint":
+        args = ("--edit-port", "0", "--edit-token", str(token), *args)
+    return lab.start_natgwd(None, *args, state_path=state_path)
+
+
 @dataclass
 class Gateway:
     lab: Lab
     natgwd: Natgwd
     state_path: Path
     gateway_v4: str = EXTERNAL_HOST  # the pod's GATEWAY_V4 (none before Kube-OVN v1.15)
+    transport: str = "endpoint"
 
     def shim(self, *args: str, timeout: str = SHIM_TIMEOUT) -> Call:
-        """`nat-gateway.sh ARGS...` in the gateway namespace, as the controller execs it."""
+        """`bash nat-gateway.sh ARGS...` in the gateway namespace, as the controller execs it."""
         env = [
             f"NATGWD_STATE={self.state_path}",
             f"NATGWD_APPLIED_STATE={self.lab.applied_state_path}",
+            f"NATGWD_EDIT_TOKEN={self.state_path.with_name('edit.token')}",
             f"NATGWD_SHIM_TIMEOUT={timeout}",
             f"GATEWAY_V4={self.gateway_v4}",
+            f"NATGWD_PYTHON={sys.executable}",
+            f"PATH={os.environ['PATH']}",
         ]
-        result = self.lab.exec(
-            "gw",
-            "env",
-            *env,
-            sys.executable,
-            "-m",
-            "natgwd.kubeovn.shim",
-            *args,
-            check=False,
-            timeout=float(timeout) + 30,
-        )
+        result = self.lab.exec("gw", "env", *env, "bash", str(SCRIPT), *args, check=False, timeout=float(timeout) + 30)
         return Call(result.returncode, result.stdout, result.stderr)
+
+    def restart(self, *args: str) -> None:
+        """kill -9 of natgwd, and a new one with `args`."""
+        self.natgwd.stop(signal.SIGKILL)
+        self.natgwd = start_natgwd(self.lab, self.state_path, self.transport, *args)
 
     def ok(self, *args: str) -> Call:
         call = self.shim(*args)
@@ -84,8 +106,26 @@ class Gateway:
         return call
 
     def state(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads(self.state_path.read_bytes())
+        """The desired state natgwd holds: the state file with its edit log folded in (what
+        natgwd applies when it starts)."""
+        log = EditLog(self.state_path.with_name(self.state_path.name + ".edits"))
+        while True:  # natgwd may fold the log into the file meanwhile: read both again
+            raw = self.state_path.read_bytes()
+            deltas = log.load()
+            if raw == self.state_path.read_bytes():
+                break
+        loaded: dict[str, Any] = json.loads(raw)
+        if deltas and log.base == hashlib.sha256(raw).hexdigest():
+            return compact(fold(loaded, deltas))
         return loaded
+
+    def assert_applied_is_the_file(self) -> None:
+        """natgwd reports the state file's sha256 as applied; with the endpoint, once the
+        calls paused and natgwd folded its edit log into the file."""
+        if self.transport == "endpoint":
+            log = self.state_path.with_name(self.state_path.name + ".edits")
+            wait_for(lambda: not log.exists(), "natgwd to fold its edit log into the state file")
+        assert self.applied() == hashlib.sha256(self.state_path.read_bytes()).hexdigest()
 
     def applied(self) -> str:
         """The sha256 natgwd reports on /readyz (it must equal the file's: the call waited)."""
@@ -121,19 +161,19 @@ def configure_like_the_cni(lab: Lab, vpc: str = "net1", ext: str = "net2", route
 
 
 @pytest.fixture
-def gateway(lab: Lab, tmp_path: Path) -> Iterator[Gateway]:
+def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     configure_like_the_cni(lab)
     state_path = tmp_path / "state.json"
-    daemon = lab.start_natgwd(None, state_path=state_path)
-    gw = Gateway(lab, daemon, state_path)
+    transport = getattr(request, "param", "endpoint")
+    gw = Gateway(lab, start_natgwd(lab, state_path, transport), state_path, transport=transport)
     lab.serve("ext", tcp=[UPSTREAM_PORT])
     try:
         init = gw.ok("init", "net1,net2")
         assert init.out.splitlines()[0] == "init net1,net2"
         yield gw
     finally:
-        daemon.stop()
-        print(daemon.log()[-4000:])
+        gw.natgwd.stop()
+        print(gw.natgwd.log()[-4000:])
         shutil.rmtree(lab.workdir, ignore_errors=True)
 
 
@@ -175,7 +215,7 @@ def test_init_builds_the_state_from_what_the_cni_configured(gateway: Gateway) ->
         },
         "external": {"interface": "net2", "addresses": ["10.115.48.1/21"], "gateway": EXTERNAL_HOST},
     }
-    assert gateway.applied() == hashlib.sha256(gateway.state_path.read_bytes()).hexdigest()
+    gateway.assert_applied_is_the_file()
     assert "nothing to change" in gateway.ok("init", "net1,net2").out
     gateway.refused("init", "net1,net9", match="External interface 'net9' not found")
 
@@ -183,6 +223,7 @@ def test_init_builds_the_state_from_what_the_cni_configured(gateway: Gateway) ->
 # --- [2] EIP, FIP, SNAT, DNAT; shared EIP; hairpin; cleanup -------------------------------
 
 
+@pytest.mark.parametrize("gateway", ["endpoint", "file"], indirect=True)
 def test_fip_snat_dnat_add_and_delete_with_traffic(gateway: Gateway) -> None:
     lab = gateway.lab
     for role in ("vm1", "vm2", "vm3"):
@@ -213,7 +254,7 @@ def test_fip_snat_dnat_add_and_delete_with_traffic(gateway: Gateway) -> None:
     assert tcp_get(lab, "vm3", EIP1, 8888).split(":")[0] == EIP1
 
     # The same calls again (the controller's redo): nothing changes, all exit 0.
-    before = gateway.state_path.read_bytes()
+    before = gateway.state()
     for args in (
         ("floating-ip-add", f"{EIP2},{VM2}"),
         ("snat-add", f"{EIP1},172.20.10.0/24,--random-fully"),
@@ -221,7 +262,7 @@ def test_fip_snat_dnat_add_and_delete_with_traffic(gateway: Gateway) -> None:
         ("eip-add", f"{EIP1}/21"),
     ):
         assert "nothing to change" in gateway.ok(*args).out
-    assert gateway.state_path.read_bytes() == before
+    assert gateway.state() == before
 
     # Deletes, each effective when the call returns; deleting again is fine.
     gateway.ok("floating-ip-del", EIP2)
@@ -235,7 +276,7 @@ def test_fip_snat_dnat_add_and_delete_with_traffic(gateway: Gateway) -> None:
     assert f"{EIP2}/21" not in addresses(lab, "gw")["net2"]
     for args in (("floating-ip-del", EIP2), ("dnat-del", f"{EIP1},8888,tcp"), ("snat-del", f"{EIP1},172.20.10.0/24")):
         gateway.ok(*args)
-    assert gateway.applied() == hashlib.sha256(gateway.state_path.read_bytes()).hexdigest()
+    gateway.assert_applied_is_the_file()
 
 
 # --- [7] spec updates: delete the old rule, add the new one ------------------------------
@@ -348,6 +389,7 @@ def test_share_dnat_spreads_then_follows_the_backend_list(gateway: Gateway) -> N
 # --- many execs at once -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gateway", ["endpoint", "file"], indirect=True)
 def test_50_concurrent_calls_are_all_applied(gateway: Gateway) -> None:
     lab = gateway.lab
     lab.serve("vm1", tcp=[80], tag="vm1")
@@ -357,7 +399,7 @@ def test_50_concurrent_calls_are_all_applied(gateway: Gateway) -> None:
         calls = list(pool.map(lambda port: gateway.shim("dnat-add", f"{EIP1},{port},tcp,{VM1},80"), ports))
     assert [c.code for c in calls] == [0] * 50, [c.err for c in calls if c.code]
     assert sorted(int(d["externalPort"]) for d in gateway.state()["dnat"]) == ports
-    assert gateway.applied() == hashlib.sha256(gateway.state_path.read_bytes()).hexdigest()
+    gateway.assert_applied_is_the_file()
     for port in (ports[0], ports[24], ports[-1]):
         assert tcp_get(lab, "ext", EIP1, port).endswith("@vm1"), port
 
@@ -422,7 +464,7 @@ def restart_natgwd(gateway: Gateway, *, files_kept: bool) -> None:
         for path in gateway.state_path.parent.glob(f"{gateway.state_path.name}*"):
             path.unlink()
         gateway.lab.applied_state_path.unlink(missing_ok=True)
-    gateway.natgwd = gateway.lab.start_natgwd(None, state_path=gateway.state_path)
+    gateway.restart()
 
 
 def test_controller_replays_across_restarts_and_pod_recreation(gateway: Gateway) -> None:
@@ -535,7 +577,7 @@ def test_older_controllers_drive_the_gateway(lab: Lab, tmp_path: Path, version: 
     for role in ("vm1", "vm2"):
         lab.serve(role, tcp=[80], tag=role)
     lab.serve("ext", tcp=[UPSTREAM_PORT])
-    gateway = Gateway(lab, lab.start_natgwd(None, state_path=tmp_path / "state.json"), tmp_path / "state.json", "")
+    gateway = Gateway(lab, start_natgwd(lab, tmp_path / "state.json", "endpoint"), tmp_path / "state.json", "")
     for call in calls:
         gateway.ok(*call)
     on_gateway = {(r.dst, r.gateway, r.dev) for r in routes(lab, "gw")}
@@ -595,7 +637,63 @@ def test_replay_with_qos_calls_brings_back_every_rule_and_limit(gateway: Gateway
     assert_shaped(iperf(lab, "ext", EIP1, 5201), 10, "ingress of the DNAT EIP after the replay")
 
     # The controller replays again (another restart of its own): nothing changes.
-    before = gateway.state_path.read_bytes()
+    before = gateway.state()
     for call in replay:
         assert "nothing to change" in gateway.ok(*call).out, call
-    assert gateway.state_path.read_bytes() == before
+    assert gateway.state() == before
+
+
+# --- the edit endpoint: what a call that returned 0 survives, and who may call ---------------
+
+
+def test_accepted_calls_survive_kill_9_and_a_wrong_token_changes_nothing(gateway: Gateway) -> None:
+    """Guards against the edit endpoint losing an answered call: calls land in natgwd's edit
+    log, not in the state file; after a kill -9 (the log not yet folded into the file) the
+    next natgwd applies every accepted rule with no call replayed, and traffic says so. A
+    caller with the wrong token is refused and changes nothing."""
+    lab = gateway.lab
+    for role in ("vm1", "vm2"):
+        lab.serve(role, tcp=[80], tag=role)
+    gateway.restart("--edit-fold-after", "600")  # a slow machine's pause between calls must not fold the log
+    file_before = gateway.state_path.read_bytes()
+    gateway.ok("eip-add", f"{EIP1}/21")
+    gateway.ok("eip-add", f"{EIP2}/21")
+    gateway.ok("snat-add", f"{EIP1},172.20.10.0/24,--random-fully")
+    gateway.ok("floating-ip-add", f"{EIP2},{VM2}")
+    for port in range(8000, 8010):
+        gateway.ok("dnat-add", f"{EIP1},{port},tcp,{VM1},80")
+    gateway.ok("dnat-del", f"{EIP1},8005,tcp")
+    wanted = gateway.state()
+    assert sorted(d["externalPort"] for d in wanted["dnat"]) == [str(p) for p in range(8000, 8010) if p != 8005]
+    assert tcp_get(lab, "ext", EIP1, 8003).endswith("@vm1")
+
+    gateway.natgwd.stop(signal.SIGKILL)
+    assert gateway.state_path.read_bytes() == file_before, "the calls were folded into the file: the test proves less"
+    gateway.restart()
+    wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+    assert gateway.state() == wanted
+    assert gateway.source_seen("vm1") == EIP1, "SNAT after the restart"
+    assert gateway.source_seen("vm2") == EIP2, "FIP after the restart"
+    assert tcp_get(lab, "ext", EIP1, 8009).endswith("@vm1"), "DNAT after the restart"
+    assert tcp_get(lab, "ext", EIP1, 8005) == "", "the deleted DNAT stays deleted"
+    assert "natgwd: nothing to change" in gateway.ok("dnat-add", f"{EIP1},8009,tcp,{VM1},80").out
+
+    token_file = gateway.state_path.with_name("edit.token")
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    port = token_file.read_text().split()[0]
+    forged = gateway.state_path.with_name("forged.token")
+    forged.write_text(f"{port} {'0' * 64}\n")
+    result = lab.exec(
+        "gw",
+        "env",
+        f"NATGWD_EDIT_TOKEN={forged}",
+        f"PATH={os.environ['PATH']}",
+        "bash",
+        str(SCRIPT),
+        "dnat-add",
+        f"{EIP1},7000,tcp,{VM1},80",
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
+    assert gateway.state() == wanted
+    assert tcp_get(lab, "ext", EIP1, 7000) == ""

@@ -1,4 +1,5 @@
-"""natgwd.kubeovn.shim, the drop-in nat-gateway.sh: every subcommand's argument format, Kube-OVN's
+"""natgwd.kubeovn.shim, the drop-in nat-gateway.sh, through its file protocol (natgwd without
+an edit endpoint): every subcommand's argument format, Kube-OVN's
 idempotence and conflict semantics and exit codes, atomic and validated edits of the state
 file, and the wait for natgwd (a fake applier thread plays natgwd: it copies the state
 file's sha256 into the applied-state record, skipping contents it did not get to see, as
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.kubeovn import shim
+from natgwd.kubeovn.shim import cli, filestate, waiting
 from natgwd.state.validation import load_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ class Gateway:
 
     def call(self, *argv: str, **env: str) -> Result:
         out, err = io.StringIO(), io.StringIO()
-        code = shim.run(list(argv), {**self.env, **env}, stdout=out, stderr=err, links=self.links)
+        code = cli.run(list(argv), {**self.env, **env}, stdout=out, stderr=err, links=self.links)
         return Result(code, out.getvalue(), err.getvalue())
 
     def ok(self, *argv: str, **env: str) -> Result:
@@ -177,6 +178,7 @@ def gw(tmp_path: Path) -> Iterator[Gateway]:
         "NATGWD_STATE": str(tmp_path / "etc" / "state.json"),
         "NATGWD_APPLIED_STATE": str(tmp_path / "lib" / "applied.json"),
         "NATGWD_SHIM_TIMEOUT": "10",
+        "NATGWD_EDIT_TOKEN": str(tmp_path / "lib" / "edit.token"),  # none: the file protocol
         "GATEWAY_V4": UPSTREAM,
     }
     (tmp_path / "lib").mkdir()
@@ -789,9 +791,9 @@ def test_every_write_has_its_own_generation_and_sha256(ready: Gateway) -> None:
     again = ready.raw()
     assert json.loads(first) == json.loads(again)
     assert first != again, "the same state at another generation must have another sha256"
-    g1, g2 = shim.generation_of(first), shim.generation_of(again)
+    g1, g2 = filestate.generation_of(first), filestate.generation_of(again)
     assert g1 is not None and g2 == g1 + 2
-    journal = shim.read_journal(Path(ready.env["NATGWD_STATE"] + ".journal"))
+    journal = filestate.read_journal(Path(ready.env["NATGWD_STATE"] + ".journal"))
     assert journal[-1] == (g2, hashlib.sha256(again).hexdigest())
     load_state(again)  # the stamp is JSON whitespace
     assert again.endswith(b"}\n" + bin(g2)[2:].replace("0", " ").replace("1", "\t").encode() + b"\n")
@@ -879,8 +881,8 @@ def test_a_record_from_before_the_boot_is_not_trusted(ready: Gateway) -> None:
     data = json.loads(record.read_text())
     data["applied_at"] = "2001-01-01T00:00:00+00:00"
     record.write_text(json.dumps(data))
-    assert shim.applied_digest(record) == data["sha256"]
-    assert shim.applied_digest(record, not_before=shim.boot_time()) is None
+    assert waiting.applied_digest(record) == data["sha256"]
+    assert waiting.applied_digest(record, not_before=waiting.boot_time()) is None
     result = ready.call("eip-add", f"{EIP1}/21", NATGWD_SHIM_TIMEOUT="0.3")
     assert result.code == 1 and "not applied" in result.err
 
@@ -896,7 +898,7 @@ def test_50_concurrent_calls_in_threads_lose_nothing(ready: Gateway) -> None:
         )
     assert [r.code for r in results] == [0] * 50, [r.err for r in results if r.code]
     assert {int(d["externalPort"]) for d in ready.state()["dnat"]} == set(ports)
-    generations = [g for g, _ in shim.read_journal(Path(ready.env["NATGWD_STATE"] + ".journal"))]
+    generations = [g for g, _ in filestate.read_journal(Path(ready.env["NATGWD_STATE"] + ".journal"))]
     assert generations == sorted(set(generations))
     assert len(ready.applier.applied) < 50 + 4, "natgwd applied every content: the test proves less"
 

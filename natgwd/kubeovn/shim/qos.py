@@ -20,19 +20,10 @@ from decimal import Decimal, InvalidOperation
 from ipaddress import IPv4Address
 from typing import Any
 
-from natgwd.kubeovn.shim import (
-    Context,
-    Doc,
-    Op,
-    ShimError,
-    _address,
-    _dashed,
-    _eip_named,
-    _items,
-    _need_eip,
-    _network,
-    _unique,
-)
+from natgwd.kubeovn.kernelrules import dashed as _dashed
+from natgwd.kubeovn.shim import grammar
+from natgwd.kubeovn.shim.edits import Context, Doc, Op, eip_named, need_eip, section_items, unique_name
+from natgwd.kubeovn.shim.grammar import ShimError
 
 GATEWAY_POLICY = "gateway-qos"
 MAX_PRIORITY = 1023
@@ -55,7 +46,7 @@ def _priority(text: str) -> int:
 
 
 def _policies(doc: Doc) -> list[dict[str, Any]]:
-    return _items(doc, "qosPolicies")
+    return section_items(doc, "qosPolicies")
 
 
 def _policy(doc: Doc, name: object) -> dict[str, Any] | None:
@@ -63,7 +54,7 @@ def _policy(doc: Doc, name: object) -> dict[str, Any] | None:
 
 
 def _users(doc: Doc, name: object) -> int:
-    return sum(e.get("qosPolicy") == name for e in _items(doc, "eips")) + (doc.get("qosPolicy") == name)
+    return sum(e.get("qosPolicy") == name for e in section_items(doc, "eips")) + (doc.get("qosPolicy") == name)
 
 
 def _drop_if_empty(doc: Doc, policy: dict[str, Any], unbind: Callable[[], None]) -> None:
@@ -87,7 +78,7 @@ def _eip_policy(doc: Doc, eip: dict[str, Any], create: bool) -> dict[str, Any] |
     name = f"qos-{_dashed(eip['v4ip'])}"
     own = _policy(doc, name)
     if own is None or _users(doc, name) > 0:  # one left by an earlier EIP of this address is reused
-        own = {"name": _unique(name, doc, "qosPolicies"), "bindingType": "EIP"}
+        own = {"name": unique_name(name, doc, "qosPolicies"), "bindingType": "EIP"}
         _policies(doc).append(own)
     own["bandwidthLimitRules"] = rules
     eip["qosPolicy"] = own["name"]
@@ -95,8 +86,8 @@ def _eip_policy(doc: Doc, eip: dict[str, Any], create: bool) -> dict[str, Any] |
 
 
 def _eip_of(doc: Doc, address: IPv4Address) -> dict[str, Any] | None:
-    name = _eip_named(doc, address)
-    return next((e for e in _items(doc, "eips") if e.get("name") == name), None) if name else None
+    name = eip_named(doc, address)
+    return next((e for e in section_items(doc, "eips") if e.get("name") == name), None) if name else None
 
 
 def _put(rules: list[dict[str, Any]], same: Callable[[dict[str, Any]], bool], rule: dict[str, Any]) -> None:
@@ -118,14 +109,14 @@ def eip_qos_add(direction: str) -> Callable[[str], Op]:
         fields = [f.strip() for f in rule.split(",")]
         if len(fields) != 4 or not all(fields):
             raise ShimError(f"natgwd: bad rule {rule!r}: expected IP,PRIORITY,RATE,BURST")
-        address = _address(fields[0], "EIP")
+        address = grammar.address(fields[0], "EIP")
         priority = _priority(fields[1])
         rate, burst = _decimal(fields[2], "rate"), _decimal(fields[3], "burst")
         wanted = {"name": direction, "direction": direction, "rateMax": rate, "burstMax": burst, "priority": priority}
 
         def op(doc: Doc, ctx: Context) -> None:
-            name = _need_eip(doc, address, ctx)
-            eip = next(e for e in _items(doc, "eips") if e.get("name") == name)
+            name = need_eip(doc, address, ctx)
+            eip = next(e for e in section_items(doc, "eips") if e.get("name") == name)
             current = _policy(doc, eip.get("qosPolicy"))
             if current is not None and any(
                 {**r, "name": direction} == wanted for r in current.get("bandwidthLimitRules", [])
@@ -133,7 +124,7 @@ def eip_qos_add(direction: str) -> Callable[[str], Op]:
                 return  # the same limit again
             policy = _eip_policy(doc, eip, create=True)
             assert policy is not None
-            _put(_items(policy, "bandwidthLimitRules"), lambda r: r.get("direction") == direction, wanted)
+            _put(section_items(policy, "bandwidthLimitRules"), lambda r: r.get("direction") == direction, wanted)
 
         return op
 
@@ -145,7 +136,7 @@ def eip_qos_del(direction: str) -> Callable[[str], Op]:
         fields = [f.strip() for f in rule.split(",") if f.strip()]
         if not fields:
             raise ShimError(f"natgwd: bad rule {rule!r}: expected IP")
-        address = _address(fields[0], "EIP")
+        address = grammar.address(fields[0], "EIP")
 
         def op(doc: Doc, ctx: Context) -> None:
             eip = _eip_of(doc, address)
@@ -193,7 +184,7 @@ def _gateway_rule(rule: str) -> tuple[dict[str, Any], list[str]]:
             raise ShimError(f"natgwd: match type {match_type!r} is not ip")
         if match_direction not in ("src", "dst"):
             raise ShimError(f"natgwd: match direction {match_direction!r} is not src or dst")
-        network = _network(cidr, "CIDR", warnings)
+        network = grammar.network(cidr, "CIDR", warnings)
         result["name"] = f"{direction}-{match_direction}-{_dashed(network)}"
         result["matchType"] = "ip"
         result["matchValue"] = f"{match_direction} {network}"
@@ -221,11 +212,11 @@ def qos_add(rule: str) -> Op:
         _check_interface(doc, wanted, ctx)
         policy = _policy(doc, doc.get("qosPolicy"))
         if policy is None:
-            policy = {"name": _unique(GATEWAY_POLICY, doc, "qosPolicies"), "bindingType": "NATGW"}
+            policy = {"name": unique_name(GATEWAY_POLICY, doc, "qosPolicies"), "bindingType": "NATGW"}
             policy["bandwidthLimitRules"] = []
             _policies(doc).append(policy)
             doc["qosPolicy"] = policy["name"]
-        _put(_items(policy, "bandwidthLimitRules"), _same_match(wanted), wanted)
+        _put(section_items(policy, "bandwidthLimitRules"), _same_match(wanted), wanted)
 
     return op
 
@@ -239,7 +230,7 @@ def qos_del(rule: str) -> Op:
         if policy is None:
             return
         same = _same_match(wanted)
-        policy["bandwidthLimitRules"] = [r for r in _items(policy, "bandwidthLimitRules") if not same(r)]
+        policy["bandwidthLimitRules"] = [r for r in section_items(policy, "bandwidthLimitRules") if not same(r)]
         _drop_if_empty(doc, policy, lambda: doc.pop("qosPolicy", None))
 
     return op

@@ -1,0 +1,3 @@
+from natgwd.kubeovn.shim.cli import main
+
+raise SystemExit(main())

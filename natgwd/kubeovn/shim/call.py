@@ -1,0 +1,91 @@
+"""One nat-gateway.sh call, whoever carries it out: its command and rules parsed into an
+edit of the desired-state document, and its answer (exit code, stdout, stderr). The file
+protocol (natgwd.kubeovn.shim.cli) and natgwd's edit endpoint (natgwd.kubeovn.shim.service)
+both go through here, so a call means the same on either path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from natgwd.kubeovn.shim.edits import EDITS, Context, Doc, working_copy
+from natgwd.kubeovn.shim.grammar import IPTABLES_VERSION, USAGE, ShimError, words
+from natgwd.kubeovn.shim.init import Links, init_op
+from natgwd.kubeovn.shim.qos import QOS_EDITS
+from natgwd.state.validation import InvalidStateError
+
+Edit = Callable[[Doc | None, Context], Doc]
+ALL_EDITS = {**EDITS, **QOS_EDITS}
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass(frozen=True)
+class Call:
+    command: str
+    rules: tuple[str, ...]
+    edit: Edit
+
+    @property
+    def echo(self) -> str:
+        """The script's first line of output: the call itself."""
+        return f"{self.command} {' '.join(self.rules)}\n"
+
+    def refused(self, error: ShimError, warnings: Sequence[str] = ()) -> Reply:
+        return Reply(error.code, self.echo, warning_lines(warnings) + f"{error}\n")
+
+    def done(self, warnings: Sequence[str], summary: str) -> Reply:
+        return Reply(0, self.echo + f"{summary}\n", warning_lines(warnings))
+
+
+def refusal(err: InvalidStateError) -> ShimError:
+    """The error of a call whose result natgwd would not accept."""
+    problems = "; ".join(str(p) for p in err.problems)
+    return ShimError(f"natgwd: refused, the desired state would be invalid: {problems}")
+
+
+def warning_lines(warnings: Sequence[str]) -> str:
+    return "".join(f"Warning: natgwd: {warning}\n" for warning in warnings)
+
+
+def prepare(argv: Sequence[str], links: Callable[[], Links]) -> Call | Reply:
+    """The call `argv` (command, then rules) stands for, or the answer of one that needs no
+    state (help, get-iptables-version, an unknown command, a malformed rule)."""
+    if not argv:
+        return Reply(1, USAGE + "\n", "")
+    command, rules = argv[0], tuple(words(argv[1:]))
+    echo = f"{command} {' '.join(rules)}\n"
+    if command in ("help", "-h", "--help"):
+        return Reply(0, USAGE + "\n", "")
+    if command == "get-iptables-version":
+        return Reply(0, echo + IPTABLES_VERSION + "\n", "")
+    if command != "init" and command not in ALL_EDITS:
+        return Reply(1, USAGE + "\n", "")
+    try:
+        if command == "init":
+            return Call(command, rules, init_op(rules, links()))
+        if not rules:
+            raise ShimError(f"natgwd: {command} needs a rule (see `help`)")
+        ops = [ALL_EDITS[command](rule) for rule in rules]
+    except ShimError as error:
+        return Reply(error.code, echo, f"{error}\n")
+
+    def edit(doc: Doc | None, ctx: Context) -> Doc:
+        if doc is None:
+            raise ShimError("nat gateway not initialized")
+        for op in ops:
+            op(doc, ctx)
+        return doc
+
+    return Call(command, rules, edit)
+
+
+def edited(call: Call, doc: Doc | None, ctx: Context) -> Doc:
+    """The document after the call; `doc` itself is left as it was (a refused call, or one
+    whose result natgwd refuses, changes nothing)."""
+    return call.edit(working_copy(doc) if doc is not None else None, ctx)

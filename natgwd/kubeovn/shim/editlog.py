@@ -1,0 +1,165 @@
+"""The log of the edits natgwd accepted through its edit endpoint (`<state>.edits`), so that
+a call costs one short append instead of a rewrite of a multi-megabyte state file.
+
+The first line names the sha256 of the state file the log extends; each further line is
+one accepted call, as the difference it made to the document: top-level keys set or
+removed, and rules removed (by name) and added in the named lists. natgwd folds the log
+into the file when it starts, and compacts it (rewrites the state file, empties the log)
+when the log grows or the calls pause. A state file whose sha256 is not the one the log
+names was written by someone else after the log began, and wins: the log is dropped.
+
+Lines are appended with one write() each and no fsync: a write is in the page cache
+before the call is answered, and the page cache outlives a kill -9 of natgwd and a
+restart of its container (same kernel). Only a node crash loses it, and that loses the
+pod's network namespace too: the controller then replays every rule into a new pod.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from natgwd.kubeovn.shim.edits import OPTIONAL_LISTS, Doc
+
+Delta = dict[str, Any]
+
+
+def diff(before: Doc, after: Doc) -> Delta:
+    """What turns `before` into `after` under `fold`; empty when they are equal."""
+    delta: Delta = {}
+    for key in before.keys() | after.keys():
+        old, new = before.get(key), after.get(key)
+        if key not in after:
+            delta.setdefault("unset", []).append(key)
+        elif key in OPTIONAL_LISTS and _named(old) and _named(new):
+            removed, added = _list_change(old or [], new or [])
+            if removed is None:
+                delta.setdefault("set", {})[key] = new
+            else:
+                if removed:
+                    delta.setdefault("del", {})[key] = removed
+                if added:
+                    delta.setdefault("add", {})[key] = added
+        elif key not in before or old != new:
+            delta.setdefault("set", {})[key] = new
+    return delta
+
+
+def _named(value: object) -> bool:
+    # Documents here were validated (or made by edits): their lists hold objects.
+    return value is None or isinstance(value, list)
+
+
+def _list_change(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> tuple[list[str] | None, list[dict[str, Any]]]:
+    """(names removed, items appended) that turn `old` into `new`; (None, []) when the
+    change is not of that form (a reordering, a name that is not unique)."""
+    if len(new) >= len(old) and all(map(operator.is_, old, new)):
+        return [], new[len(old) :]  # the common call: rules added at the end
+    names = [item.get("name") for item in new]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        return None, []
+    by_name = dict(zip(names, new, strict=True))
+    kept = [item for item in old if (same := by_name.get(item.get("name"))) is not None and same == item]
+    kept_names = {item["name"] for item in kept}
+    removed = [str(item.get("name")) for item in old if item.get("name") not in kept_names]
+    added = [item for item in new if item["name"] not in kept_names]
+    if [item["name"] for item in kept] + [item["name"] for item in added] != names:
+        return None, []
+    return removed, added
+
+
+def fold(doc: Doc, deltas: list[Delta]) -> Doc:
+    """`doc` with the deltas applied in order (each named list held by name meanwhile, so
+    that folding thousands of lines stays linear)."""
+    lists: dict[str, dict[str, dict[str, Any]]] = {}
+    result = dict(doc)
+
+    def named(key: str) -> dict[str, dict[str, Any]]:
+        if key not in lists:
+            lists[key] = {item["name"]: item for item in result.get(key) or []}
+        return lists[key]
+
+    for delta in deltas:
+        for key in delta.get("unset", []):
+            result.pop(key, None)
+            lists.pop(key, None)
+        for key, value in delta.get("set", {}).items():
+            result[key] = value
+            lists.pop(key, None)
+        for key, names in delta.get("del", {}).items():
+            held = named(key)
+            for name in names:
+                held.pop(name, None)
+        for key, items in delta.get("add", {}).items():
+            held = named(key)
+            for item in items:
+                held.pop(item["name"], None)
+                held[item["name"]] = item
+    for key, held in lists.items():
+        result[key] = list(held.values())
+    return result
+
+
+@dataclass
+class EditLog:
+    path: Path
+    base: str | None = None  # sha256 of the state file the log extends; None: no log
+    entries: int = 0
+    size: int = 0
+
+    def load(self) -> list[Delta]:
+        """Read the log from disk: the state file it extends (`base`) and its edits. A line
+        cut short (natgwd killed in the middle of an append, before it answered the call)
+        and whatever follows it are left out."""
+        self.base, self.entries, self.size = None, 0, 0
+        deltas: list[Delta] = []
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        try:
+            header = json.loads(lines[0])
+            base = header["extends"]
+        except (ValueError, TypeError, KeyError):
+            return []
+        if not isinstance(base, str):
+            return []
+        size = len(lines[0]) + 1
+        for line in lines[1:-1]:  # the last piece follows the last newline: empty, or cut short
+            try:
+                delta = json.loads(line)
+            except ValueError:
+                break
+            if not isinstance(delta, dict):
+                break
+            deltas.append(delta)
+            size += len(line) + 1
+        if size < len(data):
+            os.truncate(self.path, size)  # so that the next append does not follow the cut line
+        self.base, self.entries, self.size = base, len(deltas), size
+        return deltas
+
+    def append(self, base: str, delta: Delta) -> None:
+        """Add one accepted edit to the log of the state file `base` (a log of another file
+        is replaced). One write(): a process killed meanwhile leaves a line cut short."""
+        line = json.dumps(delta, separators=(",", ":")).encode() + b"\n"
+        if self.base != base:
+            self.clear()
+            line = json.dumps({"extends": base}).encode() + b"\n" + line
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        self.base = base
+        self.entries += 1
+        self.size += len(line)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.base, self.entries, self.size = None, 0, 0

@@ -1,0 +1,148 @@
+"""The daemon's glue for nat-gateway.sh calls (natgwd.kubeovn.shim.service), against the
+in-memory nftables stand-in, without root: calls run on the reconciling thread (here, the
+test's own calls of step()), land in the edit log, are folded into the state file without
+counting as a change, lose to a state file someone else writes, and survive a failed apply."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from natgwd.kernel.fake import FakeNft
+from natgwd.kernel.netlink import LinkReport
+from natgwd.kubeovn.shim.call import Reply
+from natgwd.kubeovn.shim.protocol import Request
+from natgwd.lab.topology import SEED_STATE
+from natgwd.runtime.daemon import Daemon, DaemonConfig
+from natgwd.runtime.reconciler import Announce, Reconciler
+
+EIP = "10.115.55.200"  # the seed's my-eip
+
+
+class NoLinks:
+    def apply(self, plan: Any) -> LinkReport:
+        return LinkReport()
+
+
+def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]:
+    """A natgwd (not stepped yet) on the state file and edit log in `tmp_path`."""
+    nft = FakeNft()
+
+    def reconciler(_announce: Announce) -> Reconciler:
+        return Reconciler(nft, NoLinks(), ensure_forwarding=lambda: False)
+
+    state_path = tmp_path / "state.json"
+    config = DaemonConfig(
+        state_path,
+        ("127.0.0.1", 0),
+        resync_interval=600.0,
+        edit_port=0,
+        edit_token_path=tmp_path / "edit.token",
+        edit_fold_after=fold_after,
+    )
+    return Daemon(config, reconciler), nft
+
+
+def started(tmp_path: Path) -> tuple[Daemon, FakeNft]:
+    (tmp_path / "state.json").write_text(json.dumps(SEED_STATE, indent=1))
+    daemon, nft = on_files(tmp_path)
+    daemon.step()
+    assert daemon.reconciler.state is not None
+    return daemon, nft
+
+
+def call(daemon: Daemon, *argv: str) -> Reply:
+    """Submit from another thread, as the endpoint does, and turn the loop until answered."""
+    assert daemon.edits is not None
+    replies: list[Reply] = []
+    thread = threading.Thread(target=lambda: replies.append(daemon.edits.submit(Request(None, argv))))  # type: ignore[union-attr]
+    thread.start()
+    while thread.is_alive():
+        daemon.step()
+        thread.join(0.01)
+    return replies[0]
+
+
+def reconciles(daemon: Daemon, result: str) -> float:
+    value = daemon.registry.get_sample_value("natgwd_reconciles_total", {"result": result})
+    return value or 0.0
+
+
+def dnat_ports(daemon: Daemon) -> list[str]:
+    assert daemon.reconciler.state is not None
+    return sorted(str(rule.external_port) for rule in daemon.reconciler.state.dnat)
+
+
+def test_calls_are_applied_and_logged_and_the_fold_is_no_change(tmp_path: Path) -> None:
+    daemon, nft = started(tmp_path)
+    file_before = daemon.config.state_path.read_bytes()
+    applied_before = reconciles(daemon, "applied")
+    reply = call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80")
+    assert reply == Reply(0, f"dnat-add {EIP},9000,tcp,172.20.10.2,80\nnatgwd: applied\n", "")
+    assert dnat_ports(daemon) == ["8888", "9000"]
+    assert daemon.config.state_path.read_bytes() == file_before, "a call appends to the log"
+    assert daemon.edits is not None and daemon.edits.log.entries == 1
+    assert reconciles(daemon, "applied") == applied_before + 1
+
+    transactions = len(nft.transactions)
+    data = daemon.edits.compact()
+    assert data is not None and json.loads(data) == daemon.edits.document
+    for _ in range(3):  # the watcher's change and recheck of natgwd's own write
+        daemon.step()
+    assert len(nft.transactions) == transactions
+    assert reconciles(daemon, "applied") == applied_before + 1
+    assert reconciles(daemon, "unchanged") == 0
+    ready, detail = daemon.readiness()
+    assert ready and detail["applied_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_state_file_written_by_someone_else_wins_over_the_log(tmp_path: Path) -> None:
+    daemon, _ = started(tmp_path)
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    foreign = {**SEED_STATE, "dnat": []}
+    daemon.config.state_path.write_text(json.dumps(foreign))
+    daemon.step()
+    assert dnat_ports(daemon) == []
+    assert daemon.edits is not None and not daemon.edits.log.path.exists()
+    assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
+    assert dnat_ports(daemon) == ["9001"]
+
+
+def test_a_failed_apply_answers_1_and_the_retry_keeps_the_accepted_calls(tmp_path: Path) -> None:
+    daemon, nft = started(tmp_path)
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    nft.fail_next = "injected"
+    reply = call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80")
+    assert reply.code == 1 and "natgwd: applying the change failed: injected" in reply.err
+    assert daemon.edits is not None and daemon.edits.log.entries == 1
+    daemon.reconcile_file(force=True)  # what the scheduled retry does
+    assert dnat_ports(daemon) == ["8888", "9000"]
+    assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
+    assert dnat_ports(daemon) == ["8888", "9000", "9001"]
+
+
+def test_a_restart_whose_first_apply_fails_still_brings_back_the_logged_calls(tmp_path: Path) -> None:
+    daemon, _ = started(tmp_path)
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    again, nft = on_files(tmp_path)  # natgwd killed, a new one on the same files
+    nft.fail_next = "injected"
+    again.step()
+    assert again.reconciler.state is None
+    again.reconcile_file(force=True)  # what the scheduled retry does
+    assert dnat_ports(again) == ["8888", "9000"]
+    assert call(again, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
+    third, _ = on_files(tmp_path)
+    third.step()
+    assert dnat_ports(third) == ["8888", "9000", "9001"]
+
+
+def test_an_invalid_result_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    daemon, nft = started(tmp_path)
+    transactions = len(nft.transactions)
+    reply = call(daemon, "floating-ip-add", f"{EIP},172.20.10.4")  # my-eip has DNAT and SNAT
+    assert reply.code == 1 and "refused, the desired state would be invalid" in reply.err
+    assert len(nft.transactions) == transactions
+    assert daemon.edits is not None and daemon.edits.log.entries == 0

@@ -1,0 +1,319 @@
+"""natgwd's edit endpoint for nat-gateway.sh calls, without root: the request framing (what
+anything on loopback may send), the edit log (diff, fold, a line cut short, compaction), and
+the bash nat-gateway.sh driving an EditService through a real loopback endpoint, with a
+stand-in for the daemon's reconciling thread that validates as natgwd does."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from natgwd.kubeovn.shim import protocol
+from natgwd.kubeovn.shim.call import edited, prepare
+from natgwd.kubeovn.shim.editlog import EditLog, diff, fold
+from natgwd.kubeovn.shim.edits import Context, Doc, compact
+from natgwd.kubeovn.shim.endpoint import EditEndpoint
+from natgwd.kubeovn.shim.protocol import MAX_ARGS, MAX_FIELD_BYTES, Request, RequestError, parse_request
+from natgwd.kubeovn.shim.service import EditService
+from natgwd.state.validation import load_state
+from tests.unit.test_shim import EIP1, EIP2, UPSTREAM, VM1, VM2, FakeLinks
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "image" / "nat-gateway.sh"
+TOKEN = "t" * 64
+
+# --- the framing ------------------------------------------------------------------------
+
+
+def test_a_request_round_trips_and_may_arrive_in_pieces() -> None:
+    data = protocol.encode_request(TOKEN, UPSTREAM, ["dnat-add", f"{EIP1},80,tcp,{VM1},80", ""])
+    for cut in range(len(data)):
+        assert parse_request(data[:cut], TOKEN) is None, cut
+    assert parse_request(data, TOKEN) == Request(UPSTREAM, ("dnat-add", f"{EIP1},80,tcp,{VM1},80", ""))
+    assert parse_request(protocol.encode_request(TOKEN, None, []), TOKEN) == Request(None, ())
+
+
+def test_a_wrong_token_is_refused_before_the_arguments_arrive() -> None:
+    head = protocol.MAGIC + b"\0" + b"u" * 64 + b"\0"
+    with pytest.raises(RequestError, match="wrong token"):
+        parse_request(head, TOKEN)
+    with pytest.raises(RequestError, match="wrong token"):
+        parse_request(protocol.MAGIC + b"\0\0\x001\0x\0", TOKEN)  # an empty token is wrong too
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"GET / HTTP/1.1\r\n", "not a natgwd edit request"),
+        (b"\x16\x03\x01\x02\x00\x01", "not a natgwd edit request"),
+        (b"natgwd-edit/2\0", "not a natgwd edit request"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\0-1\0", "argument count"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\0" + str(MAX_ARGS + 1).encode() + b"\0", "argument count"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\0" + b"9" * 40 + b"\0", "argument count"),
+        # A NUL inside an argument: one field more than announced.
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\0001\0eip-add\0" + b"1.2.3.4\0", "after the last argument"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\x001\0eip-add\0junk", "after the last argument"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\x001\0\xff\xfe\0", "not UTF-8"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\x001\0" + b"a" * (MAX_FIELD_BYTES + 1), "larger than"),
+        (protocol.MAGIC + b"\0" + TOKEN.encode() + b"\0\x004000\0" + b"a" * 60000 + b"\0" * 20, "larger than"),
+    ],
+)
+def test_garbage_and_oversize_requests_are_refused(data: bytes, match: str) -> None:
+    if match == "larger than" and b"\x004000\0" in data:
+        data = data * 20  # past the whole request's bound, in fields each under theirs
+    with pytest.raises(RequestError, match=match):
+        parse_request(data, TOKEN)
+
+
+def test_replies_carry_code_and_texts() -> None:
+    data = protocol.encode_reply(2, "out\n", "err with a \0 NUL\n")
+    assert protocol.decode_reply(data) == (2, "out\n", "err with a \\0 NUL\n")
+    with pytest.raises(ValueError):
+        protocol.decode_reply(b"0\0out\0")
+
+
+# --- the edit log -------------------------------------------------------------------------
+
+SEED: Doc = {
+    "version": 1,
+    "internal": {"interface": "net1", "addresses": ["172.20.10.254/24"]},
+    "external": {"interface": "net2", "addresses": ["10.115.48.1/21"], "gateway": UPSTREAM},
+}
+
+
+def run_calls(doc: Doc, calls: list[list[str]]) -> list[Doc]:
+    """The documents after each call (each from a working copy: `doc` stays as it was)."""
+    documents = [doc]
+    for argv in calls:
+        call = prepare(argv, FakeLinks)
+        assert not hasattr(call, "code"), call
+        documents.append(compact(edited(call, documents[-1], Context(UPSTREAM))))  # type: ignore[arg-type]
+    return documents
+
+
+CALLS = [
+    ["eip-add", f"{EIP1}/21"],
+    ["dnat-add", f"{EIP1},80,tcp,{VM1},80"],
+    ["dnat-add", f"{EIP1},81,tcp,{VM1},81"],
+    ["snat-add", f"{EIP2},172.20.10.0/24"],  # adds EIP2 with a warning
+    ["eip-egress-qos-add", f"{EIP1},1,20,1"],  # changes the EIP in place, adds a policy
+    ["dnat-del", f"{EIP1},80,tcp"],  # from the middle
+    ["nft-dnat-map-add", f"{EIP1},90,tcp,{VM1}:90@{VM2}:90"],
+    ["nft-dnat-map-add", f"{EIP1},90,tcp,{VM2}:90"],
+    ["subnet-route-add", "10.55.0.0/16,172.20.10.1"],
+    ["eip-egress-qos-del", EIP1],
+    ["eip-del", EIP1],  # and the rules still using it
+]
+
+
+def test_diff_then_fold_gives_each_document_back() -> None:
+    documents = run_calls(SEED, CALLS)
+    deltas = [diff(a, b) for a, b in itertools.pairwise(documents)]
+    assert all(deltas), "every call changed something"
+    for i in range(len(deltas) + 1):
+        assert compact(fold(SEED, deltas[:i])) == documents[i], i
+    # The common call appends: the delta is the new rule alone, not the list.
+    assert deltas[2] == {"add": {"dnat": [documents[3]["dnat"][-1]]}}
+    assert deltas[5] == {"del": {"dnat": [documents[5]["dnat"][0]["name"]]}}
+    assert diff(documents[3], documents[3]) == {}
+
+
+def test_edits_leave_the_document_they_start_from_untouched() -> None:
+    documents = run_calls(SEED, CALLS)
+    snapshot = json.dumps(documents)
+    run_calls(documents[4], CALLS[4:])
+    assert json.dumps(documents) == snapshot
+
+
+def test_the_log_reads_back_and_drops_a_line_cut_short(tmp_path: Path) -> None:
+    log = EditLog(tmp_path / "state.json.edits")
+    assert log.load() == [] and log.base is None
+    deltas = [{"add": {"dnat": [{"name": f"d{i}"}]}} for i in range(3)]
+    for delta in deltas:
+        log.append("a" * 64, delta)
+    assert (log.entries, log.base) == (3, "a" * 64)
+    with log.path.open("ab") as file:
+        file.write(b'{"add": {"dnat": [{"na')  # natgwd killed in the middle of an append
+    again = EditLog(log.path)
+    assert again.load() == deltas and again.entries == 3
+    assert log.path.read_bytes().endswith(b"\n"), "the cut line is gone, so that appends follow"
+    again.append("a" * 64, {"unset": ["qosPolicy"]})
+    assert EditLog(log.path).load() == [*deltas, {"unset": ["qosPolicy"]}]
+    # A log of another state file is replaced by the first append on this one.
+    again.append("b" * 64, deltas[0])
+    third = EditLog(log.path)
+    assert third.load() == [deltas[0]] and third.base == "b" * 64
+
+
+# --- the service behind a real endpoint, driven by the bash nat-gateway.sh ------------------
+
+
+class FakeDaemon:
+    """The daemon's part: the reconciling thread serves the calls, validates as natgwd does
+    (load_state), and reconciles the state file when it changes."""
+
+    def __init__(self, directory: Path, links: FakeLinks) -> None:
+        self.state_path = directory / "state.json"
+        self.token = directory / "edit.token"
+        self.wake = threading.Event()
+        self.written: list[bytes] = []
+        self.applied: list[Doc] = []
+        self.service = EditService(self.state_path, self.wake.set, self.written.append, links=lambda: links)
+        self.endpoint = EditEndpoint(0, self.token, self.service.submit)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        if self.state_path.exists():  # what the daemon's first reconcile of the file does
+            raw = self.state_path.read_bytes()
+            digest = hashlib.sha256(raw).hexdigest()
+            effective = self.service.effective(raw, digest)
+            load_state(effective)
+            self.service.accepted(effective, digest)
+        self.endpoint.start()
+        self.thread.start()
+
+    def _apply(self, document: Doc) -> None:
+        load_state(json.dumps(document).encode())
+        self.applied.append(document)
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self.wake.wait(0.05)
+            self.wake.clear()
+            self.service.serve_pending(self._apply)
+            if self.service.compaction_due():
+                self.service.compact()
+
+    def kill(self) -> None:
+        """As kill -9: no compaction, the endpoint gone."""
+        self.stopping = True
+        self.thread.join(5)
+        self.endpoint.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    fake = FakeDaemon(tmp_path, FakeLinks())
+    fake.start()
+    yield fake
+    fake.kill()
+
+
+def script(daemon: FakeDaemon, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        "PATH": os.environ["PATH"],
+        "NATGWD_EDIT_TOKEN": str(daemon.token),
+        "GATEWAY_V4": UPSTREAM,
+        "NATGWD_PYTHON": "/nonexistent",  # the endpoint, never the Python fallback
+        **env,
+    }
+    return subprocess.run(["bash", str(SCRIPT), *args], env=environment, capture_output=True, text=True, timeout=60)
+
+
+def test_the_script_drives_natgwd_through_the_endpoint(daemon: FakeDaemon) -> None:
+    assert stat.S_IMODE(daemon.token.stat().st_mode) == 0o600
+    init = script(daemon, "init", "net1,net2")
+    assert (init.returncode, init.stdout, init.stderr) == (0, "init net1,net2\nnatgwd: applied\n", "")
+    assert json.loads(daemon.state_path.read_bytes()) == daemon.service.document, "no file yet: init writes it"
+
+    version = script(daemon, "get-iptables-version")
+    assert (version.returncode, version.stdout) == (0, "get-iptables-version \niptables v1.8.9 (nf_tables)\n")
+
+    added = script(daemon, "dnat-add", f"{EIP1},8888,tcp,{VM1},80")
+    assert added.returncode == 0 and added.stdout.endswith("natgwd: applied\n")
+    assert added.stderr == f"Warning: natgwd: EIP {EIP1} was not added (eip-add); added it\n"
+    again = script(daemon, "dnat-add", f"{EIP1},8888,tcp,{VM1},80")
+    assert (again.returncode, again.stdout.splitlines()[-1]) == (0, "natgwd: nothing to change")
+    other = script(daemon, "dnat-add", f"{EIP1},8888,tcp,{VM2},80")
+    assert other.returncode == 1 and "already goes to 172.20.10.2:80" in other.stderr
+    invalid = script(daemon, "floating-ip-add", f"{EIP1},{VM2}")  # the EIP has a DNAT: validation refuses
+    assert invalid.returncode == 1 and "refused, the desired state would be invalid" in invalid.stderr, invalid
+    missing = script(daemon, "subnet-route-del", "10.99.0.0/16")
+    assert missing.returncode == 2 and "no route to 10.99.0.0/16 on net1" in missing.stderr
+    assert script(daemon, "nonsense").returncode == 1
+
+    assert [d.get("dnat", []) for d in daemon.applied][-1][0]["internalIp"] == VM1
+    assert len(daemon.applied) == 2, "refused and unchanged calls applied nothing"
+
+
+def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> None:
+    assert script(daemon, "init", "net1,net2").returncode == 0
+    before = json.dumps(daemon.service.document)
+    port = daemon.token.read_text().split()[0]
+    forged = daemon.token.with_name("forged.token")
+    forged.write_text(f"{port} {'0' * 64}\n")
+    result = script(daemon, "eip-add", f"{EIP1}/21", NATGWD_EDIT_TOKEN=str(forged))
+    assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
+    # Refused as soon as the token is read, while the script may still be sending 600 kB:
+    # it still gets the refusal.
+    result = script(daemon, "dnat-add", *(["x" * 200] * 3000), NATGWD_EDIT_TOKEN=str(forged))
+    assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
+    with socket.create_connection(("127.0.0.1", int(port))) as sock:  # garbage: refused, nothing changed
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert b"not a natgwd edit request" in sock.recv(4096)
+    assert json.dumps(daemon.service.document) == before
+    assert not daemon.service.log.path.exists()
+
+
+def test_accepted_calls_survive_a_kill_and_compaction_rewrites_the_file(tmp_path: Path) -> None:
+    first = FakeDaemon(tmp_path, FakeLinks())
+    first.start()
+    try:
+        assert script(first, "init", "net1,net2").returncode == 0
+        initial = first.state_path.read_bytes()
+        for port in range(9000, 9020):
+            assert script(first, "dnat-add", f"{EIP1},{port},tcp,{VM1},80").returncode == 0
+        assert script(first, "dnat-del", f"{EIP1},9005,tcp").returncode == 0
+        wanted = first.service.document
+        assert first.state_path.read_bytes() == initial, "calls append to the log, not rewrite the file"
+        assert first.service.log.entries == 21
+    finally:
+        first.kill()
+    second = FakeDaemon(tmp_path, FakeLinks())
+    second.start()
+    try:
+        assert second.service.document == wanted, "every accepted call is back after the kill"
+        assert script(second, "dnat-add", f"{EIP1},9100,tcp,{VM2},80").returncode == 0
+        # The calls pause: the log is folded into the state file, atomically, and emptied.
+        deadline = time.monotonic() + 10
+        while second.service.log.entries and time.monotonic() < deadline:
+            time.sleep(0.05)
+        data = second.state_path.read_bytes()
+        assert json.loads(data) == second.service.document
+        assert len(second.service.document["dnat"]) == 20
+        assert second.written == [data] and not second.service.log.path.exists()
+        load_state(data)
+    finally:
+        second.kill()
+
+
+def test_a_replaced_state_file_wins_over_an_older_log(tmp_path: Path) -> None:
+    first = FakeDaemon(tmp_path, FakeLinks())
+    first.start()
+    try:
+        assert script(first, "init", "net1,net2").returncode == 0
+        assert script(first, "eip-add", f"{EIP1}/21").returncode == 0
+    finally:
+        first.kill()
+    replaced: dict[str, Any] = {**SEED, "eips": [{"name": "other", "v4ip": EIP2}]}
+    first.state_path.write_text(json.dumps(replaced))
+    second = FakeDaemon(tmp_path, FakeLinks())
+    second.start()
+    try:
+        assert second.service.document == replaced
+        assert not second.service.log.path.exists(), "the log of the previous file is dropped"
+    finally:
+        second.kill()
