@@ -112,6 +112,35 @@ class Netlink:
             self._rules(ipr, plan.rules, report)
         return report
 
+    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
+        """What `after` adds to `before`, which the kernel holds (the last apply verified
+        it, and each resync verifies it again): an EIP's address costs one request, not
+        dumps of every address and route, which at 1,000 EIPs take half a second. None when
+        `after` removes or changes anything but routes: only a full apply knows what in
+        the kernel is natgwd's to remove."""
+        if before.interface_names != after.interface_names or before.rules != after.rules:
+            return None
+        gone_routes = {(r.table, r.dst) for r in before.routes} - {(r.table, r.dst) for r in after.routes}
+        if gone_routes or any(
+            not old.addresses <= new.addresses for old, new in zip(before.interfaces, after.interfaces, strict=True)
+        ):
+            return None
+        report = LinkReport()
+        with IPRoute() as ipr:
+            index: dict[str, int] = {}
+            for old, new in zip(before.interfaces, after.interfaces, strict=True):
+                found = ipr.link_lookup(ifname=new.name)
+                if not found:
+                    return None
+                index[new.name] = found[0]
+                for address in sorted(new.addresses - old.addresses, key=lambda a: (a.version, a)):
+                    self._add_addr(ipr, found[0], new.name, address, report)
+            kept = set(before.routes)
+            for spec in after.routes:
+                if spec not in kept:
+                    self._replace_route(ipr, spec, index, report)
+        return report
+
     def remove_owned(self) -> LinkReport:
         """Delete every address and route natgwd added (for a decommissioned gateway)."""
         report = LinkReport()
@@ -162,23 +191,26 @@ class Netlink:
     def _addresses(self, ipr: IPRoute, idx: int, name: str, wanted: frozenset[IPInterface], report: LinkReport) -> None:
         present = {_interface_of(msg): msg for family in FAMILIES for msg in ipr.get_addr(family=family, index=idx)}
         for address in sorted(wanted - present.keys(), key=lambda a: (a.version, a)):
-            try:
-                ipr.addr(
-                    "add",
-                    index=idx,
-                    address=str(address.ip),
-                    prefixlen=address.network.prefixlen,
-                    IFA_PROTO=NATGWD_PROTO,
-                    **({"flags": IFA_F_NODAD} if address.version == 6 else {}),
-                )
-                report.changes.append(f"add address {address} dev {name}")
-                report.added_addresses.append((name, address))
-            except NetlinkError as err:
-                if err.code != errno.EEXIST:
-                    report.errors.append(f"add address {address} dev {name}: {err}")
+            self._add_addr(ipr, idx, name, address, report)
         for address, msg in present.items():
             if address not in wanted and msg.get("IFA_PROTO") == NATGWD_PROTO:
                 self._del_addr(ipr, idx, address, report)
+
+    def _add_addr(self, ipr: IPRoute, idx: int, name: str, address: IPInterface, report: LinkReport) -> None:
+        try:
+            ipr.addr(
+                "add",
+                index=idx,
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+                IFA_PROTO=NATGWD_PROTO,
+                **({"flags": IFA_F_NODAD} if address.version == 6 else {}),
+            )
+            report.changes.append(f"add address {address} dev {name}")
+            report.added_addresses.append((name, address))
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                report.errors.append(f"add address {address} dev {name}: {err}")
 
     def _del_addr(self, ipr: IPRoute, idx: int, address: IPInterface, report: LinkReport) -> None:
         try:
@@ -213,23 +245,26 @@ class Netlink:
                 and current.get("RTA_OIF") == index[spec.interface]
             ):
                 continue
-            try:
-                ipr.route(
-                    "replace",
-                    dst=str(spec.dst),
-                    family=socket.AF_INET6 if spec.dst.version == 6 else socket.AF_INET,
-                    gateway=str(spec.via),
-                    oif=index[spec.interface],
-                    proto=NATGWD_PROTO,
-                    flags=RTNH_F_ONLINK if spec.onlink else 0,
-                    table=spec.table,
-                )
-                report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}{_in_table(spec.table)}")
-            except NetlinkError as err:
-                report.errors.append(f"route {spec.dst} via {spec.via} dev {spec.interface}: {err}")
+            self._replace_route(ipr, spec, index, report)
         for route in self._owned_routes(ipr):
             if (route.get("RTA_TABLE"), _dst_of(route)) not in wanted_dsts:
                 self._del_route(ipr, route, report)
+
+    def _replace_route(self, ipr: IPRoute, spec: RouteSpec, index: dict[str, int], report: LinkReport) -> None:
+        try:
+            ipr.route(
+                "replace",
+                dst=str(spec.dst),
+                family=socket.AF_INET6 if spec.dst.version == 6 else socket.AF_INET,
+                gateway=str(spec.via),
+                oif=index[spec.interface],
+                proto=NATGWD_PROTO,
+                flags=RTNH_F_ONLINK if spec.onlink else 0,
+                table=spec.table,
+            )
+            report.changes.append(f"route {spec.dst} via {spec.via} dev {spec.interface}{_in_table(spec.table)}")
+        except NetlinkError as err:
+            report.errors.append(f"route {spec.dst} via {spec.via} dev {spec.interface}: {err}")
 
     def _del_route(self, ipr: IPRoute, route: dict, report: LinkReport) -> None:
         dst = str(_dst_of(route))

@@ -41,6 +41,8 @@ LARGE_TRANSACTION = 5000  # elements
 class Links(Protocol):
     def apply(self, plan: LinkPlan) -> LinkReport: ...
 
+    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None: ...
+
 
 class Shaper(Protocol):
     def apply(self, wants: QosWants) -> TcReport: ...
@@ -198,7 +200,7 @@ class Reconciler:
         if delta is None or self._links_applied is None:
             links = link_plan(state)
             if resync or links != self._links_applied:
-                outcome = self._apply_links(state, links)
+                outcome = self._apply_links(state, links, verify=resync)
             self._apply_qos(state, outcome, verify=resync)
         outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
         outcome.by_delta = change is not None
@@ -351,8 +353,14 @@ class Reconciler:
             seconds=round(time.monotonic() - started, 4),
         )
 
-    def _apply_links(self, state: DesiredState, plan: LinkPlan) -> Outcome:
-        report = self.links.apply(plan)
+    def _apply_links(self, state: DesiredState, plan: LinkPlan, verify: bool) -> Outcome:
+        """Links as `plan` says: what it adds alone when the last plan was applied and
+        nothing asks to verify it, else the whole plan against the kernel."""
+        report = None
+        if not verify and self._links_applied is not None:
+            report = self.links.add(self._links_applied, plan)
+        if report is None:
+            report = self.links.apply(plan)
         self._links_applied = plan if not report.missing and not report.errors else None
         for change in report.changes:
             log.info("link change", change=change)

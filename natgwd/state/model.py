@@ -177,7 +177,9 @@ class DesiredState:
         return tuple(self._external_interface(self.network_of(eip), address) for address in eip.addresses)
 
     def _external_interface(self, network: ExternalSide, address: IPAddress) -> IPInterface:
+        # (address, prefix length) pairs: parsing "address/prefix" text again costs
+        # more, and link planning asks this for every EIP.
         for external in network.addresses:
             if address.version == external.version and address in external.network:
-                return ip_interface(f"{address}/{external.network.prefixlen}")
-        return ip_interface(f"{address}/{address.max_prefixlen}")
+                return ip_interface((address, external.network.prefixlen))
+        return ip_interface((address, address.max_prefixlen))

@@ -26,6 +26,9 @@ class NoLinks:
     def apply(self, plan: Any) -> LinkReport:
         return LinkReport()
 
+    def add(self, before: Any, after: Any) -> LinkReport | None:
+        return None  # as if only a full apply could say
+
 
 def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]:
     """A natgwd (not stepped yet) on the state file and edit log in `tmp_path`."""

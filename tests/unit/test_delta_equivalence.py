@@ -140,6 +140,9 @@ class Links:
     def apply(self, plan: LinkPlan) -> LinkReport:
         return LinkReport()
 
+    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
+        return None  # as if only a full apply could say
+
 
 def reconciler() -> Reconciler:
     return Reconciler(FakeNft(), Links(), ensure_forwarding=lambda: False)

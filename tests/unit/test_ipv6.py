@@ -145,6 +145,9 @@ class _NoLinks:
 
         return LinkReport()
 
+    def add(self, before: Any, after: Any) -> Any:
+        return None  # as if only a full apply could say
+
 
 # --- conntrack ------------------------------------------------------------------------------
 

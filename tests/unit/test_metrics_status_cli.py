@@ -33,6 +33,9 @@ class NoLinks:
     def apply(self, plan: Any) -> LinkReport:
         return LinkReport()
 
+    def add(self, before: Any, after: Any) -> LinkReport | None:
+        return None  # as if only a full apply could say
+
 
 def seed() -> dict[str, Any]:
     copied: dict[str, Any] = json.loads(json.dumps(SEED_STATE))

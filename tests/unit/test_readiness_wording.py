@@ -21,6 +21,9 @@ class NoLinks:
     def apply(self, plan: Any) -> LinkReport:
         return LinkReport()
 
+    def add(self, before: Any, after: Any) -> LinkReport | None:
+        return None  # as if only a full apply could say
+
 
 def daemon_on(path: Path) -> Daemon:
     def reconciler(_announce: Announce) -> Reconciler:

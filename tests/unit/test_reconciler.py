@@ -43,6 +43,9 @@ class FakeLinks:
         self.errors = errors
         self.changes: list[str] = []
 
+    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
+        return None  # every plan through apply, recorded
+
     def apply(self, plan: LinkPlan) -> LinkReport:
         self.plans.append(plan)
         changes, self.changes = self.changes, []
