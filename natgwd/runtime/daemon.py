@@ -185,6 +185,8 @@ class Daemon:
             self.edits.serve_pending(self._apply_edit)
             if self.edits.compaction_due():
                 self.edits.compact()
+        for reason, count in self.reconciler.clean_owed_conntrack().items():
+            self.metrics.conntrack_deleted.labels(reason).inc(count)
         # Not `elif`: a file rewritten every few hundred milliseconds must not starve
         # retries and drift repair.
         if self._retry_at is not None and now >= self._retry_at:

@@ -36,6 +36,7 @@ log = structlog.get_logger("natgwd.runtime.reconciler")
 
 FULL_READ_EVERY = 6  # resyncs
 LARGE_TRANSACTION = 5000  # elements
+FULL_SCAN_SECONDS = 1.0  # between conntrack scans owed to SNAT changes
 
 
 class Links(Protocol):
@@ -98,6 +99,8 @@ class Reconciler:
         self.conntrack = conntrack
         self.announce = announce
         self._full_conntrack_scan = True  # the first programming checks every entry (#4193)
+        self._scan_owed = False  # a full scan for SNAT changes, put off (FULL_SCAN_SECONDS)
+        self._last_full_scan = float("-inf")
         self._announced_all = False
         self._links_applied: LinkPlan | None = None
         self._generation: int | None = None  # the ruleset generation of what _written describes
@@ -211,11 +214,28 @@ class Reconciler:
         outcome.repairs = repairs
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
-        elif delta is not None:
-            outcome.conntrack_deleted = self._clean_conntrack(delta_filters(delta, plan.frame.eip_text))
-        elif previous is not None and previous != state:
-            outcome.conntrack_deleted = self._clean_conntrack(changed_filters(previous, state))
+        elif delta is not None or (previous is not None and previous != state):
+            filters = delta_filters(delta, plan.frame.eip_text) if delta else changed_filters(previous, state)
+            if filters is not None:
+                outcome.conntrack_deleted = self._clean_conntrack(filters)
+            else:
+                # A SNAT change: only a scan of every entry finds the flows of its CIDR.
+                # A controller replaying 1,000 SNAT rules must not pay one per call: at
+                # most one a second, and one after the last change (clean_owed_conntrack).
+                self._scan_owed = True
+                outcome.conntrack_deleted = self._clean_owed_conntrack()
         return outcome
+
+    def clean_owed_conntrack(self) -> dict[str, int]:
+        """The full conntrack scan SNAT changes owe, once FULL_SCAN_SECONDS passed since
+        the last one (the daemon asks at every turn of its loop)."""
+        with self._lock:
+            return self._clean_owed_conntrack()
+
+    def _clean_owed_conntrack(self) -> dict[str, int]:
+        if not self._scan_owed or time.monotonic() < self._last_full_scan + FULL_SCAN_SECONDS:
+            return {}
+        return self._clean_conntrack(None)
 
     def _change_transaction(self, kernel: TableContents | None, plan: TablePlan, change: TableChange) -> Transaction:
         """The transaction of a change of rules. With memory trusted (no one else
@@ -425,6 +445,8 @@ class Reconciler:
             self._full_conntrack_scan = True
             return {}
         self._full_conntrack_scan = False
+        if filters is None:
+            self._scan_owed, self._last_full_scan = False, time.monotonic()
         if deleted:
             log.info(
                 "stale conntrack entries deleted",
