@@ -249,26 +249,29 @@ def _max_items(kind: RuleKind) -> int:
 def _equal_ends(old: Sequence[Any], new: Sequence[Any]) -> tuple[int, int]:
     """How many items at the head and at the tail of `new` equal those of `old` (the two
     runs do not overlap). The comparisons run in C: a few milliseconds at 10,000 rules."""
-    shorter = min(len(old), len(new))
-    head = _run(old, new, shorter)
-    tail = _run(old[::-1], new[::-1], shorter)
-    return head, min(tail, shorter - head)
-
-
-def _run(old: Sequence[Any], new: Sequence[Any], shorter: int) -> int:
-    """How many items at the start of `new` equal those of `old`: the very objects
-    first (identity costs nothing), then by value."""
-    same = _first_difference(old, new, operator.is_not, shorter)
-    return same + _first_difference(old[same:], new[same:], operator.ne, shorter - same)
+    return _ends(old, new, by_value=True)
 
 
 def _same_ends(old: Sequence[Any], new: Sequence[Any]) -> tuple[int, int]:
     """How many items at the head and at the tail of `new` are the very objects of `old`
     (a document edited in memory keeps the objects it did not change)."""
+    return _ends(old, new, by_value=False)
+
+
+def _ends(old: Sequence[Any], new: Sequence[Any], by_value: bool) -> tuple[int, int]:
     shorter = min(len(old), len(new))
-    head = _first_difference(old, new, operator.is_not, shorter)
-    tail = _first_difference(old[::-1], new[::-1], operator.is_not, shorter)
+    head = _run(old, new, shorter, by_value)
+    tail = _run(old[::-1], new[::-1], shorter, by_value)
     return head, min(tail, shorter - head)
+
+
+def _run(old: Sequence[Any], new: Sequence[Any], shorter: int, by_value: bool) -> int:
+    """How many items at the start of `new` are those of `old`: the very objects first
+    (identity costs nothing), then, `by_value`, equal ones."""
+    same = _first_difference(old, new, operator.is_not, shorter)
+    if not by_value:
+        return same
+    return same + _first_difference(old[same:], new[same:], operator.ne, shorter - same)
 
 
 def _first_difference(old: Sequence[Any], new: Sequence[Any], differ: Any, shorter: int) -> int:
