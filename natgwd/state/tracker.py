@@ -92,6 +92,7 @@ class StateTracker:
         checked against the last accepted document. Changes nothing: see accept."""
         text = text_of(raw)
         accepted = self._accepted
+        spliced = None
         if accepted is not None and accepted.layout is not None:
             spliced = splice(accepted.layout, accepted.validated.document, text, scanner())
             if spliced is not None:
@@ -100,7 +101,8 @@ class StateTracker:
                     return change
         document, fractions = decode_text(text)
         layout = layout_of(text, document, scanner())
-        if accepted is not None:
+        # A splice the delta path refused would be refused again: the full path decides.
+        if accepted is not None and spliced is None:
             change = self._delta(document, fractions)
             if change is not None:
                 return replace(change, layout=layout)
