@@ -333,22 +333,7 @@ def parse_dnat_add(rule: str) -> Op:
 
 
 def parse_dnat_del(rule: str) -> Op:
-    fields = grammar.fields(rule, 3, 5, "EIP,EXTERNAL_PORT,PROTOCOL")
-    eip, port, protocol = (
-        grammar.address(fields[0], "EIP"),
-        grammar.port(fields[1], "external port"),
-        grammar.protocol(fields[2]),
-    )
-
-    def op(doc: Doc, ctx: Context) -> None:
-        name = eip_named(doc, eip)
-        doc["dnat"] = [
-            d
-            for d in section_items(doc, "dnat")
-            if d.get("type") == "share" or not _identity_matches(d, name, protocol, port)
-        ]
-
-    return op
+    return _identity_del(rule, "EIP,EXTERNAL_PORT,PROTOCOL", most=5, share=False)
 
 
 def parse_share_add(rule: str) -> Op:
@@ -411,7 +396,13 @@ def parse_share_add(rule: str) -> Op:
 
 
 def parse_share_del(rule: str) -> Op:
-    fields = grammar.fields(rule, 3, 4, "EIP,PORT,PROTOCOL")
+    return _identity_del(rule, "EIP,PORT,PROTOCOL", most=4, share=True)
+
+
+def _identity_del(rule: str, form: str, most: int, share: bool) -> Op:
+    """Delete the exclusive DNAT rule (or, `share`, every backend of the share group) of
+    one (EIP, port, protocol); the other kind at that identity stays."""
+    fields = grammar.fields(rule, 3, most, form)
     eip, port, protocol = (
         grammar.address(fields[0], "EIP"),
         grammar.port(fields[1], "external port"),
@@ -423,7 +414,7 @@ def parse_share_del(rule: str) -> Op:
         doc["dnat"] = [
             d
             for d in section_items(doc, "dnat")
-            if d.get("type") != "share" or not _identity_matches(d, name, protocol, port)
+            if (d.get("type") == "share") != share or not _identity_matches(d, name, protocol, port)
         ]
 
     return op
