@@ -1,5 +1,5 @@
 """Why `natgwd run` could not start: one line naming the cause and the value, a log event,
-and an exit code of its own for each cause (documented in the README), never a traceback.
+and an exit code of its own for each cause (documented in docs/running.md), never a traceback.
 
 Exit codes of `natgwd run`: 0 stopped by a signal, 2 command line not understood (argparse),
 and the codes below.

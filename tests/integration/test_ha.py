@@ -3,7 +3,7 @@ natgwd) with real, long-lived flows through DNAT, share DNAT, SNAT and a FIP: a 
 active (every process SIGKILLed, its links down) and a planned switchover (SIGTERM) move
 the addresses to the other member, and every flow goes on with no reset, the SNAT flow
 with the same translated source port as seen outside. Also: the heartbeat link cut
-(split brain), with what happens to traffic checked as documented in the README.
+(split brain), with what happens to traffic checked as documented in docs/ha.md.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def expected_labels(document: dict[str, Any]) -> set[str]:
 
 
 def expected_dnat_targets(document: dict[str, Any], family: int = 4) -> dict[str, str]:
-    """dnat_target (dnat_target6) as the README describes it: one element per external port."""
+    """dnat_target (dnat_target6) as docs/kernel.md describes it: one element per external port."""
     eips = {e["name"]: e for e in document.get("eips", [])}
     targets = {}
     for rule in document.get("dnat", []):
