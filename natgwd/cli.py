@@ -12,6 +12,7 @@ from pathlib import Path
 from natgwd import __version__
 from natgwd.kubeovn import importer as kubeovn
 from natgwd.runtime import applied
+from natgwd.runtime.files import UnreadableStateError, read_state_file
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import InvalidStateError, load_state
 
@@ -19,12 +20,13 @@ APPLIED_STATE = "/var/lib/natgwd/applied.json"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
-def _load(file: str) -> DesiredState | None:
-    """The state in the file, or None once every problem is printed as `check` prints them."""
+def _load(file: str, allow_writable: bool) -> DesiredState | None:
+    """The state in the file ('-': standard input), or None once every problem is printed as
+    `check` prints them. The file is read as `run` reads it (the same permission checks)."""
     try:
-        return load_state(Path(file).read_bytes())
-    except OSError as err:
-        print(f"{file}: cannot read: {err.strerror}", file=sys.stderr)
+        return load_state(sys.stdin.buffer.read() if file == "-" else read_state_file(Path(file), allow_writable))
+    except UnreadableStateError as err:
+        print(f"{file}: cannot read: {err.reason}", file=sys.stderr)
     except InvalidStateError as err:
         count = len(err.problems)
         print(f"{file}: invalid desired state ({count} problem{'' if count == 1 else 's'}):", file=sys.stderr)
@@ -36,7 +38,7 @@ def _load(file: str) -> DesiredState | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    state = _load(args.file)
+    state = _load(args.file, args.allow_writable_state)
     if state is None:
         return 1
     print(
@@ -50,7 +52,8 @@ def _render(args: argparse.Namespace) -> int:
     from natgwd.planning.plan import assign_ids, desired_table
     from natgwd.planning.table import plan_transaction
 
-    state = _load(args.file)
+    # Printing a script changes nothing: whoever may write the file may see what it makes.
+    state = _load(args.file, allow_writable=True)
     if state is None:
         return 1
     table = desired_table(state, assign_ids(state, {}))
@@ -175,6 +178,14 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def add_allow_writable(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--allow-writable-state",
+        action="store_true",
+        help="accept a state file that users other than root (or natgwd's own) can write",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="natgwd", description="VPC NAT gateway data plane", allow_abbrev=False)
     top.add_argument("--version", action="version", version=f"natgwd {__version__}")
@@ -190,11 +201,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
     )
-    run.add_argument(
-        "--allow-writable-state",
-        action="store_true",
-        help="accept a state file that users other than root (or natgwd's own) can write",
-    )
+    add_allow_writable(run)
     run.add_argument(
         "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
     )
@@ -220,12 +227,15 @@ def parser() -> argparse.ArgumentParser:
     add_observe_arguments(run)
     run.set_defaults(func=_run)
 
-    check = sub.add_parser("check", help="validate a desired-state file; exit 1 listing every problem")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check", help="validate a desired-state file as `run` would read it; exit 1 listing every problem"
+    )
+    check.add_argument("file", help="the desired-state JSON file ('-': standard input)")
+    add_allow_writable(check)
     check.set_defaults(func=_check)
 
     render = sub.add_parser("render", help="print the nftables script that would create the table")
-    render.add_argument("file")
+    render.add_argument("file", help="the desired-state JSON file ('-': standard input)")
     render.set_defaults(func=_render)
 
     status = sub.add_parser("status", help="the rules and QoS classes in the kernel with their live counters")

@@ -8,9 +8,7 @@ keeps working while the daemon is down, and the next start adopts the table.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +32,7 @@ from natgwd.planning.counters import Listings
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime import applied
 from natgwd.runtime.endpoints import serve
+from natgwd.runtime.files import read_state_file
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
@@ -41,7 +40,7 @@ from natgwd.runtime.startup import Exit, StartupError, listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
 from natgwd.state.model import DesiredState
 from natgwd.state.tracker import StateTracker
-from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, validate_document
+from natgwd.state.validation import InvalidStateError, Problem, validate_document
 
 log = structlog.get_logger("natgwd.runtime.daemon")
 
@@ -235,7 +234,7 @@ class Daemon:
         `quiet` neither counts nor logs unchanged content (a precautionary re-read)."""
         started = time.monotonic()
         try:
-            raw = _read(self.config.state_path, self.config.allow_writable_state)
+            raw = read_state_file(self.config.state_path, self.config.allow_writable_state)
         except InvalidStateError as err:
             # Stands for the content: the same unreadable file is rejected once, not per poll.
             seen = "unreadable: " + "; ".join(str(p) for p in err.problems)
@@ -466,54 +465,3 @@ class Daemon:
         except NftError as err:
             log.error("reading counters failed", error=str(err))
             return {}
-
-
-def _read(path: Path, allow_writable: bool) -> bytes:
-    try:
-        # O_NONBLOCK: a FIFO put in the file's place must not hang the daemon.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        reason = "file does not exist"
-    except PermissionError:
-        reason = "permission denied"
-    except OSError as err:
-        reason = err.strerror or str(err)
-    else:
-        try:
-            status = os.fstat(fd)
-            if stat.S_ISDIR(status.st_mode):
-                reason = "is a directory, not a file"
-            elif not stat.S_ISREG(status.st_mode):
-                reason = "is not a regular file"
-            elif not allow_writable and (unsafe := _writable_by_others(status)):
-                reason = f"{unsafe}, who could rewrite the gateway's NAT (--allow-writable-state to accept)"
-            else:
-                return _read_at_most(fd, MAX_FILE_BYTES + 1)
-        except OSError as err:
-            reason = err.strerror or str(err)
-        finally:
-            os.close(fd)
-    raise InvalidStateError([Problem("$", f"cannot read {path}: {reason}")])
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """One byte over the limit is enough to reject a file without holding all of it."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, min(1 << 20, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _writable_by_others(status: os.stat_result) -> str | None:
-    if status.st_mode & stat.S_IWOTH:
-        return "is writable by every user"
-    if status.st_mode & stat.S_IWGRP and status.st_gid not in (0, os.getegid()):
-        return f"is writable by group {status.st_gid}"
-    if status.st_uid not in (0, os.geteuid()):
-        return f"is owned by uid {status.st_uid}"
-    return None

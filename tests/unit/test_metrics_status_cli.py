@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -428,7 +429,36 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["check", str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"{path}: cannot read: No such file or directory\n"
+    assert err == f"{path}: cannot read: file does not exist\n"
+
+
+def test_check_refuses_a_world_writable_file_as_run_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, seed())
+    path.chmod(0o666)
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"{path}: cannot read: is writable by every user, who could rewrite the gateway's NAT "
+        "(--allow-writable-state to accept)\n"
+    )
+    assert main(["check", "--allow-writable-state", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: valid: 2 eips, 1 snat, 1 dnat, 1 fip\n"
+
+
+def test_check_and_render_read_standard_input_for_a_dash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command, expected in (("check", "-: valid: 2 eips, 1 snat, 1 dnat, 1 fip\n"), ("render", None)):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(json.dumps(seed()).encode())))
+        assert main([command, "-"]) == 0
+        out, err = capsys.readouterr()
+        assert err == ""
+        if expected is None:
+            state = state_of(seed())
+            assert out == plan_transaction(None, desired_table(state, assign_ids(state, {}))).script()
+        else:
+            assert out == expected
 
 
 def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
