@@ -152,8 +152,10 @@ def _cleanup(args: argparse.Namespace) -> int:
     from natgwd.kernel.nft import KernelNft
     from natgwd.qos.tc import KernelTc
 
-    KernelNft().delete_table()
-    print("deleted nftables table inet natgwd")
+    if KernelNft().delete_table():
+        print("deleted nftables table inet natgwd")
+    else:
+        print("no nftables table inet natgwd: nothing to delete")
     shaping = KernelTc().remove_all()
     report = Netlink().remove_owned()
     for change in shaping.changes + report.changes:
@@ -178,6 +180,20 @@ def _port(text: str) -> int:
     return int(text)
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, when it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "%(default)" in text
+            or action.default in (None, False, "", [], argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_allow_writable(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--allow-writable-state",
@@ -192,12 +208,24 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
 
-    run = sub.add_parser("run", help="run the daemon: keep the kernel equal to the desired state")
+    run = sub.add_parser(
+        "run", help="run the daemon: keep the kernel equal to the desired state", formatter_class=_WithDefaults
+    )
     run.add_argument("--state", required=True, help="desired-state JSON file")
     run.add_argument("--metrics-address", default="0.0.0.0:9469", help="host:port for /metrics, /healthz, /readyz")
     run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")
-    run.add_argument("--log-format", choices=("json", "console"), default="json")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="the log on stderr: json, one object per line for a log collector; console, aligned text for a person",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe lines logged; debug adds each HTTP request and the HA peers' hellos",
+    )
     run.add_argument(
         "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
     )

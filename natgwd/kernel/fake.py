@@ -77,10 +77,12 @@ class FakeNft:
             if name in self.table.elements
         }
 
-    def delete_table(self) -> None:
-        if self.table is not None:
-            self.table = None
-            self._generation += 1
+    def delete_table(self) -> bool:
+        if self.table is None:
+            return False
+        self.table = None
+        self._generation += 1
+        return True
 
     def generation(self) -> int:
         return self._generation

@@ -42,7 +42,9 @@ class Nft(Protocol):
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]: ...
 
-    def delete_table(self) -> None: ...
+    def delete_table(self) -> bool:
+        """Whether there was a table to delete."""
+        ...
 
     def generation(self) -> int: ...
 
@@ -92,12 +94,14 @@ class KernelNft:
             raise NftError(str(err)) from err
         return {name: elements for name, elements in zip(names, listed, strict=True) if elements is not None}
 
-    def delete_table(self) -> None:
+    def delete_table(self) -> bool:
         try:
             self._run(f"delete table {FAMILY} {TABLE}")
         except NftError as err:
             if "No such file or directory" not in str(err):
                 raise
+            return False
+        return True
 
     def generation(self) -> int:
         """The kernel's ruleset generation: it moves with every commit to any table.

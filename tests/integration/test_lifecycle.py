@@ -414,6 +414,9 @@ def test_cleanup_removes_only_what_natgwd_added(lab: Lab, seed_state: dict[str, 
     }
     assert not lab.applied_state_path.exists()
 
+    again = lab.exec("gw", sys.executable, "-m", "natgwd", "cleanup", "--applied-state", str(lab.applied_state_path))
+    assert again.stdout == "no nftables table inet natgwd: nothing to delete\n"
+
 
 # --- SIGHUP and the applied-state record ----------------------------------------------
 

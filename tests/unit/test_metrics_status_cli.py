@@ -559,3 +559,25 @@ def test_status_of_share_backends() -> None:
         "web-a": ["(share backend) -> 172.20.10.2:8080"],
         "web-b": ["(share backend) -> 172.20.10.3:8080"],
     }
+
+
+def test_run_help_says_the_defaults_and_the_log_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "seconds between drift checks (default: 10.0)" in text
+    assert "json, one object per line for a log collector; console, aligned text for a person (default: json)" in text
+    assert "least severe lines logged; debug adds each HTTP request and the HA peers' hellos (default: info)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+
+
+def test_the_demo_help_does_not_run_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    from natgwd.lab import demo
+
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m natgwd.lab.demo [-h]\n")
+    assert "Needs root: it builds network namespaces." in out
