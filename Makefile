@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
-# `natgwd` on PATH: a link to the venv's command (never over a natgwd installed otherwise;
-# BIN_LINK= for none).
+# `natgwd` on PATH: a link to the venv's command (never over a natgwd installed otherwise,
+# nor over another checkout's link that still works; BIN_LINK= for none). A link whose
+# checkout is gone is replaced; `make clean` removes this checkout's link.
 BIN_LINK ?= /usr/local/bin/natgwd
 NATGWD := $(abspath $(VENV))/bin/natgwd
 
@@ -34,6 +35,12 @@ venv: deps $(VENV)/.installed
 	@if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" != "$(NATGWD)" ]; then \
 		if [ -e "$(BIN_LINK)" ] && [ ! -L "$(BIN_LINK)" ]; then \
 			echo "$(BIN_LINK) is not natgwd's link: left alone; the CLI is $(NATGWD)"; \
+		elif [ -e "$(BIN_LINK)" ]; then \
+			echo "$(BIN_LINK) links another checkout ($$(readlink "$(BIN_LINK)")): left alone;" \
+				"the CLI is $(NATGWD) (rm $(BIN_LINK) and make venv again to link it)"; \
+		elif [ -L "$(BIN_LINK)" ]; then \
+			echo "$(BIN_LINK) linked $$(readlink "$(BIN_LINK)"), which is gone: relinked"; \
+			ln -sfn "$(NATGWD)" "$(BIN_LINK)" && echo "linked $(BIN_LINK) -> $(NATGWD)"; \
 		else ln -sfn "$(NATGWD)" "$(BIN_LINK)" && echo "linked $(BIN_LINK) -> $(NATGWD)"; fi; \
 	fi
 
@@ -66,4 +73,6 @@ bench: venv
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
+	@if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" = "$(NATGWD)" ]; then \
+		rm -f "$(BIN_LINK)" && echo "removed $(BIN_LINK) (linked this checkout's natgwd)"; fi
 	rm -rf $(VENV) build *.egg-info
