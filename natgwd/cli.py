@@ -65,7 +65,7 @@ def _status(args: argparse.Namespace) -> int:
     from natgwd.kernel.nft import KernelNft, NftError
     from natgwd.qos.status import format_table as format_qos_table
     from natgwd.qos.status import kernel_statuses
-    from natgwd.runtime.status import format_table, rule_statuses
+    from natgwd.runtime.status import format_table, record_mismatch, rule_statuses
 
     try:
         table = KernelNft().read_table()
@@ -75,14 +75,25 @@ def _status(args: argparse.Namespace) -> int:
     if table is None:
         print("no natgwd table in this network namespace", file=sys.stderr)
         return 1
-    record = _applied_record(Path(args.applied_state)) if args.applied_state else None
     rules = rule_statuses(table)
-    shaping = kernel_statuses(applied.read_state(Path(args.applied_state)) if args.applied_state else None)
+    record = _applied_record(Path(args.applied_state)) if args.applied_state else None
+    recorded = applied.read_state(Path(args.applied_state)) if record else None
+    mismatch = record_mismatch(recorded, rules) if record else None
+    if record and mismatch:
+        record["mismatch"] = mismatch
+        recorded = None  # another table's record: its QoS policies are not this table's either
+    shaping = kernel_statuses(recorded)
     if args.json:
         output = {"applied": record, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
         print(json.dumps(output, indent=1))
         return 0
-    if record:
+    if record and mismatch:
+        print(
+            f"the applied-state record {args.applied_state} does not match this network namespace's table: "
+            f"{mismatch}; it may be another daemon's (--applied-state names the record to read)",
+            file=sys.stderr,
+        )
+    elif record:
         print(f"applied state sha256 {record['sha256']} at {record['applied_at']}")
     sys.stdout.write(format_table(rules))
     if shaping:

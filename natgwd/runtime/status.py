@@ -7,8 +7,9 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
+from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, rule_labels, split_traffic_key
 from natgwd.planning.table import Counter, TableContents
+from natgwd.state.model import DesiredState
 
 # map holding the rule id -> map holding the target, for both families (IPv6 maps end in 6)
 _TRANSLATIONS = {
@@ -82,6 +83,21 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
     for mark, rule in rules.items():
         rule.translations = _summarise(sorted(translations.get(mark, []), key=_natural))
     return sorted(rules.values(), key=lambda r: (r.kind, r.name))
+
+
+def record_mismatch(recorded: DesiredState | None, rules: list[RuleStatus]) -> str | None:
+    """Why an applied-state record does not describe this table, or None when it does. The
+    default record is host-wide: it may be another namespace's daemon's."""
+    if recorded is None:
+        return "it holds no readable state"
+    expected: set[tuple[str, str, str]] = set(rule_labels(recorded))
+    present = {(r.kind, r.name, r.eip) for r in rules}
+    if expected == present:
+        return None
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    parts = [f"{len(missing)} of its rules are not in the table"] if missing else []
+    parts += [f"{len(extra)} of the table's rules are not in it"] if extra else []
+    return f"{' and '.join(parts)} (e.g. {'/'.join((missing or extra)[0])})"
 
 
 def _natural(text: str) -> list[int | str]:

@@ -22,7 +22,7 @@ from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import Counter, Element, TableContents, plan_transaction
 from natgwd.runtime.metrics import RuleCounters
 from natgwd.runtime.reconciler import Reconciler
-from natgwd.runtime.status import RuleStatus, format_table, rule_statuses
+from natgwd.runtime.status import RuleStatus, format_table, record_mismatch, rule_statuses
 from natgwd.runtime.watch import FileWatcher
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
@@ -202,6 +202,24 @@ def test_rule_statuses_of_the_seed() -> None:
         ),
         RuleStatus("snat", "my-snat", "10.115.55.200", 1, ["172.20.10.0/24 -> 10.115.55.200"]),
     ]
+
+
+def test_a_record_is_checked_against_the_table() -> None:
+    fake, _ = with_traffic(seed())
+    assert fake.table is not None
+    rules = rule_statuses(fake.table)
+    assert record_mismatch(state_of(seed()), rules) is None
+    other = seed()
+    other["dnat"][0]["name"] = "another-gateways-dnat"
+    assert record_mismatch(state_of(other), rules) == (
+        "1 of its rules are not in the table and 1 of the table's rules are not in it "
+        "(e.g. dnat/another-gateways-dnat/10.115.55.200)"
+    )
+    other["snat"] = other["dnat"] = []
+    assert record_mismatch(state_of(other), rules) == (
+        "2 of the table's rules are not in it (e.g. dnat/dnat01/10.115.55.200)"
+    )
+    assert record_mismatch(None, rules) == "it holds no readable state"
 
 
 def test_rule_status_as_dict() -> None:
