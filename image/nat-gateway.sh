@@ -3,10 +3,17 @@
 # `bash /kube-ovn/nat-gateway.sh COMMAND RULE...` and each call edits natgwd's desired state.
 # Where natgwd takes calls on loopback (`natgwd run --edit-port`, its token file exists), the
 # call goes there in one round trip: a bash process and no Python start per call. Otherwise
-# `python -m natgwd.kubeovn.shim` edits the state file itself. Both parse the call alike.
+# `python -m natgwd.kubeovn.shim` edits the state file itself (NATGWD_PYTHON: the Python
+# with natgwd installed, default the image's). Both parse the call alike.
 token_file=${NATGWD_EDIT_TOKEN:-/var/lib/natgwd/edit.token}
 if [ ! -e "$token_file" ]; then
-    exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.kubeovn.shim "$@"
+    python=${NATGWD_PYTHON:-/opt/natgwd/bin/python}
+    if [ ! -x "$python" ]; then
+        echo "natgwd: no edit endpoint token at $token_file (NATGWD_EDIT_TOKEN), and no Python at" \
+            "$python to edit the state file instead (NATGWD_PYTHON: the Python with natgwd installed)" >&2
+        exit 1
+    fi
+    exec "$python" -m natgwd.kubeovn.shim "$@"
 fi
 
 if [ ! -r "$token_file" ]; then

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from natgwd.kubeovn.shim import cli, filestate, waiting
+from natgwd.kubeovn.shim.grammar import USAGE
 from natgwd.state.validation import load_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -345,8 +346,22 @@ def test_eip_add_of_v1_12_carries_the_gateway(ready: Gateway) -> None:
     assert "10.115.55.212" in [e["v4ip"] for e in ready.state()["eips"]]
 
 
+def test_a_named_token_that_is_absent_is_said(gw: Gateway) -> None:
+    token = gw.env["NATGWD_EDIT_TOKEN"]
+    result = gw.call("init", "net1,net2")
+    assert result.code == 0
+    assert result.err == (
+        f"Warning: natgwd: no edit endpoint token at {token} (NATGWD_EDIT_TOKEN): edited {gw.state_path}\n"
+    )
+
+
 def test_rules_need_init_first(gw: Gateway) -> None:
-    gw.fails("snat-add", f"{EIP1},172.20.10.0/24", match="^nat gateway not initialized$")
+    gw.fails(
+        "snat-add",
+        f"{EIP1},172.20.10.0/24",
+        match=f"\nnat gateway not initialized: {re.escape(str(gw.state_path))} does not exist "
+        r"\(`init` creates it\)\n$",
+    )
     gw.fails("eip-add", f"{EIP1}/21", match="not initialized")
 
 
@@ -364,7 +379,7 @@ def test_subnet_routes_replace_and_delete(ready: Gateway) -> None:
     assert ready.state()["internal"]["routes"] == [{"dst": "10.55.0.0/16", "via": "172.20.10.1"}]
     # Missing everywhere: exit 2, as the script's `ip route del`.
     result = ready.call("subnet-route-del", "10.66.0.0/16")
-    assert (result.code, result.err) == (
+    assert (result.code, result.err.splitlines(keepends=True)[-1]) == (
         2,
         "natgwd: no route to 10.66.0.0/16 on net1 (ip route del: No such process)\n",
     )
@@ -717,8 +732,10 @@ def test_bad_qos_calls_refused(ready: Gateway, command: str, rule: str, match: s
 
 def test_help_unknown_and_nothing(gw: Gateway) -> None:
     assert "nft-dnat-map-add" in gw.ok("help").out
-    assert gw.call("frobnicate", "x").code == 1
-    assert gw.call().code == 1
+    unknown = gw.call("frobnicate", "x")
+    assert (unknown.code, unknown.out) == (1, "")
+    assert unknown.err == f"natgwd: unknown command 'frobnicate'\n{USAGE}\n"  # the controller logs stderr
+    assert gw.call() == Result(1, "", f"{USAGE}\n")
     assert gw.call("dnat-add").code == 1  # a rule is needed
 
 

@@ -99,7 +99,7 @@ def run_calls(doc: Doc, calls: list[list[str]]) -> list[Doc]:
     for argv in calls:
         call = prepare(argv, FakeLinks)
         assert not hasattr(call, "code"), call
-        documents.append(compact(edited(call, documents[-1], Context(UPSTREAM))))  # type: ignore[arg-type]
+        documents.append(compact(edited(call, documents[-1], Context(UPSTREAM), Path("state.json"))))  # type: ignore[arg-type]
     return documents
 
 
@@ -247,6 +247,16 @@ def test_the_script_drives_natgwd_through_the_endpoint(daemon: FakeDaemon) -> No
 
     assert [d.get("dnat", []) for d in daemon.applied][-1][0]["internalIp"] == VM1
     assert len(daemon.applied) == 2, "refused and unchanged calls applied nothing"
+
+
+def test_no_token_and_no_python_is_said(daemon: FakeDaemon) -> None:
+    absent = daemon.token.with_name("absent.token")
+    result = script(daemon, "init", "net1,net2", NATGWD_EDIT_TOKEN=str(absent))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"natgwd: no edit endpoint token at {absent} (NATGWD_EDIT_TOKEN), and no Python at /nonexistent "
+        "to edit the state file instead (NATGWD_PYTHON: the Python with natgwd installed)\n"
+    )
 
 
 def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> None:

@@ -154,7 +154,7 @@ class EditService:
         before = self.document
         if before is None and self.state_path.exists():
             raise ShimError(f"natgwd: {self.state_path} is not applied (see natgwd's log); nothing changed")
-        after = compact(edited(call, before, ctx))
+        after = compact(edited(call, before, ctx, self.state_path))
         delta = diff(before, after) if before is not None else None
         if delta == {}:
             return "natgwd: nothing to change"
