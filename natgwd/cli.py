@@ -115,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
     from natgwd.kernel.nft import KernelNft
+    from natgwd.observability.endings import Endings
     from natgwd.observability.options import watch_factory
     from natgwd.qos.tc import KernelTc
     from natgwd.runtime.daemon import Daemon, DaemonConfig
@@ -123,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.runtime.startup import Exit, StartupError, parse_address, report
 
     configure(args.log_format, args.log_level)
+    endings = Endings()
     # A 10,000-rule state is a million objects, and each change builds a new one: with the
     # default thresholds the cycle collector walks the whole heap several times per change
     # (a third of its time). Collecting less often still frees every cycle, a little later.
@@ -133,14 +135,15 @@ def _run(args: argparse.Namespace) -> int:
             nft = KernelNft()
         except (ImportError, OSError) as err:
             raise StartupError(Exit.KERNEL, f"cannot open libnftables (python3-nftables): {err}", "nftables") from None
-        return Reconciler(nft, Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
+        cleaner = ConntrackCleaner(endings=endings if args.translation_log else None)
+        return Reconciler(nft, Netlink(), ensure_forwarding, cleaner, announce, KernelTc())
 
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
         return HaController(Path(args.ha_run_dir), count_garp, registry)
 
     try:
         try:
-            make_watch = watch_factory(args)
+            make_watch = watch_factory(args, endings)
         except ValueError as err:
             raise StartupError(Exit.OBSERVE_OPTION, str(err), str(err).partition(" ")[0]) from None
         config = DaemonConfig(

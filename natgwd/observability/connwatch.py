@@ -37,6 +37,7 @@ log = structlog.get_logger("natgwd.observability.connwatch")
 
 RETRY_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+RETIRED_LABELS = 65536  # removed rules whose labels end lines may still need
 
 
 def _attempts(listings: Listings) -> dict[int, tuple[RuleLabels, int]]:
@@ -157,7 +158,13 @@ class ConnectionWatch:
     def _labels_by_mark(self) -> dict[int, RuleLabels]:
         ids = self._rule_ids()
         if self._labels_for[0] != id(ids):  # the reconciler hands out a new mapping per change
-            self._labels_for = (id(ids), {mark: labels for labels, mark in ids.items()})
+            # A removed rule's connections end after it (natgwd deletes them, or they time
+            # out): their end lines keep its labels. Ids are never reused, so an old
+            # mark still names its rule; the oldest are forgotten past a bound.
+            current = {mark: labels for labels, mark in ids.items()}
+            retired = {mark: labels for mark, labels in self._labels_for[1].items() if mark not in current}
+            retired = dict(list(retired.items())[-RETIRED_LABELS:])
+            self._labels_for = (id(ids), {**retired, **current})
         return self._labels_for[1]
 
     # --- scrapes --------------------------------------------------------------------------

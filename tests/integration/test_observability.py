@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     DNAT_EIP,
     FIP_EIP,
     UPSTREAM,
+    apply,
     samples,
     start,
     wait_for,
@@ -458,8 +459,30 @@ def test_translation_log_matches_both_ends(lab: Lab, seed_state: dict[str, Any],
     # TCP: handshake, data, FINs: more than three packets each way.
     assert ended[6]["packets_sent"] >= 4 and ended[6]["packets_received"] >= 3
     assert ended[6]["conntrack_id"] == dnat["conntrack_id"]
+    assert "end_reason" not in ended[17] and "end_reason" not in ended[6]  # closed, not ended by natgwd
     wait_value(daemon, "natgwd_translation_log_lines_total", None, 4)
     assert value(daemon, "natgwd_translation_log_dropped_lines_total") == 0
+
+
+def test_translation_log_says_when_natgwd_ended_a_connection(
+    lab: Lab, seed_state: dict[str, Any], held: list[Held]
+) -> None:
+    """A DNAT rule removed: natgwd deletes its open connection from conntrack, and the end
+    line keeps the removed rule's name and says why the connection ended."""
+    quiet_gateway(lab)
+    peer_echo(lab, "vm1", 80)
+    log_path = lab.workdir / "translations.jsonl"
+    daemon = start(lab, seed_state, "--translation-log", str(log_path))
+    tcp = hold(lab, "ext", DNAT_EIP, 8888, 1, "tcp", 46200)
+    held.append(tcp)
+    (started,) = wait_for(lambda: translog_lines(log_path) or None, "the start line")
+    assert started["rule"] == {"kind": "dnat", "name": "dnat01"}
+
+    apply(daemon, {**seed_state, "dnat": []})
+    lines = wait_for(lambda: len(lines := translog_lines(log_path)) == 2 and lines, "the end line")
+    end = lines[1]
+    assert (end["event"], end["conntrack_id"], end["rule"]) == ("end", started["conntrack_id"], started["rule"])
+    assert end["end_reason"] == "rule_removed"
 
 
 PROMETHEUS_CONFIG = """
