@@ -31,6 +31,7 @@ from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime import applied
+from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import serve
 from natgwd.runtime.files import read_state_file
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
@@ -39,7 +40,7 @@ from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.startup import Exit, StartupError, listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
 from natgwd.state.model import DesiredState
-from natgwd.state.tracker import StateTracker
+from natgwd.state.tracker import Change, StateTracker
 from natgwd.state.validation import InvalidStateError, Problem, validate_document
 
 log = structlog.get_logger("natgwd.runtime.daemon")
@@ -265,6 +266,7 @@ class Daemon:
             self._failed(f"applying the desired state failed: {err}")
             return
         self.tracker.accept(change)
+        _log_changes(change, "the state file")
         self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
         self._unverified |= outcome.by_delta
         self._count(outcome)
@@ -299,6 +301,7 @@ class Daemon:
         change = self.tracker.check_document(document)
         outcome = self.reconciler.apply(change.state, change.delta, change.base)
         self.tracker.accept(change)
+        _log_changes(change, "a nat-gateway.sh call")
         self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
         self._unverified |= outcome.by_delta
         return change.state, outcome
@@ -465,3 +468,10 @@ class Daemon:
         except NftError as err:
             log.error("reading counters failed", error=str(err))
             return {}
+
+
+def _log_changes(change: Change, source: str) -> None:
+    """Which rules and EIPs an applied change added, changed and removed, by name."""
+    names = changed_names(change.base, change.state, change.delta)
+    if any(names.values()):
+        log.info("desired state changed", source=source, **names)

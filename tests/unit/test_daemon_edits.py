@@ -11,13 +11,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.netlink import LinkReport
 from natgwd.kubeovn.shim.call import Reply
 from natgwd.kubeovn.shim.protocol import Request
 from natgwd.lab.topology import SEED_STATE
+from natgwd.runtime.changes import changed_names
 from natgwd.runtime.daemon import Daemon, DaemonConfig
 from natgwd.runtime.reconciler import Announce, Reconciler
+from natgwd.state.validation import load_state
 
 EIP = "10.115.55.200"  # the seed's my-eip
 
@@ -149,3 +153,43 @@ def test_an_invalid_result_is_refused_and_changes_nothing(tmp_path: Path) -> Non
     assert reply.code == 1 and "refused, the desired state would be invalid" in reply.err
     assert len(nft.transactions) == transactions
     assert daemon.edits is not None and daemon.edits.log.entries == 0
+
+
+def test_each_change_is_logged_by_name_and_so_is_the_fold(tmp_path: Path) -> None:
+    daemon, _ = started(tmp_path)
+    with capture_logs() as logged:
+        assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+        assert call(daemon, "dnat-del", f"{EIP},8888,tcp").code == 0
+        assert daemon.edits is not None and daemon.edits.compact() is not None
+        hand_edited = json.loads(daemon.config.state_path.read_bytes())
+        hand_edited["fip"][0]["internalIp"] = "172.20.10.9"
+        hand_edited["eips"].append({"name": "spare", "v4ip": "10.115.55.210"})
+        daemon.config.state_path.write_text(json.dumps(hand_edited))
+        for _ in range(3):
+            daemon.step()
+    changes = [
+        (e["source"], e["added"], e["changed"], e["removed"]) for e in logged if e["event"] == "desired state changed"
+    ]
+    (added,) = changes[0][1]
+    assert added.startswith("dnat/")
+    assert changes == [
+        ("a nat-gateway.sh call", [added], [], []),
+        ("a nat-gateway.sh call", [], [], ["dnat/dnat01"]),
+        ("the state file", ["eip/spare"], ["fip/fip01"], []),
+    ]
+    folds = [e for e in logged if e["event"] == "edit log folded into the state file"]
+    assert [(e["edits"], e["path"]) for e in folds] == [(2, str(daemon.config.state_path))]
+
+
+def test_changed_names_of_a_whole_state() -> None:
+    before = load_state(json.dumps(SEED_STATE).encode())
+    after_doc = json.loads(json.dumps(SEED_STATE))
+    after_doc["snat"] = []
+    after_doc["dnat"][0]["internalPort"] = "81"
+    assert changed_names(before, load_state(json.dumps(after_doc).encode()), None) == {
+        "added": [],
+        "changed": ["dnat/dnat01"],
+        "removed": ["snat/my-snat"],
+    }
+    everything = changed_names(None, before, None)
+    assert everything["added"] == ["dnat/dnat01", "eip/my-eip", "eip/my-eip2", "fip/fip01", "snat/my-snat"]

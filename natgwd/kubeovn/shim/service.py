@@ -202,6 +202,7 @@ class EditService:
                         return None
                 data = document_bytes(self.document)
                 write_atomically(self.state_path, data)
+                folded = self.log.entries
                 self.log.clear()
         except ShimError:
             return None
@@ -209,5 +210,6 @@ class EditService:
             log.warning("cannot fold the edit log into the state file", path=str(self.state_path), error=str(err))
             return None
         self._base = hashlib.sha256(data).hexdigest()
+        log.info("edit log folded into the state file", edits=folded, path=str(self.state_path), sha256=self._base[:12])
         self._written(data)
         return data
