@@ -458,6 +458,11 @@ class _Importer:
     def gateway(self) -> Obj:
         gateways = sorted(self.by_kind.get("VpcNatGateway", []), key=_name)
         wanted = self.options.gateway
+        if not gateways:
+            raise ImportFailedError(
+                "the input holds no VpcNatGateway: give the gateway's object too "
+                "(kubectl get vpc-nat-gateway NAME -o yaml), with its EIPs and rules"
+            )
         if wanted is None:
             if len(gateways) != 1:
                 names = ", ".join(_name(g) for g in gateways) or "none"
@@ -1138,14 +1143,16 @@ class _Importer:
             if rule.section == "snat":
                 owner = snat_cidrs.get(entry["internalCIDR"])
                 if owner is not None:
-                    self.report("warning", rule.source, f"{entry['internalCIDR']} is already translated by {owner}")
+                    self.report(
+                        "warning", rule.source, f"{entry['internalCIDR']} is already translated by {owner}; skipped"
+                    )
                     continue
                 snat_cidrs[entry["internalCIDR"]] = name
             elif rule.section == "dnat":
                 identity = (f"{entry['eip']}/{family}", entry["protocol"], entry["externalPort"])
                 kind = entry.get("type", "exclusive")
                 if eip_family in fip_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} has FIP {fip_eips[eip_family]}")
+                    self.report("warning", rule.source, f"EIP {entry['eip']} has FIP {fip_eips[eip_family]}; skipped")
                     continue
                 if identity in dnat_identity:
                     other, other_kind = dnat_identity[identity]
@@ -1154,17 +1161,19 @@ class _Importer:
                             "warning",
                             rule.source,
                             f"{entry['protocol']}/{entry['externalPort']} on EIP {entry['eip']} is already "
-                            f"taken by {other_kind} DNAT {other}",
+                            f"taken by {other_kind} DNAT {other}; skipped",
                         )
                         continue
                 dnat_identity.setdefault(identity, (name, kind))
                 dnat_eips.setdefault(eip_family, name)
             else:
                 if eip_family in fip_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} already has FIP {fip_eips[eip_family]}")
+                    self.report(
+                        "warning", rule.source, f"EIP {entry['eip']} already has FIP {fip_eips[eip_family]}; skipped"
+                    )
                     continue
                 if eip_family in dnat_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} has DNAT {dnat_eips[eip_family]}")
+                    self.report("warning", rule.source, f"EIP {entry['eip']} has DNAT {dnat_eips[eip_family]}; skipped")
                     continue
                 fip_eips[eip_family] = name
             kept.append(rule)
