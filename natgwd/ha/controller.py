@@ -90,7 +90,7 @@ class HaController:
         self.binaries = binaries
         self._announcer = ActiveAnnouncer(lambda: self._role == "master", on_garp_sent)
         self._master_since: float | None = None  # monotonic
-        self.metrics = HaMetrics(registry)
+        self.metrics = HaMetrics(registry, self._configured)
         registry.register(HaCollector(self._snapshot))
         self._supervisor: Supervisor | None = None
         self._lock = threading.RLock()
@@ -355,6 +355,10 @@ class HaController:
         if not view.reachable or view.sha256 is None:
             return None
         return view.sha256 == self._digest
+
+    def _configured(self) -> bool:
+        state = self._state  # one read: the scrape thread does not take the lock for it
+        return state is not None and state.ha is not None
 
     def _snapshot(self) -> HaSnapshot | None:
         with self._lock:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from natgwd.ha import announce as ha_announce
 from natgwd.ha.config import HaConfig, HaMember, virtual_addresses
-from natgwd.ha.controller import parse_notify
-from natgwd.ha.metrics import parse_stats
+from natgwd.ha.controller import HaController, parse_notify
+from natgwd.ha.metrics import HaMetrics, parse_stats
 from natgwd.ha.peer import decode_hello, encode_hello
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
 from natgwd.ha.supervisor import ChildSpec, Supervisor
@@ -333,6 +334,23 @@ queue rsqueue:
 current elements:\t\t           5
 maximum elements:\t\t      131072
 """
+
+
+def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
+    """Zeros on a gateway without HA would read as 'this member is not master'."""
+    registry = CollectorRegistry()
+    HaController(tmp_path, lambda _interface, _count: None, registry)  # no state applied yet
+    assert b"natgwd_ha_" not in generate_latest(registry)
+
+    registry, active = CollectorRegistry(), [False]
+    metrics = HaMetrics(registry, lambda: active[0])
+    metrics.set_role("master")
+    assert b"natgwd_ha_" not in generate_latest(registry)
+    active[0] = True
+    exported = generate_latest(registry).decode()
+    assert 'natgwd_ha_role{role="master"} 1.0' in exported
+    assert 'natgwd_ha_role{role="backup"} 0.0' in exported
+    assert 'natgwd_ha_transitions_total{role="master"} 0.0' in exported
 
 
 def test_parse_conntrackd_stats() -> None:

@@ -45,7 +45,7 @@ CONNTRACKD_STATS = parse_stats(STATS, QUEUES)
 def exposition() -> str:
     registry = CollectorRegistry()
     DaemonMetrics(registry)
-    HaMetrics(registry)
+    HaMetrics(registry, lambda: True)  # an HA member: its role figures are exported
     registry.register(HaCollector(lambda: HaSnapshot({}, True, True, CONNTRACKD_STATS)))
     watch = ConnectionWatch(lambda: LISTINGS, dict, TransLog(io.StringIO(), Selection(), 10))
     return b"".join(
@@ -90,6 +90,14 @@ def test_alert_rules_pass_their_unit_tests() -> None:
         [promtool(), "test", "rules", "natgwd-alerts.test.yml"], cwd=MONITORING, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_prometheusrule_holds_the_tested_alert_rules() -> None:
+    """The operator's PrometheusRule (beside the PodMonitor) carries the very groups that
+    promtool tests here: an alert changed in one place only fails."""
+    rule = yaml.safe_load((Path(__file__).parents[2] / "image" / "kubernetes" / "prometheusrule.yaml").read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
 
 
 def test_promtool_accepts_the_exposition() -> None:
@@ -141,5 +149,13 @@ def test_dashboard_panels_query_exported_metrics() -> None:
         "natgwd_conntrack_entries_limit",
         "natgwd_reconciles_total",
     } <= used
-    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
-    assert variables == {"datasource", "instance"}
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "gateway", "instance"]
+    # "All" matches any value and none: a Prometheus that scrapes without these labels.
+    assert all(variables[name]["allValue"] == ".*" for name in ("namespace", "gateway", "instance"))
+    # Every series the panels read is filtered by the three (vpc_nat_gw: the PodMonitor's label).
+    selector = '{namespace=~"$namespace", vpc_nat_gw=~"$gateway", instance=~"$instance"}'
+    for panel in graphs:
+        for target in panel["targets"]:
+            series = re.findall(r"\bnatgwd_[a-z0-9_]+(\{[^}]*\})?", target["expr"])
+            assert series and all(labels == selector for labels in series), target["expr"]
