@@ -32,7 +32,6 @@ import pytest
 from natgwd.kubeovn.shim.editlog import EditLog, fold
 from natgwd.kubeovn.shim.edits import compact
 from natgwd.lab.topology import EXTERNAL_HOST, Lab, Natgwd
-from natgwd.state.validation import InvalidStateError, load_state
 from tests.integration.helpers import (
     addresses,
     client_command,
@@ -175,31 +174,6 @@ def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
         gw.natgwd.stop()
         print(gw.natgwd.log()[-4000:])
         shutil.rmtree(lab.workdir, ignore_errors=True)
-
-
-def share_supported() -> bool:
-    """Whether this natgwd takes share DNAT rules (the format extension)."""
-    state = {
-        "version": 1,
-        "internal": {"interface": "net1", "addresses": ["172.20.10.254/24"]},
-        "external": {"interface": "net2", "addresses": ["10.115.48.1/21"]},
-        "eips": [{"name": "e", "v4ip": EIP1}],
-        "dnat": [
-            {"name": f"d{i}", "eip": "e", "protocol": "tcp", "externalPort": "80", "internalIp": ip}
-            | {"internalPort": "80", "type": "share"}
-            for i, ip in enumerate((VM1, VM2))
-        ],
-    }
-    try:
-        load_state(json.dumps(state).encode())
-    except InvalidStateError:
-        return False
-    return True
-
-
-needs_share = pytest.mark.xfail(
-    not share_supported(), reason='natgwd does not take share DNAT rules ("type": "share") yet', strict=True
-)
 
 
 # --- init -------------------------------------------------------------------------------
@@ -357,7 +331,6 @@ def test_snat_longest_prefix_wins_whatever_the_call_order(gateway: Gateway, orde
 # --- [share-dnat-dataplane], [share-dnat-conflict] ----------------------------------------
 
 
-@needs_share
 def test_share_dnat_spreads_then_follows_the_backend_list(gateway: Gateway) -> None:
     lab = gateway.lab
     lab.serve("vm1", tcp=[80], tag="vm1")

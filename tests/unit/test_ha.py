@@ -21,7 +21,7 @@ from natgwd.ha.controller import HaController, parse_notify
 from natgwd.ha.metrics import HaMetrics, parse_stats
 from natgwd.ha.peer import decode_hello, encode_hello
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
-from natgwd.ha.supervisor import ChildSpec, Supervisor
+from natgwd.ha.supervisor import Child, ChildSpec, Supervisor
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import RouteSpec, link_plan
 from natgwd.state.validation import InvalidStateError, Problem, load_state
@@ -382,7 +382,7 @@ def test_hello_round_trip_and_garbage() -> None:
 # --- supervisor -----------------------------------------------------------------------
 
 
-def test_supervisor_restarts_with_backoff_and_logs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_supervisor_restarts_and_logs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     starts = tmp_path / "starts"
     lock = tmp_path / "lock"
     lock.write_text("stale")
@@ -404,8 +404,32 @@ def test_supervisor_restarts_with_backoff_and_logs_output(tmp_path: Path, capsys
     assert status.restarts >= 2 and status.last_exit == 3
     assert not lock.exists()
     assert "hello from child" in capsys.readouterr().out
-    # Backoff doubles from 0.2 s: three starts take at least 0.2 + 0.4 s.
     assert len(starts.read_text()) >= 3
+
+
+def test_a_child_that_keeps_exiting_is_restarted_with_doubling_backoff() -> None:
+    """Driven with its own clock: the restart comes exactly when its backoff has passed,
+    not a moment before, and each exit doubles the backoff up to its ceiling."""
+    child = Child(ChildSpec("crasher", (sys.executable, "-c", "import sys; sys.exit(3)")))
+    now, waits = 1000.0, []
+    try:
+        child.start()
+        for _ in range(10):
+            assert child._process is not None
+            child._process.wait()
+            child.check(now)  # sees the exit
+            assert not child.status.up and child.status.last_exit == 3
+            backoff = child._start_at - now
+            child.check(now + backoff - 0.001)
+            assert not child.status.up, "restarted before its backoff passed"
+            now += backoff
+            child.check(now)
+            assert child.status.up
+            waits.append(round(backoff, 3))
+    finally:
+        child.stop()
+    assert waits == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0]
+    assert child.status.restarts == 10
 
 
 def test_supervisor_stops_children(tmp_path: Path) -> None:

@@ -825,13 +825,26 @@ def test_the_state_file_is_replaced_not_rewritten(ready: Gateway) -> None:
     assert leftovers == []
 
 
-def test_a_call_returns_only_once_natgwd_applied_it(ready: Gateway) -> None:
+def test_a_call_returns_only_once_natgwd_applied_it(ready: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call is seen polling natgwd's record (natgwd paused) before it may return: a
+    call that returned without waiting fails here however slow the machine is."""
+    polls = 0
+    real = waiting.applied_digest
+
+    def counted(*args: Any) -> str | None:
+        nonlocal polls
+        polls += 1
+        return real(*args)
+
+    monkeypatch.setattr(waiting, "applied_digest", counted)
     ready.applier.pause()
     done: list[Result] = []
     thread = threading.Thread(target=lambda: done.append(ready.call("snat-add", f"{EIP1},172.20.10.0/24")))
     thread.start()
-    time.sleep(0.5)
-    assert not done, "returned before natgwd applied the change"
+    deadline = time.monotonic() + 30
+    while polls < 3 and not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert polls >= 3 and not done, "returned before natgwd applied the change"
     ready.applier.resume()
     thread.join(5)
     assert done and done[0].code == 0
