@@ -49,8 +49,9 @@ SHORT_TIMEOUTS = {
 # exchanges one message on each, prints what the far end saw for each, and holds them
 # until stdin closes.
 HOLD = """
-import json, socket, sys
+import json, select, socket, sys
 address, port, count, proto, first_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+keep_alive = sys.argv[6:] == ["keep-alive"]
 held, seen = [], []
 for i in range(count):
     if proto == "tcp":
@@ -69,6 +70,11 @@ for i in range(count):
         seen.append(s.recv(100).decode())
     held.append(s)
 print(json.dumps(seen), flush=True)
+# keep-alive: a datagram on each UDP flow every half second, so that its conntrack entry
+# outlives the test's short UDP timeout for as long as it is held.
+while not select.select([sys.stdin], [], [], 0.5 if keep_alive else None)[0]:
+    for s in held:
+        s.sendto(b"hello", (address, port))
 sys.stdin.read()
 """
 
@@ -115,8 +121,10 @@ class Held:
             self.process.wait(10)
 
 
-def hold(lab: Lab, role: str, address: str, port: int, count: int, proto: str, first_port: int) -> Held:
-    arguments = [address, str(port), str(count), proto, str(first_port)]
+def hold(
+    lab: Lab, role: str, address: str, port: int, count: int, proto: str, first_port: int, keep_alive: bool = False
+) -> Held:
+    arguments = [address, str(port), str(count), proto, str(first_port), *(["keep-alive"] if keep_alive else [])]
     process = subprocess.Popen(
         ["ip", "netns", "exec", lab.ns(role), sys.executable, "-c", HOLD, *arguments],
         stdin=subprocess.PIPE,
@@ -232,7 +240,8 @@ def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any],
     held.append(dnat)
     snat = hold(lab, "vm1", UPSTREAM, ECHO_PORT, 3, "tcp", 43000)
     held.append(snat)
-    fip = hold(lab, "vm2", UPSTREAM, ECHO_PORT, 2, "udp", 44000)
+    # Kept alive: the UDP timeout here is 2 s, less than a loaded machine may take to look.
+    fip = hold(lab, "vm2", UPSTREAM, ECHO_PORT, 2, "udp", 44000, keep_alive=True)
     held.append(fip)
     # What the far ends saw: the client's own address through DNAT, the EIPs otherwise.
     assert dnat.seen == [f"{UPSTREAM}:{42000 + i}" for i in range(5)]
