@@ -678,8 +678,9 @@ class _Semantics:
     def _eips(self) -> tuple[Eip, ...]:
         items = self.items("eips")
         self.duplicates("eips", items, "name")
-        self.duplicates("eips", items, "v4ip")
-        self.duplicates("eips", items, "v6ip")
+        # Parsed, not as text: FD00:115:0::200 is fd00:115::200, and two EIPs on one address
+        # would put their rules under one map key.
+        holders: dict[IPAddress, int] = {}
         eips = []
         for i, item in items:
             if "v4ip" not in item and "v6ip" not in item:
@@ -689,6 +690,10 @@ class _Semantics:
                 continue
             v4 = self.address(("eips", i, "v4ip"), item["v4ip"]) if "v4ip" in item else None
             v6 = self.address(("eips", i, "v6ip"), item["v6ip"]) if "v6ip" in item else None
+            for field, address in (("v4ip", v4), ("v6ip", v6)):
+                if address is not None and holders.setdefault(address, i) != i:
+                    spelled = "" if item[field] == str(address) else f", that is {address}"
+                    self.fail_item("eips", i, field, f"duplicates eips[{holders[address]}] ({item[field]!r}{spelled})")
             if ("v4ip" in item and v4 is None) or ("v6ip" in item and v6 is None):
                 continue
             assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
