@@ -64,6 +64,7 @@ class ConnectionWatch:
         self.lost = 0  # times events were lost and the counts rebuilt
         self._stopping = threading.Event()
         self._lost_pending = threading.Event()
+        self._lost_reason = ""  # why, when a scrape met the loss
         self._thread = threading.Thread(target=self._run, name="natgwd-connwatch", daemon=True)
         self._lock = threading.Lock()
         self._receiving = threading.RLock()  # one reader of the socket at a time
@@ -88,19 +89,26 @@ class ConnectionWatch:
     def _run(self) -> None:
         retry = RETRY_SECONDS
         while not self._stopping.is_set():
+            counted = False
             try:
                 sock = self._begin()
+                counted = True
                 retry = RETRY_SECONDS
                 while not self._stopping.is_set() and not self._lost_pending.is_set():
                     ready, _, _ = select.select([sock], [], [], 0.5)
                     if ready:
                         self._drain()
                 if self._lost_pending.is_set():
-                    raise EventsLostError
-            except EventsLostError:
+                    raise EventsLostError(self._lost_reason)
+            except EventsLostError as lost:
                 self._lost_pending.clear()
                 self.lost += 1
-                log.warning("conntrack events lost (socket buffer full); recounting from a dump")
+                log.warning("conntrack events lost; recounting from a dump", reason=str(lost))
+                if not counted:
+                    # The dump itself met a malformed message: dumping again at once could
+                    # meet it again.
+                    self._stopping.wait(retry)
+                    retry = min(retry * 2, RETRY_MAX_SECONDS)
             except Exception:
                 log.exception("watching conntrack failed; starting again", retry_in=retry)
                 self._stopping.wait(retry)
@@ -143,7 +151,8 @@ class ConnectionWatch:
         try:
             while self._sock is not None and (events := self._sock.receive(block=False)):
                 self._take(events)
-        except EventsLostError:
+        except EventsLostError as lost:
+            self._lost_reason = str(lost)
             self._lost_pending.set()  # the thread recounts
             return False
         finally:
@@ -255,7 +264,8 @@ _FAMILIES = (  # name, type, help
     (
         "natgwd_conntrack_events_lost_total",
         "counter",
-        "Times conntrack events were lost (socket buffer full) and open connections recounted from a dump.",
+        "Times conntrack events were lost (socket buffer full, malformed message) and open connections "
+        "recounted from a dump.",
     ),
 )
 
