@@ -296,9 +296,16 @@ class EventSocket:
         self.sock.close()
 
 
-def dump(family: int = socket.AF_INET) -> Iterator[CtEvent]:
-    """Every entry of the table, as "entry" events; a generator, so that a million entries
-    are counted without being held at once."""
+def dump() -> Iterator[CtEvent]:
+    """Every entry of the table, IPv4 and IPv6, as "entry" events; a generator, so that a
+    million entries are counted without being held at once."""
+    # One dump per family, each named: a connection missing from the dump would have its
+    # DESTROY subtracted later and its rule's gauge go negative.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        yield from _dump(family)
+
+
+def _dump(family: int) -> Iterator[CtEvent]:
     sock = _socket(0, 4 << 20)
     try:
         header = _NLMSGHDR.pack(
