@@ -14,11 +14,14 @@ first exec does. Traffic stays between the lab's namespaces.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -159,12 +162,11 @@ def configure_like_the_cni(lab: Lab, vpc: str = "net1", ext: str = "net2", route
         lab.exec("gw", *command)
 
 
-@pytest.fixture
-def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+@contextlib.contextmanager
+def initialized(lab: Lab, state_path: Path, transport: str, *args: str) -> Iterator[Gateway]:
+    """A gateway pod as the controller leaves it after its first exec (`init`)."""
     configure_like_the_cni(lab)
-    state_path = tmp_path / "state.json"
-    transport = getattr(request, "param", "endpoint")
-    gw = Gateway(lab, start_natgwd(lab, state_path, transport), state_path, transport=transport)
+    gw = Gateway(lab, start_natgwd(lab, state_path, transport, *args), state_path, transport=transport)
     lab.serve("ext", tcp=[UPSTREAM_PORT])
     try:
         init = gw.ok("init", "net1,net2")
@@ -174,6 +176,12 @@ def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
         gw.natgwd.stop()
         print(gw.natgwd.log()[-4000:])
         shutil.rmtree(lab.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    with initialized(lab, tmp_path / "state.json", getattr(request, "param", "endpoint")) as gw:
+        yield gw
 
 
 # --- init -------------------------------------------------------------------------------
@@ -670,3 +678,62 @@ def test_accepted_calls_survive_kill_9_and_a_wrong_token_changes_nothing(gateway
     assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
     assert gateway.state() == wanted
     assert tcp_get(lab, "ext", EIP1, 7000) == ""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of the test's own, unmounted afterwards (also when the test fails)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "natgwd-test", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free block of the disk; the file to delete to free them again."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+    return filler
+
+
+def test_a_call_exits_0_only_once_recorded_even_on_a_full_disk(lab: Lab, small_disk: Path) -> None:
+    """Guards against answered calls lost to a full disk: a call whose edit-log line does not
+    fit exits 1 and is undone (its line not left cut short), so the controller's retry
+    applies it; after kill -9 and a restart, every call that exited 0 is applied."""
+    with initialized(lab, small_disk / "state.json", "endpoint", "--edit-fold-after", "600") as gateway:
+        for role in ("vm1", "vm2"):
+            lab.serve(role, tcp=[80], tag=role)
+        gateway.ok("eip-add", f"{EIP1}/21")
+        filler = fill(small_disk)
+        answered, failed = [], []
+        for port in range(8000, 8100):  # a few lines fill what is left of the log's last block
+            call = gateway.shim("dnat-add", f"{EIP1},{port},tcp,{VM1},80")
+            (answered if call.code == 0 else failed).append(port)
+            if call.code:
+                assert "No space left on device" in call.err, call
+            if len(failed) == 3:
+                break
+        assert answered and failed == [answered[-1] + 1, answered[-1] + 2, answered[-1] + 3]
+        assert tcp_get(lab, "ext", EIP1, failed[0]) == "", "a call that exited 1 is not applied"
+        assert tcp_get(lab, "ext", EIP1, answered[-1]).endswith("@vm1")
+
+        filler.unlink()
+        for port in failed:  # the controller retries: applied now, not "nothing to change"
+            assert gateway.ok("dnat-add", f"{EIP1},{port},tcp,{VM2},80").out.splitlines()[-1] == "natgwd: applied"
+        gateway.ok("dnat-add", f"{EIP1},9000,tcp,{VM1},80")
+
+        gateway.restart()
+        wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+        ports = sorted(int(rule["externalPort"]) for rule in gateway.state()["dnat"])
+        assert ports == sorted([*answered, *failed, 9000])
+        assert tcp_get(lab, "ext", EIP1, answered[-1]).endswith("@vm1"), "answered before the disk was full"
+        assert tcp_get(lab, "ext", EIP1, failed[-1]).endswith("@vm2"), "answered on the retry"
+        assert tcp_get(lab, "ext", EIP1, 9000).endswith("@vm1"), "answered after"

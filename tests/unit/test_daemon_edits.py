@@ -5,17 +5,21 @@ counting as a change, lose to a state file someone else writes, and survive a fa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.netlink import LinkReport
 from natgwd.kubeovn.shim.call import Reply
+from natgwd.kubeovn.shim.editlog import EditLog
 from natgwd.kubeovn.shim.protocol import Request
 from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.changes import changed_names
@@ -193,3 +197,28 @@ def test_changed_names_of_a_whole_state() -> None:
     }
     everything = changed_names(None, before, None)
     assert everything["added"] == ["dnat/dnat01", "eip/my-eip", "eip/my-eip2", "fip/fip01", "snat/my-snat"]
+
+
+def test_a_call_that_cannot_be_recorded_answers_1_and_its_retry_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, nft = started(tmp_path)
+    assert daemon.edits is not None
+    real_append = EditLog.append
+
+    def full_disk(log: EditLog, base: str, delta: dict[str, Any]) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(EditLog, "append", full_disk)
+    reply = call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80")
+    assert reply.code == 1 and "cannot record the change: No space left on device" in reply.err, reply
+    assert dnat_ports(daemon) == ["8888"], "undone in the kernel too"
+    assert nft.table is not None
+    assert not [key for elements in nft.table.elements.values() for key in elements if "9000" in key]
+
+    monkeypatch.setattr(EditLog, "append", real_append)
+    reply = call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80")
+    assert (reply.code, reply.out.splitlines()[-1]) == (0, "natgwd: applied"), reply
+    again, _ = on_files(tmp_path)  # natgwd killed, a new one on the same files
+    again.step()
+    assert dnat_ports(again) == ["8888", "9000"]

@@ -5,6 +5,7 @@ stand-in for the daemon's reconciling thread that validates as natgwd does."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -155,6 +156,43 @@ def test_the_log_reads_back_and_drops_a_line_cut_short(tmp_path: Path) -> None:
     again.append("b" * 64, deltas[0])
     third = EditLog(log.path)
     assert third.load() == [deltas[0]] and third.base == "b" * 64
+
+
+def test_an_append_on_a_full_disk_is_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = EditLog(tmp_path / "state.json.edits")
+    deltas = [{"add": {"dnat": [{"name": f"d{i}"}]}} for i in range(2)]
+    log.append("a" * 64, deltas[0])
+    before = log.path.read_bytes()
+    real_pwrite = os.pwrite
+    room = [10]  # bytes the disk still takes
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if not room[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        taken = real_pwrite(fd, data[: room[0]], offset)
+        room[0] -= taken
+        return taken
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as raised:
+        log.append("a" * 64, deltas[1])
+    assert raised.value.errno == errno.ENOSPC
+    assert log.path.read_bytes() == before and log.entries == 1, "the part written is cut off again"
+    room[0] = 1 << 20  # space freed: short writes are continued
+    log.append("a" * 64, deltas[1])
+    assert EditLog(log.path).load() == deltas
+
+
+def test_a_line_cut_short_and_appended_to_loses_no_later_line(tmp_path: Path) -> None:
+    # What a natgwd that ignored a short write left: a cut line, and the next calls after it.
+    deltas = [{"add": {"dnat": [{"name": f"d{i}", "externalPort": "80"}]}} for i in range(4)]
+    lines = [json.dumps(d).encode() for d in deltas]
+    path = tmp_path / "state.json.edits"
+    header = json.dumps({"extends": "a" * 64}).encode()
+    path.write_bytes(b"\n".join([header, lines[0], b'{"add":{"dnat":[{"name":"cut' + lines[2], lines[3], b""]))
+    log = EditLog(path)
+    assert log.load() == [deltas[0], deltas[2], deltas[3]]
+    assert (log.entries, log.size) == (3, path.stat().st_size)
 
 
 # --- the service behind a real endpoint, driven by the bash nat-gateway.sh ------------------

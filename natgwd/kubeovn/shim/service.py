@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from natgwd.kubeovn.shim.call import Call, Reply, edited, prepare, refusal
-from natgwd.kubeovn.shim.editlog import EditLog, diff, fold
+from natgwd.kubeovn.shim.editlog import Delta, EditLog, diff, fold
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
 from natgwd.kubeovn.shim.filestate import document_bytes, lock_path, locked
 from natgwd.kubeovn.shim.grammar import ShimError
@@ -164,18 +164,37 @@ class EditService:
             raise refusal(err) from None
         except Exception as err:
             raise ShimError(f"natgwd: applying the change failed: {err}") from None
-        # Applied: the document is what the kernel holds now, whether or not it can be recorded.
         self.document = after
         self._last_edit = time.monotonic()
+        why = self._record(delta)
+        if why is not None:
+            # A call answered "applied" must outlive natgwd. Undone, the controller's retry
+            # applies and records it again instead of finding nothing to change.
+            self._undo(before, apply)
+            raise ShimError(f"natgwd: {why}: nothing changed; try again")
+        return "natgwd: applied"
+
+    def _record(self, delta: Delta | None) -> str | None:
+        """Record the document's last change; None once it is recorded, else why not."""
         try:
             if delta is None or self._base is None:  # no state file yet: it is the record
                 if self.compact() is None:
-                    raise ShimError("natgwd: applied, but the state file changed meanwhile: not recorded; try again")
+                    return "cannot record the change: the state file changed meanwhile or cannot be written"
             else:
                 self.log.append(self._base, delta)
         except OSError as err:
-            raise ShimError(f"natgwd: applied, but cannot record the change: {err}") from None
-        return "natgwd: applied"
+            return f"cannot record the change: {err.strerror or err}"
+        return None
+
+    def _undo(self, before: Doc | None, apply: Apply) -> None:
+        self.document = before
+        if before is None:
+            return  # no state yet: the retry starts from nothing again
+        try:
+            apply(before)
+        except Exception:
+            # The kernel keeps the change for now; the next reconcile of the file applies the record.
+            log.exception("cannot undo an edit that could not be recorded")
 
     def compaction_due(self) -> bool:
         if self.log.entries == 0 or time.monotonic() < self._compact_not_before:
