@@ -367,11 +367,12 @@ class HaController:
                 return None
             self._check_peer_state()
             statuses = self._supervisor.statuses()
+            errors = self._supervisor.errors
             view = self._peer.view() if self._peer else None
             match = self._peer_state_match()
         conntrackd = statuses.get("conntrackd")
         stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
-        return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats)
+        return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats, errors)
 
     def _conntrackd_stats(self) -> dict[str, int] | None:
         texts = []

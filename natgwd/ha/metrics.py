@@ -107,6 +107,7 @@ class HaSnapshot:
     peer_reachable: bool
     peer_state_match: bool
     conntrackd: dict[str, int] | None  # None while conntrackd does not run
+    supervisor_errors: int = 0
 
 
 class HaCollector(Collector):
@@ -123,12 +124,24 @@ class HaCollector(Collector):
         restarts = CounterMetricFamily(
             "natgwd_ha_process_restarts", "Restarts of a child process after it exited.", labels=["process"]
         )
+        start_failures = CounterMetricFamily(
+            "natgwd_ha_process_start_failures",
+            "Starts of a child process that failed (its preparation or exec) and were tried again with backoff.",
+            labels=["process"],
+        )
         for name in CHILDREN:
             status = snapshot.children.get(name, ChildStatus())
             up.add_metric([name], 1 if status.up else 0)
             restarts.add_metric([name], status.restarts)
+            start_failures.add_metric([name], status.start_failures)
         yield up
         yield restarts
+        yield start_failures
+        yield CounterMetricFamily(
+            "natgwd_ha_supervisor_errors",
+            "Errors the supervisor of keepalived and conntrackd met and went on after (see the log).",
+            value=snapshot.supervisor_errors,
+        )
         yield GaugeMetricFamily(
             "natgwd_ha_peer_reachable",
             "1 when the peer's hello arrived over the sync link within the last 3 seconds.",
