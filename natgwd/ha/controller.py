@@ -121,9 +121,12 @@ class HaController:
             if self._supervisor is not None:
                 self._supervisor.stop()
 
-    def applied(self, state: DesiredState, digest: str, complete: bool) -> None:
+    def applied(self, state: DesiredState, digest: str | None, complete: bool) -> None:
+        """`digest`: the sha256 of what is applied (None: told later, by applied_digest)."""
         with self._lock:
-            self._state, self._digest = state, digest
+            self._state = state
+            if digest is not None:
+                self._digest = digest
             ha = state.ha
             if ha is None:
                 self._stop_member()
@@ -137,6 +140,12 @@ class HaController:
             self._problem = None
             self._liberal()
             self._run(state, ha, *members)
+
+    def applied_digest(self, digest: str | None) -> None:
+        """What is applied changed with no new state to act on (nat-gateway.sh calls recorded)."""
+        with self._lock:
+            self._digest = digest
+            self._check_peer_state()
 
     def readiness(self) -> tuple[str | None, dict[str, Any]]:
         with self._lock:

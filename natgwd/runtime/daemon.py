@@ -182,7 +182,8 @@ class Daemon:
         if seen is not None:
             self.reconcile_file(force=False, quiet=seen == "recheck")
         if self.edits is not None:
-            self.edits.serve_pending(self._apply_edit)
+            if self.edits.serve_pending(self._apply_edit) and self.ha is not None:
+                self.ha.applied_digest(self.applied_sha256())  # the peer compares calls too
             if self.edits.compaction_due():
                 self.edits.compact()
         for reason, count in self.reconciler.clean_owed_conntrack().items():
@@ -216,7 +217,7 @@ class Daemon:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {
-            "applied_sha256": self._applied_digest,
+            "applied_sha256": self.applied_sha256(),
             "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
         }
         reasons = [self._not_ready] if self._not_ready else []
@@ -272,14 +273,15 @@ class Daemon:
         self._count(outcome)
         self._applied_digest = digest
         self._applied_at = time.time()
-        self._record_applied(applied_raw)
         if self.edits is not None:
             self.edits.accepted(applied_raw, digest, change.validated.document)
+        effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
+        self._record_applied(applied_raw, effective)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         if self.ha is not None:
-            self.ha.applied(state, digest, outcome.complete)
-        self._finished(outcome, started, digest=digest)
+            self.ha.applied(state, effective, outcome.complete)
+        self._finished(outcome, started, {"sha256": effective[:12]})
 
     # --- nat-gateway.sh calls (natgwd.kubeovn.shim.service) -------------------------------
 
@@ -318,8 +320,13 @@ class Daemon:
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         if self.ha is not None:
-            self.ha.applied(state, self._applied_digest or "", outcome.complete)
-        self._finished(outcome, started, digest=self._applied_digest or "")
+            self.ha.applied(state, None, outcome.complete)  # the digest once the call is recorded
+        assert self.edits is not None
+        # The hash of the whole document would cost a serialization of it per call: the
+        # line names the file the calls extend (None before `init` wrote one) and how many
+        # were logged on it before this one; /readyz has the hash.
+        extends, logged = self.edits.logged_on()
+        self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
 
     def _edits_written(self, data: bytes) -> None:
         """The edit service rewrote the state file as the applied document: no change to
@@ -328,7 +335,7 @@ class Daemon:
         self._seen_digest = self._applied_digest = digest
         self._applied_at = time.time()
         self.watcher.poll()
-        self._record_applied(data)
+        self._record_applied(data, digest)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval
@@ -343,11 +350,11 @@ class Daemon:
             self._failed(f"resync failed: {err}")
             return
         self._count(outcome)
-        if self.ha is not None and self._applied_digest is not None:
+        if self.ha is not None and (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
-            self.ha.applied(self.reconciler.state, self._applied_digest, outcome.complete)
+            self.ha.applied(self.reconciler.state, effective, outcome.complete)
         if self._seen_digest == self._applied_digest:
-            self._finished(outcome, started, digest=None)
+            self._finished(outcome, started, None)
 
     def _verify_deltas(self) -> None:
         """Validate and plan the applied document in full, off the path of changes, and
@@ -377,7 +384,15 @@ class Daemon:
             log.warning("drift repaired", resource=resource, changes=count)
             self.metrics.drift_repairs.labels(resource).inc(count)
 
-    def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
+    def applied_sha256(self) -> str | None:
+        """The sha256 of what is applied: the state file's, or with nat-gateway.sh calls
+        applied on top of it (or before there is a file), that of the file folding them in
+        will write."""
+        effective = self.edits.applied_digest() if self.edits is not None else None
+        return effective or self._applied_digest
+
+    def _finished(self, outcome: Outcome, started: float, applied: dict[str, Any] | None) -> None:
+        """`applied`: what the "desired state applied" line names (None: a resync, no line)."""
         seconds = time.monotonic() - started
         self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
         self.metrics.nft_elements.set(self.reconciler.element_count)
@@ -394,11 +409,11 @@ class Daemon:
             waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
             self._not_ready = "; ".join(waiting + outcome.link_errors)
             self._schedule_retry()
-        if digest is not None:
+        if applied is not None:
             self.metrics.reconciles.labels("applied").inc()
             log.info(
                 "desired state applied",
-                sha256=digest[:12],
+                **applied,
                 complete=outcome.complete,
                 nft_operations=outcome.nft_operations,
                 changed_elements=outcome.changed_elements,
@@ -450,15 +465,14 @@ class Daemon:
             return
         log.info("last applied before this start", sha256=head.sha256, applied_at=head.applied_at.isoformat())
 
-    def _record_applied(self, raw: bytes) -> None:
+    def _record_applied(self, raw: bytes, digest: str) -> None:
         """Keep the applied state on disk (atomically), for `natgwd status` and for
         telling after a restart what changed while natgwd was down."""
         path = self.config.applied_state_path
         if path is None:
             return
-        assert self._applied_digest is not None
         try:
-            applied.write(path, self._applied_digest, self._applied_at or 0, raw)
+            applied.write(path, digest, self._applied_at or 0, raw)
         except OSError as err:
             log.warning("cannot record the applied state", path=str(path), error=str(err))
 

@@ -34,6 +34,7 @@ import pytest
 
 from natgwd.kubeovn.shim.editlog import EditLog, fold
 from natgwd.kubeovn.shim.edits import compact
+from natgwd.kubeovn.shim.filestate import document_bytes
 from natgwd.lab.topology import EXTERNAL_HOST, Lab, Natgwd
 from tests.integration.helpers import (
     addresses,
@@ -737,3 +738,24 @@ def test_a_call_exits_0_only_once_recorded_even_on_a_full_disk(lab: Lab, small_d
         assert tcp_get(lab, "ext", EIP1, answered[-1]).endswith("@vm1"), "answered before the disk was full"
         assert tcp_get(lab, "ext", EIP1, failed[-1]).endswith("@vm2"), "answered on the retry"
         assert tcp_get(lab, "ext", EIP1, 9000).endswith("@vm1"), "answered after"
+
+
+def test_the_applied_sha256_follows_the_calls(gateway: Gateway) -> None:
+    """Guards against a stale applied sha256: /readyz (and the HA peer check) must tell two
+    gateways apart whose calls differ, before the calls are folded into the file and after;
+    and no log line names an empty sha256 (the first apply, from `init`)."""
+    assert '"sha256": ""' not in gateway.natgwd.log()
+    gateway.restart("--edit-fold-after", "600")
+    wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+    before = gateway.applied()
+    assert before == hashlib.sha256(gateway.state_path.read_bytes()).hexdigest()
+    gateway.ok("eip-add", f"{EIP1}/21")
+    gateway.ok("dnat-add", f"{EIP1},8000,tcp,{VM1},80")
+    effective = gateway.applied()
+    assert effective != before
+    assert effective == hashlib.sha256(document_bytes(gateway.state())).hexdigest(), "the bytes the fold writes"
+    gateway.restart()  # folds the log into the file: the same state, the same sha256
+    wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+    gateway.assert_applied_is_the_file()
+    assert gateway.applied() == effective
+    assert '"sha256": ""' not in gateway.natgwd.log()

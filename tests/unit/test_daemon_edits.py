@@ -20,6 +20,7 @@ from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.netlink import LinkReport
 from natgwd.kubeovn.shim.call import Reply
 from natgwd.kubeovn.shim.editlog import EditLog
+from natgwd.kubeovn.shim.filestate import document_bytes
 from natgwd.kubeovn.shim.protocol import Request
 from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.changes import changed_names
@@ -222,3 +223,45 @@ def test_a_call_that_cannot_be_recorded_answers_1_and_its_retry_applies(
     again, _ = on_files(tmp_path)  # natgwd killed, a new one on the same files
     again.step()
     assert dnat_ports(again) == ["8888", "9000"]
+
+
+class RecordingHa:
+    """The HA controller's part the daemon drives: the digests it is told."""
+
+    def __init__(self) -> None:
+        self.digests: list[str | None] = []
+
+    def applied(self, state: Any, digest: str | None, complete: bool) -> None:
+        if digest is not None:
+            self.digests.append(digest)
+
+    def applied_digest(self, digest: str | None) -> None:
+        self.digests.append(digest)
+
+    def readiness(self) -> tuple[str | None, dict[str, Any]]:
+        return None, {}
+
+
+def test_the_applied_sha256_is_that_of_the_calls_applied_and_stays_across_the_fold(tmp_path: Path) -> None:
+    daemon, _ = started(tmp_path)
+    ha = RecordingHa()
+    daemon.ha = ha  # type: ignore[assignment]
+    file_digest = hashlib.sha256(daemon.config.state_path.read_bytes()).hexdigest()
+    assert daemon.readiness()[1]["applied_sha256"] == file_digest
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    assert daemon.edits is not None and daemon.edits.document is not None
+    effective = hashlib.sha256(document_bytes(daemon.edits.document)).hexdigest()
+    assert effective != file_digest
+    assert daemon.readiness()[1]["applied_sha256"] == effective
+    assert ha.digests[-1] == effective, "the HA peer compares the calls applied too"
+
+    data = daemon.edits.compact()
+    assert data is not None and hashlib.sha256(data).hexdigest() == effective
+    assert daemon.readiness()[1]["applied_sha256"] == effective
+
+    again, _ = on_files(tmp_path)  # a restart that folds a log of calls in
+    assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
+    again.step()
+    assert again.edits is not None and again.edits.document is not None
+    folded = hashlib.sha256(document_bytes(again.edits.document)).hexdigest()
+    assert again.readiness()[1]["applied_sha256"] == folded != effective

@@ -71,6 +71,7 @@ class EditService:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._last_edit = 0.0
         self._compact_not_before = 0.0  # after a compaction that could not be done
+        self._digested: tuple[Doc, str] | None = None  # a document and applied_digest's answer for it
 
     # --- the endpoint's threads ----------------------------------------------------------
 
@@ -97,6 +98,22 @@ class EditService:
             return json.dumps(compact(fold(json.loads(raw), deltas))).encode()
         return raw
 
+    def applied_digest(self) -> str | None:
+        """The sha256 of what natgwd applies when calls are applied on top of the state file
+        (or before there is one): that of the file folding them in will write, so that it
+        stays the same across the fold. None when the state file alone is applied. Made
+        when asked, once per document: a call costs what it changes, this the whole document."""
+        document = self.document
+        if document is None or (self.log.entries == 0 and self._base is not None):
+            return None
+        if self._digested is None or self._digested[0] is not document:
+            self._digested = (document, hashlib.sha256(document_bytes(document)).hexdigest())
+        return self._digested[1]
+
+    def logged_on(self) -> tuple[str | None, int]:
+        """(sha256 of the state file the logged calls extend, how many are logged)."""
+        return self._base, self.log.entries
+
     def accepted(self, applied: bytes, digest: str, document: Doc | None = None) -> None:
         """natgwd applied `applied`, the effective content of the state file `digest`;
         `document`: natgwd's own decoding of it, whose rule objects the next edit keeps
@@ -111,13 +128,15 @@ class EditService:
         self._base = digest
         self.document = compact(document if document is not None else json.loads(applied))
 
-    def serve_pending(self, apply: Apply) -> None:
-        """Carry out every queued call, in arrival order."""
+    def serve_pending(self, apply: Apply) -> int:
+        """Carry out every queued call, in arrival order; how many there were."""
+        served = 0
         while True:
             try:
                 pending = self._queue.get_nowait()
             except queue.Empty:
-                return
+                return served
+            served += 1
             try:
                 pending.reply = self._serve(pending.request, apply)
             except Exception as err:  # no call may take the reconciling thread down
