@@ -11,6 +11,7 @@ referenced by a verdict-map element deleted in the same transaction.
 from __future__ import annotations
 
 import copy
+import errno
 import re
 from typing import TypeVar
 
@@ -103,13 +104,13 @@ class FakeNft:
                 table = table or TableContents()
                 continue
             if table is None:
-                raise NftError(f"{op.render()}: No such file or directory (no table)")
+                raise NftError(f"{op.render()}: No such file or directory (no table)", errno.ENOENT)
             if isinstance(op, AddRule):
                 self._check_rule_references(table, op)
             elif isinstance(op, DeleteChain) and op.name in jumped_to_before | self._chains_referenced(table):
-                raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)")
+                raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)", errno.EBUSY)
             elif isinstance(op, DeleteSet) and op.name in self._sets_referenced(table):
-                raise NftError(f"{op.render()}: Device or resource busy (set is referenced)")
+                raise NftError(f"{op.render()}: Device or resource busy (set is referenced)", errno.EBUSY)
             _apply(table, op)
         assert table is not None
         return table
@@ -143,14 +144,14 @@ def _apply(table: TableContents, op: object) -> None:
             table.elements[op.spec.name] = {}
     elif isinstance(op, DeleteSet):
         if op.name not in table.sets:
-            raise NftError(f"{op.render()}: No such file or directory")
+            raise NftError(f"{op.render()}: No such file or directory", errno.ENOENT)
         del table.sets[op.name]
         del table.elements[op.name]
     elif isinstance(op, AddChain):
         table.chains.setdefault(op.name, ())
     elif isinstance(op, DeleteChain):
         if table.chains.get(op.name):
-            raise NftError(f"{op.render()}: Device or resource busy (chain not empty)")
+            raise NftError(f"{op.render()}: Device or resource busy (chain not empty)", errno.EBUSY)
         _need(table.chains, op.name, op.render())
         del table.chains[op.name]
     elif isinstance(op, FlushChain):
@@ -166,7 +167,7 @@ def _apply(table: TableContents, op: object) -> None:
                 _need(table.chains, jump.group(1), op.render())
             existing = elements.get(key)
             if existing is not None and existing.value != element.value:
-                raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)")
+                raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)", errno.EEXIST)
             if existing is None:
                 seeded = element.counter or Counter(0, 0)
                 elements[key] = Element(element.value, element.comment, seeded)
@@ -174,13 +175,13 @@ def _apply(table: TableContents, op: object) -> None:
         elements = _need(table.elements, op.set_name, op.render())
         for key in op.keys:
             if key not in elements:
-                raise NftError(f"{op.render()}: No such file or directory (element {key})")
+                raise NftError(f"{op.render()}: No such file or directory (element {key})", errno.ENOENT)
             del elements[key]
 
 
 def _need(mapping: dict[str, T], name: str, command: str) -> T:
     if name not in mapping:
-        raise NftError(f"{command}: No such file or directory")
+        raise NftError(f"{command}: No such file or directory", errno.ENOENT)
     return mapping[name]
 
 

@@ -7,6 +7,7 @@ makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -30,7 +31,36 @@ from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents
 
 
 class NftError(Exception):
-    pass
+    """A refusal of nftables, with the kernel's errno when one is known (as knftables'
+    error.go): callers ask `is_not_found()`, never the message's words."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    @classmethod
+    def from_libnftables(cls, message: str) -> NftError:
+        """The error of libnftables' message. It reports the kernel's refusal as the C
+        library's English strerror on the first line ("Error: Could not process rule: No
+        such file or directory"), and no errno beside it: read here, and only here."""
+        first = message.partition("\n")[0]
+        code = next((code for code, text in _STRERRORS.items() if text in first), None)
+        return cls(message, code)
+
+    def is_not_found(self) -> bool:
+        """The table, chain, set or element named does not exist."""
+        return self.errno == errno.ENOENT
+
+    def is_already_exists(self) -> bool:
+        return self.errno == errno.EEXIST
+
+
+# libnftables does not call setlocale(): its messages are English whatever the locale.
+_STRERRORS = {
+    errno.ENOENT: "No such file or directory",
+    errno.EEXIST: "File exists",
+    errno.EBUSY: "Device or resource busy",
+}
 
 
 class Nft(Protocol):
@@ -71,13 +101,18 @@ class KernelNft:
             self._run(tx.script(), dry_run=True)
 
     def read_table(self) -> TableContents | None:
+        objects = self.list_table()
+        return parse_table(objects) if objects is not None else None
+
+    def list_table(self) -> list[dict[str, Any]] | None:
+        """`nft -j list table`'s objects; None when there is no table."""
         try:
             output = self._run(f"list table {FAMILY} {TABLE}")
         except NftError as err:
-            if "No such file or directory" in str(err):
+            if err.is_not_found():
                 return None
             raise
-        return parse_table(_load(output))
+        return _load(output)
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
         """The elements of counting sets, with their counters and comments. Each set on a
@@ -98,7 +133,7 @@ class KernelNft:
         try:
             self._run(f"delete table {FAMILY} {TABLE}")
         except NftError as err:
-            if "No such file or directory" not in str(err):
+            if not err.is_not_found():
                 raise
             return False
         return True
@@ -132,7 +167,7 @@ class KernelNft:
                 break
         if kind_seen == NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", reply, 16)
-            raise NftError(f"reading the ruleset generation: {os.strerror(-code)}")
+            raise NftError(f"reading the ruleset generation: {os.strerror(-code)}", -code)
         offset = 20  # netlink header, then nfgenmsg
         while offset + 4 <= length:
             size, attribute = struct.unpack_from("=HH", reply, offset)
@@ -171,7 +206,7 @@ class _Context:
             finally:
                 self._nft.set_dry_run(False)
         if rc != 0:
-            raise NftError(error.strip() or f"libnftables returned {rc}")
+            raise NftError.from_libnftables(error.strip() or f"libnftables returned {rc}")
         return output
 
 

@@ -144,18 +144,12 @@ def rules_from_table(contents: TableContents, shares: Mapping[str, list[str]]) -
 def read_kernel_rules() -> Doc | None:
     """The rules of natgwd's table in this network namespace; None when there is no table.
     OSError when it cannot be listed; ValueError or KeyError when it is not natgwd's layout."""
-    import json
+    from natgwd.kernel.nft import KernelNft, NftError, parse_table  # libnftables: only where installed
 
-    from nftables import Nftables  # only importable where libnftables is installed
-
-    from natgwd.kernel.nft import parse_table
-
-    nft = Nftables()
-    nft.set_json_output(True)
-    rc, output, error = nft.cmd(f"list table {FAMILY} {TABLE}")
-    if rc != 0:
-        if "No such file or directory" in error:
-            return None
-        raise OSError(f"nft list table {FAMILY} {TABLE}: {error.strip()}")
-    objects: list[dict[str, Any]] = json.loads(output)["nftables"]
+    try:
+        objects = KernelNft().list_table()
+    except NftError as err:
+        raise OSError(f"nft list table {FAMILY} {TABLE}: {err}") from err
+    if objects is None:
+        return None
     return rules_from_table(parse_table(objects), share_members(objects))
