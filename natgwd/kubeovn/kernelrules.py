@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address
 from typing import Any
 
-from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
+from natgwd.planning.layout import RULE_CONNECTIONS
+from natgwd.planning.plan import RuleLabels
 from natgwd.planning.table import FAMILY, TABLE, TableContents
 from natgwd.state.model import RULE_KINDS
 

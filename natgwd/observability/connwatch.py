@@ -30,7 +30,8 @@ from natgwd.observability.ctevents import CtEvent, EventsLostError, EventSocket,
 from natgwd.observability.ctopen import Tracker
 from natgwd.observability.translog import TransLog
 from natgwd.planning.counters import CountedElement, Listings
-from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
+from natgwd.planning.layout import RULE_CONNECTIONS
+from natgwd.planning.plan import RuleLabels
 from natgwd.runtime.metrics import RuleLabel, RuleLabelTexts, escaped, family_text
 
 log = structlog.get_logger("natgwd.observability.connwatch")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from itertools import compress
 from operator import itemgetter
 
-from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.table import Counter, Element
 
 COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS)

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from natgwd.planning.counters import CountedElement, Listings
-from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
+from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
+from natgwd.planning.plan import RuleLabels
 from natgwd.state.model import RULE_KINDS
 
 

@@ -22,8 +22,9 @@ import structlog
 from natgwd.kernel.netlink import LinkReport
 from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
+from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS
 from natgwd.planning.links import LinkPlan, link_plan
-from natgwd.planning.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, TableChange, TablePlan, assign_ids
+from natgwd.planning.plan import RuleLabels, TableChange, TablePlan, assign_ids
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.qos.plan import QosWants, wants

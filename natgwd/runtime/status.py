@@ -7,7 +7,8 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, rule_labels, split_traffic_key
+from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
+from natgwd.planning.plan import RuleLabels, rule_labels
 from natgwd.planning.table import Counter, TableContents
 from natgwd.state.model import DesiredState
 

@@ -34,7 +34,8 @@ import pytest
 
 from natgwd.kernel.nft import parse_table
 from natgwd.lab.topology import SEED_STATE, Lab, Natgwd
-from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, assign_ids, desired_table
+from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import TableContents
 from natgwd.runtime.endpoints import MAX_CONCURRENT_REQUESTS
 from natgwd.state.validation import MAX_FILE_BYTES, load_state

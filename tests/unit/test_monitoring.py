@@ -22,7 +22,7 @@ from natgwd.observability.ctstats import STAT_FAMILIES, Pressure
 from natgwd.observability.ctstats import exposition as pressure_exposition
 from natgwd.observability.translog import Selection, TransLog
 from natgwd.planning.counters import Listings
-from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.qos.status import QosStatus
 from natgwd.qos.status import exposition as qos_exposition
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters

@@ -8,18 +8,15 @@ from typing import Any
 import pytest
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.plan import (
+from natgwd.planning.layout import (
     DIRECTIONS,
     ID_HIGH_WATER,
     INVALID_DROPS,
     RULE_CONNECTIONS,
     RULE_TRAFFIC,
-    RuleLabels,
-    assign_ids,
-    desired_table,
-    rule_labels,
     share_chain_name,
 )
+from natgwd.planning.plan import RuleLabels, assign_ids, desired_table, rule_labels
 from natgwd.planning.table import DesiredTable, Element
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.plan import RULE_CONNECTIONS, address_text, assign_ids, desired_table
+from natgwd.planning.layout import RULE_CONNECTIONS
+from natgwd.planning.plan import address_text, assign_ids, desired_table
 from natgwd.planning.table import plan_transaction
 from natgwd.state.model import DesiredState
 from natgwd.state.problems import InvalidValueError
