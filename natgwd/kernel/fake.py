@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from natgwd.kernel.nft import NftError
 from natgwd.planning.counters import CountedElement
+from natgwd.planning.layout import SHARE_CHAIN_PREFIX
 from natgwd.planning.table import (
     AddChain,
     AddElements,
@@ -134,6 +135,7 @@ class FakeNft:
 
 
 _SET_REFERENCE = re.compile(r"@(\w+)")
+_NUMGEN_MAP = re.compile(r"numgen random mod [0-9]+ map \{ ([^}]*) \}")
 _CHAIN_REFERENCE = re.compile(r"\b(?:jump|goto) (\w+)")
 
 
@@ -154,12 +156,17 @@ def _apply(table: TableContents, op: object) -> None:
             raise NftError(f"{op.render()}: Device or resource busy (chain not empty)", errno.EBUSY)
         _need(table.chains, op.name, op.render())
         del table.chains[op.name]
+        table.shares.pop(op.name, None)
     elif isinstance(op, FlushChain):
         _need(table.chains, op.name, op.render())
         table.chains[op.name] = ()
+        table.shares.pop(op.name, None)
     elif isinstance(op, AddRule):
         _need(table.chains, op.chain, op.render())
         table.chains[op.chain] = (*table.chains[op.chain], op.tag)
+        if op.chain.startswith(SHARE_CHAIN_PREFIX) and (choices := _NUMGEN_MAP.search(op.rule)):
+            # As the kernel lists a share chain's rule: the ids of its numgen map.
+            table.shares[op.chain] = tuple(int(pair.split(" : ")[1]) for pair in choices[1].split(", "))
     elif isinstance(op, AddElements):
         elements = _need(table.elements, op.set_name, op.render())
         for key, element in op.elements:

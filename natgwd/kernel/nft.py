@@ -26,6 +26,7 @@ from natgwd.kernel.setdump import (
     key_layout,
 )
 from natgwd.planning.counters import CountedElement
+from natgwd.planning.layout import SHARE_CHAIN_PREFIX
 from natgwd.planning.plan import set_key_type
 from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
 
@@ -101,18 +102,13 @@ class KernelNft:
             self._run(tx.script(), dry_run=True)
 
     def read_table(self) -> TableContents | None:
-        objects = self.list_table()
-        return parse_table(objects) if objects is not None else None
-
-    def list_table(self) -> list[dict[str, Any]] | None:
-        """`nft -j list table`'s objects; None when there is no table."""
         try:
             output = self._run(f"list table {FAMILY} {TABLE}")
         except NftError as err:
             if err.is_not_found():
                 return None
             raise
-        return _load(output)
+        return parse_table(_load(output))
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
         """The elements of counting sets, with their counters and comments. Each set on a
@@ -260,5 +256,20 @@ def parse_table(objects: list[dict[str, Any]]) -> TableContents:
             chains.setdefault(body["name"], [])
         elif kind == "rule":
             chains.setdefault(body["chain"], []).append(body.get("comment", ""))
+            if str(body["chain"]).startswith(SHARE_CHAIN_PREFIX):
+                marks = _share_marks(body)
+                if marks is not None:
+                    contents.shares[body["chain"]] = marks
     contents.chains = {name: tuple(tags) for name, tags in chains.items()}
     return contents
+
+
+def _share_marks(rule: dict[str, Any]) -> tuple[int, ...] | None:
+    """The rule ids a share chain's first rule picks among: it sets the ct mark from
+    `numgen random mod N map { 0 : id, 1 : id, ... }` (libnftables 1.0.6's JSON)."""
+    for expr in rule.get("expr", ()):
+        mapping = (expr.get("mangle") or {}).get("value", {}).get("map", {}) if isinstance(expr, dict) else {}
+        pairs = (mapping.get("data") or {}).get("set") if isinstance(mapping, dict) else None
+        if isinstance(pairs, list):
+            return tuple(int(mark) for _, mark in sorted(pairs))
+    return None

@@ -28,9 +28,10 @@ from __future__ import annotations
 import socket
 from collections import Counter as CounterOf
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from ipaddress import ip_address, ip_network
+from typing import NamedTuple, cast
 
 from natgwd.planning.layout import (
     ACCOUNT,
@@ -40,6 +41,7 @@ from natgwd.planning.layout import (
     DNAT_TARGET,
     EIP_NETWORK,
     EIPS,
+    FAMILIES,
     FIP_IN_RULE,
     FIP_IN_TARGET,
     FIP_OUT_NETWORK,
@@ -61,8 +63,18 @@ from natgwd.planning.layout import (
     traffic_key,
 )
 from natgwd.planning.policy import network_ids
-from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec
-from natgwd.state.model import RULE_KINDS, DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
+from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec, TableContents
+from natgwd.state.model import (
+    RULE_KINDS,
+    DesiredState,
+    DnatRule,
+    FipRule,
+    IPAddress,
+    PortRange,
+    Protocol,
+    RuleKind,
+    SnatRule,
+)
 from natgwd.state.rules import Rule
 
 _STATIC_SETS = (
@@ -335,6 +347,112 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
     return elements
 
 
+@dataclass(frozen=True)
+class TableRule:
+    """A rule as a table holds it: its id, its labels (None when its `rule_connections`
+    element has none of this rule's kind) and the rule, named as its labels say ("" without
+    them) and naming its EIP by address, as nft writes it: the table knows no EIP names."""
+
+    mark: int
+    labels: RuleLabels | None
+    rule: Rule
+
+
+def decode_rules(contents: TableContents) -> list[TableRule]:
+    """The rules a table holds, read back from their elements: what rule_elements wrote
+    (tests/unit/test_decode_rules.py proves the round trip). A translation without its
+    rule's id is no rule. ValueError for elements of another layout."""
+    labels: dict[int, RuleLabels] = {}
+    for mark, element in contents.elements.get(RULE_CONNECTIONS, {}).items():
+        found = RuleLabels.from_comment(element.comment or "")
+        if found is not None:
+            labels[int(mark)] = found
+    decoded: list[TableRule] = []
+    for family in FAMILIES:
+        for mark, rule in (
+            *_fips(contents.elements, family),
+            *_dnats(contents.elements, family),
+            *_shares(contents, family),
+            *_snats(contents.elements, family),
+        ):
+            number = int(mark)
+            found = labels.get(number)
+            if found is None or found.kind != rule.kind:
+                decoded.append(TableRule(number, None, rule))
+            else:
+                decoded.append(TableRule(number, found, replace(rule, name=found.name)))
+    return decoded
+
+
+Decoded = Iterator[tuple[str, Rule]]  # (the rule's id as the table holds it, the rule without its name)
+
+
+def _fips(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Decoded:
+    targets = elements.get(family.name(FIP_IN_TARGET), {})
+    for eip, marked in elements.get(family.name(FIP_IN_RULE), {}).items():
+        target = targets.get(eip)
+        if target is not None and marked.value is not None:
+            yield marked.value, FipRule("", eip, ip_address(target.value or ""))
+
+
+def _dnats(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Decoded:
+    """Exclusive DNAT rules: a range is one element per port, each with the rule's id."""
+    ports: dict[str, list[tuple[int, str, str, str, int]]] = defaultdict(list)
+    targets = elements.get(family.name(DNAT_TARGET), {})
+    for key, marked in elements.get(family.name(DNAT_RULE), {}).items():
+        target = targets.get(key)
+        if target is not None and marked.value is not None:
+            eip, protocol, port = _split(key)
+            internal, internal_port = _split(target.value)
+            ports[marked.value].append((int(port), eip, protocol, internal, int(internal_port)))
+    for mark, found in ports.items():
+        found.sort()
+        first, eip, protocol, internal, internal_first = found[0]
+        last = found[-1][0]
+        external, shifted = PortRange(first, last), PortRange(internal_first, internal_first + last - first)
+        yield mark, DnatRule("", eip, _protocol(protocol), external, ip_address(internal), shifted)
+
+
+def _shares(contents: TableContents, family: Family) -> Decoded:
+    """Share DNAT rules: a group's chain picks among its members' ids (TableContents.shares)."""
+    backends = contents.elements.get(family.name(SHARE_TARGET), {})
+    for key, verdict in contents.elements.get(family.name(DNAT_SHARE), {}).items():
+        eip, protocol, port = _split(key)
+        external = PortRange(int(port), int(port))
+        for mark in contents.shares.get((verdict.value or "").split()[-1], ()):
+            backend = backends.get(str(mark))
+            if backend is not None:
+                address, backend_port = _split(backend.value)
+                internal = PortRange(int(backend_port), int(backend_port))
+                yield (
+                    str(mark),
+                    DnatRule("", eip, _protocol(protocol), external, ip_address(address), internal, "share"),
+                )
+
+
+def _snats(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Decoded:
+    for set_name, marks in elements.items():
+        prefixlen = family.snat_rule_prefix(set_name)
+        if prefixlen is None:
+            continue
+        targets = elements.get(family.snat_target(prefixlen), {})
+        for network, marked in marks.items():
+            target = targets.get(network)
+            if target is not None and target.value is not None and marked.value is not None:
+                yield marked.value, SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"))
+
+
+def _split(text: str | None) -> list[str]:
+    """The parts of a concatenated key or value ("10.115.55.200 . tcp . 80")."""
+    return (text or "").split(" . ")
+
+
+def _protocol(text: str) -> Protocol:
+    if text not in ("tcp", "udp"):
+        raise ValueError(f"not a DNAT protocol: {text!r}")
+    return cast(Protocol, text)
+
+
 # --- the table, kept up to date rule by rule ---------------------------------------------
 
 
@@ -392,7 +510,8 @@ class TablePlan:
     @property
     def table(self) -> DesiredTable:
         """The planned table; its elements are this plan's own, changed in place by commit."""
-        return DesiredTable(self.sets, self.chains, self.elements)
+        shares = {chain: tuple(sorted(group.marks)) for chain, group in self.share_groups.items()}
+        return DesiredTable(self.sets, self.chains, self.elements, shares)
 
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules

@@ -6,13 +6,11 @@ next transaction is empty."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from natgwd.kubeovn.kernelrules import rules_from_table, share_members
+from natgwd.kubeovn.kernelrules import rules_from_table
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.plan import assign_ids, desired_table
-from natgwd.planning.table import DesiredTable
 from natgwd.state.validation import load_state
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
@@ -39,20 +37,11 @@ def drop_in_state() -> dict[str, Any]:
     return doc
 
 
-def shares_of(table: DesiredTable) -> dict[str, list[str]]:
-    """What share_members finds in the kernel, from the planned chains' text."""
-    found = {}
-    for chain in table.chains:
-        if chain.name.startswith("share_"):
-            found[chain.name] = re.findall(r"[0-9]+ : ([0-9]+)", chain.rules[0])
-    return found
-
-
 def test_the_rules_of_a_planned_table_come_back_with_their_names() -> None:
     doc = drop_in_state()
     state = load_state(json.dumps(doc).encode())
     table = desired_table(state, assign_ids(state, {}))
-    rules = rules_from_table(table.contents(), shares_of(table))
+    rules = rules_from_table(table.contents())
     assert rules["eips"] == doc["eips"]
     for section in ("snat", "fip"):
         assert sorted(rules[section], key=lambda r: r["name"]) == sorted(doc[section], key=lambda r: r["name"])
@@ -68,28 +57,4 @@ def test_the_rules_of_a_planned_table_come_back_with_their_names() -> None:
 def test_an_empty_table_has_no_rules() -> None:
     state = load_state(json.dumps({k: SEED_STATE[k] for k in ("version", "internal", "external")}).encode())
     table = desired_table(state, assign_ids(state, {}))
-    assert rules_from_table(table.contents(), {}) == {}
-
-
-def test_share_members_from_the_kernels_json() -> None:
-    """`nft -j list table` output of a share chain (libnftables 1.0.6)."""
-    numgen = {"numgen": {"mode": "random", "mod": 2, "offset": 0}}
-    objects = [
-        {"chain": {"family": "inet", "table": "natgwd", "name": "share_abc", "handle": 1}},
-        {
-            "rule": {
-                "chain": "share_abc",
-                "expr": [
-                    {
-                        "mangle": {
-                            "key": {"ct": {"key": "mark"}},
-                            "value": {"map": {"key": numgen, "data": {"set": [[0, 5], [1, 6]]}}},
-                        }
-                    }
-                ],
-            }
-        },
-        {"rule": {"chain": "share_abc", "expr": [{"match": {"op": "==", "left": {}, "right": {}}}]}},
-        {"rule": {"chain": "prerouting", "expr": [{"mangle": {"key": {}, "value": {"map": {"data": {"set": []}}}}}]}},
-    ]
-    assert share_members(objects) == {"share_abc": ["5", "6"]}
+    assert rules_from_table(table.contents()) == {}

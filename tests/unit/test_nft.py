@@ -8,7 +8,7 @@ import errno
 import pytest
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.nft import NftError
+from natgwd.kernel.nft import NftError, parse_table
 from natgwd.planning.table import AddTable, DeleteChain, DeleteElements, Transaction
 
 
@@ -45,3 +45,28 @@ def test_the_fake_refuses_with_the_kernels_errno() -> None:
 
 def test_an_error_without_an_errno_is_not_a_missing_object() -> None:
     assert not NftError("refused by the test").is_not_found()
+
+
+def test_the_members_of_a_share_chain_from_the_kernels_json() -> None:
+    """`nft -j list table` output of a share chain (libnftables 1.0.6): its first rule sets
+    the ct mark from `numgen random mod 2 map { 0 : 5, 1 : 6 }`."""
+    numgen = {"numgen": {"mode": "random", "mod": 2, "offset": 0}}
+    objects = [
+        {"chain": {"family": "inet", "table": "natgwd", "name": "share_abc", "handle": 1}},
+        {
+            "rule": {
+                "chain": "share_abc",
+                "expr": [
+                    {
+                        "mangle": {
+                            "key": {"ct": {"key": "mark"}},
+                            "value": {"map": {"key": numgen, "data": {"set": [[1, 6], [0, 5]]}}},
+                        }
+                    }
+                ],
+            }
+        },
+        {"rule": {"chain": "share_abc", "expr": [{"match": {"op": "==", "left": {}, "right": {}}}]}},
+        {"rule": {"chain": "prerouting", "expr": [{"mangle": {"key": {}, "value": {"map": {"data": {"set": []}}}}}]}},
+    ]
+    assert parse_table(objects).shares == {"share_abc": (5, 6)}
