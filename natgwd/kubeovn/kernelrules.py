@@ -12,10 +12,10 @@ keep their names, hence their ids and counters, and natgwd's next transaction is
 
 from __future__ import annotations
 
-import re
 from ipaddress import IPv4Address
 from typing import Any
 
+from natgwd.kubeovn.naming import dnat_name, eip_name, fip_name, share_name, snat_name
 from natgwd.planning.layout import EIPS, V4
 from natgwd.planning.plan import TableRule, address_text, decode_rules
 from natgwd.planning.table import FAMILY, TABLE, TableContents
@@ -24,32 +24,22 @@ from natgwd.state.model import RULE_KINDS, FipRule, RuleKind, SnatRule
 Doc = dict[str, Any]
 
 
-def dashed(text: object) -> str:
-    """A text as a name part: lower case, runs of anything else than [0-9a-z] as one "-"."""
-    return re.sub(r"[^0-9a-z]+", "-", str(text).lower()).strip("-")
-
-
-def eip_name(address: str) -> str:
-    """The name the drop-in gives the EIP with this address."""
-    return f"eip-{dashed(address)}"
-
-
 def _drop_in_item(found: TableRule) -> tuple[RuleKind, Doc]:
     """A rule of the table as a desired-state item, named by its labels, else as the
     drop-in would name it."""
     rule, named = found.rule, found.labels is not None
     if isinstance(rule, FipRule):
-        name = rule.name if named else f"fip-{dashed(rule.eip)}"
+        name = rule.name if named else fip_name(rule.eip)
         return "fip", {"name": name, "eip": rule.eip, "internalIp": address_text(rule.internal_ip)}
     if isinstance(rule, SnatRule):
         cidr = f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen}"
-        name = rule.name if named else f"snat-{dashed(rule.eip)}-{dashed(cidr)}"
+        name = rule.name if named else snat_name(rule.eip, cidr)
         return "snat", {"name": name, "eip": rule.eip, "internalCIDR": cidr}
     internal_ip, port = address_text(rule.internal_ip), rule.external_port.first
     if rule.type == "share":
-        fallback = f"dnat-{dashed(rule.eip)}-{rule.protocol}-{port}-{dashed(internal_ip)}-{rule.internal_port}"
+        fallback = share_name(rule.eip, rule.protocol, port, internal_ip, rule.internal_port)
     else:
-        fallback = f"dnat-{dashed(rule.eip)}-{rule.protocol}-{port}"
+        fallback = dnat_name(rule.eip, rule.protocol, port)
     item = {
         "name": rule.name if named else fallback,
         "eip": rule.eip,

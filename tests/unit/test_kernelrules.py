@@ -9,8 +9,11 @@ import json
 from typing import Any
 
 from natgwd.kubeovn.kernelrules import rules_from_table
+from natgwd.kubeovn.shim.edits import EDITS, Context
 from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.layout import RULE_CONNECTIONS
 from natgwd.planning.plan import assign_ids, desired_table
+from natgwd.planning.table import Element
 from natgwd.state.validation import load_state
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
@@ -58,3 +61,25 @@ def test_an_empty_table_has_no_rules() -> None:
     state = load_state(json.dumps({k: SEED_STATE[k] for k in ("version", "internal", "external")}).encode())
     table = desired_table(state, assign_ids(state, {}))
     assert rules_from_table(table.contents()) == {}
+
+
+def test_rules_that_lost_their_labels_get_the_names_the_calls_gave_them() -> None:
+    """natgwd.kubeovn.naming names both: the rules the drop-in's calls add, and the rules
+    read from a table whose `rule_connections` comments are gone."""
+    doc: dict[str, Any] = {k: json.loads(json.dumps(SEED_STATE[k])) for k in ("version", "internal", "external")}
+    ctx = Context(gateway_v4=None)
+    calls = [
+        ("eip-add", f"{EIP1}/24"),
+        ("floating-ip-add", f"{EIP2},172.20.10.3"),
+        ("snat-add", f"{EIP1},172.20.10.0/24"),
+        ("dnat-add", f"{EIP1},8888,tcp,172.20.10.2,80"),
+        ("nft-dnat-map-add", f"{EIP3},80,tcp,172.20.10.2:8080@172.20.10.4:8080"),
+    ]
+    for command, rule in calls:
+        EDITS[command](rule)(doc, ctx)
+    state = load_state(json.dumps(doc).encode())
+    contents = desired_table(state, assign_ids(state, {})).contents()
+    contents.elements[RULE_CONNECTIONS] = {mark: Element() for mark in contents.elements[RULE_CONNECTIONS]}
+    rules = rules_from_table(contents)
+    for section in ("eips", "snat", "dnat", "fip"):
+        assert sorted(r["name"] for r in rules[section]) == sorted(r["name"] for r in doc[section]), section
