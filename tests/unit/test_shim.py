@@ -84,34 +84,42 @@ class Applier(threading.Thread):
         self.running = threading.Event()
         self.running.set()
         self.stopping = threading.Event()
+        self.passing = threading.Lock()  # held for one pass: pause() waits for it
 
     def run(self) -> None:
         while not self.stopping.is_set():
             self.running.wait()
-            try:
-                raw = self.state.read_bytes()
-            except OSError:
-                raw = None
-            try:
-                # Not JSON (a test's invalid file, or one caught mid-write): natgwd rejects it
-                # and carries on; so does this stand-in, instead of its thread dying.
-                state = json.loads(raw) if raw is not None else None
-            except ValueError:
-                raw = None
-            if raw is not None:
-                digest = hashlib.sha256(raw).hexdigest()
-                if not self.applied or self.applied[-1] != digest:
-                    time.sleep(self.delay)
-                    record = {"sha256": digest, "applied_at": datetime.now(UTC).isoformat(), "state": state}
-                    tmp = self.record.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(record))
-                    os.replace(tmp, self.record)
-                    self.applied.append(digest)
+            with self.passing:
+                if self.running.is_set():
+                    self.apply_once()
             time.sleep(self.interval)
 
+    def apply_once(self) -> None:
+        try:
+            raw = self.state.read_bytes()
+        except OSError:
+            raw = None
+        try:
+            # Not JSON (a test's invalid file, or one caught mid-write): natgwd rejects it
+            # and carries on; so does this stand-in, instead of its thread dying.
+            state = json.loads(raw) if raw is not None else None
+        except ValueError:
+            raw = None
+        if raw is not None:
+            digest = hashlib.sha256(raw).hexdigest()
+            if not self.applied or self.applied[-1] != digest:
+                time.sleep(self.delay)
+                record = {"sha256": digest, "applied_at": datetime.now(UTC).isoformat(), "state": state}
+                tmp = self.record.with_suffix(".tmp")
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, self.record)
+                self.applied.append(digest)
+
     def pause(self) -> None:
+        """Returns once no pass runs, and none starts until resume()."""
         self.running.clear()
-        time.sleep(self.interval * 5)  # let a pass in progress finish
+        with self.passing:
+            pass
 
     def resume(self) -> None:
         self.running.set()
@@ -846,7 +854,7 @@ def test_a_call_returns_only_once_natgwd_applied_it(ready: Gateway, monkeypatch:
         time.sleep(0.01)
     assert polls >= 3 and not done, "returned before natgwd applied the change"
     ready.applier.resume()
-    thread.join(5)
+    thread.join(60)
     assert done and done[0].code == 0
     assert ready.applier.applied[-1] == hashlib.sha256(ready.raw()).hexdigest()
 
@@ -893,12 +901,18 @@ def test_a_later_state_counts_as_applied(ready: Gateway) -> None:
     done: list[Result] = []
     first = threading.Thread(target=lambda: done.append(ready.call("snat-add", f"{EIP1},172.20.10.0/24")))
     first.start()
-    time.sleep(0.2)
+    # The first call's edit is in the file (it waits for natgwd) before the later ones come.
+    deadline = time.monotonic() + 60
+    while (
+        not any(s["internalCIDR"] == "172.20.10.0/24" for s in ready.state().get("snat", []))
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
     ready.ok("snat-add", f"{EIP2},172.20.0.0/16", NATGWD_SHIM_TIMEOUT="0")
     ready.ok("snat-add", f"{EIP3},172.20.10.4/32", NATGWD_SHIM_TIMEOUT="0")
     latest = hashlib.sha256(ready.raw()).hexdigest()
     ready.applier.resume()
-    first.join(5)
+    first.join(60)
     assert done and done[0].code == 0
     assert ready.applier.applied[-1] == latest
     assert len(ready.applier.applied) == len(set(ready.applier.applied))
