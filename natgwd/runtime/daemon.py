@@ -91,7 +91,13 @@ class Daemon:
         self._last_step = time.monotonic()
         self._wake = threading.Event()
         self.edits = (
-            EditService(config.state_path, self._wake.set, self._edits_written, compact_idle=config.edit_fold_after)
+            EditService(
+                config.state_path,
+                self._wake.set,
+                self._edits_written,
+                compact_idle=config.edit_fold_after,
+                refused_lines=self.metrics.edit_log_lines_refused.inc,
+            )
             if config.edit_port is not None
             else None
         )

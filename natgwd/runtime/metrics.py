@@ -82,6 +82,12 @@ class DaemonMetrics:
             "(a bug; the state file was applied again in full).",
             registry=registry,
         )
+        self.edit_log_lines_refused = Counter(
+            "natgwd_edit_log_lines_refused",
+            "Lines of the edit log (<state>.edits) left out when it was folded into the state file: "
+            "not an edit natgwd writes (damage or tampering).",
+            registry=registry,
+        )
         for path in ("delta", "full"):
             self.state_changes.labels(path)
         for reason in ("fip", "dnat", "snat", "removed"):

@@ -265,3 +265,60 @@ def test_the_applied_sha256_is_that_of_the_calls_applied_and_stays_across_the_fo
     assert again.edits is not None and again.edits.document is not None
     folded = hashlib.sha256(document_bytes(again.edits.document)).hexdigest()
     assert again.readiness()[1]["applied_sha256"] == folded != effective
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"add": {"dnat": [{}]}}',  # an added rule without a name
+        b'{"add": {"dnat": {"name": "x"}}}',
+        b'{"add": {"nosuchlist": [{"name": "x"}]}}',
+        b'{"del": {"dnat": "dnat01"}}',
+        b'{"del": {"dnat": [["dnat01"]]}}',
+        b'{"unset": [["qosPolicies"]]}',
+        b'{"unset": "dnat"}',
+        b'{"set": ["dnat"]}',
+        b'{"set": {"dnat": 5}}',
+        b'{"set": {"dnat": [{"name": 5}]}}',
+        b'{"other": {}}',
+    ],
+)
+def test_a_well_formed_but_wrong_edit_log_line_is_refused_and_the_other_calls_kept(tmp_path: Path, line: bytes) -> None:
+    daemon, _ = started(tmp_path)
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
+    assert daemon.edits is not None
+    header, first, second, end = daemon.edits.log.path.read_bytes().split(b"\n")
+    # Damage or tampering: a line between the two calls'.
+    daemon.edits.log.path.write_bytes(b"\n".join([header, first, line, second, end]))
+
+    again, _ = on_files(tmp_path)  # natgwd restarted on the same files
+    with capture_logs() as logs:
+        again.step()
+    assert dnat_ports(again) == ["8888", "9000", "9001"]
+    assert again.registry.get_sample_value("natgwd_edit_log_lines_refused_total") == 1
+    refused = [entry for entry in logs if entry["event"] == "edit log line refused"]
+    assert len(refused) == 1 and refused[0]["line"] == 3 and refused[0]["log_level"] == "error"
+    assert again.readiness()[0]
+    # The refused line stays out: the next call and a fold of the log go on without it.
+    assert call(again, "dnat-add", f"{EIP},9002,tcp,172.20.10.2,80").code == 0
+    assert again.edits is not None and again.edits.compact() is not None
+    assert dnat_ports(again) == ["8888", "9000", "9001", "9002"]
+
+
+def test_an_edit_log_that_cannot_be_folded_into_the_file_does_not_stop_natgwd(tmp_path: Path) -> None:
+    daemon, _ = started(tmp_path)
+    assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
+    # A state file someone made invalid, under a log header rewritten to name it.
+    bad = b'{"version": 1, "dnat": 5}'
+    daemon.config.state_path.write_bytes(bad)
+    assert daemon.edits is not None
+    lines = daemon.edits.log.path.read_bytes().split(b"\n")
+    lines[0] = json.dumps({"extends": hashlib.sha256(bad).hexdigest()}).encode()
+    daemon.edits.log.path.write_bytes(b"\n".join(lines))
+
+    again, _ = on_files(tmp_path)
+    again.step()
+    ready, detail = again.readiness()
+    assert not ready and "dnat" in detail["reason"]
+    assert again.registry.get_sample_value("natgwd_edit_log_lines_refused_total") == 1

@@ -22,7 +22,7 @@ import json
 import operator
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,20 +107,59 @@ def fold(doc: Doc, deltas: list[Delta]) -> Doc:
     return result
 
 
+def refusal(delta: object) -> str | None:
+    """Why a line is not an edit `diff` writes, or None. Only damage or tampering makes
+    one, but a line of the wrong shape must not take `fold`, and natgwd, down."""
+    if not isinstance(delta, dict):
+        return "not an object"
+    if unknown := delta.keys() - {"set", "unset", "del", "add"}:
+        return f"unknown key {sorted(unknown)[0]!r}"
+    unset, changed = delta.get("unset", []), delta.get("set", {})
+    if not isinstance(unset, list) or not all(isinstance(key, str) for key in unset):
+        return "unset: not a list of keys"
+    if not isinstance(changed, dict):
+        return "set: not an object"
+    for key, value in changed.items():
+        if key in OPTIONAL_LISTS and value is not None and not _named_items(value):
+            return f"set.{key}: not a list of objects with a name"
+    for verb, check in (("del", _names), ("add", _named_items)):
+        lists = delta.get(verb, {})
+        if not isinstance(lists, dict):
+            return f"{verb}: not an object"
+        for key, value in lists.items():
+            if key not in OPTIONAL_LISTS:
+                return f"{verb}.{key}: not a list natgwd edits"
+            if not check(value):
+                return f"{verb}.{key}: not a list of {'names' if verb == 'del' else 'objects with a name'}"
+    return None
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
+def _named_items(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, dict) and isinstance(item.get("name"), str) for item in value
+    )
+
+
 @dataclass
 class EditLog:
     path: Path
     base: str | None = None  # sha256 of the state file the log extends; None: no log
     entries: int = 0
     size: int = 0
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason) of the last load
 
     def load(self) -> list[Delta]:
         """Read the log from disk: the state file it extends (`base`) and its edits. A last
         line cut short (natgwd killed in the middle of an append, before it answered the
         call) is left out and cut off the file. A line that is not an edit is skipped, not
-        the lines after it (each was an answered call); when it is one an older natgwd cut
-        short and then appended to, the whole edit at its end is kept."""
-        self.base, self.entries, self.size = None, 0, 0
+        the lines after it (each was an answered call), and listed in `refused`; when it is
+        one an older natgwd cut short and then appended to, the whole edit at its end is
+        kept."""
+        self.base, self.entries, self.size, self.refused = None, 0, 0, []
         deltas: list[Delta] = []
         try:
             data = self.path.read_bytes()
@@ -135,10 +174,13 @@ class EditLog:
         if not isinstance(base, str):
             return []
         size = len(lines[0]) + 1
-        for line in lines[1:-1]:  # the last piece follows the last newline: empty, or cut short
+        for number, line in enumerate(lines[1:-1], start=2):  # the last piece: empty, or cut short
             size += len(line) + 1
             delta = _delta(line)
-            if delta is not None:
+            reason = refusal(delta) if delta is not None else "not an edit"
+            if reason is not None:
+                self.refused.append((number, reason))
+            elif delta is not None:
                 deltas.append(delta)
         if size < len(data):
             os.truncate(self.path, size)  # so that the next append does not follow the cut line

@@ -57,9 +57,12 @@ class EditService:
         written: Callable[[bytes], None],
         links: Callable[[], Links] = KernelView,
         compact_idle: float = COMPACT_IDLE_SECONDS,
+        refused_lines: Callable[[int], None] = lambda _count: None,
     ) -> None:
         """`wake` wakes the reconciling thread; `written(data)` tells the daemon the state
-        file it wrote (its own write is no change to apply)."""
+        file it wrote (its own write is no change to apply); `refused_lines(n)`: n lines of
+        the edit log were left out (damaged)."""
+        self._refused_lines = refused_lines
         self.state_path = state_path
         self._written = written
         self._compact_idle = compact_idle
@@ -93,10 +96,26 @@ class EditService:
         # At start (the log a previous natgwd left), after a failed first apply, or a file
         # someone else wrote: the log on disk says which file it extends.
         deltas = self.log.load()
-        if deltas and self.log.base == digest:
-            log.info("edits folded into the state file", edits=len(deltas), state_sha256=digest[:12])
-            return json.dumps(compact(fold(json.loads(raw), deltas))).encode()
-        return raw
+        if self.log.base != digest:
+            return raw
+        for number, reason in self.log.refused:
+            log.error("edit log line refused", path=str(self.log.path), line=number, reason=reason)
+        self._refused_lines(len(self.log.refused))
+        if not deltas:
+            return raw
+        try:
+            folded = fold(json.loads(raw), deltas)
+        except Exception as err:  # a file that is no state under a log naming it: the file alone decides
+            log.error(
+                "edit log refused: it cannot be folded into the state file",
+                path=str(self.log.path),
+                edits=len(deltas),
+                error=f"{type(err).__name__}: {err}",
+            )
+            self._refused_lines(len(deltas))
+            return raw
+        log.info("edits folded into the state file", edits=len(deltas), state_sha256=digest[:12])
+        return json.dumps(compact(folded)).encode()
 
     def applied_digest(self) -> str | None:
         """The sha256 of what natgwd applies when calls are applied on top of the state file
