@@ -34,6 +34,7 @@ from natgwd.runtime import applied
 from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import serve
 from natgwd.runtime.files import read_state_file
+from natgwd.runtime.instance import AlreadyRunningError, Claim
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
@@ -119,6 +120,18 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        metrics = "{}:{}".format(*self.config.metrics_address)
+        try:
+            # Before anything touches the kernel; held until the process ends.
+            claim = Claim(str(self.config.state_path), metrics)
+        except AlreadyRunningError as err:
+            raise StartupError(Exit.ALREADY_RUNNING, str(err), str(self.config.state_path)) from None
+        try:
+            return self._run()
+        finally:
+            claim.release()
+
+    def _run(self) -> int:
         try:
             server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
         except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode

@@ -27,6 +27,7 @@ class Exit(IntEnum):
     ADDRESS_OTHER = 9  # any other reason the socket cannot listen
     KERNEL = 10  # libnftables or netlink cannot be opened
     OBSERVE_OPTION = 11  # a connection-event or translation-log option is invalid
+    ALREADY_RUNNING = 12  # another natgwd runs in this network namespace
 
 
 class StartupError(Exception):

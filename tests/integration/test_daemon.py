@@ -535,6 +535,43 @@ def test_restart_adopts_without_a_blip(served: Lab, seed_state: dict[str, Any], 
     assert second.stop() == 0
 
 
+def test_a_second_natgwd_in_the_namespace_refuses_to_start_naming_the_first(
+    lab: Lab, seed_state: dict[str, Any]
+) -> None:
+    """Prevents: a second natgwd on another state file replacing the first's table and
+    deleting its EIPs, and the first "repairing" that back, for ever (issue 21, item 3)."""
+    first = lab.start_natgwd(seed_state, "--resync-interval", "1")
+    first.wait_applied()
+    table, owned = nft_table(lab), lab.exec("gw", "ip", "-j", "address").stdout
+    other = lab.workdir / "other.json"
+    other.write_text(json.dumps({**seed_state, "dnat": [], "fip": []}))
+    second = lab.exec(
+        "gw",
+        sys.executable,
+        "-m",
+        "natgwd",
+        "run",
+        "--state",
+        str(other),
+        "--metrics-address",
+        "127.0.0.1:9470",
+        "--applied-state",
+        "",
+        check=False,
+    )
+    assert second.returncode == 12
+    lines = [line for line in second.stderr.splitlines() if not line.startswith("{")]
+    assert lines == [
+        f"natgwd: another natgwd runs in this network namespace "
+        f"(pid {first.process.pid}, --state {first.state_path}, metrics on 127.0.0.1:{first.metrics_port})"
+    ]
+    assert nft_table(lab) == table
+    assert lab.exec("gw", "ip", "-j", "address").stdout == owned
+    assert readyz(first)[0] == 200
+    assert not events_named(first, "drift repaired")
+    assert first.stop() == 0
+
+
 # --- 6. health and readiness --------------------------------------------------------------
 
 
