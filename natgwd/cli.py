@@ -6,6 +6,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from natgwd.state.model import DesiredState
 from natgwd.state.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
+# Loopback: the drop-in's pod spec (the controller's) cannot pass an address, and any other
+# default would serve every rule name and counter on the EIPs or the external network.
+METRICS_ADDRESS = "127.0.0.1:9469"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
@@ -226,7 +230,14 @@ def parser() -> argparse.ArgumentParser:
         "run", help="run the daemon: keep the kernel equal to the desired state", formatter_class=_WithDefaults
     )
     run.add_argument("--state", required=True, help="desired-state JSON file")
-    run.add_argument("--metrics-address", default="0.0.0.0:9469", help="host:port for /metrics, /healthz, /readyz")
+    run.add_argument(
+        "--metrics-address",
+        default=os.environ.get("NATGWD_METRICS_ADDRESS") or METRICS_ADDRESS,
+        help=(
+            "host:port for /metrics, /healthz, /readyz (default: $NATGWD_METRICS_ADDRESS, else "
+            f"{METRICS_ADDRESS}: never the EIPs or the external network; a pod passes its own address)"
+        ),
+    )
     run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")
     run.add_argument(
         "--log-format",

@@ -42,7 +42,7 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise StartupError(
-            Exit.ADDRESS_SYNTAX, f"--metrics-address {text!r} is not HOST:PORT (e.g. 0.0.0.0:9469)", text
+            Exit.ADDRESS_SYNTAX, f"--metrics-address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9469)", text
         )
     if not 0 <= int(port) <= 65535:
         raise StartupError(Exit.ADDRESS_PORT, f"--metrics-address {text!r}: port {port} is not in 0-65535", text)

@@ -696,6 +696,67 @@ def test_metrics_exposition(lab: Lab, seed_state: dict[str, Any]) -> None:
             assert samples[sample_name("natgwd_rule_bytes_total", {**labels, "direction": direction})] == 0
 
 
+POD_NETWORK = ("10.244.7.5", "10.244.7.1")  # the gateway's eth0 and the node (Prometheus) beside it
+
+
+def _connects(lab: Lab, role: str, address: str, port: int) -> bool:
+    """Whether a TCP connection from `role` to address:port is accepted; a refusal (the
+    address answers, nothing listens) is False, anything else (no route, a timeout: the
+    check would prove nothing) fails the test."""
+    url = f"http://{address}:{port}/healthz"
+    done = lab.exec(role, "curl", "-s", "-o", "/dev/null", "-m", "3", url, check=False)
+    assert done.returncode in (0, 7), f"{role} -> {address}:{port}: curl exit {done.returncode}, not a clear answer"
+    return done.returncode == 0
+
+
+def _start_serving(lab: Lab, state: dict[str, Any], *args: str) -> Natgwd:
+    """natgwd as the image's entrypoint and the drop-in start it: no --metrics-address
+    unless given, and no NATGWD_METRICS_ADDRESS in its environment."""
+    path = lab.workdir / "state.json"
+    log_path = lab.workdir / f"natgwd-serving-{len(args)}.log"
+    daemon = Natgwd(lab, path, None, log_path, 9469)  # type: ignore[arg-type]
+    daemon.write_state(state)
+    command = [sys.executable, "-m", "natgwd", "run", "--state", str(path), "--applied-state", "", *args]
+    env = {k: v for k, v in os.environ.items() if k != "NATGWD_METRICS_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    daemon.process = lab.spawn("gw", *command, log_path=log_path, env=env)
+    return daemon
+
+
+def test_metrics_never_listen_on_an_eip_or_an_external_network(lab: Lab, seed_state: dict[str, Any]) -> None:
+    """Prevents: /metrics, /healthz and /readyz (every rule name and counter) answering on
+    the EIPs and the external network when natgwd is started without --metrics-address, as
+    the image and the Kube-OVN drop-in start it (issue 21, item 1); and the manifests'
+    address (the pod's own, where Prometheus scrapes) answering anywhere else."""
+    gateway, node = POD_NETWORK
+    lab._add_ns("pod")
+    lab._veth("gw", "eth0", "pod", "eth0")
+    for role, address in (("gw", gateway), ("pod", node)):
+        lab.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+        lab.exec(role, "ip", "link", "set", "eth0", "up")
+    eips = [eip["v4ip"] for eip in seed_state["eips"]]
+    external = seed_state["external"]["addresses"][0].split("/")[0]
+    internal = seed_state["internal"]["addresses"][0].split("/")[0]
+    closed = [*(("ext", eip) for eip in eips), ("ext", external), ("vm1", internal), ("vm1", eips[0])]
+
+    daemon = _start_serving(lab, seed_state)
+    daemon.wait_ready()
+    listening = lab.exec("gw", "ss", "-Hltn", "sport", "= :9469").stdout.split()
+    assert [word for word in listening if word.endswith(":9469")] == ["127.0.0.1:9469"]
+    assert _connects(lab, "gw", "127.0.0.1", 9469)
+    for role, address in [*closed, ("pod", gateway)]:
+        assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+    assert daemon.stop() == 0
+
+    # As the manifests start it: on the pod's address, where Prometheus scrapes.
+    daemon = _start_serving(lab, seed_state, "--metrics-address", f"{gateway}:9469")
+    wait_for(lambda: _connects(lab, "pod", gateway, 9469), "natgwd serving on the pod network")
+    status = lab.exec("pod", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{gateway}:9469/metrics")
+    assert status.stdout == "200"
+    for role, address in closed:
+        assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+    assert daemon.stop() == 0
+
+
 # --- 8. SIGHUP ----------------------------------------------------------------------------
 
 
