@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import os
+import select
 import socket
 import stat
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.kubeovn.shim import protocol
+from natgwd.kubeovn.shim import endpoint, protocol
 from natgwd.kubeovn.shim.call import edited, prepare
 from natgwd.kubeovn.shim.editlog import EditLog, diff, fold
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
@@ -76,6 +77,15 @@ def test_garbage_and_oversize_requests_are_refused(data: bytes, match: str) -> N
         data = data * 20  # past the whole request's bound, in fields each under theirs
     with pytest.raises(RequestError, match=match):
         parse_request(data, TOKEN)
+
+
+def test_the_token_field_is_refused_once_longer_than_the_token() -> None:
+    """Before the token is checked nothing is known about the caller: it may send no more
+    than the token's own length, not a field of 64 KiB (issue 21, item 4)."""
+    opening = protocol.MAGIC + b"\0"
+    assert parse_request(opening + TOKEN.encode(), TOKEN) is None
+    with pytest.raises(RequestError, match="refused: wrong token"):
+        parse_request(opening + TOKEN.encode() + b"t", TOKEN)
 
 
 def test_replies_carry_code_and_texts() -> None:
@@ -314,6 +324,85 @@ def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> Non
         assert b"not a natgwd edit request" in sock.recv(4096)
     assert json.dumps(daemon.service.document) == before
     assert not daemon.service.log.path.exists()
+
+
+class Trickler:
+    """Connections that send a valid opening and then one token character at a time, as a
+    local process without the token would hold the endpoint; notes each one natgwd cut."""
+
+    def __init__(self, port: int, count: int, interval: float) -> None:
+        self.count = count
+        self.sockets: list[socket.socket] = []
+        self.cut: set[socket.socket] = set()
+        self.sent: dict[socket.socket, int] = {}  # token characters sent
+        self._port = port
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=run, daemon=True) for run in (self._open, self._trickle)]
+        for thread in self._threads:
+            thread.start()
+
+    def _open(self) -> None:
+        while len(self.sockets) < self.count and not self._stop.is_set():
+            sock = socket.create_connection(("127.0.0.1", self._port), timeout=30)
+            sock.sendall(protocol.MAGIC + b"\0")
+            with self._lock:
+                self.sockets.append(sock)
+                self.sent[sock] = 0
+
+    def _trickle(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                alive = [sock for sock in self.sockets if sock not in self.cut]
+            for sock in alive:
+                try:
+                    sock.sendall(b"0")
+                    self.sent[sock] += 1
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable:
+                        sock.recv(4096)  # natgwd's answer, or the end of the connection
+                        self.cut.add(sock)
+                except OSError:
+                    self.cut.add(sock)
+
+    def all_cut(self) -> bool:
+        return len(self.cut) == self.count
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_slow_connections_without_the_token_hold_no_call_back(daemon: FakeDaemon) -> None:
+    """200 local connections that trickle a token one character at a time must not take the
+    controller's calls' places, nor a thread each; each is cut at the request deadline
+    (issue 21, item 4)."""
+    assert script(daemon, "init", "net1,net2").returncode == 0
+    threads = threading.active_count()
+    port = int(daemon.token.read_text().split()[0])
+    # A character every 0.2 s: the 64-character token would take 13 s, past the deadline.
+    trickler = Trickler(port, 200, interval=0.2)
+    try:
+        deadline = time.monotonic() + 120
+        while len(trickler.sockets) < 200:
+            assert time.monotonic() < deadline, f"{len(trickler.sockets)} of 200 slow connections opened"
+            time.sleep(0.05)
+        for n in range(4):
+            added = script(daemon, "dnat-add", f"{EIP1},{8000 + n},tcp,{VM1},80")
+            assert added.returncode == 0, added.stderr
+            assert added.stdout.endswith("natgwd: applied\n")
+        assert threading.active_count() - threads <= endpoint.WORKERS + 1 + 2  # + the trickler's two
+        while not trickler.all_cut():
+            assert time.monotonic() < deadline, f"{len(trickler.cut)} of 200 slow connections cut"
+            time.sleep(0.1)
+        assert max(trickler.sent.values()) < len(TOKEN), "cut by the deadline, before a whole token was sent"
+    finally:
+        trickler.close()
+    assert [len(d.get("dnat", [])) for d in daemon.applied][-1] == 4
 
 
 def test_accepted_calls_survive_a_kill_and_compaction_rewrites_the_file(tmp_path: Path) -> None:
