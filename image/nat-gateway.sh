@@ -32,7 +32,7 @@ deadline=$((10#$now + 10#$seconds * 1000000 + 10#${fraction:0:6}))
 while :; do
     port='' token=''
     { read -r port token <"$token_file"; } 2>/dev/null
-    if [[ $port =~ ^[0-9]{1,5}$ && -n $token ]] && { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+    if [[ $port =~ ^[0-9]{1,5}$ && -n $token ]] && { exec 3<>"/dev/tcp/127.94.69.1/$port"; } 2>/dev/null; then
         break
     fi
     now=${EPOCHREALTIME/[.,]/}

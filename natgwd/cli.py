@@ -262,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
         "--edit-port",
         type=_port,
         default=None,
-        help="take nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port; default: off)",
+        help="take nat-gateway.sh calls on 127.94.69.1:PORT, a loopback address (0: any free port; default: off)",
     )
     run.add_argument(
         "--edit-token",

@@ -18,6 +18,8 @@ POSTROUTING = "postrouting"
 ACCOUNT = "account"
 FORWARD = "forward"
 STEER = "steer"
+UNTRACKED_IN = "untracked_in"  # natgwd's own endpoints, kept out of conntrack
+UNTRACKED_OUT = "untracked_out"
 SHARE_CHAIN_PREFIX = "share_"
 
 # Sets and maps of both families (Family.name gives the family's own).

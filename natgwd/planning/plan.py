@@ -21,6 +21,11 @@ Layout (family inet, table natgwd):
   its translation uses, for natgwd.planning.policy's rules: from the same lookups as the NAT maps
   (the FIP, else the longest SNAT prefix) for traffic from the VPC, from the EIP it was
   addressed to for replies of inbound connections.
+- natgwd's own endpoints (/metrics on loopback or the pod's address, the edit endpoint on
+  loopback) are not tracked ("untracked_in"/"untracked_out", at raw priority): a full
+  conntrack table must not cut natgwd off from its probes, its scrapes and the
+  controller's calls, just when it matters most. Only those address:port pairs: NAT
+  traffic is tracked as ever.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections import Counter as CounterOf
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import NamedTuple, cast
 
 from natgwd.planning.layout import (
@@ -56,6 +61,8 @@ from natgwd.planning.layout import (
     RULE_TRAFFIC,
     SHARE_TARGET,
     STEER,
+    UNTRACKED_IN,
+    UNTRACKED_OUT,
     V4,
     V6,
     Family,
@@ -254,6 +261,27 @@ def _chains(state: DesiredState, snat_prefixes: dict[Family, list[int]]) -> tupl
             # they would leave with an internal source address.
             (f"ct state invalid oifname @{INVALID_DROPS} drop",),
         ),
+    )
+
+
+Endpoint = tuple[IPv4Address | IPv6Address, int | None]  # natgwd's own listening address, TCP port (None: every port)
+
+
+def _untracked(endpoints: Sequence[Endpoint]) -> tuple[ChainSpec, ...]:
+    """The chains that keep natgwd's own endpoints' traffic out of conntrack: packets to
+    them on the way in (and, from a local client, on the way out), and their replies.
+    Looped-back packets keep what the output hook gave them."""
+    if not endpoints:
+        return ()
+    arriving, leaving = [], []
+    for address, port in endpoints:
+        ip = "ip" if address.version == 4 else "ip6"
+        to, back = ("", "") if port is None else (f" tcp dport {port}", f" tcp sport {port}")
+        arriving.append(f"{ip} daddr {address}{to} notrack")
+        leaving += [f"{ip} daddr {address}{to} notrack", f"{ip} saddr {address}{back} notrack"]
+    return (
+        ChainSpec(UNTRACKED_IN, "type filter hook prerouting priority raw; policy accept;", tuple(arriving)),
+        ChainSpec(UNTRACKED_OUT, "type filter hook output priority raw; policy accept;", tuple(leaving)),
     )
 
 
@@ -488,8 +516,15 @@ class TablePlan:
     folds every rule's elements into an empty table; a change removes the elements of the
     rules it drops and adds those of the rules it brings, so it costs what it changes."""
 
-    def __init__(self, state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> None:
+    def __init__(
+        self,
+        state: DesiredState,
+        ids: Mapping[RuleLabels, int],
+        highest_id: int = 0,
+        untracked: Sequence[Endpoint] = (),
+    ) -> None:
         self.state = state
+        self.untracked = tuple(untracked)
         self.frame = Frame.of(state)
         self.ids: dict[RuleLabels, int] = {}
         self.highest_id = 0
@@ -559,7 +594,7 @@ class TablePlan:
                 del keyed[key]
         by_family = _prefixes_by_family(self.frame.families, prefixes)
         sets = _sets(self.frame, by_family)
-        chains = _share_chains(groups) + _chains(state, by_family)
+        chains = _share_chains(groups) + _chains(state, by_family) + _untracked(self.untracked)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family),)
         return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes)
@@ -646,6 +681,8 @@ def _share_chains(groups: Mapping[str, ShareGroup]) -> tuple[ChainSpec, ...]:
     )
 
 
-def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
+def desired_table(
+    state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0, untracked: Sequence[Endpoint] = ()
+) -> DesiredTable:
     """The table of `state` as a whole (a full plan)."""
-    return TablePlan(state, ids, highest_id).table
+    return TablePlan(state, ids, highest_id, untracked).table

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,11 +25,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from natgwd.ha.controller import HaController
 from natgwd.kernel.garp import Announcer
 from natgwd.kernel.nft import NftError
+from natgwd.kubeovn.shim.endpoint import ADDRESS as EDIT_ADDRESS
 from natgwd.kubeovn.shim.endpoint import EditEndpoint
 from natgwd.kubeovn.shim.service import EditService
 from natgwd.observability import ctstats
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
+from natgwd.planning.plan import Endpoint
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime import applied
 from natgwd.runtime.changes import changed_names
@@ -137,6 +140,7 @@ class Daemon:
         except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
             raise listen_error(self.config.metrics_address, err) from None
         endpoint = self._start_edit_endpoint()
+        self.reconciler.untracked = own_endpoints(server.server_address, endpoint is not None)
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
@@ -311,7 +315,7 @@ class Daemon:
             endpoint = EditEndpoint(self.config.edit_port, self.config.edit_token_path, self.edits.submit)
             endpoint.start()
         except OSError as err:
-            where = f"127.0.0.1:{self.config.edit_port}"
+            where = f"{EDIT_ADDRESS}:{self.config.edit_port}"
             message = f"cannot start the edit endpoint on {where} (--edit-port, --edit-token): {err}"
             raise StartupError(Exit.ADDRESS_OTHER, message, where) from None
         return endpoint
@@ -508,3 +512,17 @@ def _log_changes(change: Change, source: str) -> None:
     names = changed_names(change.base, change.state, change.delta)
     if any(names.values()):
         log.info("desired state changed", source=source, **names)
+
+
+def own_endpoints(metrics: tuple[Any, ...], edits: bool) -> tuple[Endpoint, ...]:
+    """natgwd's listening addresses, to keep out of conntrack: /metrics where it is bound
+    (on every address: its loopback ones only, never the EIPs, which NAT needs tracked),
+    and the edit endpoint's loopback address (whatever its port, which may change with
+    every start: the rules stay the same, and a restart changes nothing in the table)."""
+    address, port = ip_address(metrics[0]), int(metrics[1])
+    found: list[Endpoint] = (
+        [(IPv4Address("127.0.0.1"), port), (IPv6Address("::1"), port)] if address.is_unspecified else [(address, port)]
+    )
+    if edits:
+        found.append((IPv4Address(EDIT_ADDRESS), None))
+    return tuple(found)

@@ -319,7 +319,7 @@ def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> Non
     # it still gets the refusal.
     result = script(daemon, "dnat-add", *(["x" * 200] * 3000), NATGWD_EDIT_TOKEN=str(forged))
     assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
-    with socket.create_connection(("127.0.0.1", int(port))) as sock:  # garbage: refused, nothing changed
+    with socket.create_connection((endpoint.ADDRESS, int(port))) as sock:  # garbage: refused, nothing changed
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert b"not a natgwd edit request" in sock.recv(4096)
     assert json.dumps(daemon.service.document) == before
@@ -345,7 +345,7 @@ class Trickler:
 
     def _open(self) -> None:
         while len(self.sockets) < self.count and not self._stop.is_set():
-            sock = socket.create_connection(("127.0.0.1", self._port), timeout=30)
+            sock = socket.create_connection((endpoint.ADDRESS, self._port), timeout=30)
             sock.sendall(protocol.MAGIC + b"\0")
             with self._lock:
                 self.sockets.append(sock)

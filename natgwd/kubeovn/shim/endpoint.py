@@ -2,11 +2,12 @@
 bash process and a round trip instead of a Python start, a lock and a read, validation
 and write of the whole state file.
 
-A listener on 127.0.0.1 (its own threads) reads each request (natgwd.kubeovn.shim.protocol),
-hands it to `submit` (which runs it on the daemon's reconciling thread and waits) and
-writes the reply. Any local process can connect to loopback: at start the endpoint writes
-a new random token and its port to a file only root can read (mode 0600), and a request
-without that token is refused before its arguments are read. A process without the token
+A listener on ADDRESS, a loopback address of natgwd's own (its own threads), reads each
+request (natgwd.kubeovn.shim.protocol), hands it to `submit` (which runs it on the daemon's
+reconciling thread and waits) and writes the reply. Any local process can connect to
+loopback: at start the endpoint writes a new random token and its port to a file only root
+can read (mode 0600), and a request without that token is refused before its arguments
+are read. A process without the token
 can hold neither a thread nor a caller's place: see EditEndpoint.
 """
 
@@ -31,6 +32,9 @@ from natgwd.kubeovn.shim.protocol import MAX_REQUEST_BYTES, Request, RequestErro
 
 log = structlog.get_logger("natgwd.kubeovn.shim.endpoint")
 
+# natgwd's alone (all of 127.0.0.0/8 is loopback): its traffic is kept out of conntrack
+# whatever the port (natgwd.planning.plan), so the rule stays the same when the port changes.
+ADDRESS = "127.94.69.1"
 REQUEST_SECONDS = 5.0  # from connecting to the last byte: a request is a few hundred bytes
 MAX_READING = 256  # connections still sending their request; a new one cuts the oldest beyond it
 WORKERS = 8  # threads that carry complete calls to the reconciling thread and answer them
@@ -82,7 +86,7 @@ class EditEndpoint:
         self._submit = submit
         self._request_seconds = request_seconds
         self._token = secrets.token_hex(32)
-        self._listener = socket.create_server(("127.0.0.1", port), backlog=socket.SOMAXCONN)
+        self._listener = socket.create_server((ADDRESS, port), backlog=socket.SOMAXCONN)
         self._listener.setblocking(False)
         self._wake_read, self._wake_write = socket.socketpair()
         self._selector = selectors.DefaultSelector()
@@ -105,7 +109,7 @@ class EditEndpoint:
         for worker in self._workers:
             worker.start()
         write_token_file(self.token_path, self.port, self._token)
-        log.info("edit endpoint listening", address=f"127.0.0.1:{self.port}", token_file=str(self.token_path))
+        log.info("edit endpoint listening", address=f"{ADDRESS}:{self.port}", token_file=str(self.token_path))
 
     def stop(self) -> None:
         """Stop taking calls. Workers still waiting for the reconciling thread answer when
