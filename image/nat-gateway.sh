@@ -29,6 +29,20 @@ fraction=${timeout#"$seconds"}
 fraction=${fraction#.}000000
 now=${EPOCHREALTIME/[.,]/}
 deadline=$((10#$now + 10#$seconds * 1000000 + 10#${fraction:0:6}))
+# The timeout bounds the whole call: bash's /dev/tcp connect has no timeout of its own (a
+# SYN nobody answers is retried for two minutes), so a watchdog ends the call at the
+# deadline. It stops its sleep when the call ends first: no process outlives the call.
+# (To fd 4, stderr: the connect below runs with its stderr silenced.)
+exec 4>&2
+trap 'echo "natgwd: its edit endpoint ($token_file) did not answer within ${timeout}s" >&4; exit 1' TERM
+(
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    sleep "$timeout" &
+    sleeper=$!
+    wait "$sleeper" && kill -TERM "$$"
+) 2>/dev/null &
+watchdog=$!
+trap 'kill "$watchdog" 2>/dev/null' EXIT
 while :; do
     port='' token=''
     { read -r port token <"$token_file"; } 2>/dev/null

@@ -405,6 +405,46 @@ def test_slow_connections_without_the_token_hold_no_call_back(daemon: FakeDaemon
     assert [len(d.get("dnat", [])) for d in daemon.applied][-1] == 4
 
 
+def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
+    """A connect nobody answers (here: a listener whose accept queue is full, so its SYNs
+    are dropped, as when conntrack is full) must end at NATGWD_SHIM_TIMEOUT, not after
+    the kernel's two minutes of SYN retries (issue 21, item 5)."""
+    with socket.socket() as listener:
+        listener.bind((endpoint.ADDRESS, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued: list[socket.socket] = []
+        try:
+            while True:  # until a connect gets no answer: the queue is full
+                sock = socket.socket()
+                sock.settimeout(0.5)
+                queued.append(sock)
+                try:
+                    sock.connect((endpoint.ADDRESS, port))
+                except TimeoutError:
+                    break
+            token = tmp_path / "edit.token"
+            token.write_text(f"{port} {TOKEN}\n")
+            environment = {
+                "PATH": os.environ["PATH"],
+                "NATGWD_EDIT_TOKEN": str(token),
+                "NATGWD_SHIM_TIMEOUT": "1",
+                "NATGWD_PYTHON": "/nonexistent",
+            }
+            call = subprocess.run(
+                ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        finally:
+            for sock in queued:
+                sock.close()
+    assert (call.returncode, call.stdout) == (1, "")
+    assert call.stderr == f"natgwd: its edit endpoint ({token}) did not answer within 1s\n"
+
+
 def test_accepted_calls_survive_a_kill_and_compaction_rewrites_the_file(tmp_path: Path) -> None:
     first = FakeDaemon(tmp_path, FakeLinks())
     first.start()
