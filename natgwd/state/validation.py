@@ -32,6 +32,7 @@ import jsonschema
 
 from natgwd.ha.config import HaConfig, parse_ha
 from natgwd.qos.validation import qos_policies
+from natgwd.state.bgp import BgpConfig, parse_bgp
 from natgwd.state.model import (
     PRIMARY_NETWORK,
     RULE_KINDS,
@@ -444,6 +445,7 @@ class _Semantics:
         index, rules = self._rules(context)
         policies, gateway_policy = qos_policies(self.doc, eips, external, self.problems)
         ha = self._ha(internal, external)
+        bgp = self._bgp(internal, eips)
         if self.problems:
             raise InvalidStateError(sorted(self.problems.found, key=lambda p: p.path))
         state = DesiredState(
@@ -457,6 +459,7 @@ class _Semantics:
             qos_policy=gateway_policy,
             ha=ha,
             more_externals=more,
+            bgp=bgp,
         )
         return Validated(self.doc, state, index)
 
@@ -490,6 +493,15 @@ class _Semantics:
             what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
             self.problems.add("$.ha", f"an HA pair moves IPv4 addresses on one external network; this state has {what}")
         return ha
+
+    def _bgp(self, internal: InternalSide, eips: tuple[Eip, ...]) -> BgpConfig | None:
+        if "bgp" not in self.doc:
+            return None
+        own = [a.ip for n in self.networks for a in n.addresses] + [a.ip for a in internal.addresses]
+        bgp, problems = parse_bgp(self.doc["bgp"], self.networks, [*own, *(a for e in eips for a in e.addresses)])
+        for path, reason in problems:
+            self.problems.add(path, reason)
+        return bgp
 
     # addresses -------------------------------------------------------------------------
 
@@ -653,5 +665,5 @@ class _Semantics:
             assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
             network = self._eip_network(i, item, tuple(a for a in (v4, v6) if a is not None))
             if network is not None:
-                eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy")))
+                eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy"), item.get("bgp", False)))
         return tuple(eips)
