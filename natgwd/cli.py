@@ -115,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry
 
+    from natgwd.bgp.ownership import Ownership
+    from natgwd.bgp.speaker import BgpSpeaker
     from natgwd.ha.controller import HaController
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
@@ -145,6 +147,9 @@ def _run(args: argparse.Namespace) -> int:
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
         return HaController(Path(args.ha_run_dir), count_garp, registry)
 
+    def bgp(ownership: Ownership) -> BgpSpeaker:
+        return BgpSpeaker(Path(args.bgp_run_dir), ownership)
+
     try:
         try:
             make_watch = watch_factory(args, endings)
@@ -160,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.edit_token),
             args.edit_fold_after,
         )
-        return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch).run()
+        return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch, make_bgp=bgp).run()
     except StartupError as err:
         return report(err)
 
@@ -257,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     add_allow_writable(run)
     run.add_argument(
         "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
+    )
+    run.add_argument(
+        "--bgp-run-dir",
+        default="/run/natgwd/bgp",
+        help="with a bgp section: FRR's files (configuration, sockets; owned by user frr)",
     )
     run.add_argument(
         "--edit-port",

@@ -36,6 +36,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pyroute2 import IPRoute
 
+from natgwd.bgp.ownership import NOTHING, Claims
 from natgwd.ha.announce import ActiveAnnouncer
 from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
@@ -105,6 +106,7 @@ class HaController:
         self._peer_state_told: bool | None = None
         self._fifo_thread: threading.Thread | None = None
         self._resync: Callable[[], None] = lambda: None
+        self._role_listeners: list[Callable[[], None]] = []
 
     # --- the daemon's calls ------------------------------------------------------------
 
@@ -167,6 +169,29 @@ class HaController:
                     restarts = status.restarts if status else 0
                     reasons.append(f"{name} is not running (restarts: {restarts})")
             return "; ".join(reasons) or None, {"ha": detail}
+
+    # --- who owns the EIPs (natgwd.bgp.ownership) ------------------------------------
+
+    def claims(self, state: DesiredState) -> Claims:
+        """The active member owns every EIP, the standby stands by for every one; a gateway
+        without an ha section is alone and owns them all."""
+        names = frozenset(e.name for e in state.eips)
+        if state.ha is None or self._role == "master":
+            return Claims(names)
+        if self._role == "backup":
+            return Claims(frozenset(), names)
+        return NOTHING  # init, fault, stopped: whoever announces, not this member
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._role_listeners.append(callback)
+
+    def member_address(self) -> IPv4Address | None:
+        members = self._members
+        return members[0].address if members else None
+
+    def _tell_role_listeners(self) -> None:
+        for listener in self._role_listeners:
+            listener()
 
     # --- pieces ---------------------------------------------------------------------
 
@@ -288,6 +313,7 @@ class HaController:
             state = self._state
             self._master_since = time.monotonic() if role == "master" else None
         log.info("HA role changed", role=role, previous=previous)
+        self._tell_role_listeners()
         self._resync()
         self.metrics.set_role(role)
         self.metrics.transitions.labels(role).inc()
@@ -409,6 +435,7 @@ class HaController:
         # lock while it waits for that thread.
         self._role = "init"
         self.metrics.set_role("init")
+        self._tell_role_listeners()
 
     def _clear_keepalived_pids(self) -> None:
         # keepalived refuses to start while its pid file names a live process, and a

@@ -22,6 +22,9 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd.bgp.metrics import BgpCollector
+from natgwd.bgp.ownership import Ownership, SoleOwner
+from natgwd.bgp.speaker import BgpSpeaker
 from natgwd.ha.controller import HaController
 from natgwd.kernel.garp import Announcer
 from natgwd.kernel.nft import NftError
@@ -76,6 +79,7 @@ class Daemon:
         make_reconciler: Callable[[Announce], Reconciler],
         make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
         make_watch: MakeWatch | None = None,
+        make_bgp: Callable[[Ownership], BgpSpeaker] | None = None,
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
@@ -86,6 +90,10 @@ class Daemon:
 
         self.reconciler = make_reconciler(Announcer(count_garp).request)
         self.ha = make_ha(count_garp, self.registry) if make_ha is not None else None
+        # The HA pair decides who owns the EIPs, else this gateway owns them all.
+        self.bgp = make_bgp(self.ha if self.ha is not None else SoleOwner()) if make_bgp is not None else None
+        if self.bgp is not None:
+            self.registry.register(BgpCollector(self.bgp.snapshot))
         self.rule_counters = RuleCounters(self._counting_sets)
         # Open connections, port usage and translation logs, from conntrack events.
         self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
@@ -145,6 +153,8 @@ class Daemon:
         waker.start()
         if self.ha is not None:
             self.ha.start(self.resync_soon)
+        if self.bgp is not None:
+            self.bgp.start()
         self._recall_applied()
         if self.watch is not None:
             self.watch.start()
@@ -167,9 +177,15 @@ class Daemon:
                 self.edits.refuse_pending("natgwd is stopping; try again")
                 self.edits.compact()
             self.notifier.send("STOPPING=1")
+            if self.bgp is not None:
+                # Upstream moves the EIPs' traffic away (to the standby's path, if it
+                # announces one) before anything here stops.
+                self.bgp.withdraw()
             if self.ha is not None:
                 # A planned switchover: keepalived hands the addresses over as it stops.
                 self.ha.stop()
+            if self.bgp is not None:
+                self.bgp.stop()
             waker.stop()
             if self.watch is not None:
                 self.watch.stop()
@@ -248,6 +264,10 @@ class Daemon:
             ha_reason, ha_detail = self.ha.readiness()
             detail.update(ha_detail)
             reasons += [ha_reason] if ha_reason else []
+        if self.bgp is not None:
+            bgp_reason, bgp_detail = self.bgp.readiness()
+            detail.update(bgp_detail)
+            reasons += [bgp_reason] if bgp_reason else []
         if reasons:
             detail["reason"] = "; ".join(reasons)
         return not reasons, detail
@@ -302,8 +322,7 @@ class Daemon:
         self._record_applied(applied_raw, effective)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
-        if self.ha is not None:
-            self.ha.applied(state, effective, outcome.complete)
+        self._applied_to_members(state, effective, outcome.complete)
         self._finished(outcome, started, {"sha256": effective[:12]})
 
     # --- nat-gateway.sh calls (natgwd.kubeovn.shim.service) -------------------------------
@@ -342,8 +361,7 @@ class Daemon:
         self._applied_at = time.time()
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
-        if self.ha is not None:
-            self.ha.applied(state, None, outcome.complete)  # the digest once the call is recorded
+        self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
         assert self.edits is not None
         # The hash of the whole document would cost a serialization of it per call: the
         # line names the file the calls extend (None before `init` wrote one) and how many
@@ -373,11 +391,19 @@ class Daemon:
             self._failed(f"resync failed: {err}")
             return
         self._count(outcome)
-        if self.ha is not None and (effective := self.applied_sha256()) is not None:
+        if (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
-            self.ha.applied(self.reconciler.state, effective, outcome.complete)
+            self._applied_to_members(self.reconciler.state, effective, outcome.complete)
         if self._seen_digest == self._applied_digest:
             self._finished(outcome, started, None)
+
+    def _applied_to_members(self, state: DesiredState, digest: str | None, complete: bool) -> None:
+        """The HA pair first: it decides which EIPs this member owns, which the speaker
+        then announces."""
+        if self.ha is not None:
+            self.ha.applied(state, digest, complete)
+        if self.bgp is not None:
+            self.bgp.applied(state, complete)
 
     def _verify_deltas(self) -> None:
         """Validate and plan the applied document in full, off the path of changes, and
