@@ -43,6 +43,9 @@ class FrrPaths:
     def pid(self, daemon: str) -> Path:
         return self.directory / f"{daemon}.pid"
 
+    def vty(self, daemon: str) -> Path:
+        return self.directory / f"{daemon}.vty"
+
     @property
     def zserv(self) -> Path:
         return self.directory / "zserv.api"

@@ -57,6 +57,7 @@ WITHDRAW_POLL_SECONDS = 0.05
 WITHDRAW_TIMEOUT_SECONDS = 3.0
 VTYSH_TIMEOUT_SECONDS = 10.0
 FRR_USER = "frr"
+STARTUP_WAIT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,16 @@ class BgpSpeaker:
             "bfdd": _digest(texts["bfdd"]),
             "bgpd": _digest(bgpd_conf(bgp, router_id, {})),
         }
+        if not self._running:
+            for name in DAEMONS:
+                remove_stale(paths.vty(name))
         for name in DAEMONS:
             self._supervisor.run(ChildSpec(name, self._argv(name), self._prepare(name), versions[name]))
+            if not self._running:
+                # One after the other, each once the previous answers: bgpd's BFD requests
+                # go through zebra to bfdd, and one made before bfdd is there waits for a
+                # replay (measured: BFD up 11 s after the start instead of 4.5 s).
+                _wait_for_file(paths.vty(name), STARTUP_WAIT_SECONDS)
         self._running = True
         return True
 
@@ -417,6 +426,12 @@ def _announcements(
 
 def _first_ipv4(state: DesiredState) -> IPv4Address | None:
     return next((a.ip for n in state.externals for a in n.addresses if isinstance(a.ip, IPv4Address)), None)
+
+
+def _wait_for_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _digest(text: str) -> str:

@@ -50,6 +50,7 @@ from ipaddress import (
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from natgwd.kubeovn.bgp_import import carry_bgp
 from natgwd.kubeovn.qos_import import carry_qos
 from natgwd.planning.links import DEFAULT_ROUTE
 from natgwd.runtime.files import write_atomically
@@ -571,15 +572,13 @@ class _Importer:
         state = self.validated(state, eips, self.rules(eip_names, used))
         eip_sources = {rule.entry["name"]: rule.source for rule in eips}
         used |= carry_qos(state, gw, eip_sources, self.by_kind.get("QoSPolicy", []), state_name, self.report)
+        carry_bgp(state, gw, eip_sources, self.report)
         self.report_unused(used)
         return ImportResult(around.name, state, self.findings)
 
     def gateway_notes(self, gw: Obj) -> None:
         """What the gateway itself asks for beyond the state."""
         spec = _section(gw, "spec")
-        value = spec.get("bgpSpeaker")
-        if value and not (isinstance(value, dict) and not value.get("enabled")):
-            self.report("warning", gw, "BGP speaker is not carried over (natgwd does not do it)")
         if int(spec.get("replicas") or 1) > 1:
             self.report("note", gw, "HA gateway: give every replica the same desired state")
 

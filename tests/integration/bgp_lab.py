@@ -122,6 +122,14 @@ class Bird:
         for protocol in protocols:
             wait_for(lambda p=protocol: self.state(p) == "Established", f"BGP {protocol} established", timeout=timeout)  # type: ignore[misc]
 
+    def bfd_up(self, address: str) -> bool:
+        """Whether BIRD's BFD session with `address` is up (BGP then falls with it)."""
+        for line in self.birdc("show", "bfd", "sessions").stdout.splitlines():
+            parts = line.split()
+            if parts and parts[0] == address:
+                return len(parts) > 2 and parts[2] == "Up"
+        return False
+
     def log(self) -> str:
         path = self.directory / "bird.log"
         return path.read_text(errors="replace") if path.exists() else ""

@@ -533,3 +533,72 @@ def test_an_ipv6_route_without_an_ipv6_vpc_address_is_reported() -> None:
     assert reasons(result.findings, "IptablesFIPRule", "fip01-6") == [
         "warning: natgwd refuses it: fd00:10::3 is in no internal address's subnet and no internal route; skipped"
     ]
+
+
+# --- BGP speaker ------------------------------------------------------------------------
+
+
+def with_speaker(speaker: dict[str, Any], annotated: bool = True) -> kubeovn.ImportResult:
+    objects = seed_objects(STATEFULSET)
+    gateway = next(o for o in objects if o["kind"] == "VpcNatGateway")
+    gateway["spec"]["bgpSpeaker"] = speaker
+    for item in objects:
+        if item["kind"] == "IptablesEIP" and annotated:
+            item["metadata"].setdefault("annotations", {})["ovn.kubernetes.io/bgp"] = "true"
+    return import_objects(objects, ImportOptions(gateway="gw1"))
+
+
+SPEAKER = {
+    "enabled": True,
+    "asn": 65001,
+    "remoteAsn": 65000,
+    "neighbors": ["10.115.55.254"],
+    "holdTime": "1m30s",
+    "routerId": "10.115.48.1",
+    "password": "s3cret",
+    "enableGracefulRestart": True,
+    "extraArgs": ["--log-level=5"],
+}
+
+
+def test_the_bgp_speaker_and_the_eip_annotation_are_carried_over() -> None:
+    result = with_speaker(SPEAKER)
+    assert result.state["bgp"] == {
+        "asn": 65001,
+        "announce": "marked",
+        "routerId": "10.115.48.1",
+        "neighbors": [
+            {"address": "10.115.55.254", "remoteAsn": 65000, "holdTime": 90, "password": "s3cret"}
+            | {"gracefulRestart": True}
+        ],
+    }
+    assert [e.get("bgp") for e in result.state["eips"]] == [True]
+    state = load_state(json.dumps(result.state).encode())
+    assert state.bgp is not None and [e.name for e in state.bgp.announced(state.eips)] == ["my-eip"]
+    gateway = reasons(result.findings, "VpcNatGateway", "gw1")
+    assert "warning: bgpSpeaker.extraArgs ['--log-level=5'] are GoBGP's; not carried over" in gateway
+    assert any("add bgp.neighbors[].bfd" in r for r in gateway)
+
+
+def test_a_speaker_natgwd_refuses_or_that_is_off_leaves_no_bgp_section() -> None:
+    assert "bgp" not in with_speaker({**SPEAKER, "enabled": False}).state
+    refused = with_speaker({**SPEAKER, "asn": 0, "holdTime": "2.5s"})
+    assert "bgp" not in refused.state
+    assert "eips" in refused.state and all("bgp" not in e for e in refused.state["eips"])
+    gateway = reasons(refused.findings, "VpcNatGateway", "gw1")
+    assert "warning: bgpSpeaker.holdTime '2.5s' is not whole seconds; the default (90 s) is used" in gateway
+    assert any(r.startswith("warning: natgwd refuses the BGP speaker: $.bgp.asn: must be between 1") for r in gateway)
+
+
+def test_without_the_annotation_nothing_is_marked_and_it_is_said() -> None:
+    result = with_speaker(SPEAKER, annotated=False)
+    assert result.state["bgp"]["announce"] == "marked"
+    assert all("bgp" not in e for e in result.state["eips"])
+    assert any("nothing is announced until one does" in r for r in reasons(result.findings, "VpcNatGateway", "gw1"))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("1m30s", 90), ("1h", 3600), ("", None), ("90", None)])
+def test_go_durations(text: str, seconds: float | None) -> None:
+    from natgwd.kubeovn.bgp_import import duration_seconds
+
+    assert duration_seconds(text) == seconds

@@ -16,7 +16,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd.bgp.metrics import BgpCollector
+from natgwd.bgp.speaker import Snapshot
+from natgwd.bgp.status import NeighborStatus
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
+from natgwd.ha.supervisor import ChildStatus
 from natgwd.observability.connwatch import ConnectionWatch
 from natgwd.observability.ctstats import STAT_FAMILIES, Pressure
 from natgwd.observability.ctstats import exposition as pressure_exposition
@@ -42,11 +46,23 @@ QOS_CLASS = QosStatus("egress", "eip", "my-eip", "10.115.55.200", 10_000_000, 30
 CONNTRACKD_STATS = parse_stats(STATS, QUEUES)
 
 
+BGP_SNAPSHOT = Snapshot(
+    children={"zebra": ChildStatus(up=True), "bfdd": ChildStatus(up=True), "bgpd": ChildStatus(up=True)},
+    configured=("10.115.55.254",),
+    neighbors={"10.115.55.254": NeighborStatus("10.115.55.254", "Established", 2, 0, 1.7e9, None, "up")},
+    owned=frozenset(),
+    standby=frozenset(),
+    originated=frozenset(),
+    families={"10.115.55.254": 4},
+)
+
+
 def exposition() -> str:
     registry = CollectorRegistry()
     DaemonMetrics(registry)
     HaMetrics(registry, lambda: True)  # an HA member: its role figures are exported
     registry.register(HaCollector(lambda: HaSnapshot({}, True, True, CONNTRACKD_STATS)))
+    registry.register(BgpCollector(lambda: BGP_SNAPSHOT))
     watch = ConnectionWatch(lambda: LISTINGS, dict, TransLog(io.StringIO(), Selection(), 10))
     return b"".join(
         (
@@ -109,7 +125,7 @@ def test_promtool_accepts_the_exposition() -> None:
 def test_alert_rules_use_exported_metrics() -> None:
     exported = exported_names()
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
-    assert len({rule["alert"] for rule in rules}) == len(rules) == 11
+    assert len({rule["alert"] for rule in rules}) == len(rules) == 13
     for rule in rules:
         names = referenced(rule["expr"])
         assert names, rule["alert"]
