@@ -11,16 +11,18 @@ import sys
 from pathlib import Path
 
 from natgwd import __version__
+from natgwd.bgp.status import NeighborStatus
 from natgwd.kubeovn import importer as kubeovn
 from natgwd.runtime import applied
 from natgwd.runtime.files import UnreadableStateError, read_state_file
-from natgwd.state.model import DesiredState
+from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
 # Loopback: the drop-in's pod spec (the controller's) cannot pass an address, and any other
 # default would serve every rule name and counter on the EIPs or the external network.
 METRICS_ADDRESS = "127.0.0.1:9469"
+BGP_RUN_DIR = "/run/natgwd/bgp"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
@@ -87,8 +89,19 @@ def _status(args: argparse.Namespace) -> int:
         record["mismatch"] = mismatch
         recorded = None  # another table's record: its QoS policies are not this table's either
     shaping = kernel_statuses(recorded)
+    bgp = _bgp_status(Path(args.bgp_run_dir))
     if args.json:
-        output = {"applied": record, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
+        output: dict[str, object] = {
+            "applied": record,
+            "rules": [r.as_dict() for r in rules],
+            "qos": [q.as_dict() for q in shaping],
+        }
+        if bgp is not None:
+            found, announced = bgp
+            output["bgp"] = {
+                "neighbors": [n.as_dict() for n in found.values()],
+                "originated": sorted(str(p) for p in announced),
+            }
         print(json.dumps(output, indent=1))
         return 0
     if record and mismatch:
@@ -102,7 +115,24 @@ def _status(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table(rules))
     if shaping:
         sys.stdout.write("\n" + format_qos_table(shaping))
+    if bgp is not None:
+        import time
+
+        from natgwd.bgp.status import format_neighbors
+
+        sys.stdout.write("\n" + format_neighbors(*bgp, now=time.time()))
     return 0
+
+
+def _bgp_status(directory: Path) -> tuple[dict[str, NeighborStatus], set[IPNetwork]] | None:
+    """The BGP speaker's sessions and announcements, when natgwd runs one (its bgpd
+    answers in `directory`)."""
+    from natgwd.bgp.vtysh import Vtysh
+
+    if not (directory / "bgpd.vty").exists():
+        return None
+    vtysh = Vtysh(directory)
+    return vtysh.neighbors(None), vtysh.originated() or set()
 
 
 def _applied_record(path: Path) -> dict[str, str] | None:
@@ -265,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--bgp-run-dir",
-        default="/run/natgwd/bgp",
+        default=BGP_RUN_DIR,
         help="with a bgp section: FRR's files (configuration, sockets; owned by user frr)",
     )
     run.add_argument(
@@ -304,6 +334,7 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the rules and QoS classes in the kernel with their live counters")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
+    status.add_argument("--bgp-run-dir", default=BGP_RUN_DIR, help="the BGP speaker's FRR directory (natgwd run's)")
     status.set_defaults(func=_status)
 
     imported = sub.add_parser(

@@ -19,11 +19,9 @@ natgwd's addresses. bfdd has to listen (UDP 3784 and 4784): BFD is two-way.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pwd
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +42,8 @@ from natgwd.bgp.render import (
     network_commands,
     zebra_conf,
 )
-from natgwd.bgp.status import NeighborStatus, bfd_peers, decode_all, neighbors, originated
+from natgwd.bgp.status import NeighborStatus
+from natgwd.bgp.vtysh import Vtysh
 from natgwd.ha.supervisor import ChildSpec, ChildStatus, Supervisor, remove_stale
 from natgwd.state.bgp import BgpConfig
 from natgwd.state.model import DesiredState, IPNetwork
@@ -55,7 +54,6 @@ DAEMONS = ("zebra", "bfdd", "bgpd")
 POLL_SECONDS = 1.0
 WITHDRAW_POLL_SECONDS = 0.05
 WITHDRAW_TIMEOUT_SECONDS = 3.0
-VTYSH_TIMEOUT_SECONDS = 10.0
 FRR_USER = "frr"
 STARTUP_WAIT_SECONDS = 3.0
 
@@ -88,6 +86,7 @@ class BgpSpeaker:
     def __init__(self, run_dir: Path, ownership: Ownership, binaries: FrrBinaries = FrrBinaries()) -> None:
         self.paths = FrrPaths(run_dir)
         self.binaries = binaries
+        self._vtysh = Vtysh(run_dir, binaries.vtysh)
         self._ownership = ownership
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -323,7 +322,7 @@ class BgpSpeaker:
         """Make bgpd originate `wanted`; what it originates afterwards."""
         if bgpd is None or not bgpd.up:
             return set()
-        present = self._originated()
+        present = self._vtysh.originated()
         if present is None:
             return set()
         if bgpd.pid != self._held_pid:
@@ -332,7 +331,7 @@ class BgpSpeaker:
         if not commands:
             self._held = dict(wanted)
             return present
-        if self._vtysh(commands) is None:
+        if self._vtysh.run(commands) is None:
             self._held = None
             return present
         added = sorted(str(p) for p in wanted if p not in present)
@@ -346,55 +345,11 @@ class BgpSpeaker:
         self._held = dict(wanted)
         return set(wanted)
 
-    def _originated(self) -> set[IPNetwork] | None:
-        text = self._vtysh(["show bgp ipv4 unicast json", "show bgp ipv6 unicast json"])
-        if text is None:
-            return None
-        try:
-            documents = decode_all(text)
-            return set().union(*(originated(d) for d in documents if isinstance(d, dict)))
-        except ValueError as err:
-            log.warning("cannot read bgpd's routes", error=str(err))
-            return None
-
     def _read_neighbors(self, statuses: dict[str, ChildStatus]) -> dict[str, NeighborStatus]:
-        text = self._vtysh(["show bgp neighbors json"])
-        try:
-            documents = decode_all(text or "")
-        except ValueError as err:
-            log.warning("cannot read bgpd's neighbours", error=str(err))
-            return {}
-        found = neighbors(documents[0], time.time()) if documents and isinstance(documents[0], dict) else {}
-        bfd_status = statuses.get("bfdd")
-        peers: dict[str, str] = {}
-        if bfd_status is not None and bfd_status.up:
-            with contextlib.suppress(ValueError, IndexError, TypeError):
-                peers = bfd_peers(decode_all(self._vtysh(["show bfd peers json"]) or "[]")[0])
         state = self._state
         with_bfd = {str(n.address) for n in state.bgp.neighbors if n.bfd} if state and state.bgp else set()
-        return {
-            a: NeighborStatus(**{**vars(n), "bfd": peers.get(a, "down") if a in with_bfd else None})
-            for a, n in found.items()
-        }
-
-    def _vtysh(self, commands: list[str]) -> str | None:
-        argv = [self.binaries.vtysh, "--vty_socket", str(self.paths.directory)]
-        for command in commands:
-            argv += ["-c", command]
-        try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=VTYSH_TIMEOUT_SECONDS)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            log.warning("vtysh failed", commands=commands, error=str(err))
-            return None
-        if result.returncode:
-            log.warning(
-                "vtysh failed",
-                commands=commands,
-                code=result.returncode,
-                output=(result.stdout + result.stderr).strip()[-500:],
-            )
-            return None
-        return result.stdout
+        bfdd = statuses.get("bfdd")
+        return self._vtysh.neighbors(with_bfd, ask_bfdd=bfdd is not None and bfdd.up)
 
     def _log_changes(self, before: Snapshot | None, after: Snapshot) -> None:
         old = before.neighbors if before else {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from ipaddress import ip_network
 from typing import Any
 
@@ -27,6 +27,30 @@ class NeighborStatus:
     @property
     def established(self) -> bool:
         return self.state == "Established"
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def format_neighbors(found: dict[str, NeighborStatus], announced: set[IPNetwork], now: float) -> str:
+    """`natgwd status`'s BGP table: one neighbour a line, then what bgpd originates."""
+    header = ("NEIGHBOR", "STATE", "BFD", "ANNOUNCED", "ACCEPTED", "SINCE", "LAST ERROR")
+    rows = [
+        (
+            n.address,
+            n.state,
+            n.bfd or "-",
+            str(n.prefixes_sent),
+            str(n.prefixes_accepted),
+            f"{now - n.last_change:.0f}s" if n.last_change is not None else "-",
+            "" if n.established else (n.last_error or ""),
+        )
+        for n in sorted(found.values(), key=lambda n: n.address)
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    prefixes = ", ".join(str(p) for p in sorted(announced, key=lambda p: (p.version, p))) or "nothing"
+    return "\n".join([*lines, f"originated: {prefixes}"]) + "\n"
 
 
 def decode_all(text: str) -> list[Any]:

@@ -19,6 +19,11 @@ _SAMPLE = re.compile(r"^(natgwd_[a-z_]+)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 SORTS = {"c": "connections", "p": "packets", "b": "bytes", "o": "open"}
 SORT_HELP = "c: connections/s, p: packets/s, b: bytes/s, o: open connections"
+_BGP = {
+    "natgwd_bgp_neighbor_up": "up",
+    "natgwd_bgp_prefixes_announced": "announced",
+    "natgwd_bgp_bfd_state": "bfd_up",
+}
 
 Rule = tuple[str, str, str]  # kind, name, EIP
 
@@ -33,6 +38,7 @@ class Scrape:
     gauges: dict[str, float] = field(default_factory=dict)  # unlabelled samples (pressure)
     ports: dict[str, float] = field(default_factory=dict)  # EIP -> ports towards busiest destination
     failures: dict[str, float] = field(default_factory=dict)  # EIP -> port allocation failures
+    bgp: dict[str, dict[str, float]] = field(default_factory=dict)  # neighbour -> up, announced, bfd_up
 
 
 def parse(text: str, at: float) -> Scrape:
@@ -60,6 +66,8 @@ def parse(text: str, at: float) -> Scrape:
             target[rule] = target.get(rule, 0.0) + value  # directions added up
         elif name in per_eip:
             per_eip[name][labels.get("eip", "")] = value
+        elif name in _BGP and "neighbor" in labels and labels.get("state", "up") == "up":
+            scrape.bgp.setdefault(labels["neighbor"], {})[_BGP[name]] = value
         elif not labels:
             scrape.gauges[name] = value
     return scrape
@@ -122,6 +130,7 @@ def render(before: Scrape, after: Scrape, sort: str, width: int, height: int, li
         f"busiest SNAT destination: {_si(busiest[1])} ports of EIP {busiest[0]}   "
         f"port allocation failures: {_si(sum(after.failures.values()))}   "
         f"sorted by {sort}" + (" (c p b o, q quits)" if live else ""),
+        *_bgp_lines(after),
         "",
         f"{'KIND':<5} {'NAME':<28} {'EIP':<16} {'CONN/S':>8} {'PKT/S':>8} {'BIT/S':>9} {'OPEN':>8}",
     ]
@@ -133,6 +142,20 @@ def render(before: Scrape, after: Scrape, sort: str, width: int, height: int, li
             f"{_si(row.bytes * 8, 'b'):>9} {_si(row.open):>8}"
         )
     return [line[:width] for line in lines]
+
+
+def _bgp_lines(scrape: Scrape) -> list[str]:
+    """One line for the routed EIPs' sessions, when natgwd announces over BGP."""
+    if not scrape.bgp:
+        return []
+    parts = []
+    for neighbor, values in sorted(scrape.bgp.items()):
+        text = f"{neighbor} {'up' if values.get('up') else 'DOWN'} ({_si(values.get('announced', 0.0))} announced"
+        if "bfd_up" in values:
+            text += f", BFD {'up' if values['bfd_up'] else 'down'}"
+        parts.append(text + ")")
+    missing = scrape.gauges.get("natgwd_bgp_unannounced_prefixes", 0.0)
+    return ["BGP " + "   ".join(parts) + (f"   {_si(missing)} owned EIP prefixes NOT announced" if missing else "")]
 
 
 def fetch(url: str) -> Scrape:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ NEIGHBORS = [
     {"address": EXTERNAL_HOST6, "remoteAsn": 65000, "bfd": FAST_BFD},
 ]
 UPSTREAM_PORT = 8080
+PEERS_ADDR = (EXTERNAL_HOST, EXTERNAL_HOST6)
 
 
 @pytest.fixture
@@ -71,6 +73,7 @@ def test_routed_eips_snat_dnat_fip_both_families(lab: Lab) -> None:
     assert all(kernel_route(lab, "ext", p) is None for p in prefixes)  # no way there without BGP
     state = routed_state(NEIGHBORS)
     daemon = start_gateway(lab, state)
+    run_dir = frr_run_dir(lab, "gw")
     bird.wait_established("gw4", "gw6")
     daemon.wait_ready()
     for v4, v6 in ROUTED.values():
@@ -95,8 +98,19 @@ def test_routed_eips_snat_dnat_fip_both_families(lab: Lab) -> None:
     assert status == 200
     assert detail["bgp"]["neighbors"][EXTERNAL_HOST] == {"state": "Established", "prefixes_sent": 2, "bfd": "up"}
     assert sorted(detail["bgp"]["announced"]) == sorted(f"{p}/{32 if '.' in p else 128}" for p in prefixes)
-    # No listening TCP socket (bgpd only connects out); bfdd's UDP ones are BFD itself.
-    assert lab.exec("gw", "ss", "-Hltn").stdout.strip() == "" or ":179" not in lab.exec("gw", "ss", "-Hltn").stdout
+    # `natgwd status` shows the sessions, as bgpd has them.
+    shown = lab.exec(
+        "gw", sys.executable, "-m", "natgwd", "status", "--applied-state", "", "--bgp-run-dir", str(run_dir)
+    ).stdout
+    assert [line.split()[:5] for line in shown.splitlines() if line.startswith(PEERS_ADDR)] == [
+        [EXTERNAL_HOST, "Established", "up", "2", "0"],
+        [EXTERNAL_HOST6, "Established", "up", "2", "0"],
+    ]
+    assert "originated: 198.19.100.10/32, 198.19.100.11/32, fd00:119::10/128, fd00:119::11/128" in shown
+    # bgpd listens nowhere (it connects out): natgwd's loopback metrics are the only TCP
+    # listener. bfdd's UDP sockets are BFD itself.
+    listening = [line.split()[3] for line in lab.exec("gw", "ss", "-Hltn").stdout.splitlines()]
+    assert listening == ["127.0.0.1:9469"]
 
     # An EIP removed: its routes are withdrawn, in place: no session drops.
     flaps = {n: sample(daemon, "natgwd_bgp_neighbor_last_flap_timestamp_seconds", neighbor=n) for n in PEERS_ADDR}
@@ -117,9 +131,6 @@ def test_routed_eips_snat_dnat_fip_both_families(lab: Lab) -> None:
     assert kernel_route(lab, "ext", eip) is None and kernel_route(lab, "ext", eip6) is None
     events = [e["event"] for e in json_lines(daemon)]
     assert events.index("BGP announcements withdrawn") < events.index("natgwd stopped; the data plane stays in place")
-
-
-PEERS_ADDR = (EXTERNAL_HOST, EXTERNAL_HOST6)
 
 
 def json_lines(daemon: Natgwd) -> list[dict[str, Any]]:

@@ -119,3 +119,23 @@ def test_without_a_daemon_one_line_on_stderr(once: list[str], capsys: pytest.Cap
         f"natgwd top: cannot read http://{address}/metrics: connection refused "
         "(is natgwd running? --metrics-address)\n",
     )
+
+
+def test_bgp_sessions_get_a_line() -> None:
+    text = "\n".join(
+        [
+            'natgwd_bgp_neighbor_up{neighbor="10.115.55.254"} 1.0',
+            'natgwd_bgp_prefixes_announced{neighbor="10.115.55.254"} 2.0',
+            'natgwd_bgp_bfd_state{neighbor="10.115.55.254",state="up"} 1.0',
+            'natgwd_bgp_bfd_state{neighbor="10.115.55.254",state="down"} 0.0',
+            'natgwd_bgp_neighbor_up{neighbor="fd00:115::fe"} 0.0',
+            "natgwd_bgp_unannounced_prefixes 2.0",
+        ]
+    )
+    scrape = parse(text, at=1.0)
+    lines = render(scrape, scrape, "open", 200, 40)
+    assert lines[2] == (
+        "BGP 10.115.55.254 up (2 announced, BFD up)   fd00:115::fe DOWN (0 announced)"
+        "   2 owned EIP prefixes NOT announced"
+    )
+    assert not any(line.startswith("BGP") for line in render(parse("", 1.0), parse("", 2.0), "open", 200, 40))
