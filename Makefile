@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # Debian's packages: the nftables binding is only packaged there (not on PyPI).
 APT_PACKAGES := nftables libnftables1 python3-nftables python3-venv iproute2 conntrack \
 	iputils-ping curl tcpdump iperf3 systemd iptables gcc libc6-dev \
-	podman buildah runc debootstrap systemd-container procps keepalived conntrackd prometheus shellcheck
+	podman buildah runc debootstrap systemd-container procps keepalived conntrackd prometheus shellcheck \
+	frr bird2
 PYTEST_ARGS ?= -n 2
 
 .PHONY: deps venv demo test test-unit test-image image lint bench clean

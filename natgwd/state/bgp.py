@@ -66,10 +66,11 @@ class BgpConfig:
 
 
 def parse_bgp(
-    section: dict[str, Any], state_externals: tuple[ExternalSide, ...], own: Iterable[IPAddress]
+    section: dict[str, Any], state_externals: tuple[ExternalSide, ...], own: Iterable[IPAddress], paired: bool = False
 ) -> tuple[BgpConfig | None, list[tuple[str, str]]]:
     """The section (already shaped by the JSON Schema) as a BgpConfig, or the problems
-    found as (path, reason). `own`: the gateway's addresses (no neighbour may be one)."""
+    found as (path, reason). `own`: the gateway's addresses (no neighbour may be one);
+    `paired`: the state has an ha section."""
     problems: list[tuple[str, str]] = []
     asn = _asn(section["asn"], "$.bgp.asn", problems)
     router_id = None
@@ -89,6 +90,10 @@ def parse_bgp(
             problems.append((f"$.bgp.neighbors[{index}].address", f"duplicates neighbors[{seen[neighbor.address]}]"))
             continue
         seen[neighbor.address] = index
+        if paired and neighbor.graceful_restart:
+            # The neighbour would keep a dead member's routes for the restart time instead
+            # of turning to the member that took over.
+            problems.append((f"$.bgp.neighbors[{index}].gracefulRestart", "must be off in an HA pair (ha section)"))
         neighbors.append(neighbor)
     if problems or asn is None:
         return None, problems

@@ -112,6 +112,15 @@ def test_routed_eips_snat_dnat_fip_both_families(lab: Lab) -> None:
     listening = [line.split()[3] for line in lab.exec("gw", "ss", "-Hltn").stdout.splitlines()]
     assert listening == ["127.0.0.1:9469"]
 
+    # bgpd killed: the supervisor starts it again and it announces what it announced.
+    bgpd = int((run_dir / "bgpd.pid").read_text())
+    lab.exec("gw", "kill", "-9", str(bgpd))
+    wait_for(lambda: sample(daemon, "natgwd_bgp_process_restarts_total", process="bgpd") == 1, "bgpd restarted")
+    bird.wait_established("gw4", "gw6")
+    wait_route(lab, "ext", fip, GW)
+    wait_route(lab, "ext", fip6, GW6)
+    assert [e["process"] for e in events_named(daemon, "child exited")] == ["bgpd"]
+
     # An EIP removed: its routes are withdrawn, in place: no session drops.
     flaps = {n: sample(daemon, "natgwd_bgp_neighbor_last_flap_timestamp_seconds", neighbor=n) for n in PEERS_ADDR}
     smaller = copy.deepcopy(state)

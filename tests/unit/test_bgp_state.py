@@ -129,3 +129,24 @@ def test_a_neighbour_of_a_family_the_gateway_has_no_address_of_is_refused() -> N
 def test_an_eip_flag_must_be_a_boolean() -> None:
     found = problems(state_with(section(), bgp="true"))
     assert found["$.eips[0].bgp"] == "must be a boolean"
+
+
+def test_graceful_restart_is_refused_in_an_ha_pair() -> None:
+    state = state_with(section())
+    state["external"]["addresses"] = ["10.115.48.1/21"]
+    del state["external"]["gateway6"]
+    state["eips"] = [{"name": e["name"], "v4ip": e["v4ip"]} for e in state["eips"]]
+    for key in ("snat", "dnat", "fip"):
+        state[key] = [r for r in state[key] if ":" not in r.get("internalIp", r.get("internalCIDR", ""))]
+    state["internal"] = {"interface": "net1", "addresses": ["172.20.10.254/24"]}
+    state["ha"] = {
+        "interface": "sync0",
+        "virtualRouterId": 51,
+        "members": [{"address": "169.254.64.1", "priority": 150}, {"address": "169.254.64.2", "priority": 100}],
+    }
+    state["bgp"]["neighbors"] = [{"address": "10.115.55.254", "remoteAsn": 65000, "gracefulRestart": True}]
+    found = problems(state)
+    assert found == {"$.bgp.neighbors[0].gracefulRestart": "must be off in an HA pair (ha section)"}
+    state["bgp"]["neighbors"][0]["gracefulRestart"] = False
+    loaded = load_state(json.dumps(state).encode())
+    assert loaded.bgp is not None and loaded.ha is not None
