@@ -199,3 +199,12 @@ def test_a_wrong_asn_or_password_is_reported_and_recovers(lab: Lab) -> None:
     wait_route(lab, "ext", eip, GW)
     daemon.wait_ready(timeout=30)
     assert host_of(tcp_get(lab, "vm1", EXTERNAL_HOST, UPSTREAM_PORT)) == eip
+
+    # The bgp section removed: FRR stops (its routes go with the sessions), natgwd forwards on.
+    without = routed_state(NEIGHBORS)
+    del without["bgp"]
+    daemon.write_state(without)
+    wait_route(lab, "ext", eip, None)
+    wait_for(lambda: "bgp" not in readiness(daemon)[1] and readiness(daemon)[0] == 200, "no BGP in /readyz")
+    wait_for(lambda: not any(name.startswith("natgwd_bgp_") for name in daemon.metrics()), "no BGP metrics")
+    assert [e["process"] for e in events_named(daemon, "child stopped")][-3:] == ["bgpd", "bfdd", "zebra"]

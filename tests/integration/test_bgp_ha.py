@@ -106,11 +106,14 @@ def lab() -> Iterator[BgpHaLab]:
 def start_flows(pair: Pair) -> dict[str, Flow]:
     pair.lab.serve("vm1", tcp=[80])
     pair.lab.serve("ext", tcp=[9000], udp=[9001])
-    flows = {}
-    for name, (role, proto, address, port) in FLOWS.items():
-        flows[name] = start_flow(pair.lab, role, proto, address, port, name)
-        flows[name].wait_more(10)
-    return flows
+    return {name: new_flow(pair, name, name) for name in FLOWS}
+
+
+def new_flow(pair: Pair, kind: str, name: str) -> Flow:
+    role, proto, address, port = FLOWS[kind]
+    flow = start_flow(pair.lab, role, proto, address, port, name)
+    flow.wait_more(10)
+    return flow
 
 
 def holds(lab: HaLab, role: str, flows: dict[str, Flow]) -> bool:
@@ -142,6 +145,8 @@ def failovers(pair: Pair, flows: dict[str, Flow], rounds: int) -> list[dict[str,
             except (AssertionError, pytest.fail.Exception):
                 lost.append(name)
         results.append({"round": number + 1, "route_moved_seconds": round(route_moved, 3), "gaps": gaps, "lost": lost})
+        for name in lost:  # a new connection for the next round
+            flows[name] = new_flow(pair, name, f"{name}-{number + 1}")
         for interface in ("net1", "net2", "sync0"):
             lab.exec(active, "ip", "link", "set", interface, "up")
         pair.start(active, "backup")
