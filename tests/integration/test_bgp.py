@@ -208,3 +208,29 @@ def test_a_wrong_asn_or_password_is_reported_and_recovers(lab: Lab) -> None:
     wait_for(lambda: "bgp" not in readiness(daemon)[1] and readiness(daemon)[0] == 200, "no BGP in /readyz")
     wait_for(lambda: not any(name.startswith("natgwd_bgp_") for name in daemon.metrics()), "no BGP metrics")
     assert [e["process"] for e in events_named(daemon, "child stopped")][-3:] == ["bgpd", "bfdd", "zebra"]
+
+
+def test_the_lab_server_outlives_an_answer_it_cannot_route() -> None:
+    """Between a withdrawal and the next announcement the upstream router (where the lab's
+    far-end server runs) has no route to an EIP: a UDP answer then fails with "network
+    unreachable". The server must drop that answer and go on serving, or its TCP
+    connections are reset too (which the failover series saw as lost flows)."""
+    with Lab() as lab:
+        lab.serve("ext", udp=[UPSTREAM_PORT])
+        lab.exec("gw", "ip", "addr", "add", f"{GW}/21", "dev", "net2")
+        lab.exec("gw", "ip", "addr", "add", f"{ROUTED['my-eip'][0]}/32", "dev", "lo")
+        lab.exec("gw", "ip", "link", "set", "net2", "up")
+        script = (
+            "import socket,sys\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "s.bind((sys.argv[1],0))\n"
+            "s.settimeout(3)\n"
+            f"s.sendto(b'x',({EXTERNAL_HOST!r},{UPSTREAM_PORT}))\n"
+            "try:\n"
+            "    print(s.recv(100).decode())\n"
+            "except OSError:\n"
+            "    print('no answer')\n"
+        )
+        answer = lab.exec("gw", sys.executable, "-c", script, ROUTED["my-eip"][0]).stdout.strip()
+        assert answer == "no answer"  # ext has no route to the EIP
+        assert host_of(lab.exec("gw", sys.executable, "-c", script, GW).stdout.strip()) == GW
