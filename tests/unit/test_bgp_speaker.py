@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from natgwd.bgp.ownership import Claims, SoleOwner
 from natgwd.bgp.render import bfdd_conf, bgpd_conf, network_commands
 from natgwd.bgp.speaker import Snapshot, _announcements
-from natgwd.bgp.status import NeighborStatus, bfd_peers, decode_all, neighbors, originated
+from natgwd.bgp.status import NeighborStatus, bfd_peers, decode_all, format_neighbors, neighbors, originated
 from natgwd.ha.controller import HaController
 from natgwd.lab.topology import DUAL_STACK_STATE, SEED_STATE
 from natgwd.state.validation import load_state
@@ -162,3 +162,15 @@ def test_the_ha_pair_owns_by_role(tmp_path: Path, role: str, claims: Claims) -> 
     # Without an ha section the gateway is alone: it owns everything, as SoleOwner says.
     alone = load_state(json.dumps(SEED_STATE).encode())
     assert controller.claims(alone) == SoleOwner().claims(alone) == Claims(frozenset({"my-eip", "my-eip2"}))
+
+
+def test_status_table() -> None:
+    now = 1796666519.0
+    found = neighbors(decode_all(NEIGHBORS_JSON)[0], now=now)
+    found["fd00:115::fe"] = NeighborStatus(**{**vars(found["fd00:115::fe"]), "bfd": "down"})
+    assert format_neighbors(found, {V6, V4}, now=now).splitlines() == [
+        "NEIGHBOR       STATE        BFD   ANNOUNCED  ACCEPTED  SINCE  LAST ERROR",
+        "10.115.55.254  Established  -     2          1         100s",
+        "fd00:115::fe   Active       down  0          0         5s     BFD down received",
+        "originated: 198.19.100.10/32, fd00:119::10/128",
+    ]
