@@ -26,6 +26,7 @@ IN = "NATGWD-IN"
 TAG = 4242  # marks natgwd's own routes (a route map tag never leaves the speaker)
 HEADER = "! Written by natgwd from the desired state; changes here are overwritten."
 AFI = {4: "ipv4", 6: "ipv6"}
+CONNECT_RETRY_SECONDS = 2
 
 # prefix -> announced as standby (True) or as owner (False)
 Announcements = Mapping[IPNetwork, bool]
@@ -132,7 +133,14 @@ def bgpd_conf(bgp: BgpConfig, router_id: IPv4Address, announcements: Announcemen
 def _neighbor_lines(neighbor: BgpNeighbor) -> list[str]:
     name = f"neighbor {neighbor.address}"
     keepalive = max(neighbor.hold_time // 3, 1) if neighbor.hold_time else 0
-    lines = [f"{name} remote-as {neighbor.remote_asn}", f"{name} timers {keepalive} {neighbor.hold_time}"]
+    lines = [
+        f"{name} remote-as {neighbor.remote_asn}",
+        f"{name} timers {keepalive} {neighbor.hold_time}",
+        # bgpd listens nowhere: only its own attempts make a session, and FRR's default
+        # retry (120 s) kept a member away that long when the neighbour refused once
+        # (BIRD does while it waits after a BFD failure).
+        f"{name} timers connect {CONNECT_RETRY_SECONDS}",
+    ]
     if neighbor.password is not None:
         lines.append(f"{name} password {neighbor.password}")
     if neighbor.bfd is not None:

@@ -179,7 +179,7 @@ def test_planned_switchover_withdraws_first_and_loses_nothing(lab: BgpHaLab) -> 
     pair = Pair(lab, standby_prepend=2)
     flows = start_flows(pair)
     wait_for(lambda: holds(lab, "gwb", flows), "gwb to hold every flow")
-    stopped_at = time.time()
+    stopped_at = time.monotonic()
     assert pair.members["gwa"].stop(signal.SIGTERM) == 0
     wait_role(pair.members["gwb"], "master", timeout=10)
     wait_for(lambda: pair.routed_via() == OWN["gwb"], "the route via gwb")
@@ -190,7 +190,7 @@ def test_planned_switchover_withdraws_first_and_loses_nothing(lab: BgpHaLab) -> 
     assert len(withdrawn) == 1
     became_master = [e for e in events_named(pair.members["gwb"], "HA role changed") if e["role"] == "master"]
     assert withdrawn[0]["timestamp"] < became_master[-1]["timestamp"]
-    assert stopped_at < time.time()
+    print(f"switchover: largest gaps { {name: flow.largest_gap(stopped_at) for name, flow in flows.items()} }")
     # gwb now announces as the owner: the short path.
     wait_for(lambda: pair.paths() == ["65001"], "gwb's path as the owner's")
 

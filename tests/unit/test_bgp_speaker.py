@@ -43,6 +43,7 @@ def test_bgpd_conf_sessions_policy_and_announcements() -> None:
         " no bgp network import-check",
         " neighbor 10.115.55.254 remote-as 65000",
         " neighbor 10.115.55.254 timers 3 9",
+        " neighbor 10.115.55.254 timers connect 2",
         " neighbor 10.115.55.254 password s3cret",
         " neighbor 10.115.55.254 bfd profile natgwd-100-300-3",
         " neighbor fd00:115::fe timers 30 90",
