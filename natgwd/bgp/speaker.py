@@ -25,7 +25,7 @@ import pwd
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ WITHDRAW_POLL_SECONDS = 0.05
 WITHDRAW_TIMEOUT_SECONDS = 3.0
 FRR_USER = "frr"
 STARTUP_WAIT_SECONDS = 3.0
+FLAP_JITTER_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,9 @@ class BgpSpeaker:
         state = self._state
         with_bfd = {str(n.address) for n in state.bgp.neighbors if n.bfd} if state and state.bgp else set()
         bfdd = statuses.get("bfdd")
-        return self._vtysh.neighbors(with_bfd, ask_bfdd=bfdd is not None and bfdd.up)
+        found = self._vtysh.neighbors(with_bfd, ask_bfdd=bfdd is not None and bfdd.up)
+        before = self._snapshot.neighbors if self._snapshot is not None else {}
+        return {address: _steady(status, before.get(address)) for address, status in found.items()}
 
     def _log_changes(self, before: Snapshot | None, after: Snapshot) -> None:
         old = before.neighbors if before else {}
@@ -377,6 +380,16 @@ def _announcements(
             for address in eip.addresses:
                 wanted[host_prefix(address)] = eip.name not in owned
     return wanted
+
+
+def _steady(status: NeighborStatus, before: NeighborStatus | None) -> NeighborStatus:
+    """`status` with the last flap time seen before, unless the session flapped since:
+    FRR derives that time from the uptime at each query, so it wanders by a second."""
+    if before is None or before.state != status.state or before.last_change is None or status.last_change is None:
+        return status
+    if abs(status.last_change - before.last_change) > FLAP_JITTER_SECONDS:
+        return status
+    return replace(status, last_change=before.last_change)
 
 
 def _first_ipv4(state: DesiredState) -> IPv4Address | None:

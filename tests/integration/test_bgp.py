@@ -122,6 +122,8 @@ def test_routed_eips_snat_dnat_fip_both_families(lab: Lab) -> None:
     assert [e["process"] for e in events_named(daemon, "child exited")] == ["bgpd"]
 
     # An EIP removed: its routes are withdrawn, in place: no session drops.
+    for neighbor in PEERS_ADDR:
+        wait_for(lambda n=neighbor: sample(daemon, "natgwd_bgp_neighbor_up", neighbor=n) == 1, f"{neighbor} up")  # type: ignore[misc]
     flaps = {n: sample(daemon, "natgwd_bgp_neighbor_last_flap_timestamp_seconds", neighbor=n) for n in PEERS_ADDR}
     smaller = copy.deepcopy(state)
     smaller["eips"] = [e for e in smaller["eips"] if e["name"] != "my-eip2"]

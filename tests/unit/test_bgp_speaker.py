@@ -175,3 +175,13 @@ def test_status_table() -> None:
         "fd00:115::fe   Active       down  0          0         5s     BFD down received",
         "originated: 198.19.100.10/32, fd00:119::10/128",
     ]
+
+
+def test_the_last_flap_time_holds_still_until_a_flap() -> None:
+    from natgwd.bgp.speaker import _steady
+
+    before = NeighborStatus("a", "Established", 1, 0, 1000.0, None)
+    assert _steady(NeighborStatus("a", "Established", 1, 0, 1001.0, None), before).last_change == 1000.0
+    # Down and up again between two looks: FRR's time moved far.
+    assert _steady(NeighborStatus("a", "Established", 1, 0, 1030.0, None), before).last_change == 1030.0
+    assert _steady(NeighborStatus("a", "Active", 0, 0, 1001.0, None), before).last_change == 1001.0
