@@ -89,6 +89,9 @@ def bgpd_conf(bgp: BgpConfig, router_id: IPv4Address, announcements: Announcemen
         HEADER,
         "frr defaults traditional",
         "log stdout informational",
+        # A network statement's route map is applied by the route-map update timer (5 s by
+        # default): a member that became active announced up to 3 s late (measured).
+        "bgp route-map delay-timer 0",
         f"router bgp {bgp.asn}",
         f" bgp router-id {router_id}",
         " no bgp default ipv4-unicast",

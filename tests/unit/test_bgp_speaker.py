@@ -38,6 +38,7 @@ def test_bgpd_conf_sessions_policy_and_announcements() -> None:
     text = bgpd_conf(state.bgp, IPv4Address("10.115.48.1"), {V4: False, V6: True})
     lines = text.splitlines()
     for line in (
+        "bgp route-map delay-timer 0",
         "router bgp 65001",
         " bgp router-id 10.115.48.1",
         " no bgp network import-check",
