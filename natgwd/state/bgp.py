@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, Literal
 
+from natgwd.state.problems import Problems
+
 if TYPE_CHECKING:
     from natgwd.state.model import DesiredState, Eip, ExternalSide, IPAddress
 
@@ -66,19 +68,23 @@ class BgpConfig:
 
 
 def parse_bgp(
-    section: dict[str, Any], state_externals: tuple[ExternalSide, ...], own: Iterable[IPAddress], paired: bool = False
-) -> tuple[BgpConfig | None, list[tuple[str, str]]]:
-    """The section (already shaped by the JSON Schema) as a BgpConfig, or the problems
-    found as (path, reason). `own`: the gateway's addresses (no neighbour may be one);
-    `paired`: the state has an ha section."""
-    problems: list[tuple[str, str]] = []
+    section: dict[str, Any],
+    state_externals: tuple[ExternalSide, ...],
+    own: Iterable[IPAddress],
+    problems: Problems,
+    paired: bool = False,
+) -> BgpConfig | None:
+    """The section (already shaped by the JSON Schema) as a BgpConfig, or None with the
+    problems found added to `problems`. `own`: the gateway's addresses (no neighbour may be
+    one); `paired`: the state has an ha section."""
+    known = len(problems)
     asn = _asn(section["asn"], "$.bgp.asn", problems)
     router_id = None
     if "routerId" in section:
         try:
             router_id = IPv4Address(section["routerId"])
         except AddressValueError:
-            problems.append(("$.bgp.routerId", f"{section['routerId']!r} is not an IPv4 address (BGP router ids are)"))
+            problems.add("$.bgp.routerId", f"{section['routerId']!r} is not an IPv4 address (BGP router ids are)")
     own_addresses = set(own)
     neighbors: list[BgpNeighbor] = []
     seen: dict[IPAddress, int] = {}
@@ -87,31 +93,28 @@ def parse_bgp(
         if neighbor is None:
             continue
         if neighbor.address in seen:
-            problems.append((f"$.bgp.neighbors[{index}].address", f"duplicates neighbors[{seen[neighbor.address]}]"))
+            problems.add(f"$.bgp.neighbors[{index}].address", f"duplicates neighbors[{seen[neighbor.address]}]")
             continue
         seen[neighbor.address] = index
         if paired and neighbor.graceful_restart:
             # The neighbour would keep a dead member's routes for the restart time instead
             # of turning to the member that took over.
-            problems.append((f"$.bgp.neighbors[{index}].gracefulRestart", "must be off in an HA pair (ha section)"))
+            problems.add(f"$.bgp.neighbors[{index}].gracefulRestart", "must be off in an HA pair (ha section)")
         neighbors.append(neighbor)
-    if problems or asn is None:
-        return None, problems
-    return (
-        BgpConfig(
-            asn=asn,
-            router_id=router_id,
-            neighbors=tuple(neighbors),
-            announce=section.get("announce", "all"),
-            standby_prepend=section.get("standbyPrepend", 0),
-        ),
-        [],
+    if len(problems) > known or asn is None:
+        return None
+    return BgpConfig(
+        asn=asn,
+        router_id=router_id,
+        neighbors=tuple(neighbors),
+        announce=section.get("announce", "all"),
+        standby_prepend=section.get("standbyPrepend", 0),
     )
 
 
-def _asn(value: int, path: str, problems: list[tuple[str, str]]) -> int | None:
+def _asn(value: int, path: str, problems: Problems) -> int | None:
     if not 1 <= value <= ASN_MAX:
-        problems.append((path, f"must be between 1 and {ASN_MAX} (a 4-byte AS number), not {value}"))
+        problems.add(path, f"must be between 1 and {ASN_MAX} (a 4-byte AS number), not {value}")
         return None
     return value
 
@@ -121,27 +124,27 @@ def _neighbor(
     path: str,
     externals: tuple[ExternalSide, ...],
     own: set[IPAddress],
-    problems: list[tuple[str, str]],
+    problems: Problems,
 ) -> BgpNeighbor | None:
-    before = len(problems)
+    known = len(problems)
     text = item["address"]
     address: IPAddress | None = None
     try:
         address = IPv6Address(text) if ":" in text else IPv4Address(text)
     except AddressValueError as err:
-        problems.append((f"{path}.address", f"not a valid IP address: {err}"))
+        problems.add(f"{path}.address", f"not a valid IP address: {err}")
     if address is not None:
         _session_family(address, f"{path}.address", externals, own, problems)
     remote_asn = _asn(item["remoteAsn"], f"{path}.remoteAsn", problems)
     password = item.get("password")
     if password is not None and any(c.isspace() for c in password):
         # FRR takes the password as one word, and a TCP MD5 key is matched byte for byte.
-        problems.append((f"{path}.password", "must not contain spaces"))
+        problems.add(f"{path}.password", "must not contain spaces")
     hold = item.get("holdTime", HOLD_TIME_DEFAULT)
     if hold != 0 and not 3 <= hold <= 65535:
-        problems.append((f"{path}.holdTime", f"must be 0 (no keepalives) or 3 to 65535 seconds (RFC 4271), not {hold}"))
+        problems.add(f"{path}.holdTime", f"must be 0 (no keepalives) or 3 to 65535 seconds (RFC 4271), not {hold}")
     bfd = _bfd(item.get("bfd"), f"{path}.bfd", problems)
-    if len(problems) > before or address is None or remote_asn is None:
+    if len(problems) > known or address is None or remote_asn is None:
         return None
     return BgpNeighbor(address, remote_asn, password, hold, bfd, item.get("gracefulRestart", False))
 
@@ -151,27 +154,27 @@ def _session_family(
     path: str,
     externals: tuple[ExternalSide, ...],
     own: set[IPAddress],
-    problems: list[tuple[str, str]],
+    problems: Problems,
 ) -> None:
     family = f"IPv{address.version}"
     if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_link_local:
-        problems.append((path, f"{address} is not a usable unicast neighbour address"))
+        problems.add(path, f"{address} is not a usable unicast neighbour address")
         return
     if address in own:
-        problems.append((path, f"{address} is one of this gateway's own addresses"))
+        problems.add(path, f"{address} is one of this gateway's own addresses")
         return
     same_family = [a for n in externals for a in n.addresses if a.version == address.version]
     if not same_family:
-        problems.append(
-            (path, f"an {family} neighbour needs an {family} session, but no external network has an {family} address")
+        problems.add(
+            path, f"an {family} neighbour needs an {family} session, but no external network has an {family} address"
         )
         return
     if not any(address in a.network for a in same_family):
         subnets = ", ".join(str(a.network) for a in same_family)
-        problems.append((path, f"{address} is in no external {family} subnet ({subnets}): sessions are single-hop"))
+        problems.add(path, f"{address} is in no external {family} subnet ({subnets}): sessions are single-hop")
 
 
-def _bfd(value: dict[str, Any] | None, path: str, problems: list[tuple[str, str]]) -> Bfd | None:
+def _bfd(value: dict[str, Any] | None, path: str, problems: Problems) -> Bfd | None:
     if value is None or not value.get("enabled", True):
         return None
     low, high = BFD_INTERVAL_RANGE
@@ -179,10 +182,10 @@ def _bfd(value: dict[str, Any] | None, path: str, problems: list[tuple[str, str]
     for name, default in (("minRx", BFD_DEFAULT_INTERVAL), ("minTx", BFD_DEFAULT_INTERVAL)):
         fields[name] = value.get(name, default)
         if not low <= fields[name] <= high:
-            problems.append((f"{path}.{name}", f"must be {low} to {high} milliseconds, not {fields[name]}"))
+            problems.add(f"{path}.{name}", f"must be {low} to {high} milliseconds, not {fields[name]}")
     multiplier = value.get("multiplier", BFD_DEFAULT_MULTIPLIER)
     if not BFD_MULTIPLIER_RANGE[0] <= multiplier <= BFD_MULTIPLIER_RANGE[1]:
-        problems.append((f"{path}.multiplier", f"must be {BFD_MULTIPLIER_RANGE[0]} to {BFD_MULTIPLIER_RANGE[1]}"))
+        problems.add(f"{path}.multiplier", f"must be {BFD_MULTIPLIER_RANGE[0]} to {BFD_MULTIPLIER_RANGE[1]}")
     return Bfd(fields["minRx"], fields["minTx"], multiplier)
 
 

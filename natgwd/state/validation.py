@@ -498,12 +498,8 @@ class _Semantics:
         if "bgp" not in self.doc:
             return None
         own = [a.ip for n in self.networks for a in n.addresses] + [a.ip for a in internal.addresses]
-        bgp, problems = parse_bgp(
-            self.doc["bgp"], self.networks, [*own, *(a for e in eips for a in e.addresses)], paired="ha" in self.doc
-        )
-        for path, reason in problems:
-            self.problems.add(path, reason)
-        return bgp
+        own += [a for e in eips for a in e.addresses]
+        return parse_bgp(self.doc["bgp"], self.networks, own, self.problems, paired="ha" in self.doc)
 
     # addresses -------------------------------------------------------------------------
 
