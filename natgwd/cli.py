@@ -19,9 +19,10 @@ from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
-# Loopback: the drop-in's pod spec (the controller's) cannot pass an address, and any other
-# default would serve every rule name and counter on the EIPs or the external network.
-METRICS_ADDRESS = "127.0.0.1:9469"
+# Loopback and the pod's own address (natgwd.runtime.listeners): the drop-in's pod spec (the
+# controller's) cannot pass an address, and 0.0.0.0 would serve every rule name and counter
+# on the EIPs and the external network.
+METRICS_ADDRESS = "auto:9469"
 BGP_RUN_DIR = "/run/natgwd/bgp"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
@@ -269,8 +270,9 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-address",
         default=os.environ.get("NATGWD_METRICS_ADDRESS") or METRICS_ADDRESS,
         help=(
-            "host:port for /metrics, /healthz, /readyz (default: $NATGWD_METRICS_ADDRESS, else "
-            f"{METRICS_ADDRESS}: never the EIPs or the external network; a pod passes its own address)"
+            "host:port for /metrics, /healthz, /readyz; auto:PORT: 127.0.0.1 and, once a state is applied, "
+            "eth0's addresses unless eth0 is external, holds an EIP or the address is in an external network "
+            f"(default: $NATGWD_METRICS_ADDRESS, else {METRICS_ADDRESS})"
         ),
     )
     run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address, ip_interface, ip_network
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from natgwd.planning.links import LinkPlan, RouteSpec
 from natgwd.planning.policy import PolicyRule
-from natgwd.state.model import IPInterface, IPNetwork
+from natgwd.state.model import IPAddress, IPInterface, IPNetwork
 
 NATGWD_PROTO = 249  # unassigned in iproute2's rt_protos; marks what natgwd added
 RTNH_F_ONLINK = 4
@@ -410,3 +410,25 @@ class KernelLinks:
                     raise
                 deleted += 1
             return deleted
+
+
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+
+
+def usable_addresses(name: str) -> list[IPAddress]:
+    """The interface's global-scope addresses, both families, that a socket can bind now
+    (not tentative, not failed duplicate address detection); none if it does not exist.
+    Raises OSError when netlink cannot answer."""
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            messages = ipr.get_addr(index=found[0]) if found else []
+    except NetlinkError as err:
+        raise OSError(err.code, str(err)) from None
+    usable = []
+    for msg in messages:
+        flags = msg.get("IFA_FLAGS") or msg["flags"]
+        if msg["scope"] == 0 and not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            usable.append(ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")))
+    return usable

@@ -11,7 +11,7 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -27,6 +27,7 @@ from natgwd.bgp.ownership import Ownership, SoleOwner
 from natgwd.bgp.speaker import BgpSpeaker
 from natgwd.ha.controller import HaController
 from natgwd.kernel.garp import Announcer
+from natgwd.kernel.netlink import usable_addresses
 from natgwd.kernel.nft import NftError
 from natgwd.kubeovn.shim.endpoint import ADDRESS as EDIT_ADDRESS
 from natgwd.kubeovn.shim.endpoint import EditEndpoint
@@ -38,15 +39,16 @@ from natgwd.planning.plan import Endpoint
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime import applied
 from natgwd.runtime.changes import changed_names
-from natgwd.runtime.endpoints import serve
+from natgwd.runtime.endpoints import Endpoints, close
 from natgwd.runtime.files import read_state_file
 from natgwd.runtime.instance import AlreadyRunningError, Claim
+from natgwd.runtime.listeners import MetricsListeners
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.startup import Exit, StartupError, listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
-from natgwd.state.model import DesiredState
+from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import Change, StateTracker
 from natgwd.state.validation import InvalidStateError, Problem, validate_document
 
@@ -63,7 +65,7 @@ STALL_SECONDS = 120.0
 @dataclass(frozen=True)
 class DaemonConfig:
     state_path: Path
-    metrics_address: tuple[str, int]
+    metrics_address: tuple[str, int]  # host "auto": natgwd.runtime.listeners
     resync_interval: float
     applied_state_path: Path | None = None
     allow_writable_state: bool = False
@@ -80,8 +82,13 @@ class Daemon:
         make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
         make_watch: MakeWatch | None = None,
         make_bgp: Callable[[Ownership], BgpSpeaker] | None = None,
+        read_addresses: Callable[[str], Sequence[IPAddress]] | None = None,
     ) -> None:
         self.config = config
+        endpoints = Endpoints(self.exposition, self.readiness, self.liveness)
+        self.listeners = MetricsListeners(
+            config.metrics_address, endpoints.listen, close, read_addresses or usable_addresses
+        )
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
 
@@ -144,11 +151,11 @@ class Daemon:
 
     def _run(self) -> int:
         try:
-            server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
+            self.listeners.start()
         except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
             raise listen_error(self.config.metrics_address, err) from None
         endpoint = self._start_edit_endpoint()
-        self.reconciler.untracked = own_endpoints(server.server_address, endpoint is not None)
+        self.reconciler.set_untracked(own_endpoints(self.listeners.addresses, endpoint is not None))
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
@@ -161,7 +168,7 @@ class Daemon:
         log.info(
             "natgwd started",
             state=str(self.config.state_path),
-            metrics="{}:{}".format(*server.server_address[:2]),
+            metrics=["{}:{}".format(*address) for address in self.listeners.addresses],
             resync_interval=self.config.resync_interval,
         )
         try:
@@ -189,8 +196,7 @@ class Daemon:
             waker.stop()
             if self.watch is not None:
                 self.watch.stop()
-            server.shutdown()
-            server.server_close()
+            self.listeners.stop()
         log.info("natgwd stopped; the data plane stays in place")
         return 0
 
@@ -305,7 +311,7 @@ class Daemon:
         self.metrics.desired_state_valid.set(1)
         state = change.state
         try:
-            outcome = self.reconciler.apply(state, change.delta, change.base)
+            outcome = self._apply_change(change)
         except (NftError, OSError) as err:
             self._failed(f"applying the desired state failed: {err}")
             return
@@ -343,7 +349,7 @@ class Daemon:
         """Validate and apply a document an edit produced: only its changed rules are
         checked and planned (it keeps the other rules' very objects)."""
         change = self.tracker.check_document(document)
-        outcome = self.reconciler.apply(change.state, change.delta, change.base)
+        outcome = self._apply_change(change)
         self.tracker.accept(change)
         _log_changes(change, "a nat-gateway.sh call")
         self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
@@ -369,6 +375,24 @@ class Daemon:
         extends, logged = self.edits.logged_on()
         self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
 
+    def _apply_change(self, change: Change) -> Outcome:
+        """Apply a checked change, listening for /metrics only where it allows: closed
+        before the change where it forbids (the address becomes an EIP or external),
+        opened once it is applied where it allows."""
+        self._follow_listeners(change.state, widen=False)
+        outcome = self.reconciler.apply(change.state, change.delta, change.base)
+        self._follow_listeners(change.state, widen=True)
+        return outcome
+
+    def _follow_listeners(self, state: DesiredState, widen: bool, reread: bool = False) -> None:
+        """natgwd.runtime.listeners.MetricsListeners.follow, and the untracked endpoints with
+        it: before an apply, its table has them; after one, they are applied at once (a
+        full plan of the same state: the chains alone change)."""
+        if self.listeners.follow(state, widen, reread):
+            self.reconciler.set_untracked(own_endpoints(self.listeners.addresses, self.edits is not None))
+            if widen:
+                self.reconciler.apply(state)
+
     def _edits_written(self, data: bytes) -> None:
         """The edit service rewrote the state file as the applied document: no change to
         apply (the watcher's recheck re-reads it quietly)."""
@@ -386,6 +410,8 @@ class Daemon:
             self._verify_deltas()
         started = time.monotonic()
         try:
+            # eth0's addresses may have changed since the last apply.
+            self._follow_listeners(self.reconciler.state, widen=True, reread=True)
             outcome = self.reconciler.resync()
         except (NftError, OSError) as err:
             self._failed(f"resync failed: {err}")
@@ -540,15 +566,16 @@ def _log_changes(change: Change, source: str) -> None:
         log.info("desired state changed", source=source, **names)
 
 
-def own_endpoints(metrics: tuple[Any, ...], edits: bool) -> tuple[Endpoint, ...]:
+def own_endpoints(metrics: Sequence[tuple[str, int]], edits: bool) -> tuple[Endpoint, ...]:
     """natgwd's listening addresses, to keep out of conntrack: /metrics where it is bound
     (on every address: its loopback ones only, never the EIPs, which NAT needs tracked),
     and the edit endpoint's loopback address (whatever its port, which may change with
     every start: the rules stay the same, and a restart changes nothing in the table)."""
-    address, port = ip_address(metrics[0]), int(metrics[1])
-    found: list[Endpoint] = (
-        [(IPv4Address("127.0.0.1"), port), (IPv6Address("::1"), port)] if address.is_unspecified else [(address, port)]
-    )
+    found: list[Endpoint] = []
+    for host, port in metrics:
+        address = ip_address(host)
+        loopback: list[IPv4Address | IPv6Address] = [IPv4Address("127.0.0.1"), IPv6Address("::1")]
+        found += [(a, port) for a in (loopback if address.is_unspecified else [address])]
     if edits:
         found.append((IPv4Address(EDIT_ADDRESS), None))
     return tuple(found)

@@ -108,7 +108,7 @@ class Reconciler:
         self._must_read = True  # memory says nothing about the kernel until it was read
         self._resyncs = 0
         self.state: DesiredState | None = None
-        # natgwd's own endpoints, kept out of conntrack; set once they listen, before the first sync.
+        # natgwd's own endpoints, kept out of conntrack (set_untracked).
         self.untracked: tuple[Endpoint, ...] = ()
         self._plan: TablePlan | None = None  # the applied state's table
         self._written: TableContents | None = None  # the kernel's table, unless _must_read (None: no table)
@@ -116,6 +116,14 @@ class Reconciler:
         self._highest_id = 0
         self._counters = CounterMemory()
         self._lock = threading.Lock()
+
+    def set_untracked(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """natgwd's own endpoints from now on: the next apply plans the table in full
+        (a resync would count the difference as drift)."""
+        with self._lock:
+            if endpoints != self.untracked:
+                self.untracked = endpoints
+                self._plan = None
 
     # --- syncing --------------------------------------------------------------------
 

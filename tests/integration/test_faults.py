@@ -144,7 +144,7 @@ def signature(contents: TableContents) -> dict[str, Any]:
 
 # The lab's natgwd serves /metrics on 127.0.0.1 and has no edit endpoint: its table keeps
 # that endpoint out of conntrack (the untracked chains), whatever the state.
-LAB_ENDPOINTS = own_endpoints(("127.0.0.1", METRICS_PORT), edits=False)
+LAB_ENDPOINTS = own_endpoints([("127.0.0.1", METRICS_PORT)], edits=False)
 
 
 def expected_signature(state: dict[str, Any]) -> dict[str, Any]:
