@@ -94,8 +94,8 @@ class MetricsListeners:
         EIPs as the last one followed changes nothing (eth0 is not read for every rule
         change). Whether the addresses listened on changed."""
         key = _key(state)
-        if not self.auto or (key == self._followed and not reread):
-            return False
+        if not self.auto or self._main is None or (key == self._followed and not reread):
+            return False  # a fixed address, not listening (yet, or any more), or nothing new
         if widen:
             self._followed = key
         try:
@@ -115,7 +115,7 @@ class MetricsListeners:
         return changed
 
     def _open(self, address: IPAddress) -> bool:
-        assert self._main is not None
+        assert self._main is not None  # follow() checked
         port = int(self._main.server_address[1])  # loopback's, also when asked for port 0
         try:
             self._pod[address] = self._listen((str(address), port), POD_INTERFACE)

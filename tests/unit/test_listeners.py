@@ -184,3 +184,15 @@ def test_unreadable_eth0_keeps_only_what_the_state_allows() -> None:
     assert set(kernel.open) == {("127.0.0.1", 9469), ("10.244.7.5", 9469)}
     assert made.follow(state(eips=[*SEED_STATE["eips"], {"name": "pod", "v4ip": str(POD)}]), widen=False)
     assert set(kernel.open) == {("127.0.0.1", 9469)}
+
+
+def test_nothing_is_opened_before_start_or_after_stop() -> None:
+    """Guards against a state applied outside `natgwd run`'s loop (or after it stopped)
+    opening a socket nobody closes."""
+    kernel = Kernel()
+    made = MetricsListeners(("auto", 9469), kernel.listen, kernel.close, kernel.read)
+    assert not made.follow(state(), widen=True)
+    made.start()
+    made.stop()
+    assert not made.follow(state(), widen=True, reread=True)
+    assert kernel.open == {}
