@@ -441,23 +441,60 @@ class _External:
     gateway: IPv4Address | None
 
 
-class _Importer:
-    def __init__(self, objects: Sequence[Obj], options: ImportOptions) -> None:
+class Inventory:
+    """The input's objects by kind, and what became of them: each one is used for the state
+    or reported (a Finding) by the end, so nothing is dropped silently."""
+
+    def __init__(self, objects: Sequence[Obj]) -> None:
         self.objects = list(objects)
-        self.options = options
         self.findings: list[Finding] = []
-        self.by_kind: dict[str, list[Obj]] = defaultdict(list)
+        self._by_kind: dict[str, list[Obj]] = defaultdict(list)
         for obj in self.objects:
-            self.by_kind[str(obj["kind"])].append(obj)
+            self._by_kind[str(obj["kind"])].append(obj)
+        # By identity: the objects are dicts (unhashable), kept alive by self.objects.
+        self._used: set[int] = set()
+
+    def of_kind(self, kind: str) -> list[Obj]:
+        return self._by_kind.get(kind, [])
+
+    def use(self, *objects: Obj | None) -> None:
+        """These objects give (part of) the state."""
+        self._used.update(id(obj) for obj in objects if obj is not None)
 
     def report(self, severity: Severity, obj: Obj | tuple[str, str], reason: str) -> None:
         kind, name = obj if isinstance(obj, tuple) else (str(obj["kind"]), _label(obj))
         self.findings.append(Finding(severity, kind, name, reason))
 
+    def report_unused(self) -> None:
+        """Every object neither used nor reported yet gets a finding."""
+        for obj in self.objects:
+            if id(obj) not in self._used and not self._reported(obj):
+                self._unused(obj)
+
+    def _reported(self, obj: Obj) -> bool:
+        kind, name = str(obj["kind"]), _label(obj)
+        return any(f.kind == kind and f.name == name for f in self.findings)
+
+    def _unused(self, obj: Obj) -> None:
+        kind = str(obj["kind"])
+        if kind in UNSUPPORTED_KINDS:
+            self.report("warning", obj, UNSUPPORTED_KINDS[kind])
+        elif kind in CONTEXT_KINDS:
+            self.report("note", obj, "not needed for this gateway's state; ignored")
+        else:
+            self.report("warning", obj, f"kind {kind} is not something natgwd import knows; ignored")
+
+
+class _Importer:
+    def __init__(self, objects: Sequence[Obj], options: ImportOptions) -> None:
+        self.inventory = Inventory(objects)
+        self.options = options
+        self.report = self.inventory.report
+
     # gateway and surroundings ---------------------------------------------------------
 
     def gateway(self) -> Obj:
-        gateways = sorted(self.by_kind.get("VpcNatGateway", []), key=_name)
+        gateways = sorted(self.inventory.of_kind("VpcNatGateway"), key=_name)
         wanted = self.options.gateway
         if not gateways:
             raise ImportFailedError(
@@ -478,7 +515,7 @@ class _Importer:
         return chosen[0]
 
     def subnet(self, name: str) -> Obj | None:
-        for subnet in self.by_kind.get("Subnet", []):
+        for subnet in self.inventory.of_kind("Subnet"):
             if _name(subnet) == name:
                 return subnet
         return None
@@ -495,11 +532,11 @@ class _Importer:
             labelled = isinstance(labels, dict) and labels.get("app") == f"vpc-nat-gw-{gw_name}"
             return marked or labelled
 
-        pods = [p for p in self.by_kind.get("Pod", []) if belongs(_annotations(p), _meta(p).get("labels"))]
+        pods = [p for p in self.inventory.of_kind("Pod") if belongs(_annotations(p), _meta(p).get("labels"))]
         pods.sort(key=lambda p: (_section(p, "status").get("phase") != "Running", _deleting(p), _name(p)))
         workloads = []
         for kind in ("StatefulSet", "Deployment"):
-            for workload in self.by_kind.get(kind, []):
+            for workload in self.inventory.of_kind(kind):
                 template = _meta(_section(workload, "spec").get("template") or {})
                 raw = template.get("annotations")
                 annotations = {str(k): _text(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
@@ -562,19 +599,21 @@ class _Importer:
 
     def run(self) -> ImportResult:
         gw = self.gateway()
-        used: set[int] = {id(gw)}
+        self.inventory.use(gw)
         self.gateway_notes(gw)
-        around = self.surroundings(gw, used)
+        around = self.surroundings(gw)
         internal = self.internal_side(around)
         external = self.external_side(around)
-        state = self.interfaces(around, internal, external, used)
-        eips, eip_names = self.eips(around.name, around.external_subnet_name, used)
-        state = self.validated(state, eips, self.rules(eip_names, used))
+        state = self.interfaces(around, internal, external)
+        eips, eip_names = self.eips(around.name, around.external_subnet_name)
+        state = self.validated(state, eips, self.rules(eip_names))
         eip_sources = {rule.entry["name"]: rule.source for rule in eips}
-        used |= carry_qos(state, gw, eip_sources, self.by_kind.get("QoSPolicy", []), state_name, self.report)
+        self.inventory.use(
+            *carry_qos(state, gw, eip_sources, self.inventory.of_kind("QoSPolicy"), state_name, self.report)
+        )
         carry_bgp(state, gw, eip_sources, self.report)
-        self.report_unused(used)
-        return ImportResult(around.name, state, self.findings)
+        self.inventory.report_unused()
+        return ImportResult(around.name, state, self.inventory.findings)
 
     def gateway_notes(self, gw: Obj) -> None:
         """What the gateway itself asks for beyond the state."""
@@ -582,7 +621,7 @@ class _Importer:
         if int(spec.get("replicas") or 1) > 1:
             self.report("note", gw, "HA gateway: give every replica the same desired state")
 
-    def surroundings(self, gw: Obj, used: set[int]) -> _Surroundings:
+    def surroundings(self, gw: Obj) -> _Surroundings:
         spec = _section(gw, "spec")
         internal_name = _text(spec.get("subnet"))
         external_names = [_text(s) for s in spec.get("externalSubnets") or []] or [DEFAULT_EXTERNAL_SUBNET]
@@ -591,8 +630,8 @@ class _Importer:
                 "warning", gw, f"only externalSubnets[0] ({external_names[0]}) is used, as Kube-OVN does (#7134)"
             )
         internal_subnet, external_subnet = self.subnet(internal_name), self.subnet(external_names[0])
-        used.update(id(s) for s in (internal_subnet, external_subnet) if s is not None)
-        workload, annotations = self.chosen_workload(_name(gw), used)
+        self.inventory.use(internal_subnet, external_subnet)
+        workload, annotations = self.chosen_workload(_name(gw))
         return _Surroundings(
             gw,
             internal_name,
@@ -604,14 +643,14 @@ class _Importer:
             self.attachments(annotations, workload or gw),
         )
 
-    def chosen_workload(self, gw_name: str, used: set[int]) -> tuple[Obj | None, dict[str, str]]:
+    def chosen_workload(self, gw_name: str) -> tuple[Obj | None, dict[str, str]]:
         """The gateway's pod or workload and its annotations; the other candidates are noted."""
         workload, annotations, candidates = self.workload(gw_name)
         for candidate in candidates:
             if candidate is not workload:
                 self.report("note", candidate, f"{_label(workload or {})} was used instead")
         if workload is not None:
-            used.add(id(workload))
+            self.inventory.use(workload)
         else:
             self.report(
                 "note",
@@ -695,7 +734,7 @@ class _Importer:
             )
         return _External(side, cidr, gateway)
 
-    def interfaces(self, around: _Surroundings, internal: _Internal, external: _External, used: set[int]) -> Obj:
+    def interfaces(self, around: _Surroundings, internal: _Internal, external: _External) -> Obj:
         """The state without its EIPs and rules: both interfaces, their addresses, the VPC
         routes and the gateways, IPv6 included where the input gives it."""
         internal_if = self.interface(
@@ -731,7 +770,6 @@ class _Importer:
             internal.cidr,
             internal.gateway,
             external.cidr,
-            used,
             _v6_network(internal6) if internal6 else None,
         )
         state: dict[str, Any] = {
@@ -762,25 +800,6 @@ class _Importer:
         if gateway is None:
             self.report("warning", around.gw, "the external gateway is unknown: no default route in the state")
         return gateway
-
-    def report_unused(self, used: set[int]) -> None:
-        """Every object neither used nor reported yet gets a finding: nothing goes silently."""
-        for obj in self.objects:
-            if id(obj) not in used and not self.reported(obj):
-                self.unused(obj)
-
-    def reported(self, obj: Obj) -> bool:
-        kind, name = str(obj["kind"]), _label(obj)
-        return any(f.kind == kind and f.name == name for f in self.findings)
-
-    def unused(self, obj: Obj) -> None:
-        kind = str(obj["kind"])
-        if kind in UNSUPPORTED_KINDS:
-            self.report("warning", obj, UNSUPPORTED_KINDS[kind])
-        elif kind in CONTEXT_KINDS:
-            self.report("note", obj, "not needed for this gateway's state; ignored")
-        else:
-            self.report("warning", obj, f"kind {kind} is not something natgwd import knows; ignored")
 
     def interface(
         self,
@@ -817,7 +836,7 @@ class _Importer:
                 found = next((a for a in map(_v4_address, attachment.ips) if a and (cidr is None or a in cidr)), None)
         if found is None:
             found = _v4_address(_v4_part(external.attributes.get("ip_address", "")))
-        option = self.options.external_address
+        option, the_option = self.options.external_address, ("option", "--external-address")
         if found is not None:
             if option and _v4_address(option) != found and source is not None:
                 self.report("warning", source, f"the pod's external address is {found}; --external-address ignored")
@@ -828,18 +847,13 @@ class _Importer:
             except (AddressValueError, NetmaskValueError, ValueError):
                 raise ImportFailedError(f"--external-address {option!r} is not an IPv4 address[/prefix]") from None
             if cidr is not None and given.network != cidr:
-                self.findings.append(
-                    Finding("warning", "option", "--external-address", f"{given} is not in the external subnet {cidr}")
-                )
+                self.report("warning", the_option, f"{given} is not in the external subnet {cidr}")
             return given
-        self.findings.append(
-            Finding(
-                "warning",
-                "option",
-                "--external-address",
-                "the external address is unknown (no pod network-status or ip_address annotation): "
-                "EIPs get /32; pass --external-address",
-            )
+        self.report(
+            "warning",
+            the_option,
+            "the external address is unknown (no pod network-status or ip_address annotation): "
+            "EIPs get /32; pass --external-address",
         )
         return None
 
@@ -852,7 +866,6 @@ class _Importer:
         internal_cidr: IPv4Network,
         internal_gateway: IPv4Address | None,
         external_cidr: IPv4Network | None,
-        used: set[int],
         internal_cidr6: IPv6Network | None = None,
     ) -> list[dict[str, str]]:
         candidates: list[tuple[Obj | tuple[str, str], str, str]] = []
@@ -868,12 +881,12 @@ class _Importer:
             # What the controller puts in the routes annotation: the VPC's other subnets.
             vpc = _text(spec.get("vpc"))
             own_subnets = {_text(spec.get("subnet")), *(_text(s) for s in spec.get("externalSubnets") or [])}
-            for subnet in sorted(self.by_kind.get("Subnet", []), key=_name):
+            for subnet in sorted(self.inventory.of_kind("Subnet"), key=_name):
                 sub_spec = _section(subnet, "spec")
                 if vpc and _text(sub_spec.get("vpc")) == vpc and _name(subnet) not in own_subnets:
                     cidr = _v4_part(_text(sub_spec.get("cidrBlock")))
                     if cidr and internal_gateway is not None:
-                        used.add(id(subnet))
+                        self.inventory.use(subnet)
                         candidates.append((subnet, cidr, str(internal_gateway)))
         for index, route in enumerate(spec.get("routes") or []):
             if not isinstance(route, dict):
@@ -970,21 +983,21 @@ class _Importer:
 
     # EIPs and rules -------------------------------------------------------------------
 
-    def eips(self, gw_name: str, external_subnet: str, used: set[int]) -> tuple[list[_Rule], dict[str, str]]:
+    def eips(self, gw_name: str, external_subnet: str) -> tuple[list[_Rule], dict[str, str]]:
         """The gateway's EIPs; and {EIP object name: state name} for the rules."""
         self.other_eips: dict[str, str] = {}
         self.skipped_eips: set[str] = set()
         chosen: list[_Rule] = []
         names: dict[str, str] = {}
         by_address: dict[IPv4Address | IPv6Address, str] = {}
-        for eip in sorted(self.by_kind.get("IptablesEIP", []), key=_created):
+        for eip in sorted(self.inventory.of_kind("IptablesEIP"), key=_created):
             name, spec, status = _name(eip), _section(eip, "spec"), _section(eip, "status")
             owner = _text(spec.get("natGwDp"))
             if owner != gw_name:
                 self.other_eips[name] = owner
                 self.report("note", eip, f"EIP of gateway {owner or '(none)'}, not {gw_name}")
                 continue
-            used.add(id(eip))
+            self.inventory.use(eip)
             self.skipped_eips.add(name)
             if _deleting(eip):
                 self.report("warning", eip, "being deleted; skipped")
@@ -1026,10 +1039,10 @@ class _Importer:
             chosen.append(_Rule("eips", entry, eip, "IptablesEIP"))
         return chosen, names
 
-    def rule_eip(self, rule: Obj, eip_names: dict[str, str], used: set[int]) -> str | None:
+    def rule_eip(self, rule: Obj, eip_names: dict[str, str]) -> str | None:
         eip = _text(_section(rule, "spec").get("eip"))
         if eip in eip_names:
-            used.add(id(rule))
+            self.inventory.use(rule)
             if _deleting(rule):
                 self.report("warning", rule, "being deleted; skipped")
                 return None
@@ -1037,21 +1050,21 @@ class _Importer:
         if eip in self.other_eips:
             self.report("note", rule, f"uses EIP {eip} of gateway {self.other_eips[eip] or '(none)'}")
         elif eip in self.skipped_eips:
-            used.add(id(rule))
+            self.inventory.use(rule)
             self.report("warning", rule, f"its EIP {eip} was skipped; skipped too")
         else:
             self.report("warning", rule, f"names EIP {eip or '(none)'}, which is not in the input; skipped")
         return None
 
-    def rules(self, eip_names: dict[str, str], used: set[int]) -> list[_Rule]:
+    def rules(self, eip_names: dict[str, str]) -> list[_Rule]:
         rules: list[_Rule] = []
         for kind, section, build in (
             ("IptablesSnatRule", "snat", self.snat),
             ("IptablesDnatRule", "dnat", self.dnat),
             ("IptablesFIPRule", "fip", self.fip),
         ):
-            for obj in sorted(self.by_kind.get(kind, []), key=_created):
-                eip = self.rule_eip(obj, eip_names, used)
+            for obj in sorted(self.inventory.of_kind(kind), key=_created):
+                eip = self.rule_eip(obj, eip_names)
                 if eip is None:
                     continue
                 entry = build(obj, eip)
