@@ -12,7 +12,7 @@ from pathlib import Path
 
 from natgwd import __version__
 from natgwd.bgp.status import NeighborStatus
-from natgwd.kubeovn import importer as kubeovn
+from natgwd.kubeovn.importer import cli as kubeovn_import
 from natgwd.runtime import applied
 from natgwd.runtime.files import UnreadableStateError, read_state_file
 from natgwd.state.model import DesiredState, IPNetwork
@@ -342,8 +342,8 @@ def parser() -> argparse.ArgumentParser:
     imported = sub.add_parser(
         "import", help="write the desired state of a Kube-OVN VPC NAT gateway from its objects (kubectl get -o yaml)"
     )
-    kubeovn.add_arguments(imported)
-    imported.set_defaults(func=kubeovn.run)
+    kubeovn_import.add_arguments(imported)
+    imported.set_defaults(func=kubeovn_import.run)
 
     from natgwd.observability import top as top_view
 
