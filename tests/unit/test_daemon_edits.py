@@ -17,7 +17,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.kubeovn.shim.call import Reply
 from natgwd.kubeovn.shim.editlog import EditLog
 from natgwd.kubeovn.shim.filestate import document_bytes
@@ -27,16 +26,9 @@ from natgwd.runtime.changes import changed_names
 from natgwd.runtime.daemon import Daemon, DaemonConfig
 from natgwd.runtime.reconciler import Announce, Reconciler
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeLinks
 
 EIP = "10.115.55.200"  # the seed's my-eip
-
-
-class NoLinks:
-    def apply(self, plan: Any) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> LinkReport | None:
-        return None  # as if only a full apply could say
 
 
 def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]:
@@ -44,7 +36,7 @@ def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft
     nft = FakeNft()
 
     def reconciler(_announce: Announce) -> Reconciler:
-        return Reconciler(nft, NoLinks(), ensure_forwarding=lambda: False)
+        return Reconciler(nft, FakeLinks(), ensure_forwarding=lambda: False)
 
     state_path = tmp_path / "state.json"
     config = DaemonConfig(

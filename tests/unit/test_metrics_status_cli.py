@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from natgwd.cli import main
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.counters import COUNTING_SETS, Listings
 from natgwd.planning.plan import assign_ids, desired_table
@@ -26,16 +25,9 @@ from natgwd.runtime.status import RuleStatus, format_table, record_mismatch, rul
 from natgwd.runtime.watch import FileWatcher
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeLinks
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-class NoLinks:
-    def apply(self, plan: Any) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> LinkReport | None:
-        return None  # as if only a full apply could say
 
 
 def seed() -> dict[str, Any]:
@@ -49,7 +41,7 @@ def state_of(document: dict[str, Any]) -> DesiredState:
 
 def applied(document: dict[str, Any]) -> tuple[FakeNft, Reconciler]:
     fake = FakeNft()
-    rec = Reconciler(fake, NoLinks(), ensure_forwarding=lambda: False)
+    rec = Reconciler(fake, FakeLinks(), ensure_forwarding=lambda: False)
     rec.apply(state_of(document))
     return fake, rec
 

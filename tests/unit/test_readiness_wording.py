@@ -11,24 +11,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.daemon import Daemon, DaemonConfig
 from natgwd.runtime.reconciler import Announce, Reconciler
-
-
-class NoLinks:
-    def apply(self, plan: Any) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> LinkReport | None:
-        return None  # as if only a full apply could say
+from tests.unit.fakes import FakeLinks
 
 
 def daemon_on(path: Path) -> Daemon:
     def reconciler(_announce: Announce) -> Reconciler:
         # No announcer: gratuitous ARP would go out of the host's interfaces.
-        return Reconciler(FakeNft(), NoLinks(), ensure_forwarding=lambda: False)
+        return Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
 
     return Daemon(DaemonConfig(path, ("127.0.0.1", 0), resync_interval=60.0), reconciler)
 

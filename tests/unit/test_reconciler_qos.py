@@ -13,7 +13,7 @@ from natgwd.qos.plan import QosWants
 from natgwd.qos.tc import ClassStats, TcReport
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.validation import load_state
-from tests.unit.test_reconciler import FakeLinks
+from tests.unit.fakes import FakeLinks
 
 
 class FakeShaper:

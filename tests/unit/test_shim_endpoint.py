@@ -30,7 +30,8 @@ from natgwd.kubeovn.shim.endpoint import EditEndpoint
 from natgwd.kubeovn.shim.protocol import MAX_ARGS, MAX_FIELD_BYTES, Request, RequestError, parse_request
 from natgwd.kubeovn.shim.service import EditService
 from natgwd.state.validation import load_state
-from tests.unit.test_shim import EIP1, EIP2, UPSTREAM, VM1, VM2, FakeLinks
+from tests.unit.fakes import UPSTREAM, FakeLinks
+from tests.unit.test_shim import EIP1, EIP2, VM1, VM2
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "image" / "nat-gateway.sh"
