@@ -28,7 +28,7 @@ from typing import Any
 STAGES = (
     ("read file", "natgwd/runtime/daemon.py", "_read"),
     ("validate (StateTracker.check)", "natgwd/state/tracker.py", "check"),
-    ("of which decoding in full", "natgwd/state/validation.py", "decode_text"),
+    ("of which decoding in full", "natgwd/state/decode.py", "decode_text"),
     ("of which the full validation (validate_document)", "natgwd/state/validation.py", "validate_document"),
     ("plan: assign_ids", "natgwd/planning/plan.py", "assign_ids"),
     ("plan in full (TablePlan)", "natgwd/planning/plan.py", "__init__"),

@@ -20,20 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from natgwd.state.decode import check_depth, decode_text, scanner, text_of
 from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
 from natgwd.state.problems import Problems
 from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex
+from natgwd.state.semantics import Validated
+from natgwd.state.shape import item_shape_ok, schema
 from natgwd.state.spans import Layout, Splice, layout_of, splice
-from natgwd.state.validation import (
-    Validated,
-    check_depth,
-    decode_text,
-    item_shape_ok,
-    scanner,
-    schema,
-    text_of,
-    validate_document,
-)
+from natgwd.state.validation import validate_document
 
 # More changed rules than 1/FULL_FRACTION of the state (and than FULL_MINIMUM): the full
 # path is as cheap, and a whole-state rewrite is what it is made for.

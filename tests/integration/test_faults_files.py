@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from natgwd.lab.topology import Lab, Natgwd
-from natgwd.state.validation import MAX_FILE_BYTES
+from natgwd.state.decode import MAX_FILE_BYTES
 from tests.integration.fault_helpers import (
     fd_count,
     metric,

@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 
 from natgwd.kernel.fake import FakeNft
 from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.decode import scanner
+from natgwd.state.semantics import Validated
 from natgwd.state.spans import layout_of
 from natgwd.state.tracker import StateTracker
-from natgwd.state.validation import InvalidStateError, Validated, scanner, validate, validate_document
+from natgwd.state.validation import InvalidStateError, validate, validate_document
 from tests.unit.fakes import FakeLinks
 
 FRAME: dict[str, Any] = {
