@@ -187,14 +187,14 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise StartupError(Exit.OBSERVE_OPTION, str(err), str(err).partition(" ")[0]) from None
         config = DaemonConfig(
-            Path(args.state),
-            parse_address(args.metrics_address),
-            args.resync_interval,
-            Path(args.applied_state) if args.applied_state else None,
-            args.allow_writable_state,
-            args.edit_port,
-            Path(args.edit_token),
-            args.edit_fold_after,
+            state_path=Path(args.state),
+            metrics_address=parse_address(args.metrics_address),
+            resync_interval=args.resync_interval,
+            applied_state_path=Path(args.applied_state) if args.applied_state else None,
+            allow_writable_state=args.allow_writable_state,
+            edit_port=args.edit_port,
+            edit_token_path=Path(args.edit_token),
+            edit_fold_after=args.edit_fold_after,
         )
         return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch, make_bgp=bgp).run()
     except StartupError as err:

@@ -62,7 +62,7 @@ RETRY_MAX_SECONDS = 10.0
 STALL_SECONDS = 120.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     state_path: Path
     metrics_address: tuple[str, int]  # host "auto": natgwd.runtime.listeners

@@ -40,8 +40,8 @@ def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft
 
     state_path = tmp_path / "state.json"
     config = DaemonConfig(
-        state_path,
-        ("127.0.0.1", 0),
+        state_path=state_path,
+        metrics_address=("127.0.0.1", 0),
         resync_interval=600.0,
         edit_port=0,
         edit_token_path=tmp_path / "edit.token",

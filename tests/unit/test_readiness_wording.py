@@ -22,7 +22,7 @@ def daemon_on(path: Path) -> Daemon:
         # No announcer: gratuitous ARP would go out of the host's interfaces.
         return Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
 
-    return Daemon(DaemonConfig(path, ("127.0.0.1", 0), resync_interval=60.0), reconciler)
+    return Daemon(DaemonConfig(state_path=path, metrics_address=("127.0.0.1", 0), resync_interval=60.0), reconciler)
 
 
 def rejections(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
