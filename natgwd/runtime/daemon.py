@@ -62,6 +62,18 @@ RETRY_MAX_SECONDS = 10.0
 STALL_SECONDS = 120.0
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A state file that cannot be read, by its problems: it stands for the content, so
+    that the same unreadable file is rejected once, not at every poll."""
+
+    problems: tuple[str, ...]
+
+
+# What the last read of the state file saw: its content's sha256, or why it could not be read.
+LastRead = str | Unreadable
+
+
 @dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     state_path: Path
@@ -124,7 +136,7 @@ class Daemon:
         self._force = False
         self.tracker = StateTracker()
         self._unverified = False  # changes applied rule by rule since the last full check
-        self._seen_digest: str | None = None
+        self._last_read: LastRead | None = None
         self._applied_digest: str | None = None
         self._applied_at: float | None = None
         self._not_ready: str | None = f"no state applied yet; waiting for {config.state_path}"
@@ -287,17 +299,16 @@ class Daemon:
         try:
             raw = read_state_file(self.config.state_path, self.config.allow_writable_state)
         except InvalidStateError as err:
-            # Stands for the content: the same unreadable file is rejected once, not per poll.
-            seen = "unreadable: " + "; ".join(str(p) for p in err.problems)
-            if seen != self._seen_digest or force:
+            seen = Unreadable(tuple(str(p) for p in err.problems))
+            if seen != self._last_read or force:
                 self._rejected(err.problems, seen)
             return
         digest = hashlib.sha256(raw).hexdigest()
-        if digest == self._seen_digest and not force:
+        if digest == self._last_read and not force:
             if not quiet:
                 self.metrics.reconciles.labels("unchanged").inc()
             return
-        self._seen_digest = digest
+        self._last_read = digest
         applied_raw = self.edits.effective(raw, digest) if self.edits is not None else raw
         try:
             change = self.tracker.check(applied_raw)
@@ -397,7 +408,7 @@ class Daemon:
         """The edit service rewrote the state file as the applied document: no change to
         apply (the watcher's recheck re-reads it quietly)."""
         digest = hashlib.sha256(data).hexdigest()
-        self._seen_digest = self._applied_digest = digest
+        self._last_read = self._applied_digest = digest
         self._applied_at = time.time()
         self.watcher.poll()
         self._record_applied(data, digest)
@@ -420,7 +431,7 @@ class Daemon:
         if (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
             self._applied_to_members(self.reconciler.state, effective, outcome.complete)
-        if self._seen_digest == self._applied_digest:
+        if self._last_read == self._applied_digest:
             self._finished(outcome, started, None)
 
     def _applied_to_members(self, state: DesiredState, digest: str | None, complete: bool) -> None:
@@ -497,8 +508,8 @@ class Daemon:
                 seconds=round(seconds, 4),
             )
 
-    def _rejected(self, problems: list[Problem], digest: str | None, skipped: str | None = None) -> None:
-        self._seen_digest = digest
+    def _rejected(self, problems: list[Problem], seen: LastRead, skipped: str | None = None) -> None:
+        self._last_read = seen
         self._retry_at = None  # nothing to retry until the file changes
         self.metrics.desired_state_valid.set(0)
         self.metrics.reconciles.labels("invalid").inc()
