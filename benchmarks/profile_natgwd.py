@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
     from natgwd.kernel.nft import KernelNft
-    from natgwd.runtime.daemon import Daemon, DaemonConfig
+    from natgwd.runtime.daemon import Daemon, DaemonConfig, Reading
     from natgwd.runtime.logs import configure
     from natgwd.runtime.reconciler import Announce, Reconciler
 
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
         started = time.perf_counter()
         if profile is not None:
             profile.enable()
-        daemon.reconcile_file(force=False)
+        daemon.reconcile_file(Reading.CHANGED)
         if profile is not None:
             profile.disable()
         seconds = time.perf_counter() - started

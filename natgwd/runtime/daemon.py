@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
@@ -68,6 +69,14 @@ class Unreadable:
     that the same unreadable file is rejected once, not at every poll."""
 
     problems: tuple[str, ...]
+
+
+class Reading(Enum):
+    """Why the state file is read, which says what becomes of content already seen."""
+
+    CHANGED = "changed"  # the watcher saw it change: unchanged content is counted as such
+    RECHECK = "recheck"  # a precautionary re-read: unchanged content is neither counted nor logged
+    FORCED = "forced"  # SIGHUP, a retry, a failed check of the deltas: applied even unchanged
 
 
 # What the last read of the state file saw: its content's sha256, or why it could not be read.
@@ -232,12 +241,12 @@ class Daemon:
         if self._force:
             self._force = False
             self.watcher.poll()
-            self.reconcile_file(force=True)
+            self.reconcile_file(Reading.FORCED)
             self.resync()
             return
         seen = self.watcher.poll()
         if seen is not None:
-            self.reconcile_file(force=False, quiet=seen == "recheck")
+            self.reconcile_file(Reading.RECHECK if seen == "recheck" else Reading.CHANGED)
         if self.edits is not None:
             if self.edits.serve_pending(self._apply_edit) and self.ha is not None:
                 self.ha.applied_digest(self.applied_sha256())  # the peer compares calls too
@@ -248,7 +257,7 @@ class Daemon:
         # Not `elif`: a file rewritten every few hundred milliseconds must not starve
         # retries and drift repair.
         if self._retry_at is not None and now >= self._retry_at:
-            self.reconcile_file(force=True)
+            self.reconcile_file(Reading.FORCED)
         elif now >= self._next_resync:
             self.resync()
 
@@ -292,20 +301,19 @@ class Daemon:
 
     # --- reconciling ------------------------------------------------------------------
 
-    def reconcile_file(self, force: bool, quiet: bool = False) -> None:
-        """Read, validate and apply the file. `force` applies even unchanged content;
-        `quiet` neither counts nor logs unchanged content (a precautionary re-read)."""
+    def reconcile_file(self, reading: Reading) -> None:
+        """Read, validate and apply the file (unchanged content as `reading` says)."""
         started = time.monotonic()
         try:
             raw = read_state_file(self.config.state_path, self.config.allow_writable_state)
         except InvalidStateError as err:
             seen = Unreadable(tuple(str(p) for p in err.problems))
-            if seen != self._last_read or force:
+            if seen != self._last_read or reading is Reading.FORCED:
                 self._rejected(err.problems, seen)
             return
         digest = hashlib.sha256(raw).hexdigest()
-        if digest == self._last_read and not force:
-            if not quiet:
+        if digest == self._last_read and reading is not Reading.FORCED:
+            if reading is Reading.CHANGED:
                 self.metrics.reconciles.labels("unchanged").inc()
             return
         self._last_read = digest
@@ -461,7 +469,7 @@ class Daemon:
         self.metrics.delta_mismatches.inc()
         log.error("a change applied rule by rule differs from the full path; applying the state file in full")
         self.tracker.forget()
-        self.reconcile_file(force=True)
+        self.reconcile_file(Reading.FORCED)
 
     def _count(self, outcome: Outcome) -> None:
         for reason, count in outcome.conntrack_deleted.items():

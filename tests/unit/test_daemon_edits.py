@@ -23,7 +23,7 @@ from natgwd.kubeovn.shim.filestate import document_bytes
 from natgwd.kubeovn.shim.protocol import Request
 from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.changes import changed_names
-from natgwd.runtime.daemon import Daemon, DaemonConfig
+from natgwd.runtime.daemon import Daemon, DaemonConfig, Reading
 from natgwd.runtime.reconciler import Announce, Reconciler
 from natgwd.state.validation import load_state
 from tests.unit.fakes import FakeLinks
@@ -122,7 +122,7 @@ def test_a_failed_apply_answers_1_and_the_retry_keeps_the_accepted_calls(tmp_pat
     reply = call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80")
     assert reply.code == 1 and "natgwd: applying the change failed: injected" in reply.err
     assert daemon.edits is not None and daemon.edits.log.entries == 1
-    daemon.reconcile_file(force=True)  # what the scheduled retry does
+    daemon.reconcile_file(Reading.FORCED)  # what the scheduled retry does
     assert dnat_ports(daemon) == ["8888", "9000"]
     assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     assert dnat_ports(daemon) == ["8888", "9000", "9001"]
@@ -135,7 +135,7 @@ def test_a_restart_whose_first_apply_fails_still_brings_back_the_logged_calls(tm
     nft.fail_next = "injected"
     again.step()
     assert again.reconciler.state is None
-    again.reconcile_file(force=True)  # what the scheduled retry does
+    again.reconcile_file(Reading.FORCED)  # what the scheduled retry does
     assert dnat_ports(again) == ["8888", "9000"]
     assert call(again, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     third, _ = on_files(tmp_path)
