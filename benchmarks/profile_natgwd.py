@@ -40,7 +40,7 @@ STAGES = (
     ("links (Netlink.apply)", "natgwd/kernel/netlink.py", "apply"),
     ("conntrack: changed filters (stale.changed_filters)", "natgwd/planning/stale.py", "changed_filters"),
     ("conntrack cleanup (_clean_conntrack)", "natgwd/runtime/reconciler.py", "_clean_conntrack"),
-    ("applied-state record", "natgwd/runtime/daemon.py", "_record_applied"),
+    ("applied-state record", "natgwd/runtime/record.py", "write"),
     ("total: Daemon.reconcile_file", "natgwd/runtime/daemon.py", "reconcile_file"),
 )
 

@@ -38,7 +38,6 @@ from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import Endpoint
 from natgwd.qos.status import shaping_exposition
-from natgwd.runtime import applied
 from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import Endpoints, close
 from natgwd.runtime.files import read_state_file
@@ -47,6 +46,8 @@ from natgwd.runtime.listeners import MetricsListeners
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
+from natgwd.runtime.record import AppliedRecord
+from natgwd.runtime.retry import Backoff
 from natgwd.runtime.startup import Exit, StartupError, listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
 from natgwd.state.model import DesiredState, IPAddress
@@ -58,8 +59,6 @@ log = structlog.get_logger("natgwd.runtime.daemon")
 # One stat() per poll: detection within 50 ms costs next to nothing. inotify (watch.py)
 # usually wakes the poll at once; this is the bound where it cannot.
 POLL_SECONDS = 0.05
-RETRY_FIRST_SECONDS = 0.5
-RETRY_MAX_SECONDS = 10.0
 STALL_SECONDS = 120.0
 
 
@@ -149,8 +148,8 @@ class Daemon:
         self._applied_digest: str | None = None
         self._applied_at: float | None = None
         self._not_ready: str | None = f"no state applied yet; waiting for {config.state_path}"
-        self._retry_at: float | None = None
-        self._retry_delay = RETRY_FIRST_SECONDS
+        self.retry = Backoff()
+        self.record = AppliedRecord(config.applied_state_path)
         self._next_resync = time.monotonic() + config.resync_interval
 
     # --- lifecycle --------------------------------------------------------------------
@@ -183,7 +182,7 @@ class Daemon:
             self.ha.start(self.resync_soon)
         if self.bgp is not None:
             self.bgp.start()
-        self._recall_applied()
+        self.record.recall()
         if self.watch is not None:
             self.watch.start()
         log.info(
@@ -256,7 +255,7 @@ class Daemon:
             self.metrics.conntrack_deleted.labels(reason).inc(count)
         # Not `elif`: a file rewritten every few hundred milliseconds must not starve
         # retries and drift repair.
-        if self._retry_at is not None and now >= self._retry_at:
+        if self.retry.is_due(now):
             self.reconcile_file(Reading.FORCED)
         elif now >= self._next_resync:
             self.resync()
@@ -344,7 +343,7 @@ class Daemon:
         if self.edits is not None:
             self.edits.accepted(applied_raw, digest, change.validated.document)
         effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
-        self._record_applied(applied_raw, effective)
+        self.record.write(applied_raw, effective, self._applied_at)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         self._applied_to_members(state, effective, outcome.complete)
@@ -419,7 +418,7 @@ class Daemon:
         self._last_read = self._applied_digest = digest
         self._applied_at = time.time()
         self.watcher.poll()
-        self._record_applied(data, digest)
+        self.record.write(data, digest, self._applied_at)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval
@@ -496,13 +495,13 @@ class Daemon:
             if not self._told_ready:
                 self.notifier.send("READY=1")
                 self._told_ready = True
-            self._retry_at, self._retry_delay = None, RETRY_FIRST_SECONDS
+            self.retry.reset()
             self.metrics.last_success.set(time.time())
             self.metrics.reconcile_duration.observe(seconds)
         else:
             waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
             self._not_ready = "; ".join(waiting + outcome.link_errors)
-            self._schedule_retry()
+            self.retry.schedule()
         if applied is not None:
             self.metrics.reconciles.labels("applied").inc()
             log.info(
@@ -518,7 +517,7 @@ class Daemon:
 
     def _rejected(self, problems: list[Problem], seen: LastRead, skipped: str | None = None) -> None:
         self._last_read = seen
-        self._retry_at = None  # nothing to retry until the file changes
+        self.retry.cancel()  # nothing to retry until the file changes
         self.metrics.desired_state_valid.set(0)
         self.metrics.reconciles.labels("invalid").inc()
         listed = "; ".join(str(p) for p in problems[:5])
@@ -542,33 +541,8 @@ class Daemon:
     def _failed(self, reason: str) -> None:
         self.metrics.reconciles.labels("error").inc()
         self._not_ready = reason
-        log.error("reconcile failed", reason=reason, retry_in=self._retry_delay)
-        self._schedule_retry()
-
-    def _schedule_retry(self) -> None:
-        self._retry_at = time.monotonic() + self._retry_delay
-        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_SECONDS)
-
-    def _recall_applied(self) -> None:
-        path = self.config.applied_state_path
-        if path is None or not path.exists():
-            return
-        head = applied.read_head(path)
-        if head is None:
-            log.warning("ignoring unreadable record of the last applied state", path=str(path))
-            return
-        log.info("last applied before this start", sha256=head.sha256, applied_at=head.applied_at.isoformat())
-
-    def _record_applied(self, raw: bytes, digest: str) -> None:
-        """Keep the applied state on disk (atomically), for `natgwd status` and for
-        telling after a restart what changed while natgwd was down."""
-        path = self.config.applied_state_path
-        if path is None:
-            return
-        try:
-            applied.write(path, digest, self._applied_at or 0, raw)
-        except OSError as err:
-            log.warning("cannot record the applied state", path=str(path), error=str(err))
+        log.error("reconcile failed", reason=reason, retry_in=self.retry.delay)
+        self.retry.schedule()
 
     def _counting_sets(self) -> Listings:
         try:
