@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
         if profile is not None:
             profile.disable()
         seconds = time.perf_counter() - started
-        readiness = daemon.readiness()
+        readiness = daemon.answers.readiness()
         if not readiness[0]:
             raise RuntimeError(f"{name} not applied: {readiness[1]}")
         return seconds

@@ -11,9 +11,8 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
@@ -21,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from natgwd.bgp.metrics import BgpCollector
 from natgwd.bgp.ownership import Ownership, SoleOwner
@@ -33,17 +32,16 @@ from natgwd.kernel.nft import NftError
 from natgwd.kubeovn.shim.endpoint import ADDRESS as EDIT_ADDRESS
 from natgwd.kubeovn.shim.endpoint import EditEndpoint
 from natgwd.kubeovn.shim.service import EditService
-from natgwd.observability import ctstats
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import Endpoint
-from natgwd.qos.status import shaping_exposition
+from natgwd.runtime.answers import Answers, Progress
 from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import Endpoints, close
 from natgwd.runtime.files import read_state_file
 from natgwd.runtime.instance import AlreadyRunningError, Claim
 from natgwd.runtime.listeners import MetricsListeners
-from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
+from natgwd.runtime.metrics import DaemonMetrics
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.record import AppliedRecord
@@ -59,7 +57,6 @@ log = structlog.get_logger("natgwd.runtime.daemon")
 # One stat() per poll: detection within 50 ms costs next to nothing. inotify (watch.py)
 # usually wakes the poll at once; this is the bound where it cannot.
 POLL_SECONDS = 0.05
-STALL_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -105,10 +102,6 @@ class Daemon:
         read_addresses: Callable[[str], Sequence[IPAddress]] | None = None,
     ) -> None:
         self.config = config
-        endpoints = Endpoints(self.exposition, self.readiness, self.liveness)
-        self.listeners = MetricsListeners(
-            config.metrics_address, endpoints.listen, close, read_addresses or usable_addresses
-        )
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
 
@@ -121,13 +114,11 @@ class Daemon:
         self.bgp = make_bgp(self.ha if self.ha is not None else SoleOwner()) if make_bgp is not None else None
         if self.bgp is not None:
             self.registry.register(BgpCollector(self.bgp.snapshot))
-        self.rule_counters = RuleCounters(self._counting_sets)
         # Open connections, port usage and translation logs, from conntrack events.
         self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
         self.watcher = FileWatcher(config.state_path)
         self.notifier = Notifier()
         self._told_ready = False
-        self._last_step = time.monotonic()
         self._wake = threading.Event()
         self.edits = (
             EditService(
@@ -146,8 +137,22 @@ class Daemon:
         self._unverified = False  # changes applied rule by rule since the last full check
         self._last_read: LastRead | None = None
         self._applied_digest: str | None = None
-        self._applied_at: float | None = None
-        self._not_ready: str | None = f"no state applied yet; waiting for {config.state_path}"
+        self.progress = Progress(f"no state applied yet; waiting for {config.state_path}")
+        self.answers = Answers(
+            self.progress,
+            config.resync_interval,
+            self.applied_sha256,
+            self.registry,
+            self.reconciler,
+            self._counting_sets,
+            self.watch,
+            self.ha,
+            self.bgp,
+        )
+        endpoints = Endpoints(self.answers.exposition, self.answers.readiness, self.answers.liveness)
+        self.listeners = MetricsListeners(
+            config.metrics_address, endpoints.listen, close, read_addresses or usable_addresses
+        )
         self.retry = Backoff()
         self.record = AppliedRecord(config.applied_state_path)
         self._next_resync = time.monotonic() + config.resync_interval
@@ -193,7 +198,7 @@ class Daemon:
         )
         try:
             while not self._stopping:
-                self._last_step = time.monotonic()
+                self.progress.last_step = time.monotonic()
                 self._wake.clear()  # before the step: a wake during it (an edit call) is not lost
                 self.step()
                 self.notifier.watchdog()
@@ -260,44 +265,6 @@ class Daemon:
         elif now >= self._next_resync:
             self.resync()
 
-    # --- the HTTP endpoint's answers ---------------------------------------------------
-
-    def exposition(self) -> Iterator[bytes]:
-        """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
-        listings = self._counting_sets()
-        counters, labelled = self.rule_counters.labelled_exposition(listings)
-        yield generate_latest(self.registry)
-        yield counters
-        yield ctstats.scrape()
-        yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
-        if self.watch is not None:
-            yield self.watch.exposition(listings, labelled)
-
-    def liveness(self) -> tuple[bool, dict[str, Any]]:
-        """Alive while the loop keeps turning. A reconcile of a very large state takes
-        seconds, so only a loop stuck far longer than that counts as dead."""
-        stalled = time.monotonic() - self._last_step
-        limit = max(STALL_SECONDS, 3 * self.config.resync_interval)
-        return stalled < limit, {"seconds_since_loop": round(stalled, 1)}
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        detail: dict[str, Any] = {
-            "applied_sha256": self.applied_sha256(),
-            "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
-        }
-        reasons = [self._not_ready] if self._not_ready else []
-        if self.ha is not None:
-            ha_reason, ha_detail = self.ha.readiness()
-            detail.update(ha_detail)
-            reasons += [ha_reason] if ha_reason else []
-        if self.bgp is not None:
-            bgp_reason, bgp_detail = self.bgp.readiness()
-            detail.update(bgp_detail)
-            reasons += [bgp_reason] if bgp_reason else []
-        if reasons:
-            detail["reason"] = "; ".join(reasons)
-        return not reasons, detail
-
     # --- reconciling ------------------------------------------------------------------
 
     def reconcile_file(self, reading: Reading) -> None:
@@ -339,11 +306,11 @@ class Daemon:
         self._unverified |= outcome.by_delta
         self._count(outcome)
         self._applied_digest = digest
-        self._applied_at = time.time()
+        self.progress.applied_at = time.time()
         if self.edits is not None:
             self.edits.accepted(applied_raw, digest, change.validated.document)
         effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
-        self.record.write(applied_raw, effective, self._applied_at)
+        self.record.write(applied_raw, effective, self.progress.applied_at)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         self._applied_to_members(state, effective, outcome.complete)
@@ -382,7 +349,7 @@ class Daemon:
             self._failed(f"applying an edit failed: {err}")
             raise
         self._count(outcome)
-        self._applied_at = time.time()
+        self.progress.applied_at = time.time()
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
@@ -416,9 +383,9 @@ class Daemon:
         apply (the watcher's recheck re-reads it quietly)."""
         digest = hashlib.sha256(data).hexdigest()
         self._last_read = self._applied_digest = digest
-        self._applied_at = time.time()
+        self.progress.applied_at = time.time()
         self.watcher.poll()
-        self.record.write(data, digest, self._applied_at)
+        self.record.write(data, digest, self.progress.applied_at)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval
@@ -491,7 +458,7 @@ class Daemon:
         self.metrics.nft_elements.set(self.reconciler.element_count)
 
         if outcome.complete:
-            self._not_ready = None
+            self.progress.not_ready = None
             if not self._told_ready:
                 self.notifier.send("READY=1")
                 self._told_ready = True
@@ -500,7 +467,7 @@ class Daemon:
             self.metrics.reconcile_duration.observe(seconds)
         else:
             waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
-            self._not_ready = "; ".join(waiting + outcome.link_errors)
+            self.progress.not_ready = "; ".join(waiting + outcome.link_errors)
             self.retry.schedule()
         if applied is not None:
             self.metrics.reconciles.labels("applied").inc()
@@ -524,12 +491,12 @@ class Daemon:
         path = str(self.config.state_path)
         extra = {"skipped": skipped} if skipped else {}
         if self._applied_digest is None:
-            self._not_ready = f"no state applied yet; waiting for {path}: {listed}"
+            self.progress.not_ready = f"no state applied yet; waiting for {path}: {listed}"
             log.error(
                 "desired state rejected; no state applied yet", path=path, problems=[str(p) for p in problems], **extra
             )
             return
-        self._not_ready = f"desired state rejected; the last good state stays applied: {listed}"
+        self.progress.not_ready = f"desired state rejected; the last good state stays applied: {listed}"
         log.error(
             "desired state rejected; keeping the last good state",
             path=path,
@@ -540,7 +507,7 @@ class Daemon:
 
     def _failed(self, reason: str) -> None:
         self.metrics.reconciles.labels("error").inc()
-        self._not_ready = reason
+        self.progress.not_ready = reason
         log.error("reconcile failed", reason=reason, retry_in=self.retry.delay)
         self.retry.schedule()
 

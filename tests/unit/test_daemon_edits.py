@@ -99,7 +99,7 @@ def test_calls_are_applied_and_logged_and_the_fold_is_no_change(tmp_path: Path) 
     assert len(nft.transactions) == transactions
     assert reconciles(daemon, "applied") == applied_before + 1
     assert reconciles(daemon, "unchanged") == 0
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert ready and detail["applied_sha256"] == hashlib.sha256(data).hexdigest()
 
 
@@ -239,24 +239,24 @@ def test_the_applied_sha256_is_that_of_the_calls_applied_and_stays_across_the_fo
     ha = RecordingHa()
     daemon.ha = ha  # type: ignore[assignment]
     file_digest = hashlib.sha256(daemon.config.state_path.read_bytes()).hexdigest()
-    assert daemon.readiness()[1]["applied_sha256"] == file_digest
+    assert daemon.answers.readiness()[1]["applied_sha256"] == file_digest
     assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
     assert daemon.edits is not None and daemon.edits.document is not None
     effective = hashlib.sha256(document_bytes(daemon.edits.document)).hexdigest()
     assert effective != file_digest
-    assert daemon.readiness()[1]["applied_sha256"] == effective
+    assert daemon.answers.readiness()[1]["applied_sha256"] == effective
     assert ha.digests[-1] == effective, "the HA peer compares the calls applied too"
 
     data = daemon.edits.compact()
     assert data is not None and hashlib.sha256(data).hexdigest() == effective
-    assert daemon.readiness()[1]["applied_sha256"] == effective
+    assert daemon.answers.readiness()[1]["applied_sha256"] == effective
 
     again, _ = on_files(tmp_path)  # a restart that folds a log of calls in
     assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     again.step()
     assert again.edits is not None and again.edits.document is not None
     folded = hashlib.sha256(document_bytes(again.edits.document)).hexdigest()
-    assert again.readiness()[1]["applied_sha256"] == folded != effective
+    assert again.answers.readiness()[1]["applied_sha256"] == folded != effective
 
 
 @pytest.mark.parametrize(
@@ -291,7 +291,7 @@ def test_a_well_formed_but_wrong_edit_log_line_is_refused_and_the_other_calls_ke
     assert again.registry.get_sample_value("natgwd_edit_log_lines_refused_total") == 1
     refused = [entry for entry in logs if entry["event"] == "edit log line refused"]
     assert len(refused) == 1 and refused[0]["line"] == 3 and refused[0]["log_level"] == "error"
-    assert again.readiness()[0]
+    assert again.answers.readiness()[0]
     # The refused line stays out: the next call and a fold of the log go on without it.
     assert call(again, "dnat-add", f"{EIP},9002,tcp,172.20.10.2,80").code == 0
     assert again.edits is not None and again.edits.compact() is not None
@@ -311,6 +311,6 @@ def test_an_edit_log_that_cannot_be_folded_into_the_file_does_not_stop_natgwd(tm
 
     again, _ = on_files(tmp_path)
     again.step()
-    ready, detail = again.readiness()
+    ready, detail = again.answers.readiness()
     assert not ready and "dnat" in detail["reason"]
     assert again.registry.get_sample_value("natgwd_edit_log_lines_refused_total") == 1

@@ -35,7 +35,7 @@ def state_path(tmp_path: Path) -> Path:
 
 
 def test_before_the_first_step_it_waits_for_the_file(state_path: Path) -> None:
-    ready, detail = daemon_on(state_path).readiness()
+    ready, detail = daemon_on(state_path).answers.readiness()
     assert not ready
     assert detail == {
         "applied_sha256": None,
@@ -48,7 +48,7 @@ def test_a_missing_file_at_start_is_no_state_applied_yet(state_path: Path) -> No
     daemon = daemon_on(state_path)
     with capture_logs() as logs:
         daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert not ready
     assert detail["reason"] == (
         f"no state applied yet; waiting for {state_path}: $: cannot read {state_path}: file does not exist"
@@ -70,7 +70,7 @@ def test_an_invalid_file_at_start_is_no_state_applied_yet_and_says_what_was_skip
     daemon = daemon_on(state_path)
     with capture_logs() as logs:
         daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert not ready
     assert detail["reason"] == (
         f"no state applied yet; waiting for {state_path}: $.version: must be 1 (the only supported version)"
@@ -85,7 +85,7 @@ def test_an_invalid_file_after_a_good_one_keeps_the_last_good_state(state_path: 
     state_path.write_text(json.dumps(SEED_STATE))
     daemon = daemon_on(state_path)
     daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert ready, detail
     applied = detail["applied_sha256"]
     assert applied is not None
@@ -93,7 +93,7 @@ def test_an_invalid_file_after_a_good_one_keeps_the_last_good_state(state_path: 
     state_path.write_text(json.dumps({**SEED_STATE, "snat": [{**SEED_STATE["snat"][0], "eip": "nope"}]}))
     with capture_logs() as logs:
         daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert not ready
     assert detail["reason"] == (
         "desired state rejected; the last good state stays applied: "
