@@ -26,7 +26,7 @@ from typing import Any
 # (label, file, function): cumulative time of each, from the profile. Labels starting
 # with "of which" are parts of the stage above them (not counted again in shares).
 STAGES = (
-    ("read file", "natgwd/runtime/daemon.py", "_read"),
+    ("read file", "natgwd/runtime/statefile.py", "read"),
     ("validate (StateTracker.check)", "natgwd/state/tracker.py", "check"),
     ("of which decoding in full", "natgwd/state/decode.py", "decode_text"),
     ("of which the full validation (validate_document)", "natgwd/state/validation.py", "validate_document"),
@@ -71,9 +71,10 @@ def main(argv: list[str]) -> int:
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
     from natgwd.kernel.nft import KernelNft
-    from natgwd.runtime.daemon import Daemon, DaemonConfig, Reading
+    from natgwd.runtime.daemon import Daemon, DaemonConfig
     from natgwd.runtime.logs import configure
     from natgwd.runtime.reconciler import Announce, Reconciler
+    from natgwd.runtime.statefile import Reading
 
     directory = Path(argv[0])
     configure("json", "info")  # as the daemon logs (to stderr: the worker's log file)

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
@@ -38,7 +37,6 @@ from natgwd.planning.plan import Endpoint
 from natgwd.runtime.answers import Answers, Progress
 from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import Endpoints, close
-from natgwd.runtime.files import read_state_file
 from natgwd.runtime.instance import AlreadyRunningError, Claim
 from natgwd.runtime.listeners import MetricsListeners
 from natgwd.runtime.metrics import DaemonMetrics
@@ -47,7 +45,8 @@ from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.record import AppliedRecord
 from natgwd.runtime.retry import Backoff
 from natgwd.runtime.startup import Exit, StartupError, listen_error
-from natgwd.runtime.watch import DirectoryWaker, FileWatcher
+from natgwd.runtime.statefile import LastRead, Reading, StateFile, Unreadable
+from natgwd.runtime.watch import DirectoryWaker
 from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import Change, StateTracker
 from natgwd.state.validation import InvalidStateError, Problem, validate_document
@@ -57,26 +56,6 @@ log = structlog.get_logger("natgwd.runtime.daemon")
 # One stat() per poll: detection within 50 ms costs next to nothing. inotify (watch.py)
 # usually wakes the poll at once; this is the bound where it cannot.
 POLL_SECONDS = 0.05
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """A state file that cannot be read, by its problems: it stands for the content, so
-    that the same unreadable file is rejected once, not at every poll."""
-
-    problems: tuple[str, ...]
-
-
-class Reading(Enum):
-    """Why the state file is read, which says what becomes of content already seen."""
-
-    CHANGED = "changed"  # the watcher saw it change: unchanged content is counted as such
-    RECHECK = "recheck"  # a precautionary re-read: unchanged content is neither counted nor logged
-    FORCED = "forced"  # SIGHUP, a retry, a failed check of the deltas: applied even unchanged
-
-
-# What the last read of the state file saw: its content's sha256, or why it could not be read.
-LastRead = str | Unreadable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +95,7 @@ class Daemon:
             self.registry.register(BgpCollector(self.bgp.snapshot))
         # Open connections, port usage and translation logs, from conntrack events.
         self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
-        self.watcher = FileWatcher(config.state_path)
+        self.file = StateFile(config.state_path, config.allow_writable_state)
         self.notifier = Notifier()
         self._told_ready = False
         self._wake = threading.Event()
@@ -135,7 +114,6 @@ class Daemon:
         self._force = False
         self.tracker = StateTracker()
         self._unverified = False  # changes applied rule by rule since the last full check
-        self._last_read: LastRead | None = None
         self._applied_digest: str | None = None
         self.progress = Progress(f"no state applied yet; waiting for {config.state_path}")
         self.answers = Answers(
@@ -244,13 +222,13 @@ class Daemon:
         now = time.monotonic()
         if self._force:
             self._force = False
-            self.watcher.poll()
+            self.file.poll()
             self.reconcile_file(Reading.FORCED)
             self.resync()
             return
-        seen = self.watcher.poll()
-        if seen is not None:
-            self.reconcile_file(Reading.RECHECK if seen == "recheck" else Reading.CHANGED)
+        reading = self.file.poll()
+        if reading is not None:
+            self.reconcile_file(reading)
         if self.edits is not None:
             if self.edits.serve_pending(self._apply_edit) and self.ha is not None:
                 self.ha.applied_digest(self.applied_sha256())  # the peer compares calls too
@@ -270,19 +248,17 @@ class Daemon:
     def reconcile_file(self, reading: Reading) -> None:
         """Read, validate and apply the file (unchanged content as `reading` says)."""
         started = time.monotonic()
-        try:
-            raw = read_state_file(self.config.state_path, self.config.allow_writable_state)
-        except InvalidStateError as err:
-            seen = Unreadable(tuple(str(p) for p in err.problems))
-            if seen != self._last_read or reading is Reading.FORCED:
-                self._rejected(err.problems, seen)
+        content = self.file.read()
+        if isinstance(content, Unreadable):
+            if not self.file.seen(content, reading):
+                self._rejected(list(content.problems), content)
             return
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest == self._last_read and reading is not Reading.FORCED:
+        if self.file.seen(content, reading):
             if reading is Reading.CHANGED:
                 self.metrics.reconciles.labels("unchanged").inc()
             return
-        self._last_read = digest
+        raw, digest = content.raw, content.digest
+        self.file.last_read = digest
         applied_raw = self.edits.effective(raw, digest) if self.edits is not None else raw
         try:
             change = self.tracker.check(applied_raw)
@@ -382,9 +358,9 @@ class Daemon:
         """The edit service rewrote the state file as the applied document: no change to
         apply (the watcher's recheck re-reads it quietly)."""
         digest = hashlib.sha256(data).hexdigest()
-        self._last_read = self._applied_digest = digest
+        self.file.last_read = self._applied_digest = digest
         self.progress.applied_at = time.time()
-        self.watcher.poll()
+        self.file.poll()
         self.record.write(data, digest, self.progress.applied_at)
 
     def resync(self) -> None:
@@ -405,7 +381,7 @@ class Daemon:
         if (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
             self._applied_to_members(self.reconciler.state, effective, outcome.complete)
-        if self._last_read == self._applied_digest:
+        if self.file.last_read == self._applied_digest:
             self._finished(outcome, started, None)
 
     def _applied_to_members(self, state: DesiredState, digest: str | None, complete: bool) -> None:
@@ -483,7 +459,7 @@ class Daemon:
             )
 
     def _rejected(self, problems: list[Problem], seen: LastRead, skipped: str | None = None) -> None:
-        self._last_read = seen
+        self.file.last_read = seen
         self.retry.cancel()  # nothing to retry until the file changes
         self.metrics.desired_state_valid.set(0)
         self.metrics.reconciles.labels("invalid").inc()

@@ -23,8 +23,9 @@ from natgwd.kubeovn.shim.filestate import document_bytes
 from natgwd.kubeovn.shim.protocol import Request
 from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.changes import changed_names
-from natgwd.runtime.daemon import Daemon, DaemonConfig, Reading
+from natgwd.runtime.daemon import Daemon, DaemonConfig
 from natgwd.runtime.reconciler import Announce, Reconciler
+from natgwd.runtime.statefile import Reading
 from natgwd.state.validation import load_state
 from tests.unit.fakes import FakeLinks
 
