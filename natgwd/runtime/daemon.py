@@ -3,6 +3,10 @@
 One thread reconciles; the HTTP server reads counters from the kernel on its own threads.
 On SIGTERM the daemon exits and leaves the data plane in place, as kube-proxy does: NAT
 keeps working while the daemon is down, and the next start adopts the table.
+
+The loop is here; its parts are beside it: the state file as read (statefile.py), the
+retries (retry.py), the applied-state record (record.py), what the HTTP endpoint answers
+(answers.py); nat-gateway.sh calls come through natgwd.kubeovn.shim.service.
 """
 
 from __future__ import annotations
