@@ -12,9 +12,9 @@ from pathlib import Path
 
 from natgwd import __version__
 from natgwd.bgp.status import NeighborStatus
+from natgwd.io import applied
+from natgwd.io.files import UnreadableStateError, read_state_file
 from natgwd.kubeovn.importer import cli as kubeovn_import
-from natgwd.runtime import applied
-from natgwd.runtime.files import UnreadableStateError, read_state_file
 from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 

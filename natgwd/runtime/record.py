@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from natgwd.runtime import applied
+from natgwd.io import applied
 
 log = structlog.get_logger("natgwd.runtime.record")
 

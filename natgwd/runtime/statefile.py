@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from natgwd.runtime.files import read_state_file
+from natgwd.io.files import read_state_file
 from natgwd.runtime.watch import FileWatcher
 from natgwd.state.validation import InvalidStateError, Problem
 

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from natgwd.io.files import write_atomically
 from natgwd.kubeovn.importer.gateway import import_objects
 from natgwd.kubeovn.importer.objects import ImportFailedError, ImportOptions, read_inputs
-from natgwd.runtime.files import write_atomically
 
 
 def render(state: dict[str, Any]) -> str:

@@ -26,10 +26,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from natgwd.io.files import write_atomically
 from natgwd.kubeovn.shim.call import Call, edited, refusal
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
 from natgwd.kubeovn.shim.grammar import ShimError
-from natgwd.runtime.files import write_atomically
 from natgwd.state.validation import InvalidStateError, load_state
 
 DEFAULT_STATE = "/etc/natgwd/state.json"
