@@ -70,6 +70,7 @@ def _render(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from natgwd.kernel.nft import KernelNft, NftError
+    from natgwd.kernel.tc import KernelTc
     from natgwd.qos.status import format_table as format_qos_table
     from natgwd.qos.status import kernel_statuses
     from natgwd.runtime.status import format_table, record_mismatch, rule_statuses
@@ -89,7 +90,7 @@ def _status(args: argparse.Namespace) -> int:
     if record and mismatch:
         record["mismatch"] = mismatch
         recorded = None  # another table's record: its QoS policies are not this table's either
-    shaping = kernel_statuses(recorded)
+    shaping = kernel_statuses(KernelTc(), recorded)
     bgp = _bgp_status(Path(args.bgp_run_dir))
     if args.json:
         output: dict[str, object] = {
@@ -152,9 +153,9 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
     from natgwd.kernel.nft import KernelNft
+    from natgwd.kernel.tc import KernelTc
     from natgwd.observability.endings import Endings
     from natgwd.observability.options import watch_factory
-    from natgwd.qos.tc import KernelTc
     from natgwd.runtime.daemon import Daemon, DaemonConfig
     from natgwd.runtime.logs import configure
     from natgwd.runtime.reconciler import Announce, Reconciler
@@ -204,7 +205,7 @@ def _run(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from natgwd.kernel.netlink import Netlink
     from natgwd.kernel.nft import KernelNft
-    from natgwd.qos.tc import KernelTc
+    from natgwd.kernel.tc import KernelTc
 
     if KernelNft().delete_table():
         print("deleted nftables table inet natgwd")

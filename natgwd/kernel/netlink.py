@@ -74,16 +74,18 @@ IFLA_INET_CONF = 1
 NLA_F_NESTED = 0x8000
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
+def nla(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute (type, length, payload, padded to 4 bytes), for messages
+    pyroute2 cannot build."""
     header = struct.pack("=HH", 4 + len(payload), kind)
     return header + payload + b"\0" * (-len(payload) % 4)
 
 
 def _set_devconf(index: int, settings: dict[int, int]) -> None:
     """RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF; pyroute2 only decodes these."""
-    conf = b"".join(_nla(key, struct.pack("=I", value)) for key, value in settings.items())
-    spec = _nla(
-        IFLA_AF_SPEC | NLA_F_NESTED, _nla(socket.AF_INET | NLA_F_NESTED, _nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
+    conf = b"".join(nla(key, struct.pack("=I", value)) for key, value in settings.items())
+    spec = nla(
+        IFLA_AF_SPEC | NLA_F_NESTED, nla(socket.AF_INET | NLA_F_NESTED, nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
     )
     body = struct.pack("=BxHiII", 0, 0, index, 0, 0) + spec
     header = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, 0x1 | 0x4, 1, 0)  # NLM_F_REQUEST|NLM_F_ACK

@@ -27,8 +27,7 @@ from natgwd.planning.links import LinkPlan, link_plan
 from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
-from natgwd.qos.plan import QosWants, wants
-from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.qos.plan import ClassStats, QosWants, TcReport, wants
 from natgwd.runtime.memory import release_freed_memory
 from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import RuleDelta

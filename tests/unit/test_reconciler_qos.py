@@ -9,8 +9,7 @@ from typing import Any
 
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
-from natgwd.qos.plan import QosWants
-from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.qos.plan import ClassStats, QosWants, TcReport
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.validation import load_state
 from tests.unit.fakes import FakeLinks

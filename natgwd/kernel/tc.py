@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -28,7 +28,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
-from natgwd.kernel.netlink import NLA_F_NESTED, _nla
+from natgwd.kernel.netlink import NLA_F_NESTED, nla
 from natgwd.qos.model import DIRECTIONS, Direction
 from natgwd.qos.plan import (
     DEFAULT_MINOR,
@@ -37,8 +37,10 @@ from natgwd.qos.plan import (
     ROOT_MAJOR,
     SOURCE_OFFSET,
     ClassKey,
+    ClassStats,
     FilterSpec,
     QosWants,
+    TcReport,
     Tree,
     handle,
     ifb_name,
@@ -46,7 +48,7 @@ from natgwd.qos.plan import (
     tree,
 )
 
-log = structlog.get_logger("natgwd.qos.tc")
+log = structlog.get_logger("natgwd.kernel.tc")
 
 ETH_P_IP = 0x0800
 TC_H_ROOT = 0xFFFFFFFF
@@ -63,24 +65,6 @@ MIN_QUANTUM = 2_000
 EIP_TABLE = 0x4E4 << 20
 HASH_BUCKETS = 256
 HASH_MASK = 0xFF
-
-
-@dataclass
-class TcReport:
-    changes: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    direction: Direction
-    key: ClassKey
-    rate_bytes: int  # configured, per second
-    bytes: int
-    packets: int
-    drops: int
-    overlimits: int
-    backlog_bytes: int
 
 
 @dataclass(frozen=True)
@@ -163,13 +147,13 @@ def _add_u32(
     hash table `link` by `hash_key` (offset, mask)."""
     options = b""
     if classid is not None:
-        options += _nla(TCA_U32_CLASSID, struct.pack("=I", classid))
+        options += nla(TCA_U32_CLASSID, struct.pack("=I", classid))
     if into is not None:
-        options += _nla(TCA_U32_HASH, struct.pack("=I", into))
+        options += nla(TCA_U32_HASH, struct.pack("=I", into))
     if link is not None:
-        options += _nla(TCA_U32_LINK, struct.pack("=I", link))
+        options += nla(TCA_U32_LINK, struct.pack("=I", link))
     if divisor is not None:
-        options += _nla(TCA_U32_DIVISOR, struct.pack("=I", divisor))
+        options += nla(TCA_U32_DIVISOR, struct.pack("=I", divisor))
     else:
         hash_offset, hash_mask = hash_key
         flags = TC_U32_TERMINAL if classid is not None else 0
@@ -177,10 +161,10 @@ def _add_u32(
         selector += b"".join(
             struct.pack(">II", mask, value) + struct.pack("=ii", offset, 0) for value, mask, offset in keys
         )
-        options += _nla(TCA_U32_SEL, selector)
+        options += nla(TCA_U32_SEL, selector)
     info = (prio << 16) | socket.htons(ETH_P_IP)
     body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
-    body += _nla(TCA_KIND, b"u32\0") + _nla(TCA_OPTIONS | NLA_F_NESTED, options)
+    body += nla(TCA_KIND, b"u32\0") + nla(TCA_OPTIONS | NLA_F_NESTED, options)
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     header = struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, flags, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
