@@ -149,9 +149,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from natgwd.bgp.ownership import Ownership
     from natgwd.bgp.speaker import BgpSpeaker
-    from natgwd.ha.controller import HaController
+    from natgwd.ha.controller import HaController, HaKernel
     from natgwd.kernel.conntrack import ConntrackCleaner
-    from natgwd.kernel.netlink import Netlink, ensure_forwarding
+    from natgwd.kernel.netlink import Netlink, ensure_forwarding, ensure_tcp_liberal, ipv4_addresses
     from natgwd.kernel.nft import KernelNft
     from natgwd.kernel.tc import KernelTc
     from natgwd.observability.endings import Endings
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         return Reconciler(nft, Netlink(), ensure_forwarding, cleaner, announce, KernelTc())
 
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
-        return HaController(Path(args.ha_run_dir), count_garp, registry)
+        return HaController(Path(args.ha_run_dir), count_garp, registry, HaKernel(ipv4_addresses, ensure_tcp_liberal))
 
     def bgp(ownership: Ownership) -> BgpSpeaker:
         return BgpSpeaker(Path(args.bgp_run_dir), ownership)

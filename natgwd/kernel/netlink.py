@@ -63,6 +63,31 @@ def ensure_forwarding(paths: tuple[Path, ...] = (IP_FORWARD, IP6_FORWARD)) -> bo
     return changed
 
 
+def ipv4_addresses(interface: str) -> list[IPv4Address]:
+    """The IPv4 addresses on `interface` ([] when there is no such link)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            return []
+        return [IPv4Address(m.get("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET, index=found[0])]
+
+
+# Both HA members translate every synced connection the same way; with liberal TCP window
+# tracking either one forwards any packet of it, whatever the other saw of the stream. That
+# makes a split brain harmless for established connections, and a takeover too when the
+# stream moved on while the entry was on its way.
+TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def ensure_tcp_liberal(path: Path = TCP_BE_LIBERAL) -> bool:
+    """Set liberal TCP window tracking; True when it was not. OSError where /proc/sys is
+    read-only."""
+    if path.read_text().strip() == "1":
+        return False
+    path.write_text("1\n")
+    return True
+
+
 # IPv4 per-interface settings (include/uapi/linux/ip.h IPV4_DEVCONF_*), set over rtnetlink
 # so that CAP_NET_ADMIN suffices where /proc/sys is mounted read-only.
 DEVCONF_FORWARDING = 1

@@ -17,10 +17,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from natgwd.ha import announce as ha_announce
 from natgwd.ha.config import HaConfig, HaMember, virtual_addresses
-from natgwd.ha.controller import HaController, parse_notify
+from natgwd.ha.controller import HaController, HaKernel
 from natgwd.ha.metrics import HaMetrics, parse_stats
+from natgwd.ha.notify import parse_notify
 from natgwd.ha.peer import decode_hello, encode_hello
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.ha.roles import Role
 from natgwd.ha.supervisor import Child, ChildSpec, Supervisor
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import RouteSpec, link_plan
@@ -339,12 +341,13 @@ maximum elements:\t\t      131072
 def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
     """Zeros on a gateway without HA would read as 'this member is not master'."""
     registry = CollectorRegistry()
-    HaController(tmp_path, lambda _interface, _count: None, registry)  # no state applied yet
+    kernel = HaKernel(lambda _interface: [], lambda: False)
+    HaController(tmp_path, lambda _interface, _count: None, registry, kernel)  # no state applied yet
     assert b"natgwd_ha_" not in generate_latest(registry)
 
     registry, active = CollectorRegistry(), [False]
     metrics = HaMetrics(registry, lambda: active[0])
-    metrics.set_role("master")
+    metrics.set_role(Role.MASTER)
     assert b"natgwd_ha_" not in generate_latest(registry)
     active[0] = True
     exported = generate_latest(registry).decode()
