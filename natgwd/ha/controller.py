@@ -33,7 +33,6 @@ from prometheus_client import CollectorRegistry
 
 from natgwd.bgp.ownership import NOTHING, Claims
 from natgwd.ha.announce import ActiveAnnouncer
-from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.ha.conntrackd import BACKUP_COMMANDS, MASTER_COMMANDS, Conntrackd
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot
 from natgwd.ha.notify import NotifyFifo
@@ -41,6 +40,7 @@ from natgwd.ha.peer import PeerCheck
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
 from natgwd.ha.roles import CONNTRACKD, KEEPALIVED, Event, Role
 from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.state.ha import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.state.model import DesiredState
 
 log = structlog.get_logger("natgwd.ha.controller")

@@ -8,8 +8,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
-    from natgwd.ha.config import HaConfig
     from natgwd.state.bgp import BgpConfig
+    from natgwd.state.ha import HaConfig
 
 from natgwd.qos.model import QosPolicy
 

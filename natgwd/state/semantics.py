@@ -15,9 +15,9 @@ from ipaddress import (
 )
 from typing import Any
 
-from natgwd.ha.config import HaConfig, parse_ha
 from natgwd.qos.validation import qos_policies
 from natgwd.state.bgp import BgpConfig, parse_bgp
+from natgwd.state.ha import HaConfig, parse_ha
 from natgwd.state.model import (
     PRIMARY_NETWORK,
     RULE_KINDS,

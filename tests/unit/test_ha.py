@@ -16,7 +16,6 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from natgwd.ha import announce as ha_announce
-from natgwd.ha.config import HaConfig, HaMember, virtual_addresses
 from natgwd.ha.controller import HaController, HaKernel
 from natgwd.ha.metrics import HaMetrics, parse_stats
 from natgwd.ha.notify import parse_notify
@@ -26,6 +25,7 @@ from natgwd.ha.roles import Role
 from natgwd.ha.supervisor import Child, ChildSpec, Supervisor
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import RouteSpec, link_plan
+from natgwd.state.ha import HaConfig, HaMember, virtual_addresses
 from natgwd.state.validation import InvalidStateError, Problem, load_state
 
 HA_SECTION: dict[str, Any] = {

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 ADVERT_MIN = Decimal("0.01")
 ADVERT_MAX = Decimal("40.95")
 CONNTRACKD_PORT = 3780  # VyOS's and conntrackd's examples' port
-HELLO_PORT = 3781  # natgwd's peer check (ha_peer.py)
+HELLO_PORT = 3781  # natgwd's peer check (natgwd.ha.peer)
 
 
 @dataclass(frozen=True)
