@@ -29,7 +29,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
 from natgwd.kernel.netlink import NLA_F_NESTED, nla
-from natgwd.qos.model import DIRECTIONS, Direction
 from natgwd.qos.plan import (
     DEFAULT_MINOR,
     DESTINATION_OFFSET,
@@ -47,6 +46,7 @@ from natgwd.qos.plan import (
     key_of,
     tree,
 )
+from natgwd.state.qos import DIRECTIONS, Direction
 
 log = structlog.get_logger("natgwd.kernel.tc")
 

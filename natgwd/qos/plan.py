@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
-from natgwd.qos.model import BandwidthLimitRule, Direction
 from natgwd.state.model import DesiredState
+from natgwd.state.qos import BandwidthLimitRule, Direction
 
 ROOT_MAJOR = 0x4E47  # "NG": the root qdisc handle 4e47: tells natgwd's trees apart
 DEFAULT_MINOR = 0xFFFE

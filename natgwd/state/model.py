@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from natgwd.state.bgp import BgpConfig
     from natgwd.state.ha import HaConfig
 
-from natgwd.qos.model import QosPolicy
+from natgwd.state.qos import QosPolicy
 
 # Either family: a rule translates within the family of its internal address or CIDR.
 IPAddress = IPv4Address | IPv6Address

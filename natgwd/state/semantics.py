@@ -15,7 +15,6 @@ from ipaddress import (
 )
 from typing import Any
 
-from natgwd.qos.validation import qos_policies
 from natgwd.state.bgp import BgpConfig, parse_bgp
 from natgwd.state.ha import HaConfig, parse_ha
 from natgwd.state.model import (
@@ -32,6 +31,7 @@ from natgwd.state.model import (
     RuleKind,
 )
 from natgwd.state.problems import InvalidStateError, Problems
+from natgwd.state.qos_validation import qos_policies
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
 from natgwd.state.rules import network as parse_network
 
