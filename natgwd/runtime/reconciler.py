@@ -15,6 +15,7 @@ import time
 from collections import Counter as CounterOf
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
 import structlog
@@ -59,6 +60,13 @@ class Cleaner(Protocol):
 
 
 Announce = Callable[[str, list[IPAddress]], None]
+
+
+class Sync(Enum):
+    """What a sync is for."""
+
+    APPLY = "apply"  # a state to make the kernel hold: takes on trust what the last apply verified
+    RESYNC = "resync"  # the applied state again: verifies links and shaping, all it changes is drift
 
 
 @dataclass
@@ -134,7 +142,7 @@ class Reconciler:
         with self._lock:
             if delta is None or base is None or self._plan is None or base is not self._plan.state:
                 delta = None
-            return self._sync(state, resync=False, delta=delta)
+            return self._sync(state, Sync.APPLY, delta=delta)
 
     def resync(self) -> Outcome:
         """Compare the kernel with the applied state and repair what differs (reported in
@@ -143,7 +151,7 @@ class Reconciler:
             if self.state is None:
                 return Outcome()
             self._resyncs += 1
-            return self._sync(self.state, resync=True)
+            return self._sync(self.state, Sync.RESYNC)
 
     def verify_plan(self, state: DesiredState) -> bool:
         """Whether the table kept up to date change by change equals the full plan of
@@ -162,12 +170,13 @@ class Reconciler:
                 self._plan = None
             return same
 
-    def _sync(self, state: DesiredState, resync: bool, delta: RuleDelta | None = None) -> Outcome:
+    def _sync(self, state: DesiredState, mode: Sync, delta: RuleDelta | None = None) -> Outcome:
         """The one path from a desired state to the kernel, for applies, resyncs, SIGHUP,
         adoption at start and repair after a failure.
 
         A resync re-verifies what an apply may take on trust (links, and now and then the
         table even when no one committed), and everything it has to change is drift."""
+        resync = mode is Sync.RESYNC
         repairs: dict[str, int] = {}
         if self.ensure_forwarding() and self.state is not None:
             repairs["forwarding"] = 1
@@ -213,8 +222,8 @@ class Reconciler:
         if delta is None or self._links_applied is None:
             links = link_plan(state)
             if resync or links != self._links_applied:
-                outcome = self._apply_links(state, links, verify=resync)
-            self._apply_qos(state, outcome, verify=resync)
+                outcome = self._apply_links(state, links, mode)
+            self._apply_qos(state, outcome, mode)
         outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
         outcome.by_delta = change is not None
         if resync and outcome.link_changes:
@@ -383,11 +392,11 @@ class Reconciler:
             seconds=round(time.monotonic() - started, 4),
         )
 
-    def _apply_links(self, state: DesiredState, plan: LinkPlan, verify: bool) -> Outcome:
+    def _apply_links(self, state: DesiredState, plan: LinkPlan, mode: Sync) -> Outcome:
         """Links as `plan` says: what it adds alone when the last plan was applied and
-        nothing asks to verify it, else the whole plan against the kernel."""
+        this is no resync, else the whole plan against the kernel."""
         report = None
-        if not verify and self._links_applied is not None:
+        if mode is Sync.APPLY and self._links_applied is not None:
             report = self.links.add(self._links_applied, plan)
         if report is None:
             report = self.links.apply(plan)
@@ -399,15 +408,15 @@ class Reconciler:
         self._announce_eips(state, report)
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
 
-    def _apply_qos(self, state: DesiredState, outcome: Outcome, verify: bool) -> None:
+    def _apply_qos(self, state: DesiredState, outcome: Outcome, mode: Sync) -> None:
         """Shape as the state's QoS policies say (and remove natgwd's shaping where they
         say nothing), once the external interface exists. Unchanged QoS was verified by
-        the last apply (reading 1,000 EIPs' trees back takes half a second); `verify`
-        (resync) reads the kernel anyway."""
+        the last apply (reading 1,000 EIPs' trees back takes half a second); a resync
+        reads the kernel anyway."""
         if self.qos is None or state.external.interface in outcome.missing_interfaces:
             return
         wanted = wants(state)
-        if not verify and wanted == self._qos_applied:
+        if mode is Sync.APPLY and wanted == self._qos_applied:
             return
         try:
             report = self.qos.apply(wanted)
