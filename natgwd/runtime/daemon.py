@@ -421,7 +421,7 @@ class Daemon:
         for reason, count in outcome.conntrack_deleted.items():
             self.metrics.conntrack_deleted.labels(reason).inc(count)
         for resource, count in outcome.repairs.items():
-            log.warning("drift repaired", resource=resource, changes=count)
+            log.warning("drift repaired", resource=str(resource), changes=count)
             self.metrics.drift_repairs.labels(resource).inc(count)
 
     def applied_sha256(self) -> str | None:
@@ -447,7 +447,7 @@ class Daemon:
             self.metrics.reconcile_duration.observe(seconds)
         else:
             waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
-            self.progress.not_ready = "; ".join(waiting + outcome.link_errors)
+            self.progress.not_ready = "; ".join(waiting + outcome.link_errors + outcome.qos_errors)
             self.retry.schedule()
         if applied is not None:
             self.metrics.reconciles.labels("applied").inc()

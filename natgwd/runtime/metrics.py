@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from natgwd.observability.exposition import RuleLabel, RuleLabelTexts, escaped, family_text
 from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
+from natgwd.runtime.reconciler import Repair
 from natgwd.state.model import RULE_KINDS
 
 
@@ -96,7 +97,7 @@ class DaemonMetrics:
             self.rules.labels(kind)
         for result in ("applied", "unchanged", "invalid", "error"):
             self.reconciles.labels(result)
-        for resource in ("nftables", "addresses_routes", "forwarding"):
+        for resource in Repair:
             self.drift_repairs.labels(resource)
 
 

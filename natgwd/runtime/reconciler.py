@@ -15,7 +15,7 @@ import time
 from collections import Counter as CounterOf
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Protocol
 
 import structlog
@@ -69,10 +69,20 @@ class Sync(Enum):
     RESYNC = "resync"  # the applied state again: verifies links and shaping, all it changes is drift
 
 
+class Repair(StrEnum):
+    """What drift a sync undid (the label of natgwd_drift_repairs_total)."""
+
+    FORWARDING = "forwarding"
+    NFTABLES = "nftables"
+    ADDRESSES_ROUTES = "addresses_routes"
+    QOS = "qos"
+
+
 @dataclass
 class Outcome:
     """What one reconcile did. `complete` is False while interfaces are missing or a
-    netlink change failed; nftables is then already applied and the rest is retried."""
+    netlink or traffic-control change failed; nftables is then already applied and the
+    rest is retried."""
 
     nft_operations: int = 0
     changed_elements: int = 0
@@ -80,13 +90,14 @@ class Outcome:
     missing_interfaces: list[str] = field(default_factory=list)
     link_errors: list[str] = field(default_factory=list)
     conntrack_deleted: dict[str, int] = field(default_factory=dict)
-    repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
-    qos_changes: list[str] = field(default_factory=list)  # errors go to link_errors
+    repairs: dict[Repair, int] = field(default_factory=dict)  # drift undone
+    qos_changes: list[str] = field(default_factory=list)
+    qos_errors: list[str] = field(default_factory=list)
     by_delta: bool = False  # planned from the changed rules alone
 
     @property
     def complete(self) -> bool:
-        return not self.missing_interfaces and not self.link_errors
+        return not self.missing_interfaces and not self.link_errors and not self.qos_errors
 
 
 class Reconciler:
@@ -177,9 +188,9 @@ class Reconciler:
         A resync re-verifies what an apply may take on trust (links, and now and then the
         table even when no one committed), and everything it has to change is drift."""
         resync = mode is Sync.RESYNC
-        repairs: dict[str, int] = {}
+        repairs: dict[Repair, int] = {}
         if self.ensure_forwarding() and self.state is not None:
-            repairs["forwarding"] = 1
+            repairs[Repair.FORWARDING] = 1
         kernel, drifted, generation = self._current_table(reread=resync and self._resyncs % FULL_READ_EVERY == 0)
         plan, change = self._plan, None
         if resync and plan is not None:
@@ -212,7 +223,7 @@ class Reconciler:
         repaired = len(tx.operations) - tx.finishing if resync else len(tx.operations) if drifted else 0
         if repaired:
             log.warning("nftables drift", operations=repaired, changed_elements=tx.changed_elements)
-            repairs["nftables"] = repaired
+            repairs[Repair.NFTABLES] = repaired
             # Connections that started while rules were missing or wrong left un-NATed.
             self._full_conntrack_scan = True
         # A change of rules alone leaves links and shaping as they are (they depend on
@@ -227,9 +238,9 @@ class Reconciler:
         outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
         outcome.by_delta = change is not None
         if resync and outcome.link_changes:
-            repairs["addresses_routes"] = len(outcome.link_changes)
+            repairs[Repair.ADDRESSES_ROUTES] = len(outcome.link_changes)
         if resync and outcome.qos_changes:
-            repairs["qos"] = len(outcome.qos_changes)
+            repairs[Repair.QOS] = len(outcome.qos_changes)
         outcome.repairs = repairs
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
@@ -429,7 +440,7 @@ class Reconciler:
         for error in report.errors:
             log.error("qos not applied", error=error)
         outcome.qos_changes = report.changes
-        outcome.link_errors.extend(report.errors)
+        outcome.qos_errors = report.errors
 
     def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
         """Gratuitous ARP (IPv4) or an unsolicited neighbour advertisement (IPv6) for every
