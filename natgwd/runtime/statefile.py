@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 
 from natgwd.io.files import read_state_file
-from natgwd.runtime.watch import FileWatcher
+from natgwd.runtime.watch import FileWatcher, Seen
 from natgwd.state.validation import InvalidStateError, Problem
 
 
@@ -51,7 +51,7 @@ class StateFile:
         seen = self.watcher.poll()
         if seen is None:
             return None
-        return Reading.RECHECK if seen == "recheck" else Reading.CHANGED
+        return Reading.RECHECK if seen is Seen.RECHECK else Reading.CHANGED
 
     def read(self) -> Content | Unreadable:
         try:

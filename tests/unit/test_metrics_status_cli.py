@@ -22,7 +22,7 @@ from natgwd.planning.table import Counter, Element, TableContents, plan_transact
 from natgwd.runtime.metrics import RuleCounters
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.runtime.status import RuleStatus, format_table, record_mismatch, rule_statuses
-from natgwd.runtime.watch import FileWatcher
+from natgwd.runtime.watch import FileWatcher, Seen
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
 from tests.unit.fakes import FakeLinks
@@ -292,8 +292,8 @@ def test_watcher_reports_a_change_then_one_recheck_then_nothing(tmp_path: Path) 
     path = tmp_path / "state.json"
     path.write_text("{}")
     watcher = FileWatcher(path)
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
     assert watcher.poll() is None
 
@@ -308,8 +308,8 @@ def test_watcher_detects_an_in_place_write(tmp_path: Path) -> None:
     with path.open("r+") as f:
         f.write('{"version": 2, "x": 1}')
     assert path.stat().st_ino == inode
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
@@ -322,7 +322,7 @@ def test_watcher_detects_a_same_size_rewrite_with_a_new_mtime(tmp_path: Path) ->
     watcher.poll()
     path.write_text("bbbb")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert watcher.poll() == "changed"
+    assert watcher.poll() is Seen.CHANGED
 
 
 def test_watcher_detects_a_rename_over_the_file(tmp_path: Path) -> None:
@@ -337,8 +337,8 @@ def test_watcher_detects_a_rename_over_the_file(tmp_path: Path) -> None:
     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...and the same mtime
     os.replace(tmp, path)
     assert path.read_text() == "bbbb"
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
@@ -357,8 +357,8 @@ def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path) -> None:
     path = root / "state.json"
     assert path.read_text() == "aaaa"
     watcher = FileWatcher(path)
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
     # The kubelet's update: write a new version dir, then atomically repoint ..data.
@@ -368,8 +368,8 @@ def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path) -> None:
     os.replace(root / "..data_tmp", root / "..data")
     assert path.read_text() == "bbbb"
     assert os.readlink(path) == "..data/state.json"  # the visible symlink itself never changed
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
@@ -380,17 +380,17 @@ def test_watcher_detects_disappearance_and_return(tmp_path: Path) -> None:
     watcher.poll()
     watcher.poll()
     path.unlink()
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
     path.write_text("{}")
-    assert watcher.poll() == "changed"
+    assert watcher.poll() is Seen.CHANGED
 
 
 def test_watcher_of_a_missing_file(tmp_path: Path) -> None:
     watcher = FileWatcher(tmp_path / "absent.json")
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
