@@ -1,4 +1,4 @@
-"""Command line: run, check, render, status."""
+"""Command line: run, check, render, status, import, top, cleanup."""
 
 from __future__ import annotations
 
