@@ -90,13 +90,24 @@ def _validators() -> tuple[jsonschema.Draft7Validator, dict[str, jsonschema.Draf
     return jsonschema.Draft7Validator(inlined), {s: jsonschema.Draft7Validator(i) for s, i in items.items()}
 
 
+def may_hold_control_characters(raw: bytes) -> bool:
+    """Whether a string decoded from `raw` may hold a control character: JSON text cannot
+    hold a raw one in a string (the decoder refuses it), only an escape, which needs a
+    backslash; DEL may stand raw."""
+    return b"\\" in raw or b"\x7f" in raw
+
+
+def has_control_character(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def _control_characters(document: Any) -> Iterator[Problem]:
     """Strings with control characters (a trailing newline slips past a `$` in the
     schema's patterns, which Python matches before a final newline)."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
     while stack:
         node, parts = stack.pop()
-        if isinstance(node, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in node):
+        if isinstance(node, str) and has_control_character(node):
             yield Problem.at(parts, "contains a control character")
         elif isinstance(node, dict):
             stack.extend((value, (*parts, key)) for key, value in node.items())

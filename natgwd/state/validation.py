@@ -18,7 +18,7 @@ from natgwd.state.decode import check_depth, decode
 from natgwd.state.model import DesiredState
 from natgwd.state.problems import InvalidStateError, Problem
 from natgwd.state.semantics import Semantics, Validated
-from natgwd.state.shape import MAX_PROBLEMS, shape_problems
+from natgwd.state.shape import MAX_PROBLEMS, may_hold_control_characters, shape_problems
 
 
 def load_state(raw: bytes) -> DesiredState:
@@ -30,9 +30,7 @@ def validate(raw: bytes) -> Validated:
     """load_state, keeping the decoded document and the rules' indexes."""
     document = decode(raw)
     check_depth(document)
-    # JSON text cannot hold a raw control character in a string (the decoder refuses
-    # one), only an escape, which needs a backslash; DEL may stand raw.
-    return validate_document(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
+    return validate_document(document, may_hold_control_characters(raw))
 
 
 def validate_document(document: Any, control_characters_possible: bool = True) -> Validated:
