@@ -25,7 +25,7 @@ from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS
 from natgwd.planning.links import LinkPlan, link_plan
-from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids
+from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids, merge_elements
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.qos.plan import ClassStats, QosWants, TcReport, wants
@@ -283,12 +283,7 @@ class Reconciler:
             return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted))
         elements = {name: dict(keyed) for name, keyed in plan.elements.items()}
         for name, keyed in change.elements.items():
-            target = elements.setdefault(name, {})
-            for key, element in keyed.items():
-                if element is None:
-                    target.pop(key, None)
-                else:
-                    target[key] = element
+            merge_elements(elements.setdefault(name, {}), keyed)
         wanted_sets = {spec.name for spec in change.sets}
         whole = {name: keyed for name, keyed in elements.items() if name in wanted_sets}
         return plan_transaction(kernel, DesiredTable(change.sets, change.chains, whole), self._counters)
@@ -309,14 +304,8 @@ class Reconciler:
                 written.elements.pop(name, None)
             written.sets = {spec.name: spec.keyword for spec in change.sets}
             for name, keyed in change.elements.items():
-                if name not in written.sets:
-                    continue  # deleted with its set
-                target = written.elements.setdefault(name, {})
-                for key, element in keyed.items():
-                    if element is None:
-                        target.pop(key, None)
-                    else:
-                        target[key] = element
+                if name in written.sets:  # else deleted with its set
+                    merge_elements(written.elements.setdefault(name, {}), keyed)
             written.chains = {chain.name: chain.tags for chain in change.chains}
         self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
         for name, keyed in change.elements.items():
