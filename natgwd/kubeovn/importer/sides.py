@@ -46,8 +46,12 @@ from natgwd.kubeovn.importer.objects import (
 )
 from natgwd.planning.links import DEFAULT_ROUTE
 
-DEFAULT_INTERNAL_INTERFACE = "net1"
-DEFAULT_EXTERNAL_INTERFACE = "net2"
+# A side's interface when the pod's network-status does not name it: those of a gateway
+# where Kube-OVN is not the primary CNI, whose controller calls `init net1,net2` (VPC side
+# net1, external net2). With Kube-OVN as the primary CNI the sides are eth0 and net1
+# (natgwd.kubeovn.shim.init), and network-status names them.
+NON_PRIMARY_CNI_INTERNAL_INTERFACE = "net1"
+NON_PRIMARY_CNI_EXTERNAL_INTERFACE = "net2"
 DEFAULT_EXTERNAL_SUBNET = "ovn-vpc-external-network"
 
 
@@ -395,7 +399,7 @@ class Sides:
             if attachment.interface and mine(ips):
                 found = attachment.interface
                 break
-        default = DEFAULT_INTERNAL_INTERFACE if side == "internal" else DEFAULT_EXTERNAL_INTERFACE
+        default = NON_PRIMARY_CNI_INTERNAL_INTERFACE if side == "internal" else NON_PRIMARY_CNI_EXTERNAL_INTERFACE
         if option:
             if found and found != option and source is not None:
                 self.report("warning", source, f"network-status puts the {side} side on {found}; using {option}")
