@@ -12,18 +12,16 @@ from pathlib import Path
 
 from natgwd import __version__
 from natgwd.bgp.status import NeighborStatus
-from natgwd.io import applied
+from natgwd.io import applied, paths
 from natgwd.io.files import UnreadableStateError, read_state_file
 from natgwd.kubeovn.importer import cli as kubeovn_import
 from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 
-APPLIED_STATE = "/var/lib/natgwd/applied.json"
 # Loopback and the pod's own address (natgwd.runtime.listeners): the drop-in's pod spec (the
 # controller's) cannot pass an address, and 0.0.0.0 would serve every rule name and counter
 # on the EIPs and the external network.
 METRICS_ADDRESS = "auto:9469"
-BGP_RUN_DIR = "/run/natgwd/bgp"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
@@ -290,15 +288,17 @@ def parser() -> argparse.ArgumentParser:
         help="the least severe lines logged; debug adds each HTTP request and the HA peers' hellos",
     )
     run.add_argument(
-        "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
+        "--applied-state",
+        default=str(paths.APPLIED_STATE),
+        help="where to record the last applied state ('' for nowhere)",
     )
     add_allow_writable(run)
     run.add_argument(
-        "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
+        "--ha-run-dir", default=str(paths.HA_RUN_DIR), help="with an ha section: keepalived's and conntrackd's files"
     )
     run.add_argument(
         "--bgp-run-dir",
-        default=BGP_RUN_DIR,
+        default=str(paths.BGP_RUN_DIR),
         help="with a bgp section: FRR's files (configuration, sockets; owned by user frr)",
     )
     run.add_argument(
@@ -309,13 +309,15 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--edit-token",
-        default="/var/lib/natgwd/edit.token",
+        default=str(paths.EDIT_TOKEN),
         help="with --edit-port: the file (mode 0600) natgwd writes the port and the callers' secret to",
     )
+    from natgwd.kubeovn.shim.service import COMPACT_IDLE_SECONDS
+
     run.add_argument(
         "--edit-fold-after",
         type=_positive,
-        default=1.0,
+        default=COMPACT_IDLE_SECONDS,
         help="with --edit-port: seconds without a call before the calls' log is folded into the state file",
     )
     from natgwd.observability.options import add_arguments as add_observe_arguments
@@ -336,8 +338,12 @@ def parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the rules and QoS classes in the kernel with their live counters")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
-    status.add_argument("--bgp-run-dir", default=BGP_RUN_DIR, help="the BGP speaker's FRR directory (natgwd run's)")
+    status.add_argument(
+        "--applied-state", default=str(paths.APPLIED_STATE), help="the daemon's record of the applied state"
+    )
+    status.add_argument(
+        "--bgp-run-dir", default=str(paths.BGP_RUN_DIR), help="the BGP speaker's FRR directory (natgwd run's)"
+    )
     status.set_defaults(func=_status)
 
     imported = sub.add_parser(
@@ -356,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
         "cleanup",
         help="remove everything natgwd created (table, QoS qdiscs and IFB, addresses and routes): decommissioning",
     )
-    cleanup.add_argument("--applied-state", default=APPLIED_STATE)
+    cleanup.add_argument("--applied-state", default=str(paths.APPLIED_STATE))
     cleanup.set_defaults(func=_cleanup)
     return top
 

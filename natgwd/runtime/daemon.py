@@ -29,12 +29,13 @@ from natgwd.bgp.metrics import BgpCollector
 from natgwd.bgp.ownership import Ownership, SoleOwner
 from natgwd.bgp.speaker import BgpSpeaker
 from natgwd.ha.controller import HaController
+from natgwd.io import paths
 from natgwd.kernel.garp import Announcer
 from natgwd.kernel.netlink import usable_addresses
 from natgwd.kernel.nft import NftError
 from natgwd.kubeovn.shim.endpoint import ADDRESS as EDIT_ADDRESS
 from natgwd.kubeovn.shim.endpoint import EditEndpoint
-from natgwd.kubeovn.shim.service import EditService
+from natgwd.kubeovn.shim.service import COMPACT_IDLE_SECONDS, EditService
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import Endpoint
@@ -70,8 +71,8 @@ class DaemonConfig:
     applied_state_path: Path | None = None
     allow_writable_state: bool = False
     edit_port: int | None = None  # nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port)
-    edit_token_path: Path = Path("/var/lib/natgwd/edit.token")
-    edit_fold_after: float = 1.0  # seconds without a call before the edit log is folded into the file
+    edit_token_path: Path = paths.EDIT_TOKEN
+    edit_fold_after: float = COMPACT_IDLE_SECONDS  # seconds without a call before the edit log is folded in
 
 
 class Daemon:
