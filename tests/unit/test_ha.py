@@ -356,6 +356,35 @@ def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
     assert 'natgwd_ha_transitions_total{role="master"} 0.0' in exported
 
 
+def test_a_member_finds_itself_through_the_kernel_it_is_given(tmp_path: Path) -> None:
+    """HaController asks the kernel only through HaKernel: which addresses the sync
+    interface holds decides whether it is a member; a read that fails, or an address
+    of neither member, is a readiness reason and starts nothing."""
+    state = load_state(json.dumps(ha_doc()).encode())
+    asked: list[str] = []
+
+    def addresses(interface: str) -> list[IPv4Address]:
+        asked.append(interface)
+        if len(asked) == 1:
+            raise OSError("netlink refused")
+        return [IPv4Address("169.254.64.9")]
+
+    kernel = HaKernel(addresses, lambda: False)
+    controller = HaController(tmp_path, lambda _interface, _count: None, CollectorRegistry(), kernel)
+    controller.start(lambda: None)
+    try:
+        controller.applied(state, "a" * 64, complete=True)
+        assert controller.readiness()[0] == "cannot read the addresses of sync0: netlink refused"
+        controller.applied(state, "a" * 64, complete=True)
+        reason, detail = controller.readiness()
+        assert reason == "sync interface sync0 holds neither ha.members address (169.254.64.1 or 169.254.64.2)"
+        assert detail == {"ha": {"role": "init"}}
+        assert asked == ["sync0", "sync0"]
+        assert not controller.paths.keepalived_conf.exists()
+    finally:
+        controller.stop()
+
+
 def test_parse_conntrackd_stats() -> None:
     assert parse_stats(STATS, QUEUES) == {
         "entries_internal": 3,
