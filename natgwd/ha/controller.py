@@ -48,8 +48,10 @@ log = structlog.get_logger("natgwd.ha.controller")
 
 @dataclass(frozen=True)
 class Binaries:
-    keepalived: str = KEEPALIVED
-    conntrackd: str = CONNTRACKD
+    """The programs' names or paths (not the children's names, though they read the same)."""
+
+    keepalived: str = "keepalived"
+    conntrackd: str = "conntrackd"
 
 
 @dataclass(frozen=True)
