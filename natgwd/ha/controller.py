@@ -141,7 +141,7 @@ class HaController:
             state = self._state
             if state is None or state.ha is None:
                 return None, {}
-            detail: dict[str, Any] = {"role": self._role}
+            detail: dict[str, Any] = {"role": str(self._role)}
             if self._members is not None:
                 me, peer = self._members
                 detail.update(me=str(me.address), peer=str(peer.address))
@@ -310,7 +310,7 @@ class HaController:
         self._announcer.request({name: [a.ip for a in values] for name, values in virtual_addresses(state).items()})
 
     def _hello(self) -> tuple[str | None, str]:
-        return self._digest, self._role
+        return self._digest, str(self._role)
 
     def _configured(self) -> bool:
         state = self._state  # one read: the scrape thread does not take the lock for it
