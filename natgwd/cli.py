@@ -142,6 +142,7 @@ def _applied_record(path: Path) -> dict[str, str] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from collections.abc import Callable
+    from ipaddress import IPv4Address
 
     from prometheus_client import CollectorRegistry
 
@@ -149,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.bgp.speaker import BgpSpeaker
     from natgwd.ha.controller import HaController, HaKernel
     from natgwd.kernel.conntrack import ConntrackCleaner
+    from natgwd.kernel.garp import announce
     from natgwd.kernel.netlink import Netlink, ensure_forwarding, ensure_tcp_liberal, ipv4_addresses
     from natgwd.kernel.nft import KernelNft
     from natgwd.kernel.tc import KernelTc
@@ -174,8 +176,12 @@ def _run(args: argparse.Namespace) -> int:
         cleaner = ConntrackCleaner(endings=endings if args.translation_log else None)
         return Reconciler(nft, Netlink(), ensure_forwarding, cleaner, announce, KernelTc())
 
+    def garp(interface: str, addresses: list[IPv4Address]) -> int:
+        return announce(interface, list(addresses), count=1)
+
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
-        return HaController(Path(args.ha_run_dir), count_garp, registry, HaKernel(ipv4_addresses, ensure_tcp_liberal))
+        kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp)
+        return HaController(Path(args.ha_run_dir), count_garp, registry, kernel)
 
     def bgp(ownership: Ownership) -> BgpSpeaker:
         return BgpSpeaker(Path(args.bgp_run_dir), ownership)

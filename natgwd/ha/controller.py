@@ -32,7 +32,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from natgwd.bgp.ownership import NOTHING, Claims
-from natgwd.ha.announce import ActiveAnnouncer
+from natgwd.ha.announce import ActiveAnnouncer, Send
 from natgwd.ha.conntrackd import BACKUP_COMMANDS, MASTER_COMMANDS, Conntrackd
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot
 from natgwd.ha.notify import NotifyFifo
@@ -57,11 +57,12 @@ class Binaries:
 @dataclass(frozen=True)
 class HaKernel:
     """What a member asks of the kernel, passed in as the reconciler's shells are (tests
-    pass fakes): the IPv4 addresses on an interface, and liberal TCP window tracking set
-    (True when it was not; both raise OSError)."""
+    pass fakes): the IPv4 addresses on an interface, liberal TCP window tracking set
+    (True when it was not), gratuitous ARP for addresses taken over; all raise OSError."""
 
     addresses: Callable[[str], list[IPv4Address]]
     tcp_liberal: Callable[[], bool]
+    garp: Send
 
 
 class HaController:
@@ -78,7 +79,7 @@ class HaController:
         self._kernel = kernel
         self._conntrackd = Conntrackd(binaries.conntrackd, self.paths.conntrackd_conf)
         self._fifo = NotifyFifo(self.paths.notify_fifo, self._on_notice)
-        self._announcer = ActiveAnnouncer(lambda: self._role == Role.MASTER, on_garp_sent)
+        self._announcer = ActiveAnnouncer(lambda: self._role == Role.MASTER, kernel.garp, on_garp_sent)
         self._master_since: float | None = None  # monotonic
         self.metrics = HaMetrics(registry, self._configured)
         registry.register(HaCollector(self._snapshot))

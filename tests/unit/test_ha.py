@@ -341,7 +341,7 @@ maximum elements:\t\t      131072
 def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
     """Zeros on a gateway without HA would read as 'this member is not master'."""
     registry = CollectorRegistry()
-    kernel = HaKernel(lambda _interface: [], lambda: False)
+    kernel = HaKernel(lambda _interface: [], lambda: False, lambda _interface, _addresses: 0)
     HaController(tmp_path, lambda _interface, _count: None, registry, kernel)  # no state applied yet
     assert b"natgwd_ha_" not in generate_latest(registry)
 
@@ -369,7 +369,7 @@ def test_a_member_finds_itself_through_the_kernel_it_is_given(tmp_path: Path) ->
             raise OSError("netlink refused")
         return [IPv4Address("169.254.64.9")]
 
-    kernel = HaKernel(addresses, lambda: False)
+    kernel = HaKernel(addresses, lambda: False, lambda _interface, _addresses: 0)
     controller = HaController(tmp_path, lambda _interface, _count: None, CollectorRegistry(), kernel)
     controller.start(lambda: None)
     try:
@@ -483,16 +483,17 @@ def test_announcements_stop_when_no_longer_active(monkeypatch: pytest.MonkeyPatc
     sent: list[tuple[str, tuple[str, ...]]] = []
     active = [True]
 
-    def fake_announce(interface: str, addresses: list[IPv4Address], count: int) -> int:
+    def fake_send(interface: str, addresses: list[IPv4Address]) -> int:
         sent.append((interface, tuple(map(str, addresses))))
         if len(sent) == 4:  # two rounds of two interfaces
             active[0] = False
-        return len(addresses) * count
+        return len(addresses)
 
-    monkeypatch.setattr(ha_announce, "announce", fake_announce)
     monkeypatch.setattr(ha_announce, "INTERVAL_SECONDS", 0.01)
     counted: list[tuple[str, int]] = []
-    announcer = ha_announce.ActiveAnnouncer(lambda: active[0], lambda name, frames: counted.append((name, frames)))
+    announcer = ha_announce.ActiveAnnouncer(
+        lambda: active[0], fake_send, lambda name, frames: counted.append((name, frames))
+    )
     announcer.request({"net1": [IPv4Address("172.20.10.254")], "net2": [IPv4Address("10.115.55.200")]})
     deadline = time.monotonic() + 5
     while len(sent) < 4 and time.monotonic() < deadline:
