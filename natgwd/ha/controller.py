@@ -39,7 +39,7 @@ from natgwd.ha.notify import NotifyFifo
 from natgwd.ha.peer import PeerCheck
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
 from natgwd.ha.roles import CONNTRACKD, KEEPALIVED, Event, Role
-from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
 from natgwd.state.ha import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.state.model import DesiredState
 

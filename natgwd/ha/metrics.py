@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from natgwd.ha.roles import CHILDREN, Role
-from natgwd.ha.supervisor import ChildStatus
+from natgwd.process.supervisor import ChildStatus
 
 ROLES = tuple(role for role in Role if role is not Role.INIT)  # init is exported as none of them
 

@@ -22,9 +22,9 @@ from natgwd.ha.notify import parse_notify
 from natgwd.ha.peer import decode_hello, encode_hello
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
 from natgwd.ha.roles import Role
-from natgwd.ha.supervisor import Child, ChildSpec, Supervisor
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import RouteSpec, link_plan
+from natgwd.process.supervisor import Child, ChildSpec, Supervisor
 from natgwd.state.ha import HaConfig, HaMember, virtual_addresses
 from natgwd.state.validation import InvalidStateError, Problem, load_state
 
