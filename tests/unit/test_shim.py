@@ -74,11 +74,13 @@ class Applier(threading.Thread):
             digest = hashlib.sha256(raw).hexdigest()
             if not self.applied or self.applied[-1] != digest:
                 time.sleep(self.delay)
+                # Listed before the record shows it: a call returns on the record, and its test
+                # then reads `applied`.
+                self.applied.append(digest)
                 record = {"sha256": digest, "applied_at": datetime.now(UTC).isoformat(), "state": state}
                 tmp = self.record.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record))
                 os.replace(tmp, self.record)
-                self.applied.append(digest)
 
     def pause(self) -> None:
         """Returns once no pass runs, and none starts until resume()."""
