@@ -208,7 +208,9 @@ def test_drift_and_interference_under_traffic_and_changes(lab: Lab) -> None:
         kill_process(probe.process)
     repairs = {k: v for k, v in daemon.metrics().items() if k.startswith("natgwd_drift_repairs_total")}
     print(f"drift: repairs counted {repairs}")
-    assert all(v >= 1 for v in repairs.values()), repairs
+    # Every kind of resource the rounds break was repaired (QoS is not in this state).
+    for resource in ("forwarding", "nftables", "addresses_routes"):
+        assert repairs.get(f'natgwd_drift_repairs_total{{resource="{resource}"}}', 0) >= 1, repairs
     for probe in probes:
         results = [r for r in probe.results() if r[0] < ended]
         failures = [r for r in results if not r[1]]
