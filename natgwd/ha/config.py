@@ -78,7 +78,7 @@ def parse_ha(
     interface = section["interface"]
     if interface in other_interfaces:
         problems.append(("$.ha.interface", "must differ from internal.interface and external.interface"))
-    advert = _advert_interval(section.get("advertInterval", 1))
+    advert = advert_interval(section.get("advertInterval", 1))
     if isinstance(advert, str):
         problems.append(("$.ha.advertInterval", advert))
     members: list[HaMember] = []
@@ -115,7 +115,7 @@ def parse_ha(
     )
 
 
-def _advert_interval(value: Any) -> Decimal | str:
+def advert_interval(value: Any) -> Decimal | str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "must be a number of seconds"
     try:

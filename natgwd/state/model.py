@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     from natgwd.ha.config import HaConfig
+    from natgwd.state.scaleout import ScaleOutConfig
 
 from natgwd.qos.model import QosPolicy
 
@@ -161,6 +162,7 @@ class DesiredState:
     qos_policy: str | None = None  # the gateway's own (VpcNatGateway.spec.qosPolicy)
     ha: HaConfig | None = None  # an active/standby pair: keepalived owns the addresses
     more_externals: tuple[ExternalSide, ...] = ()
+    scale_out: ScaleOutConfig | None = None  # N members forwarding, each EIP group one owner
 
     @property
     def externals(self) -> tuple[ExternalSide, ...]:

@@ -48,6 +48,7 @@ from natgwd.state.model import (
 from natgwd.state.ports import NOT_A_PORT
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
 from natgwd.state.rules import network as parse_network
+from natgwd.state.scaleout import ScaleOutConfig, parse_scale_out
 
 MAX_FILE_BYTES = 32 * 1024 * 1024  # ~200,000 rules; parsing holds several times this
 
@@ -484,6 +485,7 @@ class _Semantics:
         index, rules = self._rules(context)
         policies, gateway_policy = qos_policies(self.doc, eips, external, self.fail)
         ha = self._ha(internal, external)
+        scale_out = self._scale_out(external)
         if self.problems:
             raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
         state = DesiredState(
@@ -497,6 +499,7 @@ class _Semantics:
             qos_policy=gateway_policy,
             ha=ha,
             more_externals=more,
+            scale_out=scale_out,
         )
         return Validated(self.doc, state, index)
 
@@ -532,6 +535,21 @@ class _Semantics:
             what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
             self.fail("$.ha", f"an HA pair moves IPv4 addresses on one external network; this state has {what}")
         return ha
+
+    def _scale_out(self, external: ExternalSide) -> ScaleOutConfig | None:
+        if "scaleOut" not in self.doc:
+            return None
+        if "ha" in self.doc:
+            self.fail("$.scaleOut", "cannot be combined with ha (an active/standby pair)")
+        config, problems = parse_scale_out(self.doc["scaleOut"], self.eips, [n.interface for n in self.networks])
+        for path, reason in problems:
+            self.fail(path, reason)
+        ipv6 = [str(a) for a in external.addresses if a.version == 6]
+        ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
+        if ipv6 or self.networks[1:]:
+            what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
+            self.fail("$.scaleOut", f"scaling out moves IPv4 EIPs on one external network; this state has {what}")
+        return config
 
     # addresses -------------------------------------------------------------------------
 
