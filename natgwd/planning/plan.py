@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
 
+from natgwd.planning.handover import DNAT_REPLY_GROUP, FIP_OUT_GROUP, handover_chain, handover_sets, reply_keys
 from natgwd.planning.policy import network_ids
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec
 from natgwd.state.model import RULE_KINDS, DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
@@ -309,6 +310,8 @@ class Frame:
     eip_text: Mapping[tuple[str, int], str]
     network_of: Mapping[tuple[str, int], Element] | None
     families: tuple[_Family, ...]
+    # With scaleOut: the firewall mark of each EIP's group (natgwd.planning.handover).
+    group_of: Mapping[str, Element] | None = None
 
     @classmethod
     def of(cls, state: DesiredState) -> Frame:
@@ -317,7 +320,10 @@ class Frame:
         if ids:
             network_of = {(e.name, a.version): Element(str(ids[e.network])) for e in state.eips for a in e.addresses}
         families = (V4, V6) if any(e.v6ip is not None for e in state.eips) else (V4,)
-        return cls(eip_texts(state), network_of, families)
+        group_of = None
+        if state.scale_out is not None:
+            group_of = {e.name: Element(str(state.scale_out.group_of(e.name).mark)) for e in state.eips}
+        return cls(eip_texts(state), network_of, families, group_of)
 
 
 Contribution = tuple[str, str, Element]  # (set, key, element)
@@ -348,6 +354,8 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
         ]
         if frame.network_of is not None:
             elements.append((name("fip_out_network"), internal, frame.network_of[rule.eip, rule.family]))
+        if frame.group_of is not None:
+            elements.append((FIP_OUT_GROUP, internal, frame.group_of[rule.eip]))
     elif isinstance(rule, DnatRule):
         internal = address_text(rule.internal_ip)
         if rule.type == "share":
@@ -368,6 +376,8 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
         elements += [(f"{prefix}_target", key, Element(eip)), (f"{prefix}_rule", key, marked)]
         if frame.network_of is not None:
             elements.append((f"{prefix}_network", key, frame.network_of[rule.eip, rule.family]))
+        if frame.group_of is not None:
+            elements.append((f"{prefix}_group", key, frame.group_of[rule.eip]))
     return elements
 
 
@@ -399,6 +409,7 @@ class TableChange:
     elements: ElementChanges
     share_groups: dict[str, ShareGroup]
     snat_prefixes: CounterOf[tuple[int, int]]
+    replies: CounterOf[tuple[str, str]]
 
 
 class TablePlan:
@@ -416,6 +427,9 @@ class TablePlan:
         self.elements: dict[str, dict[str, Element]] = {}
         self.share_groups: dict[str, ShareGroup] = {}
         self.snat_prefixes: CounterOf[tuple[int, int]] = CounterOf()
+        # With scaleOut: how many DNAT rules put each (reply key, group mark) in
+        # dnat_reply_group; two rules may share a backend address and port.
+        self.replies: CounterOf[tuple[str, str]] = CounterOf()
         # Created in the sets' order, which the transaction's element commands follow.
         self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}))
         for set_name, key, element in _frame_elements(state, self.frame):
@@ -450,16 +464,24 @@ class TablePlan:
         changes: ElementChanges = defaultdict(dict)
         groups = dict(self.share_groups)
         prefixes = CounterOf(self.snat_prefixes)
+        replies = CounterOf(self.replies) if self.frame.group_of is not None else self.replies
         for rule, labels in removed:
             mark = self.ids[labels]
             for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = None
             self._count(rule, mark, groups, prefixes, -1)
+            self._count_replies(rule, replies, changes, -1)
         for rule, labels in added:
             mark = ids[labels]
             for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = element
             self._count(rule, mark, groups, prefixes, +1)
+            self._count_replies(rule, replies, changes, +1)
+        for key in changes.get(DNAT_REPLY_GROUP, {}):
+            # The lowest group when rules of two groups share a backend: its replies
+            # cannot tell them apart (docs/scaling-out.md).
+            marks = sorted(mark for (k, mark), count in replies.items() if k == key and count > 0)
+            changes[DNAT_REPLY_GROUP][key] = Element(marks[0]) if marks else None
         for chain in groups.keys() | self.share_groups.keys():
             before, after = self.share_groups.get(chain), groups.get(chain)
             if (before is None) != (after is None):
@@ -479,7 +501,20 @@ class TablePlan:
         chains = _share_chains(groups) + _chains(state, by_family)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family),)
-        return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes)
+        if self.frame.group_of is not None:
+            chains += (handover_chain(state, [(p, V4.snat_key(p)) for p in by_family[V4]]),)
+        return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes, +replies)
+
+    def _count_replies(
+        self, rule: Rule, replies: CounterOf[tuple[str, str]], changes: ElementChanges, sign: int
+    ) -> None:
+        if self.frame.group_of is None or not isinstance(rule, DnatRule):
+            return
+        mark = self.frame.group_of[rule.eip].value
+        assert mark is not None
+        for key in reply_keys(rule):
+            replies[key, mark] += sign
+            changes[DNAT_REPLY_GROUP].setdefault(key, None)
 
     def _count(
         self, rule: Rule, mark: int, groups: dict[str, ShareGroup], prefixes: CounterOf[tuple[int, int]], sign: int
@@ -518,6 +553,7 @@ class TablePlan:
         self.state, self.ids, self.highest_id = change.state, change.ids, change.highest_id
         self.sets, self.chains = change.sets, change.chains
         self.share_groups, self.snat_prefixes = change.share_groups, +change.snat_prefixes
+        self.replies = change.replies
 
 
 def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
@@ -554,6 +590,8 @@ def _sets(frame: Frame, prefixes: dict[_Family, list[int]]) -> tuple[SetSpec, ..
             names = [family.name("eip_network"), family.name("fip_out_network")]
             names += [f"{family.snat_map(p)}_network" for p in lengths]
             sets.extend(SetSpec(name, f"type {family.addr} : mark;") for name in names)
+    if frame.group_of is not None:
+        sets.extend(handover_sets(prefixes.get(V4, [])))
     return tuple(sets)
 
 

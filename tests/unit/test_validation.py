@@ -163,7 +163,10 @@ def test_problem_and_error_text() -> None:
 def test_unknown_top_level_field() -> None:
     doc = seed()
     doc["eipz"] = []
-    allowed = "allowed here: dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, scaleOut, snat, version"
+    allowed = (
+        "allowed here: dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, scaleOut, "
+        "snat, version"
+    )
     assert_only(doc, "$.eipz", "unknown field", allowed)
 
 
