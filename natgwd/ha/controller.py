@@ -40,9 +40,12 @@ from natgwd.ha.announce import ActiveAnnouncer
 from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
 from natgwd.ha.peer import PeerLink
-from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.ha.render import INSTANCE, HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.ha.scale import ScaleController
+from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
 from natgwd.state.model import DesiredState
+from natgwd.state.validation import Problem
 
 log = structlog.get_logger("natgwd.ha.controller")
 
@@ -72,9 +75,15 @@ class Binaries:
 
 def parse_notify(line: str) -> str | None:
     """The role in a notify FIFO line (`INSTANCE "natgwd" MASTER 150`), lower case."""
+    parsed = parse_notify_instance(line)
+    return parsed[1] if parsed else None
+
+
+def parse_notify_instance(line: str) -> tuple[str, str] | None:
+    """(instance, role) of a notify FIFO line (`INSTANCE "g1" BACKUP 190`), the role lower case."""
     parts = line.split()
     if len(parts) >= 3 and parts[0] == "INSTANCE":
-        return parts[2].lower()
+        return parts[1].strip('"'), parts[2].lower()
     return None
 
 
@@ -105,6 +114,11 @@ class HaController:
         self._peer_state_told: bool | None = None
         self._fifo_thread: threading.Thread | None = None
         self._resync: Callable[[], None] = lambda: None
+        # A scaled-out member (the `scaleOut` section) shares the run directory, the
+        # notify FIFO and the supervisor.
+        self.scale = ScaleController(
+            self.paths, ScaleMetrics(registry), binaries.keepalived, binaries.conntrackd, on_garp_sent
+        )
 
     # --- the daemon's calls ------------------------------------------------------------
 
@@ -113,10 +127,12 @@ class HaController:
         route through an interface whose last address keepalived just removed."""
         self._resync = resync
         self._supervisor = Supervisor()
+        self.scale.start(self._supervisor, self._write)
 
     def stop(self) -> None:
         """Stop keepalived (it gives the addresses up at once: priority 0) and conntrackd."""
         with self._lock:
+            self.scale.leave()
             self._stop_member()
             if self._supervisor is not None:
                 self._supervisor.stop()
@@ -124,6 +140,14 @@ class HaController:
     def applied(self, state: DesiredState, digest: str, complete: bool) -> None:
         with self._lock:
             self._state, self._digest = state, digest
+            if state.scale_out is not None:
+                self._stop_member()
+                self.paths.directory.mkdir(parents=True, exist_ok=True)
+                self._ensure_fifo()
+                self._liberal()
+                self.scale.applied(state, complete)
+                return
+            self.scale.leave()
             ha = state.ha
             if ha is None:
                 self._stop_member()
@@ -138,9 +162,15 @@ class HaController:
             self._liberal()
             self._run(state, ha, *members)
 
+    def check(self, state: DesiredState) -> list[Problem]:
+        """What makes `state` unusable on this member, before anything is applied."""
+        return self.scale.check(state)
+
     def readiness(self) -> tuple[str | None, dict[str, Any]]:
         with self._lock:
             state = self._state
+            if state is not None and state.scale_out is not None:
+                return self.scale.readiness()
             if state is None or state.ha is None:
                 return None, {}
             detail: dict[str, Any] = {"role": self._role}
@@ -265,9 +295,14 @@ class HaController:
         fd = os.open(self.paths.notify_fifo, os.O_RDWR)
         with os.fdopen(fd, "rb", buffering=0) as fifo:
             for raw in fifo:
-                role = parse_notify(raw.decode(errors="replace"))
-                if role is not None:
+                parsed = parse_notify_instance(raw.decode(errors="replace"))
+                if parsed is None:
+                    continue
+                instance, role = parsed
+                if instance == INSTANCE:
                     self._on_role(role)
+                else:
+                    self.scale.on_role(instance, role)
 
     def _on_role(self, role: str) -> None:
         if role == HEALED:
@@ -359,6 +394,14 @@ class HaController:
     def _snapshot(self) -> HaSnapshot | None:
         with self._lock:
             state = self._state
+            scaled = state is not None and state.scale_out is not None and self._supervisor is not None
+        if scaled:
+            assert self._supervisor is not None
+            statuses = self._supervisor.statuses()
+            conntrackd = statuses.get("conntrackd")
+            stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
+            return HaSnapshot(statuses, None, None, stats)
+        with self._lock:
             if state is None or state.ha is None or self._supervisor is None:
                 return None
             self._check_peer_state()

@@ -87,8 +87,8 @@ _COUNTERS = {
 @dataclass(frozen=True)
 class HaSnapshot:
     children: dict[str, ChildStatus]
-    peer_reachable: bool
-    peer_state_match: bool
+    peer_reachable: bool | None  # None: no peer link (a scaled-out member)
+    peer_state_match: bool | None
     conntrackd: dict[str, int] | None  # None while conntrackd does not run
 
 
@@ -112,16 +112,18 @@ class HaCollector(Collector):
             restarts.add_metric([name], status.restarts)
         yield up
         yield restarts
-        yield GaugeMetricFamily(
-            "natgwd_ha_peer_reachable",
-            "1 when the peer's hello arrived over the sync link within the last 3 seconds.",
-            value=1 if snapshot.peer_reachable else 0,
-        )
-        yield GaugeMetricFamily(
-            "natgwd_ha_peer_state_match",
-            "1 when the peer applied the same desired state (sha256) as this member; 0 when not, or unknown.",
-            value=1 if snapshot.peer_state_match else 0,
-        )
+        if snapshot.peer_reachable is not None:
+            yield GaugeMetricFamily(
+                "natgwd_ha_peer_reachable",
+                "1 when the peer's hello arrived over the sync link within the last 3 seconds.",
+                value=1 if snapshot.peer_reachable else 0,
+            )
+        if snapshot.peer_state_match is not None:
+            yield GaugeMetricFamily(
+                "natgwd_ha_peer_state_match",
+                "1 when the peer applied the same desired state (sha256) as this member; 0 when not, or unknown.",
+                value=1 if snapshot.peer_state_match else 0,
+            )
         stats = snapshot.conntrackd
         if stats is None:
             return

@@ -302,6 +302,35 @@ class Netlink:
                     report.errors.append(f"delete {rule}: {err}")
 
 
+HANDOVER_PROTO = 250  # the hand-over routes (natgwd.ha.scale), kept apart from the link plan's
+
+
+def set_handover_route(table: int, via: IPv4Address | None, interface: str) -> None:
+    """Table `table` holds one default route, via `via` out of `interface`, or none at all
+    (None: this member owns the group, so the lookup falls through to the main table)."""
+    with IPRoute() as ipr:
+        if via is None:
+            try:
+                ipr.route("del", dst="0.0.0.0/0", family=socket.AF_INET, table=table)
+            except NetlinkError as err:
+                if err.code != errno.ESRCH:
+                    raise
+            return
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            raise OSError(errno.ENODEV, f"no interface {interface}")
+        ipr.route(
+            "replace",
+            dst="0.0.0.0/0",
+            family=socket.AF_INET,
+            gateway=str(via),
+            oif=found[0],
+            proto=HANDOVER_PROTO,
+            flags=RTNH_F_ONLINK,
+            table=table,
+        )
+
+
 def _rule_fields(rule: PolicyRule) -> dict[str, object]:
     fields: dict[str, object] = {
         "family": socket.AF_INET6 if rule.family == 6 else socket.AF_INET,

@@ -23,6 +23,7 @@ from natgwd.planning.table import ChainSpec, SetSpec
 from natgwd.state.model import DesiredState, DnatRule
 
 FIP_OUT_GROUP = "fip_out_group"
+HANDED_OVER = "handed_over"  # counts the packets handed over, per group mark
 DNAT_REPLY_GROUP = "dnat_reply_group"
 HANDOVER_CHAIN = "handover"
 
@@ -35,6 +36,7 @@ def handover_sets(snat_prefixes: Sequence[int]) -> tuple[SetSpec, ...]:
     return (
         SetSpec(FIP_OUT_GROUP, "type ipv4_addr : mark;"),
         SetSpec(DNAT_REPLY_GROUP, "type ipv4_addr . inet_proto . inet_service : mark;"),
+        SetSpec(HANDED_OVER, "type mark; counter;"),
         *(SetSpec(_snat_group(p), "type ipv4_addr : mark;") for p in snat_prefixes),
     )
 
@@ -64,7 +66,7 @@ def handover_chain(state: DesiredState, snat_keys: Sequence[tuple[int, str]]) ->
         f"iifname {lan} meta mark set ip saddr map @{FIP_OUT_GROUP}",
         f"iifname {lan} meta l4proto {{ tcp, udp }} meta mark set ip saddr . meta l4proto . th sport "
         f"map @{DNAT_REPLY_GROUP}",
-        # Handed over (the route for its group leaves by the members' link): not tracked.
-        f"meta mark != 0 fib daddr . mark oifname {handover_link} notrack",
+        # Handed over (the route for its group leaves by the members' link): counted, not tracked.
+        f"meta mark != 0 fib daddr . mark oifname {handover_link} meta mark @{HANDED_OVER} notrack",
     ]
     return ChainSpec(HANDOVER_CHAIN, "type filter hook prerouting priority raw; policy accept;", tuple(rules))

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import NamedTuple
 
-from natgwd.planning.handover import DNAT_REPLY_GROUP, FIP_OUT_GROUP, handover_chain, handover_sets, reply_keys
+from natgwd.planning.handover import (
+    DNAT_REPLY_GROUP,
+    FIP_OUT_GROUP,
+    HANDED_OVER,
+    handover_chain,
+    handover_sets,
+    reply_keys,
+)
 from natgwd.planning.policy import network_ids
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec
 from natgwd.state.model import RULE_KINDS, DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
@@ -107,7 +114,7 @@ def split_traffic_key(key: str) -> tuple[str, str]:
 
 def set_key_type(name: str) -> str:
     """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;")."""
-    body = next(spec.body for spec in _STATIC_SETS if spec.name == name)
+    body = next(spec.body for spec in (*_STATIC_SETS, *handover_sets(())) if spec.name == name)
     return body.removeprefix("type ").split(";", 1)[0].split(" : ", 1)[0]
 
 
@@ -563,6 +570,8 @@ def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
         for (_, version), address in frame.eip_text.items()
     ]
     elements += [(INVALID_DROPS, f'"{network.interface}"', _MEMBER) for network in state.externals]
+    if state.scale_out is not None:
+        elements += [(HANDED_OVER, str(group.mark), _MEMBER) for group in state.scale_out.groups]
     if frame.network_of is not None:
         elements += [
             ((V4 if version == 4 else V6).name("eip_network"), frame.eip_text[name, version], network)

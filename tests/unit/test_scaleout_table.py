@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.planning.handover import DNAT_REPLY_GROUP, FIP_OUT_GROUP, HANDOVER_CHAIN
+from natgwd.planning.handover import DNAT_REPLY_GROUP, FIP_OUT_GROUP, HANDED_OVER, HANDOVER_CHAIN
 from natgwd.planning.links import link_plan
 from natgwd.planning.plan import TablePlan, assign_ids, desired_table
 from natgwd.planning.policy import PolicyRule
@@ -55,6 +55,8 @@ def test_every_translation_has_its_group_mark() -> None:
     assert values(table, "snat_p32_group") == {"172.20.10.9": "4301"}
     assert values(table, FIP_OUT_GROUP) == {"172.20.10.3": "4301"}
     assert values(table, DNAT_REPLY_GROUP) == {"172.20.10.2 . tcp . 80": "4300", "172.20.10.4 . udp . 5353": "4301"}
+    # One counting element per group: the packets handed to its owner.
+    assert values(table, HANDED_OVER) == {"4300": None, "4301": None}
 
 
 def test_the_handover_chain_marks_longest_prefix_last_and_leaves_handed_packets_untracked() -> None:
@@ -68,7 +70,7 @@ def test_the_handover_chain_marks_longest_prefix_last_and_leaves_handed_packets_
         'iifname "net1" meta mark set ip saddr map @fip_out_group',
         'iifname "net1" meta l4proto { tcp, udp } meta mark set ip saddr . meta l4proto . th sport '
         "map @dnat_reply_group",
-        'meta mark != 0 fib daddr . mark oifname "net1" notrack',
+        'meta mark != 0 fib daddr . mark oifname "net1" meta mark @handed_over notrack',
     )
 
 
@@ -116,3 +118,13 @@ def test_each_group_is_routed_by_its_own_table() -> None:
     # keepalived moves the EIPs and the external address; each member's LAN address is its own.
     assert all(not spec.addresses for spec in plan.interfaces)
     assert all(route.onlink for route in plan.routes)
+
+
+def test_packets_handed_over_are_exported_per_group_only_when_scaled_out() -> None:
+    from natgwd.runtime.metrics import RuleCounters
+
+    listings = {HANDED_OVER: [("0x000010cc", "7", "700", ""), ("0x000010cd", "0", "0", "")]}
+    text = RuleCounters(dict).exposition(listings).decode()
+    assert 'natgwd_scale_handed_over_packets_total{group="g0"} 7\n' in text
+    assert 'natgwd_scale_handed_over_packets_total{group="g1"} 0\n' in text
+    assert "natgwd_scale_handed_over" not in RuleCounters(dict).exposition({}).decode()
