@@ -41,7 +41,7 @@ from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
 from natgwd.ha.peer import PeerLink
 from natgwd.ha.render import INSTANCE, HaPaths, conntrackd_conf, keepalived_conf
-from natgwd.ha.scale import ScaleController
+from natgwd.ha.scale import HEALED, ScaleController
 from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
 from natgwd.state.model import DesiredState
@@ -55,10 +55,6 @@ log = structlog.get_logger("natgwd.ha.controller")
 # entries from the kernel. A new standby asks the active for its table (-n).
 MASTER_COMMANDS = (("-f", "internal"), ("-R",), ("-B",))
 BACKUP_COMMANDS = (("-n",),)
-# keepalived's event for an active member that hears a lower priority: another member was
-# active too (a healed split brain). This one stays active and announces its addresses again
-# (garp_lower_prio_repeat in keepalived.conf).
-HEALED = "master_rx_lower_pri"
 COMMAND_TIMEOUT_SECONDS = 10.0
 # Both members translate every synced connection the same way; with liberal TCP window
 # tracking either one forwards any packet of it, whatever the other saw of the stream. That
@@ -127,7 +123,7 @@ class HaController:
         route through an interface whose last address keepalived just removed."""
         self._resync = resync
         self._supervisor = Supervisor()
-        self.scale.start(self._supervisor, self._write)
+        self.scale.start(self._supervisor, self._write, lambda: self._conntrackd(MASTER_COMMANDS))
 
     def stop(self) -> None:
         """Stop keepalived (it gives the addresses up at once: priority 0) and conntrackd."""

@@ -42,6 +42,10 @@ from natgwd.state.validation import Problem
 
 log = structlog.get_logger("natgwd.ha.scale")
 
+# keepalived's event for an active member that hears a lower priority: another member was
+# active too (a healed split brain, or a preempted owner's last adverts). This one stays
+# active and announces its addresses again (garp_lower_prio_repeat in keepalived.conf).
+HEALED = "master_rx_lower_pri"
 # A member is seen while its adverts keep coming; backups send none, so a member that owns
 # nothing is not seen (the metric says so).
 SEEN_SECONDS = 3.0
@@ -100,6 +104,7 @@ class ScaleController:
         on_garp_sent: Callable[[str, int], None],
         set_route: Callable[[int, IPv4Address | None, str], None] = set_handover_route,
         addresses_of: Callable[[str], list[IPv4Address]] = local_addresses,
+        listen: Callable[[str, Callable[[IPv4Address, int, int], None]], AdvertListener] = AdvertListener,
     ) -> None:
         self.paths = paths
         self.metrics = metrics
@@ -108,6 +113,7 @@ class ScaleController:
         self._on_garp_sent = on_garp_sent
         self._set_route = set_route
         self._addresses_of = addresses_of
+        self._listen = listen
         self._lock = threading.RLock()
         self._supervisor: Supervisor | None = None
         self._state: DesiredState | None = None
@@ -121,12 +127,21 @@ class ScaleController:
         self._listener: AdvertListener | None = None
         self._announcers: dict[int, ActiveAnnouncer] = {}
         self._write: Callable[[Any, str], bool] = lambda _path, _text: True
+        self._on_takeover: Callable[[], None] = lambda: None
         metrics.members_seen.set_function(self.members_seen)
 
     # --- HaController's calls ----------------------------------------------------------
 
-    def start(self, supervisor: Supervisor, write: Callable[[Any, str], bool]) -> None:
-        self._supervisor, self._write = supervisor, write
+    def start(
+        self,
+        supervisor: Supervisor,
+        write: Callable[[Any, str], bool],
+        on_takeover: Callable[[], None],
+    ) -> None:
+        """`on_takeover`: run when this member becomes a group's master (conntrackd's
+        commands that make the kernel's table, the dead owner's injected connections
+        included, its own, so that it hands them on to a member that returns)."""
+        self._supervisor, self._write, self._on_takeover = supervisor, write, on_takeover
 
     def check(self, state: DesiredState) -> list[Problem]:
         """What makes `state` unusable on this member (it is then not applied)."""
@@ -219,6 +234,10 @@ class ScaleController:
             if index is None or member is None or index >= len(member.config.groups):
                 return
             group = member.config.groups[index]
+            if role == HEALED:
+                log.warning("another member owned this group too; it yields, this member keeps it", group=instance)
+                self._announce(group)
+                return
             previous, self._roles[index] = self._roles.get(index), role
             if role == "master":
                 self._owners[index] = member.address
@@ -230,6 +249,8 @@ class ScaleController:
         self.metrics.ownership_changes.labels(instance, role).inc()
         if role == "master":
             self._announce(group)
+            if member.config.conntrack_sync:
+                self._on_takeover()
 
     def members_seen(self) -> int:
         now = time.monotonic()
@@ -267,7 +288,7 @@ class ScaleController:
         text = keepalived_conf(config, member.index, group_addresses(state, config), state.external.interface, paths)
         changed = self._write(paths.keepalived_conf, text)
         if self._listener is None:
-            self._listener = AdvertListener(config.interface, self._on_advert)
+            self._listener = self._listen(config.interface, self._on_advert)
         if not self._keepalived_started:
             self._supervisor.run(
                 ChildSpec(

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from natgwd.lab.topology import EXTERNAL_HOST, EXTERNAL_PREFIX, Lab, Natgwd
+from natgwd.lab.topology import EXTERNAL_HOST, EXTERNAL_PREFIX, Lab, Natgwd, run
 from tests.integration.ha_lab import MINIMAL_CAPABILITIES, kill_all, pids_in
 from tests.integration.helpers import METRICS_PORT, client_command, natgwd_command, wait_for
 
@@ -90,6 +90,7 @@ class ScaleLab(Lab):
     members: int = 2
     upstream: bool = False
     daemons: dict[str, Natgwd] = field(default_factory=dict)
+    alive: set[int] = field(default_factory=set)  # the members among the router's next hops
 
     def member_roles(self) -> list[str]:
         return [f"m{i}" for i in range(self.members)]
@@ -113,13 +114,17 @@ class ScaleLab(Lab):
             self.exec(role, "ip", "link", "set", "eth0", "up")
             self.exec(role, "ip", "route", "add", "default", "via", VPC_ROUTER)
         for index, role in enumerate(self.member_roles()):
-            for interface, segment, bridge in (("net1", "rtr", "lan"), ("net2", "ext", "br0")):
-                self._veth(role, interface, segment, f"p-{role}")
-                self.exec(segment, "ip", "link", "set", f"p-{role}", "master", bridge, "up")
-            # The member's own LAN address, as its pod network gives it.
-            self.exec(role, "ip", "addr", "add", f"{member_address(index)}/24", "dev", "net1")
-            self.exec(role, "ip", "link", "set", "net1", "up")
-        self.set_next_hops(range(self.members))
+            self._member_links(index, role)
+        self.alive = set(range(self.members))
+        self.set_next_hops(sorted(self.alive))
+
+    def _member_links(self, index: int, role: str) -> None:
+        for interface, segment, bridge in (("net1", "rtr", "lan"), ("net2", "ext", "br0")):
+            self._veth(role, interface, segment, f"p-{role}")
+            self.exec(segment, "ip", "link", "set", f"p-{role}", "master", bridge, "up")
+        # The member's own LAN address, as its pod network gives it.
+        self.exec(role, "ip", "addr", "add", f"{member_address(index)}/24", "dev", "net1")
+        self.exec(role, "ip", "link", "set", "net1", "up")
 
     def set_next_hops(self, members: Any) -> None:
         """The router's default route: multipath over these members' LAN addresses."""
@@ -133,7 +138,17 @@ class ScaleLab(Lab):
         for daemon in self.daemons.values():
             daemon.wait_ready(timeout=40)
         if not self.upstream:
-            wait_for(lambda: self.owners_settled() or None, "every group to have one owner", timeout=40)
+            self.wait_settled()
+
+    def wait_settled(self, timeout: float = 40) -> None:
+        try:
+            wait_for(lambda: self.owners_settled() or None, "every group to have its first choice", timeout=timeout)
+        except BaseException:
+            views = {role: self.scale_detail(role) for role in self.daemons if role in self.live_roles()}
+            raise AssertionError(f"groups not settled: {views}") from None
+
+    def live_roles(self) -> list[str]:
+        return [self.member_roles()[i] for i in sorted(self.alive)]
 
     def start_member(self, role: str, state: dict[str, Any]) -> Natgwd:
         directory = self.workdir / role
@@ -169,10 +184,34 @@ class ScaleLab(Lab):
         return all(view == views[0] for view in views)
 
     def kill_member(self, role: str) -> None:
-        """A silent death: every process of the member stopped then killed, its links down."""
+        """A silent death: every process of the member stopped then killed, its links down.
+        The router keeps hashing flows to it until `drop_next_hop`."""
         kill_all(self, role)
         for interface in ("net1", "net2"):
             self.exec(role, "ip", "link", "set", interface, "down")
+
+    def drop_next_hop(self, role: str) -> None:
+        """What OVN does when the member's BFD session goes down."""
+        self.alive.discard(self.member_roles().index(role))
+        self.set_next_hops(sorted(self.alive))
+
+    def revive_member(self, role: str, state: dict[str, Any]) -> Natgwd:
+        """The member as a new pod: a fresh namespace (no addresses, no connections, no
+        table), natgwd started in it; back among the router's next hops once ready, as
+        OVN adds it when its BFD session comes up."""
+        index = self.member_roles().index(role)
+        name = self.ns(role)
+        self.exec(role, "ip", "link", "del", "net1", check=False)
+        self.exec(role, "ip", "link", "del", "net2", check=False)
+        run(["ip", "netns", "del", name])
+        self._namespaces.remove(name)
+        self._add_ns(role)
+        self._member_links(index, role)
+        self.daemons[role] = self.start_member(role, state)
+        self.daemons[role].wait_ready(timeout=40)
+        self.alive.add(index)
+        self.set_next_hops(sorted(self.alive))
+        return self.daemons[role]
 
     def close(self) -> None:
         for role in self.member_roles():

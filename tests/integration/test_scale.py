@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from natgwd.lab.topology import EXTERNAL_HOST
+from tests.integration.ha_lab import Flow, start_flow
+from tests.integration.helpers import wait_for
 from tests.integration.scale_lab import EIPS, ScaleLab, scale_state
 
 
@@ -59,3 +61,69 @@ def test_steady_state_every_kind_of_exchange_succeeds_and_every_member_translate
         handed = sum(v for k, v in samples.items() if k.startswith("natgwd_scale_handed_over_packets_total{"))
         translated = sum(v for k, v in samples.items() if k.startswith("natgwd_rule_connections_total{"))
         assert handed > 0 and translated > 0, (role, handed, translated)
+
+
+# (client namespace, protocol, address, port) of the long-lived flows, two of each kind
+# (two source ports: the hash spreads them).
+LONG_LIVED = {
+    "snat-tcp": ("vm3", "tcp", EXTERNAL_HOST, 9000),
+    "snat-udp": ("vm3", "udp", EXTERNAL_HOST, 9001),
+    "snat-host": ("vm1", "tcp", EXTERNAL_HOST, 9000),
+    "dnat": ("ext", "tcp", EIPS["e0"], 8888),
+    "share-dnat": ("ext", "tcp", EIPS["e1"], 9999),
+    "fip-in": ("ext", "tcp", EIPS["e3"], 80),
+    "fip-out": ("vm2", "tcp", EXTERNAL_HOST, 9000),
+}
+
+
+def start_long_lived(lab: ScaleLab, copies: int = 2) -> dict[str, Flow]:
+    flows = {}
+    for kind, (role, proto, address, port) in LONG_LIVED.items():
+        for copy in range(copies):
+            name = f"{kind}-{copy}"
+            flows[name] = start_flow(lab, role, proto, address, port, name, period=0.05)
+    for flow in flows.values():
+        flow.wait_more(10)
+    return flows
+
+
+def all_progress(flows: dict[str, Flow], count: int = 10) -> None:
+    for flow in flows.values():
+        flow.wait_more(count, timeout=30)
+
+
+def owned_by(lab: ScaleLab, roles: list[str]) -> dict[str, list[str]]:
+    return {role: lab.scale_detail(role).get("owned_groups", []) for role in roles}
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_a_member_dies_silently_its_groups_move_and_no_connection_is_lost(members: int) -> None:
+    """Prevents: a member's death resetting the connections it translated (its EIPs move
+    to a survivor that holds their connections), and its return losing any (it takes its
+    groups back only after the preempt delay, with the connections synced to it)."""
+    with ScaleLab(members=members) as lab:
+        state = scale_state(members)
+        lab.start_members(state)
+        serve(lab)
+        flows = start_long_lived(lab)
+        victim, survivors = "m1", [r for r in lab.member_roles() if r != "m1"]
+        lab.kill_member(victim)
+        lab.drop_next_hop(victim)
+        every_group = sorted(f"g{i}" for i in range(members))
+        wait_for(
+            lambda: sorted(g for groups in owned_by(lab, survivors).values() for g in groups) == every_group,
+            "the survivors to own every group",
+            timeout=20,
+        )
+        all_progress(flows)
+        # Back as a new pod: it takes g1 back once the preempt delay has passed.
+        lab.revive_member(victim, state)
+        lab.wait_settled()
+        all_progress(flows)
+        broken = {name: flow.errors() for name, flow in flows.items() if flow.errors()}
+        assert not broken
+        # Each flow is still the one it was: TCP flows never reconnect (echo_flow), and the
+        # UDP flows' answers kept naming the same translated source.
+        for name, flow in flows.items():
+            if name.startswith("snat-udp"):
+                assert len({answer for _, answer in flow.echoes()}) == 1, (name, set(flow.echoes()))
