@@ -8,10 +8,16 @@ import gc
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from natgwd import __version__
 from natgwd.kubeovn import importer as kubeovn
 from natgwd.runtime import applied
+
+if TYPE_CHECKING:
+    from natgwd.ha.scale_status import GroupStatus
+    from natgwd.planning.table import TableContents
+    from natgwd.state.model import DesiredState
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import InvalidStateError, load_state
 
@@ -74,9 +80,13 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     record = _applied_record(Path(args.applied_state)) if args.applied_state else None
     rules = rule_statuses(table)
-    shaping = kernel_statuses(applied.read_state(Path(args.applied_state)) if args.applied_state else None)
+    state = applied.read_state(Path(args.applied_state)) if args.applied_state else None
+    shaping = kernel_statuses(state)
+    groups = _group_statuses(state, table)
     if args.json:
         output = {"applied": record, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
+        if groups:
+            output["groups"] = [g.as_dict() for g in groups]
         print(json.dumps(output, indent=1))
         return 0
     if record:
@@ -84,7 +94,26 @@ def _status(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table(rules))
     if shaping:
         sys.stdout.write("\n" + format_qos_table(shaping))
+    if groups:
+        from natgwd.ha.scale_status import format_groups
+
+        sys.stdout.write("\n" + format_groups(groups))
     return 0
+
+
+def _group_statuses(state: DesiredState | None, table: TableContents) -> list[GroupStatus]:
+    """Scaled out: who owns each EIP group, from this member's kernel."""
+    if state is None or state.scale_out is None:
+        return []
+    from natgwd.ha.scale_status import group_statuses, kernel_view
+    from natgwd.planning.handover import HANDED_OVER
+
+    local, routes = kernel_view(state)
+    handed = {
+        int(key): element.counter.packets if element.counter else 0
+        for key, element in table.elements.get(HANDED_OVER, {}).items()
+    }
+    return group_statuses(state, local, routes, handed)
 
 
 def _applied_record(path: Path) -> dict[str, str] | None:

@@ -219,7 +219,10 @@ class ScaleLab(Lab):
                 kill_all(self, role)
         super().close()
 
-    def exchanges(self, role: str, proto: str, address: str, port: int, count: int) -> dict[str, Any]:
-        result = self.exec(role, *client_command("exchanges", proto, address, port, count), timeout=count * 3 + 30)
+    def exchanges(
+        self, role: str, proto: str, address: str, port: int, count: int, timeout: float = 2
+    ) -> dict[str, Any]:
+        command = client_command("exchanges", proto, address, port, count, timeout)
+        result = self.exec(role, *command, timeout=count * (timeout + 1) + 30)
         outcome: dict[str, Any] = json.loads(result.stdout)
         return outcome

@@ -8,6 +8,8 @@ flows go on.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from natgwd.lab.topology import EXTERNAL_HOST
 from tests.integration.ha_lab import Flow, start_flow
 from tests.integration.helpers import wait_for
-from tests.integration.scale_lab import EIPS, ScaleLab, scale_state
+from tests.integration.scale_lab import EIPS, ScaleLab, member_address, scale_state
 
 
 @pytest.fixture(params=[2, 3], ids=["n2", "n3"])
@@ -61,6 +63,22 @@ def test_steady_state_every_kind_of_exchange_succeeds_and_every_member_translate
         handed = sum(v for k, v in samples.items() if k.startswith("natgwd_scale_handed_over_packets_total{"))
         translated = sum(v for k, v in samples.items() if k.startswith("natgwd_rule_connections_total{"))
         assert handed > 0 and translated > 0, (role, handed, translated)
+    # `natgwd status` in m0 names the owner of every group from its kernel.
+    status = json.loads(
+        lab.exec(
+            "m0",
+            sys.executable,
+            "-m",
+            "natgwd",
+            "status",
+            "--json",
+            "--applied-state",
+            str(lab.workdir / "m0" / "applied.json"),
+        ).stdout
+    )
+    owners = {group["group"]: group["owner"] for group in status["groups"]}
+    assert owners == {"g0": "this member", **{f"g{i}": member_address(i) for i in range(1, lab.members)}}
+    assert status["groups"][1]["handed_over_packets"] > 0
 
 
 # (client namespace, protocol, address, port) of the long-lived flows, two of each kind

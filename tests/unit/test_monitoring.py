@@ -16,11 +16,13 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.observability.connwatch import ConnectionWatch
 from natgwd.observability.ctstats import STAT_FAMILIES, Pressure
 from natgwd.observability.ctstats import exposition as pressure_exposition
 from natgwd.observability.translog import Selection, TransLog
 from natgwd.planning.counters import Listings
+from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 
@@ -34,12 +36,16 @@ LISTINGS: Listings = {
     RULE_CONNECTIONS: [("0x00000001", "3", "0", "snat/my-snat/10.115.55.200")],
     RULE_TRAFFIC: [("original . 0x00000001", "5", "300", ""), ("reply . 0x00000001", "4", "200", "")],
     INVALID_DROPS: [('"net2"', "1", "40", "")],
+    HANDED_OVER: [("0x000010cc", "9", "900", "")],
 }
 
 
 def exposition() -> str:
     registry = CollectorRegistry()
     DaemonMetrics(registry)
+    scale = ScaleMetrics(registry)  # a scaled-out member's
+    scale.members_seen.set(2)
+    scale.group_owned.labels("g0").set(1)
     watch = ConnectionWatch(lambda: LISTINGS, dict, TransLog(io.StringIO(), Selection(), 10))
     return b"".join(
         (
@@ -86,7 +92,7 @@ def test_promtool_accepts_the_exposition() -> None:
 def test_alert_rules_use_exported_metrics() -> None:
     exported = exported_names() | HA_METRICS
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
-    assert len({rule["alert"] for rule in rules}) == len(rules) == 11
+    assert len({rule["alert"] for rule in rules}) == len(rules) == 14
     for rule in rules:
         names = referenced(rule["expr"])
         assert names, rule["alert"]

@@ -217,3 +217,23 @@ def test_members_seen_counts_those_heard_lately(
     assert controller.members_seen() == 2
     controller._seen[M0] = time.monotonic() - 10  # heard long ago
     assert controller.members_seen() == 1
+
+
+def test_status_names_each_groups_owner_from_the_kernels_view() -> None:
+    from natgwd.ha.scale_status import format_groups, group_statuses
+
+    state = state_of()
+    local = [M1, IPv4Address("169.254.0.61")]  # this member holds g1's marker
+    routes = {4300: M0, 4301: None, 4302: None}
+    statuses = group_statuses(state, local, routes, {4300: 12})
+    assert [(s.group, s.owner, s.eips, s.handed_over_packets) for s in statuses] == [
+        ("g0", str(M0), ("my-eip",), 12),
+        ("g1", "this member", ("my-eip2",), 0),
+        ("g2", "unknown", (), 0),
+    ]
+    assert format_groups(statuses).splitlines() == [
+        "GROUP  VRID  OWNER         HANDED OVER  EIPS",
+        "g0     60    172.20.10.11  12           my-eip",
+        "g1     61    this member   0            my-eip2",
+        "g2     62    unknown       0            -",
+    ]
