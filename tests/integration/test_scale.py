@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from natgwd.lab.topology import EXTERNAL_HOST
-from tests.integration.ha_lab import Flow, start_flow
+from tests.integration.ha_lab import Flow, pids_in, start_flow
 from tests.integration.helpers import wait_for
 from tests.integration.scale_lab import EIPS, ScaleLab, member_address, scale_state
 
@@ -145,3 +146,23 @@ def test_a_member_dies_silently_its_groups_move_and_no_connection_is_lost(member
         for name, flow in flows.items():
             if name.startswith("snat-udp"):
                 assert len({answer for _, answer in flow.echoes()}) == 1, (name, set(flow.echoes()))
+
+
+def test_a_member_list_without_this_member_is_refused_and_nothing_applied() -> None:
+    """Prevents: a member whose address the state does not list applying the table and
+    starting keepalived with a member index it does not have."""
+    with ScaleLab(members=2) as lab:
+        state = scale_state(2)
+        state["scaleOut"]["members"] = [{"address": member_address(1)}, {"address": "172.20.10.99"}]
+        daemon = lab.start_member("m0", state)
+
+        def refused() -> str | None:
+            status, body = daemon.get("/readyz")
+            return body if status == 503 and "$.scaleOut.members" in body else None
+
+        body = wait_for(refused, "m0 to refuse the state", timeout=20)
+        assert "lists no address of this member" in body and member_address(0) in body
+        assert lab.exec("m0", "nft", "list", "table", "inet", "natgwd", check=False).returncode != 0
+        assert daemon.metrics()["natgwd_desired_state_valid"] == 0
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids_in(lab, "m0")}
+        assert not names & {"keepalived", "conntrackd"}, names
