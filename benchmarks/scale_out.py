@@ -87,8 +87,7 @@ def measure(members: int, connrate: Path, seconds: float) -> dict[str, Any]:
         runs = {role: json.loads(out) for role, out in outputs.items()}
         connections = sum(r["connections"] for r in runs.values())
         per_member = {
-            role: {key: after[role][key] - before[role][key] for key in ("translated", "handed_over")}
-            for role in after
+            role: {key: after[role][key] - before[role][key] for key in ("translated", "handed_over")} for role in after
         }
         translated = sum(m["translated"] for m in per_member.values())
         handed = sum(m["handed_over"] for m in per_member.values())
