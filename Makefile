@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # Debian's packages: the nftables binding is only packaged there (not on PyPI).
 APT_PACKAGES := nftables libnftables1 python3-nftables python3-venv iproute2 conntrack \
 	iputils-ping curl tcpdump iperf3 systemd iptables gcc libc6-dev \
-	podman buildah runc debootstrap systemd-container procps keepalived conntrackd prometheus
+	podman buildah runc debootstrap systemd-container procps keepalived conntrackd prometheus shellcheck \
+	frr bird2
 PYTEST_ARGS ?= -n 2
 
 .PHONY: deps venv demo test test-unit test-image image lint bench clean
@@ -25,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
-# `natgwd` on PATH: a link to the venv's command (never over a natgwd installed otherwise;
-# BIN_LINK= for none).
+# `natgwd` on PATH: a link to the venv's command (never over a natgwd installed otherwise,
+# nor over another checkout's link that still works; BIN_LINK= for none). A link whose
+# checkout is gone is replaced; `make clean` removes this checkout's link.
 BIN_LINK ?= /usr/local/bin/natgwd
 NATGWD := $(abspath $(VENV))/bin/natgwd
 
@@ -34,6 +36,12 @@ venv: deps $(VENV)/.installed
 	@if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" != "$(NATGWD)" ]; then \
 		if [ -e "$(BIN_LINK)" ] && [ ! -L "$(BIN_LINK)" ]; then \
 			echo "$(BIN_LINK) is not natgwd's link: left alone; the CLI is $(NATGWD)"; \
+		elif [ -e "$(BIN_LINK)" ]; then \
+			echo "$(BIN_LINK) links another checkout ($$(readlink "$(BIN_LINK)")): left alone;" \
+				"the CLI is $(NATGWD) (rm $(BIN_LINK) and make venv again to link it)"; \
+		elif [ -L "$(BIN_LINK)" ]; then \
+			echo "$(BIN_LINK) linked $$(readlink "$(BIN_LINK)"), which is gone: relinked"; \
+			ln -sfn "$(NATGWD)" "$(BIN_LINK)" && echo "linked $(BIN_LINK) -> $(NATGWD)"; \
 		else ln -sfn "$(NATGWD)" "$(BIN_LINK)" && echo "linked $(BIN_LINK) -> $(NATGWD)"; fi; \
 	fi
 
@@ -66,4 +74,6 @@ bench: venv
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
+	@if [ -n "$(BIN_LINK)" ] && [ "$$(readlink "$(BIN_LINK)")" = "$(NATGWD)" ]; then \
+		rm -f "$(BIN_LINK)" && echo "removed $(BIN_LINK) (linked this checkout's natgwd)"; fi
 	rm -rf $(VENV) build *.egg-info

@@ -3,10 +3,17 @@
 # `bash /kube-ovn/nat-gateway.sh COMMAND RULE...` and each call edits natgwd's desired state.
 # Where natgwd takes calls on loopback (`natgwd run --edit-port`, its token file exists), the
 # call goes there in one round trip: a bash process and no Python start per call. Otherwise
-# `python -m natgwd.kubeovn.shim` edits the state file itself. Both parse the call alike.
+# `python -m natgwd.kubeovn.shim` edits the state file itself (NATGWD_PYTHON: the Python
+# with natgwd installed, default the image's). Both parse the call alike.
 token_file=${NATGWD_EDIT_TOKEN:-/var/lib/natgwd/edit.token}
 if [ ! -e "$token_file" ]; then
-    exec "${NATGWD_PYTHON:-/opt/natgwd/bin/python}" -m natgwd.kubeovn.shim "$@"
+    python=${NATGWD_PYTHON:-/opt/natgwd/bin/python}
+    if [ ! -x "$python" ]; then
+        echo "natgwd: no edit endpoint token at $token_file (NATGWD_EDIT_TOKEN), and no Python at" \
+            "$python to edit the state file instead (NATGWD_PYTHON: the Python with natgwd installed)" >&2
+        exit 1
+    fi
+    exec "$python" -m natgwd.kubeovn.shim "$@"
 fi
 
 if [ ! -r "$token_file" ]; then
@@ -22,10 +29,24 @@ fraction=${timeout#"$seconds"}
 fraction=${fraction#.}000000
 now=${EPOCHREALTIME/[.,]/}
 deadline=$((10#$now + 10#$seconds * 1000000 + 10#${fraction:0:6}))
+# The timeout bounds the whole call: bash's /dev/tcp connect has no timeout of its own (a
+# SYN nobody answers is retried for two minutes), so a watchdog ends the call at the
+# deadline. It stops its sleep when the call ends first: no process outlives the call.
+# (To fd 4, stderr: the connect below runs with its stderr silenced.)
+exec 4>&2
+trap 'echo "natgwd: its edit endpoint ($token_file) did not answer within ${timeout}s" >&4; exit 1' TERM
+(
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    sleep "$timeout" &
+    sleeper=$!
+    wait "$sleeper" && kill -TERM "$$"
+) 2>/dev/null &
+watchdog=$!
+trap 'kill "$watchdog" 2>/dev/null' EXIT
 while :; do
     port='' token=''
     { read -r port token <"$token_file"; } 2>/dev/null
-    if [[ $port =~ ^[0-9]{1,5}$ && -n $token ]] && { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+    if [[ $port =~ ^[0-9]{1,5}$ && -n $token ]] && { exec 3<>"/dev/tcp/127.94.69.1/$port"; } 2>/dev/null; then
         break
     fi
     now=${EPOCHREALTIME/[.,]/}

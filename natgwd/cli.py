@@ -6,31 +6,38 @@ import argparse
 import functools
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from natgwd import __version__
+from natgwd.bgp.status import NeighborStatus
 from natgwd.kubeovn import importer as kubeovn
 from natgwd.runtime import applied
+from natgwd.runtime.files import UnreadableStateError, read_state_file
+from natgwd.state.model import DesiredState, IPNetwork
+from natgwd.state.validation import InvalidStateError, load_state
 
 if TYPE_CHECKING:
     from natgwd.ha.scale_status import GroupStatus
     from natgwd.planning.table import TableContents
-    from natgwd.state.model import DesiredState
-from natgwd.state.model import DesiredState
-from natgwd.state.validation import InvalidStateError, load_state
 
 APPLIED_STATE = "/var/lib/natgwd/applied.json"
+# Loopback: the drop-in's pod spec (the controller's) cannot pass an address, and any other
+# default would serve every rule name and counter on the EIPs or the external network.
+METRICS_ADDRESS = "127.0.0.1:9469"
+BGP_RUN_DIR = "/run/natgwd/bgp"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
-def _load(file: str) -> DesiredState | None:
-    """The state in the file, or None once every problem is printed as `check` prints them."""
+def _load(file: str, allow_writable: bool) -> DesiredState | None:
+    """The state in the file ('-': standard input), or None once every problem is printed as
+    `check` prints them. The file is read as `run` reads it (the same permission checks)."""
     try:
-        return load_state(Path(file).read_bytes())
-    except OSError as err:
-        print(f"{file}: cannot read: {err.strerror}", file=sys.stderr)
+        return load_state(sys.stdin.buffer.read() if file == "-" else read_state_file(Path(file), allow_writable))
+    except UnreadableStateError as err:
+        print(f"{file}: cannot read: {err.reason}", file=sys.stderr)
     except InvalidStateError as err:
         count = len(err.problems)
         print(f"{file}: invalid desired state ({count} problem{'' if count == 1 else 's'}):", file=sys.stderr)
@@ -42,7 +49,7 @@ def _load(file: str) -> DesiredState | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    state = _load(args.file)
+    state = _load(args.file, args.allow_writable_state)
     if state is None:
         return 1
     print(
@@ -56,7 +63,8 @@ def _render(args: argparse.Namespace) -> int:
     from natgwd.planning.plan import assign_ids, desired_table
     from natgwd.planning.table import plan_transaction
 
-    state = _load(args.file)
+    # Printing a script changes nothing: whoever may write the file may see what it makes.
+    state = _load(args.file, allow_writable=True)
     if state is None:
         return 1
     table = desired_table(state, assign_ids(state, {}))
@@ -68,7 +76,7 @@ def _status(args: argparse.Namespace) -> int:
     from natgwd.kernel.nft import KernelNft, NftError
     from natgwd.qos.status import format_table as format_qos_table
     from natgwd.qos.status import kernel_statuses
-    from natgwd.runtime.status import format_table, rule_statuses
+    from natgwd.runtime.status import format_table, record_mismatch, rule_statuses
 
     try:
         table = KernelNft().read_table()
@@ -78,18 +86,39 @@ def _status(args: argparse.Namespace) -> int:
     if table is None:
         print("no natgwd table in this network namespace", file=sys.stderr)
         return 1
-    record = _applied_record(Path(args.applied_state)) if args.applied_state else None
     rules = rule_statuses(table)
-    state = applied.read_state(Path(args.applied_state)) if args.applied_state else None
-    shaping = kernel_statuses(state)
-    groups = _group_statuses(state, table)
+    record = _applied_record(Path(args.applied_state)) if args.applied_state else None
+    recorded = applied.read_state(Path(args.applied_state)) if record else None
+    mismatch = record_mismatch(recorded, rules) if record else None
+    if record and mismatch:
+        record["mismatch"] = mismatch
+        recorded = None  # another table's record: its QoS policies are not this table's either
+    shaping = kernel_statuses(recorded)
+    groups = _group_statuses(recorded, table)
+    bgp = _bgp_status(Path(args.bgp_run_dir))
     if args.json:
-        output = {"applied": record, "rules": [r.as_dict() for r in rules], "qos": [q.as_dict() for q in shaping]}
+        output: dict[str, object] = {
+            "applied": record,
+            "rules": [r.as_dict() for r in rules],
+            "qos": [q.as_dict() for q in shaping],
+        }
         if groups:
             output["groups"] = [g.as_dict() for g in groups]
+        if bgp is not None:
+            found, announced = bgp
+            output["bgp"] = {
+                "neighbors": [n.as_dict() for n in found.values()],
+                "originated": sorted(str(p) for p in announced),
+            }
         print(json.dumps(output, indent=1))
         return 0
-    if record:
+    if record and mismatch:
+        print(
+            f"the applied-state record {args.applied_state} does not match this network namespace's table: "
+            f"{mismatch}; it may be another daemon's (--applied-state names the record to read)",
+            file=sys.stderr,
+        )
+    elif record:
         print(f"applied state sha256 {record['sha256']} at {record['applied_at']}")
     sys.stdout.write(format_table(rules))
     if shaping:
@@ -98,7 +127,24 @@ def _status(args: argparse.Namespace) -> int:
         from natgwd.ha.scale_status import format_groups
 
         sys.stdout.write("\n" + format_groups(groups))
+    if bgp is not None:
+        import time
+
+        from natgwd.bgp.status import format_neighbors
+
+        sys.stdout.write("\n" + format_neighbors(*bgp, now=time.time()))
     return 0
+
+
+def _bgp_status(directory: Path) -> tuple[dict[str, NeighborStatus], set[IPNetwork]] | None:
+    """The BGP speaker's sessions and announcements, when natgwd runs one (its bgpd
+    answers in `directory`)."""
+    from natgwd.bgp.vtysh import Vtysh
+
+    if not (directory / "bgpd.vty").exists():
+        return None
+    vtysh = Vtysh(directory)
+    return vtysh.neighbors(None), vtysh.originated() or set()
 
 
 def _group_statuses(state: DesiredState | None, table: TableContents) -> list[GroupStatus]:
@@ -126,10 +172,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry
 
+    from natgwd.bgp.ownership import Ownership
+    from natgwd.bgp.speaker import BgpSpeaker
     from natgwd.ha.controller import HaController
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.netlink import Netlink, ensure_forwarding
     from natgwd.kernel.nft import KernelNft
+    from natgwd.observability.endings import Endings
     from natgwd.observability.options import watch_factory
     from natgwd.qos.tc import KernelTc
     from natgwd.runtime.daemon import Daemon, DaemonConfig
@@ -138,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.runtime.startup import Exit, StartupError, parse_address, report
 
     configure(args.log_format, args.log_level)
+    endings = Endings()
     # A 10,000-rule state is a million objects, and each change builds a new one: with the
     # default thresholds the cycle collector walks the whole heap several times per change
     # (a third of its time). Collecting less often still frees every cycle, a little later.
@@ -148,14 +198,18 @@ def _run(args: argparse.Namespace) -> int:
             nft = KernelNft()
         except (ImportError, OSError) as err:
             raise StartupError(Exit.KERNEL, f"cannot open libnftables (python3-nftables): {err}", "nftables") from None
-        return Reconciler(nft, Netlink(), ensure_forwarding, ConntrackCleaner(), announce, KernelTc())
+        cleaner = ConntrackCleaner(endings=endings if args.translation_log else None)
+        return Reconciler(nft, Netlink(), ensure_forwarding, cleaner, announce, KernelTc())
 
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
         return HaController(Path(args.ha_run_dir), count_garp, registry)
 
+    def bgp(ownership: Ownership) -> BgpSpeaker:
+        return BgpSpeaker(Path(args.bgp_run_dir), ownership)
+
     try:
         try:
-            make_watch = watch_factory(args)
+            make_watch = watch_factory(args, endings)
         except ValueError as err:
             raise StartupError(Exit.OBSERVE_OPTION, str(err), str(err).partition(" ")[0]) from None
         config = DaemonConfig(
@@ -168,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.edit_token),
             args.edit_fold_after,
         )
-        return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch).run()
+        return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch, make_bgp=bgp).run()
     except StartupError as err:
         return report(err)
 
@@ -178,8 +232,10 @@ def _cleanup(args: argparse.Namespace) -> int:
     from natgwd.kernel.nft import KernelNft
     from natgwd.qos.tc import KernelTc
 
-    KernelNft().delete_table()
-    print("deleted nftables table inet natgwd")
+    if KernelNft().delete_table():
+        print("deleted nftables table inet natgwd")
+    else:
+        print("no nftables table inet natgwd: nothing to delete")
     shaping = KernelTc().remove_all()
     report = Netlink().remove_owned()
     for change in shaping.changes + report.changes:
@@ -204,34 +260,76 @@ def _port(text: str) -> int:
     return int(text)
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, when it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "%(default)" in text
+            or action.default in (None, False, "", [], argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_allow_writable(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--allow-writable-state",
+        action="store_true",
+        help="accept a state file that users other than root (or natgwd's own) can write",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="natgwd", description="VPC NAT gateway data plane", allow_abbrev=False)
     top.add_argument("--version", action="version", version=f"natgwd {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
 
-    run = sub.add_parser("run", help="run the daemon: keep the kernel equal to the desired state")
+    run = sub.add_parser(
+        "run", help="run the daemon: keep the kernel equal to the desired state", formatter_class=_WithDefaults
+    )
     run.add_argument("--state", required=True, help="desired-state JSON file")
-    run.add_argument("--metrics-address", default="0.0.0.0:9469", help="host:port for /metrics, /healthz, /readyz")
+    run.add_argument(
+        "--metrics-address",
+        default=os.environ.get("NATGWD_METRICS_ADDRESS") or METRICS_ADDRESS,
+        help=(
+            "host:port for /metrics, /healthz, /readyz (default: $NATGWD_METRICS_ADDRESS, else "
+            f"{METRICS_ADDRESS}: never the EIPs or the external network; a pod passes its own address)"
+        ),
+    )
     run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")
-    run.add_argument("--log-format", choices=("json", "console"), default="json")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="the log on stderr: json, one object per line for a log collector; console, aligned text for a person",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe lines logged; debug adds each HTTP request and the HA peers' hellos",
+    )
     run.add_argument(
         "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
     )
-    run.add_argument(
-        "--allow-writable-state",
-        action="store_true",
-        help="accept a state file that users other than root (or natgwd's own) can write",
-    )
+    add_allow_writable(run)
     run.add_argument(
         "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
+    )
+    run.add_argument(
+        "--bgp-run-dir",
+        default=BGP_RUN_DIR,
+        help="with a bgp section: FRR's files (configuration, sockets; owned by user frr)",
     )
     run.add_argument(
         "--edit-port",
         type=_port,
         default=None,
-        help="take nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port; default: off)",
+        help="take nat-gateway.sh calls on 127.94.69.1:PORT, a loopback address (0: any free port; default: off)",
     )
     run.add_argument(
         "--edit-token",
@@ -249,17 +347,21 @@ def parser() -> argparse.ArgumentParser:
     add_observe_arguments(run)
     run.set_defaults(func=_run)
 
-    check = sub.add_parser("check", help="validate a desired-state file; exit 1 listing every problem")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check", help="validate a desired-state file as `run` would read it; exit 1 listing every problem"
+    )
+    check.add_argument("file", help="the desired-state JSON file ('-': standard input)")
+    add_allow_writable(check)
     check.set_defaults(func=_check)
 
     render = sub.add_parser("render", help="print the nftables script that would create the table")
-    render.add_argument("file")
+    render.add_argument("file", help="the desired-state JSON file ('-': standard input)")
     render.set_defaults(func=_render)
 
     status = sub.add_parser("status", help="the rules and QoS classes in the kernel with their live counters")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
+    status.add_argument("--bgp-run-dir", default=BGP_RUN_DIR, help="the BGP speaker's FRR directory (natgwd run's)")
     status.set_defaults(func=_status)
 
     imported = sub.add_parser(

@@ -15,6 +15,8 @@ from decimal import Decimal, InvalidOperation
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
+from natgwd.state.problems import InvalidValueError, Problems
+
 if TYPE_CHECKING:
     from natgwd.state.model import DesiredState, IPInterface
 
@@ -69,62 +71,55 @@ def _ipv4(addresses: Iterable[IPInterface]) -> list[IPv4Interface]:
     return [a for a in addresses if isinstance(a, IPv4Interface)]
 
 
-def parse_ha(
-    section: dict[str, Any], other_interfaces: tuple[str, str]
-) -> tuple[HaConfig | None, list[tuple[str, str]]]:
-    """The section (already shaped by the JSON Schema) as an HaConfig, or the problems
-    found as (path, reason)."""
-    problems: list[tuple[str, str]] = []
+def parse_ha(section: dict[str, Any], other_interfaces: tuple[str, str], problems: Problems) -> HaConfig | None:
+    """The section (already shaped by the JSON Schema) as an HaConfig, or None with the
+    problems found added to `problems`."""
+    known = len(problems)
     interface = section["interface"]
     if interface in other_interfaces:
-        problems.append(("$.ha.interface", "must differ from internal.interface and external.interface"))
-    advert = advert_interval(section.get("advertInterval", 1))
-    if isinstance(advert, str):
-        problems.append(("$.ha.advertInterval", advert))
+        problems.add("$.ha.interface", "must differ from internal.interface and external.interface")
+    advert = problems.parsed("$.ha.advertInterval", advert_interval, section.get("advertInterval", 1))
     members: list[HaMember] = []
     for index, item in enumerate(section["members"]):
         path = f"$.ha.members[{index}]"
         try:
             address = IPv4Address(item["address"])
         except AddressValueError as err:
-            problems.append((f"{path}.address", f"not a valid IPv4 address: {err}"))
+            problems.add(f"{path}.address", f"not a valid IPv4 address: {err}")
             continue
         if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-            problems.append((f"{path}.address", f"{address} is not a usable unicast address"))
+            problems.add(f"{path}.address", f"{address} is not a usable unicast address")
             continue
         members.append(HaMember(address, item["priority"]))
     if len(members) == 2:
         if members[0].address == members[1].address:
-            problems.append(("$.ha.members[1].address", "must differ from members[0].address"))
+            problems.add("$.ha.members[1].address", "must differ from members[0].address")
         if members[0].priority == members[1].priority:
             # Equal priorities elect by the higher address: legal VRRP, but it hides which
             # member is meant to be active.
-            problems.append(("$.ha.members[1].priority", "must differ from members[0].priority"))
-    if problems or isinstance(advert, str):
-        return None, problems
-    return (
-        HaConfig(
-            interface=interface,
-            virtual_router_id=section["virtualRouterId"],
-            advert_interval=advert,
-            preempt=section.get("preempt", False),
-            conntrack_sync=section.get("conntrackSync", True),
-            members=(members[0], members[1]),
-        ),
-        [],
+            problems.add("$.ha.members[1].priority", "must differ from members[0].priority")
+    if len(problems) > known or advert is None:
+        return None
+    return HaConfig(
+        interface=interface,
+        virtual_router_id=section["virtualRouterId"],
+        advert_interval=advert,
+        preempt=section.get("preempt", False),
+        conntrack_sync=section.get("conntrackSync", True),
+        members=(members[0], members[1]),
     )
 
 
-def advert_interval(value: Any) -> Decimal | str:
+def advert_interval(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return "must be a number of seconds"
+        raise InvalidValueError("must be a number of seconds")
     try:
         seconds = Decimal(str(value))
     except InvalidOperation:
-        return "must be a number of seconds"
+        raise InvalidValueError("must be a number of seconds") from None
     if not ADVERT_MIN <= seconds <= ADVERT_MAX:
-        return f"must be between {ADVERT_MIN} and {ADVERT_MAX} seconds (VRRPv3)"
+        raise InvalidValueError(f"must be between {ADVERT_MIN} and {ADVERT_MAX} seconds (VRRPv3)")
     if seconds != seconds.quantize(ADVERT_MIN):
-        return "must be a multiple of 0.01 seconds (VRRPv3 counts centiseconds)"
+        raise InvalidValueError("must be a multiple of 0.01 seconds (VRRPv3 counts centiseconds)")
     # 10, not 1E+1: the value is written into keepalived.conf as it prints.
     return seconds.quantize(Decimal(1)) if seconds == seconds.to_integral() else seconds.normalize()

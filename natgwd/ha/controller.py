@@ -36,6 +36,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pyroute2 import IPRoute
 
+from natgwd.bgp.ownership import NOTHING, Claims
 from natgwd.ha.announce import ActiveAnnouncer
 from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
@@ -95,7 +96,7 @@ class HaController:
         self.binaries = binaries
         self._announcer = ActiveAnnouncer(lambda: self._role == "master", on_garp_sent)
         self._master_since: float | None = None  # monotonic
-        self.metrics = HaMetrics(registry)
+        self.metrics = HaMetrics(registry, self._configured)
         registry.register(HaCollector(self._snapshot))
         self._supervisor: Supervisor | None = None
         self._lock = threading.RLock()
@@ -110,10 +111,11 @@ class HaController:
         self._peer_state_told: bool | None = None
         self._fifo_thread: threading.Thread | None = None
         self._resync: Callable[[], None] = lambda: None
+        self._role_listeners: list[Callable[[], None]] = []
         # A scaled-out member (the `scaleOut` section) shares the run directory, the
         # notify FIFO and the supervisor.
         self.scale = ScaleController(
-            self.paths, ScaleMetrics(registry), binaries.keepalived, binaries.conntrackd, on_garp_sent
+            self.paths, ScaleMetrics(registry, self._scaled_out), binaries.keepalived, binaries.conntrackd, on_garp_sent
         )
 
     # --- the daemon's calls ------------------------------------------------------------
@@ -133,9 +135,12 @@ class HaController:
             if self._supervisor is not None:
                 self._supervisor.stop()
 
-    def applied(self, state: DesiredState, digest: str, complete: bool) -> None:
+    def applied(self, state: DesiredState, digest: str | None, complete: bool) -> None:
+        """`digest`: the sha256 of what is applied (None: told later, by applied_digest)."""
         with self._lock:
-            self._state, self._digest = state, digest
+            self._state = state
+            if digest is not None:
+                self._digest = digest
             if state.scale_out is not None:
                 self._stop_member()
                 self.paths.directory.mkdir(parents=True, exist_ok=True)
@@ -157,6 +162,12 @@ class HaController:
             self._problem = None
             self._liberal()
             self._run(state, ha, *members)
+
+    def applied_digest(self, digest: str | None) -> None:
+        """What is applied changed with no new state to act on (nat-gateway.sh calls recorded)."""
+        with self._lock:
+            self._digest = digest
+            self._check_peer_state()
 
     def check(self, state: DesiredState) -> list[Problem]:
         """What makes `state` unusable on this member, before anything is applied."""
@@ -184,6 +195,29 @@ class HaController:
                     restarts = status.restarts if status else 0
                     reasons.append(f"{name} is not running (restarts: {restarts})")
             return "; ".join(reasons) or None, {"ha": detail}
+
+    # --- who owns the EIPs (natgwd.bgp.ownership) ------------------------------------
+
+    def claims(self, state: DesiredState) -> Claims:
+        """The active member owns every EIP, the standby stands by for every one; a gateway
+        without an ha section is alone and owns them all."""
+        names = frozenset(e.name for e in state.eips)
+        if state.ha is None or self._role == "master":
+            return Claims(names)
+        if self._role == "backup":
+            return Claims(frozenset(), names)
+        return NOTHING  # init, fault, stopped: whoever announces, not this member
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._role_listeners.append(callback)
+
+    def member_address(self) -> IPv4Address | None:
+        members = self._members
+        return members[0].address if members else None
+
+    def _tell_role_listeners(self) -> None:
+        for listener in self._role_listeners:
+            listener()
 
     # --- pieces ---------------------------------------------------------------------
 
@@ -310,6 +344,7 @@ class HaController:
             state = self._state
             self._master_since = time.monotonic() if role == "master" else None
         log.info("HA role changed", role=role, previous=previous)
+        self._tell_role_listeners()
         self._resync()
         self.metrics.set_role(role)
         self.metrics.transitions.labels(role).inc()
@@ -387,6 +422,14 @@ class HaController:
             return None
         return view.sha256 == self._digest
 
+    def _scaled_out(self) -> bool:
+        state = self._state
+        return state is not None and state.scale_out is not None
+
+    def _configured(self) -> bool:
+        state = self._state  # one read: the scrape thread does not take the lock for it
+        return state is not None and state.ha is not None
+
     def _snapshot(self) -> HaSnapshot | None:
         with self._lock:
             state = self._state
@@ -396,17 +439,18 @@ class HaController:
             statuses = self._supervisor.statuses()
             conntrackd = statuses.get("conntrackd")
             stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
-            return HaSnapshot(statuses, None, None, stats)
+            return HaSnapshot(statuses, None, None, stats, self._supervisor.errors)
         with self._lock:
             if state is None or state.ha is None or self._supervisor is None:
                 return None
             self._check_peer_state()
             statuses = self._supervisor.statuses()
+            errors = self._supervisor.errors
             view = self._peer.view() if self._peer else None
             match = self._peer_state_match()
         conntrackd = statuses.get("conntrackd")
         stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
-        return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats)
+        return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats, errors)
 
     def _conntrackd_stats(self) -> dict[str, int] | None:
         texts = []
@@ -434,6 +478,7 @@ class HaController:
         # lock while it waits for that thread.
         self._role = "init"
         self.metrics.set_role("init")
+        self._tell_role_listeners()
 
     def _clear_keepalived_pids(self) -> None:
         # keepalived refuses to start while its pid file names a live process, and a

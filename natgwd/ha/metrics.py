@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from natgwd.ha.supervisor import ChildStatus
@@ -18,7 +18,14 @@ CHILDREN = ("keepalived", "conntrackd")
 
 
 class HaMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """The role and transition figures. They live in a registry of their own, which the
+    scrape reads only while `active()` (the state has an ha section): a gateway without
+    HA exports no natgwd_ha_* series, rather than zeros that read as 'not master'."""
+
+    def __init__(self, registry: CollectorRegistry, active: Callable[[], bool]) -> None:
+        own = CollectorRegistry()
+        registry.register(WhileActive(own, active))
+        registry = own
         self.role = Gauge(
             "natgwd_ha_role",
             "1 for the VRRP role this member is in (master: holds the addresses), 0 for the others.",
@@ -45,6 +52,16 @@ class HaMetrics:
     def set_role(self, role: str) -> None:
         for name in ROLES:
             self.role.labels(name).set(1 if name == role else 0)
+
+
+class WhileActive(Collector):
+    def __init__(self, inner: CollectorRegistry, active: Callable[[], bool]) -> None:
+        self._inner = inner
+        self._active = active
+
+    def collect(self) -> Iterator[Metric]:
+        if self._active():
+            yield from self._inner.collect()
 
 
 # --- conntrackd -s -------------------------------------------------------------------
@@ -90,6 +107,7 @@ class HaSnapshot:
     peer_reachable: bool | None  # None: no peer link (a scaled-out member)
     peer_state_match: bool | None
     conntrackd: dict[str, int] | None  # None while conntrackd does not run
+    supervisor_errors: int = 0
 
 
 class HaCollector(Collector):
@@ -106,12 +124,24 @@ class HaCollector(Collector):
         restarts = CounterMetricFamily(
             "natgwd_ha_process_restarts", "Restarts of a child process after it exited.", labels=["process"]
         )
+        start_failures = CounterMetricFamily(
+            "natgwd_ha_process_start_failures",
+            "Starts of a child process that failed (its preparation or exec) and were tried again with backoff.",
+            labels=["process"],
+        )
         for name in CHILDREN:
             status = snapshot.children.get(name, ChildStatus())
             up.add_metric([name], 1 if status.up else 0)
             restarts.add_metric([name], status.restarts)
+            start_failures.add_metric([name], status.start_failures)
         yield up
         yield restarts
+        yield start_failures
+        yield CounterMetricFamily(
+            "natgwd_ha_supervisor_errors",
+            "Errors the supervisor of keepalived and conntrackd met and went on after (see the log).",
+            value=snapshot.supervisor_errors,
+        )
         if snapshot.peer_reachable is not None:
             yield GaugeMetricFamily(
                 "natgwd_ha_peer_reachable",

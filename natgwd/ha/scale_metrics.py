@@ -4,14 +4,22 @@ conntrackd's sync statistics are HaCollector's.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from natgwd.ha.metrics import WhileActive
 from natgwd.ha.scale_render import instance_name
 from natgwd.state.scaleout import ScaleOutConfig
 
 
 class ScaleMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """Exported only while `active()` (the state has a scaleOut section), as the pair's."""
+
+    def __init__(self, registry: CollectorRegistry, active: Callable[[], bool]) -> None:
+        own = CollectorRegistry()
+        registry.register(WhileActive(own, active))
+        registry = own
         self.group_owned = Gauge(
             "natgwd_scale_group_owned",
             "1 while this member owns the EIP group (keepalived made it the group's master), else 0.",

@@ -1,17 +1,24 @@
 """Child processes that natgwd runs and keeps running (keepalived, conntrackd).
 
-Each child is restarted with exponential backoff when it exits, its output goes line by
-line into natgwd's log, and its state (up, restarts, last exit) is there for /readyz and
-/metrics. A child gets SIGTERM when natgwd dies, even by SIGKILL (PR_SET_PDEATHSIG), so a
-killed natgwd never leaves keepalived holding the addresses without anyone watching.
+Each child is restarted with exponential backoff when it exits or cannot be started, its
+output goes line by line into natgwd's log, and its state (up, restarts, failed starts,
+last exit) is there for /readyz and /metrics. A child gets SIGTERM when natgwd dies, even by
+SIGKILL (PR_SET_PDEATHSIG), so a killed natgwd never leaves keepalived holding the
+addresses without anyone watching.
+
+PR_SET_PDEATHSIG is set by `setpriv --pdeathsig` (util-linux, essential in Debian), which
+then execs the child: not by a preexec_fn, which would run Python (ctypes, dlopen) between
+fork and exec in a multithreaded process, where a lock another thread held at the fork
+can never be released. The signal follows the death of the thread that forked, not of
+the process: children are forked only by the supervisor's own thread, which lives as long
+as natgwd and survives whatever a request or a start meets (logged, counted, retried).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -26,7 +33,7 @@ BACKOFF_FIRST_SECONDS = 0.2
 BACKOFF_MAX_SECONDS = 30.0
 STABLE_SECONDS = 30.0  # a child that ran this long starts over at the first backoff step
 STOP_TIMEOUT_SECONDS = 5.0
-PR_SET_PDEATHSIG = 1
+DIE_WITH_NATGWD = ("setpriv", "--pdeathsig", "TERM", "--")
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,8 @@ class ChildStatus:
     up: bool = False
     pid: int | None = None
     restarts: int = 0
+    start_failures: int = 0  # starts that failed (prepare or exec) and were retried later
     last_exit: int | None = None
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -63,21 +66,26 @@ class Child:
     _backoff: float = BACKOFF_FIRST_SECONDS
 
     def start(self) -> None:
-        if self.spec.prepare is not None:
-            self.spec.prepare()
         try:
+            if self.spec.prepare is not None:
+                self.spec.prepare()
             # A session of its own: a terminal's Ctrl-C reaches natgwd, which then stops the
             # children in order, instead of reaching all of them at once.
             process = subprocess.Popen(
-                list(self.spec.argv),
+                [*DIE_WITH_NATGWD, *self.spec.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
-        except OSError as err:
-            log.error("cannot start child", process=self.spec.name, error=str(err))
+        except Exception as err:  # a stale file that cannot go, a missing binary: tried again
+            self.status.start_failures += 1
+            log.error(
+                "cannot start child",
+                process=self.spec.name,
+                error=f"{type(err).__name__}: {err}",
+                retry_in=round(self._backoff, 2),
+            )
             self._schedule(time.monotonic())
             return
         self._process, self._started_at = process, time.monotonic()
@@ -99,9 +107,9 @@ class Child:
             self._process = None
             self.status.up, self.status.pid, self.status.last_exit = False, None, code
             log.error("child exited", process=self.spec.name, code=code, restart_in=round(self._backoff, 2))
+            self._schedule(now)
             if self.on_exit is not None:
                 self.on_exit(self.spec.name, code)
-            self._schedule(now)
             return
         if now >= self._start_at:
             self.status.restarts += 1
@@ -141,11 +149,13 @@ class Child:
 
 class Supervisor:
     """Runs children from one thread of its own (PR_SET_PDEATHSIG follows the thread that
-    forked a child, so that thread must live as long as the children do)."""
+    forked a child, so that thread must live as long as the children do: no exception
+    ends it)."""
 
     TICK_SECONDS = 0.1
 
     def __init__(self) -> None:
+        self.errors = 0  # requests and checks that raised (logged; supervision went on)
         self._children: dict[str, Child] = {}
         self._requests: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -161,10 +171,11 @@ class Supervisor:
             current = self._children.get(spec.name)
             if current is not None and current.spec == spec:
                 return
+            child = Child(spec, on_exit)
+            # Kept from here on: whatever stopping the old one meets, the loop starts this one.
+            self._children[spec.name] = child
             if current is not None:
                 current.stop()
-            child = Child(spec, on_exit)
-            self._children[spec.name] = child
             child.start()
 
         self._submit(start)
@@ -212,17 +223,24 @@ class Supervisor:
                 requests, self._requests = self._requests, []
                 stopping = self._stopping
             for request in requests:
-                request()
+                self._guarded(request)
             if stopping:
                 for child in reversed(list(self._children.values())):
-                    child.stop()
+                    self._guarded(child.stop)
                 self._children.clear()
                 return
             now = time.monotonic()
             for child in list(self._children.values()):
-                child.check(now)
+                self._guarded(functools.partial(child.check, now))
             self._wake.wait(self.TICK_SECONDS)
             self._wake.clear()
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            self.errors += 1
+            log.exception("a supervisor step failed; supervising on")
 
 
 def remove_stale(path: os.PathLike[str] | str) -> None:

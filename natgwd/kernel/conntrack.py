@@ -19,6 +19,7 @@ from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
+from natgwd.observability.endings import Endings
 from natgwd.planning.stale import Filter, Flow, Translations
 
 
@@ -47,8 +48,9 @@ class ConntrackCleaner:
     machine) and are opened again after an error; the delete socket only once an entry
     is stale."""
 
-    def __init__(self, connect: Callable[[int], Conntrack] = _connect) -> None:
+    def __init__(self, connect: Callable[[int], Conntrack] = _connect, endings: Endings | None = None) -> None:
         self._connect = connect
+        self._endings = endings  # with a translation log: which connections natgwd ended, and why
         self._sockets: dict[tuple[int, str], Conntrack] = {}
 
     def clean(self, translations: Translations, filters: list[Filter] | None) -> Counter[str]:
@@ -88,11 +90,14 @@ class ConntrackCleaner:
             reason = translations.stale(_flow(entry))
             if reason is None:
                 continue
+            if self._endings is not None and entry.id:  # type: ignore[attr-defined]
+                self._endings.ending(entry.id, reason)  # type: ignore[attr-defined]
             try:
                 self._socket(family, "deletes").delete(entry)
             except NetlinkError as err:
                 # Already gone: expired, deleted by its peer, or met twice (an entry
-                # can match the filters of both an original and a reply dump).
+                # can match the filters of both an original and a reply dump; its record
+                # stays for the first delete's event).
                 if err.code != errno.ENOENT:
                     raise
                 continue

@@ -11,11 +11,13 @@ referenced by a verdict-map element deleted in the same transaction.
 from __future__ import annotations
 
 import copy
+import errno
 import re
 from typing import TypeVar
 
 from natgwd.kernel.nft import NftError
 from natgwd.planning.counters import CountedElement
+from natgwd.planning.layout import SHARE_CHAIN_PREFIX
 from natgwd.planning.table import (
     AddChain,
     AddElements,
@@ -77,10 +79,12 @@ class FakeNft:
             if name in self.table.elements
         }
 
-    def delete_table(self) -> None:
-        if self.table is not None:
-            self.table = None
-            self._generation += 1
+    def delete_table(self) -> bool:
+        if self.table is None:
+            return False
+        self.table = None
+        self._generation += 1
+        return True
 
     def generation(self) -> int:
         return self._generation
@@ -101,13 +105,13 @@ class FakeNft:
                 table = table or TableContents()
                 continue
             if table is None:
-                raise NftError(f"{op.render()}: No such file or directory (no table)")
+                raise NftError(f"{op.render()}: No such file or directory (no table)", errno.ENOENT)
             if isinstance(op, AddRule):
                 self._check_rule_references(table, op)
             elif isinstance(op, DeleteChain) and op.name in jumped_to_before | self._chains_referenced(table):
-                raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)")
+                raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)", errno.EBUSY)
             elif isinstance(op, DeleteSet) and op.name in self._sets_referenced(table):
-                raise NftError(f"{op.render()}: Device or resource busy (set is referenced)")
+                raise NftError(f"{op.render()}: Device or resource busy (set is referenced)", errno.EBUSY)
             _apply(table, op)
         assert table is not None
         return table
@@ -131,6 +135,7 @@ class FakeNft:
 
 
 _SET_REFERENCE = re.compile(r"@(\w+)")
+_NUMGEN_MAP = re.compile(r"numgen random mod [0-9]+ map \{ ([^}]*) \}")
 _CHAIN_REFERENCE = re.compile(r"\b(?:jump|goto) (\w+)")
 
 
@@ -141,22 +146,27 @@ def _apply(table: TableContents, op: object) -> None:
             table.elements[op.spec.name] = {}
     elif isinstance(op, DeleteSet):
         if op.name not in table.sets:
-            raise NftError(f"{op.render()}: No such file or directory")
+            raise NftError(f"{op.render()}: No such file or directory", errno.ENOENT)
         del table.sets[op.name]
         del table.elements[op.name]
     elif isinstance(op, AddChain):
         table.chains.setdefault(op.name, ())
     elif isinstance(op, DeleteChain):
         if table.chains.get(op.name):
-            raise NftError(f"{op.render()}: Device or resource busy (chain not empty)")
+            raise NftError(f"{op.render()}: Device or resource busy (chain not empty)", errno.EBUSY)
         _need(table.chains, op.name, op.render())
         del table.chains[op.name]
+        table.shares.pop(op.name, None)
     elif isinstance(op, FlushChain):
         _need(table.chains, op.name, op.render())
         table.chains[op.name] = ()
+        table.shares.pop(op.name, None)
     elif isinstance(op, AddRule):
         _need(table.chains, op.chain, op.render())
         table.chains[op.chain] = (*table.chains[op.chain], op.tag)
+        if op.chain.startswith(SHARE_CHAIN_PREFIX) and (choices := _NUMGEN_MAP.search(op.rule)):
+            # As the kernel lists a share chain's rule: the ids of its numgen map.
+            table.shares[op.chain] = tuple(int(pair.split(" : ")[1]) for pair in choices[1].split(", "))
     elif isinstance(op, AddElements):
         elements = _need(table.elements, op.set_name, op.render())
         for key, element in op.elements:
@@ -164,7 +174,7 @@ def _apply(table: TableContents, op: object) -> None:
                 _need(table.chains, jump.group(1), op.render())
             existing = elements.get(key)
             if existing is not None and existing.value != element.value:
-                raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)")
+                raise NftError(f"{op.render()}: File exists (key {key} maps elsewhere)", errno.EEXIST)
             if existing is None:
                 seeded = element.counter or Counter(0, 0)
                 elements[key] = Element(element.value, element.comment, seeded)
@@ -172,13 +182,13 @@ def _apply(table: TableContents, op: object) -> None:
         elements = _need(table.elements, op.set_name, op.render())
         for key in op.keys:
             if key not in elements:
-                raise NftError(f"{op.render()}: No such file or directory (element {key})")
+                raise NftError(f"{op.render()}: No such file or directory (element {key})", errno.ENOENT)
             del elements[key]
 
 
 def _need(mapping: dict[str, T], name: str, command: str) -> T:
     if name not in mapping:
-        raise NftError(f"{command}: No such file or directory")
+        raise NftError(f"{command}: No such file or directory", errno.ENOENT)
     return mapping[name]
 
 

@@ -7,6 +7,7 @@ makes: libnftables 1.0.6 JSON input mishandles concatenated map types, while one
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -25,12 +26,42 @@ from natgwd.kernel.setdump import (
     key_layout,
 )
 from natgwd.planning.counters import CountedElement
+from natgwd.planning.layout import SHARE_CHAIN_PREFIX
 from natgwd.planning.plan import set_key_type
 from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
 
 
 class NftError(Exception):
-    pass
+    """A refusal of nftables, with the kernel's errno when one is known (as knftables'
+    error.go): callers ask `is_not_found()`, never the message's words."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    @classmethod
+    def from_libnftables(cls, message: str) -> NftError:
+        """The error of libnftables' message. It reports the kernel's refusal as the C
+        library's English strerror on the first line ("Error: Could not process rule: No
+        such file or directory"), and no errno beside it: read here, and only here."""
+        first = message.partition("\n")[0]
+        code = next((code for code, text in _STRERRORS.items() if text in first), None)
+        return cls(message, code)
+
+    def is_not_found(self) -> bool:
+        """The table, chain, set or element named does not exist."""
+        return self.errno == errno.ENOENT
+
+    def is_already_exists(self) -> bool:
+        return self.errno == errno.EEXIST
+
+
+# libnftables does not call setlocale(): its messages are English whatever the locale.
+_STRERRORS = {
+    errno.ENOENT: "No such file or directory",
+    errno.EEXIST: "File exists",
+    errno.EBUSY: "Device or resource busy",
+}
 
 
 class Nft(Protocol):
@@ -42,7 +73,9 @@ class Nft(Protocol):
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]: ...
 
-    def delete_table(self) -> None: ...
+    def delete_table(self) -> bool:
+        """Whether there was a table to delete."""
+        ...
 
     def generation(self) -> int: ...
 
@@ -72,7 +105,7 @@ class KernelNft:
         try:
             output = self._run(f"list table {FAMILY} {TABLE}")
         except NftError as err:
-            if "No such file or directory" in str(err):
+            if err.is_not_found():
                 return None
             raise
         return parse_table(_load(output))
@@ -92,12 +125,14 @@ class KernelNft:
             raise NftError(str(err)) from err
         return {name: elements for name, elements in zip(names, listed, strict=True) if elements is not None}
 
-    def delete_table(self) -> None:
+    def delete_table(self) -> bool:
         try:
             self._run(f"delete table {FAMILY} {TABLE}")
         except NftError as err:
-            if "No such file or directory" not in str(err):
+            if not err.is_not_found():
                 raise
+            return False
+        return True
 
     def generation(self) -> int:
         """The kernel's ruleset generation: it moves with every commit to any table.
@@ -128,7 +163,7 @@ class KernelNft:
                 break
         if kind_seen == NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", reply, 16)
-            raise NftError(f"reading the ruleset generation: {os.strerror(-code)}")
+            raise NftError(f"reading the ruleset generation: {os.strerror(-code)}", -code)
         offset = 20  # netlink header, then nfgenmsg
         while offset + 4 <= length:
             size, attribute = struct.unpack_from("=HH", reply, offset)
@@ -167,7 +202,7 @@ class _Context:
             finally:
                 self._nft.set_dry_run(False)
         if rc != 0:
-            raise NftError(error.strip() or f"libnftables returned {rc}")
+            raise NftError.from_libnftables(error.strip() or f"libnftables returned {rc}")
         return output
 
 
@@ -221,5 +256,20 @@ def parse_table(objects: list[dict[str, Any]]) -> TableContents:
             chains.setdefault(body["name"], [])
         elif kind == "rule":
             chains.setdefault(body["chain"], []).append(body.get("comment", ""))
+            if str(body["chain"]).startswith(SHARE_CHAIN_PREFIX):
+                marks = _share_marks(body)
+                if marks is not None:
+                    contents.shares[body["chain"]] = marks
     contents.chains = {name: tuple(tags) for name, tags in chains.items()}
     return contents
+
+
+def _share_marks(rule: dict[str, Any]) -> tuple[int, ...] | None:
+    """The rule ids a share chain's first rule picks among: it sets the ct mark from
+    `numgen random mod N map { 0 : id, 1 : id, ... }` (libnftables 1.0.6's JSON)."""
+    for expr in rule.get("expr", ()):
+        mapping = (expr.get("mangle") or {}).get("value", {}).get("map", {}) if isinstance(expr, dict) else {}
+        pairs = (mapping.get("data") or {}).get("set") if isinstance(mapping, dict) else None
+        if isinstance(pairs, list):
+            return tuple(int(mark) for _, mark in sorted(pairs))
+    return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from itertools import repeat
 
 from natgwd.planning.counters import CountedElement
-from natgwd.planning.plan import traffic_key
+from natgwd.planning.layout import DIRECTIONS, traffic_key
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -61,9 +61,8 @@ def _interface(data: bytes) -> str:
     return '"' + data.split(b"\0", 1)[0].decode() + '"'
 
 
-_DIRECTIONS = ("original", "reply")
 # traffic_key(direction, mark) is the direction's prefix and the mark: made once, not per element.
-_DIRECTION_PREFIXES = tuple(traffic_key(direction, "") for direction in _DIRECTIONS)
+_DIRECTION_PREFIXES = tuple(traffic_key(direction, "") for direction in DIRECTIONS)
 _LAYOUTS = {
     "mark": KeyLayout(4, _mark),
     "ct_dir . mark": KeyLayout(8, _direction_and_mark),

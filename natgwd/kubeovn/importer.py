@@ -50,6 +50,7 @@ from ipaddress import (
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from natgwd.kubeovn.bgp_import import carry_bgp
 from natgwd.kubeovn.qos_import import carry_qos
 from natgwd.planning.links import DEFAULT_ROUTE
 from natgwd.runtime.files import write_atomically
@@ -458,6 +459,11 @@ class _Importer:
     def gateway(self) -> Obj:
         gateways = sorted(self.by_kind.get("VpcNatGateway", []), key=_name)
         wanted = self.options.gateway
+        if not gateways:
+            raise ImportFailedError(
+                "the input holds no VpcNatGateway: give the gateway's object too "
+                "(kubectl get vpc-nat-gateway NAME -o yaml), with its EIPs and rules"
+            )
         if wanted is None:
             if len(gateways) != 1:
                 names = ", ".join(_name(g) for g in gateways) or "none"
@@ -566,15 +572,13 @@ class _Importer:
         state = self.validated(state, eips, self.rules(eip_names, used))
         eip_sources = {rule.entry["name"]: rule.source for rule in eips}
         used |= carry_qos(state, gw, eip_sources, self.by_kind.get("QoSPolicy", []), state_name, self.report)
+        carry_bgp(state, gw, eip_sources, self.report)
         self.report_unused(used)
         return ImportResult(around.name, state, self.findings)
 
     def gateway_notes(self, gw: Obj) -> None:
         """What the gateway itself asks for beyond the state."""
         spec = _section(gw, "spec")
-        value = spec.get("bgpSpeaker")
-        if value and not (isinstance(value, dict) and not value.get("enabled")):
-            self.report("warning", gw, "BGP speaker is not carried over (natgwd does not do it)")
         if int(spec.get("replicas") or 1) > 1:
             self.report("note", gw, "HA gateway: give every replica the same desired state")
 
@@ -1138,14 +1142,16 @@ class _Importer:
             if rule.section == "snat":
                 owner = snat_cidrs.get(entry["internalCIDR"])
                 if owner is not None:
-                    self.report("warning", rule.source, f"{entry['internalCIDR']} is already translated by {owner}")
+                    self.report(
+                        "warning", rule.source, f"{entry['internalCIDR']} is already translated by {owner}; skipped"
+                    )
                     continue
                 snat_cidrs[entry["internalCIDR"]] = name
             elif rule.section == "dnat":
                 identity = (f"{entry['eip']}/{family}", entry["protocol"], entry["externalPort"])
                 kind = entry.get("type", "exclusive")
                 if eip_family in fip_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} has FIP {fip_eips[eip_family]}")
+                    self.report("warning", rule.source, f"EIP {entry['eip']} has FIP {fip_eips[eip_family]}; skipped")
                     continue
                 if identity in dnat_identity:
                     other, other_kind = dnat_identity[identity]
@@ -1154,17 +1160,19 @@ class _Importer:
                             "warning",
                             rule.source,
                             f"{entry['protocol']}/{entry['externalPort']} on EIP {entry['eip']} is already "
-                            f"taken by {other_kind} DNAT {other}",
+                            f"taken by {other_kind} DNAT {other}; skipped",
                         )
                         continue
                 dnat_identity.setdefault(identity, (name, kind))
                 dnat_eips.setdefault(eip_family, name)
             else:
                 if eip_family in fip_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} already has FIP {fip_eips[eip_family]}")
+                    self.report(
+                        "warning", rule.source, f"EIP {entry['eip']} already has FIP {fip_eips[eip_family]}; skipped"
+                    )
                     continue
                 if eip_family in dnat_eips:
-                    self.report("warning", rule.source, f"EIP {entry['eip']} has DNAT {dnat_eips[eip_family]}")
+                    self.report("warning", rule.source, f"EIP {entry['eip']} has DNAT {dnat_eips[eip_family]}; skipped")
                     continue
                 fip_eips[eip_family] = name
             kept.append(rule)

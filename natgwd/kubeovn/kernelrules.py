@@ -12,126 +12,65 @@ keep their names, hence their ids and counters, and natgwd's next transaction is
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
-from collections.abc import Mapping
 from ipaddress import IPv4Address
 from typing import Any
 
-from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
+from natgwd.kubeovn.naming import dnat_name, eip_name, fip_name, share_name, snat_name
+from natgwd.planning.layout import EIPS, V4
+from natgwd.planning.plan import TableRule, address_text, decode_rules
 from natgwd.planning.table import FAMILY, TABLE, TableContents
-from natgwd.state.model import RULE_KINDS
+from natgwd.state.model import RULE_KINDS, FipRule, RuleKind, SnatRule
 
 Doc = dict[str, Any]
-_SNAT_TARGET = re.compile(r"snat_p([0-9]+)_target")
 
 
-def dashed(text: object) -> str:
-    """A text as a name part: lower case, runs of anything else than [0-9a-z] as one "-"."""
-    return re.sub(r"[^0-9a-z]+", "-", str(text).lower()).strip("-")
+def _drop_in_item(found: TableRule) -> tuple[RuleKind, Doc]:
+    """A rule of the table as a desired-state item, named by its labels, else as the
+    drop-in would name it."""
+    rule, named = found.rule, found.labels is not None
+    if isinstance(rule, FipRule):
+        name = rule.name if named else fip_name(rule.eip)
+        return "fip", {"name": name, "eip": rule.eip, "internalIp": address_text(rule.internal_ip)}
+    if isinstance(rule, SnatRule):
+        cidr = f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen}"
+        name = rule.name if named else snat_name(rule.eip, cidr)
+        return "snat", {"name": name, "eip": rule.eip, "internalCIDR": cidr}
+    internal_ip, port = address_text(rule.internal_ip), rule.external_port.first
+    if rule.type == "share":
+        fallback = share_name(rule.eip, rule.protocol, port, internal_ip, rule.internal_port)
+    else:
+        fallback = dnat_name(rule.eip, rule.protocol, port)
+    item = {
+        "name": rule.name if named else fallback,
+        "eip": rule.eip,
+        "protocol": rule.protocol,
+        "externalPort": str(rule.external_port),
+        "internalIp": internal_ip,
+        "internalPort": str(rule.internal_port),
+    }
+    if rule.type == "share":
+        item["type"] = "share"
+    return "dnat", item
 
 
-def eip_name(address: str) -> str:
-    """The name the drop-in gives the EIP with this address."""
-    return f"eip-{dashed(address)}"
+def _order(found: TableRule) -> tuple[Any, ...]:
+    # The order the rules were listed in before they were decoded by planning: FIPs by
+    # EIP, SNAT rules by map name then network (as text).
+    rule = found.rule
+    if isinstance(rule, SnatRule):
+        return (V4.snat_target(rule.internal_cidr.prefixlen), address_text(rule.internal_cidr.network_address))
+    return (rule.eip,) if isinstance(rule, FipRule) else ()
 
 
-def share_members(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Rule ids (marks) of each share chain, from `nft -j list table` output: the chain's
-    first rule sets the ct mark from `numgen random mod N map { i : id, ... }`."""
-    members: dict[str, list[str]] = {}
-    for obj in objects:
-        rule = obj.get("rule")
-        if not isinstance(rule, dict) or not str(rule.get("chain", "")).startswith("share_"):
-            continue
-        for expr in rule.get("expr", ()):
-            mapping = (expr.get("mangle") or {}).get("value", {}).get("map", {}) if isinstance(expr, dict) else {}
-            pairs = (mapping.get("data") or {}).get("set") if isinstance(mapping, dict) else None
-            if isinstance(pairs, list):
-                members[str(rule["chain"])] = [str(mark) for _, mark in pairs]
-    return members
-
-
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(" . ")]
-
-
-def _port_range(first: int, last: int) -> str:
-    return str(first) if first == last else f"{first}-{last}"
-
-
-def rules_from_table(contents: TableContents, shares: Mapping[str, list[str]]) -> Doc:
-    """The `eips`, `snat`, `dnat` and `fip` sections the table implements."""
-    elements = contents.elements
-    labels: dict[str, RuleLabels] = {}
-    for mark, element in elements.get(RULE_CONNECTIONS, {}).items():
-        found = RuleLabels.from_comment(element.comment or "")
-        if found is not None:
-            labels[mark] = found
-
-    def name_of(mark: str | None, kind: str, fallback: str) -> str:
-        found = labels.get(mark or "")
-        return found.name if found is not None and found.kind == kind else fallback
-
+def rules_from_table(contents: TableContents) -> Doc:
+    """The `eips`, `snat`, `dnat` and `fip` sections the table implements: its IPv4 rules
+    (the drop-in's, as Kube-OVN's script, are IPv4)."""
     doc: Doc = {"eips": [], "snat": [], "dnat": [], "fip": []}
-    fip_rule = elements.get("fip_in_rule", {})
-    for eip, target in sorted(elements.get("fip_in_target", {}).items()):
-        fip_mark = fip_rule[eip].value if eip in fip_rule else None
-        name = name_of(fip_mark, "fip", f"fip-{dashed(eip)}")
-        doc["fip"].append({"name": name, "eip": eip, "internalIp": target.value})
-
-    ports: dict[str, list[tuple[str, str, int, str, int]]] = defaultdict(list)
-    targets = elements.get("dnat_target", {})
-    for key, marked in elements.get("dnat_rule", {}).items():
-        eip, protocol, port = _split(key)
-        internal_ip, internal_port = _split(targets[key].value if key in targets else None)
-        ports[marked.value or ""].append((eip, protocol, int(port), internal_ip, int(internal_port)))
-    for mark, entries in ports.items():
-        # A port range is one element per port, all with the rule's id.
-        entries.sort(key=lambda e: e[2])
-        eip, protocol, first, internal_ip, internal_first = entries[0]
-        last = entries[-1][2]
-        doc["dnat"].append(
-            {
-                "name": name_of(mark, "dnat", f"dnat-{dashed(eip)}-{protocol}-{first}"),
-                "eip": eip,
-                "protocol": protocol,
-                "externalPort": _port_range(first, last),
-                "internalIp": internal_ip,
-                "internalPort": _port_range(internal_first, internal_first + last - first),
-            }
-        )
-    share_targets = elements.get("share_target", {})
-    for key, verdict in elements.get("dnat_share", {}).items():
-        eip, protocol, port = _split(key)
-        for mark in shares.get((verdict.value or "").split()[-1], []):
-            internal_ip, internal_port = _split(share_targets[mark].value if mark in share_targets else None)
-            fallback = f"dnat-{dashed(eip)}-{protocol}-{port}-{dashed(internal_ip)}-{internal_port}"
-            doc["dnat"].append(
-                {
-                    "name": name_of(mark, "dnat", fallback),
-                    "eip": eip,
-                    "protocol": protocol,
-                    "externalPort": port,
-                    "internalIp": internal_ip,
-                    "internalPort": internal_port,
-                    "type": "share",
-                }
-            )
-
-    for set_name, mapped in sorted(elements.items()):
-        match = _SNAT_TARGET.fullmatch(set_name)
-        if match is None:
-            continue
-        snat_rule = elements.get(f"snat_p{match[1]}_rule", {})
-        for network, translated in sorted(mapped.items()):
-            cidr = f"{network}/{match[1]}"
-            snat_mark = snat_rule[network].value if network in snat_rule else None
-            name = name_of(snat_mark, "snat", f"snat-{dashed(translated.value)}-{dashed(cidr)}")
-            doc["snat"].append({"name": name, "eip": translated.value, "internalCIDR": cidr})
-
+    for found in sorted((r for r in decode_rules(contents) if r.rule.family == 4), key=_order):
+        kind, item = _drop_in_item(found)
+        doc[kind].append(item)
     # Rules name their EIP by address here; EIPs get the drop-in's names.
-    addresses = set(elements.get("eips", {}))
+    addresses = set(contents.elements.get(V4.name(EIPS), {}))
     for section in RULE_KINDS:
         for rule in doc[section]:
             addresses.add(rule["eip"])
@@ -144,18 +83,10 @@ def rules_from_table(contents: TableContents, shares: Mapping[str, list[str]]) -
 def read_kernel_rules() -> Doc | None:
     """The rules of natgwd's table in this network namespace; None when there is no table.
     OSError when it cannot be listed; ValueError or KeyError when it is not natgwd's layout."""
-    import json
+    from natgwd.kernel.nft import KernelNft, NftError  # libnftables: only where installed
 
-    from nftables import Nftables  # only importable where libnftables is installed
-
-    from natgwd.kernel.nft import parse_table
-
-    nft = Nftables()
-    nft.set_json_output(True)
-    rc, output, error = nft.cmd(f"list table {FAMILY} {TABLE}")
-    if rc != 0:
-        if "No such file or directory" in error:
-            return None
-        raise OSError(f"nft list table {FAMILY} {TABLE}: {error.strip()}")
-    objects: list[dict[str, Any]] = json.loads(output)["nftables"]
-    return rules_from_table(parse_table(objects), share_members(objects))
+    try:
+        contents = KernelNft().read_table()
+    except NftError as err:
+        raise OSError(f"nft list table {FAMILY} {TABLE}: {err}") from err
+    return rules_from_table(contents) if contents is not None else None

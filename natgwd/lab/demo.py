@@ -8,6 +8,7 @@ removes everything it created.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -23,7 +24,14 @@ def _say(title: str, text: str = "") -> None:
         print(text.rstrip())
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # Only --help: the demo needs root and builds network namespaces, so it must not start
+    # when someone asks what it does.
+    argparse.ArgumentParser(
+        prog="python -m natgwd.lab.demo",
+        description=(__doc__ or "").split("\n\n", 1)[1].strip(),
+        epilog="Needs root: it builds network namespaces.",
+    ).parse_args(argv)
     with Lab() as lab:
         _say("topology", f"namespaces {lab.prefix}-{{gw,lan,ext,vm1,vm2,vm3}}; natgwd runs in {lab.ns('gw')}")
         lab.serve("vm1", tcp=[80])

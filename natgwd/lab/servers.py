@@ -6,6 +6,7 @@ With --tag, answers end in " @tag", to tell which of several servers answered.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import selectors
 import socket
 
@@ -39,7 +40,11 @@ def main() -> None:
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
             if key.data == "udp":
                 _, peer = sock.recvfrom(65535)
-                sock.sendto(f"{peer[0]}:{peer[1]}{suffix}".encode(), peer)
+                # No route back (an upstream router between a withdrawal and the next
+                # announcement) loses the answer, as on any host; it must not end the
+                # server and every connection it holds.
+                with contextlib.suppress(OSError):
+                    sock.sendto(f"{peer[0]}:{peer[1]}{suffix}".encode(), peer)
             elif key.data == "tcp":
                 conn, peer = sock.accept()
                 conn.setblocking(False)

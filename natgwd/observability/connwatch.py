@@ -30,13 +30,15 @@ from natgwd.observability.ctevents import CtEvent, EventsLostError, EventSocket,
 from natgwd.observability.ctopen import Tracker
 from natgwd.observability.translog import TransLog
 from natgwd.planning.counters import CountedElement, Listings
-from natgwd.planning.plan import RULE_CONNECTIONS, RuleLabels
+from natgwd.planning.layout import RULE_CONNECTIONS
+from natgwd.planning.plan import RuleLabels
 from natgwd.runtime.metrics import RuleLabel, RuleLabelTexts, escaped, family_text
 
 log = structlog.get_logger("natgwd.observability.connwatch")
 
 RETRY_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+RETIRED_LABELS = 65536  # removed rules whose labels end lines may still need
 
 
 def _attempts(listings: Listings) -> dict[int, tuple[RuleLabels, int]]:
@@ -63,6 +65,7 @@ class ConnectionWatch:
         self.lost = 0  # times events were lost and the counts rebuilt
         self._stopping = threading.Event()
         self._lost_pending = threading.Event()
+        self._lost_reason = ""  # why, when a scrape met the loss
         self._thread = threading.Thread(target=self._run, name="natgwd-connwatch", daemon=True)
         self._lock = threading.Lock()
         self._receiving = threading.RLock()  # one reader of the socket at a time
@@ -87,19 +90,26 @@ class ConnectionWatch:
     def _run(self) -> None:
         retry = RETRY_SECONDS
         while not self._stopping.is_set():
+            counted = False
             try:
                 sock = self._begin()
+                counted = True
                 retry = RETRY_SECONDS
                 while not self._stopping.is_set() and not self._lost_pending.is_set():
                     ready, _, _ = select.select([sock], [], [], 0.5)
                     if ready:
                         self._drain()
                 if self._lost_pending.is_set():
-                    raise EventsLostError
-            except EventsLostError:
+                    raise EventsLostError(self._lost_reason)
+            except EventsLostError as lost:
                 self._lost_pending.clear()
                 self.lost += 1
-                log.warning("conntrack events lost (socket buffer full); recounting from a dump")
+                log.warning("conntrack events lost; recounting from a dump", reason=str(lost))
+                if not counted:
+                    # The dump itself met a malformed message: dumping again at once could
+                    # meet it again.
+                    self._stopping.wait(retry)
+                    retry = min(retry * 2, RETRY_MAX_SECONDS)
             except Exception:
                 log.exception("watching conntrack failed; starting again", retry_in=retry)
                 self._stopping.wait(retry)
@@ -142,7 +152,8 @@ class ConnectionWatch:
         try:
             while self._sock is not None and (events := self._sock.receive(block=False)):
                 self._take(events)
-        except EventsLostError:
+        except EventsLostError as lost:
+            self._lost_reason = str(lost)
             self._lost_pending.set()  # the thread recounts
             return False
         finally:
@@ -157,7 +168,13 @@ class ConnectionWatch:
     def _labels_by_mark(self) -> dict[int, RuleLabels]:
         ids = self._rule_ids()
         if self._labels_for[0] != id(ids):  # the reconciler hands out a new mapping per change
-            self._labels_for = (id(ids), {mark: labels for labels, mark in ids.items()})
+            # A removed rule's connections end after it (natgwd deletes them, or they time
+            # out): their end lines keep its labels. Ids are never reused, so an old
+            # mark still names its rule; the oldest are forgotten past a bound.
+            current = {mark: labels for labels, mark in ids.items()}
+            retired = {mark: labels for mark, labels in self._labels_for[1].items() if mark not in current}
+            retired = dict(list(retired.items())[-RETIRED_LABELS:])
+            self._labels_for = (id(ids), {**retired, **current})
         return self._labels_for[1]
 
     # --- scrapes --------------------------------------------------------------------------
@@ -248,7 +265,8 @@ _FAMILIES = (  # name, type, help
     (
         "natgwd_conntrack_events_lost_total",
         "counter",
-        "Times conntrack events were lost (socket buffer full) and open connections recounted from a dump.",
+        "Times conntrack events were lost (socket buffer full, malformed message) and open connections "
+        "recounted from a dump.",
     ),
 )
 

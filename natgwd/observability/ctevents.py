@@ -38,7 +38,8 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLATTR = struct.Struct("=HH")
-_BE16, _BE32, _BE64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+_U8, _BE16, _BE32, _BE64 = struct.Struct("B"), struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+_ERROR_CODE = struct.Struct("=i")
 
 Kind = Literal["new", "destroy", "entry"]  # "entry": from a dump, not an event
 
@@ -80,11 +81,16 @@ class CtEvent(NamedTuple):  # a NamedTuple: built several times faster than a fr
 
 
 class EventsLostError(Exception):
-    """The kernel dropped events because the socket's buffer was full (ENOBUFS)."""
+    """Events were lost: the kernel dropped some because the socket's buffer was full
+    (ENOBUFS), or a message could not be decoded. The counts must be rebuilt from a dump."""
 
 
 class CtNetlinkError(OSError):
     pass
+
+
+class MalformedMessageError(ValueError):
+    """A message's attributes do not fit it (truncated, too short for their type)."""
 
 
 def _attrs(data: bytes | memoryview, start: int, end: int) -> dict[int, tuple[int, int]]:
@@ -92,17 +98,27 @@ def _attrs(data: bytes | memoryview, start: int, end: int) -> dict[int, tuple[in
     found: dict[int, tuple[int, int]] = {}
     while start + 4 <= end:
         length, kind = _NLATTR.unpack_from(data, start)
-        if length < 4:
-            break
+        if length < 4 or start + length > end:
+            raise MalformedMessageError(f"attribute {kind & NLA_TYPE_MASK} of {length} bytes does not fit")
         found[kind & NLA_TYPE_MASK] = (start + 4, start + length)
         start += (length + 3) & ~3
     return found
+
+
+def _number(kind: struct.Struct, data: bytes | memoryview, span: tuple[int, int]) -> int:
+    # A payload shorter than its type would be read on into the next attribute.
+    if span[1] - span[0] < kind.size:
+        raise MalformedMessageError(f"a {span[1] - span[0]}-byte payload for a {kind.size}-byte number")
+    value: int = kind.unpack_from(data, span[0])[0]
+    return value
 
 
 def _address(data: bytes | memoryview, span: tuple[int, int] | None) -> str:
     if span is None:
         return ""
     raw = bytes(data[span[0] : span[1]])
+    if len(raw) not in (4, 16):
+        raise MalformedMessageError(f"a {len(raw)}-byte address")
     return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
@@ -131,14 +147,13 @@ def _tuple(data: bytes | memoryview, span: tuple[int, int] | None) -> CtTuple:
         return CtTuple(0, "", 0, "", 0)
     if span[1] - span[0] == _V4_TUPLE.size and (fast := _v4_tuple(data, span[0])) is not None:
         return fast
-        return CtTuple(0, "", 0, "", 0)
     top = _attrs(data, *span)
     ip = _attrs(data, *top[CTA_TUPLE_IP]) if CTA_TUPLE_IP in top else {}
     proto = _attrs(data, *top[CTA_TUPLE_PROTO]) if CTA_TUPLE_PROTO in top else {}
-    number = data[proto[CTA_PROTO_NUM][0]] if CTA_PROTO_NUM in proto else 0
+    number = _number(_U8, data, proto[CTA_PROTO_NUM]) if CTA_PROTO_NUM in proto else 0
 
     def port(kind: int) -> int:
-        return _BE16.unpack_from(data, proto[kind][0])[0] if kind in proto else 0
+        return _number(_BE16, data, proto[kind]) if kind in proto else 0
 
     return CtTuple(
         number,
@@ -155,77 +170,87 @@ def _traffic(data: bytes | memoryview, span: tuple[int, int] | None) -> Traffic 
     inner = _attrs(data, *span)
     if CTA_COUNTERS_PACKETS not in inner or CTA_COUNTERS_BYTES not in inner:
         return None
-    return Traffic(
-        _BE64.unpack_from(data, inner[CTA_COUNTERS_PACKETS][0])[0],
-        _BE64.unpack_from(data, inner[CTA_COUNTERS_BYTES][0])[0],
-    )
+    return Traffic(_number(_BE64, data, inner[CTA_COUNTERS_PACKETS]), _number(_BE64, data, inner[CTA_COUNTERS_BYTES]))
 
 
 def _timestamps(data: bytes | memoryview, span: tuple[int, int] | None) -> tuple[int | None, int | None]:
     if span is None:
         return None, None
     inner = _attrs(data, *span)
-    start = _BE64.unpack_from(data, inner[CTA_TIMESTAMP_START][0])[0] if CTA_TIMESTAMP_START in inner else None
-    stop = _BE64.unpack_from(data, inner[CTA_TIMESTAMP_STOP][0])[0] if CTA_TIMESTAMP_STOP in inner else None
+    start = _number(_BE64, data, inner[CTA_TIMESTAMP_START]) if CTA_TIMESTAMP_START in inner else None
+    stop = _number(_BE64, data, inner[CTA_TIMESTAMP_STOP]) if CTA_TIMESTAMP_STOP in inner else None
     return start, stop
 
 
 def _be32(data: bytes | memoryview, span: tuple[int, int] | None) -> int:
-    return _BE32.unpack_from(data, span[0])[0] if span is not None else 0
+    return _number(_BE32, data, span) if span is not None else 0
 
 
 @dataclass(frozen=True)
 class Batch:
     events: list[CtEvent]
     done: bool  # a dump's NLMSG_DONE was among the messages
+    malformed: int = 0  # messages that could not be decoded (their events are lost)
 
 
 def parse(data: bytes | memoryview) -> Batch:
     """The conntrack messages in one netlink datagram. An NLMSG_ERROR with a non-zero code
-    raises CtNetlinkError; messages of other subsystems are skipped."""
+    raises CtNetlinkError; messages of other subsystems are skipped; a message that cannot
+    be decoded is counted as malformed, and one whose length does not fit the datagram ends
+    it (nothing after it can be found)."""
     events: list[CtEvent] = []
     done = False
+    malformed = 0
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, msg_type, flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            malformed += 1
             break
         body, end = offset + _NLMSGHDR.size, offset + length
         offset += (length + 3) & ~3
         if msg_type == NLMSG_DONE:
             done = True
             continue
-        if msg_type == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", data, body)[0]
-            if code:
-                raise CtNetlinkError(code, f"ctnetlink: {errno.errorcode.get(code, code)}")
+        try:
+            event = _message(data, msg_type, flags, body, end)
+        except (MalformedMessageError, struct.error):
+            malformed += 1
             continue
-        if msg_type >> 8 != NFNL_SUBSYS_CTNETLINK:
-            continue
-        command = msg_type & 0xFF
-        if command == IPCTNL_MSG_CT_DELETE:
-            kind: Kind = "destroy"
-        elif command == IPCTNL_MSG_CT_NEW:
-            kind = "entry" if flags & NLM_F_MULTI else "new"
-        else:
-            continue
-        attrs = _attrs(data, body + 4, end)  # after the 4-byte nfgenmsg
-        start_ns, stop_ns = _timestamps(data, attrs.get(CTA_TIMESTAMP))
-        events.append(
-            CtEvent(
-                kind,
-                _be32(data, attrs.get(CTA_ID)),
-                _be32(data, attrs.get(CTA_MARK)),
-                _tuple(data, attrs.get(CTA_TUPLE_ORIG)),
-                _tuple(data, attrs.get(CTA_TUPLE_REPLY)),
-                _be32(data, attrs.get(CTA_STATUS)),
-                _traffic(data, attrs.get(CTA_COUNTERS_ORIG)),
-                _traffic(data, attrs.get(CTA_COUNTERS_REPLY)),
-                start_ns,
-                stop_ns,
-            )
-        )
-    return Batch(events, done)
+        if event is not None:
+            events.append(event)
+    return Batch(events, done, malformed)
+
+
+def _message(data: bytes | memoryview, msg_type: int, flags: int, body: int, end: int) -> CtEvent | None:
+    if msg_type == NLMSG_ERROR:
+        code = -_number(_ERROR_CODE, data, (body, end))
+        if code:
+            raise CtNetlinkError(code, f"ctnetlink: {errno.errorcode.get(code, code)}")
+        return None
+    if msg_type >> 8 != NFNL_SUBSYS_CTNETLINK:
+        return None
+    command = msg_type & 0xFF
+    if command == IPCTNL_MSG_CT_DELETE:
+        kind: Kind = "destroy"
+    elif command == IPCTNL_MSG_CT_NEW:
+        kind = "entry" if flags & NLM_F_MULTI else "new"
+    else:
+        return None
+    attrs = _attrs(data, body + 4, end)  # after the 4-byte nfgenmsg
+    start_ns, stop_ns = _timestamps(data, attrs.get(CTA_TIMESTAMP))
+    return CtEvent(
+        kind,
+        _be32(data, attrs.get(CTA_ID)),
+        _be32(data, attrs.get(CTA_MARK)),
+        _tuple(data, attrs.get(CTA_TUPLE_ORIG)),
+        _tuple(data, attrs.get(CTA_TUPLE_REPLY)),
+        _be32(data, attrs.get(CTA_STATUS)),
+        _traffic(data, attrs.get(CTA_COUNTERS_ORIG)),
+        _traffic(data, attrs.get(CTA_COUNTERS_REPLY)),
+        start_ns,
+        stop_ns,
+    )
 
 
 def _socket(groups: int, buffer_bytes: int) -> socket.socket:
@@ -259,17 +284,28 @@ class EventSocket:
             return []
         except OSError as err:
             if err.errno == errno.ENOBUFS:
-                raise EventsLostError from err
+                raise EventsLostError("the socket's buffer was full") from err
             raise
-        return parse(data).events
+        batch = parse(data)
+        if batch.malformed:
+            # The datagram's other events are dropped too: the recount supersedes them.
+            raise EventsLostError(f"{batch.malformed} malformed message(s)")
+        return batch.events
 
     def close(self) -> None:
         self.sock.close()
 
 
-def dump(family: int = socket.AF_INET) -> Iterator[CtEvent]:
-    """Every entry of the table, as "entry" events; a generator, so that a million entries
-    are counted without being held at once."""
+def dump() -> Iterator[CtEvent]:
+    """Every entry of the table, IPv4 and IPv6, as "entry" events; a generator, so that a
+    million entries are counted without being held at once."""
+    # One dump per family, each named: a connection missing from the dump would have its
+    # DESTROY subtracted later and its rule's gauge go negative.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        yield from _dump(family)
+
+
+def _dump(family: int) -> Iterator[CtEvent]:
     sock = _socket(0, 4 << 20)
     try:
         header = _NLMSGHDR.pack(
@@ -278,6 +314,8 @@ def dump(family: int = socket.AF_INET) -> Iterator[CtEvent]:
         sock.send(header + struct.pack("=BBH", family, 0, 0))
         while True:
             batch = parse(sock.recv(RECV_BYTES))
+            if batch.malformed:
+                raise EventsLostError(f"{batch.malformed} malformed message(s) in a dump")
             yield from batch.events
             if batch.done:
                 return

@@ -12,6 +12,7 @@ from typing import TextIO
 import structlog
 
 from natgwd.observability.connwatch import ConnectionWatch, MakeWatch
+from natgwd.observability.endings import Endings
 from natgwd.observability.translog import ACCT_SYSCTL, Selection, TransLog
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import RuleLabels
@@ -64,9 +65,10 @@ def selection(rules: list[str], eips: list[str]) -> Selection:
     return Selection(frozenset(rules), frozenset(eips))
 
 
-def watch_factory(args: argparse.Namespace) -> MakeWatch | None:
+def watch_factory(args: argparse.Namespace, endings: Endings | None = None) -> MakeWatch | None:
     """The watcher `args` ask for; None when connection events are off. Raises ValueError
-    naming the option at fault."""
+    naming the option at fault. `endings`: where the conntrack cleaner records the
+    connections natgwd ends (the translation log says why they ended)."""
     if args.translation_log_rate <= 0:
         raise ValueError("--translation-log-rate must be greater than 0")
     chosen = selection(args.translation_log_rule, args.translation_log_eip)
@@ -78,7 +80,7 @@ def watch_factory(args: argparse.Namespace) -> MakeWatch | None:
     if args.translation_log:
         out = _open(args.translation_log)
         _enable_accounting()
-        translog = TransLog(out, chosen, args.translation_log_rate)
+        translog = TransLog(out, chosen, args.translation_log_rate, endings=endings)
 
     def make(listings: Callable[[], Listings], rule_ids: Callable[[], Mapping[RuleLabels, int]]) -> ConnectionWatch:
         return ConnectionWatch(listings, rule_ids, translog)

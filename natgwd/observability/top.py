@@ -9,13 +9,21 @@ from __future__ import annotations
 import argparse
 import curses
 import re
+import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
 _SAMPLE = re.compile(r"^(natgwd_[a-z_]+)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 SORTS = {"c": "connections", "p": "packets", "b": "bytes", "o": "open"}
+SORT_HELP = "c: connections/s, p: packets/s, b: bytes/s, o: open connections"
+_BGP = {
+    "natgwd_bgp_neighbor_up": "up",
+    "natgwd_bgp_prefixes_announced": "announced",
+    "natgwd_bgp_bfd_state": "bfd_up",
+}
 
 Rule = tuple[str, str, str]  # kind, name, EIP
 
@@ -30,6 +38,7 @@ class Scrape:
     gauges: dict[str, float] = field(default_factory=dict)  # unlabelled samples (pressure)
     ports: dict[str, float] = field(default_factory=dict)  # EIP -> ports towards busiest destination
     failures: dict[str, float] = field(default_factory=dict)  # EIP -> port allocation failures
+    bgp: dict[str, dict[str, float]] = field(default_factory=dict)  # neighbour -> up, announced, bfd_up
 
 
 def parse(text: str, at: float) -> Scrape:
@@ -57,6 +66,8 @@ def parse(text: str, at: float) -> Scrape:
             target[rule] = target.get(rule, 0.0) + value  # directions added up
         elif name in per_eip:
             per_eip[name][labels.get("eip", "")] = value
+        elif name in _BGP and "neighbor" in labels and labels.get("state", "up") == "up":
+            scrape.bgp.setdefault(labels["neighbor"], {})[_BGP[name]] = value
         elif not labels:
             scrape.gauges[name] = value
     return scrape
@@ -99,8 +110,9 @@ def _si(value: float, unit: str = "") -> str:
     return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
 
 
-def render(before: Scrape, after: Scrape, sort: str, width: int, height: int) -> list[str]:
-    """The screen's lines: pressure, then the rules sorted by `sort` (a SORTS value)."""
+def render(before: Scrape, after: Scrape, sort: str, width: int, height: int, live: bool = True) -> list[str]:
+    """The screen's lines: pressure, then the rules sorted by `sort` (a SORTS value); `live`
+    names the keys (a screen printed once takes none)."""
     gauges = after.gauges
     entries, limit = gauges.get("natgwd_conntrack_entries", 0.0), gauges.get("natgwd_conntrack_entries_limit", 0.0)
     fill = f"{100 * entries / limit:.1f}%" if limit else "-"
@@ -117,7 +129,8 @@ def render(before: Scrape, after: Scrape, sort: str, width: int, height: int) ->
         f"early_drop/s {per_second('natgwd_conntrack_early_drop_total')}",
         f"busiest SNAT destination: {_si(busiest[1])} ports of EIP {busiest[0]}   "
         f"port allocation failures: {_si(sum(after.failures.values()))}   "
-        f"sorted by {sort} (c p b o, q quits)",
+        f"sorted by {sort}" + (" (c p b o, q quits)" if live else ""),
+        *_bgp_lines(after),
         "",
         f"{'KIND':<5} {'NAME':<28} {'EIP':<16} {'CONN/S':>8} {'PKT/S':>8} {'BIT/S':>9} {'OPEN':>8}",
     ]
@@ -131,16 +144,29 @@ def render(before: Scrape, after: Scrape, sort: str, width: int, height: int) ->
     return [line[:width] for line in lines]
 
 
+def _bgp_lines(scrape: Scrape) -> list[str]:
+    """One line for the routed EIPs' sessions, when natgwd announces over BGP."""
+    if not scrape.bgp:
+        return []
+    parts = []
+    for neighbor, values in sorted(scrape.bgp.items()):
+        text = f"{neighbor} {'up' if values.get('up') else 'DOWN'} ({_si(values.get('announced', 0.0))} announced"
+        if "bfd_up" in values:
+            text += f", BFD {'up' if values['bfd_up'] else 'down'}"
+        parts.append(text + ")")
+    missing = scrape.gauges.get("natgwd_bgp_unannounced_prefixes", 0.0)
+    return ["BGP " + "   ".join(parts) + (f"   {_si(missing)} owned EIP prefixes NOT announced" if missing else "")]
+
+
 def fetch(url: str) -> Scrape:
     with urllib.request.urlopen(url, timeout=10) as answer:
         return parse(answer.read().decode(), time.monotonic())
 
 
-def _live(screen: curses.window, url: str, interval: float, sort: str) -> None:
+def _live(screen: curses.window, url: str, interval: float, sort: str, first: Scrape) -> None:
     curses.curs_set(0)
     screen.timeout(100)
-    before = fetch(url)
-    after = before
+    before = after = first
     due = time.monotonic() + interval
     while True:
         if time.monotonic() >= due:
@@ -161,20 +187,33 @@ def _live(screen: curses.window, url: str, interval: float, sort: str) -> None:
 def run(args: argparse.Namespace) -> int:
     url = f"http://{args.metrics_address}/metrics"
     try:
+        # The first scrape before the screen is taken: a daemon not there is one line.
+        first = fetch(url)
         if args.once:
-            before = fetch(url)
             time.sleep(args.interval)
-            print("\n".join(render(before, fetch(url), SORTS[args.sort], 200, 10_000)))
+            print("\n".join(render(first, fetch(url), SORTS[args.sort], 200, 10_000, live=False)))
+        elif not sys.stdin.isatty() or not sys.stdout.isatty():
+            print("natgwd top: the live view needs a terminal (--once prints one screen)", file=sys.stderr)
+            return 1
         else:
-            curses.wrapper(_live, url, args.interval, SORTS[args.sort])
+            curses.wrapper(_live, url, args.interval, SORTS[args.sort], first)
     except OSError as err:
-        print(f"natgwd top: cannot read {url}: {err}")
+        print(f"natgwd top: cannot read {url}: {_reason(err)} (is natgwd running? --metrics-address)", file=sys.stderr)
         return 1
     return 0
+
+
+def _reason(err: OSError) -> str:
+    cause = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(cause, OSError):
+        return (cause.strerror or str(cause)).lower()
+    return str(cause)
 
 
 def add_arguments(top: argparse.ArgumentParser) -> None:
     top.add_argument("--metrics-address", default="127.0.0.1:9469", help="natgwd's host:port for /metrics")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    top.add_argument("--sort", choices=sorted(SORTS), default="b", help="c, p, b or o: the first sort key")
-    top.add_argument("--once", action="store_true", help="print one screen (rates over one interval) and exit")
+    top.add_argument("--sort", choices=sorted(SORTS), default="b", help=f"the first sort key: {SORT_HELP}")
+    top.add_argument(
+        "--once", action="store_true", help="print one screen (rates over one interval) and exit; no terminal needed"
+    )

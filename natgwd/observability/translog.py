@@ -6,7 +6,10 @@ dest_ip, dest_port, protocol, nat_ip, nat_port); nat_ip:nat_port is what the tra
 put in place of the original: the new source for SNAT and FIP, the new destination for
 DNAT. `original` and `translated` are the whole tuples as each end sees them. An end line
 carries the packets and bytes of both directions when conntrack accounting is on
-(natgwd turns net.netfilter.nf_conntrack_acct on when logging).
+(natgwd turns net.netfilter.nf_conntrack_acct on when logging), and `end_reason` when
+natgwd itself deleted the connection (natgwd.observability.endings). An end line comes when
+conntrack forgets the connection (after TCP's TIME_WAIT, or an idle timeout), not at its
+last packet. docs/metrics.md ("Translation logs") describes every field.
 
 Lines are capped by a token bucket (GCP caps too); lines over the cap are counted, not
 written.
@@ -23,6 +26,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from natgwd.observability.ctevents import CtEvent
+from natgwd.observability.endings import Endings
 from natgwd.planning.plan import RuleLabels
 
 ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
@@ -73,7 +77,16 @@ def _ends(src: str, sport: int, dst: str, dport: int, proto: int) -> str:
     return f'"src_ip":"{src}","src_port":{sport},"dest_ip":"{dst}","dest_port":{dport},"protocol":{proto}'
 
 
-def line(event: CtEvent, labels: RuleLabels, when: str) -> str:
+# Why natgwd deleted a connection (natgwd.planning.stale's reasons), as the end line says it.
+END_REASONS = {
+    "fip": "rule_changed",
+    "dnat": "rule_changed",
+    "snat": "rule_changed",
+    "removed": "rule_removed",
+}
+
+
+def line(event: CtEvent, labels: RuleLabels, when: str, ended_by: str | None = None) -> str:
     """The JSON line of a NEW (start) or DESTROY (end) event of a translated connection.
     Written with f-strings: json.dumps of the same object costs four times more, and a busy
     gateway logs tens of thousands of these a second."""
@@ -82,10 +95,10 @@ def line(event: CtEvent, labels: RuleLabels, when: str) -> str:
     # The reply tuple reversed is the connection as the far end sees it.
     translated = _ends(reply.dst, reply.dport, reply.src, reply.sport, orig.proto)
     nat_ip, nat_port = (reply.dst, reply.dport) if event.source_translated else (reply.src, reply.sport)
-    counts = ""
+    counts = f',"end_reason":"{END_REASONS.get(ended_by, ended_by)}"' if ended_by else ""
     if event.kind == "destroy" and event.counters_orig and event.counters_reply:
         (sent_packets, sent_bytes), (received_packets, received_bytes) = event.counters_orig, event.counters_reply
-        counts = (
+        counts += (
             f',"packets_sent":{sent_packets},"bytes_sent":{sent_bytes},'
             f'"packets_received":{received_packets},"bytes_received":{received_bytes}'
         )
@@ -99,9 +112,15 @@ def line(event: CtEvent, labels: RuleLabels, when: str) -> str:
 
 class TransLog:
     def __init__(
-        self, out: TextIO, selection: Selection, rate: float, clock: Callable[[], float] = time.monotonic
+        self,
+        out: TextIO,
+        selection: Selection,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        endings: Endings | None = None,
     ) -> None:
         self._out = out
+        self.endings = endings or Endings()  # the conntrack cleaner records into it
         self._selection = selection
         self._cap = RateCap(rate, clock)
         self.written = 0
@@ -111,13 +130,15 @@ class TransLog:
         now = datetime.now(UTC).isoformat()
         lines = []
         for event in events:
+            # Taken whether or not the line is written: each record serves one event.
+            ended_by = self.endings.take(event.id) if event.kind == "destroy" else None
             labels = labels_of.get(event.mark)
             if labels is None or not self._selection.wants(labels):
                 continue
             if not self._cap.allow():
                 self.dropped += 1
                 continue
-            lines.append(line(event, labels, now))
+            lines.append(line(event, labels, now, ended_by))
         if lines:
             self._out.write("".join(lines))
             self._out.flush()

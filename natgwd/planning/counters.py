@@ -16,7 +16,7 @@ from itertools import compress
 from operator import itemgetter
 
 from natgwd.planning.handover import HANDED_OVER
-from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.table import Counter, Element
 
 COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS, HANDED_OVER)

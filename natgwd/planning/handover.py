@@ -28,7 +28,7 @@ DNAT_REPLY_GROUP = "dnat_reply_group"
 HANDOVER_CHAIN = "handover"
 
 
-def _snat_group(prefixlen: int) -> str:
+def snat_group(prefixlen: int) -> str:
     return f"snat_p{prefixlen}_group"
 
 
@@ -37,7 +37,7 @@ def handover_sets(snat_prefixes: Sequence[int]) -> tuple[SetSpec, ...]:
         SetSpec(FIP_OUT_GROUP, "type ipv4_addr : mark;"),
         SetSpec(DNAT_REPLY_GROUP, "type ipv4_addr . inet_proto . inet_service : mark;"),
         SetSpec(HANDED_OVER, "type mark; counter;"),
-        *(SetSpec(_snat_group(p), "type ipv4_addr : mark;") for p in snat_prefixes),
+        *(SetSpec(snat_group(p), "type ipv4_addr : mark;") for p in snat_prefixes),
     )
 
 
@@ -62,7 +62,7 @@ def handover_chain(state: DesiredState, snat_keys: Sequence[tuple[int, str]]) ->
         # Packets for this member itself (VRRP, conntrackd) are never handed over.
         f"iifname {lan} fib daddr type local return",
         # Shortest prefix first: a longer one that matches overwrites the mark.
-        *(f"iifname {lan} meta mark set {key} map @{_snat_group(p)}" for p, key in reversed(snat_keys)),
+        *(f"iifname {lan} meta mark set {key} map @{snat_group(p)}" for p, key in reversed(snat_keys)),
         f"iifname {lan} meta mark set ip saddr map @{FIP_OUT_GROUP}",
         f"iifname {lan} meta l4proto {{ tcp, udp }} meta mark set ip saddr . meta l4proto . th sport "
         f"map @{DNAT_REPLY_GROUP}",

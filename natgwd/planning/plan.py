@@ -21,18 +21,22 @@ Layout (family inet, table natgwd):
   its translation uses, for natgwd.planning.policy's rules: from the same lookups as the NAT maps
   (the FIP, else the longest SNAT prefix) for traffic from the VPC, from the EIP it was
   addressed to for replies of inbound connections.
+- natgwd's own endpoints (/metrics on loopback or the pod's address, the edit endpoint on
+  loopback) are not tracked ("untracked_in"/"untracked_out", at raw priority): a full
+  conntrack table must not cut natgwd off from its probes, its scrapes and the
+  controller's calls, just when it matters most. Only those address:port pairs: NAT
+  traffic is tracked as ever.
 """
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from collections import Counter as CounterOf
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import NamedTuple, cast
 
 from natgwd.planning.handover import (
     DNAT_REPLY_GROUP,
@@ -41,55 +45,53 @@ from natgwd.planning.handover import (
     handover_chain,
     handover_sets,
     reply_keys,
+    snat_group,
+)
+from natgwd.planning.layout import (
+    ACCOUNT,
+    DIRECTIONS,
+    DNAT_RULE,
+    DNAT_SHARE,
+    DNAT_TARGET,
+    EIP_NETWORK,
+    EIPS,
+    FAMILIES,
+    FIP_IN_RULE,
+    FIP_IN_TARGET,
+    FIP_OUT_NETWORK,
+    FIP_OUT_RULE,
+    FIP_OUT_TARGET,
+    FORWARD,
+    ID_HIGH_WATER,
+    INVALID_DROPS,
+    POSTROUTING,
+    PREROUTING,
+    RULE_CONNECTIONS,
+    RULE_TRAFFIC,
+    SHARE_TARGET,
+    STEER,
+    UNTRACKED_IN,
+    UNTRACKED_OUT,
+    V4,
+    V6,
+    Family,
+    share_chain_name,
+    traffic_key,
 )
 from natgwd.planning.policy import network_ids
-from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec
-from natgwd.state.model import RULE_KINDS, DesiredState, DnatRule, FipRule, IPAddress, RuleKind, SnatRule
+from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec, TableContents
+from natgwd.state.model import (
+    RULE_KINDS,
+    DesiredState,
+    DnatRule,
+    FipRule,
+    IPAddress,
+    PortRange,
+    Protocol,
+    RuleKind,
+    SnatRule,
+)
 from natgwd.state.rules import Rule
-
-RULE_CONNECTIONS = "rule_connections"
-ID_HIGH_WATER = "id_high_water"
-RULE_TRAFFIC = "rule_traffic"
-INVALID_DROPS = "invalid_dropped"
-DIRECTIONS = ("original", "reply")
-
-
-@dataclass(frozen=True)
-class _Family:
-    version: int
-    ip: str  # the nft payload keyword: "ip" or "ip6"
-    suffix: str  # appended to the name of every map of this family
-    addr: str  # the nft address type
-
-    def name(self, base: str) -> str:
-        return base + self.suffix
-
-    def sets(self) -> tuple[SetSpec, ...]:
-        a, name = self.addr, self.name
-        return (
-            SetSpec(name("eips"), f"type {a};"),
-            SetSpec(name("fip_in_target"), f"type {a} : {a};"),
-            SetSpec(name("fip_in_rule"), f"type {a} : mark;"),
-            SetSpec(name("fip_out_target"), f"type {a} : {a};"),
-            SetSpec(name("fip_out_rule"), f"type {a} : mark;"),
-            SetSpec(name("dnat_target"), f"type {a} . inet_proto . inet_service : {a} . inet_service;"),
-            SetSpec(name("dnat_rule"), f"type {a} . inet_proto . inet_service : mark;"),
-            SetSpec(name("dnat_share"), f"type {a} . inet_proto . inet_service : verdict;"),
-            SetSpec(name("share_target"), f"type mark : {a} . inet_service;"),
-        )
-
-    def snat_map(self, prefixlen: int) -> str:
-        return f"snat{self.suffix}_p{prefixlen}"
-
-    def snat_key(self, prefixlen: int) -> str:
-        network = IPv4Network(f"0.0.0.0/{prefixlen}") if self.version == 4 else IPv6Network(f"::/{prefixlen}")
-        if prefixlen == network.max_prefixlen:
-            return f"{self.ip} saddr"
-        return f"{self.ip} saddr & {network.netmask}"
-
-
-V4 = _Family(4, "ip", "", "ipv4_addr")
-V6 = _Family(6, "ip6", "6", "ipv6_addr")
 
 _STATIC_SETS = (
     *V4.sets(),
@@ -99,17 +101,6 @@ _STATIC_SETS = (
     # One element: the highest rule id ever given out, so that ids stay unique across restarts.
     SetSpec(ID_HIGH_WATER, "type mark;"),
 )
-
-
-def traffic_key(direction: str, mark: str) -> str:
-    """A `rule_traffic` element's key: the connection's direction, then the rule's id."""
-    return f"{direction} . {mark}"
-
-
-def split_traffic_key(key: str) -> tuple[str, str]:
-    """(direction, mark) of a `rule_traffic` key."""
-    direction, _, mark = key.partition(" . ")
-    return direction, mark
 
 
 def set_key_type(name: str) -> str:
@@ -196,12 +187,7 @@ def changed_ids(
     return result
 
 
-def share_chain_name(eip: str, protocol: str, port: int) -> str:
-    # Named by the identity alone: the chain's rules change with its backends, its name never.
-    return "share_" + hashlib.sha256(f"{eip}/{protocol}/{port}".encode()).hexdigest()[:16]
-
-
-def _share_chain(name: str, marks: list[str], family: _Family) -> ChainSpec:
+def _share_chain(name: str, marks: list[str], family: Family) -> ChainSpec:
     choices = ", ".join(f"{index} : {mark}" for index, mark in enumerate(marks))
     return ChainSpec(
         name,
@@ -210,19 +196,19 @@ def _share_chain(name: str, marks: list[str], family: _Family) -> ChainSpec:
             # One random draw picks the backend's rule id; the DNAT target follows from it,
             # so the connection is counted for the backend it really went to.
             f"ct mark set numgen random mod {len(marks)} map {{ {choices} }}",
-            f"meta l4proto {{ tcp, udp }} dnat {family.ip} to ct mark map @{family.name('share_target')}",
+            f"meta l4proto {{ tcp, udp }} dnat {family.ip} to ct mark map @{family.name(SHARE_TARGET)}",
         ),
     )
 
 
-def _prerouting(family: _Family) -> tuple[str, ...]:
+def _prerouting(family: Family) -> tuple[str, ...]:
     ip, name = family.ip, family.name
     dnat_key = f"{ip} daddr . meta l4proto . th dport"
     return (
-        f"ct mark set {ip} daddr map @{name('fip_in_rule')} dnat {ip} to {ip} daddr map @{name('fip_in_target')}",
-        f"meta l4proto {{ tcp, udp }} ct mark set {dnat_key} map @{name('dnat_rule')} "
-        f"dnat {ip} to {dnat_key} map @{name('dnat_target')}",
-        f"meta l4proto {{ tcp, udp }} {dnat_key} vmap @{name('dnat_share')}",
+        f"ct mark set {ip} daddr map @{name(FIP_IN_RULE)} dnat {ip} to {ip} daddr map @{name(FIP_IN_TARGET)}",
+        f"meta l4proto {{ tcp, udp }} ct mark set {dnat_key} map @{name(DNAT_RULE)} "
+        f"dnat {ip} to {dnat_key} map @{name(DNAT_TARGET)}",
+        f"meta l4proto {{ tcp, udp }} {dnat_key} vmap @{name(DNAT_SHARE)}",
     )
 
 
@@ -231,7 +217,7 @@ def _external_interfaces(state: DesiredState) -> str:
     return names[0] if len(names) == 1 else "{ " + ", ".join(names) + " }"
 
 
-def _postrouting(state: DesiredState, family: _Family, snat_prefixes: list[int]) -> tuple[str, ...]:
+def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int]) -> tuple[str, ...]:
     internal = f'"{state.internal.interface}"'
     external = _external_interfaces(state)
     ip, name = family.ip, family.name
@@ -241,33 +227,33 @@ def _postrouting(state: DesiredState, family: _Family, snat_prefixes: list[int])
         # shows up as its FIP, as in Kube-OVN (FIP SNAT first, on any interface); for
         # others the map lookup fails and the next rule applies.
         f"iifname {internal} oifname {internal} ct status dnat "
-        f"ct original {ip} daddr @{name('eips')} snat {ip} to {ip} saddr map @{name('fip_out_target')}",
+        f"ct original {ip} daddr @{name(EIPS)} snat {ip} to {ip} saddr map @{name(FIP_OUT_TARGET)}",
         f"iifname {internal} oifname {internal} ct status dnat "
-        f"ct original {ip} daddr @{name('eips')} snat {ip} to ct original {ip} daddr",
-        f"oifname {external} ct mark set {ip} saddr map @{name('fip_out_rule')} "
-        f"snat {ip} to {ip} saddr map @{name('fip_out_target')}",
+        f"ct original {ip} daddr @{name(EIPS)} snat {ip} to ct original {ip} daddr",
+        f"oifname {external} ct mark set {ip} saddr map @{name(FIP_OUT_RULE)} "
+        f"snat {ip} to {ip} saddr map @{name(FIP_OUT_TARGET)}",
         *(
-            f"oifname {external} ct mark set {family.snat_key(p)} map @{family.snat_map(p)}_rule "
-            f"snat {ip} to {family.snat_key(p)} map @{family.snat_map(p)}_target fully-random"
+            f"oifname {external} ct mark set {family.snat_key(p)} map @{family.snat_rule(p)} "
+            f"snat {ip} to {family.snat_key(p)} map @{family.snat_target(p)} fully-random"
             for p in snat_prefixes
         ),
     )
 
 
-def _chains(state: DesiredState, snat_prefixes: dict[_Family, list[int]]) -> tuple[ChainSpec, ...]:
+def _chains(state: DesiredState, snat_prefixes: dict[Family, list[int]]) -> tuple[ChainSpec, ...]:
     return (
         ChainSpec(
-            "prerouting",
+            PREROUTING,
             "type nat hook prerouting priority dstnat; policy accept;",
             tuple(rule for family in snat_prefixes for rule in _prerouting(family)),
         ),
         ChainSpec(
-            "postrouting",
+            POSTROUTING,
             "type nat hook postrouting priority srcnat; policy accept;",
             tuple(rule for family, prefixes in snat_prefixes.items() for rule in _postrouting(state, family, prefixes)),
         ),
         ChainSpec(
-            "account",
+            ACCOUNT,
             # After source NAT (100), so the first packet of a SNATed flow is marked too.
             "type filter hook postrouting priority 300; policy accept;",
             (
@@ -278,7 +264,7 @@ def _chains(state: DesiredState, snat_prefixes: dict[_Family, list[int]]) -> tup
             ),
         ),
         ChainSpec(
-            "forward",
+            FORWARD,
             "type filter hook forward priority filter; policy accept;",
             # Netfilter does not NAT packets conntrack calls invalid (e.g. a late RST):
             # they would leave with an internal source address.
@@ -287,23 +273,42 @@ def _chains(state: DesiredState, snat_prefixes: dict[_Family, list[int]]) -> tup
     )
 
 
-def _steer(state: DesiredState, prefixes: dict[_Family, list[int]]) -> ChainSpec:
+Endpoint = tuple[IPv4Address | IPv6Address, int | None]  # natgwd's own listening address, TCP port (None: every port)
+
+
+def _untracked(endpoints: Sequence[Endpoint]) -> tuple[ChainSpec, ...]:
+    """The chains that keep natgwd's own endpoints' traffic out of conntrack: packets to
+    them on the way in (and, from a local client, on the way out), and their replies.
+    Looped-back packets keep what the output hook gave them."""
+    if not endpoints:
+        return ()
+    arriving, leaving = [], []
+    for address, port in endpoints:
+        ip = "ip" if address.version == 4 else "ip6"
+        to, back = ("", "") if port is None else (f" tcp dport {port}", f" tcp sport {port}")
+        arriving.append(f"{ip} daddr {address}{to} notrack")
+        leaving += [f"{ip} daddr {address}{to} notrack", f"{ip} saddr {address}{back} notrack"]
+    return (
+        ChainSpec(UNTRACKED_IN, "type filter hook prerouting priority raw; policy accept;", tuple(arriving)),
+        ChainSpec(UNTRACKED_OUT, "type filter hook output priority raw; policy accept;", tuple(leaving)),
+    )
+
+
+def _steer(state: DesiredState, prefixes: dict[Family, list[int]]) -> ChainSpec:
     """The chain that marks packets with the id of the external network their translation
     uses (natgwd.planning.policy), from maps keyed like the NAT maps."""
     internal = f'"{state.internal.interface}"'
     rules: list[str] = []
     for family, lengths in prefixes.items():
         ip, name = family.ip, family.name
-        rules.append(
-            f"iifname {internal} ct direction original meta mark set {ip} saddr map @{name('fip_out_network')}"
-        )
+        rules.append(f"iifname {internal} ct direction original meta mark set {ip} saddr map @{name(FIP_OUT_NETWORK)}")
         rules.extend(
             f"iifname {internal} ct direction original meta mark 0 "
-            f"meta mark set {family.snat_key(p)} map @{family.snat_map(p)}_network"
+            f"meta mark set {family.snat_key(p)} map @{family.snat_network(p)}"
             for p in lengths
         )
-        rules.append(f"ct direction reply meta mark set ct original {ip} daddr map @{name('eip_network')}")
-    return ChainSpec("steer", "type filter hook prerouting priority mangle; policy accept;", tuple(rules))
+        rules.append(f"ct direction reply meta mark set ct original {ip} daddr map @{name(EIP_NETWORK)}")
+    return ChainSpec(STEER, "type filter hook prerouting priority mangle; policy accept;", tuple(rules))
 
 
 # --- one rule's elements ----------------------------------------------------------------
@@ -316,7 +321,7 @@ class Frame:
 
     eip_text: Mapping[tuple[str, int], str]
     network_of: Mapping[tuple[str, int], Element] | None
-    families: tuple[_Family, ...]
+    families: tuple[Family, ...]
     # With scaleOut: the firewall mark of each EIP's group (natgwd.planning.handover).
     group_of: Mapping[str, Element] | None = None
 
@@ -336,7 +341,7 @@ class Frame:
 Contribution = tuple[str, str, Element]  # (set, key, element)
 
 
-def _family(rule: Rule) -> _Family:
+def _family(rule: Rule) -> Family:
     return V4 if rule.family == 4 else V6
 
 
@@ -354,19 +359,19 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
     if isinstance(rule, FipRule):
         internal = address_text(rule.internal_ip)
         elements += [
-            (name("fip_in_target"), eip, Element(internal)),
-            (name("fip_in_rule"), eip, marked),
-            (name("fip_out_target"), internal, Element(eip)),
-            (name("fip_out_rule"), internal, marked),
+            (name(FIP_IN_TARGET), eip, Element(internal)),
+            (name(FIP_IN_RULE), eip, marked),
+            (name(FIP_OUT_TARGET), internal, Element(eip)),
+            (name(FIP_OUT_RULE), internal, marked),
         ]
         if frame.network_of is not None:
-            elements.append((name("fip_out_network"), internal, frame.network_of[rule.eip, rule.family]))
+            elements.append((name(FIP_OUT_NETWORK), internal, frame.network_of[rule.eip, rule.family]))
         if frame.group_of is not None:
             elements.append((FIP_OUT_GROUP, internal, frame.group_of[rule.eip]))
     elif isinstance(rule, DnatRule):
         internal = address_text(rule.internal_ip)
         if rule.type == "share":
-            elements.append((name("share_target"), str(mark), Element(f"{internal} . {rule.internal_port.first}")))
+            elements.append((name(SHARE_TARGET), str(mark), Element(f"{internal} . {rule.internal_port.first}")))
             return elements
         shift = rule.internal_port.first - rule.external_port.first
         # Equal-length ranges map port to port; nftables has no port-offset NAT, so a
@@ -374,18 +379,124 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
         for port in range(rule.external_port.first, rule.external_port.last + 1):
             key = f"{eip} . {rule.protocol} . {port}"
             elements += [
-                (name("dnat_target"), key, Element(f"{internal} . {port + shift}")),
-                (name("dnat_rule"), key, marked),
+                (name(DNAT_TARGET), key, Element(f"{internal} . {port + shift}")),
+                (name(DNAT_RULE), key, marked),
             ]
     else:
-        prefix = family.snat_map(rule.internal_cidr.prefixlen)
+        prefixlen = rule.internal_cidr.prefixlen
         key = address_text(rule.internal_cidr.network_address)
-        elements += [(f"{prefix}_target", key, Element(eip)), (f"{prefix}_rule", key, marked)]
+        elements += [(family.snat_target(prefixlen), key, Element(eip)), (family.snat_rule(prefixlen), key, marked)]
         if frame.network_of is not None:
-            elements.append((f"{prefix}_network", key, frame.network_of[rule.eip, rule.family]))
+            elements.append((family.snat_network(prefixlen), key, frame.network_of[rule.eip, rule.family]))
         if frame.group_of is not None:
-            elements.append((f"{prefix}_group", key, frame.group_of[rule.eip]))
+            elements.append((snat_group(prefixlen), key, frame.group_of[rule.eip]))
     return elements
+
+
+@dataclass(frozen=True)
+class TableRule:
+    """A rule as a table holds it: its id, its labels (None when its `rule_connections`
+    element has none of this rule's kind) and the rule, named as its labels say ("" without
+    them) and naming its EIP by address, as nft writes it: the table knows no EIP names."""
+
+    mark: int
+    labels: RuleLabels | None
+    rule: Rule
+
+
+def decode_rules(contents: TableContents) -> list[TableRule]:
+    """The rules a table holds, read back from their elements: what rule_elements wrote
+    (tests/unit/test_decode_rules.py proves the round trip). A translation without its
+    rule's id is no rule. ValueError for elements of another layout."""
+    labels: dict[int, RuleLabels] = {}
+    for mark, element in contents.elements.get(RULE_CONNECTIONS, {}).items():
+        found = RuleLabels.from_comment(element.comment or "")
+        if found is not None:
+            labels[int(mark)] = found
+    decoded: list[TableRule] = []
+    for family in FAMILIES:
+        for mark, rule in (
+            *_fips(contents.elements, family),
+            *_dnats(contents.elements, family),
+            *_shares(contents, family),
+            *_snats(contents.elements, family),
+        ):
+            number = int(mark)
+            found = labels.get(number)
+            if found is None or found.kind != rule.kind:
+                decoded.append(TableRule(number, None, rule))
+            else:
+                decoded.append(TableRule(number, found, replace(rule, name=found.name)))
+    return decoded
+
+
+Decoded = Iterator[tuple[str, Rule]]  # (the rule's id as the table holds it, the rule without its name)
+
+
+def _fips(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Decoded:
+    targets = elements.get(family.name(FIP_IN_TARGET), {})
+    for eip, marked in elements.get(family.name(FIP_IN_RULE), {}).items():
+        target = targets.get(eip)
+        if target is not None and marked.value is not None:
+            yield marked.value, FipRule("", eip, ip_address(target.value or ""))
+
+
+def _dnats(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Decoded:
+    """Exclusive DNAT rules: a range is one element per port, each with the rule's id."""
+    ports: dict[str, list[tuple[int, str, str, str, int]]] = defaultdict(list)
+    targets = elements.get(family.name(DNAT_TARGET), {})
+    for key, marked in elements.get(family.name(DNAT_RULE), {}).items():
+        target = targets.get(key)
+        if target is not None and marked.value is not None:
+            eip, protocol, port = _split(key)
+            internal, internal_port = _split(target.value)
+            ports[marked.value].append((int(port), eip, protocol, internal, int(internal_port)))
+    for mark, found in ports.items():
+        found.sort()
+        first, eip, protocol, internal, internal_first = found[0]
+        last = found[-1][0]
+        external, shifted = PortRange(first, last), PortRange(internal_first, internal_first + last - first)
+        yield mark, DnatRule("", eip, _protocol(protocol), external, ip_address(internal), shifted)
+
+
+def _shares(contents: TableContents, family: Family) -> Decoded:
+    """Share DNAT rules: a group's chain picks among its members' ids (TableContents.shares)."""
+    backends = contents.elements.get(family.name(SHARE_TARGET), {})
+    for key, verdict in contents.elements.get(family.name(DNAT_SHARE), {}).items():
+        eip, protocol, port = _split(key)
+        external = PortRange(int(port), int(port))
+        for mark in contents.shares.get((verdict.value or "").split()[-1], ()):
+            backend = backends.get(str(mark))
+            if backend is not None:
+                address, backend_port = _split(backend.value)
+                internal = PortRange(int(backend_port), int(backend_port))
+                yield (
+                    str(mark),
+                    DnatRule("", eip, _protocol(protocol), external, ip_address(address), internal, "share"),
+                )
+
+
+def _snats(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Decoded:
+    for set_name, marks in elements.items():
+        prefixlen = family.snat_rule_prefix(set_name)
+        if prefixlen is None:
+            continue
+        targets = elements.get(family.snat_target(prefixlen), {})
+        for network, marked in marks.items():
+            target = targets.get(network)
+            if target is not None and target.value is not None and marked.value is not None:
+                yield marked.value, SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"))
+
+
+def _split(text: str | None) -> list[str]:
+    """The parts of a concatenated key or value ("10.115.55.200 . tcp . 80")."""
+    return (text or "").split(" . ")
+
+
+def _protocol(text: str) -> Protocol:
+    if text not in ("tcp", "udp"):
+        raise ValueError(f"not a DNAT protocol: {text!r}")
+    return cast(Protocol, text)
 
 
 # --- the table, kept up to date rule by rule ---------------------------------------------
@@ -395,7 +506,7 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
 class ShareGroup:
     """The share rules of one (EIP, protocol, port): one chain picks among their ids."""
 
-    family: _Family
+    family: Family
     key: str  # the dnat_share key: "EIP . protocol . port"
     marks: frozenset[int]
 
@@ -424,8 +535,15 @@ class TablePlan:
     folds every rule's elements into an empty table; a change removes the elements of the
     rules it drops and adds those of the rules it brings, so it costs what it changes."""
 
-    def __init__(self, state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> None:
+    def __init__(
+        self,
+        state: DesiredState,
+        ids: Mapping[RuleLabels, int],
+        highest_id: int = 0,
+        untracked: Sequence[Endpoint] = (),
+    ) -> None:
         self.state = state
+        self.untracked = tuple(untracked)
         self.frame = Frame.of(state)
         self.ids: dict[RuleLabels, int] = {}
         self.highest_id = 0
@@ -449,7 +567,8 @@ class TablePlan:
     @property
     def table(self) -> DesiredTable:
         """The planned table; its elements are this plan's own, changed in place by commit."""
-        return DesiredTable(self.sets, self.chains, self.elements)
+        shares = {chain: tuple(sorted(group.marks)) for chain, group in self.share_groups.items()}
+        return DesiredTable(self.sets, self.chains, self.elements, shares)
 
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules
@@ -494,7 +613,7 @@ class TablePlan:
             if (before is None) != (after is None):
                 group = after or before
                 assert group is not None
-                changes[group.family.name("dnat_share")][group.key] = Element(f"goto {chain}") if after else None
+                changes[group.family.name(DNAT_SHARE)][group.key] = Element(f"goto {chain}") if after else None
         if highest_id != self.highest_id:
             changes[ID_HIGH_WATER] = {str(self.highest_id): None, str(highest_id): _MEMBER}
         # An element removed and added back the same is no change (a changed rule keeps
@@ -505,7 +624,7 @@ class TablePlan:
                 del keyed[key]
         by_family = _prefixes_by_family(self.frame.families, prefixes)
         sets = _sets(self.frame, by_family)
-        chains = _share_chains(groups) + _chains(state, by_family)
+        chains = _share_chains(groups) + _chains(state, by_family) + _untracked(self.untracked)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family),)
         if self.frame.group_of is not None:
@@ -566,38 +685,37 @@ class TablePlan:
 def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
     """The elements that do not belong to any one rule."""
     elements: list[Contribution] = [
-        ((V4 if version == 4 else V6).name("eips"), address, _MEMBER)
-        for (_, version), address in frame.eip_text.items()
+        ((V4 if version == 4 else V6).name(EIPS), address, _MEMBER) for (_, version), address in frame.eip_text.items()
     ]
     elements += [(INVALID_DROPS, f'"{network.interface}"', _MEMBER) for network in state.externals]
     if state.scale_out is not None:
         elements += [(HANDED_OVER, str(group.mark), _MEMBER) for group in state.scale_out.groups]
     if frame.network_of is not None:
         elements += [
-            ((V4 if version == 4 else V6).name("eip_network"), frame.eip_text[name, version], network)
+            ((V4 if version == 4 else V6).name(EIP_NETWORK), frame.eip_text[name, version], network)
             for (name, version), network in frame.network_of.items()
         ]
     return elements
 
 
-def _prefixes_by_family(families: Sequence[_Family], prefixes: CounterOf[tuple[int, int]]) -> dict[_Family, list[int]]:
+def _prefixes_by_family(families: Sequence[Family], prefixes: CounterOf[tuple[int, int]]) -> dict[Family, list[int]]:
     """The SNAT prefix lengths in use per family, longest first (the order they are tried in)."""
     in_use = [(version, p) for (version, p), count in prefixes.items() if count > 0]
     return {family: sorted((p for v, p in in_use if v == family.version), reverse=True) for family in families}
 
 
-def _sets(frame: Frame, prefixes: dict[_Family, list[int]]) -> tuple[SetSpec, ...]:
+def _sets(frame: Frame, prefixes: dict[Family, list[int]]) -> tuple[SetSpec, ...]:
     sets = list(_STATIC_SETS)
     if V6 in frame.families:
         sets.extend(V6.sets())
     for family, lengths in prefixes.items():
         for p in lengths:
-            sets.append(SetSpec(f"{family.snat_map(p)}_target", f"type {family.addr} : {family.addr};"))
-            sets.append(SetSpec(f"{family.snat_map(p)}_rule", f"type {family.addr} : mark;"))
+            sets.append(SetSpec(family.snat_target(p), f"type {family.addr} : {family.addr};"))
+            sets.append(SetSpec(family.snat_rule(p), f"type {family.addr} : mark;"))
     if frame.network_of is not None:
         for family, lengths in prefixes.items():
-            names = [family.name("eip_network"), family.name("fip_out_network")]
-            names += [f"{family.snat_map(p)}_network" for p in lengths]
+            names = [family.name(EIP_NETWORK), family.name(FIP_OUT_NETWORK)]
+            names += [family.snat_network(p) for p in lengths]
             sets.extend(SetSpec(name, f"type {family.addr} : mark;") for name in names)
     if frame.group_of is not None:
         sets.extend(handover_sets(prefixes.get(V4, [])))
@@ -611,6 +729,8 @@ def _share_chains(groups: Mapping[str, ShareGroup]) -> tuple[ChainSpec, ...]:
     )
 
 
-def desired_table(state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0) -> DesiredTable:
+def desired_table(
+    state: DesiredState, ids: Mapping[RuleLabels, int], highest_id: int = 0, untracked: Sequence[Endpoint] = ()
+) -> DesiredTable:
     """The table of `state` as a whole (a full plan)."""
-    return TablePlan(state, ids, highest_id).table
+    return TablePlan(state, ids, highest_id, untracked).table

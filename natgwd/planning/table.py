@@ -69,6 +69,9 @@ class TableContents:
     sets: dict[str, str] = field(default_factory=dict)  # name -> "set" | "map"
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> rule tags
     elements: dict[str, dict[str, Element]] = field(default_factory=dict)
+    # Share chain -> the rule ids it picks among (its first rule's map), in the map's order:
+    # which rules form a share group is written nowhere else.
+    shares: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def element_count(self) -> int:
         return sum(len(e) for e in self.elements.values())
@@ -79,12 +82,14 @@ class DesiredTable:
     sets: tuple[SetSpec, ...]
     chains: tuple[ChainSpec, ...]
     elements: Mapping[str, Mapping[str, Element]]
+    shares: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def contents(self) -> TableContents:
         return TableContents(
             sets={s.name: s.keyword for s in self.sets},
             chains={c.name: c.tags for c in self.chains},
             elements={name: dict(elems) for name, elems in self.elements.items()},
+            shares=dict(self.shares),
         )
 
 

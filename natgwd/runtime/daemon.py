@@ -8,14 +8,13 @@ keeps working while the daemon is down, and the next start adopts the table.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,25 +22,33 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from natgwd.bgp.metrics import BgpCollector
+from natgwd.bgp.ownership import Ownership, SoleOwner
+from natgwd.bgp.speaker import BgpSpeaker
 from natgwd.ha.controller import HaController
 from natgwd.kernel.garp import Announcer
 from natgwd.kernel.nft import NftError
+from natgwd.kubeovn.shim.endpoint import ADDRESS as EDIT_ADDRESS
 from natgwd.kubeovn.shim.endpoint import EditEndpoint
 from natgwd.kubeovn.shim.service import EditService
 from natgwd.observability import ctstats
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
+from natgwd.planning.plan import Endpoint
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime import applied
+from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import serve
+from natgwd.runtime.files import read_state_file
+from natgwd.runtime.instance import AlreadyRunningError, Claim
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.startup import Exit, StartupError, listen_error
 from natgwd.runtime.watch import DirectoryWaker, FileWatcher
 from natgwd.state.model import DesiredState
-from natgwd.state.tracker import StateTracker
-from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, validate_document
+from natgwd.state.tracker import Change, StateTracker
+from natgwd.state.validation import InvalidStateError, Problem, validate_document
 
 log = structlog.get_logger("natgwd.runtime.daemon")
 
@@ -72,6 +79,7 @@ class Daemon:
         make_reconciler: Callable[[Announce], Reconciler],
         make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
         make_watch: MakeWatch | None = None,
+        make_bgp: Callable[[Ownership], BgpSpeaker] | None = None,
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
@@ -82,6 +90,10 @@ class Daemon:
 
         self.reconciler = make_reconciler(Announcer(count_garp).request)
         self.ha = make_ha(count_garp, self.registry) if make_ha is not None else None
+        # The HA pair decides who owns the EIPs, else this gateway owns them all.
+        self.bgp = make_bgp(self.ha if self.ha is not None else SoleOwner()) if make_bgp is not None else None
+        if self.bgp is not None:
+            self.registry.register(BgpCollector(self.bgp.snapshot))
         self.rule_counters = RuleCounters(self._counting_sets)
         # Open connections, port usage and translation logs, from conntrack events.
         self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
@@ -91,7 +103,13 @@ class Daemon:
         self._last_step = time.monotonic()
         self._wake = threading.Event()
         self.edits = (
-            EditService(config.state_path, self._wake.set, self._edits_written, compact_idle=config.edit_fold_after)
+            EditService(
+                config.state_path,
+                self._wake.set,
+                self._edits_written,
+                compact_idle=config.edit_fold_after,
+                refused_lines=self.metrics.edit_log_lines_refused.inc,
+            )
             if config.edit_port is not None
             else None
         )
@@ -113,15 +131,30 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        metrics = "{}:{}".format(*self.config.metrics_address)
+        try:
+            # Before anything touches the kernel; held until the process ends.
+            claim = Claim(str(self.config.state_path), metrics)
+        except AlreadyRunningError as err:
+            raise StartupError(Exit.ALREADY_RUNNING, str(err), str(self.config.state_path)) from None
+        try:
+            return self._run()
+        finally:
+            claim.release()
+
+    def _run(self) -> int:
         try:
             server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
         except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
             raise listen_error(self.config.metrics_address, err) from None
         endpoint = self._start_edit_endpoint()
+        self.reconciler.untracked = own_endpoints(server.server_address, endpoint is not None)
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
             self.ha.start(self.resync_soon)
+        if self.bgp is not None:
+            self.bgp.start()
         self._recall_applied()
         if self.watch is not None:
             self.watch.start()
@@ -144,9 +177,15 @@ class Daemon:
                 self.edits.refuse_pending("natgwd is stopping; try again")
                 self.edits.compact()
             self.notifier.send("STOPPING=1")
+            if self.bgp is not None:
+                # Upstream moves the EIPs' traffic away (to the standby's path, if it
+                # announces one) before anything here stops.
+                self.bgp.withdraw()
             if self.ha is not None:
                 # A planned switchover: keepalived hands the addresses over as it stops.
                 self.ha.stop()
+            if self.bgp is not None:
+                self.bgp.stop()
             waker.stop()
             if self.watch is not None:
                 self.watch.stop()
@@ -182,7 +221,8 @@ class Daemon:
         if seen is not None:
             self.reconcile_file(force=False, quiet=seen == "recheck")
         if self.edits is not None:
-            self.edits.serve_pending(self._apply_edit)
+            if self.edits.serve_pending(self._apply_edit) and self.ha is not None:
+                self.ha.applied_digest(self.applied_sha256())  # the peer compares calls too
             if self.edits.compaction_due():
                 self.edits.compact()
         for reason, count in self.reconciler.clean_owed_conntrack().items():
@@ -216,7 +256,7 @@ class Daemon:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {
-            "applied_sha256": self._applied_digest,
+            "applied_sha256": self.applied_sha256(),
             "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
         }
         reasons = [self._not_ready] if self._not_ready else []
@@ -224,6 +264,10 @@ class Daemon:
             ha_reason, ha_detail = self.ha.readiness()
             detail.update(ha_detail)
             reasons += [ha_reason] if ha_reason else []
+        if self.bgp is not None:
+            bgp_reason, bgp_detail = self.bgp.readiness()
+            detail.update(bgp_detail)
+            reasons += [bgp_reason] if bgp_reason else []
         if reasons:
             detail["reason"] = "; ".join(reasons)
         return not reasons, detail
@@ -235,7 +279,7 @@ class Daemon:
         `quiet` neither counts nor logs unchanged content (a precautionary re-read)."""
         started = time.monotonic()
         try:
-            raw = _read(self.config.state_path, self.config.allow_writable_state)
+            raw = read_state_file(self.config.state_path, self.config.allow_writable_state)
         except InvalidStateError as err:
             # Stands for the content: the same unreadable file is rejected once, not per poll.
             seen = "unreadable: " + "; ".join(str(p) for p in err.problems)
@@ -270,19 +314,20 @@ class Daemon:
             self._failed(f"applying the desired state failed: {err}")
             return
         self.tracker.accept(change)
+        _log_changes(change, "the state file")
         self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
         self._unverified |= outcome.by_delta
         self._count(outcome)
         self._applied_digest = digest
         self._applied_at = time.time()
-        self._record_applied(applied_raw)
         if self.edits is not None:
             self.edits.accepted(applied_raw, digest, change.validated.document)
+        effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
+        self._record_applied(applied_raw, effective)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
-        if self.ha is not None:
-            self.ha.applied(state, digest, outcome.complete)
-        self._finished(outcome, started, digest=digest)
+        self._applied_to_members(state, effective, outcome.complete)
+        self._finished(outcome, started, {"sha256": effective[:12]})
 
     # --- nat-gateway.sh calls (natgwd.kubeovn.shim.service) -------------------------------
 
@@ -293,7 +338,7 @@ class Daemon:
             endpoint = EditEndpoint(self.config.edit_port, self.config.edit_token_path, self.edits.submit)
             endpoint.start()
         except OSError as err:
-            where = f"127.0.0.1:{self.config.edit_port}"
+            where = f"{EDIT_ADDRESS}:{self.config.edit_port}"
             message = f"cannot start the edit endpoint on {where} (--edit-port, --edit-token): {err}"
             raise StartupError(Exit.ADDRESS_OTHER, message, where) from None
         return endpoint
@@ -304,6 +349,7 @@ class Daemon:
         change = self.tracker.check_document(document)
         outcome = self.reconciler.apply(change.state, change.delta, change.base)
         self.tracker.accept(change)
+        _log_changes(change, "a nat-gateway.sh call")
         self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
         self._unverified |= outcome.by_delta
         return change.state, outcome
@@ -319,9 +365,13 @@ class Daemon:
         self._applied_at = time.time()
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
-        if self.ha is not None:
-            self.ha.applied(state, self._applied_digest or "", outcome.complete)
-        self._finished(outcome, started, digest=self._applied_digest or "")
+        self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
+        assert self.edits is not None
+        # The hash of the whole document would cost a serialization of it per call: the
+        # line names the file the calls extend (None before `init` wrote one) and how many
+        # were logged on it before this one; /readyz has the hash.
+        extends, logged = self.edits.logged_on()
+        self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
 
     def _edits_written(self, data: bytes) -> None:
         """The edit service rewrote the state file as the applied document: no change to
@@ -330,7 +380,7 @@ class Daemon:
         self._seen_digest = self._applied_digest = digest
         self._applied_at = time.time()
         self.watcher.poll()
-        self._record_applied(data)
+        self._record_applied(data, digest)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval
@@ -345,11 +395,19 @@ class Daemon:
             self._failed(f"resync failed: {err}")
             return
         self._count(outcome)
-        if self.ha is not None and self._applied_digest is not None:
+        if (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
-            self.ha.applied(self.reconciler.state, self._applied_digest, outcome.complete)
+            self._applied_to_members(self.reconciler.state, effective, outcome.complete)
         if self._seen_digest == self._applied_digest:
-            self._finished(outcome, started, digest=None)
+            self._finished(outcome, started, None)
+
+    def _applied_to_members(self, state: DesiredState, digest: str | None, complete: bool) -> None:
+        """The HA pair first: it decides which EIPs this member owns, which the speaker
+        then announces."""
+        if self.ha is not None:
+            self.ha.applied(state, digest, complete)
+        if self.bgp is not None:
+            self.bgp.applied(state, complete)
 
     def _verify_deltas(self) -> None:
         """Validate and plan the applied document in full, off the path of changes, and
@@ -379,7 +437,15 @@ class Daemon:
             log.warning("drift repaired", resource=resource, changes=count)
             self.metrics.drift_repairs.labels(resource).inc(count)
 
-    def _finished(self, outcome: Outcome, started: float, digest: str | None) -> None:
+    def applied_sha256(self) -> str | None:
+        """The sha256 of what is applied: the state file's, or with nat-gateway.sh calls
+        applied on top of it (or before there is a file), that of the file folding them in
+        will write."""
+        effective = self.edits.applied_digest() if self.edits is not None else None
+        return effective or self._applied_digest
+
+    def _finished(self, outcome: Outcome, started: float, applied: dict[str, Any] | None) -> None:
+        """`applied`: what the "desired state applied" line names (None: a resync, no line)."""
         seconds = time.monotonic() - started
         self.metrics.interfaces_missing.set(len(outcome.missing_interfaces))
         self.metrics.nft_elements.set(self.reconciler.element_count)
@@ -396,11 +462,11 @@ class Daemon:
             waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
             self._not_ready = "; ".join(waiting + outcome.link_errors)
             self._schedule_retry()
-        if digest is not None:
+        if applied is not None:
             self.metrics.reconciles.labels("applied").inc()
             log.info(
                 "desired state applied",
-                sha256=digest[:12],
+                **applied,
                 complete=outcome.complete,
                 nft_operations=outcome.nft_operations,
                 changed_elements=outcome.changed_elements,
@@ -452,15 +518,14 @@ class Daemon:
             return
         log.info("last applied before this start", sha256=head.sha256, applied_at=head.applied_at.isoformat())
 
-    def _record_applied(self, raw: bytes) -> None:
+    def _record_applied(self, raw: bytes, digest: str) -> None:
         """Keep the applied state on disk (atomically), for `natgwd status` and for
         telling after a restart what changed while natgwd was down."""
         path = self.config.applied_state_path
         if path is None:
             return
-        assert self._applied_digest is not None
         try:
-            applied.write(path, self._applied_digest, self._applied_at or 0, raw)
+            applied.write(path, digest, self._applied_at or 0, raw)
         except OSError as err:
             log.warning("cannot record the applied state", path=str(path), error=str(err))
 
@@ -472,52 +537,22 @@ class Daemon:
             return {}
 
 
-def _read(path: Path, allow_writable: bool) -> bytes:
-    try:
-        # O_NONBLOCK: a FIFO put in the file's place must not hang the daemon.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        reason = "file does not exist"
-    except PermissionError:
-        reason = "permission denied"
-    except OSError as err:
-        reason = err.strerror or str(err)
-    else:
-        try:
-            status = os.fstat(fd)
-            if stat.S_ISDIR(status.st_mode):
-                reason = "is a directory, not a file"
-            elif not stat.S_ISREG(status.st_mode):
-                reason = "is not a regular file"
-            elif not allow_writable and (unsafe := _writable_by_others(status)):
-                reason = f"{unsafe}, who could rewrite the gateway's NAT (--allow-writable-state to accept)"
-            else:
-                return _read_at_most(fd, MAX_FILE_BYTES + 1)
-        except OSError as err:
-            reason = err.strerror or str(err)
-        finally:
-            os.close(fd)
-    raise InvalidStateError([Problem("$", f"cannot read {path}: {reason}")])
+def _log_changes(change: Change, source: str) -> None:
+    """Which rules and EIPs an applied change added, changed and removed, by name."""
+    names = changed_names(change.base, change.state, change.delta)
+    if any(names.values()):
+        log.info("desired state changed", source=source, **names)
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """One byte over the limit is enough to reject a file without holding all of it."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, min(1 << 20, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _writable_by_others(status: os.stat_result) -> str | None:
-    if status.st_mode & stat.S_IWOTH:
-        return "is writable by every user"
-    if status.st_mode & stat.S_IWGRP and status.st_gid not in (0, os.getegid()):
-        return f"is writable by group {status.st_gid}"
-    if status.st_uid not in (0, os.geteuid()):
-        return f"is owned by uid {status.st_uid}"
-    return None
+def own_endpoints(metrics: tuple[Any, ...], edits: bool) -> tuple[Endpoint, ...]:
+    """natgwd's listening addresses, to keep out of conntrack: /metrics where it is bound
+    (on every address: its loopback ones only, never the EIPs, which NAT needs tracked),
+    and the edit endpoint's loopback address (whatever its port, which may change with
+    every start: the rules stay the same, and a restart changes nothing in the table)."""
+    address, port = ip_address(metrics[0]), int(metrics[1])
+    found: list[Endpoint] = (
+        [(IPv4Address("127.0.0.1"), port), (IPv6Address("::1"), port)] if address.is_unspecified else [(address, port)]
+    )
+    if edits:
+        found.append((IPv4Address(EDIT_ADDRESS), None))
+    return tuple(found)

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from natgwd.planning.counters import CountedElement, Listings, canonical_key
 from natgwd.planning.handover import HANDED_OVER
-from natgwd.planning.plan import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
+from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
+from natgwd.planning.plan import RuleLabels
 from natgwd.state.model import RULE_KINDS
 from natgwd.state.scaleout import HANDOVER_BASE
 
@@ -81,6 +82,12 @@ class DaemonMetrics:
             "natgwd_delta_mismatches",
             "Resyncs where the state or table built change by change differed from the full path's "
             "(a bug; the state file was applied again in full).",
+            registry=registry,
+        )
+        self.edit_log_lines_refused = Counter(
+            "natgwd_edit_log_lines_refused",
+            "Lines of the edit log (<state>.edits) left out when it was folded into the state file: "
+            "not an edit natgwd writes (damage or tampering).",
             registry=registry,
         )
         for path in ("delta", "full"):

@@ -22,8 +22,9 @@ import structlog
 from natgwd.kernel.netlink import LinkReport
 from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
+from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS
 from natgwd.planning.links import LinkPlan, link_plan
-from natgwd.planning.plan import ID_HIGH_WATER, RULE_CONNECTIONS, RuleLabels, TableChange, TablePlan, assign_ids
+from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.qos.plan import QosWants, wants
@@ -107,6 +108,8 @@ class Reconciler:
         self._must_read = True  # memory says nothing about the kernel until it was read
         self._resyncs = 0
         self.state: DesiredState | None = None
+        # natgwd's own endpoints, kept out of conntrack; set once they listen, before the first sync.
+        self.untracked: tuple[Endpoint, ...] = ()
         self._plan: TablePlan | None = None  # the applied state's table
         self._written: TableContents | None = None  # the kernel's table, unless _must_read (None: no table)
         self._ids: dict[RuleLabels, int] | None = None  # of the applied rules, or adopted from the kernel
@@ -143,7 +146,7 @@ class Reconciler:
             if plan is None:
                 return True
             try:
-                full = TablePlan(state, plan.ids, plan.highest_id)
+                full = TablePlan(state, plan.ids, plan.highest_id, self.untracked)
                 same = state == plan.state and full.table.contents() == plan.table.contents()
             except KeyError:  # a rule without an id
                 same = False
@@ -171,7 +174,7 @@ class Reconciler:
         else:
             assert self._ids is not None
             ids = assign_ids(state, self._ids, self._highest_id)
-            plan = TablePlan(state, ids, self._highest_id)
+            plan = TablePlan(state, ids, self._highest_id, self.untracked)
             tx = plan_transaction(kernel, plan.table, self._counters)
         self._commit(tx, generation)
         previous = self.state

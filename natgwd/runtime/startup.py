@@ -1,5 +1,5 @@
 """Why `natgwd run` could not start: one line naming the cause and the value, a log event,
-and an exit code of its own for each cause (documented in the README), never a traceback.
+and an exit code of its own for each cause (documented in docs/running.md), never a traceback.
 
 Exit codes of `natgwd run`: 0 stopped by a signal, 2 command line not understood (argparse),
 and the codes below.
@@ -27,6 +27,7 @@ class Exit(IntEnum):
     ADDRESS_OTHER = 9  # any other reason the socket cannot listen
     KERNEL = 10  # libnftables or netlink cannot be opened
     OBSERVE_OPTION = 11  # a connection-event or translation-log option is invalid
+    ALREADY_RUNNING = 12  # another natgwd runs in this network namespace
 
 
 class StartupError(Exception):
@@ -41,7 +42,7 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise StartupError(
-            Exit.ADDRESS_SYNTAX, f"--metrics-address {text!r} is not HOST:PORT (e.g. 0.0.0.0:9469)", text
+            Exit.ADDRESS_SYNTAX, f"--metrics-address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9469)", text
         )
     if not 0 <= int(port) <= 65535:
         raise StartupError(Exit.ADDRESS_PORT, f"--metrics-address {text!r}: port {port} is not in 0-65535", text)

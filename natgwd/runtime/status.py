@@ -7,14 +7,11 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, RuleLabels, split_traffic_key
+from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
+from natgwd.planning.plan import RuleLabels, address_text, decode_rules, rule_labels
 from natgwd.planning.table import Counter, TableContents
-
-# map holding the rule id -> map holding the target, for both families (IPv6 maps end in 6)
-_TRANSLATIONS = {
-    f"{kind}_rule{suffix}": f"{kind}_target{suffix}" for kind in ("fip_in", "fip_out", "dnat") for suffix in ("", "6")
-}
-_SNAT_RULE = re.compile(r"^snat6?_p(\d+)_rule$")
+from natgwd.state.model import DesiredState, FipRule, SnatRule
+from natgwd.state.rules import Rule
 
 
 def _endpoint(address: str, port: str) -> str:
@@ -38,16 +35,21 @@ class RuleStatus:
         return asdict(self)
 
 
-def _arrow(key: str, target: str, rule_map: str) -> str:
-    if rule_map.startswith("dnat_rule"):
-        eip, proto, port = key.split(" . ")
-        address, target_port = target.split(" . ")
-        return f"{_endpoint(eip, port)}/{proto} -> {_endpoint(address, target_port)}"
-    if snat := _SNAT_RULE.match(rule_map):
-        return f"{key}/{snat.group(1)} -> {target}"
-    if rule_map.startswith("fip_out_rule"):
-        return f"{key} -> {target} (out)"
-    return f"{key} -> {target} (in)"
+def _arrows(rule: Rule) -> list[str]:
+    """What a rule translates, as `natgwd status` shows it: one arrow per port of a range."""
+    if isinstance(rule, FipRule):
+        internal = address_text(rule.internal_ip)
+        return [f"{internal} -> {rule.eip} (out)", f"{rule.eip} -> {internal} (in)"]
+    if isinstance(rule, SnatRule):
+        return [f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen} -> {rule.eip}"]
+    internal = address_text(rule.internal_ip)
+    if rule.type == "share":
+        return [f"(share backend) -> {_endpoint(internal, str(rule.internal_port.first))}"]
+    shift = rule.internal_port.first - rule.external_port.first
+    return [
+        f"{_endpoint(rule.eip, str(port))}/{rule.protocol} -> {_endpoint(internal, str(port + shift))}"
+        for port in range(rule.external_port.first, rule.external_port.last + 1)
+    ]
 
 
 def rule_statuses(table: TableContents) -> list[RuleStatus]:
@@ -64,24 +66,26 @@ def rule_statuses(table: TableContents) -> list[RuleStatus]:
             setattr(rules[mark], f"{direction}_packets", element.counter.packets)
             setattr(rules[mark], f"{direction}_bytes", element.counter.bytes)
     translations: dict[str, list[str]] = defaultdict(list)
-    rule_maps = {
-        **_TRANSLATIONS,
-        **{n: n.replace("_rule", "_target") for n in table.elements if _SNAT_RULE.match(n)},
-    }
-    for rule_map, target_map in rule_maps.items():
-        targets = table.elements.get(target_map, {})
-        for key, element in table.elements.get(rule_map, {}).items():
-            target = targets.get(key)
-            if element.value is not None and target is not None and target.value is not None:
-                translations[element.value].append(_arrow(key, target.value, rule_map))
-    for share_map in ("share_target", "share_target6"):
-        for mark, target in table.elements.get(share_map, {}).items():
-            if target.value is not None:
-                address, port = target.value.split(" . ")
-                translations[mark].append(f"(share backend) -> {_endpoint(address, port)}")
+    for found in decode_rules(table):
+        translations[str(found.mark)] += _arrows(found.rule)
     for mark, rule in rules.items():
         rule.translations = _summarise(sorted(translations.get(mark, []), key=_natural))
     return sorted(rules.values(), key=lambda r: (r.kind, r.name))
+
+
+def record_mismatch(recorded: DesiredState | None, rules: list[RuleStatus]) -> str | None:
+    """Why an applied-state record does not describe this table, or None when it does. The
+    default record is host-wide: it may be another namespace's daemon's."""
+    if recorded is None:
+        return "it holds no readable state"
+    expected: set[tuple[str, str, str]] = set(rule_labels(recorded))
+    present = {(r.kind, r.name, r.eip) for r in rules}
+    if expected == present:
+        return None
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    parts = [f"{len(missing)} of its rules are not in the table"] if missing else []
+    parts += [f"{len(extra)} of the table's rules are not in it"] if extra else []
+    return f"{' and '.join(parts)} (e.g. {'/'.join((missing or extra)[0])})"
 
 
 def _natural(text: str) -> list[int | str]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     from natgwd.ha.config import HaConfig
+    from natgwd.state.bgp import BgpConfig
     from natgwd.state.scaleout import ScaleOutConfig
 
 from natgwd.qos.model import QosPolicy
@@ -94,6 +95,7 @@ class Eip:
     v6ip: IPv6Address | None = None
     network: str = PRIMARY_NETWORK  # the external network the EIP lives on
     qos_policy: str | None = None
+    bgp: bool = False  # announced when the bgp section announces "marked" EIPs (ovn.kubernetes.io/bgp)
 
     def address(self, family: int) -> IPAddress | None:
         return self.v4ip if family == 4 else self.v6ip
@@ -162,6 +164,7 @@ class DesiredState:
     qos_policy: str | None = None  # the gateway's own (VpcNatGateway.spec.qosPolicy)
     ha: HaConfig | None = None  # an active/standby pair: keepalived owns the addresses
     more_externals: tuple[ExternalSide, ...] = ()
+    bgp: BgpConfig | None = None  # EIPs announced as routes to upstream routers
     scale_out: ScaleOutConfig | None = None  # N members forwarding, each EIP group one owner
 
     @property

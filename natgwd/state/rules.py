@@ -31,10 +31,9 @@ from natgwd.state.model import (
     SnatRule,
 )
 from natgwd.state.ports import port_range
+from natgwd.state.problems import InvalidValueError, Problems
 
 Rule = SnatRule | DnatRule | FipRule
-# (section, index in the document, field, reason)
-Fail = Callable[[str, int, str, str], None]
 
 
 # --- values ---------------------------------------------------------------------------
@@ -45,17 +44,17 @@ def family_name(text: str) -> str:
     return "IPv6" if ":" in text else "IPv4"
 
 
-def usable_address(text: str) -> IPAddress | str:
-    """The address, or why it is not a usable unicast one."""
+def usable_address(text: str) -> IPAddress:
+    """The address; InvalidValueError saying why when it is not a usable unicast one."""
     try:
         address: IPAddress = IPv6Address(text) if ":" in text else _ipv4(text)
     except AddressValueError as err:
-        return f"not a valid {family_name(text)} address: {err}"
+        raise InvalidValueError(f"not a valid {family_name(text)} address: {err}") from None
     if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-        return f"{address} is not a usable unicast address"
+        raise InvalidValueError(f"{address} is not a usable unicast address")
     if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
         # Link-local addresses are not unique beyond one link; mapped ones are IPv4 in disguise.
-        return f"{address} is not a usable unicast address (link-local or IPv4-mapped)"
+        raise InvalidValueError(f"{address} is not a usable unicast address (link-local or IPv4-mapped)")
     return address
 
 
@@ -68,16 +67,24 @@ def _ipv4(text: str) -> IPv4Address:
         return IPv4Address(text)
 
 
-def network(text: str) -> IPNetwork | str:
-    """The network, or why it is not one."""
+def network(text: str) -> IPNetwork:
+    """The network; InvalidValueError saying why when it is not one."""
     kind = IPv6Network if ":" in text else IPv4Network
     host = 128 if ":" in text else 32
     try:
         return kind(text if "/" in text else f"{text}/{host}")
     except (AddressValueError, NetmaskValueError) as err:
-        return f"not a valid {family_name(text)} network: {err}"
+        raise InvalidValueError(f"not a valid {family_name(text)} network: {err}") from None
     except ValueError:
-        return f"has host bits set (did you mean {kind(text, strict=False)}?)"
+        raise InvalidValueError(f"has host bits set (did you mean {kind(text, strict=False)}?)") from None
+
+
+def port(value: object) -> PortRange:
+    """A port field's range; InvalidValueError saying why when it is none."""
+    found = port_range(value)
+    if isinstance(found, str):
+        raise InvalidValueError(found)
+    return found
 
 
 # --- the context a rule is checked in --------------------------------------------------
@@ -94,14 +101,14 @@ class RuleContext:
     set_aside_eips: frozenset[str] = frozenset()
     any_eip_set_aside: bool = False
 
-    def known_eip(self, fail: Fail, section: str, index: int, name: str) -> bool:
+    def known_eip(self, problems: Problems, section: str, index: int, name: str) -> bool:
         if name in self.eips:
             return True
         if name not in self.set_aside_eips and not self.any_eip_set_aside:
-            fail(section, index, "eip", f"names EIP {name!r}, which is not in eips")
+            problems.item(section, index, "eip", f"names EIP {name!r}, which is not in eips")
         return False
 
-    def same_family(self, fail: Fail, section: str, index: int, fld: str, eip: str, address: Any) -> bool:
+    def same_family(self, problems: Problems, section: str, index: int, fld: str, eip: str, address: Any) -> bool:
         """A rule translates within one family: the EIP needs an address of the family of
         the rule's internal address (checked only for an EIP that exists)."""
         found = self.eips.get(eip)
@@ -110,7 +117,7 @@ class RuleContext:
         if not found.addresses:
             return False  # reported on the EIP
         missing, other = ("v6ip", "IPv6") if address.version == 6 else ("v4ip", "IPv4")
-        fail(
+        problems.item(
             section,
             index,
             fld,
@@ -119,42 +126,37 @@ class RuleContext:
         )
         return False
 
-    def reachable(self, fail: Fail, section: str, index: int, address: IPAddress) -> bool:
+    def reachable(self, problems: Problems, section: str, index: int, address: IPAddress) -> bool:
         if self.internal.reaches(address):
             return True
-        fail(section, index, "internalIp", f"{address} is in no internal address's subnet and no internal route")
+        problems.item(
+            section, index, "internalIp", f"{address} is in no internal address's subnet and no internal route"
+        )
         return False
-
-
-def _parsed(fail: Fail, section: str, index: int, fld: str, result: Any) -> Any:
-    if isinstance(result, str):
-        fail(section, index, fld, result)
-        return None
-    return result
 
 
 # --- one rule alone ---------------------------------------------------------------------
 
 
-def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> SnatRule | None:
-    known = ctx.known_eip(fail, "snat", index, item["eip"])
-    cidr = _parsed(fail, "snat", index, "internalCIDR", network(item["internalCIDR"]))
-    if cidr is None or not known or not ctx.same_family(fail, "snat", index, "internalCIDR", item["eip"], cidr):
+def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> SnatRule | None:
+    known = ctx.known_eip(problems, "snat", index, item["eip"])
+    cidr = problems.parsed(("snat", index, "internalCIDR"), network, item["internalCIDR"])
+    if cidr is None or not known or not ctx.same_family(problems, "snat", index, "internalCIDR", item["eip"], cidr):
         return None
     return SnatRule(item["name"], item["eip"], cidr)
 
 
-def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> DnatRule | None:
-    known = ctx.known_eip(fail, "dnat", index, item["eip"])
-    external = _parsed(fail, "dnat", index, "externalPort", port_range(item["externalPort"]))
-    internal_port = _parsed(fail, "dnat", index, "internalPort", port_range(item["internalPort"]))
-    address = _parsed(fail, "dnat", index, "internalIp", usable_address(item["internalIp"]))
-    if address is not None and not ctx.reachable(fail, "dnat", index, address):
+def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> DnatRule | None:
+    known = ctx.known_eip(problems, "dnat", index, item["eip"])
+    external = problems.parsed(("dnat", index, "externalPort"), port, item["externalPort"])
+    internal_port = problems.parsed(("dnat", index, "internalPort"), port, item["internalPort"])
+    address = problems.parsed(("dnat", index, "internalIp"), usable_address, item["internalIp"])
+    if address is not None and not ctx.reachable(problems, "dnat", index, address):
         address = None
-    if address is not None and not ctx.same_family(fail, "dnat", index, "internalIp", item["eip"], address):
+    if address is not None and not ctx.same_family(problems, "dnat", index, "internalIp", item["eip"], address):
         address = None
     if external and internal_port and len(external) != len(internal_port):
-        fail(
+        problems.item(
             "dnat",
             index,
             "internalPort",
@@ -164,7 +166,7 @@ def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) ->
         return None
     share = item.get("type") == "share"
     if share and external and internal_port and len(external) > 1:
-        fail("dnat", index, "externalPort", "a share rule takes a single port, not a range")
+        problems.item("dnat", index, "externalPort", "a share rule takes a single port, not a range")
         return None
     if not (known and external and internal_port and address):
         return None
@@ -172,17 +174,17 @@ def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) ->
     return DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind)
 
 
-def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, fail: Fail) -> FipRule | None:
-    known = ctx.known_eip(fail, "fip", index, item["eip"])
-    address = _parsed(fail, "fip", index, "internalIp", usable_address(item["internalIp"]))
-    if address is None or not ctx.reachable(fail, "fip", index, address) or not known:
+def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> FipRule | None:
+    known = ctx.known_eip(problems, "fip", index, item["eip"])
+    address = problems.parsed(("fip", index, "internalIp"), usable_address, item["internalIp"])
+    if address is None or not ctx.reachable(problems, "fip", index, address) or not known:
         return None
-    if not ctx.same_family(fail, "fip", index, "internalIp", item["eip"], address):
+    if not ctx.same_family(problems, "fip", index, "internalIp", item["eip"], address):
         return None
     return FipRule(item["name"], item["eip"], address)
 
 
-RULE_CHECKS: dict[RuleKind, Callable[[dict[str, Any], int, RuleContext, Fail], Rule | None]] = {
+RULE_CHECKS: dict[RuleKind, Callable[[dict[str, Any], int, RuleContext, Problems], Rule | None]] = {
     "snat": snat_rule,
     "dnat": dnat_rule,
     "fip": fip_rule,
@@ -275,47 +277,51 @@ class RuleIndex:
 
     # names ---------------------------------------------------------------------------
 
-    def claim_name(self, kind: RuleKind, name: str, index: int, fail: Fail) -> bool:
+    def claim_name(self, kind: RuleKind, name: str, index: int, problems: Problems) -> bool:
         names = self.names[kind]
         if name in names:
-            fail(kind, index, "name", f"duplicates {kind}[{names[name]}] ({name!r})")
+            problems.item(kind, index, "name", f"duplicates {kind}[{names[name]}] ({name!r})")
             return False
         self._put(names, name, index)
         return True
 
     # adding --------------------------------------------------------------------------
 
-    def add(self, rule: Rule, index: int, fail: Fail) -> bool:
-        """Fold in a rule that passed its own checks; False (and the reason to `fail`)
+    def add(self, rule: Rule, index: int, problems: Problems) -> bool:
+        """Fold in a rule that passed its own checks; False (and the reason to `problems`)
         when it conflicts with a rule already in."""
         if isinstance(rule, SnatRule):
-            added = self._add_snat(rule, index, fail)
+            added = self._add_snat(rule, index, problems)
             kind: RuleKind = "snat"
         elif isinstance(rule, DnatRule):
-            added = self._add_dnat(rule, index, fail)
+            added = self._add_dnat(rule, index, problems)
             kind = "dnat"
         else:
-            added = self._add_fip(rule, index, fail)
+            added = self._add_fip(rule, index, problems)
             kind = "fip"
         if added:
             self._put(self.rules[kind], rule.name, rule)
         return added
 
-    def _add_snat(self, rule: SnatRule, index: int, fail: Fail) -> bool:
+    def _add_snat(self, rule: SnatRule, index: int, problems: Problems) -> bool:
         owner = self.snat_owner.get(rule.internal_cidr)
         if owner is not None:
-            fail("snat", index, "internalCIDR", f"{rule.internal_cidr} is already translated by snat[{owner[1]}]")
+            problems.item(
+                "snat", index, "internalCIDR", f"{rule.internal_cidr} is already translated by snat[{owner[1]}]"
+            )
             return False
         self._put(self.snat_owner, rule.internal_cidr, (rule.name, index))
         return True
 
-    def _add_dnat(self, rule: DnatRule, index: int, fail: Fail) -> bool:
+    def _add_dnat(self, rule: DnatRule, index: int, problems: Problems) -> bool:
         key = (rule.eip, rule.family)
         fip = self.fip_owner.get(key)
         if fip is not None:
             # Only a change meets this (a full fold adds FIPs after every DNAT rule); the
             # FIP is the one reported, as a full validation does.
-            fail("fip", fip[1], "eip", f"EIP {rule.eip!r} is also used by a dnat rule; a FIP needs the EIP alone")
+            problems.item(
+                "fip", fip[1], "eip", f"EIP {rule.eip!r} is also used by a dnat rule; a FIP needs the EIP alone"
+            )
             return False
         group_key = (rule.eip, rule.family, rule.protocol)
         group = self.dnat_spans.get(group_key, ())
@@ -328,7 +334,7 @@ class RuleIndex:
         if before is not None and before.last >= first:
             if rule.type == "share" and before.owner is None and (before.first, before.last) == (first, last):
                 if backend in before.backends:
-                    fail(
+                    problems.item(
                         "dnat",
                         index,
                         "internalIp",
@@ -343,7 +349,7 @@ class RuleIndex:
             other = before.owner or next(iter(before.backends.values()))
             kind_of_other = "exclusive" if before.owner is not None else "share"
             why = "" if rule.type == kind_of_other else " (share and exclusive rules cannot share an identity)"
-            fail(
+            problems.item(
                 "dnat",
                 index,
                 "externalPort",
@@ -359,26 +365,29 @@ class RuleIndex:
         self._put(self.dnat_eips, key, self.dnat_eips.get(key, 0) + 1)
         return True
 
-    def _add_fip(self, rule: FipRule, index: int, fail: Fail) -> bool:
+    def _add_fip(self, rule: FipRule, index: int, problems: Problems) -> bool:
         key = (rule.eip, rule.family)
         if self.dnat_eips.get(key):
-            fail("fip", index, "eip", f"EIP {rule.eip!r} is also used by a dnat rule; a FIP needs the EIP alone")
+            problems.item(
+                "fip", index, "eip", f"EIP {rule.eip!r} is also used by a dnat rule; a FIP needs the EIP alone"
+            )
             return False
         owner = self.fip_owner.get(key)
         if owner is not None:
-            fail("fip", index, "eip", f"duplicates fip[{owner[1]}] ({rule.eip!r})")
+            problems.item("fip", index, "eip", f"duplicates fip[{owner[1]}] ({rule.eip!r})")
             return False
         self._put(self.fip_owner, key, (rule.name, index))
         return True
 
-    def claim_fip_address(self, item: dict[str, Any], index: int, fail: Fail) -> bool:
+    def claim_fip_address(self, item: dict[str, Any], index: int, problems: Problems) -> bool:
         """One FIP per internal address, whatever else is wrong with either rule."""
-        address = usable_address(item["internalIp"])
-        if isinstance(address, str):
+        try:
+            address = usable_address(item["internalIp"])
+        except InvalidValueError:
             return True  # reported by the rule's own checks
         owner = self.fip_internal.get(address)
         if owner is not None:
-            fail("fip", index, "internalIp", f"duplicates fip[{owner[1]}] ({item['internalIp']!r})")
+            problems.item("fip", index, "internalIp", f"duplicates fip[{owner[1]}] ({item['internalIp']!r})")
             return False
         self._put(self.fip_internal, address, (item["name"], index))
         return True

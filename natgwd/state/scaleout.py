@@ -16,6 +16,7 @@ from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
 from natgwd.ha.config import advert_interval
+from natgwd.state.problems import Problems
 
 DEFAULT_PREEMPT_DELAY = 5
 DEFAULT_MULTICAST_GROUP = IPv4Address("225.0.0.50")
@@ -77,46 +78,41 @@ def rotated_priorities(group: int, members: int) -> tuple[int, ...]:
 
 
 def parse_scale_out(
-    section: dict[str, Any], eips: Mapping[str, object], external_interfaces: Iterable[str]
-) -> tuple[ScaleOutConfig | None, list[tuple[str, str]]]:
-    """The section (already shaped by the JSON Schema) as a ScaleOutConfig, or the problems
-    found as (path, reason). `eips`: the state's EIPs by name."""
-    problems: list[tuple[str, str]] = []
+    section: dict[str, Any], eips: Mapping[str, object], external_interfaces: Iterable[str], problems: Problems
+) -> ScaleOutConfig | None:
+    """The section (already shaped by the JSON Schema) as a ScaleOutConfig, or None with
+    the problems found added to `problems`. `eips`: the state's EIPs by name."""
+    known = len(problems)
     interface = section["interface"]
     if interface in set(external_interfaces):
-        problems.append(("$.scaleOut.interface", "must differ from every external interface"))
-    advert = advert_interval(section.get("advertInterval", 1))
-    if isinstance(advert, str):
-        problems.append(("$.scaleOut.advertInterval", advert))
+        problems.add("$.scaleOut.interface", "must differ from every external interface")
+    advert = problems.parsed("$.scaleOut.advertInterval", advert_interval, section.get("advertInterval", 1))
     members = _members(section["members"], problems)
     groups = _groups(section, len(section["members"]), eips, problems)
     base = section["virtualRouterIdBase"]
     if base + len(groups) - 1 > 255:
-        problems.append(
-            ("$.scaleOut.virtualRouterIdBase", f"{base} + {len(groups)} groups would pass 255, the last VRRP id")
+        problems.add(
+            "$.scaleOut.virtualRouterIdBase", f"{base} + {len(groups)} groups would pass 255, the last VRRP id"
         )
     multicast = IPv4Address(section.get("multicastGroup", str(DEFAULT_MULTICAST_GROUP)))
     if not multicast.is_multicast:
-        problems.append(("$.scaleOut.multicastGroup", f"{multicast} is not a multicast address"))
-    if problems or isinstance(advert, str):
-        return None, problems
-    return (
-        ScaleOutConfig(
-            interface=interface,
-            advert_interval=advert,
-            preempt_delay=section.get("preemptDelay", DEFAULT_PREEMPT_DELAY),
-            conntrack_sync=section.get("conntrackSync", True),
-            multicast_group=multicast,
-            members=tuple(members),
-            groups=tuple(
-                EipGroup(index, base + index, priorities, listed) for index, (priorities, listed) in enumerate(groups)
-            ),
+        problems.add("$.scaleOut.multicastGroup", f"{multicast} is not a multicast address")
+    if len(problems) > known or advert is None:
+        return None
+    return ScaleOutConfig(
+        interface=interface,
+        advert_interval=advert,
+        preempt_delay=section.get("preemptDelay", DEFAULT_PREEMPT_DELAY),
+        conntrack_sync=section.get("conntrackSync", True),
+        multicast_group=multicast,
+        members=tuple(members),
+        groups=tuple(
+            EipGroup(index, base + index, priorities, listed) for index, (priorities, listed) in enumerate(groups)
         ),
-        [],
     )
 
 
-def _members(items: list[dict[str, Any]], problems: list[tuple[str, str]]) -> list[IPv4Address]:
+def _members(items: list[dict[str, Any]], problems: Problems) -> list[IPv4Address]:
     members: list[IPv4Address] = []
     seen: dict[IPv4Address, int] = {}
     for index, item in enumerate(items):
@@ -124,13 +120,13 @@ def _members(items: list[dict[str, Any]], problems: list[tuple[str, str]]) -> li
         try:
             address = IPv4Address(item["address"])
         except AddressValueError as err:
-            problems.append((path, f"not a valid IPv4 address: {err}"))
+            problems.add(path, f"not a valid IPv4 address: {err}")
             continue
         if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-            problems.append((path, f"{address} is not a usable unicast address"))
+            problems.add(path, f"{address} is not a usable unicast address")
             continue
         if address in seen:
-            problems.append((path, f"{address} is members[{seen[address]}] already"))
+            problems.add(path, f"{address} is members[{seen[address]}] already")
             continue
         seen[address] = index
         members.append(address)
@@ -138,7 +134,7 @@ def _members(items: list[dict[str, Any]], problems: list[tuple[str, str]]) -> li
 
 
 def _groups(
-    section: dict[str, Any], members: int, eips: Mapping[str, object], problems: list[tuple[str, str]]
+    section: dict[str, Any], members: int, eips: Mapping[str, object], problems: Problems
 ) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
     items = section.get("groups")
     if items is None:
@@ -149,26 +145,24 @@ def _groups(
         path = f"$.scaleOut.groups[{index}]"
         priorities = tuple(item.get("priorities", rotated_priorities(index, members)))
         if len(priorities) != members:
-            problems.append(
-                (f"{path}.priorities", f"must list one priority per member ({members}), not {len(priorities)}")
-            )
+            problems.add(f"{path}.priorities", f"must list one priority per member ({members}), not {len(priorities)}")
         elif not any(priorities):
-            problems.append((f"{path}.priorities", "no member can own this group: every priority is 0"))
+            problems.add(f"{path}.priorities", "no member can own this group: every priority is 0")
         else:
             first: dict[int, int] = {}
             for member, priority in enumerate(priorities):
                 if priority and priority in first:
                     # Equal priorities elect by the higher address: legal VRRP, but it hides
                     # which member is meant to own the group.
-                    problems.append((f"{path}.priorities[{member}]", f"equal to priorities[{first[priority]}]"))
+                    problems.add(f"{path}.priorities[{member}]", f"equal to priorities[{first[priority]}]")
                 first.setdefault(priority, member)
         listed: list[str] = []
         for position, name in enumerate(item.get("eips", [])):
             where = f"{path}.eips[{position}]"
             if name not in eips:
-                problems.append((where, f"no EIP is named {name!r}"))
+                problems.add(where, f"no EIP is named {name!r}")
             elif name in placed:
-                problems.append((where, f"{name!r} is in groups[{placed[name]}] already"))
+                problems.add(where, f"{name!r} is in groups[{placed[name]}] already")
             else:
                 placed[name] = index
                 listed.append(name)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
+from natgwd.state.problems import Problems
 from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex
 from natgwd.state.spans import Layout, Splice, layout_of, splice
 from natgwd.state.validation import (
@@ -180,11 +181,8 @@ class StateTracker:
     ) -> tuple[DesiredState, RuleDelta, frozenset[str]] | None:
         last = base.validated
         index = last.index
-        problems: list[tuple[str, int, str, str]] = []
-
-        def refuse(section: str, position: int, name: str, reason: str) -> None:
-            problems.append((section, position, name, reason))
-
+        # Only whether there is a problem counts: the full path lists them all.
+        problems = Problems()
         removed: list[Rule] = []
         arrivals: list[tuple[RuleKind, int, dict[str, Any]]] = []
         port_one = set(base.port_one)
@@ -215,11 +213,11 @@ class StateTracker:
         for kind, position, item in sorted(arrivals, key=lambda arrival: RULE_KINDS.index(arrival[0])):
             if not item_shape_ok(kind, item) or _has_control_character(item):
                 return None
-            index.claim_name(kind, item["name"], position, refuse)
+            index.claim_name(kind, item["name"], position, problems)
             if kind == "fip":
-                index.claim_fip_address(item, position, refuse)
-            rule = RULE_CHECKS[kind](item, position, context, refuse)
-            if problems or rule is None or not index.add(rule, position, refuse) or problems:
+                index.claim_fip_address(item, position, problems)
+            rule = RULE_CHECKS[kind](item, position, context, problems)
+            if problems or rule is None or not index.add(rule, position, problems) or problems:
                 return None
             added.append(rule)
             if kind == "dnat" and _ports_include_integer_one(item):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -32,6 +32,7 @@ import jsonschema
 
 from natgwd.ha.config import HaConfig, parse_ha
 from natgwd.qos.validation import qos_policies
+from natgwd.state.bgp import BgpConfig, parse_bgp
 from natgwd.state.model import (
     PRIMARY_NETWORK,
     RULE_KINDS,
@@ -46,35 +47,12 @@ from natgwd.state.model import (
     RuleKind,
 )
 from natgwd.state.ports import NOT_A_PORT
+from natgwd.state.problems import ITEM_SECTIONS, Problem, Problems
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
 from natgwd.state.rules import network as parse_network
 from natgwd.state.scaleout import ScaleOutConfig, parse_scale_out
 
 MAX_FILE_BYTES = 32 * 1024 * 1024  # ~200,000 rules; parsing holds several times this
-
-
-@dataclass(frozen=True)
-class Problem:
-    """What is wrong and where: `path` is the JSONPath of the field; a problem of one
-    rule or EIP also names its section, its index in that section and the field."""
-
-    path: str
-    reason: str
-    section: str | None = None
-    index: int | None = None
-    field: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-    @classmethod
-    def at(cls, parts: Sequence[str | int], reason: str) -> Problem:
-        """A problem at a path given as its parts (section, index, field...)."""
-        item = len(parts) >= 2 and parts[0] in ITEM_SECTIONS and isinstance(parts[1], int)
-        if not item:
-            return cls(_json_path(parts), reason)
-        fld = str(parts[2]) if len(parts) > 2 else None
-        return cls(_json_path(parts), reason, str(parts[0]), int(parts[1]), fld)
 
 
 class InvalidStateError(Exception):
@@ -285,13 +263,6 @@ _PATTERN_MEANING = {
 _IPV6_FIELD = {"v4ip": "v6ip", "gateway": "gateway6"}
 
 
-def _json_path(parts: Any) -> str:
-    path = "$"
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
 def _definition_of(subschema: dict[str, Any]) -> str | None:
     for name, definition in schema()["definitions"].items():
         if definition is subschema or any(definition is s for s in definition.get("oneOf", ())):
@@ -301,9 +272,6 @@ def _definition_of(subschema: dict[str, Any]) -> str | None:
         if definition.get("pattern") == subschema.get("pattern") and "pattern" in subschema:
             return str(name)
     return None
-
-
-ITEM_SECTIONS = ("eips", *RULE_KINDS)  # sections whose items are checked one by one
 
 
 def _inline_refs(node: Any, definitions: dict[str, Any]) -> Any:
@@ -443,7 +411,7 @@ class _Semantics:
 
     def __init__(self, document: dict[str, Any], set_aside: dict[str, set[int]] | None = None) -> None:
         self.doc = document
-        self.problems: list[Problem] = []
+        self.problems = Problems()
         self.eips: dict[str, Eip] = {}
         self.networks: tuple[ExternalSide, ...] = ()
         # Items the schema refused (already reported): skipped here, and an EIP's name among
@@ -459,35 +427,29 @@ class _Semantics:
         aside = self.set_aside.get(section, set())
         return [(i, item) for i, item in enumerate(self.doc.get(section, [])) if i not in aside]
 
-    def fail(self, path: str | tuple[str | int, ...], reason: str) -> None:
-        """`path`: a JSONPath, or the parts of an EIP's field (section, index, field)."""
-        self.problems.append(Problem(path, reason) if isinstance(path, str) else Problem.at(path, reason))
-
-    def fail_item(self, section: str, index: int, field: str, reason: str) -> None:
-        self.problems.append(Problem.at([section, index, field], reason))
-
     def build(self) -> Validated:
         external = self._external("$.external", self.doc["external"])
         more = self._more_externals()
         internal = self._internal((external, *more))
         if internal.interface == external.interface:
-            self.fail("$.external.interface", "must differ from internal.interface")
+            self.problems.add("$.external.interface", "must differ from internal.interface")
         for gateway, field, default in (
             (external.gateway, "gateway", "0.0.0.0/0"),
             (external.gateway6, "gateway6", "::/0"),
         ):
             if gateway is not None and any(str(r.dst) == default for r in internal.routes):
-                self.fail("$.internal.routes", f"a default route ({default}) conflicts with external.{field}")
+                self.problems.add("$.internal.routes", f"a default route ({default}) conflicts with external.{field}")
         self.networks = (external, *more)
         eips = self._eips()
         self.eips.update((e.name, e) for e in eips)
         context = RuleContext(self.eips, internal, frozenset(self.set_aside_eips), self.any_eip_set_aside)
         index, rules = self._rules(context)
-        policies, gateway_policy = qos_policies(self.doc, eips, external, self.fail)
+        policies, gateway_policy = qos_policies(self.doc, eips, external, self.problems)
         ha = self._ha(internal, external)
+        bgp = self._bgp(internal, eips)
         scale_out = self._scale_out(external)
         if self.problems:
-            raise InvalidStateError(sorted(self.problems, key=lambda p: p.path))
+            raise InvalidStateError(sorted(self.problems.found, key=lambda p: p.path))
         state = DesiredState(
             internal,
             external,
@@ -499,6 +461,7 @@ class _Semantics:
             qos_policy=gateway_policy,
             ha=ha,
             more_externals=more,
+            bgp=bgp,
             scale_out=scale_out,
         )
         return Validated(self.doc, state, index)
@@ -513,11 +476,11 @@ class _Semantics:
             for i, item in self.items(kind):
                 # A rule with a taken name or address is still checked (every problem is
                 # listed); the state is refused anyway.
-                index.claim_name(kind, item["name"], i, self.fail_item)
+                index.claim_name(kind, item["name"], i, self.problems)
                 if kind == "fip":
-                    index.claim_fip_address(item, i, self.fail_item)
-                rule = RULE_CHECKS[kind](item, i, context, self.fail_item)
-                if rule is not None and index.add(rule, i, self.fail_item):
+                    index.claim_fip_address(item, i, self.problems)
+                rule = RULE_CHECKS[kind](item, i, context, self.problems)
+                if rule is not None and index.add(rule, i, self.problems):
                     rules.append(rule)
             accepted[kind] = tuple(rules)
         return index, accepted
@@ -525,46 +488,47 @@ class _Semantics:
     def _ha(self, internal: InternalSide, external: ExternalSide) -> HaConfig | None:
         if "ha" not in self.doc:
             return None
-        ha, problems = parse_ha(self.doc["ha"], (internal.interface, external.interface))
-        for path, reason in problems:
-            self.fail(path, reason)
+        ha = parse_ha(self.doc["ha"], (internal.interface, external.interface), self.problems)
         ipv6 = [str(a) for a in (*internal.addresses, *external.addresses) if a.version == 6]
         ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
         if ipv6 or self.networks[1:]:
             # keepalived's instance moves the IPv4 addresses of one external network.
             what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
-            self.fail("$.ha", f"an HA pair moves IPv4 addresses on one external network; this state has {what}")
+            self.problems.add("$.ha", f"an HA pair moves IPv4 addresses on one external network; this state has {what}")
         return ha
+
+    def _bgp(self, internal: InternalSide, eips: tuple[Eip, ...]) -> BgpConfig | None:
+        if "bgp" not in self.doc:
+            return None
+        own = [a.ip for n in self.networks for a in n.addresses] + [a.ip for a in internal.addresses]
+        own += [a for e in eips for a in e.addresses]
+        return parse_bgp(self.doc["bgp"], self.networks, own, self.problems, paired="ha" in self.doc)
 
     def _scale_out(self, external: ExternalSide) -> ScaleOutConfig | None:
         if "scaleOut" not in self.doc:
             return None
         if "ha" in self.doc:
-            self.fail("$.scaleOut", "cannot be combined with ha (an active/standby pair)")
-        config, problems = parse_scale_out(self.doc["scaleOut"], self.eips, [n.interface for n in self.networks])
-        for path, reason in problems:
-            self.fail(path, reason)
+            self.problems.add("$.scaleOut", "cannot be combined with ha (an active/standby pair)")
+        config = parse_scale_out(self.doc["scaleOut"], self.eips, [n.interface for n in self.networks], self.problems)
         ipv6 = [str(a) for a in external.addresses if a.version == 6]
         ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
         if ipv6 or self.networks[1:]:
             what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
-            self.fail("$.scaleOut", f"scaling out moves IPv4 EIPs on one external network; this state has {what}")
+            self.problems.add(
+                "$.scaleOut", f"scaling out moves IPv4 EIPs on one external network; this state has {what}"
+            )
         return config
 
     # addresses -------------------------------------------------------------------------
 
     def address(self, path: str | tuple[str | int, ...], text: str) -> IPAddress | None:
-        result = usable_address(text)
-        if isinstance(result, str):
-            self.fail(path, result)
-            return None
-        return result
+        return self.problems.parsed(path, usable_address, text)
 
     def interface_address(self, path: str, text: str) -> IPInterface | None:
         try:
             interface: IPInterface = IPv6Interface(text) if ":" in text else IPv4Interface(text)
         except (AddressValueError, NetmaskValueError) as err:
-            self.fail(path, f"not a valid {family_name(text)} address/prefix: {err}")
+            self.problems.add(path, f"not a valid {family_name(text)} address/prefix: {err}")
             return None
         if self.address(path, str(interface.ip)) is None:
             return None
@@ -578,16 +542,12 @@ class _Semantics:
                 interface.network.broadcast_address,
             )
         ):
-            self.fail(path, f"{interface.ip} is the network or broadcast address of {interface.network}")
+            self.problems.add(path, f"{interface.ip} is the network or broadcast address of {interface.network}")
             return None
         return interface
 
     def network(self, path: str, text: str) -> IPNetwork | None:
-        result = parse_network(text)
-        if isinstance(result, str):
-            self.fail(path, result)
-            return None
-        return result
+        return self.problems.parsed(path, parse_network, text)
 
     def duplicates(self, section: str, items: list[tuple[int, dict[str, Any]]], field: str) -> None:
         seen: dict[Any, int] = {}
@@ -596,7 +556,7 @@ class _Semantics:
                 continue
             key = item[field]
             if key in seen:
-                self.fail_item(section, index, field, f"duplicates {section}[{seen[key]}] ({key!r})")
+                self.problems.item(section, index, field, f"duplicates {section}[{seen[key]}] ({key!r})")
             else:
                 seen[key] = index
 
@@ -618,11 +578,11 @@ class _Semantics:
             if dst is None or via is None:
                 continue
             if dst in seen:
-                self.fail(f"{path}.dst", f"duplicates internal.routes[{seen[dst]}] ({dst})")
+                self.problems.add(f"{path}.dst", f"duplicates internal.routes[{seen[dst]}] ({dst})")
                 continue
             seen[dst] = i
             if not any(via in a.network for a in addresses):
-                self.fail(f"{path}.via", f"nexthop {via} is not in the subnet of any internal address")
+                self.problems.add(f"{path}.via", f"nexthop {via} is not in the subnet of any internal address")
                 continue
             # A wider route is harmless (the connected route is more specific); an equal one
             # would replace it and a narrower one would take part of the external subnet.
@@ -636,7 +596,7 @@ class _Semantics:
                 None,
             )
             if clash is not None:
-                self.fail(f"{path}.dst", f"{dst} lies inside the external subnet {clash}")
+                self.problems.add(f"{path}.dst", f"{dst} lies inside the external subnet {clash}")
                 continue
             routes.append(Route(dst, via))
         return InternalSide(section["interface"], addresses, tuple(routes))
@@ -664,9 +624,11 @@ class _Semantics:
         for i, network in enumerate(networks):
             path = f"$.externals[{i}]"
             if network.name in names:
-                self.fail(f"{path}.name", f"{network.name!r} is already the name of {names[network.name]}")
+                self.problems.add(f"{path}.name", f"{network.name!r} is already the name of {names[network.name]}")
             if network.interface in interfaces:
-                self.fail(f"{path}.interface", f"{network.interface} is already {interfaces[network.interface]}'s")
+                self.problems.add(
+                    f"{path}.interface", f"{network.interface} is already {interfaces[network.interface]}'s"
+                )
             names.setdefault(network.name, f"externals[{i}]")
             interfaces.setdefault(network.interface, f"externals[{i}]")
         return tuple(networks)
@@ -677,7 +639,7 @@ class _Semantics:
         if "externalSubnet" in item:
             if not any(n.name == item["externalSubnet"] for n in self.networks):
                 known = ", ".join(repr(n.name) for n in self.networks)
-                self.fail(("eips", index, "externalSubnet"), f"names no external network (known: {known})")
+                self.problems.add(("eips", index, "externalSubnet"), f"names no external network (known: {known})")
                 return None
             return str(item["externalSubnet"])
         return next((n.name for n in self.networks if any(n.contains(a) for a in addresses)), self.networks[0].name)
@@ -696,21 +658,28 @@ class _Semantics:
     def _eips(self) -> tuple[Eip, ...]:
         items = self.items("eips")
         self.duplicates("eips", items, "name")
-        self.duplicates("eips", items, "v4ip")
-        self.duplicates("eips", items, "v6ip")
+        # Parsed, not as text: FD00:115:0::200 is fd00:115::200, and two EIPs on one address
+        # would put their rules under one map key.
+        holders: dict[IPAddress, int] = {}
         eips = []
         for i, item in items:
             if "v4ip" not in item and "v6ip" not in item:
-                self.fail(("eips", i, "v4ip"), "required field is missing (an EIP needs v4ip, v6ip or both)")
+                self.problems.add(("eips", i, "v4ip"), "required field is missing (an EIP needs v4ip, v6ip or both)")
                 # Still an EIP by name: its rules are not reported again for naming no EIP.
                 self.eips[item["name"]] = Eip(item["name"], None)
                 continue
             v4 = self.address(("eips", i, "v4ip"), item["v4ip"]) if "v4ip" in item else None
             v6 = self.address(("eips", i, "v6ip"), item["v6ip"]) if "v6ip" in item else None
+            for field, address in (("v4ip", v4), ("v6ip", v6)):
+                if address is not None and holders.setdefault(address, i) != i:
+                    spelled = "" if item[field] == str(address) else f", that is {address}"
+                    self.problems.item(
+                        "eips", i, field, f"duplicates eips[{holders[address]}] ({item[field]!r}{spelled})"
+                    )
             if ("v4ip" in item and v4 is None) or ("v6ip" in item and v6 is None):
                 continue
             assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
             network = self._eip_network(i, item, tuple(a for a in (v4, v6) if a is not None))
             if network is not None:
-                eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy")))
+                eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy"), item.get("bgp", False)))
         return tuple(eips)

@@ -76,9 +76,11 @@ class HaLab(Lab):
                 kill_all(self, gateway)
         super().close()
 
-    def start_member(self, gateway: str, state: dict[str, Any], wrapper: Sequence[str] = ()) -> Natgwd:
+    def start_member(
+        self, gateway: str, state: dict[str, Any], wrapper: Sequence[str] = (), args: Sequence[str] = ()
+    ) -> Natgwd:
         """natgwd in a gateway's namespace, with files of its own, behind a `wrapper`
-        command (setpriv) that execs it."""
+        command (setpriv) that execs it; `args`: more of natgwd's options."""
         directory = self.workdir / gateway
         directory.mkdir(exist_ok=True)
         daemon = Natgwd(self, directory / "state.json", None, directory / "natgwd.log", METRICS_PORT, gateway)  # type: ignore[arg-type]
@@ -87,6 +89,7 @@ class HaLab(Lab):
             daemon.state_path,
             str(directory / "applied.json"),
             *("--ha-run-dir", str(directory / "run"), "--resync-interval", "2"),
+            *args,
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         daemon.process = self.spawn(gateway, *wrapper, *command, log_path=daemon.log_path, env=env)

@@ -406,7 +406,7 @@ def test_drift_is_repaired(served: Lab, seed_state: dict[str, Any]) -> None:
     lab.exec("gw", "ip", "addr", "add", "192.0.2.10/24", "dev", "net2")
     other = nft_table(lab, "ip", "other")
     wanted_rules = rule_counts(lab)
-    assert set(wanted_rules) == {"prerouting", "postrouting", "account", "forward"}
+    assert set(wanted_rules) == {"prerouting", "postrouting", "account", "forward", "untracked_in", "untracked_out"}
     assert all(wanted_rules.values()), wanted_rules
 
     def repairs(resource: str) -> float:
@@ -535,6 +535,43 @@ def test_restart_adopts_without_a_blip(served: Lab, seed_state: dict[str, Any], 
     assert second.stop() == 0
 
 
+def test_a_second_natgwd_in_the_namespace_refuses_to_start_naming_the_first(
+    lab: Lab, seed_state: dict[str, Any]
+) -> None:
+    """Prevents: a second natgwd on another state file replacing the first's table and
+    deleting its EIPs, and the first "repairing" that back, for ever (issue 21, item 3)."""
+    first = lab.start_natgwd(seed_state, "--resync-interval", "1")
+    first.wait_applied()
+    table, owned = nft_table(lab), lab.exec("gw", "ip", "-j", "address").stdout
+    other = lab.workdir / "other.json"
+    other.write_text(json.dumps({**seed_state, "dnat": [], "fip": []}))
+    second = lab.exec(
+        "gw",
+        sys.executable,
+        "-m",
+        "natgwd",
+        "run",
+        "--state",
+        str(other),
+        "--metrics-address",
+        "127.0.0.1:9470",
+        "--applied-state",
+        "",
+        check=False,
+    )
+    assert second.returncode == 12
+    lines = [line for line in second.stderr.splitlines() if not line.startswith("{")]
+    assert lines == [
+        f"natgwd: another natgwd runs in this network namespace "
+        f"(pid {first.process.pid}, --state {first.state_path}, metrics on 127.0.0.1:{first.metrics_port})"
+    ]
+    assert nft_table(lab) == table
+    assert lab.exec("gw", "ip", "-j", "address").stdout == owned
+    assert readyz(first)[0] == 200
+    assert not events_named(first, "drift repaired")
+    assert first.stop() == 0
+
+
 # --- 6. health and readiness --------------------------------------------------------------
 
 
@@ -657,6 +694,144 @@ def test_metrics_exposition(lab: Lab, seed_state: dict[str, Any]) -> None:
         for direction in ("original", "reply"):
             assert samples[sample_name("natgwd_rule_packets_total", {**labels, "direction": direction})] == 0
             assert samples[sample_name("natgwd_rule_bytes_total", {**labels, "direction": direction})] == 0
+
+
+POD_NETWORK = ("10.244.7.5", "10.244.7.1")  # the gateway's eth0 and the node (Prometheus) beside it
+
+
+def _pod_network(lab: Lab) -> str:
+    """A namespace "pod" for the node beside the gateway's eth0 (the pod network, where the
+    kubelet probes and Prometheus scrapes); the gateway's address there."""
+    gateway, node = POD_NETWORK
+    lab._add_ns("pod")
+    lab._veth("gw", "eth0", "pod", "eth0")
+    for role, address in (("gw", gateway), ("pod", node)):
+        lab.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+        lab.exec(role, "ip", "link", "set", "eth0", "up")
+    return gateway
+
+
+def _connects(lab: Lab, role: str, address: str, port: int) -> bool:
+    """Whether a TCP connection from `role` to address:port is accepted; a refusal (the
+    address answers, nothing listens) is False, anything else (no route, a timeout: the
+    check would prove nothing) fails the test."""
+    url = f"http://{address}:{port}/healthz"
+    done = lab.exec(role, "curl", "-s", "-o", "/dev/null", "-m", "3", url, check=False)
+    assert done.returncode in (0, 7), f"{role} -> {address}:{port}: curl exit {done.returncode}, not a clear answer"
+    return done.returncode == 0
+
+
+def _start_serving(lab: Lab, state: dict[str, Any], *args: str) -> Natgwd:
+    """natgwd as the image's entrypoint and the drop-in start it: no --metrics-address
+    unless given, and no NATGWD_METRICS_ADDRESS in its environment."""
+    path = lab.workdir / "state.json"
+    log_path = lab.workdir / f"natgwd-serving-{len(args)}.log"
+    daemon = Natgwd(lab, path, None, log_path, 9469)  # type: ignore[arg-type]
+    daemon.write_state(state)
+    command = [sys.executable, "-m", "natgwd", "run", "--state", str(path), "--applied-state", "", *args]
+    env = {k: v for k, v in os.environ.items() if k != "NATGWD_METRICS_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    daemon.process = lab.spawn("gw", *command, log_path=log_path, env=env)
+    return daemon
+
+
+def test_metrics_never_listen_on_an_eip_or_an_external_network(lab: Lab, seed_state: dict[str, Any]) -> None:
+    """Prevents: /metrics, /healthz and /readyz (every rule name and counter) answering on
+    the EIPs and the external network when natgwd is started without --metrics-address, as
+    the image and the Kube-OVN drop-in start it (issue 21, item 1); and the manifests'
+    address (the pod's own, where Prometheus scrapes) answering anywhere else."""
+    gateway = _pod_network(lab)
+    eips = [eip["v4ip"] for eip in seed_state["eips"]]
+    external = seed_state["external"]["addresses"][0].split("/")[0]
+    internal = seed_state["internal"]["addresses"][0].split("/")[0]
+    closed = [*(("ext", eip) for eip in eips), ("ext", external), ("vm1", internal), ("vm1", eips[0])]
+
+    daemon = _start_serving(lab, seed_state)
+    daemon.wait_ready()
+    listening = lab.exec("gw", "ss", "-Hltn", "sport", "= :9469").stdout.split()
+    assert [word for word in listening if word.endswith(":9469")] == ["127.0.0.1:9469"]
+    assert _connects(lab, "gw", "127.0.0.1", 9469)
+    for role, address in [*closed, ("pod", gateway)]:
+        assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+    assert daemon.stop() == 0
+
+    # As the manifests start it: on the pod's address, where Prometheus scrapes.
+    daemon = _start_serving(lab, seed_state, "--metrics-address", f"{gateway}:9469")
+    wait_for(lambda: _connects(lab, "pod", gateway, 9469), "natgwd serving on the pod network")
+    status = lab.exec("pod", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{gateway}:9469/metrics")
+    assert status.stdout == "200"
+    for role, address in closed:
+        assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+    assert daemon.stop() == 0
+
+
+# Fills the namespace's conntrack table to nf_conntrack_max (a global limit, counted per
+# namespace): assured UDP entries, which early drop does not evict, created over ctnetlink
+# in batches (no acks: an error still comes back). The entries go with the namespace.
+CONNTRACK_FILL = r"""
+import socket, struct
+NESTED = 0x8000
+def attr(kind, payload):
+    data = struct.pack("HH", 4 + len(payload), kind) + payload
+    return data + bytes(-len(data) % 4)
+def tuple_(src, dst, sport, dport):
+    ports = attr(1, bytes([17])) + attr(2, struct.pack("!H", sport)) + attr(3, struct.pack("!H", dport))
+    return attr(1 | NESTED, attr(1, src) + attr(2, dst)) + attr(2 | NESTED, ports)
+def message(n):
+    src, dst = socket.inet_aton("10.250.0.1"), struct.pack("!I", (10 << 24 | 251 << 16) + n // 60000)
+    sport = 1024 + n % 60000
+    body = struct.pack("BBH", socket.AF_INET, 0, 0)
+    body += attr(1 | NESTED, tuple_(src, dst, sport, 9)) + attr(2 | NESTED, tuple_(dst, src, 9, sport))
+    status = 0x2 | 0x4 | 0x8  # seen reply, assured, confirmed (creating one without it is refused)
+    body += attr(3, struct.pack("!I", status)) + attr(7, struct.pack("!I", 3600))
+    flags = 0x1 | 0x400 | 0x200  # request, create, excl
+    return struct.pack("IHHII", 16 + len(body), 1 << 8, flags, n, 0) + body
+limit = int(open("/proc/sys/net/netfilter/nf_conntrack_max").read())
+sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+for start in range(0, limit + 1024, 512):
+    sock.sendall(b"".join(message(n) for n in range(start, start + 512)))
+print(open("/proc/sys/net/netfilter/nf_conntrack_count").read().strip(), limit)
+"""
+
+
+def test_natgwd_answers_with_the_conntrack_table_full(lab: Lab, seed_state: dict[str, Any]) -> None:
+    """Prevents: /healthz, /readyz and /metrics going silent, and nat-gateway.sh calls
+    failing, when the gateway's conntrack table is full, as natgwd's own connections
+    waited for a conntrack entry (issue 21, item 5): exactly when the pressure alert
+    matters its data was gone, and a liveness probe would restart the gateway. natgwd's
+    own traffic is untracked now (here /metrics on the pod's address and the edit endpoint
+    on loopback); NAT traffic still is (a new connection through DNAT finds no room)."""
+    limit = int(lab.exec("gw", "cat", "/proc/sys/net/netfilter/nf_conntrack_max").stdout)
+    if limit > 4_000_000:
+        pytest.skip(f"nf_conntrack_max is {limit}: filling the table would take too long")
+    gateway = _pod_network(lab)
+    token = lab.workdir / "edit.token"
+    lab.serve("vm1", tcp=[80])
+    args = ("--metrics-address", f"{gateway}:9469", "--edit-port", "0", "--edit-token", str(token))
+    daemon = _start_serving(lab, seed_state, *args)
+    wait_for(lambda: _connects(lab, "pod", gateway, 9469), "natgwd serving on the pod network")
+    assert fetch(lab, "ext", DNAT_EIP, 8888)
+
+    def full() -> bool:
+        """Fill (again: an entry may have gone meanwhile) and check that a new NAT connection
+        finds the table full."""
+        count, _ = lab.exec("gw", sys.executable, "-c", CONNTRACK_FILL, timeout=120).stdout.split()
+        blocked = lab.exec("ext", "curl", "-s", "-m", "2", f"http://{DNAT_EIP}:8888/", check=False)
+        return int(count) == limit and blocked.returncode == 28
+
+    wait_for(full, "the conntrack table full", timeout=60)
+
+    for path in ("/healthz", "/readyz", "/metrics"):  # as the kubelet and Prometheus ask
+        url = f"http://{gateway}:9469{path}"
+        status = lab.exec("pod", "curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", url, check=False)
+        assert status.stdout == "200", f"{path}: {status.stdout} (curl exit {status.returncode})"
+    shim = Path(__file__).resolve().parents[2] / "image" / "nat-gateway.sh"
+    environment = [f"NATGWD_EDIT_TOKEN={token}", "NATGWD_SHIM_TIMEOUT=10", "NATGWD_PYTHON=/nonexistent"]
+    call = lab.exec("gw", "env", *environment, "bash", str(shim), "dnat-add", f"{DNAT_EIP},9999,tcp,172.20.10.2,80")
+    assert call.returncode == 0 and call.stdout.endswith("natgwd: applied\n"), call.stderr
+    assert "9999" in lab.exec("gw", "nft", "list", "map", "inet", "natgwd", "dnat_target").stdout
+    assert int(lab.exec("gw", "cat", "/proc/sys/net/netfilter/nf_conntrack_count").stdout) == limit
+    assert daemon.stop() == 0
 
 
 # --- 8. SIGHUP ----------------------------------------------------------------------------

@@ -319,6 +319,12 @@ def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
             # The controller fails a call on any stderr line that is not a warning.
             assert all(line.startswith("Warning:") for line in result.stderr.splitlines()), result.stderr
         assert container.wait_ready()["ready"] is True
+        # Rule names and counters stay in the pod: nothing listens on the EIP or net2.
+        listening = lab.exec("gw", "ss", "-Hltn", "sport", f"= :{METRICS_PORT}").stdout.split()
+        assert [w for w in listening if w.endswith(f":{METRICS_PORT}")] == [f"127.0.0.1:{METRICS_PORT}"]
+        for address in (EIP1, "10.115.48.1"):
+            refused = lab.exec("ext", "curl", "-s", "-m", "3", f"http://{address}:{METRICS_PORT}/metrics", check=False)
+            assert refused.returncode == 7, f"/metrics on {address}: curl exit {refused.returncode}"
         lab.serve("ext", tcp=[80])
         lab.serve("vm1", tcp=[80])
         _assert_nat_works(lab)

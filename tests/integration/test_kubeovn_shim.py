@@ -14,11 +14,14 @@ first exec does. Traffic stays between the lab's namespaces.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,8 +34,8 @@ import pytest
 
 from natgwd.kubeovn.shim.editlog import EditLog, fold
 from natgwd.kubeovn.shim.edits import compact
+from natgwd.kubeovn.shim.filestate import document_bytes
 from natgwd.lab.topology import EXTERNAL_HOST, Lab, Natgwd
-from natgwd.state.validation import InvalidStateError, load_state
 from tests.integration.helpers import (
     addresses,
     client_command,
@@ -160,12 +163,11 @@ def configure_like_the_cni(lab: Lab, vpc: str = "net1", ext: str = "net2", route
         lab.exec("gw", *command)
 
 
-@pytest.fixture
-def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+@contextlib.contextmanager
+def initialized(lab: Lab, state_path: Path, transport: str, *args: str) -> Iterator[Gateway]:
+    """A gateway pod as the controller leaves it after its first exec (`init`)."""
     configure_like_the_cni(lab)
-    state_path = tmp_path / "state.json"
-    transport = getattr(request, "param", "endpoint")
-    gw = Gateway(lab, start_natgwd(lab, state_path, transport), state_path, transport=transport)
+    gw = Gateway(lab, start_natgwd(lab, state_path, transport, *args), state_path, transport=transport)
     lab.serve("ext", tcp=[UPSTREAM_PORT])
     try:
         init = gw.ok("init", "net1,net2")
@@ -177,29 +179,10 @@ def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
         shutil.rmtree(lab.workdir, ignore_errors=True)
 
 
-def share_supported() -> bool:
-    """Whether this natgwd takes share DNAT rules (the format extension)."""
-    state = {
-        "version": 1,
-        "internal": {"interface": "net1", "addresses": ["172.20.10.254/24"]},
-        "external": {"interface": "net2", "addresses": ["10.115.48.1/21"]},
-        "eips": [{"name": "e", "v4ip": EIP1}],
-        "dnat": [
-            {"name": f"d{i}", "eip": "e", "protocol": "tcp", "externalPort": "80", "internalIp": ip}
-            | {"internalPort": "80", "type": "share"}
-            for i, ip in enumerate((VM1, VM2))
-        ],
-    }
-    try:
-        load_state(json.dumps(state).encode())
-    except InvalidStateError:
-        return False
-    return True
-
-
-needs_share = pytest.mark.xfail(
-    not share_supported(), reason='natgwd does not take share DNAT rules ("type": "share") yet', strict=True
-)
+@pytest.fixture
+def gateway(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    with initialized(lab, tmp_path / "state.json", getattr(request, "param", "endpoint")) as gw:
+        yield gw
 
 
 # --- init -------------------------------------------------------------------------------
@@ -357,7 +340,6 @@ def test_snat_longest_prefix_wins_whatever_the_call_order(gateway: Gateway, orde
 # --- [share-dnat-dataplane], [share-dnat-conflict] ----------------------------------------
 
 
-@needs_share
 def test_share_dnat_spreads_then_follows_the_backend_list(gateway: Gateway) -> None:
     lab = gateway.lab
     lab.serve("vm1", tcp=[80], tag="vm1")
@@ -697,3 +679,83 @@ def test_accepted_calls_survive_kill_9_and_a_wrong_token_changes_nothing(gateway
     assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
     assert gateway.state() == wanted
     assert tcp_get(lab, "ext", EIP1, 7000) == ""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of the test's own, unmounted afterwards (also when the test fails)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "natgwd-test", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free block of the disk; the file to delete to free them again."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+    return filler
+
+
+def test_a_call_exits_0_only_once_recorded_even_on_a_full_disk(lab: Lab, small_disk: Path) -> None:
+    """Guards against answered calls lost to a full disk: a call whose edit-log line does not
+    fit exits 1 and is undone (its line not left cut short), so the controller's retry
+    applies it; after kill -9 and a restart, every call that exited 0 is applied."""
+    with initialized(lab, small_disk / "state.json", "endpoint", "--edit-fold-after", "600") as gateway:
+        for role in ("vm1", "vm2"):
+            lab.serve(role, tcp=[80], tag=role)
+        gateway.ok("eip-add", f"{EIP1}/21")
+        filler = fill(small_disk)
+        answered, failed = [], []
+        for port in range(8000, 8100):  # a few lines fill what is left of the log's last block
+            call = gateway.shim("dnat-add", f"{EIP1},{port},tcp,{VM1},80")
+            (answered if call.code == 0 else failed).append(port)
+            if call.code:
+                assert "No space left on device" in call.err, call
+            if len(failed) == 3:
+                break
+        assert answered and failed == [answered[-1] + 1, answered[-1] + 2, answered[-1] + 3]
+        assert tcp_get(lab, "ext", EIP1, failed[0]) == "", "a call that exited 1 is not applied"
+        assert tcp_get(lab, "ext", EIP1, answered[-1]).endswith("@vm1")
+
+        filler.unlink()
+        for port in failed:  # the controller retries: applied now, not "nothing to change"
+            assert gateway.ok("dnat-add", f"{EIP1},{port},tcp,{VM2},80").out.splitlines()[-1] == "natgwd: applied"
+        gateway.ok("dnat-add", f"{EIP1},9000,tcp,{VM1},80")
+
+        gateway.restart()
+        wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+        ports = sorted(int(rule["externalPort"]) for rule in gateway.state()["dnat"])
+        assert ports == sorted([*answered, *failed, 9000])
+        assert tcp_get(lab, "ext", EIP1, answered[-1]).endswith("@vm1"), "answered before the disk was full"
+        assert tcp_get(lab, "ext", EIP1, failed[-1]).endswith("@vm2"), "answered on the retry"
+        assert tcp_get(lab, "ext", EIP1, 9000).endswith("@vm1"), "answered after"
+
+
+def test_the_applied_sha256_follows_the_calls(gateway: Gateway) -> None:
+    """Guards against a stale applied sha256: /readyz (and the HA peer check) must tell two
+    gateways apart whose calls differ, before the calls are folded into the file and after;
+    and no log line names an empty sha256 (the first apply, from `init`)."""
+    assert '"sha256": ""' not in gateway.natgwd.log()
+    gateway.restart("--edit-fold-after", "600")
+    wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+    before = gateway.applied()
+    assert before == hashlib.sha256(gateway.state_path.read_bytes()).hexdigest()
+    gateway.ok("eip-add", f"{EIP1}/21")
+    gateway.ok("dnat-add", f"{EIP1},8000,tcp,{VM1},80")
+    effective = gateway.applied()
+    assert effective != before
+    assert effective == hashlib.sha256(document_bytes(gateway.state())).hexdigest(), "the bytes the fold writes"
+    gateway.restart()  # folds the log into the file: the same state, the same sha256
+    wait_for(lambda: gateway.natgwd.get("/readyz")[0] == 200, "natgwd ready after kill -9")
+    gateway.assert_applied_is_the_file()
+    assert gateway.applied() == effective
+    assert '"sha256": ""' not in gateway.natgwd.log()

@@ -414,6 +414,9 @@ def test_cleanup_removes_only_what_natgwd_added(lab: Lab, seed_state: dict[str, 
     }
     assert not lab.applied_state_path.exists()
 
+    again = lab.exec("gw", sys.executable, "-m", "natgwd", "cleanup", "--applied-state", str(lab.applied_state_path))
+    assert again.stdout == "no nftables table inet natgwd: nothing to delete\n"
+
 
 # --- SIGHUP and the applied-state record ----------------------------------------------
 
@@ -455,3 +458,16 @@ def test_sighup_resyncs_and_applied_state_is_recorded(lab: Lab, seed_state: dict
         "gw", sys.executable, "-m", "natgwd", "status", "--applied-state", str(lab.applied_state_path)
     ).stdout
     assert status.splitlines()[0] == f"applied state sha256 {digest} at {ready['applied_at']}"
+
+    # Another gateway's record (the host-wide default may be one): status says it does not
+    # match this namespace's table, instead of printing its sha256 as this table's.
+    other = {**seed_state, "snat": [], "dnat": [{**seed_state["dnat"][0], "name": "another-gateways-dnat"}]}
+    foreign = lab.applied_state_path.with_name("another-daemons-applied.json")
+    foreign.write_text(json.dumps({"sha256": "0" * 64, "applied_at": ready["applied_at"], "state": other}))
+    result = lab.exec("gw", sys.executable, "-m", "natgwd", "status", "--applied-state", str(foreign))
+    assert result.stdout.startswith("KIND  NAME")
+    assert result.stderr == (
+        f"the applied-state record {foreign} does not match this network namespace's table: 1 of its rules are "
+        "not in the table and 2 of the table's rules are not in it (e.g. dnat/another-gateways-dnat/"
+        f"{EIP1}); it may be another daemon's (--applied-state names the record to read)\n"
+    )

@@ -8,6 +8,7 @@ leave the table within seconds."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -18,11 +19,12 @@ from typing import Any
 
 import pytest
 
-from natgwd.lab.topology import Lab, Natgwd
+from natgwd.lab.topology import DUAL_STACK_STATE, EXTERNAL_HOST6, Lab, Natgwd
 from tests.integration.helpers import (
     DNAT_EIP,
     FIP_EIP,
     UPSTREAM,
+    apply,
     samples,
     start,
     wait_for,
@@ -33,6 +35,8 @@ ECHO_PORT = 7777
 DNAT_ID = {("kind", "dnat"), ("name", "dnat01"), ("eip", DNAT_EIP)}
 SNAT_ID = {("kind", "snat"), ("name", "my-snat"), ("eip", DNAT_EIP)}
 FIP_ID = {("kind", "fip"), ("name", "fip01"), ("eip", FIP_EIP)}
+DNAT_EIP6 = "fd00:115::200"
+DNAT6_ID = {("kind", "dnat"), ("name", "dnat01-6"), ("eip", DNAT_EIP6)}
 
 SHORT_TIMEOUTS = {
     "nf_conntrack_tcp_timeout_time_wait": 1,
@@ -44,43 +48,53 @@ SHORT_TIMEOUTS = {
     "nf_conntrack_udp_timeout_stream": 2,
 }
 
-# Opens `count` TCP connections (or UDP flows) to address:port from fixed source ports,
-# exchanges one message on each, prints what the far end saw for each, and holds them
-# until stdin closes.
+# Opens `count` TCP connections (or UDP flows) to address:port (IPv4 or IPv6) from fixed
+# source ports, exchanges one message on each, prints what the far end saw for each, and
+# holds them until stdin closes.
 HOLD = """
-import json, socket, sys
+import json, select, socket, sys
 address, port, count, proto, first_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+keep_alive = sys.argv[6:] == ["keep-alive"]
+family, anywhere = (socket.AF_INET6, "::") if ":" in address else (socket.AF_INET, "0.0.0.0")
 held, seen = [], []
 for i in range(count):
     if proto == "tcp":
-        s = socket.socket()
+        s = socket.socket(family)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", first_port + i))
+        s.bind((anywhere, first_port + i))
         s.settimeout(10)
         s.connect((address, port))
         s.sendall(b"hello")
         seen.append(s.recv(100).decode())
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", first_port + i))
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.bind((anywhere, first_port + i))
         s.settimeout(10)
         s.sendto(b"hello", (address, port))
         seen.append(s.recv(100).decode())
     held.append(s)
 print(json.dumps(seen), flush=True)
+# keep-alive: a datagram on each UDP flow every half second, so that its conntrack entry
+# outlives the test's short UDP timeout for as long as it is held.
+while not select.select([sys.stdin], [], [], 0.5 if keep_alive else None)[0]:
+    for s in held:
+        s.sendto(b"hello", (address, port))
 sys.stdin.read()
 """
 
 # An echo server that answers each TCP stream's or datagram's data with the peer address
-# it saw ("ip:port"), keeping the streams open.
+# it saw ("ip:port"), keeping the streams open; on IPv4, or on IPv6 only with "6".
 PEER_ECHO = """
 import selectors, socket, sys
 port = int(sys.argv[1])
+family, anywhere = (socket.AF_INET6, "::") if sys.argv[2:] == ["6"] else (socket.AF_INET, "0.0.0.0")
 sel = selectors.DefaultSelector()
-listener = socket.create_server(("0.0.0.0", port), backlog=4096)
+listener = socket.create_server((anywhere, port), family=family, backlog=4096)
 sel.register(listener, selectors.EVENT_READ, "accept")
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind(("0.0.0.0", port))
+udp = socket.socket(family, socket.SOCK_DGRAM)
+if family == socket.AF_INET6:
+    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+udp.bind((anywhere, port))
 sel.register(udp, selectors.EVENT_READ, "udp")
 while True:
     for key, _ in sel.select():
@@ -114,8 +128,10 @@ class Held:
             self.process.wait(10)
 
 
-def hold(lab: Lab, role: str, address: str, port: int, count: int, proto: str, first_port: int) -> Held:
-    arguments = [address, str(port), str(count), proto, str(first_port)]
+def hold(
+    lab: Lab, role: str, address: str, port: int, count: int, proto: str, first_port: int, keep_alive: bool = False
+) -> Held:
+    arguments = [address, str(port), str(count), proto, str(first_port), *(["keep-alive"] if keep_alive else [])]
     process = subprocess.Popen(
         ["ip", "netns", "exec", lab.ns(role), sys.executable, "-c", HOLD, *arguments],
         stdin=subprocess.PIPE,
@@ -155,8 +171,8 @@ def quiet_gateway(lab: Lab) -> None:
         lab.exec("gw", "sysctl", "-q", "-w", f"net.netfilter.{name}={value}")
 
 
-def peer_echo(lab: Lab, role: str, port: int = ECHO_PORT) -> None:
-    lab.spawn(role, sys.executable, "-c", PEER_ECHO, str(port))
+def peer_echo(lab: Lab, role: str, port: int = ECHO_PORT, family: int = 4) -> None:
+    lab.spawn(role, sys.executable, "-c", PEER_ECHO, str(port), *(["6"] if family == 6 else []))
     wait_listening(lab, role, "tcp", port)
     wait_listening(lab, role, "udp", port)
 
@@ -169,7 +185,8 @@ def reap(lab: Lab) -> None:
     """Have conntrack remove the gateway's expired entries now. Its garbage collector visits
     them at intervals of up to a minute when any namespace holds long-lived entries (as a
     test running alongside may); a dump removes the expired entries it meets."""
-    lab.exec("gw", "conntrack", "-L", check=False)
+    for family in ("ipv4", "ipv6"):
+        lab.exec("gw", "conntrack", "-L", "-f", family, check=False)
 
 
 def wait_value(
@@ -194,6 +211,29 @@ def conntrack_s(lab: Lab) -> dict[str, int]:
             if number.isdigit():
                 totals[name] = totals.get(name, 0) + int(number)
     return totals
+
+
+def test_ipv6_connections_held_across_a_restart_are_counted(dual_lab: Lab, held: list[Held]) -> None:
+    # natgwd's dump at start must include IPv6 entries: a connection missing from it would
+    # have its DESTROY subtracted later, and the gauge go negative.
+    quiet_gateway(dual_lab)
+    peer_echo(dual_lab, "vm1", 80, family=6)
+    dual_state = copy.deepcopy(DUAL_STACK_STATE)
+    daemon = start(dual_lab, dual_state)
+    dnat6 = hold(dual_lab, "ext", DNAT_EIP6, 8888, 3, "tcp", 45000)
+    held.append(dnat6)
+    assert dnat6.seen == [f"{EXTERNAL_HOST6}:{45000 + i}" for i in range(3)]
+    wait_value(daemon, "natgwd_rule_open_connections", DNAT6_ID, 3)
+
+    daemon.stop()
+    daemon = start(dual_lab, dual_state)
+    wait_value(daemon, "natgwd_rule_open_connections", DNAT6_ID, 3)
+    assert value(daemon, "natgwd_eip_open_connections", {("eip", DNAT_EIP6)}) == 3
+
+    dnat6.close()
+    wait_value(daemon, "natgwd_rule_open_connections", DNAT6_ID, 0, closing=True)
+    assert value(daemon, "natgwd_rule_connections_closed_total", DNAT6_ID) == 3
+    assert value(daemon, "natgwd_eip_open_connections", {("eip", DNAT_EIP6)}) == 0
 
 
 def test_conntrack_pressure_counts_held_connections(lab: Lab, seed_state: dict[str, Any], held: list[Held]) -> None:
@@ -231,7 +271,8 @@ def test_open_connections_per_rule_and_eip(lab: Lab, seed_state: dict[str, Any],
     held.append(dnat)
     snat = hold(lab, "vm1", UPSTREAM, ECHO_PORT, 3, "tcp", 43000)
     held.append(snat)
-    fip = hold(lab, "vm2", UPSTREAM, ECHO_PORT, 2, "udp", 44000)
+    # Kept alive: the UDP timeout here is 2 s, less than a loaded machine may take to look.
+    fip = hold(lab, "vm2", UPSTREAM, ECHO_PORT, 2, "udp", 44000, keep_alive=True)
     held.append(fip)
     # What the far ends saw: the client's own address through DNAT, the EIPs otherwise.
     assert dnat.seen == [f"{UPSTREAM}:{42000 + i}" for i in range(5)]
@@ -458,8 +499,30 @@ def test_translation_log_matches_both_ends(lab: Lab, seed_state: dict[str, Any],
     # TCP: handshake, data, FINs: more than three packets each way.
     assert ended[6]["packets_sent"] >= 4 and ended[6]["packets_received"] >= 3
     assert ended[6]["conntrack_id"] == dnat["conntrack_id"]
+    assert "end_reason" not in ended[17] and "end_reason" not in ended[6]  # closed, not ended by natgwd
     wait_value(daemon, "natgwd_translation_log_lines_total", None, 4)
     assert value(daemon, "natgwd_translation_log_dropped_lines_total") == 0
+
+
+def test_translation_log_says_when_natgwd_ended_a_connection(
+    lab: Lab, seed_state: dict[str, Any], held: list[Held]
+) -> None:
+    """A DNAT rule removed: natgwd deletes its open connection from conntrack, and the end
+    line keeps the removed rule's name and says why the connection ended."""
+    quiet_gateway(lab)
+    peer_echo(lab, "vm1", 80)
+    log_path = lab.workdir / "translations.jsonl"
+    daemon = start(lab, seed_state, "--translation-log", str(log_path))
+    tcp = hold(lab, "ext", DNAT_EIP, 8888, 1, "tcp", 46200)
+    held.append(tcp)
+    (started,) = wait_for(lambda: translog_lines(log_path) or None, "the start line")
+    assert started["rule"] == {"kind": "dnat", "name": "dnat01"}
+
+    apply(daemon, {**seed_state, "dnat": []})
+    lines = wait_for(lambda: len(lines := translog_lines(log_path)) == 2 and lines, "the end line")
+    end = lines[1]
+    assert (end["event"], end["conntrack_id"], end["rule"]) == ("end", started["conntrack_id"], started["rule"])
+    assert end["end_reason"] == "rule_removed"
 
 
 PROMETHEUS_CONFIG = """

@@ -70,7 +70,7 @@ def run_alone(
 @pytest.mark.parametrize(
     ("address", "occupy", "code", "line"),
     [
-        ("9469", "", Exit.ADDRESS_SYNTAX, "natgwd: --metrics-address '9469' is not HOST:PORT (e.g. 0.0.0.0:9469)"),
+        ("9469", "", Exit.ADDRESS_SYNTAX, "natgwd: --metrics-address '9469' is not HOST:PORT (e.g. 127.0.0.1:9469)"),
         (
             "localhost:99999",
             "",

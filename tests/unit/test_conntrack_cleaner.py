@@ -10,11 +10,13 @@ import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from natgwd.kernel.conntrack import ConntrackCleaner
 from natgwd.lab.topology import SEED_STATE
+from natgwd.observability.endings import Endings
 from natgwd.planning.stale import Translations
 from natgwd.state.validation import load_state
 
@@ -83,3 +85,29 @@ def test_a_full_scan_streams_the_table_and_deletes_on_a_second_socket() -> None:
     assert deleted == {"dnat": TABLE_SIZE // 4 - len(expired)}
     assert deletes.deleted == [index for index in range(0, TABLE_SIZE, 4) if index not in expired]
     assert Entry.most_alive <= 3, f"{Entry.most_alive} entries held at once"
+
+
+def test_each_deleted_entry_is_recorded_before_its_delete() -> None:
+    """The DESTROY event may be read on the watch thread as soon as the kernel sends it: the
+    translation log finds why natgwd ended the connection only if it was recorded first."""
+    endings = Endings()
+    recorded_at_delete: list[str | None] = []
+
+    class Recording(Socket):
+        def delete(self, entry: Entry) -> None:
+            recorded_at_delete.append(endings.take(entry.id))  # type: ignore[attr-defined]
+            endings.ending(entry.id, "dnat")  # type: ignore[attr-defined]
+            super().delete(entry)
+
+    class Identified(Entry):
+        def __init__(self, index: int) -> None:
+            super().__init__(index)
+            self.id = index + 1
+
+    sockets: list[Socket] = []
+    cleaner = ConntrackCleaner(connect=lambda family: Recording(sockets, set(), family), endings=endings)  # type: ignore[arg-type, return-value]
+    state = load_state(json.dumps(SEED_STATE).encode())
+    with patch.object(Recording, "dump_entries", lambda self, **_: iter([Identified(i) for i in range(8)])):
+        cleaner.clean(Translations(state, [1, 2, 3]), None)
+    assert recorded_at_delete == ["dnat", "dnat", "dnat", "dnat"]  # entries 0 and 4 of both families
+    assert [endings.take(i + 1) for i in range(8)] == ["dnat", None, None, None, "dnat", None, None, None]

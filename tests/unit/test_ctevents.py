@@ -94,3 +94,42 @@ def test_netlink_error_raises_with_its_code() -> None:
     assert raised.value.errno == errno.EPERM
     ack = struct.pack("=IHHII", 36, 2, 0, 0, 0) + struct.pack("=i", 0) + b"\0" * 16
     assert parse(ack).events == []
+
+
+# --- malformed messages: counted, never raised; the messages around them still decoded ---
+
+GOOD = message(0x100, 0, snat_attrs(5, 2))
+
+
+def cut_attribute() -> bytes:
+    """A CTA_ID attribute that says it is longer than what is left of its message."""
+    attrs = snat_attrs(6, 2) + struct.pack("=HH", 12, 12) + b"\0" * 4
+    return message(0x100, 0, attrs)
+
+
+def odd_address() -> bytes:
+    ip = attr(1, b"\x0a\x00\x00\x01\x02") + attr(2, socket.inet_aton("10.0.0.2"))
+    l4 = attr(1, bytes([17])) + attr(2, struct.pack(">H", 1)) + attr(3, struct.pack(">H", 2))
+    return message(0x100, 0, attr(1, attr(1, ip, True) + attr(2, l4, True), True) + attr(8, struct.pack(">I", 2)))
+
+
+def short_number() -> bytes:
+    return message(0x102, 0, snat_attrs(7, 2) + attr(9, attr(1, b"\0\0") + attr(2, b"\0" * 8), True))
+
+
+SHORT_ERROR = struct.pack("=IHHII", 18, 2, 0, 0, 0) + b"\0\0" + b"\0\0"  # 2 of the error code's 4 bytes
+
+
+@pytest.mark.parametrize(
+    "bad", [cut_attribute(), odd_address(), short_number(), SHORT_ERROR], ids=["cut", "odd", "short", "error"]
+)
+def test_a_malformed_message_is_counted_and_the_others_are_decoded(bad: bytes) -> None:
+    batch = parse(GOOD + bad + GOOD)
+    assert batch.malformed == 1
+    assert [(e.kind, e.id) for e in batch.events] == [("new", 5), ("new", 5)]
+
+
+def test_a_message_longer_than_its_datagram_ends_it() -> None:
+    batch = parse(GOOD + GOOD[:40])
+    assert batch.malformed == 1
+    assert [e.id for e in batch.events] == [5]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from natgwd.observability.ctevents import CtEvent, CtTuple, Traffic
 from natgwd.observability.ctstats import Pressure, exposition, summed
+from natgwd.observability.endings import Endings
 from natgwd.observability.translog import RateCap, Selection, TransLog, line
 from natgwd.planning.plan import RuleLabels
 
@@ -129,3 +130,30 @@ def test_rate_cap_refills_to_at_most_one_second() -> None:
     cap = RateCap(2, clock=lambda: now[0])
     now[0] = 60.0
     assert [cap.allow() for _ in range(3)] == [True, True, False]
+
+
+def test_an_end_natgwd_caused_says_why_once() -> None:
+    out = io.StringIO()
+    endings = Endings()
+    log = TransLog(out, Selection(), rate=100, endings=endings)
+    ended = CtEvent(
+        "destroy",
+        8,
+        2,
+        CtTuple(6, "10.115.55.254", 50000, "10.115.55.200", 8888),
+        CtTuple(6, "172.20.10.2", 80, "10.115.55.254", 50000),
+    )
+    endings.ending(8, "dnat")
+    endings.ending(9, "removed")
+    removed = CtEvent("destroy", 9, 7, ended.orig, ended.reply)
+    log.write([ended, removed, ended], {2: DNAT, 7: RuleLabels("dnat", "gone", "10.115.55.200")})
+    lines = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [logged.get("end_reason") for logged in lines] == ["rule_changed", "rule_removed", None]
+    assert endings.take(8) is None  # each record serves one event
+
+
+def test_endings_are_bounded() -> None:
+    endings = Endings(limit=2)
+    for conntrack_id in (1, 2, 3):
+        endings.ending(conntrack_id, "snat")
+    assert [endings.take(conntrack_id) for conntrack_id in (1, 2, 3)] == [None, "snat", "snat"]

@@ -5,7 +5,8 @@ exactly when the full path does, and yields the same state, the same table in th
 
 The values are drawn from small pools so that edits collide often: duplicate names,
 overlapping ports, share groups, FIPs on DNAT EIPs, unknown EIPs, unreachable or
-malformed addresses, ports typed 80, "80", 80.0 or true."""
+malformed addresses, ports typed 80, "80", 80.0 or true, IPv6 addresses spelled several
+ways (FD00:10:0::2 is fd00:10::2: the same key wherever an address is one)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ FRAME: dict[str, Any] = {
         {"name": "e1", "v4ip": "10.115.55.200"},
         {"name": "e2", "v4ip": "10.115.55.201", "v6ip": "fd00:115::201"},
         {"name": "e3", "v4ip": "10.115.55.202"},
-        {"name": "e6", "v6ip": "fd00:115::206"},
+        {"name": "e6", "v6ip": "FD00:115:0::206"},
     ],
 }
 
@@ -51,9 +52,20 @@ TWO_NETWORKS: dict[str, Any] = {
 names = st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "h"])
 eips = st.sampled_from(["e1", "e1", "e2", "e2", "e3", "e6", "nope"])
 reachable = ["172.20.10.2", "172.20.10.2", "172.20.10.3", "172.20.10.4", "172.30.1.1", "fd00:10::2", "fd00:10::3"]
+reachable += ["FD00:10::2", "fd00:10:0:0::3", "fd00:0010::2"]
 internal_ips = st.sampled_from([*reachable, "192.168.9.9", "10.0.0.300"])
 ports = st.sampled_from([80, 80, 81, 81, "80", 8080, 1, "80-81", "81-82", 80.0, True, 0, "70000", "82-81"])
-cidrs = st.sampled_from(["172.20.10.0/24", "172.20.10.0/26", "172.20.10.1/24", "172.30.0.0/16", "fd00:10::/64"])
+cidrs = st.sampled_from(
+    ["172.20.10.0/24", "172.20.10.0/26", "172.20.10.1/24", "172.30.0.0/16", "fd00:10::/64", "FD00:10:0::/64"]
+)
+# Another EIP: a new address, or e2's or e6's address spelled another way.
+new_eips = st.sampled_from(
+    [
+        {"name": "e9", "v4ip": "10.115.55.209"},
+        {"name": "e9", "v6ip": "fd00:115:0::201"},
+        {"name": "e9", "v6ip": "fd00:115::206"},
+    ]
+)
 
 snat_items = st.fixed_dictionaries({"name": names, "eip": eips, "internalCIDR": cidrs})
 fip_items = st.fixed_dictionaries({"name": names, "eip": eips, "internalIp": internal_ips})
@@ -132,7 +144,7 @@ def edits(draw: st.DrawFn, document: dict[str, Any]) -> dict[str, Any]:
         elif action == "move":
             items.insert(draw(st.integers(0, len(items) - 1)), items.pop(draw(st.integers(0, len(items) - 1))))
         else:
-            edited["eips"] = [*edited["eips"], {"name": "e9", "v4ip": "10.115.55.209"}]
+            edited["eips"] = [*edited["eips"], draw(new_eips)]
     return edited
 
 

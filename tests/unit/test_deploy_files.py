@@ -185,9 +185,10 @@ def test_probes_and_metrics_port(container: dict[str, Any], run_args: Any) -> No
         get = container[probe]["httpGet"]
         assert get["path"] == path
         assert get["port"] in ("metrics", METRICS_PORT)
-    # The kubelet probes the pod IP: natgwd must listen there (or on every address).
+    # The kubelet probes, and Prometheus scrapes, the pod IP: natgwd listens there only
+    # (every address would include the EIPs and the external network).
     host = run_args.metrics_address.rpartition(":")[0]
-    assert host in ("10.52.1.66", "0.0.0.0", "")
+    assert host == "10.52.1.66"
 
 
 def test_container_is_unprivileged_with_two_capabilities(pod: dict[str, Any], container: dict[str, Any]) -> None:
@@ -270,6 +271,23 @@ def test_image_entrypoints_agree_and_parse() -> None:
     assert "/readyz" in script and "NATGWD_HEALTH_URL" in healthcheck
 
 
+def test_the_image_and_the_drop_in_serve_metrics_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against the image's entrypoint or the Kube-OVN drop-in's `sleep infinity`
+    (whose pod spec the controller writes: no flag can be added) serving every rule name
+    and counter on the EIPs and the external network (issue 21, item 1)."""
+    monkeypatch.delenv("NATGWD_METRICS_ADDRESS", raising=False)
+    entrypoint = json.loads(_containerfile_instruction("ENTRYPOINT"))
+    drop_in = (ROOT / "image" / "sleep-infinity.sh").read_text()
+    command = re.search(r"exec /opt/natgwd/bin/natgwd (run .*?)\n\s*fi", drop_in, re.S)
+    assert command, "no natgwd run in sleep-infinity.sh"
+    defaults = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command.group(1).replace("\\\n", " "))
+    words = shlex.split(defaults)
+    for argv in (entrypoint[1:], words):
+        assert _parse(argv).metrics_address == "127.0.0.1:9469", argv
+    monkeypatch.setenv("NATGWD_METRICS_ADDRESS", "10.52.1.66:9469")
+    assert _parse(entrypoint[1:]).metrics_address == "10.52.1.66:9469"
+
+
 def test_both_image_recipes_install_the_kube_ovn_drop_in() -> None:
     """Guards against an image without /kube-ovn/nat-gateway.sh or the `sleep infinity`
     starter from one of the two recipes, or a Docker context that leaves them out."""
@@ -287,12 +305,14 @@ def test_both_image_recipes_install_the_kube_ovn_drop_in() -> None:
         assert f"!{source}" in ignore
 
 
-def test_build_script_is_valid_bash() -> None:
-    script = ROOT / "image" / "build-offline.sh"
+@pytest.mark.parametrize("name", ["build-offline.sh", "nat-gateway.sh", "sleep-infinity.sh"])
+def test_image_scripts_pass_shellcheck(name: str) -> None:
+    """shellcheck is one of the Makefile's APT_PACKAGES: missing, it fails (not skips)."""
+    script = ROOT / "image" / name
     subprocess.run(["bash", "-n", str(script)], check=True)
-    if shutil.which("shellcheck"):
-        result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout
+    assert shutil.which("shellcheck"), "shellcheck is not installed (make deps installs it)"
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
 
 
 # --- systemd -------------------------------------------------------------------------------

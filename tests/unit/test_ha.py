@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from natgwd.ha import announce as ha_announce
 from natgwd.ha.config import HaConfig, HaMember, virtual_addresses
-from natgwd.ha.controller import parse_notify
-from natgwd.ha.metrics import parse_stats
+from natgwd.ha.controller import HaController, parse_notify
+from natgwd.ha.metrics import HaMetrics, parse_stats
 from natgwd.ha.peer import decode_hello, encode_hello
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
-from natgwd.ha.supervisor import ChildSpec, Supervisor
+from natgwd.ha.supervisor import Child, ChildSpec, Supervisor
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import RouteSpec, link_plan
 from natgwd.state.validation import InvalidStateError, Problem, load_state
@@ -335,6 +336,23 @@ maximum elements:\t\t      131072
 """
 
 
+def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
+    """Zeros on a gateway without HA would read as 'this member is not master'."""
+    registry = CollectorRegistry()
+    HaController(tmp_path, lambda _interface, _count: None, registry)  # no state applied yet
+    assert b"natgwd_ha_" not in generate_latest(registry)
+
+    registry, active = CollectorRegistry(), [False]
+    metrics = HaMetrics(registry, lambda: active[0])
+    metrics.set_role("master")
+    assert b"natgwd_ha_" not in generate_latest(registry)
+    active[0] = True
+    exported = generate_latest(registry).decode()
+    assert 'natgwd_ha_role{role="master"} 1.0' in exported
+    assert 'natgwd_ha_role{role="backup"} 0.0' in exported
+    assert 'natgwd_ha_transitions_total{role="master"} 0.0' in exported
+
+
 def test_parse_conntrackd_stats() -> None:
     assert parse_stats(STATS, QUEUES) == {
         "entries_internal": 3,
@@ -364,7 +382,7 @@ def test_hello_round_trip_and_garbage() -> None:
 # --- supervisor -----------------------------------------------------------------------
 
 
-def test_supervisor_restarts_with_backoff_and_logs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_supervisor_restarts_and_logs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     starts = tmp_path / "starts"
     lock = tmp_path / "lock"
     lock.write_text("stale")
@@ -386,8 +404,32 @@ def test_supervisor_restarts_with_backoff_and_logs_output(tmp_path: Path, capsys
     assert status.restarts >= 2 and status.last_exit == 3
     assert not lock.exists()
     assert "hello from child" in capsys.readouterr().out
-    # Backoff doubles from 0.2 s: three starts take at least 0.2 + 0.4 s.
     assert len(starts.read_text()) >= 3
+
+
+def test_a_child_that_keeps_exiting_is_restarted_with_doubling_backoff() -> None:
+    """Driven with its own clock: the restart comes exactly when its backoff has passed,
+    not a moment before, and each exit doubles the backoff up to its ceiling."""
+    child = Child(ChildSpec("crasher", (sys.executable, "-c", "import sys; sys.exit(3)")))
+    now, waits = 1000.0, []
+    try:
+        child.start()
+        for _ in range(10):
+            assert child._process is not None
+            child._process.wait()
+            child.check(now)  # sees the exit
+            assert not child.status.up and child.status.last_exit == 3
+            backoff = child._start_at - now
+            child.check(now + backoff - 0.001)
+            assert not child.status.up, "restarted before its backoff passed"
+            now += backoff
+            child.check(now)
+            assert child.status.up
+            waits.append(round(backoff, 3))
+    finally:
+        child.stop()
+    assert waits == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0]
+    assert child.status.restarts == 10
 
 
 def test_supervisor_stops_children(tmp_path: Path) -> None:

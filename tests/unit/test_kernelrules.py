@@ -6,13 +6,14 @@ next transaction is empty."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from natgwd.kubeovn.kernelrules import rules_from_table, share_members
+from natgwd.kubeovn.kernelrules import rules_from_table
+from natgwd.kubeovn.shim.edits import EDITS, Context
 from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.layout import RULE_CONNECTIONS
 from natgwd.planning.plan import assign_ids, desired_table
-from natgwd.planning.table import DesiredTable
+from natgwd.planning.table import Element
 from natgwd.state.validation import load_state
 
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
@@ -39,20 +40,11 @@ def drop_in_state() -> dict[str, Any]:
     return doc
 
 
-def shares_of(table: DesiredTable) -> dict[str, list[str]]:
-    """What share_members finds in the kernel, from the planned chains' text."""
-    found = {}
-    for chain in table.chains:
-        if chain.name.startswith("share_"):
-            found[chain.name] = re.findall(r"[0-9]+ : ([0-9]+)", chain.rules[0])
-    return found
-
-
 def test_the_rules_of_a_planned_table_come_back_with_their_names() -> None:
     doc = drop_in_state()
     state = load_state(json.dumps(doc).encode())
     table = desired_table(state, assign_ids(state, {}))
-    rules = rules_from_table(table.contents(), shares_of(table))
+    rules = rules_from_table(table.contents())
     assert rules["eips"] == doc["eips"]
     for section in ("snat", "fip"):
         assert sorted(rules[section], key=lambda r: r["name"]) == sorted(doc[section], key=lambda r: r["name"])
@@ -68,28 +60,26 @@ def test_the_rules_of_a_planned_table_come_back_with_their_names() -> None:
 def test_an_empty_table_has_no_rules() -> None:
     state = load_state(json.dumps({k: SEED_STATE[k] for k in ("version", "internal", "external")}).encode())
     table = desired_table(state, assign_ids(state, {}))
-    assert rules_from_table(table.contents(), {}) == {}
+    assert rules_from_table(table.contents()) == {}
 
 
-def test_share_members_from_the_kernels_json() -> None:
-    """`nft -j list table` output of a share chain (libnftables 1.0.6)."""
-    numgen = {"numgen": {"mode": "random", "mod": 2, "offset": 0}}
-    objects = [
-        {"chain": {"family": "inet", "table": "natgwd", "name": "share_abc", "handle": 1}},
-        {
-            "rule": {
-                "chain": "share_abc",
-                "expr": [
-                    {
-                        "mangle": {
-                            "key": {"ct": {"key": "mark"}},
-                            "value": {"map": {"key": numgen, "data": {"set": [[0, 5], [1, 6]]}}},
-                        }
-                    }
-                ],
-            }
-        },
-        {"rule": {"chain": "share_abc", "expr": [{"match": {"op": "==", "left": {}, "right": {}}}]}},
-        {"rule": {"chain": "prerouting", "expr": [{"mangle": {"key": {}, "value": {"map": {"data": {"set": []}}}}}]}},
+def test_rules_that_lost_their_labels_get_the_names_the_calls_gave_them() -> None:
+    """natgwd.kubeovn.naming names both: the rules the drop-in's calls add, and the rules
+    read from a table whose `rule_connections` comments are gone."""
+    doc: dict[str, Any] = {k: json.loads(json.dumps(SEED_STATE[k])) for k in ("version", "internal", "external")}
+    ctx = Context(gateway_v4=None)
+    calls = [
+        ("eip-add", f"{EIP1}/24"),
+        ("floating-ip-add", f"{EIP2},172.20.10.3"),
+        ("snat-add", f"{EIP1},172.20.10.0/24"),
+        ("dnat-add", f"{EIP1},8888,tcp,172.20.10.2,80"),
+        ("nft-dnat-map-add", f"{EIP3},80,tcp,172.20.10.2:8080@172.20.10.4:8080"),
     ]
-    assert share_members(objects) == {"share_abc": ["5", "6"]}
+    for command, rule in calls:
+        EDITS[command](rule)(doc, ctx)
+    state = load_state(json.dumps(doc).encode())
+    contents = desired_table(state, assign_ids(state, {})).contents()
+    contents.elements[RULE_CONNECTIONS] = {mark: Element() for mark in contents.elements[RULE_CONNECTIONS]}
+    rules = rules_from_table(contents)
+    for section in ("eips", "snat", "dnat", "fip"):
+        assert sorted(r["name"] for r in rules[section]) == sorted(r["name"] for r in doc[section]), section

@@ -274,7 +274,7 @@ def test_snat_cidrs_are_normalised_and_conflicts_resolved_in_creation_order() ->
         "warning: internalCIDR 172.20.0.9/16 has host bits set; imported as 172.20.0.0/16"
     ]
     assert reasons(result.findings, "IptablesSnatRule", "again") == [
-        "warning: 172.20.10.0/24 is already translated by my-snat"
+        "warning: 172.20.10.0/24 is already translated by my-snat; skipped"
     ]
     # e2 has no v6ip: an IPv6 rule on it is refused as mixing families.
     assert "fd00::/64 is IPv6 but EIP 'e2' has no v6ip" in reasons(result.findings, "IptablesSnatRule", "v6")[0]
@@ -294,20 +294,29 @@ def test_share_dnat_and_the_webhook_conflicts() -> None:
         obj("IptablesFIPRule", "fip1", {"eip": "fipped", "internalIp": "172.20.10.4"}, early),
         dnat("on-fip", "fipped", "22", "172.20.10.2", "22", late),
         obj("IptablesFIPRule", "fip2", {"eip": "fipped", "internalIp": "172.20.10.3"}, late),
+        eip("e3", "10.115.55.204"),
+        dnat("dnat-first", "e3", "22", "172.20.10.2", "22", early),
+        obj("IptablesFIPRule", "fip-late", {"eip": "e3", "internalIp": "172.20.10.5"}, late),
     )
+    # Every rule left out says so at the rule itself, not only in the summary's counts.
+    kept = {rule["name"] for section in ("snat", "dnat", "fip") for rule in result.state.get(section, [])}
+    for finding in result.findings:
+        if finding.kind.startswith("Iptables") and finding.name not in kept:
+            assert finding.reason.endswith("; skipped"), finding
+    assert reasons(result.findings, "IptablesFIPRule", "fip-late") == ["warning: EIP e3 has DNAT dnat-first; skipped"]
     by_name = {d["name"]: d for d in result.state["dnat"]}
-    assert sorted(by_name) == ["dnat01", "udp", "web-a", "web-b"]
+    assert sorted(by_name) == ["dnat-first", "dnat01", "udp", "web-a", "web-b"]
     assert by_name["web-a"]["type"] == by_name["web-b"]["type"] == "share"
     assert "type" not in by_name["dnat01"] and by_name["udp"]["protocol"] == "udp"
     assert result.state["fip"] == [{"name": "fip1", "eip": "fipped", "internalIp": "172.20.10.4"}]
     found = {name: reasons(result.findings, "IptablesDnatRule", name) for name in ("web-x", "range-share", "dup")}
     assert found == {
-        "web-x": ["warning: tcp/80 on EIP lb is already taken by share DNAT web-a"],
+        "web-x": ["warning: tcp/80 on EIP lb is already taken by share DNAT web-a; skipped"],
         "range-share": ["warning: a share DNAT takes single ports, not ranges; skipped"],
-        "dup": ["warning: tcp/8888 on EIP my-eip is already taken by exclusive DNAT dnat01"],
+        "dup": ["warning: tcp/8888 on EIP my-eip is already taken by exclusive DNAT dnat01; skipped"],
     }
-    assert reasons(result.findings, "IptablesDnatRule", "on-fip") == ["warning: EIP fipped has FIP fip1"]
-    assert reasons(result.findings, "IptablesFIPRule", "fip2") == ["warning: EIP fipped already has FIP fip1"]
+    assert reasons(result.findings, "IptablesDnatRule", "on-fip") == ["warning: EIP fipped has FIP fip1; skipped"]
+    assert reasons(result.findings, "IptablesFIPRule", "fip2") == ["warning: EIP fipped already has FIP fip1; skipped"]
     load_state(json.dumps(result.state).encode())
 
 
@@ -348,7 +357,7 @@ def test_gateway_choice() -> None:
         import_objects(objects, ImportOptions(gateway="gw3"))
     result = import_objects(objects, ImportOptions(gateway="gw1"))
     assert reasons(result.findings, "VpcNatGateway", "gw2") == ["note: another gateway (importing gw1)"]
-    with pytest.raises(ImportFailedError, match="choose the gateway"):
+    with pytest.raises(ImportFailedError, match=r"^the input holds no VpcNatGateway: give the gateway's object"):
         import_objects([o for o in objects if o["kind"] != "VpcNatGateway"])
 
 
@@ -382,7 +391,10 @@ def test_main_to_stdout_strict_and_errors(tmp_path: Path, capsys: pytest.Capture
     assert not out.exists()
     assert "nothing written (--strict)" in capsys.readouterr().err
     assert kubeovn.main([str(SEED_DIR / "vpc-custom-vpc.yaml")]) == 1
-    assert "choose the gateway with --gateway" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "natgwd import: the input holds no VpcNatGateway: give the gateway's object too "
+        "(kubectl get vpc-nat-gateway NAME -o yaml), with its EIPs and rules\n"
+    )
     assert kubeovn.main([str(tmp_path / "missing.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
 
@@ -521,3 +533,72 @@ def test_an_ipv6_route_without_an_ipv6_vpc_address_is_reported() -> None:
     assert reasons(result.findings, "IptablesFIPRule", "fip01-6") == [
         "warning: natgwd refuses it: fd00:10::3 is in no internal address's subnet and no internal route; skipped"
     ]
+
+
+# --- BGP speaker ------------------------------------------------------------------------
+
+
+def with_speaker(speaker: dict[str, Any], annotated: bool = True) -> kubeovn.ImportResult:
+    objects = seed_objects(STATEFULSET)
+    gateway = next(o for o in objects if o["kind"] == "VpcNatGateway")
+    gateway["spec"]["bgpSpeaker"] = speaker
+    for item in objects:
+        if item["kind"] == "IptablesEIP" and annotated:
+            item["metadata"].setdefault("annotations", {})["ovn.kubernetes.io/bgp"] = "true"
+    return import_objects(objects, ImportOptions(gateway="gw1"))
+
+
+SPEAKER = {
+    "enabled": True,
+    "asn": 65001,
+    "remoteAsn": 65000,
+    "neighbors": ["10.115.55.254"],
+    "holdTime": "1m30s",
+    "routerId": "10.115.48.1",
+    "password": "s3cret",
+    "enableGracefulRestart": True,
+    "extraArgs": ["--log-level=5"],
+}
+
+
+def test_the_bgp_speaker_and_the_eip_annotation_are_carried_over() -> None:
+    result = with_speaker(SPEAKER)
+    assert result.state["bgp"] == {
+        "asn": 65001,
+        "announce": "marked",
+        "routerId": "10.115.48.1",
+        "neighbors": [
+            {"address": "10.115.55.254", "remoteAsn": 65000, "holdTime": 90, "password": "s3cret"}
+            | {"gracefulRestart": True}
+        ],
+    }
+    assert [e.get("bgp") for e in result.state["eips"]] == [True]
+    state = load_state(json.dumps(result.state).encode())
+    assert state.bgp is not None and [e.name for e in state.bgp.announced(state.eips)] == ["my-eip"]
+    gateway = reasons(result.findings, "VpcNatGateway", "gw1")
+    assert "warning: bgpSpeaker.extraArgs ['--log-level=5'] are GoBGP's; not carried over" in gateway
+    assert any("add bgp.neighbors[].bfd" in r for r in gateway)
+
+
+def test_a_speaker_natgwd_refuses_or_that_is_off_leaves_no_bgp_section() -> None:
+    assert "bgp" not in with_speaker({**SPEAKER, "enabled": False}).state
+    refused = with_speaker({**SPEAKER, "asn": 0, "holdTime": "2.5s"})
+    assert "bgp" not in refused.state
+    assert "eips" in refused.state and all("bgp" not in e for e in refused.state["eips"])
+    gateway = reasons(refused.findings, "VpcNatGateway", "gw1")
+    assert "warning: bgpSpeaker.holdTime '2.5s' is not whole seconds; the default (90 s) is used" in gateway
+    assert any(r.startswith("warning: natgwd refuses the BGP speaker: $.bgp.asn: must be between 1") for r in gateway)
+
+
+def test_without_the_annotation_nothing_is_marked_and_it_is_said() -> None:
+    result = with_speaker(SPEAKER, annotated=False)
+    assert result.state["bgp"]["announce"] == "marked"
+    assert all("bgp" not in e for e in result.state["eips"])
+    assert any("nothing is announced until one does" in r for r in reasons(result.findings, "VpcNatGateway", "gw1"))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("1m30s", 90), ("1h", 3600), ("", None), ("90", None)])
+def test_go_durations(text: str, seconds: float | None) -> None:
+    from natgwd.kubeovn.bgp_import import duration_seconds
+
+    assert duration_seconds(text) == seconds

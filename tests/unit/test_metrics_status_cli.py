@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import Counter, Element, TableContents, plan_transaction
 from natgwd.runtime.metrics import RuleCounters
 from natgwd.runtime.reconciler import Reconciler
-from natgwd.runtime.status import RuleStatus, format_table, rule_statuses
+from natgwd.runtime.status import RuleStatus, format_table, record_mismatch, rule_statuses
 from natgwd.runtime.watch import FileWatcher
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
@@ -201,6 +202,24 @@ def test_rule_statuses_of_the_seed() -> None:
         ),
         RuleStatus("snat", "my-snat", "10.115.55.200", 1, ["172.20.10.0/24 -> 10.115.55.200"]),
     ]
+
+
+def test_a_record_is_checked_against_the_table() -> None:
+    fake, _ = with_traffic(seed())
+    assert fake.table is not None
+    rules = rule_statuses(fake.table)
+    assert record_mismatch(state_of(seed()), rules) is None
+    other = seed()
+    other["dnat"][0]["name"] = "another-gateways-dnat"
+    assert record_mismatch(state_of(other), rules) == (
+        "1 of its rules are not in the table and 1 of the table's rules are not in it "
+        "(e.g. dnat/another-gateways-dnat/10.115.55.200)"
+    )
+    other["snat"] = other["dnat"] = []
+    assert record_mismatch(state_of(other), rules) == (
+        "2 of the table's rules are not in it (e.g. dnat/dnat01/10.115.55.200)"
+    )
+    assert record_mismatch(None, rules) == "it holds no readable state"
 
 
 def test_rule_status_as_dict() -> None:
@@ -428,7 +447,36 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["check", str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"{path}: cannot read: No such file or directory\n"
+    assert err == f"{path}: cannot read: file does not exist\n"
+
+
+def test_check_refuses_a_world_writable_file_as_run_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, seed())
+    path.chmod(0o666)
+    assert main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"{path}: cannot read: is writable by every user, who could rewrite the gateway's NAT "
+        "(--allow-writable-state to accept)\n"
+    )
+    assert main(["check", "--allow-writable-state", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: valid: 2 eips, 1 snat, 1 dnat, 1 fip\n"
+
+
+def test_check_and_render_read_standard_input_for_a_dash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command, expected in (("check", "-: valid: 2 eips, 1 snat, 1 dnat, 1 fip\n"), ("render", None)):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(json.dumps(seed()).encode())))
+        assert main([command, "-"]) == 0
+        out, err = capsys.readouterr()
+        assert err == ""
+        if expected is None:
+            state = state_of(seed())
+            assert out == plan_transaction(None, desired_table(state, assign_ids(state, {}))).script()
+        else:
+            assert out == expected
 
 
 def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
@@ -529,3 +577,25 @@ def test_status_of_share_backends() -> None:
         "web-a": ["(share backend) -> 172.20.10.2:8080"],
         "web-b": ["(share backend) -> 172.20.10.3:8080"],
     }
+
+
+def test_run_help_says_the_defaults_and_the_log_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "seconds between drift checks (default: 10.0)" in text
+    assert "json, one object per line for a log collector; console, aligned text for a person (default: json)" in text
+    assert "least severe lines logged; debug adds each HTTP request and the HA peers' hellos (default: info)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+
+
+def test_the_demo_help_does_not_run_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    from natgwd.lab import demo
+
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m natgwd.lab.demo [-h]\n")
+    assert "Needs root: it builds network namespaces." in out

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import pytest
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.plan import (
+from natgwd.planning.layout import (
     DIRECTIONS,
     ID_HIGH_WATER,
     INVALID_DROPS,
     RULE_CONNECTIONS,
     RULE_TRAFFIC,
-    RuleLabels,
-    assign_ids,
-    desired_table,
-    rule_labels,
     share_chain_name,
 )
+from natgwd.planning.plan import RuleLabels, assign_ids, desired_table, rule_labels
 from natgwd.planning.table import DesiredTable, Element
+from natgwd.runtime.daemon import own_endpoints
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
 
@@ -381,3 +380,32 @@ def test_share_chain_name_depends_on_the_identity_only() -> None:
         share_chain_name("10.115.55.200", "tcp", 9001),
     }
     assert name not in others and len(others) == 3
+
+
+def test_natgwd_own_endpoints_are_kept_out_of_conntrack_and_nothing_else() -> None:
+    """Guards against natgwd's probes, scrapes and edit calls needing a conntrack entry (a
+    full table silences them), and against untracking anything but natgwd's own endpoints
+    (NAT needs its traffic tracked). On every address, /metrics is untracked on loopback
+    only: an EIP's traffic stays tracked."""
+    state = load_state(json.dumps(SEED_STATE).encode())
+    ids = assign_ids(state, {})
+    assert {c.name for c in desired_table(state, ids).chains}.isdisjoint({"untracked_in", "untracked_out"})
+    endpoints = own_endpoints(("10.244.7.5", 9469), edits=True)
+    assert endpoints == ((IPv4Address("10.244.7.5"), 9469), (IPv4Address("127.94.69.1"), None))
+    assert own_endpoints(("0.0.0.0", 9469), edits=False) == (
+        (IPv4Address("127.0.0.1"), 9469),
+        (IPv6Address("::1"), 9469),
+    )
+    chains = {c.name: c for c in desired_table(state, ids, untracked=endpoints).chains}
+    assert chains["untracked_in"].header == "type filter hook prerouting priority raw; policy accept;"
+    assert chains["untracked_in"].rules == (
+        "ip daddr 10.244.7.5 tcp dport 9469 notrack",
+        "ip daddr 127.94.69.1 notrack",
+    )
+    assert chains["untracked_out"].header == "type filter hook output priority raw; policy accept;"
+    assert chains["untracked_out"].rules == (
+        "ip daddr 10.244.7.5 tcp dport 9469 notrack",
+        "ip saddr 10.244.7.5 tcp sport 9469 notrack",
+        "ip daddr 127.94.69.1 notrack",
+        "ip saddr 127.94.69.1 notrack",
+    )

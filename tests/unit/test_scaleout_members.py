@@ -137,7 +137,7 @@ def member(tmp_path: Path) -> Iterator[tuple[ScaleController, dict[int, IPv4Addr
 
     controller = ScaleController(
         HaPaths(tmp_path),
-        ScaleMetrics(CollectorRegistry()),
+        ScaleMetrics(CollectorRegistry(), lambda: True),
         "true",
         "true",
         lambda _interface, _frames: None,

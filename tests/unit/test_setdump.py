@@ -12,7 +12,8 @@ import pytest
 
 from natgwd.kernel.setdump import SetDumpError, _decode, _element_pattern, key_layout
 from natgwd.planning.counters import counted_elements
-from natgwd.planning.plan import RULE_CONNECTIONS, RULE_TRAFFIC, set_key_type
+from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.plan import set_key_type
 from natgwd.planning.table import Counter, Element
 
 

@@ -5,10 +5,12 @@ stand-in for the daemon's reconciling thread that validates as natgwd does."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
 import os
+import select
 import socket
 import stat
 import subprocess
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.kubeovn.shim import protocol
+from natgwd.kubeovn.shim import endpoint, protocol
 from natgwd.kubeovn.shim.call import edited, prepare
 from natgwd.kubeovn.shim.editlog import EditLog, diff, fold
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
@@ -77,6 +79,15 @@ def test_garbage_and_oversize_requests_are_refused(data: bytes, match: str) -> N
         parse_request(data, TOKEN)
 
 
+def test_the_token_field_is_refused_once_longer_than_the_token() -> None:
+    """Before the token is checked nothing is known about the caller: it may send no more
+    than the token's own length, not a field of 64 KiB (issue 21, item 4)."""
+    opening = protocol.MAGIC + b"\0"
+    assert parse_request(opening + TOKEN.encode(), TOKEN) is None
+    with pytest.raises(RequestError, match="refused: wrong token"):
+        parse_request(opening + TOKEN.encode() + b"t", TOKEN)
+
+
 def test_replies_carry_code_and_texts() -> None:
     data = protocol.encode_reply(2, "out\n", "err with a \0 NUL\n")
     assert protocol.decode_reply(data) == (2, "out\n", "err with a \\0 NUL\n")
@@ -99,7 +110,7 @@ def run_calls(doc: Doc, calls: list[list[str]]) -> list[Doc]:
     for argv in calls:
         call = prepare(argv, FakeLinks)
         assert not hasattr(call, "code"), call
-        documents.append(compact(edited(call, documents[-1], Context(UPSTREAM))))  # type: ignore[arg-type]
+        documents.append(compact(edited(call, documents[-1], Context(UPSTREAM), Path("state.json"))))  # type: ignore[arg-type]
     return documents
 
 
@@ -155,6 +166,43 @@ def test_the_log_reads_back_and_drops_a_line_cut_short(tmp_path: Path) -> None:
     again.append("b" * 64, deltas[0])
     third = EditLog(log.path)
     assert third.load() == [deltas[0]] and third.base == "b" * 64
+
+
+def test_an_append_on_a_full_disk_is_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = EditLog(tmp_path / "state.json.edits")
+    deltas = [{"add": {"dnat": [{"name": f"d{i}"}]}} for i in range(2)]
+    log.append("a" * 64, deltas[0])
+    before = log.path.read_bytes()
+    real_pwrite = os.pwrite
+    room = [10]  # bytes the disk still takes
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if not room[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        taken = real_pwrite(fd, data[: room[0]], offset)
+        room[0] -= taken
+        return taken
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as raised:
+        log.append("a" * 64, deltas[1])
+    assert raised.value.errno == errno.ENOSPC
+    assert log.path.read_bytes() == before and log.entries == 1, "the part written is cut off again"
+    room[0] = 1 << 20  # space freed: short writes are continued
+    log.append("a" * 64, deltas[1])
+    assert EditLog(log.path).load() == deltas
+
+
+def test_a_line_cut_short_and_appended_to_loses_no_later_line(tmp_path: Path) -> None:
+    # What a natgwd that ignored a short write left: a cut line, and the next calls after it.
+    deltas = [{"add": {"dnat": [{"name": f"d{i}", "externalPort": "80"}]}} for i in range(4)]
+    lines = [json.dumps(d).encode() for d in deltas]
+    path = tmp_path / "state.json.edits"
+    header = json.dumps({"extends": "a" * 64}).encode()
+    path.write_bytes(b"\n".join([header, lines[0], b'{"add":{"dnat":[{"name":"cut' + lines[2], lines[3], b""]))
+    log = EditLog(path)
+    assert log.load() == [deltas[0], deltas[2], deltas[3]]
+    assert (log.entries, log.size) == (3, path.stat().st_size)
 
 
 # --- the service behind a real endpoint, driven by the bash nat-gateway.sh ------------------
@@ -249,6 +297,16 @@ def test_the_script_drives_natgwd_through_the_endpoint(daemon: FakeDaemon) -> No
     assert len(daemon.applied) == 2, "refused and unchanged calls applied nothing"
 
 
+def test_no_token_and_no_python_is_said(daemon: FakeDaemon) -> None:
+    absent = daemon.token.with_name("absent.token")
+    result = script(daemon, "init", "net1,net2", NATGWD_EDIT_TOKEN=str(absent))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"natgwd: no edit endpoint token at {absent} (NATGWD_EDIT_TOKEN), and no Python at /nonexistent "
+        "to edit the state file instead (NATGWD_PYTHON: the Python with natgwd installed)\n"
+    )
+
+
 def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> None:
     assert script(daemon, "init", "net1,net2").returncode == 0
     before = json.dumps(daemon.service.document)
@@ -261,11 +319,130 @@ def test_a_wrong_token_is_refused_and_changes_nothing(daemon: FakeDaemon) -> Non
     # it still gets the refusal.
     result = script(daemon, "dnat-add", *(["x" * 200] * 3000), NATGWD_EDIT_TOKEN=str(forged))
     assert (result.returncode, result.stderr) == (1, "natgwd: refused: wrong token\n")
-    with socket.create_connection(("127.0.0.1", int(port))) as sock:  # garbage: refused, nothing changed
+    with socket.create_connection((endpoint.ADDRESS, int(port))) as sock:  # garbage: refused, nothing changed
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert b"not a natgwd edit request" in sock.recv(4096)
     assert json.dumps(daemon.service.document) == before
     assert not daemon.service.log.path.exists()
+
+
+class Trickler:
+    """Connections that send a valid opening and then one token character at a time, as a
+    local process without the token would hold the endpoint; notes each one natgwd cut."""
+
+    def __init__(self, port: int, count: int, interval: float) -> None:
+        self.count = count
+        self.sockets: list[socket.socket] = []
+        self.cut: set[socket.socket] = set()
+        self.sent: dict[socket.socket, int] = {}  # token characters sent
+        self._port = port
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=run, daemon=True) for run in (self._open, self._trickle)]
+        for thread in self._threads:
+            thread.start()
+
+    def _open(self) -> None:
+        while len(self.sockets) < self.count and not self._stop.is_set():
+            sock = socket.create_connection((endpoint.ADDRESS, self._port), timeout=30)
+            sock.sendall(protocol.MAGIC + b"\0")
+            with self._lock:
+                self.sockets.append(sock)
+                self.sent[sock] = 0
+
+    def _trickle(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                alive = [sock for sock in self.sockets if sock not in self.cut]
+            for sock in alive:
+                try:
+                    sock.sendall(b"0")
+                    self.sent[sock] += 1
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable:
+                        sock.recv(4096)  # natgwd's answer, or the end of the connection
+                        self.cut.add(sock)
+                except OSError:
+                    self.cut.add(sock)
+
+    def all_cut(self) -> bool:
+        return len(self.cut) == self.count
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_slow_connections_without_the_token_hold_no_call_back(daemon: FakeDaemon) -> None:
+    """200 local connections that trickle a token one character at a time must not take the
+    controller's calls' places, nor a thread each; each is cut at the request deadline
+    (issue 21, item 4)."""
+    assert script(daemon, "init", "net1,net2").returncode == 0
+    threads = threading.active_count()
+    port = int(daemon.token.read_text().split()[0])
+    # A character every 0.2 s: the 64-character token would take 13 s, past the deadline.
+    trickler = Trickler(port, 200, interval=0.2)
+    try:
+        deadline = time.monotonic() + 120
+        while len(trickler.sockets) < 200:
+            assert time.monotonic() < deadline, f"{len(trickler.sockets)} of 200 slow connections opened"
+            time.sleep(0.05)
+        for n in range(4):
+            added = script(daemon, "dnat-add", f"{EIP1},{8000 + n},tcp,{VM1},80")
+            assert added.returncode == 0, added.stderr
+            assert added.stdout.endswith("natgwd: applied\n")
+        assert threading.active_count() - threads <= endpoint.WORKERS + 1 + 2  # + the trickler's two
+        while not trickler.all_cut():
+            assert time.monotonic() < deadline, f"{len(trickler.cut)} of 200 slow connections cut"
+            time.sleep(0.1)
+        assert max(trickler.sent.values()) < len(TOKEN), "cut by the deadline, before a whole token was sent"
+    finally:
+        trickler.close()
+    assert [len(d.get("dnat", [])) for d in daemon.applied][-1] == 4
+
+
+def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
+    """A connect nobody answers (here: a listener whose accept queue is full, so its SYNs
+    are dropped, as when conntrack is full) must end at NATGWD_SHIM_TIMEOUT, not after
+    the kernel's two minutes of SYN retries (issue 21, item 5)."""
+    with socket.socket() as listener:
+        listener.bind((endpoint.ADDRESS, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued: list[socket.socket] = []
+        try:
+            while True:  # until a connect gets no answer: the queue is full
+                sock = socket.socket()
+                sock.settimeout(0.5)
+                queued.append(sock)
+                try:
+                    sock.connect((endpoint.ADDRESS, port))
+                except TimeoutError:
+                    break
+            token = tmp_path / "edit.token"
+            token.write_text(f"{port} {TOKEN}\n")
+            environment = {
+                "PATH": os.environ["PATH"],
+                "NATGWD_EDIT_TOKEN": str(token),
+                "NATGWD_SHIM_TIMEOUT": "1",
+                "NATGWD_PYTHON": "/nonexistent",
+            }
+            call = subprocess.run(
+                ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        finally:
+            for sock in queued:
+                sock.close()
+    assert (call.returncode, call.stdout) == (1, "")
+    assert call.stderr == f"natgwd: its edit endpoint ({token}) did not answer within 1s\n"
 
 
 def test_accepted_calls_survive_a_kill_and_compaction_rewrites_the_file(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.nft import NftError, parse_table
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.plan import assign_ids, desired_table, share_chain_name
+from natgwd.planning.layout import share_chain_name
+from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import (
     ELEMENTS_PER_COMMAND,
     AddChain,

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from natgwd.cli import main
 from natgwd.observability.top import parse, rates, render
 
 SNAT = ("snat", "my-snat", "10.115.55.200")
@@ -58,3 +66,76 @@ def test_render_sorts_and_fits() -> None:
     assert by_open[4].startswith("dnat  dnat01")
     assert len(render(before, after, "open", 30, 5)) == 5
     assert all(len(line) <= 30 for line in render(before, after, "open", 30, 5))
+
+
+@pytest.fixture
+def metrics_address() -> Iterator[str]:
+    """A loopback /metrics answering the exposition above."""
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = exposition(10, 1000, 1, 50, 5).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_once_prints_a_screen_without_keys(metrics_address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["top", "--once", "--interval", "0.01", "--metrics-address", metrics_address]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "sorted by bytes\n" in out
+    assert "q quits" not in out
+    assert "snat  my-snat" in out
+
+
+def test_the_live_view_without_a_terminal_says_so(metrics_address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["top", "--metrics-address", metrics_address]) == 1  # pytest's output is no terminal
+    assert capsys.readouterr() == ("", "natgwd top: the live view needs a terminal (--once prints one screen)\n")
+
+
+@pytest.mark.parametrize("once", [[], ["--once"]])
+def test_without_a_daemon_one_line_on_stderr(once: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as closed:  # bound, never listening: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        assert main(["top", *once, "--interval", "0.01", "--metrics-address", address]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"natgwd top: cannot read http://{address}/metrics: connection refused "
+        "(is natgwd running? --metrics-address)\n",
+    )
+
+
+def test_bgp_sessions_get_a_line() -> None:
+    text = "\n".join(
+        [
+            'natgwd_bgp_neighbor_up{neighbor="10.115.55.254"} 1.0',
+            'natgwd_bgp_prefixes_announced{neighbor="10.115.55.254"} 2.0',
+            'natgwd_bgp_bfd_state{neighbor="10.115.55.254",state="up"} 1.0',
+            'natgwd_bgp_bfd_state{neighbor="10.115.55.254",state="down"} 0.0',
+            'natgwd_bgp_neighbor_up{neighbor="fd00:115::fe"} 0.0',
+            "natgwd_bgp_unannounced_prefixes 2.0",
+        ]
+    )
+    scrape = parse(text, at=1.0)
+    lines = render(scrape, scrape, "open", 200, 40)
+    assert lines[2] == (
+        "BGP 10.115.55.254 up (2 announced, BFD up)   fd00:115::fe DOWN (0 announced)"
+        "   2 owned EIP prefixes NOT announced"
+    )
+    assert not any(line.startswith("BGP") for line in render(parse("", 1.0), parse("", 2.0), "open", 200, 40))

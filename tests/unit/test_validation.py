@@ -164,7 +164,7 @@ def test_unknown_top_level_field() -> None:
     doc = seed()
     doc["eipz"] = []
     allowed = (
-        "allowed here: dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, scaleOut, "
+        "allowed here: bgp, dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, scaleOut, "
         "snat, version"
     )
     assert_only(doc, "$.eipz", "unknown field", allowed)
@@ -176,7 +176,7 @@ def test_unknown_top_level_field() -> None:
         (("internal",), "$.internal.mtu", "addresses, interface, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
         (("external",), "$.external.mtu", "addresses, gateway, gateway6, interface, name"),
-        (("eips", 0), "$.eips[0].mtu", "externalSubnet, name, qosPolicy, v4ip, v6ip"),
+        (("eips", 0), "$.eips[0].mtu", "bgp, externalSubnet, name, qosPolicy, v4ip, v6ip"),
         (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, type"),
         (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name"),

@@ -139,6 +139,14 @@ def test_duplicate_v6ip() -> None:
     assert ("$.eips[2].v6ip", "duplicates eips[0] ('fd00:115::200')") in problems_of(doc)
 
 
+def test_duplicate_v6ip_spelled_differently() -> None:
+    # Two names for one address would put their DNAT rules under one map key: one would win.
+    doc = dual()
+    doc["eips"].append({"name": "third", "v6ip": "FD00:115:0::200"})
+    doc["dnat"].append({**doc["dnat"][1], "name": "d-third", "eip": "third"})
+    assert problems_of(doc) == [("$.eips[2].v6ip", "duplicates eips[0] ('FD00:115:0::200', that is fd00:115::200)")]
+
+
 def test_ipv6_cidr_with_host_bits_suggests_the_network() -> None:
     doc = dual()
     doc["snat"][1]["internalCIDR"] = "fd00:10::5/64"

@@ -19,7 +19,9 @@ Environment: NATGWD_STATE (default /etc/natgwd/state.json), NATGWD_APPLIED_STATE
 /var/lib/natgwd/applied.json), NATGWD_EDIT_TOKEN (default /var/lib/natgwd/edit.token: the
 endpoint's port and secret; the endpoint is used when it exists), NATGWD_SHIM_TIMEOUT
 (seconds, default 30; 0 = do not wait for natgwd in the file protocol), GATEWAY_V4 (the
-external gateway, as the controller sets it in the pod).
+external gateway, as the controller sets it in the pod). nat-gateway.sh alone reads
+NATGWD_PYTHON: the Python with natgwd installed that it runs when there is no endpoint
+(default /opt/natgwd/bin/python, the image's).
 
 Exit codes as the script's: 0 done (or nothing to do), 1 refused or failed, 2 a
 `subnet-route-del` of a route that is nowhere (`ip route del`'s code). Warnings go to

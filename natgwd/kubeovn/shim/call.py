@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from natgwd.kubeovn.shim.edits import EDITS, Context, Doc, working_copy
 from natgwd.kubeovn.shim.grammar import IPTABLES_VERSION, USAGE, ShimError, words
@@ -57,7 +58,7 @@ def prepare(argv: Sequence[str], links: Callable[[], Links]) -> Call | Reply:
     """The call `argv` (command, then rules) stands for, or the answer of one that needs no
     state (help, get-iptables-version, an unknown command, a malformed rule)."""
     if not argv:
-        return Reply(1, USAGE + "\n", "")
+        return Reply(1, "", USAGE + "\n")
     command, rules = argv[0], tuple(words(argv[1:]))
     echo = f"{command} {' '.join(rules)}\n"
     if command in ("help", "-h", "--help"):
@@ -65,7 +66,7 @@ def prepare(argv: Sequence[str], links: Callable[[], Links]) -> Call | Reply:
     if command == "get-iptables-version":
         return Reply(0, echo + IPTABLES_VERSION + "\n", "")
     if command != "init" and command not in ALL_EDITS:
-        return Reply(1, USAGE + "\n", "")
+        return Reply(1, "", f"natgwd: unknown command {command!r}\n{USAGE}\n")
     try:
         if command == "init":
             return Call(command, rules, init_op(rules, links()))
@@ -76,8 +77,7 @@ def prepare(argv: Sequence[str], links: Callable[[], Links]) -> Call | Reply:
         return Reply(error.code, echo, f"{error}\n")
 
     def edit(doc: Doc | None, ctx: Context) -> Doc:
-        if doc is None:
-            raise ShimError("nat gateway not initialized")
+        assert doc is not None  # edited() refuses a rule before `init`
         for op in ops:
             op(doc, ctx)
         return doc
@@ -85,7 +85,11 @@ def prepare(argv: Sequence[str], links: Callable[[], Links]) -> Call | Reply:
     return Call(command, rules, edit)
 
 
-def edited(call: Call, doc: Doc | None, ctx: Context) -> Doc:
+def edited(call: Call, doc: Doc | None, ctx: Context, state_path: Path) -> Doc:
     """The document after the call; `doc` itself is left as it was (a refused call, or one
-    whose result natgwd refuses, changes nothing)."""
+    whose result natgwd refuses, changes nothing). No document: only `init` makes one, at
+    `state_path`."""
+    if doc is None and call.command != "init":
+        # Kube-OVN's own words first: someone who knows the original script recognises them.
+        raise ShimError(f"nat gateway not initialized: {state_path} does not exist (`init` creates it)")
     return call.edit(working_copy(doc) if doc is not None else None, ctx)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from natgwd.kubeovn.shim import client
-from natgwd.kubeovn.shim.call import Call, Reply, prepare
+from natgwd.kubeovn.shim.call import Call, Reply, prepare, warning_lines
 from natgwd.kubeovn.shim.edits import Context
 from natgwd.kubeovn.shim.filestate import DEFAULT_TIMEOUT, Config, transact
 from natgwd.kubeovn.shim.grammar import ShimError
@@ -62,6 +62,11 @@ def run(
                 reply = client.request(config.token, argv, config.gateway_v4, timeout)
             else:
                 reply = file_call(call, config, kernel)
+                if env.get("NATGWD_EDIT_TOKEN"):
+                    # Named but absent: a wrong path, or natgwd not started yet. Either way,
+                    # say which way the call went.
+                    note = f"no edit endpoint token at {config.token} (NATGWD_EDIT_TOKEN): edited {config.state}"
+                    reply = Reply(reply.code, reply.out, warning_lines([note]) + reply.err)
         except ShimError as error:
             reply = call.refused(error)
     (stdout or sys.stdout).write(reply.out)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from natgwd.kubeovn.shim.call import Reply
+from natgwd.kubeovn.shim.endpoint import ADDRESS
 from natgwd.kubeovn.shim.grammar import ShimError
 from natgwd.kubeovn.shim.protocol import decode_reply, encode_request
 
@@ -20,7 +21,7 @@ def _connect(token_file: Path, deadline: float) -> tuple[socket.socket, str]:
     while True:
         try:
             port_text, token = token_file.read_text().split()
-            return socket.create_connection(("127.0.0.1", int(port_text)), timeout=5), token
+            return socket.create_connection((ADDRESS, int(port_text)), timeout=5), token
         except (OSError, ValueError) as err:
             if time.monotonic() >= deadline:
                 raise ShimError(f"natgwd: its edit endpoint ({token_file}) did not answer in time: {err}") from None

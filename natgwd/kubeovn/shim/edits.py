@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from natgwd.kubeovn.kernelrules import dashed as _dashed
+from natgwd.kubeovn.naming import dnat_name, eip_name, fip_name, share_name, snat_name
 from natgwd.kubeovn.shim import grammar
 from natgwd.kubeovn.shim.grammar import ShimError
 from natgwd.state.model import RULE_KINDS
@@ -88,7 +88,7 @@ def need_eip(doc: Doc, address: IPv4Address, ctx: Context) -> str:
     before its EIP after a restart)."""
     name = eip_named(doc, address)
     if name is None:
-        name = unique_name(f"eip-{_dashed(address)}", doc, "eips")
+        name = unique_name(eip_name(address), doc, "eips")
         section_items(doc, "eips").append({"name": name, "v4ip": str(address)})
         ctx.warnings.append(f"EIP {address} was not added (eip-add); added it")
     return name
@@ -181,7 +181,7 @@ def parse_eip_add(rule: str) -> Op:
     def op(doc: Doc, ctx: Context) -> None:
         if eip_named(doc, address) is None:
             section_items(doc, "eips").append(
-                {"name": unique_name(f"eip-{_dashed(address)}", doc, "eips"), "v4ip": str(address)}
+                {"name": unique_name(eip_name(address), doc, "eips"), "v4ip": str(address)}
             )
         if prefix:
             networks = [n for n in _external_networks(doc) if address in n]
@@ -227,9 +227,7 @@ def parse_fip_add(rule: str) -> Op:
                     "delete it first"
                 )
         fips = section_items(doc, "fip")
-        fips.append(
-            {"name": unique_name(f"fip-{_dashed(eip)}", doc, "fip"), "eip": name, "internalIp": str(internal_ip)}
-        )
+        fips.append({"name": unique_name(fip_name(eip), doc, "fip"), "eip": name, "internalIp": str(internal_ip)})
 
     return op
 
@@ -265,7 +263,7 @@ def parse_snat_add(rule: str) -> Op:
         snats = section_items(doc, "snat")
         snats.append(
             {
-                "name": unique_name(f"snat-{_dashed(eip)}-{_dashed(cidr)}", doc, "snat"),
+                "name": unique_name(snat_name(eip, cidr), doc, "snat"),
                 "eip": name,
                 "internalCIDR": str(cidr),
             }
@@ -320,7 +318,7 @@ def parse_dnat_add(rule: str) -> Op:
                 f"{dnat.get('internalPort')} (rule {dnat.get('name')}); delete it first"
             )
         entry = {
-            "name": unique_name(f"dnat-{_dashed(eip)}-{protocol}-{port}", doc, "dnat"),
+            "name": unique_name(dnat_name(eip, protocol, port), doc, "dnat"),
             "eip": name,
             "protocol": protocol,
             "externalPort": port,
@@ -380,7 +378,7 @@ def parse_share_add(rule: str) -> Op:
         for ip, backend_port in ordered:
             if (ip, backend_port) in present:
                 continue
-            base = f"dnat-{_dashed(eip)}-{protocol}-{port}-{_dashed(ip)}-{backend_port}"
+            base = share_name(eip, protocol, port, ip, backend_port)
             entry = {
                 "name": unique_name(base, doc, "dnat"),
                 "eip": name,

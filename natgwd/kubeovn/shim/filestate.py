@@ -184,7 +184,7 @@ def transact(config: Config, call: Call, ctx: Context, deadline: float) -> Writt
         last = max((g for g, _ in journal), default=0)
         stamp = generation_of(raw) if raw is not None else None
         before = None if doc is None else json.dumps(compact(doc), sort_keys=True)
-        after = edited(call, doc, ctx)
+        after = edited(call, doc, ctx, config.state)
         if raw is not None and json.dumps(compact(after), sort_keys=True) == before:
             _validate(raw)
             return Written(sha256(raw), stamp if stamp is not None else last, changed=False)

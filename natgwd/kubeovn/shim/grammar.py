@@ -36,7 +36,8 @@ Usage: nat-gateway.sh COMMAND [RULE...]   (natgwd: each call edits the desired s
   qos-add|qos-del DIRECTION,IFACE,PRIORITY,u32|matchall,ip,src|dst,CIDR,RATE,BURST   the gateway's limits
   help
 
-Environment: NATGWD_STATE, NATGWD_APPLIED_STATE, NATGWD_EDIT_TOKEN, NATGWD_SHIM_TIMEOUT, GATEWAY_V4."""
+Environment: NATGWD_STATE, NATGWD_APPLIED_STATE, NATGWD_EDIT_TOKEN, NATGWD_SHIM_TIMEOUT, GATEWAY_V4,
+NATGWD_PYTHON (nat-gateway.sh without an endpoint: the Python with natgwd, default /opt/natgwd/bin/python)."""
 
 
 class ShimError(Exception):

@@ -50,6 +50,8 @@ def parse_request(data: bytes, token: str) -> Request | None:
     if (fields[0] if fields else MAGIC[: len(partial)]) != (MAGIC if fields else partial):
         raise RequestError(f"not a natgwd edit request (expected {MAGIC.decode()})")
     if len(fields) < 2:
+        if len(fields) == 1 and len(partial) > len(token):  # no more than the token before it is checked
+            raise RequestError("refused: wrong token")
         return None
     if not hmac.compare_digest(fields[1], token.encode()):
         raise RequestError("refused: wrong token")

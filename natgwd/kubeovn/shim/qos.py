@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from ipaddress import IPv4Address
 from typing import Any
 
-from natgwd.kubeovn.kernelrules import dashed as _dashed
+from natgwd.kubeovn.naming import dashed as _dashed
 from natgwd.kubeovn.shim import grammar
 from natgwd.kubeovn.shim.edits import Context, Doc, Op, eip_named, need_eip, section_items, unique_name
 from natgwd.kubeovn.shim.grammar import ShimError

@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from natgwd.kubeovn.shim.call import Call, Reply, edited, prepare, refusal
-from natgwd.kubeovn.shim.editlog import EditLog, diff, fold
+from natgwd.kubeovn.shim.editlog import Delta, EditLog, diff, fold
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
 from natgwd.kubeovn.shim.filestate import document_bytes, lock_path, locked
 from natgwd.kubeovn.shim.grammar import ShimError
@@ -57,9 +57,12 @@ class EditService:
         written: Callable[[bytes], None],
         links: Callable[[], Links] = KernelView,
         compact_idle: float = COMPACT_IDLE_SECONDS,
+        refused_lines: Callable[[int], None] = lambda _count: None,
     ) -> None:
         """`wake` wakes the reconciling thread; `written(data)` tells the daemon the state
-        file it wrote (its own write is no change to apply)."""
+        file it wrote (its own write is no change to apply); `refused_lines(n)`: n lines of
+        the edit log were left out (damaged)."""
+        self._refused_lines = refused_lines
         self.state_path = state_path
         self._written = written
         self._compact_idle = compact_idle
@@ -71,6 +74,7 @@ class EditService:
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
         self._last_edit = 0.0
         self._compact_not_before = 0.0  # after a compaction that could not be done
+        self._digested: tuple[Doc, str] | None = None  # a document and applied_digest's answer for it
 
     # --- the endpoint's threads ----------------------------------------------------------
 
@@ -92,10 +96,42 @@ class EditService:
         # At start (the log a previous natgwd left), after a failed first apply, or a file
         # someone else wrote: the log on disk says which file it extends.
         deltas = self.log.load()
-        if deltas and self.log.base == digest:
-            log.info("edits folded into the state file", edits=len(deltas), state_sha256=digest[:12])
-            return json.dumps(compact(fold(json.loads(raw), deltas))).encode()
-        return raw
+        if self.log.base != digest:
+            return raw
+        for number, reason in self.log.refused:
+            log.error("edit log line refused", path=str(self.log.path), line=number, reason=reason)
+        self._refused_lines(len(self.log.refused))
+        if not deltas:
+            return raw
+        try:
+            folded = fold(json.loads(raw), deltas)
+        except Exception as err:  # a file that is no state under a log naming it: the file alone decides
+            log.error(
+                "edit log refused: it cannot be folded into the state file",
+                path=str(self.log.path),
+                edits=len(deltas),
+                error=f"{type(err).__name__}: {err}",
+            )
+            self._refused_lines(len(deltas))
+            return raw
+        log.info("edits folded into the state file", edits=len(deltas), state_sha256=digest[:12])
+        return json.dumps(compact(folded)).encode()
+
+    def applied_digest(self) -> str | None:
+        """The sha256 of what natgwd applies when calls are applied on top of the state file
+        (or before there is one): that of the file folding them in will write, so that it
+        stays the same across the fold. None when the state file alone is applied. Made
+        when asked, once per document: a call costs what it changes, this the whole document."""
+        document = self.document
+        if document is None or (self.log.entries == 0 and self._base is not None):
+            return None
+        if self._digested is None or self._digested[0] is not document:
+            self._digested = (document, hashlib.sha256(document_bytes(document)).hexdigest())
+        return self._digested[1]
+
+    def logged_on(self) -> tuple[str | None, int]:
+        """(sha256 of the state file the logged calls extend, how many are logged)."""
+        return self._base, self.log.entries
 
     def accepted(self, applied: bytes, digest: str, document: Doc | None = None) -> None:
         """natgwd applied `applied`, the effective content of the state file `digest`;
@@ -111,13 +147,15 @@ class EditService:
         self._base = digest
         self.document = compact(document if document is not None else json.loads(applied))
 
-    def serve_pending(self, apply: Apply) -> None:
-        """Carry out every queued call, in arrival order."""
+    def serve_pending(self, apply: Apply) -> int:
+        """Carry out every queued call, in arrival order; how many there were."""
+        served = 0
         while True:
             try:
                 pending = self._queue.get_nowait()
             except queue.Empty:
-                return
+                return served
+            served += 1
             try:
                 pending.reply = self._serve(pending.request, apply)
             except Exception as err:  # no call may take the reconciling thread down
@@ -154,7 +192,7 @@ class EditService:
         before = self.document
         if before is None and self.state_path.exists():
             raise ShimError(f"natgwd: {self.state_path} is not applied (see natgwd's log); nothing changed")
-        after = compact(edited(call, before, ctx))
+        after = compact(edited(call, before, ctx, self.state_path))
         delta = diff(before, after) if before is not None else None
         if delta == {}:
             return "natgwd: nothing to change"
@@ -164,18 +202,37 @@ class EditService:
             raise refusal(err) from None
         except Exception as err:
             raise ShimError(f"natgwd: applying the change failed: {err}") from None
-        # Applied: the document is what the kernel holds now, whether or not it can be recorded.
         self.document = after
         self._last_edit = time.monotonic()
+        why = self._record(delta)
+        if why is not None:
+            # A call answered "applied" must outlive natgwd. Undone, the controller's retry
+            # applies and records it again instead of finding nothing to change.
+            self._undo(before, apply)
+            raise ShimError(f"natgwd: {why}: nothing changed; try again")
+        return "natgwd: applied"
+
+    def _record(self, delta: Delta | None) -> str | None:
+        """Record the document's last change; None once it is recorded, else why not."""
         try:
             if delta is None or self._base is None:  # no state file yet: it is the record
                 if self.compact() is None:
-                    raise ShimError("natgwd: applied, but the state file changed meanwhile: not recorded; try again")
+                    return "cannot record the change: the state file changed meanwhile or cannot be written"
             else:
                 self.log.append(self._base, delta)
         except OSError as err:
-            raise ShimError(f"natgwd: applied, but cannot record the change: {err}") from None
-        return "natgwd: applied"
+            return f"cannot record the change: {err.strerror or err}"
+        return None
+
+    def _undo(self, before: Doc | None, apply: Apply) -> None:
+        self.document = before
+        if before is None:
+            return  # no state yet: the retry starts from nothing again
+        try:
+            apply(before)
+        except Exception:
+            # The kernel keeps the change for now; the next reconcile of the file applies the record.
+            log.exception("cannot undo an edit that could not be recorded")
 
     def compaction_due(self) -> bool:
         if self.log.entries == 0 or time.monotonic() < self._compact_not_before:
@@ -202,6 +259,7 @@ class EditService:
                         return None
                 data = document_bytes(self.document)
                 write_atomically(self.state_path, data)
+                folded = self.log.entries
                 self.log.clear()
         except ShimError:
             return None
@@ -209,5 +267,6 @@ class EditService:
             log.warning("cannot fold the edit log into the state file", path=str(self.state_path), error=str(err))
             return None
         self._base = hashlib.sha256(data).hexdigest()
+        log.info("edit log folded into the state file", edits=folded, path=str(self.state_path), sha256=self._base[:12])
         self._written(data)
         return data

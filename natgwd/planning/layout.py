@@ -1,0 +1,115 @@
+"""The names of natgwd's table (family inet, table natgwd), given here once: its chains,
+its sets and maps (IPv6 ones are the IPv4 names ending in "6"), and the keys of its
+counting sets. Planning writes the table with them; whatever reads the table back
+(natgwd.planning.plan.decode_rules, the counters, `natgwd status`) finds it by them."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+
+from natgwd.planning.table import SetSpec
+
+# Chains. A share chain per share DNAT group: SHARE_CHAIN_PREFIX and a digest of its identity.
+PREROUTING = "prerouting"
+POSTROUTING = "postrouting"
+ACCOUNT = "account"
+FORWARD = "forward"
+STEER = "steer"
+UNTRACKED_IN = "untracked_in"  # natgwd's own endpoints, kept out of conntrack
+UNTRACKED_OUT = "untracked_out"
+SHARE_CHAIN_PREFIX = "share_"
+
+# Sets and maps of both families (Family.name gives the family's own).
+EIPS = "eips"
+FIP_IN_TARGET = "fip_in_target"
+FIP_IN_RULE = "fip_in_rule"
+FIP_OUT_TARGET = "fip_out_target"
+FIP_OUT_RULE = "fip_out_rule"
+DNAT_TARGET = "dnat_target"
+DNAT_RULE = "dnat_rule"
+DNAT_SHARE = "dnat_share"
+SHARE_TARGET = "share_target"
+# With several external networks only: the id of the network a translation uses.
+FIP_OUT_NETWORK = "fip_out_network"
+EIP_NETWORK = "eip_network"
+
+# Sets shared by the families: counting by rule id, the invalid drop, the id high-water mark.
+RULE_CONNECTIONS = "rule_connections"
+ID_HIGH_WATER = "id_high_water"
+RULE_TRAFFIC = "rule_traffic"
+INVALID_DROPS = "invalid_dropped"
+DIRECTIONS = ("original", "reply")
+
+
+@dataclass(frozen=True)
+class Family:
+    version: int
+    ip: str  # the nft payload keyword: "ip" or "ip6"
+    suffix: str  # appended to the name of every map of this family
+    addr: str  # the nft address type
+
+    def name(self, base: str) -> str:
+        return base + self.suffix
+
+    def sets(self) -> tuple[SetSpec, ...]:
+        a, name = self.addr, self.name
+        return (
+            SetSpec(name(EIPS), f"type {a};"),
+            SetSpec(name(FIP_IN_TARGET), f"type {a} : {a};"),
+            SetSpec(name(FIP_IN_RULE), f"type {a} : mark;"),
+            SetSpec(name(FIP_OUT_TARGET), f"type {a} : {a};"),
+            SetSpec(name(FIP_OUT_RULE), f"type {a} : mark;"),
+            SetSpec(name(DNAT_TARGET), f"type {a} . inet_proto . inet_service : {a} . inet_service;"),
+            SetSpec(name(DNAT_RULE), f"type {a} . inet_proto . inet_service : mark;"),
+            SetSpec(name(DNAT_SHARE), f"type {a} . inet_proto . inet_service : verdict;"),
+            SetSpec(name(SHARE_TARGET), f"type mark : {a} . inet_service;"),
+        )
+
+    # SNAT has one map of each purpose per prefix length in use: "snat_p24_target", ...
+
+    def snat_target(self, prefixlen: int) -> str:
+        return f"{self._snat_map(prefixlen)}_target"
+
+    def snat_rule(self, prefixlen: int) -> str:
+        return f"{self._snat_map(prefixlen)}_rule"
+
+    def snat_network(self, prefixlen: int) -> str:
+        return f"{self._snat_map(prefixlen)}_network"
+
+    def snat_rule_prefix(self, name: str) -> int | None:
+        """The prefix length of this family's SNAT rule map of this name; None for another set."""
+        found = re.fullmatch(rf"snat{self.suffix}_p([0-9]+)_rule", name)
+        return int(found[1]) if found is not None else None
+
+    def _snat_map(self, prefixlen: int) -> str:
+        return f"snat{self.suffix}_p{prefixlen}"
+
+    def snat_key(self, prefixlen: int) -> str:
+        network = IPv4Network(f"0.0.0.0/{prefixlen}") if self.version == 4 else IPv6Network(f"::/{prefixlen}")
+        if prefixlen == network.max_prefixlen:
+            return f"{self.ip} saddr"
+        return f"{self.ip} saddr & {network.netmask}"
+
+
+V4 = Family(4, "ip", "", "ipv4_addr")
+V6 = Family(6, "ip6", "6", "ipv6_addr")
+FAMILIES = (V4, V6)
+
+
+def traffic_key(direction: str, mark: str) -> str:
+    """A `rule_traffic` element's key: the connection's direction, then the rule's id."""
+    return f"{direction} . {mark}"
+
+
+def split_traffic_key(key: str) -> tuple[str, str]:
+    """(direction, mark) of a `rule_traffic` key."""
+    direction, _, mark = key.partition(" . ")
+    return direction, mark
+
+
+def share_chain_name(eip: str, protocol: str, port: int) -> str:
+    # Named by the identity alone: the chain's rules change with its backends, its name never.
+    return SHARE_CHAIN_PREFIX + hashlib.sha256(f"{eip}/{protocol}/{port}".encode()).hexdigest()[:16]
