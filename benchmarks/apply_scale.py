@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -240,10 +239,10 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
     from natgwd.planning.counters import CounterMemory
     from natgwd.planning.plan import TablePlan
     from natgwd.planning.table import DesiredTable, Transaction
-    from natgwd.runtime import daemon as daemon_module
     from natgwd.runtime.logs import configure
     from natgwd.runtime.metrics import RuleCounters
     from natgwd.runtime.reconciler import Reconciler
+    from natgwd.runtime.record import AppliedRecord
     from natgwd.state import validation
     from natgwd.state.tracker import StateTracker
 
@@ -286,18 +285,11 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     # The daemon also records every applied file (--applied-state, which the Lab passes).
     scratch = Path(tempfile.mkdtemp(prefix="natgwd-bench-applied-"))
-    record_applied = getattr(daemon_module.Daemon, "_record_applied", None)
+    record = AppliedRecord(scratch / "applied.json")
 
     def daemon_record(raw: bytes) -> float | None:
-        if record_applied is None:
-            return None
-        fake = types.SimpleNamespace(
-            config=types.SimpleNamespace(applied_state_path=scratch / "applied.json"),
-            _applied_digest=hashlib.sha256(raw).hexdigest(),
-            _applied_at=time.time(),
-        )
         started = time.perf_counter()
-        record_applied(fake, raw)
+        record.write(raw, hashlib.sha256(raw).hexdigest(), time.time())
         return time.perf_counter() - started
 
     def teardown() -> None:
@@ -744,7 +736,7 @@ def report(results: dict[str, Any]) -> str:
         )
         lines.append(
             "  other = rest of Reconciler.apply (the generation, table contents, counters);"
-            " record = Daemon._record_applied"
+            " record = AppliedRecord.write"
         )
         lines.append(
             f"  resync (no drift): median {_ms(p['resync'])} ms, of which nft list table + parse "

@@ -26,9 +26,9 @@ from typing import Any
 # (label, file, function): cumulative time of each, from the profile. Labels starting
 # with "of which" are parts of the stage above them (not counted again in shares).
 STAGES = (
-    ("read file", "natgwd/runtime/daemon.py", "_read"),
+    ("read file", "natgwd/runtime/statefile.py", "read"),
     ("validate (StateTracker.check)", "natgwd/state/tracker.py", "check"),
-    ("of which decoding in full", "natgwd/state/validation.py", "decode_text"),
+    ("of which decoding in full", "natgwd/state/decode.py", "decode_text"),
     ("of which the full validation (validate_document)", "natgwd/state/validation.py", "validate_document"),
     ("plan: assign_ids", "natgwd/planning/plan.py", "assign_ids"),
     ("plan in full (TablePlan)", "natgwd/planning/plan.py", "__init__"),
@@ -40,7 +40,7 @@ STAGES = (
     ("links (Netlink.apply)", "natgwd/kernel/netlink.py", "apply"),
     ("conntrack: changed filters (stale.changed_filters)", "natgwd/planning/stale.py", "changed_filters"),
     ("conntrack cleanup (_clean_conntrack)", "natgwd/runtime/reconciler.py", "_clean_conntrack"),
-    ("applied-state record", "natgwd/runtime/daemon.py", "_record_applied"),
+    ("applied-state record", "natgwd/runtime/record.py", "write"),
     ("total: Daemon.reconcile_file", "natgwd/runtime/daemon.py", "reconcile_file"),
 )
 
@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
     from natgwd.runtime.daemon import Daemon, DaemonConfig
     from natgwd.runtime.logs import configure
     from natgwd.runtime.reconciler import Announce, Reconciler
+    from natgwd.runtime.statefile import Reading
 
     directory = Path(argv[0])
     configure("json", "info")  # as the daemon logs (to stderr: the worker's log file)
@@ -99,11 +100,11 @@ def main(argv: list[str]) -> int:
         started = time.perf_counter()
         if profile is not None:
             profile.enable()
-        daemon.reconcile_file(force=False)
+        daemon.reconcile_file(Reading.CHANGED)
         if profile is not None:
             profile.disable()
         seconds = time.perf_counter() - started
-        readiness = daemon.readiness()
+        readiness = daemon.answers.readiness()
         if not readiness[0]:
             raise RuntimeError(f"{name} not applied: {readiness[1]}")
         return seconds

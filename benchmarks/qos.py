@@ -5,7 +5,7 @@ EIPs, and what reconciling that many limits costs natgwd.
 
 Three parts, each in namespaces it creates and deletes:
 
-- control plane: natgwd.qos.tc.KernelTc in a bare gateway namespace with N EIPs limited in
+- control plane: natgwd.kernel.tc.KernelTc in a bare gateway namespace with N EIPs limited in
   both directions: the first apply, an apply with nothing to change (what every resync
   does), one rate change, one scrape's statistics, and removing it all;
 - accuracy: natgwd in the seed lab, one limit at a time on the DNAT EIP (ingress, ext ->
@@ -77,7 +77,7 @@ def with_policy(state: dict[str, Any], name: str, direction: str, rate: float) -
 def _control_worker(namespace: str, count: int, queue: Any) -> None:
     from pyroute2 import netns
 
-    from natgwd.qos.tc import KernelTc
+    from natgwd.kernel.tc import KernelTc
 
     netns.setns(namespace)
     shaper = KernelTc()

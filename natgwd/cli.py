@@ -1,4 +1,4 @@
-"""Command line: run, check, render, status."""
+"""Command line: run, check, render, status, import, top, cleanup."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from natgwd import __version__
 from natgwd.bgp.status import NeighborStatus
-from natgwd.kubeovn import importer as kubeovn
-from natgwd.runtime import applied
-from natgwd.runtime.files import UnreadableStateError, read_state_file
+from natgwd.io import applied, paths
+from natgwd.io.files import UnreadableStateError, read_state_file
+from natgwd.kubeovn.importer import cli as kubeovn_import
 from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 
@@ -23,11 +23,10 @@ if TYPE_CHECKING:
     from natgwd.ha.scale_status import GroupStatus
     from natgwd.planning.table import TableContents
 
-APPLIED_STATE = "/var/lib/natgwd/applied.json"
-# Loopback: the drop-in's pod spec (the controller's) cannot pass an address, and any other
-# default would serve every rule name and counter on the EIPs or the external network.
-METRICS_ADDRESS = "127.0.0.1:9469"
-BGP_RUN_DIR = "/run/natgwd/bgp"
+# Loopback and the pod's own address (natgwd.runtime.listeners): the drop-in's pod spec (the
+# controller's) cannot pass an address, and 0.0.0.0 would serve every rule name and counter
+# on the EIPs and the external network.
+METRICS_ADDRESS = "auto:9469"
 GC_THRESHOLDS = (50_000, 20, 10)  # young, middle, old; Python defaults to (700, 10, 10)
 
 
@@ -74,6 +73,7 @@ def _render(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from natgwd.kernel.nft import KernelNft, NftError
+    from natgwd.kernel.tc import KernelTc
     from natgwd.qos.status import format_table as format_qos_table
     from natgwd.qos.status import kernel_statuses
     from natgwd.runtime.status import format_table, record_mismatch, rule_statuses
@@ -93,7 +93,7 @@ def _status(args: argparse.Namespace) -> int:
     if record and mismatch:
         record["mismatch"] = mismatch
         recorded = None  # another table's record: its QoS policies are not this table's either
-    shaping = kernel_statuses(recorded)
+    shaping = kernel_statuses(KernelTc(), recorded)
     groups = _group_statuses(recorded, table)
     bgp = _bgp_status(Path(args.bgp_run_dir))
     if args.json:
@@ -169,18 +169,27 @@ def _applied_record(path: Path) -> dict[str, str] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from collections.abc import Callable
+    from ipaddress import IPv4Address
 
     from prometheus_client import CollectorRegistry
 
     from natgwd.bgp.ownership import Ownership
     from natgwd.bgp.speaker import BgpSpeaker
-    from natgwd.ha.controller import HaController
+    from natgwd.ha.controller import HaController, HaKernel
     from natgwd.kernel.conntrack import ConntrackCleaner
-    from natgwd.kernel.netlink import Netlink, ensure_forwarding
+    from natgwd.kernel.garp import announce
+    from natgwd.kernel.netlink import (
+        Netlink,
+        ensure_forwarding,
+        ensure_no_redirects,
+        ensure_tcp_liberal,
+        ipv4_addresses,
+        set_handover_route,
+    )
     from natgwd.kernel.nft import KernelNft
+    from natgwd.kernel.tc import KernelTc
     from natgwd.observability.endings import Endings
     from natgwd.observability.options import watch_factory
-    from natgwd.qos.tc import KernelTc
     from natgwd.runtime.daemon import Daemon, DaemonConfig
     from natgwd.runtime.logs import configure
     from natgwd.runtime.reconciler import Announce, Reconciler
@@ -201,8 +210,12 @@ def _run(args: argparse.Namespace) -> int:
         cleaner = ConntrackCleaner(endings=endings if args.translation_log else None)
         return Reconciler(nft, Netlink(), ensure_forwarding, cleaner, announce, KernelTc())
 
+    def garp(interface: str, addresses: list[IPv4Address]) -> int:
+        return announce(interface, list(addresses), count=1)
+
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
-        return HaController(Path(args.ha_run_dir), count_garp, registry)
+        kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp, set_handover_route, ensure_no_redirects)
+        return HaController(Path(args.ha_run_dir), count_garp, registry, kernel)
 
     def bgp(ownership: Ownership) -> BgpSpeaker:
         return BgpSpeaker(Path(args.bgp_run_dir), ownership)
@@ -213,14 +226,14 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise StartupError(Exit.OBSERVE_OPTION, str(err), str(err).partition(" ")[0]) from None
         config = DaemonConfig(
-            Path(args.state),
-            parse_address(args.metrics_address),
-            args.resync_interval,
-            Path(args.applied_state) if args.applied_state else None,
-            args.allow_writable_state,
-            args.edit_port,
-            Path(args.edit_token),
-            args.edit_fold_after,
+            state_path=Path(args.state),
+            metrics_address=parse_address(args.metrics_address),
+            resync_interval=args.resync_interval,
+            applied_state_path=Path(args.applied_state) if args.applied_state else None,
+            allow_writable_state=args.allow_writable_state,
+            edit_port=args.edit_port,
+            edit_token_path=Path(args.edit_token),
+            edit_fold_after=args.edit_fold_after,
         )
         return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch, make_bgp=bgp).run()
     except StartupError as err:
@@ -230,7 +243,7 @@ def _run(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from natgwd.kernel.netlink import Netlink
     from natgwd.kernel.nft import KernelNft
-    from natgwd.qos.tc import KernelTc
+    from natgwd.kernel.tc import KernelTc
 
     if KernelNft().delete_table():
         print("deleted nftables table inet natgwd")
@@ -296,8 +309,9 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-address",
         default=os.environ.get("NATGWD_METRICS_ADDRESS") or METRICS_ADDRESS,
         help=(
-            "host:port for /metrics, /healthz, /readyz (default: $NATGWD_METRICS_ADDRESS, else "
-            f"{METRICS_ADDRESS}: never the EIPs or the external network; a pod passes its own address)"
+            "host:port for /metrics, /healthz, /readyz; auto:PORT: 127.0.0.1 and, once a state is applied, "
+            "eth0's addresses unless eth0 is external, holds an EIP or the address is in an external network "
+            f"(default: $NATGWD_METRICS_ADDRESS, else {METRICS_ADDRESS})"
         ),
     )
     run.add_argument("--resync-interval", type=_positive, default=10.0, help="seconds between drift checks")
@@ -314,15 +328,17 @@ def parser() -> argparse.ArgumentParser:
         help="the least severe lines logged; debug adds each HTTP request and the HA peers' hellos",
     )
     run.add_argument(
-        "--applied-state", default=APPLIED_STATE, help="where to record the last applied state ('' for nowhere)"
+        "--applied-state",
+        default=str(paths.APPLIED_STATE),
+        help="where to record the last applied state ('' for nowhere)",
     )
     add_allow_writable(run)
     run.add_argument(
-        "--ha-run-dir", default="/run/natgwd", help="with an ha section: keepalived's and conntrackd's files"
+        "--ha-run-dir", default=str(paths.HA_RUN_DIR), help="with an ha section: keepalived's and conntrackd's files"
     )
     run.add_argument(
         "--bgp-run-dir",
-        default=BGP_RUN_DIR,
+        default=str(paths.BGP_RUN_DIR),
         help="with a bgp section: FRR's files (configuration, sockets; owned by user frr)",
     )
     run.add_argument(
@@ -333,13 +349,15 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--edit-token",
-        default="/var/lib/natgwd/edit.token",
+        default=str(paths.EDIT_TOKEN),
         help="with --edit-port: the file (mode 0600) natgwd writes the port and the callers' secret to",
     )
+    from natgwd.kubeovn.shim.service import COMPACT_IDLE_SECONDS
+
     run.add_argument(
         "--edit-fold-after",
         type=_positive,
-        default=1.0,
+        default=COMPACT_IDLE_SECONDS,
         help="with --edit-port: seconds without a call before the calls' log is folded into the state file",
     )
     from natgwd.observability.options import add_arguments as add_observe_arguments
@@ -360,15 +378,19 @@ def parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the rules and QoS classes in the kernel with their live counters")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.add_argument("--applied-state", default=APPLIED_STATE, help="the daemon's record of the applied state")
-    status.add_argument("--bgp-run-dir", default=BGP_RUN_DIR, help="the BGP speaker's FRR directory (natgwd run's)")
+    status.add_argument(
+        "--applied-state", default=str(paths.APPLIED_STATE), help="the daemon's record of the applied state"
+    )
+    status.add_argument(
+        "--bgp-run-dir", default=str(paths.BGP_RUN_DIR), help="the BGP speaker's FRR directory (natgwd run's)"
+    )
     status.set_defaults(func=_status)
 
     imported = sub.add_parser(
         "import", help="write the desired state of a Kube-OVN VPC NAT gateway from its objects (kubectl get -o yaml)"
     )
-    kubeovn.add_arguments(imported)
-    imported.set_defaults(func=kubeovn.run)
+    kubeovn_import.add_arguments(imported)
+    imported.set_defaults(func=kubeovn_import.run)
 
     from natgwd.observability import top as top_view
 
@@ -380,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
         "cleanup",
         help="remove everything natgwd created (table, QoS qdiscs and IFB, addresses and routes): decommissioning",
     )
-    cleanup.add_argument("--applied-state", default=APPLIED_STATE)
+    cleanup.add_argument("--applied-state", default=str(paths.APPLIED_STATE))
     cleanup.set_defaults(func=_cleanup)
     return top
 

@@ -9,7 +9,7 @@ from prometheus_client.registry import Collector
 
 from natgwd.bgp.speaker import DAEMONS, Snapshot
 from natgwd.bgp.status import BFD_STATES, BGP_STATES
-from natgwd.ha.supervisor import ChildStatus
+from natgwd.process.supervisor import ChildStatus
 
 
 class BgpCollector(Collector):

@@ -44,7 +44,7 @@ from natgwd.bgp.render import (
 )
 from natgwd.bgp.status import NeighborStatus
 from natgwd.bgp.vtysh import Vtysh
-from natgwd.ha.supervisor import ChildSpec, ChildStatus, Supervisor, remove_stale
+from natgwd.process.supervisor import ChildSpec, ChildStatus, Supervisor, remove_stale
 from natgwd.state.bgp import BgpConfig
 from natgwd.state.model import DesiredState, IPNetwork
 

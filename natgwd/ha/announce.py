@@ -17,19 +17,20 @@ from ipaddress import IPv4Address
 
 import structlog
 
-from natgwd.kernel.garp import announce
-
 log = structlog.get_logger("natgwd.ha.announce")
 
 ROUNDS = 3
 INTERVAL_SECONDS = 1.0
 
 Addresses = dict[str, list[IPv4Address]]
+# One gratuitous ARP frame for each address out of the interface; the frames sent.
+Send = Callable[[str, list[IPv4Address]], int]
 
 
 class ActiveAnnouncer:
-    def __init__(self, active: Callable[[], bool], on_sent: Callable[[str, int], None]) -> None:
+    def __init__(self, active: Callable[[], bool], send: Send, on_sent: Callable[[str, int], None]) -> None:
         self._active = active
+        self._send_frames = send
         self._on_sent = on_sent
         self._requests: queue.SimpleQueue[Addresses] = queue.SimpleQueue()
         threading.Thread(target=self._work, name="natgwd-ha-garp", daemon=True).start()
@@ -56,7 +57,7 @@ class ActiveAnnouncer:
         if not addresses:
             return
         try:
-            sent = announce(interface, list(addresses), count=1)
+            sent = self._send_frames(interface, list(addresses))
         except OSError as err:
             log.error("gratuitous ARP failed", interface=interface, error=str(err))
             return

@@ -18,12 +18,8 @@ loaded, so a takeover only moves addresses.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import socket
-import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -34,54 +30,46 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
-from pyroute2 import IPRoute
 
 from natgwd.bgp.ownership import NOTHING, Claims
-from natgwd.ha.announce import ActiveAnnouncer
-from natgwd.ha.config import HELLO_PORT, HaConfig, HaMember, virtual_addresses
-from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
-from natgwd.ha.peer import PeerLink
+from natgwd.ha.announce import ActiveAnnouncer, Send
+from natgwd.ha.conntrackd import BACKUP_COMMANDS, MASTER_COMMANDS, Conntrackd
+from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot
+from natgwd.ha.notify import NotifyFifo
+from natgwd.ha.peer import PeerCheck
 from natgwd.ha.render import INSTANCE, HaPaths, conntrackd_conf, keepalived_conf
-from natgwd.ha.scale import HEALED, ScaleController
+from natgwd.ha.roles import CONNTRACKD, KEEPALIVED, Event, Role
+from natgwd.ha.scale import ScaleController
 from natgwd.ha.scale_metrics import ScaleMetrics
-from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.state.ha import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.state.model import DesiredState
-from natgwd.state.validation import Problem
+from natgwd.state.problems import Problem
 
 log = structlog.get_logger("natgwd.ha.controller")
-
-# conntrackd injects the peer's entries into the kernel as they arrive (DisableExternalCache),
-# so a new active has nothing to commit: it makes its own cache the kernel's table (-f
-# internal, -R) and sends it all to the peer (-B). Plain -f would flush the injected
-# entries from the kernel. A new standby asks the active for its table (-n).
-MASTER_COMMANDS = (("-f", "internal"), ("-R",), ("-B",))
-BACKUP_COMMANDS = (("-n",),)
-COMMAND_TIMEOUT_SECONDS = 10.0
-# Both members translate every synced connection the same way; with liberal TCP window
-# tracking either one forwards any packet of it, whatever the other saw of the stream. That
-# makes a split brain harmless for established connections, and a takeover too when the
-# stream moved on while the entry was on its way.
-TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 
 @dataclass(frozen=True)
 class Binaries:
+    """The programs' names or paths (not the children's names, though they read the same)."""
+
     keepalived: str = "keepalived"
     conntrackd: str = "conntrackd"
 
 
-def parse_notify(line: str) -> str | None:
-    """The role in a notify FIFO line (`INSTANCE "natgwd" MASTER 150`), lower case."""
-    parsed = parse_notify_instance(line)
-    return parsed[1] if parsed else None
+@dataclass(frozen=True)
+class HaKernel:
+    """What a member asks of the kernel, passed in as the reconciler's shells are (tests
+    pass fakes): the IPv4 addresses on an interface, liberal TCP window tracking set
+    (True when it was not), gratuitous ARP for addresses taken over; scaled out, a
+    group's hand-over route (table, via or None, interface) and ICMP redirects off for a
+    scope (True when they were on); all raise OSError."""
 
-
-def parse_notify_instance(line: str) -> tuple[str, str] | None:
-    """(instance, role) of a notify FIFO line (`INSTANCE "g1" BACKUP 190`), the role lower case."""
-    parts = line.split()
-    if len(parts) >= 3 and parts[0] == "INSTANCE":
-        return parts[1].strip('"'), parts[2].lower()
-    return None
+    addresses: Callable[[str], list[IPv4Address]]
+    tcp_liberal: Callable[[], bool]
+    garp: Send
+    handover_route: Callable[[int, IPv4Address | None, str], None]
+    no_redirects: Callable[[str], bool]
 
 
 class HaController:
@@ -90,11 +78,15 @@ class HaController:
         run_dir: Path,
         on_garp_sent: Callable[[str, int], None],
         registry: CollectorRegistry,
+        kernel: HaKernel,
         binaries: Binaries = Binaries(),
     ) -> None:
         self.paths = HaPaths(run_dir)
         self.binaries = binaries
-        self._announcer = ActiveAnnouncer(lambda: self._role == "master", on_garp_sent)
+        self._kernel = kernel
+        self._conntrackd = Conntrackd(binaries.conntrackd, self.paths.conntrackd_conf)
+        self._fifo = NotifyFifo(self.paths.notify_fifo, self._on_instance_notice)
+        self._announcer = ActiveAnnouncer(lambda: self._role == Role.MASTER, kernel.garp, on_garp_sent)
         self._master_since: float | None = None  # monotonic
         self.metrics = HaMetrics(registry, self._configured)
         registry.register(HaCollector(self._snapshot))
@@ -105,17 +97,23 @@ class HaController:
         self._members: tuple[HaMember, HaMember] | None = None
         self._written: dict[Path, str] = {}
         self._keepalived_started = False
-        self._peer: PeerLink | None = None
+        self._peer = PeerCheck()
         self._problem: str | None = None
-        self._role = "init"
-        self._peer_state_told: bool | None = None
-        self._fifo_thread: threading.Thread | None = None
+        self._role = Role.INIT
         self._resync: Callable[[], None] = lambda: None
         self._role_listeners: list[Callable[[], None]] = []
         # A scaled-out member (the `scaleOut` section) shares the run directory, the
         # notify FIFO and the supervisor.
         self.scale = ScaleController(
-            self.paths, ScaleMetrics(registry, self._scaled_out), binaries.keepalived, binaries.conntrackd, on_garp_sent
+            self.paths,
+            ScaleMetrics(registry, self._scaled_out),
+            binaries.keepalived,
+            binaries.conntrackd,
+            kernel.garp,
+            on_garp_sent,
+            kernel.handover_route,
+            kernel.addresses,
+            kernel.no_redirects,
         )
 
     # --- the daemon's calls ------------------------------------------------------------
@@ -125,7 +123,7 @@ class HaController:
         route through an interface whose last address keepalived just removed."""
         self._resync = resync
         self._supervisor = Supervisor()
-        self.scale.start(self._supervisor, self._write, lambda: self._conntrackd(MASTER_COMMANDS))
+        self.scale.start(self._supervisor, self._write, lambda: self._conntrackd.run(MASTER_COMMANDS))
 
     def stop(self) -> None:
         """Stop keepalived (it gives the addresses up at once: priority 0) and conntrackd."""
@@ -144,7 +142,7 @@ class HaController:
             if state.scale_out is not None:
                 self._stop_member()
                 self.paths.directory.mkdir(parents=True, exist_ok=True)
-                self._ensure_fifo()
+                self._fifo.ensure()
                 self._liberal()
                 self.scale.applied(state, complete)
                 return
@@ -167,7 +165,7 @@ class HaController:
         """What is applied changed with no new state to act on (nat-gateway.sh calls recorded)."""
         with self._lock:
             self._digest = digest
-            self._check_peer_state()
+            self._peer.tell(digest)
 
     def check(self, state: DesiredState) -> list[Problem]:
         """What makes `state` unusable on this member, before anything is applied."""
@@ -180,12 +178,12 @@ class HaController:
                 return self.scale.readiness()
             if state is None or state.ha is None:
                 return None, {}
-            detail: dict[str, Any] = {"role": self._role}
+            detail: dict[str, Any] = {"role": str(self._role)}
             if self._members is not None:
                 me, peer = self._members
                 detail.update(me=str(me.address), peer=str(peer.address))
-            if self._peer is not None:
-                view = self._peer.view()
+            view = self._peer.view()
+            if view is not None:
                 detail.update(peer_reachable=view.reachable, peer_role=view.role, peer_sha256=view.sha256)
             reasons = [self._problem] if self._problem else []
             statuses = self._supervisor.statuses() if self._supervisor else {}
@@ -202,9 +200,9 @@ class HaController:
         """The active member owns every EIP, the standby stands by for every one; a gateway
         without an ha section is alone and owns them all."""
         names = frozenset(e.name for e in state.eips)
-        if state.ha is None or self._role == "master":
+        if state.ha is None or self._role == Role.MASTER:
             return Claims(names)
-        if self._role == "backup":
+        if self._role == Role.BACKUP:
             return Claims(frozenset(), names)
         return NOTHING  # init, fault, stopped: whoever announces, not this member
 
@@ -224,13 +222,7 @@ class HaController:
     def _resolve(self, ha: HaConfig) -> tuple[HaMember, HaMember] | None:
         """Which member this is, by the addresses on the sync interface."""
         try:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=ha.interface)
-                present = (
-                    [IPv4Address(m.get("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET, index=found[0])]
-                    if found
-                    else []
-                )
+            present = self._kernel.addresses(ha.interface)
         except OSError as err:
             self._problem = f"cannot read the addresses of {ha.interface}: {err}"
             return None
@@ -242,7 +234,7 @@ class HaController:
             return None
         if members != self._members:
             log.info("HA member", me=str(members[0].address), peer=str(members[1].address))
-            self._stop_peer()
+            self._peer.stop()
             self._members = members
         return members
 
@@ -250,7 +242,7 @@ class HaController:
         assert self._supervisor is not None
         paths = self.paths
         paths.directory.mkdir(parents=True, exist_ok=True)
-        self._ensure_fifo()
+        self._fifo.ensure()
         ctd_text = conntrackd_conf(ha, me, peer, paths)
         self._write(paths.conntrackd_conf, ctd_text)
         if ha.conntrack_sync:
@@ -258,20 +250,20 @@ class HaController:
             version = hashlib.sha256(ctd_text.encode()).hexdigest()[:12]
             self._supervisor.run(
                 ChildSpec(
-                    "conntrackd",
+                    CONNTRACKD,
                     (self.binaries.conntrackd, "-C", str(paths.conntrackd_conf)),
                     prepare=lambda: remove_stale(paths.conntrackd_lock),
                     version=version,
                 )
             )
         else:
-            self._supervisor.remove("conntrackd")
+            self._supervisor.remove(CONNTRACKD)
         text = keepalived_conf(ha, me, peer, virtual_addresses(state), paths, state.internal.interface)
         changed = self._write(paths.keepalived_conf, text)
         if not self._keepalived_started:
             self._supervisor.run(
                 ChildSpec(
-                    "keepalived",
+                    KEEPALIVED,
                     (
                         self.binaries.keepalived,
                         *("--vrrp", "--dont-fork", "--log-console", "--log-detail"),
@@ -286,19 +278,17 @@ class HaController:
         elif changed:
             # A reload, not a restart: a restart would give the addresses up.
             log.info("reloading keepalived for the new addresses")
-            self._supervisor.signal("keepalived", 1)  # SIGHUP
-        if self._peer is None:
-            self._peer = PeerLink(ha.interface, me.address, peer.address, HELLO_PORT, self._hello, self._peer_returned)
-        self._check_peer_state()
+            self._supervisor.signal(KEEPALIVED, 1)  # SIGHUP
+        self._peer.start(ha.interface, me.address, peer.address, HELLO_PORT, self._hello, self._peer_returned)
+        self._peer.tell(self._digest)
 
     def _liberal(self) -> None:
         try:
-            if TCP_BE_LIBERAL.read_text().strip() != "1":
-                TCP_BE_LIBERAL.write_text("1\n")
-                log.info("TCP window tracking set liberal for HA", sysctl=str(TCP_BE_LIBERAL))
+            if self._kernel.tcp_liberal():
+                log.info("TCP window tracking set liberal for HA")
         except OSError as err:
             # Read-only /proc/sys: the pod's securityContext.sysctls sets it (deploy/).
-            log.warning("cannot set TCP window tracking liberal", sysctl=str(TCP_BE_LIBERAL), error=str(err))
+            log.warning("cannot set TCP window tracking liberal", error=str(err))
 
     def _write(self, path: Path, text: str) -> bool:
         if self._written.get(path) == text:
@@ -309,56 +299,36 @@ class HaController:
         self._written[path] = text
         return True
 
-    def _ensure_fifo(self) -> None:
-        path = self.paths.notify_fifo
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISFIFO(path.lstat().st_mode):
-                path.unlink()
-        with contextlib.suppress(FileExistsError):
-            os.mkfifo(path, 0o600)
-        if self._fifo_thread is None:
-            self._fifo_thread = threading.Thread(target=self._read_fifo, name="natgwd-ha-notify", daemon=True)
-            self._fifo_thread.start()
+    def _on_instance_notice(self, instance: str, notice: Role | Event) -> None:
+        if instance == INSTANCE:
+            self._on_notice(notice)
+        else:
+            self.scale.on_role(instance, notice)
 
-    def _read_fifo(self) -> None:
-        # Read-write: the FIFO never reports end of file when keepalived restarts.
-        fd = os.open(self.paths.notify_fifo, os.O_RDWR)
-        with os.fdopen(fd, "rb", buffering=0) as fifo:
-            for raw in fifo:
-                parsed = parse_notify_instance(raw.decode(errors="replace"))
-                if parsed is None:
-                    continue
-                instance, role = parsed
-                if instance == INSTANCE:
-                    self._on_role(role)
-                else:
-                    self.scale.on_role(instance, role)
-
-    def _on_role(self, role: str) -> None:
-        if role == HEALED:
+    def _on_notice(self, notice: Role | Event) -> None:
+        if notice is Event.HEALED:
             log.warning("the peer was active too (split brain); it yields now, this member stays active")
             self._announce_all()
             return
+        role = Role(notice)
         with self._lock:
             previous, self._role = self._role, role
             state = self._state
-            self._master_since = time.monotonic() if role == "master" else None
-        log.info("HA role changed", role=role, previous=previous)
+            self._master_since = time.monotonic() if role == Role.MASTER else None
+        log.info("HA role changed", role=str(role), previous=str(previous))
         self._tell_role_listeners()
         self._resync()
-        self.metrics.set_role(role)
-        self.metrics.transitions.labels(role).inc()
-        self.metrics.last_transition.set(time.time())
+        self.metrics.role_changed(role)
         if state is None or state.ha is None:
             return
-        if role == "master":
+        if role == Role.MASTER:
             if state.ha.conntrack_sync:
                 started = time.monotonic()
-                self._conntrackd(MASTER_COMMANDS)
+                self._conntrackd.run(MASTER_COMMANDS)
                 self.metrics.takeover_seconds.set(time.monotonic() - started)
             self._announce_all()
-        elif role in ("backup", "fault") and state.ha.conntrack_sync:
-            self._conntrackd(BACKUP_COMMANDS)
+        elif role in (Role.BACKUP, Role.FAULT) and state.ha.conntrack_sync:
+            self._conntrackd.run(BACKUP_COMMANDS)
 
     def _peer_returned(self, silent_since: float) -> None:
         """The peer is heard again after a silence. It may have taken the addresses
@@ -372,7 +342,7 @@ class HaController:
         FTFW resend queue delivers what it sent into the cut link anyway.)"""
         with self._lock:
             since = self._master_since
-        log.warning("the peer is reachable again", role=self._role)
+        log.warning("the peer is reachable again", role=str(self._role))
         if since is not None and since <= silent_since:
             self._announce_all()
 
@@ -382,45 +352,8 @@ class HaController:
             return
         self._announcer.request({name: [a.ip for a in values] for name, values in virtual_addresses(state).items()})
 
-    def _conntrackd(self, commands: tuple[tuple[str, ...], ...]) -> None:
-        for args in commands:
-            argv = [self.binaries.conntrackd, "-C", str(self.paths.conntrackd_conf), *args]
-            try:
-                result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS)
-            except (OSError, subprocess.TimeoutExpired) as err:
-                log.error("conntrackd command failed", argv=argv, error=str(err))
-                continue
-            output = (result.stdout + result.stderr).strip()
-            if result.returncode:
-                log.error("conntrackd command failed", argv=argv, code=result.returncode, output=output)
-            else:
-                log.info("conntrackd command", argv=argv, output=output)
-
     def _hello(self) -> tuple[str | None, str]:
-        return self._digest, self._role
-
-    def _check_peer_state(self) -> None:
-        match = self._peer_state_match()
-        if match is None or match == self._peer_state_told:
-            return
-        self._peer_state_told = match
-        if match:
-            log.info("the peer applied the same desired state", sha256=(self._digest or "")[:12])
-        else:
-            view = self._peer.view() if self._peer else None
-            log.warning(
-                "the peer applied a different desired state",
-                sha256=(self._digest or "")[:12],
-                peer_sha256=(view.sha256 or "")[:12] if view else None,
-            )
-
-    def _peer_state_match(self) -> bool | None:
-        if self._peer is None:
-            return None
-        view = self._peer.view()
-        if not view.reachable or view.sha256 is None:
-            return None
-        return view.sha256 == self._digest
+        return self._digest, str(self._role)
 
     def _scaled_out(self) -> bool:
         state = self._state
@@ -437,47 +370,33 @@ class HaController:
         if scaled:
             assert self._supervisor is not None
             statuses = self._supervisor.statuses()
-            conntrackd = statuses.get("conntrackd")
-            stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
+            conntrackd = statuses.get(CONNTRACKD)
+            stats = self._conntrackd.stats() if conntrackd is not None and conntrackd.up else None
             return HaSnapshot(statuses, None, None, stats, self._supervisor.errors)
         with self._lock:
             if state is None or state.ha is None or self._supervisor is None:
                 return None
-            self._check_peer_state()
+            self._peer.tell(self._digest)
             statuses = self._supervisor.statuses()
             errors = self._supervisor.errors
-            view = self._peer.view() if self._peer else None
-            match = self._peer_state_match()
-        conntrackd = statuses.get("conntrackd")
-        stats = self._conntrackd_stats() if conntrackd is not None and conntrackd.up else None
+            view = self._peer.view()
+            match = self._peer.same_state(self._digest)
+        conntrackd = statuses.get(CONNTRACKD)
+        stats = self._conntrackd.stats() if conntrackd is not None and conntrackd.up else None
         return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats, errors)
-
-    def _conntrackd_stats(self) -> dict[str, int] | None:
-        texts = []
-        for extra in ((), ("queue",)):
-            argv = [self.binaries.conntrackd, "-C", str(self.paths.conntrackd_conf), "-s", *extra]
-            try:
-                result = subprocess.run(argv, capture_output=True, text=True, timeout=5)
-            except (OSError, subprocess.TimeoutExpired) as err:
-                log.warning("cannot read conntrackd statistics", error=str(err))
-                return None
-            if result.returncode:
-                return None
-            texts.append(result.stdout)
-        return parse_stats(*texts)
 
     def _wanted_children(self, ha: HaConfig) -> list[str]:
         if not self._keepalived_started:
             return []
-        return ["keepalived", "conntrackd"] if ha.conntrack_sync else ["keepalived"]
+        return [KEEPALIVED, CONNTRACKD] if ha.conntrack_sync else [KEEPALIVED]
 
     def _keepalived_exited(self, _name: str, _code: int) -> None:
         # keepalived killed hard leaves its addresses behind; the next one removes them
         # as it starts (it enters BACKUP by removing every configured address).
         # Not under self._lock: the supervisor thread calls this, and _stop_member holds the
         # lock while it waits for that thread.
-        self._role = "init"
-        self.metrics.set_role("init")
+        self._role = Role.INIT
+        self.metrics.set_role(Role.INIT)
         self._tell_role_listeners()
 
     def _clear_keepalived_pids(self) -> None:
@@ -486,18 +405,13 @@ class HaController:
         for path in (self.paths.keepalived_pid, self.paths.vrrp_pid):
             remove_stale(path)
 
-    def _stop_peer(self) -> None:
-        if self._peer is not None:
-            self._peer.stop()
-            self._peer = None
-
     def _stop_member(self) -> None:
         if self._supervisor is not None and self._keepalived_started:
-            self._supervisor.remove("keepalived")
-            self._supervisor.remove("conntrackd")
+            self._supervisor.remove(KEEPALIVED)
+            self._supervisor.remove(CONNTRACKD)
             # keepalived took its addresses along, the ones natgwd now configures itself
             # without an `ha` section included: put them back.
             self._resync()
         self._keepalived_started = False
-        self._stop_peer()
+        self._peer.stop()
         self._members = None

@@ -4,6 +4,7 @@ and conntrackd's sync statistics (read from `conntrackd -s` at scrape time)."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -11,10 +12,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from natgwd.ha.supervisor import ChildStatus
+from natgwd.ha.roles import CHILDREN, Role
+from natgwd.process.supervisor import ChildStatus
 
-ROLES = ("master", "backup", "fault", "stop")
-CHILDREN = ("keepalived", "conntrackd")
+ROLES = tuple(role for role in Role if role is not Role.INIT)  # init is exported as none of them
 
 
 class HaMetrics:
@@ -49,9 +50,14 @@ class HaMetrics:
             self.role.labels(role)
             self.transitions.labels(role)
 
-    def set_role(self, role: str) -> None:
+    def set_role(self, role: Role) -> None:
         for name in ROLES:
             self.role.labels(name).set(1 if name == role else 0)
+
+    def role_changed(self, role: Role) -> None:
+        self.set_role(role)
+        self.transitions.labels(role).inc()
+        self.last_transition.set(time.time())
 
 
 class WhileActive(Collector):

@@ -115,3 +115,57 @@ class PeerLink:
                 self._heard, self._heard_at = hello, time.monotonic()
                 if silent_since is not None:
                     self._on_return(silent_since)
+
+
+class PeerCheck:
+    """The link to the current peer, and whether it applied the same state as this member:
+    said in the log once per change."""
+
+    def __init__(self) -> None:
+        self._link: PeerLink | None = None
+        self._told: bool | None = None
+
+    def start(
+        self,
+        interface: str,
+        me: IPv4Address,
+        peer: IPv4Address,
+        port: int,
+        mine: Callable[[], tuple[str | None, str]],
+        on_return: Callable[[float], None],
+    ) -> None:
+        """Hellos to `peer` (nothing more when they are sent already)."""
+        if self._link is None:
+            self._link = PeerLink(interface, me, peer, port, mine, on_return)
+
+    def stop(self) -> None:
+        if self._link is not None:
+            self._link.stop()
+            self._link = None
+
+    def view(self) -> PeerView | None:
+        """What the peer says (None: no peer to ask)."""
+        return self._link.view() if self._link is not None else None
+
+    def same_state(self, digest: str | None) -> bool | None:
+        """Whether the peer applied `digest` (None: the peer is not heard, or said none)."""
+        view = self.view()
+        if view is None or not view.reachable or view.sha256 is None:
+            return None
+        return view.sha256 == digest
+
+    def tell(self, digest: str | None) -> None:
+        """Log whether the peer applied the same state, when that changed."""
+        match = self.same_state(digest)
+        if match is None or match == self._told:
+            return
+        self._told = match
+        if match:
+            log.info("the peer applied the same desired state", sha256=(digest or "")[:12])
+        else:
+            view = self.view()
+            log.warning(
+                "the peer applied a different desired state",
+                sha256=(digest or "")[:12],
+                peer_sha256=(view.sha256 or "")[:12] if view else None,
+            )

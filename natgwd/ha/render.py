@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from natgwd.ha.config import CONNTRACKD_PORT, HaConfig, HaMember
+from natgwd.state.ha import CONNTRACKD_PORT, HaConfig, HaMember
 
 INSTANCE = "natgwd"
 

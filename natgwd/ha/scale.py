@@ -16,36 +16,29 @@ The groups' EIPs this member holds are published on `ownership` for announcement
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
-from pathlib import Path
 from typing import Any
 
 import structlog
-from pyroute2 import IPRoute
 
 from natgwd.ha.adverts import AdvertListener
-from natgwd.ha.announce import ActiveAnnouncer
+from natgwd.ha.announce import ActiveAnnouncer, Send
 from natgwd.ha.ownership import Ownership
 from natgwd.ha.render import HaPaths
+from natgwd.ha.roles import CONNTRACKD, KEEPALIVED, Event, Role
 from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.ha.scale_render import conntrackd_conf, group_of_instance, instance_name, keepalived_conf
-from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
-from natgwd.kernel.netlink import set_handover_route
+from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
 from natgwd.state.model import DesiredState
+from natgwd.state.problems import Problem
 from natgwd.state.scaleout import EipGroup, ScaleOutConfig
-from natgwd.state.validation import Problem
 
 log = structlog.get_logger("natgwd.ha.scale")
 
-# keepalived's event for an active member that hears a lower priority: another member was
-# active too (a healed split brain, or a preempted owner's last adverts). This one stays
-# active and announces its addresses again (garp_lower_prio_repeat in keepalived.conf).
-HEALED = "master_rx_lower_pri"
 # A member is seen while its adverts keep coming; backups send none, so a member that owns
 # nothing is not seen (the metric says so).
 SEEN_SECONDS = 3.0
@@ -72,28 +65,6 @@ def group_addresses(state: DesiredState, config: ScaleOutConfig) -> dict[int, tu
     return {index: tuple(dict.fromkeys(values)) for index, values in addresses.items()}
 
 
-def no_redirects(interface: str) -> None:
-    """A member sends handed-over packets back out of the interface they came in by: with
-    ICMP redirects the LAN's router would be told to send them to the owner itself, past
-    ECMP (and past its dead-member detection)."""
-    for scope in ("all", interface):
-        path = Path(f"/proc/sys/net/ipv4/conf/{scope}/send_redirects")
-        try:
-            if path.read_text().strip() != "0":
-                path.write_text("0\n")
-                log.info("ICMP redirects off", sysctl=str(path))
-        except OSError as err:
-            log.warning("cannot turn ICMP redirects off", sysctl=str(path), error=str(err))
-
-
-def local_addresses(interface: str) -> list[IPv4Address]:
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=interface)
-        if not found:
-            return []
-        return [IPv4Address(m.get("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET, index=found[0])]
-
-
 class ScaleController:
     def __init__(
         self,
@@ -101,18 +72,21 @@ class ScaleController:
         metrics: ScaleMetrics,
         keepalived: str,
         conntrackd: str,
+        garp: Send,
         on_garp_sent: Callable[[str, int], None],
-        set_route: Callable[[int, IPv4Address | None, str], None] = set_handover_route,
-        addresses_of: Callable[[str], list[IPv4Address]] = local_addresses,
+        set_route: Callable[[int, IPv4Address | None, str], None],
+        addresses_of: Callable[[str], list[IPv4Address]],
+        no_redirects: Callable[[str], bool],
         listen: Callable[[str, Callable[[IPv4Address, int, int], None]], AdvertListener] = AdvertListener,
     ) -> None:
         self.paths = paths
         self.metrics = metrics
         self.ownership = Ownership()
         self._keepalived, self._conntrackd = keepalived, conntrackd
-        self._on_garp_sent = on_garp_sent
+        self._garp, self._on_garp_sent = garp, on_garp_sent
         self._set_route = set_route
         self._addresses_of = addresses_of
+        self._no_redirects = no_redirects
         self._listen = listen
         self._lock = threading.RLock()
         self._supervisor: Supervisor | None = None
@@ -120,7 +94,7 @@ class ScaleController:
         self._member: Member | None = None
         self._problem: str | None = None
         self._keepalived_started = False
-        self._roles: dict[int, str] = {}  # this member's VRRP role per group
+        self._roles: dict[int, Role] = {}  # this member's VRRP role per group
         self._owners: dict[int, IPv4Address] = {}  # each group's owner as last heard
         self._routes: dict[int, IPv4Address | None] = {}  # what each hand-over table holds
         self._seen: dict[IPv4Address, float] = {}
@@ -179,7 +153,7 @@ class ScaleController:
             if self._member is not None and self._member != member:
                 self.leave()
             self._member, self._problem = member, None
-            no_redirects(config.interface)
+            self._redirects_off(config.interface)
             self._run(state, member)
             self._publish()
 
@@ -188,8 +162,8 @@ class ScaleController:
         the hand-over tables are emptied."""
         with self._lock:
             if self._supervisor is not None and self._keepalived_started:
-                self._supervisor.remove("keepalived")
-                self._supervisor.remove("conntrackd")
+                self._supervisor.remove(KEEPALIVED)
+                self._supervisor.remove(CONNTRACKD)
             self._keepalived_started = False
             if self._listener is not None:
                 self._listener.stop()
@@ -226,20 +200,23 @@ class ScaleController:
                     reasons.append(f"{name} is not running (restarts: {status.restarts if status else 0})")
             return "; ".join(reasons) or None, {"scale_out": detail}
 
-    def on_role(self, instance: str, role: str) -> None:
-        """A line of keepalived's notify FIFO for one of the groups' instances."""
+    def on_role(self, instance: str, role: Role | Event) -> None:
+        """A line of keepalived's notify FIFO for one of the groups' instances (Event.HEALED:
+        another member owned the group too, a healed split brain or a preempted owner's
+        last adverts; this one keeps it and announces its addresses again)."""
         index = group_of_instance(instance)
         with self._lock:
             member = self._member
             if index is None or member is None or index >= len(member.config.groups):
                 return
             group = member.config.groups[index]
-            if role == HEALED:
+            if role is Event.HEALED:
                 log.warning("another member owned this group too; it yields, this member keeps it", group=instance)
                 self._announce(group)
                 return
+            role = Role(role)
             previous, self._roles[index] = self._roles.get(index), role
-            if role == "master":
+            if role == Role.MASTER:
                 self._owners[index] = member.address
             elif self._owners.get(index) == member.address:
                 del self._owners[index]  # the next advert says who took it
@@ -247,7 +224,7 @@ class ScaleController:
             self._publish()
         log.info("group role changed", group=instance, role=role, previous=previous)
         self.metrics.ownership_changes.labels(instance, role).inc()
-        if role == "master":
+        if role == Role.MASTER:
             self._announce(group)
             if member.config.conntrack_sync:
                 self._on_takeover()
@@ -277,14 +254,14 @@ class ScaleController:
         if config.conntrack_sync:
             self._supervisor.run(
                 ChildSpec(
-                    "conntrackd",
+                    CONNTRACKD,
                     (self._conntrackd, "-C", str(paths.conntrackd_conf)),
                     prepare=lambda: remove_stale(paths.conntrackd_lock),
                     version=hashlib.sha256(ctd_text.encode()).hexdigest()[:12],
                 )
             )
         else:
-            self._supervisor.remove("conntrackd")
+            self._supervisor.remove(CONNTRACKD)
         text = keepalived_conf(config, member.index, group_addresses(state, config), state.external.interface, paths)
         changed = self._write(paths.keepalived_conf, text)
         if self._listener is None:
@@ -292,7 +269,7 @@ class ScaleController:
         if not self._keepalived_started:
             self._supervisor.run(
                 ChildSpec(
-                    "keepalived",
+                    KEEPALIVED,
                     (
                         self._keepalived,
                         *("--vrrp", "--dont-fork", "--log-console", "--log-detail"),
@@ -306,7 +283,7 @@ class ScaleController:
             self._keepalived_started = True
         elif changed:
             log.info("reloading keepalived for the new groups or addresses")
-            self._supervisor.signal("keepalived", 1)  # SIGHUP: a restart would give every group up
+            self._supervisor.signal(KEEPALIVED, 1)  # SIGHUP: a restart would give every group up
         for group in config.groups:
             self._route(group, self._handover_target(group))
 
@@ -317,7 +294,7 @@ class ScaleController:
                 return
             self._seen[source] = time.monotonic()
             group = next((g for g in member.config.groups if g.virtual_router_id == vrid), None)
-            if group is None or self._roles.get(group.index) == "master":
+            if group is None or self._roles.get(group.index) == Role.MASTER:
                 return
             if priority == 0:
                 # The owner gives the group up (it stops); the next master will advertise.
@@ -349,7 +326,7 @@ class ScaleController:
         log.info("hand-over route", group=instance_name(group), via=str(via) if via else "translated here")
 
     def _owns(self, group: EipGroup) -> bool:
-        return self._roles.get(group.index) == "master"
+        return self._roles.get(group.index) == Role.MASTER
 
     def _owner(self, group: EipGroup) -> IPv4Address | None:
         return self._owners.get(group.index)
@@ -370,16 +347,27 @@ class ScaleController:
         announcer = self._announcers.get(group.index)
         if announcer is None:
             index = group.index
-            announcer = ActiveAnnouncer(lambda: self._roles.get(index) == "master", self._on_garp_sent)
+            announcer = ActiveAnnouncer(lambda: self._roles.get(index) == Role.MASTER, self._garp, self._on_garp_sent)
             self._announcers[index] = announcer
         addresses = group_addresses(state, member.config).get(group.index, ())
         announcer.request({state.external.interface: [a.ip for a in addresses]})
+
+    def _redirects_off(self, interface: str) -> None:
+        """A member sends handed-over packets back out of the interface they came in by: with
+        ICMP redirects the LAN's router would be told to send them to the owner itself, past
+        ECMP (and past its dead-member detection)."""
+        for scope in ("all", interface):
+            try:
+                if self._no_redirects(scope):
+                    log.info("ICMP redirects off", scope=scope)
+            except OSError as err:
+                log.warning("cannot turn ICMP redirects off", scope=scope, error=str(err))
 
     def _wanted_children(self) -> list[str]:
         member = self._member
         if not self._keepalived_started or member is None:
             return []
-        return ["keepalived", "conntrackd"] if member.config.conntrack_sync else ["keepalived"]
+        return [KEEPALIVED, CONNTRACKD] if member.config.conntrack_sync else [KEEPALIVED]
 
     def _keepalived_exited(self, _name: str, _code: int) -> None:
         # Not under self._lock (the supervisor thread calls this while leave() may wait for

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface
 
-from natgwd.ha.config import CONNTRACKD_PORT
 from natgwd.ha.render import HaPaths
+from natgwd.state.ha import CONNTRACKD_PORT
 from natgwd.state.scaleout import EipGroup, ScaleOutConfig
 
 INSTANCE_PREFIX = "g"

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address, ip_interface, ip_network
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from natgwd.planning.links import LinkPlan, RouteSpec
 from natgwd.planning.policy import PolicyRule
-from natgwd.state.model import IPInterface, IPNetwork
+from natgwd.state.model import IPAddress, IPInterface, IPNetwork
 
 NATGWD_PROTO = 249  # unassigned in iproute2's rt_protos; marks what natgwd added
 RTNH_F_ONLINK = 4
@@ -63,6 +63,41 @@ def ensure_forwarding(paths: tuple[Path, ...] = (IP_FORWARD, IP6_FORWARD)) -> bo
     return changed
 
 
+def ipv4_addresses(interface: str) -> list[IPv4Address]:
+    """The IPv4 addresses on `interface` ([] when there is no such link)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            return []
+        return [IPv4Address(m.get("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET, index=found[0])]
+
+
+# Both HA members translate every synced connection the same way; with liberal TCP window
+# tracking either one forwards any packet of it, whatever the other saw of the stream. That
+# makes a split brain harmless for established connections, and a takeover too when the
+# stream moved on while the entry was on its way.
+TCP_BE_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def ensure_tcp_liberal(path: Path = TCP_BE_LIBERAL) -> bool:
+    """Set liberal TCP window tracking; True when it was not. OSError where /proc/sys is
+    read-only."""
+    if path.read_text().strip() == "1":
+        return False
+    path.write_text("1\n")
+    return True
+
+
+def ensure_no_redirects(scope: str) -> bool:
+    """Turn ICMP redirects off for `scope` ("all" or an interface); True when they were on.
+    OSError where /proc/sys is read-only."""
+    path = Path(f"/proc/sys/net/ipv4/conf/{scope}/send_redirects")
+    if path.read_text().strip() == "0":
+        return False
+    path.write_text("0\n")
+    return True
+
+
 # IPv4 per-interface settings (include/uapi/linux/ip.h IPV4_DEVCONF_*), set over rtnetlink
 # so that CAP_NET_ADMIN suffices where /proc/sys is mounted read-only.
 DEVCONF_FORWARDING = 1
@@ -74,16 +109,18 @@ IFLA_INET_CONF = 1
 NLA_F_NESTED = 0x8000
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
+def nla(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute (type, length, payload, padded to 4 bytes), for messages
+    pyroute2 cannot build."""
     header = struct.pack("=HH", 4 + len(payload), kind)
     return header + payload + b"\0" * (-len(payload) % 4)
 
 
 def _set_devconf(index: int, settings: dict[int, int]) -> None:
     """RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF; pyroute2 only decodes these."""
-    conf = b"".join(_nla(key, struct.pack("=I", value)) for key, value in settings.items())
-    spec = _nla(
-        IFLA_AF_SPEC | NLA_F_NESTED, _nla(socket.AF_INET | NLA_F_NESTED, _nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
+    conf = b"".join(nla(key, struct.pack("=I", value)) for key, value in settings.items())
+    spec = nla(
+        IFLA_AF_SPEC | NLA_F_NESTED, nla(socket.AF_INET | NLA_F_NESTED, nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
     )
     body = struct.pack("=BxHiII", 0, 0, index, 0, 0) + spec
     header = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, 0x1 | 0x4, 1, 0)  # NLM_F_REQUEST|NLM_F_ACK
@@ -439,3 +476,64 @@ class KernelLinks:
                     raise
                 deleted += 1
             return deleted
+
+
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
+
+
+def usable_addresses(name: str) -> list[IPAddress]:
+    """The interface's global-scope addresses, both families, that a socket can bind now
+    (not tentative, not failed duplicate address detection); none if it does not exist.
+    Raises OSError when netlink cannot answer.
+
+    A dump the kernel filters by interface (strict checking): pyroute2's get_addr dumps
+    every address of the namespace, half a second with 5,000 EIPs, and this is asked at
+    every resync."""
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        return []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
+        sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)  # else the kernel ignores the index
+        sock.settimeout(5)
+        request = struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, index)
+        sock.send(struct.pack("=IHHII", 16 + len(request), RTM_GETADDR, 0x1 | 0x300, 1, 0) + request)
+        usable: list[IPAddress] = []
+        while True:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == NLMSG_DONE:
+                    return usable
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + 16)[0]
+                    raise OSError(code, os.strerror(code))
+                if kind == RTM_NEWADDR:
+                    address = _usable(data[offset + 16 : offset + length], index)
+                    if address is not None:
+                        usable.append(address)
+                offset += (length + 3) & ~3
+
+
+def _usable(message: bytes, index: int) -> IPAddress | None:
+    """The address of one RTM_NEWADDR message if it is on interface `index`, global and
+    bindable (a kernel without strict checking sends every interface's)."""
+    family, _, flags, scope, on = struct.unpack_from("=BBBBI", message)
+    attributes: dict[int, bytes] = {}
+    offset = 8
+    while offset + 4 <= len(message):
+        length, kind = struct.unpack_from("=HH", message, offset)
+        attributes[kind] = message[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    if IFA_FLAGS in attributes:
+        flags = struct.unpack("=I", attributes[IFA_FLAGS])[0]
+    raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+    if on != index or scope != 0 or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED) or raw is None:
+        return None
+    return ip_address(socket.inet_ntop(family, raw))

@@ -16,7 +16,7 @@ from typing import Any
 from natgwd.state.validation import InvalidStateError, load_state
 
 Obj = dict[str, Any]
-Report = Callable[[Any, Any, str], None]  # kubeovn._Importer.report
+Report = Callable[[Any, Any, str], None]  # the importer's Inventory.report
 RULE_FIELDS = ("interface", "rateMax", "burstMax", "priority", "direction", "matchType", "matchValue")
 
 
@@ -58,8 +58,8 @@ def carry_qos(
     policies: list[Obj],
     state_name: Callable[[str], str],
     report: Report,
-) -> set[int]:
-    """Add the bound policies to `state` (in place); the ids of the QoSPolicy objects used."""
+) -> list[Obj]:
+    """Add the bound policies to `state` (in place); the QoSPolicy objects used."""
     by_name = {_name(p): p for p in policies}
     bindings: dict[str, list[dict[str, Any] | None]] = {}  # policy -> EIP entries (None: the gateway)
     for entry in state.get("eips", []):
@@ -70,7 +70,7 @@ def carry_qos(
     gateway_policy = str(_spec(gateway).get("qosPolicy") or "")
     if gateway_policy:
         bindings.setdefault(gateway_policy, []).append(None)
-    used: set[int] = set()
+    used: list[Obj] = []
     for name, users in sorted(bindings.items()):
         obj = by_name.get(name)
         if obj is None:
@@ -78,7 +78,7 @@ def carry_qos(
                 source = eip_sources[user["name"]] if user is not None else gateway
                 report("warning", source, f"QoS policy {name} is not in the input; no bandwidth limit carried over")
             continue
-        used.add(id(obj))
+        used.append(obj)
         trial = json.loads(json.dumps(state))
         entry = policy_entry(obj, state_name)
         _bind(trial, entry, users)

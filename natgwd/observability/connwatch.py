@@ -28,11 +28,11 @@ import structlog
 
 from natgwd.observability.ctevents import CtEvent, EventsLostError, EventSocket, dump
 from natgwd.observability.ctopen import Tracker
+from natgwd.observability.exposition import RuleLabel, RuleLabelTexts, escaped, family_text
 from natgwd.observability.translog import TransLog
 from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.layout import RULE_CONNECTIONS
 from natgwd.planning.plan import RuleLabels
-from natgwd.runtime.metrics import RuleLabel, RuleLabelTexts, escaped, family_text
 
 log = structlog.get_logger("natgwd.observability.connwatch")
 

@@ -514,6 +514,15 @@ class ShareGroup:
 ElementChanges = dict[str, dict[str, Element | None]]  # set -> key -> new element (None: deleted)
 
 
+def merge_elements(target: dict[str, Element], keyed: Mapping[str, Element | None]) -> None:
+    """One set's changed elements written into `target`: each key's new element, or gone."""
+    for key, element in keyed.items():
+        if element is None:
+            target.pop(key, None)
+        else:
+            target[key] = element
+
+
 @dataclass(frozen=True)
 class TableChange:
     """What a change of rules does to the planned table: computed without touching it,
@@ -669,13 +678,8 @@ class TablePlan:
             self.elements.setdefault(spec.name, {})
         for set_name, keyed in change.elements.items():
             elements = self.elements.get(set_name)
-            if elements is None:
-                continue  # deleted with its set
-            for key, element in keyed.items():
-                if element is None:
-                    del elements[key]
-                else:
-                    elements[key] = element
+            if elements is not None:  # else deleted with its set
+                merge_elements(elements, keyed)
         self.state, self.ids, self.highest_id = change.state, change.ids, change.highest_id
         self.sets, self.chains = change.sets, change.chains
         self.share_groups, self.snat_prefixes = change.share_groups, +change.snat_prefixes

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
-from natgwd.qos.model import BandwidthLimitRule, Direction
 from natgwd.state.model import DesiredState
+from natgwd.state.qos import BandwidthLimitRule, Direction
 
 ROOT_MAJOR = 0x4E47  # "NG": the root qdisc handle 4e47: tells natgwd's trees apart
 DEFAULT_MINOR = 0xFFFE
@@ -216,3 +216,23 @@ def key_of(direction: Direction, spec: FilterSpec) -> ClassKey | None:
     if spec.minor == NIC_MINOR and spec.mask == 0:
         return ClassKey("nic")
     return None
+
+
+# What the kernel's shell (natgwd.kernel.tc) reports back: pure values, so that
+# qos.status and the runtime read them without importing the kernel.
+@dataclass
+class TcReport:
+    changes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    direction: Direction
+    key: ClassKey
+    rate_bytes: int  # configured, per second
+    bytes: int
+    packets: int
+    drops: int
+    overlimits: int
+    backlog_bytes: int

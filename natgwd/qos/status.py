@@ -10,8 +10,7 @@ from typing import Protocol
 
 import structlog
 
-from natgwd.qos.plan import wants
-from natgwd.qos.tc import ClassStats
+from natgwd.qos.plan import ClassStats, wants
 from natgwd.state.model import DesiredState
 
 log = structlog.get_logger("natgwd.qos.status")
@@ -22,6 +21,10 @@ class Shaping(Protocol):
 
     @property
     def leaf(self) -> str | None: ...
+
+
+class ShapedKernel(Shaping, Protocol):
+    def shaped_interfaces(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,9 @@ def exposition(rows: list[QosStatus], leaf: str | None) -> bytes:
     return "\n".join((*lines, "")).encode()
 
 
-def kernel_statuses(state: DesiredState | None) -> list[QosStatus]:
+def kernel_statuses(kernel: ShapedKernel, state: DesiredState | None) -> list[QosStatus]:
     """The rows of the kernel's shaping (`natgwd status`): of the state's external
     interface, or without a state of every interface natgwd shapes (unlabelled)."""
-    from natgwd.qos.tc import KernelTc  # here: /metrics gets its shaper from the daemon
-
-    kernel = KernelTc()
     externals = [state.external.interface] if state is not None else kernel.shaped_interfaces()
     return qos_statuses([entry for name in externals for entry in kernel.stats(name)], state)
 

@@ -3,6 +3,10 @@
 One thread reconciles; the HTTP server reads counters from the kernel on its own threads.
 On SIGTERM the daemon exits and leaves the data plane in place, as kube-proxy does: NAT
 keeps working while the daemon is down, and the next start adopts the table.
+
+The loop is here; its parts are beside it: the state file as read (statefile.py), the
+retries (retry.py), the applied-state record (record.py), what the HTTP endpoint answers
+(answers.py); nat-gateway.sh calls come through natgwd.kubeovn.shim.service.
 """
 
 from __future__ import annotations
@@ -11,42 +15,44 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from natgwd.bgp.metrics import BgpCollector
 from natgwd.bgp.ownership import Ownership, SoleOwner
 from natgwd.bgp.speaker import BgpSpeaker
 from natgwd.ha.controller import HaController
+from natgwd.io import paths
 from natgwd.kernel.garp import Announcer
+from natgwd.kernel.netlink import usable_addresses
 from natgwd.kernel.nft import NftError
 from natgwd.kubeovn.shim.endpoint import ADDRESS as EDIT_ADDRESS
 from natgwd.kubeovn.shim.endpoint import EditEndpoint
-from natgwd.kubeovn.shim.service import EditService
-from natgwd.observability import ctstats
+from natgwd.kubeovn.shim.service import COMPACT_IDLE_SECONDS, EditService
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import Endpoint
-from natgwd.qos.status import shaping_exposition
-from natgwd.runtime import applied
+from natgwd.runtime.answers import Answers, Progress
 from natgwd.runtime.changes import changed_names
-from natgwd.runtime.endpoints import serve
-from natgwd.runtime.files import read_state_file
+from natgwd.runtime.endpoints import Endpoints, close
 from natgwd.runtime.instance import AlreadyRunningError, Claim
-from natgwd.runtime.metrics import DaemonMetrics, RuleCounters
+from natgwd.runtime.listeners import MetricsListeners
+from natgwd.runtime.metrics import DaemonMetrics
 from natgwd.runtime.notify import Notifier
 from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
+from natgwd.runtime.record import AppliedRecord
+from natgwd.runtime.retry import Backoff
 from natgwd.runtime.startup import Exit, StartupError, listen_error
-from natgwd.runtime.watch import DirectoryWaker, FileWatcher
-from natgwd.state.model import DesiredState
+from natgwd.runtime.statefile import LastRead, Reading, StateFile, Unreadable
+from natgwd.runtime.watch import DirectoryWaker
+from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import Change, StateTracker
 from natgwd.state.validation import InvalidStateError, Problem, validate_document
 
@@ -55,21 +61,18 @@ log = structlog.get_logger("natgwd.runtime.daemon")
 # One stat() per poll: detection within 50 ms costs next to nothing. inotify (watch.py)
 # usually wakes the poll at once; this is the bound where it cannot.
 POLL_SECONDS = 0.05
-RETRY_FIRST_SECONDS = 0.5
-RETRY_MAX_SECONDS = 10.0
-STALL_SECONDS = 120.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     state_path: Path
-    metrics_address: tuple[str, int]
+    metrics_address: tuple[str, int]  # host "auto": natgwd.runtime.listeners
     resync_interval: float
     applied_state_path: Path | None = None
     allow_writable_state: bool = False
     edit_port: int | None = None  # nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port)
-    edit_token_path: Path = Path("/var/lib/natgwd/edit.token")
-    edit_fold_after: float = 1.0  # seconds without a call before the edit log is folded into the file
+    edit_token_path: Path = paths.EDIT_TOKEN
+    edit_fold_after: float = COMPACT_IDLE_SECONDS  # seconds without a call before the edit log is folded in
 
 
 class Daemon:
@@ -80,6 +83,7 @@ class Daemon:
         make_ha: Callable[[Callable[[str, int], None], CollectorRegistry], HaController] | None = None,
         make_watch: MakeWatch | None = None,
         make_bgp: Callable[[Ownership], BgpSpeaker] | None = None,
+        read_addresses: Callable[[str], Sequence[IPAddress]] | None = None,
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
@@ -94,13 +98,11 @@ class Daemon:
         self.bgp = make_bgp(self.ha if self.ha is not None else SoleOwner()) if make_bgp is not None else None
         if self.bgp is not None:
             self.registry.register(BgpCollector(self.bgp.snapshot))
-        self.rule_counters = RuleCounters(self._counting_sets)
         # Open connections, port usage and translation logs, from conntrack events.
         self.watch = make_watch(self._counting_sets, lambda: self.reconciler.rule_ids) if make_watch else None
-        self.watcher = FileWatcher(config.state_path)
+        self.file = StateFile(config.state_path, config.allow_writable_state)
         self.notifier = Notifier()
         self._told_ready = False
-        self._last_step = time.monotonic()
         self._wake = threading.Event()
         self.edits = (
             EditService(
@@ -117,12 +119,25 @@ class Daemon:
         self._force = False
         self.tracker = StateTracker()
         self._unverified = False  # changes applied rule by rule since the last full check
-        self._seen_digest: str | None = None
         self._applied_digest: str | None = None
-        self._applied_at: float | None = None
-        self._not_ready: str | None = f"no state applied yet; waiting for {config.state_path}"
-        self._retry_at: float | None = None
-        self._retry_delay = RETRY_FIRST_SECONDS
+        self.progress = Progress(f"no state applied yet; waiting for {config.state_path}")
+        self.answers = Answers(
+            self.progress,
+            config.resync_interval,
+            self.applied_sha256,
+            self.registry,
+            self.reconciler,
+            self._counting_sets,
+            self.watch,
+            self.ha,
+            self.bgp,
+        )
+        endpoints = Endpoints(self.answers.exposition, self.answers.readiness, self.answers.liveness)
+        self.listeners = MetricsListeners(
+            config.metrics_address, endpoints.listen, close, read_addresses or usable_addresses
+        )
+        self.retry = Backoff()
+        self.record = AppliedRecord(config.applied_state_path)
         self._next_resync = time.monotonic() + config.resync_interval
 
     # --- lifecycle --------------------------------------------------------------------
@@ -144,29 +159,29 @@ class Daemon:
 
     def _run(self) -> int:
         try:
-            server = serve(self.config.metrics_address, self.exposition, self.readiness, self.liveness)
+            self.listeners.start()
         except (OSError, TypeError, UnicodeError) as err:  # TypeError: a host name IDNA cannot encode
             raise listen_error(self.config.metrics_address, err) from None
         endpoint = self._start_edit_endpoint()
-        self.reconciler.untracked = own_endpoints(server.server_address, endpoint is not None)
+        self.reconciler.set_untracked(own_endpoints(self.listeners.addresses, endpoint is not None))
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
             self.ha.start(self.resync_soon)
         if self.bgp is not None:
             self.bgp.start()
-        self._recall_applied()
+        self.record.recall()
         if self.watch is not None:
             self.watch.start()
         log.info(
             "natgwd started",
             state=str(self.config.state_path),
-            metrics="{}:{}".format(*server.server_address[:2]),
+            metrics=["{}:{}".format(*address) for address in self.listeners.addresses],
             resync_interval=self.config.resync_interval,
         )
         try:
             while not self._stopping:
-                self._last_step = time.monotonic()
+                self.progress.last_step = time.monotonic()
                 self._wake.clear()  # before the step: a wake during it (an edit call) is not lost
                 self.step()
                 self.notifier.watchdog()
@@ -189,8 +204,7 @@ class Daemon:
             waker.stop()
             if self.watch is not None:
                 self.watch.stop()
-            server.shutdown()
-            server.server_close()
+            self.listeners.stop()
         log.info("natgwd stopped; the data plane stays in place")
         return 0
 
@@ -213,13 +227,13 @@ class Daemon:
         now = time.monotonic()
         if self._force:
             self._force = False
-            self.watcher.poll()
-            self.reconcile_file(force=True)
+            self.file.poll()
+            self.reconcile_file(Reading.FORCED)
             self.resync()
             return
-        seen = self.watcher.poll()
-        if seen is not None:
-            self.reconcile_file(force=False, quiet=seen == "recheck")
+        reading = self.file.poll()
+        if reading is not None:
+            self.reconcile_file(reading)
         if self.edits is not None:
             if self.edits.serve_pending(self._apply_edit) and self.ha is not None:
                 self.ha.applied_digest(self.applied_sha256())  # the peer compares calls too
@@ -229,69 +243,27 @@ class Daemon:
             self.metrics.conntrack_deleted.labels(reason).inc(count)
         # Not `elif`: a file rewritten every few hundred milliseconds must not starve
         # retries and drift repair.
-        if self._retry_at is not None and now >= self._retry_at:
-            self.reconcile_file(force=True)
+        if self.retry.is_due(now):
+            self.reconcile_file(Reading.FORCED)
         elif now >= self._next_resync:
             self.resync()
 
-    # --- the HTTP endpoint's answers ---------------------------------------------------
-
-    def exposition(self) -> Iterator[bytes]:
-        """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
-        listings = self._counting_sets()
-        counters, labelled = self.rule_counters.labelled_exposition(listings)
-        yield generate_latest(self.registry)
-        yield counters
-        yield ctstats.scrape()
-        yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
-        if self.watch is not None:
-            yield self.watch.exposition(listings, labelled)
-
-    def liveness(self) -> tuple[bool, dict[str, Any]]:
-        """Alive while the loop keeps turning. A reconcile of a very large state takes
-        seconds, so only a loop stuck far longer than that counts as dead."""
-        stalled = time.monotonic() - self._last_step
-        limit = max(STALL_SECONDS, 3 * self.config.resync_interval)
-        return stalled < limit, {"seconds_since_loop": round(stalled, 1)}
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        detail: dict[str, Any] = {
-            "applied_sha256": self.applied_sha256(),
-            "applied_at": (datetime.fromtimestamp(self._applied_at, UTC).isoformat() if self._applied_at else None),
-        }
-        reasons = [self._not_ready] if self._not_ready else []
-        if self.ha is not None:
-            ha_reason, ha_detail = self.ha.readiness()
-            detail.update(ha_detail)
-            reasons += [ha_reason] if ha_reason else []
-        if self.bgp is not None:
-            bgp_reason, bgp_detail = self.bgp.readiness()
-            detail.update(bgp_detail)
-            reasons += [bgp_reason] if bgp_reason else []
-        if reasons:
-            detail["reason"] = "; ".join(reasons)
-        return not reasons, detail
-
     # --- reconciling ------------------------------------------------------------------
 
-    def reconcile_file(self, force: bool, quiet: bool = False) -> None:
-        """Read, validate and apply the file. `force` applies even unchanged content;
-        `quiet` neither counts nor logs unchanged content (a precautionary re-read)."""
+    def reconcile_file(self, reading: Reading) -> None:
+        """Read, validate and apply the file (unchanged content as `reading` says)."""
         started = time.monotonic()
-        try:
-            raw = read_state_file(self.config.state_path, self.config.allow_writable_state)
-        except InvalidStateError as err:
-            # Stands for the content: the same unreadable file is rejected once, not per poll.
-            seen = "unreadable: " + "; ".join(str(p) for p in err.problems)
-            if seen != self._seen_digest or force:
-                self._rejected(err.problems, seen)
+        content = self.file.read()
+        if isinstance(content, Unreadable):
+            if not self.file.seen(content, reading):
+                self._rejected(list(content.problems), content)
             return
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest == self._seen_digest and not force:
-            if not quiet:
+        if self.file.seen(content, reading):
+            if reading is Reading.CHANGED:
                 self.metrics.reconciles.labels("unchanged").inc()
             return
-        self._seen_digest = digest
+        raw, digest = content.raw, content.digest
+        self.file.last_read = digest
         applied_raw = self.edits.effective(raw, digest) if self.edits is not None else raw
         try:
             change = self.tracker.check(applied_raw)
@@ -309,7 +281,7 @@ class Daemon:
             return
         self.metrics.desired_state_valid.set(1)
         try:
-            outcome = self.reconciler.apply(state, change.delta, change.base)
+            outcome = self._apply_change(change)
         except (NftError, OSError) as err:
             self._failed(f"applying the desired state failed: {err}")
             return
@@ -319,11 +291,11 @@ class Daemon:
         self._unverified |= outcome.by_delta
         self._count(outcome)
         self._applied_digest = digest
-        self._applied_at = time.time()
+        self.progress.applied_at = time.time()
         if self.edits is not None:
             self.edits.accepted(applied_raw, digest, change.validated.document)
         effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
-        self._record_applied(applied_raw, effective)
+        self.record.write(applied_raw, effective, self.progress.applied_at)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         self._applied_to_members(state, effective, outcome.complete)
@@ -347,7 +319,7 @@ class Daemon:
         """Validate and apply a document an edit produced: only its changed rules are
         checked and planned (it keeps the other rules' very objects)."""
         change = self.tracker.check_document(document)
-        outcome = self.reconciler.apply(change.state, change.delta, change.base)
+        outcome = self._apply_change(change)
         self.tracker.accept(change)
         _log_changes(change, "a nat-gateway.sh call")
         self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
@@ -362,7 +334,7 @@ class Daemon:
             self._failed(f"applying an edit failed: {err}")
             raise
         self._count(outcome)
-        self._applied_at = time.time()
+        self.progress.applied_at = time.time()
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
         self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
@@ -373,14 +345,32 @@ class Daemon:
         extends, logged = self.edits.logged_on()
         self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
 
+    def _apply_change(self, change: Change) -> Outcome:
+        """Apply a checked change, listening for /metrics only where it allows: closed
+        before the change where it forbids (the address becomes an EIP or external),
+        opened once it is applied where it allows."""
+        self._follow_listeners(change.state, widen=False)
+        outcome = self.reconciler.apply(change.state, change.delta, change.base)
+        self._follow_listeners(change.state, widen=True)
+        return outcome
+
+    def _follow_listeners(self, state: DesiredState, widen: bool, reread: bool = False) -> None:
+        """natgwd.runtime.listeners.MetricsListeners.follow, and the untracked endpoints with
+        it: before an apply, its table has them; after one, they are applied at once (a
+        full plan of the same state: the chains alone change)."""
+        if self.listeners.follow(state, widen, reread):
+            self.reconciler.set_untracked(own_endpoints(self.listeners.addresses, self.edits is not None))
+            if widen:
+                self.reconciler.apply(state)
+
     def _edits_written(self, data: bytes) -> None:
         """The edit service rewrote the state file as the applied document: no change to
         apply (the watcher's recheck re-reads it quietly)."""
         digest = hashlib.sha256(data).hexdigest()
-        self._seen_digest = self._applied_digest = digest
-        self._applied_at = time.time()
-        self.watcher.poll()
-        self._record_applied(data, digest)
+        self.file.last_read = self._applied_digest = digest
+        self.progress.applied_at = time.time()
+        self.file.poll()
+        self.record.write(data, digest, self.progress.applied_at)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval
@@ -390,6 +380,8 @@ class Daemon:
             self._verify_deltas()
         started = time.monotonic()
         try:
+            # eth0's addresses may have changed since the last apply.
+            self._follow_listeners(self.reconciler.state, widen=True, reread=True)
             outcome = self.reconciler.resync()
         except (NftError, OSError) as err:
             self._failed(f"resync failed: {err}")
@@ -398,7 +390,7 @@ class Daemon:
         if (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
             self._applied_to_members(self.reconciler.state, effective, outcome.complete)
-        if self._seen_digest == self._applied_digest:
+        if self.file.last_read == self._applied_digest:
             self._finished(outcome, started, None)
 
     def _applied_to_members(self, state: DesiredState, digest: str | None, complete: bool) -> None:
@@ -428,13 +420,13 @@ class Daemon:
         self.metrics.delta_mismatches.inc()
         log.error("a change applied rule by rule differs from the full path; applying the state file in full")
         self.tracker.forget()
-        self.reconcile_file(force=True)
+        self.reconcile_file(Reading.FORCED)
 
     def _count(self, outcome: Outcome) -> None:
         for reason, count in outcome.conntrack_deleted.items():
             self.metrics.conntrack_deleted.labels(reason).inc(count)
         for resource, count in outcome.repairs.items():
-            log.warning("drift repaired", resource=resource, changes=count)
+            log.warning("drift repaired", resource=str(resource), changes=count)
             self.metrics.drift_repairs.labels(resource).inc(count)
 
     def applied_sha256(self) -> str | None:
@@ -451,17 +443,17 @@ class Daemon:
         self.metrics.nft_elements.set(self.reconciler.element_count)
 
         if outcome.complete:
-            self._not_ready = None
+            self.progress.not_ready = None
             if not self._told_ready:
                 self.notifier.send("READY=1")
                 self._told_ready = True
-            self._retry_at, self._retry_delay = None, RETRY_FIRST_SECONDS
+            self.retry.reset()
             self.metrics.last_success.set(time.time())
             self.metrics.reconcile_duration.observe(seconds)
         else:
             waiting = [f"interface {name} does not exist" for name in outcome.missing_interfaces]
-            self._not_ready = "; ".join(waiting + outcome.link_errors)
-            self._schedule_retry()
+            self.progress.not_ready = "; ".join(waiting + outcome.link_errors + outcome.qos_errors)
+            self.retry.schedule()
         if applied is not None:
             self.metrics.reconciles.labels("applied").inc()
             log.info(
@@ -475,21 +467,21 @@ class Daemon:
                 seconds=round(seconds, 4),
             )
 
-    def _rejected(self, problems: list[Problem], digest: str | None, skipped: str | None = None) -> None:
-        self._seen_digest = digest
-        self._retry_at = None  # nothing to retry until the file changes
+    def _rejected(self, problems: list[Problem], seen: LastRead, skipped: str | None = None) -> None:
+        self.file.last_read = seen
+        self.retry.cancel()  # nothing to retry until the file changes
         self.metrics.desired_state_valid.set(0)
         self.metrics.reconciles.labels("invalid").inc()
         listed = "; ".join(str(p) for p in problems[:5])
         path = str(self.config.state_path)
         extra = {"skipped": skipped} if skipped else {}
         if self._applied_digest is None:
-            self._not_ready = f"no state applied yet; waiting for {path}: {listed}"
+            self.progress.not_ready = f"no state applied yet; waiting for {path}: {listed}"
             log.error(
                 "desired state rejected; no state applied yet", path=path, problems=[str(p) for p in problems], **extra
             )
             return
-        self._not_ready = f"desired state rejected; the last good state stays applied: {listed}"
+        self.progress.not_ready = f"desired state rejected; the last good state stays applied: {listed}"
         log.error(
             "desired state rejected; keeping the last good state",
             path=path,
@@ -500,34 +492,9 @@ class Daemon:
 
     def _failed(self, reason: str) -> None:
         self.metrics.reconciles.labels("error").inc()
-        self._not_ready = reason
-        log.error("reconcile failed", reason=reason, retry_in=self._retry_delay)
-        self._schedule_retry()
-
-    def _schedule_retry(self) -> None:
-        self._retry_at = time.monotonic() + self._retry_delay
-        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_SECONDS)
-
-    def _recall_applied(self) -> None:
-        path = self.config.applied_state_path
-        if path is None or not path.exists():
-            return
-        head = applied.read_head(path)
-        if head is None:
-            log.warning("ignoring unreadable record of the last applied state", path=str(path))
-            return
-        log.info("last applied before this start", sha256=head.sha256, applied_at=head.applied_at.isoformat())
-
-    def _record_applied(self, raw: bytes, digest: str) -> None:
-        """Keep the applied state on disk (atomically), for `natgwd status` and for
-        telling after a restart what changed while natgwd was down."""
-        path = self.config.applied_state_path
-        if path is None:
-            return
-        try:
-            applied.write(path, digest, self._applied_at or 0, raw)
-        except OSError as err:
-            log.warning("cannot record the applied state", path=str(path), error=str(err))
+        self.progress.not_ready = reason
+        log.error("reconcile failed", reason=reason, retry_in=self.retry.delay)
+        self.retry.schedule()
 
     def _counting_sets(self) -> Listings:
         try:
@@ -544,15 +511,16 @@ def _log_changes(change: Change, source: str) -> None:
         log.info("desired state changed", source=source, **names)
 
 
-def own_endpoints(metrics: tuple[Any, ...], edits: bool) -> tuple[Endpoint, ...]:
+def own_endpoints(metrics: Sequence[tuple[str, int]], edits: bool) -> tuple[Endpoint, ...]:
     """natgwd's listening addresses, to keep out of conntrack: /metrics where it is bound
     (on every address: its loopback ones only, never the EIPs, which NAT needs tracked),
     and the edit endpoint's loopback address (whatever its port, which may change with
     every start: the rules stay the same, and a restart changes nothing in the table)."""
-    address, port = ip_address(metrics[0]), int(metrics[1])
-    found: list[Endpoint] = (
-        [(IPv4Address("127.0.0.1"), port), (IPv6Address("::1"), port)] if address.is_unspecified else [(address, port)]
-    )
+    found: list[Endpoint] = []
+    for host, port in metrics:
+        address = ip_address(host)
+        loopback: list[IPv4Address | IPv6Address] = [IPv4Address("127.0.0.1"), IPv6Address("::1")]
+        found += [(a, port) for a in (loopback if address.is_unspecified else [address])]
     if edits:
         found.append((IPv4Address(EDIT_ADDRESS), None))
     return tuple(found)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import socketserver
 import threading
 import time
 import zlib
@@ -27,38 +28,27 @@ MAX_CONCURRENT_REQUESTS = 64
 REQUEST_DEADLINE_SECONDS = 5.0  # to send a whole request line and headers
 
 
-class _Server(ThreadingHTTPServer):
-    """At most MAX_CONCURRENT_REQUESTS connections are served at once. When all are taken,
-    the connection that has been sending its request the longest is cut to make room: a
-    client that trickles its request one byte at a time cannot hold the port, and a
-    probe, which sends its request at once, always gets through."""
+class _Gate:
+    """At most MAX_CONCURRENT_REQUESTS connections are served at once, on every address
+    natgwd listens on together. When all are taken, the connection that has been sending
+    its request the longest is cut to make room: a client that trickles its request one
+    byte at a time cannot hold the port, and a probe, which sends its request at once,
+    always gets through."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
         self._reading: dict[socket.socket, float] = {}  # connections still sending a request
         self._reading_lock = threading.Lock()
         threading.Thread(target=self._reap, name="natgwd-http-reaper", daemon=True).start()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._cut_slowest()
-            if not self._slots.acquire(timeout=1.0):
-                self.shutdown_request(request)
-                return
-        self.reading(request, True)
-        super().process_request(request, client_address)
+    def enter(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        self._cut_slowest()
+        return self._slots.acquire(timeout=1.0)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.reading(request, False)
-            self._slots.release()
+    def leave(self) -> None:
+        self._slots.release()
 
     def reading(self, connection: socket.socket, still: bool) -> None:
         with self._reading_lock:
@@ -88,6 +78,48 @@ class _Server(ThreadingHTTPServer):
             slowest.shutdown(socket.SHUT_RDWR)
 
 
+class _Server(ThreadingHTTPServer):
+    """One listening address; `device`: take only the connections that arrive on that
+    interface (a pod address must not answer what reaches it through another interface)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], gate: _Gate, device: str | None
+    ) -> None:
+        self.gate = gate
+        self.device = device
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        if self.device is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+        # Not HTTPServer's: it looks the host's name up (socket.getfqdn), a reverse DNS query
+        # that takes seconds where DNS does not answer, for a name no answer uses.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.gate.enter():
+            self.shutdown_request(request)
+            return
+        self.gate.reading(request, True)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.reading(request, False)
+            self.gate.leave()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def accepts_gzip(accept_encoding: str) -> bool:
     """Whether an Accept-Encoding value admits gzip: "gzip" or "*", not weighted q=0."""
     for entry in accept_encoding.split(","):
@@ -111,12 +143,34 @@ def gzipped(parts: Iterable[bytes]) -> list[bytes]:
         return [*(compressed.result() for compressed in pending), compressor.flush()]
 
 
-def serve(
-    address: tuple[str, int], exposition: Callable[[], Iterable[bytes]], readiness: Readiness, liveness: Readiness
-) -> ThreadingHTTPServer:
-    """Start serving in a background thread; the caller shuts the server down.
-    `exposition` gives the body of /metrics in the Prometheus text format, in parts
-    (sent one after the other: at 10,000 rules they are 8 MB, not to be copied into one)."""
+class Endpoints:
+    """/metrics, /healthz and /readyz, served on as many addresses as `listen` is given,
+    sharing one bound on the connections served at once. `exposition` gives the body of
+    /metrics in the Prometheus text format, in parts (sent one after the other: at 10,000
+    rules they are 8 MB, not to be copied into one)."""
+
+    def __init__(self, exposition: Callable[[], Iterable[bytes]], readiness: Readiness, liveness: Readiness) -> None:
+        self._handler = _handler(exposition, readiness, liveness)
+        self._gate: _Gate | None = None  # its reaper thread from the first listen on
+
+    def listen(self, address: tuple[str, int], device: str | None = None) -> ThreadingHTTPServer:
+        """Serve on `address` in a background thread until `close`. Raises what binding raises."""
+        self._gate = self._gate or _Gate()
+        kind = _Server6 if ":" in address[0] else _Server
+        server = kind(address, self._handler, self._gate, device)
+        threading.Thread(target=server.serve_forever, name="natgwd-http", daemon=True).start()
+        return server
+
+
+def close(server: ThreadingHTTPServer) -> None:
+    """Stop listening (connections being served finish on their own threads)."""
+    server.shutdown()
+    server.server_close()
+
+
+def _handler(
+    exposition: Callable[[], Iterable[bytes]], readiness: Readiness, liveness: Readiness
+) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         # A client that stalls mid-request holds one of the slots for at most this long per
@@ -127,7 +181,7 @@ def serve(
 
         def parse_request(self) -> bool:
             parsed = super().parse_request()  # reads the headers too
-            self.server.reading(self.connection, False)  # type: ignore[attr-defined]
+            self.server.gate.reading(self.connection, False)  # type: ignore[attr-defined]
             return parsed
 
         def do_GET(self) -> None:
@@ -176,6 +230,4 @@ def serve(
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("http request", client=self.client_address[0], request=format % args)
 
-    server = _Server(address, Handler)
-    threading.Thread(target=server.serve_forever, name="natgwd-http", daemon=True).start()
-    return server
+    return Handler

@@ -4,17 +4,18 @@ are rather than mirrored into client-side counters)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from natgwd.observability.exposition import RuleLabel, RuleLabelTexts, escaped, family_text
 from natgwd.planning.counters import CountedElement, Listings, canonical_key
 from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
-from natgwd.planning.plan import RuleLabels
+from natgwd.runtime.reconciler import Repair
 from natgwd.state.model import RULE_KINDS
 from natgwd.state.scaleout import HANDOVER_BASE
 
@@ -98,7 +99,7 @@ class DaemonMetrics:
             self.rules.labels(kind)
         for result in ("applied", "unchanged", "invalid", "error"):
             self.reconciles.labels(result)
-        for resource in ("nftables", "addresses_routes", "forwarding"):
+        for resource in Repair:
             self.drift_repairs.labels(resource)
 
 
@@ -195,68 +196,6 @@ _PACKETS: Callable[[Any], str] = itemgetter(1)
 _BYTES: Callable[[Any], str] = itemgetter(2)
 
 
-class RuleLabel(NamedTuple):
-    comment: str  # the connections element's, which the rest was made from
-    text: str  # kind="…",name="…",eip="…"
-    id: int  # the mark, as a number
-    eip: str
-
-
-class RuleLabelTexts:
-    """The label text of every rule, by its id (mark) as the counting sets list it, kept
-    from one scrape to the next: made again only when an element's comment changes.
-    Replaced whole at each scrape, so it holds only the rules listed last, and concurrent
-    scrapes at worst make a text twice. While the rules stay the same, each scrape gets
-    the same mapping back, so that what a caller derives from it can be kept too."""
-
-    def __init__(self) -> None:
-        self._known: dict[str, RuleLabel] = {}
-
-    def of(self, connections: Iterable[CountedElement]) -> dict[str, RuleLabel]:
-        """mark -> label, for the connections elements whose comment names a rule (in
-        no particular order: the kernel lists them in another order after changes)."""
-        known = self._known
-        found: dict[str, RuleLabel] = {}
-        made = 0
-        for mark, _, _, comment in connections:
-            label = known.get(mark)
-            if label is None or label.comment != comment:
-                rule = RuleLabels.from_comment(comment)
-                if rule is None:
-                    continue
-                label = RuleLabel(comment, labels_text(rule), int(mark, 0), rule.eip)
-                made += 1
-            found[mark] = label
-        if not made and len(found) == len(known):
-            return known
-        self._known = found
-        return found
-
-
-def labels_text(rule: RuleLabels) -> str:
-    return f'kind="{rule.kind}",name="{escaped(rule.name)}",eip="{escaped(rule.eip)}"'
-
-
-def family_text(
-    family: tuple[str, str, str],
-    labels: Sequence[str],
-    closings: Iterable[str],
-    values: Sequence[str],
-    opening: str = "{",
-) -> Iterator[str]:
-    """A family's HELP and TYPE lines and its samples, as pieces to join (four per
-    sample, each piece made once: joining is the one loop over 60,000 samples): sample i
-    is the name, `opening`, labels[i], the i-th of `closings`, values[i] and a newline."""
-    name, kind, help_text = family
-    header = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
-    if not labels:
-        return iter((header,))
-    # The newline ending a sample and the start of the next are one piece.
-    separators = chain(repeat(f"\n{name}{opening}", len(labels) - 1), ("\n",))
-    samples = chain.from_iterable(zip(labels, closings, values, separators, strict=False))  # closings may repeat
-    return chain((header + name + opening,), samples)
-
-
 _FAMILIES = (
     ("natgwd_rule_connections_total", "counter", "Connections the rule translated (first packets seen by NAT)."),
     ("natgwd_rule_packets_total", "counter", "Packets of the connections the rule translated, by direction."),
@@ -276,9 +215,3 @@ _FAMILIES = (
         "Packets this member handed unchanged to the owner of their EIP group (scaled out), by group.",
     ),
 )
-
-
-def escaped(value: str) -> str:
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return value

@@ -15,6 +15,7 @@ import time
 from collections import Counter as CounterOf
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from typing import Protocol
 
 import structlog
@@ -24,11 +25,10 @@ from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS
 from natgwd.planning.links import LinkPlan, link_plan
-from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids
+from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids, merge_elements
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
-from natgwd.qos.plan import QosWants, wants
-from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.qos.plan import ClassStats, QosWants, TcReport, wants
 from natgwd.runtime.memory import release_freed_memory
 from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import RuleDelta
@@ -62,10 +62,27 @@ class Cleaner(Protocol):
 Announce = Callable[[str, list[IPAddress]], None]
 
 
+class Sync(Enum):
+    """What a sync is for."""
+
+    APPLY = "apply"  # a state to make the kernel hold: takes on trust what the last apply verified
+    RESYNC = "resync"  # the applied state again: verifies links and shaping, all it changes is drift
+
+
+class Repair(StrEnum):
+    """What drift a sync undid (the label of natgwd_drift_repairs_total)."""
+
+    FORWARDING = "forwarding"
+    NFTABLES = "nftables"
+    ADDRESSES_ROUTES = "addresses_routes"
+    QOS = "qos"
+
+
 @dataclass
 class Outcome:
     """What one reconcile did. `complete` is False while interfaces are missing or a
-    netlink change failed; nftables is then already applied and the rest is retried."""
+    netlink or traffic-control change failed; nftables is then already applied and the
+    rest is retried."""
 
     nft_operations: int = 0
     changed_elements: int = 0
@@ -73,13 +90,14 @@ class Outcome:
     missing_interfaces: list[str] = field(default_factory=list)
     link_errors: list[str] = field(default_factory=list)
     conntrack_deleted: dict[str, int] = field(default_factory=dict)
-    repairs: dict[str, int] = field(default_factory=dict)  # drift undone, by resource
-    qos_changes: list[str] = field(default_factory=list)  # errors go to link_errors
+    repairs: dict[Repair, int] = field(default_factory=dict)  # drift undone
+    qos_changes: list[str] = field(default_factory=list)
+    qos_errors: list[str] = field(default_factory=list)
     by_delta: bool = False  # planned from the changed rules alone
 
     @property
     def complete(self) -> bool:
-        return not self.missing_interfaces and not self.link_errors
+        return not self.missing_interfaces and not self.link_errors and not self.qos_errors
 
 
 class Reconciler:
@@ -108,7 +126,7 @@ class Reconciler:
         self._must_read = True  # memory says nothing about the kernel until it was read
         self._resyncs = 0
         self.state: DesiredState | None = None
-        # natgwd's own endpoints, kept out of conntrack; set once they listen, before the first sync.
+        # natgwd's own endpoints, kept out of conntrack (set_untracked).
         self.untracked: tuple[Endpoint, ...] = ()
         self._plan: TablePlan | None = None  # the applied state's table
         self._written: TableContents | None = None  # the kernel's table, unless _must_read (None: no table)
@@ -116,6 +134,14 @@ class Reconciler:
         self._highest_id = 0
         self._counters = CounterMemory()
         self._lock = threading.Lock()
+
+    def set_untracked(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """natgwd's own endpoints from now on: the next apply plans the table in full
+        (a resync would count the difference as drift)."""
+        with self._lock:
+            if endpoints != self.untracked:
+                self.untracked = endpoints
+                self._plan = None
 
     # --- syncing --------------------------------------------------------------------
 
@@ -127,7 +153,7 @@ class Reconciler:
         with self._lock:
             if delta is None or base is None or self._plan is None or base is not self._plan.state:
                 delta = None
-            return self._sync(state, resync=False, delta=delta)
+            return self._sync(state, Sync.APPLY, delta=delta)
 
     def resync(self) -> Outcome:
         """Compare the kernel with the applied state and repair what differs (reported in
@@ -136,7 +162,7 @@ class Reconciler:
             if self.state is None:
                 return Outcome()
             self._resyncs += 1
-            return self._sync(self.state, resync=True)
+            return self._sync(self.state, Sync.RESYNC)
 
     def verify_plan(self, state: DesiredState) -> bool:
         """Whether the table kept up to date change by change equals the full plan of
@@ -155,15 +181,16 @@ class Reconciler:
                 self._plan = None
             return same
 
-    def _sync(self, state: DesiredState, resync: bool, delta: RuleDelta | None = None) -> Outcome:
+    def _sync(self, state: DesiredState, mode: Sync, delta: RuleDelta | None = None) -> Outcome:
         """The one path from a desired state to the kernel, for applies, resyncs, SIGHUP,
         adoption at start and repair after a failure.
 
         A resync re-verifies what an apply may take on trust (links, and now and then the
         table even when no one committed), and everything it has to change is drift."""
-        repairs: dict[str, int] = {}
+        resync = mode is Sync.RESYNC
+        repairs: dict[Repair, int] = {}
         if self.ensure_forwarding() and self.state is not None:
-            repairs["forwarding"] = 1
+            repairs[Repair.FORWARDING] = 1
         kernel, drifted, generation = self._current_table(reread=resync and self._resyncs % FULL_READ_EVERY == 0)
         plan, change = self._plan, None
         if resync and plan is not None:
@@ -196,7 +223,7 @@ class Reconciler:
         repaired = len(tx.operations) - tx.finishing if resync else len(tx.operations) if drifted else 0
         if repaired:
             log.warning("nftables drift", operations=repaired, changed_elements=tx.changed_elements)
-            repairs["nftables"] = repaired
+            repairs[Repair.NFTABLES] = repaired
             # Connections that started while rules were missing or wrong left un-NATed.
             self._full_conntrack_scan = True
         # A change of rules alone leaves links and shaping as they are (they depend on
@@ -206,14 +233,14 @@ class Reconciler:
         if delta is None or self._links_applied is None:
             links = link_plan(state)
             if resync or links != self._links_applied:
-                outcome = self._apply_links(state, links, verify=resync)
-            self._apply_qos(state, outcome, verify=resync)
+                outcome = self._apply_links(state, links, mode)
+            self._apply_qos(state, outcome, mode)
         outcome.nft_operations, outcome.changed_elements = len(tx.operations), tx.changed_elements
         outcome.by_delta = change is not None
         if resync and outcome.link_changes:
-            repairs["addresses_routes"] = len(outcome.link_changes)
+            repairs[Repair.ADDRESSES_ROUTES] = len(outcome.link_changes)
         if resync and outcome.qos_changes:
-            repairs["qos"] = len(outcome.qos_changes)
+            repairs[Repair.QOS] = len(outcome.qos_changes)
         outcome.repairs = repairs
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
@@ -256,12 +283,7 @@ class Reconciler:
             return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted))
         elements = {name: dict(keyed) for name, keyed in plan.elements.items()}
         for name, keyed in change.elements.items():
-            target = elements.setdefault(name, {})
-            for key, element in keyed.items():
-                if element is None:
-                    target.pop(key, None)
-                else:
-                    target[key] = element
+            merge_elements(elements.setdefault(name, {}), keyed)
         wanted_sets = {spec.name for spec in change.sets}
         whole = {name: keyed for name, keyed in elements.items() if name in wanted_sets}
         return plan_transaction(kernel, DesiredTable(change.sets, change.chains, whole), self._counters)
@@ -282,14 +304,8 @@ class Reconciler:
                 written.elements.pop(name, None)
             written.sets = {spec.name: spec.keyword for spec in change.sets}
             for name, keyed in change.elements.items():
-                if name not in written.sets:
-                    continue  # deleted with its set
-                target = written.elements.setdefault(name, {})
-                for key, element in keyed.items():
-                    if element is None:
-                        target.pop(key, None)
-                    else:
-                        target[key] = element
+                if name in written.sets:  # else deleted with its set
+                    merge_elements(written.elements.setdefault(name, {}), keyed)
             written.chains = {chain.name: chain.tags for chain in change.chains}
         self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
         for name, keyed in change.elements.items():
@@ -376,11 +392,11 @@ class Reconciler:
             seconds=round(time.monotonic() - started, 4),
         )
 
-    def _apply_links(self, state: DesiredState, plan: LinkPlan, verify: bool) -> Outcome:
+    def _apply_links(self, state: DesiredState, plan: LinkPlan, mode: Sync) -> Outcome:
         """Links as `plan` says: what it adds alone when the last plan was applied and
-        nothing asks to verify it, else the whole plan against the kernel."""
+        this is no resync, else the whole plan against the kernel."""
         report = None
-        if not verify and self._links_applied is not None:
+        if mode is Sync.APPLY and self._links_applied is not None:
             report = self.links.add(self._links_applied, plan)
         if report is None:
             report = self.links.apply(plan)
@@ -392,15 +408,15 @@ class Reconciler:
         self._announce_eips(state, report)
         return Outcome(link_changes=report.changes, missing_interfaces=report.missing, link_errors=report.errors)
 
-    def _apply_qos(self, state: DesiredState, outcome: Outcome, verify: bool) -> None:
+    def _apply_qos(self, state: DesiredState, outcome: Outcome, mode: Sync) -> None:
         """Shape as the state's QoS policies say (and remove natgwd's shaping where they
         say nothing), once the external interface exists. Unchanged QoS was verified by
-        the last apply (reading 1,000 EIPs' trees back takes half a second); `verify`
-        (resync) reads the kernel anyway."""
+        the last apply (reading 1,000 EIPs' trees back takes half a second); a resync
+        reads the kernel anyway."""
         if self.qos is None or state.external.interface in outcome.missing_interfaces:
             return
         wanted = wants(state)
-        if not verify and wanted == self._qos_applied:
+        if mode is Sync.APPLY and wanted == self._qos_applied:
             return
         try:
             report = self.qos.apply(wanted)
@@ -413,7 +429,7 @@ class Reconciler:
         for error in report.errors:
             log.error("qos not applied", error=error)
         outcome.qos_changes = report.changes
-        outcome.link_errors.extend(report.errors)
+        outcome.qos_errors = report.errors
 
     def _announce_eips(self, state: DesiredState, report: LinkReport) -> None:
         """Gratuitous ARP (IPv4) or an unsolicited neighbour advertisement (IPv6) for every

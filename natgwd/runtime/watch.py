@@ -17,11 +17,19 @@ import select
 import struct
 import threading
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
 import structlog
 
 log = structlog.get_logger("natgwd.runtime.watch")
+
+
+class Seen(Enum):
+    """What a poll of the state file saw."""
+
+    CHANGED = "changed"
+    RECHECK = "recheck"  # maybe changed again within the clock's tick: read it again, quietly
 
 
 class FileWatcher:
@@ -37,18 +45,18 @@ class FileWatcher:
             return f"{type(err).__name__}:{err.errno}"
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def poll(self) -> str | None:
-        """'changed' when the path's signature changed; 'recheck' once on the next poll
+    def poll(self) -> Seen | None:
+        """CHANGED when the path's signature changed; RECHECK once on the next poll
         after that, because file timestamps come from a coarse clock (a few milliseconds)
         and a second same-size write in the same tick as the one just read would leave the
         signature as it is; else None."""
         signature = self._signature()
         if signature != self._last:
             self._last, self._recheck = signature, True
-            return "changed"
+            return Seen.CHANGED
         if self._recheck:
             self._recheck = False
-            return "recheck"
+            return Seen.RECHECK
         return None
 
 

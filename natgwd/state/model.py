@@ -8,11 +8,11 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
-    from natgwd.ha.config import HaConfig
     from natgwd.state.bgp import BgpConfig
+    from natgwd.state.ha import HaConfig
     from natgwd.state.scaleout import ScaleOutConfig
 
-from natgwd.qos.model import QosPolicy
+from natgwd.state.qos import QosPolicy
 
 # Either family: a rule translates within the family of its internal address or CIDR.
 IPAddress = IPv4Address | IPv6Address

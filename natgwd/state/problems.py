@@ -76,3 +76,12 @@ class Problems:
         except InvalidValueError as err:
             self.add(where, str(err))
             return None
+
+
+class InvalidStateError(Exception):
+    """`skipped` says which checks did not run and why, when some could not."""
+
+    def __init__(self, problems: list[Problem], skipped: str | None = None) -> None:
+        super().__init__("; ".join([str(p) for p in problems] + ([skipped] if skipped else [])))
+        self.problems = problems
+        self.skipped = skipped

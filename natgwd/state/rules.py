@@ -4,8 +4,9 @@ family and protocol, share groups, FIP keys).
 
 A full validation folds every rule of a document into empty indexes; a change drops the
 rules it removes from the last accepted state's indexes and folds in the rules it adds,
-so it costs what it changes. Both use these same functions. Indexes are copied on write
-(`RuleIndex.fork`): the accepted state's indexes stay intact until a change is accepted.
+so it costs what it changes. Both use these same functions. A change is folded into the
+accepted state's indexes in place under a journal (`RuleIndex.journaled`), undone unless
+the change is applied.
 """
 
 from __future__ import annotations
@@ -50,12 +51,17 @@ def usable_address(text: str) -> IPAddress:
         address: IPAddress = IPv6Address(text) if ":" in text else _ipv4(text)
     except AddressValueError as err:
         raise InvalidValueError(f"not a valid {family_name(text)} address: {err}") from None
-    if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-        raise InvalidValueError(f"{address} is not a usable unicast address")
+    require_unicast(address)
     if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
         # Link-local addresses are not unique beyond one link; mapped ones are IPv4 in disguise.
         raise InvalidValueError(f"{address} is not a usable unicast address (link-local or IPv4-mapped)")
     return address
+
+
+def require_unicast(address: IPAddress) -> None:
+    """InvalidValueError unless `address` can be one host's (of a rule, of an HA member)."""
+    if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
+        raise InvalidValueError(f"{address} is not a usable unicast address")
 
 
 def _ipv4(text: str) -> IPv4Address:

@@ -15,7 +15,7 @@ from decimal import Decimal
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
-from natgwd.ha.config import advert_interval
+from natgwd.state.ha import advert_interval
 from natgwd.state.problems import Problems
 
 DEFAULT_PREEMPT_DELAY = 5

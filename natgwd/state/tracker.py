@@ -20,20 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from natgwd.state.decode import check_depth, decode_text, scanner, text_of
 from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
 from natgwd.state.problems import Problems
 from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex
+from natgwd.state.semantics import Validated
+from natgwd.state.shape import has_control_character, item_shape_ok, may_hold_control_characters, schema
 from natgwd.state.spans import Layout, Splice, layout_of, splice
-from natgwd.state.validation import (
-    Validated,
-    check_depth,
-    decode_text,
-    item_shape_ok,
-    scanner,
-    schema,
-    text_of,
-    validate_document,
-)
+from natgwd.state.validation import validate_document
 
 # More changed rules than 1/FULL_FRACTION of the state (and than FULL_MINIMUM): the full
 # path is as cheap, and a whole-state rewrite is what it is made for.
@@ -108,7 +102,7 @@ class StateTracker:
             if change is not None:
                 return replace(change, layout=layout)
         check_depth(document)
-        validated = validate_document(document, control_characters_possible=b"\\" in raw or b"\x7f" in raw)
+        validated = validate_document(document, may_hold_control_characters(raw))
         return Change(validated, None, self.state, _port_one(validated.document), layout)
 
     def check_document(self, document: Any) -> Change:
@@ -306,7 +300,7 @@ def _port_one(document: dict[str, Any]) -> frozenset[str]:
 
 
 def _has_control_character(item: dict[str, Any]) -> bool:
-    return any(isinstance(v, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in v) for v in item.values())
+    return any(isinstance(v, str) and has_control_character(v) for v in item.values())
 
 
 def _with_rules(last: Validated, index: RuleIndex, document: dict[str, Any], windows: Windows) -> DesiredState:

@@ -417,3 +417,18 @@ def prober(lab: Lab, role: str, address: str, port: int, name: str, interval: fl
     probe = Prober(name, path, process)
     wait_for(lambda: any(ok for _, ok, _ in probe.results()), f"the {name} prober's first success", timeout=10)
     return probe
+
+
+POD_NETWORK = ("10.244.7.5", "10.244.7.1")  # the gateway's eth0 and the node (Prometheus) beside it
+
+
+def pod_network(lab: Lab) -> str:
+    """A namespace "pod" for the node beside the gateway's eth0 (the pod network, where the
+    kubelet probes and Prometheus scrapes); the gateway's address there."""
+    gateway, node = POD_NETWORK
+    lab._add_ns("pod")
+    lab._veth("gw", "eth0", "pod", "eth0")
+    for role, address in (("gw", gateway), ("pod", node)):
+        lab.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+        lab.exec(role, "ip", "link", "set", "eth0", "up")
+    return gateway

@@ -36,6 +36,7 @@ from tests.integration.helpers import (
     gateway_routes,
     natgwd_table_exists,
     non_json_log_lines,
+    pod_network,
     readyz,
     sha256,
     wait_for,
@@ -696,21 +697,6 @@ def test_metrics_exposition(lab: Lab, seed_state: dict[str, Any]) -> None:
             assert samples[sample_name("natgwd_rule_bytes_total", {**labels, "direction": direction})] == 0
 
 
-POD_NETWORK = ("10.244.7.5", "10.244.7.1")  # the gateway's eth0 and the node (Prometheus) beside it
-
-
-def _pod_network(lab: Lab) -> str:
-    """A namespace "pod" for the node beside the gateway's eth0 (the pod network, where the
-    kubelet probes and Prometheus scrapes); the gateway's address there."""
-    gateway, node = POD_NETWORK
-    lab._add_ns("pod")
-    lab._veth("gw", "eth0", "pod", "eth0")
-    for role, address in (("gw", gateway), ("pod", node)):
-        lab.exec(role, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
-        lab.exec(role, "ip", "link", "set", "eth0", "up")
-    return gateway
-
-
 def _connects(lab: Lab, role: str, address: str, port: int) -> bool:
     """Whether a TCP connection from `role` to address:port is accepted; a refusal (the
     address answers, nothing listens) is False, anything else (no route, a timeout: the
@@ -721,37 +707,115 @@ def _connects(lab: Lab, role: str, address: str, port: int) -> bool:
     return done.returncode == 0
 
 
-def _start_serving(lab: Lab, state: dict[str, Any], *args: str) -> Natgwd:
+def _start_serving(lab: Lab, state: dict[str, Any] | None, *args: str) -> Natgwd:
     """natgwd as the image's entrypoint and the drop-in start it: no --metrics-address
-    unless given, and no NATGWD_METRICS_ADDRESS in its environment."""
+    unless given, and no NATGWD_METRICS_ADDRESS in its environment; no state file yet
+    with `state` None (the drop-in's until the controller's `init`)."""
     path = lab.workdir / "state.json"
     log_path = lab.workdir / f"natgwd-serving-{len(args)}.log"
     daemon = Natgwd(lab, path, None, log_path, 9469)  # type: ignore[arg-type]
-    daemon.write_state(state)
+    if state is not None:
+        daemon.write_state(state)
     command = [sys.executable, "-m", "natgwd", "run", "--state", str(path), "--applied-state", "", *args]
     env = {k: v for k, v in os.environ.items() if k != "NATGWD_METRICS_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
     daemon.process = lab.spawn("gw", *command, log_path=log_path, env=env)
     return daemon
 
 
+def _listening(lab: Lab) -> set[str]:
+    """The gateway's sockets listening on port 9469, as address[%device]:port."""
+    words = lab.exec("gw", "ss", "-Hltn", "sport", "= :9469").stdout.split()
+    return {word for word in words if word.endswith(":9469")}
+
+
+def _untracked(lab: Lab) -> str:
+    return lab.exec("gw", "nft", "list", "chain", "inet", "natgwd", "untracked_in", check=False).stdout
+
+
 def test_metrics_never_listen_on_an_eip_or_an_external_network(lab: Lab, seed_state: dict[str, Any]) -> None:
     """Prevents: /metrics, /healthz and /readyz (every rule name and counter) answering on
     the EIPs and the external network when natgwd is started without --metrics-address, as
-    the image and the Kube-OVN drop-in start it (issue 21, item 1); and the manifests'
-    address (the pod's own, where Prometheus scrapes) answering anywhere else."""
-    gateway = _pod_network(lab)
-    eips = [eip["v4ip"] for eip in seed_state["eips"]]
+    the image and the Kube-OVN drop-in start it (issue 21, item 1), or answering nowhere
+    Prometheus scrapes (loopback alone): by default natgwd serves loopback and the pod's own
+    address (eth0), only once a state says eth0 is neither external nor an EIP's, closed
+    again when a change makes it so, and only to connections arriving on eth0 (the gateway
+    forwards: a host on the external or the VPC side could route to the pod address through
+    it). And the manifests' address (the pod's own) answers nowhere else."""
+    gateway = pod_network(lab)
+    # An address on eth0 inside the external network (10.115.48.0/21): never served.
+    in_external = "10.115.48.7"
+    lab.exec("gw", "ip", "addr", "add", f"{in_external}/32", "dev", "eth0")
+    lab.exec("pod", "ip", "route", "add", in_external, "via", gateway)
+    # The external side and the VMs route to the pod network through the gateway.
     external = seed_state["external"]["addresses"][0].split("/")[0]
+    lab.exec("ext", "ip", "route", "add", f"{gateway}/32", "via", external)
+    eips = [eip["v4ip"] for eip in seed_state["eips"]]
     internal = seed_state["internal"]["addresses"][0].split("/")[0]
-    closed = [*(("ext", eip) for eip in eips), ("ext", external), ("vm1", internal), ("vm1", eips[0])]
+    closed = [
+        *(("ext", eip) for eip in eips),
+        ("ext", external),
+        ("ext", in_external),
+        ("ext", gateway),
+        ("vm1", internal),
+        ("vm1", eips[0]),
+        ("vm1", gateway),
+        ("pod", in_external),
+    ]
 
-    daemon = _start_serving(lab, seed_state)
-    daemon.wait_ready()
-    listening = lab.exec("gw", "ss", "-Hltn", "sport", "= :9469").stdout.split()
-    assert [word for word in listening if word.endswith(":9469")] == ["127.0.0.1:9469"]
-    assert _connects(lab, "gw", "127.0.0.1", 9469)
-    for role, address in [*closed, ("pod", gateway)]:
-        assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+    def serving_only(*addresses: str) -> None:
+        assert _listening(lab) == {f"{a}%eth0:9469" if a == gateway else f"{a}:9469" for a in addresses}
+        for address in addresses:
+            assert _connects(lab, "pod" if address == gateway else "gw", address, 9469)
+        for role, address in [*closed, *([] if gateway in addresses else [("pod", gateway)])]:
+            assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+
+    # As the drop-in starts it: no flags but the edit endpoint's, no state until `init`.
+    token = lab.workdir / "edit.token"
+    daemon = _start_serving(lab, None, "--edit-port", "0", "--edit-token", str(token))
+    wait_for(lambda: _connects(lab, "gw", "127.0.0.1", 9469), "natgwd serving on loopback")
+    # Which interfaces are external is not known yet (and the EIPs are not there yet).
+    assert _listening(lab) == {"127.0.0.1:9469"}
+    assert not _connects(lab, "pod", gateway, 9469)
+    daemon.write_state(seed_state)
+    daemon.wait_applied()
+    wait_for(lambda: f"ip daddr {gateway} tcp dport 9469 notrack" in _untracked(lab), "the pod address untracked")
+    serving_only("127.0.0.1", gateway)
+    status = lab.exec("pod", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{gateway}:9469/metrics")
+    assert status.stdout == "200"
+    lab.exec("gw", "conntrack", "-F", check=False)
+    assert _connects(lab, "pod", gateway, 9469)
+    tracked = lab.exec("gw", "conntrack", "-L", "-p", "tcp", "--dport", "9469", check=False)
+    assert gateway not in tracked.stdout, tracked.stdout
+
+    # A change that makes the pod address an EIP, then one that makes eth0 the external
+    # interface: the pod address is closed (and tracked again) before either is applied.
+    served = {"127.0.0.1:9469", f"{gateway}%eth0:9469"}
+    with_eip = json.loads(json.dumps(seed_state))
+    with_eip["eips"].append({"name": "pod", "v4ip": gateway})
+    moved = json.loads(json.dumps(seed_state))
+    moved["external"]["interface"] = "eth0"
+    for changed in (with_eip, moved):
+        daemon.write_state(changed)
+        daemon.wait_applied()
+        assert _listening(lab) == {"127.0.0.1:9469"}
+        assert gateway not in _untracked(lab)
+        assert _connects(lab, "gw", "127.0.0.1", 9469)
+        daemon.write_state(seed_state)
+        daemon.wait_applied()
+        if changed is with_eip:
+            wait_for(lambda: _listening(lab) == served, "the pod address served again")
+    # natgwd left the external addresses it put on eth0 there (it removes its addresses
+    # from the interfaces of the state only): while eth0 holds an EIP, it stays closed.
+    left = [
+        a for a in (external, *eips) if f" {a}/" in lab.exec("gw", "ip", "-o", "addr", "show", "dev", "eth0").stdout
+    ]
+    if left:
+        assert _listening(lab) == {"127.0.0.1:9469"}
+        for address in left:
+            lab.exec("gw", "ip", "addr", "del", f"{address}/21", "dev", "eth0")
+        os.kill(daemon.process.pid, signal.SIGHUP)  # a resync: eth0 is read again
+    wait_for(lambda: _listening(lab) == served, "the pod address served again")
+    serving_only("127.0.0.1", gateway)
     assert daemon.stop() == 0
 
     # As the manifests start it: on the pod's address, where Prometheus scrapes.
@@ -759,8 +823,10 @@ def test_metrics_never_listen_on_an_eip_or_an_external_network(lab: Lab, seed_st
     wait_for(lambda: _connects(lab, "pod", gateway, 9469), "natgwd serving on the pod network")
     status = lab.exec("pod", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{gateway}:9469/metrics")
     assert status.stdout == "200"
+    assert _listening(lab) == {f"{gateway}:9469"}
     for role, address in closed:
-        assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
+        if address != gateway:  # an explicit address takes what reaches it, through any interface
+            assert not _connects(lab, role, address, 9469), f"/metrics answers {role} on {address}"
     assert daemon.stop() == 0
 
 
@@ -804,7 +870,7 @@ def test_natgwd_answers_with_the_conntrack_table_full(lab: Lab, seed_state: dict
     limit = int(lab.exec("gw", "cat", "/proc/sys/net/netfilter/nf_conntrack_max").stdout)
     if limit > 4_000_000:
         pytest.skip(f"nf_conntrack_max is {limit}: filling the table would take too long")
-    gateway = _pod_network(lab)
+    gateway = pod_network(lab)
     token = lab.workdir / "edit.token"
     lab.serve("vm1", tcp=[80])
     args = ("--metrics-address", f"{gateway}:9469", "--edit-port", "0", "--edit-token", str(token))

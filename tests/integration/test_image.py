@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from natgwd.lab.topology import EXTERNAL_HOST, SEED_STATE, Lab
+from tests.integration.helpers import pod_network
 
 pytestmark = [pytest.mark.image]
 
@@ -279,6 +280,7 @@ def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
         ("sysctl", "-qw", "net.ipv4.ip_forward=0"),  # a new network namespace's default
     ):
         lab.exec("gw", *cmd)
+    pod = pod_network(lab)  # eth0: the pod network, where Prometheus scrapes
     container = Container(lab, f"natgwd-dropin-{lab.prefix}")
     try:
         _run(
@@ -319,9 +321,13 @@ def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
             # The controller fails a call on any stderr line that is not a warning.
             assert all(line.startswith("Warning:") for line in result.stderr.splitlines()), result.stderr
         assert container.wait_ready()["ready"] is True
-        # Rule names and counters stay in the pod: nothing listens on the EIP or net2.
+        # Rule names and counters are served on loopback and the pod's address (eth0), for
+        # Prometheus as before; nothing listens on the EIP or net2.
         listening = lab.exec("gw", "ss", "-Hltn", "sport", f"= :{METRICS_PORT}").stdout.split()
-        assert [w for w in listening if w.endswith(f":{METRICS_PORT}")] == [f"127.0.0.1:{METRICS_PORT}"]
+        served = {f"127.0.0.1:{METRICS_PORT}", f"{pod}%eth0:{METRICS_PORT}"}
+        assert {w for w in listening if w.endswith(f":{METRICS_PORT}")} == served
+        scraped = lab.exec("pod", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{pod}:9469/metrics")
+        assert scraped.stdout == "200"
         for address in (EIP1, "10.115.48.1"):
             refused = lab.exec("ext", "curl", "-s", "-m", "3", f"http://{address}:{METRICS_PORT}/metrics", check=False)
             assert refused.returncode == 7, f"/metrics on {address}: curl exit {refused.returncode}"

@@ -1,4 +1,4 @@
-"""natgwd.qos.tc against the kernel over a sequence of random QoS states: every transition
+"""natgwd.kernel.tc against the kernel over a sequence of random QoS states: every transition
 leaves exactly the planned classes and filters (read back with `tc`), applying the same
 state again changes nothing, and removal leaves nothing. Runs in a namespace of its own
 with one veth pair; no traffic."""
@@ -24,7 +24,7 @@ WORKER = """
 import json, sys
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for results
-from natgwd.qos.tc import KernelTc
+from natgwd.kernel.tc import KernelTc
 from natgwd.qos.plan import wants
 from natgwd.state.validation import load_state
 shaper = KernelTc()

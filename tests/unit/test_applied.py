@@ -1,4 +1,4 @@
-"""natgwd.runtime.applied: the applied-state record, written once and read in one place by
+"""natgwd.io.applied: the applied-state record, written once and read in one place by
 the daemon, `natgwd status` and the shim; its head is read without parsing the state."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+from natgwd.io import applied
 from natgwd.lab.topology import SEED_STATE
-from natgwd.runtime import applied
 from natgwd.state.validation import load_state
 
 DIGEST = "ab" * 32

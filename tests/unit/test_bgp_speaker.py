@@ -15,7 +15,8 @@ from natgwd.bgp.ownership import Claims, SoleOwner
 from natgwd.bgp.render import bfdd_conf, bgpd_conf, network_commands
 from natgwd.bgp.speaker import Snapshot, _announcements
 from natgwd.bgp.status import NeighborStatus, bfd_peers, decode_all, format_neighbors, neighbors, originated
-from natgwd.ha.controller import HaController
+from natgwd.ha.controller import HaController, HaKernel
+from natgwd.ha.roles import Role
 from natgwd.lab.topology import DUAL_STACK_STATE, SEED_STATE
 from natgwd.state.validation import load_state
 
@@ -140,13 +141,13 @@ def test_announcements_follow_claims_and_the_marks() -> None:
 @pytest.mark.parametrize(
     ("role", "claims"),
     [
-        ("master", Claims(frozenset({"my-eip", "my-eip2"}))),
-        ("backup", Claims(frozenset(), frozenset({"my-eip", "my-eip2"}))),
-        ("fault", Claims(frozenset())),
-        ("init", Claims(frozenset())),
+        (Role.MASTER, Claims(frozenset({"my-eip", "my-eip2"}))),
+        (Role.BACKUP, Claims(frozenset(), frozenset({"my-eip", "my-eip2"}))),
+        (Role.FAULT, Claims(frozenset())),
+        (Role.INIT, Claims(frozenset())),
     ],
 )
-def test_the_ha_pair_owns_by_role(tmp_path: Path, role: str, claims: Claims) -> None:
+def test_the_ha_pair_owns_by_role(tmp_path: Path, role: Role, claims: Claims) -> None:
     document = json.loads(json.dumps(SEED_STATE))
     document["ha"] = {
         "interface": "sync0",
@@ -154,12 +155,15 @@ def test_the_ha_pair_owns_by_role(tmp_path: Path, role: str, claims: Claims) -> 
         "members": [{"address": "169.254.64.1", "priority": 150}, {"address": "169.254.64.2", "priority": 100}],
     }
     state = load_state(json.dumps(document).encode())
-    controller = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry())
+    kernel = HaKernel(
+        lambda _interface: [], lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False
+    )
+    controller = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry(), kernel)
     told: list[bool] = []
     controller.on_change(lambda: told.append(True))
-    if role != "init":
-        controller._on_role(role)  # keepalived's notify: the speaker is told at once
-    assert told == ([True] if role != "init" else [])
+    if role is not Role.INIT:
+        controller._on_notice(role)  # keepalived's notify: the speaker is told at once
+    assert told == ([True] if role is not Role.INIT else [])
     assert controller.claims(state) == claims
     # Without an ha section the gateway is alone: it owns everything, as SoleOwner says.
     alone = load_state(json.dumps(SEED_STATE).encode())

@@ -17,7 +17,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.kubeovn.shim.call import Reply
 from natgwd.kubeovn.shim.editlog import EditLog
 from natgwd.kubeovn.shim.filestate import document_bytes
@@ -26,17 +25,11 @@ from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.changes import changed_names
 from natgwd.runtime.daemon import Daemon, DaemonConfig
 from natgwd.runtime.reconciler import Announce, Reconciler
+from natgwd.runtime.statefile import Reading
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeLinks
 
 EIP = "10.115.55.200"  # the seed's my-eip
-
-
-class NoLinks:
-    def apply(self, plan: Any) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> LinkReport | None:
-        return None  # as if only a full apply could say
 
 
 def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft]:
@@ -44,12 +37,12 @@ def on_files(tmp_path: Path, fold_after: float = 600.0) -> tuple[Daemon, FakeNft
     nft = FakeNft()
 
     def reconciler(_announce: Announce) -> Reconciler:
-        return Reconciler(nft, NoLinks(), ensure_forwarding=lambda: False)
+        return Reconciler(nft, FakeLinks(), ensure_forwarding=lambda: False)
 
     state_path = tmp_path / "state.json"
     config = DaemonConfig(
-        state_path,
-        ("127.0.0.1", 0),
+        state_path=state_path,
+        metrics_address=("127.0.0.1", 0),
         resync_interval=600.0,
         edit_port=0,
         edit_token_path=tmp_path / "edit.token",
@@ -107,7 +100,7 @@ def test_calls_are_applied_and_logged_and_the_fold_is_no_change(tmp_path: Path) 
     assert len(nft.transactions) == transactions
     assert reconciles(daemon, "applied") == applied_before + 1
     assert reconciles(daemon, "unchanged") == 0
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert ready and detail["applied_sha256"] == hashlib.sha256(data).hexdigest()
 
 
@@ -130,7 +123,7 @@ def test_a_failed_apply_answers_1_and_the_retry_keeps_the_accepted_calls(tmp_pat
     reply = call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80")
     assert reply.code == 1 and "natgwd: applying the change failed: injected" in reply.err
     assert daemon.edits is not None and daemon.edits.log.entries == 1
-    daemon.reconcile_file(force=True)  # what the scheduled retry does
+    daemon.reconcile_file(Reading.FORCED)  # what the scheduled retry does
     assert dnat_ports(daemon) == ["8888", "9000"]
     assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     assert dnat_ports(daemon) == ["8888", "9000", "9001"]
@@ -143,7 +136,7 @@ def test_a_restart_whose_first_apply_fails_still_brings_back_the_logged_calls(tm
     nft.fail_next = "injected"
     again.step()
     assert again.reconciler.state is None
-    again.reconcile_file(force=True)  # what the scheduled retry does
+    again.reconcile_file(Reading.FORCED)  # what the scheduled retry does
     assert dnat_ports(again) == ["8888", "9000"]
     assert call(again, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     third, _ = on_files(tmp_path)
@@ -247,24 +240,24 @@ def test_the_applied_sha256_is_that_of_the_calls_applied_and_stays_across_the_fo
     ha = RecordingHa()
     daemon.ha = ha  # type: ignore[assignment]
     file_digest = hashlib.sha256(daemon.config.state_path.read_bytes()).hexdigest()
-    assert daemon.readiness()[1]["applied_sha256"] == file_digest
+    assert daemon.answers.readiness()[1]["applied_sha256"] == file_digest
     assert call(daemon, "dnat-add", f"{EIP},9000,tcp,172.20.10.2,80").code == 0
     assert daemon.edits is not None and daemon.edits.document is not None
     effective = hashlib.sha256(document_bytes(daemon.edits.document)).hexdigest()
     assert effective != file_digest
-    assert daemon.readiness()[1]["applied_sha256"] == effective
+    assert daemon.answers.readiness()[1]["applied_sha256"] == effective
     assert ha.digests[-1] == effective, "the HA peer compares the calls applied too"
 
     data = daemon.edits.compact()
     assert data is not None and hashlib.sha256(data).hexdigest() == effective
-    assert daemon.readiness()[1]["applied_sha256"] == effective
+    assert daemon.answers.readiness()[1]["applied_sha256"] == effective
 
     again, _ = on_files(tmp_path)  # a restart that folds a log of calls in
     assert call(daemon, "dnat-add", f"{EIP},9001,tcp,172.20.10.2,80").code == 0
     again.step()
     assert again.edits is not None and again.edits.document is not None
     folded = hashlib.sha256(document_bytes(again.edits.document)).hexdigest()
-    assert again.readiness()[1]["applied_sha256"] == folded != effective
+    assert again.answers.readiness()[1]["applied_sha256"] == folded != effective
 
 
 @pytest.mark.parametrize(
@@ -299,7 +292,7 @@ def test_a_well_formed_but_wrong_edit_log_line_is_refused_and_the_other_calls_ke
     assert again.registry.get_sample_value("natgwd_edit_log_lines_refused_total") == 1
     refused = [entry for entry in logs if entry["event"] == "edit log line refused"]
     assert len(refused) == 1 and refused[0]["line"] == 3 and refused[0]["log_level"] == "error"
-    assert again.readiness()[0]
+    assert again.answers.readiness()[0]
     # The refused line stays out: the next call and a fold of the log go on without it.
     assert call(again, "dnat-add", f"{EIP},9002,tcp,172.20.10.2,80").code == 0
     assert again.edits is not None and again.edits.compact() is not None
@@ -319,6 +312,6 @@ def test_an_edit_log_that_cannot_be_folded_into_the_file_does_not_stop_natgwd(tm
 
     again, _ = on_files(tmp_path)
     again.step()
-    ready, detail = again.readiness()
+    ready, detail = again.answers.readiness()
     assert not ready and "dnat" in detail["reason"]
     assert again.registry.get_sample_value("natgwd_edit_log_lines_refused_total") == 1

@@ -18,12 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
-from natgwd.planning.links import LinkPlan
 from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.decode import scanner
+from natgwd.state.semantics import Validated
 from natgwd.state.spans import layout_of
 from natgwd.state.tracker import StateTracker
-from natgwd.state.validation import InvalidStateError, Validated, scanner, validate, validate_document
+from natgwd.state.validation import InvalidStateError, validate, validate_document
+from tests.unit.fakes import FakeLinks
 
 FRAME: dict[str, Any] = {
     "version": 1,
@@ -148,16 +149,8 @@ def edits(draw: st.DrawFn, document: dict[str, Any]) -> dict[str, Any]:
     return edited
 
 
-class Links:
-    def apply(self, plan: LinkPlan) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
-        return None  # as if only a full apply could say
-
-
 def reconciler() -> Reconciler:
-    return Reconciler(FakeNft(), Links(), ensure_forwarding=lambda: False)
+    return Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
 
 
 def check(data: st.DataObject) -> None:

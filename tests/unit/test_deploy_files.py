@@ -22,6 +22,8 @@ import pytest
 
 from natgwd.cli import parser
 from natgwd.lab.topology import SEED_STATE
+from natgwd.runtime.listeners import AUTO, LOOPBACK
+from natgwd.runtime.startup import parse_address
 from natgwd.state.validation import load_state
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML (pip install pyyaml) to read the Kubernetes manifests")
@@ -271,10 +273,14 @@ def test_image_entrypoints_agree_and_parse() -> None:
     assert "/readyz" in script and "NATGWD_HEALTH_URL" in healthcheck
 
 
-def test_the_image_and_the_drop_in_serve_metrics_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_image_and_the_drop_in_serve_metrics_on_loopback_and_the_pod_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Guards against the image's entrypoint or the Kube-OVN drop-in's `sleep infinity`
     (whose pod spec the controller writes: no flag can be added) serving every rule name
-    and counter on the EIPs and the external network (issue 21, item 1)."""
+    and counter on the EIPs and the external network (issue 21, item 1), or nowhere
+    Prometheus can scrape: `auto` (natgwd.runtime.listeners) is loopback and the pod's own
+    address, and the image's HEALTHCHECK and `natgwd top` ask loopback."""
     monkeypatch.delenv("NATGWD_METRICS_ADDRESS", raising=False)
     entrypoint = json.loads(_containerfile_instruction("ENTRYPOINT"))
     drop_in = (ROOT / "image" / "sleep-infinity.sh").read_text()
@@ -283,7 +289,9 @@ def test_the_image_and_the_drop_in_serve_metrics_on_loopback_only(monkeypatch: p
     defaults = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command.group(1).replace("\\\n", " "))
     words = shlex.split(defaults)
     for argv in (entrypoint[1:], words):
-        assert _parse(argv).metrics_address == "127.0.0.1:9469", argv
+        assert parse_address(_parse(argv).metrics_address) == (AUTO, METRICS_PORT), argv
+    assert f"NATGWD_HEALTH_URL=http://{LOOPBACK}:{METRICS_PORT}/readyz" in _containerfile_instruction("ENV")
+    assert _parse(["top"]).metrics_address == f"{LOOPBACK}:{METRICS_PORT}"
     monkeypatch.setenv("NATGWD_METRICS_ADDRESS", "10.52.1.66:9469")
     assert _parse(entrypoint[1:]).metrics_address == "10.52.1.66:9469"
 

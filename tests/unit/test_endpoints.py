@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from natgwd.runtime.endpoints import accepts_gzip, serve
+from natgwd.runtime.endpoints import Endpoints, accepts_gzip, close
 
 BODY = b'natgwd_rule_connections_total{kind="dnat",name="d",eip="10.0.0.1"} 5\n' * 1000
 
@@ -16,14 +16,12 @@ BODY = b'natgwd_rule_connections_total{kind="dnat",name="d",eip="10.0.0.1"} 5\n'
 @pytest.fixture
 def port() -> Iterator[int]:
     # In parts made as they are taken, as the daemon gives it.
-    server = serve(
-        ("127.0.0.1", 0), lambda: iter((BODY[:1000], b"", BODY[1000:])), lambda: (True, {}), lambda: (True, {})
-    )
+    endpoints = Endpoints(lambda: iter((BODY[:1000], b"", BODY[1000:])), lambda: (True, {}), lambda: (True, {}))
+    server = endpoints.listen(("127.0.0.1", 0))
     try:
         yield server.server_address[1]
     finally:
-        server.shutdown()
-        server.server_close()
+        close(server)
 
 
 def get(port: int, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
@@ -67,3 +65,17 @@ def test_metrics_are_plain_otherwise(port: int) -> None:
 )
 def test_accept_encoding(header: str, accepted: bool) -> None:
     assert accepts_gzip(header) is accepted
+
+
+def test_an_ipv6_address_is_served() -> None:
+    """Guards against the pod's IPv6 address (or an explicit one) failing to bind: the
+    HTTP server's socket family follows the address."""
+    endpoints = Endpoints(lambda: iter((BODY,)), lambda: (True, {}), lambda: (True, {}))
+    server = endpoints.listen(("::1", 0))
+    try:
+        connection = http.client.HTTPConnection("::1", server.server_address[1], timeout=5)
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() == b"ok\n"
+        connection.close()
+    finally:
+        close(server)

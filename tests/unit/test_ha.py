@@ -16,14 +16,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from natgwd.ha import announce as ha_announce
-from natgwd.ha.config import HaConfig, HaMember, virtual_addresses
-from natgwd.ha.controller import HaController, parse_notify
+from natgwd.ha.controller import HaController, HaKernel
 from natgwd.ha.metrics import HaMetrics, parse_stats
+from natgwd.ha.notify import parse_notify
 from natgwd.ha.peer import decode_hello, encode_hello
 from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
-from natgwd.ha.supervisor import Child, ChildSpec, Supervisor
+from natgwd.ha.roles import Role
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import RouteSpec, link_plan
+from natgwd.process.supervisor import Child, ChildSpec, Supervisor
+from natgwd.state.ha import HaConfig, HaMember, virtual_addresses
 from natgwd.state.validation import InvalidStateError, Problem, load_state
 
 HA_SECTION: dict[str, Any] = {
@@ -339,18 +341,50 @@ maximum elements:\t\t      131072
 def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
     """Zeros on a gateway without HA would read as 'this member is not master'."""
     registry = CollectorRegistry()
-    HaController(tmp_path, lambda _interface, _count: None, registry)  # no state applied yet
+    kernel = HaKernel(
+        lambda _interface: [], lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False
+    )
+    HaController(tmp_path, lambda _interface, _count: None, registry, kernel)  # no state applied yet
     assert b"natgwd_ha_" not in generate_latest(registry)
 
     registry, active = CollectorRegistry(), [False]
     metrics = HaMetrics(registry, lambda: active[0])
-    metrics.set_role("master")
+    metrics.set_role(Role.MASTER)
     assert b"natgwd_ha_" not in generate_latest(registry)
     active[0] = True
     exported = generate_latest(registry).decode()
     assert 'natgwd_ha_role{role="master"} 1.0' in exported
     assert 'natgwd_ha_role{role="backup"} 0.0' in exported
     assert 'natgwd_ha_transitions_total{role="master"} 0.0' in exported
+
+
+def test_a_member_finds_itself_through_the_kernel_it_is_given(tmp_path: Path) -> None:
+    """HaController asks the kernel only through HaKernel: which addresses the sync
+    interface holds decides whether it is a member; a read that fails, or an address
+    of neither member, is a readiness reason and starts nothing."""
+    state = load_state(json.dumps(ha_doc()).encode())
+    asked: list[str] = []
+
+    def addresses(interface: str) -> list[IPv4Address]:
+        asked.append(interface)
+        if len(asked) == 1:
+            raise OSError("netlink refused")
+        return [IPv4Address("169.254.64.9")]
+
+    kernel = HaKernel(addresses, lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False)
+    controller = HaController(tmp_path, lambda _interface, _count: None, CollectorRegistry(), kernel)
+    controller.start(lambda: None)
+    try:
+        controller.applied(state, "a" * 64, complete=True)
+        assert controller.readiness()[0] == "cannot read the addresses of sync0: netlink refused"
+        controller.applied(state, "a" * 64, complete=True)
+        reason, detail = controller.readiness()
+        assert reason == "sync interface sync0 holds neither ha.members address (169.254.64.1 or 169.254.64.2)"
+        assert detail == {"ha": {"role": "init"}}
+        assert asked == ["sync0", "sync0"]
+        assert not controller.paths.keepalived_conf.exists()
+    finally:
+        controller.stop()
 
 
 def test_parse_conntrackd_stats() -> None:
@@ -451,16 +485,17 @@ def test_announcements_stop_when_no_longer_active(monkeypatch: pytest.MonkeyPatc
     sent: list[tuple[str, tuple[str, ...]]] = []
     active = [True]
 
-    def fake_announce(interface: str, addresses: list[IPv4Address], count: int) -> int:
+    def fake_send(interface: str, addresses: list[IPv4Address]) -> int:
         sent.append((interface, tuple(map(str, addresses))))
         if len(sent) == 4:  # two rounds of two interfaces
             active[0] = False
-        return len(addresses) * count
+        return len(addresses)
 
-    monkeypatch.setattr(ha_announce, "announce", fake_announce)
     monkeypatch.setattr(ha_announce, "INTERVAL_SECONDS", 0.01)
     counted: list[tuple[str, int]] = []
-    announcer = ha_announce.ActiveAnnouncer(lambda: active[0], lambda name, frames: counted.append((name, frames)))
+    announcer = ha_announce.ActiveAnnouncer(
+        lambda: active[0], fake_send, lambda name, frames: counted.append((name, frames))
+    )
     announcer.request({"net1": [IPv4Address("172.20.10.254")], "net2": [IPv4Address("10.115.55.200")]})
     deadline = time.monotonic() + 5
     while len(sent) < 4 and time.monotonic() < deadline:

@@ -24,6 +24,7 @@ from natgwd.runtime.reconciler import Reconciler
 from natgwd.runtime.status import rule_statuses
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeLinks
 
 
 def load(document: dict[str, Any]) -> DesiredState:
@@ -127,7 +128,7 @@ def test_ipv6_share_group_uses_the_ipv6_target_map() -> None:
 
 def test_status_shows_ipv6_translations() -> None:
     fake = FakeNft()
-    Reconciler(fake, _NoLinks(), ensure_forwarding=lambda: False).apply(load(dual()))
+    Reconciler(fake, FakeLinks(), ensure_forwarding=lambda: False).apply(load(dual()))
     assert fake.table is not None
     found = {(r.name, r.eip): r.translations for r in rule_statuses(fake.table)}
     assert found[("dnat01-6", "fd00:115::200")] == ["[fd00:115::200]:8888/tcp -> [fd00:10::2]:80"]
@@ -137,16 +138,6 @@ def test_status_shows_ipv6_translations() -> None:
     ]
     assert found[("my-snat6", "fd00:115::200")] == ["fd00:10::/64 -> fd00:115::200"]
     assert found[("dnat01", "10.115.55.200")] == ["10.115.55.200:8888/tcp -> 172.20.10.2:80"]
-
-
-class _NoLinks:
-    def apply(self, plan: Any) -> Any:
-        from natgwd.kernel.netlink import LinkReport
-
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> Any:
-        return None  # as if only a full apply could say
 
 
 # --- conntrack ------------------------------------------------------------------------------

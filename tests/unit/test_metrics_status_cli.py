@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from natgwd.cli import main
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.counters import COUNTING_SETS, Listings
 from natgwd.planning.plan import assign_ids, desired_table
@@ -23,19 +22,12 @@ from natgwd.planning.table import Counter, Element, TableContents, plan_transact
 from natgwd.runtime.metrics import RuleCounters
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.runtime.status import RuleStatus, format_table, record_mismatch, rule_statuses
-from natgwd.runtime.watch import FileWatcher
+from natgwd.runtime.watch import FileWatcher, Seen
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeLinks
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-class NoLinks:
-    def apply(self, plan: Any) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> LinkReport | None:
-        return None  # as if only a full apply could say
 
 
 def seed() -> dict[str, Any]:
@@ -49,7 +41,7 @@ def state_of(document: dict[str, Any]) -> DesiredState:
 
 def applied(document: dict[str, Any]) -> tuple[FakeNft, Reconciler]:
     fake = FakeNft()
-    rec = Reconciler(fake, NoLinks(), ensure_forwarding=lambda: False)
+    rec = Reconciler(fake, FakeLinks(), ensure_forwarding=lambda: False)
     rec.apply(state_of(document))
     return fake, rec
 
@@ -300,8 +292,8 @@ def test_watcher_reports_a_change_then_one_recheck_then_nothing(tmp_path: Path) 
     path = tmp_path / "state.json"
     path.write_text("{}")
     watcher = FileWatcher(path)
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
     assert watcher.poll() is None
 
@@ -316,8 +308,8 @@ def test_watcher_detects_an_in_place_write(tmp_path: Path) -> None:
     with path.open("r+") as f:
         f.write('{"version": 2, "x": 1}')
     assert path.stat().st_ino == inode
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
@@ -330,7 +322,7 @@ def test_watcher_detects_a_same_size_rewrite_with_a_new_mtime(tmp_path: Path) ->
     watcher.poll()
     path.write_text("bbbb")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert watcher.poll() == "changed"
+    assert watcher.poll() is Seen.CHANGED
 
 
 def test_watcher_detects_a_rename_over_the_file(tmp_path: Path) -> None:
@@ -345,8 +337,8 @@ def test_watcher_detects_a_rename_over_the_file(tmp_path: Path) -> None:
     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...and the same mtime
     os.replace(tmp, path)
     assert path.read_text() == "bbbb"
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
@@ -365,8 +357,8 @@ def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path) -> None:
     path = root / "state.json"
     assert path.read_text() == "aaaa"
     watcher = FileWatcher(path)
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
     # The kubelet's update: write a new version dir, then atomically repoint ..data.
@@ -376,8 +368,8 @@ def test_watcher_detects_a_configmap_data_symlink_swap(tmp_path: Path) -> None:
     os.replace(root / "..data_tmp", root / "..data")
     assert path.read_text() == "bbbb"
     assert os.readlink(path) == "..data/state.json"  # the visible symlink itself never changed
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 
@@ -388,17 +380,17 @@ def test_watcher_detects_disappearance_and_return(tmp_path: Path) -> None:
     watcher.poll()
     watcher.poll()
     path.unlink()
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
     path.write_text("{}")
-    assert watcher.poll() == "changed"
+    assert watcher.poll() is Seen.CHANGED
 
 
 def test_watcher_of_a_missing_file(tmp_path: Path) -> None:
     watcher = FileWatcher(tmp_path / "absent.json")
-    assert watcher.poll() == "changed"
-    assert watcher.poll() == "recheck"
+    assert watcher.poll() is Seen.CHANGED
+    assert watcher.poll() is Seen.RECHECK
     assert watcher.poll() is None
 
 

@@ -21,7 +21,6 @@ from natgwd.bgp.speaker import Snapshot
 from natgwd.bgp.status import NeighborStatus
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
 from natgwd.ha.scale_metrics import ScaleMetrics
-from natgwd.ha.supervisor import ChildStatus
 from natgwd.observability.connwatch import ConnectionWatch
 from natgwd.observability.ctstats import STAT_FAMILIES, Pressure
 from natgwd.observability.ctstats import exposition as pressure_exposition
@@ -29,6 +28,7 @@ from natgwd.observability.translog import Selection, TransLog
 from natgwd.planning.counters import Listings
 from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.process.supervisor import ChildStatus
 from natgwd.qos.status import QosStatus
 from natgwd.qos.status import exposition as qos_exposition
 from natgwd.runtime.metrics import DaemonMetrics, RuleCounters

@@ -390,9 +390,15 @@ def test_natgwd_own_endpoints_are_kept_out_of_conntrack_and_nothing_else() -> No
     state = load_state(json.dumps(SEED_STATE).encode())
     ids = assign_ids(state, {})
     assert {c.name for c in desired_table(state, ids).chains}.isdisjoint({"untracked_in", "untracked_out"})
-    endpoints = own_endpoints(("10.244.7.5", 9469), edits=True)
+    endpoints = own_endpoints([("10.244.7.5", 9469)], edits=True)
     assert endpoints == ((IPv4Address("10.244.7.5"), 9469), (IPv4Address("127.94.69.1"), None))
-    assert own_endpoints(("0.0.0.0", 9469), edits=False) == (
+    # The default: loopback and the pod's addresses, every one.
+    assert own_endpoints([("127.0.0.1", 9469), ("10.244.7.5", 9469), ("fd00:244::5", 9469)], edits=False) == (
+        (IPv4Address("127.0.0.1"), 9469),
+        (IPv4Address("10.244.7.5"), 9469),
+        (IPv6Address("fd00:244::5"), 9469),
+    )
+    assert own_endpoints([("0.0.0.0", 9469)], edits=False) == (
         (IPv4Address("127.0.0.1"), 9469),
         (IPv6Address("::1"), 9469),
     )

@@ -16,8 +16,9 @@ from natgwd.kubeovn.importer import ImportOptions, import_objects
 from natgwd.lab.topology import SEED_STATE
 from natgwd.state.model import PortRange
 from natgwd.state.ports import NOT_A_PORT, OUT_OF_RANGE, kube_ovn_port_range, port_range
-from natgwd.state.validation import InvalidStateError, load_state, schema
-from tests.unit.test_kubeovn_import import STATEFULSET, dnat, reasons, seed_objects
+from natgwd.state.shape import schema
+from natgwd.state.validation import InvalidStateError, load_state
+from tests.unit.test_importer import STATEFULSET, dnat, reasons, seed_objects
 
 PORT_SCHEMA = schema()["definitions"]["portOrRange"]
 JSONSCHEMA = jsonschema.Draft7Validator(PORT_SCHEMA)

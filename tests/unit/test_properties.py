@@ -30,17 +30,10 @@ from natgwd.planning.layout import RULE_CONNECTIONS
 from natgwd.planning.plan import address_text, assign_ids, desired_table
 from natgwd.planning.table import plan_transaction
 from natgwd.state.model import DesiredState
-from natgwd.state.problems import InvalidValueError
+from natgwd.state.problems import ITEM_SECTIONS, InvalidValueError
 from natgwd.state.rules import usable_address
-from natgwd.state.validation import (
-    ITEM_SECTIONS,
-    InvalidStateError,
-    Problem,
-    _fast_item_checks,
-    _passes,
-    _validators,
-    load_state,
-)
+from natgwd.state.shape import _fast_item_checks, _passes, _validators
+from natgwd.state.validation import InvalidStateError, Problem, load_state
 
 # --- generating valid documents ---------------------------------------------------------
 

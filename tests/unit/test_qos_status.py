@@ -7,9 +7,8 @@ import json
 from typing import Any
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.qos.plan import ClassKey
+from natgwd.qos.plan import ClassKey, ClassStats
 from natgwd.qos.status import QosStatus, exposition, format_table, qos_statuses, shaping_exposition
-from natgwd.qos.tc import ClassStats
 from natgwd.state.validation import load_state
 
 EIP2 = "10.115.55.201"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.qos.model import BandwidthLimitRule, Match, QosPolicy
+from natgwd.state.qos import BandwidthLimitRule, Match, QosPolicy
 from natgwd.state.validation import InvalidStateError, load_state
 
 

@@ -11,26 +11,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.lab.topology import SEED_STATE
 from natgwd.runtime.daemon import Daemon, DaemonConfig
 from natgwd.runtime.reconciler import Announce, Reconciler
-
-
-class NoLinks:
-    def apply(self, plan: Any) -> LinkReport:
-        return LinkReport()
-
-    def add(self, before: Any, after: Any) -> LinkReport | None:
-        return None  # as if only a full apply could say
+from tests.unit.fakes import FakeLinks
 
 
 def daemon_on(path: Path) -> Daemon:
     def reconciler(_announce: Announce) -> Reconciler:
         # No announcer: gratuitous ARP would go out of the host's interfaces.
-        return Reconciler(FakeNft(), NoLinks(), ensure_forwarding=lambda: False)
+        return Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
 
-    return Daemon(DaemonConfig(path, ("127.0.0.1", 0), resync_interval=60.0), reconciler)
+    return Daemon(DaemonConfig(state_path=path, metrics_address=("127.0.0.1", 0), resync_interval=60.0), reconciler)
 
 
 def rejections(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -43,7 +35,7 @@ def state_path(tmp_path: Path) -> Path:
 
 
 def test_before_the_first_step_it_waits_for_the_file(state_path: Path) -> None:
-    ready, detail = daemon_on(state_path).readiness()
+    ready, detail = daemon_on(state_path).answers.readiness()
     assert not ready
     assert detail == {
         "applied_sha256": None,
@@ -56,7 +48,7 @@ def test_a_missing_file_at_start_is_no_state_applied_yet(state_path: Path) -> No
     daemon = daemon_on(state_path)
     with capture_logs() as logs:
         daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert not ready
     assert detail["reason"] == (
         f"no state applied yet; waiting for {state_path}: $: cannot read {state_path}: file does not exist"
@@ -78,7 +70,7 @@ def test_an_invalid_file_at_start_is_no_state_applied_yet_and_says_what_was_skip
     daemon = daemon_on(state_path)
     with capture_logs() as logs:
         daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert not ready
     assert detail["reason"] == (
         f"no state applied yet; waiting for {state_path}: $.version: must be 1 (the only supported version)"
@@ -93,7 +85,7 @@ def test_an_invalid_file_after_a_good_one_keeps_the_last_good_state(state_path: 
     state_path.write_text(json.dumps(SEED_STATE))
     daemon = daemon_on(state_path)
     daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert ready, detail
     applied = detail["applied_sha256"]
     assert applied is not None
@@ -101,7 +93,7 @@ def test_an_invalid_file_after_a_good_one_keeps_the_last_good_state(state_path: 
     state_path.write_text(json.dumps({**SEED_STATE, "snat": [{**SEED_STATE["snat"][0], "eip": "nope"}]}))
     with capture_logs() as logs:
         daemon.step()
-    ready, detail = daemon.readiness()
+    ready, detail = daemon.answers.readiness()
     assert not ready
     assert detail["reason"] == (
         "desired state rejected; the last good state stays applied: "

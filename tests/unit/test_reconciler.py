@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 
 from natgwd.kernel.fake import FakeNft
-from natgwd.kernel.netlink import LinkReport
 from natgwd.kernel.nft import NftError
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.counters import counted_elements
-from natgwd.planning.links import LinkPlan, link_plan
+from natgwd.planning.links import link_plan
 from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import (
     AddElements,
@@ -28,32 +27,11 @@ from natgwd.planning.table import (
 from natgwd.runtime.reconciler import FULL_READ_EVERY, Outcome, Reconciler
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeLinks
 
 DNAT_KEY = "10.115.55.200 . tcp . 8888"
 # Rule ids the seed gets on a fresh table, and their rule_connections comments.
 SEED_IDS = {"1": "snat/my-snat/10.115.55.200", "2": "dnat/dnat01/10.115.55.200", "3": "fip/fip01/10.115.55.201"}
-
-
-class FakeLinks:
-    """Records every plan; reports the interfaces named in `missing` as absent."""
-
-    def __init__(self, missing: tuple[str, ...] = (), errors: tuple[str, ...] = ()) -> None:
-        self.plans: list[LinkPlan] = []
-        self.missing = missing
-        self.errors = errors
-        self.changes: list[str] = []
-
-    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
-        return None  # every plan through apply, recorded
-
-    def apply(self, plan: LinkPlan) -> LinkReport:
-        self.plans.append(plan)
-        changes, self.changes = self.changes, []
-        return LinkReport(
-            missing=[name for name in plan.interface_names if name in self.missing],
-            changes=changes,
-            errors=list(self.errors),
-        )
 
 
 class Forwarding:

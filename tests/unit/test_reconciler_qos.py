@@ -9,11 +9,10 @@ from typing import Any
 
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
-from natgwd.qos.plan import QosWants
-from natgwd.qos.tc import ClassStats, TcReport
+from natgwd.qos.plan import ClassStats, QosWants, TcReport
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.validation import load_state
-from tests.unit.test_reconciler import FakeLinks
+from tests.unit.fakes import FakeLinks
 
 
 class FakeShaper:
@@ -71,7 +70,7 @@ def test_qos_errors_make_the_outcome_incomplete_and_are_retried() -> None:
     rec, shaper = make()
     shaper.next_report = TcReport(errors=["egress QoS not applied: net2 has a root qdisc tbf 1: ..."])
     outcome = rec.apply(state(10))
-    assert not outcome.complete and outcome.link_errors == ["egress QoS not applied: net2 has a root qdisc tbf 1: ..."]
+    assert not outcome.complete and outcome.qos_errors == ["egress QoS not applied: net2 has a root qdisc tbf 1: ..."]
     rec.apply(state(10))  # the same state again: tried again, since it failed
     assert len(shaper.applied) == 2
 
@@ -80,7 +79,7 @@ def test_a_shaper_crash_does_not_stop_nat() -> None:
     rec, shaper = make()
     shaper.fail = ValueError("no free class id")
     outcome = rec.apply(state(10))
-    assert outcome.link_errors == ["traffic control: ValueError: no free class id"]
+    assert outcome.qos_errors == ["traffic control: ValueError: no free class id"]
     assert outcome.nft_operations > 0
 
 

@@ -15,12 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from natgwd.ha.adverts import parse_advert
-from natgwd.ha.controller import parse_notify, parse_notify_instance
+from natgwd.ha.notify import parse_notify, parse_notify_instance
 from natgwd.ha.render import HaPaths
+from natgwd.ha.roles import Event, Role
 from natgwd.ha.scale import ScaleController, group_addresses
 from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.ha.scale_render import conntrackd_conf, group_of_instance, keepalived_conf
-from natgwd.ha.supervisor import Supervisor
+from natgwd.process.supervisor import Supervisor
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
 from tests.unit.test_scaleout_state import doc
@@ -97,7 +98,7 @@ def test_conntrackd_two_members_ftfw_unicast_more_notrack_multicast(tmp_path: Pa
 
 
 def test_notify_lines_and_instance_names() -> None:
-    assert parse_notify_instance('INSTANCE "g3" MASTER 200\n') == ("g3", "master")
+    assert parse_notify_instance('INSTANCE "g3" MASTER 200\n') == ("g3", Role.MASTER)
     assert parse_notify('INSTANCE "natgwd" BACKUP 100') == "backup"
     assert parse_notify_instance("GROUP x") is None
     assert [group_of_instance(n) for n in ("g0", "g12", "natgwd", "g", "gx")] == [0, 12, None, None, None]
@@ -140,9 +141,11 @@ def member(tmp_path: Path) -> Iterator[tuple[ScaleController, dict[int, IPv4Addr
         ScaleMetrics(CollectorRegistry(), lambda: True),
         "true",
         "true",
+        lambda _interface, _addresses: 0,
         lambda _interface, _frames: None,
         set_route=lambda table, via, _interface: routes.__setitem__(table, via),
         addresses_of=lambda _interface: [M1],
+        no_redirects=lambda _scope: False,
         listen=listen,
     )
     supervisor = Supervisor()
@@ -163,7 +166,7 @@ def test_routes_follow_this_members_roles_and_the_adverts_it_hears(
     hear = listeners[0].on_advert
     hear(M0, 60, 200)
     hear(M2, 62, 200)
-    controller.on_role("g1", "master")
+    controller.on_role("g1", Role.MASTER)
     assert routes == {4300: M0, 4301: None, 4302: M2}
     assert controller.ownership.owned() == frozenset({"my-eip2"})
     assert controller.owners() == {"g0": str(M0), "g1": str(M1), "g2": str(M2)}
@@ -171,10 +174,10 @@ def test_routes_follow_this_members_roles_and_the_adverts_it_hears(
     hear(M0, 62, 180)
     assert routes[4302] == M0
     # A preempted owner's last adverts do not make this member give its group up.
-    controller.on_role("g1", "master_rx_lower_pri")
+    controller.on_role("g1", Event.HEALED)
     assert controller.ownership.owned() == frozenset({"my-eip2"})
     # This member loses g1: no route until the new owner advertises.
-    controller.on_role("g1", "backup")
+    controller.on_role("g1", Role.BACKUP)
     assert routes[4301] is None and controller.ownership.owned() == frozenset()
     hear(M2, 61, 200)
     assert routes[4301] == M2
@@ -190,8 +193,8 @@ def test_ownership_listeners_hear_every_change(
     heard: list[frozenset[str]] = []
     controller.ownership.subscribe(heard.append)
     controller.applied(state_of(), complete=True)
-    controller.on_role("g0", "master")
-    controller.on_role("g0", "backup")
+    controller.on_role("g0", Role.MASTER)
+    controller.on_role("g0", Role.BACKUP)
     assert heard == [frozenset({"my-eip"}), frozenset()]
 
 

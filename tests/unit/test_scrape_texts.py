@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natgwd.observability.connwatch import ConnectionWatch
+from natgwd.observability.exposition import escaped
 from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.plan import RuleLabels
-from natgwd.runtime.metrics import RuleCounters, escaped
+from natgwd.runtime.metrics import RuleCounters
 
 FAMILIES = (
     ("natgwd_rule_connections_total", "Connections the rule translated (first packets seen by NAT)."),

@@ -18,9 +18,8 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +28,14 @@ import pytest
 from natgwd.kubeovn.shim import cli, filestate, waiting
 from natgwd.kubeovn.shim.grammar import USAGE
 from natgwd.state.validation import load_state
+from tests.unit.fakes import UPSTREAM, FakeLinks
 
 ROOT = Path(__file__).resolve().parents[2]
 EIP1, EIP2, EIP3 = "10.115.55.200", "10.115.55.201", "10.115.55.202"
 VM1, VM2, VM3 = "172.20.10.2", "172.20.10.3", "172.20.10.4"
-UPSTREAM = "10.115.55.254"
 
 
 # --- fakes ------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeLinks:
-    """The gateway's interfaces as the CNI left them (what `init` discovers)."""
-
-    links: dict[str, tuple[list[str], list[tuple[str, str]]]] = field(
-        default_factory=lambda: {
-            "net1": (["172.20.10.254/24"], [("10.55.0.0/16", "172.20.10.1"), ("10.115.48.0/21", "172.20.10.1")]),
-            "net2": (["10.115.48.1/21"], [("0.0.0.0/0", UPSTREAM)]),
-            "eth0": (["10.52.1.66/32"], []),
-        }
-    )
-    kernel_rules: dict[str, Any] | Exception | None = None  # natgwd's table, as natgwd.kubeovn.kernelrules reads it
-
-    def exists(self, name: str) -> bool:
-        return name in self.links
-
-    def addresses(self, name: str) -> list[IPv4Interface]:
-        return [IPv4Interface(a) for a in self.links.get(name, ([], []))[0]]
-
-    def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
-        return [(IPv4Network(d), IPv4Address(v)) for d, v in self.links.get(name, ([], []))[1]]
-
-    def delete_routes(self, name: str, dst: IPv4Network) -> int:
-        addresses, routes = self.links.get(name, ([], []))
-        kept = [(d, v) for d, v in routes if IPv4Network(d) != dst]
-        self.links[name] = (addresses, kept)
-        return len(routes) - len(kept)
-
-    def nat_rules(self) -> dict[str, Any] | None:
-        if isinstance(self.kernel_rules, Exception):
-            raise self.kernel_rules
-        return self.kernel_rules
 
 
 class Applier(threading.Thread):
@@ -109,11 +74,13 @@ class Applier(threading.Thread):
             digest = hashlib.sha256(raw).hexdigest()
             if not self.applied or self.applied[-1] != digest:
                 time.sleep(self.delay)
+                # Listed before the record shows it: a call returns on the record, and its test
+                # then reads `applied`.
+                self.applied.append(digest)
                 record = {"sha256": digest, "applied_at": datetime.now(UTC).isoformat(), "state": state}
                 tmp = self.record.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record))
                 os.replace(tmp, self.record)
-                self.applied.append(digest)
 
     def pause(self) -> None:
         """Returns once no pass runs, and none starts until resume()."""

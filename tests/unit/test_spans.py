@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from natgwd.state.decode import scanner
 from natgwd.state.spans import layout_of, splice
-from natgwd.state.validation import scanner
 
 
 def document(count: int) -> dict[str, Any]:

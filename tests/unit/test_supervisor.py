@@ -1,4 +1,4 @@
-"""natgwd.ha.supervisor under faults: a start that raises (its prepare meets a directory
+"""natgwd.process.supervisor under faults: a start that raises (its prepare meets a directory
 where a stale file was, an exec fails) is logged, counted and retried with backoff, a
 request or callback that raises is counted, and the supervisor's thread goes on, so the
 children it forked keep running (PR_SET_PDEATHSIG follows that thread); and its children
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from natgwd.ha.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
 from tests.integration.helpers import wait_for
 
 SLEEPER = (sys.executable, "-c", "import time; time.sleep(600)")
@@ -89,7 +89,7 @@ def test_a_popen_that_raises_and_a_callback_that_raises_are_survived(supervisor:
 SUPERVISING = f"""
 import sys, time
 from pathlib import Path
-from natgwd.ha.supervisor import ChildSpec, Supervisor
+from natgwd.process.supervisor import ChildSpec, Supervisor
 supervisor = Supervisor()
 supervisor.run(ChildSpec("sleeper", {SLEEPER!r}))
 while not (status := supervisor.statuses().get("sleeper")) or status.pid is None:

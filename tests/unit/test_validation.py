@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from natgwd.lab.topology import SEED_STATE
+from natgwd.state.decode import MAX_FILE_BYTES
 from natgwd.state.model import (
     DesiredState,
     DnatRule,
@@ -25,7 +26,7 @@ from natgwd.state.model import (
     Route,
     SnatRule,
 )
-from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem, load_state
+from natgwd.state.validation import InvalidStateError, Problem, load_state
 
 EXAMPLE_SEED = Path(__file__).parents[2] / "examples" / "seed.json"
 

@@ -26,15 +26,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from natgwd.io import paths
+from natgwd.io.files import write_atomically
 from natgwd.kubeovn.shim.call import Call, edited, refusal
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
 from natgwd.kubeovn.shim.grammar import ShimError
-from natgwd.runtime.files import write_atomically
 from natgwd.state.validation import InvalidStateError, load_state
 
-DEFAULT_STATE = "/etc/natgwd/state.json"
-DEFAULT_APPLIED = "/var/lib/natgwd/applied.json"
-DEFAULT_TOKEN = "/var/lib/natgwd/edit.token"
 DEFAULT_TIMEOUT = 30.0
 JOURNAL_MAX_BYTES = 256 * 1024
 JOURNAL_KEEP = 1024
@@ -46,7 +44,7 @@ class Config:
     applied: Path
     timeout: float
     gateway_v4: str | None
-    token: Path = Path(DEFAULT_TOKEN)
+    token: Path = paths.EDIT_TOKEN
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -56,11 +54,11 @@ class Config:
         except ValueError:
             raise ShimError(f"natgwd: NATGWD_SHIM_TIMEOUT={text!r} is not a number of seconds") from None
         return cls(
-            Path(env.get("NATGWD_STATE") or DEFAULT_STATE),
-            Path(env.get("NATGWD_APPLIED_STATE") or DEFAULT_APPLIED),
+            Path(env.get("NATGWD_STATE") or paths.STATE),
+            Path(env.get("NATGWD_APPLIED_STATE") or paths.APPLIED_STATE),
             timeout,
             (env.get("GATEWAY_V4") or "").strip() or None,
-            Path(env.get("NATGWD_EDIT_TOKEN") or DEFAULT_TOKEN),
+            Path(env.get("NATGWD_EDIT_TOKEN") or paths.EDIT_TOKEN),
         )
 
     @property

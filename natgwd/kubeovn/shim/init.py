@@ -20,8 +20,11 @@ from natgwd.state.validation import InvalidStateError, load_state
 if TYPE_CHECKING:
     from natgwd.kernel.netlink import KernelLinks
 
-DEFAULT_VPC_INTERFACE = "eth0"  # the script's defaults, for `init` without arguments
-DEFAULT_EXTERNAL_INTERFACE = "net1"
+# The script's defaults, for `init` without arguments: Kube-OVN's controller sends none
+# where Kube-OVN is the primary CNI (the VPC side is the pod's eth0, the external network
+# net1); elsewhere it sends `net1,net2` (natgwd.kubeovn.importer.sides).
+PRIMARY_CNI_VPC_INTERFACE = "eth0"
+PRIMARY_CNI_EXTERNAL_INTERFACE = "net1"
 
 
 class Links(Protocol):
@@ -179,7 +182,7 @@ def init_op(rules: Sequence[str], links: Links) -> Callable[[Doc | None, Context
     def op(doc: Doc | None, ctx: Context) -> Doc:
         ctx.warnings.extend(args.warnings)
         if doc is None:
-            vpc, ext = names or (DEFAULT_VPC_INTERFACE, DEFAULT_EXTERNAL_INTERFACE)
+            vpc, ext = names or (PRIMARY_CNI_VPC_INTERFACE, PRIMARY_CNI_EXTERNAL_INTERFACE)
         else:
             vpc = names[0] if names else str((doc.get("internal") or {}).get("interface"))
             ext = names[1] if names else str((doc.get("external") or {}).get("interface"))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from natgwd.io.files import write_atomically
 from natgwd.kubeovn.shim.call import Call, Reply, edited, prepare, refusal
 from natgwd.kubeovn.shim.editlog import Delta, EditLog, diff, fold
 from natgwd.kubeovn.shim.edits import Context, Doc, compact
@@ -29,7 +30,6 @@ from natgwd.kubeovn.shim.filestate import document_bytes, lock_path, locked
 from natgwd.kubeovn.shim.grammar import ShimError
 from natgwd.kubeovn.shim.init import KernelView, Links, delete_leftover_routes
 from natgwd.kubeovn.shim.protocol import Request
-from natgwd.runtime.files import write_atomically
 from natgwd.state.validation import InvalidStateError
 
 log = structlog.get_logger("natgwd.kubeovn.shim.service")

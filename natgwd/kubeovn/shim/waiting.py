@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from natgwd.io import applied
 from natgwd.kubeovn.shim.filestate import Config, Written, read_journal, sha256
-from natgwd.runtime import applied
 
 
 def boot_time() -> float | None:

@@ -1,4 +1,4 @@
-"""Child processes that natgwd runs and keeps running (keepalived, conntrackd).
+"""Child processes that natgwd runs and keeps running (keepalived, conntrackd, FRR's daemons).
 
 Each child is restarted with exponential backoff when it exits or cannot be started, its
 output goes line by line into natgwd's log, and its state (up, restarts, failed starts,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-log = structlog.get_logger("natgwd.ha.supervisor")
+log = structlog.get_logger("natgwd.process.supervisor")
 
 BACKOFF_FIRST_SECONDS = 0.2
 BACKOFF_MAX_SECONDS = 30.0

@@ -16,6 +16,7 @@ from ipaddress import AddressValueError, IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from natgwd.state.problems import InvalidValueError, Problems
+from natgwd.state.rules import require_unicast
 
 if TYPE_CHECKING:
     from natgwd.state.model import DesiredState, IPInterface
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 ADVERT_MIN = Decimal("0.01")
 ADVERT_MAX = Decimal("40.95")
 CONNTRACKD_PORT = 3780  # VyOS's and conntrackd's examples' port
-HELLO_PORT = 3781  # natgwd's peer check (ha_peer.py)
+HELLO_PORT = 3781  # natgwd's peer check (natgwd.ha.peer)
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,9 @@ def parse_ha(section: dict[str, Any], other_interfaces: tuple[str, str], problem
     advert = problems.parsed("$.ha.advertInterval", advert_interval, section.get("advertInterval", 1))
     members: list[HaMember] = []
     for index, item in enumerate(section["members"]):
-        path = f"$.ha.members[{index}]"
-        try:
-            address = IPv4Address(item["address"])
-        except AddressValueError as err:
-            problems.add(f"{path}.address", f"not a valid IPv4 address: {err}")
-            continue
-        if address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved:
-            problems.add(f"{path}.address", f"{address} is not a usable unicast address")
-            continue
-        members.append(HaMember(address, item["priority"]))
+        address = problems.parsed(f"$.ha.members[{index}].address", _member_address, item["address"])
+        if address is not None:
+            members.append(HaMember(address, item["priority"]))
     if len(members) == 2:
         if members[0].address == members[1].address:
             problems.add("$.ha.members[1].address", "must differ from members[0].address")
@@ -108,6 +102,15 @@ def parse_ha(section: dict[str, Any], other_interfaces: tuple[str, str], problem
         conntrack_sync=section.get("conntrackSync", True),
         members=(members[0], members[1]),
     )
+
+
+def _member_address(text: str) -> IPv4Address:
+    try:
+        address = IPv4Address(text)
+    except AddressValueError as err:
+        raise InvalidValueError(f"not a valid IPv4 address: {err}") from None
+    require_unicast(address)
+    return address
 
 
 def advert_interval(value: Any) -> Decimal:

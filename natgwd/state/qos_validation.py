@@ -9,7 +9,9 @@ from decimal import Decimal, InvalidOperation
 from ipaddress import AddressValueError, IPv4Network, NetmaskValueError
 from typing import Any, cast
 
-from natgwd.qos.model import (
+from natgwd.state.model import Eip, ExternalSide
+from natgwd.state.problems import Problems
+from natgwd.state.qos import (
     BITS_PER_MBIT,
     BYTES_PER_MB,
     BandwidthLimitRule,
@@ -18,8 +20,6 @@ from natgwd.qos.model import (
     MatchDirection,
     QosPolicy,
 )
-from natgwd.state.model import Eip, ExternalSide
-from natgwd.state.problems import Problems
 
 MIN_RATE_MBIT = Decimal("0.01")  # 10 kbit/s: below it a packet waits for over a second
 MAX_RATE_MBIT = Decimal(10_000)  # the class that carries unlimited traffic runs at 10 Gbit/s

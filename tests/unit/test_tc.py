@@ -1,8 +1,8 @@
-"""natgwd.qos.tc's HTB parameters: the quantum within the kernel's bounds, a burst in ticks."""
+"""natgwd.kernel.tc's HTB parameters: the quantum within the kernel's bounds, a burst in ticks."""
 
 from __future__ import annotations
 
-from natgwd.qos.tc import _quantum, _ticks
+from natgwd.kernel.tc import _quantum, _ticks
 
 
 def test_quantum_within_the_kernels_bounds_and_burst_ticks() -> None:

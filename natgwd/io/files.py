@@ -8,7 +8,8 @@ import stat
 import tempfile
 from pathlib import Path
 
-from natgwd.state.validation import MAX_FILE_BYTES, InvalidStateError, Problem
+from natgwd.state.decode import MAX_FILE_BYTES
+from natgwd.state.validation import InvalidStateError, Problem
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -28,8 +28,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
-from natgwd.kernel.netlink import NLA_F_NESTED, _nla
-from natgwd.qos.model import DIRECTIONS, Direction
+from natgwd.kernel.netlink import NLA_F_NESTED, nla
 from natgwd.qos.plan import (
     DEFAULT_MINOR,
     DESTINATION_OFFSET,
@@ -37,16 +36,19 @@ from natgwd.qos.plan import (
     ROOT_MAJOR,
     SOURCE_OFFSET,
     ClassKey,
+    ClassStats,
     FilterSpec,
     QosWants,
+    TcReport,
     Tree,
     handle,
     ifb_name,
     key_of,
     tree,
 )
+from natgwd.state.qos import DIRECTIONS, Direction
 
-log = structlog.get_logger("natgwd.qos.tc")
+log = structlog.get_logger("natgwd.kernel.tc")
 
 ETH_P_IP = 0x0800
 TC_H_ROOT = 0xFFFFFFFF
@@ -63,24 +65,6 @@ MIN_QUANTUM = 2_000
 EIP_TABLE = 0x4E4 << 20
 HASH_BUCKETS = 256
 HASH_MASK = 0xFF
-
-
-@dataclass
-class TcReport:
-    changes: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    direction: Direction
-    key: ClassKey
-    rate_bytes: int  # configured, per second
-    bytes: int
-    packets: int
-    drops: int
-    overlimits: int
-    backlog_bytes: int
 
 
 @dataclass(frozen=True)
@@ -163,13 +147,13 @@ def _add_u32(
     hash table `link` by `hash_key` (offset, mask)."""
     options = b""
     if classid is not None:
-        options += _nla(TCA_U32_CLASSID, struct.pack("=I", classid))
+        options += nla(TCA_U32_CLASSID, struct.pack("=I", classid))
     if into is not None:
-        options += _nla(TCA_U32_HASH, struct.pack("=I", into))
+        options += nla(TCA_U32_HASH, struct.pack("=I", into))
     if link is not None:
-        options += _nla(TCA_U32_LINK, struct.pack("=I", link))
+        options += nla(TCA_U32_LINK, struct.pack("=I", link))
     if divisor is not None:
-        options += _nla(TCA_U32_DIVISOR, struct.pack("=I", divisor))
+        options += nla(TCA_U32_DIVISOR, struct.pack("=I", divisor))
     else:
         hash_offset, hash_mask = hash_key
         flags = TC_U32_TERMINAL if classid is not None else 0
@@ -177,10 +161,10 @@ def _add_u32(
         selector += b"".join(
             struct.pack(">II", mask, value) + struct.pack("=ii", offset, 0) for value, mask, offset in keys
         )
-        options += _nla(TCA_U32_SEL, selector)
+        options += nla(TCA_U32_SEL, selector)
     info = (prio << 16) | socket.htons(ETH_P_IP)
     body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
-    body += _nla(TCA_KIND, b"u32\0") + _nla(TCA_OPTIONS | NLA_F_NESTED, options)
+    body += nla(TCA_KIND, b"u32\0") + nla(TCA_OPTIONS | NLA_F_NESTED, options)
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     header = struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, flags, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
@@ -236,15 +220,16 @@ class KernelTc:
             if external is None:
                 return report  # the link report says it is missing; QoS follows it
             keep = {external}
+            outside = _Device(ipr, external, wants.external, report)
             if wants.active("egress"):
-                self._sync_tree(ipr, external, wants.external, "egress", wants, report)
+                self._sync_tree(outside, "egress", wants)
             ifb = None
             if wants.active("ingress"):
                 ifb = self._ensure_ifb(ipr, wants.ifb, report)
             if ifb is not None:
                 keep.add(ifb)
-                if self._ensure_redirect(ipr, external, wants.external, ifb, report):
-                    self._sync_tree(ipr, ifb, wants.ifb, "ingress", wants, report)
+                if outside.ensure_redirect(ifb):
+                    self._sync_tree(_Device(ipr, ifb, wants.ifb, report), "ingress", wants)
             self._sweep(
                 ipr,
                 roots_on=keep if wants.active("egress") else keep - {external},
@@ -269,7 +254,7 @@ class KernelTc:
             for direction, name, index in self._tree_devices(ipr, external):
                 keys = self._keys.get(name)
                 if keys is None:
-                    filters = self._filters(ipr, index, ROOT_HANDLE)
+                    filters = _Device(ipr, index, name, TcReport()).filters(ROOT_HANDLE)
                     keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
                     keys[DEFAULT_MINOR] = ClassKey("default")
                 for msg in ipr.get_classes(index):
@@ -309,26 +294,18 @@ class KernelTc:
         devices: list[tuple[Direction, str, int]] = []
         for direction, name in zip(DIRECTIONS, (ifb_name(external), external), strict=True):
             index = _index(ipr, name)
-            if index is not None and self._root(ipr, index) == ("htb", ROOT_HANDLE):
+            if index is not None and _Device(ipr, index, name, TcReport()).root() == ("htb", ROOT_HANDLE):
                 devices.append((direction, name, index))
         return devices
 
     # --- one HTB tree ----------------------------------------------------------------
 
-    def _root(self, ipr: IPRoute, index: int) -> tuple[str | None, int | None]:
-        """The kind and handle of the device's root qdisc (None, None: none listed)."""
-        for msg in ipr.get_qdiscs(index):
-            if msg["parent"] == TC_H_ROOT and msg["index"] == index:
-                return msg.get_attr("TCA_KIND"), int(msg["handle"])
-        return None, None
-
-    def _sync_tree(
-        self, ipr: IPRoute, index: int, name: str, direction: Direction, wants: QosWants, report: TcReport
-    ) -> None:
+    def _sync_tree(self, device: _Device, direction: Direction, wants: QosWants) -> None:
+        name, report = device.name, device.report
         self._keys.pop(name, None)  # until this sync has finished
-        kind, root = self._root(ipr, index)
+        kind, root = device.root()
         if root == ROOT_HANDLE and kind != "htb":
-            ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
+            device.ipr.tc("del", index=device.index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
             report.changes.append(f"delete {kind} root qdisc {ROOT_MAJOR:x}: on {name} (not HTB)")
             kind, root = None, None
         if root not in (None, 0, ROOT_HANDLE):
@@ -338,10 +315,10 @@ class KernelTc:
             )
             return
         if root != ROOT_HANDLE:
-            ipr.tc("add", "htb", index, ROOT_HANDLE, parent=TC_H_ROOT, default=DEFAULT_MINOR)
+            device.ipr.tc("add", "htb", device.index, ROOT_HANDLE, parent=TC_H_ROOT, default=DEFAULT_MINOR)
             report.changes.append(f"add htb root qdisc {ROOT_MAJOR:x}: on {name}")
-        filters = self._filters(ipr, index, ROOT_HANDLE)
-        classes = self._classes(ipr, index)
+        filters = device.filters(ROOT_HANDLE)
+        classes = device.classes()
         # Class ids from the filters that lead to a class: a stray filter cannot move one.
         previous = {
             key: f.spec.minor
@@ -352,163 +329,26 @@ class KernelTc:
         # Filters go before their classes do, and come after them: a filter never points
         # to a class that is not there.
         rules = [f for f in filters if not f.divisor and not f.link]
-        kept = self._remove_filters(ipr, index, name, rules, wanted, report)
-        self._sync_table(ipr, index, name, direction, filters, report)
-        self._sync_classes(ipr, index, name, classes, wanted, report)
-        self._add_filters(ipr, index, name, kept, wanted, report)
+        kept = device.remove_filters(rules, wanted)
+        device.sync_table(direction, filters)
+        device.sync_classes(classes, wanted)
+        self._leaves(device, wanted)
+        device.add_filters(kept, wanted)
         self._keys[name] = dict(wanted.keys)
 
-    def _filters(self, ipr: IPRoute, index: int, parent: int) -> list[_KernelFilter]:
-        """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
-        found = []
-        for msg in ipr.get_filters(index, parent=parent):
-            options = msg.get_attr("TCA_OPTIONS")
-            if msg.get_attr("TCA_KIND") != "u32" or options is None:
-                continue
-            prio, filter_handle = msg["info"] >> 16, int(msg["handle"])
-            if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
-                if filter_handle == EIP_TABLE:
-                    divisor = int(options.get_attr("TCA_U32_DIVISOR") or 1)
-                    found.append(_KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor))
-                continue
-            selector = _selector(options)
-            classid = options.get_attr("TCA_U32_CLASSID") or 0
-            value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
-            # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
-            minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
-            spec = FilterSpec(prio, offset, value, mask, minor)
-            hash_key = (selector.hash_offset, selector.hash_mask)
-            link = _u32_link(options)
-            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options), link, hash_key))
-        return found
-
-    def _remove_filters(
-        self, ipr: IPRoute, index: int, name: str, present: list[_KernelFilter], wanted: Tree, report: TcReport
-    ) -> set[FilterSpec]:
-        """Delete the filters the tree does not have (and second copies); the ones kept."""
-        kept: set[FilterSpec] = set()
-        for kernel in present:
-            wanted_here = kernel.spec in wanted.filters and kernel.mirred_ifindex is None and _placed(kernel)
-            if wanted_here and kernel.spec not in kept:
-                kept.add(kernel.spec)
-            else:
-                self._del_filter(ipr, index, ROOT_HANDLE, kernel)
-                report.changes.append(f"delete filter {_describe(kernel.spec)} on {name}")
-        return kept
-
-    def _add_filters(
-        self, ipr: IPRoute, index: int, name: str, kept: set[FilterSpec], wanted: Tree, report: TcReport
-    ) -> None:
-        for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
-            bucket = EIP_TABLE | (spec.value & HASH_MASK) << 12 if spec.prio == EIP_PRIO else None
-            _add_u32(
-                index, spec.prio, keys=((spec.value, spec.mask, spec.offset),), classid=handle(spec.minor), into=bucket
-            )
-            report.changes.append(f"add filter {_describe(spec)} on {name}")
-
-    def _sync_table(
-        self,
-        ipr: IPRoute,
-        index: int,
-        name: str,
-        direction: Direction,
-        present: list[_KernelFilter],
-        report: TcReport,
-    ) -> None:
-        """The EIP hash table and the one filter that links to it. Every tree has them, also
-        without EIP limits: the kernel releases a hash table only after the filters that
-        linked to it are gone for good (RCU), so deleting one now would fail as busy."""
-        hash_key = (SOURCE_OFFSET if direction == "egress" else DESTINATION_OFFSET, HASH_MASK)
-        tables = [f for f in present if f.divisor == HASH_BUCKETS]
-        links = [f for f in present if f.link]
-        good = [f for f in links if (f.link, f.spec.prio, f.hash_key) == (EIP_TABLE, EIP_PRIO, hash_key)]
-        for kernel in links:
-            if kernel is not (good[0] if good else None):
-                self._del_filter(ipr, index, ROOT_HANDLE, kernel)
-                report.changes.append(f"delete a wrong link to the EIP hash table on {name}")
-        if not tables:
-            _add_u32(index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
-            report.changes.append(f"add the EIP hash table on {name}")
-        if not good:
-            _add_u32(index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
-            report.changes.append(f"add the link to the EIP hash table on {name}")
-
-    def _del_filter(self, ipr: IPRoute, index: int, parent: int, kernel: _KernelFilter) -> None:
-        try:
-            ipr.tc(
-                "del-filter",
-                "u32",
-                index,
-                handle=kernel.handle,
-                parent=parent,
-                prio=kernel.spec.prio,
-                protocol=ETH_P_IP,
-                target=0,
-            )
-        except NetlinkError as err:
-            if err.code != errno.ENOENT:
-                raise
-
-    def _classes(self, ipr: IPRoute, index: int) -> dict[int, Mapping[str, int]]:
-        """The HTB parameters of the tree's classes, by minor."""
-        present: dict[int, Mapping[str, int]] = {}
-        for msg in ipr.get_classes(index):
-            # A class at the top of the tree lists the root (not the qdisc) as its parent.
-            if msg["handle"] >> 16 == ROOT_MAJOR and msg["parent"] in (TC_H_ROOT, ROOT_HANDLE):
-                present[msg["handle"] & 0xFFFF] = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
-        return present
-
-    def _sync_classes(
-        self,
-        ipr: IPRoute,
-        index: int,
-        name: str,
-        present: dict[int, Mapping[str, int]],
-        wanted: Tree,
-        report: TcReport,
-    ) -> None:
-        for minor in sorted(present.keys() - wanted.classes.keys()):
-            # Without a kind: pyroute2 would encode HTB parameters; the parent is then the
-            # root, whose qdisc is natgwd's tree.
-            ipr.tc("del-class", index=index, handle=handle(minor))
-            report.changes.append(f"delete class {ROOT_MAJOR:x}:{minor:x} on {name}")
-        for minor, spec in sorted(wanted.classes.items()):
-            ticks = _ticks(spec.rate_bytes, spec.burst_bytes)
-            parms = present.get(minor)
-            if parms is not None and (parms["rate"], parms["ceil"], parms["buffer"], parms["cbuffer"]) == (
-                spec.rate_bytes,
-                spec.rate_bytes,
-                ticks,
-                ticks,
-            ):
-                continue
-            ipr.tc(
-                "change-class" if parms is not None else "add-class",
-                "htb",
-                index,
-                handle(minor),
-                parent=ROOT_HANDLE,
-                rate=spec.rate_bytes,
-                ceil=spec.rate_bytes,
-                burst=spec.burst_bytes,
-                cburst=spec.burst_bytes,
-                quantum=_quantum(spec.rate_bytes),
-            )
-            verb = "change" if parms is not None else "add"
-            report.changes.append(f"{verb} class {ROOT_MAJOR:x}:{minor:x} rate {spec.rate_bytes * 8} bit/s on {name}")
-        self._leaves(ipr, index, wanted)
-
-    def _leaves(self, ipr: IPRoute, index: int, wanted: Tree) -> None:
+    def _leaves(self, device: _Device, wanted: Tree) -> None:
         """fq_codel under every class where the kernel has it (as upstream); else HTB's
         default leaf, said once in the log (and by the leaf metric)."""
         if self.fq_codel is False:
             return
-        with_leaf = {msg["parent"] for msg in ipr.get_qdiscs(index) if msg.get_attr("TCA_KIND") == "fq_codel"}
+        with_leaf = {
+            msg["parent"] for msg in device.ipr.get_qdiscs(device.index) if msg.get_attr("TCA_KIND") == "fq_codel"
+        }
         for minor in wanted.classes:
             if handle(minor) in with_leaf:
                 continue
             try:
-                ipr.tc("replace", "fq_codel", index, 0, parent=handle(minor))
+                device.ipr.tc("replace", "fq_codel", device.index, 0, parent=handle(minor))
             except NetlinkError as err:
                 if err.code not in (errno.ENOENT, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
@@ -541,39 +381,6 @@ class KernelTc:
         report.changes.append(f"add ifb {name}")
         return index
 
-    def _ensure_redirect(self, ipr: IPRoute, index: int, name: str, ifb: int, report: TcReport) -> bool:
-        has_ingress = any(msg.get_attr("TCA_KIND") == "ingress" for msg in ipr.get_qdiscs(index))
-        if not has_ingress:
-            ipr.tc("add", "ingress", index, INGRESS_HANDLE)
-            report.changes.append(f"add ingress qdisc on {name}")
-        filters = self._filters(ipr, index, INGRESS_HANDLE)
-        foreign = [f for f in filters if f.spec.prio != MIRRED_PRIO]
-        if foreign:
-            report.errors.append(
-                f"ingress QoS not applied: the ingress qdisc of {name} has {len(foreign)} filters natgwd did not add"
-            )
-            return False
-        redirect = FilterSpec(MIRRED_PRIO, 0, 0, 0, -1)
-        ours = [f for f in filters if f.spec == redirect and f.mirred_ifindex == ifb]
-        for kernel in filters:
-            if kernel is not (ours[0] if ours else None):
-                self._del_filter(ipr, index, INGRESS_HANDLE, kernel)
-                report.changes.append(f"delete stray filter at priority {MIRRED_PRIO} on {name} ingress")
-        if not ours:
-            ipr.tc(
-                "add-filter",
-                "u32",
-                index,
-                parent=INGRESS_HANDLE,
-                prio=MIRRED_PRIO,
-                protocol=ETH_P_IP,
-                target=0,
-                keys=["0x0/0x0+0"],
-                action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": ifb},
-            )
-            report.changes.append(f"add redirect of {name} ingress to ifb {ifb}")
-        return True
-
     # --- removal -----------------------------------------------------------------------
 
     def _sweep(
@@ -595,19 +402,196 @@ class KernelTc:
                 ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
                 report.changes.append(f"delete root qdisc {ROOT_MAJOR:x}: on {names[index]}")
             elif msg.get_attr("TCA_KIND") == "ingress" and index not in redirects_on:
-                self._remove_redirect(ipr, index, names[index], report)
+                _Device(ipr, index, names[index], report).remove_redirect()
 
-    def _remove_redirect(self, ipr: IPRoute, index: int, name: str, report: TcReport) -> None:
-        filters = self._filters(ipr, index, INGRESS_HANDLE)
+
+@dataclass(frozen=True)
+class _Device:
+    """One device's traffic control during a sync or a read: the netlink socket, the
+    device's index and name, and the report its changes and errors go to."""
+
+    ipr: IPRoute
+    index: int
+    name: str
+    report: TcReport
+
+    def root(self) -> tuple[str | None, int | None]:
+        """The kind and handle of the device's root qdisc (None, None: none listed)."""
+        for msg in self.ipr.get_qdiscs(self.index):
+            if msg["parent"] == TC_H_ROOT and msg["index"] == self.index:
+                return msg.get_attr("TCA_KIND"), int(msg["handle"])
+        return None, None
+
+    def filters(self, parent: int) -> list[_KernelFilter]:
+        """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
+        found = []
+        for msg in self.ipr.get_filters(self.index, parent=parent):
+            options = msg.get_attr("TCA_OPTIONS")
+            if msg.get_attr("TCA_KIND") != "u32" or options is None:
+                continue
+            prio, filter_handle = msg["info"] >> 16, int(msg["handle"])
+            if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
+                if filter_handle == EIP_TABLE:
+                    divisor = int(options.get_attr("TCA_U32_DIVISOR") or 1)
+                    found.append(_KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor))
+                continue
+            selector = _selector(options)
+            classid = options.get_attr("TCA_U32_CLASSID") or 0
+            value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
+            # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
+            minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
+            spec = FilterSpec(prio, offset, value, mask, minor)
+            hash_key = (selector.hash_offset, selector.hash_mask)
+            link = _u32_link(options)
+            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options), link, hash_key))
+        return found
+
+    def remove_filters(self, present: list[_KernelFilter], wanted: Tree) -> set[FilterSpec]:
+        """Delete the filters the tree does not have (and second copies); the ones kept."""
+        kept: set[FilterSpec] = set()
+        for kernel in present:
+            wanted_here = kernel.spec in wanted.filters and kernel.mirred_ifindex is None and _placed(kernel)
+            if wanted_here and kernel.spec not in kept:
+                kept.add(kernel.spec)
+            else:
+                self.del_filter(ROOT_HANDLE, kernel)
+                self.report.changes.append(f"delete filter {_describe(kernel.spec)} on {self.name}")
+        return kept
+
+    def add_filters(self, kept: set[FilterSpec], wanted: Tree) -> None:
+        for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
+            bucket = EIP_TABLE | (spec.value & HASH_MASK) << 12 if spec.prio == EIP_PRIO else None
+            _add_u32(
+                self.index,
+                spec.prio,
+                keys=((spec.value, spec.mask, spec.offset),),
+                classid=handle(spec.minor),
+                into=bucket,
+            )
+            self.report.changes.append(f"add filter {_describe(spec)} on {self.name}")
+
+    def sync_table(self, direction: Direction, present: list[_KernelFilter]) -> None:
+        """The EIP hash table and the one filter that links to it. Every tree has them, also
+        without EIP limits: the kernel releases a hash table only after the filters that
+        linked to it are gone for good (RCU), so deleting one now would fail as busy."""
+        hash_key = (SOURCE_OFFSET if direction == "egress" else DESTINATION_OFFSET, HASH_MASK)
+        tables = [f for f in present if f.divisor == HASH_BUCKETS]
+        links = [f for f in present if f.link]
+        good = [f for f in links if (f.link, f.spec.prio, f.hash_key) == (EIP_TABLE, EIP_PRIO, hash_key)]
+        for kernel in links:
+            if kernel is not (good[0] if good else None):
+                self.del_filter(ROOT_HANDLE, kernel)
+                self.report.changes.append(f"delete a wrong link to the EIP hash table on {self.name}")
+        if not tables:
+            _add_u32(self.index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
+            self.report.changes.append(f"add the EIP hash table on {self.name}")
+        if not good:
+            _add_u32(self.index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
+            self.report.changes.append(f"add the link to the EIP hash table on {self.name}")
+
+    def del_filter(self, parent: int, kernel: _KernelFilter) -> None:
+        try:
+            self.ipr.tc(
+                "del-filter",
+                "u32",
+                self.index,
+                handle=kernel.handle,
+                parent=parent,
+                prio=kernel.spec.prio,
+                protocol=ETH_P_IP,
+                target=0,
+            )
+        except NetlinkError as err:
+            if err.code != errno.ENOENT:
+                raise
+
+    def classes(self) -> dict[int, Mapping[str, int]]:
+        """The HTB parameters of the tree's classes, by minor."""
+        present: dict[int, Mapping[str, int]] = {}
+        for msg in self.ipr.get_classes(self.index):
+            # A class at the top of the tree lists the root (not the qdisc) as its parent.
+            if msg["handle"] >> 16 == ROOT_MAJOR and msg["parent"] in (TC_H_ROOT, ROOT_HANDLE):
+                present[msg["handle"] & 0xFFFF] = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+        return present
+
+    def sync_classes(self, present: dict[int, Mapping[str, int]], wanted: Tree) -> None:
+        for minor in sorted(present.keys() - wanted.classes.keys()):
+            # Without a kind: pyroute2 would encode HTB parameters; the parent is then the
+            # root, whose qdisc is natgwd's tree.
+            self.ipr.tc("del-class", index=self.index, handle=handle(minor))
+            self.report.changes.append(f"delete class {ROOT_MAJOR:x}:{minor:x} on {self.name}")
+        for minor, spec in sorted(wanted.classes.items()):
+            ticks = _ticks(spec.rate_bytes, spec.burst_bytes)
+            parms = present.get(minor)
+            if parms is not None and (parms["rate"], parms["ceil"], parms["buffer"], parms["cbuffer"]) == (
+                spec.rate_bytes,
+                spec.rate_bytes,
+                ticks,
+                ticks,
+            ):
+                continue
+            self.ipr.tc(
+                "change-class" if parms is not None else "add-class",
+                "htb",
+                self.index,
+                handle(minor),
+                parent=ROOT_HANDLE,
+                rate=spec.rate_bytes,
+                ceil=spec.rate_bytes,
+                burst=spec.burst_bytes,
+                cburst=spec.burst_bytes,
+                quantum=_quantum(spec.rate_bytes),
+            )
+            verb = "change" if parms is not None else "add"
+            self.report.changes.append(
+                f"{verb} class {ROOT_MAJOR:x}:{minor:x} rate {spec.rate_bytes * 8} bit/s on {self.name}"
+            )
+
+    def ensure_redirect(self, ifb: int) -> bool:
+        has_ingress = any(msg.get_attr("TCA_KIND") == "ingress" for msg in self.ipr.get_qdiscs(self.index))
+        if not has_ingress:
+            self.ipr.tc("add", "ingress", self.index, INGRESS_HANDLE)
+            self.report.changes.append(f"add ingress qdisc on {self.name}")
+        filters = self.filters(INGRESS_HANDLE)
+        foreign = [f for f in filters if f.spec.prio != MIRRED_PRIO]
+        if foreign:
+            self.report.errors.append(
+                f"ingress QoS not applied: the ingress qdisc of {self.name} has {len(foreign)} filters "
+                "natgwd did not add"
+            )
+            return False
+        redirect = FilterSpec(MIRRED_PRIO, 0, 0, 0, -1)
+        ours = [f for f in filters if f.spec == redirect and f.mirred_ifindex == ifb]
+        for kernel in filters:
+            if kernel is not (ours[0] if ours else None):
+                self.del_filter(INGRESS_HANDLE, kernel)
+                self.report.changes.append(f"delete stray filter at priority {MIRRED_PRIO} on {self.name} ingress")
+        if not ours:
+            self.ipr.tc(
+                "add-filter",
+                "u32",
+                self.index,
+                parent=INGRESS_HANDLE,
+                prio=MIRRED_PRIO,
+                protocol=ETH_P_IP,
+                target=0,
+                keys=["0x0/0x0+0"],
+                action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": ifb},
+            )
+            self.report.changes.append(f"add redirect of {self.name} ingress to ifb {ifb}")
+        return True
+
+    def remove_redirect(self) -> None:
+        filters = self.filters(INGRESS_HANDLE)
         ours = [f for f in filters if f.spec.prio == MIRRED_PRIO]
         if not ours:
             return  # not natgwd's
         for kernel in ours:
-            self._del_filter(ipr, index, INGRESS_HANDLE, kernel)
-        report.changes.append(f"delete redirect of {name} ingress")
+            self.del_filter(INGRESS_HANDLE, kernel)
+        self.report.changes.append(f"delete redirect of {self.name} ingress")
         if len(ours) == len(filters):
-            ipr.tc("del", "ingress", index, INGRESS_HANDLE)
-            report.changes.append(f"delete ingress qdisc on {name}")
+            self.ipr.tc("del", "ingress", self.index, INGRESS_HANDLE)
+            self.report.changes.append(f"delete ingress qdisc on {self.name}")
 
 
 def _placed(kernel: _KernelFilter) -> bool:

@@ -1,0 +1,3 @@
+from natgwd.kubeovn.importer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Stand-ins shared by the unit tests (no root, no kernel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from natgwd.kernel.netlink import LinkReport
+from natgwd.planning.links import LinkPlan
+
+UPSTREAM = "10.115.55.254"
+
+
+def _cni_links() -> dict[str, tuple[list[str], list[tuple[str, str]]]]:
+    return {
+        "net1": (["172.20.10.254/24"], [("10.55.0.0/16", "172.20.10.1"), ("10.115.48.0/21", "172.20.10.1")]),
+        "net2": (["10.115.48.1/21"], [("0.0.0.0/0", UPSTREAM)]),
+        "eth0": (["10.52.1.66/32"], []),
+    }
+
+
+@dataclass
+class FakeLinks:
+    """The gateway's links. For the reconciler: every plan recorded, the interfaces named in
+    `missing` reported absent, `errors` reported by every apply. For the drop-in's kernel
+    queries: the interfaces as the CNI left them (what `init` discovers), and natgwd's table
+    as natgwd.kubeovn.kernelrules reads it."""
+
+    missing: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    links: dict[str, tuple[list[str], list[tuple[str, str]]]] = field(default_factory=_cni_links)
+    kernel_rules: dict[str, Any] | Exception | None = None
+    plans: list[LinkPlan] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    # the reconciler's link programmer
+
+    def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
+        return None  # every plan through apply, recorded
+
+    def apply(self, plan: LinkPlan) -> LinkReport:
+        self.plans.append(plan)
+        changes, self.changes = self.changes, []
+        return LinkReport(
+            missing=[name for name in plan.interface_names if name in self.missing],
+            changes=changes,
+            errors=list(self.errors),
+        )
+
+    # the drop-in's kernel queries
+
+    def exists(self, name: str) -> bool:
+        return name in self.links
+
+    def addresses(self, name: str) -> list[IPv4Interface]:
+        return [IPv4Interface(a) for a in self.links.get(name, ([], []))[0]]
+
+    def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
+        return [(IPv4Network(d), IPv4Address(v)) for d, v in self.links.get(name, ([], []))[1]]
+
+    def delete_routes(self, name: str, dst: IPv4Network) -> int:
+        addresses, routes = self.links.get(name, ([], []))
+        kept = [(d, v) for d, v in routes if IPv4Network(d) != dst]
+        self.links[name] = (addresses, kept)
+        return len(routes) - len(kept)
+
+    def nat_rules(self) -> dict[str, Any] | None:
+        if isinstance(self.kernel_rules, Exception):
+            raise self.kernel_rules
+        return self.kernel_rules
