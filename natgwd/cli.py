@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from natgwd import __version__
 from natgwd.bgp.status import NeighborStatus
@@ -17,6 +18,10 @@ from natgwd.io.files import UnreadableStateError, read_state_file
 from natgwd.kubeovn.importer import cli as kubeovn_import
 from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
+
+if TYPE_CHECKING:
+    from natgwd.ha.scale_status import GroupStatus
+    from natgwd.planning.table import TableContents
 
 # Loopback and the pod's own address (natgwd.runtime.listeners): the drop-in's pod spec (the
 # controller's) cannot pass an address, and 0.0.0.0 would serve every rule name and counter
@@ -89,6 +94,7 @@ def _status(args: argparse.Namespace) -> int:
         record["mismatch"] = mismatch
         recorded = None  # another table's record: its QoS policies are not this table's either
     shaping = kernel_statuses(KernelTc(), recorded)
+    groups = _group_statuses(recorded, table)
     bgp = _bgp_status(Path(args.bgp_run_dir))
     if args.json:
         output: dict[str, object] = {
@@ -96,6 +102,8 @@ def _status(args: argparse.Namespace) -> int:
             "rules": [r.as_dict() for r in rules],
             "qos": [q.as_dict() for q in shaping],
         }
+        if groups:
+            output["groups"] = [g.as_dict() for g in groups]
         if bgp is not None:
             found, announced = bgp
             output["bgp"] = {
@@ -115,6 +123,10 @@ def _status(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table(rules))
     if shaping:
         sys.stdout.write("\n" + format_qos_table(shaping))
+    if groups:
+        from natgwd.ha.scale_status import format_groups
+
+        sys.stdout.write("\n" + format_groups(groups))
     if bgp is not None:
         import time
 
@@ -135,6 +147,21 @@ def _bgp_status(directory: Path) -> tuple[dict[str, NeighborStatus], set[IPNetwo
     return vtysh.neighbors(None), vtysh.originated() or set()
 
 
+def _group_statuses(state: DesiredState | None, table: TableContents) -> list[GroupStatus]:
+    """Scaled out: who owns each EIP group, from this member's kernel."""
+    if state is None or state.scale_out is None:
+        return []
+    from natgwd.ha.scale_status import group_statuses, kernel_view
+    from natgwd.planning.handover import HANDED_OVER
+
+    local, routes = kernel_view(state)
+    handed = {
+        int(key): element.counter.packets if element.counter else 0
+        for key, element in table.elements.get(HANDED_OVER, {}).items()
+    }
+    return group_statuses(state, local, routes, handed)
+
+
 def _applied_record(path: Path) -> dict[str, str] | None:
     head = applied.read_head(path)
     return {"sha256": head.sha256, "applied_at": head.applied_at.isoformat()} if head else None
@@ -151,7 +178,14 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.ha.controller import HaController, HaKernel
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.garp import announce
-    from natgwd.kernel.netlink import Netlink, ensure_forwarding, ensure_tcp_liberal, ipv4_addresses
+    from natgwd.kernel.netlink import (
+        Netlink,
+        ensure_forwarding,
+        ensure_no_redirects,
+        ensure_tcp_liberal,
+        ipv4_addresses,
+        set_handover_route,
+    )
     from natgwd.kernel.nft import KernelNft
     from natgwd.kernel.tc import KernelTc
     from natgwd.observability.endings import Endings
@@ -180,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         return announce(interface, list(addresses), count=1)
 
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
-        kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp)
+        kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp, set_handover_route, ensure_no_redirects)
         return HaController(Path(args.ha_run_dir), count_garp, registry, kernel)
 
     def bgp(ownership: Ownership) -> BgpSpeaker:

@@ -37,11 +37,14 @@ from natgwd.ha.conntrackd import BACKUP_COMMANDS, MASTER_COMMANDS, Conntrackd
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot
 from natgwd.ha.notify import NotifyFifo
 from natgwd.ha.peer import PeerCheck
-from natgwd.ha.render import HaPaths, conntrackd_conf, keepalived_conf
+from natgwd.ha.render import INSTANCE, HaPaths, conntrackd_conf, keepalived_conf
 from natgwd.ha.roles import CONNTRACKD, KEEPALIVED, Event, Role
+from natgwd.ha.scale import ScaleController
+from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
 from natgwd.state.ha import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.state.model import DesiredState
+from natgwd.state.problems import Problem
 
 log = structlog.get_logger("natgwd.ha.controller")
 
@@ -58,11 +61,15 @@ class Binaries:
 class HaKernel:
     """What a member asks of the kernel, passed in as the reconciler's shells are (tests
     pass fakes): the IPv4 addresses on an interface, liberal TCP window tracking set
-    (True when it was not), gratuitous ARP for addresses taken over; all raise OSError."""
+    (True when it was not), gratuitous ARP for addresses taken over; scaled out, a
+    group's hand-over route (table, via or None, interface) and ICMP redirects off for a
+    scope (True when they were on); all raise OSError."""
 
     addresses: Callable[[str], list[IPv4Address]]
     tcp_liberal: Callable[[], bool]
     garp: Send
+    handover_route: Callable[[int, IPv4Address | None, str], None]
+    no_redirects: Callable[[str], bool]
 
 
 class HaController:
@@ -78,7 +85,7 @@ class HaController:
         self.binaries = binaries
         self._kernel = kernel
         self._conntrackd = Conntrackd(binaries.conntrackd, self.paths.conntrackd_conf)
-        self._fifo = NotifyFifo(self.paths.notify_fifo, self._on_notice)
+        self._fifo = NotifyFifo(self.paths.notify_fifo, self._on_instance_notice)
         self._announcer = ActiveAnnouncer(lambda: self._role == Role.MASTER, kernel.garp, on_garp_sent)
         self._master_since: float | None = None  # monotonic
         self.metrics = HaMetrics(registry, self._configured)
@@ -95,6 +102,19 @@ class HaController:
         self._role = Role.INIT
         self._resync: Callable[[], None] = lambda: None
         self._role_listeners: list[Callable[[], None]] = []
+        # A scaled-out member (the `scaleOut` section) shares the run directory, the
+        # notify FIFO and the supervisor.
+        self.scale = ScaleController(
+            self.paths,
+            ScaleMetrics(registry, self._scaled_out),
+            binaries.keepalived,
+            binaries.conntrackd,
+            kernel.garp,
+            on_garp_sent,
+            kernel.handover_route,
+            kernel.addresses,
+            kernel.no_redirects,
+        )
 
     # --- the daemon's calls ------------------------------------------------------------
 
@@ -103,10 +123,12 @@ class HaController:
         route through an interface whose last address keepalived just removed."""
         self._resync = resync
         self._supervisor = Supervisor()
+        self.scale.start(self._supervisor, self._write, lambda: self._conntrackd.run(MASTER_COMMANDS))
 
     def stop(self) -> None:
         """Stop keepalived (it gives the addresses up at once: priority 0) and conntrackd."""
         with self._lock:
+            self.scale.leave()
             self._stop_member()
             if self._supervisor is not None:
                 self._supervisor.stop()
@@ -117,6 +139,14 @@ class HaController:
             self._state = state
             if digest is not None:
                 self._digest = digest
+            if state.scale_out is not None:
+                self._stop_member()
+                self.paths.directory.mkdir(parents=True, exist_ok=True)
+                self._fifo.ensure()
+                self._liberal()
+                self.scale.applied(state, complete)
+                return
+            self.scale.leave()
             ha = state.ha
             if ha is None:
                 self._stop_member()
@@ -137,9 +167,15 @@ class HaController:
             self._digest = digest
             self._peer.tell(digest)
 
+    def check(self, state: DesiredState) -> list[Problem]:
+        """What makes `state` unusable on this member, before anything is applied."""
+        return self.scale.check(state)
+
     def readiness(self) -> tuple[str | None, dict[str, Any]]:
         with self._lock:
             state = self._state
+            if state is not None and state.scale_out is not None:
+                return self.scale.readiness()
             if state is None or state.ha is None:
                 return None, {}
             detail: dict[str, Any] = {"role": str(self._role)}
@@ -263,6 +299,12 @@ class HaController:
         self._written[path] = text
         return True
 
+    def _on_instance_notice(self, instance: str, notice: Role | Event) -> None:
+        if instance == INSTANCE:
+            self._on_notice(notice)
+        else:
+            self.scale.on_role(instance, notice)
+
     def _on_notice(self, notice: Role | Event) -> None:
         if notice is Event.HEALED:
             log.warning("the peer was active too (split brain); it yields now, this member stays active")
@@ -313,6 +355,10 @@ class HaController:
     def _hello(self) -> tuple[str | None, str]:
         return self._digest, str(self._role)
 
+    def _scaled_out(self) -> bool:
+        state = self._state
+        return state is not None and state.scale_out is not None
+
     def _configured(self) -> bool:
         state = self._state  # one read: the scrape thread does not take the lock for it
         return state is not None and state.ha is not None
@@ -320,6 +366,14 @@ class HaController:
     def _snapshot(self) -> HaSnapshot | None:
         with self._lock:
             state = self._state
+            scaled = state is not None and state.scale_out is not None and self._supervisor is not None
+        if scaled:
+            assert self._supervisor is not None
+            statuses = self._supervisor.statuses()
+            conntrackd = statuses.get(CONNTRACKD)
+            stats = self._conntrackd.stats() if conntrackd is not None and conntrackd.up else None
+            return HaSnapshot(statuses, None, None, stats, self._supervisor.errors)
+        with self._lock:
             if state is None or state.ha is None or self._supervisor is None:
                 return None
             self._peer.tell(self._digest)

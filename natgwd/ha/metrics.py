@@ -25,7 +25,7 @@ class HaMetrics:
 
     def __init__(self, registry: CollectorRegistry, active: Callable[[], bool]) -> None:
         own = CollectorRegistry()
-        registry.register(_WhileActive(own, active))
+        registry.register(WhileActive(own, active))
         registry = own
         self.role = Gauge(
             "natgwd_ha_role",
@@ -60,7 +60,7 @@ class HaMetrics:
         self.last_transition.set(time.time())
 
 
-class _WhileActive(Collector):
+class WhileActive(Collector):
     def __init__(self, inner: CollectorRegistry, active: Callable[[], bool]) -> None:
         self._inner = inner
         self._active = active
@@ -110,8 +110,8 @@ _COUNTERS = {
 @dataclass(frozen=True)
 class HaSnapshot:
     children: dict[str, ChildStatus]
-    peer_reachable: bool
-    peer_state_match: bool
+    peer_reachable: bool | None  # None: no peer link (a scaled-out member)
+    peer_state_match: bool | None
     conntrackd: dict[str, int] | None  # None while conntrackd does not run
     supervisor_errors: int = 0
 
@@ -148,16 +148,18 @@ class HaCollector(Collector):
             "Errors the supervisor of keepalived and conntrackd met and went on after (see the log).",
             value=snapshot.supervisor_errors,
         )
-        yield GaugeMetricFamily(
-            "natgwd_ha_peer_reachable",
-            "1 when the peer's hello arrived over the sync link within the last 3 seconds.",
-            value=1 if snapshot.peer_reachable else 0,
-        )
-        yield GaugeMetricFamily(
-            "natgwd_ha_peer_state_match",
-            "1 when the peer applied the same desired state (sha256) as this member; 0 when not, or unknown.",
-            value=1 if snapshot.peer_state_match else 0,
-        )
+        if snapshot.peer_reachable is not None:
+            yield GaugeMetricFamily(
+                "natgwd_ha_peer_reachable",
+                "1 when the peer's hello arrived over the sync link within the last 3 seconds.",
+                value=1 if snapshot.peer_reachable else 0,
+            )
+        if snapshot.peer_state_match is not None:
+            yield GaugeMetricFamily(
+                "natgwd_ha_peer_state_match",
+                "1 when the peer applied the same desired state (sha256) as this member; 0 when not, or unknown.",
+                value=1 if snapshot.peer_state_match else 0,
+            )
         stats = snapshot.conntrackd
         if stats is None:
             return

@@ -1,5 +1,5 @@
 """keepalived's notify FIFO: made where it is missing (or not a FIFO), read by one thread
-for the daemon's life, each line handed on as a role or an event."""
+for the daemon's life, each line handed on as its instance and a role or an event."""
 
 from __future__ import annotations
 
@@ -20,20 +20,27 @@ log = structlog.get_logger("natgwd.ha.notify")
 def parse_notify(line: str) -> Role | Event | None:
     """The role or event in a notify FIFO line (`INSTANCE "natgwd" MASTER 150`); None for
     any other line."""
+    parsed = parse_notify_instance(line)
+    return parsed[1] if parsed else None
+
+
+def parse_notify_instance(line: str) -> tuple[str, Role | Event] | None:
+    """(instance, role or event) of a notify FIFO line (`INSTANCE "g1" BACKUP 190`): a
+    scaled-out member runs one instance per EIP group."""
     parts = line.split()
     if len(parts) < 3 or parts[0] != "INSTANCE":
         return None
-    word = parts[2].lower()
+    instance, word = parts[1].strip('"'), parts[2].lower()
     if word in Role.__members__.values():
-        return Role(word)
+        return instance, Role(word)
     if word in Event.__members__.values():
-        return Event(word)
+        return instance, Event(word)
     log.warning("unknown keepalived notification", line=line.strip())
     return None
 
 
 class NotifyFifo:
-    def __init__(self, path: Path, on_notice: Callable[[Role | Event], None]) -> None:
+    def __init__(self, path: Path, on_notice: Callable[[str, Role | Event], None]) -> None:
         self.path = path
         self._on_notice = on_notice
         self._thread: threading.Thread | None = None
@@ -54,6 +61,6 @@ class NotifyFifo:
         fd = os.open(self.path, os.O_RDWR)
         with os.fdopen(fd, "rb", buffering=0) as fifo:
             for raw in fifo:
-                notice = parse_notify(raw.decode(errors="replace"))
-                if notice is not None:
-                    self._on_notice(notice)
+                parsed = parse_notify_instance(raw.decode(errors="replace"))
+                if parsed is not None:
+                    self._on_notice(*parsed)

@@ -88,6 +88,16 @@ def ensure_tcp_liberal(path: Path = TCP_BE_LIBERAL) -> bool:
     return True
 
 
+def ensure_no_redirects(scope: str) -> bool:
+    """Turn ICMP redirects off for `scope` ("all" or an interface); True when they were on.
+    OSError where /proc/sys is read-only."""
+    path = Path(f"/proc/sys/net/ipv4/conf/{scope}/send_redirects")
+    if path.read_text().strip() == "0":
+        return False
+    path.write_text("0\n")
+    return True
+
+
 # IPv4 per-interface settings (include/uapi/linux/ip.h IPV4_DEVCONF_*), set over rtnetlink
 # so that CAP_NET_ADMIN suffices where /proc/sys is mounted read-only.
 DEVCONF_FORWARDING = 1
@@ -327,6 +337,35 @@ class Netlink:
             except NetlinkError as err:
                 if err.code not in (errno.ENOENT, errno.ESRCH):
                     report.errors.append(f"delete {rule}: {err}")
+
+
+HANDOVER_PROTO = 250  # the hand-over routes (natgwd.ha.scale), kept apart from the link plan's
+
+
+def set_handover_route(table: int, via: IPv4Address | None, interface: str) -> None:
+    """Table `table` holds one default route, via `via` out of `interface`, or none at all
+    (None: this member owns the group, so the lookup falls through to the main table)."""
+    with IPRoute() as ipr:
+        if via is None:
+            try:
+                ipr.route("del", dst="0.0.0.0/0", family=socket.AF_INET, table=table)
+            except NetlinkError as err:
+                if err.code != errno.ESRCH:
+                    raise
+            return
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            raise OSError(errno.ENODEV, f"no interface {interface}")
+        ipr.route(
+            "replace",
+            dst="0.0.0.0/0",
+            family=socket.AF_INET,
+            gateway=str(via),
+            oif=found[0],
+            proto=HANDOVER_PROTO,
+            flags=RTNH_F_ONLINK,
+            table=table,
+        )
 
 
 def _rule_fields(rule: PolicyRule) -> dict[str, object]:

@@ -15,10 +15,11 @@ from collections.abc import Iterable, Mapping
 from itertools import compress
 from operator import itemgetter
 
+from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.table import Counter, Element
 
-COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS)
+COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS, HANDED_OVER)
 
 
 # (key, packets, bytes, comment) as the kernel lists them: the key as read ("7",

@@ -47,8 +47,10 @@ def link_plan(state: DesiredState) -> LinkPlan:
     internal = state.internal
     # In HA mode keepalived adds and removes every address natgwd would add, so that the
     # standby holds none; routes stay on both members, onlink since the standby holds no
-    # address in the nexthop's subnet: a takeover then moves only addresses.
-    ha = state.ha is not None
+    # address in the nexthop's subnet: a takeover then moves only addresses. Scaled out,
+    # keepalived moves each EIP group to its owner, and each member's own LAN address
+    # comes from its pod network.
+    ha = state.ha is not None or state.scale_out is not None
     routes = [RouteSpec(r.dst, r.via, internal.interface, onlink=ha) for r in internal.routes]
     interfaces = [InterfaceSpec(internal.interface, frozenset() if ha else frozenset(internal.addresses))]
     tables = network_ids(state)

@@ -38,6 +38,15 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import NamedTuple, cast
 
+from natgwd.planning.handover import (
+    DNAT_REPLY_GROUP,
+    FIP_OUT_GROUP,
+    HANDED_OVER,
+    handover_chain,
+    handover_sets,
+    reply_keys,
+    snat_group,
+)
 from natgwd.planning.layout import (
     ACCOUNT,
     DIRECTIONS,
@@ -96,7 +105,7 @@ _STATIC_SETS = (
 
 def set_key_type(name: str) -> str:
     """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;")."""
-    body = next(spec.body for spec in _STATIC_SETS if spec.name == name)
+    body = next(spec.body for spec in (*_STATIC_SETS, *handover_sets(())) if spec.name == name)
     return body.removeprefix("type ").split(";", 1)[0].split(" : ", 1)[0]
 
 
@@ -313,6 +322,8 @@ class Frame:
     eip_text: Mapping[tuple[str, int], str]
     network_of: Mapping[tuple[str, int], Element] | None
     families: tuple[Family, ...]
+    # With scaleOut: the firewall mark of each EIP's group (natgwd.planning.handover).
+    group_of: Mapping[str, Element] | None = None
 
     @classmethod
     def of(cls, state: DesiredState) -> Frame:
@@ -321,7 +332,10 @@ class Frame:
         if ids:
             network_of = {(e.name, a.version): Element(str(ids[e.network])) for e in state.eips for a in e.addresses}
         families = (V4, V6) if any(e.v6ip is not None for e in state.eips) else (V4,)
-        return cls(eip_texts(state), network_of, families)
+        group_of = None
+        if state.scale_out is not None:
+            group_of = {e.name: Element(str(state.scale_out.group_of(e.name).mark)) for e in state.eips}
+        return cls(eip_texts(state), network_of, families, group_of)
 
 
 Contribution = tuple[str, str, Element]  # (set, key, element)
@@ -352,6 +366,8 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
         ]
         if frame.network_of is not None:
             elements.append((name(FIP_OUT_NETWORK), internal, frame.network_of[rule.eip, rule.family]))
+        if frame.group_of is not None:
+            elements.append((FIP_OUT_GROUP, internal, frame.group_of[rule.eip]))
     elif isinstance(rule, DnatRule):
         internal = address_text(rule.internal_ip)
         if rule.type == "share":
@@ -372,6 +388,8 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
         elements += [(family.snat_target(prefixlen), key, Element(eip)), (family.snat_rule(prefixlen), key, marked)]
         if frame.network_of is not None:
             elements.append((family.snat_network(prefixlen), key, frame.network_of[rule.eip, rule.family]))
+        if frame.group_of is not None:
+            elements.append((snat_group(prefixlen), key, frame.group_of[rule.eip]))
     return elements
 
 
@@ -518,6 +536,7 @@ class TableChange:
     elements: ElementChanges
     share_groups: dict[str, ShareGroup]
     snat_prefixes: CounterOf[tuple[int, int]]
+    replies: CounterOf[tuple[str, str]]
 
 
 class TablePlan:
@@ -542,6 +561,9 @@ class TablePlan:
         self.elements: dict[str, dict[str, Element]] = {}
         self.share_groups: dict[str, ShareGroup] = {}
         self.snat_prefixes: CounterOf[tuple[int, int]] = CounterOf()
+        # With scaleOut: how many DNAT rules put each (reply key, group mark) in
+        # dnat_reply_group; two rules may share a backend address and port.
+        self.replies: CounterOf[tuple[str, str]] = CounterOf()
         # Created in the sets' order, which the transaction's element commands follow.
         self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}))
         for set_name, key, element in _frame_elements(state, self.frame):
@@ -577,16 +599,24 @@ class TablePlan:
         changes: ElementChanges = defaultdict(dict)
         groups = dict(self.share_groups)
         prefixes = CounterOf(self.snat_prefixes)
+        replies = CounterOf(self.replies) if self.frame.group_of is not None else self.replies
         for rule, labels in removed:
             mark = self.ids[labels]
             for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = None
             self._count(rule, mark, groups, prefixes, -1)
+            self._count_replies(rule, replies, changes, -1)
         for rule, labels in added:
             mark = ids[labels]
             for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = element
             self._count(rule, mark, groups, prefixes, +1)
+            self._count_replies(rule, replies, changes, +1)
+        for key in changes.get(DNAT_REPLY_GROUP, {}):
+            # The lowest group when rules of two groups share a backend: its replies
+            # cannot tell them apart (docs/scaling-out.md).
+            marks = sorted(mark for (k, mark), count in replies.items() if k == key and count > 0)
+            changes[DNAT_REPLY_GROUP][key] = Element(marks[0]) if marks else None
         for chain in groups.keys() | self.share_groups.keys():
             before, after = self.share_groups.get(chain), groups.get(chain)
             if (before is None) != (after is None):
@@ -606,7 +636,20 @@ class TablePlan:
         chains = _share_chains(groups) + _chains(state, by_family) + _untracked(self.untracked)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family),)
-        return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes)
+        if self.frame.group_of is not None:
+            chains += (handover_chain(state, [(p, V4.snat_key(p)) for p in by_family[V4]]),)
+        return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes, +replies)
+
+    def _count_replies(
+        self, rule: Rule, replies: CounterOf[tuple[str, str]], changes: ElementChanges, sign: int
+    ) -> None:
+        if self.frame.group_of is None or not isinstance(rule, DnatRule):
+            return
+        mark = self.frame.group_of[rule.eip].value
+        assert mark is not None
+        for key in reply_keys(rule):
+            replies[key, mark] += sign
+            changes[DNAT_REPLY_GROUP].setdefault(key, None)
 
     def _count(
         self, rule: Rule, mark: int, groups: dict[str, ShareGroup], prefixes: CounterOf[tuple[int, int]], sign: int
@@ -640,6 +683,7 @@ class TablePlan:
         self.state, self.ids, self.highest_id = change.state, change.ids, change.highest_id
         self.sets, self.chains = change.sets, change.chains
         self.share_groups, self.snat_prefixes = change.share_groups, +change.snat_prefixes
+        self.replies = change.replies
 
 
 def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
@@ -648,6 +692,8 @@ def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
         ((V4 if version == 4 else V6).name(EIPS), address, _MEMBER) for (_, version), address in frame.eip_text.items()
     ]
     elements += [(INVALID_DROPS, f'"{network.interface}"', _MEMBER) for network in state.externals]
+    if state.scale_out is not None:
+        elements += [(HANDED_OVER, str(group.mark), _MEMBER) for group in state.scale_out.groups]
     if frame.network_of is not None:
         elements += [
             ((V4 if version == 4 else V6).name(EIP_NETWORK), frame.eip_text[name, version], network)
@@ -675,6 +721,8 @@ def _sets(frame: Frame, prefixes: dict[Family, list[int]]) -> tuple[SetSpec, ...
             names = [family.name(EIP_NETWORK), family.name(FIP_OUT_NETWORK)]
             names += [family.snat_network(p) for p in lengths]
             sets.extend(SetSpec(name, f"type {family.addr} : mark;") for name in names)
+    if frame.group_of is not None:
+        sets.extend(handover_sets(prefixes.get(V4, [])))
     return tuple(sets)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from natgwd.state.model import DesiredState, IPAddress
+from natgwd.state.scaleout import HANDOVER_BASE
 
 NETWORK_BASE = 4240  # network i (0 = `external`) has table and firewall mark NETWORK_BASE + i
 SUPPRESS_PRIORITY = NETWORK_BASE
@@ -57,6 +58,9 @@ def network_ids(state: DesiredState) -> dict[str, int]:
 
 
 def policy_rules(state: DesiredState) -> tuple[PolicyRule, ...]:
+    if state.scale_out is not None:
+        # Each EIP group's packets by the table of the same number (natgwd.planning.handover).
+        return tuple(PolicyRule(4, HANDOVER_BASE, g.mark, fwmark=g.mark) for g in state.scale_out.groups)
     ids = network_ids(state)
     if not ids:
         return ()

@@ -274,8 +274,12 @@ class Daemon:
             log.exception("validation failed unexpectedly")
             self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], digest)
             return
-        self.metrics.desired_state_valid.set(1)
         state = change.state
+        refused = self.ha.check(state) if self.ha is not None else []
+        if refused:
+            self._rejected(refused, digest)
+            return
+        self.metrics.desired_state_valid.set(1)
         try:
             outcome = self._apply_change(change)
         except (NftError, OSError) as err:

@@ -12,10 +12,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from natgwd.observability.exposition import RuleLabel, RuleLabelTexts, escaped, family_text
-from natgwd.planning.counters import CountedElement, Listings
+from natgwd.planning.counters import CountedElement, Listings, canonical_key
+from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
 from natgwd.runtime.reconciler import Repair
 from natgwd.state.model import RULE_KINDS
+from natgwd.state.scaleout import HANDOVER_BASE
 
 
 class DaemonMetrics:
@@ -138,12 +140,18 @@ class RuleCounters:
         for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
             interfaces.append(escaped(interface.strip('"')))
             dropped.append(count)
+        # Only scaled out (the set exists then): packets this member handed to a group's owner.
+        handed = listings.get(HANDED_OVER)
+        groups = [f"g{int(canonical_key(key)) - HANDOVER_BASE}" for key, _, _, _ in handed or ()]
         return "".join(
             chain(
                 family_text(_FAMILIES[0], texts, repeat("} "), counts),
                 family_text(_FAMILIES[1], rules, directions, packets),
                 family_text(_FAMILIES[2], rules, directions, octets),
                 family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
+                family_text(_FAMILIES[4], groups, repeat('"} '), [c for _, c, _, _ in handed or ()], opening='{group="')
+                if handed is not None
+                else (),
             )
         ).encode(), labelled
 
@@ -200,5 +208,10 @@ _FAMILIES = (
         "natgwd_invalid_dropped_packets_total",
         "counter",
         "Packets dropped because conntrack found them invalid (they would leave un-NATed).",
+    ),
+    (
+        "natgwd_scale_handed_over_packets_total",
+        "counter",
+        "Packets this member handed unchanged to the owner of their EIP group (scaled out), by group.",
     ),
 )

@@ -437,7 +437,12 @@ class Reconciler:
         have the MAC of the gateway's previous home), then for each EIP address as it is
         added."""
         # In HA mode the EIPs are the active member's alone: it announces them on taking over.
-        if self.announce is None or state.ha is not None or state.external.interface in report.missing:
+        if (
+            self.announce is None
+            or state.ha is not None
+            or state.scale_out is not None
+            or state.external.interface in report.missing
+        ):
             return
         first, self._announced_all = not self._announced_all, True
         # Each EIP on the interface of its own external network.

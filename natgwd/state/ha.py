@@ -79,7 +79,7 @@ def parse_ha(section: dict[str, Any], other_interfaces: tuple[str, str], problem
     interface = section["interface"]
     if interface in other_interfaces:
         problems.add("$.ha.interface", "must differ from internal.interface and external.interface")
-    advert = problems.parsed("$.ha.advertInterval", _advert_interval, section.get("advertInterval", 1))
+    advert = problems.parsed("$.ha.advertInterval", advert_interval, section.get("advertInterval", 1))
     members: list[HaMember] = []
     for index, item in enumerate(section["members"]):
         address = problems.parsed(f"$.ha.members[{index}].address", _member_address, item["address"])
@@ -113,7 +113,7 @@ def _member_address(text: str) -> IPv4Address:
     return address
 
 
-def _advert_interval(value: Any) -> Decimal:
+def advert_interval(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidValueError("must be a number of seconds")
     try:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 if TYPE_CHECKING:
     from natgwd.state.bgp import BgpConfig
     from natgwd.state.ha import HaConfig
+    from natgwd.state.scaleout import ScaleOutConfig
 
 from natgwd.state.qos import QosPolicy
 
@@ -164,6 +165,7 @@ class DesiredState:
     ha: HaConfig | None = None  # an active/standby pair: keepalived owns the addresses
     more_externals: tuple[ExternalSide, ...] = ()
     bgp: BgpConfig | None = None  # EIPs announced as routes to upstream routers
+    scale_out: ScaleOutConfig | None = None  # N members forwarding, each EIP group one owner
 
     @property
     def externals(self) -> tuple[ExternalSide, ...]:

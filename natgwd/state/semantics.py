@@ -34,6 +34,7 @@ from natgwd.state.problems import InvalidStateError, Problems
 from natgwd.state.qos_validation import qos_policies
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
 from natgwd.state.rules import network as parse_network
+from natgwd.state.scaleout import ScaleOutConfig, parse_scale_out
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Semantics:
         policies, gateway_policy = qos_policies(self.doc, eips, external, self.problems)
         ha = self._ha(internal, external)
         bgp = self._bgp(internal, eips)
+        scale_out = self._scale_out(external)
         if self.problems:
             raise InvalidStateError(sorted(self.problems.found, key=lambda p: p.path))
         state = DesiredState(
@@ -100,6 +102,7 @@ class Semantics:
             ha=ha,
             more_externals=more,
             bgp=bgp,
+            scale_out=scale_out,
         )
         return Validated(self.doc, state, index)
 
@@ -140,6 +143,21 @@ class Semantics:
         own = [a.ip for n in self.networks for a in n.addresses] + [a.ip for a in internal.addresses]
         own += [a for e in eips for a in e.addresses]
         return parse_bgp(self.doc["bgp"], self.networks, own, self.problems, paired="ha" in self.doc)
+
+    def _scale_out(self, external: ExternalSide) -> ScaleOutConfig | None:
+        if "scaleOut" not in self.doc:
+            return None
+        if "ha" in self.doc:
+            self.problems.add("$.scaleOut", "cannot be combined with ha (an active/standby pair)")
+        config = parse_scale_out(self.doc["scaleOut"], self.eips, [n.interface for n in self.networks], self.problems)
+        ipv6 = [str(a) for a in external.addresses if a.version == 6]
+        ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
+        if ipv6 or self.networks[1:]:
+            what = f"IPv6 addresses ({', '.join(ipv6[:3])})" if ipv6 else "several external networks"
+            self.problems.add(
+                "$.scaleOut", f"scaling out moves IPv4 EIPs on one external network; this state has {what}"
+            )
+        return config
 
     # addresses -------------------------------------------------------------------------
 

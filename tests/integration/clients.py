@@ -5,6 +5,9 @@
     clients.py echo tcp|udp HOST PORT LOG PERIOD TIMEOUT
                                                      one long-lived flow, every echo logged
     clients.py soak HOST PORT SECONDS OUT            an echo flow and a GET a second; JSON
+    clients.py exchanges tcp|udp HOST PORT COUNT [TIMEOUT]
+                                                     COUNT short exchanges, each on a new
+                                                     connection or socket; JSON counts
 
 They talk to natgwd.lab.servers: an HTTP GET gets a 200 whose body is the client address
 the server saw; other TCP data and every datagram are echoed (datagrams with that address).
@@ -162,7 +165,28 @@ def soak(host: str, port: int, seconds: float, out: str) -> None:
         json.dump(result, file)
 
 
+def exchanges(proto: str, host: str, port: int, count: int, timeout: float = 2) -> None:
+    """COUNT exchanges one after the other, each on a connection (a GET) or a UDP socket
+    (one datagram) of its own, so each takes a new source port. Prints {"ok": N,
+    "failures": {ERROR: N}}: a reset is ConnectionResetError, a lost answer TimeoutError."""
+    ok, failures = 0, {}
+    for _ in range(count):
+        try:
+            if proto == "tcp":
+                ok_body(http_get(host, port, timeout=timeout))
+            else:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as conn:
+                    conn.settimeout(timeout)
+                    conn.sendto(b"ping", (host, port))
+                    conn.recv(4096)
+            ok += 1
+        except Exception as err:
+            failures[type(err).__name__] = failures.get(type(err).__name__, 0) + 1
+    print(json.dumps({"ok": ok, "failures": failures}))
+
+
 MODES: dict[str, Callable[[list[str]], None]] = {
+    "exchanges": lambda a: exchanges(a[0], a[1], int(a[2]), int(a[3]), *map(float, a[4:5])),
     "http-probe": lambda a: http_probe(a[0], int(a[1]), float(a[2]), a[3]),
     "http-answers": lambda a: http_answers(a[0], int(a[1]), int(a[2])),
     "echo": lambda a: echo_flow(a[0], a[1], int(a[2]), a[3], float(a[4]), float(a[5])),

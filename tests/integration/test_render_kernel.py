@@ -139,3 +139,11 @@ def test_generated_states_round_trip_through_the_kernel(judge: KernelJudge, docu
     ready), or one that reads back differently from the plan, which would make every
     resync see drift and rewrite the table (flapping counters, needless transactions)."""
     assert_round_trip(judge.judge(document))
+
+
+def test_a_scaled_out_state_round_trips_through_the_kernel(judge: KernelJudge) -> None:
+    """Prevents: the hand-over chain (raw priority, fib with the mark, notrack) or its group
+    maps being refused by the kernel or read back differently."""
+    from tests.unit.test_scaleout_table import scaled
+
+    assert_round_trip(judge.judge(scaled()))

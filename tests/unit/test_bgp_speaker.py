@@ -155,7 +155,9 @@ def test_the_ha_pair_owns_by_role(tmp_path: Path, role: Role, claims: Claims) ->
         "members": [{"address": "169.254.64.1", "priority": 150}, {"address": "169.254.64.2", "priority": 100}],
     }
     state = load_state(json.dumps(document).encode())
-    kernel = HaKernel(lambda _interface: [], lambda: False, lambda _interface, _addresses: 0)
+    kernel = HaKernel(
+        lambda _interface: [], lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False
+    )
     controller = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry(), kernel)
     told: list[bool] = []
     controller.on_change(lambda: told.append(True))

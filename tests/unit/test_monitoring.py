@@ -20,11 +20,13 @@ from natgwd.bgp.metrics import BgpCollector
 from natgwd.bgp.speaker import Snapshot
 from natgwd.bgp.status import NeighborStatus
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot, parse_stats
+from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.observability.connwatch import ConnectionWatch
 from natgwd.observability.ctstats import STAT_FAMILIES, Pressure
 from natgwd.observability.ctstats import exposition as pressure_exposition
 from natgwd.observability.translog import Selection, TransLog
 from natgwd.planning.counters import Listings
+from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.process.supervisor import ChildStatus
 from natgwd.qos.status import QosStatus
@@ -40,6 +42,7 @@ LISTINGS: Listings = {
     RULE_CONNECTIONS: [("0x00000001", "3", "0", "snat/my-snat/10.115.55.200")],
     RULE_TRAFFIC: [("original . 0x00000001", "5", "300", ""), ("reply . 0x00000001", "4", "200", "")],
     INVALID_DROPS: [('"net2"', "1", "40", "")],
+    HANDED_OVER: [("0x000010cc", "9", "900", "")],
 }
 QOS_CLASS = QosStatus("egress", "eip", "my-eip", "10.115.55.200", 10_000_000, 3000, 2, 0, 1, 0)
 # An HA member's collector, given `conntrackd -s` with every figure it reads.
@@ -63,6 +66,9 @@ def exposition() -> str:
     HaMetrics(registry, lambda: True)  # an HA member: its role figures are exported
     registry.register(HaCollector(lambda: HaSnapshot({}, True, True, CONNTRACKD_STATS)))
     registry.register(BgpCollector(lambda: BGP_SNAPSHOT))
+    scale = ScaleMetrics(registry, lambda: True)  # a scaled-out member's
+    scale.members_seen.set(2)
+    scale.group_owned.labels("g0").set(1)
     watch = ConnectionWatch(lambda: LISTINGS, dict, TransLog(io.StringIO(), Selection(), 10))
     return b"".join(
         (
@@ -125,7 +131,7 @@ def test_promtool_accepts_the_exposition() -> None:
 def test_alert_rules_use_exported_metrics() -> None:
     exported = exported_names()
     rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
-    assert len({rule["alert"] for rule in rules}) == len(rules) == 13
+    assert len({rule["alert"] for rule in rules}) == len(rules) == 16
     for rule in rules:
         names = referenced(rule["expr"])
         assert names, rule["alert"]

@@ -165,7 +165,8 @@ def test_unknown_top_level_field() -> None:
     doc = seed()
     doc["eipz"] = []
     allowed = (
-        "allowed here: bgp, dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, snat, version"
+        "allowed here: bgp, dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, scaleOut, "
+        "snat, version"
     )
     assert_only(doc, "$.eipz", "unknown field", allowed)
 
