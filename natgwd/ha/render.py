@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from natgwd.state.ha import CONNTRACKD_PORT, HaConfig, HaMember
@@ -127,6 +128,15 @@ def conntrackd_conf(ha: HaConfig, me: HaMember, peer: HaMember, paths: HaPaths) 
         "    }",
         "}",
         "",
+        *conntrackd_general(paths, ignored),
+    ]
+    return "\n".join(lines)
+
+
+def conntrackd_general(paths: HaPaths, ignored: Iterable[IPv4Address | str]) -> list[str]:
+    """conntrackd's General section, the same for the pair and for scale-out; the sync
+    members' own traffic (`ignored`) is not replicated."""
+    return [
         "General {",
         "    HashSize 32768",
         "    HashLimit 131072",
@@ -154,7 +164,6 @@ def conntrackd_conf(ha: HaConfig, me: HaMember, peer: HaMember, paths: HaPaths) 
         "}",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _block(name: str, entries: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface
 
-from natgwd.ha.render import HaPaths
+from natgwd.ha.render import HaPaths, conntrackd_general
 from natgwd.state.ha import CONNTRACKD_PORT
 from natgwd.state.scaleout import EipGroup, ScaleOutConfig
 
@@ -132,29 +132,6 @@ def conntrackd_conf(config: ScaleOutConfig, me: int, paths: HaPaths) -> str:
         "    }",
         "}",
         "",
-        "General {",
-        "    HashSize 32768",
-        "    HashLimit 131072",
-        "    LogFile off",
-        "    Syslog off",
-        f"    LockFile {paths.conntrackd_lock}",
-        "    UNIX {",
-        f"        Path {paths.conntrackd_socket}",
-        "    }",
-        "    NetlinkBufferSize 2097152",
-        "    NetlinkBufferSizeMaxGrowth 8388608",
-        "    NetlinkEventsReliable On",
-        "    Filter From Userspace {",
-        "        Protocol Accept {",
-        "            TCP",
-        "            UDP",
-        "            ICMP",
-        "        }",
-        "        Address Ignore {",
-        *(f"            IPv4_address {address}" for address in ignored),
-        "        }",
-        "    }",
-        "}",
-        "",
+        *conntrackd_general(paths, ignored),
     ]
     return "\n".join(lines)
