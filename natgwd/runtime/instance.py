@@ -45,7 +45,8 @@ class Claim:
             self._socket.close()
             raise AlreadyRunningError(f"another natgwd runs in this network namespace ({_ask(name)})") from None
         self._socket.listen(8)
-        threading.Thread(target=self._answer_all, name="natgwd-claim", daemon=True).start()
+        self._answerer = threading.Thread(target=self._answer_all, name="natgwd-claim", daemon=True)
+        self._answerer.start()
 
     def _answer_all(self) -> None:
         while True:
@@ -58,8 +59,13 @@ class Claim:
                 connection.sendall(self._answer)
 
     def release(self) -> None:
+        """Frees the name before returning. The answering thread's pending accept holds the
+        socket in the kernel until it returns, so the name would outlive `close` by a moment
+        (a claim right after was refused, once in a CI run): shutdown wakes it, and it is
+        waited for before the close."""
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
+        self._answerer.join(timeout=ASK_SECONDS)
         self._socket.close()
 
 
