@@ -101,7 +101,8 @@ class BgpSpeaker:
         self._held_pid: int | None = None
         self._written: dict[Path, str] = {}
         self._supervisor: Supervisor | None = None
-        self._running = False  # FRR's daemons were handed to the supervisor
+        self._running: BgpConfig | None = None  # the section FRR's daemons run with
+        self._retiring_since: float | None = None  # the section went: withdrawing before the stop
         self._thread: threading.Thread | None = None
         self._problem: str | None = None
         ownership.on_change(self._wake.set)
@@ -188,7 +189,8 @@ class BgpSpeaker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                stopping, withdrawing = self._stopping, self._withdrawing
+                stopping = self._stopping
+                withdrawing = self._withdrawing or self._retiring_since is not None
             if stopping:
                 return
             try:
@@ -206,8 +208,9 @@ class BgpSpeaker:
             return
         bgp = state.bgp
         if bgp is None:
-            self._stop_daemons()
+            self._retire()
             return
+        self._retiring_since = None
         router_id = bgp.router_id or self._ownership.member_address() or _first_ipv4(state)
         if router_id is None:
             self._set_problem("no BGP router id: set bgp.routerId (the gateway has no IPv4 address to use)")
@@ -260,17 +263,17 @@ class BgpSpeaker:
             "bfdd": _digest(texts["bfdd"]),
             "bgpd": _digest(bgpd_conf(bgp, router_id, {})),
         }
-        if not self._running:
+        if self._running is None:
             for name in DAEMONS:
                 remove_stale(paths.vty(name))
         for name in DAEMONS:
             self._supervisor.run(ChildSpec(name, self._argv(name), self._prepare(name), versions[name]))
-            if not self._running:
+            if self._running is None:
                 # One after the other, each once the previous answers: bgpd's BFD requests
                 # go through zebra to bfdd, and one made before bfdd is there waits for a
                 # replay (measured: BFD up 11 s after the start instead of 4.5 s).
                 _wait_for_file(paths.vty(name), STARTUP_WAIT_SECONDS)
-        self._running = True
+        self._running = bgp
         return True
 
     def _argv(self, name: str) -> tuple[str, ...]:
@@ -295,11 +298,34 @@ class BgpSpeaker:
 
         return prepare
 
+    def _retire(self) -> None:
+        """The bgp section went: withdraw, as a planned stop does, and stop FRR once the
+        neighbours were told (or after the same bound). Stopping bgpd at once ends the
+        sessions instead, and an upstream that keeps a gone peer's routes for a graceful
+        restart went on routing the EIPs here for up to two minutes."""
+        assert self._supervisor is not None
+        if self._running is None:
+            return
+        now = time.monotonic()
+        if self._retiring_since is None:
+            self._retiring_since = now
+            log.info("BGP section removed: withdrawing before FRR stops")
+        statuses = self._supervisor.statuses()
+        bgpd = statuses.get("bgpd")
+        present = self._announce(self._running, {}, bgpd)
+        neighbors = self._read_neighbors(statuses) if bgpd is not None and bgpd.up else {}
+        told = not present and all(n.prefixes_sent == 0 for n in neighbors.values() if n.established)
+        if told or now - self._retiring_since >= WITHDRAW_TIMEOUT_SECONDS:
+            if not told:
+                log.warning("BGP withdrawal not confirmed in time: stopping FRR anyway")
+            self._stop_daemons()
+            self._retiring_since = None
+
     def _stop_daemons(self) -> None:
         assert self._supervisor is not None
-        if not self._running:
+        if self._running is None:
             return
-        self._running = False
+        self._running = None
         for name in reversed(DAEMONS):
             self._supervisor.remove(name)
         with self._changed:
