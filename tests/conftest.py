@@ -15,6 +15,9 @@ import pytest
 from natgwd.lab.topology import SEED_STATE, Lab
 
 INTEGRATION = Path(__file__).parent / "integration"
+# Every wait in the lab ends on its condition; its bound only matters on a slow moment of a
+# loaded machine (natgwd.lab.topology.patience). xdist's workers inherit the environment.
+os.environ.setdefault("NATGWD_LAB_PATIENCE", "3")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

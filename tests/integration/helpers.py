@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import pytest
 
-from natgwd.lab.topology import Lab, Natgwd
+from natgwd.lab.topology import Lab, Natgwd, patience
 
 T = TypeVar("T")
 
@@ -37,13 +37,13 @@ def wait_for(
     """Poll until `check` returns something truthy; return it, or fail the test naming `what`."""
     # Literal[False] and None in the check's type: a check like `cond and value` or one
     # returning `value | None` gives the type of `value` back, since falsy results never are.
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {result!r})")
+            pytest.fail(f"timed out after {patience(timeout)}s waiting for {what} (last: {result!r})")
         time.sleep(interval)
 
 
@@ -216,7 +216,7 @@ def wait_counters(
     timeout: float = 10,
 ) -> RuleCounters:
     """Poll the rule's counters until `done` holds for them; return them."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     counters = None
     while time.monotonic() < deadline:
         counters = rule_counters(daemon, kind, name, eip)
@@ -248,7 +248,7 @@ def tcp_get(lab: Lab, role: str, address: str, port: int, timeout: float = 2, so
 
 def wait_listening(lab: Lab, role: str, proto: str, port: int, timeout: float = 10) -> None:
     flag = "-Hlnt" if proto == "tcp" else "-Hlnu"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         out = lab.exec(role, "ss", flag, f"sport = :{port}", check=False).stdout
         if out.strip():

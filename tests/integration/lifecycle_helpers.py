@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from natgwd.lab.topology import Lab, Natgwd
+from natgwd.lab.topology import Lab, Natgwd, patience
 from tests.integration.helpers import RuleCounters, client_command, wait_for
 
 # --- natgwd's metrics ------------------------------------------------------------------
@@ -216,7 +216,7 @@ class NotifySocket:
         return message
 
     def wait_for(self, message: str, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         while (left := deadline - time.monotonic()) > 0:
             if self.receive(left) == message:
                 return
