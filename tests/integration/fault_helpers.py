@@ -4,11 +4,11 @@ thousands of rules."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
-import time
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -232,7 +232,20 @@ def metrics_latency(lab: Lab) -> tuple[int, float]:
 
 
 def settled_fds(daemon: Natgwd) -> int:
-    """natgwd's fd count once the start-up GARP socket is closed."""
+    """natgwd's fd count once the start-up GARP's packet socket is closed."""
+    pid = daemon.process.pid
     wait_for(lambda: events_named(daemon, "gratuitous ARP sent"), "the start-up GARP sent", timeout=10)
-    time.sleep(0.3)
-    return fd_count(daemon.process.pid)
+    wait_for(lambda: not packet_sockets(pid), "the GARP socket closed", timeout=10)
+    return fd_count(pid)
+
+
+def packet_sockets(pid: int) -> set[str]:
+    """The inodes of the AF_PACKET sockets `pid` holds."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                held.add(target[len("socket:[") : -1])
+    with open(f"/proc/{pid}/net/packet") as table:
+        return held & {line.split()[8] for line in table.readlines()[1:]}
