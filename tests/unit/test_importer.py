@@ -599,6 +599,6 @@ def test_without_the_annotation_nothing_is_marked_and_it_is_said() -> None:
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("1m30s", 90), ("1h", 3600), ("", None), ("90", None)])
 def test_go_durations(text: str, seconds: float | None) -> None:
-    from natgwd.kubeovn.bgp_import import duration_seconds
+    from natgwd.kubeovn.importer.bgp import duration_seconds
 
     assert duration_seconds(text) == seconds

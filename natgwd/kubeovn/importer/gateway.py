@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from natgwd.kubeovn.bgp_import import carry_bgp
+from natgwd.kubeovn.importer.bgp import carry_bgp
 from natgwd.kubeovn.importer.objects import (
     Finding,
     ImportFailedError,
@@ -19,9 +19,9 @@ from natgwd.kubeovn.importer.objects import (
     section_of,
     state_name,
 )
+from natgwd.kubeovn.importer.qos import carry_qos
 from natgwd.kubeovn.importer.rules import Rule, Rules
 from natgwd.kubeovn.importer.sides import Sides
-from natgwd.kubeovn.qos_import import carry_qos
 from natgwd.state.validation import InvalidStateError, load_state
 
 

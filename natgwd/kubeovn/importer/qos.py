@@ -13,26 +13,16 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from natgwd.kubeovn.importer.objects import Obj, name_of, section_of
 from natgwd.state.validation import InvalidStateError, load_state
 
-Obj = dict[str, Any]
 Report = Callable[[Any, Any, str], None]  # the importer's Inventory.report
 RULE_FIELDS = ("interface", "rateMax", "burstMax", "priority", "direction", "matchType", "matchValue")
 
 
-def _spec(obj: Obj) -> dict[str, Any]:
-    spec = obj.get("spec")
-    return spec if isinstance(spec, dict) else {}
-
-
-def _name(obj: Obj) -> str:
-    metadata = obj.get("metadata")
-    return str(metadata.get("name", "")) if isinstance(metadata, dict) else ""
-
-
 def policy_entry(obj: Obj, state_name: Callable[[str], str]) -> dict[str, Any]:
     """The state's form of a QoSPolicy object (values as they are; validation judges them)."""
-    spec = _spec(obj)
+    spec = section_of(obj, "spec")
     rules = []
     for index, rule in enumerate(spec.get("bandwidthLimitRules") or []):
         if not isinstance(rule, dict):
@@ -43,7 +33,7 @@ def policy_entry(obj: Obj, state_name: Callable[[str], str]) -> dict[str, Any]:
             if value not in (None, ""):
                 entry[key] = value
         rules.append(entry)
-    policy: dict[str, Any] = {"name": state_name(_name(obj)), "bandwidthLimitRules": rules}
+    policy: dict[str, Any] = {"name": state_name(name_of(obj)), "bandwidthLimitRules": rules}
     if spec.get("bindingType") in ("EIP", "NATGW"):
         policy["bindingType"] = spec["bindingType"]
     if isinstance(spec.get("shared"), bool):
@@ -60,14 +50,14 @@ def carry_qos(
     report: Report,
 ) -> list[Obj]:
     """Add the bound policies to `state` (in place); the QoSPolicy objects used."""
-    by_name = {_name(p): p for p in policies}
+    by_name = {name_of(p): p for p in policies}
     bindings: dict[str, list[dict[str, Any] | None]] = {}  # policy -> EIP entries (None: the gateway)
     for entry in state.get("eips", []):
         source = eip_sources.get(entry["name"])
-        wanted = str(_spec(source).get("qosPolicy") or "") if source is not None else ""
+        wanted = str(section_of(source, "spec").get("qosPolicy") or "") if source is not None else ""
         if wanted:
             bindings.setdefault(wanted, []).append(entry)
-    gateway_policy = str(_spec(gateway).get("qosPolicy") or "")
+    gateway_policy = str(section_of(gateway, "spec").get("qosPolicy") or "")
     if gateway_policy:
         bindings.setdefault(gateway_policy, []).append(None)
     used: list[Obj] = []

@@ -15,7 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from natgwd.kubeovn.qos_import import Obj, Report, _spec
+from natgwd.kubeovn.importer.objects import Obj, annotations_of, section_of
+from natgwd.kubeovn.importer.qos import Report
 from natgwd.state.validation import InvalidStateError, load_state
 
 ANNOTATION = "ovn.kubernetes.io/bgp"
@@ -30,12 +31,6 @@ def duration_seconds(text: str) -> float | None:
     if not text or _DURATION.sub("", text):
         return None
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION.findall(text))
-
-
-def _annotations(obj: Obj) -> dict[str, Any]:
-    metadata = obj.get("metadata")
-    raw = metadata.get("annotations") if isinstance(metadata, dict) else None
-    return raw if isinstance(raw, dict) else {}
 
 
 def bgp_section(speaker: dict[str, Any], gateway: Obj, report: Report) -> dict[str, Any] | None:
@@ -75,7 +70,7 @@ def bgp_section(speaker: dict[str, Any], gateway: Obj, report: Report) -> dict[s
 def carry_bgp(state: dict[str, Any], gateway: Obj, eip_sources: Mapping[str, Obj], report: Report) -> None:
     """Add the gateway's BGP speaker and the EIPs' marks to `state` (in place), unless
     natgwd's validation refuses the section."""
-    speaker = _spec(gateway).get("bgpSpeaker")
+    speaker = section_of(gateway, "spec").get("bgpSpeaker")
     if not isinstance(speaker, dict) or not speaker.get("enabled"):
         return
     section = bgp_section(speaker, gateway, report)
@@ -86,7 +81,7 @@ def carry_bgp(state: dict[str, Any], gateway: Obj, eip_sources: Mapping[str, Obj
     marked = []
     for entry in candidate.get("eips", []):
         source = eip_sources.get(entry["name"])
-        if source is not None and str(_annotations(source).get(ANNOTATION, "")).lower() == "true":
+        if source is not None and str(annotations_of(source).get(ANNOTATION, "")).lower() == "true":
             entry["bgp"] = True
             marked.append(entry["name"])
     try:
