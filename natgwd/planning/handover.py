@@ -45,12 +45,7 @@ def reply_keys(rule: DnatRule) -> list[str]:
     """The dnat_reply_group keys of a DNAT rule: its backend's address, protocol and each
     of its ports (a share rule's backend has one port)."""
     internal = str(rule.internal_ip)
-    ports = (
-        [rule.internal_port.first]
-        if rule.type == "share"
-        else range(rule.internal_port.first, rule.internal_port.last + 1)
-    )
-    return [f"{internal} . {rule.protocol} . {port}" for port in ports]
+    return [f"{internal} . {rule.protocol} . {port}" for port in rule.backend_ports()]
 
 
 def handover_chain(state: DesiredState, snat_keys: Sequence[tuple[int, str]]) -> ChainSpec:

@@ -139,6 +139,11 @@ class DnatRule:
     def identity(self) -> tuple[str, int, str, PortRange]:
         return (self.eip, self.family, self.protocol, self.external_port)
 
+    def backend_ports(self) -> range:
+        """The backend's ports its replies leave from (a share rule's backend has one)."""
+        last = self.internal_port.first if self.type == "share" else self.internal_port.last
+        return range(self.internal_port.first, last + 1)
+
 
 @dataclass(frozen=True)
 class FipRule:

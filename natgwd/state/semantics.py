@@ -21,6 +21,7 @@ from natgwd.state.model import (
     PRIMARY_NETWORK,
     RULE_KINDS,
     DesiredState,
+    DnatRule,
     Eip,
     ExternalSide,
     InternalSide,
@@ -87,7 +88,7 @@ class Semantics:
         policies, gateway_policy = qos_policies(self.doc, eips, external, self.problems)
         ha = self._ha(internal, external)
         bgp = self._bgp(internal, eips)
-        scale_out = self._scale_out(external)
+        scale_out = self._scale_out(external, rules["dnat"])  # type: ignore[arg-type]
         if self.problems:
             raise InvalidStateError(sorted(self.problems.found, key=lambda p: p.path))
         state = DesiredState(
@@ -144,12 +145,14 @@ class Semantics:
         own += [a for e in eips for a in e.addresses]
         return parse_bgp(self.doc["bgp"], self.networks, own, self.problems, paired="ha" in self.doc)
 
-    def _scale_out(self, external: ExternalSide) -> ScaleOutConfig | None:
+    def _scale_out(self, external: ExternalSide, dnat: tuple[DnatRule, ...]) -> ScaleOutConfig | None:
         if "scaleOut" not in self.doc:
             return None
         if "ha" in self.doc:
             self.problems.add("$.scaleOut", "cannot be combined with ha (an active/standby pair)")
         config = parse_scale_out(self.doc["scaleOut"], self.eips, [n.interface for n in self.networks], self.problems)
+        if config is not None:
+            self._one_group_per_backend(config, dnat)
         ipv6 = [str(a) for a in external.addresses if a.version == 6]
         ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
         if ipv6 or self.networks[1:]:
@@ -158,6 +161,26 @@ class Semantics:
                 "$.scaleOut", f"scaling out moves IPv4 EIPs on one external network; this state has {what}"
             )
         return config
+
+    def _one_group_per_backend(self, config: ScaleOutConfig, dnat: tuple[DnatRule, ...]) -> None:
+        """A backend's replies are handed to its EIP's group by (address, protocol, port)
+        alone: behind EIPs of two groups, half its connections would be answered by a
+        member that holds no state for them."""
+        positions = {item.get("name"): i for i, item in self.items("dnat")}
+        first: dict[tuple[IPAddress, str, int], DnatRule] = {}
+        for rule in dnat:
+            group = config.group_of(rule.eip).index
+            for port in rule.backend_ports():
+                other = first.setdefault((rule.internal_ip, rule.protocol, port), rule)
+                other_group = config.group_of(other.eip).index
+                if other_group != group:
+                    self.problems.add(
+                        f"$.dnat[{positions[rule.name]}].eip",
+                        f"backend {rule.internal_ip} {rule.protocol}/{port} is also behind {other.name!r}, whose "
+                        f"EIP {other.eip!r} is in scaleOut group {other_group}, not {group}: its replies cannot "
+                        "go to both owners; put both EIPs in one group (scaleOut.groups)",
+                    )
+                    break
 
     # addresses -------------------------------------------------------------------------
 

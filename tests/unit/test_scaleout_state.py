@@ -116,3 +116,20 @@ def test_not_with_an_ha_pair_nor_ipv6_eips() -> None:
     document = doc()
     document["eips"][0]["v6ip"] = "2001:db8::1"
     assert "IPv6" in refused(document)["$.scaleOut"]
+
+
+def test_a_backend_behind_eips_of_two_groups_is_refused_and_one_group_is_fine() -> None:
+    def two_backends(groups: list[dict[str, Any]], port: str = "80") -> dict[str, Any]:
+        document = doc(groups=groups)
+        document["fip"] = []  # my-eip2 serves the second DNAT rule instead
+        second = {"name": "dnat02", "eip": "my-eip2", "protocol": "tcp", "externalPort": "9999"}
+        document["dnat"].append(second | {"internalIp": "172.20.10.2", "internalPort": port})
+        return document
+
+    apart = [{"eips": ["my-eip"]}, {"eips": ["my-eip2"]}]
+    assert refused(two_backends(apart))["$.dnat[1].eip"] == (
+        "backend 172.20.10.2 tcp/80 is also behind 'dnat01', whose EIP 'my-eip' is in scaleOut group 0, not 1: "
+        "its replies cannot go to both owners; put both EIPs in one group (scaleOut.groups)"
+    )
+    assert len(load_state(json.dumps(two_backends([{"eips": ["my-eip", "my-eip2"]}, {}])).encode()).dnat) == 2
+    assert len(load_state(json.dumps(two_backends(apart, port="81")).encode()).dnat) == 2
