@@ -21,12 +21,14 @@ from natgwd.planning.layout import SHARE_CHAIN_PREFIX
 from natgwd.planning.table import (
     AddChain,
     AddElements,
+    AddObject,
     AddRule,
     AddSet,
     AddTable,
     Counter,
     DeleteChain,
     DeleteElements,
+    DeleteObject,
     DeleteSet,
     Element,
     FlushChain,
@@ -112,6 +114,8 @@ class FakeNft:
                 raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)", errno.EBUSY)
             elif isinstance(op, DeleteSet) and op.name in self._sets_referenced(table):
                 raise NftError(f"{op.render()}: Device or resource busy (set is referenced)", errno.EBUSY)
+            elif isinstance(op, DeleteObject) and op.name in self._objects_referenced(table):
+                raise NftError(f"{op.render()}: Device or resource busy (object is referenced)", errno.EBUSY)
             _apply(table, op)
         assert table is not None
         return table
@@ -121,6 +125,8 @@ class FakeNft:
             _need(table.sets, name, op.render())
         for name in _CHAIN_REFERENCE.findall(op.rule):
             _need(table.chains, name, op.render())
+        for name in _OBJECT_REFERENCE.findall(op.rule):
+            _need(table.objects, name, op.render())
         self._rule_text[op.tag] = op.rule
 
     def _rules(self, table: TableContents) -> list[str]:
@@ -128,6 +134,9 @@ class FakeNft:
 
     def _sets_referenced(self, table: TableContents) -> set[str]:
         return {name for rule in self._rules(table) for name in _SET_REFERENCE.findall(rule)}
+
+    def _objects_referenced(self, table: TableContents) -> set[str]:
+        return {name for rule in self._rules(table) for name in _OBJECT_REFERENCE.findall(rule)}
 
     def _chains_referenced(self, table: TableContents) -> set[str]:
         by_rules = {name for rule in self._rules(table) for name in _CHAIN_REFERENCE.findall(rule)}
@@ -137,6 +146,7 @@ class FakeNft:
 _SET_REFERENCE = re.compile(r"@(\w+)")
 _NUMGEN_MAP = re.compile(r"numgen random mod [0-9]+ map \{ ([^}]*) \}")
 _CHAIN_REFERENCE = re.compile(r"\b(?:jump|goto) (\w+)")
+_OBJECT_REFERENCE = re.compile(r'ct timeout set "(\w+)"')
 
 
 def _apply(table: TableContents, op: object) -> None:
@@ -149,6 +159,11 @@ def _apply(table: TableContents, op: object) -> None:
             raise NftError(f"{op.render()}: No such file or directory", errno.ENOENT)
         del table.sets[op.name]
         del table.elements[op.name]
+    elif isinstance(op, AddObject):
+        table.objects.setdefault(op.spec.name, op.spec.keyword)
+    elif isinstance(op, DeleteObject):
+        _need(table.objects, op.name, op.render())
+        del table.objects[op.name]
     elif isinstance(op, AddChain):
         table.chains.setdefault(op.name, ())
     elif isinstance(op, DeleteChain):

@@ -252,6 +252,8 @@ def parse_table(objects: list[dict[str, Any]]) -> TableContents:
             quoted = body.get("type") == "ifname"
             elements = (_parse_element(i, kind == "map", quoted) for i in body.get("elem", ()))
             contents.elements[body["name"]] = dict(elements)
+        elif kind == "ct timeout":
+            contents.objects[body["name"]] = kind
         elif kind == "chain":
             chains.setdefault(body["name"], [])
         elif kind == "rule":

@@ -34,7 +34,7 @@ import socket
 from collections import Counter as CounterOf
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import NamedTuple, cast
 
@@ -79,7 +79,15 @@ from natgwd.planning.layout import (
     traffic_key,
 )
 from natgwd.planning.policy import network_ids
-from natgwd.planning.table import ChainSpec, DesiredTable, Element, SetSpec, TableContents
+from natgwd.planning.table import ChainSpec, DesiredTable, Element, ObjectSpec, SetSpec, TableContents
+from natgwd.planning.timeouts import (
+    RULE_TIMEOUT,
+    effective_policy,
+    timeout_chains,
+    timeout_element,
+    timeout_objects,
+    timeout_sets,
+)
 from natgwd.state.model import (
     RULE_KINDS,
     DesiredState,
@@ -92,6 +100,7 @@ from natgwd.state.model import (
     SnatRule,
 )
 from natgwd.state.rules import Rule
+from natgwd.state.timeouts import TimeoutPolicy
 
 _STATIC_SETS = (
     *V4.sets(),
@@ -324,6 +333,7 @@ class Frame:
     families: tuple[Family, ...]
     # With scaleOut: the firewall mark of each EIP's group (natgwd.planning.handover).
     group_of: Mapping[str, Element] | None = None
+    timeouts: TimeoutPolicy | None = None  # the gateway's idle timeouts
 
     @classmethod
     def of(cls, state: DesiredState) -> Frame:
@@ -335,7 +345,7 @@ class Frame:
         group_of = None
         if state.scale_out is not None:
             group_of = {e.name: Element(str(state.scale_out.group_of(e.name).mark)) for e in state.eips}
-        return cls(eip_texts(state), network_of, families, group_of)
+        return cls(eip_texts(state), network_of, families, group_of, state.timeouts)
 
 
 Contribution = tuple[str, str, Element]  # (set, key, element)
@@ -356,6 +366,9 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
         (RULE_CONNECTIONS, str(mark), Element(comment=labels.comment)),
         *((RULE_TRAFFIC, traffic_key(direction, str(mark)), _MEMBER) for direction in DIRECTIONS),
     ]
+    policy = effective_policy(rule, frame.timeouts)
+    if policy is not None:
+        elements.append((RULE_TIMEOUT, str(mark), timeout_element(policy)))
     if isinstance(rule, FipRule):
         internal = address_text(rule.internal_ip)
         elements += [
@@ -537,6 +550,8 @@ class TableChange:
     share_groups: dict[str, ShareGroup]
     snat_prefixes: CounterOf[tuple[int, int]]
     replies: CounterOf[tuple[str, str]]
+    timeout_policies: CounterOf[TimeoutPolicy] = field(default_factory=CounterOf)  # rules per policy
+    objects: tuple[ObjectSpec, ...] = ()
 
 
 class TablePlan:
@@ -564,6 +579,8 @@ class TablePlan:
         # With scaleOut: how many DNAT rules put each (reply key, group mark) in
         # dnat_reply_group; two rules may share a backend address and port.
         self.replies: CounterOf[tuple[str, str]] = CounterOf()
+        self.timeout_policies: CounterOf[TimeoutPolicy] = CounterOf()
+        self.objects: tuple[ObjectSpec, ...] = ()
         # Created in the sets' order, which the transaction's element commands follow.
         self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}))
         for set_name, key, element in _frame_elements(state, self.frame):
@@ -577,7 +594,7 @@ class TablePlan:
     def table(self) -> DesiredTable:
         """The planned table; its elements are this plan's own, changed in place by commit."""
         shares = {chain: tuple(sorted(group.marks)) for chain, group in self.share_groups.items()}
-        return DesiredTable(self.sets, self.chains, self.elements, shares)
+        return DesiredTable(self.sets, self.chains, self.elements, shares, self.objects)
 
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules
@@ -600,18 +617,21 @@ class TablePlan:
         groups = dict(self.share_groups)
         prefixes = CounterOf(self.snat_prefixes)
         replies = CounterOf(self.replies) if self.frame.group_of is not None else self.replies
+        policies = CounterOf(self.timeout_policies)
         for rule, labels in removed:
             mark = self.ids[labels]
             for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = None
             self._count(rule, mark, groups, prefixes, -1)
             self._count_replies(rule, replies, changes, -1)
+            self._count_policy(rule, policies, -1)
         for rule, labels in added:
             mark = ids[labels]
             for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = element
             self._count(rule, mark, groups, prefixes, +1)
             self._count_replies(rule, replies, changes, +1)
+            self._count_policy(rule, policies, +1)
         for key in changes.get(DNAT_REPLY_GROUP, {}):
             # The lowest group when rules of two groups share a backend: its replies
             # cannot tell them apart (docs/scaling-out.md).
@@ -638,7 +658,28 @@ class TablePlan:
             chains += (_steer(state, by_family),)
         if self.frame.group_of is not None:
             chains += (handover_chain(state, [(p, V4.snat_key(p)) for p in by_family[V4]]),)
-        return TableChange(state, ids, highest_id, sets, chains, dict(changes), groups, prefixes, +replies)
+        in_use = [policy for policy, count in policies.items() if count > 0]
+        if in_use:
+            sets += timeout_sets()
+            chains += timeout_chains(in_use)
+        return TableChange(
+            state,
+            ids,
+            highest_id,
+            sets,
+            chains,
+            dict(changes),
+            groups,
+            prefixes,
+            +replies,
+            +policies,
+            timeout_objects(in_use),
+        )
+
+    def _count_policy(self, rule: Rule, policies: CounterOf[TimeoutPolicy], sign: int) -> None:
+        policy = effective_policy(rule, self.frame.timeouts)
+        if policy is not None:
+            policies[policy] += sign
 
     def _count_replies(
         self, rule: Rule, replies: CounterOf[tuple[str, str]], changes: ElementChanges, sign: int
@@ -684,6 +725,7 @@ class TablePlan:
         self.sets, self.chains = change.sets, change.chains
         self.share_groups, self.snat_prefixes = change.share_groups, +change.snat_prefixes
         self.replies = change.replies
+        self.timeout_policies, self.objects = change.timeout_policies, change.objects
 
 
 def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:

@@ -47,6 +47,16 @@ class SetSpec:
 
 
 @dataclass(frozen=True)
+class ObjectSpec:
+    """A stateful object (`ct timeout`). Named by its content: the kernel cannot change
+    one in place, so a changed object is another one."""
+
+    name: str
+    keyword: str  # "ct timeout"
+    body: str  # e.g. "protocol tcp; policy = { established: 120 };"
+
+
+@dataclass(frozen=True)
 class ChainSpec:
     name: str
     header: str  # e.g. "type nat hook prerouting priority dstnat; policy accept;"
@@ -72,6 +82,7 @@ class TableContents:
     # Share chain -> the rule ids it picks among (its first rule's map), in the map's order:
     # which rules form a share group is written nowhere else.
     shares: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    objects: dict[str, str] = field(default_factory=dict)  # name -> keyword ("ct timeout")
 
     def element_count(self) -> int:
         return sum(len(e) for e in self.elements.values())
@@ -83,6 +94,7 @@ class DesiredTable:
     chains: tuple[ChainSpec, ...]
     elements: Mapping[str, Mapping[str, Element]]
     shares: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    objects: tuple[ObjectSpec, ...] = ()
 
     def contents(self) -> TableContents:
         return TableContents(
@@ -90,6 +102,7 @@ class DesiredTable:
             chains={c.name: c.tags for c in self.chains},
             elements={name: dict(elems) for name, elems in self.elements.items()},
             shares=dict(self.shares),
+            objects={o.name: o.keyword for o in self.objects},
         )
 
 
@@ -112,6 +125,23 @@ class AddSet:
 
 @dataclass(frozen=True)
 class DeleteSet:
+    name: str
+    keyword: str
+
+    def render(self) -> str:
+        return f"delete {self.keyword} {FAMILY} {TABLE} {self.name}"
+
+
+@dataclass(frozen=True)
+class AddObject:
+    spec: ObjectSpec
+
+    def render(self) -> str:
+        return f"add {self.spec.keyword} {FAMILY} {TABLE} {self.spec.name} {{ {self.spec.body} }}"
+
+
+@dataclass(frozen=True)
+class DeleteObject:
     name: str
     keyword: str
 
@@ -174,7 +204,19 @@ class DeleteElements:
         return f"delete element {FAMILY} {TABLE} {self.set_name} {{ {', '.join(self.keys)} }}"
 
 
-Operation = AddTable | AddSet | DeleteSet | AddChain | DeleteChain | FlushChain | AddRule | AddElements | DeleteElements
+Operation = (
+    AddTable
+    | AddSet
+    | DeleteSet
+    | AddObject
+    | DeleteObject
+    | AddChain
+    | DeleteChain
+    | FlushChain
+    | AddRule
+    | AddElements
+    | DeleteElements
+)
 
 
 @dataclass
@@ -252,6 +294,10 @@ def plan_transaction(
     for spec in desired.sets:
         if spec.name not in current.sets:
             tx.add(AddSet(spec))
+    # Objects before the rules that name them.
+    for obj in desired.objects:
+        if obj.name not in current.objects:
+            tx.add(AddObject(obj))
     for chain in desired.chains:
         if current.chains.get(chain.name) == chain.tags:
             continue
@@ -298,6 +344,9 @@ def plan_transaction(
     for name in sorted(current.sets.keys() - desired_sets):
         # Rules that referenced it were replaced above, in this same transaction.
         tx.add(DeleteSet(name, current.sets[name]))
+    # Last: the rules that named them were flushed or replaced above, in this transaction.
+    for name in sorted(current.objects.keys() - {o.name for o in desired.objects}):
+        tx.add(DeleteObject(name, current.objects[name]))
     return tx
 
 

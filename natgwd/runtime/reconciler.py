@@ -277,16 +277,17 @@ class Reconciler:
                 for name, keyed in change.elements.items()
             }
             wanted = {name: {k: e for k, e in keyed.items() if e} for name, keyed in change.elements.items()}
-            current = TableContents(kernel.sets, kernel.chains, touched)
+            current = TableContents(kernel.sets, kernel.chains, touched, objects=kernel.objects)
             # No counter to seed: a counting element a change adds is a new rule id's (a
             # changed rule keeps its id and its elements).
-            return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted))
+            return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted, objects=change.objects))
         elements = {name: dict(keyed) for name, keyed in plan.elements.items()}
         for name, keyed in change.elements.items():
             merge_elements(elements.setdefault(name, {}), keyed)
         wanted_sets = {spec.name for spec in change.sets}
         whole = {name: keyed for name, keyed in elements.items() if name in wanted_sets}
-        return plan_transaction(kernel, DesiredTable(change.sets, change.chains, whole), self._counters)
+        desired = DesiredTable(change.sets, change.chains, whole, objects=change.objects)
+        return plan_transaction(kernel, desired, self._counters)
 
     def _remember_change(
         self, kernel: TableContents | None, plan: TablePlan, change: TableChange, tx: Transaction
@@ -307,6 +308,7 @@ class Reconciler:
                 if name in written.sets:  # else deleted with its set
                     merge_elements(written.elements.setdefault(name, {}), keyed)
             written.chains = {chain.name: chain.tags for chain in change.chains}
+            written.objects = {spec.name: spec.keyword for spec in change.objects}
         self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
         for name, keyed in change.elements.items():
             self._counters.forget(name, [key for key, element in keyed.items() if element is None])

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from natgwd.state.scaleout import ScaleOutConfig
 
 from natgwd.state.qos import QosPolicy
+from natgwd.state.timeouts import TimeoutPolicy
 
 # Either family: a rule translates within the family of its internal address or CIDR.
 IPAddress = IPv4Address | IPv6Address
@@ -111,6 +112,7 @@ class SnatRule:
     name: str
     eip: str
     internal_cidr: IPNetwork
+    timeouts: TimeoutPolicy | None = None  # its own, over the gateway's (natgwd.state.timeouts)
 
     @cached_property
     def family(self) -> Family:
@@ -128,6 +130,7 @@ class DnatRule:
     internal_port: PortRange
     # "share": one backend of a group that spreads (eip, protocol, port) over its members
     type: DnatType = "exclusive"
+    timeouts: TimeoutPolicy | None = None
 
     @cached_property
     def family(self) -> Family:
@@ -151,6 +154,7 @@ class FipRule:
     name: str
     eip: str
     internal_ip: IPAddress
+    timeouts: TimeoutPolicy | None = None
 
     @cached_property
     def family(self) -> Family:
@@ -171,6 +175,7 @@ class DesiredState:
     more_externals: tuple[ExternalSide, ...] = ()
     bgp: BgpConfig | None = None  # EIPs announced as routes to upstream routers
     scale_out: ScaleOutConfig | None = None  # N members forwarding, each EIP group one owner
+    timeouts: TimeoutPolicy | None = None  # the gateway's idle timeouts; None: the kernel's
 
     @property
     def externals(self) -> tuple[ExternalSide, ...]:

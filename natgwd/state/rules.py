@@ -33,6 +33,7 @@ from natgwd.state.model import (
 )
 from natgwd.state.ports import port_range
 from natgwd.state.problems import InvalidValueError, Problems
+from natgwd.state.timeouts import parse_timeouts
 
 Rule = SnatRule | DnatRule | FipRule
 
@@ -149,7 +150,7 @@ def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Prob
     cidr = problems.parsed(("snat", index, "internalCIDR"), network, item["internalCIDR"])
     if cidr is None or not known or not ctx.same_family(problems, "snat", index, "internalCIDR", item["eip"], cidr):
         return None
-    return SnatRule(item["name"], item["eip"], cidr)
+    return SnatRule(item["name"], item["eip"], cidr, parse_timeouts(item.get("timeouts")))
 
 
 def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> DnatRule | None:
@@ -177,7 +178,8 @@ def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Prob
     if not (known and external and internal_port and address):
         return None
     kind: DnatType = "share" if share else "exclusive"
-    return DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind)
+    timeouts = parse_timeouts(item.get("timeouts"))
+    return DnatRule(item["name"], item["eip"], item["protocol"], external, address, internal_port, kind, timeouts)
 
 
 def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> FipRule | None:
@@ -187,7 +189,7 @@ def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Probl
         return None
     if not ctx.same_family(problems, "fip", index, "internalIp", item["eip"], address):
         return None
-    return FipRule(item["name"], item["eip"], address)
+    return FipRule(item["name"], item["eip"], address, parse_timeouts(item.get("timeouts")))
 
 
 RULE_CHECKS: dict[RuleKind, Callable[[dict[str, Any], int, RuleContext, Problems], Rule | None]] = {

@@ -36,6 +36,7 @@ from natgwd.state.qos_validation import qos_policies
 from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
 from natgwd.state.rules import network as parse_network
 from natgwd.state.scaleout import ScaleOutConfig, parse_scale_out
+from natgwd.state.timeouts import parse_timeouts
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Semantics:
             more_externals=more,
             bgp=bgp,
             scale_out=scale_out,
+            timeouts=parse_timeouts(self.doc.get("timeouts")),
         )
         return Validated(self.doc, state, index)
 

@@ -192,4 +192,7 @@ def _explain(error: jsonschema.ValidationError, parts: list[str | int]) -> list[
         return [Problem.at(parts, NOT_A_PORT)]
     if kind == "maxItems":
         return [Problem.at(parts, f"has more than {value} items")]
+    if kind in ("minimum", "maximum") and "timeouts" in parts:
+        bound = "at least 1 second" if kind == "minimum" else f"at most {value} seconds (the kernel's limit)"
+        return [Problem.at(parts, f"must be {bound}")]
     return [Problem.at(parts, error.message)]

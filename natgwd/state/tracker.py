@@ -188,7 +188,7 @@ class StateTracker:
                 if not isinstance(name, str):
                     return None
                 old = before.pop(name, None)
-                if old is not None and old == item and not (kind == "dnat" and _port_types_differ(old, item)):
+                if old is not None and old == item and not _types_differ(kind, old, item):
                     continue
                 if old is not None:
                     removed.append(index.rules[kind][name])
@@ -274,6 +274,14 @@ def _first_difference(old: Sequence[Any], new: Sequence[Any], differ: Any, short
 
 def _middle(items: Sequence[Any], head: int, tail: int) -> Sequence[Any]:
     return items[head : len(items) - tail]
+
+
+def _types_differ(kind: RuleKind, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two equal items differ in JSON (`true` equals 1 in Python): their ports,
+    their timeouts."""
+    if "timeouts" in old and json.dumps(old["timeouts"]) != json.dumps(new["timeouts"]):
+        return True
+    return kind == "dnat" and _port_types_differ(old, new)
 
 
 def _port_types_differ(old: dict[str, Any], new: dict[str, Any]) -> bool:

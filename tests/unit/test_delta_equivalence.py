@@ -68,8 +68,18 @@ new_eips = st.sampled_from(
     ]
 )
 
-snat_items = st.fixed_dictionaries({"name": names, "eip": eips, "internalCIDR": cidrs})
-fip_items = st.fixed_dictionaries({"name": names, "eip": eips, "internalIp": internal_ips})
+# Idle timeouts: the same policy on several rules, one that differs, the schema's refusals
+# (zero; `true`, which equals 1 in Python), and an empty one (no policy).
+timeouts = st.sampled_from(
+    [{"udp": 5}, {"udp": 5}, {"tcpEstablished": 7, "tcpStates": {"time_wait": 3}}, {}, {"udp": 0}, {"udp": True}]
+)
+# A gateway policy, so that rules without their own have one too.
+TIMED: dict[str, Any] = {**FRAME, "timeouts": {"tcpEstablished": 1200, "udp": 30}}
+
+snat_items = st.fixed_dictionaries({"name": names, "eip": eips, "internalCIDR": cidrs}, optional={"timeouts": timeouts})
+fip_items = st.fixed_dictionaries(
+    {"name": names, "eip": eips, "internalIp": internal_ips}, optional={"timeouts": timeouts}
+)
 dnat_items = st.fixed_dictionaries(
     {
         "name": names,
@@ -79,13 +89,19 @@ dnat_items = st.fixed_dictionaries(
         "internalIp": internal_ips,
         "internalPort": ports,
     },
-    optional={"type": st.sampled_from(["exclusive", "share", "share"])},
+    optional={"type": st.sampled_from(["exclusive", "share", "share"]), "timeouts": timeouts},
 )
 ITEMS = {"snat": snat_items, "dnat": dnat_items, "fip": fip_items}
 FIELDS = {
-    "snat": {"eip": eips, "internalCIDR": cidrs},
-    "dnat": {"eip": eips, "externalPort": ports, "internalIp": internal_ips, "internalPort": ports},
-    "fip": {"eip": eips, "internalIp": internal_ips},
+    "snat": {"eip": eips, "internalCIDR": cidrs, "timeouts": timeouts},
+    "dnat": {
+        "eip": eips,
+        "externalPort": ports,
+        "internalIp": internal_ips,
+        "internalPort": ports,
+        "timeouts": timeouts,
+    },
+    "fip": {"eip": eips, "internalIp": internal_ips, "timeouts": timeouts},
 }
 
 
@@ -154,7 +170,7 @@ def reconciler() -> Reconciler:
 
 
 def check(data: st.DataObject) -> None:
-    base = dict(data.draw(st.sampled_from([FRAME, TWO_NETWORKS]), label="frame"))
+    base = dict(data.draw(st.sampled_from([FRAME, TWO_NETWORKS, TIMED]), label="frame"))
     for section, strategy in ITEMS.items():
         base[section] = data.draw(st.lists(strategy, max_size=8), label=section)
     # A share group or two: backends of one (EIP, protocol, port).

@@ -166,7 +166,7 @@ def test_unknown_top_level_field() -> None:
     doc["eipz"] = []
     allowed = (
         "allowed here: bgp, dnat, eips, external, externals, fip, ha, internal, qosPolicies, qosPolicy, scaleOut, "
-        "snat, version"
+        "snat, timeouts, version"
     )
     assert_only(doc, "$.eipz", "unknown field", allowed)
 
@@ -178,9 +178,9 @@ def test_unknown_top_level_field() -> None:
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
         (("external",), "$.external.mtu", "addresses, gateway, gateway6, interface, name"),
         (("eips", 0), "$.eips[0].mtu", "bgp, externalSubnet, name, qosPolicy, v4ip, v6ip"),
-        (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name"),
-        (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, type"),
-        (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name"),
+        (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name, timeouts"),
+        (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, timeouts, type"),
+        (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name, timeouts"),
     ],
 )
 def test_unknown_nested_field(where: tuple[str | int, ...], path: str, allowed: str) -> None:
@@ -197,7 +197,7 @@ def test_misspelled_field_reports_unknown_and_missing() -> None:
     doc["snat"][0]["internalCidr"] = doc["snat"][0].pop("internalCIDR")
     assert [(p.path, p.reason) for p in problems_of(doc)] == [
         ("$.snat[0].internalCIDR", "required field is missing"),
-        ("$.snat[0].internalCidr", "unknown field (allowed here: eip, internalCIDR, name)"),
+        ("$.snat[0].internalCidr", "unknown field (allowed here: eip, internalCIDR, name, timeouts)"),
     ]
 
 
