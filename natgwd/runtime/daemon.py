@@ -298,6 +298,7 @@ class Daemon:
         self.record.write(applied_raw, effective, self.progress.applied_at)
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
+        self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
         self._applied_to_members(state, effective, outcome.complete)
         self._finished(outcome, started, {"sha256": effective[:12]})
 
@@ -337,6 +338,7 @@ class Daemon:
         self.progress.applied_at = time.time()
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
             self.metrics.rules.labels(kind).set(len(rules))
+        self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
         self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
         assert self.edits is not None
         # The hash of the whole document would cost a serialization of it per call: the

@@ -18,6 +18,7 @@ from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.runtime.reconciler import Repair
 from natgwd.state.model import RULE_KINDS
 from natgwd.state.scaleout import HANDOVER_BASE
+from natgwd.state.timeouts import PROTOCOLS, TimeoutPolicy
 
 
 class DaemonMetrics:
@@ -91,6 +92,19 @@ class DaemonMetrics:
             "not an edit natgwd writes (damage or tampering).",
             registry=registry,
         )
+        self.timeout_policy_rules = Gauge(
+            "natgwd_timeout_policy_rules",
+            "NAT rules whose connections get an idle-timeout policy, by policy (its nftables objects' name).",
+            ["policy"],
+            registry=registry,
+        )
+        self.timeout_policy_seconds = Gauge(
+            "natgwd_timeout_policy_seconds",
+            "The idle timeouts a policy in use sets, by protocol and conntrack state; a state absent keeps "
+            "the kernel's.",
+            ["policy", "protocol", "state"],
+            registry=registry,
+        )
         for path in ("delta", "full"):
             self.state_changes.labels(path)
         for reason in ("fip", "dnat", "snat", "removed"):
@@ -101,6 +115,16 @@ class DaemonMetrics:
             self.reconciles.labels(result)
         for resource in Repair:
             self.drift_repairs.labels(resource)
+
+    def show_timeout_policies(self, policies: Mapping[TimeoutPolicy, int]) -> None:
+        """The policies in use now (those of an earlier state are dropped)."""
+        self.timeout_policy_rules.clear()
+        self.timeout_policy_seconds.clear()
+        for policy, rules in policies.items():
+            self.timeout_policy_rules.labels(policy.name).set(rules)
+            for protocol in PROTOCOLS:
+                for state, seconds in policy.states(protocol):
+                    self.timeout_policy_seconds.labels(policy.name, protocol, state).set(seconds)
 
 
 class RuleCounters:

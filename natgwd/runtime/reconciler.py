@@ -31,6 +31,7 @@ from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan
 from natgwd.qos.plan import ClassStats, QosWants, TcReport, wants
 from natgwd.runtime.memory import release_freed_memory
 from natgwd.state.model import DesiredState, IPAddress
+from natgwd.state.timeouts import TimeoutPolicy
 from natgwd.state.tracker import RuleDelta
 
 log = structlog.get_logger("natgwd.runtime.reconciler")
@@ -317,6 +318,12 @@ class Reconciler:
     def element_count(self) -> int:
         written = self._written
         return written.element_count() if written is not None else 0
+
+    @property
+    def timeout_policies(self) -> dict[TimeoutPolicy, int]:
+        """How many applied rules apply each idle-timeout policy."""
+        plan = self._plan
+        return dict(plan.timeout_policies) if plan is not None else {}
 
     @property
     def rule_ids(self) -> Mapping[RuleLabels, int]:
