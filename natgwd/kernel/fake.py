@@ -54,6 +54,14 @@ class FakeNft:
         if self.fail_next is not None:
             reason, self.fail_next = self.fail_next, None
             raise NftError(reason)
+        if tx.made_first:
+            # A commit of its own, as the kernel's (natgwd.kernel.ctobject): kept even if
+            # the transaction after it is refused.
+            self.table = self.table or TableContents()
+            self.table.objects.update((spec.name, spec.keyword) for spec in tx.made_first)
+            self._generation += 1
+            if not tx.operations:
+                return
         self.table = self._applied(tx)
         self.transactions.append(tx)
         self._generation += 1

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from natgwd.kernel.ctobject import make_ct_timeouts
 from natgwd.kernel.setdump import (
     NETLINK_NETFILTER,
     NFNL_SUBSYS_NFTABLES,
@@ -94,11 +95,19 @@ class KernelNft:
         self._sequence = 0
 
     def apply(self, tx: Transaction) -> None:
-        if tx:
+        if tx.made_first:
+            made = [(spec.name, *spec.netlink) for spec in tx.made_first if spec.netlink is not None]
+            try:
+                make_ct_timeouts(TABLE, made)
+            except OSError as err:
+                raise NftError(str(err), err.errno) from err
+        if tx.operations:
             self._run(tx.script())
 
     def check(self, tx: Transaction) -> None:
-        if tx:
+        # A dry run makes nothing, so a transaction naming an object made over netlink
+        # (made_first) is refused here unless that object exists already.
+        if tx.operations:
             self._run(tx.script(), dry_run=True)
 
     def read_table(self) -> TableContents | None:

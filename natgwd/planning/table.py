@@ -54,6 +54,10 @@ class ObjectSpec:
     name: str
     keyword: str  # "ct timeout"
     body: str  # e.g. "protocol tcp; policy = { established: 120 };"
+    # (IP protocol number, seconds) of a ct timeout nftables 1.0.6 cannot write (ICMP, ICMPv6:
+    # it knows no such protocol there): made over netlink (natgwd.kernel.ctobject) just
+    # before the transaction that names it; its body only describes it.
+    netlink: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,9 +233,12 @@ class Transaction:
     emptied_chains: list[str] = field(default_factory=list)
     # Operations that only finish an earlier transaction's work (deleting emptied chains).
     finishing: int = 0
+    # Objects to make over netlink before the script (ObjectSpec.netlink): one commit of
+    # their own, of objects nothing names yet; deleting them is the script's work.
+    made_first: list[ObjectSpec] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.operations)
+        return bool(self.operations or self.made_first)
 
     def add(self, operation: Operation) -> None:
         self.operations.append(operation)
@@ -247,7 +254,8 @@ class Transaction:
             self.add(DeleteElements(set_name, tuple(keys[start : start + ELEMENTS_PER_COMMAND])))
 
     def script(self) -> str:
-        return "".join(f"{operation.render()}\n" for operation in self.operations)
+        made = "".join(f"# made over netlink first: {AddObject(spec).render()}\n" for spec in self.made_first)
+        return made + "".join(f"{operation.render()}\n" for operation in self.operations)
 
 
 def render_element(key: str, element: Element) -> str:
@@ -297,7 +305,10 @@ def plan_transaction(
     # Objects before the rules that name them.
     for obj in desired.objects:
         if obj.name not in current.objects:
-            tx.add(AddObject(obj))
+            if obj.netlink is None:
+                tx.add(AddObject(obj))
+            else:
+                tx.made_first.append(obj)
     for chain in desired.chains:
         if current.chains.get(chain.name) == chain.tags:
             continue

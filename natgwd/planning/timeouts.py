@@ -16,7 +16,9 @@ is in the table.
 
 One object serves both families: the kernel applies a ct timeout object to IPv4 and IPv6
 connections alike (its l3proto is not consulted; measured), so the objects take the
-table's family.
+table's family. ICMP and ICMPv6 are two protocols to conntrack: an ICMP timeout is two
+objects, which nftables 1.0.6 cannot write (`protocol` takes tcp or udp only), so they
+are made over netlink just before the transaction that names them (ObjectSpec.netlink).
 """
 
 from __future__ import annotations
@@ -49,8 +51,16 @@ def policies_of(state: DesiredState) -> dict[TimeoutPolicy, int]:
     return counts
 
 
-def object_name(policy: TimeoutPolicy, protocol: str) -> str:
-    return f"{policy.name}_{protocol}"
+# Per protocol of a policy: (object suffix, `meta l4proto` value, IP protocol number).
+_OBJECTS = {
+    "tcp": (("tcp", "tcp", 6),),
+    "udp": (("udp", "udp", 17),),
+    "icmp": (("icmp", "icmp", 1), ("icmpv6", "ipv6-icmp", 58)),
+}
+
+
+def object_name(policy: TimeoutPolicy, suffix: str) -> str:
+    return f"{policy.name}_{suffix}"
 
 
 def timeout_element(policy: TimeoutPolicy) -> Element:
@@ -66,10 +76,11 @@ def timeout_objects(policies: Iterable[TimeoutPolicy]) -> tuple[ObjectSpec, ...]
     for policy in sorted(policies, key=lambda p: p.name):
         for protocol in PROTOCOLS:
             states = policy.states(protocol)
-            if states:
-                values = ", ".join(f"{state}: {seconds}" for state, seconds in states)
-                body = f"protocol {protocol}; policy = {{ {values} }};"
-                objects.append(ObjectSpec(object_name(policy, protocol), OBJECT_KEYWORD, body))
+            values = ", ".join(f"{state}: {seconds}" for state, seconds in states)
+            for suffix, _, number in _OBJECTS[protocol] if states else ():
+                body = f"protocol {suffix}; policy = {{ {values} }};"
+                netlink = (number, states[0][1]) if protocol == "icmp" else None
+                objects.append(ObjectSpec(object_name(policy, suffix), OBJECT_KEYWORD, body, netlink))
     return tuple(objects)
 
 
@@ -85,9 +96,10 @@ def timeout_chains(policies: Iterable[TimeoutPolicy]) -> tuple[ChainSpec, ...]:
     ]
     for policy in sorted(policies, key=lambda p: p.name):
         rules = tuple(
-            f'meta l4proto {protocol} ct timeout set "{object_name(policy, protocol)}"'
+            f'meta l4proto {l4proto} ct timeout set "{object_name(policy, suffix)}"'
             for protocol in PROTOCOLS
             if policy.states(protocol)
+            for suffix, l4proto, _ in _OBJECTS[protocol]
         )
         chains.append(ChainSpec(policy.name, "", rules))
     return tuple(chains)

@@ -393,7 +393,8 @@ class Reconciler:
         after = self.nft.generation()
         # Our commit is the only one since the kernel was last known to us only if the
         # generation moved by exactly one; else read it next time.
-        self._generation = after if after == before + 1 else None
+        commits = 2 if tx.made_first and tx.operations else 1  # objects made over netlink first
+        self._generation = after if after == before + commits else None
         log.info(
             "nftables transaction applied",
             operations=len(tx.operations),

@@ -2,7 +2,7 @@
 the gateway and of a rule, resolved to the kernel's conntrack states.
 
 A `timeouts` object names the timeouts a cloud NAT offers (TCP established, TCP
-transitory, TCP TIME_WAIT, UDP) and, in `tcpStates`, any TCP state by the kernel's name.
+transitory, TCP TIME_WAIT, UDP, ICMP) and, in `tcpStates`, any TCP state by the kernel's name.
 Within one object the most specific field wins (tcpStates over tcpEstablished and
 tcpTimeWait over tcpTransitory); a rule's resolved states win over the gateway's, state by
 state; a state neither sets keeps the kernel's value (its sysctl when the policy was made).
@@ -25,7 +25,9 @@ TRANSITORY = ("syn_sent", "syn_recv", "fin_wait", "close_wait", "last_ack", "tim
 # The kernel's TCP states as nftables names them in a `ct timeout` policy (1.0.6).
 TCP_STATES = ("syn_sent", "syn_recv", "established", "fin_wait", "close_wait", "last_ack", "time_wait", "close")
 UDP_STATES = ("unreplied", "replied")
-PROTOCOLS = ("tcp", "udp")
+ICMP_STATES = ("timeout",)  # ICMP and ICMPv6 alike
+PROTOCOLS = ("tcp", "udp", "icmp")
+STATES = {"tcp": TCP_STATES, "udp": UDP_STATES, "icmp": ICMP_STATES}
 
 States = tuple[tuple[str, int], ...]  # (state, seconds), in the kernel's order of states
 
@@ -36,18 +38,20 @@ class TimeoutPolicy:
 
     tcp: States = ()
     udp: States = ()
+    icmp: States = ()
 
     def __bool__(self) -> bool:
-        return bool(self.tcp or self.udp)
+        return bool(self.tcp or self.udp or self.icmp)
 
     def over(self, base: TimeoutPolicy | None) -> TimeoutPolicy:
         """This policy's states, and `base`'s where this one sets none."""
         if base is None:
             return self
-        return TimeoutPolicy(_merged(base.tcp, self.tcp, TCP_STATES), _merged(base.udp, self.udp, UDP_STATES))
+        return TimeoutPolicy(*(_merged(base.states(p), self.states(p), STATES[p]) for p in PROTOCOLS))
 
     def states(self, protocol: str) -> States:
-        return self.tcp if protocol == "tcp" else self.udp
+        found: States = getattr(self, protocol)
+        return found
 
     @property
     def name(self) -> str:
@@ -80,8 +84,10 @@ def parse_timeouts(item: Mapping[str, Any] | None) -> TimeoutPolicy | None:
         tcp["established"] = item["tcpEstablished"]
     tcp.update(item.get("tcpStates", {}))
     udp = dict.fromkeys(UDP_STATES, item["udp"]) if "udp" in item else {}
+    icmp = {"timeout": item["icmp"]} if "icmp" in item else {}
     policy = TimeoutPolicy(
         tuple((s, int(tcp[s])) for s in TCP_STATES if s in tcp),
         tuple((s, int(udp[s])) for s in UDP_STATES if s in udp),
+        tuple((s, int(icmp[s])) for s in ICMP_STATES if s in icmp),
     )
     return policy or None

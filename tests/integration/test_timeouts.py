@@ -1,5 +1,5 @@
 """Idle timeouts with real connections through the gateway: a rule's own policy, the
-gateway's for a rule without one, TCP and UDP, as conntrack holds them (the timeout an
+gateway's for a rule without one, TCP, UDP and ICMP, as conntrack holds them (the timeout an
 entry gets at establishment, and its leaving once idle for that long)."""
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ RULE_TCP, RULE_UDP = 4, 3  # my-snat's own
 GATEWAY = 300  # everything else's: far above a rule's, far below the kernel's (5 days, 30 s)
 
 
-def timeouts(lab: Lab, proto: str, source: str, port: int) -> list[int]:
+def timeouts(lab: Lab, proto: str, source: str, port: int | None = None) -> list[int]:
     """The remaining timeouts of the gateway's entries of `source`'s connections to the
     external host's `port` (conntrack -L leaves expired entries out)."""
-    listing = lab.exec(
-        "gw", "conntrack", "-L", "-p", proto, "--orig-src", source, "--orig-port-dst", str(port), check=False
-    )
+    to_port = ["--orig-port-dst", str(port)] if port is not None else []
+    listing = lab.exec("gw", "conntrack", "-L", "-p", proto, "--orig-src", source, *to_port, check=False)
     return [int(line.split()[2]) for line in listing.stdout.splitlines() if line.startswith(proto)]
 
 
@@ -44,8 +43,8 @@ def test_a_rules_timeouts_and_the_gateways(lab: Lab, seed_state: dict[str, Any])
     """Guards against timeouts that do not reach conntrack (a `ct timeout set` where the
     kernel ignores it), a rule's policy applied to another rule's connections, and a rule
     without a policy of its own not getting the gateway's."""
-    seed_state["timeouts"] = {"tcpEstablished": GATEWAY, "udp": GATEWAY}
-    seed_state["snat"][0]["timeouts"] = {"tcpEstablished": RULE_TCP, "udp": RULE_UDP}
+    seed_state["timeouts"] = {"tcpEstablished": GATEWAY, "udp": GATEWAY, "icmp": GATEWAY}
+    seed_state["snat"][0]["timeouts"] = {"tcpEstablished": RULE_TCP, "udp": RULE_UDP, "icmp": RULE_UDP}
     start(lab, seed_state)
     server = (
         "import socket,time\n"
@@ -72,10 +71,17 @@ def test_a_rules_timeouts_and_the_gateways(lab: Lab, seed_state: dict[str, Any])
     fip_udp = wait_for(lambda: timeouts(lab, "udp", VM2, UDP_PORT), "vm2's UDP flow in conntrack")
     assert 0 < snat_udp[0] <= RULE_UDP and RULE_UDP < fip_udp[0] <= GATEWAY, (snat_udp, fip_udp)
 
+    for role in ("vm1", "vm2"):
+        lab.exec(role, "ping", "-c", "1", "-W", "5", EXTERNAL_HOST)
+    snat_icmp = wait_for(lambda: timeouts(lab, "icmp", VM1), "vm1's ping in conntrack")
+    fip_icmp = wait_for(lambda: timeouts(lab, "icmp", VM2), "vm2's ping in conntrack")
+    assert 0 < snat_icmp[0] <= RULE_UDP and RULE_UDP < fip_icmp[0] <= GATEWAY, (snat_icmp, fip_icmp)
+
     # Idle for its rule's timeout, vm1's connection leaves; vm2's, on the gateway's, stays.
     wait_for(lambda: not timeouts(lab, "tcp", VM1, TCP_PORT), "vm1's idle TCP connection to leave", timeout=60)
     wait_for(lambda: not timeouts(lab, "udp", VM1, UDP_PORT), "vm1's idle UDP flow to leave", timeout=60)
-    assert timeouts(lab, "tcp", VM2, TCP_PORT) and timeouts(lab, "udp", VM2, UDP_PORT)
+    wait_for(lambda: not timeouts(lab, "icmp", VM1), "vm1's ping to leave", timeout=60)
+    assert timeouts(lab, "tcp", VM2, TCP_PORT) and timeouts(lab, "udp", VM2, UDP_PORT) and timeouts(lab, "icmp", VM2)
 
 
 def test_a_policy_change_reaches_new_connections(lab: Lab, seed_state: dict[str, Any]) -> None:
