@@ -81,6 +81,7 @@ from natgwd.planning.layout import (
 from natgwd.planning.policy import network_ids
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, ObjectSpec, SetSpec, TableContents
 from natgwd.planning.timeouts import (
+    RETAINED_OBJECTS,
     RULE_TIMEOUT,
     effective_policy,
     timeout_chains,
@@ -594,7 +595,7 @@ class TablePlan:
     def table(self) -> DesiredTable:
         """The planned table; its elements are this plan's own, changed in place by commit."""
         shares = {chain: tuple(sorted(group.marks)) for chain, group in self.share_groups.items()}
-        return DesiredTable(self.sets, self.chains, self.elements, shares, self.objects)
+        return DesiredTable(self.sets, self.chains, self.elements, shares, self.objects, RETAINED_OBJECTS)
 
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules

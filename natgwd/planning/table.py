@@ -99,6 +99,8 @@ class DesiredTable:
     elements: Mapping[str, Mapping[str, Element]]
     shares: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     objects: tuple[ObjectSpec, ...] = ()
+    # How many objects no longer wanted may stay (natgwd.planning.timeouts.RETAINED_OBJECTS).
+    retained_objects: int = 0
 
     def contents(self) -> TableContents:
         return TableContents(
@@ -253,6 +255,18 @@ class Transaction:
         for start in range(0, len(keys), ELEMENTS_PER_COMMAND):
             self.add(DeleteElements(set_name, tuple(keys[start : start + ELEMENTS_PER_COMMAND])))
 
+    def objects_after(self, before: Mapping[str, str]) -> dict[str, str]:
+        """The table's objects once this transaction is applied to one holding `before`
+        (objects no longer wanted may stay: DesiredTable.retained_objects)."""
+        after = dict(before)
+        after.update((spec.name, spec.keyword) for spec in self.made_first)
+        for operation in self.operations:
+            if isinstance(operation, AddObject):
+                after[operation.spec.name] = operation.spec.keyword
+            elif isinstance(operation, DeleteObject):
+                after.pop(operation.name, None)
+        return after
+
     def script(self) -> str:
         made = "".join(f"# made over netlink first: {AddObject(spec).render()}\n" for spec in self.made_first)
         return made + "".join(f"{operation.render()}\n" for operation in self.operations)
@@ -356,7 +370,8 @@ def plan_transaction(
         # Rules that referenced it were replaced above, in this same transaction.
         tx.add(DeleteSet(name, current.sets[name]))
     # Last: the rules that named them were flushed or replaced above, in this transaction.
-    for name in sorted(current.objects.keys() - {o.name for o in desired.objects}):
+    unwanted = sorted(current.objects.keys() - {o.name for o in desired.objects})
+    for name in unwanted[: max(0, len(unwanted) - desired.retained_objects)]:
         tx.add(DeleteObject(name, current.objects[name]))
     return tx
 

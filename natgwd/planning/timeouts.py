@@ -31,6 +31,13 @@ from natgwd.state.rules import Rule
 from natgwd.state.timeouts import PROTOCOLS, TimeoutPolicy
 
 RULE_TIMEOUT = "rule_timeout"  # rule id -> goto the chain of its policy
+# Objects of policies no longer used that stay in the table, for the connections made
+# under them. Deleting a ct timeout object detaches it from its connections (measured on
+# 6.18: a forwarded connection then took the kernel's 432,000 s at its next packet; one
+# delivered locally was not refreshed at all and expired on its timer, traffic or not).
+# A bound keeps a long history of changed policies from piling up (past it, the excess
+# goes, in name order).
+RETAINED_OBJECTS = 256
 TIMEOUTS_CHAIN = "timeouts"
 OBJECT_KEYWORD = "ct timeout"
 

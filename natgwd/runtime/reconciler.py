@@ -28,6 +28,7 @@ from natgwd.planning.links import LinkPlan, link_plan
 from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids, merge_elements
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
+from natgwd.planning.timeouts import RETAINED_OBJECTS
 from natgwd.qos.plan import ClassStats, QosWants, TcReport, wants
 from natgwd.runtime.memory import release_freed_memory
 from natgwd.state.model import DesiredState, IPAddress
@@ -216,6 +217,7 @@ class Reconciler:
                 self._counters.forget_except(plan.elements)
             self._written = plan.table.contents()
             self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
+            self._written.objects = tx.objects_after(kernel.objects if kernel is not None else {})
         self._highest_id = max(self._highest_id, plan.highest_id)
         self._ids = plan.ids
         self.state = plan.state
@@ -281,13 +283,18 @@ class Reconciler:
             current = TableContents(kernel.sets, kernel.chains, touched, objects=kernel.objects)
             # No counter to seed: a counting element a change adds is a new rule id's (a
             # changed rule keeps its id and its elements).
-            return plan_transaction(current, DesiredTable(change.sets, change.chains, wanted, objects=change.objects))
+            desired = DesiredTable(
+                change.sets, change.chains, wanted, objects=change.objects, retained_objects=RETAINED_OBJECTS
+            )
+            return plan_transaction(current, desired)
         elements = {name: dict(keyed) for name, keyed in plan.elements.items()}
         for name, keyed in change.elements.items():
             merge_elements(elements.setdefault(name, {}), keyed)
         wanted_sets = {spec.name for spec in change.sets}
         whole = {name: keyed for name, keyed in elements.items() if name in wanted_sets}
-        desired = DesiredTable(change.sets, change.chains, whole, objects=change.objects)
+        desired = DesiredTable(
+            change.sets, change.chains, whole, objects=change.objects, retained_objects=RETAINED_OBJECTS
+        )
         return plan_transaction(kernel, desired, self._counters)
 
     def _remember_change(
@@ -297,6 +304,7 @@ class Reconciler:
         table follow it in place, at the cost of the change."""
         trusted = kernel is not None and kernel is self._written
         plan.commit(change)
+        objects = tx.objects_after(kernel.objects if kernel is not None else {})
         if not trusted:
             self._written = plan.table.contents()
         else:
@@ -309,8 +317,8 @@ class Reconciler:
                 if name in written.sets:  # else deleted with its set
                     merge_elements(written.elements.setdefault(name, {}), keyed)
             written.chains = {chain.name: chain.tags for chain in change.chains}
-            written.objects = {spec.name: spec.keyword for spec in change.objects}
         self._written.chains.update(dict.fromkeys(tx.emptied_chains, ()))
+        self._written.objects = objects
         for name, keyed in change.elements.items():
             self._counters.forget(name, [key for key, element in keyed.items() if element is None])
 

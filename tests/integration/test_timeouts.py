@@ -103,30 +103,49 @@ def test_a_rules_timeouts_and_the_gateways(lab: Lab, seed_state: dict[str, Any])
 
 def test_a_policy_change_reaches_new_connections(lab: Lab, seed_state: dict[str, Any]) -> None:
     """Guards against a changed policy left unapplied (its object is named by its content,
-    so a change is a new object), and against a rule whose policy was removed keeping it."""
-    seed_state["snat"][0]["timeouts"] = {"udp": RULE_UDP}
+    so a change is a new object), against a rule whose policy was removed keeping it, and
+    against a change that cuts the connections made under the old policy: the kernel stops
+    refreshing the connections of a deleted ct timeout object, so they would expire on
+    their timer, traffic or not."""
+    seed_state["snat"][0]["timeouts"] = {"udp": RULE_UDP, "tcpEstablished": RULE_TCP}
     daemon = start(lab, seed_state)
     udp_sink(lab, "ext", UDP_PORT)
+    hold_server(lab, "ext", TCP_PORT)
+    # A connection that sends a byte every 3 s: its timer runs down from RULE_TCP, then is refreshed.
+    script = (
+        "import socket,time\n"
+        f"s=socket.create_connection(({EXTERNAL_HOST!r},{TCP_PORT}),timeout=10)\n"
+        "while True: s.send(b'x'); time.sleep(3)\n"
+    )
+    lab.spawn("vm1", sys.executable, "-c", script)
+    wait_for(lambda: timeouts(lab, "tcp", VM1, TCP_PORT), "vm1's TCP connection in conntrack")
     send_udp(lab, "vm1")
     first = wait_for(lambda: timeouts(lab, "udp", VM1, UDP_PORT), "vm1's UDP flow in conntrack")
     assert 0 < first[0] <= RULE_UDP, first
     lab.exec("gw", "conntrack", "-D", "-p", "udp", "--orig-src", VM1, check=False)
 
-    seed_state["snat"][0]["timeouts"] = {"udp": GATEWAY}
+    seed_state["snat"][0]["timeouts"] = {"udp": GATEWAY, "tcpEstablished": GATEWAY}
     apply(daemon, seed_state)
+    # The live connection keeps its policy, and is refreshed by its traffic: seen run down, then back up.
+    wait_for(
+        lambda: (found := timeouts(lab, "tcp", VM1, TCP_PORT)) and found[0] <= RULE_TCP - 2, "a timer running down"
+    )
+    wait_for(lambda: (found := timeouts(lab, "tcp", VM1, TCP_PORT)) and found[0] >= RULE_TCP - 1, "a timer refreshed")
+    assert timeouts(lab, "tcp", VM1, TCP_PORT)[0] <= RULE_TCP
     send_udp(lab, "vm1")
     changed = wait_for(lambda: timeouts(lab, "udp", VM1, UDP_PORT), "vm1's UDP flow in conntrack")
     assert RULE_UDP < changed[0] <= GATEWAY, changed
     lab.exec("gw", "conntrack", "-D", "-p", "udp", "--orig-src", VM1, check=False)
 
-    # No policy left: the kernel's (30 s for an unreplied flow), and nothing of ours in the table.
+    # No policy left: the kernel's (30 s for an unreplied flow); no chain of ours sets one.
     del seed_state["snat"][0]["timeouts"]
     apply(daemon, seed_state)
     send_udp(lab, "vm1")
     kernel = int(lab.exec("gw", "cat", "/proc/sys/net/netfilter/nf_conntrack_udp_timeout").stdout)
     default = wait_for(lambda: timeouts(lab, "udp", VM1, UDP_PORT), "vm1's UDP flow in conntrack")
     assert RULE_UDP < default[0] <= kernel and kernel != GATEWAY, default
-    assert "ct timeout" not in lab.exec("gw", "nft", "list", "table", "inet", "natgwd").stdout
+    table = lab.exec("gw", "nft", "list", "table", "inet", "natgwd").stdout
+    assert "ct timeout set" not in table and "rule_timeout" not in table
 
 
 def test_both_families_and_both_directions(dual_lab: Lab) -> None:

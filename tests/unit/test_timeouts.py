@@ -13,7 +13,7 @@ from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.plan import TablePlan, assign_ids, desired_table
 from natgwd.planning.table import DeleteObject, FlushChain, plan_transaction
-from natgwd.planning.timeouts import RULE_TIMEOUT, TIMEOUTS_CHAIN, policies_of
+from natgwd.planning.timeouts import RETAINED_OBJECTS, RULE_TIMEOUT, TIMEOUTS_CHAIN, policies_of
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.model import DesiredState
 from natgwd.state.timeouts import MAX_SECONDS, TimeoutPolicy, parse_timeouts
@@ -147,10 +147,10 @@ def reconciler() -> Reconciler:
     return Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
 
 
-def test_a_changed_policy_replaces_its_object_in_one_transaction_on_the_delta_path() -> None:
-    """The last rule of a policy changes to another: the new object and chain come first,
-    the element moves, and the old object goes last, after the chain that named it was
-    flushed (the fake kernel refuses to delete an object a rule still names)."""
+def test_a_changed_policy_gets_new_objects_and_the_old_ones_stay_on_the_delta_path() -> None:
+    """The last rule of a policy changes to another: the new object and chain come in the
+    transaction that moves the element; the old object stays for the connections made
+    under it (the kernel stops refreshing the connections of a deleted one)."""
     tracker, rec = StateTracker(), reconciler()
     document = seed()
     document["dnat"][0]["timeouts"] = {"tcpEstablished": 5}
@@ -167,27 +167,42 @@ def test_a_changed_policy_replaces_its_object_in_one_transaction_on_the_delta_pa
     outcome = rec.apply(change.state, change.delta, change.base)
     assert outcome.by_delta
     new = TimeoutPolicy(tcp=(("established", 9),)).name
-    assert set(fake.table.objects) == {f"{new}_tcp"}
+    assert set(fake.table.objects) == {f"{old}_tcp", f"{new}_tcp"}
     operations = fake.transactions[-1].operations
-    assert operations[-1] == DeleteObject(f"{old}_tcp", "ct timeout")
-    assert operations.index(FlushChain(old)) < len(operations) - 1
+    assert FlushChain(old) in operations and not [op for op in operations if isinstance(op, DeleteObject)]
     assert fake.table.elements[RULE_TIMEOUT] == {"2": fake.table.elements[RULE_TIMEOUT]["2"]}
     assert fake.table.elements[RULE_TIMEOUT]["2"].value == f"goto {new}"
 
-    # The last policy gone: no element, no object; the chains are emptied, then deleted.
+    # The last policy gone: no element, no chain (emptied, then deleted), the objects kept.
     del document["dnat"][0]["timeouts"]
     tracker.accept(change)
     last = tracker.check(json.dumps(document).encode())
     assert rec.apply(last.state, last.delta, last.base).by_delta
-    assert fake.table.objects == {} and RULE_TIMEOUT not in fake.table.sets
-    rec.resync()
+    assert set(fake.table.objects) == {f"{old}_tcp", f"{new}_tcp"} and RULE_TIMEOUT not in fake.table.sets
+    outcome = rec.resync()
+    assert not outcome.repairs  # kept objects are no drift
     assert not [name for name in fake.table.chains if name.startswith("timeout")]
+    fake.table.objects.clear()
     assert fake.table == TablePlan(last.state, rec.rule_ids).table.contents()
+
+
+def test_objects_no_longer_wanted_stay_up_to_a_bound() -> None:
+    """Past RETAINED_OBJECTS, the excess objects go, last in the transaction, after the
+    chains that named them were flushed."""
+    state = state_of(seed())
+    desired = desired_table(state, assign_ids(state, {}))
+    current = desired.contents()
+    current.objects = {f"timeout_{i:012x}_tcp": "ct timeout" for i in range(RETAINED_OBJECTS + 2)}
+    operations = plan_transaction(current, desired).operations
+    assert operations == [
+        DeleteObject("timeout_000000000000_tcp", "ct timeout"),
+        DeleteObject("timeout_000000000001_tcp", "ct timeout"),
+    ]
 
 
 def test_icmp_objects_are_made_before_the_transaction_that_names_them() -> None:
     """nftables 1.0.6 cannot write an ICMP ct timeout: the objects (ICMP and ICMPv6) are
-    made over netlink first, named by the script's rules, and deleted by the script."""
+    made over netlink first and named by the script's rules."""
     document = seed()
     document["fip"][0]["timeouts"] = {"icmp": 5}
     state = state_of(document)
@@ -211,5 +226,4 @@ def test_icmp_objects_are_made_before_the_transaction_that_names_them() -> None:
     assert fake.table is not None and {f"{name}_icmp", f"{name}_icmpv6"} <= set(fake.table.objects)
     del document["fip"][0]["timeouts"]
     rec.apply(state_of(document))
-    assert fake.table.objects == {}
-    assert DeleteObject(f"{name}_icmp", "ct timeout") in fake.transactions[-1].operations
+    assert fake.table.chains[name] == () and RULE_TIMEOUT not in fake.table.sets  # emptied, deleted next time
