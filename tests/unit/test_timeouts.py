@@ -227,3 +227,18 @@ def test_icmp_objects_are_made_before_the_transaction_that_names_them() -> None:
     del document["fip"][0]["timeouts"]
     rec.apply(state_of(document))
     assert fake.table.chains[name] == () and RULE_TIMEOUT not in fake.table.sets  # emptied, deleted next time
+
+
+def test_a_restarted_daemon_adopts_the_policies_without_a_change() -> None:
+    """Objects (those made over netlink too), chains and elements read back from the
+    kernel are the planned ones: a restart changes nothing, and a resync finds no drift."""
+    document = seed(timeouts={"tcpEstablished": 1200, "icmp": 30})
+    document["snat"][0]["timeouts"] = {"udp": 5}
+    state = state_of(document)
+    fake = FakeNft()
+    Reconciler(fake, FakeLinks(), ensure_forwarding=lambda: False).apply(state)
+    applied = len(fake.transactions)
+    restarted = Reconciler(fake, FakeLinks(), ensure_forwarding=lambda: False)
+    restarted.apply(state)
+    assert len(fake.transactions) == applied
+    assert not restarted.resync().repairs
