@@ -250,6 +250,15 @@ def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int]) 
     )
 
 
+def _masquerade(state: DesiredState) -> tuple[str, ...]:
+    """internal.masquerade: connections from outside translated to an internal address
+    take the internal interface's address, so that the backend answers the gateway (after
+    the hairpin rules, which give VPC clients the EIP instead)."""
+    if not state.internal.masquerade:
+        return ()
+    return (f'oifname "{state.internal.interface}" ct status dnat masquerade',)
+
+
 def _chains(state: DesiredState, snat_prefixes: dict[Family, list[int]]) -> tuple[ChainSpec, ...]:
     return (
         ChainSpec(
@@ -260,7 +269,10 @@ def _chains(state: DesiredState, snat_prefixes: dict[Family, list[int]]) -> tupl
         ChainSpec(
             POSTROUTING,
             "type nat hook postrouting priority srcnat; policy accept;",
-            tuple(rule for family, prefixes in snat_prefixes.items() for rule in _postrouting(state, family, prefixes)),
+            (
+                *(rule for family, prefixes in snat_prefixes.items() for rule in _postrouting(state, family, prefixes)),
+                *_masquerade(state),
+            ),
         ),
         ChainSpec(
             ACCOUNT,

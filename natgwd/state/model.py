@@ -53,6 +53,9 @@ class InternalSide:
     interface: str
     addresses: tuple[IPInterface, ...]
     routes: tuple[Route, ...]
+    # Translated connections to the internal side get the interface's address as source:
+    # the backends (a Service's cluster IP) answer the gateway, not the client.
+    masquerade: bool = False
 
     def reaches(self, address: IPAddress) -> bool:
         """True when the gateway has a path to `address` through the internal side."""

@@ -264,7 +264,7 @@ class Semantics:
                 self.problems.add(f"{path}.dst", f"{dst} lies inside the external subnet {clash}")
                 continue
             routes.append(Route(dst, via))
-        return InternalSide(section["interface"], addresses, tuple(routes))
+        return InternalSide(section["interface"], addresses, tuple(routes), section.get("masquerade", False))
 
     def _external(self, path: str, section: dict[str, Any]) -> ExternalSide:
         addresses = tuple(

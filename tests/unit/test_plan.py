@@ -214,6 +214,17 @@ def test_interface_names_come_from_the_state() -> None:
     assert chain_rules(table, "postrouting")[2].startswith('oifname "eth2" ')
 
 
+def test_masquerade_is_the_last_source_nat_rule() -> None:
+    """internal.masquerade (a Kube-OVN lb-svc pod): connections translated into the VPC
+    take the internal address, after the hairpin rules (VPC clients keep getting the EIP)."""
+    plain = chain_rules(planned(seed()), "postrouting")
+    doc = seed()
+    doc["internal"]["masquerade"] = True
+    assert chain_rules(planned(doc), "postrouting") == (*plain, 'oifname "net1" ct status dnat masquerade')
+    doc["internal"]["masquerade"] = False
+    assert chain_rules(planned(doc), "postrouting") == plain
+
+
 def test_contents_of_the_seed_table() -> None:
     table = planned(seed())
     contents = table.contents()

@@ -174,7 +174,7 @@ def test_unknown_top_level_field() -> None:
 @pytest.mark.parametrize(
     ("where", "path", "allowed"),
     [
-        (("internal",), "$.internal.mtu", "addresses, interface, routes"),
+        (("internal",), "$.internal.mtu", "addresses, interface, masquerade, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
         (("external",), "$.external.mtu", "addresses, gateway, gateway6, interface, name"),
         (("eips", 0), "$.eips[0].mtu", "bgp, externalSubnet, name, qosPolicy, v4ip, v6ip"),
@@ -190,6 +190,15 @@ def test_unknown_nested_field(where: tuple[str | int, ...], path: str, allowed: 
         target = target[part]
     target["mtu"] = 1500
     assert_only(doc, path, "unknown field", f"(allowed here: {allowed})")
+
+
+def test_internal_masquerade_is_a_boolean() -> None:
+    doc = seed()
+    doc["internal"]["masquerade"] = True
+    assert load_state(encode(doc)).internal.masquerade is True
+    assert load_state(encode(seed())).internal.masquerade is False
+    doc["internal"]["masquerade"] = "yes"
+    assert_only(doc, "$.internal.masquerade", "boolean")
 
 
 def test_misspelled_field_reports_unknown_and_missing() -> None:
