@@ -234,8 +234,10 @@ install -d -m 0755 "$rootfs/etc/natgwd"
 install -d -m 0700 "$rootfs/var/lib/natgwd"
 # Kube-OVN drop-in (controller unchanged): its `sleep infinity` starts natgwd, and its
 # `bash /kube-ovn/nat-gateway.sh <subcommand> <rule>` execs: calls to natgwd's edit endpoint.
+# LoadBalancer-Service pods run the same image and exec /kube-ovn/lb-svc.sh.
 install -m 0755 "$ROOT/image/sleep-infinity.sh" "$rootfs$VENV/bin/sleep"
 install -D -m 0755 "$ROOT/image/nat-gateway.sh" "$rootfs/kube-ovn/nat-gateway.sh"
+install -D -m 0755 "$ROOT/image/lb-svc.sh" "$rootfs/kube-ovn/lb-svc.sh"
 
 # --- image ----------------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class Gateway:
     state_path: Path
     gateway_v4: str = EXTERNAL_HOST  # the pod's GATEWAY_V4 (none before Kube-OVN v1.15)
     transport: str = "endpoint"
+    script: Path = SCRIPT  # or image/lb-svc.sh
 
     def shim(self, *args: str, timeout: str = SHIM_TIMEOUT) -> Call:
         """`bash nat-gateway.sh ARGS...` in the gateway namespace, as the controller execs it."""
@@ -89,7 +90,9 @@ class Gateway:
             f"NATGWD_PYTHON={sys.executable}",
             f"PATH={os.environ['PATH']}",
         ]
-        result = self.lab.exec("gw", "env", *env, "bash", str(SCRIPT), *args, check=False, timeout=float(timeout) + 30)
+        result = self.lab.exec(
+            "gw", "env", *env, "bash", str(self.script), *args, check=False, timeout=float(timeout) + 30
+        )
         return Call(result.returncode, result.stdout, result.stderr)
 
     def restart(self, *args: str) -> None:

@@ -297,14 +297,16 @@ def test_the_image_and_the_drop_in_serve_metrics_on_loopback_and_the_pod_address
 
 
 def test_both_image_recipes_install_the_kube_ovn_drop_in() -> None:
-    """Guards against an image without /kube-ovn/nat-gateway.sh or the `sleep infinity`
-    starter from one of the two recipes, or a Docker context that leaves them out."""
+    """Guards against an image without /kube-ovn/nat-gateway.sh, /kube-ovn/lb-svc.sh (which
+    runs nat-gateway.sh beside it) or the `sleep infinity` starter from one of the two
+    recipes, or a Docker context that leaves them out."""
     containerfile = (ROOT / "image" / "Containerfile").read_text()
     script = (ROOT / "image" / "build-offline.sh").read_text()
     ignore = (ROOT / "image" / "Containerfile.dockerignore").read_text().split()
     for source, target in (
         ("image/sleep-infinity.sh", "/opt/natgwd/bin/sleep"),
         ("image/nat-gateway.sh", "/kube-ovn/nat-gateway.sh"),
+        ("image/lb-svc.sh", "/kube-ovn/lb-svc.sh"),
     ):
         assert (ROOT / source).is_file()
         assert re.search(rf"^COPY --chmod=0755 {re.escape(source)} {re.escape(target)}$", containerfile, re.M)
@@ -313,7 +315,7 @@ def test_both_image_recipes_install_the_kube_ovn_drop_in() -> None:
         assert f"!{source}" in ignore
 
 
-@pytest.mark.parametrize("name", ["build-offline.sh", "nat-gateway.sh", "sleep-infinity.sh"])
+@pytest.mark.parametrize("name", ["build-offline.sh", "nat-gateway.sh", "lb-svc.sh", "sleep-infinity.sh"])
 def test_image_scripts_pass_shellcheck(name: str) -> None:
     """shellcheck is one of the Makefile's APT_PACKAGES: missing, it fails (not skips)."""
     script = ROOT / "image" / name

@@ -15,6 +15,9 @@ it. Two ways carry a call to natgwd:
 - without an endpoint, `python -m natgwd.kubeovn.shim` edits the state file itself under a
   lock and waits for natgwd's applied-state record (`filestate`, `waiting`, `cli`).
 
+Kube-OVN's lb-svc.sh (a LoadBalancer Service's pod, same image) is `nat-gateway.sh lb-svc
+COMMAND RULE...`: the same ways to natgwd, its own edits (`lbsvc`).
+
 Environment: NATGWD_STATE (default /etc/natgwd/state.json), NATGWD_APPLIED_STATE (default
 /var/lib/natgwd/applied.json), NATGWD_EDIT_TOKEN (default /var/lib/natgwd/edit.token: the
 endpoint's port and secret; the endpoint is used when it exists), NATGWD_SHIM_TIMEOUT

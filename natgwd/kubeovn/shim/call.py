@@ -5,18 +5,32 @@ both go through here, so a call means the same on either path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from natgwd.kubeovn.shim.edits import EDITS, Context, Doc, working_copy
+from natgwd.kubeovn.shim import lbsvc
+from natgwd.kubeovn.shim.edits import EDITS, Context, Doc, Op, working_copy
 from natgwd.kubeovn.shim.grammar import IPTABLES_VERSION, USAGE, ShimError, words
 from natgwd.kubeovn.shim.init import Links, init_op
 from natgwd.kubeovn.shim.qos import QOS_EDITS
 from natgwd.state.validation import InvalidStateError
 
 Edit = Callable[[Doc | None, Context], Doc]
-ALL_EDITS = {**EDITS, **QOS_EDITS}
+
+
+@dataclass(frozen=True)
+class Script:
+    """One of Kube-OVN's scripts: its usage, its `init` and its other subcommands."""
+
+    usage: str
+    init: Callable[[Sequence[str], Links], Edit]
+    edits: Mapping[str, Callable[[str], Op]]
+
+
+NAT_GATEWAY = Script(USAGE, init_op, {**EDITS, **QOS_EDITS})
+# lb-svc.sh is `nat-gateway.sh lb-svc COMMAND RULE...`: the same transport, its own edits.
+LB_SVC = Script(lbsvc.USAGE, lbsvc.lb_init, lbsvc.EDITS)
 
 
 @dataclass(frozen=True)
@@ -56,23 +70,27 @@ def warning_lines(warnings: Sequence[str]) -> str:
 
 def prepare(argv: Sequence[str], links: Callable[[], Links]) -> Call | Reply:
     """The call `argv` (command, then rules) stands for, or the answer of one that needs no
-    state (help, get-iptables-version, an unknown command, a malformed rule)."""
+    state (help, get-iptables-version, an unknown command, a malformed rule). `lb-svc` first:
+    a call of lb-svc.sh."""
+    script = NAT_GATEWAY
+    if argv and argv[0] == lbsvc.COMMAND:
+        script, argv = LB_SVC, argv[1:]
     if not argv:
-        return Reply(1, "", USAGE + "\n")
+        return Reply(1, "", script.usage + "\n")
     command, rules = argv[0], tuple(words(argv[1:]))
     echo = f"{command} {' '.join(rules)}\n"
     if command in ("help", "-h", "--help"):
-        return Reply(0, USAGE + "\n", "")
-    if command == "get-iptables-version":
+        return Reply(0, script.usage + "\n", "")
+    if command == "get-iptables-version" and script is NAT_GATEWAY:
         return Reply(0, echo + IPTABLES_VERSION + "\n", "")
-    if command != "init" and command not in ALL_EDITS:
-        return Reply(1, "", f"natgwd: unknown command {command!r}\n{USAGE}\n")
+    if command != "init" and command not in script.edits:
+        return Reply(1, "", f"natgwd: unknown command {command!r}\n{script.usage}\n")
     try:
         if command == "init":
-            return Call(command, rules, init_op(rules, links()))
+            return Call(command, rules, script.init(rules, links()))
         if not rules:
             raise ShimError(f"natgwd: {command} needs a rule (see `help`)")
-        ops = [ALL_EDITS[command](rule) for rule in rules]
+        ops = [script.edits[command](rule) for rule in rules]
     except ShimError as error:
         return Reply(error.code, echo, f"{error}\n")
 

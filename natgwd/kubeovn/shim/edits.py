@@ -56,7 +56,7 @@ def unique_name(name: str, doc: Doc, section: str) -> str:
     return candidate
 
 
-def _norm_port(value: object) -> str:
+def norm_port(value: object) -> str:
     return str(value).replace(":", "-")
 
 
@@ -289,8 +289,8 @@ def parse_snat_del(rule: str) -> Op:
     return op
 
 
-def _identity_matches(rule: dict[str, Any], name: str | None, protocol: str, port: str) -> bool:
-    return rule.get("eip") == name and rule.get("protocol") == protocol and _norm_port(rule.get("externalPort")) == port
+def identity_matches(rule: dict[str, Any], name: str | None, protocol: str, port: str) -> bool:
+    return rule.get("eip") == name and rule.get("protocol") == protocol and norm_port(rule.get("externalPort")) == port
 
 
 def parse_dnat_add(rule: str) -> Op:
@@ -304,14 +304,14 @@ def parse_dnat_add(rule: str) -> Op:
     def op(doc: Doc, ctx: Context) -> None:
         name = need_eip(doc, eip, ctx)
         for dnat in section_items(doc, "dnat"):
-            if not _identity_matches(dnat, name, protocol, port):
+            if not identity_matches(dnat, name, protocol, port):
                 continue
             if dnat.get("type") == "share":
                 raise ShimError(
                     f"natgwd: {protocol}/{port} on {eip} is a share DNAT group (rule {dnat.get('name')}); "
                     "an exclusive DNAT cannot take the same identity"
                 )
-            if dnat.get("internalIp") == str(internal_ip) and _norm_port(dnat.get("internalPort")) == internal_port:
+            if dnat.get("internalIp") == str(internal_ip) and norm_port(dnat.get("internalPort")) == internal_port:
                 return
             raise ShimError(
                 f"natgwd: {protocol}/{port} on {eip} already goes to {dnat.get('internalIp')}:"
@@ -357,7 +357,7 @@ def parse_share_add(rule: str) -> Op:
 
     def op(doc: Doc, ctx: Context) -> None:
         name = need_eip(doc, eip, ctx)
-        group = [d for d in section_items(doc, "dnat") if _identity_matches(d, name, protocol, port)]
+        group = [d for d in section_items(doc, "dnat") if identity_matches(d, name, protocol, port)]
         members = {id(d) for d in group}
         for dnat in group:
             if dnat.get("type") != "share":
@@ -368,7 +368,7 @@ def parse_share_add(rule: str) -> Op:
         present: set[tuple[str, str]] = set()
         kept: list[dict[str, Any]] = []
         for dnat in section_items(doc, "dnat"):
-            backend = (str(dnat.get("internalIp")), _norm_port(dnat.get("internalPort")))
+            backend = (str(dnat.get("internalIp")), norm_port(dnat.get("internalPort")))
             if id(dnat) in members:
                 if backend not in backends or backend in present:
                     continue  # a backend that is no longer wanted, or a duplicate of one
@@ -412,7 +412,7 @@ def _identity_del(rule: str, form: str, most: int, share: bool) -> Op:
         doc["dnat"] = [
             d
             for d in section_items(doc, "dnat")
-            if (d.get("type") == "share") != share or not _identity_matches(d, name, protocol, port)
+            if (d.get("type") == "share") != share or not identity_matches(d, name, protocol, port)
         ]
 
     return op

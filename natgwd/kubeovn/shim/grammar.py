@@ -31,6 +31,7 @@ Usage: nat-gateway.sh COMMAND [RULE...]   (natgwd: each call edits the desired s
   nft-dnat-map-add EIP,PORT,PROTOCOL,IP1:PORT1@IP2:PORT2...   share DNAT: exactly these backends
   nft-dnat-map-del EIP,PORT,PROTOCOL
   get-iptables-version
+  lb-svc COMMAND RULE...                              a call of lb-svc.sh (`lb-svc help`)
   eip-ingress-qos-add|eip-egress-qos-add IP,PRIORITY,RATE,BURST    an EIP's limit (Mbit/s, MB)
   eip-ingress-qos-del|eip-egress-qos-del IP
   qos-add|qos-del DIRECTION,IFACE,PRIORITY,u32|matchall,ip,src|dst,CIDR,RATE,BURST   the gateway's limits
