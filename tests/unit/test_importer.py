@@ -260,6 +260,23 @@ def test_rules_are_selected_by_their_eip() -> None:
     ]
 
 
+def test_a_kube_ovn_lb_service_is_a_note_other_services_a_warning() -> None:
+    """A LoadBalancer Service of Kube-OVN's lb-svc is another pod's (lb-svc.sh), set up by
+    the controller: nothing of it goes into a NAT gateway's state, and `--strict` passes."""
+    annotations = {"ovn.kubernetes.io/attachmentprovider": "lb-svc-attachment.kube-system"}
+    service = obj("Service", "web", {"type": "LoadBalancer"}, metadata={"namespace": "app", "annotations": annotations})
+    plain = obj("Service", "db", {"type": "ClusterIP"}, metadata={"namespace": "app"})
+    result = with_seed(service, plain)
+    assert result.state == with_seed().state
+    assert reasons(result.findings, "Service", "app/web") == [
+        "note: a LoadBalancer Service served by its own lb-svc pod, which kube-ovn-controller sets up through "
+        "lb-svc.sh whenever the pod starts; not part of a NAT gateway's state"
+    ]
+    assert reasons(result.findings, "Service", "app/db") == [
+        "warning: kind Service is not something natgwd import knows; ignored"
+    ]
+
+
 def test_snat_cidrs_are_normalised_and_conflicts_resolved_in_creation_order() -> None:
     result = with_seed(
         eip("e2", "10.115.55.201"),

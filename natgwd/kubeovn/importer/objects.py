@@ -39,6 +39,14 @@ UNSUPPORTED_KINDS = {
     "VpcEgressGateway": "a VPC egress gateway is a different Kube-OVN feature",
 }
 
+# A Service that kube-ovn-controller serves from a pod of its own (lb-svc.sh): never a NAT
+# gateway's state, and nothing to import for its pod either (docs/kubeovn.md).
+LB_SVC_ANNOTATION = "ovn.kubernetes.io/attachmentprovider"
+LB_SVC_NOTE = (
+    "a LoadBalancer Service served by its own lb-svc pod, which kube-ovn-controller sets up through "
+    "lb-svc.sh whenever the pod starts; not part of a NAT gateway's state"
+)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -296,5 +304,11 @@ class Inventory:
             self.report("warning", obj, UNSUPPORTED_KINDS[kind])
         elif kind in CONTEXT_KINDS:
             self.report("note", obj, "not needed for this gateway's state; ignored")
+        elif kind == "Service" and _is_lb_svc(obj):
+            self.report("note", obj, LB_SVC_NOTE)
         else:
             self.report("warning", obj, f"kind {kind} is not something natgwd import knows; ignored")
+
+
+def _is_lb_svc(obj: Obj) -> bool:
+    return section_of(obj, "spec").get("type") == "LoadBalancer" and LB_SVC_ANNOTATION in annotations_of(obj)
