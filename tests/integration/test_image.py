@@ -320,6 +320,13 @@ def test_image_as_kube_ovn_drop_in(image: BuiltImage, lab: Lab) -> None:
             assert result.returncode == 0, f"{rule}: {result.stdout}{result.stderr}\n{container.logs()}"
             # The controller fails a call on any stderr line that is not a warning.
             assert all(line.startswith("Warning:") for line in result.stderr.splitlines()), result.stderr
+        # A LoadBalancer Service's pod (same image) execs /kube-ovn/lb-svc.sh: it reaches
+        # natgwd through the nat-gateway.sh beside it.
+        usage = _run("podman", "exec", container.name, "bash", "/kube-ovn/lb-svc.sh", "help", check=False)
+        assert (usage.returncode, usage.stdout.splitlines()[:1]) == (
+            0,
+            ["Usage: lb-svc.sh COMMAND RULE...   (natgwd: each call edits the desired state)"],
+        ), f"{usage.stdout}{usage.stderr}"
         assert container.wait_ready()["ready"] is True
         # Rule names and counters are served on loopback and the pod's address (eth0), for
         # Prometheus as before; nothing listens on the EIP or net2.
