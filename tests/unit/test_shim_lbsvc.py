@@ -119,6 +119,7 @@ def test_dnat_del_removes_the_rule_with_that_target_only(pod: Gateway) -> None:
     [
         (("init", "eth0,net1"), "lb-svc.sh init takes no arguments"),
         (("eip-add", f"{LB_IP}/21"), "expected LB_IP/PREFIX,GATEWAY"),
+        (("eip-add", f"{LB_IP}/21,gw"), "gateway 'gw' is not an IPv4 address"),
         (("dnat-add", f"{LB_IP},80,tcp,{CLUSTER_IP},8080"), "expected LB_IP,PORT,PROTOCOL,CLUSTER_IP,TARGET_PORT"),
         (("dnat-add", f"{LB_IP},80,sctp,{CLUSTER_IP},8080,{POD_GATEWAY}"), "tcp and udp, not sctp"),
         (("dnat-add", f"{LB_IP},80,tcp,{CLUSTER_IP},http,{POD_GATEWAY}"), "target port 'http' is not a port"),

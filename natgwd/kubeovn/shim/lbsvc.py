@@ -55,7 +55,7 @@ def lb_init(rules: Sequence[str], links: Links) -> Callable[[Doc | None, Context
 
 
 def parse_eip_add(rule: str) -> Op:
-    grammar.fields(rule, 2, 2, "LB_IP/PREFIX,GATEWAY")
+    grammar.address(grammar.fields(rule, 2, 2, "LB_IP/PREFIX,GATEWAY")[1], "gateway")
     return edits.parse_eip_add(rule)  # its v1.12 form: the gateway becomes external.gateway
 
 
