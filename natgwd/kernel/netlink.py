@@ -20,7 +20,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from natgwd.planning.links import LinkPlan, RouteSpec
-from natgwd.planning.policy import PolicyRule
+from natgwd.planning.policy import FORWARDED_TABLE, PolicyRule
 from natgwd.state.model import IPAddress, IPInterface, IPNetwork
 
 NATGWD_PROTO = 249  # unassigned in iproute2's rt_protos; marks what natgwd added
@@ -380,6 +380,8 @@ def _rule_fields(rule: PolicyRule) -> dict[str, object]:
         fields.update(src=rule.src, src_len=128 if rule.family == 6 else 32)
     if rule.suppress_prefixlength >= 0:
         fields["suppress_prefixlen"] = rule.suppress_prefixlength
+    if rule.iif:
+        fields["iifname"] = rule.iif
     return fields
 
 
@@ -395,6 +397,7 @@ def _rule_of(msg: dict) -> PolicyRule:
         fwmark=msg.get_attr("FRA_FWMARK") or 0,  # type: ignore[attr-defined]
         src=msg.get_attr("FRA_SRC") or "",  # type: ignore[attr-defined]
         suppress_prefixlength=-1 if suppress in (None, _NO_SUPPRESSION) else suppress,
+        iif=msg.get_attr("FRA_IIFNAME") or "",  # type: ignore[attr-defined]
     )
 
 
@@ -437,13 +440,17 @@ class KernelLinks:
             return addresses
 
     def routes(self, name: str) -> list[tuple[IPv4Network, IPv4Address]]:
-        """The main table's IPv4 routes through a gateway out of the interface."""
+        """The IPv4 routes through a gateway out of the interface: the main table's, and
+        the default route natgwd keeps for forwarded packets (external.defaultRoute
+        "forwarded"), which a new state after a container restart takes over."""
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=name)
             if not found:
                 return []
             routes = []
-            for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+            for msg in ipr.get_routes(family=socket.AF_INET):
+                if msg.get("RTA_TABLE") not in (MAIN_TABLE, FORWARDED_TABLE):
+                    continue
                 gateway = msg.get("RTA_GATEWAY")
                 if msg.get("RTA_OIF") != found[0] or not gateway:
                     continue

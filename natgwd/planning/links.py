@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
-from natgwd.planning.policy import PolicyRule, network_ids, policy_rules
+from natgwd.planning.policy import FORWARDED_TABLE, PolicyRule, network_ids, policy_rules
 from natgwd.state.model import DesiredState, IPAddress, IPInterface, IPNetwork
 
 MAIN_TABLE = 254
@@ -58,8 +58,11 @@ def link_plan(state: DesiredState) -> LinkPlan:
         eips = {a for e in state.eips if e.network == network.name for a in state.eip_interfaces(e)}
         addresses: frozenset[IPInterface] = frozenset() if ha else frozenset(set(network.addresses) | eips)
         interfaces.append(InterfaceSpec(network.interface, addresses))
-        # Only `external` routes by default; each network also has its own table when there are several.
-        own_tables = [MAIN_TABLE] if network is state.external else []
+        # Only `external` routes by default (in natgwd's table when only forwarded packets
+        # take them); each network also has its own table when there are several.
+        own_tables = []
+        if network is state.external:
+            own_tables.append(FORWARDED_TABLE if network.default_route == "forwarded" else MAIN_TABLE)
         if tables:
             own_tables.append(tables[network.name])
         for table in own_tables:

@@ -14,6 +14,13 @@ Two kinds of rules do the steering:
 A rule `lookup main suppress_prefixlength 0` before them keeps every route of the main
 table but its default route: marked traffic to the VPC or to a connected subnet is routed
 as before. With one external network none of this exists.
+
+`external.defaultRoute: "forwarded"` (a Kube-OVN LoadBalancer-Service pod) uses the same
+pair of rules by incoming interface instead: packets arriving on the internal or external
+interface take the main table without its default route, then natgwd's FORWARDED_TABLE,
+which holds the default routes via the external gateway. The gateway's own traffic
+(`/metrics` answers, anything else the pod sends) keeps the main table's default route,
+as Kube-OVN's lb-svc.sh does with `ip rule iif ... lookup 100`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from natgwd.state.scaleout import HANDOVER_BASE
 NETWORK_BASE = 4240  # network i (0 = `external`) has table and firewall mark NETWORK_BASE + i
 SUPPRESS_PRIORITY = NETWORK_BASE
 STEER_PRIORITY = NETWORK_BASE + 1
+FORWARDED_TABLE = NETWORK_BASE - 1  # external.defaultRoute "forwarded": the default routes
 
 
 @dataclass(frozen=True, order=True)
@@ -38,14 +46,18 @@ class PolicyRule:
     fwmark: int = 0
     src: str = ""  # an EIP address, for a rule by source
     suppress_prefixlength: int = -1
+    iif: str = ""  # an interface, for a rule by incoming interface
 
     def __str__(self) -> str:
-        what = (
-            f"fwmark {self.fwmark}"
-            if self.fwmark
-            else f"from {self.src}"
-            if self.src
-            else f"suppress_prefixlength {self.suppress_prefixlength}"
+        what = " ".join(
+            part
+            for part in (
+                f"iif {self.iif}" if self.iif else "",
+                f"fwmark {self.fwmark}" if self.fwmark else "",
+                f"from {self.src}" if self.src else "",
+                f"suppress_prefixlength {self.suppress_prefixlength}" if self.suppress_prefixlength >= 0 else "",
+            )
+            if part
         )
         return f"ipv{self.family} rule {self.priority}: {what} lookup {self.table}"
 
@@ -61,6 +73,8 @@ def policy_rules(state: DesiredState) -> tuple[PolicyRule, ...]:
     if state.scale_out is not None:
         # Each EIP group's packets by the table of the same number (natgwd.planning.handover).
         return tuple(PolicyRule(4, HANDOVER_BASE, g.mark, fwmark=g.mark) for g in state.scale_out.groups)
+    if state.external.default_route == "forwarded":
+        return _forwarded_rules(state)
     ids = network_ids(state)
     if not ids:
         return ()
@@ -72,4 +86,15 @@ def policy_rules(state: DesiredState) -> tuple[PolicyRule, ...]:
         address: IPAddress
         for address in eip.addresses:
             rules.append(PolicyRule(address.version, STEER_PRIORITY, ids[eip.network], src=str(address)))
+    return tuple(sorted(rules))
+
+
+def _forwarded_rules(state: DesiredState) -> tuple[PolicyRule, ...]:
+    external = state.external
+    families = [f for f, gateway in ((4, external.gateway), (6, external.gateway6)) if gateway is not None]
+    rules = []
+    for family in families:
+        for interface in (state.internal.interface, external.interface):
+            rules.append(PolicyRule(family, SUPPRESS_PRIORITY, 254, suppress_prefixlength=0, iif=interface))
+            rules.append(PolicyRule(family, STEER_PRIORITY, FORWARDED_TABLE, iif=interface))
     return tuple(sorted(rules))

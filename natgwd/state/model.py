@@ -25,6 +25,7 @@ Protocol = Literal["tcp", "udp"]
 RuleKind = Literal["snat", "dnat", "fip"]
 RULE_KINDS: tuple[RuleKind, ...] = ("snat", "dnat", "fip")  # also the rule sections of a state file
 DnatType = Literal["exclusive", "share"]
+DefaultRoute = Literal["main", "forwarded"]
 
 
 @dataclass(frozen=True, order=True)
@@ -85,6 +86,8 @@ class ExternalSide:
     gateway: IPv4Address | None
     gateway6: IPv6Address | None = None
     name: str = PRIMARY_NETWORK
+    # "forwarded": the default routes serve forwarded packets only (natgwd.planning.policy).
+    default_route: DefaultRoute = "main"
 
     def contains(self, address: IPAddress) -> bool:
         return any(a.version == address.version and address in a.network for a in self.addresses)

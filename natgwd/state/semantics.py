@@ -82,6 +82,12 @@ class Semantics:
             if gateway is not None and any(str(r.dst) == default for r in internal.routes):
                 self.problems.add("$.internal.routes", f"a default route ({default}) conflicts with external.{field}")
         self.networks = (external, *more)
+        if external.default_route == "forwarded":
+            for section, what in (("externals", "several external networks"), ("scaleOut", "scaleOut")):
+                if section in self.doc:
+                    self.problems.add(
+                        "$.external.defaultRoute", f'"forwarded" cannot be combined with {what} (their own tables)'
+                    )
         eips = self._eips()
         self.eips.update((e.name, e) for e in eips)
         context = RuleContext(self.eips, internal, frozenset(self.set_aside_eips), self.any_eip_set_aside)
@@ -279,7 +285,10 @@ class Semantics:
         if "gateway6" in section:
             gateway6 = self._gateway6(f"{path}.gateway6", section["gateway6"])
         assert gateway is None or isinstance(gateway, IPv4Address)
-        return ExternalSide(section["interface"], addresses, gateway, gateway6, section.get("name", PRIMARY_NETWORK))
+        name = section.get("name", PRIMARY_NETWORK)
+        return ExternalSide(
+            section["interface"], addresses, gateway, gateway6, name, section.get("defaultRoute", "main")
+        )
 
     def _more_externals(self) -> tuple[ExternalSide, ...]:
         """`externals`: more external networks, each with a name and an interface of its own."""

@@ -14,9 +14,10 @@ import pytest
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.links import MAIN_TABLE, link_plan
 from natgwd.planning.plan import assign_ids, desired_table
-from natgwd.planning.policy import NETWORK_BASE, PolicyRule, policy_rules
+from natgwd.planning.policy import FORWARDED_TABLE, NETWORK_BASE, PolicyRule, policy_rules
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import InvalidStateError, load_state
+from tests.unit.test_scaleout_state import SECTION as SCALE_OUT
 
 SECOND = {"name": "ext2", "interface": "net3", "addresses": ["10.116.0.1/24"], "gateway": "10.116.0.254"}
 
@@ -138,3 +139,48 @@ def test_the_steer_chain_marks_with_the_network_of_the_translation() -> None:
     assert all('oifname { "net2", "net3" }' in r for r in chains["postrouting"].rules[2:])  # after the hairpins
     assert set(values["invalid_dropped"]) == {'"net2"', '"net3"'}
     assert state.externals[1].gateway == IPv4Address("10.116.0.254")
+
+
+# --- external.defaultRoute "forwarded" (a Kube-OVN lb-svc pod) ------------------------------
+
+
+def forwarded() -> dict[str, Any]:
+    document = copy.deepcopy(SEED_STATE)
+    document["external"]["defaultRoute"] = "forwarded"
+    return document
+
+
+def test_forwarded_default_route_is_natgwds_table_by_incoming_interface() -> None:
+    """The default route serves packets arriving on the internal or external interface
+    (after every main-table route but the default one); the gateway's own traffic keeps
+    the main table's default route, which natgwd then leaves alone."""
+    state = load(forwarded())
+    plan = link_plan(state)
+    defaults = [(r.dst, r.table) for r in plan.routes if r.dst.prefixlen == 0]
+    assert defaults == [(IPv4Interface("0.0.0.0/0").network, FORWARDED_TABLE)]
+    assert set(plan.rules) == {
+        PolicyRule(4, NETWORK_BASE, MAIN_TABLE, suppress_prefixlength=0, iif="net1"),
+        PolicyRule(4, NETWORK_BASE, MAIN_TABLE, suppress_prefixlength=0, iif="net2"),
+        PolicyRule(4, NETWORK_BASE + 1, FORWARDED_TABLE, iif="net1"),
+        PolicyRule(4, NETWORK_BASE + 1, FORWARDED_TABLE, iif="net2"),
+    }
+    assert str(plan.rules[0]) == f"ipv4 rule {NETWORK_BASE}: iif net1 suppress_prefixlength 0 lookup 254"
+    document = forwarded()
+    del document["external"]["gateway"]
+    assert policy_rules(load(document)) == ()  # no gateway, no default route to steer to
+    assert link_plan(load(SEED_STATE)).rules == ()  # "main", the default
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (lambda d: d.update(externals=[copy.deepcopy(SECOND)]), "several external networks"),
+        (lambda d: d.update(scaleOut=copy.deepcopy(SCALE_OUT)), "scaleOut"),
+    ],
+)
+def test_forwarded_default_route_is_refused_with_tables_of_their_own(change: Any, what: str) -> None:
+    document = forwarded()
+    change(document)
+    assert ("$.external.defaultRoute", f'"forwarded" cannot be combined with {what} (their own tables)') in problems(
+        document
+    )

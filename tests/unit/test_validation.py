@@ -176,7 +176,7 @@ def test_unknown_top_level_field() -> None:
     [
         (("internal",), "$.internal.mtu", "addresses, interface, masquerade, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
-        (("external",), "$.external.mtu", "addresses, gateway, gateway6, interface, name"),
+        (("external",), "$.external.mtu", "addresses, defaultRoute, gateway, gateway6, interface, name"),
         (("eips", 0), "$.eips[0].mtu", "bgp, externalSubnet, name, qosPolicy, v4ip, v6ip"),
         (("snat", 0), "$.snat[0].mtu", "eip, internalCIDR, name, timeouts"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, timeouts, type"),
@@ -199,6 +199,15 @@ def test_internal_masquerade_is_a_boolean() -> None:
     assert load_state(encode(seed())).internal.masquerade is False
     doc["internal"]["masquerade"] = "yes"
     assert_only(doc, "$.internal.masquerade", "boolean")
+
+
+def test_external_default_route_is_main_or_forwarded() -> None:
+    doc = seed()
+    assert load_state(encode(doc)).external.default_route == "main"
+    doc["external"]["defaultRoute"] = "forwarded"
+    assert load_state(encode(doc)).external.default_route == "forwarded"
+    doc["external"]["defaultRoute"] = "table100"
+    assert_only(doc, "$.external.defaultRoute", "main", "forwarded")
 
 
 def test_misspelled_field_reports_unknown_and_missing() -> None:
