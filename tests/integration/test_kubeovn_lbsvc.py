@@ -9,11 +9,13 @@ Service's cluster IP 10.96.0.10 lives on vm1, behind "lan", which routes to it. 
 default route leads nowhere (172.20.10.254 is nobody): a backend answers a client outside
 only when natgwd gives the connection the pod's eth0 address, as the script's MASQUERADE
 does. The client in "ext" connects from 198.18.0.1, beyond the attachment's gateway: the
-answer needs the pod's default route via net1.
+answer needs a default route via net1 for forwarded packets, while the pod's own keep the
+CNI's via eth0.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -94,6 +96,13 @@ def pod(lab: Lab, tmp_path: Path) -> Iterator[Gateway]:
         shutil.rmtree(lab.workdir, ignore_errors=True)
 
 
+def route_via(pod: Gateway, *selector: str) -> tuple[str, str]:
+    """(gateway, device) of the gw namespace's route to the client, for a packet described
+    by `selector` (`ip route get` arguments); none for the pod's own packets."""
+    found = json.loads(pod.lab.exec("gw", "ip", "-j", "route", "get", REMOTE_HOST, *selector).stdout)[0]
+    return found.get("gateway", ""), found["dev"]
+
+
 def answer(pod: Gateway, port: int) -> str:
     return tcp_get(pod.lab, "ext", LB_IP, port)
 
@@ -116,6 +125,10 @@ def test_the_controllers_calls_serve_the_service_on_its_lb_ip(pod: Gateway) -> N
     assert answer(pod, 80).startswith(f"{POD_IP}:") and answer(pod, 80).endswith("@vm1")
     assert udp_answer(pod).startswith(f"{POD_IP}:")
     assert pod.state()["internal"]["masquerade"] is True
+    # As the script's table 100: forwarded packets (a backend's answer, arriving on eth0)
+    # leave via the attachment's gateway; the pod's own keep eth0's default route.
+    assert route_via(pod, "from", BACKEND, "iif", "eth0") == (ATTACH_GATEWAY, "net1")
+    assert route_via(pod) == (POD_GATEWAY, "eth0")
 
     # A bad call (an SCTP port): refused, nothing changed.
     before = pod.state()
@@ -131,10 +144,13 @@ def test_the_controllers_calls_serve_the_service_on_its_lb_ip(pod: Gateway) -> N
         init = pod.ok(*CREATE[0])
         if not files_kept:
             assert "took over natgwd's rules from the kernel (1 eips, 2 dnat)" in init.err
+        # Before the replay's eip-add: the new state keeps the gateway natgwd had set.
+        assert pod.state()["external"]["gateway"] == ATTACH_GATEWAY
+        assert answer(pod, 80).endswith("@vm1")
         for call in CREATE[1:]:
             assert "nothing to change" in pod.ok(*call).out, call
         assert answer(pod, 80).endswith("@vm1")
-        assert pod.state()["internal"] == before["internal"]
+        assert pod.state() == before
 
     for call in UPDATE:
         pod.ok(*call)

@@ -69,7 +69,12 @@ def test_the_controllers_calls_make_the_lb_state(pod: Gateway) -> None:
             "masquerade": True,
             "routes": [{"dst": f"{CLUSTER_IP}/32", "via": POD_GATEWAY}],
         },
-        "external": {"interface": "net1", "addresses": [f"{LB_IP}/21"], "gateway": ATTACH_GATEWAY},
+        "external": {
+            "interface": "net1",
+            "addresses": [f"{LB_IP}/21"],
+            "gateway": ATTACH_GATEWAY,
+            "defaultRoute": "forwarded",
+        },
         "eips": [{"name": eip, "v4ip": LB_IP}],
         "dnat": [
             {

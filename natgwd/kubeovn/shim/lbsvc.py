@@ -11,8 +11,9 @@ TARGET_PORT` for a port the Service no longer has. The image's lb-svc.sh is
 
 In natgwd's terms: internal = eth0 with `masquerade` (the cluster IP's backends answer the
 pod, not the client), external = net1, the load-balancer IP an EIP, the attachment's
-gateway the external gateway, each cluster IP an internal route via eth0's gateway, each
-port an exclusive DNAT rule.
+gateway the external gateway for forwarded packets only (`defaultRoute: "forwarded"`, as
+the script's `ip rule iif net1|eth0 lookup 100`), each cluster IP an internal route via
+eth0's gateway, each port an exclusive DNAT rule.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ Environment: as nat-gateway.sh's (NATGWD_STATE, NATGWD_APPLIED_STATE, NATGWD_EDI
 def lb_init(rules: Sequence[str], links: Links) -> Callable[[Doc | None, Context], Doc]:
     """The script's `init` takes no arguments: eth0 and net1, as nat-gateway.sh's `init
     eth0,net1` (a first state from what the CNI configured, or natgwd's rules still in the
-    kernel after a container restart), with masquerading to eth0."""
+    kernel after a container restart), with masquerading to eth0 and the default route for
+    forwarded packets only, as the script's table 100: the pod keeps eth0's."""
     if rules:
         raise ShimError(f"natgwd: lb-svc.sh init takes no arguments, not {' '.join(rules)!r}")
     interfaces = init_op((f"{PRIMARY_CNI_VPC_INTERFACE},{PRIMARY_CNI_EXTERNAL_INTERFACE}",), links)
@@ -49,6 +51,7 @@ def lb_init(rules: Sequence[str], links: Links) -> Callable[[Doc | None, Context
     def op(doc: Doc | None, ctx: Context) -> Doc:
         doc = interfaces(doc, ctx)
         doc["internal"]["masquerade"] = True
+        doc["external"]["defaultRoute"] = "forwarded"
         return doc
 
     return op
