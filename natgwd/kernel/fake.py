@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from natgwd.kernel.nft import NftError
 from natgwd.planning.counters import CountedElement
-from natgwd.planning.layout import SHARE_CHAIN_PREFIX
+from natgwd.planning.layout import POOL_CHAIN_PREFIX, SHARE_CHAIN_PREFIX
 from natgwd.planning.table import (
     AddChain,
     AddElements,
@@ -152,7 +152,7 @@ class FakeNft:
 
 
 _SET_REFERENCE = re.compile(r"@(\w+)")
-_NUMGEN_MAP = re.compile(r"numgen random mod [0-9]+ map \{ ([^}]*) \}")
+_NUMGEN_MAP = re.compile(r"(?:numgen random|jhash ip6? saddr) mod [0-9]+(?: seed 0x[0-9a-f]+)? map \{ ([^}]*) \}")
 _CHAIN_REFERENCE = re.compile(r"\b(?:jump|goto) (\w+)")
 _OBJECT_REFERENCE = re.compile(r'ct timeout set "(\w+)"')
 
@@ -187,8 +187,8 @@ def _apply(table: TableContents, op: object) -> None:
     elif isinstance(op, AddRule):
         _need(table.chains, op.chain, op.render())
         table.chains[op.chain] = (*table.chains[op.chain], op.tag)
-        if op.chain.startswith(SHARE_CHAIN_PREFIX) and (choices := _NUMGEN_MAP.search(op.rule)):
-            # As the kernel lists a share chain's rule: the ids of its numgen map.
+        if op.chain.startswith((SHARE_CHAIN_PREFIX, POOL_CHAIN_PREFIX)) and (choices := _NUMGEN_MAP.search(op.rule)):
+            # As the kernel lists a share or pool chain's rule: the ids of its map.
             table.shares[op.chain] = tuple(int(pair.split(" : ")[1]) for pair in choices[1].split(", "))
     elif isinstance(op, AddElements):
         elements = _need(table.elements, op.set_name, op.render())

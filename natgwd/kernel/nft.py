@@ -27,7 +27,7 @@ from natgwd.kernel.setdump import (
     key_layout,
 )
 from natgwd.planning.counters import CountedElement
-from natgwd.planning.layout import SHARE_CHAIN_PREFIX
+from natgwd.planning.layout import POOL_CHAIN_PREFIX, SHARE_CHAIN_PREFIX
 from natgwd.planning.plan import set_key_type
 from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
 
@@ -267,7 +267,7 @@ def parse_table(objects: list[dict[str, Any]]) -> TableContents:
             chains.setdefault(body["name"], [])
         elif kind == "rule":
             chains.setdefault(body["chain"], []).append(body.get("comment", ""))
-            if str(body["chain"]).startswith(SHARE_CHAIN_PREFIX):
+            if str(body["chain"]).startswith((SHARE_CHAIN_PREFIX, POOL_CHAIN_PREFIX)):
                 marks = _share_marks(body)
                 if marks is not None:
                     contents.shares[body["chain"]] = marks
@@ -276,8 +276,9 @@ def parse_table(objects: list[dict[str, Any]]) -> TableContents:
 
 
 def _share_marks(rule: dict[str, Any]) -> tuple[int, ...] | None:
-    """The rule ids a share chain's first rule picks among: it sets the ct mark from
-    `numgen random mod N map { 0 : id, 1 : id, ... }` (libnftables 1.0.6's JSON)."""
+    """The rule ids a share (or SNAT pool) chain's first rule picks among: it sets the ct
+    mark from `numgen random mod N map { 0 : id, 1 : id, ... }` (`jhash ip saddr mod N ...`
+    for a pool), in the map's order (libnftables 1.0.6's JSON)."""
     for expr in rule.get("expr", ()):
         mapping = (expr.get("mangle") or {}).get("value", {}).get("map", {}) if isinstance(expr, dict) else {}
         pairs = (mapping.get("data") or {}).get("set") if isinstance(mapping, dict) else None

@@ -75,9 +75,20 @@ def rules_from_table(contents: TableContents) -> Doc:
         for rule in doc[section]:
             addresses.add(rule["eip"])
             rule["eip"] = eip_name(rule["eip"])
+    doc["snat"] = _pools_joined(doc["snat"])
     doc["eips"] = [{"name": eip_name(a), "v4ip": a} for a in sorted(addresses, key=IPv4Address)]
     doc["dnat"].sort(key=lambda d: d["name"])
     return {section: items for section, items in doc.items() if items}
+
+
+def _pools_joined(items: list[Doc]) -> list[Doc]:
+    """A SNAT pool's members (one per EIP, natgwd.planning.pools) as the one rule they are."""
+    joined: dict[str, Doc] = {}
+    for item in items:
+        first = joined.setdefault(item["name"], item)
+        if first is not item:
+            first["eips"] = [*first.pop("eips", [first.pop("eip")]), item["eip"]]
+    return list(joined.values())
 
 
 def read_kernel_rules() -> Doc | None:

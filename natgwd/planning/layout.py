@@ -21,6 +21,7 @@ STEER = "steer"
 UNTRACKED_IN = "untracked_in"  # natgwd's own endpoints, kept out of conntrack
 UNTRACKED_OUT = "untracked_out"
 SHARE_CHAIN_PREFIX = "share_"
+POOL_CHAIN_PREFIX = "pool_"  # a chain per SNAT rule with a pool of EIPs (natgwd.planning.pools)
 
 # Sets and maps of both families (Family.name gives the family's own).
 EIPS = "eips"
@@ -32,6 +33,7 @@ DNAT_TARGET = "dnat_target"
 DNAT_RULE = "dnat_rule"
 DNAT_SHARE = "dnat_share"
 SHARE_TARGET = "share_target"
+SNAT_POOL_TARGET = "snat_pool_target"  # the EIP of each member (rule id) of a SNAT pool
 # With several external networks only: the id of the network a translation uses.
 FIP_OUT_NETWORK = "fip_out_network"
 EIP_NETWORK = "eip_network"
@@ -79,6 +81,14 @@ class Family:
     def snat_network(self, prefixlen: int) -> str:
         return f"{self._snat_map(prefixlen)}_network"
 
+    def snat_pool(self, prefixlen: int) -> str:
+        """The verdict map that sends a source network with a pool to its rule's chain."""
+        return f"{self._snat_map(prefixlen)}_pool"
+
+    def snat_pool_prefix(self, name: str) -> int | None:
+        found = re.fullmatch(rf"snat{self.suffix}_p([0-9]+)_pool", name)
+        return int(found[1]) if found is not None else None
+
     def snat_rule_prefix(self, name: str) -> int | None:
         """The prefix length of this family's SNAT rule map of this name; None for another set."""
         found = re.fullmatch(rf"snat{self.suffix}_p([0-9]+)_rule", name)
@@ -108,6 +118,11 @@ def split_traffic_key(key: str) -> tuple[str, str]:
     """(direction, mark) of a `rule_traffic` key."""
     direction, _, mark = key.partition(" . ")
     return direction, mark
+
+
+def pool_chain_name(version: int, rule: str) -> str:
+    # Named by the rule: its EIPs (the chain's rules) change, its name never.
+    return POOL_CHAIN_PREFIX + hashlib.sha256(f"{version}/{rule}".encode()).hexdigest()[:16]
 
 
 def share_chain_name(eip: str, protocol: str, port: int) -> str:

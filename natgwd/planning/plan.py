@@ -69,16 +69,19 @@ from natgwd.planning.layout import (
     RULE_CONNECTIONS,
     RULE_TRAFFIC,
     SHARE_TARGET,
+    SNAT_POOL_TARGET,
     STEER,
     UNTRACKED_IN,
     UNTRACKED_OUT,
     V4,
     V6,
     Family,
+    pool_chain_name,
     share_chain_name,
     traffic_key,
 )
 from natgwd.planning.policy import network_ids
+from natgwd.planning.pools import Pool, counted, members, pool_chains, pool_shares
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, ObjectSpec, SetSpec, TableContents
 from natgwd.planning.timeouts import (
     RETAINED_OBJECTS,
@@ -159,9 +162,18 @@ def labels_of(rule: Rule, eip_text: Mapping[tuple[str, int], str]) -> RuleLabels
     return RuleLabels(rule.kind, rule.name, eip_text[rule.eip, rule.family])
 
 
+def planned(rules: Iterable[Rule], eip_text: Mapping[tuple[str, int], str]) -> list[tuple[Rule, RuleLabels]]:
+    """The rules as planned, each with its labels: a SNAT pool as its members, one per EIP."""
+    return [
+        (member, labels_of(member, eip_text))
+        for rule in rules
+        for member in (members(rule) if type(rule) is SnatRule and rule.pool else (rule,))
+    ]
+
+
 def rule_labels(state: DesiredState) -> list[RuleLabels]:
     eip_text = eip_texts(state)
-    return [labels_of(rule, eip_text) for rules in (state.snat, state.dnat, state.fip) for rule in rules]
+    return [labels for _, labels in planned((*state.snat, *state.dnat, *state.fip), eip_text)]
 
 
 def assign_ids(state: DesiredState, existing: Mapping[RuleLabels, int], highest_used: int = 0) -> dict[RuleLabels, int]:
@@ -227,7 +239,7 @@ def _external_interfaces(state: DesiredState) -> str:
     return names[0] if len(names) == 1 else "{ " + ", ".join(names) + " }"
 
 
-def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int]) -> tuple[str, ...]:
+def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int], pooled: list[int]) -> tuple[str, ...]:
     internal = f'"{state.internal.interface}"'
     external = _external_interfaces(state)
     ip, name = family.ip, family.name
@@ -243,9 +255,14 @@ def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int]) 
         f"oifname {external} ct mark set {ip} saddr map @{name(FIP_OUT_RULE)} "
         f"snat {ip} to {ip} saddr map @{name(FIP_OUT_TARGET)}",
         *(
-            f"oifname {external} ct mark set {family.snat_key(p)} map @{family.snat_rule(p)} "
-            f"snat {ip} to {family.snat_key(p)} map @{family.snat_target(p)} fully-random"
+            rule
             for p in snat_prefixes
+            for rule in (
+                f"oifname {external} ct mark set {family.snat_key(p)} map @{family.snat_rule(p)} "
+                f"snat {ip} to {family.snat_key(p)} map @{family.snat_target(p)} fully-random",
+                # Pools of this prefix length (natgwd.planning.pools): to the rule's chain.
+                *((f"oifname {external} {family.snat_key(p)} vmap @{family.snat_pool(p)}",) if p in pooled else ()),
+            )
         ),
     )
 
@@ -259,7 +276,9 @@ def _masquerade(state: DesiredState) -> tuple[str, ...]:
     return (f'oifname "{state.internal.interface}" ct status dnat masquerade',)
 
 
-def _chains(state: DesiredState, snat_prefixes: dict[Family, list[int]]) -> tuple[ChainSpec, ...]:
+def _chains(
+    state: DesiredState, snat_prefixes: dict[Family, list[int]], pooled: dict[Family, list[int]]
+) -> tuple[ChainSpec, ...]:
     return (
         ChainSpec(
             PREROUTING,
@@ -270,7 +289,11 @@ def _chains(state: DesiredState, snat_prefixes: dict[Family, list[int]]) -> tupl
             POSTROUTING,
             "type nat hook postrouting priority srcnat; policy accept;",
             (
-                *(rule for family, prefixes in snat_prefixes.items() for rule in _postrouting(state, family, prefixes)),
+                *(
+                    rule
+                    for family, prefixes in snat_prefixes.items()
+                    for rule in _postrouting(state, family, prefixes, pooled[family])
+                ),
                 *_masquerade(state),
             ),
         ),
@@ -411,7 +434,15 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
     else:
         prefixlen = rule.internal_cidr.prefixlen
         key = address_text(rule.internal_cidr.network_address)
-        elements += [(family.snat_target(prefixlen), key, Element(eip)), (family.snat_rule(prefixlen), key, marked)]
+        if rule.pool:
+            # A member of a pool: its EIP by its id, and its network sent to the pool's chain.
+            chain = pool_chain_name(rule.family, rule.name)
+            elements += [
+                (name(SNAT_POOL_TARGET), str(mark), Element(eip)),
+                (family.snat_pool(prefixlen), key, Element(f"goto {chain}")),
+            ]
+        else:
+            elements += [(family.snat_target(prefixlen), key, Element(eip)), (family.snat_rule(prefixlen), key, marked)]
         if frame.network_of is not None:
             elements.append((family.snat_network(prefixlen), key, frame.network_of[rule.eip, rule.family]))
         if frame.group_of is not None:
@@ -446,6 +477,7 @@ def decode_rules(contents: TableContents) -> list[TableRule]:
             *_dnats(contents.elements, family),
             *_shares(contents, family),
             *_snats(contents.elements, family),
+            *_pool_snats(contents, family),
         ):
             number = int(mark)
             found = labels.get(number)
@@ -514,6 +546,20 @@ def _snats(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Dec
                 yield marked.value, SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"))
 
 
+def _pool_snats(contents: TableContents, family: Family) -> Decoded:
+    """The members of SNAT pools that take new connections: the ids their chain picks among."""
+    targets = contents.elements.get(family.name(SNAT_POOL_TARGET), {})
+    for set_name, networks in contents.elements.items():
+        prefixlen = family.snat_pool_prefix(set_name)
+        if prefixlen is None:
+            continue
+        for network, verdict in networks.items():
+            for mark in sorted(set(contents.shares.get((verdict.value or "").split()[-1], ()))):
+                target = targets.get(str(mark))
+                if target is not None and target.value is not None:
+                    yield str(mark), SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"))
+
+
 def _split(text: str | None) -> list[str]:
     """The parts of a concatenated key or value ("10.115.55.200 . tcp . 80")."""
     return (text or "").split(" . ")
@@ -563,6 +609,8 @@ class TableChange:
     share_groups: dict[str, ShareGroup]
     snat_prefixes: CounterOf[tuple[int, int]]
     replies: CounterOf[tuple[str, str]]
+    pools: dict[str, Pool]
+    pool_prefixes: CounterOf[tuple[int, int]]
     timeout_policies: CounterOf[TimeoutPolicy] = field(default_factory=CounterOf)  # rules per policy
     objects: tuple[ObjectSpec, ...] = ()
 
@@ -589,31 +637,33 @@ class TablePlan:
         self.elements: dict[str, dict[str, Element]] = {}
         self.share_groups: dict[str, ShareGroup] = {}
         self.snat_prefixes: CounterOf[tuple[int, int]] = CounterOf()
+        self.pools: dict[str, Pool] = {}  # by chain (natgwd.planning.pools)
+        self.pool_prefixes: CounterOf[tuple[int, int]] = CounterOf()
         # With scaleOut: how many DNAT rules put each (reply key, group mark) in
         # dnat_reply_group; two rules may share a backend address and port.
         self.replies: CounterOf[tuple[str, str]] = CounterOf()
         self.timeout_policies: CounterOf[TimeoutPolicy] = CounterOf()
         self.objects: tuple[ObjectSpec, ...] = ()
         # Created in the sets' order, which the transaction's element commands follow.
-        self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}))
+        self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}, {}))
         for set_name, key, element in _frame_elements(state, self.frame):
             self.elements.setdefault(set_name, {})[key] = element
         self.elements[ID_HIGH_WATER] = {"0": _MEMBER}  # one element: the highest id ever given out
-        every: tuple[Rule, ...] = (*state.snat, *state.dnat, *state.fip)
-        rules = [(rule, labels_of(rule, self.frame.eip_text)) for rule in every]
+        rules = planned((*state.snat, *state.dnat, *state.fip), self.frame.eip_text)
         self.commit(self._change(state, (), rules, dict(ids), max(highest_id, *ids.values(), 0)))
 
     @property
     def table(self) -> DesiredTable:
         """The planned table; its elements are this plan's own, changed in place by commit."""
         shares = {chain: tuple(sorted(group.marks)) for chain, group in self.share_groups.items()}
+        shares.update(pool_shares(self.pools))
         return DesiredTable(self.sets, self.chains, self.elements, shares, self.objects, RETAINED_OBJECTS)
 
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules
         `removed` and `added` only (its EIPs, networks and interfaces are the same)."""
-        gone = [(rule, labels_of(rule, self.frame.eip_text)) for rule in removed]
-        arriving = [(rule, labels_of(rule, self.frame.eip_text)) for rule in added]
+        gone = planned(removed, self.frame.eip_text)
+        arriving = planned(added, self.frame.eip_text)
         ids = changed_ids(self.ids, (labels for _, labels in gone), (labels for _, labels in arriving), self.highest_id)
         highest = max([self.highest_id, *(ids[labels] for _, labels in arriving)])
         return self._change(state, gone, arriving, ids, highest)
@@ -629,6 +679,7 @@ class TablePlan:
         changes: ElementChanges = defaultdict(dict)
         groups = dict(self.share_groups)
         prefixes = CounterOf(self.snat_prefixes)
+        pools, pooled = dict(self.pools), CounterOf(self.pool_prefixes)
         replies = CounterOf(self.replies) if self.frame.group_of is not None else self.replies
         policies = CounterOf(self.timeout_policies)
         for rule, labels in removed:
@@ -636,6 +687,7 @@ class TablePlan:
             for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = None
             self._count(rule, mark, groups, prefixes, -1)
+            self._count_pool(rule, mark, pools, pooled, -1)
             self._count_replies(rule, replies, changes, -1)
             self._count_policy(rule, policies, -1)
         for rule, labels in added:
@@ -643,6 +695,7 @@ class TablePlan:
             for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = element
             self._count(rule, mark, groups, prefixes, +1)
+            self._count_pool(rule, mark, pools, pooled, +1)
             self._count_replies(rule, replies, changes, +1)
             self._count_policy(rule, policies, +1)
         for key in changes.get(DNAT_REPLY_GROUP, {}):
@@ -665,8 +718,10 @@ class TablePlan:
             for key in [k for k, element in keyed.items() if current.get(k) == element]:
                 del keyed[key]
         by_family = _prefixes_by_family(self.frame.families, prefixes)
-        sets = _sets(self.frame, by_family)
-        chains = _share_chains(groups) + _chains(state, by_family) + _untracked(self.untracked)
+        pooled_by_family = _prefixes_by_family(self.frame.families, pooled)
+        sets = _sets(self.frame, by_family, pooled_by_family)
+        chains = _share_chains(groups) + pool_chains(pools) + _chains(state, by_family, pooled_by_family)
+        chains += _untracked(self.untracked)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family),)
         if self.frame.group_of is not None:
@@ -685,6 +740,8 @@ class TablePlan:
             groups,
             prefixes,
             +replies,
+            pools,
+            pooled,
             +policies,
             timeout_objects(in_use),
         )
@@ -704,6 +761,17 @@ class TablePlan:
         for key in reply_keys(rule):
             replies[key, mark] += sign
             changes[DNAT_REPLY_GROUP].setdefault(key, None)
+
+    @staticmethod
+    def _count_pool(
+        rule: Rule, mark: int, pools: dict[str, Pool], pooled: CounterOf[tuple[int, int]], sign: int
+    ) -> None:
+        """Keep the members of the SNAT pools and the prefix lengths they use up to date."""
+        if not isinstance(rule, SnatRule) or not rule.pool:
+            return
+        pooled[rule.family, rule.internal_cidr.prefixlen] += sign
+        member = (rule.pool.index(rule.eip), rule.eip, mark)
+        counted(pools, pool_chain_name(rule.family, rule.name), _family(rule), member, sign)
 
     def _count(
         self, rule: Rule, mark: int, groups: dict[str, ShareGroup], prefixes: CounterOf[tuple[int, int]], sign: int
@@ -737,6 +805,7 @@ class TablePlan:
         self.state, self.ids, self.highest_id = change.state, change.ids, change.highest_id
         self.sets, self.chains = change.sets, change.chains
         self.share_groups, self.snat_prefixes = change.share_groups, +change.snat_prefixes
+        self.pools, self.pool_prefixes = change.pools, +change.pool_prefixes
         self.replies = change.replies
         self.timeout_policies, self.objects = change.timeout_policies, change.objects
 
@@ -763,7 +832,7 @@ def _prefixes_by_family(families: Sequence[Family], prefixes: CounterOf[tuple[in
     return {family: sorted((p for v, p in in_use if v == family.version), reverse=True) for family in families}
 
 
-def _sets(frame: Frame, prefixes: dict[Family, list[int]]) -> tuple[SetSpec, ...]:
+def _sets(frame: Frame, prefixes: dict[Family, list[int]], pooled: dict[Family, list[int]]) -> tuple[SetSpec, ...]:
     sets = list(_STATIC_SETS)
     if V6 in frame.families:
         sets.extend(V6.sets())
@@ -771,6 +840,9 @@ def _sets(frame: Frame, prefixes: dict[Family, list[int]]) -> tuple[SetSpec, ...
         for p in lengths:
             sets.append(SetSpec(family.snat_target(p), f"type {family.addr} : {family.addr};"))
             sets.append(SetSpec(family.snat_rule(p), f"type {family.addr} : mark;"))
+        if pooled.get(family):
+            sets.append(SetSpec(family.name(SNAT_POOL_TARGET), f"type mark : {family.addr};"))
+            sets.extend(SetSpec(family.snat_pool(p), f"type {family.addr} : verdict;") for p in pooled[family])
     if frame.network_of is not None:
         for family, lengths in prefixes.items():
             names = [family.name(EIP_NETWORK), family.name(FIP_OUT_NETWORK)]

@@ -75,17 +75,19 @@ class Translations:
             for port in range(d.external_port.first, d.external_port.last + 1):
                 key = (eip[d.eip, d.family], PROTOCOL_NUMBERS[d.protocol], port)
                 self.dnat[key] = (address_text(d.internal_ip), port + shift)
-        # (family, prefix length) -> network -> EIP, consulted longest prefix first
-        self.snat: dict[tuple[int, int], dict[IPAddress, str]] = {}
+        # (family, prefix length) -> network -> EIP (a pool: any of its EIPs), consulted
+        # longest prefix first
+        self.snat: dict[tuple[int, int], dict[IPAddress, str | frozenset[str]]] = {}
         for s in state.snat:
             cidr = s.internal_cidr
-            self.snat.setdefault((cidr.version, cidr.prefixlen), {})[cidr.network_address] = eip[s.eip, s.family]
+            target = frozenset(eip[e, s.family] for e in s.pool) if s.pool else eip[s.eip, s.family]
+            self.snat.setdefault((cidr.version, cidr.prefixlen), {})[cidr.network_address] = target
         self.snat_prefixes = sorted(self.snat, reverse=True)
         self.internal = [a.network for a in state.internal.addresses] + [r.dst for r in state.internal.routes]
         self.local = {address_text(a.ip) for a in (*state.internal.addresses, *state.external.addresses)}
         self.local |= set(eip.values())
 
-    def _snat_target(self, source: IPAddress) -> str | None:
+    def _snat_target(self, source: IPAddress) -> str | frozenset[str] | None:
         for version, prefixlen in self.snat_prefixes:
             if version != source.version:
                 continue
@@ -125,7 +127,8 @@ class Translations:
         except ValueError:
             return None
         if target is not None:
-            return None if flow.reply_dst == target else "snat"
+            kept = flow.reply_dst == target if isinstance(target, str) else flow.reply_dst in target
+            return None if kept else "snat"
         if flow.reply_dst != flow.orig_src and self._from_removed_rule(flow):
             return "removed"
         return None

@@ -116,9 +116,11 @@ class Eip:
 class SnatRule:
     kind: ClassVar[RuleKind] = "snat"
     name: str
-    eip: str
+    eip: str  # with a pool: its first EIP, or the EIP of one member (natgwd.planning.pools)
     internal_cidr: IPNetwork
     timeouts: TimeoutPolicy | None = None  # its own, over the gateway's (natgwd.state.timeouts)
+    # `eips`: every EIP of the rule's pool, in the file's order; empty for a rule with one `eip`.
+    pool: tuple[str, ...] = ()
 
     @cached_property
     def family(self) -> Family:

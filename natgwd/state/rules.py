@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Address, IPv6Network, NetmaskValueError
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from natgwd.state.model import (
     DnatRule,
@@ -31,9 +31,13 @@ from natgwd.state.model import (
     RuleKind,
     SnatRule,
 )
+from natgwd.state.pools import snat_pool_rule
 from natgwd.state.ports import port_range
 from natgwd.state.problems import InvalidValueError, Problems
 from natgwd.state.timeouts import parse_timeouts
+
+if TYPE_CHECKING:
+    from natgwd.state.scaleout import ScaleOutConfig
 
 Rule = SnatRule | DnatRule | FipRule
 
@@ -108,11 +112,16 @@ class RuleContext:
     set_aside_eips: frozenset[str] = frozenset()
     any_eip_set_aside: bool = False
 
-    def known_eip(self, problems: Problems, section: str, index: int, name: str) -> bool:
+    # With scaleOut: the EIP groups, each owned by one member (a pool must stay in one).
+    scale_out: ScaleOutConfig | None = None
+
+    def known_eip(
+        self, problems: Problems, section: str, index: int, name: str, at: tuple[str | int, ...] = ("eip",)
+    ) -> bool:
         if name in self.eips:
             return True
         if name not in self.set_aside_eips and not self.any_eip_set_aside:
-            problems.item(section, index, "eip", f"names EIP {name!r}, which is not in eips")
+            problems.add((section, index, *at), f"names EIP {name!r}, which is not in eips")
         return False
 
     def same_family(self, problems: Problems, section: str, index: int, fld: str, eip: str, address: Any) -> bool:
@@ -146,8 +155,13 @@ class RuleContext:
 
 
 def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> SnatRule | None:
-    known = ctx.known_eip(problems, "snat", index, item["eip"])
     cidr = problems.parsed(("snat", index, "internalCIDR"), network, item["internalCIDR"])
+    if "eips" in item:
+        return snat_pool_rule(item, index, ctx, problems, cidr)
+    if "eip" not in item:
+        problems.item("snat", index, "eip", "required field is missing (a SNAT rule names eip, or eips for a pool)")
+        return None
+    known = ctx.known_eip(problems, "snat", index, item["eip"])
     if cidr is None or not known or not ctx.same_family(problems, "snat", index, "internalCIDR", item["eip"], cidr):
         return None
     return SnatRule(item["name"], item["eip"], cidr, parse_timeouts(item.get("timeouts")))

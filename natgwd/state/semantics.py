@@ -90,12 +90,17 @@ class Semantics:
                     )
         eips = self._eips()
         self.eips.update((e.name, e) for e in eips)
-        context = RuleContext(self.eips, internal, frozenset(self.set_aside_eips), self.any_eip_set_aside)
+        # Before the rules: a SNAT pool's EIPs must be in one of its groups.
+        scale_out = self._scale_out(external)
+        context = RuleContext(
+            self.eips, internal, frozenset(self.set_aside_eips), self.any_eip_set_aside, scale_out=scale_out
+        )
         index, rules = self._rules(context)
         policies, gateway_policy = qos_policies(self.doc, eips, external, self.problems)
         ha = self._ha(internal, external)
         bgp = self._bgp(internal, eips)
-        scale_out = self._scale_out(external, rules["dnat"])  # type: ignore[arg-type]
+        if scale_out is not None:
+            self._one_group_per_backend(scale_out, rules["dnat"])  # type: ignore[arg-type]
         if self.problems:
             raise InvalidStateError(sorted(self.problems.found, key=lambda p: p.path))
         state = DesiredState(
@@ -153,14 +158,12 @@ class Semantics:
         own += [a for e in eips for a in e.addresses]
         return parse_bgp(self.doc["bgp"], self.networks, own, self.problems, paired="ha" in self.doc)
 
-    def _scale_out(self, external: ExternalSide, dnat: tuple[DnatRule, ...]) -> ScaleOutConfig | None:
+    def _scale_out(self, external: ExternalSide) -> ScaleOutConfig | None:
         if "scaleOut" not in self.doc:
             return None
         if "ha" in self.doc:
             self.problems.add("$.scaleOut", "cannot be combined with ha (an active/standby pair)")
         config = parse_scale_out(self.doc["scaleOut"], self.eips, [n.interface for n in self.networks], self.problems)
-        if config is not None:
-            self._one_group_per_backend(config, dnat)
         ipv6 = [str(a) for a in external.addresses if a.version == 6]
         ipv6 += [str(e.v6ip) for e in self.eips.values() if e.v6ip is not None]
         if ipv6 or self.networks[1:]:

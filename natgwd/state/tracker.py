@@ -202,7 +202,8 @@ class StateTracker:
         total = sum(len(document.get(kind, ())) for kind in RULE_KINDS)
         if len(removed) + len(arrivals) > max(FULL_MINIMUM, total // FULL_FRACTION):
             return None
-        context = RuleContext({eip.name: eip for eip in last.state.eips}, last.state.internal)
+        eips = {eip.name: eip for eip in last.state.eips}
+        context = RuleContext(eips, last.state.internal, scale_out=last.state.scale_out)
         added: list[Rule] = []
         for kind, position, item in sorted(arrivals, key=lambda arrival: RULE_KINDS.index(arrival[0])):
             if not item_shape_ok(kind, item) or _has_control_character(item):
@@ -308,7 +309,9 @@ def _port_one(document: dict[str, Any]) -> frozenset[str]:
 
 
 def _has_control_character(item: dict[str, Any]) -> bool:
-    return any(isinstance(v, str) and has_control_character(v) for v in item.values())
+    # A SNAT pool's `eips` is a list of strings.
+    values = (w for v in item.values() for w in (v if isinstance(v, list) else (v,)))
+    return any(isinstance(v, str) and has_control_character(v) for v in values)
 
 
 def _with_rules(last: Validated, index: RuleIndex, document: dict[str, Any], windows: Windows) -> DesiredState:

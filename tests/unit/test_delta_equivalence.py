@@ -6,7 +6,8 @@ exactly when the full path does, and yields the same state, the same table in th
 The values are drawn from small pools so that edits collide often: duplicate names,
 overlapping ports, share groups, FIPs on DNAT EIPs, unknown EIPs, unreachable or
 malformed addresses, ports typed 80, "80", 80.0 or true, IPv6 addresses spelled several
-ways (FD00:10:0::2 is fd00:10::2: the same key wherever an address is one)."""
+ways (FD00:10:0::2 is fd00:10::2: the same key wherever an address is one), SNAT
+pools that gain, lose and repeat EIPs."""
 
 from __future__ import annotations
 
@@ -76,7 +77,11 @@ timeouts = st.sampled_from(
 # A gateway policy, so that rules without their own have one too.
 TIMED: dict[str, Any] = {**FRAME, "timeouts": {"tcpEstablished": 1200, "udp": 30}}
 
-snat_items = st.fixed_dictionaries({"name": names, "eip": eips, "internalCIDR": cidrs}, optional={"timeouts": timeouts})
+pools = st.lists(eips, min_size=1, max_size=3)  # a SNAT pool (natgwd.planning.pools)
+snat_items = st.one_of(
+    st.fixed_dictionaries({"name": names, "eip": eips, "internalCIDR": cidrs}, optional={"timeouts": timeouts}),
+    st.fixed_dictionaries({"name": names, "eips": pools, "internalCIDR": cidrs}, optional={"timeouts": timeouts}),
+)
 fip_items = st.fixed_dictionaries(
     {"name": names, "eip": eips, "internalIp": internal_ips}, optional={"timeouts": timeouts}
 )
@@ -93,7 +98,7 @@ dnat_items = st.fixed_dictionaries(
 )
 ITEMS = {"snat": snat_items, "dnat": dnat_items, "fip": fip_items}
 FIELDS = {
-    "snat": {"eip": eips, "internalCIDR": cidrs, "timeouts": timeouts},
+    "snat": {"eip": eips, "eips": pools, "internalCIDR": cidrs, "timeouts": timeouts},
     "dnat": {
         "eip": eips,
         "externalPort": ports,
@@ -133,7 +138,7 @@ def edits(draw: st.DrawFn, document: dict[str, Any]) -> dict[str, Any]:
         if action == "insert" or not items:
             item = draw(ITEMS[section])
             # Mostly an EIP another rule uses already: that is where rules conflict.
-            used = [rule["eip"] for kind in ("snat", "dnat", "fip") for rule in edited[kind]]
+            used = [rule["eip"] for kind in ("snat", "dnat", "fip") for rule in edited[kind] if "eip" in rule]
             if used and draw(st.booleans()):
                 item["eip"] = draw(st.sampled_from(used))
             items.insert(draw(st.integers(0, len(items))), item)
