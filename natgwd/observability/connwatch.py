@@ -179,11 +179,18 @@ class ConnectionWatch:
 
     # --- scrapes --------------------------------------------------------------------------
 
-    def exposition(self, listings: Listings, labelled: Mapping[str, RuleLabel] | None = None) -> bytes:
+    def exposition(
+        self,
+        listings: Listings,
+        labelled: Mapping[str, RuleLabel] | None = None,
+        draining: Iterable[str] = (),
+    ) -> bytes:
         """The lines for a scrape, given the counting sets it listed just before: the
         events queued until now are taken first, so every first packet counted in the
         listing whose connection was committed has had its NEW event counted. `labelled`:
-        the rules' labels the scrape's rule counters were written with (made here otherwise)."""
+        the rules' labels the scrape's rule counters were written with (made here otherwise).
+        `draining`: the addresses of the draining EIPs, whose open connections are the
+        ones left to close."""
         connections = listings.get(RULE_CONNECTIONS, ())
         if labelled is None:
             labelled = self._rules.of(connections)
@@ -216,6 +223,16 @@ class ConnectionWatch:
             (_FAMILIES[4], (failures_per_eip.get(eip, 0) for eip in eips)),
         ):
             pieces.append(family_text(family, eip_labels, repeat('"} '), list(map(str, values)), opening='{eip="'))
+        draining_eips = sorted(draining)
+        pieces.append(
+            family_text(
+                _FAMILIES[6],
+                [escaped(eip) for eip in draining_eips],
+                repeat('"} '),
+                [str(open_per_eip.get(eip, 0)) for eip in draining_eips],
+                opening='{eip="',
+            )
+        )
         name, kind, help_text = _FAMILIES[5]
         lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {self.lost}"]
         if self._translog is not None:
@@ -267,6 +284,11 @@ _FAMILIES = (  # name, type, help
         "counter",
         "Times conntrack events were lost (socket buffer full, malformed message) and open connections "
         "recounted from a dump.",
+    ),
+    (
+        "natgwd_eip_draining_open_connections",
+        "gauge",
+        "Connections still open through a draining EIP (it takes no new ones); 0: it can be retired.",
     ),
 )
 

@@ -370,6 +370,7 @@ class Frame:
     # With scaleOut: the firewall mark of each EIP's group (natgwd.planning.handover).
     group_of: Mapping[str, Element] | None = None
     timeouts: TimeoutPolicy | None = None  # the gateway's idle timeouts
+    draining: frozenset[str] = frozenset()  # EIP names (natgwd.planning.pools)
 
     @classmethod
     def of(cls, state: DesiredState) -> Frame:
@@ -381,7 +382,8 @@ class Frame:
         group_of = None
         if state.scale_out is not None:
             group_of = {e.name: Element(str(state.scale_out.group_of(e.name).mark)) for e in state.eips}
-        return cls(eip_texts(state), network_of, families, group_of, state.timeouts)
+        draining = frozenset(e.name for e in state.eips if e.draining)
+        return cls(eip_texts(state), network_of, families, group_of, state.timeouts, draining)
 
 
 Contribution = tuple[str, str, Element]  # (set, key, element)
@@ -434,8 +436,9 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
     else:
         prefixlen = rule.internal_cidr.prefixlen
         key = address_text(rule.internal_cidr.network_address)
-        if rule.pool:
-            # A member of a pool: its EIP by its id, and its network sent to the pool's chain.
+        if rule.pool or rule.eip in frame.draining:
+            # A member of a pool (a rule on a draining EIP is a pool of one): its EIP by its
+            # id, and its network sent to the pool's chain.
             chain = pool_chain_name(rule.family, rule.name)
             elements += [
                 (name(SNAT_POOL_TARGET), str(mark), Element(eip)),
@@ -656,7 +659,7 @@ class TablePlan:
     def table(self) -> DesiredTable:
         """The planned table; its elements are this plan's own, changed in place by commit."""
         shares = {chain: tuple(sorted(group.marks)) for chain, group in self.share_groups.items()}
-        shares.update(pool_shares(self.pools))
+        shares.update(pool_shares(self.pools, self.frame.draining))
         return DesiredTable(self.sets, self.chains, self.elements, shares, self.objects, RETAINED_OBJECTS)
 
     def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
@@ -720,7 +723,8 @@ class TablePlan:
         by_family = _prefixes_by_family(self.frame.families, prefixes)
         pooled_by_family = _prefixes_by_family(self.frame.families, pooled)
         sets = _sets(self.frame, by_family, pooled_by_family)
-        chains = _share_chains(groups) + pool_chains(pools) + _chains(state, by_family, pooled_by_family)
+        chains = _share_chains(groups) + pool_chains(pools, self.frame.draining)
+        chains += _chains(state, by_family, pooled_by_family)
         chains += _untracked(self.untracked)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family),)
@@ -762,15 +766,14 @@ class TablePlan:
             replies[key, mark] += sign
             changes[DNAT_REPLY_GROUP].setdefault(key, None)
 
-    @staticmethod
     def _count_pool(
-        rule: Rule, mark: int, pools: dict[str, Pool], pooled: CounterOf[tuple[int, int]], sign: int
+        self, rule: Rule, mark: int, pools: dict[str, Pool], pooled: CounterOf[tuple[int, int]], sign: int
     ) -> None:
         """Keep the members of the SNAT pools and the prefix lengths they use up to date."""
-        if not isinstance(rule, SnatRule) or not rule.pool:
+        if not isinstance(rule, SnatRule) or not (rule.pool or rule.eip in self.frame.draining):
             return
         pooled[rule.family, rule.internal_cidr.prefixlen] += sign
-        member = (rule.pool.index(rule.eip), rule.eip, mark)
+        member = ((rule.pool or (rule.eip,)).index(rule.eip), rule.eip, mark)
         counted(pools, pool_chain_name(rule.family, rule.name), _family(rule), member, sign)
 
     def _count(

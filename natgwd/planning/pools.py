@@ -12,6 +12,12 @@ address falls in the same bucket, hence leaves with the same EIP, and the EIPs n
 contiguous (`snat to A-B persistent` needs a range). The hash has a fixed seed (the kernel
 draws one at random otherwise): an address keeps its bucket across rewrites of the chain
 and restarts, and only a change of the pool gives its bucket another EIP.
+
+A draining EIP takes no new connections: its buckets go to the pool's other EIPs in turn
+(the others' buckets stay theirs, so their addresses keep their EIPs), while conntrack
+keeps translating the connections it has. A SNAT rule on a draining EIP alone is planned
+as a pool of one; with no EIP left to take them its chain drops new connections (an
+un-NATed packet must not leave, nor a shorter prefix's rule take it over).
 """
 
 from __future__ import annotations
@@ -42,10 +48,15 @@ class Pool:
     family: Family
     members: frozenset[Member]
 
-    def buckets(self) -> tuple[int, ...]:
-        """The rule id of each bucket, in the pool's order round and round."""
-        marks = [mark for _, _, mark in sorted(self.members)]
-        return tuple(marks[bucket % len(marks)] for bucket in range(BUCKETS))
+    def buckets(self, draining: frozenset[str]) -> tuple[int, ...]:
+        """The rule id of each bucket, in the pool's order round and round; a draining
+        member's buckets go to the others in turn. Empty when every member is draining."""
+        ordered = sorted(self.members)
+        taking = [mark for _, eip, mark in ordered if eip not in draining]
+        if not taking:
+            return ()
+        chosen = [(eip, mark) for _, eip, mark in (ordered[b % len(ordered)] for b in range(BUCKETS))]
+        return tuple(mark if eip not in draining else taking[b % len(taking)] for b, (eip, mark) in enumerate(chosen))
 
 
 def counted(pools: dict[str, Pool], chain: str, family: Family, member: Member, sign: int) -> None:
@@ -59,18 +70,21 @@ def counted(pools: dict[str, Pool], chain: str, family: Family, member: Member, 
         pools.pop(chain, None)
 
 
-def pool_chains(pools: Mapping[str, Pool]) -> tuple[ChainSpec, ...]:
-    return tuple(_chain(name, pool) for name, pool in sorted(pools.items()))
+def pool_chains(pools: Mapping[str, Pool], draining: frozenset[str]) -> tuple[ChainSpec, ...]:
+    return tuple(_chain(name, pool, draining) for name, pool in sorted(pools.items()))
 
 
-def pool_shares(pools: Mapping[str, Pool]) -> dict[str, tuple[int, ...]]:
+def pool_shares(pools: Mapping[str, Pool], draining: frozenset[str]) -> dict[str, tuple[int, ...]]:
     """Each pool chain's rule ids by bucket, as the table lists its map (TableContents.shares)."""
-    return {name: pool.buckets() for name, pool in pools.items()}
+    return {name: buckets for name, pool in pools.items() if (buckets := pool.buckets(draining))}
 
 
-def _chain(name: str, pool: Pool) -> ChainSpec:
+def _chain(name: str, pool: Pool, draining: frozenset[str]) -> ChainSpec:
     family = pool.family
-    choices = ", ".join(f"{bucket} : {mark}" for bucket, mark in enumerate(pool.buckets()))
+    buckets = pool.buckets(draining)
+    if not buckets:
+        return ChainSpec(name, "", ("drop",))
+    choices = ", ".join(f"{bucket} : {mark}" for bucket, mark in enumerate(buckets))
     return ChainSpec(
         name,
         "",

@@ -17,6 +17,7 @@ from natgwd.ha.controller import HaController
 from natgwd.observability import ctstats
 from natgwd.observability.connwatch import ConnectionWatch
 from natgwd.planning.counters import Listings
+from natgwd.planning.plan import address_text
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime.metrics import RuleCounters
 from natgwd.runtime.reconciler import Reconciler
@@ -66,7 +67,9 @@ class Answers:
         yield ctstats.scrape()
         yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
         if self.watch is not None:
-            yield self.watch.exposition(listings, labelled)
+            state = self.reconciler.state
+            draining = [address_text(a) for e in state.eips if e.draining for a in e.addresses] if state else []
+            yield self.watch.exposition(listings, labelled, draining)
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Alive while the loop keeps turning. A reconcile of a very large state takes

@@ -103,6 +103,7 @@ class Eip:
     network: str = PRIMARY_NETWORK  # the external network the EIP lives on
     qos_policy: str | None = None
     bgp: bool = False  # announced when the bgp section announces "marked" EIPs (ovn.kubernetes.io/bgp)
+    draining: bool = False  # takes no new SNAT connections; open ones continue (natgwd.planning.pools)
 
     def address(self, family: int) -> IPAddress | None:
         return self.v4ip if family == 4 else self.v6ip

@@ -1,7 +1,7 @@
 """The checks of a SNAT rule with a pool of EIPs (`eips`, docs/state-file.md): every EIP
 known, named once, of the rule's family, on one external network and, with scaleOut, in
 one EIP group (each internal address's packets must reach the one member that owns the
-EIP its connections leave with)."""
+EIP its connections leave with). And of draining EIPs: they serve SNAT rules alone."""
 
 from __future__ import annotations
 
@@ -13,6 +13,21 @@ from natgwd.state.timeouts import parse_timeouts
 
 if TYPE_CHECKING:
     from natgwd.state.rules import RuleContext
+
+
+def not_draining(ctx: RuleContext, problems: Problems, section: str, index: int, name: str) -> bool:
+    """A DNAT or FIP rule publishes its EIP for connections from outside, which a draining
+    EIP no longer takes: refused (docs/state-file.md, "Draining an EIP")."""
+    if not ctx.eips[name].draining:
+        return True
+    problems.item(
+        section,
+        index,
+        "eip",
+        f"EIP {name!r} is draining: it takes no new connections, and a {section} rule takes them from "
+        "outside (move the rule to another EIP first, or stop draining)",
+    )
+    return False
 
 
 def snat_pool_rule(

@@ -31,7 +31,7 @@ from natgwd.state.model import (
     RuleKind,
     SnatRule,
 )
-from natgwd.state.pools import snat_pool_rule
+from natgwd.state.pools import not_draining, snat_pool_rule
 from natgwd.state.ports import port_range
 from natgwd.state.problems import InvalidValueError, Problems
 from natgwd.state.timeouts import parse_timeouts
@@ -168,7 +168,9 @@ def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Prob
 
 
 def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> DnatRule | None:
-    known = ctx.known_eip(problems, "dnat", index, item["eip"])
+    known = ctx.known_eip(problems, "dnat", index, item["eip"]) and not_draining(
+        ctx, problems, "dnat", index, item["eip"]
+    )
     external = problems.parsed(("dnat", index, "externalPort"), port, item["externalPort"])
     internal_port = problems.parsed(("dnat", index, "internalPort"), port, item["internalPort"])
     address = problems.parsed(("dnat", index, "internalIp"), usable_address, item["internalIp"])
@@ -197,7 +199,9 @@ def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Prob
 
 
 def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> FipRule | None:
-    known = ctx.known_eip(problems, "fip", index, item["eip"])
+    known = ctx.known_eip(problems, "fip", index, item["eip"]) and not_draining(
+        ctx, problems, "fip", index, item["eip"]
+    )
     address = problems.parsed(("fip", index, "internalIp"), usable_address, item["internalIp"])
     if address is None or not ctx.reachable(problems, "fip", index, address) or not known:
         return None

@@ -358,5 +358,15 @@ class Semantics:
             assert (v4 is None or isinstance(v4, IPv4Address)) and (v6 is None or isinstance(v6, IPv6Address))
             network = self._eip_network(i, item, tuple(a for a in (v4, v6) if a is not None))
             if network is not None:
-                eips.append(Eip(item["name"], v4, v6, network, item.get("qosPolicy"), item.get("bgp", False)))
+                eips.append(
+                    Eip(
+                        item["name"],
+                        v4,
+                        v6,
+                        network,
+                        item.get("qosPolicy"),
+                        item.get("bgp", False),
+                        item.get("draining", False),
+                    )
+                )
         return tuple(eips)

@@ -1,10 +1,13 @@
 """SNAT with a pool of EIPs, with real connections: each internal address keeps one EIP for
 all its connections, the pool's EIPs all carry traffic, connections are counted per EIP,
 and (slow) a pool of two carries more connections to one destination than one EIP's
-64,512 ports, while the exhausted EIP's failures are counted for it alone."""
+64,512 ports, while the exhausted EIP's failures are counted for it alone. Draining an
+EIP: its open connections keep exchanging data, new ones take the pool's other EIP, or
+are refused when none is left, and a gauge counts down what remains."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 
 from natgwd.lab.topology import Lab
-from tests.integration.helpers import DNAT_EIP, UPSTREAM, start
+from tests.integration.helpers import DNAT_EIP, UPSTREAM, apply, start
 from tests.integration.test_observability import (
     ECHO_PORT,
     NAT_PORTS,
@@ -27,6 +30,7 @@ from tests.integration.test_observability import (
 )
 
 POOL_EIP = "10.115.55.202"
+OTHER_EIP = "10.115.55.203"
 SOURCES = [f"172.20.10.{host}" for host in range(20, 32)]  # vm1's extra addresses
 
 # Opens `count` connections (TCP, or UDP flows) from each source address to address:port,
@@ -53,6 +57,27 @@ sys.stdin.read()
 """
 
 
+# One TCP stream from a source address: sends each line of stdin, prints the answer (what
+# the far end saw: "ip:port").
+STREAM = """
+import socket, sys
+source, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.create_connection((address, port), timeout=10, source_address=(source, 0))
+for line in sys.stdin:
+    s.sendall(line.strip().encode())
+    print(s.recv(100).decode(), flush=True)
+"""
+
+# Exits 0 when a TCP connection from the source completes within 3 seconds, else 1.
+CONNECTS = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=3, source_address=(sys.argv[1], 0)).close()
+except OSError:
+    sys.exit(1)
+"""
+
+
 class Clients:
     """Connections held open from vm1; closed after the test, also when it fails."""
 
@@ -75,6 +100,17 @@ class Clients:
         assert line, f"holding {proto} connections from {sources} failed"
         seen: dict[str, list[str]] = json.loads(line)
         return seen
+
+    def stream(self, source: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.ns("vm1"), sys.executable, "-c", STREAM, source, UPSTREAM, str(ECHO_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
 
     def close(self) -> None:
         for process in self.processes:
@@ -188,3 +224,71 @@ def test_a_pool_of_two_carries_more_connections_to_one_destination_than_one_eips
         )
     wait_value(daemon, "natgwd_eip_port_allocation_failures_total", {("eip", DNAT_EIP)}, 5)
     assert value(daemon, "natgwd_eip_port_allocation_failures_total", {("eip", POOL_EIP)}) == 0
+
+
+def exchange(stream: subprocess.Popen[str], text: str) -> str:
+    """Send a line on a held stream; what the far end saw of it."""
+    assert stream.stdin is not None and stream.stdout is not None
+    stream.stdin.write(text + "\n")
+    stream.stdin.flush()
+    answer = stream.stdout.readline().strip()
+    assert answer, "the held stream got no answer"
+    return answer
+
+
+def connects(lab: Lab, source: str) -> bool:
+    result = lab.exec("vm1", sys.executable, "-c", CONNECTS, source, UPSTREAM, str(ECHO_PORT), check=False)
+    return result.returncode == 0
+
+
+def draining_state(seed_state: dict[str, Any], *drained: str) -> dict[str, Any]:
+    """The seed with its SNAT rule on a pool of two EIPs of its own, `drained` draining."""
+    state = copy.deepcopy(seed_state)
+    state["eips"] += [{"name": "pool-a", "v4ip": POOL_EIP}, {"name": "pool-b", "v4ip": OTHER_EIP}]
+    for eip in state["eips"]:
+        if eip["name"] in drained:
+            eip["draining"] = True
+    state["snat"][0] = {"name": "my-snat", "eips": ["pool-a", "pool-b"], "internalCIDR": "172.20.10.0/24"}
+    return state
+
+
+def test_a_draining_eip_keeps_its_open_flows_and_gives_new_ones_to_the_pool(
+    lab: Lab, seed_state: dict[str, Any], clients: Clients
+) -> None:
+    quiet_gateway(lab)
+    peer_echo(lab, "ext")
+    add_sources(lab)
+    daemon = start(lab, draining_state(seed_state))
+    chosen = {source: eip_of(answers) for source, answers in clients.hold(SOURCES, 1).items()}
+    on_a = next(source for source, eip in chosen.items() if eip == POOL_EIP)
+    clients.close()
+    stream = clients.stream(on_a)
+    before = exchange(stream, "one")
+    assert before.startswith(f"{POOL_EIP}:")
+    wait_value(daemon, "natgwd_eip_open_connections", {("eip", POOL_EIP)}, 1, closing=True)
+    assert value(daemon, "natgwd_eip_draining_open_connections", {("eip", POOL_EIP)}) is None
+
+    apply(daemon, draining_state(seed_state, "pool-a"))
+    # The open flow goes on with its EIP and port; the address's new connections take the
+    # other EIP; the gauge counts the one flow left on the draining EIP.
+    assert exchange(stream, "two") == before
+    assert eip_of(clients.hold([on_a], 3)[on_a]) == OTHER_EIP
+    assert exchange(stream, "three") == before
+    wait_value(daemon, "natgwd_eip_draining_open_connections", {("eip", POOL_EIP)}, 1)
+    assert value(daemon, "natgwd_eip_draining_open_connections", {("eip", OTHER_EIP)}) is None
+
+    # With both draining nothing is left to take new connections: refused; the open
+    # flows still go on.
+    apply(daemon, draining_state(seed_state, "pool-a", "pool-b"))
+    assert not connects(lab, on_a)
+    assert exchange(stream, "four") == before
+    wait_value(daemon, "natgwd_eip_draining_open_connections", {("eip", OTHER_EIP)}, 3)
+
+    # The last flow on the draining EIP closes: the gauge says it can be retired.
+    assert stream.stdin is not None
+    stream.stdin.close()
+    stream.wait(10)
+    wait_value(daemon, "natgwd_eip_draining_open_connections", {("eip", POOL_EIP)}, 0, closing=True)
+    # Back in service, the address gets its own EIP again.
+    apply(daemon, draining_state(seed_state))
+    assert eip_of(clients.hold([on_a], 1)[on_a]) == POOL_EIP

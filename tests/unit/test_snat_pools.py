@@ -201,3 +201,80 @@ def test_a_connection_through_any_eip_of_its_pool_is_kept() -> None:
     assert translations.stale(flow("172.20.10.5", EIP_A)) is None
     assert translations.stale(flow("172.20.10.5", EIP_B)) is None
     assert translations.stale(flow("172.20.10.5", EIP_C)) == "snat"
+
+
+# --- draining --------------------------------------------------------------------------
+
+
+def draining(document: dict[str, Any], *names: str) -> dict[str, Any]:
+    document = copy.deepcopy(document)
+    for eip in document["eips"]:
+        if eip["name"] in names:
+            eip["draining"] = True
+    return document
+
+
+def test_dnat_and_fip_rules_cannot_use_a_draining_eip() -> None:
+    document = draining(pool_state("a", "b"), "c")
+    document["dnat"] = [
+        {"name": "web", "eip": "c", "protocol": "tcp", "externalPort": 80, "internalIp": "172.20.10.5"}
+        | {"internalPort": 80}
+    ]
+    document["fip"] = [{"name": "vm", "eip": "c", "internalIp": "172.20.10.6"}]
+    reason = "EIP 'c' is draining: it takes no new connections, and a {} rule takes them from outside"
+    found = problems(document)
+    assert [path for path, _ in found] == ["$.dnat[0].eip", "$.fip[0].eip"]
+    assert found[0][1].startswith(reason.format("dnat")) and found[1][1].startswith(reason.format("fip"))
+
+
+def test_a_draining_eips_buckets_go_to_the_others_and_theirs_stay() -> None:
+    before = plan_of(pool_state("a", "b", "c"))
+    after = plan_of(draining(pool_state("a", "b", "c"), "b"))
+    chain = pool_chain_name(4, "pool")
+    ids = {labels.eip: mark for labels, mark in before.ids.items()}
+    old, new = before.table.shares[chain], after.table.shares[chain]
+    assert after.ids == before.ids
+    for bucket, (was, now) in enumerate(zip(old, new, strict=True)):
+        assert now == was if was != ids[EIP_B] else now in (ids[EIP_A], ids[EIP_C]), bucket
+    assert ids[EIP_B] not in new
+    assert new.count(ids[EIP_A]) - new.count(ids[EIP_C]) in (-1, 0, 1)
+
+
+def test_a_rule_on_a_draining_eip_alone_refuses_new_connections() -> None:
+    document = pool_state("a")
+    document["snat"][0] = {"name": "plain", "eip": "a", "internalCIDR": "172.20.10.0/24"}
+    plan = plan_of(draining(document, "a"))
+    chain = pool_chain_name(4, "plain")
+    (spec,) = [c for c in plan.table.chains if c.name == chain]
+    assert spec.rules == ("drop",)
+    assert plan.table.elements["snat_p24_pool"]["172.20.10.0"].value == f"goto {chain}"
+    assert plan.table.elements["snat_p24_target"] == {}
+
+
+def test_draining_and_undraining_each_change_the_kernel_in_one_transaction_keeping_ids() -> None:
+    reconciler = Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
+    nft: FakeNft = reconciler.nft  # type: ignore[assignment]
+    document = pool_state("a")
+    document["snat"] = [
+        {"name": "plain", "eip": "a", "internalCIDR": "172.20.10.0/24"},
+        {"name": "pool", "eips": ["a", "b"], "internalCIDR": "172.20.11.0/24"},
+    ]
+    document["internal"]["routes"] = [{"dst": "172.20.11.0/24", "via": "172.20.10.1"}]
+    reconciler.apply(load_state(json.dumps(document).encode()))
+    ids = dict(reconciler.rule_ids)
+    for step in (draining(document, "a"), document):
+        transactions = len(nft.transactions)
+        state = load_state(json.dumps(step).encode())
+        reconciler.apply(state)
+        assert len(nft.transactions) == transactions + 1
+        assert reconciler.rule_ids == ids
+        full = plan_of(step).table.contents()
+        assert nft.table is not None
+        # A chain no longer used is emptied now and deleted by the next transaction.
+        chains = {name: tags for name, tags in nft.table.chains.items() if tags}
+        assert (chains, nft.table.shares, nft.table.elements) == (full.chains, full.shares, full.elements)
+
+
+def test_a_connection_through_a_draining_eip_is_kept() -> None:
+    state = load_state(json.dumps(draining(pool_state("a", "b"), "a")).encode())
+    assert Translations(state, [1, 2]).stale(flow("172.20.10.5", EIP_A)) is None

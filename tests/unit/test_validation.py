@@ -177,7 +177,7 @@ def test_unknown_top_level_field() -> None:
         (("internal",), "$.internal.mtu", "addresses, interface, masquerade, routes"),
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
         (("external",), "$.external.mtu", "addresses, defaultRoute, gateway, gateway6, interface, name"),
-        (("eips", 0), "$.eips[0].mtu", "bgp, externalSubnet, name, qosPolicy, v4ip, v6ip"),
+        (("eips", 0), "$.eips[0].mtu", "bgp, draining, externalSubnet, name, qosPolicy, v4ip, v6ip"),
         (("snat", 0), "$.snat[0].mtu", "eip, eips, internalCIDR, name, timeouts"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, timeouts, type"),
         (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name, timeouts"),
