@@ -225,6 +225,8 @@ def _load(output: str) -> list[dict[str, Any]]:
 def _canonical(value: Any, quoted: bool) -> str:
     if isinstance(value, dict) and "concat" in value:
         return " . ".join(_canonical(v, quoted) for v in value["concat"])
+    if isinstance(value, dict) and "prefix" in value:  # an interval map's network
+        return f"{value['prefix']['addr']}/{value['prefix']['len']}"
     if isinstance(value, dict) and ("goto" in value or "jump" in value):
         verdict, target = next(iter(value.items()))
         return f"{verdict} {target['target']}"

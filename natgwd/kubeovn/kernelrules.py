@@ -34,7 +34,8 @@ def _drop_in_item(found: TableRule) -> tuple[RuleKind, Doc]:
     if isinstance(rule, SnatRule):
         cidr = f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen}"
         name = rule.name if named else snat_name(rule.eip, cidr)
-        return "snat", {"name": name, "eip": rule.eip, "internalCIDR": cidr}
+        to = {"destinations": [str(d) for d in rule.destinations]} if rule.destinations else {}
+        return "snat", {"name": name, "eip": rule.eip, "internalCIDR": cidr, **to}
     internal_ip, port = address_text(rule.internal_ip), rule.external_port.first
     if rule.type == "share":
         fallback = share_name(rule.eip, rule.protocol, port, internal_ip, rule.internal_port)

@@ -23,6 +23,7 @@ from natgwd.planning.table import ChainSpec, SetSpec
 from natgwd.state.model import DesiredState, DnatRule
 
 FIP_OUT_GROUP = "fip_out_group"
+SNAT_DST_GROUP = "snat_dst_group"  # SNAT rules by destination (natgwd.state.destinations)
 HANDED_OVER = "handed_over"  # counts the packets handed over, per group mark
 DNAT_REPLY_GROUP = "dnat_reply_group"
 HANDOVER_CHAIN = "handover"
@@ -32,9 +33,10 @@ def snat_group(prefixlen: int) -> str:
     return f"snat_p{prefixlen}_group"
 
 
-def handover_sets(snat_prefixes: Sequence[int]) -> tuple[SetSpec, ...]:
+def handover_sets(snat_prefixes: Sequence[int], destined: bool = False) -> tuple[SetSpec, ...]:
     return (
         SetSpec(FIP_OUT_GROUP, "type ipv4_addr : mark;"),
+        *((SetSpec(SNAT_DST_GROUP, "type ipv4_addr . ipv4_addr : mark; flags interval;"),) if destined else ()),
         SetSpec(DNAT_REPLY_GROUP, "type ipv4_addr . inet_proto . inet_service : mark;"),
         SetSpec(HANDED_OVER, "type mark; counter;"),
         *(SetSpec(snat_group(p), "type ipv4_addr : mark;") for p in snat_prefixes),
@@ -48,8 +50,9 @@ def reply_keys(rule: DnatRule) -> list[str]:
     return [f"{internal} . {rule.protocol} . {port}" for port in rule.backend_ports()]
 
 
-def handover_chain(state: DesiredState, snat_keys: Sequence[tuple[int, str]]) -> ChainSpec:
-    """`snat_keys`: (prefix length, the key expression of its SNAT maps) in use, longest first."""
+def handover_chain(state: DesiredState, snat_keys: Sequence[tuple[int, str]], destined: bool = False) -> ChainSpec:
+    """`snat_keys`: (prefix length, the key expression of its SNAT maps) in use, longest first;
+    `destined`: SNAT rules by destination are in use (they take precedence over those)."""
     assert state.scale_out is not None
     lan = f'"{state.internal.interface}"'
     handover_link = f'"{state.scale_out.interface}"'
@@ -58,6 +61,7 @@ def handover_chain(state: DesiredState, snat_keys: Sequence[tuple[int, str]]) ->
         f"iifname {lan} fib daddr type local return",
         # Shortest prefix first: a longer one that matches overwrites the mark.
         *(f"iifname {lan} meta mark set {key} map @{snat_group(p)}" for p, key in reversed(snat_keys)),
+        *((f"iifname {lan} meta mark set ip saddr . ip daddr map @{SNAT_DST_GROUP}",) if destined else ()),
         f"iifname {lan} meta mark set ip saddr map @{FIP_OUT_GROUP}",
         f"iifname {lan} meta l4proto {{ tcp, udp }} meta mark set ip saddr . meta l4proto . th sport "
         f"map @{DNAT_REPLY_GROUP}",

@@ -34,6 +34,11 @@ DNAT_RULE = "dnat_rule"
 DNAT_SHARE = "dnat_share"
 SHARE_TARGET = "share_target"
 SNAT_POOL_TARGET = "snat_pool_target"  # the EIP of each member (rule id) of a SNAT pool
+# SNAT rules by destination: interval maps keyed by (source network . destination network).
+SNAT_DST_TARGET = "snat_dst_target"
+SNAT_DST_RULE = "snat_dst_rule"
+SNAT_DST_POOL = "snat_dst_pool"  # to a pool's chain (natgwd.planning.pools)
+SNAT_DST_NETWORK = "snat_dst_network"  # with several external networks
 # With several external networks only: the id of the network a translation uses.
 FIP_OUT_NETWORK = "fip_out_network"
 EIP_NETWORK = "eip_network"
@@ -80,6 +85,15 @@ class Family:
 
     def snat_network(self, prefixlen: int) -> str:
         return f"{self._snat_map(prefixlen)}_network"
+
+    def dst_sets(self) -> tuple[SetSpec, ...]:
+        """The maps of the SNAT rules by destination."""
+        key, name = f"type {self.addr} . {self.addr}", self.name
+        return (
+            SetSpec(name(SNAT_DST_TARGET), f"{key} : {self.addr}; flags interval;"),
+            SetSpec(name(SNAT_DST_RULE), f"{key} : mark; flags interval;"),
+            SetSpec(name(SNAT_DST_POOL), f"{key} : verdict; flags interval;"),
+        )
 
     def snat_pool(self, prefixlen: int) -> str:
         """The verdict map that sends a source network with a pool to its rule's chain."""

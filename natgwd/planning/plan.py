@@ -42,6 +42,7 @@ from natgwd.planning.handover import (
     DNAT_REPLY_GROUP,
     FIP_OUT_GROUP,
     HANDED_OVER,
+    SNAT_DST_GROUP,
     handover_chain,
     handover_sets,
     reply_keys,
@@ -69,6 +70,10 @@ from natgwd.planning.layout import (
     RULE_CONNECTIONS,
     RULE_TRAFFIC,
     SHARE_TARGET,
+    SNAT_DST_NETWORK,
+    SNAT_DST_POOL,
+    SNAT_DST_RULE,
+    SNAT_DST_TARGET,
     SNAT_POOL_TARGET,
     STEER,
     UNTRACKED_IN,
@@ -98,6 +103,7 @@ from natgwd.state.model import (
     DnatRule,
     FipRule,
     IPAddress,
+    IPNetwork,
     PortRange,
     Protocol,
     RuleKind,
@@ -129,6 +135,16 @@ def address_text(address: IPAddress) -> str:
     # As nft prints it (inet_ntop), which differs from str() for the IPv4-compatible and
     # IPv4-mapped ranges ("::0.1.0.0" where Python says "::1:0").
     return str(address) if address.version == 4 else socket.inet_ntop(socket.AF_INET6, address.packed)
+
+
+def network_text(network: IPNetwork) -> str:
+    """A network as nft lists an interval key: a host prefix as the bare address."""
+    address = address_text(network.network_address)
+    return address if network.prefixlen == network.max_prefixlen else f"{address}/{network.prefixlen}"
+
+
+# The key of the SNAT rules by destination in the count of SNAT prefix lengths in use.
+DESTINED = -1
 
 
 class RuleLabels(NamedTuple):
@@ -239,7 +255,9 @@ def _external_interfaces(state: DesiredState) -> str:
     return names[0] if len(names) == 1 else "{ " + ", ".join(names) + " }"
 
 
-def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int], pooled: list[int]) -> tuple[str, ...]:
+def _postrouting(
+    state: DesiredState, family: Family, snat_prefixes: list[int], pooled: list[int], destined: bool
+) -> tuple[str, ...]:
     internal = f'"{state.internal.interface}"'
     external = _external_interfaces(state)
     ip, name = family.ip, family.name
@@ -254,6 +272,8 @@ def _postrouting(state: DesiredState, family: Family, snat_prefixes: list[int], 
         f"ct original {ip} daddr @{name(EIPS)} snat {ip} to ct original {ip} daddr",
         f"oifname {external} ct mark set {ip} saddr map @{name(FIP_OUT_RULE)} "
         f"snat {ip} to {ip} saddr map @{name(FIP_OUT_TARGET)}",
+        # SNAT rules by destination, before those by source alone (natgwd.state.destinations).
+        *(_destined(external, family) if destined else ()),
         *(
             rule
             for p in snat_prefixes
@@ -276,8 +296,20 @@ def _masquerade(state: DesiredState) -> tuple[str, ...]:
     return (f'oifname "{state.internal.interface}" ct status dnat masquerade',)
 
 
+def _destined(external: str, family: Family) -> tuple[str, ...]:
+    ip, name, key = family.ip, family.name, f"{family.ip} saddr . {family.ip} daddr"
+    return (
+        f"oifname {external} ct mark set {key} map @{name(SNAT_DST_RULE)} "
+        f"snat {ip} to {key} map @{name(SNAT_DST_TARGET)} fully-random",
+        f"oifname {external} {key} vmap @{name(SNAT_DST_POOL)}",
+    )
+
+
 def _chains(
-    state: DesiredState, snat_prefixes: dict[Family, list[int]], pooled: dict[Family, list[int]]
+    state: DesiredState,
+    snat_prefixes: dict[Family, list[int]],
+    pooled: dict[Family, list[int]],
+    destined: frozenset[Family],
 ) -> tuple[ChainSpec, ...]:
     return (
         ChainSpec(
@@ -292,7 +324,7 @@ def _chains(
                 *(
                     rule
                     for family, prefixes in snat_prefixes.items()
-                    for rule in _postrouting(state, family, prefixes, pooled[family])
+                    for rule in _postrouting(state, family, prefixes, pooled[family], family in destined)
                 ),
                 *_masquerade(state),
             ),
@@ -339,7 +371,7 @@ def _untracked(endpoints: Sequence[Endpoint]) -> tuple[ChainSpec, ...]:
     )
 
 
-def _steer(state: DesiredState, prefixes: dict[Family, list[int]]) -> ChainSpec:
+def _steer(state: DesiredState, prefixes: dict[Family, list[int]], destined: frozenset[Family]) -> ChainSpec:
     """The chain that marks packets with the id of the external network their translation
     uses (natgwd.planning.policy), from maps keyed like the NAT maps."""
     internal = f'"{state.internal.interface}"'
@@ -347,6 +379,11 @@ def _steer(state: DesiredState, prefixes: dict[Family, list[int]]) -> ChainSpec:
     for family, lengths in prefixes.items():
         ip, name = family.ip, family.name
         rules.append(f"iifname {internal} ct direction original meta mark set {ip} saddr map @{name(FIP_OUT_NETWORK)}")
+        if family in destined:
+            rules.append(
+                f"iifname {internal} ct direction original meta mark 0 "
+                f"meta mark set {ip} saddr . {ip} daddr map @{name(SNAT_DST_NETWORK)}"
+            )
         rules.extend(
             f"iifname {internal} ct direction original meta mark 0 "
             f"meta mark set {family.snat_key(p)} map @{family.snat_network(p)}"
@@ -434,22 +471,39 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
                 (name(DNAT_RULE), key, marked),
             ]
     else:
-        prefixlen = rule.internal_cidr.prefixlen
-        key = address_text(rule.internal_cidr.network_address)
-        if rule.pool or rule.eip in frame.draining:
-            # A member of a pool (a rule on a draining EIP is a pool of one): its EIP by its
-            # id, and its network sent to the pool's chain.
-            chain = pool_chain_name(rule.family, rule.name)
-            elements += [
-                (name(SNAT_POOL_TARGET), str(mark), Element(eip)),
-                (family.snat_pool(prefixlen), key, Element(f"goto {chain}")),
-            ]
+        elements += _snat_elements(rule, eip, mark, frame)
+    return elements
+
+
+def _snat_elements(rule: SnatRule, eip: str, mark: int, frame: Frame) -> list[Contribution]:
+    family = _family(rule)
+    name = family.name
+    if rule.destinations:
+        source = network_text(rule.internal_cidr)
+        keys = [f"{source} . {network_text(d)}" for d in rule.destinations]
+        target, by_id, to_pool = name(SNAT_DST_TARGET), name(SNAT_DST_RULE), name(SNAT_DST_POOL)
+        network, group = name(SNAT_DST_NETWORK), SNAT_DST_GROUP
+    else:
+        p = rule.internal_cidr.prefixlen
+        keys = [address_text(rule.internal_cidr.network_address)]
+        target, by_id, to_pool = family.snat_target(p), family.snat_rule(p), family.snat_pool(p)
+        network, group = family.snat_network(p), snat_group(p)
+    elements: list[Contribution] = []
+    # A member of a pool (a rule on a draining EIP is a pool of one): its EIP by its id,
+    # and its keys sent to the pool's chain.
+    pooled = bool(rule.pool) or rule.eip in frame.draining
+    if pooled:
+        elements.append((name(SNAT_POOL_TARGET), str(mark), Element(eip)))
+        to_chain = Element(f"goto {pool_chain_name(rule.family, rule.name)}")
+    for key in keys:
+        if pooled:
+            elements.append((to_pool, key, to_chain))
         else:
-            elements += [(family.snat_target(prefixlen), key, Element(eip)), (family.snat_rule(prefixlen), key, marked)]
+            elements += [(target, key, Element(eip)), (by_id, key, Element(str(mark)))]
         if frame.network_of is not None:
-            elements.append((family.snat_network(prefixlen), key, frame.network_of[rule.eip, rule.family]))
+            elements.append((network, key, frame.network_of[rule.eip, rule.family]))
         if frame.group_of is not None:
-            elements.append((snat_group(prefixlen), key, frame.group_of[rule.eip]))
+            elements.append((group, key, frame.group_of[rule.eip]))
     return elements
 
 
@@ -481,6 +535,7 @@ def decode_rules(contents: TableContents) -> list[TableRule]:
             *_shares(contents, family),
             *_snats(contents.elements, family),
             *_pool_snats(contents, family),
+            *_destined_snats(contents, family),
         ):
             number = int(mark)
             found = labels.get(number)
@@ -561,6 +616,29 @@ def _pool_snats(contents: TableContents, family: Family) -> Decoded:
                 target = targets.get(str(mark))
                 if target is not None and target.value is not None:
                     yield str(mark), SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"))
+
+
+def _destined_snats(contents: TableContents, family: Family) -> Decoded:
+    """SNAT rules by destination: each id's source network and destinations, and its EIP
+    (a pool's members that take new connections by their chain's ids)."""
+    found: dict[str, tuple[str, list[str]]] = {}  # id -> (source, destinations)
+    eip_of: dict[str, str] = {}
+    targets = contents.elements.get(family.name(SNAT_DST_TARGET), {})
+    for key, marked in contents.elements.get(family.name(SNAT_DST_RULE), {}).items():
+        target = targets.get(key)
+        if target is not None and target.value is not None and marked.value is not None:
+            eip_of[marked.value] = target.value
+            found.setdefault(marked.value, (_split(key)[0], []))[1].append(_split(key)[1])
+    pool_targets = contents.elements.get(family.name(SNAT_POOL_TARGET), {})
+    for key, verdict in contents.elements.get(family.name(SNAT_DST_POOL), {}).items():
+        for member in sorted(set(contents.shares.get((verdict.value or "").split()[-1], ()))):
+            target = pool_targets.get(str(member))
+            if target is not None and target.value is not None:
+                eip_of[str(member)] = target.value
+                found.setdefault(str(member), (_split(key)[0], []))[1].append(_split(key)[1])
+    for mark, (source, destinations) in found.items():
+        to = tuple(ip_network(d) for d in destinations)
+        yield mark, SnatRule("", eip_of[mark], ip_network(source), destinations=to)
 
 
 def _split(text: str | None) -> list[str]:
@@ -722,14 +800,16 @@ class TablePlan:
                 del keyed[key]
         by_family = _prefixes_by_family(self.frame.families, prefixes)
         pooled_by_family = _prefixes_by_family(self.frame.families, pooled)
-        sets = _sets(self.frame, by_family, pooled_by_family)
+        destined = frozenset(f for f in self.frame.families if prefixes[f.version, DESTINED] > 0)
+        pool_families = frozenset(pool.family for pool in pools.values())
+        sets = _sets(self.frame, by_family, pooled_by_family, destined, pool_families)
         chains = _share_chains(groups) + pool_chains(pools, self.frame.draining)
-        chains += _chains(state, by_family, pooled_by_family)
+        chains += _chains(state, by_family, pooled_by_family, destined)
         chains += _untracked(self.untracked)
         if self.frame.network_of is not None:
-            chains += (_steer(state, by_family),)
+            chains += (_steer(state, by_family, destined),)
         if self.frame.group_of is not None:
-            chains += (handover_chain(state, [(p, V4.snat_key(p)) for p in by_family[V4]]),)
+            chains += (handover_chain(state, [(p, V4.snat_key(p)) for p in by_family[V4]], V4 in destined),)
         in_use = [policy for policy, count in policies.items() if count > 0]
         if in_use:
             sets += timeout_sets()
@@ -772,7 +852,8 @@ class TablePlan:
         """Keep the members of the SNAT pools and the prefix lengths they use up to date."""
         if not isinstance(rule, SnatRule) or not (rule.pool or rule.eip in self.frame.draining):
             return
-        pooled[rule.family, rule.internal_cidr.prefixlen] += sign
+        if not rule.destinations:  # (those go to their chain from the destination maps)
+            pooled[rule.family, rule.internal_cidr.prefixlen] += sign
         member = ((rule.pool or (rule.eip,)).index(rule.eip), rule.eip, mark)
         counted(pools, pool_chain_name(rule.family, rule.name), _family(rule), member, sign)
 
@@ -781,7 +862,7 @@ class TablePlan:
     ) -> None:
         """Keep the SNAT prefix lengths in use and the share groups' members up to date."""
         if isinstance(rule, SnatRule):
-            prefixes[rule.family, rule.internal_cidr.prefixlen] += sign
+            prefixes[rule.family, DESTINED if rule.destinations else rule.internal_cidr.prefixlen] += sign
             return
         if not isinstance(rule, DnatRule) or rule.type != "share":
             return
@@ -831,11 +912,17 @@ def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:
 
 def _prefixes_by_family(families: Sequence[Family], prefixes: CounterOf[tuple[int, int]]) -> dict[Family, list[int]]:
     """The SNAT prefix lengths in use per family, longest first (the order they are tried in)."""
-    in_use = [(version, p) for (version, p), count in prefixes.items() if count > 0]
+    in_use = [(version, p) for (version, p), count in prefixes.items() if count > 0 and p != DESTINED]
     return {family: sorted((p for v, p in in_use if v == family.version), reverse=True) for family in families}
 
 
-def _sets(frame: Frame, prefixes: dict[Family, list[int]], pooled: dict[Family, list[int]]) -> tuple[SetSpec, ...]:
+def _sets(
+    frame: Frame,
+    prefixes: dict[Family, list[int]],
+    pooled: dict[Family, list[int]],
+    destined: frozenset[Family] = frozenset(),
+    pool_families: frozenset[Family] = frozenset(),
+) -> tuple[SetSpec, ...]:
     sets = list(_STATIC_SETS)
     if V6 in frame.families:
         sets.extend(V6.sets())
@@ -843,16 +930,21 @@ def _sets(frame: Frame, prefixes: dict[Family, list[int]], pooled: dict[Family, 
         for p in lengths:
             sets.append(SetSpec(family.snat_target(p), f"type {family.addr} : {family.addr};"))
             sets.append(SetSpec(family.snat_rule(p), f"type {family.addr} : mark;"))
-        if pooled.get(family):
+        if family in pool_families:
             sets.append(SetSpec(family.name(SNAT_POOL_TARGET), f"type mark : {family.addr};"))
-            sets.extend(SetSpec(family.snat_pool(p), f"type {family.addr} : verdict;") for p in pooled[family])
+        sets.extend(SetSpec(family.snat_pool(p), f"type {family.addr} : verdict;") for p in pooled.get(family, ()))
+        if family in destined:
+            sets.extend(family.dst_sets())
     if frame.network_of is not None:
         for family, lengths in prefixes.items():
             names = [family.name(EIP_NETWORK), family.name(FIP_OUT_NETWORK)]
             names += [family.snat_network(p) for p in lengths]
             sets.extend(SetSpec(name, f"type {family.addr} : mark;") for name in names)
+            if family in destined:
+                key = f"{family.addr} . {family.addr}"
+                sets.append(SetSpec(family.name(SNAT_DST_NETWORK), f"type {key} : mark; flags interval;"))
     if frame.group_of is not None:
-        sets.extend(handover_sets(prefixes.get(V4, [])))
+        sets.extend(handover_sets(prefixes.get(V4, []), V4 in destined))
     return tuple(sets)
 
 

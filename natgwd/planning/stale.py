@@ -15,11 +15,12 @@ from ipaddress import ip_address, ip_network
 from typing import TypeVar
 
 from natgwd.planning.plan import address_text, eip_texts
-from natgwd.state.model import DesiredState, DnatRule, FipRule, IPAddress, SnatRule
+from natgwd.state.model import DesiredState, DnatRule, FipRule, IPAddress, IPNetwork, SnatRule
 from natgwd.state.tracker import RuleDelta
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 R = TypeVar("R")
+Target = str | frozenset[str]  # a SNAT rule's EIP, or its pool's EIPs (any of them is right)
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,31 @@ class Translations:
                 self.dnat[key] = (address_text(d.internal_ip), port + shift)
         # (family, prefix length) -> network -> EIP (a pool: any of its EIPs), consulted
         # longest prefix first
-        self.snat: dict[tuple[int, int], dict[IPAddress, str | frozenset[str]]] = {}
+        self.snat: dict[tuple[int, int], dict[IPAddress, Target]] = {}
+        # Rules by destination, consulted first: (source network, destinations, EIP).
+        self.destined: list[tuple[IPNetwork, tuple[IPNetwork, ...], Target]] = []
         for s in state.snat:
             cidr = s.internal_cidr
             target = frozenset(eip[e, s.family] for e in s.pool) if s.pool else eip[s.eip, s.family]
-            self.snat.setdefault((cidr.version, cidr.prefixlen), {})[cidr.network_address] = target
+            if s.destinations:
+                self.destined.append((cidr, s.destinations, target))
+            else:
+                self.snat.setdefault((cidr.version, cidr.prefixlen), {})[cidr.network_address] = target
         self.snat_prefixes = sorted(self.snat, reverse=True)
         self.internal = [a.network for a in state.internal.addresses] + [r.dst for r in state.internal.routes]
         self.local = {address_text(a.ip) for a in (*state.internal.addresses, *state.external.addresses)}
         self.local |= set(eip.values())
 
-    def _snat_target(self, source: IPAddress) -> str | frozenset[str] | None:
+    def _destined_target(self, source: IPAddress, peer: str) -> Target | None:
+        if not self.destined:
+            return None
+        to = ip_address(peer)
+        for cidr, destinations, target in self.destined:
+            if source in cidr and any(to in d for d in destinations):
+                return target
+        return None
+
+    def _snat_target(self, source: IPAddress) -> Target | None:
         for version, prefixlen in self.snat_prefixes:
             if version != source.version:
                 continue
@@ -123,7 +138,8 @@ class Translations:
         if flow.orig_src in self.fip_out:
             return None if flow.reply_dst == self.fip_out[flow.orig_src] else "fip"
         try:
-            target = self._snat_target(ip_address(flow.orig_src))
+            source = ip_address(flow.orig_src)
+            target = self._destined_target(source, peer) or self._snat_target(source)
         except ValueError:
             return None
         if target is not None:

@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
-from natgwd.planning.plan import RuleLabels, address_text, decode_rules, rule_labels
+from natgwd.planning.plan import RuleLabels, address_text, decode_rules, network_text, rule_labels
 from natgwd.planning.table import Counter, TableContents
 from natgwd.state.model import DesiredState, FipRule, SnatRule
 from natgwd.state.rules import Rule
@@ -41,7 +41,8 @@ def _arrows(rule: Rule) -> list[str]:
         internal = address_text(rule.internal_ip)
         return [f"{internal} -> {rule.eip} (out)", f"{rule.eip} -> {internal} (in)"]
     if isinstance(rule, SnatRule):
-        return [f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen} -> {rule.eip}"]
+        to = f" (to {', '.join(map(network_text, rule.destinations))})" if rule.destinations else ""
+        return [f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen} -> {rule.eip}{to}"]
     internal = address_text(rule.internal_ip)
     if rule.type == "share":
         return [f"(share backend) -> {_endpoint(internal, str(rule.internal_port.first))}"]

@@ -122,6 +122,8 @@ class SnatRule:
     timeouts: TimeoutPolicy | None = None  # its own, over the gateway's (natgwd.state.timeouts)
     # `eips`: every EIP of the rule's pool, in the file's order; empty for a rule with one `eip`.
     pool: tuple[str, ...] = ()
+    # Only connections to these networks, before the rules by source alone (natgwd.state.destinations).
+    destinations: tuple[IPNetwork, ...] = ()
 
     @cached_property
     def family(self) -> Family:

@@ -15,10 +15,11 @@ import bisect
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Address, IPv6Network, NetmaskValueError
 from typing import TYPE_CHECKING, Any
 
+from natgwd.state.destinations import Held, destinations, refuse_overlap
 from natgwd.state.model import (
     DnatRule,
     DnatType,
@@ -156,15 +157,20 @@ class RuleContext:
 
 def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> SnatRule | None:
     cidr = problems.parsed(("snat", index, "internalCIDR"), network, item["internalCIDR"])
+    to = destinations(item, index, cidr, network, problems)
     if "eips" in item:
-        return snat_pool_rule(item, index, ctx, problems, cidr)
-    if "eip" not in item:
+        rule = snat_pool_rule(item, index, ctx, problems, cidr)
+    elif "eip" not in item:
         problems.item("snat", index, "eip", "required field is missing (a SNAT rule names eip, or eips for a pool)")
         return None
-    known = ctx.known_eip(problems, "snat", index, item["eip"])
-    if cidr is None or not known or not ctx.same_family(problems, "snat", index, "internalCIDR", item["eip"], cidr):
+    else:
+        known = ctx.known_eip(problems, "snat", index, item["eip"])
+        if cidr is None or not known or not ctx.same_family(problems, "snat", index, "internalCIDR", item["eip"], cidr):
+            return None
+        rule = SnatRule(item["name"], item["eip"], cidr, parse_timeouts(item.get("timeouts")))
+    if rule is None or to is None:
         return None
-    return SnatRule(item["name"], item["eip"], cidr, parse_timeouts(item.get("timeouts")))
+    return replace(rule, destinations=to) if to else rule
 
 
 def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> DnatRule | None:
@@ -262,6 +268,7 @@ class RuleIndex:
     rules: dict[RuleKind, dict[str, Rule]] = field(default_factory=lambda: {"snat": {}, "dnat": {}, "fip": {}})
     names: dict[RuleKind, dict[str, int]] = field(default_factory=lambda: {"snat": {}, "dnat": {}, "fip": {}})
     snat_owner: dict[IPNetwork, Owner] = field(default_factory=dict)
+    snat_destined: dict[str, Held] = field(default_factory=dict)  # rules with destinations, by name
     dnat_spans: dict[DnatGroup, tuple[Span, ...]] = field(default_factory=dict)
     dnat_eips: dict[FipKey, int] = field(default_factory=dict)  # exclusive and share rules per key
     fip_owner: dict[FipKey, Owner] = field(default_factory=dict)
@@ -330,6 +337,12 @@ class RuleIndex:
         return added
 
     def _add_snat(self, rule: SnatRule, index: int, problems: Problems) -> bool:
+        if rule.destinations:
+            # Beside the rules by source alone (the same CIDR may have both).
+            if not refuse_overlap(rule, index, self.snat_destined.values(), problems):
+                return False
+            self._put(self.snat_destined, rule.name, (rule, index))
+            return True
         owner = self.snat_owner.get(rule.internal_cidr)
         if owner is not None:
             problems.item(
@@ -425,7 +438,9 @@ class RuleIndex:
         self._drop(self.names[kind], name)
         rule = self.rules[kind][name]
         self._drop(self.rules[kind], name)
-        if isinstance(rule, SnatRule):
+        if isinstance(rule, SnatRule) and rule.destinations:
+            self._drop(self.snat_destined, rule.name)
+        elif isinstance(rule, SnatRule):
             self._drop(self.snat_owner, rule.internal_cidr)
         elif isinstance(rule, DnatRule):
             self._remove_dnat(rule)

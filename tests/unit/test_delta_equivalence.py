@@ -7,7 +7,7 @@ The values are drawn from small pools so that edits collide often: duplicate nam
 overlapping ports, share groups, FIPs on DNAT EIPs, unknown EIPs, unreachable or
 malformed addresses, ports typed 80, "80", 80.0 or true, IPv6 addresses spelled several
 ways (FD00:10:0::2 is fd00:10::2: the same key wherever an address is one), SNAT
-pools that gain, lose and repeat EIPs."""
+pools that gain, lose and repeat EIPs, SNAT rules by destination that overlap."""
 
 from __future__ import annotations
 
@@ -78,9 +78,21 @@ timeouts = st.sampled_from(
 TIMED: dict[str, Any] = {**FRAME, "timeouts": {"tcpEstablished": 1200, "udp": 30}}
 
 pools = st.lists(eips, min_size=1, max_size=3)  # a SNAT pool (natgwd.planning.pools)
+# SNAT rules by destination (natgwd.state.destinations), overlapping often.
+destinations = st.lists(
+    st.sampled_from(["198.51.100.0/24", "198.51.100.0/25", "203.0.113.7", "fd00:99::/64", "0.0.0.0/0", "nope"]),
+    min_size=1,
+    max_size=2,
+)
 snat_items = st.one_of(
-    st.fixed_dictionaries({"name": names, "eip": eips, "internalCIDR": cidrs}, optional={"timeouts": timeouts}),
-    st.fixed_dictionaries({"name": names, "eips": pools, "internalCIDR": cidrs}, optional={"timeouts": timeouts}),
+    st.fixed_dictionaries(
+        {"name": names, "eip": eips, "internalCIDR": cidrs},
+        optional={"timeouts": timeouts, "destinations": destinations},
+    ),
+    st.fixed_dictionaries(
+        {"name": names, "eips": pools, "internalCIDR": cidrs},
+        optional={"timeouts": timeouts, "destinations": destinations},
+    ),
 )
 fip_items = st.fixed_dictionaries(
     {"name": names, "eip": eips, "internalIp": internal_ips}, optional={"timeouts": timeouts}
@@ -98,7 +110,7 @@ dnat_items = st.fixed_dictionaries(
 )
 ITEMS = {"snat": snat_items, "dnat": dnat_items, "fip": fip_items}
 FIELDS = {
-    "snat": {"eip": eips, "eips": pools, "internalCIDR": cidrs, "timeouts": timeouts},
+    "snat": {"eip": eips, "eips": pools, "internalCIDR": cidrs, "timeouts": timeouts, "destinations": destinations},
     "dnat": {
         "eip": eips,
         "externalPort": ports,
