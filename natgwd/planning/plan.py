@@ -180,11 +180,13 @@ def labels_of(rule: Rule, eip_text: Mapping[tuple[str, int], str]) -> RuleLabels
 
 def planned(rules: Iterable[Rule], eip_text: Mapping[tuple[str, int], str]) -> list[tuple[Rule, RuleLabels]]:
     """The rules as planned, each with its labels: a SNAT pool as its members, one per EIP."""
-    return [
-        (member, labels_of(member, eip_text))
-        for rule in rules
-        for member in (members(rule) if type(rule) is SnatRule and rule.pool else (rule,))
-    ]
+    found: list[tuple[Rule, RuleLabels]] = []
+    for rule in rules:
+        if type(rule) is SnatRule and rule.pool:
+            found.extend((member, labels_of(member, eip_text)) for member in members(rule))
+        else:
+            found.append((rule, labels_of(rule, eip_text)))
+    return found
 
 
 def rule_labels(state: DesiredState) -> list[RuleLabels]:
@@ -471,13 +473,18 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
                 (name(DNAT_RULE), key, marked),
             ]
     else:
-        elements += _snat_elements(rule, eip, mark, frame)
+        elements += _snat_elements(rule, eip, mark, marked, frame)
     return elements
 
 
-def _snat_elements(rule: SnatRule, eip: str, mark: int, frame: Frame) -> list[Contribution]:
+def _snat_elements(rule: SnatRule, eip: str, mark: int, marked: Element, frame: Frame) -> list[Contribution]:
     family = _family(rule)
     name = family.name
+    pooled = bool(rule.pool) or rule.eip in frame.draining
+    if not (pooled or rule.destinations or frame.network_of or frame.group_of):
+        # Most rules (planned 50,000 at a time): a source network and its EIP.
+        p, key = rule.internal_cidr.prefixlen, address_text(rule.internal_cidr.network_address)
+        return [(family.snat_target(p), key, Element(eip)), (family.snat_rule(p), key, marked)]
     if rule.destinations:
         source = network_text(rule.internal_cidr)
         keys = [f"{source} . {network_text(d)}" for d in rule.destinations]
@@ -491,7 +498,6 @@ def _snat_elements(rule: SnatRule, eip: str, mark: int, frame: Frame) -> list[Co
     elements: list[Contribution] = []
     # A member of a pool (a rule on a draining EIP is a pool of one): its EIP by its id,
     # and its keys sent to the pool's chain.
-    pooled = bool(rule.pool) or rule.eip in frame.draining
     if pooled:
         elements.append((name(SNAT_POOL_TARGET), str(mark), Element(eip)))
         to_chain = Element(f"goto {pool_chain_name(rule.family, rule.name)}")
@@ -499,7 +505,7 @@ def _snat_elements(rule: SnatRule, eip: str, mark: int, frame: Frame) -> list[Co
         if pooled:
             elements.append((to_pool, key, to_chain))
         else:
-            elements += [(target, key, Element(eip)), (by_id, key, Element(str(mark)))]
+            elements += [(target, key, Element(eip)), (by_id, key, marked)]
         if frame.network_of is not None:
             elements.append((network, key, frame.network_of[rule.eip, rule.family]))
         if frame.group_of is not None:
@@ -768,7 +774,8 @@ class TablePlan:
             for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = None
             self._count(rule, mark, groups, prefixes, -1)
-            self._count_pool(rule, mark, pools, pooled, -1)
+            if type(rule) is SnatRule:
+                self._count_pool(rule, mark, pools, pooled, -1)
             self._count_replies(rule, replies, changes, -1)
             self._count_policy(rule, policies, -1)
         for rule, labels in added:
@@ -776,7 +783,8 @@ class TablePlan:
             for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
                 changes[set_name][key] = element
             self._count(rule, mark, groups, prefixes, +1)
-            self._count_pool(rule, mark, pools, pooled, +1)
+            if type(rule) is SnatRule:
+                self._count_pool(rule, mark, pools, pooled, +1)
             self._count_replies(rule, replies, changes, +1)
             self._count_policy(rule, policies, +1)
         for key in changes.get(DNAT_REPLY_GROUP, {}):
@@ -847,10 +855,10 @@ class TablePlan:
             changes[DNAT_REPLY_GROUP].setdefault(key, None)
 
     def _count_pool(
-        self, rule: Rule, mark: int, pools: dict[str, Pool], pooled: CounterOf[tuple[int, int]], sign: int
+        self, rule: SnatRule, mark: int, pools: dict[str, Pool], pooled: CounterOf[tuple[int, int]], sign: int
     ) -> None:
         """Keep the members of the SNAT pools and the prefix lengths they use up to date."""
-        if not isinstance(rule, SnatRule) or not (rule.pool or rule.eip in self.frame.draining):
+        if not (rule.pool or rule.eip in self.frame.draining):
             return
         if not rule.destinations:  # (those go to their chain from the destination maps)
             pooled[rule.family, rule.internal_cidr.prefixlen] += sign
