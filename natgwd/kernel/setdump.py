@@ -17,9 +17,10 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Literal, NamedTuple
 
 from natgwd.planning.counters import CountedElement
 from natgwd.planning.layout import DIRECTIONS, traffic_key
@@ -34,6 +35,7 @@ NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 
 _HEADER = struct.Struct("=IHHII")
 _ATTRIBUTE = struct.Struct("=HH")
 _RECEIVE_BYTES = 1 << 20
+_BIG: Literal["big"] = "big"  # counters are in network order
 
 
 class SetDumpError(Exception):
@@ -42,31 +44,34 @@ class SetDumpError(Exception):
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """How a set's key is laid out in the kernel, and how to write it as the plan does."""
+    """How a set's key is laid out in the kernel, and how to write keys as the plan does
+    (all of a message's at once: in C loops, no Python frame per element)."""
 
     size: int
-    text: Callable[[bytes], str]
+    texts: Callable[[list[bytes]], Iterable[str]]
 
 
-def _mark(data: bytes) -> str:
-    return str(int.from_bytes(data, sys.byteorder))
+def _marks(keys: list[bytes]) -> Iterable[str]:
+    return map(str, map(int.from_bytes, keys, repeat(sys.byteorder)))
 
 
-def _direction_and_mark(data: bytes) -> str:
+def _directions_and_marks(keys: list[bytes]) -> Iterable[str]:
     # Concatenated keys give every part a 32-bit register: ct_dir's byte, then padding.
-    return _DIRECTION_PREFIXES[data[0]] + str(int.from_bytes(data[4:8], sys.byteorder))
+    directions = map(_DIRECTION_PREFIXES.__getitem__, map(operator.getitem, keys, repeat(0)))
+    marks = map(int.from_bytes, map(operator.getitem, keys, repeat(slice(4, 8))), repeat(sys.byteorder))
+    return map(operator.add, directions, map(str, marks))
 
 
-def _interface(data: bytes) -> str:
-    return '"' + data.split(b"\0", 1)[0].decode() + '"'
+def _interfaces(keys: list[bytes]) -> Iterable[str]:
+    return ('"' + key.split(b"\0", 1)[0].decode() + '"' for key in keys)
 
 
 # traffic_key(direction, mark) is the direction's prefix and the mark: made once, not per element.
 _DIRECTION_PREFIXES = tuple(traffic_key(direction, "") for direction in DIRECTIONS)
 _LAYOUTS = {
-    "mark": KeyLayout(4, _mark),
-    "ct_dir . mark": KeyLayout(8, _direction_and_mark),
-    "ifname": KeyLayout(16, _interface),
+    "mark": KeyLayout(4, _marks),
+    "ct_dir . mark": KeyLayout(8, _directions_and_marks),
+    "ifname": KeyLayout(16, _interfaces),
 }
 
 
@@ -78,9 +83,9 @@ def key_layout(key_type: str) -> KeyLayout:
         raise SetDumpError(f"no netlink layout for key type {key_type!r}") from None
 
 
-def _element_pattern(key_size: int) -> re.Pattern[bytes]:
+def _element_pattern(key_size: int) -> bytes:
     # Nested attributes may carry the NLA_F_NESTED flag (0x8000) in their type.
-    return re.compile(
+    return (
         rb"..\x01[\x00\x80]"  # the list element
         + re.escape(struct.pack("=H", 8 + key_size))
         + rb"\x01[\x00\x80]"
@@ -91,12 +96,21 @@ def _element_pattern(key_size: int) -> re.Pattern[bytes]:
         + rb"(?:\x04\x00\x03\x00)?\x0c\x00\x01\x00(.{8})"  # bytes (a pad attribute where u64 needs aligning)
         + rb"(?:\x04\x00\x03\x00)?\x0c\x00\x02\x00(.{8})"  # packets
         + rb"(?:\x08\x00\x03\x00.{4})?"  # flags
-        + rb"(?:..\x06\x00\x00.([^\x00]*)\x00\x00{0,3})?",  # user data: the comment
-        re.DOTALL,
+        + rb"(?:..\x06\x00\x00.([^\x00]*)\x00\x00{0,3})?"  # user data: the comment
     )
 
 
-_PATTERNS: dict[int, re.Pattern[bytes]] = {}
+class Patterns(NamedTuple):
+    element: re.Pattern[bytes]  # one element, its fields as groups
+    elements: re.Pattern[bytes]  # any number of them, nothing else
+
+
+def patterns(key_size: int) -> Patterns:
+    element = _element_pattern(key_size)
+    return Patterns(re.compile(element, re.DOTALL), re.compile(rb"(?:%s)*" % element, re.DOTALL))
+
+
+_PATTERNS: dict[int, Patterns] = {}
 
 
 class SetDumper:
@@ -109,7 +123,7 @@ class SetDumper:
 
     def read(self, name: str, layout: KeyLayout) -> list[CountedElement] | None:
         """The set's elements as (key, packets, bytes, comment); None if it does not exist."""
-        pattern = _PATTERNS.get(layout.size) or _PATTERNS.setdefault(layout.size, _element_pattern(layout.size))
+        pattern = _PATTERNS.get(layout.size) or _PATTERNS.setdefault(layout.size, patterns(layout.size))
         elements: list[CountedElement] = []
         try:
             for payload, start in self._dump(name):
@@ -149,19 +163,26 @@ class SetDumper:
                     offset += (length + 3) & ~3
 
 
-def _decode(message: bytes, start: int, pattern: re.Pattern[bytes], layout: KeyLayout) -> list[CountedElement]:
+def _decode(message: bytes, start: int, pattern: Patterns, layout: KeyLayout) -> list[CountedElement]:
     length = _ATTRIBUTE.unpack_from(message, start - 4)[0] - 4
     end = start + length
-    matches = list(pattern.finditer(message, start, end))
-    # Non-overlapping matches inside the list that add up to its length tile it exactly.
-    # (36,000 elements at 10,000 rules: the loops over them stay in C where they can.)
-    if sum(map(operator.sub, map(re.Match.end, matches), map(re.Match.start, matches))) != length:
+    # Elements, and nothing else, must tile the list exactly. (156,000 elements at 50,000
+    # rules: checked, split and converted in C loops, no Python frame per element.)
+    if pattern.elements.fullmatch(message, start, end) is None:
         raise SetDumpError(f"an element of unexpected shape in a set dump: {message[start : start + 96].hex()}")
-    text = layout.text
-    return [
-        (text(key), str(int.from_bytes(packets, "big")), str(int.from_bytes(octets, "big")), comment.decode())
-        for key, octets, packets, comment in map(re.Match.groups, matches, repeat(b""))
-    ]
+    found = pattern.element.findall(message, start, end)
+    if not found:
+        return []
+    keys, octets, packets, comments = zip(*found, strict=True)
+    return list(
+        zip(
+            layout.texts(list(keys)),
+            map(str, map(int.from_bytes, packets, repeat(_BIG))),
+            map(str, map(int.from_bytes, octets, repeat(_BIG))),
+            map(bytes.decode, comments),
+            strict=True,
+        )
+    )
 
 
 def _find_attribute(message: bytes, offset: int, wanted: int) -> int | None:

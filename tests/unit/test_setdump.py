@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from natgwd.kernel.setdump import SetDumpError, _decode, _element_pattern, key_layout
+from natgwd.kernel.setdump import SetDumpError, _decode, key_layout, patterns
 from natgwd.planning.counters import counted_elements
 from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.plan import set_key_type
@@ -54,7 +54,7 @@ def mark(value: int) -> bytes:
 def decode(key_type: str, *elements: bytes) -> list[tuple[str, str, str, str]]:
     layout = key_layout(key_type)
     payload, start = message(*elements)
-    return _decode(payload, start, _element_pattern(layout.size), layout)
+    return _decode(payload, start, patterns(layout.size), layout)
 
 
 def test_marks_with_comments_and_both_expression_forms() -> None:
