@@ -20,9 +20,9 @@ from __future__ import annotations
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from itertools import chain, repeat
-from operator import attrgetter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain, compress, repeat
+from operator import attrgetter, itemgetter
 
 import structlog
 
@@ -73,6 +73,7 @@ class ConnectionWatch:
         self._base: dict[int, int] | None = None  # mark -> first packets counted when counting began
         self._prior: dict[int, int] = {}  # mark -> failures counted in earlier epochs
         self._failures: dict[int, tuple[str, int]] = {}  # mark -> (EIP, failures exported)
+        self._failures_for: Mapping[str, RuleLabel] | None = None  # the rules every entry was made for
         self._labels_for: tuple[int, dict[int, RuleLabels]] = (0, {})
         self._rules = RuleLabelTexts()
         # The last scrape's rules, by id in order, and their label texts.
@@ -135,6 +136,7 @@ class ConnectionWatch:
             with self._lock:
                 for mark, (_, failed) in self._failures.items():
                     self._prior[mark] = failed
+                self._failures_for = None  # a new base: every rule visited again
                 self._base = {mark: count for mark, (_, count) in attempts.items()}
         log.info(
             "counting open connections from conntrack events",
@@ -242,13 +244,20 @@ class ConnectionWatch:
 
     def _count_failures(
         self,
-        connections: Iterable[CountedElement],
+        connections: Sequence[CountedElement],
         labelled: Mapping[str, RuleLabel],
         base: Mapping[int, int],
         opened: Mapping[int, int],
     ) -> None:
-        """Under self._lock: the failures of every rule, from its first packets counted."""
+        """Under self._lock: the failures of every rule, from its first packets counted.
+        While the rules stay the same (the same mapping from RuleLabelTexts), a rule that
+        counts no first packet now has its entry from an earlier scrape, and its figure
+        cannot have risen (its first packets minus its NEW events is at most zero, plus
+        its earlier epochs' failures, which its entry holds already): only the others are
+        visited (picked out in a C loop)."""
         failures = self._failures
+        if labelled is self._failures_for:
+            connections = list(compress(connections, map("0".__ne__, map(_COUNT, connections))))
         for mark, count, _, _ in connections:
             if (label := labelled.get(mark)) is None:
                 continue
@@ -257,9 +266,11 @@ class ConnectionWatch:
             known = failures.get(rule_id)
             if known is None or known[0] != eip or failed > known[1]:
                 failures[rule_id] = (eip, max(known[1] if known is not None else 0, failed))
+        self._failures_for = labelled
 
 
 _ID = attrgetter("id")
+_COUNT = itemgetter(1)
 
 _FAMILIES = (  # name, type, help
     ("natgwd_rule_open_connections", "gauge", "Connections the rule translated that are open now (conntrack)."),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 from natgwd.planning.counters import CountedElement
@@ -29,10 +30,15 @@ class RuleLabelTexts:
     def __init__(self) -> None:
         self._known: dict[str, RuleLabel] = {}
 
-    def of(self, connections: Iterable[CountedElement]) -> dict[str, RuleLabel]:
+    def of(self, connections: Sequence[CountedElement]) -> dict[str, RuleLabel]:
         """mark -> label, for the connections elements whose comment names a rule (in
         no particular order: the kernel lists them in another order after changes)."""
         known = self._known
+        # Every element known, with the same comment (no rule changed since): checked in C loops.
+        if len(connections) == len(known) and list(map(_LISTED_COMMENT, connections)) == list(
+            map(_LABEL_COMMENT, map(known.get, map(_MARK, connections), repeat(_UNKNOWN)))
+        ):
+            return known
         found: dict[str, RuleLabel] = {}
         made = 0
         for mark, _, _, comment in connections:
@@ -48,6 +54,10 @@ class RuleLabelTexts:
             return known
         self._known = found
         return found
+
+
+_MARK, _LISTED_COMMENT, _LABEL_COMMENT = itemgetter(0), itemgetter(3), itemgetter(0)
+_UNKNOWN = RuleLabel("\0", "", 0, "")  # a listed comment never holds a NUL
 
 
 def labels_text(rule: RuleLabels) -> str:

@@ -63,7 +63,7 @@ class Answers:
         listings = self.counting_sets()
         counters, labelled = self.rule_counters.labelled_exposition(listings)
         yield generate_latest(self.registry)
-        yield counters
+        yield from counters
         yield ctstats.scrape()
         yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
         if self.watch is not None:

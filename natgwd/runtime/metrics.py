@@ -5,7 +5,7 @@ are rather than mirrored into client-side counters)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from itertools import chain, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -146,11 +146,12 @@ class RuleCounters:
     def exposition(self, listings: Listings | None = None) -> bytes:
         """`listings`: the counting sets when the caller has just listed them (one listing
         per scrape serves every exporter); read here otherwise."""
-        return self.labelled_exposition(self._read() if listings is None else listings)[0]
+        return b"".join(self.labelled_exposition(self._read() if listings is None else listings)[0])
 
-    def labelled_exposition(self, listings: Listings) -> tuple[bytes, Mapping[str, RuleLabel]]:
-        """The exposition, and the rules' labels it was made with (mark -> label), for
-        the other exporters of the same scrape."""
+    def labelled_exposition(self, listings: Listings) -> tuple[list[bytes], Mapping[str, RuleLabel]]:
+        """The exposition in parts, a family each (at 50,000 rules a whole one is 24 MB,
+        and its text and bytes are not held at once), and the rules' labels it was made
+        with (mark -> label), for the other exporters of the same scrape."""
         connections = listings.get(RULE_CONNECTIONS, ())
         labelled = self._rules.of(connections)
         found = list(map(labelled.get, map(_KEY, connections)))
@@ -167,17 +168,16 @@ class RuleCounters:
         # Only scaled out (the set exists then): packets this member handed to a group's owner.
         handed = listings.get(HANDED_OVER)
         groups = [f"g{int(canonical_key(key)) - HANDOVER_BASE}" for key, _, _, _ in handed or ()]
-        return "".join(
-            chain(
-                family_text(_FAMILIES[0], texts, repeat("} "), counts),
-                family_text(_FAMILIES[1], rules, directions, packets),
-                family_text(_FAMILIES[2], rules, directions, octets),
-                family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
-                family_text(_FAMILIES[4], groups, repeat('"} '), [c for _, c, _, _ in handed or ()], opening='{group="')
-                if handed is not None
-                else (),
-            )
-        ).encode(), labelled
+        families = (
+            family_text(_FAMILIES[0], texts, repeat("} "), counts),
+            family_text(_FAMILIES[1], rules, directions, packets),
+            family_text(_FAMILIES[2], rules, directions, octets),
+            family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
+            family_text(_FAMILIES[4], groups, repeat('"} '), [c for _, c, _, _ in handed or ()], opening='{group="')
+            if handed is not None
+            else iter(()),
+        )
+        return [text.encode() for text in map("".join, families) if text], labelled
 
     def _traffic(
         self, labelled: Mapping[str, RuleLabel], traffic: Sequence[CountedElement]

@@ -147,3 +147,38 @@ def test_scrapes_of_unchanged_rules_with_new_counts_and_elements() -> None:
     counters = RuleCounters(dict)
     for listing in (first, *later):
         assert counters.exposition(listing) == one_line_per_sample(listing)
+
+
+@st.composite
+def growing_counts(draw: st.DrawFn) -> list[dict[str, list[CountedElement]]]:
+    """Scrapes of the same rules (in changing orders, now and then one more) whose first
+    packets only grow, as the kernel's counters do: the case the kept labels and the
+    failures' shortcut are for."""
+    rules = draw(st.lists(st.tuples(st.integers(1, 30), comments), min_size=1, max_size=8, unique_by=lambda r: r[0]))
+    counted = dict.fromkeys((mark for mark, _ in rules), 0)
+    sequence = []
+    for _ in range(draw(st.integers(2, 6))):
+        if draw(st.booleans()) and (mark := draw(st.integers(31, 40))) not in counted:
+            rules.append((mark, draw(comments)))
+            counted[mark] = 0
+        for mark in draw(st.lists(st.sampled_from(sorted(counted)), max_size=3)):
+            counted[mark] += draw(st.integers(0, 3))
+        listed = [(str(mark), str(counted[mark]), "0", comment) for mark, comment in rules]
+        sequence.append({"rule_connections": draw(st.permutations(listed))})
+    return sequence
+
+
+@settings(max_examples=100, deadline=None)
+@given(growing_counts(), st.lists(st.tuples(st.integers(1, 40), st.integers(0, 2)), max_size=6))
+def test_unchanged_rules_with_growing_counts_write_what_a_fresh_start_writes(
+    sequence: list[dict[str, list[CountedElement]]], opened: list[tuple[int, int]]
+) -> None:
+    counters, kept, recounted = RuleCounters(dict), watch(), watch()
+    for mark, count in opened:  # NEW events: a rule's committed connections
+        for made in (kept, recounted):
+            made.tracker._opened[mark] += count
+    for listing in sequence:
+        assert counters.exposition(listing) == one_line_per_sample(listing)
+        _, labelled = counters.labelled_exposition(listing)
+        recounted._failures_for = None  # every rule visited, as before the shortcut
+        assert kept.exposition(listing, labelled) == recounted.exposition(listing, labelled)
