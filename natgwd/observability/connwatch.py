@@ -39,6 +39,8 @@ log = structlog.get_logger("natgwd.observability.connwatch")
 RETRY_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 RETIRED_LABELS = 65536  # removed rules whose labels end lines may still need
+GATHER_SECONDS = 0.05  # 64 MB of socket buffer holds some 60,000 events, seconds at a high rate
+TAKEN_TOGETHER = 256  # datagrams (an event each) counted under one lock
 
 
 def _attempts(listings: Listings) -> dict[int, tuple[RuleLabels, int]]:
@@ -98,8 +100,11 @@ class ConnectionWatch:
                 retry = RETRY_SECONDS
                 while not self._stopping.is_set() and not self._lost_pending.is_set():
                     ready, _, _ = select.select([sock], [], [], 0.5)
-                    if ready:
-                        self._drain()
+                    if ready and self._drain():
+                        # Let events gather in the socket's buffer, then take them together:
+                        # woken at every event, this thread cost 15% of the new-connection
+                        # rate on 2 cores. A scrape drains first, so its figures stay exact.
+                        self._stopping.wait(GATHER_SECONDS)
                 if self._lost_pending.is_set():
                     raise EventsLostError(self._lost_reason)
             except EventsLostError as lost:
@@ -152,8 +157,16 @@ class ConnectionWatch:
         if not self._receiving.acquire(timeout=timeout):
             return False
         try:
-            while self._sock is not None and (events := self._sock.receive(block=False)):
-                self._take(events)
+            while self._sock is not None:
+                events: list[CtEvent] = []
+                for _ in range(TAKEN_TOGETHER):
+                    if not (received := self._sock.receive(block=False)):
+                        break
+                    events += received
+                if events:
+                    self._take(events)
+                if not received:
+                    break
         except EventsLostError as lost:
             self._lost_reason = str(lost)
             self._lost_pending.set()  # the thread recounts

@@ -12,9 +12,10 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterator
+from operator import itemgetter
+from socket import inet_ntoa
+from typing import Any, Literal, NamedTuple
 
 NETLINK_NETFILTER = 12
 SO_RCVBUFFORCE = 33
@@ -186,8 +187,7 @@ def _be32(data: bytes | memoryview, span: tuple[int, int] | None) -> int:
     return _number(_BE32, data, span) if span is not None else 0
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):  # one per datagram, at every event: a NamedTuple is made faster
     events: list[CtEvent]
     done: bool  # a dump's NLMSG_DONE was among the messages
     malformed: int = 0  # messages that could not be decoded (their events are lost)
@@ -237,6 +237,16 @@ def _message(data: bytes | memoryview, msg_type: int, flags: int, body: int, end
         kind = "entry" if flags & NLM_F_MULTI else "new"
     else:
         return None
+    shape = (msg_type, end - body)
+    layout = _LAYOUTS.get(shape, _UNLEARNT)
+    if layout is _UNLEARNT:
+        layout = _learn(shape, data, body, end)
+    if (
+        layout is not None
+        and (values := layout.shape.unpack_from(data, body))
+        and layout.headers(values) == layout.expected
+    ):
+        return layout.event(kind, values, data, body)
     attrs = _attrs(data, body + 4, end)  # after the 4-byte nfgenmsg
     start_ns, stop_ns = _timestamps(data, attrs.get(CTA_TIMESTAMP))
     return CtEvent(
@@ -251,6 +261,136 @@ def _message(data: bytes | memoryview, msg_type: int, flags: int, body: int, end
         start_ns,
         stop_ns,
     )
+
+
+# Events come in a few layouts (which attributes, how long, in which order: the protocol,
+# the kind of event, the sysctls), each always the same. A message of a layout seen before
+# (same type and length, every attribute header the same) is read with one unpack: a
+# third of the time of walking its attributes. Anything else goes the general way.
+_FIELDS = (CTA_ID, CTA_MARK, CTA_STATUS)  # 32-bit numbers, read when present
+_SPANS = (CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_TIMESTAMP)  # nests, decoded the general way
+_V4_TUPLE_HEADER_SLOTS = (0, 1, 2, 3, 5, 6, 8, 9, 10, 11, 13, 14, 16, 17)
+_V4_TUPLE_VALUES = (12, 4, 15, 7, 18)  # proto, src, sport, dst, dport
+_V4_TUPLE_LENGTH = len(_V4_TUPLE_HEADERS) + 5
+_MAX_LAYOUTS = 256
+_UNLEARNT: Any = object()
+
+
+class _Layout(NamedTuple):
+    shape: struct.Struct  # the message from its nfgenmsg on: every attribute header, the fields read, pads
+    headers: Callable[[tuple[Any, ...]], tuple[int, ...]]  # the header words of an unpacked message
+    expected: tuple[int, ...]
+    fields: tuple[int | None, ...]  # where id, mark and status are among the values
+    tuples: tuple[int, int]  # where the original and the reply tuples start
+    spans: tuple[tuple[int, int] | None, ...]  # counters (original, reply) and timestamps, from the nfgenmsg
+
+    def event(self, kind: Kind, values: tuple[Any, ...], data: bytes | memoryview, body: int) -> CtEvent:
+        at_id, at_mark, at_status = self.fields
+        at_orig, at_reply = self.tuples
+        orig = values[at_orig : at_orig + _V4_TUPLE_LENGTH]
+        reply = values[at_reply : at_reply + _V4_TUPLE_LENGTH]
+        counters_orig, counters_reply, stamps = self.spans
+        start_ns, stop_ns = _timestamps(data, stamps and (body + stamps[0], body + stamps[1]))
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function, a frame per call.
+        return _new(
+            CtEvent,
+            (
+                kind,
+                0 if at_id is None else int.from_bytes(values[at_id], "big"),
+                0 if at_mark is None else int.from_bytes(values[at_mark], "big"),
+                _new(
+                    CtTuple,
+                    (
+                        orig[12],
+                        inet_ntoa(orig[4]),
+                        int.from_bytes(orig[15], "big"),
+                        inet_ntoa(orig[7]),
+                        int.from_bytes(orig[18], "big"),
+                    ),
+                ),
+                _new(
+                    CtTuple,
+                    (
+                        reply[12],
+                        inet_ntoa(reply[4]),
+                        int.from_bytes(reply[15], "big"),
+                        inet_ntoa(reply[7]),
+                        int.from_bytes(reply[18], "big"),
+                    ),
+                ),
+                0 if at_status is None else int.from_bytes(values[at_status], "big"),
+                counters_orig and _traffic(data, (body + counters_orig[0], body + counters_orig[1])),
+                counters_reply and _traffic(data, (body + counters_reply[0], body + counters_reply[1])),
+                start_ns,
+                stop_ns,
+            ),
+        )
+
+
+_new: Callable[..., Any] = tuple.__new__
+
+
+def _learn(shape: tuple[int, int], data: bytes | memoryview, body: int, end: int) -> _Layout | None:
+    """The layout of a message, kept for those of its shape; None (kept too) when it has
+    anything the one unpack does not read as the general way would."""
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[shape] = None
+    formats, slot = ["=4x"], 0
+    header_slots: list[int] = []
+    expected: list[int] = []
+    fields: dict[int, int] = {}
+    tuples: dict[int, int] = {}
+    spans: dict[int, tuple[int, int]] = {}
+    position = body + 4
+    while position + 4 <= end:
+        length, kind = _NLATTR.unpack_from(data, position)
+        attribute = kind & NLA_TYPE_MASK
+        if length < 4 or position + length > end or attribute in fields.keys() | tuples.keys() | spans.keys():
+            return None
+        formats.append("HH")
+        header_slots += (slot, slot + 1)
+        expected += (length, kind)
+        slot += 2
+        if attribute in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+            if length - 4 != _V4_TUPLE.size or _v4_tuple(data, position + 4) is None:
+                return None
+            formats.append(_V4_TUPLE.format.lstrip("="))
+            values = _V4_TUPLE.unpack_from(data, position + 4)
+            header_slots += (slot + i for i in _V4_TUPLE_HEADER_SLOTS)
+            expected += (values[i] for i in _V4_TUPLE_HEADER_SLOTS)
+            tuples[attribute] = slot
+            slot += _V4_TUPLE_LENGTH
+        elif attribute in _FIELDS:
+            if length != 8:
+                return None
+            formats.append("4s")
+            fields[attribute] = slot
+            slot += 1
+        else:
+            if attribute in _SPANS:
+                spans[attribute] = (position + 4 - body, position + length - body)
+            formats.append(f"{length - 4}x")
+        padded = (length + 3) & ~3
+        if position + padded > end:
+            return None
+        formats.append(f"{padded - length}x")
+        position += padded
+    if position != end or len(tuples) != 2:
+        return None
+    layout = _Layout(
+        struct.Struct("".join(formats)),
+        itemgetter(*header_slots),
+        tuple(expected),
+        tuple(fields.get(attribute) for attribute in _FIELDS),
+        (tuples[CTA_TUPLE_ORIG], tuples[CTA_TUPLE_REPLY]),
+        tuple(spans.get(attribute) for attribute in _SPANS),
+    )
+    _LAYOUTS[shape] = layout
+    return layout
+
+
+_LAYOUTS: dict[tuple[int, int], _Layout | None] = {}  # (message type, length) -> its layout
 
 
 def _socket(groups: int, buffer_bytes: int) -> socket.socket:

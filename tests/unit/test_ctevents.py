@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from natgwd.observability import ctevents
 from natgwd.observability.ctevents import CtEvent, CtNetlinkError, CtTuple, Traffic, parse
 
 # A NEW event captured on this kernel: TCP 127.0.0.1:38074 -> 127.0.0.1:5555, ct mark 7.
@@ -133,3 +134,56 @@ def test_a_message_longer_than_its_datagram_ends_it() -> None:
     batch = parse(GOOD + GOOD[:40])
     assert batch.malformed == 1
     assert [e.id for e in batch.events] == [5]
+
+
+# --- layouts learnt: a message of a shape seen before is read with one unpack ----------
+
+
+def timestamps(start: int, stop: int) -> bytes:
+    return attr(20, attr(1, struct.pack(">Q", start)) + attr(2, struct.pack(">Q", stop)), True)
+
+
+def reordered(conntrack_id: int, mark: int) -> bytes:
+    """snat_attrs' attributes in another order: the same type and length of message."""
+    return (
+        tuple_attr(2, *SNAT_REPLY)
+        + tuple_attr(1, *SNAT_ORIG)
+        + attr(12, struct.pack(">I", conntrack_id))
+        + attr(3, struct.pack(">I", 0x1A8))
+        + attr(8, struct.pack(">I", mark))
+    )
+
+
+SHAPES = {
+    "captured": [CAPTURED_NEW],
+    "new": [message(0x100, 0, snat_attrs(5, 2)), message(0x100, 0, snat_attrs(6, 9))],
+    "reordered": [message(0x100, 0, snat_attrs(5, 2)), message(0x100, 0, reordered(7, 3))],
+    "destroy": [
+        message(0x102, 0, snat_attrs(11, 3) + counters(9, 2, 62) + counters(10, 1, 40) + timestamps(5, 9)),
+        message(0x102, 0, snat_attrs(12, 4) + counters(9, 7, 700) + counters(10, 6, 600) + timestamps(6, 8)),
+    ],
+    "entry": [message(0x100, 0x2, snat_attrs(12, 4)), message(0x100, 0x2, snat_attrs(13, 5))],
+    "short number": [
+        message(0x102, 0, snat_attrs(7, 2) + attr(9, attr(1, b"\0" * 4) + attr(2, b"\0" * 8), True)),
+        message(0x102, 0, snat_attrs(7, 2) + attr(9, attr(2, b"\0" * 4) + attr(1, b"\0" * 8), True)),
+    ],
+    "icmp": [message(0x100, 0, tuple_attr(1, 1, "10.0.0.1", 0, "10.0.0.2", 0) + attr(8, struct.pack(">I", 1)))],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_learnt_layout_reads_what_the_attributes_read(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = SHAPES[shape] * 2
+    ctevents._LAYOUTS.clear()
+    fast = [parse(data) for data in messages]
+    monkeypatch.setattr(ctevents, "_learn", lambda *_: None)
+    ctevents._LAYOUTS.clear()
+    assert fast == [parse(data) for data in messages]
+
+
+def test_messages_of_one_layout_take_the_one_unpack() -> None:
+    ctevents._LAYOUTS.clear()
+    parse(message(0x100, 0, snat_attrs(5, 2)))
+    assert [layout is not None for layout in ctevents._LAYOUTS.values()] == [True]
+    parse(CAPTURED_NEW)
+    assert len(ctevents._LAYOUTS) == 2
