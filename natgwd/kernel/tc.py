@@ -29,6 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
 from natgwd.kernel.netlink import NLA_F_NESTED, nla
+from natgwd.kernel.tcdump import RTM_GETTCLASS, RTM_GETTFILTER, TcDumpError, attributes, dump
 from natgwd.qos.plan import (
     DEFAULT_MINOR,
     DESTINATION_OFFSET,
@@ -92,33 +93,29 @@ class _Selector:
     hash_mask: int
 
 
-def _selector(options: Any) -> _Selector:
-    """The u32 selector, read from the attribute's bytes: pyroute2 0.9's decoder starts the
-    keys 4 bytes early and does not give the hash key."""
-    selector = options.get_attr("TCA_U32_SEL")
-    if selector is None:
+def _selector(data: bytes | None) -> _Selector:
+    """The u32 selector (TCA_U32_SEL's payload), with its hash key."""
+    if data is None:
         return _Selector([], 0, 0)
-    data = bytes(selector.data[selector.offset : selector.offset + selector.length])
-    # nla header (4), then struct tc_u32_sel: flags, offshift, nkeys, pad, offmask, off,
-    # offoff, hoff (host order), hmask (network order); then the keys
-    count = data[6]
-    (hash_offset,) = struct.unpack_from("=h", data, 14)
-    (hash_mask,) = struct.unpack_from(">I", data, 16)
+    # struct tc_u32_sel: flags, offshift, nkeys, pad, offmask, off, offoff, hoff (host
+    # order), hmask (network order); then the keys
+    count = data[2]
+    (hash_offset,) = struct.unpack_from("=h", data, 10)
+    (hash_mask,) = struct.unpack_from(">I", data, 12)
     keys = []
     for i in range(count):
         # struct tc_u32_key: mask and value in network order, the offset in host order
-        mask, value = struct.unpack_from(">II", data, 20 + 16 * i)
-        (offset,) = struct.unpack_from("=i", data, 28 + 16 * i)
+        mask, value = struct.unpack_from(">II", data, 16 + 16 * i)
+        (offset,) = struct.unpack_from("=i", data, 24 + 16 * i)
         keys.append((value, mask, offset))
     return _Selector(keys, hash_offset, hash_mask)
 
 
-def _u32_link(options: Any) -> int:
-    value = options.get_attr("TCA_U32_LINK")
-    if value is None:
-        return 0
-    raw = bytes.fromhex(value.replace(":", "")) if isinstance(value, str) else bytes(value)
-    return int(struct.unpack("=I", raw[:4])[0]) if len(raw) >= 4 else 0
+def _u32(data: bytes | None, default: int = 0) -> int:
+    return int(_U32.unpack_from(data)[0]) if data is not None and len(data) >= 4 else default
+
+
+_U32 = struct.Struct("=I")
 
 
 # rtnetlink and u32 constants (linux/rtnetlink.h, linux/pkt_cls.h): pyroute2's tc API
@@ -175,17 +172,39 @@ def _add_u32(
         raise OSError(-error, f"add u32 filter: {os.strerror(-error)}")
 
 
-def _mirred_target(options: Any) -> int | None:
-    actions = options.get_attr("TCA_U32_ACT")
+def _mirred_target(actions: bytes | None) -> int | None:
+    """The device a u32 filter's mirred action sends to (TCA_U32_ACT's payload)."""
     if actions is None:
         return None
-    for _, action in actions.get("attrs", ()):
-        if not hasattr(action, "get_attr") or action.get_attr("TCA_ACT_KIND") != "mirred":
+    for action in attributes(actions).values():
+        found = attributes(action)
+        if found.get(TCA_ACT_KIND, b"").split(b"\0", 1)[0] != b"mirred" or TCA_ACT_OPTIONS not in found:
             continue
-        parms = action.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")
-        if parms is not None:
-            return int(parms["ifindex"])
+        parms = attributes(found[TCA_ACT_OPTIONS]).get(TCA_MIRRED_PARMS)
+        if parms is not None and len(parms) >= _MIRRED_PARMS.size:
+            return int(_MIRRED_PARMS.unpack_from(parms)[-1])
     return None
+
+
+# linux/tc_act/tc_mirred.h: struct tc_mirred (tc_gen: index, capab, action, refcnt, bindcnt; eaction, ifindex)
+TCA_U32_ACT, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_MIRRED_PARMS = 7, 1, 2, 2
+_MIRRED_PARMS = struct.Struct("=IIiiiiI")
+# linux/pkt_sched.h: struct tc_htb_opt (rate and ceil are struct tc_ratespec: cell_log,
+# linklayer, overhead, cell_align, mpu, rate), then buffer, cbuffer, quantum, level, prio
+TCA_HTB_PARMS = 1
+_HTB_PARMS = struct.Struct("=BBHhHI BBHhHI IIIII")
+# linux/gen_stats.h: TCA_STATS_BASIC (bytes u64, packets u32),
+# TCA_STATS_QUEUE (qlen, backlog, drops, requeues, overlimits)
+TCA_STATS_BASIC, TCA_STATS_QUEUE = 1, 3
+_STATS_BASIC, _STATS_QUEUE = struct.Struct("=QI"), struct.Struct("=IIIII")
+
+
+def _htb_parms(options: dict[int, bytes] | None) -> dict[str, int] | None:
+    data = options.get(TCA_HTB_PARMS) if options is not None else None
+    if data is None or len(data) < _HTB_PARMS.size:
+        return None
+    values = _HTB_PARMS.unpack_from(data)
+    return {"rate": values[5], "ceil": values[11], "buffer": values[12], "cbuffer": values[13]}
 
 
 def _quantum(rate_bytes: int) -> int:
@@ -257,24 +276,17 @@ class KernelTc:
                     filters = _Device(ipr, index, name, TcReport()).filters(ROOT_HANDLE)
                     keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
                     keys[DEFAULT_MINOR] = ClassKey("default")
-                for msg in ipr.get_classes(index):
-                    minor = msg["handle"] & 0xFFFF
-                    if msg["handle"] >> 16 != ROOT_MAJOR or minor not in keys:
+                for msg in dump(RTM_GETTCLASS, index):
+                    minor = msg.handle & 0xFFFF
+                    parms = _htb_parms(msg.options)
+                    if msg.handle >> 16 != ROOT_MAJOR or minor not in keys or parms is None:
                         continue
-                    parms = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
-                    stats = dict(msg.get_attr("TCA_STATS2")["attrs"])
-                    basic, queue = stats.get("TCA_STATS_BASIC", {}), stats.get("TCA_STATS_QUEUE", {})
+                    stats = msg.stats or {}
+                    basic, queue = stats.get(TCA_STATS_BASIC), stats.get(TCA_STATS_QUEUE)
+                    octets, packets = _STATS_BASIC.unpack_from(basic) if basic else (0, 0)
+                    _, backlog, drops, _, overlimits = _STATS_QUEUE.unpack_from(queue) if queue else (0,) * 5
                     found.append(
-                        ClassStats(
-                            direction,
-                            keys[minor],
-                            int(parms["rate"]),
-                            int(basic.get("bytes", 0)),
-                            int(basic.get("packets", 0)),
-                            int(queue.get("drops", 0)),
-                            int(queue.get("overlimits", 0)),
-                            int(queue.get("backlog", 0)),
-                        )
+                        ClassStats(direction, keys[minor], parms["rate"], octets, packets, drops, overlimits, backlog)
                     )
         return found
 
@@ -425,25 +437,25 @@ class _Device:
     def filters(self, parent: int) -> list[_KernelFilter]:
         """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
         found = []
-        for msg in self.ipr.get_filters(self.index, parent=parent):
-            options = msg.get_attr("TCA_OPTIONS")
-            if msg.get_attr("TCA_KIND") != "u32" or options is None:
+        for msg in dump(RTM_GETTFILTER, self.index, parent):
+            options = msg.options
+            if msg.kind != "u32" or options is None:
                 continue
-            prio, filter_handle = msg["info"] >> 16, int(msg["handle"])
+            prio, filter_handle = msg.info >> 16, msg.handle
             if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
                 if filter_handle == EIP_TABLE:
-                    divisor = int(options.get_attr("TCA_U32_DIVISOR") or 1)
+                    divisor = _u32(options.get(TCA_U32_DIVISOR)) or 1
                     found.append(_KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor))
                 continue
-            selector = _selector(options)
-            classid = options.get_attr("TCA_U32_CLASSID") or 0
+            selector = _selector(options.get(TCA_U32_SEL))
+            classid = _u32(options.get(TCA_U32_CLASSID))
             value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
             # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
             minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
             spec = FilterSpec(prio, offset, value, mask, minor)
             hash_key = (selector.hash_offset, selector.hash_mask)
-            link = _u32_link(options)
-            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options), link, hash_key))
+            link = _u32(options.get(TCA_U32_LINK))
+            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options.get(TCA_U32_ACT)), link, hash_key))
         return found
 
     def remove_filters(self, present: list[_KernelFilter], wanted: Tree) -> set[FilterSpec]:
@@ -508,10 +520,13 @@ class _Device:
     def classes(self) -> dict[int, Mapping[str, int]]:
         """The HTB parameters of the tree's classes, by minor."""
         present: dict[int, Mapping[str, int]] = {}
-        for msg in self.ipr.get_classes(self.index):
+        for msg in dump(RTM_GETTCLASS, self.index):
             # A class at the top of the tree lists the root (not the qdisc) as its parent.
-            if msg["handle"] >> 16 == ROOT_MAJOR and msg["parent"] in (TC_H_ROOT, ROOT_HANDLE):
-                present[msg["handle"] & 0xFFFF] = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+            if msg.handle >> 16 == ROOT_MAJOR and msg.parent in (TC_H_ROOT, ROOT_HANDLE):
+                parms = _htb_parms(msg.options)
+                if parms is None:
+                    raise TcDumpError(errno.EPROTO, f"class {msg.handle:x} of natgwd's tree without HTB parameters")
+                present[msg.handle & 0xFFFF] = parms
         return present
 
     def sync_classes(self, present: dict[int, Mapping[str, int]], wanted: Tree) -> None:
