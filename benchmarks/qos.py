@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 from benchmarks.netns import bare_gateway
 from benchmarks.stats import summary
 from natgwd.lab.topology import SEED_STATE, Lab
-from natgwd.qos.plan import wants
+from natgwd.qos.plan import ifb_name, wants
 from natgwd.state.validation import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,10 +85,26 @@ def _control_worker(namespace: str, count: int, queue: Any) -> None:
     state = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 10)).encode())
     changed = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 12)).encode())
     timings: dict[str, Any] = {}
-    for label, target in (("first_apply", state), ("no_change", state), ("one_rate_change", changed)):
-        started = time.monotonic()
+
+    def timed(label: str, target: Any) -> None:
+        load = os.getloadavg()[0]
+        started, cpu = time.monotonic(), time.process_time()
         report = shaper.apply(wants(target))
-        timings[label] = {"seconds": time.monotonic() - started, "changes": len(report.changes)}
+        seconds, cpu = time.monotonic() - started, time.process_time() - cpu
+        timings.setdefault(label, []).append(
+            {"seconds": seconds, "cpu_seconds": cpu, "changes": len(report.changes), "loadavg": load}
+        )
+
+    timed("first_apply", state)
+    for _ in range(5):
+        timed("no_change", state)  # what every resync does
+    for _ in range(3):
+        # Drift: someone changed one class's rate on each tree; the resync repairs both.
+        for device in ("net2", ifb_name("net2")):
+            tc = ["tc", "class", "change", "dev", device, "parent", "4e47:", "classid", "4e47:2", "htb"]
+            subprocess.run([*tc, "rate", "1mbit"], check=True)
+        timed("resync_repairing_drift", state)
+    timed("one_rate_change", changed)
     scrapes = []
     for _ in range(5):
         started = time.monotonic()
@@ -187,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eips", type=int, default=1000, help="limited EIPs (at most 1,500)")
     parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run")
     parser.add_argument("--rates", default="5,10,50,200", help="limits to measure, Mbit/s")
+    parser.add_argument("--only", choices=("control",), help="the control plane only (no lab, no traffic)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -196,14 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         "eips": args.eips,
         "control_plane": control_plane(args.eips),
     }
-    results.update(lab_parts(args.eips, args.seconds, [float(r) for r in args.rates.split(",")]))
+    if args.only is None:
+        results.update(lab_parts(args.eips, args.seconds, [float(r) for r in args.rates.split(",")]))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"qos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"control plane, {args.eips} EIPs limited both ways ({2 * args.eips} classes and filters):")
     for label, value in results["control_plane"].items():
-        seconds = value.get("seconds", value.get("median"))
-        print(f"  {label:20} {seconds:8.3f} s  {value.get('changes', value.get('classes', ''))}")
+        if isinstance(value, list):
+            seconds = ", ".join(f"{run['seconds']:.3f}" for run in value)
+            cpu = ", ".join(f"{run['cpu_seconds']:.3f}" for run in value)
+            loads = ", ".join(f"{run['loadavg']:.1f}" for run in value)
+            print(f"  {label:22} {seconds} s (CPU {cpu} s; load {loads}), changes {value[0]['changes']}")
+        else:
+            print(f"  {label:22} {value['median']:8.3f} s  {value['classes']} classes")
+    if args.only is not None:
+        print(f"written to {out.relative_to(REPO)}")
+        return 0
     print(f"accuracy (iperf3 payload / limit; ideal {PAYLOAD:.3f}):")
     for row in results["accuracy"]:
         print(
