@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import natgwd
 from benchmarks.netns import bare_gateway
 from benchmarks.stats import summary
 from natgwd.lab.topology import SEED_STATE, Lab
@@ -76,6 +77,14 @@ def with_policy(state: dict[str, Any], name: str, direction: str, rate: float) -
 
 
 def _control_worker(namespace: str, count: int, queue: Any) -> None:
+    try:
+        _control(namespace, count, queue)
+    except BaseException as err:
+        queue.put({"error": repr(err)})  # the parent would otherwise wait for a result in vain
+        raise
+
+
+def _control(namespace: str, count: int, queue: Any) -> None:
     from pyroute2 import netns
 
     from natgwd.kernel.tc import KernelTc
@@ -101,7 +110,9 @@ def _control_worker(namespace: str, count: int, queue: Any) -> None:
     for _ in range(3):
         # Drift: someone changed one class's rate on each tree; the resync repairs both.
         for device in ("net2", ifb_name("net2")):
-            tc = ["tc", "class", "change", "dev", device, "parent", "4e47:", "classid", "4e47:2", "htb"]
+            listed = subprocess.run(["tc", "class", "show", "dev", device], capture_output=True, text=True).stdout
+            limited = next(line.split()[2] for line in listed.splitlines() if "4e47:fffe" not in line)
+            tc = ["tc", "class", "change", "dev", device, "parent", "4e47:", "classid", limited, "htb"]
             subprocess.run([*tc, "rate", "1mbit"], check=True)
         timed("resync_repairing_drift", state)
     timed("one_rate_change", changed)
@@ -124,6 +135,8 @@ def control_plane(count: int) -> dict[str, Any]:
         worker.start()
         result = queue.get(timeout=600)
         worker.join(30)
+    if "error" in result:
+        raise RuntimeError(f"the control-plane worker failed: {result['error']}")
     return dict(result)
 
 
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
         "eips": args.eips,
+        "natgwd_tree": str(Path(natgwd.__file__).resolve().parent),  # with PYTHONPATH, another tree's
         "control_plane": control_plane(args.eips),
     }
     if args.only is None:
@@ -227,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             loads = ", ".join(f"{run['loadavg']:.1f}" for run in value)
             print(f"  {label:22} {seconds} s (CPU {cpu} s; load {loads}), changes {value[0]['changes']}")
         else:
-            print(f"  {label:22} {value['median']:8.3f} s  {value['classes']} classes")
+            seconds = value.get("seconds", value.get("median"))
+            print(f"  {label:22} {seconds:8.3f} s  {value.get('changes', value.get('classes', ''))}")
     if args.only is not None:
         print(f"written to {out.relative_to(REPO)}")
         return 0
