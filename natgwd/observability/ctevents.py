@@ -410,6 +410,8 @@ RECV_BYTES = 1 << 18
 class EventSocket:
     """NEW and DESTROY events of this network namespace's conntrack table."""
 
+    _buffer: bytearray | None = None  # made at the first receive
+
     def __init__(self, buffer_bytes: int = 64 << 20) -> None:
         self.sock = _socket(GROUP_NEW | GROUP_DESTROY, buffer_bytes)
 
@@ -418,15 +420,22 @@ class EventSocket:
 
     def receive(self, block: bool = True) -> list[CtEvent]:
         """The events of one datagram; [] when none is waiting and `block` is False."""
+        if self._buffer is None:
+            self._buffer = bytearray(RECV_BYTES)
         try:
-            data = self.sock.recv(RECV_BYTES, 0 if block else socket.MSG_DONTWAIT)
+            # Into a buffer kept for the socket's life: recv() would allocate RECV_BYTES per
+            # datagram, and the kernel sends one datagram per event. That allocation, and
+            # giving it back, cost several times the decoding (38 against 7 us for a send
+            # and a receive, measured here).
+            size = self.sock.recv_into(self._buffer, RECV_BYTES, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return []
         except OSError as err:
             if err.errno == errno.ENOBUFS:
                 raise EventsLostError("the socket's buffer was full") from err
             raise
-        batch = parse(data)
+        with memoryview(self._buffer) as data:
+            batch = parse(data[:size])
         if batch.malformed:
             # The datagram's other events are dropped too: the recount supersedes them.
             raise EventsLostError(f"{batch.malformed} malformed message(s)")
