@@ -227,6 +227,9 @@ def _canonical(value: Any, quoted: bool) -> str:
         return " . ".join(_canonical(v, quoted) for v in value["concat"])
     if isinstance(value, dict) and "prefix" in value:  # an interval map's network
         return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+    if isinstance(value, dict) and "range" in value:  # a port block
+        first, last = value["range"]
+        return f"{first}-{last}"
     if isinstance(value, dict) and ("goto" in value or "jump" in value):
         verdict, target = next(iter(value.items()))
         return f"{verdict} {target['target']}"

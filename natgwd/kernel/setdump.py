@@ -68,7 +68,17 @@ def _interfaces(keys: list[bytes]) -> Iterable[str]:
 
 # traffic_key(direction, mark) is the direction's prefix and the mark: made once, not per element.
 _DIRECTION_PREFIXES = tuple(traffic_key(direction, "") for direction in DIRECTIONS)
+
+
+def _marks_and_addresses(keys: list[bytes]) -> Iterable[str]:
+    # port_block_attempts: the mark's register, then the address in network order.
+    marks = map(str, map(int.from_bytes, map(operator.getitem, keys, repeat(slice(0, 4))), repeat(sys.byteorder)))
+    addresses = (socket.inet_ntoa(key[4:8]) for key in keys)
+    return map(" . ".join, zip(marks, addresses, strict=True))
+
+
 _LAYOUTS = {
+    "mark . ipv4_addr": KeyLayout(8, _marks_and_addresses),
     "mark": KeyLayout(4, _marks),
     "ct_dir . mark": KeyLayout(8, _directions_and_marks),
     "ifname": KeyLayout(16, _interfaces),

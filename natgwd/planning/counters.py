@@ -17,9 +17,10 @@ from operator import itemgetter
 
 from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS
 from natgwd.planning.table import Counter, Element
 
-COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS, HANDED_OVER)
+COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS, HANDED_OVER, PORT_BLOCK_ATTEMPTS)
 
 
 # (key, packets, bytes, comment) as the kernel lists them: the key as read ("7",

@@ -87,6 +87,8 @@ from natgwd.planning.layout import (
 )
 from natgwd.planning.policy import network_ids
 from natgwd.planning.pools import Pool, counted, members, pool_chains, pool_shares
+from natgwd.planning.portblocks import ACCOUNT_RULE, block_elements, postrouting_rule
+from natgwd.planning.portblocks import SETS as PORT_BLOCK_SETS
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, ObjectSpec, SetSpec, TableContents
 from natgwd.planning.timeouts import (
     RETAINED_OBJECTS,
@@ -124,7 +126,7 @@ _STATIC_SETS = (
 
 def set_key_type(name: str) -> str:
     """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;")."""
-    body = next(spec.body for spec in (*_STATIC_SETS, *handover_sets(())) if spec.name == name)
+    body = next(spec.body for spec in (*_STATIC_SETS, *handover_sets(()), *PORT_BLOCK_SETS) if spec.name == name)
     return body.removeprefix("type ").split(";", 1)[0].split(" : ", 1)[0]
 
 
@@ -258,7 +260,7 @@ def _external_interfaces(state: DesiredState) -> str:
 
 
 def _postrouting(
-    state: DesiredState, family: Family, snat_prefixes: list[int], pooled: list[int], destined: bool
+    state: DesiredState, family: Family, snat_prefixes: list[int], pooled: list[int], destined: bool, blocked: bool
 ) -> tuple[str, ...]:
     internal = f'"{state.internal.interface}"'
     external = _external_interfaces(state)
@@ -276,6 +278,7 @@ def _postrouting(
         f"snat {ip} to {ip} saddr map @{name(FIP_OUT_TARGET)}",
         # SNAT rules by destination, before those by source alone (natgwd.state.destinations).
         *(_destined(external, family) if destined else ()),
+        *((postrouting_rule(external),) if blocked and family is V4 else ()),
         *(
             rule
             for p in snat_prefixes
@@ -312,7 +315,9 @@ def _chains(
     snat_prefixes: dict[Family, list[int]],
     pooled: dict[Family, list[int]],
     destined: frozenset[Family],
+    blocked: bool,
 ) -> tuple[ChainSpec, ...]:
+    """`blocked`: some SNAT rule has port blocks."""
     return (
         ChainSpec(
             PREROUTING,
@@ -326,7 +331,7 @@ def _chains(
                 *(
                     rule
                     for family, prefixes in snat_prefixes.items()
-                    for rule in _postrouting(state, family, prefixes, pooled[family], family in destined)
+                    for rule in _postrouting(state, family, prefixes, pooled[family], family in destined, blocked)
                 ),
                 *_masquerade(state),
             ),
@@ -340,6 +345,7 @@ def _chains(
                 # confirmed yet (`ct state new` would also match retransmits before a reply).
                 f"ct status & confirmed == 0 ct mark @{RULE_CONNECTIONS}",
                 f"ct direction . ct mark @{RULE_TRAFFIC}",
+                *((ACCOUNT_RULE,) if blocked else ()),
             ),
         ),
         ChainSpec(
@@ -474,6 +480,8 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
             ]
     else:
         elements += _snat_elements(rule, eip, mark, marked, frame)
+        if rule.port_block is not None:
+            elements += block_elements(rule, eip, marked)
     return elements
 
 
@@ -700,6 +708,7 @@ class TableChange:
     pool_prefixes: CounterOf[tuple[int, int]]
     timeout_policies: CounterOf[TimeoutPolicy] = field(default_factory=CounterOf)  # rules per policy
     objects: tuple[ObjectSpec, ...] = ()
+    port_block_rules: int = 0
 
 
 class TablePlan:
@@ -731,6 +740,7 @@ class TablePlan:
         self.replies: CounterOf[tuple[str, str]] = CounterOf()
         self.timeout_policies: CounterOf[TimeoutPolicy] = CounterOf()
         self.objects: tuple[ObjectSpec, ...] = ()
+        self.port_block_rules = 0  # SNAT rules with port blocks: their sets and rules exist while any do
         # Created in the sets' order, which the transaction's element commands follow.
         self.elements.update((spec.name, {}) for spec in _sets(self.frame, {}, {}))
         for set_name, key, element in _frame_elements(state, self.frame):
@@ -769,6 +779,9 @@ class TablePlan:
         pools, pooled = dict(self.pools), CounterOf(self.pool_prefixes)
         replies = CounterOf(self.replies) if self.frame.group_of is not None else self.replies
         policies = CounterOf(self.timeout_policies)
+        blocked = self.port_block_rules
+        blocked -= sum(1 for rule, _ in removed if isinstance(rule, SnatRule) and rule.port_block is not None)
+        blocked += sum(1 for rule, _ in added if isinstance(rule, SnatRule) and rule.port_block is not None)
         for rule, labels in removed:
             mark = self.ids[labels]
             for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
@@ -811,8 +824,9 @@ class TablePlan:
         destined = frozenset(f for f in self.frame.families if prefixes[f.version, DESTINED] > 0)
         pool_families = frozenset(pool.family for pool in pools.values())
         sets = _sets(self.frame, by_family, pooled_by_family, destined, pool_families)
+        sets += PORT_BLOCK_SETS if blocked else ()
         chains = _share_chains(groups) + pool_chains(pools, self.frame.draining)
-        chains += _chains(state, by_family, pooled_by_family, destined)
+        chains += _chains(state, by_family, pooled_by_family, destined, blocked > 0)
         chains += _untracked(self.untracked)
         if self.frame.network_of is not None:
             chains += (_steer(state, by_family, destined),)
@@ -836,6 +850,7 @@ class TablePlan:
             pooled,
             +policies,
             timeout_objects(in_use),
+            blocked,
         )
 
     def _count_policy(self, rule: Rule, policies: CounterOf[TimeoutPolicy], sign: int) -> None:
@@ -900,6 +915,7 @@ class TablePlan:
         self.pools, self.pool_prefixes = change.pools, +change.pool_prefixes
         self.replies = change.replies
         self.timeout_policies, self.objects = change.timeout_policies, change.objects
+        self.port_block_rules = change.port_block_rules
 
 
 def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from natgwd.state.ha import HaConfig
     from natgwd.state.scaleout import ScaleOutConfig
 
+from natgwd.state.portblocks import PortBlock
 from natgwd.state.qos import QosPolicy
 from natgwd.state.timeouts import TimeoutPolicy
 
@@ -124,6 +125,7 @@ class SnatRule:
     pool: tuple[str, ...] = ()
     # Only connections to these networks, before the rules by source alone (natgwd.state.destinations).
     destinations: tuple[IPNetwork, ...] = ()
+    port_block: PortBlock | None = None  # a fixed block of ports per internal address
 
     @cached_property
     def family(self) -> Family:

@@ -33,6 +33,7 @@ from natgwd.state.model import (
     SnatRule,
 )
 from natgwd.state.pools import not_draining, snat_pool_rule
+from natgwd.state.portblocks import DEFAULT_FIRST_PORT, Blocked, PortBlock, check_alone, check_together
 from natgwd.state.ports import port_range
 from natgwd.state.problems import InvalidValueError, Problems
 from natgwd.state.timeouts import parse_timeouts
@@ -170,7 +171,36 @@ def snat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Prob
         rule = SnatRule(item["name"], item["eip"], cidr, parse_timeouts(item.get("timeouts")))
     if rule is None or to is None:
         return None
-    return replace(rule, destinations=to) if to else rule
+    if to:
+        rule = replace(rule, destinations=to)
+    if "portBlock" in item:
+        block = _port_block(item, index, ctx, rule, problems)
+        return replace(rule, port_block=block) if block is not None else None
+    return rule
+
+
+def _port_block(
+    item: dict[str, Any], index: int, ctx: RuleContext, rule: SnatRule, problems: Problems
+) -> PortBlock | None:
+    """The rule's port blocks, when they fit and the rule has one EIP, not draining, for
+    every destination (natgwd.state.portblocks)."""
+    if "eips" in item or rule.destinations:
+        other = "a pool (eips)" if "eips" in item else "destinations"
+        problems.item(
+            "snat",
+            index,
+            "portBlock",
+            f"a rule with {other} cannot give port blocks: they need one EIP for every connection",
+        )
+        return None
+    if ctx.eips[rule.eip].draining:
+        problems.item(
+            "snat", index, "portBlock", f"EIP {rule.eip!r} is draining: port blocks would still give its ports out"
+        )
+        return None
+    fields = item["portBlock"]
+    block = PortBlock(fields["size"], fields.get("firstPort", DEFAULT_FIRST_PORT))
+    return block if check_alone(rule.internal_cidr, block, index, problems) else None
 
 
 def dnat_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Problems) -> DnatRule | None:
@@ -214,6 +244,13 @@ def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Probl
     if not ctx.same_family(problems, "fip", index, "internalIp", item["eip"], address):
         return None
     return FipRule(item["name"], item["eip"], address, parse_timeouts(item.get("timeouts")))
+
+
+def port_block_conflicts(index: RuleIndex, problems: Problems) -> None:
+    """The checks of port blocks between the SNAT rules of `index` (natgwd.state.portblocks)."""
+    names = index.names["snat"]
+    rules = [r for r in index.rules["snat"].values() if isinstance(r, SnatRule)]
+    check_together((Blocked(names[r.name], r.name, r.eip, r.internal_cidr, r.port_block) for r in rules), problems)
 
 
 RULE_CHECKS: dict[RuleKind, Callable[[dict[str, Any], int, RuleContext, Problems], Rule | None]] = {

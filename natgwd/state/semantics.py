@@ -33,7 +33,15 @@ from natgwd.state.model import (
 )
 from natgwd.state.problems import InvalidStateError, Problems
 from natgwd.state.qos_validation import qos_policies
-from natgwd.state.rules import RULE_CHECKS, Rule, RuleContext, RuleIndex, family_name, usable_address
+from natgwd.state.rules import (
+    RULE_CHECKS,
+    Rule,
+    RuleContext,
+    RuleIndex,
+    family_name,
+    port_block_conflicts,
+    usable_address,
+)
 from natgwd.state.rules import network as parse_network
 from natgwd.state.scaleout import ScaleOutConfig, parse_scale_out
 from natgwd.state.timeouts import parse_timeouts
@@ -137,6 +145,8 @@ class Semantics:
                 if rule is not None and index.add(rule, i, self.problems):
                     rules.append(rule)
             accepted[kind] = tuple(rules)
+            if kind == "snat":
+                port_block_conflicts(index, self.problems)
         return index, accepted
 
     def _ha(self, internal: InternalSide, external: ExternalSide) -> HaConfig | None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from natgwd.state.decode import check_depth, decode_text, scanner, text_of
-from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind
+from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind, SnatRule
 from natgwd.state.problems import Problems
-from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex
+from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex, port_block_conflicts
 from natgwd.state.semantics import Validated
 from natgwd.state.shape import has_control_character, item_shape_ok, may_hold_control_characters, schema
 from natgwd.state.spans import Layout, Splice, layout_of, splice
@@ -217,6 +217,10 @@ class StateTracker:
             added.append(rule)
             if kind == "dnat" and _ports_include_integer_one(item):
                 port_one.add(item["name"])
+        if any(isinstance(rule, SnatRule) for rule in (*removed, *added)):
+            port_block_conflicts(index, problems)
+            if problems:
+                return None
         state = _with_rules(last, index, document, windows)
         return state, RuleDelta(tuple(removed), tuple(added)), frozenset(port_one)
 

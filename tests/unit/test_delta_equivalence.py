@@ -77,6 +77,8 @@ timeouts = st.sampled_from(
 # A gateway policy, so that rules without their own have one too.
 TIMED: dict[str, Any] = {**FRAME, "timeouts": {"tcpEstablished": 1200, "udp": 30}}
 
+# Port blocks: fitting a /24 or /26, too big for a /24, or on IPv6 (refused).
+port_blocks = st.sampled_from([{"size": 200}, {"size": 252, "firstPort": 1024}, {"size": 900, "firstPort": 2000}])
 pools = st.lists(eips, min_size=1, max_size=3)  # a SNAT pool (natgwd.planning.pools)
 # SNAT rules by destination (natgwd.state.destinations), overlapping often.
 destinations = st.lists(
@@ -87,7 +89,7 @@ destinations = st.lists(
 snat_items = st.one_of(
     st.fixed_dictionaries(
         {"name": names, "eip": eips, "internalCIDR": cidrs},
-        optional={"timeouts": timeouts, "destinations": destinations},
+        optional={"timeouts": timeouts, "destinations": destinations, "portBlock": port_blocks},
     ),
     st.fixed_dictionaries(
         {"name": names, "eips": pools, "internalCIDR": cidrs},
@@ -110,7 +112,14 @@ dnat_items = st.fixed_dictionaries(
 )
 ITEMS = {"snat": snat_items, "dnat": dnat_items, "fip": fip_items}
 FIELDS = {
-    "snat": {"eip": eips, "eips": pools, "internalCIDR": cidrs, "timeouts": timeouts, "destinations": destinations},
+    "snat": {
+        "eip": eips,
+        "eips": pools,
+        "internalCIDR": cidrs,
+        "timeouts": timeouts,
+        "destinations": destinations,
+        "portBlock": port_blocks,
+    },
     "dnat": {
         "eip": eips,
         "externalPort": ports,

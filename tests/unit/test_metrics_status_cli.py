@@ -160,7 +160,13 @@ def test_counting_sets_are_read_at_scrape_time() -> None:
     line = 'natgwd_rule_connections_total{kind="dnat",name="dnat01",eip="10.115.55.200"}'
     assert f"{line} 5\n" in first
     assert f"{line} 7\n" in second
-    assert COUNTING_SETS == ("rule_connections", "rule_traffic", "invalid_dropped", "handed_over")
+    assert COUNTING_SETS == (
+        "rule_connections",
+        "rule_traffic",
+        "invalid_dropped",
+        "handed_over",
+        "port_block_attempts",
+    )
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_unknown_top_level_field() -> None:
         (("internal", "routes", 0), "$.internal.routes[0].mtu", "dst, via"),
         (("external",), "$.external.mtu", "addresses, defaultRoute, gateway, gateway6, interface, name"),
         (("eips", 0), "$.eips[0].mtu", "bgp, draining, externalSubnet, name, qosPolicy, v4ip, v6ip"),
-        (("snat", 0), "$.snat[0].mtu", "destinations, eip, eips, internalCIDR, name, timeouts"),
+        (("snat", 0), "$.snat[0].mtu", "destinations, eip, eips, internalCIDR, name, portBlock, timeouts"),
         (("dnat", 0), "$.dnat[0].mtu", "eip, externalPort, internalIp, internalPort, name, protocol, timeouts, type"),
         (("fip", 0), "$.fip[0].mtu", "eip, internalIp, name, timeouts"),
     ],
@@ -217,7 +217,7 @@ def test_misspelled_field_reports_unknown_and_missing() -> None:
         ("$.snat[0].internalCIDR", "required field is missing"),
         (
             "$.snat[0].internalCidr",
-            "unknown field (allowed here: destinations, eip, eips, internalCIDR, name, timeouts)",
+            "unknown field (allowed here: destinations, eip, eips, internalCIDR, name, portBlock, timeouts)",
         ),
     ]
 

@@ -1,0 +1,206 @@
+"""Port blocks per internal address: the layout (natgwd.state.portblocks), the checks of
+`natgwd check`, and the table they become (natgwd.planning.portblocks), whole and by
+delta."""
+
+from __future__ import annotations
+
+import copy
+import json
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+
+from natgwd.kernel.fake import FakeNft
+from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.plan import TablePlan, assign_ids, desired_table
+from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS, PORT_BLOCK_RULE, PORT_BLOCKS
+from natgwd.planning.table import Element
+from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.portblocks import PortBlock, blocks, owner
+from natgwd.state.problems import InvalidStateError
+from natgwd.state.tracker import StateTracker
+from natgwd.state.validation import load_state, validate_document
+from tests.unit.fakes import FakeLinks
+
+EIP = "10.115.55.200"
+
+
+def blocked(size: int = 1000, first: int | None = None, cidr: str = "172.20.10.0/30") -> dict[str, Any]:
+    doc = copy.deepcopy(SEED_STATE)
+    doc["fip"] = []
+    doc["snat"][0]["internalCIDR"] = cidr
+    doc["snat"][0]["portBlock"] = {"size": size} | ({"firstPort": first} if first is not None else {})
+    return doc
+
+
+def problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(InvalidStateError) as caught:
+        validate_document(doc)
+    return [(p.path, p.reason) for p in caught.value.problems]
+
+
+# --- the layout ----------------------------------------------------------------------------
+
+
+def test_blocks_follow_the_addresses_in_order_from_the_first_port() -> None:
+    cidr, block = IPv4Network("172.20.10.0/30"), PortBlock(1000, 2000)
+    assert list(blocks(cidr, block)) == [
+        (IPv4Address("172.20.10.0"), 2000, 2999),
+        (IPv4Address("172.20.10.1"), 3000, 3999),
+        (IPv4Address("172.20.10.2"), 4000, 4999),
+        (IPv4Address("172.20.10.3"), 5000, 5999),
+    ]
+    assert owner(cidr, block, 2000) == IPv4Address("172.20.10.0")
+    assert owner(cidr, block, 4999) == IPv4Address("172.20.10.2")
+    assert owner(cidr, block, 5999) == IPv4Address("172.20.10.3")
+    assert owner(cidr, block, 1999) is None
+    assert owner(cidr, block, 6000) is None
+
+
+def test_the_default_first_port_is_1024() -> None:
+    state = load_state(json.dumps(blocked(252, cidr="172.20.10.0/24")).encode())
+    assert state.snat[0].port_block == PortBlock(252, 1024)
+
+
+# --- natgwd check ----------------------------------------------------------------------------
+
+
+def test_a_cidr_too_large_for_its_ports_names_the_numbers() -> None:
+    assert problems(blocked(253, cidr="172.20.10.0/24")) == [
+        (
+            "$.snat[0].portBlock.size",
+            "172.20.10.0/24 has 256 addresses: 256 blocks of 253 ports from port 1024 end at 65791, past 65535 "
+            "(at most 252 ports each from port 1024, or a smaller CIDR)",
+        )
+    ]
+
+
+def test_a_block_past_the_last_port_is_refused() -> None:
+    assert problems(blocked(1000, first=65000)) == [
+        ("$.snat[0].portBlock.size", "a block of 1000 ports from port 65000 ends past 65535")
+    ]
+
+
+def test_the_schema_refuses_a_size_of_zero_and_unknown_fields() -> None:
+    doc = blocked(0)
+    doc["snat"][0]["portBlock"]["first"] = 5
+    found = problems(doc)
+    assert ("$.snat[0].portBlock.first", "unknown field (allowed here: firstPort, size)") in found
+    assert any(path == "$.snat[0].portBlock.size" for path, _ in found)
+
+
+def test_port_blocks_are_ipv4_only() -> None:
+    doc = blocked()
+    doc["eips"][0]["v6ip"] = "fd00:115::200"
+    doc["internal"]["addresses"].append("fd00:10::fe/64")
+    doc["snat"][0]["internalCIDR"] = "fd00:10::/126"
+    assert problems(doc) == [("$.snat[0].portBlock", "port blocks are IPv4 only; fd00:10::/126 is IPv6")]
+
+
+def test_another_snat_rule_on_the_eip_is_refused() -> None:
+    doc = blocked()
+    doc["snat"].append({"name": "other", "eip": "my-eip", "internalCIDR": "172.20.11.0/24"})
+    assert problems(doc) == [
+        (
+            "$.snat[1].eip",
+            "EIP 'my-eip' gives port blocks to snat[0] ('my-snat'); another SNAT rule on it would take ports "
+            "from the blocks",
+        )
+    ]
+
+
+def test_a_snat_cidr_inside_a_blocked_one_is_refused_a_wider_one_is_not() -> None:
+    doc = blocked(cidr="172.20.10.0/24", size=200)
+    doc["snat"].append({"name": "inside", "eip": "my-eip2", "internalCIDR": "172.20.10.0/28"})
+    assert problems(doc) == [
+        (
+            "$.snat[1].internalCIDR",
+            "172.20.10.0/28 lies inside 172.20.10.0/24 of snat[0] ('my-snat'), which gives port blocks; its "
+            "addresses keep their blocks",
+        )
+    ]
+    doc["snat"][1]["internalCIDR"] = "172.20.0.0/16"
+    assert load_state(json.dumps(doc).encode()).snat[1].port_block is None
+
+
+def test_two_blocked_rules_share_an_eip_on_separate_ports() -> None:
+    doc = blocked(cidr="172.20.10.0/30")
+    doc["snat"].append(
+        {"name": "second", "eip": "my-eip", "internalCIDR": "172.20.10.4/30", "portBlock": {"size": 1000}}
+    )
+    assert problems(doc) == [
+        (
+            "$.snat[1].portBlock",
+            "ports 1024-5023 of EIP 'my-eip' overlap ports 1024-5023 of snat[0] ('my-snat')",
+        )
+    ]
+    doc["snat"][1]["portBlock"]["firstPort"] = 5024
+    assert len(load_state(json.dumps(doc).encode()).snat) == 2
+
+
+def test_the_delta_path_refuses_what_the_full_path_refuses() -> None:
+    tracker = StateTracker()
+    tracker.accept(tracker.check(json.dumps(blocked()).encode()))
+    doc = blocked()
+    doc["snat"].append({"name": "other", "eip": "my-eip", "internalCIDR": "172.20.11.0/24"})
+    with pytest.raises(InvalidStateError) as caught:
+        tracker.check(json.dumps(doc).encode())
+    assert [p.path for p in caught.value.problems] == ["$.snat[1].eip"]
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def test_each_address_gets_its_block_its_rule_id_and_a_counting_element() -> None:
+    state = load_state(json.dumps(blocked(1000, first=2000)).encode())
+    ids = assign_ids(state, {})
+    mark = str(ids[next(labels for labels in ids if labels.kind == "snat")])
+    table = desired_table(state, ids)
+    assert table.elements[PORT_BLOCKS] == {
+        "172.20.10.0": Element(f"{EIP} . 2000-2999"),
+        "172.20.10.1": Element(f"{EIP} . 3000-3999"),
+        "172.20.10.2": Element(f"{EIP} . 4000-4999"),
+        "172.20.10.3": Element(f"{EIP} . 5000-5999"),
+    }
+    assert set(table.elements[PORT_BLOCK_RULE].values()) == {Element(mark)}
+    assert set(table.elements[PORT_BLOCK_ATTEMPTS]) == {f"{mark} . 172.20.10.{i}" for i in range(4)}
+    # The rule stays in the SNAT maps: ICMP and other protocols leave through them.
+    assert table.elements["snat_p30_target"] == {"172.20.10.0": Element(EIP)}
+    chains = {chain.name: chain.rules for chain in table.chains}
+    postrouting = chains["postrouting"]
+    blocks_at = next(i for i, rule in enumerate(postrouting) if f"@{PORT_BLOCKS}" in rule)
+    assert "meta l4proto { tcp, udp }" in postrouting[blocks_at]
+    assert blocks_at > next(i for i, rule in enumerate(postrouting) if "@fip_out_rule" in rule)
+    assert blocks_at < next(i for i, rule in enumerate(postrouting) if "@snat_p30_rule" in rule)
+    assert any(f"@{PORT_BLOCK_ATTEMPTS}" in rule for rule in chains["account"])
+
+
+def test_a_table_without_port_blocks_has_none_of_their_parts() -> None:
+    state = load_state(json.dumps(SEED_STATE).encode())
+    table = desired_table(state, assign_ids(state, {}))
+    assert not {PORT_BLOCKS, PORT_BLOCK_RULE, PORT_BLOCK_ATTEMPTS} & {s.name for s in table.sets}
+    assert not any("port_block" in rule for chain in table.chains for rule in chain.rules)
+
+
+def test_a_change_of_blocks_is_planned_by_delta_like_the_full_plan() -> None:
+    """Blocks added, resized, then removed: the delta path's kernel equals a full plan's."""
+    docs = [copy.deepcopy(SEED_STATE), blocked(1000), blocked(500, first=3000), copy.deepcopy(SEED_STATE)]
+    docs[0]["fip"] = docs[3]["fip"] = []
+    docs[0]["snat"][0]["internalCIDR"] = docs[3]["snat"][0]["internalCIDR"] = "172.20.10.0/30"
+    tracker = StateTracker()
+    by_delta = Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
+    for doc in docs:
+        change = tracker.check(json.dumps(doc).encode())
+        assert change.delta is not None or tracker.state is None
+        outcome = by_delta.apply(change.state, change.delta, change.base)
+        tracker.accept(change)
+        assert outcome.by_delta == (change.delta is not None)
+        in_full = Reconciler(FakeNft(), FakeLinks(), ensure_forwarding=lambda: False)
+        in_full.apply(change.state)
+        kernel = by_delta.nft.table  # type: ignore[attr-defined]
+        assert kernel == in_full.nft.table  # type: ignore[attr-defined]
+        assert (PORT_BLOCKS in kernel.sets) == ("portBlock" in doc["snat"][0])
+    state = load_state(json.dumps(docs[2]).encode())
+    plan = TablePlan(state, assign_ids(state, {}))
+    assert plan.port_block_rules == 1
