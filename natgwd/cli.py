@@ -1,4 +1,4 @@
-"""Command line: run, check, render, status, import, top, cleanup."""
+"""Command line: run, check, render, status, whois, import, top, cleanup."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import gc
 import json
 import os
 import sys
+from datetime import UTC, datetime
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,11 +18,12 @@ from natgwd.bgp.status import NeighborStatus
 from natgwd.io import applied, paths
 from natgwd.io.files import UnreadableStateError, read_state_file
 from natgwd.kubeovn.importer import cli as kubeovn_import
-from natgwd.state.model import DesiredState, IPNetwork
+from natgwd.state.model import DesiredState, IPAddress, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 
 if TYPE_CHECKING:
     from natgwd.ha.scale_status import GroupStatus
+    from natgwd.io import portblock_history
     from natgwd.planning.table import TableContents
 
 # Loopback and the pod's own address (natgwd.runtime.listeners): the drop-in's pod spec (the
@@ -234,10 +237,81 @@ def _run(args: argparse.Namespace) -> int:
             edit_port=args.edit_port,
             edit_token_path=Path(args.edit_token),
             edit_fold_after=args.edit_fold_after,
+            port_block_history_path=_history_path(args),
         )
         return Daemon(config, reconciler, make_ha=ha, make_watch=make_watch, make_bgp=bgp).run()
     except StartupError as err:
         return report(err)
+
+
+def _history_path(args: argparse.Namespace) -> Path | None:
+    """--port-block-history, by default beside the applied-state record ('' for nowhere)."""
+    if args.port_block_history is not None:
+        return Path(args.port_block_history) if args.port_block_history else None
+    if not args.applied_state:
+        return None
+    return Path(args.applied_state).with_name(paths.PORT_BLOCK_HISTORY.name)
+
+
+def _whois(args: argparse.Namespace) -> int:
+    from natgwd.io import portblock_history
+
+    eip, port = args.endpoint
+    path = Path(args.history)
+    try:
+        entries = portblock_history.read(path) if path.exists() else []
+    except (OSError, ValueError) as err:
+        print(f"{path}: cannot read: {err}", file=sys.stderr)
+        return 2
+    at = args.at or datetime.now(UTC)
+    answer = portblock_history.whois(entries, eip, port, at)
+    when = at.isoformat()
+    if answer.entry is None:
+        since = f"it starts at {answer.history_starts.isoformat()}" if answer.history_starts else "it is empty"
+        print(f"{eip}:{port} at {when}: unknown: no port-block layout recorded then in {path} ({since})")
+        return 2
+    applied_at = answer.entry.applied_at.isoformat()
+    if answer.address is None or answer.blocks is None:
+        print(f"{eip}:{port} at {when}: in no port block (layout applied at {applied_at})")
+        return 1
+    first, last = _block_of(answer.blocks, answer.address)
+    print(
+        f"{eip}:{port} at {when}: {answer.address} (snat rule {answer.blocks.rule}, "
+        f"block {first}-{last}, layout applied at {applied_at})"
+    )
+    return 0
+
+
+def _block_of(blocks: portblock_history.Blocks, address: IPAddress) -> tuple[int, int]:
+    offset = int(address) - int(ip_network(blocks.cidr).network_address)
+    first = blocks.first_port + offset * blocks.size
+    return first, first + blocks.size - 1
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """EIP:PORT ([EIP]:PORT for IPv6)."""
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not EIP:PORT (an address, then a port)") from None
+    return host, _port(port)
+
+
+def _time(text: str) -> datetime:
+    """ISO 8601 (UTC unless it names a zone) or seconds since the epoch."""
+    try:
+        return datetime.fromtimestamp(float(text), UTC)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: ISO 8601 such as 2026-12-07T14:02:00Z, or seconds since the epoch"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -334,6 +408,12 @@ def parser() -> argparse.ArgumentParser:
     )
     add_allow_writable(run)
     run.add_argument(
+        "--port-block-history",
+        default=None,
+        help=f"where to keep the applied port-block layouts for `natgwd whois` ('' for nowhere; default: "
+        f"{paths.PORT_BLOCK_HISTORY.name} beside --applied-state)",
+    )
+    run.add_argument(
         "--ha-run-dir", default=str(paths.HA_RUN_DIR), help="with an ha section: keepalived's and conntrackd's files"
     )
     run.add_argument(
@@ -385,6 +465,21 @@ def parser() -> argparse.ArgumentParser:
         "--bgp-run-dir", default=str(paths.BGP_RUN_DIR), help="the BGP speaker's FRR directory (natgwd run's)"
     )
     status.set_defaults(func=_status)
+
+    whois = sub.add_parser(
+        "whois", help="which internal address held an EIP's port (port blocks), now or at a past time"
+    )
+    whois.add_argument("endpoint", type=_endpoint, metavar="EIP:PORT", help="the EIP and the port seen outside")
+    whois.add_argument(
+        "--at",
+        type=_time,
+        default=None,
+        help="the time (ISO 8601, UTC unless it names a zone, or seconds since the epoch; default: now)",
+    )
+    whois.add_argument(
+        "--history", default=str(paths.PORT_BLOCK_HISTORY), help="the daemon's history of port-block layouts"
+    )
+    whois.set_defaults(func=_whois)
 
     imported = sub.add_parser(
         "import", help="write the desired state of a Kube-OVN VPC NAT gateway from its objects (kubectl get -o yaml)"

@@ -33,6 +33,7 @@ def _flow(entry: object) -> Flow:
         reply_src=reply.saddr,
         reply_sport=reply.sport,
         reply_dst=reply.daddr,
+        reply_dport=reply.dport,
         mark=entry.mark or 0,  # type: ignore[attr-defined]
     )
 

@@ -16,9 +16,11 @@ from typing import TypeVar
 
 from natgwd.planning.plan import address_text, eip_texts
 from natgwd.state.model import DesiredState, DnatRule, FipRule, IPAddress, IPNetwork, SnatRule
+from natgwd.state.portblocks import blocks
 from natgwd.state.tracker import RuleDelta
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
+BLOCKED_PROTOCOLS = (6, 17)  # the protocols port blocks translate (natgwd.planning.portblocks)
 R = TypeVar("R")
 Target = str | frozenset[str]  # a SNAT rule's EIP, or its pool's EIPs (any of them is right)
 
@@ -36,6 +38,7 @@ class Flow:
     reply_sport: int | None
     reply_dst: str
     mark: int
+    reply_dport: int | None = None  # after source NAT: the EIP's port
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,14 @@ class Translations:
             else:
                 self.snat.setdefault((cidr.version, cidr.prefixlen), {})[cidr.network_address] = target
         self.snat_prefixes = sorted(self.snat, reverse=True)
+        # A port block's connections must keep inside the address's block: whois answers
+        # by the block, so one left in another address's block after a change is stale.
+        self.blocks = {
+            address_text(address): (eip[s.eip, s.family], first, last)
+            for s in state.snat
+            if s.port_block is not None
+            for address, first, last in blocks(s.internal_cidr, s.port_block)
+        }
         self.internal = [a.network for a in state.internal.addresses] + [r.dst for r in state.internal.routes]
         self.local = {address_text(a.ip) for a in (*state.internal.addresses, *state.external.addresses)}
         self.local |= set(eip.values())
@@ -144,7 +155,12 @@ class Translations:
             return None
         if target is not None:
             kept = flow.reply_dst == target if isinstance(target, str) else flow.reply_dst in target
-            return None if kept else "snat"
+            if not kept:
+                return "snat"
+            block = self.blocks.get(flow.orig_src)
+            if block is None or flow.reply_dst != block[0] or flow.proto not in BLOCKED_PROTOCOLS:
+                return None  # (a rule by destination may send it through another EIP)
+            return None if flow.reply_dport is None or block[1] <= flow.reply_dport <= block[2] else "snat"
         if flow.reply_dst != flow.orig_src and self._from_removed_rule(flow):
             return "removed"
         return None

@@ -30,6 +30,7 @@ from natgwd.bgp.ownership import Ownership, SoleOwner
 from natgwd.bgp.speaker import BgpSpeaker
 from natgwd.ha.controller import HaController
 from natgwd.io import paths
+from natgwd.io.portblock_history import History
 from natgwd.kernel.garp import Announcer
 from natgwd.kernel.netlink import usable_addresses
 from natgwd.kernel.nft import NftError
@@ -73,6 +74,7 @@ class DaemonConfig:
     edit_port: int | None = None  # nat-gateway.sh calls on 127.0.0.1:PORT (0: any free port)
     edit_token_path: Path = paths.EDIT_TOKEN
     edit_fold_after: float = COMPACT_IDLE_SECONDS  # seconds without a call before the edit log is folded in
+    port_block_history_path: Path | None = None  # the applied port-block layouts, for `natgwd whois`
 
 
 class Daemon:
@@ -138,6 +140,7 @@ class Daemon:
         )
         self.retry = Backoff()
         self.record = AppliedRecord(config.applied_state_path)
+        self.port_blocks = History(config.port_block_history_path)
         self._next_resync = time.monotonic() + config.resync_interval
 
     # --- lifecycle --------------------------------------------------------------------
@@ -353,6 +356,7 @@ class Daemon:
         opened once it is applied where it allows."""
         self._follow_listeners(change.state, widen=False)
         outcome = self.reconciler.apply(change.state, change.delta, change.base)
+        self.port_blocks.applied(change.state, time.time())
         self._follow_listeners(change.state, widen=True)
         return outcome
 

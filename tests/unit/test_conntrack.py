@@ -36,7 +36,7 @@ class Entry:
         self.tuple_orig = SimpleNamespace(
             proto=6, saddr=f"10.115.{index // 250 % 250}.{index % 250 + 1}", daddr="10.115.55.200", dport=8888
         )
-        self.tuple_reply = SimpleNamespace(saddr=backend, sport=80, daddr=self.tuple_orig.saddr)
+        self.tuple_reply = SimpleNamespace(saddr=backend, sport=80, daddr=self.tuple_orig.saddr, dport=40000)
         self.mark = 2
         Entry.alive += 1
         Entry.most_alive = max(Entry.most_alive, Entry.alive)

@@ -174,7 +174,7 @@ def test_a_changed_v6ip_needs_both_addresses_dumped_and_they_go_to_the_ipv6_dump
     def entry(daddr: str) -> SimpleNamespace:
         return SimpleNamespace(
             tuple_orig=SimpleNamespace(proto=6, saddr=UP, daddr=daddr, dport=80),
-            tuple_reply=SimpleNamespace(saddr="fd00:10::3", sport=80, daddr=UP),
+            tuple_reply=SimpleNamespace(saddr="fd00:10::3", sport=80, daddr=UP, dport=40000),
             mark=0,
         )
 

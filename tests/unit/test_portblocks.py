@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from natgwd.io.portblock_history import Answer, History, read, whois
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.plan import TablePlan, assign_ids, desired_table
 from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS, PORT_BLOCK_RULE, PORT_BLOCKS
+from natgwd.planning.stale import Flow, Translations
 from natgwd.planning.table import Element
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.portblocks import PortBlock, blocks, owner
@@ -204,3 +208,67 @@ def test_a_change_of_blocks_is_planned_by_delta_like_the_full_plan() -> None:
     state = load_state(json.dumps(docs[2]).encode())
     plan = TablePlan(state, assign_ids(state, {}))
     assert plan.port_block_rules == 1
+
+
+# --- conntrack entries after a change of blocks -----------------------------------------------
+
+
+def flow(source: str, port: int, proto: int = 6) -> Flow:
+    return Flow(proto, source, "10.115.48.9", 80, "10.115.48.9", 80, EIP, 1, reply_dport=port)
+
+
+def test_a_connection_outside_its_address_block_is_stale() -> None:
+    state = load_state(json.dumps(blocked(1000, first=2000)).encode())
+    translations = Translations(state, [1, 2])
+    assert translations.stale(flow("172.20.10.1", 3500)) is None
+    assert translations.stale(flow("172.20.10.1", 2500)) == "snat"  # 172.20.10.0's block
+    assert translations.stale(flow("172.20.10.1", 2500, proto=17)) == "snat"
+    # ICMP has no port: its echo id is whatever nf_nat made it.
+    assert translations.stale(flow("172.20.10.1", 2500, proto=1)) is None
+
+
+# --- the history and whois --------------------------------------------------------------------
+
+
+def test_whois_answers_from_the_layout_in_force_then(tmp_path: Path) -> None:
+    path = tmp_path / "port-blocks.json"
+    history = History(path)
+    first, resized = blocked(1000, first=2000), blocked(500, first=2000)
+    history.applied(load_state(json.dumps(first).encode()), 1000.0)
+    history.applied(load_state(json.dumps(first).encode()), 1500.0)  # the same layout: no entry
+    history.applied(load_state(json.dumps(resized).encode()), 2000.0)
+    entries = read(path)  # what a restarted daemon, or whois, reads
+    assert [e.applied_at.timestamp() for e in entries] == [1000.0, 2000.0]
+
+    def at(seconds: float, port: int = 2600) -> Answer:
+        return whois(entries, EIP, port, datetime.fromtimestamp(seconds, UTC))
+
+    assert at(999.0) == Answer(None, None, history_starts=entries[0].applied_at)
+    assert at(1000.0).address == IPv4Address("172.20.10.0")
+    assert at(1999.9).address == IPv4Address("172.20.10.0")
+    assert at(2000.0).address == IPv4Address("172.20.10.1")
+    assert at(2000.0, port=1999).address is None
+    assert at(2000.0, port=1999).entry == entries[1]
+    assert whois(entries, "10.115.55.201", 2600, datetime.fromtimestamp(3000.0, UTC)).address is None
+    # A restarted daemon appends to what is there, and only a change.
+    again = History(path)
+    again.applied(load_state(json.dumps(resized).encode()), 3000.0)
+    assert read(path) == entries
+    again.applied(load_state(json.dumps(SEED_STATE).encode()), 4000.0)  # no blocks any more
+    assert read(path)[-1].layout == ()
+
+
+def test_the_history_keeps_the_last_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("natgwd.io.portblock_history.MAX_LAYOUTS", 3)
+    history = History(tmp_path / "port-blocks.json")
+    for size in range(10, 16):
+        history.applied(load_state(json.dumps(blocked(size)).encode()), float(size))
+    assert [e.layout[0].size for e in read(tmp_path / "port-blocks.json")] == [13, 14, 15]
+
+
+def test_an_unreadable_history_is_set_aside_and_a_new_one_begun(tmp_path: Path) -> None:
+    path = tmp_path / "port-blocks.json"
+    path.write_text("{not json")
+    History(path).applied(load_state(json.dumps(blocked()).encode()), 5.0)
+    assert len(read(path)) == 1
+    assert (tmp_path / "port-blocks.json.unreadable").read_text() == "{not json"
