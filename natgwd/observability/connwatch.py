@@ -26,6 +26,7 @@ from operator import attrgetter, itemgetter
 
 import structlog
 
+from natgwd.observability.blockwatch import BlockFailures
 from natgwd.observability.ctevents import CtEvent, EventsLostError, EventSocket, dump
 from natgwd.observability.ctopen import Tracker
 from natgwd.observability.exposition import RuleLabel, RuleLabelTexts, escaped, family_text
@@ -33,6 +34,7 @@ from natgwd.observability.translog import TransLog
 from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.layout import RULE_CONNECTIONS
 from natgwd.planning.plan import RuleLabels
+from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS
 
 log = structlog.get_logger("natgwd.observability.connwatch")
 
@@ -64,6 +66,7 @@ class ConnectionWatch:
         self._rule_ids = rule_ids
         self._translog = translog
         self.tracker = Tracker()
+        self.blocks = BlockFailures()  # per internal address of port-block rules
         self.lost = 0  # times events were lost and the counts rebuilt
         self._stopping = threading.Event()
         self._lost_pending = threading.Event()
@@ -129,14 +132,17 @@ class ConnectionWatch:
     def _begin(self) -> EventSocket:
         with self._receiving:
             self._sock = sock = EventSocket()  # subscribe first: nothing that happens from here is missed
-            attempts = _attempts(self._listings())
+            listings = self._listings()
+            attempts = _attempts(listings)
             started = time.monotonic()
             with self._lock:
                 self._base = None  # no failure figures while the counts are rebuilt
+            self.blocks.begin(listings.get(PORT_BLOCK_ATTEMPTS, ()))
             self.tracker.start(dump())
             while events := sock.receive(block=False):
                 self._take(events)
             self.tracker.end_window()
+            self.blocks.counting()
             snapshot = self.tracker.snapshot()
             with self._lock:
                 for mark, (_, failed) in self._failures.items():
@@ -177,6 +183,7 @@ class ConnectionWatch:
 
     def _take(self, events: list[CtEvent]) -> None:
         counted = self.tracker.take(events)
+        self.blocks.take(counted)
         if self._translog is not None and counted:
             self._translog.write(counted, self._labels_by_mark())
 
@@ -248,6 +255,7 @@ class ConnectionWatch:
                 opening='{eip="',
             )
         )
+        pieces.append(iter((self.blocks.exposition(listings.get(PORT_BLOCK_ATTEMPTS, ()), labelled, drained),)))
         name, kind, help_text = _FAMILIES[5]
         lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {self.lost}"]
         if self._translog is not None:

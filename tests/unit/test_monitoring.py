@@ -28,6 +28,7 @@ from natgwd.observability.translog import Selection, TransLog
 from natgwd.planning.counters import Listings
 from natgwd.planning.handover import HANDED_OVER
 from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS
 from natgwd.process.supervisor import ChildStatus
 from natgwd.qos.status import QosStatus
 from natgwd.qos.status import exposition as qos_exposition
@@ -43,6 +44,7 @@ LISTINGS: Listings = {
     RULE_TRAFFIC: [("original . 0x00000001", "5", "300", ""), ("reply . 0x00000001", "4", "200", "")],
     INVALID_DROPS: [('"net2"', "1", "40", "")],
     HANDED_OVER: [("0x000010cc", "9", "900", "")],
+    PORT_BLOCK_ATTEMPTS: [("0x00000001 . 172.20.10.2", "3", "0", "")],
 }
 QOS_CLASS = QosStatus("egress", "eip", "my-eip", "10.115.55.200", 10_000_000, 3000, 2, 0, 1, 0)
 # An HA member's collector, given `conntrackd -s` with every figure it reads.

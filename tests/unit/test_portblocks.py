@@ -16,6 +16,9 @@ import pytest
 from natgwd.io.portblock_history import Answer, History, read, whois
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
+from natgwd.observability.blockwatch import BlockFailures
+from natgwd.observability.ctevents import CtEvent, CtTuple
+from natgwd.observability.exposition import RuleLabelTexts
 from natgwd.planning.plan import TablePlan, assign_ids, desired_table
 from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS, PORT_BLOCK_RULE, PORT_BLOCKS
 from natgwd.planning.stale import Flow, Translations
@@ -272,3 +275,34 @@ def test_an_unreadable_history_is_set_aside_and_a_new_one_begun(tmp_path: Path) 
     History(path).applied(load_state(json.dumps(blocked()).encode()), 5.0)
     assert len(read(path)) == 1
     assert (tmp_path / "port-blocks.json.unreadable").read_text() == "{not json"
+
+
+# --- exhaustion per address -------------------------------------------------------------------
+
+
+def new_event(source: str, port: int, mark: int = 1) -> CtEvent:
+    orig = CtTuple(17, source, 40000, "10.115.48.9", 7777)
+    return CtEvent("new", port, mark, orig, CtTuple(17, "10.115.48.9", 7777, EIP, port))
+
+
+def test_failures_per_address_are_first_packets_without_a_new_event() -> None:
+    labels = RuleLabelTexts().of([("1", "0", "0", "snat/my-snat/10.115.55.200")])
+    failures = BlockFailures()
+    failures.begin([("0x00000001 . 172.20.10.1", "4", "0", ""), ("0x00000001 . 172.20.10.2", "0", "0", "")])
+    failures.take([new_event("172.20.10.1", 3000)])  # queued while the dump ran
+    failures.counting()
+    # Since: .1 committed 2 more of 3 new attempts (the one above was counted before the
+    # base: a figure that low is not exported); .2 committed none of 5 (its block is full).
+    failures.take([new_event("172.20.10.1", 3001), new_event("172.20.10.1", 3002), new_event("172.20.10.9", 9)])
+    listing = [("0x00000001 . 172.20.10.1", "7", "0", ""), ("0x00000001 . 172.20.10.2", "5", "0", "")]
+    text = failures.exposition(listing, labels, drained=True)
+    series = 'natgwd_port_block_allocation_failures_total{name="my-snat",eip="10.115.55.200",address="172.20.10.%s"}'
+    assert f"{series % 1} 0\n" in text
+    assert f"{series % 2} 5\n" in text
+    # A restart of the counting (events lost) keeps what was counted.
+    failures.begin(listing)
+    failures.counting()
+    assert f"{series % 2} 5\n" in failures.exposition(listing, labels, drained=True)
+    more = [listing[0], ("0x00000001 . 172.20.10.2", "6", "0", "")]
+    assert f"{series % 2} 6\n" in failures.exposition(more, labels, drained=True)
+    assert failures.exposition([], labels, drained=True) == ""
