@@ -40,7 +40,8 @@ def postrouting_rule(external: str) -> str:
     )
 
 
-ACCOUNT_RULE = f"ct status & confirmed == 0 ct mark . ip saddr @{PORT_BLOCK_ATTEMPTS}"
+# After source NAT the packet's source is the EIP: the VM is the connection's original source.
+ACCOUNT_RULE = f"ct status & confirmed == 0 ct mark . ct original ip saddr @{PORT_BLOCK_ATTEMPTS}"
 
 
 def block_elements(rule: SnatRule, eip: str, mark: Element) -> list[tuple[str, str, Element]]:
