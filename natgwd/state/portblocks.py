@@ -106,12 +106,13 @@ class Blocked:
     block: PortBlock | None
 
 
-def check_together(rules: Iterable[Blocked], problems: Problems) -> None:
+def check_together(rules: Iterable[Blocked], fips: Iterable[tuple[int, str]], problems: Problems) -> None:
     """Port blocks are only deterministic when nothing else takes the EIP's source ports
     and no other SNAT rule decides for an address inside a block's CIDR: another SNAT
-    rule on the EIP is refused, two port-block rules on one EIP must not overlap, and a
-    SNAT rule whose CIDR lies inside a port-block rule's is refused (its longer prefix
-    would have to win, but the blocks are looked up first)."""
+    rule or a FIP on the EIP is refused (a FIP's VM leaves from ports of its own), two
+    port-block rules on one EIP must not overlap, and a SNAT rule whose CIDR lies inside a
+    port-block rule's is refused (its longer prefix would have to win, but the blocks are
+    looked up first). `fips`: each FIP's position in fip[] and its EIP."""
     listed = list(rules)
     blocked = [r for r in listed if r.block is not None]
     if not blocked:
@@ -119,6 +120,16 @@ def check_together(rules: Iterable[Blocked], problems: Problems) -> None:
     by_eip: dict[str, list[Blocked]] = {}
     for rule in blocked:
         by_eip.setdefault(rule.eip, []).append(rule)
+    for index, eip in fips:
+        if eip in by_eip:
+            other = by_eip[eip][0]
+            problems.item(
+                "fip",
+                index,
+                "eip",
+                f"EIP {eip!r} gives port blocks to snat[{other.index}] ({other.name!r}); "
+                "a FIP on it would send its VM's connections from ports of the blocks",
+            )
     for rule in listed:
         holders = by_eip.get(rule.eip, [])
         if rule.block is None and holders:

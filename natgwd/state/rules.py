@@ -247,10 +247,13 @@ def fip_rule(item: dict[str, Any], index: int, ctx: RuleContext, problems: Probl
 
 
 def port_block_conflicts(index: RuleIndex, problems: Problems) -> None:
-    """The checks of port blocks between the SNAT rules of `index` (natgwd.state.portblocks)."""
+    """The checks of port blocks between the SNAT and FIP rules of `index`
+    (natgwd.state.portblocks)."""
     names = index.names["snat"]
     rules = [r for r in index.rules["snat"].values() if isinstance(r, SnatRule)]
-    check_together((Blocked(names[r.name], r.name, r.eip, r.internal_cidr, r.port_block) for r in rules), problems)
+    fips = [(index.names["fip"][r.name], r.eip) for r in index.rules["fip"].values()]
+    blocked = (Blocked(names[r.name], r.name, r.eip, r.internal_cidr, r.port_block) for r in rules)
+    check_together(blocked, fips, problems)
 
 
 RULE_CHECKS: dict[RuleKind, Callable[[dict[str, Any], int, RuleContext, Problems], Rule | None]] = {

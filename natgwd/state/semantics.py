@@ -145,8 +145,7 @@ class Semantics:
                 if rule is not None and index.add(rule, i, self.problems):
                     rules.append(rule)
             accepted[kind] = tuple(rules)
-            if kind == "snat":
-                port_block_conflicts(index, self.problems)
+        port_block_conflicts(index, self.problems)
         return index, accepted
 
     def _ha(self, internal: InternalSide, external: ExternalSide) -> HaConfig | None:

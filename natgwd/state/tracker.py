@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from natgwd.state.decode import check_depth, decode_text, scanner, text_of
-from natgwd.state.model import RULE_KINDS, DesiredState, RuleKind, SnatRule
+from natgwd.state.model import RULE_KINDS, DesiredState, FipRule, RuleKind, SnatRule
 from natgwd.state.problems import Problems
 from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex, port_block_conflicts
 from natgwd.state.semantics import Validated
@@ -217,7 +217,7 @@ class StateTracker:
             added.append(rule)
             if kind == "dnat" and _ports_include_integer_one(item):
                 port_one.add(item["name"])
-        if any(isinstance(rule, SnatRule) for rule in (*removed, *added)):
+        if any(isinstance(rule, SnatRule | FipRule) for rule in (*removed, *added)):
             port_block_conflicts(index, problems)
             if problems:
                 return None

@@ -306,3 +306,23 @@ def test_failures_per_address_are_first_packets_without_a_new_event() -> None:
     more = [listing[0], ("0x00000001 . 172.20.10.2", "6", "0", "")]
     assert f"{series % 2} 6\n" in failures.exposition(more, labels, drained=True)
     assert failures.exposition([], labels, drained=True) == ""
+
+
+def test_a_fip_on_a_blocked_eip_is_refused() -> None:
+    doc = blocked()
+    doc["fip"] = [{"name": "f", "eip": "my-eip", "internalIp": "172.20.10.9"}]
+    doc["dnat"] = []
+    assert problems(doc) == [
+        (
+            "$.fip[0].eip",
+            "EIP 'my-eip' gives port blocks to snat[0] ('my-snat'); a FIP on it would send its VM's "
+            "connections from ports of the blocks",
+        )
+    ]
+    tracker = StateTracker()
+    doc["fip"] = []
+    tracker.accept(tracker.check(json.dumps(doc).encode()))
+    doc["fip"] = [{"name": "f", "eip": "my-eip", "internalIp": "172.20.10.9"}]
+    with pytest.raises(InvalidStateError) as caught:
+        tracker.check(json.dumps(doc).encode())
+    assert [p.path for p in caught.value.problems] == ["$.fip[0].eip"]
