@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from natgwd.cli import main
 from natgwd.io.portblock_history import Answer, History, read, whois
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
@@ -326,3 +327,25 @@ def test_a_fip_on_a_blocked_eip_is_refused() -> None:
     with pytest.raises(InvalidStateError) as caught:
         tracker.check(json.dumps(doc).encode())
     assert [p.path for p in caught.value.problems] == ["$.fip[0].eip"]
+
+
+def test_whois_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "port-blocks.json"
+    History(path).applied(load_state(json.dumps(blocked(1000, first=2000)).encode()), 1000.0)
+    history = ["--history", str(path)]
+    capsys.readouterr()  # the daemon side's log line
+    assert main(["whois", f"{EIP}:4321", "--at", "1970-01-01T00:20:00", *history]) == 0
+    assert capsys.readouterr().out == (
+        f"{EIP}:4321 at 1970-01-01T00:20:00+00:00: 172.20.10.2 (snat rule my-snat, block 4000-4999, "
+        "layout applied at 1970-01-01T00:16:40+00:00)\n"
+    )
+    assert main(["whois", f"{EIP}:1999", "--at", "1001", *history]) == 1
+    assert "in no port block" in capsys.readouterr().out
+    assert main(["whois", f"{EIP}:4321", "--at", "2026-12-07T14:02:00+01:00", *history]) == 0
+    assert main(["whois", f"{EIP}:4321", "--at", "999", *history]) == 2
+    assert "unknown" in capsys.readouterr().out
+    assert main(["whois", "[fd00:115::200]:4321", *history]) == 1
+    assert main(["whois", f"{EIP}:4321", "--history", str(tmp_path / "none.json")]) == 2
+    for wrong in (["whois", "my-eip:80"], ["whois", f"{EIP}:4321", "--at", "yesterday"]):
+        with pytest.raises(SystemExit):
+            main([*wrong, *history])
