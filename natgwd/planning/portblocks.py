@@ -24,7 +24,9 @@ PORT_BLOCK_RULE = "port_block_rule"  # source address -> the rule's id
 PORT_BLOCK_ATTEMPTS = "port_block_attempts"  # (rule id . source address), counting first packets
 
 SETS = (
-    SetSpec(PORT_BLOCKS, "type ipv4_addr : interval ipv4_addr . inet_service; flags interval;"),
+    # A hash map keyed by single addresses: with `flags interval` (an rbtree) deleting the
+    # elements of a /18's 16,384 addresses took 200 s here, 50 ms without.
+    SetSpec(PORT_BLOCKS, "type ipv4_addr : interval ipv4_addr . inet_service;"),
     SetSpec(PORT_BLOCK_RULE, "type ipv4_addr : mark;"),
     SetSpec(PORT_BLOCK_ATTEMPTS, "type mark . ipv4_addr; counter;"),
 )

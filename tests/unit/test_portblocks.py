@@ -349,3 +349,11 @@ def test_whois_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture
     for wrong in (["whois", "my-eip:80"], ["whois", f"{EIP}:4321", "--at", "yesterday"]):
         with pytest.raises(SystemExit):
             main([*wrong, *history])
+
+
+def test_the_blocks_map_is_a_hash_map() -> None:
+    """Keys are single addresses: an interval (rbtree) map took 200 s to delete a /18's
+    16,384 blocks on this kernel, the hash map 0.4 s (a resize deletes them all)."""
+    state = load_state(json.dumps(blocked()).encode())
+    spec = next(s for s in desired_table(state, assign_ids(state, {})).sets if s.name == PORT_BLOCKS)
+    assert "flags interval" not in spec.body
