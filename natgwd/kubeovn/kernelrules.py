@@ -34,8 +34,12 @@ def _drop_in_item(found: TableRule) -> tuple[RuleKind, Doc]:
     if isinstance(rule, SnatRule):
         cidr = f"{address_text(rule.internal_cidr.network_address)}/{rule.internal_cidr.prefixlen}"
         name = rule.name if named else snat_name(rule.eip, cidr)
-        to = {"destinations": [str(d) for d in rule.destinations]} if rule.destinations else {}
-        return "snat", {"name": name, "eip": rule.eip, "internalCIDR": cidr, **to}
+        item: Doc = {"name": name, "eip": rule.eip, "internalCIDR": cidr}
+        if rule.destinations:
+            item["destinations"] = [str(d) for d in rule.destinations]
+        if rule.port_block is not None:
+            item["portBlock"] = {"size": rule.port_block.size, "firstPort": rule.port_block.first_port}
+        return "snat", item
     internal_ip, port = address_text(rule.internal_ip), rule.external_port.first
     if rule.type == "share":
         fallback = share_name(rule.eip, rule.protocol, port, internal_ip, rule.internal_port)

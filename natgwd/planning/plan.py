@@ -87,7 +87,7 @@ from natgwd.planning.layout import (
 )
 from natgwd.planning.policy import network_ids
 from natgwd.planning.pools import Pool, counted, members, pool_chains, pool_shares
-from natgwd.planning.portblocks import ACCOUNT_RULE, block_elements, postrouting_rule
+from natgwd.planning.portblocks import ACCOUNT_RULE, block_elements, decoded_block, postrouting_rule
 from natgwd.planning.portblocks import SETS as PORT_BLOCK_SETS
 from natgwd.planning.table import ChainSpec, DesiredTable, Element, ObjectSpec, SetSpec, TableContents
 from natgwd.planning.timeouts import (
@@ -615,7 +615,8 @@ def _snats(elements: Mapping[str, Mapping[str, Element]], family: Family) -> Dec
         for network, marked in marks.items():
             target = targets.get(network)
             if target is not None and target.value is not None and marked.value is not None:
-                yield marked.value, SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"))
+                block = decoded_block(elements, network, marked.value) if family is V4 else None
+                yield marked.value, SnatRule("", target.value, ip_network(f"{network}/{prefixlen}"), port_block=block)
 
 
 def _pool_snats(contents: TableContents, family: Family) -> Decoded:

@@ -15,9 +15,11 @@ connections confirmed are the NEW events by the same pair (natgwd.observability.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from natgwd.planning.table import Element, SetSpec
 from natgwd.state.model import SnatRule
-from natgwd.state.portblocks import blocks
+from natgwd.state.portblocks import PortBlock, blocks
 
 PORT_BLOCKS = "port_blocks"  # source address -> EIP . its block of ports
 PORT_BLOCK_RULE = "port_block_rule"  # source address -> the rule's id
@@ -59,3 +61,15 @@ def block_elements(rule: SnatRule, eip: str, mark: Element) -> list[tuple[str, s
             (PORT_BLOCK_ATTEMPTS, f"{mark.value} . {key}", _MEMBER),
         ]
     return elements
+
+
+def decoded_block(elements: Mapping[str, Mapping[str, Element]], network: str, mark: str) -> PortBlock | None:
+    """A SNAT rule's port blocks read back (decode_rules): the block of its CIDR's first
+    address, when that address is the rule's (`mark`), gives the first port and the size."""
+    first = elements.get(PORT_BLOCKS, {}).get(network)
+    owner = elements.get(PORT_BLOCK_RULE, {}).get(network)
+    if first is None or first.value is None or owner is None or owner.value != mark:
+        return None
+    ports = first.value.rsplit(" . ", 1)[1]
+    low, _, high = ports.partition("-")
+    return PortBlock(int(high or low) - int(low) + 1, int(low))

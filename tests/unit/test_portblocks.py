@@ -16,15 +16,17 @@ import pytest
 from natgwd.cli import main
 from natgwd.io.portblock_history import Answer, History, read, whois
 from natgwd.kernel.fake import FakeNft
+from natgwd.kubeovn.kernelrules import rules_from_table
 from natgwd.lab.topology import SEED_STATE
 from natgwd.observability.blockwatch import BlockFailures
 from natgwd.observability.ctevents import CtEvent, CtTuple
 from natgwd.observability.exposition import RuleLabelTexts
-from natgwd.planning.plan import TablePlan, assign_ids, desired_table
+from natgwd.planning.plan import TablePlan, assign_ids, decode_rules, desired_table
 from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS, PORT_BLOCK_RULE, PORT_BLOCKS
 from natgwd.planning.stale import Flow, Translations
 from natgwd.planning.table import Element
 from natgwd.runtime.reconciler import Reconciler
+from natgwd.state.model import SnatRule
 from natgwd.state.portblocks import PortBlock, blocks, owner
 from natgwd.state.problems import InvalidStateError
 from natgwd.state.tracker import StateTracker
@@ -32,6 +34,7 @@ from natgwd.state.validation import load_state, validate_document
 from tests.unit.fakes import FakeLinks
 
 EIP = "10.115.55.200"
+CIDR_30 = "172.20.10.0/30"
 
 
 def blocked(size: int = 1000, first: int | None = None, cidr: str = "172.20.10.0/30") -> dict[str, Any]:
@@ -357,3 +360,26 @@ def test_the_blocks_map_is_a_hash_map() -> None:
     state = load_state(json.dumps(blocked()).encode())
     spec = next(s for s in desired_table(state, assign_ids(state, {})).sets if s.name == PORT_BLOCKS)
     assert "flags interval" not in spec.body
+
+
+def test_the_blocks_read_back_from_a_table() -> None:
+    """`natgwd status` and the drop-in's take-over after a container restart read rules
+    from the table: a rule keeps its blocks, so the rebuilt state plans the same table."""
+    doc = blocked(1000, first=2000)
+    doc["eips"] = [{"name": "eip-10-115-55-200", "v4ip": EIP}, {"name": "eip-10-115-55-201", "v4ip": "10.115.55.201"}]
+    for section in ("snat", "dnat"):
+        doc[section][0]["eip"] = "eip-10-115-55-200"
+    doc["snat"].append({"name": "wide", "eip": "eip-10-115-55-201", "internalCIDR": "172.20.0.0/16"})
+    state = load_state(json.dumps(doc).encode())
+    ids = assign_ids(state, {})
+    table = desired_table(state, ids)
+    decoded = {
+        found.rule.internal_cidr: found.rule.port_block
+        for found in decode_rules(table.contents())
+        if isinstance(found.rule, SnatRule)
+    }
+    assert decoded == {IPv4Network(CIDR_30): PortBlock(1000, 2000), IPv4Network("172.20.0.0/16"): None}
+    rules = rules_from_table(table.contents())
+    assert sorted(rules["snat"], key=lambda r: r["name"]) == sorted(doc["snat"], key=lambda r: r["name"])
+    rebuilt = load_state(json.dumps({**doc, **rules}).encode())
+    assert desired_table(rebuilt, ids).contents() == table.contents()  # the ids are the table's
