@@ -150,9 +150,13 @@ class History:
                     self._entries = read(self.path)
                 except (OSError, ValueError) as err:
                     # A damaged history would stop whois for good: start a new one (the
-                    # old file is kept beside it for a person to read).
+                    # old file is kept beside it for a person to read). Never an error of
+                    # the apply: the state is applied all the same.
                     log.error("unreadable port-block history; starting a new one", path=str(self.path), error=str(err))
-                    os.replace(self.path, self.path.with_name(self.path.name + ".unreadable"))
+                    try:
+                        os.replace(self.path, self.path.with_name(self.path.name + ".unreadable"))
+                    except OSError as moved:
+                        log.error("cannot set the unreadable history aside", path=str(self.path), error=str(moved))
         return self._entries
 
 

@@ -383,3 +383,12 @@ def test_the_blocks_read_back_from_a_table() -> None:
     assert sorted(rules["snat"], key=lambda r: r["name"]) == sorted(doc["snat"], key=lambda r: r["name"])
     rebuilt = load_state(json.dumps({**doc, **rules}).encode())
     assert desired_table(rebuilt, ids).contents() == table.contents()  # the ids are the table's
+
+
+def test_a_history_that_cannot_be_set_aside_never_fails_the_apply(tmp_path: Path) -> None:
+    path = tmp_path / "port-blocks.json"
+    path.write_text("{not json")
+    (tmp_path / "port-blocks.json.unreadable").mkdir()  # where it would go: taken
+    (tmp_path / "port-blocks.json.unreadable" / "x").touch()
+    History(path).applied(load_state(json.dumps(blocked()).encode()), 5.0)
+    assert len(read(path)) == 1
