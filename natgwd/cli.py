@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
-from ipaddress import ip_address, ip_network
+from ipaddress import ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +18,11 @@ from natgwd.bgp.status import NeighborStatus
 from natgwd.io import applied, paths
 from natgwd.io.files import UnreadableStateError, read_state_file
 from natgwd.kubeovn.importer import cli as kubeovn_import
-from natgwd.state.model import DesiredState, IPAddress, IPNetwork
+from natgwd.state.model import DesiredState, IPNetwork
 from natgwd.state.validation import InvalidStateError, load_state
 
 if TYPE_CHECKING:
     from natgwd.ha.scale_status import GroupStatus
-    from natgwd.io import portblock_history
     from natgwd.planning.table import TableContents
 
 # Loopback and the pod's own address (natgwd.runtime.listeners): the drop-in's pod spec (the
@@ -274,18 +273,12 @@ def _whois(args: argparse.Namespace) -> int:
     if answer.address is None or answer.blocks is None:
         print(f"{eip}:{port} at {when}: in no port block (layout applied at {applied_at})")
         return 1
-    first, last = _block_of(answer.blocks, answer.address)
+    first, last = answer.blocks.block_of(answer.address)
     print(
         f"{eip}:{port} at {when}: {answer.address} (snat rule {answer.blocks.rule}, "
         f"block {first}-{last}, layout applied at {applied_at})"
     )
     return 0
-
-
-def _block_of(blocks: portblock_history.Blocks, address: IPAddress) -> tuple[int, int]:
-    offset = int(address) - int(ip_network(blocks.cidr).network_address)
-    first = blocks.first_port + offset * blocks.size
-    return first, first + blocks.size - 1
 
 
 def _endpoint(text: str) -> tuple[str, int]:

@@ -44,6 +44,11 @@ class Blocks:
     def owner(self, port: int) -> IPv4Address | IPv6Address | None:
         return owner(ip_network(self.cidr), PortBlock(self.size, self.first_port), port)
 
+    def block_of(self, address: IPv4Address | IPv6Address) -> tuple[int, int]:
+        """The first and last port of an address of the CIDR."""
+        offset = int(address) - int(ip_network(self.cidr).network_address)
+        return PortBlock(self.size, self.first_port).block(offset)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "rule": self.rule,
