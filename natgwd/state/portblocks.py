@@ -104,6 +104,8 @@ class Blocked:
     eip: str
     cidr: Network
     block: PortBlock | None
+    pool: tuple[str, ...] = ()  # a pool's EIPs (then `eip` is one of them)
+    destined: bool = False  # limited to destinations: looked up before the blocks
 
 
 def check_together(rules: Iterable[Blocked], fips: Iterable[tuple[int, str]], problems: Problems) -> None:
@@ -131,18 +133,18 @@ def check_together(rules: Iterable[Blocked], fips: Iterable[tuple[int, str]], pr
                 "a FIP on it would send its VM's connections from ports of the blocks",
             )
     for rule in listed:
-        holders = by_eip.get(rule.eip, [])
+        holders = [h for eip in (rule.pool or (rule.eip,)) for h in by_eip.get(eip, [])]
         if rule.block is None and holders:
             other = holders[0]
             problems.item(
                 "snat",
                 rule.index,
-                "eip",
-                f"EIP {rule.eip!r} gives port blocks to snat[{other.index}] ({other.name!r}); "
+                "eips" if rule.pool else "eip",
+                f"EIP {other.eip!r} gives port blocks to snat[{other.index}] ({other.name!r}); "
                 "another SNAT rule on it would take ports from the blocks",
             )
         for other in blocked:
-            if other is rule or other.cidr.version != rule.cidr.version:
+            if other is rule or other.cidr.version != rule.cidr.version or rule.destined:
                 continue
             if rule.cidr.subnet_of(other.cidr) and rule.cidr != other.cidr:  # type: ignore[arg-type]
                 problems.item(

@@ -252,7 +252,10 @@ def port_block_conflicts(index: RuleIndex, problems: Problems) -> None:
     names = index.names["snat"]
     rules = [r for r in index.rules["snat"].values() if isinstance(r, SnatRule)]
     fips = [(index.names["fip"][r.name], r.eip) for r in index.rules["fip"].values()]
-    blocked = (Blocked(names[r.name], r.name, r.eip, r.internal_cidr, r.port_block) for r in rules)
+    blocked = (
+        Blocked(names[r.name], r.name, r.eip, r.internal_cidr, r.port_block, r.pool, bool(r.destinations))
+        for r in rules
+    )
     check_together(blocked, fips, problems)
 
 

@@ -392,3 +392,57 @@ def test_a_history_that_cannot_be_set_aside_never_fails_the_apply(tmp_path: Path
     (tmp_path / "port-blocks.json.unreadable" / "x").touch()
     History(path).applied(load_state(json.dumps(blocked()).encode()), 5.0)
     assert len(read(path)) == 1
+
+
+def test_pools_draining_and_destinations_with_port_blocks() -> None:
+    """Port blocks need one EIP for every connection of the CIDR: a pool or destinations on
+    the blocked rule, a pool with the blocked EIP, or a draining blocked EIP are refused; a
+    rule by destination through another EIP may cover blocked addresses (it goes first)."""
+    doc = blocked()
+    doc["snat"][0]["destinations"] = ["198.51.100.0/24"]
+    assert problems(doc) == [
+        (
+            "$.snat[0].portBlock",
+            "a rule with destinations cannot give port blocks: they need one EIP for every connection",
+        )
+    ]
+    doc = blocked()
+    doc["snat"][0]["eips"] = ["my-eip", "my-eip2"]
+    del doc["snat"][0]["eip"]
+    assert problems(doc) == [
+        (
+            "$.snat[0].portBlock",
+            "a rule with a pool (eips) cannot give port blocks: they need one EIP for every connection",
+        )
+    ]
+    doc = blocked()
+    doc["eips"][0]["draining"] = True
+    doc["dnat"] = []
+    assert problems(doc) == [
+        ("$.snat[0].portBlock", "EIP 'my-eip' is draining: port blocks would still give its ports out")
+    ]
+    doc = blocked()
+    doc["snat"].append({"name": "pool", "eips": ["my-eip2", "my-eip"], "internalCIDR": "172.20.11.0/24"})
+    assert problems(doc) == [
+        (
+            "$.snat[1].eips",
+            "EIP 'my-eip' gives port blocks to snat[0] ('my-snat'); another SNAT rule on it would take ports "
+            "from the blocks",
+        )
+    ]
+    doc = blocked()
+    doc["snat"].append(
+        {"name": "partner", "eip": "my-eip2", "internalCIDR": "172.20.10.2", "destinations": ["198.51.100.0/24"]}
+    )
+    assert len(load_state(json.dumps(doc).encode()).snat) == 2
+
+
+def test_a_connection_through_a_rule_by_destination_is_not_judged_by_the_block() -> None:
+    doc = blocked(1000, first=2000)
+    doc["snat"].append(
+        {"name": "partner", "eip": "my-eip2", "internalCIDR": "172.20.10.0/30", "destinations": ["198.51.100.0/24"]}
+    )
+    translations = Translations(load_state(json.dumps(doc).encode()), [1, 2, 3])
+    partner = Flow(6, "172.20.10.1", "198.51.100.9", 80, "198.51.100.9", 80, "10.115.55.201", 3, reply_dport=2500)
+    assert translations.stale(partner) is None
+    assert translations.stale(flow("172.20.10.1", 2500)) == "snat"
