@@ -9,8 +9,13 @@ ext, vm1), the same generated rule set (benchmarks.rulesets) is:
 2. changed one rule at a time: rounds of add one DNAT, change one's target, delete one;
 3. crossed by new TCP connections (benchmarks/connrate.c, client in ext, server in vm1)
    through DNAT to the last rule, for a fixed time;
-4. at one size, crossed by iperf3 through DNAT (ext -> EIP -> vm1) and SNAT (vm1 -> ext);
-5. for natgwd: its RSS and the time of a /metrics scrape.
+4. for natgwd: its RSS and the time of a /metrics scrape.
+
+Then, at one size, every method's gateway at once (and a plain router), crossed by iperf3
+through DNAT (ext -> EIP -> vm1) and SNAT (vm1 -> ext), the methods interleaved run by
+run (A run 1, B run 1, ..., A run 2, ...) so that the machine's drifting load falls on
+every method alike; natgwd is measured running and stopped by SIGTERM (its table left in
+place) in turn, the fair measure of what the daemon costs the data plane.
 
 The methods:
 
@@ -250,6 +255,20 @@ class NatgwdGateway(Gateway):
         seconds = time.perf_counter() - started
         self.events.append({"kind": kind, "sha256": digest, "seconds": seconds})
         return seconds
+
+    def stop_daemon(self) -> None:
+        """SIGTERM: natgwd exits and leaves its table in the kernel."""
+        self.daemon.stop()
+
+    def start_daemon(self) -> None:
+        """Again on the full state, when stopped; back once it has applied it."""
+        if self.daemon.process.poll() is None:
+            return
+        self.lab.applied_state_path.unlink(missing_ok=True)  # the record of the run before names the same file
+        self.daemon = self.lab.start_natgwd(self.full, "--resync-interval", "3600")
+        self.pid = self.daemon.process.pid
+        self._wait(hashlib.sha256(self.full).hexdigest(), timeout=120)
+        time.sleep(NATGWD_SETTLE_SECONDS)
 
     def reset(self) -> None:
         self._write_and_wait(self.base, "reset")
@@ -538,24 +557,93 @@ def iperf(ctx: Context, client: Netns, server: Netns, address: str, port: int, l
     return {"gbit_s": report["end"]["sum_received"]["bits_per_second"] / 1e9, "server_saw": seen}
 
 
+IPERF_PATHS = ("dnat", "snat")
+NATGWD_STOPPED = "natgwd-stopped"  # the natgwd gateway's table with the daemon stopped by SIGTERM
+THROUGHPUT_TITLES = {
+    "plain": "no NAT (plain routing)",
+    NATGWD_STOPPED: "natgwd stopped (SIGTERM; its table left in place)",
+}
+
+
 def iperf_paths(ctx: Context, lab: Lab, dnat: tuple[str, int], snat_expect: str | None) -> dict[str, Any]:
+    """One iperf3 run on each path: DNAT (ext -> dnat -> vm1) and SNAT (vm1 -> ext)."""
     ext, vm = Netns(lab.ns("ext")), Netns(lab.ns("vm1"))
     try:
-        out: dict[str, Any] = {}
-        for path, client, server, address, port, listen in (
-            ("dnat", ext, vm, dnat[0], dnat[1], SERVER_PORT),
-            ("snat", vm, ext, EXTERNAL_HOST, 5201, 5201),
-        ):
-            runs = [iperf(ctx, client, server, address, port, listen) for _ in range(ctx.args.iperf_repeats)]
-            result = summary([r["gbit_s"] for r in runs])
-            result["server_saw"] = runs[0]["server_saw"]
-            out[path] = result
+        out = {
+            "dnat": iperf(ctx, ext, vm, dnat[0], dnat[1], SERVER_PORT),
+            "snat": iperf(ctx, vm, ext, EXTERNAL_HOST, 5201, 5201),
+        }
         if snat_expect and out["snat"]["server_saw"] not in (None, snat_expect):
             raise RuntimeError(f"SNAT path: the server saw {out['snat']['server_saw']}, not the EIP {snat_expect}")
         return out
     finally:
         ext.close()
         vm.close()
+
+
+def run_throughput(ctx: Context, work: Workload) -> dict[str, Any]:
+    """Every method's gateway (and a plain router) built side by side, then iperf3 run
+    by run in turn: row A run 1, row B run 1, ..., row A run 2, ... natgwd's row is
+    followed by the same table with natgwd stopped (SIGTERM), and natgwd starts again
+    before its next run."""
+    args = ctx.args
+    rows: dict[str, list[dict[str, Any]]] = {}
+    started = time.monotonic()
+    loadavg_start = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        stack.callback(ctx.stop_all)
+        targets: dict[str, tuple[Lab, tuple[str, int], str | None]] = {}
+        plain = stack.enter_context(Lab(vms=(VM_ADDRESSES[0],)))
+        plain_router(plain)
+        targets["plain"] = (plain, (VM_ADDRESSES[0], SERVER_PORT), None)
+        natgwd: NatgwdGateway | None = None
+        for method in args.methods:
+            lab = stack.enter_context(Lab(vms=(VM_ADDRESSES[0],)))
+            gateway = GATEWAYS[method](lab, ctx, work)
+            stack.callback(gateway.close)
+            gateway.setup()
+            if method == "per-rule-exec":
+                gateway.preload()  # the same iptables rules; its full apply takes minutes
+            else:
+                gateway.full_apply()
+            gateway.verify(work.state)
+            targets[method] = (lab, (work.conn.eip, work.conn.port), work.snat_eip)
+            if isinstance(gateway, NatgwdGateway):
+                natgwd = gateway
+                targets[NATGWD_STOPPED] = targets[method]
+        order = list(targets)
+        log(f"throughput N={work.n:,}: {args.iperf_repeats} runs of {args.iperf_seconds:g} s, in turn: {order}")
+        for run in range(args.iperf_repeats):
+            for row in order:
+                lab, dnat, snat_expect = targets[row]
+                if row == "natgwd" and natgwd is not None:
+                    natgwd.start_daemon()
+                elif row == NATGWD_STOPPED and natgwd is not None:
+                    natgwd.stop_daemon()
+                    natgwd.verify(work.state)  # SIGTERM left the table in place
+                measured = iperf_paths(ctx, lab, dnat, snat_expect)
+                rows.setdefault(row, []).append(measured)
+                log(
+                    f"  run {run + 1} {row}: DNAT {measured['dnat']['gbit_s']:.1f}, "
+                    f"SNAT {measured['snat']['gbit_s']:.1f} Gbit/s"
+                )
+    result: dict[str, Any] = {
+        "n": work.n,
+        "seconds": args.iperf_seconds,
+        "runs": args.iperf_repeats,
+        "order": order,
+        "titles": {row: THROUGHPUT_TITLES.get(row, METHOD_TITLES.get(row, row)) for row in order},
+        "loadavg_start": loadavg_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_seconds": time.monotonic() - started,
+        "rows": {},
+    }
+    for row, runs in rows.items():
+        result["rows"][row] = {
+            path: summary([r[path]["gbit_s"] for r in runs]) | {"server_saw": runs[0][path]["server_saw"]}
+            for path in IPERF_PATHS
+        }
+    return result
 
 
 # --- one cell: a method at a size -------------------------------------------------------
@@ -619,14 +707,7 @@ def run_cell(
                 ctx, ext, vm, gateway.gw, work.conn.eip, work.conn.port, args.conn_seconds, args.conn_repeats
             )
             log(f"  {method} N={work.n}: {cell['conn']['median']:,.0f} connections/s")
-            # 4. throughput, at one size
-            if work.n == ctx.args.iperf_n:
-                cell["iperf"] = iperf_paths(ctx, lab, (work.conn.eip, work.conn.port), work.snat_eip)
-                log(
-                    f"  {method} N={work.n}: iperf3 DNAT {cell['iperf']['dnat']['median']:.1f}, "
-                    f"SNAT {cell['iperf']['snat']['median']:.1f} Gbit/s"
-                )
-            # 5. natgwd: memory, scrape
+            # 4. natgwd: memory, scrape
             extras = gateway.extras()
             if extras:
                 cell["natgwd"] = extras
@@ -646,28 +727,32 @@ def statistics_line(values: list[float]) -> str:
     return f"median {percentile(values, 50) * 1000:.1f} ms (n={len(values)}, {low:.1f}-{high:.1f})"
 
 
+def plain_router(lab: Lab) -> None:
+    """The gateway only routes, and ext reaches the VMs' network through it."""
+    state = rulesets.plain_routing_state()
+    gw, ext = Netns(lab.ns("gw")), Netns(lab.ns("ext"))
+    try:
+        gw.run(["ip", "-batch", "-"], input=rulesets.gateway_ip_batch(state))
+        gw.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        gw_external = state["external"]["addresses"][0].split("/")[0]
+        ext.run(["ip", "route", "add", rulesets.LAN_CIDR, "via", gw_external])
+    finally:
+        gw.close()
+        ext.close()
+
+
 def run_plain_routing(ctx: Context) -> dict[str, Any]:
     """No NAT: the gateway only routes; the clients reach vm1's own address."""
-    state = rulesets.plain_routing_state()
     with Lab(vms=(VM_ADDRESSES[0],)) as lab:
         gw, ext, vm = Netns(lab.ns("gw")), Netns(lab.ns("ext")), Netns(lab.ns("vm1"))
         try:
-            gw.run(["ip", "-batch", "-"], input=rulesets.gateway_ip_batch(state))
-            gw.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            gw_external = state["external"]["addresses"][0].split("/")[0]
-            ext.run(["ip", "route", "add", rulesets.LAN_CIDR, "via", gw_external])
+            plain_router(lab)
             result: dict[str, Any] = {
                 "conn": connection_rate(
                     ctx, ext, vm, gw, VM_ADDRESSES[0], SERVER_PORT, ctx.args.conn_seconds, ctx.args.conn_repeats
                 )
             }
             log(f"  no NAT: {result['conn']['median']:,.0f} connections/s")
-            if ctx.args.iperf_n in ctx.args.sizes:
-                result["iperf"] = iperf_paths(ctx, lab, (VM_ADDRESSES[0], SERVER_PORT), None)
-                log(
-                    f"  no NAT: iperf3 ext->vm1 {result['iperf']['dnat']['median']:.1f}, "
-                    f"vm1->ext {result['iperf']['snat']['median']:.1f} Gbit/s"
-                )
             return result
         finally:
             ctx.stop_all()
@@ -866,8 +951,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--conn-repeats", type=int, default=3)
     p.add_argument("--conn-concurrency", type=int, default=16, help="connections in flight")
     p.add_argument("--iperf-n", type=int, default=1000, help="the size at which iperf3 runs")
-    p.add_argument("--iperf-seconds", type=float, default=5)
-    p.add_argument("--iperf-repeats", type=int, default=2)
+    p.add_argument("--iperf-seconds", type=float, default=5, help="length of one iperf3 run")
+    p.add_argument("--iperf-repeats", type=int, default=5, help="iperf3 runs per method and path, interleaved")
+    p.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the throughput section (iperf3, methods in turn) at --iperf-n",
+    )
     p.add_argument("--scrapes", type=int, default=3)
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--profile-n", type=int, default=10000, help="profile at this size (or the largest below)")
@@ -905,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.wait_load:
         wait_for_load(args.wait_load, args.wait_load_timeout)
-    if args.iperf_n not in args.sizes:
+    if not args.throughput_only and args.iperf_n not in args.sizes:
         args.iperf_n = min(args.sizes, key=lambda n: abs(n - args.iperf_n))
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     results: dict[str, Any] = {
@@ -926,57 +1016,10 @@ def main(argv: list[str] | None = None) -> int:
     with terminated_as_exit(), tempfile.TemporaryDirectory(prefix="natgwd-compare-") as tmp:
         ctx = Context(args, Path(tmp), compile_connrate(Path(tmp)))
         try:
-            log("no NAT (plain routing) ...")
-            results["plain_routing"] = run_plain_routing(ctx)
-            exec_measured: tuple[int, float] | None = None  # per-rule exec's last full apply (N, seconds)
-            exec_over: str | None = None  # why per-rule exec's full apply is not run from here on
-            for n in args.sizes:
-                work = rulesets.workload(n)
-                steps = rulesets.change_steps(work, args.rounds)
-                results["mix"][str(n)] = work.counts | {
-                    "iptables_rules": rulesets.iptables_rule_count(work.state),
-                    "state_file_bytes": len(rulesets.encode(work.state)),
-                }
-                for method in args.methods:
-                    full_skip = None
-                    if method == "per-rule-exec" and n > EXEC_ALWAYS_UP_TO:
-                        if exec_measured is not None:
-                            last_n, last_seconds = exec_measured
-                            predicted = last_seconds * (n / last_n) ** 2
-                            if predicted > args.exec_budget:
-                                full_skip = (
-                                    f"predicted {predicted:,.0f} s from {last_seconds:.1f} s at N={last_n:,} "
-                                    f"(quadratic growth), over the {args.exec_budget:.0f} s budget"
-                                )
-                        full_skip = full_skip or exec_over
-                    log(f"{method} N={n:,} ...")
-                    try:
-                        cell = run_cell(ctx, method, work, steps, full_skip)
-                    except OverBudgetError as err:
-                        cell = {"status": "over budget", "reason": str(err)}
-                        log(f"  {method} N={n}: {err}")
-                    except (RuntimeError, TimeoutError, subprocess.SubprocessError, OSError) as err:
-                        cell = {"status": "error", "reason": f"{type(err).__name__}: {err}"[-4000:]}
-                        log(f"  {method} N={n}: ERROR {cell['reason'][:500]}")
-                    results["cells"][method][str(n)] = cell
-                    if method == "per-rule-exec":
-                        full = cell.get("full", {})
-                        if full.get("n"):
-                            exec_measured = (n, full["median"])
-                        elif exec_over is None and not full_skip:
-                            exec_over = f"over the {args.exec_budget:.0f} s budget already at N={n:,}"
-            reasons = needs_profile(results) if "natgwd" in args.methods else []
-            results["natgwd_not_best"] = reasons
-            if args.profile == "always" or (args.profile == "auto" and reasons):
-                natgwd_cells = results["cells"].get("natgwd", {})
-                ran = [n for n in args.sizes if natgwd_cells.get(str(n), {}).get("status") == "ok"]
-                below = [n for n in ran if n <= args.profile_n] or ran
-                if below:
-                    log(f"profiling natgwd at N={max(below):,} ...")
-                    try:
-                        results["profile"] = run_profile(ctx, max(below))
-                    except (subprocess.SubprocessError, OSError, ValueError) as err:
-                        results["profile"] = {"error": str(err)}
+            if not args.throughput_only:
+                run_cells(ctx, results)
+            log(f"throughput N={args.iperf_n:,} ...")
+            results["throughput"] = run_throughput(ctx, rulesets.workload(args.iperf_n))
         finally:
             ctx.stop_all()
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -984,11 +1027,71 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg_end"] = os.getloadavg()
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"bench-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    kind = "throughput" if args.throughput_only else "bench"
+    path = args.results_dir / f"{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     log(f"results: {path}")
+    if args.throughput_only:
+        log(f"into a report: python -m benchmarks.report BENCH_FILE --throughput {path}")
+        return 0
     from benchmarks import report
 
     report.render(results, path, args.markdown)
     log(f"report: {args.markdown}; took {results['wall_seconds'] / 60:.1f} min")
     return 0
+
+
+def run_cells(ctx: Context, results: dict[str, Any]) -> None:
+    """Sections 1-3 and 5, method after method, size after size; then the profile."""
+    args = ctx.args
+    log("no NAT (plain routing) ...")
+    results["plain_routing"] = run_plain_routing(ctx)
+    exec_measured: tuple[int, float] | None = None  # per-rule exec's last full apply (N, seconds)
+    exec_over: str | None = None  # why per-rule exec's full apply is not run from here on
+    for n in args.sizes:
+        work = rulesets.workload(n)
+        steps = rulesets.change_steps(work, args.rounds)
+        results["mix"][str(n)] = work.counts | {
+            "iptables_rules": rulesets.iptables_rule_count(work.state),
+            "state_file_bytes": len(rulesets.encode(work.state)),
+        }
+        for method in args.methods:
+            full_skip = None
+            if method == "per-rule-exec" and n > EXEC_ALWAYS_UP_TO:
+                if exec_measured is not None:
+                    last_n, last_seconds = exec_measured
+                    predicted = last_seconds * (n / last_n) ** 2
+                    if predicted > args.exec_budget:
+                        full_skip = (
+                            f"predicted {predicted:,.0f} s from {last_seconds:.1f} s at N={last_n:,} "
+                            f"(quadratic growth), over the {args.exec_budget:.0f} s budget"
+                        )
+                full_skip = full_skip or exec_over
+            log(f"{method} N={n:,} ...")
+            try:
+                cell = run_cell(ctx, method, work, steps, full_skip)
+            except OverBudgetError as err:
+                cell = {"status": "over budget", "reason": str(err)}
+                log(f"  {method} N={n}: {err}")
+            except (RuntimeError, TimeoutError, subprocess.SubprocessError, OSError) as err:
+                cell = {"status": "error", "reason": f"{type(err).__name__}: {err}"[-4000:]}
+                log(f"  {method} N={n}: ERROR {cell['reason'][:500]}")
+            results["cells"][method][str(n)] = cell
+            if method == "per-rule-exec":
+                full = cell.get("full", {})
+                if full.get("n"):
+                    exec_measured = (n, full["median"])
+                elif exec_over is None and not full_skip:
+                    exec_over = f"over the {args.exec_budget:.0f} s budget already at N={n:,}"
+    reasons = needs_profile(results) if "natgwd" in args.methods else []
+    results["natgwd_not_best"] = reasons
+    if args.profile == "always" or (args.profile == "auto" and reasons):
+        natgwd_cells = results["cells"].get("natgwd", {})
+        ran = [n for n in args.sizes if natgwd_cells.get(str(n), {}).get("status") == "ok"]
+        below = [n for n in ran if n <= args.profile_n] or ran
+        if below:
+            log(f"profiling natgwd at N={max(below):,} ...")
+            try:
+                results["profile"] = run_profile(ctx, max(below))
+            except (subprocess.SubprocessError, OSError, ValueError) as err:
+                results["profile"] = {"error": str(err)}

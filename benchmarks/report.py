@@ -1,6 +1,7 @@
 """RESULTS.md and the plots, from one run's JSON.
 
     python -m benchmarks.report benchmarks/results/bench-<timestamp>.json [--markdown PATH]
+        [--throughput benchmarks/results/throughput-<timestamp>.json] [--docs docs/performance.md]
 
 The plots (PNG) are written next to the JSON file: apply_time.png and conn_rate.png.
 """
@@ -15,7 +16,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from benchmarks.stats import percentile
 from natgwd.runtime.daemon import POLL_SECONDS
+
+REPO = Path(__file__).resolve().parents[1]
 
 METHODS = ("natgwd", "floor", "iptables-restore", "per-rule-exec", "naive-nft")
 COMPETITORS = ("natgwd", "iptables-restore", "per-rule-exec", "naive-nft")
@@ -194,33 +198,85 @@ def conn_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def iperf_table(results: dict[str, Any]) -> tuple[int | None, list[str]]:
-    n = results.get("options", {}).get("iperf_n")
+THROUGHPUT_PATHS = (("dnat", "DNAT: ext → EIP:port → vm1"), ("snat", "SNAT: vm1 → ext"))
+NATGWD_STOPPED = "natgwd-stopped"
+
+
+def throughput_table(throughput: dict[str, Any]) -> list[str]:
+    """Every row's runs (taken in turn, run by run): median, min - max, and the median
+    over natgwd's."""
     lines = [
         "| path | method | Gbit/s, median | min - max | runs | x natgwd | the server saw |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
-    plain = results.get("plain_routing", {}).get("iperf")
-    for path, label in (("dnat", "DNAT: ext → EIP:port → vm1"), ("snat", "SNAT: vm1 → ext")):
-        if plain:
-            p = plain[path]
+    rows, titles = throughput["rows"], throughput["titles"]
+    for path, label in THROUGHPUT_PATHS:
+        reference = median(rows.get("natgwd", {}).get(path))
+        for row in throughput["order"]:
+            p = rows[row][path]
+            factor = "" if row == "plain" else ratio(median(p), reference)
             lines.append(
-                f"| {label} | no NAT (plain routing) | {gbit(median(p))} | {span(p, gbit)} | {p['n']} | | "
+                f"| {label} | {titles[row]} | {gbit(median(p))} | {span(p, gbit)} | {p['n']} | {factor} | "
                 f"{p.get('server_saw') or '-'} |"
             )
-        natgwd = cell(results, "natgwd", n)
-        reference = median(natgwd.get("iperf", {}).get(path)) if ok(natgwd) else None
-        for method in methods_of(results):
-            c = cell(results, method, n)
-            if not ok(c) or "iperf" not in c:
-                lines.append(f"| {label} | {title(results, method)} | {not_run(c) if not ok(c) else '-'} | | | | |")
-                continue
-            p = c["iperf"][path]
-            lines.append(
-                f"| {label} | {title(results, method)} | {gbit(median(p))} | {span(p, gbit)} | {p['n']} | "
-                f"{ratio(median(p), reference)} | {p.get('server_saw') or '-'} |"
-            )
-    return n, lines
+    return lines
+
+
+def running_stopped(throughput: dict[str, Any]) -> list[str]:
+    """natgwd running over natgwd stopped, pair by pair: each pair ran back to back on
+    the same table."""
+    rows = throughput["rows"]
+    if "natgwd" not in rows or NATGWD_STOPPED not in rows:
+        return []
+    parts = []
+    for path, label in THROUGHPUT_PATHS:
+        pairs = [
+            a / b
+            for a, b in zip(rows["natgwd"][path]["values"], rows[NATGWD_STOPPED][path]["values"], strict=True)
+            if b
+        ]
+        if pairs:
+            ordered = sorted(pairs)
+            parts.append(f"{label.split(':')[0]} {percentile(ordered, 50):.2f} ({ordered[0]:.2f} - {ordered[-1]:.2f})")
+    return [
+        "natgwd running over natgwd stopped, pair by pair (the two runs of a pair back to back on the same table), "
+        f"median (min - max) of {len(pairs)} pairs: " + "; ".join(parts) + ". Below 1, the running daemon costs "
+        "throughput; a range that holds 1 says the difference is within the noise.",
+    ]
+
+
+def throughput_section(throughput: dict[str, Any] | None, source: str | None) -> list[str]:
+    if not throughput:
+        return [
+            "## 4. Forwarding throughput (iperf3)",
+            "",
+            "Not in this run (a results file of an older format measured the methods one after the other, which the "
+            "machine's drifting load made misleading). `python -m benchmarks --throughput-only` measures it alone.",
+        ]
+    load_start, load_end = throughput["loadavg_start"], throughput["loadavg_end"]
+    titles = throughput["titles"]
+    return [
+        f"## 4. Forwarding throughput (iperf3), N={throughput['n']:,}",
+        "",
+        *([source, ""] if source else []),
+        f"One TCP stream, {throughput['seconds']:g} s per run, {throughput['runs']} runs per row. Every row's "
+        "gateway is built first, side by side; then the rows run in turn, run by run ("
+        + ", ".join(titles[row] for row in throughput["order"])
+        + ", then again), so that a change of the machine's load falls on every row alike. DNAT: client in ext to "
+        "the last DNAT rule's EIP:port, server in vm1. SNAT: client in vm1, server in ext (it sees the EIP when the "
+        "flow is source-NATed). No NAT: the same paths to vm1's own address and from it. "
+        f"**{titles.get(NATGWD_STOPPED, NATGWD_STOPPED)}** is natgwd's gateway right after natgwd's run, the daemon "
+        "stopped by SIGTERM (its table stays in the kernel, checked before each run); natgwd starts again before its "
+        "next run. The two rows hold the same table, so their gap is what the running daemon costs the data plane, "
+        "the fair measure of it; the gaps between other rows hold the noise of this shared 2-core machine as well. "
+        "NAT rules only see a connection's first packet, so an established flow costs the same at any N. "
+        f"Load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_start)} at the start of this section, "
+        f"{', '.join(f'{x:.2f}' for x in load_end)} at its end.",
+        "",
+        *throughput_table(throughput),
+        "",
+        *running_stopped(throughput),
+    ]
 
 
 def natgwd_resources_table(results: dict[str, Any]) -> list[str]:
@@ -563,11 +619,25 @@ def fmt_metric(metric: str, value: float) -> str:
     return f"{value:,.0f}/s" if metric == "connections/s" else seconds(value)
 
 
-def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
+def section_4_from(throughput_file: Path | None, markdown: Path) -> str:
+    if not throughput_file:
+        return ""
+    return f" (section 4 from [`{throughput_file.name}`]({os.path.relpath(throughput_file, markdown.parent)}))"
+
+
+def throughput_option(throughput_file: Path | None) -> str:
+    if not throughput_file:
+        return ""
+    return f" --throughput {os.path.relpath(throughput_file.resolve(), REPO)}"
+
+
+def render(results: dict[str, Any], json_path: Path, markdown: Path, throughput_file: Path | None = None) -> str:
+    """RESULTS.md from one run; section 4 from `throughput_file` (a run of that section
+    alone) when given."""
     directory = json_path.parent
     images = plots(results, directory)
     rel_json = os.path.relpath(json_path, markdown.parent)
-    rerender = os.path.relpath(json_path, Path(__file__).resolve().parents[1])
+    rerender = os.path.relpath(json_path.resolve(), REPO)
     m, v = results["machine"], results["versions"]
     load_start, load_end = results.get("loadavg_start", [0, 0, 0]), results.get("loadavg_end", [0, 0, 0])
     mix = results.get("mix", {})
@@ -575,8 +645,8 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         "# natgwd against other NAT data planes",
         "",
         "Generated by `benchmarks/report.py` from "
-        f"[`{os.path.basename(json_path)}`]({rel_json}); do not edit by hand. Re-render with "
-        f"`python -m benchmarks.report {rerender}`.",
+        f"[`{os.path.basename(json_path)}`]({rel_json}){section_4_from(throughput_file, markdown)}; do not edit by "
+        f"hand. Re-render with `python -m benchmarks.report {rerender}{throughput_option(throughput_file)}`.",
         "",
         f"- **Command**: `{results['command']}` (as root; `make bench` installs what it needs and runs it), "
         f"{results['started']} - {results.get('finished', '?')}, {results.get('wall_seconds', 0) / 60:.1f} min.",
@@ -668,17 +738,17 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         *conn_table(results),
         "",
     ]
-    n_iperf, iperf_lines = iperf_table(results)
+    throughput, source = results.get("throughput"), None
+    if throughput_file:
+        other = json.loads(throughput_file.read_text())
+        throughput = other["throughput"]
+        source = (
+            f"From a run of this section alone, [`{throughput_file.name}`]"
+            f"({os.path.relpath(throughput_file, markdown.parent)}): `{other['command']}`, "
+            f"{other['started']} - {other.get('finished', '?')}, natgwd {other['versions']['natgwd']}."
+        )
     lines += [
-        f"## 4. Forwarding throughput (iperf3), N={n_iperf:,}" if n_iperf else "## 4. Forwarding throughput (iperf3)",
-        "",
-        f"One TCP stream, {results['options']['iperf_seconds']:g} s per run. DNAT: client in ext to the last DNAT "
-        "rule's EIP:port, server in vm1. SNAT: client in vm1, server in ext (it sees the EIP when the flow is "
-        "source-NATed). No NAT: the same paths to vm1's own address and from it. NAT rules only see a connection's "
-        "first packet, so an established flow costs the same at any N; natgwd also counts every packet of a "
-        "translated flow (ct mark lookups in a filter chain).",
-        "",
-        *iperf_lines,
+        *throughput_section(throughput, source),
         "",
         "## 5. natgwd's memory and /metrics",
         "",
@@ -707,8 +777,10 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
         "`python -m benchmarks --help` lists the options (sizes, repeats, budgets, durations). Each run writes "
         "`benchmarks/results/bench-<UTC time>.json` (every measured value, the options, the machine and the "
         "versions) and renders this file and the plots from it; `python -m benchmarks.report FILE` renders an "
-        "older run again. Timing is never a test: tests/integration/test_bench_smoke.py only checks that the suite "
-        "runs at N=10 and reports every method and metric.",
+        "older run again (`--throughput FILE` takes section 4 from a run of it alone, `python -m benchmarks "
+        "--throughput-only`; `--docs docs/performance.md` regenerates that page's table from FILE). Timing is "
+        "never a test: tests/integration/test_bench_smoke.py only checks that the suite runs at "
+        "N=10 and reports every method and metric.",
         "",
         *profile_appendix(results),
     ]
@@ -718,14 +790,87 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path) -> str:
     return text
 
 
+DOCS_N = 10000  # the size of docs/performance.md's table
+DOCS_COLUMNS = ("natgwd", "per-rule-exec", "iptables-restore", "naive-nft")
+DOCS_BEGIN = "<!-- performance table: python -m benchmarks.report {} --docs docs/performance.md -->"
+DOCS_END = "<!-- end of the performance table -->"
+
+
+def performance_table(results: dict[str, Any], json_path: Path) -> list[str]:
+    """docs/performance.md's table: every figure from the one results file it names."""
+    sizes = [n for n in results["sizes"] if ok(cell(results, "natgwd", n))]
+    n = DOCS_N if DOCS_N in sizes else max(sizes)
+    mix = results["mix"][str(n)]
+    named = os.path.relpath(json_path.resolve(), REPO)
+    columns = [m for m in DOCS_COLUMNS if m in results["cells"]]
+    lines = [
+        DOCS_BEGIN.format(named),
+        f"From [`{json_path.name}`](../{named}) ({results['started'][:10]}, load average "
+        f"{results['loadavg_start'][0]:.1f} at the start), at {mix['dnat']:,} DNAT + {mix['snat']:,} SNAT + "
+        f"{mix['fip']:,} FIP rules, medians, the best in bold:",
+        "",
+        "| | " + " | ".join(title(results, m) for m in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for label, get, fmt, lower in (
+        ("new connections/s through DNAT", lambda c: median(c.get("conn")), rate, False),
+        ("full apply", lambda c: median(c.get("full")), seconds, True),
+        (
+            "one rule changed: file written → kernel updated",
+            lambda c: median(c.get("changes", {}).get("all")),
+            seconds,
+            True,
+        ),
+    ):
+        values = {m: get(cell(results, m, n)) if ok(cell(results, m, n)) else None for m in columns}
+        measured = {m: v for m, v in values.items() if v is not None}
+        best = (min if lower else max)(measured, key=measured.__getitem__) if measured else None
+        texts = []
+        for m in columns:
+            if values[m] is None:
+                c = cell(results, m, n)
+                reason = c.get("full", {}).get("not_run")
+                texts.append(f"not run: {reason}" if reason and label == "full apply" else not_run(c))
+            else:
+                texts.append(f"**{fmt(values[m])}**" if m == best else fmt(values[m]))
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    scrape = median(cell(results, "natgwd", n).get("natgwd", {}).get("scrape"))
+    lines.append(
+        "| `/metrics` with every rule's counters | "
+        + " | ".join(seconds(scrape) if m == "natgwd" else "none" for m in columns)
+        + " |"
+    )
+    lines.append(DOCS_END)
+    return lines
+
+
+def replace_docs_table(text: str, table: list[str]) -> str:
+    """`text` with its performance table (between the markers) replaced by `table`."""
+    begin = text.index(DOCS_BEGIN.split("{}")[0])
+    end = text.index(DOCS_END, begin) + len(DOCS_END)
+    return text[:begin] + "\n".join(table) + text[end:]
+
+
+def docs_source(text: str) -> Path:
+    """The results file that the performance table of `text` names."""
+    prefix, suffix = DOCS_BEGIN.split("{}")
+    begin = text.index(prefix) + len(prefix)
+    return REPO / text[begin : text.index(suffix, begin)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("json", type=Path)
-    parser.add_argument("--markdown", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    parser.add_argument("--markdown", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--throughput", type=Path, help="section 4 from this run of it alone (--throughput-only)")
+    parser.add_argument("--docs", type=Path, help="regenerate this file's performance table (docs/performance.md)")
     args = parser.parse_args(argv)
     results = json.loads(args.json.read_text())
-    render(results, args.json, args.markdown)
+    render(results, args.json, args.markdown, args.throughput)
     print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.docs:
+        args.docs.write_text(replace_docs_table(args.docs.read_text(), performance_table(results, args.json)))
+        print(f"wrote {args.docs}", file=sys.stderr)
     return 0
 
 

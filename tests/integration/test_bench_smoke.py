@@ -36,6 +36,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path,
             "--conn-seconds=0.5",
             "--conn-repeats=1",
             "--iperf-seconds=1",
+            "--iperf-repeats=2",
             "--scrapes=1",
             "--profile=always",
             f"--results-dir={directory}",
@@ -62,17 +63,26 @@ def test_every_method_measured(run: tuple[dict[str, Any], Path, Path]) -> None:
         for kind in ("add", "change", "delete"):
             assert cell["changes"][kind]["n"] >= 1, (method, kind)
         assert cell["conn"]["median"] > 0, method
+
+
+def test_throughput_interleaved_with_natgwd_running_and_stopped(run: tuple[dict[str, Any], Path, Path]) -> None:
+    results, _, _ = run
+    throughput = results["throughput"]
+    assert throughput["order"] == ["plain", "natgwd", "natgwd-stopped", *METHODS[1:]]
+    for row in throughput["order"]:
         for path in ("dnat", "snat"):
-            assert cell["iperf"][path]["median"] > 0, (method, path)
-        # The SNAT path really was source-NATed: the server saw an EIP, not the VM.
-        assert cell["iperf"]["snat"]["server_saw"] not in (None, "172.20.10.2"), method
+            measured = throughput["rows"][row][path]
+            assert measured["n"] == 2 and measured["min"] > 0, (row, path)
+        # The SNAT path really was source-NATed (the server saw an EIP, not the VM), also
+        # with natgwd stopped: its table stays.
+        seen = throughput["rows"][row]["snat"]["server_saw"]
+        assert seen == "172.20.10.2" if row == "plain" else seen not in (None, "172.20.10.2"), row
 
 
 def test_baseline_natgwd_extras_and_profile(run: tuple[dict[str, Any], Path, Path]) -> None:
     results, _, _ = run
     plain = results["plain_routing"]
     assert plain["conn"]["median"] > 0
-    assert plain["iperf"]["dnat"]["median"] > 0 and plain["iperf"]["snat"]["median"] > 0
     natgwd = results["cells"]["natgwd"][str(N)]["natgwd"]
     assert natgwd["rss_kb"]["after_full_apply"]["VmRSS"] > 0
     assert natgwd["scrape"]["n"] >= 1 and natgwd["metrics_bytes"] > 0
@@ -91,6 +101,8 @@ def test_report_rendered(run: tuple[dict[str, Any], Path, Path]) -> None:
         assert results["methods"][method]["title"] in text
     for heading in ("Full apply", "One change", "connections per second", "iperf3", "memory and /metrics"):
         assert heading in text
+    assert "natgwd stopped (SIGTERM; its table left in place)" in text
+    assert "natgwd running over natgwd stopped, pair by pair" in text
     try:
         import matplotlib  # noqa: F401
     except ImportError:
