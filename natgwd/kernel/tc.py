@@ -28,7 +28,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
-from natgwd.kernel.netlink import NLA_F_NESTED, nla
+from natgwd.kernel.netlink import NLA_F_NESTED
+from natgwd.kernel.rtbatch import attribute as nla
 from natgwd.kernel.tcdump import RTM_GETTCLASS, RTM_GETTFILTER, TcDumpError, attributes, dump
 from natgwd.qos.plan import (
     DEFAULT_MINOR,

@@ -1,5 +1,6 @@
-"""natgwd.kernel.netlink._usable: which RTM_NEWADDR messages name a bindable address of the
-pod interface (a kernel without strict checking sends every interface's)."""
+"""natgwd.kernel.netlink.bindable: which RTM_NEWADDR messages (as natgwd.kernel.rtbatch
+reads them) name a bindable address of the pod interface (a kernel without strict checking
+sends every interface's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from ipaddress import ip_address
 
 import pytest
 
-from natgwd.kernel.netlink import IFA_ADDRESS, IFA_F_DADFAILED, IFA_F_TENTATIVE, IFA_FLAGS, IFA_LOCAL, _usable
+from natgwd.kernel.netlink import IFA_F_DADFAILED, IFA_F_TENTATIVE, bindable
+from natgwd.kernel.rtbatch import IFA_ADDRESS, IFA_FLAGS, IFA_LOCAL, _address
+from natgwd.state.model import IPAddress
+
+
+def _usable(body: bytes, index: int) -> IPAddress | None:
+    address = _address(body)
+    assert address is not None
+    return address.local if bindable(address, index) else None
 
 
 def message(address: str, index: int = 2, scope: int = 0, flags: int = 0, extended: int | None = None) -> bytes:
