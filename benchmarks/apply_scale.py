@@ -285,11 +285,11 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     # The daemon also records every applied file (--applied-state, which the Lab passes).
     scratch = Path(tempfile.mkdtemp(prefix="natgwd-bench-applied-"))
-    record = AppliedRecord(scratch / "applied.json")
+    applied_record = AppliedRecord(scratch / "applied.json")
 
     def daemon_record(raw: bytes) -> float | None:
         started = time.perf_counter()
-        record.write(raw, hashlib.sha256(raw).hexdigest(), time.time())
+        applied_record.write(raw, hashlib.sha256(raw).hexdigest(), time.time())
         return time.perf_counter() - started
 
     def teardown() -> None:

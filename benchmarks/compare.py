@@ -195,8 +195,8 @@ class Gateway:
         raise OverBudgetError("no other way to install the rules")
 
     # helpers
-    def _configure_links(self) -> None:
-        self.gw.run(["ip", "-batch", "-"], input=rulesets.gateway_ip_batch(self.work.state))
+    def _configure_links(self, state: dict[str, Any] | None = None) -> None:
+        self.gw.run(["ip", "-batch", "-"], input=rulesets.gateway_ip_batch(state or self.work.state))
         self.gw.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
 
     def _timed(self, argv: list[str], input: str | None = None) -> float:  # noqa: A002
@@ -208,8 +208,12 @@ class Gateway:
 class NatgwdGateway(Gateway):
     name = "natgwd"
 
+    def base_state(self) -> dict[str, Any]:
+        """What the daemon starts from, untimed (the full state's EIPs: only the rules are timed)."""
+        return self.work.base()
+
     def setup(self) -> None:
-        self.base = rulesets.encode(self.work.base())
+        self.base = rulesets.encode(self.base_state())
         self.full = rulesets.encode(self.work.state)
         self.daemon = self.lab.start_natgwd(self.base, "--resync-interval", "3600")
         self.pid = self.daemon.process.pid
@@ -342,6 +346,9 @@ class FloorGateway(Gateway):
 
     def setup(self) -> None:
         self._configure_links()
+        self._render_full()
+
+    def _render_full(self) -> None:
         self.planner = rulesets.FloorPlanner(self.work.state)
         self.full_path = self.tmp / "full.nft"
         self.full_path.write_text(self.planner.full_script)
@@ -959,6 +966,13 @@ def parser() -> argparse.ArgumentParser:
         help="only the throughput section (iperf3, methods in turn) at --iperf-n",
     )
     p.add_argument("--scrapes", type=int, default=3)
+    p.add_argument(
+        "--cold-sizes",
+        type=lambda s: parse_sizes(s),
+        default="10000,50000",
+        help="a cold start with the EIPs inside the clock (benchmarks.cold_start) at these N; '' for none",
+    )
+    p.add_argument("--cold-repeats", type=int, default=3, help="cold starts per method and size")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--profile-n", type=int, default=10000, help="profile at this size (or the largest below)")
     p.add_argument("--wait-load", type=float, default=0, help="first wait until the 1-minute load is below this")
@@ -1083,6 +1097,10 @@ def run_cells(ctx: Context, results: dict[str, Any]) -> None:
                     exec_measured = (n, full["median"])
                 elif exec_over is None and not full_skip:
                     exec_over = f"over the {args.exec_budget:.0f} s budget already at N={n:,}"
+    if args.cold_sizes:
+        from benchmarks import cold_start
+
+        results["cold_start"] = cold_start.run(ctx, args.cold_sizes, args.cold_repeats)
     reasons = needs_profile(results) if "natgwd" in args.methods else []
     results["natgwd_not_best"] = reasons
     if args.profile == "always" or (args.profile == "auto" and reasons):

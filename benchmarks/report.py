@@ -139,6 +139,16 @@ def full_apply_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cold_start_lines(results: dict[str, Any]) -> list[str]:
+    """Section 1b: the full apply with the EIPs inside the clock (benchmarks.cold_start)."""
+    section = results.get("cold_start")
+    if not section or not section.get("sizes"):
+        return []
+    from benchmarks.cold_start import table
+
+    return ["### 1b. A cold start: the EIPs inside the clock", "", section["description"], "", *table(section), ""]
+
+
 def change_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| N | method | add: median / p95 | change: median / p95 | delete: median / p95 | all: median | "
@@ -710,6 +720,7 @@ def render(results: dict[str, Any], json_path: Path, markdown: Path, throughput_
         "",
         *full_apply_table(results),
         "",
+        *cold_start_lines(results),
         "## 2. One change among N rules",
         "",
         f"Rounds of: add one DNAT, change one DNAT's target, delete one DNAT (up to {results['options']['rounds']} "

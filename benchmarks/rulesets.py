@@ -345,10 +345,23 @@ def gateway_ip_batch(state: dict[str, Any]) -> str:
     lines = [f"link set {INTERNAL_IF} up", f"link set {EXTERNAL_IF} up"]
     lines += [f"addr add {a} dev {INTERNAL_IF}" for a in state["internal"]["addresses"]]
     lines += [f"addr add {a} dev {EXTERNAL_IF}" for a in state["external"]["addresses"]]
-    lines += [f"addr add {e['v4ip']}/{EXTERNAL_PREFIX} dev {EXTERNAL_IF}" for e in state["eips"]]
+    lines += eip_ip_batch(state["eips"]).splitlines()
     lines += [f"route add {r['dst']} via {r['via']} dev {INTERNAL_IF}" for r in state["internal"].get("routes", [])]
     lines.append(f"route add default via {state['external']['gateway']} dev {EXTERNAL_IF} onlink")
     return "\n".join(lines) + "\n"
+
+
+def one_rule_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The gateway of `state` with its first DNAT rule alone and that rule's EIP: where a
+    cold start's clock starts (the issue's "one-rule state")."""
+    first = state["dnat"][0]
+    eips = [e for e in state["eips"] if e["name"] == first["eip"]]
+    return {**state, "eips": eips, "snat": [], "dnat": [first], "fip": []}
+
+
+def eip_ip_batch(eips: list[dict[str, Any]], verb: str = "add") -> str:
+    """`ip -batch` lines adding (or deleting) these EIPs' addresses as natgwd holds them."""
+    return "".join(f"addr {verb} {e['v4ip']}/{EXTERNAL_PREFIX} dev {EXTERNAL_IF}\n" for e in eips)
 
 
 def plain_routing_state() -> dict[str, Any]:

@@ -39,6 +39,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path,
             "--iperf-repeats=2",
             "--scrapes=1",
             "--profile=always",
+            f"--cold-sizes={N * 10}",
+            "--cold-repeats=1",
             f"--results-dir={directory}",
             f"--markdown={markdown}",
         ],
@@ -77,6 +79,16 @@ def test_throughput_interleaved_with_natgwd_running_and_stopped(run: tuple[dict[
         # with natgwd stopped: its table stays.
         seen = throughput["rows"][row]["snat"]["server_saw"]
         assert seen == "172.20.10.2" if row == "plain" else seen not in (None, "172.20.10.2"), row
+
+
+def test_cold_start_times_the_eips_against_its_floor(run: tuple[dict[str, Any], Path, Path]) -> None:
+    results, markdown, _ = run
+    size = results["cold_start"]["sizes"][str(N * 10)]
+    assert size["eips_added"] > 0
+    for method in ("natgwd", "floor"):
+        assert size[method]["n"] == 1 and size[method]["median"] > 0, method
+    assert size["natgwd_own"]["n"] == 1 and size["ratios"]
+    assert "1b. A cold start: the EIPs inside the clock" in markdown.read_text()
 
 
 def test_baseline_natgwd_extras_and_profile(run: tuple[dict[str, Any], Path, Path]) -> None:

@@ -1,0 +1,208 @@
+"""A cold start with the EIPs inside the clock: from a one-rule state (one EIP) to the whole
+rule set with every EIP, natgwd against its floor, run by run in turn.
+
+    python -m benchmarks.cold_start [--sizes 10000,50000] [--repeats 3]   (as root)
+
+`make bench` runs it as a section of its own (python -m benchmarks, results["cold_start"]);
+its other full-apply section starts from a state that already holds every EIP, so it
+times the rules alone.
+
+- natgwd: the daemon as deployed; the clock runs from the rename of the new state file
+  until natgwd's applied-state record names it (the kernel then holds the table, the
+  addresses and the routes).
+- floor: the same table by one `nft -f` of natgwd's own script (rendered beforehand) plus
+  the same addresses by one `ip -batch`, back to back.
+
+Each method has a Lab of its own; the two are measured alternately (natgwd, floor,
+natgwd, ...), so that a change in the machine's load falls on both. Between runs each goes
+back to the one-rule state, untimed (deleting 1,000 secondary addresses takes the kernel
+seconds). Results: benchmarks/results/cold_start-<UTC timestamp>.json when run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import rulesets
+from benchmarks.compare import (
+    BENCH_DIR,
+    NATGWD_SETTLE_SECONDS,
+    Context,
+    FloorGateway,
+    Gateway,
+    NatgwdGateway,
+    daemon_log,
+    log,
+    parse_sizes,
+    statistics_line,
+    terminated_as_exit,
+)
+from benchmarks.stats import summary
+from natgwd.lab.topology import VM_ADDRESSES, Lab
+
+DEFAULT_SIZES = (10000, 50000)
+DESCRIPTION = (
+    "From a one-rule state (one DNAT rule, its EIP) to the whole rule set with every EIP. natgwd: from the "
+    "rename of the new state file until natgwd's applied-state record names it. Floor: one `nft -f` of natgwd's "
+    "own script for the table plus one `ip -batch` adding the same EIP addresses, back to back. Each method in a "
+    "Lab of its own, measured alternately run by run; between runs both go back to the one-rule state (untimed)."
+)
+
+
+def verify_addresses(gateway: Gateway, state: dict[str, Any]) -> int:
+    """How many of the state's EIPs the external interface holds; all of them, or an error."""
+    listing = json.loads(gateway.gw.run(["ip", "-j", "-4", "addr", "show", "dev", rulesets.EXTERNAL_IF]).stdout)
+    held = {a["local"] for link in listing for a in link.get("addr_info", [])}
+    missing = [e["v4ip"] for e in state["eips"] if e["v4ip"] not in held]
+    if missing:
+        raise RuntimeError(f"{gateway.name}: {len(missing)} EIPs missing, e.g. {missing[:3]}")
+    return len(state["eips"])
+
+
+class ColdNatgwdGateway(NatgwdGateway):
+    name = "natgwd"
+
+    def base_state(self) -> dict[str, Any]:
+        return rulesets.one_rule_state(self.work.state)
+
+
+class ColdFloorGateway(FloorGateway):
+    name = "floor"
+
+    def setup(self) -> None:
+        base = rulesets.one_rule_state(self.work.state)
+        self._configure_links(base)
+        self._render_full()
+        added = [e for e in self.work.state["eips"] if e not in base["eips"]]
+        self.add_path = self.tmp / "eips-add"
+        self.add_path.write_text(rulesets.eip_ip_batch(added))
+        self.delete_path = self.tmp / "eips-delete"
+        self.delete_path.write_text(rulesets.eip_ip_batch(added, "del"))
+
+    def full_apply(self) -> float:
+        started = time.perf_counter()
+        self.gw.run(["nft", "-f", str(self.full_path)], timeout=600)
+        self.gw.run(["ip", "-batch", str(self.add_path)], timeout=600)
+        return time.perf_counter() - started
+
+    def reset(self) -> None:
+        super().reset()
+        self.gw.run(["ip", "-batch", str(self.delete_path)], timeout=600)
+
+
+def run_size(ctx: Context, n: int, repeats: int) -> dict[str, Any]:
+    work = rulesets.workload(n)
+    result: dict[str, Any] = {
+        "mix": work.counts,
+        "eips_added": len(work.state["eips"]) - 1,
+        "loadavg_start": os.getloadavg(),
+    }
+    times: dict[str, list[float]] = {"natgwd": [], "floor": []}
+    with Lab(vms=(VM_ADDRESSES[0],)) as natgwd_lab, Lab(vms=(VM_ADDRESSES[0],)) as floor_lab:
+        natgwd = ColdNatgwdGateway(natgwd_lab, ctx, work)
+        floor = ColdFloorGateway(floor_lab, ctx, work)
+        try:
+            natgwd.setup()
+            floor.setup()
+            for attempt in range(repeats):
+                for gateway in (natgwd, floor):
+                    if attempt:
+                        gateway.reset()
+                        if gateway is natgwd:
+                            time.sleep(NATGWD_SETTLE_SECONDS)
+                    times[gateway.name].append(gateway.full_apply())
+                    verify_addresses(gateway, work.state)
+                    gateway.verify(work.state)
+                    if gateway is natgwd:
+                        # Its gratuitous ARPs for the new EIPs (3 rounds, 1 s apart) are
+                        # not the floor's to share the CPU with.
+                        time.sleep(NATGWD_SETTLE_SECONDS)
+            logged = daemon_log(natgwd.daemon.log())
+            own = [logged.get(e["sha256"][:12], {}) for e in natgwd.events if e["kind"] == "full"]
+        finally:
+            ctx.stop_all()
+            natgwd.close()
+            floor.close()
+    result["natgwd"] = summary(times["natgwd"])
+    result["floor"] = summary(times["floor"])
+    result["natgwd_own"] = summary([o["seconds"] for o in own if o.get("seconds") is not None])
+    result["natgwd_nft"] = summary([o["nft_seconds"] for o in own if o.get("nft_seconds") is not None])
+    result["ratios"] = [a / b for a, b in zip(times["natgwd"], times["floor"], strict=True)]
+    result["ratio_of_medians"] = result["natgwd"]["median"] / result["floor"]["median"]
+    result["loadavg_end"] = os.getloadavg()
+    log(
+        f"  cold start N={n:,}: natgwd {statistics_line(times['natgwd'])}, floor {statistics_line(times['floor'])}, "
+        f"ratio {result['ratio_of_medians']:.2f} (per run {min(result['ratios']):.2f}-{max(result['ratios']):.2f})"
+    )
+    return result
+
+
+def run(ctx: Context, sizes: list[int], repeats: int) -> dict[str, Any]:
+    section: dict[str, Any] = {"description": DESCRIPTION, "repeats": repeats, "sizes": {}}
+    for n in sizes:
+        log(f"cold start with the EIPs, N={n:,} ...")
+        section["sizes"][str(n)] = run_size(ctx, n, repeats)
+    return section
+
+
+def table(section: dict[str, Any]) -> list[str]:
+    """The section's Markdown table (benchmarks.report renders it into RESULTS.md)."""
+    lines = [
+        "| N | EIPs added | natgwd: median (min - max) | natgwd's own log: whole / nftables | floor: median "
+        "(min - max) | natgwd / floor: of medians (per run) | load average (start - end) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, size in section["sizes"].items():
+
+        def ms(stats: dict[str, Any], key: str = "median") -> str:
+            return f"{stats[key] * 1000:,.0f} ms" if stats.get("n") else "-"
+
+        lines.append(
+            f"| {int(n):,} | {size['eips_added']:,} "
+            f"| {ms(size['natgwd'])} ({ms(size['natgwd'], 'min')} - {ms(size['natgwd'], 'max')}) "
+            f"| {ms(size['natgwd_own'])} / {ms(size['natgwd_nft'])} "
+            f"| {ms(size['floor'])} ({ms(size['floor'], 'min')} - {ms(size['floor'], 'max')}) "
+            f"| {size['ratio_of_medians']:.2f}x ({min(size['ratios']):.2f}-{max(size['ratios']):.2f}) "
+            f"| {size['loadavg_start'][0]:.1f} - {size['loadavg_end'][0]:.1f} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=parse_sizes, default=list(DEFAULT_SIZES), help="N, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root: it creates network namespaces", file=sys.stderr)
+        return 1
+    results: dict[str, Any] = {
+        "benchmark": "cold_start",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": os.getloadavg(),
+    }
+    with terminated_as_exit(), tempfile.TemporaryDirectory(prefix="natgwd-cold-") as tmp:
+        ctx = Context(args, Path(tmp), connrate=Path(tmp) / "connrate-not-used")
+        try:
+            results["cold_start"] = run(ctx, args.sizes, args.repeats)
+        finally:
+            ctx.stop_all()
+    results["loadavg_end"] = os.getloadavg()
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"cold_start-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(table(results["cold_start"])))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
