@@ -8,6 +8,7 @@ import errno
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest.mock import patch
@@ -74,7 +75,7 @@ class Socket:
 def test_a_full_scan_streams_the_table_and_deletes_on_a_second_socket() -> None:
     sockets: list[Socket] = []
     expired = {0, 4}
-    cleaner = ConntrackCleaner(connect=lambda family: Socket(sockets, expired, family))  # type: ignore[arg-type, return-value]
+    cleaner = ConntrackCleaner(connect=lambda family: Socket(sockets, expired, family), count=lambda: TABLE_SIZE)  # type: ignore[arg-type, return-value]
     state = load_state(json.dumps(SEED_STATE).encode())
     deleted = cleaner.clean(Translations(state, [1, 2, 3]), None)
     # The IPv6 table holds nothing stale: no socket to delete with is opened for it.
@@ -105,9 +106,35 @@ def test_each_deleted_entry_is_recorded_before_its_delete() -> None:
             self.id = index + 1
 
     sockets: list[Socket] = []
-    cleaner = ConntrackCleaner(connect=lambda family: Recording(sockets, set(), family), endings=endings)  # type: ignore[arg-type, return-value]
+    cleaner = ConntrackCleaner(
+        connect=lambda family: Recording(sockets, set(), family), endings=endings, count=lambda: None
+    )  # type: ignore[arg-type, return-value]
     state = load_state(json.dumps(SEED_STATE).encode())
     with patch.object(Recording, "dump_entries", lambda self, **_: iter([Identified(i) for i in range(8)])):
         cleaner.clean(Translations(state, [1, 2, 3]), None)
     assert recorded_at_delete == ["dnat", "dnat", "dnat", "dnat"]  # entries 0 and 4 of both families
     assert [endings.take(i + 1) for i in range(8)] == ["dnat", None, None, None, "dnat", None, None, None]
+
+
+def test_an_empty_table_is_not_dumped() -> None:
+    """A dump walks every bucket of the kernel's hash table, milliseconds per filter even
+    with no entry: with the namespace's count at 0 there is nothing to dump; with the count
+    unknown (no such file), the table is dumped as before."""
+    state = load_state(json.dumps(SEED_STATE).encode())
+    for count, dumped in ((0, False), (None, True), (1, True)):
+        sockets: list[Socket] = []
+
+        def connect(family: int, sockets: list[Socket] = sockets) -> Socket:
+            return Socket(sockets, set(), family)
+
+        cleaner = ConntrackCleaner(connect=connect, count=lambda c=count: c)  # type: ignore[arg-type, misc]
+        cleaner.clean(Translations(state, [1, 2, 3]), None)
+        assert (sum(s.dumps for s in sockets) > 0) == dumped, count
+
+
+def test_the_count_is_the_namespace_table_s(tmp_path: Path) -> None:
+    from natgwd.kernel.conntrack import tracked_count
+
+    (tmp_path / "count").write_text("3\n")
+    assert tracked_count(tmp_path / "count") == 3
+    assert tracked_count(tmp_path / "missing") is None

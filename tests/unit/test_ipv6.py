@@ -200,7 +200,7 @@ def test_a_changed_v6ip_needs_both_addresses_dumped_and_they_go_to_the_ipv6_dump
         def stale(self, flow: Flow) -> None:
             judged.append(flow.orig_dst)
 
-    cleaner = ConntrackCleaner(connect=Dumps)  # type: ignore[arg-type]
+    cleaner = ConntrackCleaner(connect=Dumps, count=lambda: 2)  # type: ignore[arg-type]
     cleaner.clean(Judge(), filters)  # type: ignore[arg-type]
     # One unfiltered IPv6 dump (pyroute2 cannot filter IPv6 in the kernel), filtered here.
     assert dumped == [(socket.AF_INET6, {})]
@@ -224,7 +224,7 @@ def test_ipv4_filters_do_not_open_an_ipv6_dump() -> None:
         opened.append(family)
         return Dumps()
 
-    cleaner = ConntrackCleaner(connect=connect)  # type: ignore[arg-type]
+    cleaner = ConntrackCleaner(connect=connect, count=lambda: 2)  # type: ignore[arg-type]
     cleaner.clean(Translations(load(SEED_STATE), [1, 2, 3]), [Filter("orig", "daddr", "10.115.55.200")])
     assert opened == [socket.AF_INET]  # one dump socket; nothing stale, so none to delete with
 
