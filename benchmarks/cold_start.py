@@ -22,6 +22,7 @@ seconds). Results: benchmarks/results/cold_start-<UTC timestamp>.json when run a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -38,7 +39,6 @@ from benchmarks.compare import (
     FloorGateway,
     Gateway,
     NatgwdGateway,
-    daemon_log,
     log,
     parse_sizes,
     statistics_line,
@@ -64,6 +64,27 @@ def verify_addresses(gateway: Gateway, state: dict[str, Any]) -> int:
     if missing:
         raise RuntimeError(f"{gateway.name}: {len(missing)} EIPs missing, e.g. {missing[:3]}")
     return len(state["eips"])
+
+
+def applied_lines(log_text: str, sha256: str) -> list[dict[str, Any]]:
+    """natgwd's "desired state applied" lines for the state `sha256` names (its first 12
+    digits), in order, each with the seconds of the nftables transaction before it (every
+    full apply applies the same file: compare.daemon_log keeps the last line per sha256)."""
+    found, nft_seconds = [], None
+    for line in log_text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "nftables transaction applied":
+            nft_seconds = record.get("seconds")
+        elif record.get("event") == "desired state applied":
+            if record.get("sha256") == sha256:
+                found.append({"seconds": record.get("seconds"), "nft_seconds": nft_seconds})
+            nft_seconds = None
+    return found
 
 
 class ColdNatgwdGateway(NatgwdGateway):
@@ -124,8 +145,7 @@ def run_size(ctx: Context, n: int, repeats: int) -> dict[str, Any]:
                         # Its gratuitous ARPs for the new EIPs (3 rounds, 1 s apart) are
                         # not the floor's to share the CPU with.
                         time.sleep(NATGWD_SETTLE_SECONDS)
-            logged = daemon_log(natgwd.daemon.log())
-            own = [logged.get(e["sha256"][:12], {}) for e in natgwd.events if e["kind"] == "full"]
+            own = applied_lines(natgwd.daemon.log(), hashlib.sha256(natgwd.full).hexdigest()[:12])
         finally:
             ctx.stop_all()
             natgwd.close()
