@@ -4,6 +4,7 @@ far the desired state is applied (and from the HA pair and the BGP speaker, with
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,8 +47,12 @@ class Answers:
         watch: ConnectionWatch | None,
         ha: HaController | None,
         bgp: BgpSpeaker | None,
+        published: threading.Lock,
     ) -> None:
         self.progress = progress
+        # Held by the daemon while it records an applied state and updates what these
+        # answers say of it: /readyz, /metrics and the record change at the same moment.
+        self.published = published
         self.resync_interval = resync_interval
         self.applied_sha256 = applied_sha256
         self.registry = registry
@@ -62,7 +67,9 @@ class Answers:
         """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
         listings = self.counting_sets()
         counters, labelled = self.rule_counters.labelled_exposition(listings)
-        yield generate_latest(self.registry)
+        with self.published:
+            own = generate_latest(self.registry)
+        yield own
         yield from counters
         yield ctstats.scrape()
         yield shaping_exposition(self.reconciler.qos, self.reconciler.state)
@@ -79,12 +86,17 @@ class Answers:
         return stalled < limit, {"seconds_since_loop": round(stalled, 1)}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        applied_at = self.progress.applied_at
+        with self.published:
+            applied_at, not_ready, applied_sha256 = (
+                self.progress.applied_at,
+                self.progress.not_ready,
+                self.applied_sha256(),
+            )
         detail: dict[str, Any] = {
-            "applied_sha256": self.applied_sha256(),
+            "applied_sha256": applied_sha256,
             "applied_at": datetime.fromtimestamp(applied_at, UTC).isoformat() if applied_at else None,
         }
-        reasons = [self.progress.not_ready] if self.progress.not_ready else []
+        reasons = [not_ready] if not_ready else []
         if self.ha is not None:
             ha_reason, ha_detail = self.ha.readiness()
             detail.update(ha_detail)

@@ -123,6 +123,8 @@ class Daemon:
         self._unverified = False  # changes applied rule by rule since the last full check
         self._applied_digest: str | None = None
         self.progress = Progress(f"no state applied yet; waiting for {config.state_path}")
+        # What /readyz and /metrics say of the applied state changes with the record, under this lock.
+        self.published = threading.Lock()
         self.answers = Answers(
             self.progress,
             config.resync_interval,
@@ -133,6 +135,7 @@ class Daemon:
             self.watch,
             self.ha,
             self.bgp,
+            self.published,
         )
         endpoints = Endpoints(self.answers.exposition, self.answers.readiness, self.answers.liveness)
         self.listeners = MetricsListeners(
@@ -290,20 +293,20 @@ class Daemon:
             return
         self.tracker.accept(change)
         _log_changes(change, "the state file")
-        self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
         self._unverified |= outcome.by_delta
-        self._count(outcome)
-        self._applied_digest = digest
-        self.progress.applied_at = time.time()
-        if self.edits is not None:
-            self.edits.accepted(applied_raw, digest, change.validated.document)
-        effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
-        self.record.write(applied_raw, effective, self.progress.applied_at)
-        for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
-            self.metrics.rules.labels(kind).set(len(rules))
-        self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
-        self._applied_to_members(state, effective, outcome.complete)
-        self._finished(outcome, started, {"sha256": effective[:12]})
+        with self.published:
+            self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
+            self._count(outcome)
+            self._applied_digest = digest
+            self.progress.applied_at = time.time()
+            if self.edits is not None:
+                self.edits.accepted(applied_raw, digest, change.validated.document)
+            effective = self.applied_sha256() or digest  # with calls logged on the file: not the file's
+            self.record.write(applied_raw, effective, self.progress.applied_at)
+            self._count_rules(state)
+            self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
+            self._applied_to_members(state, effective, outcome.complete)
+            self._finished(outcome, started, {"sha256": effective[:12]})
 
     # --- nat-gateway.sh calls (natgwd.kubeovn.shim.service) -------------------------------
 
@@ -337,18 +340,22 @@ class Daemon:
         except (NftError, OSError) as err:
             self._failed(f"applying an edit failed: {err}")
             raise
-        self._count(outcome)
-        self.progress.applied_at = time.time()
-        for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
-            self.metrics.rules.labels(kind).set(len(rules))
-        self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
-        self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
         assert self.edits is not None
         # The hash of the whole document would cost a serialization of it per call: the
         # line names the file the calls extend (None before `init` wrote one) and how many
         # were logged on it before this one; /readyz has the hash.
         extends, logged = self.edits.logged_on()
-        self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
+        with self.published:
+            self._count(outcome)
+            self.progress.applied_at = time.time()
+            self._count_rules(state)
+            self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
+            self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
+            self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
+
+    def _count_rules(self, state: DesiredState) -> None:
+        for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
+            self.metrics.rules.labels(kind).set(len(rules))
 
     def _apply_change(self, change: Change) -> Outcome:
         """Apply a checked change, listening for /metrics only where it allows: closed
@@ -373,10 +380,11 @@ class Daemon:
         """The edit service rewrote the state file as the applied document: no change to
         apply (the watcher's recheck re-reads it quietly)."""
         digest = hashlib.sha256(data).hexdigest()
-        self.file.last_read = self._applied_digest = digest
-        self.progress.applied_at = time.time()
-        self.file.poll()
-        self.record.write(data, digest, self.progress.applied_at)
+        with self.published:
+            self.file.last_read = self._applied_digest = digest
+            self.progress.applied_at = time.time()
+            self.file.poll()
+            self.record.write(data, digest, self.progress.applied_at)
 
     def resync(self) -> None:
         self._next_resync = time.monotonic() + self.config.resync_interval
