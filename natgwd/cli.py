@@ -323,7 +323,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
     if args.applied_state:
-        Path(args.applied_state).unlink(missing_ok=True)
+        applied.remove(Path(args.applied_state))
     return 1 if report.errors else 0
 
 

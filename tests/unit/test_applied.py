@@ -4,6 +4,7 @@ the daemon, `natgwd status` and the shim; its head is read without parsing the s
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,3 +43,25 @@ def test_no_record_or_another_file_reads_as_none(tmp_path: Path) -> None:
     assert applied.read_head(other) is None
     other.write_text('{"sha256": "' + DIGEST + '", "applied_at": "yesterday"}')
     assert applied.read_head(other) is None
+
+
+def test_each_write_swaps_a_link_and_leaves_one_file_behind_it(tmp_path: Path) -> None:
+    """The record's path is a link renamed over the last one (a file renamed over another
+    is written out to disk first on ext4): a reader sees a whole record, old or new; the
+    file the link named before goes; an older natgwd's plain file is replaced too."""
+    path = tmp_path / "applied.json"
+    path.write_text("an older natgwd's record")
+    raw = json.dumps(SEED_STATE).encode()
+    with_old_open = None
+    for second in range(5):
+        applied.write(path, DIGEST, float(second), raw)
+        if with_old_open is None:
+            with_old_open = path.open("rb")  # a reader of the first record, slow to finish
+    assert path.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["applied.json", os.readlink(path)])
+    head = applied.read_head(path)
+    assert head is not None and head.applied_at == datetime.fromtimestamp(4, UTC)
+    assert json.loads(with_old_open.read())["applied_at"] == datetime.fromtimestamp(0, UTC).isoformat()
+    with_old_open.close()
+    applied.remove(path)
+    assert list(tmp_path.iterdir()) == []
