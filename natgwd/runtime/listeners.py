@@ -72,6 +72,7 @@ class MetricsListeners:
         self._main: ThreadingHTTPServer | None = None
         self._pod: dict[IPAddress, ThreadingHTTPServer] = {}
         self._followed: Key = None  # the state the pod addresses were last opened for
+        self._keyed: tuple[object, object, object, Key] | None = None  # the last key, by what it was made of
 
     @property
     def auto(self) -> bool:
@@ -93,7 +94,7 @@ class MetricsListeners:
         start where it allows. Unless `reread`, a state with the same external side and
         EIPs as the last one followed changes nothing (eth0 is not read for every rule
         change). Whether the addresses listened on changed."""
-        key = _key(state)
+        key = self._key_of(state)
         if not self.auto or self._main is None or (key == self._followed and not reread):
             return False  # a fixed address, not listening (yet, or any more), or nothing new
         if widen:
@@ -113,6 +114,19 @@ class MetricsListeners:
         for address in [a for a in wanted if a not in self._pod] if widen else []:
             changed |= self._open(address)
         return changed
+
+    def _key_of(self, state: DesiredState | None) -> Key:
+        """_key, made again only when the state's EIPs or external sides are other objects:
+        a change of rules keeps the very objects of the state before it, and a set of
+        every EIP address at each change would grow with the EIPs (twice a change)."""
+        if state is None:
+            return None
+        parts = (state.eips, state.external, state.more_externals)
+        if self._keyed is not None and all(a is b for a, b in zip(self._keyed[:3], parts, strict=True)):
+            return self._keyed[3]
+        key = _key(state)
+        self._keyed = (*parts, key)
+        return key
 
     def _open(self, address: IPAddress) -> bool:
         assert self._main is not None  # follow() checked
