@@ -81,7 +81,8 @@ METHOD_TITLES = {
 }
 METHOD_DESCRIPTIONS = {
     "natgwd": "the daemon as deployed (python -m natgwd run, --resync-interval 3600 so that no periodic "
-    "resync lands in a measurement): the state file is replaced by a rename and the time runs until natgwd's "
+    "resync lands in a measurement): the state file is replaced by a rename and the time runs from the rename "
+    "until natgwd's "
     "applied-state record (written once the kernel holds the change) names the new file's sha256. Includes "
     f"noticing the new file (inotify, else a stat() poll every {POLL_SECONDS} s), reading, "
     "validating, planning, the nftables transaction, the links check and conntrack cleanup.",
@@ -253,8 +254,12 @@ class NatgwdGateway(Gateway):
         digest = hashlib.sha256(raw).hexdigest()
         # An independent writer lands at a random moment of the watcher's period.
         time.sleep(self.ctx.rng.uniform(0, POLL_SECONDS))
+        # The clock starts at the rename that makes the new file the state file (as
+        # Natgwd.write_state does it): writing the writer's copy is the writer's time.
+        path = self.daemon.state_path
+        path.with_suffix(".tmp").write_bytes(raw)
         started = time.perf_counter()
-        self.daemon.write_state(raw)
+        os.replace(path.with_suffix(".tmp"), path)
         self._wait(digest, timeout=900)
         seconds = time.perf_counter() - started
         self.events.append({"kind": kind, "sha256": digest, "seconds": seconds})
