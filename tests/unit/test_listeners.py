@@ -196,3 +196,30 @@ def test_nothing_is_opened_before_start_or_after_stop() -> None:
     made.stop()
     assert not made.follow(state(), widen=True, reread=True)
     assert kernel.open == {}
+
+
+def test_a_change_of_rules_alone_reuses_the_key_and_other_eips_make_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key (every EIP address) is made once per EIPs and external sides, not twice per
+    change: a change of rules keeps their very objects. Equal EIPs of another document
+    are keyed again, and an added EIP still closes the pod address it lands on."""
+    import dataclasses
+
+    import natgwd.runtime.listeners as module
+
+    made_keys: list[object] = []
+    real_key = module._key
+    monkeypatch.setattr(module, "_key", lambda s: made_keys.append(s) or real_key(s))
+    kernel = Kernel()
+    made = listeners(kernel)
+    applied = state()
+    made.follow(applied, widen=True)
+    for rules in range(3):
+        changed = dataclasses.replace(applied, snat=applied.snat[:rules])
+        made.follow(changed, widen=False)
+        made.follow(changed, widen=True)
+    assert len(made_keys) == 1
+    made.follow(state(), widen=True)  # equal, other objects
+    assert len(made_keys) == 2
+    with_eip = state(eips=[*SEED_STATE["eips"], {"name": "pod", "v4ip": str(POD)}])
+    assert made.follow(with_eip, widen=False)
+    assert kernel.open == {("127.0.0.1", 9469): None}
