@@ -22,7 +22,7 @@ from typing import Any
 
 from natgwd.kubeovn.naming import dashed as _dashed
 from natgwd.kubeovn.shim import grammar
-from natgwd.kubeovn.shim.edits import Context, Doc, Op, eip_named, need_eip, section_items, unique_name
+from natgwd.kubeovn.shim.edits import Context, Doc, Op, eip_named, need_eip, own_eip, section_items, unique_name
 from natgwd.kubeovn.shim.grammar import ShimError
 
 GATEWAY_POLICY = "gateway-qos"
@@ -86,8 +86,9 @@ def _eip_policy(doc: Doc, eip: dict[str, Any], create: bool) -> dict[str, Any] |
 
 
 def _eip_of(doc: Doc, address: IPv4Address) -> dict[str, Any] | None:
+    """The EIP of `address`, the working copy's own to change (edits.own_eip)."""
     name = eip_named(doc, address)
-    return next((e for e in section_items(doc, "eips") if e.get("name") == name), None) if name else None
+    return own_eip(doc, name) if name else None
 
 
 def _put(rules: list[dict[str, Any]], same: Callable[[dict[str, Any]], bool], rule: dict[str, Any]) -> None:
@@ -116,7 +117,7 @@ def eip_qos_add(direction: str) -> Callable[[str], Op]:
 
         def op(doc: Doc, ctx: Context) -> None:
             name = need_eip(doc, address, ctx)
-            eip = next(e for e in section_items(doc, "eips") if e.get("name") == name)
+            eip = own_eip(doc, name)
             current = _policy(doc, eip.get("qosPolicy"))
             if current is not None and any(
                 {**r, "name": direction} == wanted for r in current.get("bandwidthLimitRules", [])
