@@ -31,7 +31,10 @@ now=${EPOCHREALTIME/[.,]/}
 deadline=$((10#$now + 10#$seconds * 1000000 + 10#${fraction:0:6}))
 # The timeout bounds the whole call: bash's /dev/tcp connect has no timeout of its own (a
 # SYN nobody answers is retried for two minutes), so a watchdog ends the call at the
-# deadline. It stops its sleep when the call ends first: no process outlives the call.
+# deadline. It stops its sleep when the call ends first. Its output goes nowhere: a call
+# that ends while the watchdog is starting (between `sleep &` and its trap) leaves the
+# sleep to run out, and holding the caller's stdout it would hold the caller (the
+# controller's exec, which waits for the end of the output) for the whole timeout.
 # (To fd 4, stderr: the connect below runs with its stderr silenced.)
 exec 4>&2
 trap 'echo "natgwd: its edit endpoint ($token_file) did not answer within ${timeout}s" >&4; exit 1' TERM
@@ -40,7 +43,7 @@ trap 'echo "natgwd: its edit endpoint ($token_file) did not answer within ${time
     sleep "$timeout" &
     sleeper=$!
     wait "$sleeper" && kill -TERM "$$"
-) 2>/dev/null &
+) >/dev/null 2>&1 4>&- &
 watchdog=$!
 trap 'kill "$watchdog" 2>/dev/null' EXIT
 while :; do
