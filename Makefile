@@ -68,7 +68,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check natgwd tests benchmarks
 	$(VENV)/bin/mypy natgwd
 
-# Root, about 15 minutes at the default sizes (the interleaved throughput section: 6): writes benchmarks/RESULTS.md and results/.
+# Root, about 17 minutes at the default sizes (the interleaved throughput section: 6; the cold start with
+# the EIPs: 2): writes benchmarks/RESULTS.md and results/.
 BENCH_ARGS ?=
 bench: venv
 	$(PY) -m benchmarks $(BENCH_ARGS)
