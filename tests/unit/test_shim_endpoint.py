@@ -526,10 +526,12 @@ def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
     )
     try:
         listener.settimeout(30)
-        connection, _ = listener.accept()  # the call waits for a reply now: its watchdog sleeps
-        output = {os.readlink(f"/proc/{pid}/fd/1") for pid in _session(call.pid) if pid != call.pid} | {
-            os.readlink(f"/proc/{pid}/fd/2") for pid in _session(call.pid) if pid != call.pid
-        }
+        connection, _ = listener.accept()  # the call waits for a reply now
+        deadline = time.monotonic() + 30
+        while not any(_comm(pid) == "sleep" for pid in _session(call.pid)):
+            assert time.monotonic() < deadline, "the watchdog's sleep never started"
+            time.sleep(0.01)  # the watchdog's subshell makes its redirections, then forks the sleep
+        output = {os.readlink(f"/proc/{pid}/fd/{fd}") for pid in _session(call.pid) if pid != call.pid for fd in (1, 2)}
         assert output == {"/dev/null"}, output
         connection.close()  # no reply: the call ends at once
         _, err = call.communicate(timeout=30)  # returns only once every holder of the pipes is gone
@@ -539,6 +541,13 @@ def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
         if call.poll() is None:
             os.killpg(call.pid, 9)
             call.wait()
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:  # gone meanwhile
+        return ""
 
 
 def _session(leader: int) -> list[int]:
