@@ -13,11 +13,8 @@ import json
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from natgwd.lab.topology import DUAL_STACK_STATE, EXTERNAL_HOST6, Lab, Natgwd
 from tests.integration.helpers import (
@@ -143,19 +140,6 @@ def hold(
     line = process.stdout.readline()
     assert line, f"holding {count} {proto} connections to {address}:{port} from {role} failed"
     return Held(process, json.loads(line))
-
-
-@pytest.fixture
-def held() -> Iterator[list[Held]]:
-    """Clients to close after the test, also when it fails."""
-    clients: list[Held] = []
-    try:
-        yield clients
-    finally:
-        for client in clients:
-            client.close()
-            if client.process.poll() is None:
-                client.process.kill()
 
 
 def quiet_gateway(lab: Lab) -> None:

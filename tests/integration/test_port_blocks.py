@@ -19,7 +19,15 @@ import pytest
 from natgwd.lab.topology import SEED_STATE, Lab
 from tests.conftest import _integration_unavailable
 from tests.integration.helpers import DNAT_EIP, UPSTREAM, apply, start, wait_for
-from tests.integration.test_observability import ECHO_PORT, SNAT_ID, Held, hold, peer_echo, value, wait_value
+from tests.integration.test_observability import (
+    ECHO_PORT,
+    SNAT_ID,
+    Held,
+    hold,
+    peer_echo,
+    value,
+    wait_value,
+)
 
 VMS = ("172.20.10.2", "172.20.10.3", "172.20.10.4", "172.20.10.5")
 CIDR = "172.20.10.0/29"  # .0 to .7: VM .2 is the third address
@@ -45,18 +53,6 @@ def four_vms() -> Iterator[Lab]:
         pytest.skip(reason)
     with Lab(vms=VMS) as built:
         yield built
-
-
-@pytest.fixture
-def held() -> Iterator[list[Held]]:
-    clients: list[Held] = []
-    try:
-        yield clients
-    finally:
-        for client in clients:
-            client.close()
-            if client.process.poll() is None:
-                client.process.kill()
 
 
 def whois(lab: Lab, port: int, at: float) -> tuple[int, str]:

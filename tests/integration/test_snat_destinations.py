@@ -6,14 +6,17 @@ the delta path."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from natgwd.lab.topology import Lab
 from tests.integration.helpers import DNAT_EIP, FIP_EIP, apply, start
-from tests.integration.test_observability import ECHO_PORT, Held, hold, peer_echo, value
+from tests.integration.test_observability import (
+    ECHO_PORT,
+    Held,
+    hold,
+    peer_echo,
+    value,
+)
 
 PARTNER_EIP = "10.115.55.202"
 PARTNER_HOST = "198.51.100.10"  # in the partner's network (198.51.100.0/24)
@@ -32,19 +35,6 @@ def seen_from(lab: Lab, role: str, host: str) -> str:
     """The source address `host` sees a new connection from `role` come from."""
     answer = lab.exec(role, sys.executable, "-c", SEEN, host, str(ECHO_PORT)).stdout.strip()
     return answer.rsplit(":", 1)[0]
-
-
-@pytest.fixture
-def held() -> Iterator[list[Held]]:
-    """Clients to close after the test, also when it fails."""
-    clients: list[Held] = []
-    try:
-        yield clients
-    finally:
-        for client in clients:
-            client.close()
-            if client.process.poll() is None:
-                client.process.kill()
 
 
 def partner_state(seed_state: dict[str, Any]) -> dict[str, Any]:
