@@ -8,11 +8,19 @@
 # on the pod's own address (eth0's) for Prometheus: natgwd's default, `auto` (the controller
 # writes the pod spec, so nothing could narrow a wider default); never on the EIPs or the
 # external network.
+# The pod's name goes to --discover-members: a replica of the controller's Deployment
+# (VpcNatGateway spec.replicas > 1, pods vpc-nat-gw-GATEWAY-HASH-XXXXX) finds the other
+# replicas by a hello on the LAN and scales out with them (docs/scaling-out.md); the
+# StatefulSet's single gateway (vpc-nat-gw-GATEWAY-0) runs as before.
+# NATGWD_PROGRAM and NATGWD_HA_RUN_DIR exist for tests that run several replicas on one host.
 if [ "$#" -eq 1 ] && [ "$1" = infinity ]; then
-    exec /opt/natgwd/bin/natgwd run \
+    # shellcheck disable=SC3028 # not the shell's: the kubelet puts the pod's name in the environment
+    exec "${NATGWD_PROGRAM:-/opt/natgwd/bin/natgwd}" run \
         --state "${NATGWD_STATE:-/etc/natgwd/state.json}" \
         --applied-state "${NATGWD_APPLIED_STATE:-/var/lib/natgwd/applied.json}" \
         --edit-port 0 \
-        --edit-token "${NATGWD_EDIT_TOKEN:-/var/lib/natgwd/edit.token}"
+        --edit-token "${NATGWD_EDIT_TOKEN:-/var/lib/natgwd/edit.token}" \
+        --ha-run-dir "${NATGWD_HA_RUN_DIR:-/run/natgwd}" \
+        --discover-members "${HOSTNAME:-}"
 fi
 exec /bin/sleep "$@"

@@ -9,9 +9,9 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
-from ipaddress import ip_address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from natgwd import __version__
 from natgwd.bgp.status import NeighborStatus
@@ -96,6 +96,7 @@ def _status(args: argparse.Namespace) -> int:
         record["mismatch"] = mismatch
         recorded = None  # another table's record: its QoS policies are not this table's either
     shaping = kernel_statuses(KernelTc(), recorded)
+    recorded, members = _discovered_members(recorded, Path(args.ha_run_dir))
     groups = _group_statuses(recorded, table)
     bgp = _bgp_status(Path(args.bgp_run_dir))
     if args.json:
@@ -104,6 +105,8 @@ def _status(args: argparse.Namespace) -> int:
             "rules": [r.as_dict() for r in rules],
             "qos": [q.as_dict() for q in shaping],
         }
+        if members is not None:
+            output["members"] = members
         if groups:
             output["groups"] = [g.as_dict() for g in groups]
         if bgp is not None:
@@ -125,6 +128,8 @@ def _status(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table(rules))
     if shaping:
         sys.stdout.write("\n" + format_qos_table(shaping))
+    if members is not None:
+        print(f"members (from {members['from']}, scope {members['scope']}): {', '.join(members['addresses'])}")
     if groups:
         from natgwd.ha.scale_status import format_groups
 
@@ -149,6 +154,28 @@ def _bgp_status(directory: Path) -> tuple[dict[str, NeighborStatus], set[IPNetwo
     return vtysh.neighbors(None), vtysh.originated() or set()
 
 
+def _discovered_members(state: DesiredState | None, run_dir: Path) -> tuple[DesiredState | None, dict[str, Any] | None]:
+    """A replica of kube-ovn-controller's Deployment: the members its natgwd discovered
+    (natgwd.ha.discovery records them), and the state with the settings it derives from
+    them, as natgwd applies it."""
+    from dataclasses import replace
+
+    from natgwd.ha.autoscale import auto_scale_out
+    from natgwd.ha.discovery import MEMBERS_FILE
+
+    path = run_dir / MEMBERS_FILE
+    if state is None or state.scale_out is not None or state.ha is not None or not path.exists():
+        return state, None
+    try:
+        record = json.loads(path.read_text())
+        scope, addresses = str(record["scope"]), [IPv4Address(a) for a in record["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"{path}: cannot read the discovered members: {err}", file=sys.stderr)
+        return state, None
+    members = {"from": "discovery", "scope": scope, "addresses": [str(a) for a in addresses]}
+    return replace(state, scale_out=auto_scale_out(state, addresses, scope)), members
+
+
 def _group_statuses(state: DesiredState | None, table: TableContents) -> list[GroupStatus]:
     """Scaled out: who owns each EIP group, from this member's kernel."""
     if state is None or state.scale_out is None:
@@ -171,13 +198,14 @@ def _applied_record(path: Path) -> dict[str, str] | None:
 
 def _run(args: argparse.Namespace) -> int:
     from collections.abc import Callable
-    from ipaddress import IPv4Address
 
+    import structlog
     from prometheus_client import CollectorRegistry
 
     from natgwd.bgp.ownership import Ownership
     from natgwd.bgp.speaker import BgpSpeaker
     from natgwd.ha.controller import HaController, HaKernel
+    from natgwd.ha.hello import deployment_scope
     from natgwd.kernel.conntrack import ConntrackCleaner
     from natgwd.kernel.garp import announce
     from natgwd.kernel.netlink import (
@@ -215,9 +243,17 @@ def _run(args: argparse.Namespace) -> int:
     def garp(interface: str, addresses: list[IPv4Address]) -> int:
         return announce(interface, list(addresses), count=1)
 
+    scope = deployment_scope(args.discover_members) if args.discover_members else None
+    if args.discover_members:
+        log = structlog.get_logger("natgwd.cli")
+        if scope is None:
+            log.info("not a Deployment's replica: no member discovery", pod=args.discover_members)
+        else:
+            log.info("a Deployment's replica: scaling out over the members found on the LAN", scope=scope)
+
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
         kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp, set_handover_route, ensure_no_redirects)
-        return HaController(Path(args.ha_run_dir), count_garp, registry, kernel)
+        return HaController(Path(args.ha_run_dir), count_garp, registry, kernel, discovery_scope=scope)
 
     def bgp(ownership: Ownership) -> BgpSpeaker:
         return BgpSpeaker(Path(args.bgp_run_dir), ownership)
@@ -410,6 +446,14 @@ def parser() -> argparse.ArgumentParser:
         "--ha-run-dir", default=str(paths.HA_RUN_DIR), help="with an ha section: keepalived's and conntrackd's files"
     )
     run.add_argument(
+        "--discover-members",
+        default="",
+        metavar="POD_NAME",
+        help="the pod's name ($HOSTNAME, as the image's `sleep infinity` passes it): when it is a replica of "
+        "kube-ovn-controller's Deployment (vpc-nat-gw-GATEWAY-HASH-XXXXX), a state without scaleOut or ha is "
+        "scaled out over the replicas found by a hello on the LAN (docs/scaling-out.md); else nothing",
+    )
+    run.add_argument(
         "--bgp-run-dir",
         default=str(paths.BGP_RUN_DIR),
         help="with a bgp section: FRR's files (configuration, sockets; owned by user frr)",
@@ -456,6 +500,9 @@ def parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--bgp-run-dir", default=str(paths.BGP_RUN_DIR), help="the BGP speaker's FRR directory (natgwd run's)"
+    )
+    status.add_argument(
+        "--ha-run-dir", default=str(paths.HA_RUN_DIR), help="natgwd run's: the members it discovered, if any"
     )
     status.set_defaults(func=_status)
 

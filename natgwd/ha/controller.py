@@ -23,8 +23,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from ipaddress import IPv4Address
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from prometheus_client import CollectorRegistry
 
 from natgwd.bgp.ownership import NOTHING, Claims
 from natgwd.ha.announce import ActiveAnnouncer, Send
+from natgwd.ha.autoscale import auto_scale_out, unsupported
 from natgwd.ha.conntrackd import BACKUP_COMMANDS, MASTER_COMMANDS, Conntrackd
+from natgwd.ha.discovery import MemberDiscovery
 from natgwd.ha.metrics import HaCollector, HaMetrics, HaSnapshot
 from natgwd.ha.notify import NotifyFifo
 from natgwd.ha.peer import PeerCheck
@@ -45,6 +47,7 @@ from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
 from natgwd.state.ha import HELLO_PORT, HaConfig, HaMember, virtual_addresses
 from natgwd.state.model import DesiredState
 from natgwd.state.problems import Problem
+from natgwd.state.scaleout import ScaleOutConfig
 
 log = structlog.get_logger("natgwd.ha.controller")
 
@@ -80,7 +83,10 @@ class HaController:
         registry: CollectorRegistry,
         kernel: HaKernel,
         binaries: Binaries = Binaries(),
+        discovery_scope: str | None = None,
     ) -> None:
+        """`discovery_scope`: the Deployment whose replica this is (natgwd.ha.hello): a state
+        without a scaleOut or ha section is scaled out over the members found on the LAN."""
         self.paths = HaPaths(run_dir)
         self.binaries = binaries
         self._kernel = kernel
@@ -115,18 +121,38 @@ class HaController:
             kernel.addresses,
             kernel.no_redirects,
         )
+        self.discovery = (
+            MemberDiscovery(discovery_scope, self.scale.metrics, self.paths.directory) if discovery_scope else None
+        )
+        self._not_scaled: str | None = None  # why a state was not scaled out automatically
 
     # --- the daemon's calls ------------------------------------------------------------
 
-    def start(self, resync: Callable[[], None]) -> None:
+    def start(self, resync: Callable[[], None], members_changed: Callable[[], None] = lambda: None) -> None:
         """`resync` asks the daemon to put routes back at once: the kernel drops every
-        route through an interface whose last address keepalived just removed."""
+        route through an interface whose last address keepalived just removed.
+        `members_changed`: the discovered members changed (the daemon applies `effective`
+        of its state again)."""
         self._resync = resync
         self._supervisor = Supervisor()
         self.scale.start(self._supervisor, self._write, lambda: self._conntrackd.run(MASTER_COMMANDS))
+        if self.discovery is not None:
+            self.discovery.start(members_changed)
+
+    def effective(self, state: DesiredState, document: object) -> DesiredState:
+        """The state to apply for the document `state` was validated from: with discovery on,
+        a document without its own scaleOut or ha section (the pair of issue 14) is scaled
+        out over the members discovered so far (natgwd.ha.autoscale); else `state` itself."""
+        discovery = self.discovery
+        if discovery is None or not isinstance(document, dict) or "scaleOut" in document or "ha" in document:
+            return state
+        config = self._discovered(discovery, state)
+        return state if config == state.scale_out else replace(state, scale_out=config)
 
     def stop(self) -> None:
         """Stop keepalived (it gives the addresses up at once: priority 0) and conntrackd."""
+        if self.discovery is not None:
+            self.discovery.stop()
         with self._lock:
             self.scale.leave()
             self._stop_member()
@@ -176,6 +202,8 @@ class HaController:
             state = self._state
             if state is not None and state.scale_out is not None:
                 return self.scale.readiness()
+            if self.discovery is not None and self._not_scaled is not None:
+                return None, {"scale_out": {"members_from": "discovery", "not_scaled_out": self._not_scaled}}
             if state is None or state.ha is None:
                 return None, {}
             detail: dict[str, Any] = {"role": str(self._role)}
@@ -218,6 +246,35 @@ class HaController:
             listener()
 
     # --- pieces ---------------------------------------------------------------------
+
+    def _discovered(self, discovery: MemberDiscovery, state: DesiredState) -> ScaleOutConfig | None:
+        """The settings discovery gives `state`, None when it cannot be scaled out (then it
+        runs as a single gateway; readiness says why)."""
+        interface = state.internal.interface
+        reason = unsupported(state)
+        own: IPv4Address | None = None
+        if reason is None:
+            try:
+                present = set(self._kernel.addresses(interface))
+            except OSError as err:
+                present, reason = set(), f"cannot read the addresses of {interface}: {err}"
+            # The pod's LAN address: the one `init` put in the state, else one in its subnet.
+            ours = [a for a in state.internal.addresses if isinstance(a, IPv4Interface)]
+            exact = [a.ip for a in ours if a.ip in present]
+            near = sorted(p for p in present if any(p in a.network for a in ours))
+            found = exact or near
+            own = found[0] if found else None
+            if own is None and reason is None:
+                reason = f"no address of {interface} is in internal.addresses"
+        if reason != self._not_scaled:
+            if reason is not None:
+                log.warning("not scaled out: running as a single gateway", reason=reason)
+            self._not_scaled = reason
+        if own is None:
+            return None
+        discovery.follow(interface, own)
+        view = discovery.view()
+        return auto_scale_out(state, view.members, discovery.scope, view.settled)
 
     def _resolve(self, ha: HaConfig) -> tuple[HaMember, HaMember] | None:
         """Which member this is, by the addresses on the sync interface."""

@@ -58,7 +58,10 @@ def group_addresses(state: DesiredState, config: ScaleOutConfig) -> dict[int, tu
     """Per group, the addresses its owner holds on the external interface: its EIPs, and
     for group 0 also the gateway's own external addresses."""
     addresses: dict[int, list[IPv4Interface]] = {g.index: [] for g in config.groups}
-    addresses[0] += [a for a in state.external.addresses if isinstance(a, IPv4Interface)]
+    if config.discovery_scope is None:
+        # Discovered members are kube-ovn-controller's replicas: each keeps the external
+        # address its own pod network gave it.
+        addresses[0] += [a for a in state.external.addresses if isinstance(a, IPv4Interface)]
     for eip in state.eips:
         group = config.group_of(eip.name)
         addresses[group.index] += [a for a in state.eip_interfaces(eip) if isinstance(a, IPv4Interface)]
@@ -145,17 +148,35 @@ class ScaleController:
             if not complete and not self._keepalived_started:
                 self._problem = "waiting for the first complete apply before starting keepalived"
                 return
+            if not config.settled and not self._keepalived_started:
+                # keepalived starts with the members already there as peers, as a backup.
+                heard = len(config.members) - 1
+                self._problem = f"discovering the other members on {config.interface} (heard so far: {heard})"
+                return
             index = config.member_on(self._addresses_of(config.interface))
             if index is None:
                 self._problem = f"no scaleOut.members address is on {config.interface}"
                 return
             member = Member(config, index)
-            if self._member is not None and self._member != member:
+            if self._member is not None and self._member != member and not self._same_seat(self._member, member):
                 self.leave()
             self._member, self._problem = member, None
             self._redirects_off(config.interface)
             self._run(state, member)
             self._publish()
+
+    @staticmethod
+    def _same_seat(old: Member, new: Member) -> bool:
+        """Discovered members came or went, or the groups' EIPs changed: keepalived reloads
+        (every group keeps its owner until the election says otherwise), conntrackd runs on
+        (its multicast configuration names no member)."""
+        return (
+            old.config.discovery_scope is not None
+            and new.config.discovery_scope == old.config.discovery_scope
+            and old.address == new.address
+            and old.config.interface == new.config.interface
+            and len(old.config.groups) == len(new.config.groups)
+        )
 
     def leave(self) -> None:
         """Stop being a member: keepalived (it gives the addresses up) and conntrackd stop,
@@ -182,9 +203,19 @@ class ScaleController:
         with self._lock:
             member = self._member
             detail: dict[str, Any] = {}
+            config = self._state.scale_out if self._state is not None else None
+            if member is None and config is not None:  # e.g. within the discovery window
+                detail = {
+                    "members": [str(a) for a in config.members],
+                    "members_from": "state" if config.discovery_scope is None else "discovery",
+                }
             if member is not None:
                 detail = {
                     "me": str(member.address),
+                    "members": [str(a) for a in member.config.members],
+                    # Where the member list came from: the state's scaleOut section, or
+                    # hellos on the LAN (kube-ovn-controller's Deployment).
+                    "members_from": "state" if member.config.discovery_scope is None else "discovery",
                     "owned_groups": sorted(instance_name(g) for g in member.config.groups if self._owns(g)),
                     "owned_eips": sorted(self.ownership.owned()),
                     "owners": {
@@ -290,8 +321,8 @@ class ScaleController:
     def _on_advert(self, source: IPv4Address, vrid: int, priority: int) -> None:
         with self._lock:
             member = self._member
-            if member is None or source == member.address:
-                return
+            if member is None or source == member.address or source not in member.config.members:
+                return  # another gateway's adverts, on a LAN several share, say nothing of ours
             self._seen[source] = time.monotonic()
             group = next((g for g in member.config.groups if g.virtual_router_id == vrid), None)
             if group is None or self._roles.get(group.index) == Role.MASTER:

@@ -41,7 +41,27 @@ class ScaleMetrics:
             " none), this member included.",
             registry=registry,
         )
-        self.members = Gauge("natgwd_scale_members", "Members the desired state lists.", registry=registry)
+        self.members = Gauge(
+            "natgwd_scale_members",
+            "Members the scale-out settings list (the state's, or those discovered).",
+            registry=registry,
+        )
+        # Discovery (natgwd.ha.discovery): a gateway run by kube-ovn-controller as a Deployment.
+        self.hellos_received = Counter(
+            "natgwd_scale_hellos_received", "Hellos of this gateway's members heard on the LAN.", registry=registry
+        )
+        self.hellos_refused = Counter(
+            "natgwd_scale_hellos_refused",
+            "Hellos ignored, by reason: oversized, malformed, foreign_scope (another gateway's), address_mismatch"
+            " (naming another address than its source), too_many_members.",
+            ["reason"],
+            registry=registry,
+        )
+        self.members_discovered = Gauge(
+            "natgwd_scale_members_discovered",
+            "Members on the discovered list (heard within the last 15 seconds), this member included.",
+            registry=registry,
+        )
 
     def publish(self, config: ScaleOutConfig, owned: set[int], eips: int) -> None:
         for group in config.groups:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface
 
+from natgwd.ha.hello import HELLO_GROUP
 from natgwd.ha.render import HaPaths, conntrackd_general
 from natgwd.state.ha import CONNTRACKD_PORT
 from natgwd.state.scaleout import EipGroup, ScaleOutConfig
@@ -75,7 +76,9 @@ def keepalived_conf(
             "    garp_lower_prio_repeat 3",
             f"    unicast_src_ip {source}",
             "    unicast_peer {",
-            *(f"        {peer}" for peer in peers),
+            # A lone discovered member has no peer yet: without one keepalived would
+            # advertise by multicast, to other gateways' members on the LAN too.
+            *(f"        {peer}" for peer in peers or [IPv4Address("127.0.0.1")]),
             "    }",
             # VRRPv3 wants one address in the adverts even for a group without EIPs: a
             # link-local marker of the group on the members' link.
@@ -98,7 +101,8 @@ def conntrackd_conf(config: ScaleOutConfig, me: int, paths: HaPaths) -> str:
     the others' interleaved sequence numbers for old messages and dropped them (measured
     here: a third of the connections never reached one member)."""
     source = config.members[me]
-    two = len(config.members) == 2
+    # Discovered members: always multicast, so that members coming and going restart nothing.
+    two = len(config.members) == 2 and config.discovery_scope is None
     if two:
         peer = config.members[1 - me]
         transport = [
@@ -115,6 +119,10 @@ def conntrackd_conf(config: ScaleOutConfig, me: int, paths: HaPaths) -> str:
             f"        IPv4_interface {source}",
         ]
     ignored: list[IPv4Address] = [IPv4Address("127.0.0.1"), *config.members]
+    if config.discovery_scope is not None:
+        # A configuration that names no other member; the traffic between members is
+        # left out by its multicast groups (the other members leave out their own).
+        ignored = [IPv4Address("127.0.0.1"), source, config.multicast_group, HELLO_GROUP]
     lines = [
         "# Written by natgwd from the desired state; changes here are overwritten.",
         "Sync {",

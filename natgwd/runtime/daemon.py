@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
@@ -119,6 +119,7 @@ class Daemon:
         )
         self._stopping = False
         self._force = False
+        self._members_changed = _WakingEvent(self._wake)  # discovered members (natgwd.ha.discovery)
         self.tracker = StateTracker()
         self._unverified = False  # changes applied rule by rule since the last full check
         self._applied_digest: str | None = None
@@ -173,7 +174,7 @@ class Daemon:
         waker = DirectoryWaker(self.config.state_path, self._wake.set)
         waker.start()
         if self.ha is not None:
-            self.ha.start(self.resync_soon)
+            self.ha.start(self.resync_soon, self._members_changed.set)
         if self.bgp is not None:
             self.bgp.start()
         self.record.recall()
@@ -237,6 +238,9 @@ class Daemon:
             self.reconcile_file(Reading.FORCED)
             self.resync()
             return
+        if self._members_changed.is_set():
+            self._members_changed.clear()
+            self._apply_members()
         reading = self.file.poll()
         if reading is not None:
             self.reconcile_file(reading)
@@ -280,6 +284,7 @@ class Daemon:
             log.exception("validation failed unexpectedly")
             self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], digest)
             return
+        change = self._effective(change)
         state = change.state
         refused = self.ha.check(state) if self.ha is not None else []
         if refused:
@@ -325,7 +330,7 @@ class Daemon:
     def _apply_document(self, document: dict[str, Any]) -> tuple[DesiredState, Outcome]:
         """Validate and apply a document an edit produced: only its changed rules are
         checked and planned (it keeps the other rules' very objects)."""
-        change = self.tracker.check_document(document)
+        change = self._effective(self.tracker.check_document(document))
         outcome = self._apply_change(change)
         self.tracker.accept(change)
         _log_changes(change, "a nat-gateway.sh call")
@@ -352,6 +357,38 @@ class Daemon:
             self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
             self._applied_to_members(state, None, outcome.complete)  # the digest once the call is recorded
             self._finished(outcome, started, {"state_sha256": extends and extends[:12], "calls_logged_before": logged})
+
+    def _effective(self, change: Change) -> Change:
+        """The change with the state to apply: scaled out over the discovered members when
+        the HA controller discovers them (HaController.effective)."""
+        if self.ha is None:
+            return change
+        state = self.ha.effective(change.state, change.validated.document)
+        if state is change.state:
+            return change
+        return replace(change, validated=replace(change.validated, state=state))
+
+    def _apply_members(self) -> None:
+        """The discovered members changed: the accepted document again, with the new list
+        (keepalived reloads; the table changes only if the groups did)."""
+        accepted = self.tracker.accepted
+        if accepted is None or self.ha is None:
+            return
+        change = replace(accepted, delta=None, base=accepted.state, journal=[])
+        change = self._effective(change)
+        if change.state is accepted.state:
+            return
+        started = time.monotonic()
+        try:
+            outcome = self._apply_change(change)
+        except (NftError, OSError) as err:
+            self._failed(f"applying the discovered members failed: {err}")
+            return
+        self.tracker.accept(change)
+        with self.published:
+            self._count(outcome)
+            self._applied_to_members(change.state, self.applied_sha256(), outcome.complete)
+            self._finished(outcome, started, {"members": "discovered"})
 
     def _count_rules(self, state: DesiredState) -> None:
         for kind, rules in (("snat", state.snat), ("dnat", state.dnat), ("fip", state.fip)):
@@ -425,7 +462,10 @@ class Daemon:
             return
         try:
             full = validate_document(accepted.validated.document)
-            same = full.state == accepted.state and self.reconciler.verify_plan(full.state)
+            state = full.state
+            if self.ha is not None and state.scale_out is None and accepted.state.scale_out is not None:
+                state = replace(state, scale_out=accepted.state.scale_out)  # discovered, not in the document
+            same = state == accepted.state and self.reconciler.verify_plan(state)
         except InvalidStateError as err:
             full, same = None, False
             log.error("the applied document fails a full validation", problems=[str(p) for p in err.problems[:5]])
@@ -538,3 +578,15 @@ def own_endpoints(metrics: Sequence[tuple[str, int]], edits: bool) -> tuple[Endp
     if edits:
         found.append((IPv4Address(EDIT_ADDRESS), None))
     return tuple(found)
+
+
+class _WakingEvent(threading.Event):
+    """An event that also wakes the daemon's loop when set (from any thread)."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake_loop = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake_loop.set()

@@ -155,6 +155,8 @@ class Reconciler:
         with self._lock:
             if delta is None or base is None or self._plan is None or base is not self._plan.state:
                 delta = None
+            elif base.scale_out != state.scale_out:
+                delta = None  # discovered members regrouped the EIPs: the hand-over maps change
             return self._sync(state, Sync.APPLY, delta=delta)
 
     def resync(self) -> Outcome:

@@ -53,6 +53,10 @@ class ScaleOutConfig:
     multicast_group: IPv4Address
     members: tuple[IPv4Address, ...]
     groups: tuple[EipGroup, ...]
+    # Set when the members found each other (natgwd.ha.autoscale), not in the file: the
+    # Deployment's name, and whether the discovery window has passed.
+    discovery_scope: str | None = None
+    settled: bool = True
 
     def member_on(self, addresses: Iterable[IPv4Address]) -> int | None:
         """This member's index given the addresses on `interface`, or None."""
@@ -64,12 +68,17 @@ class ScaleOutConfig:
         for group in self.groups:
             if eip in group.listed:
                 return group
-        # Stable across processes and releases (unlike hash()): every member computes the same.
-        digest = hashlib.sha256(eip.encode()).digest()
-        return self.groups[int.from_bytes(digest[:8], "big") % len(self.groups)]
+        return self.groups[hashed_group(eip, len(self.groups))]
 
     def eips_of(self, group: EipGroup, eips: Iterable[str]) -> tuple[str, ...]:
         return tuple(name for name in eips if self.group_of(name).index == group.index)
+
+
+def hashed_group(eip: str, groups: int) -> int:
+    """The group an EIP no group lists goes to. Stable across processes and releases (unlike
+    hash()): every member computes the same."""
+    digest = hashlib.sha256(eip.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % groups
 
 
 def rotated_priorities(group: int, members: int) -> tuple[int, ...]:

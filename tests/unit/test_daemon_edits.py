@@ -234,6 +234,9 @@ class RecordingHa:
     def readiness(self) -> tuple[str | None, dict[str, Any]]:
         return None, {}
 
+    def effective(self, state: Any, _document: Any) -> Any:
+        return state
+
 
 def test_the_applied_sha256_is_that_of_the_calls_applied_and_stays_across_the_fold(tmp_path: Path) -> None:
     daemon, _ = started(tmp_path)

@@ -284,7 +284,7 @@ def test_the_image_and_the_drop_in_serve_metrics_on_loopback_and_the_pod_address
     monkeypatch.delenv("NATGWD_METRICS_ADDRESS", raising=False)
     entrypoint = json.loads(_containerfile_instruction("ENTRYPOINT"))
     drop_in = (ROOT / "image" / "sleep-infinity.sh").read_text()
-    command = re.search(r"exec /opt/natgwd/bin/natgwd (run .*?)\n\s*fi", drop_in, re.S)
+    command = re.search(r'exec "\$\{NATGWD_PROGRAM:-/opt/natgwd/bin/natgwd\}" (run .*?)\n\s*fi', drop_in, re.S)
     assert command, "no natgwd run in sleep-infinity.sh"
     defaults = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command.group(1).replace("\\\n", " "))
     words = shlex.split(defaults)
