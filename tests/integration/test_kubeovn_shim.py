@@ -78,12 +78,14 @@ class Gateway:
     gateway_v4: str = EXTERNAL_HOST  # the pod's GATEWAY_V4 (none before Kube-OVN v1.15)
     transport: str = "endpoint"
     script: Path = SCRIPT  # or image/lb-svc.sh
+    role: str = "gw"  # the namespace the calls run in (a scaled-out gateway has several)
+    applied_state: Path | None = None  # natgwd's record, else the lab's
 
     def shim(self, *args: str, timeout: str = SHIM_TIMEOUT) -> Call:
         """`bash nat-gateway.sh ARGS...` in the gateway namespace, as the controller execs it."""
         env = [
             f"NATGWD_STATE={self.state_path}",
-            f"NATGWD_APPLIED_STATE={self.lab.applied_state_path}",
+            f"NATGWD_APPLIED_STATE={self.applied_state or self.lab.applied_state_path}",
             f"NATGWD_EDIT_TOKEN={self.state_path.with_name('edit.token')}",
             f"NATGWD_SHIM_TIMEOUT={timeout}",
             f"GATEWAY_V4={self.gateway_v4}",
@@ -91,7 +93,7 @@ class Gateway:
             f"PATH={os.environ['PATH']}",
         ]
         result = self.lab.exec(
-            "gw", "env", *env, "bash", str(self.script), *args, check=False, timeout=float(timeout) + 30
+            self.role, "env", *env, "bash", str(self.script), *args, check=False, timeout=float(timeout) + 30
         )
         return Call(result.returncode, result.stdout, result.stderr)
 
