@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,17 @@ import pytest
 
 from natgwd.ha.hello import deployment_scope
 from natgwd.lab.topology import EXTERNAL_HOST, EXTERNAL_PREFIX, Natgwd
+from tests.integration.ha_lab import start_flow
 from tests.integration.helpers import METRICS_PORT, wait_for
 from tests.integration.scale_lab import EIPS, LAN_ROUTER, VMS, ScaleLab, member_address
 from tests.integration.test_kubeovn_shim import Gateway
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "image" / "sleep-infinity.sh"
-# The Deployment's pods: one ReplicaSet (pod-template-hash), a random suffix each.
-PODS = ("vpc-nat-gw-gw1-7d4b9c8f6d-x2b5k", "vpc-nat-gw-gw1-7d4b9c8f6d-q9wzt")
+# The Deployment's pods: one ReplicaSet (pod-template-hash), a random suffix each. For gw27
+# the rendezvous priorities give E0's group to m1, and the group E1's name alone hashes to
+# to m0: groups that split E0 and E1 (tied by a DNAT backend) would break the share DNAT.
+SCOPE = "vpc-nat-gw-gw27"
+PODS = (f"{SCOPE}-7d4b9c8f6d-x2b5k", f"{SCOPE}-7d4b9c8f6d-q9wzt")
 E0, E1, E2, E3 = (EIPS[name] for name in ("e0", "e1", "e2", "e3"))
 VM1, VM2, VM3 = VMS
 # What the controller execs on every replica (the strings of kubeovn/kube-ovn 1533681d, as
@@ -140,11 +145,11 @@ def test_replicas_started_as_the_controller_starts_them_scale_out_over_the_membe
     """Prevents: the controller's replicas each holding every EIP and translating what the
     hash brings (short exchanges reset), a replica refusing a call because its automatic
     groups split EIPs that share a DNAT backend, and replicas that never find each other."""
-    assert deployment_scope(PODS[0]) == deployment_scope(PODS[1]) == "vpc-nat-gw-gw1"
+    assert deployment_scope(PODS[0]) == deployment_scope(PODS[1]) == SCOPE
     gateways = [start_replica(lab, index) for index in range(2)]
-    for call in CALLS:  # each call on every replica, as createEipInPod loops over the pods
-        for gateway in gateways:
-            gateway.ok(*call)
+    # Every call on every replica (createEipInPod loops over the pods), in order on each.
+    with ThreadPoolExecutor(len(gateways)) as pool:
+        list(pool.map(lambda gateway: [gateway.ok(*call) for call in CALLS], gateways))
     owned = wait_for(lambda: settled(lab), "both replicas to discover each other and own every EIP once", timeout=40)
     groups = {g: owners for g, owners in group_eips(lab).items() if owners}
     assert sorted(n for names in groups.values() for n in names) == sorted(n for v in owned.values() for n in v)
@@ -175,8 +180,64 @@ def test_replicas_started_as_the_controller_starts_them_scale_out_over_the_membe
     shown = status(lab)
     assert shown["members"] == {
         "from": "discovery",
-        "scope": "vpc-nat-gw-gw1",
+        "scope": SCOPE,
         "addresses": [member_address(0), member_address(1)],
     }
     owners = {group["owner"] for group in shown["groups"] if group["eips"]}
     assert owners <= {"this member", member_address(1)}, shown["groups"]
+
+
+# Long-lived flows, one of each kind: E0 and E1's (SNAT of vm3, DNAT, share DNAT) move to
+# the replica that joins (it ranks first for their group), E2 and E3's stay.
+LONG_LIVED = {kind: KINDS[kind] for kind in ("snat-tcp", "snat-udp", "dnat", "share-dnat", "fip-in", "fip-out")}
+
+
+@pytest.mark.slow
+def test_a_lone_replica_owns_every_eip_and_a_replica_that_joins_takes_its_share_without_a_loss(
+    lab: ScaleLab,
+) -> None:
+    """Prevents: a lone replica that owns nothing (waiting for members that never come),
+    and a replica that joins taking its groups before it holds their connections (the
+    flows through them reset) or reshuffling the groups of the others."""
+    every = sorted(f"eip-{address.replace('.', '-')}" for address in EIPS.values())
+    lab.set_next_hops([0])  # OVN routes only to the replicas whose BFD session is up
+    first = start_replica(lab, 0)
+    for call in CALLS:
+        first.ok(*call)
+
+    def alone() -> bool:
+        detail = lab.scale_detail("m0")
+        return detail.get("members") == [member_address(0)] and detail.get("owned_eips") == every
+
+    wait_for(alone, "the lone replica to own every EIP", timeout=40)
+    assert eips_held(lab, "m0") == set(EIPS.values())
+    lab.serve("vm1", tcp=[80])
+    lab.serve("vm2", tcp=[80])
+    lab.serve("vm3", tcp=[80])
+    lab.serve("ext", tcp=[9000], udp=[9001])
+    flows = {
+        kind: start_flow(lab, role, proto, address, port, kind, period=0.05)
+        for kind, (role, proto, address, port) in LONG_LIVED.items()
+    }
+    for flow in flows.values():
+        flow.wait_more(10)
+
+    second = start_replica(lab, 1)
+    for call in CALLS:  # the controller's replay to the new pod
+        second.ok(*call)
+    # OVN adds its next hop once BFD is up; here once it knows every group's owner.
+    wait_for(
+        lambda: ((d := lab.scale_detail("m1")).get("owners") and None not in d["owners"].values()) or None,
+        "the new replica to know every group's owner",
+        timeout=40,
+    )
+    lab.set_next_hops([0, 1])
+    # After preemptDelay, once conntrackd brought it the connections.
+    owned = wait_for(lambda: (o := settled(lab)) and o["m1"] and o, "the new replica to take its share", timeout=40)
+    assert sorted(owned["m1"]) == ["eip-10-115-55-200", "eip-10-115-55-201"], owned
+    for flow in flows.values():
+        flow.wait_more(20, timeout=30)
+    broken = {name: flow.errors() for name, flow in flows.items() if flow.errors()}
+    assert not broken
+    # The UDP flow's answers kept naming one translated source: E0, its port unchanged.
+    assert len({answer for _, answer in flows["snat-udp"].echoes()}) == 1
