@@ -146,7 +146,11 @@ class HaController:
         discovery = self.discovery
         if discovery is None or not isinstance(document, dict) or "scaleOut" in document or "ha" in document:
             return state
-        config = self._discovered(discovery, state)
+        try:
+            config = self._discovered(discovery, state)
+        except Exception:  # discovery must not take the daemon down; the last settings stay
+            log.exception("cannot derive the scale-out settings of the discovered members")
+            return state
         return state if config == state.scale_out else replace(state, scale_out=config)
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from natgwd.ha.hello import deployment_scope
+from natgwd.ha.hello import DISCOVERY_PORT, HELLO_GROUP, deployment_scope
 from natgwd.lab.topology import EXTERNAL_HOST, EXTERNAL_PREFIX, Natgwd
 from tests.integration.ha_lab import start_flow
 from tests.integration.helpers import METRICS_PORT, wait_for
@@ -50,6 +50,16 @@ CALLS: tuple[tuple[str, ...], ...] = (
     ("eip-add", f"{E2}/{EXTERNAL_PREFIX}"),
     ("eip-add", f"{E3}/{EXTERNAL_PREFIX}"),
 )
+# Sent from the router's LAN address to the hello group (lab namespaces only).
+FOREIGN_HELLOS = f"""
+import json, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("{LAN_ROUTER}"))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+other = {{"natgwd": 1, "scope": "vpc-nat-gw-other", "address": "{LAN_ROUTER}"}}
+for data in (json.dumps(other).encode(), b"\\xff" * 10, b"x" * 400):
+    s.sendto(data, ("{HELLO_GROUP}", {DISCOVERY_PORT}))
+"""
 KINDS = {
     "snat-tcp": ("vm3", "tcp", EXTERNAL_HOST, 9000),
     "snat-udp": ("vm3", "udp", EXTERNAL_HOST, 9001),
@@ -173,9 +183,17 @@ def test_replicas_started_as_the_controller_starts_them_scale_out_over_the_membe
     for group, names in groups.items():
         (non_owner,) = (role for role in owned if not set(names) & set(owned[role]))
         assert handed_over(lab.daemons[non_owner]).get(f'group="{group}"', 0) > 0, (group, non_owner)
-    samples = lab.daemons["m0"].metrics()
-    assert samples["natgwd_scale_members_discovered"] == 2
-    assert samples["natgwd_scale_hellos_received_total"] > 0
+    # Another gateway's hello on the same LAN, a malformed and an oversized one: ignored,
+    # counted, nobody joins.
+    lab.exec("rtr", sys.executable, "-c", FOREIGN_HELLOS)
+    refused = 'natgwd_scale_hellos_refused_total{{reason="{}"}}'
+    for role, daemon in lab.daemons.items():
+        wanted = {refused.format(reason): 1.0 for reason in ("foreign_scope", "malformed", "oversized")}
+        wait_for(lambda d=daemon, w=wanted: all(d.metrics().get(k) == v for k, v in w.items()), f"{role} to refuse")
+        samples = daemon.metrics()
+        assert samples["natgwd_scale_members_discovered"] == 2
+        assert samples["natgwd_scale_hellos_received_total"] > 0
+    assert settled(lab) == owned
     # `natgwd status` names where its member list came from.
     shown = status(lab)
     assert shown["members"] == {
