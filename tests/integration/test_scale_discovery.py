@@ -98,8 +98,11 @@ def start_replica(lab: ScaleLab, index: int) -> Gateway:
         "NATGWD_APPLIED_STATE": directory / "applied.json",
         "NATGWD_EDIT_TOKEN": directory / "edit.token",
         "NATGWD_HA_RUN_DIR": directory / "run",
-        "NATGWD_PROGRAM": Path(sys.executable).with_name("natgwd"),
+        "NATGWD_PROGRAM": directory / "natgwd",
     }
+    # The image's /opt/natgwd/bin/natgwd: this Python's natgwd.
+    files["NATGWD_PROGRAM"].write_text(f'#!/bin/sh\nexec {sys.executable} -m natgwd "$@"\n')
+    files["NATGWD_PROGRAM"].chmod(0o755)
     env = {"PATH": os.environ["PATH"], "HOSTNAME": PODS[index], "GATEWAY_V4": EXTERNAL_HOST, "GATEWAY_V6": ""}
     env |= {name: str(path) for name, path in files.items()} | {"PYTHONUNBUFFERED": "1"}
     log_path = directory / "natgwd.log"
