@@ -18,8 +18,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from operator import itemgetter
 
-from natgwd.observability.ctevents import CtEvent
+from natgwd.observability.ctevents import CtEvent, Raw, address_text
 from natgwd.observability.exposition import RuleLabel, escaped
 from natgwd.planning.counters import CountedElement, canonical_key
 
@@ -30,6 +31,9 @@ HELP = (
     "New TCP/UDP connections from the internal address that its port block could not take "
     "(no free port of the block towards the destination: conntrack refused them)."
 )
+
+
+_MARK_SOURCE = itemgetter(0, 2)
 
 
 def _key(listed: str) -> Key:
@@ -66,6 +70,13 @@ class BlockFailures:
             for event in events:
                 if event.kind == "new" and event.source_translated:
                     self._opened[event.mark, event.orig.src] += 1
+
+    def count(self, translated: Iterable[Raw]) -> None:
+        """Source-translated NEW events in the raw form the tracker counted, summed in a C loop."""
+        opened = Counter(map(_MARK_SOURCE, translated))
+        with self._lock:
+            for (mark, source), n in opened.items():
+                self._opened[int.from_bytes(mark, "big"), address_text(source)] += n
 
     def exposition(self, attempts: Iterable[CountedElement], labelled: Mapping[str, RuleLabel], drained: bool) -> str:
         """The metric's lines, from a scrape's listing of the attempts set; `labelled`:

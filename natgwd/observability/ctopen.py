@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
-from natgwd.observability.ctevents import CtEvent
+from natgwd.observability.ctevents import CtEvent, Raw, address_text
 
 Destination = tuple[str, int, str, int]  # EIP, protocol, destination address, destination port
 
@@ -45,6 +46,10 @@ class Snapshot:
 
 def _identity(event: CtEvent) -> int:
     return hash((event.id, event.orig))
+
+
+_MARK = itemgetter(0)
+_DESTINATION = itemgetter(6, 1, 4, 5)  # the EIP, protocol, destination address and port
 
 
 class Tracker:
@@ -113,18 +118,50 @@ class Tracker:
 
     def _add(self, event: CtEvent, delta: int) -> None:
         self._open[event.mark] += delta
-        if not event.source_translated:
-            return
-        eip = event.reply.dst
-        key = (eip, event.orig.proto, event.reply.src, event.reply.sport)
-        count = self._by_destination[key] + delta
+        if event.source_translated:
+            self._move((event.reply.dst, event.orig.proto, event.reply.src, event.reply.sport), delta)
+
+    def count(self, news: Sequence[Raw], destroys: Sequence[Raw]) -> list[Raw]:
+        """Count events in the raw form (natgwd.observability.ctevents.Raw), outside the
+        window (the watcher takes the window's events the general way before anything
+        else reads the socket); returns the source-translated NEW events (for the port
+        blocks). The events of a batch are summed per mark and per destination in C loops
+        and each sum applied once: the same counts as `take` event by event, since only
+        the batch's end state is ever read (a scrape takes every queued event first)."""
+        if self._dumped is not None:
+            raise RuntimeError("events in the raw form are counted only after the window")
+        opened, closed = Counter(map(_MARK, news)), Counter(map(_MARK, destroys))
+        translated = [event for event in news if event[6] != event[2] or event[7] != event[3]]
+        ports = Counter(map(_DESTINATION, translated))
+        ports.subtract(map(_DESTINATION, [event for event in destroys if event[6] != event[2] or event[7] != event[3]]))
+        with self._lock:
+            for mark_bytes, n in opened.items():
+                mark = int.from_bytes(mark_bytes, "big")
+                self._opened[mark] += n
+                self._open[mark] += n
+            for mark_bytes, n in closed.items():
+                mark = int.from_bytes(mark_bytes, "big")
+                self._closed[mark] += n
+                self._open[mark] -= n
+            for (eip_bytes, proto, address, port), delta in ports.items():
+                if delta:
+                    eip = address_text(eip_bytes)
+                    self._move((eip, proto, address_text(address), int.from_bytes(port, "big")), delta)
+        return translated
+
+    def _move(self, key: Destination, delta: int) -> None:
+        """Under the lock: `delta` more connections open towards a destination."""
+        eip = key[0]
+        before = self._by_destination[key]
+        count = before + delta
         if count > 0:
             self._by_destination[key] = count
         else:
             del self._by_destination[key]
-        if count > self._most.get(eip, 0):
+        most = self._most.get(eip, 0)
+        if count > most:
             self._most[eip] = count
-        elif delta < 0 and count + 1 == self._most.get(eip):
+        elif delta < 0 and before == most:
             self._stale_most.add(eip)
 
     # --- scrapes -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from natgwd.observability import connwatch
 from natgwd.observability.connwatch import ConnectionWatch
-from natgwd.observability.ctevents import CtEvent, EventsLostError
+from natgwd.observability.ctevents import Counted, CtEvent, EventsLostError, raw
 from tests.unit.test_ctopen import snat
 
 
@@ -57,6 +57,12 @@ class FakeEventSocket:
             raise EventsLostError
         assert isinstance(item, list)
         return item
+
+    def receive_counted(self, datagrams: int) -> Counted:
+        received = self.receive(block=False)
+        news = [raw(event) for event in received if event.mark and event.kind == "new"]
+        destroys = [raw(event) for event in received if event.mark and event.kind == "destroy"]
+        return Counted(news, destroys, bool(received))
 
     def close(self) -> None:
         self.closed = True

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from natgwd.observability.ctevents import CtEvent, CtTuple, Kind
+from natgwd.observability.blockwatch import BlockFailures
+from natgwd.observability.ctevents import CtEvent, CtTuple, Kind, raw
 from natgwd.observability.ctopen import Tracker
 
 EIP = "10.115.55.200"
@@ -94,3 +95,31 @@ def test_equal_ids_of_different_connections_are_told_apart() -> None:
     # Another connection with an equal id later: counted, and so is its end.
     tracker.take([snat("new", 1, sport=43000), snat("destroy", 1, sport=42000)])
     assert tracker.snapshot().open == {1: 1}
+
+
+def test_events_counted_in_bulk_as_one_by_one() -> None:
+    """The raw form counted a batch at a time (the gauges' way) against CtEvents one by one:
+    the same open and closed counts, busiest destinations (one dropping from its top) and
+    port-block sources; unmarked events were left out by the socket."""
+    events = [
+        *(snat("new", i, port=80) for i in range(5)),
+        *(snat("new", i, port=443) for i in range(5, 9)),
+        dnat("new", 20),
+        snat("destroy", 0, port=80),
+        snat("destroy", 1, port=80),
+        snat("new", 30, mark=3, port=53),
+        dnat("destroy", 20),
+    ]
+    one, bulk = Tracker(), Tracker()
+    one_blocks, bulk_blocks = BlockFailures(), BlockFailures()
+    for tracker in (one, bulk):
+        tracker.start([])
+        tracker.end_window()
+    one_blocks.take(one.take(events[:6]))
+    one_blocks.take(one.take(events[6:]))
+    for batch in (events[:6], events[6:]):
+        news = [raw(event) for event in batch if event.kind == "new"]
+        bulk_blocks.count(bulk.count(news, [raw(event) for event in batch if event.kind == "destroy"]))
+    assert bulk.snapshot() == one.snapshot()
+    assert bulk.snapshot().ports == {EIP: 4}  # port 443's 4, after port 80 dropped from 5 to 3
+    assert bulk_blocks._opened == one_blocks._opened

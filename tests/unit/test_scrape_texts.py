@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natgwd.observability.connwatch import ConnectionWatch
+from natgwd.observability.ctevents import Counted
 from natgwd.observability.exposition import escaped
 from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.plan import RuleLabels
@@ -110,7 +111,9 @@ def test_a_changed_comment_changes_the_labels() -> None:
 
 def watch() -> ConnectionWatch:
     made = ConnectionWatch(dict, dict)
-    made._sock = types.SimpleNamespace(receive=lambda block: [])  # type: ignore[assignment]
+    made._sock = types.SimpleNamespace(  # type: ignore[assignment]
+        receive=lambda block: [], receive_counted=lambda datagrams: Counted([], [], False)
+    )
     made._base = {}
     return made
 
