@@ -1051,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(results, indent=1) + "\n")
     log(f"results: {path}")
     if args.throughput_only:
-        log(f"into a report: python -m benchmarks.report BENCH_FILE --throughput {path}")
+        log("a section alone: RESULTS.md is rendered from a whole run (make bench)")
         return 0
     from benchmarks import report
 

@@ -1,5 +1,6 @@
-"""docs/performance.md's table is generated from the one results file it names, and the
-throughput section of a report keeps every run, the running/stopped pair and the order."""
+"""benchmarks/RESULTS.md and docs/performance.md's table are generated from the one results
+file they name, and the throughput section of a report keeps every run, the running/stopped
+pair and the order."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ import pytest
 from benchmarks import report
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "performance.md"
+RESULTS = report.REPO / "benchmarks" / "RESULTS.md"
+
+
+def test_results_md_is_what_its_results_file_renders() -> None:
+    text = RESULTS.read_text()
+    source = report.source_of(text)
+    assert source.is_file(), f"RESULTS.md names {source}, which is not in the repository"
+    images = [source.parent / name for name in report.PLOTS if (source.parent / name).is_file()]
+    assert text == report.document(json.loads(source.read_text()), source, RESULTS, images), (
+        f"RESULTS.md differs from its results file: python -m benchmarks.report {source.relative_to(report.REPO)}"
+    )
+
+
+def test_results_md_and_the_docs_table_come_from_the_same_run() -> None:
+    assert report.source_of(RESULTS.read_text()) == report.docs_source(DOCS.read_text())
 
 
 def test_docs_table_matches_the_results_file_it_names() -> None:
@@ -65,7 +81,7 @@ def test_throughput_section_shows_min_max_median_and_running_over_stopped() -> N
             "floor": {"dnat": [11.0] * 5, "snat": [22.0] * 5},
         }
     )
-    text = "\n".join(report.throughput_section(data, None))
+    text = "\n".join(report.throughput_section(data))
     assert "| DNAT: ext → EIP:port → vm1 | natgwd | 12.0 | 10.0 - 14.0 | 5 | 1.00x |" in text
     assert "| SNAT: vm1 → ext | natgwd stopped | 12.0 | 10.0 - 14.0 | 5 | 1.00x |" in text
     assert "| SNAT: vm1 → ext | floor | 22.0 | 22.0 - 22.0 | 5 | 1.83x |" in text
@@ -75,7 +91,7 @@ def test_throughput_section_shows_min_max_median_and_running_over_stopped() -> N
 
 
 def test_a_results_file_without_the_interleaved_section_says_so() -> None:
-    text = "\n".join(report.throughput_section(None, None))
+    text = "\n".join(report.throughput_section(None))
     assert "Not in this run" in text and "--throughput-only" in text
 
 
