@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,17 +74,32 @@ def children_cpu_seconds() -> float:
 
 @contextlib.contextmanager
 def python_path(tree: Path | None) -> Iterator[None]:
-    """natgwd started meanwhile runs `tree`'s sources (the Lab passes its environment on)."""
-    before = os.environ.get("PYTHONPATH")
+    """natgwd started meanwhile runs `tree`'s sources (the Lab passes its environment on).
+    PYTHONSAFEPATH: `python -m natgwd` would otherwise put the working directory first on
+    its path, ahead of PYTHONPATH, and run this tree's natgwd when started from it."""
+    before = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
     if tree is not None:
-        os.environ["PYTHONPATH"] = str(tree)
+        os.environ.update(PYTHONPATH=str(tree), PYTHONSAFEPATH="1")
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def natgwd_tree(tree: Path | None) -> str:
+    """Where `python -m natgwd` finds natgwd, started as the lab starts it."""
+    with python_path(tree):
+        found = subprocess.run(
+            [sys.executable, "-c", "import natgwd; print(natgwd.__file__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return str(Path(found.stdout.strip()).parent.parent)
 
 
 def one_run(
@@ -178,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(way not in WAYS for way in ways) or ("baseline" in ways) != (args.baseline is not None):
         parser.error("--ways: off, gauges, logging, and baseline with --baseline")
     runs: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+    trees = {way: natgwd_tree(args.baseline if way == "baseline" else None) for way in ways}
+    if "baseline" in ways and trees["baseline"] != str(args.baseline.resolve()):
+        parser.error(f"natgwd of the baseline would come from {trees['baseline']}, not {args.baseline}")
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory() as tmp, Lab() as lab:
         connrate = compile_connrate(Path(tmp))
@@ -198,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "concurrency": args.concurrency,
         "client_cpu": args.client_cpu,
+        "natgwd_trees": trees,
         "loadavg": summary([run["loadavg"] for done in runs.values() for run in done]),
         "ways": {
             way: {
