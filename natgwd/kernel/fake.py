@@ -28,8 +28,7 @@ from natgwd.planning.table import (
     Counter,
     DeleteChain,
     DeleteElements,
-    DeleteObject,
-    DeleteSet,
+    DeleteNamed,
     Element,
     FlushChain,
     TableContents,
@@ -120,9 +119,9 @@ class FakeNft:
                 self._check_rule_references(table, op)
             elif isinstance(op, DeleteChain) and op.name in jumped_to_before | self._chains_referenced(table):
                 raise NftError(f"{op.render()}: Device or resource busy (chain is referenced)", errno.EBUSY)
-            elif isinstance(op, DeleteSet) and op.name in self._sets_referenced(table):
+            elif isinstance(op, DeleteNamed) and not op.of_object and op.name in self._sets_referenced(table):
                 raise NftError(f"{op.render()}: Device or resource busy (set is referenced)", errno.EBUSY)
-            elif isinstance(op, DeleteObject) and op.name in self._objects_referenced(table):
+            elif isinstance(op, DeleteNamed) and op.of_object and op.name in self._objects_referenced(table):
                 raise NftError(f"{op.render()}: Device or resource busy (object is referenced)", errno.EBUSY)
             _apply(table, op)
         assert table is not None
@@ -162,14 +161,14 @@ def _apply(table: TableContents, op: object) -> None:
         if op.spec.name not in table.sets:
             table.sets[op.spec.name] = op.spec.keyword
             table.elements[op.spec.name] = {}
-    elif isinstance(op, DeleteSet):
+    elif isinstance(op, DeleteNamed) and not op.of_object:
         if op.name not in table.sets:
             raise NftError(f"{op.render()}: No such file or directory", errno.ENOENT)
         del table.sets[op.name]
         del table.elements[op.name]
     elif isinstance(op, AddObject):
         table.objects.setdefault(op.spec.name, op.spec.keyword)
-    elif isinstance(op, DeleteObject):
+    elif isinstance(op, DeleteNamed):
         _need(table.objects, op.name, op.render())
         del table.objects[op.name]
     elif isinstance(op, AddChain):

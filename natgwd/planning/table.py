@@ -46,6 +46,9 @@ class SetSpec:
         return "map" if " : " in self.body else "set"
 
 
+SET_KEYWORDS = ("set", "map")  # SetSpec.keyword's values; any other keyword is an object's
+
+
 @dataclass(frozen=True)
 class ObjectSpec:
     """A stateful object (`ct timeout`). Named by its content: the kernel cannot change
@@ -130,9 +133,15 @@ class AddSet:
 
 
 @dataclass(frozen=True)
-class DeleteSet:
+class DeleteNamed:
+    """Delete a set, a map or a stateful object (`keyword`: "set", "map", "ct timeout")."""
+
     name: str
     keyword: str
+
+    @property
+    def of_object(self) -> bool:
+        return self.keyword not in SET_KEYWORDS
 
     def render(self) -> str:
         return f"delete {self.keyword} {FAMILY} {TABLE} {self.name}"
@@ -144,15 +153,6 @@ class AddObject:
 
     def render(self) -> str:
         return f"add {self.spec.keyword} {FAMILY} {TABLE} {self.spec.name} {{ {self.spec.body} }}"
-
-
-@dataclass(frozen=True)
-class DeleteObject:
-    name: str
-    keyword: str
-
-    def render(self) -> str:
-        return f"delete {self.keyword} {FAMILY} {TABLE} {self.name}"
 
 
 @dataclass(frozen=True)
@@ -213,9 +213,8 @@ class DeleteElements:
 Operation = (
     AddTable
     | AddSet
-    | DeleteSet
+    | DeleteNamed
     | AddObject
-    | DeleteObject
     | AddChain
     | DeleteChain
     | FlushChain
@@ -263,7 +262,7 @@ class Transaction:
         for operation in self.operations:
             if isinstance(operation, AddObject):
                 after[operation.spec.name] = operation.spec.keyword
-            elif isinstance(operation, DeleteObject):
+            elif isinstance(operation, DeleteNamed) and operation.of_object:
                 after.pop(operation.name, None)
         return after
 
@@ -368,11 +367,11 @@ def plan_transaction(
     desired_sets = {s.name for s in desired.sets}
     for name in sorted(current.sets.keys() - desired_sets):
         # Rules that referenced it were replaced above, in this same transaction.
-        tx.add(DeleteSet(name, current.sets[name]))
+        tx.add(DeleteNamed(name, current.sets[name]))
     # Last: the rules that named them were flushed or replaced above, in this transaction.
     unwanted = sorted(current.objects.keys() - {o.name for o in desired.objects})
     for name in unwanted[: max(0, len(unwanted) - desired.retained_objects)]:
-        tx.add(DeleteObject(name, current.objects[name]))
+        tx.add(DeleteNamed(name, current.objects[name]))
     return tx
 
 

@@ -27,7 +27,7 @@ from natgwd.planning.table import (
     Counter,
     DeleteChain,
     DeleteElements,
-    DeleteSet,
+    DeleteNamed,
     DesiredTable,
     Element,
     FlushChain,
@@ -90,7 +90,7 @@ def test_render_operations() -> None:
     assert AddSet(SetSpec("rule_connections", "type mark; counter;")).render() == (
         "add set inet natgwd rule_connections { type mark; counter; }"
     )
-    assert DeleteSet("snat_p24_rule", "map").render() == "delete map inet natgwd snat_p24_rule"
+    assert DeleteNamed("snat_p24_rule", "map").render() == "delete map inet natgwd snat_p24_rule"
     assert AddChain("forward", "type filter hook forward priority filter; policy accept;").render() == (
         "add chain inet natgwd forward { type filter hook forward priority filter; policy accept; }"
     )
@@ -146,7 +146,7 @@ def test_from_nothing_creates_the_table() -> None:
     # One command per non-empty set (the seed is far below ELEMENTS_PER_COMMAND).
     assert {a.set_name: dict(a.elements) for a in adds} == {n: dict(e) for n, e in table.elements.items() if e}
     assert len(adds) == len({n for n, e in table.elements.items() if e})
-    assert ops_of(tx, DeleteElements) == ops_of(tx, DeleteSet) == ops_of(tx, FlushChain) == []
+    assert ops_of(tx, DeleteElements) == ops_of(tx, DeleteNamed) == ops_of(tx, FlushChain) == []
     assert tx.changed_elements == 21  # 20 rule elements and the id high-water mark
     assert len(ops) == 1 + len(table.sets) + len(table.chains) + sum(len(c.rules) for c in table.chains) + len(adds)
 
@@ -267,7 +267,7 @@ def test_unused_snat_map_is_deleted_after_the_chain_stops_using_it() -> None:
         AddSet(SetSpec("snat_p16_target", "type ipv4_addr : ipv4_addr;")),
         AddSet(SetSpec("snat_p16_rule", "type ipv4_addr : mark;")),
     ]
-    assert tx.operations[-2:] == [DeleteSet("snat_p24_rule", "map"), DeleteSet("snat_p24_target", "map")]
+    assert tx.operations[-2:] == [DeleteNamed("snat_p24_rule", "map"), DeleteNamed("snat_p24_target", "map")]
     flush = tx.operations.index(FlushChain("postrouting"))
     rules = [i for i, op in enumerate(tx.operations) if isinstance(op, AddRule)]
     assert rules == [flush + 1, flush + 2, flush + 3, flush + 4]
@@ -276,7 +276,7 @@ def test_unused_snat_map_is_deleted_after_the_chain_stops_using_it() -> None:
     # The p24 maps are dropped whole: no element-by-element deletes for them.
     assert [op.set_name for op in ops_of(tx, DeleteElements)] == []
     assert {op.set_name for op in ops_of(tx, AddElements)} == {"snat_p16_target", "snat_p16_rule"}
-    assert kinds.index(DeleteSet) > max(rules)
+    assert kinds.index(DeleteNamed) > max(rules)
 
 
 def test_unused_snat_map_deletion_applies_on_the_fake() -> None:
@@ -823,7 +823,7 @@ def test_fake_checks_references() -> None:
         (AddRule("prerouting", "ip daddr @nowhere accept", "t1"), "No such file"),
         (AddRule("prerouting", "jump nowhere", "t2"), "No such file"),
         (AddElements("dnat_share", (("10.115.55.200 . tcp . 1", Element("goto nowhere")),)), "No such file"),
-        (DeleteSet("eips", "set"), "set is referenced"),
+        (DeleteNamed("eips", "set"), "set is referenced"),
     ):
         tx = Transaction()
         tx.add(operation)

@@ -12,7 +12,7 @@ import pytest
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.plan import TablePlan, assign_ids, desired_table
-from natgwd.planning.table import DeleteObject, FlushChain, plan_transaction
+from natgwd.planning.table import DeleteNamed, FlushChain, plan_transaction
 from natgwd.planning.timeouts import RETAINED_OBJECTS, RULE_TIMEOUT, TIMEOUTS_CHAIN, policies_of
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.model import DesiredState
@@ -169,7 +169,9 @@ def test_a_changed_policy_gets_new_objects_and_the_old_ones_stay_on_the_delta_pa
     new = TimeoutPolicy(tcp=(("established", 9),)).name
     assert set(fake.table.objects) == {f"{old}_tcp", f"{new}_tcp"}
     operations = fake.transactions[-1].operations
-    assert FlushChain(old) in operations and not [op for op in operations if isinstance(op, DeleteObject)]
+    assert FlushChain(old) in operations and not [
+        op for op in operations if isinstance(op, DeleteNamed) and op.of_object
+    ]
     assert fake.table.elements[RULE_TIMEOUT] == {"2": fake.table.elements[RULE_TIMEOUT]["2"]}
     assert fake.table.elements[RULE_TIMEOUT]["2"].value == f"goto {new}"
 
@@ -195,8 +197,8 @@ def test_objects_no_longer_wanted_stay_up_to_a_bound() -> None:
     current.objects = {f"timeout_{i:012x}_tcp": "ct timeout" for i in range(RETAINED_OBJECTS + 2)}
     operations = plan_transaction(current, desired).operations
     assert operations == [
-        DeleteObject("timeout_000000000000_tcp", "ct timeout"),
-        DeleteObject("timeout_000000000001_tcp", "ct timeout"),
+        DeleteNamed("timeout_000000000000_tcp", "ct timeout"),
+        DeleteNamed("timeout_000000000001_tcp", "ct timeout"),
     ]
 
 
