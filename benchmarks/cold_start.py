@@ -39,6 +39,7 @@ from benchmarks.compare import (
     FloorGateway,
     Gateway,
     NatgwdGateway,
+    applied_records,
     log,
     parse_sizes,
     statistics_line,
@@ -68,23 +69,9 @@ def verify_addresses(gateway: Gateway, state: dict[str, Any]) -> int:
 
 def applied_lines(log_text: str, sha256: str) -> list[dict[str, Any]]:
     """natgwd's "desired state applied" lines for the state `sha256` names (its first 12
-    digits), in order, each with the seconds of the nftables transaction before it (every
-    full apply applies the same file: compare.daemon_log keeps the last line per sha256)."""
-    found, nft_seconds = [], None
-    for line in log_text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        if record.get("event") == "nftables transaction applied":
-            nft_seconds = record.get("seconds")
-        elif record.get("event") == "desired state applied":
-            if record.get("sha256") == sha256:
-                found.append({"seconds": record.get("seconds"), "nft_seconds": nft_seconds})
-            nft_seconds = None
-    return found
+    digits), in order (every full apply applies the same file: compare.daemon_log keeps
+    the last line per sha256)."""
+    return [r for r in applied_records(log_text) if r["sha256"] == sha256]
 
 
 class ColdNatgwdGateway(NatgwdGateway):

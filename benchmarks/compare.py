@@ -317,10 +317,10 @@ class NatgwdGateway(Gateway):
         }
 
 
-def daemon_log(text: str) -> dict[str, dict[str, Any]]:
-    """sha256[:12] -> natgwd's "desired state applied" line (its own seconds, from reading
-    the file to the end of the apply), with the seconds of the nftables transaction."""
-    applied: dict[str, dict[str, Any]] = {}
+def applied_records(text: str) -> Iterator[dict[str, Any]]:
+    """natgwd's "desired state applied" lines in a log, in order: each its sha256[:12]
+    (None for an edit's), its own seconds (from reading the file to the end of the apply)
+    and the seconds of the nftables transaction before it (None if none ran)."""
     nft_seconds = None
     for line in text.splitlines():
         try:
@@ -331,10 +331,14 @@ def daemon_log(text: str) -> dict[str, dict[str, Any]]:
             continue
         if record.get("event") == "nftables transaction applied":
             nft_seconds = record.get("seconds")
-        elif record.get("event") == "desired state applied" and "sha256" in record:
-            applied[record["sha256"]] = {"seconds": record.get("seconds"), "nft_seconds": nft_seconds}
+        elif record.get("event") == "desired state applied":
+            yield {"sha256": record.get("sha256"), "seconds": record.get("seconds"), "nft_seconds": nft_seconds}
             nft_seconds = None
-    return applied
+
+
+def daemon_log(text: str) -> dict[str, dict[str, Any]]:
+    """sha256[:12] -> natgwd's last "desired state applied" line for it (applied_records)."""
+    return {r["sha256"]: r for r in applied_records(text) if r["sha256"] is not None}
 
 
 def verify_natgwd_table(gw: Netns, state: dict[str, Any]) -> dict[str, Any]:
