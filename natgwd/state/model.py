@@ -62,7 +62,10 @@ class InternalSide:
     def reaches(self, address: IPAddress) -> bool:
         """True when the gateway has a path to `address` through the internal side."""
         value = int(address)
-        return any(value & mask == network for network, mask in self._reached[address.version])
+        for network, mask in self._reached[address.version]:  # noqa: SIM110 (no generator per rule)
+            if value & mask == network:
+                return True
+        return False
 
     @cached_property
     def _reached(self) -> dict[int, tuple[tuple[int, int], ...]]:

@@ -12,6 +12,7 @@ A range is written back as `str(PortRange)`: "80", or "8000-8010".
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from natgwd.state.model import PortRange
 
@@ -35,8 +36,15 @@ def port_range(value: object) -> PortRange | str:
     if isinstance(value, int):
         return PortRange(value, value) if 1 <= value <= 65535 else NOT_A_PORT
     if isinstance(value, str):
-        return _parsed(value, _STATE_TEXT)
+        return _state_text(value)
     return NOT_A_PORT
+
+
+@lru_cache(maxsize=4096)
+def _state_text(text: str) -> PortRange | str:
+    # A gateway's rules repeat their ports (a backend's "80" in every DNAT rule): a full
+    # validation of 50,000 rules parses 100,000 port fields. Both results are immutable.
+    return _parsed(text, _STATE_TEXT)
 
 
 def kube_ovn_port_range(text: str) -> PortRange | str:

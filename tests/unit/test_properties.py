@@ -31,7 +31,7 @@ from natgwd.planning.plan import address_text, assign_ids, desired_table
 from natgwd.planning.table import plan_transaction
 from natgwd.state.model import DesiredState
 from natgwd.state.problems import ITEM_SECTIONS, InvalidValueError
-from natgwd.state.rules import usable_address
+from natgwd.state.rules import require_unicast, usable_address
 from natgwd.state.shape import _fast_item_checks, _passes, _validators
 from natgwd.state.validation import InvalidStateError, Problem, load_state
 
@@ -703,3 +703,24 @@ def test_the_fast_ipv4_parser_takes_exactly_what_ipaddress_takes(text: str) -> N
         assert parsed == f"not a valid IPv4 address: {err}"
         return
     assert parsed == address or (isinstance(parsed, str) and parsed.startswith(f"{address} is not a usable"))
+
+
+@given(st.integers(0, 2**32 - 1))
+@example(0)
+@example(127 << 24)
+@example((128 << 24) - 1)
+@example((224 << 24) - 1)
+@example(224 << 24)
+@example(240 << 24)
+@example(2**32 - 1)
+def test_the_integer_unicast_check_of_ipv4_is_ipaddress_s(value: int) -> None:
+    """Prevents: require_unicast's IPv4 ranges on the integer drifting from ipaddress's
+    properties (an address refused, or let through, that ipaddress judges otherwise)."""
+    address = IPv4Address(value)
+    wanted = not (address.is_multicast or address.is_unspecified or address.is_loopback or address.is_reserved)
+    try:
+        require_unicast(address)
+    except InvalidValueError:
+        assert not wanted, address
+    else:
+        assert wanted, address
