@@ -1,7 +1,7 @@
 """A cold start with the EIPs inside the clock: from a one-rule state (one EIP) to the whole
 rule set with every EIP, natgwd against its floor, run by run in turn.
 
-    python -m benchmarks.cold_start [--sizes 10000,50000] [--repeats 3]   (as root)
+    python -m benchmarks.cold_start [--sizes 10000,50000] [--repeats 3] [--baseline DIR]   (as root)
 
 `make bench` runs it as a section of its own (python -m benchmarks, results["cold_start"]);
 its other full-apply section starts from a state that already holds every EIP, so it
@@ -12,9 +12,11 @@ times the rules alone.
   addresses and the routes).
 - floor: the same table by one `nft -f` of natgwd's own script (rendered beforehand) plus
   the same addresses by one `ip -batch`, back to back.
+- baseline (with --baseline DIR): the natgwd of another source tree, such as main's
+  (`git archive main | tar -x -C DIR`), timed as natgwd is: an A/B of a change.
 
-Each method has a Lab of its own; the two are measured alternately (natgwd, floor,
-natgwd, ...), so that a change in the machine's load falls on both. Between runs each goes
+Each method has a Lab of its own; they are measured in turn (natgwd, baseline, floor,
+natgwd, ...), so that a change in the machine's load falls on all of them. Between runs each goes
 back to the one-rule state, untimed (deleting 1,000 secondary addresses takes the kernel
 seconds). Results: benchmarks/results/cold_start-<UTC timestamp>.json when run alone.
 """
@@ -22,9 +24,11 @@ seconds). Results: benchmarks/results/cold_start-<UTC timestamp>.json when run a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -81,6 +85,14 @@ class ColdNatgwdGateway(NatgwdGateway):
         return rulesets.one_rule_state(self.work.state)
 
 
+class ColdBaselineGateway(ColdNatgwdGateway):
+    name = "baseline"
+
+    def __init__(self, lab: Lab, ctx: Context, work: rulesets.Workload, source: Path) -> None:
+        super().__init__(lab, ctx, work)
+        self.source = source
+
+
 class ColdFloorGateway(FloorGateway):
     name = "floor"
 
@@ -105,57 +117,77 @@ class ColdFloorGateway(FloorGateway):
         self.gw.run(["ip", "-batch", str(self.delete_path)], timeout=600)
 
 
-def run_size(ctx: Context, n: int, repeats: int) -> dict[str, Any]:
+def run_size(ctx: Context, n: int, repeats: int, baseline: Path | None = None) -> dict[str, Any]:
     work = rulesets.workload(n)
     result: dict[str, Any] = {
         "mix": work.counts,
         "eips_added": len(work.state["eips"]) - 1,
         "loadavg_start": os.getloadavg(),
     }
-    times: dict[str, list[float]] = {"natgwd": [], "floor": []}
-    with Lab(vms=(VM_ADDRESSES[0],)) as natgwd_lab, Lab(vms=(VM_ADDRESSES[0],)) as floor_lab:
-        natgwd = ColdNatgwdGateway(natgwd_lab, ctx, work)
-        floor = ColdFloorGateway(floor_lab, ctx, work)
+    daemons = ("natgwd", "baseline") if baseline is not None else ("natgwd",)
+    times: dict[str, list[float]] = {name: [] for name in (*daemons, "floor")}
+    own: dict[str, list[dict[str, Any]]] = {}
+    with contextlib.ExitStack() as stack:
+        labs = {name: stack.enter_context(Lab(vms=(VM_ADDRESSES[0],))) for name in times}
+        gateways: list[Gateway] = [ColdNatgwdGateway(labs["natgwd"], ctx, work)]
+        if baseline is not None:
+            gateways.append(ColdBaselineGateway(labs["baseline"], ctx, work, baseline))
+        gateways.append(ColdFloorGateway(labs["floor"], ctx, work))
         try:
-            natgwd.setup()
-            floor.setup()
+            for gateway in gateways:
+                gateway.setup()
             for attempt in range(repeats):
-                for gateway in (natgwd, floor):
+                for gateway in gateways:
+                    daemon = isinstance(gateway, ColdNatgwdGateway)
                     if attempt:
                         gateway.reset()
-                        if gateway is natgwd:
+                        if daemon:
                             time.sleep(NATGWD_SETTLE_SECONDS)
                     times[gateway.name].append(gateway.full_apply())
                     verify_addresses(gateway, work.state)
                     gateway.verify(work.state)
-                    if gateway is natgwd:
+                    if daemon:
                         # Its gratuitous ARPs for the new EIPs (3 rounds, 1 s apart) are
-                        # not the floor's to share the CPU with.
+                        # not the next method's to share the CPU with.
                         time.sleep(NATGWD_SETTLE_SECONDS)
-            own = applied_lines(natgwd.daemon.log(), hashlib.sha256(natgwd.full).hexdigest()[:12])
+            for gateway in gateways:
+                if isinstance(gateway, ColdNatgwdGateway):
+                    digest = hashlib.sha256(gateway.full).hexdigest()[:12]
+                    own[gateway.name] = applied_lines(gateway.daemon.log(), digest)
         finally:
             ctx.stop_all()
-            natgwd.close()
-            floor.close()
-    result["natgwd"] = summary(times["natgwd"])
+            for gateway in gateways:
+                gateway.close()
     result["floor"] = summary(times["floor"])
-    result["natgwd_own"] = summary([o["seconds"] for o in own if o.get("seconds") is not None])
-    result["natgwd_nft"] = summary([o["nft_seconds"] for o in own if o.get("nft_seconds") is not None])
+    for name in daemons:
+        prefix = "natgwd" if name == "natgwd" else name
+        result[prefix] = summary(times[name])
+        result[f"{prefix}_own"] = summary([o["seconds"] for o in own[name] if o.get("seconds") is not None])
+        result[f"{prefix}_nft"] = summary([o["nft_seconds"] for o in own[name] if o.get("nft_seconds") is not None])
     result["ratios"] = [a / b for a, b in zip(times["natgwd"], times["floor"], strict=True)]
     result["ratio_of_medians"] = result["natgwd"]["median"] / result["floor"]["median"]
+    line = f"natgwd {statistics_line(times['natgwd'])}"
+    if baseline is not None:
+        result["baseline_ratios"] = [a / b for a, b in zip(times["baseline"], times["floor"], strict=True)]
+        result["baseline_ratio_of_medians"] = result["baseline"]["median"] / result["floor"]["median"]
+        # natgwd / baseline run by run: the A/B of the change, each pair measured back to back.
+        result["natgwd_per_baseline"] = [a / b for a, b in zip(times["natgwd"], times["baseline"], strict=True)]
+        line += f", baseline {statistics_line(times['baseline'])}"
     result["loadavg_end"] = os.getloadavg()
     log(
-        f"  cold start N={n:,}: natgwd {statistics_line(times['natgwd'])}, floor {statistics_line(times['floor'])}, "
+        f"  cold start N={n:,}: {line}, floor {statistics_line(times['floor'])}, "
         f"ratio {result['ratio_of_medians']:.2f} (per run {min(result['ratios']):.2f}-{max(result['ratios']):.2f})"
     )
     return result
 
 
-def run(ctx: Context, sizes: list[int], repeats: int) -> dict[str, Any]:
+def run(ctx: Context, sizes: list[int], repeats: int, baseline: Path | None = None) -> dict[str, Any]:
     section: dict[str, Any] = {"description": DESCRIPTION, "repeats": repeats, "sizes": {}}
+    if baseline is not None:
+        section["baseline"] = str(baseline)
     for n in sizes:
         log(f"cold start with the EIPs, N={n:,} ...")
-        section["sizes"][str(n)] = run_size(ctx, n, repeats)
+        section["sizes"][str(n)] = run_size(ctx, n, repeats, baseline)
     return section
 
 
@@ -182,11 +214,33 @@ def table(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def baseline_table(section: dict[str, Any]) -> list[str]:
+    """With --baseline: the other natgwd beside this one, run by run in the same turns."""
+    lines = [
+        "| N | natgwd / floor: of medians | baseline: median (min - max) | baseline / floor: of medians "
+        "| natgwd / baseline: per run, median (min - max) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n, size in section["sizes"].items():
+        base, per_run = size["baseline"], size["natgwd_per_baseline"]
+        lines.append(
+            f"| {int(n):,} | {size['ratio_of_medians']:.2f}x "
+            f"| {base['median'] * 1000:,.0f} ms ({base['min'] * 1000:,.0f} - {base['max'] * 1000:,.0f}) "
+            f"| {size['baseline_ratio_of_medians']:.2f}x "
+            f"| {statistics.median(per_run):.2f} ({min(per_run):.2f} - {max(per_run):.2f}) |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=list(DEFAULT_SIZES), help="N, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument(
+        "--baseline", type=Path, help="a natgwd source tree (e.g. main's) measured in turn with this one"
+    )
+    parser.add_argument("--note", help="what was measured, kept in the results")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root: it creates network namespaces", file=sys.stderr)
@@ -195,11 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "cold_start",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "loadavg_start": os.getloadavg(),
+        **({"note": args.note} if args.note else {}),
     }
     with terminated_as_exit(), tempfile.TemporaryDirectory(prefix="natgwd-cold-") as tmp:
         ctx = Context(args, Path(tmp), connrate=Path(tmp) / "connrate-not-used")
         try:
-            results["cold_start"] = run(ctx, args.sizes, args.repeats)
+            results["cold_start"] = run(ctx, args.sizes, args.repeats, args.baseline)
         finally:
             ctx.stop_all()
     results["loadavg_end"] = os.getloadavg()
@@ -207,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results_dir / f"cold_start-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(table(results["cold_start"])))
+    if args.baseline is not None:
+        print("\n".join(baseline_table(results["cold_start"])))
     print(f"results: {path}")
     return 0
 
