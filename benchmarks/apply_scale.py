@@ -248,8 +248,11 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     configure("json", "info")  # as the daemon logs (to this worker's stderr, a file)
     stages = Stages()
-    stages.wrap(reconciler_module, "assign_ids", "plan.assign_ids")
-    stages.wrap(reconciler_module, "TablePlan", "plan.full")
+    stages.wrap(reconciler_module, "assign_ids", "plan.assign_ids")  # natgwd before TablePlan.assigning
+    if hasattr(TablePlan, "assigning"):
+        stages.wrap(TablePlan, "assigning", "plan.full")  # (the ids assigned inside)
+    else:
+        stages.wrap(reconciler_module, "TablePlan", "plan.full")
     stages.wrap(TablePlan, "change", "plan.change")
     stages.wrap(reconciler_module, "plan_transaction", "plan_transaction")
     stages.wrap(reconciler_module, "link_plan", "links.plan")

@@ -25,7 +25,7 @@ from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS
 from natgwd.planning.links import LinkPlan, link_plan
-from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, assign_ids, merge_elements
+from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, merge_elements
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.planning.timeouts import RETAINED_OBJECTS
@@ -204,8 +204,7 @@ class Reconciler:
             tx = self._change_transaction(kernel, plan, change)
         else:
             assert self._ids is not None
-            ids = assign_ids(state, self._ids, self._highest_id)
-            plan = TablePlan(state, ids, self._highest_id, self.untracked)
+            plan = TablePlan.assigning(state, self._ids, self._highest_id, self.untracked)
             tx = plan_transaction(kernel, plan.table, self._counters)
         self._commit(tx, generation)
         previous = self.state
