@@ -197,7 +197,7 @@ class AddElements:
     elements: tuple[tuple[str, Element], ...]
 
     def render(self) -> str:
-        body = ", ".join(render_element(key, element) for key, element in self.elements)
+        body = ", ".join([render_element(key, element) for key, element in self.elements])
         return f"add element {FAMILY} {TABLE} {self.set_name} {{ {body} }}"
 
 
@@ -338,9 +338,11 @@ def plan_transaction(
         # (dict equality checks identity first, in C), not by comparing their fields.
         if have == wanted:
             continue
-        stale = [key for key, element in have.items() if (w := wanted.get(key)) is not element and w != element]
+        # `is None` first: comparing an Element with None costs two refused __eq__ calls,
+        # and a full apply asks it of every new element (250,000 at 50,000 rules).
+        stale = [k for k, e in have.items() if (w := wanted.get(k)) is not e and (w is None or w != e)]
         if have:
-            added = [(k, e) for k, e in wanted.items() if (h := have.get(k)) is not e and h != e]
+            added = [(k, e) for k, e in wanted.items() if (h := have.get(k)) is not e and (h is None or h != e)]
         else:
             added = list(wanted.items())
         known = counters.of(name) if name in counting else None
