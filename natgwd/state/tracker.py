@@ -309,7 +309,12 @@ def _ports_include_integer_one(item: dict[str, Any]) -> bool:
 
 
 def _port_one(document: dict[str, Any]) -> frozenset[str]:
-    return frozenset(item["name"] for item in document.get("dnat", ()) if _ports_include_integer_one(item))
+    # `== 1` first: _ports_include_integer_one for the rare item that may, not for all 50,000.
+    return frozenset(
+        item["name"]
+        for item in document.get("dnat", ())
+        if (item.get("externalPort") == 1 or item.get("internalPort") == 1) and _ports_include_integer_one(item)
+    )
 
 
 def _has_control_character(item: dict[str, Any]) -> bool:
