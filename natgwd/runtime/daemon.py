@@ -40,6 +40,7 @@ from natgwd.kubeovn.shim.service import COMPACT_IDLE_SECONDS, EditService
 from natgwd.observability.connwatch import MakeWatch
 from natgwd.planning.counters import Listings
 from natgwd.planning.plan import Endpoint
+from natgwd.runtime import collector
 from natgwd.runtime.answers import Answers, Progress
 from natgwd.runtime.changes import changed_names
 from natgwd.runtime.endpoints import Endpoints, close
@@ -262,6 +263,10 @@ class Daemon:
 
     def reconcile_file(self, reading: Reading) -> None:
         """Read, validate and apply the file (unchanged content as `reading` says)."""
+        with collector.paused():  # (natgwd.runtime.collector: walked once, after the record)
+            self._reconcile_file(reading)
+
+    def _reconcile_file(self, reading: Reading) -> None:
         started = time.monotonic()
         content = self.file.read()
         if isinstance(content, Unreadable):
