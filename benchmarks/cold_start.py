@@ -49,6 +49,7 @@ from benchmarks.compare import (
     statistics_line,
     terminated_as_exit,
 )
+from benchmarks.observe_cost import natgwd_tree, python_path
 from benchmarks.stats import summary
 from natgwd.lab.topology import VM_ADDRESSES, Lab
 
@@ -91,6 +92,10 @@ class ColdBaselineGateway(ColdNatgwdGateway):
     def __init__(self, lab: Lab, ctx: Context, work: rulesets.Workload, source: Path) -> None:
         super().__init__(lab, ctx, work)
         self.source = source
+
+    def setup(self) -> None:
+        with python_path(self.source):  # its daemon runs the other tree's natgwd
+            super().setup()
 
 
 class ColdFloorGateway(FloorGateway):
@@ -245,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("needs root: it creates network namespaces", file=sys.stderr)
         return 1
+    if args.baseline is not None and natgwd_tree(args.baseline) != str(args.baseline.resolve()):
+        parser.error(f"natgwd of the baseline would come from {natgwd_tree(args.baseline)}, not {args.baseline}")
     results: dict[str, Any] = {
         "benchmark": "cold_start",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

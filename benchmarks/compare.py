@@ -208,7 +208,6 @@ class Gateway:
 
 class NatgwdGateway(Gateway):
     name = "natgwd"
-    source: Path | None = None  # another source tree's natgwd (Lab.start_natgwd)
 
     def base_state(self) -> dict[str, Any]:
         """What the daemon starts from, untimed (the full state's EIPs: only the rules are timed)."""
@@ -217,7 +216,7 @@ class NatgwdGateway(Gateway):
     def setup(self) -> None:
         self.base = rulesets.encode(self.base_state())
         self.full = rulesets.encode(self.work.state)
-        self.daemon = self.lab.start_natgwd(self.base, "--resync-interval", "3600", source=self.source)
+        self.daemon = self.lab.start_natgwd(self.base, "--resync-interval", "3600")
         self.pid = self.daemon.process.pid
         self.events: list[dict[str, Any]] = []
         self._wait(hashlib.sha256(self.base).hexdigest(), timeout=120)
@@ -275,7 +274,7 @@ class NatgwdGateway(Gateway):
         if self.daemon.process.poll() is None:
             return
         self.lab.applied_state_path.unlink(missing_ok=True)  # the record of the run before names the same file
-        self.daemon = self.lab.start_natgwd(self.full, "--resync-interval", "3600", source=self.source)
+        self.daemon = self.lab.start_natgwd(self.full, "--resync-interval", "3600")
         self.pid = self.daemon.process.pid
         self._wait(hashlib.sha256(self.full).hexdigest(), timeout=120)
         time.sleep(NATGWD_SETTLE_SECONDS)

@@ -376,15 +376,11 @@ class Lab:
         *args: str,
         metrics_port: int = 9469,
         state_path: Path | None = None,
-        source: Path | None = None,
     ) -> Natgwd:
-        """`source`: run the natgwd of that source tree (a benchmark's baseline, such as
-        main's), not the one this interpreter imports."""
         path = state_path or self.workdir / "state.json"
         log_path = self.workdir / f"natgwd-{len(self._processes)}.log"
         cmd = [
             sys.executable,
-            *(("-P",) if source is not None else ()),  # no current directory before PYTHONPATH
             "-m",
             "natgwd",
             "run",
@@ -400,8 +396,6 @@ class Lab:
         if state is not None:
             daemon.write_state(state)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if source is not None:
-            env["PYTHONPATH"] = str(source)
         daemon.process = self.spawn("gw", *cmd, log_path=log_path, env=env)
         return daemon
 
