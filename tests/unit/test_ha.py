@@ -470,9 +470,15 @@ def test_supervisor_stops_children(tmp_path: Path) -> None:
     supervisor = Supervisor()
     supervisor.run(ChildSpec("sleeper", (sys.executable, "-c", "import time; time.sleep(60)")))
     deadline = time.monotonic() + 10
-    while not supervisor.statuses().get("sleeper", None) and time.monotonic() < deadline:
+
+    def started_pid() -> int | None:
+        status = supervisor.statuses().get("sleeper")
+        return status.pid if status else None
+
+    # The status entry appears when the child is registered, its pid once it was spawned.
+    while started_pid() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    pid = supervisor.statuses()["sleeper"].pid
+    pid = started_pid()
     assert pid is not None
     supervisor.stop()
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
