@@ -63,6 +63,7 @@ from benchmarks.netns import Netns, bare_gateway
 from benchmarks.rulesets import SERVER_PORT, Step, Workload
 from benchmarks.stats import percentile, rss_of, summary
 from natgwd.lab.topology import EXTERNAL_HOST, VM_ADDRESSES, Lab
+from natgwd.planning.layout import RULE_CONNECTIONS, shards
 from natgwd.runtime.daemon import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,8 +343,10 @@ def daemon_log(text: str) -> dict[str, dict[str, Any]]:
 
 
 def verify_natgwd_table(gw: Netns, state: dict[str, Any]) -> dict[str, Any]:
-    listing = json.loads(gw.run(["nft", "-j", "list", "set", "inet", "natgwd", "rule_connections"]).stdout)
-    rules = sum(len(o["set"].get("elem", [])) for o in listing["nftables"] if "set" in o)
+    rules = 0
+    for name in shards(RULE_CONNECTIONS):
+        listing = json.loads(gw.run(["nft", "-j", "list", "set", "inet", "natgwd", name]).stdout)
+        rules += sum(len(o["set"].get("elem", [])) for o in listing["nftables"] if "set" in o)
     wanted = sum(len(state[kind]) for kind in ("dnat", "snat", "fip"))
     if rules != wanted:
         raise RuntimeError(f"natgwd table holds {rules} rules, expected {wanted}")

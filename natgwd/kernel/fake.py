@@ -17,7 +17,14 @@ from typing import TypeVar
 
 from natgwd.kernel.nft import NftError
 from natgwd.planning.counters import CountedElement
-from natgwd.planning.layout import POOL_CHAIN_PREFIX, SHARE_CHAIN_PREFIX
+from natgwd.planning.layout import (
+    POOL_CHAIN_PREFIX,
+    RULE_CONNECTIONS,
+    RULE_TRAFFIC,
+    SHARE_CHAIN_PREFIX,
+    key_shard,
+    parts,
+)
 from natgwd.planning.table import (
     AddChain,
     AddElements,
@@ -82,11 +89,13 @@ class FakeNft:
         """As the kernel lists them: marks in hex."""
         if self.table is None:
             return {}
-        return {
-            name: [_counted(key, element) for key, element in self.table.elements[name].items()]
-            for name in names
-            if name in self.table.elements
-        }
+        found: dict[str, list[CountedElement]] = {}
+        for name in names:
+            for part in parts(name):
+                if part in self.table.elements:
+                    listing = found.setdefault(name, [])
+                    listing.extend(_counted(key, element) for key, element in self.table.elements[part].items())
+        return found
 
     def delete_table(self) -> bool:
         if self.table is None:
@@ -99,8 +108,11 @@ class FakeNft:
         return self._generation
 
     def count(self, set_name: str, key: str, packets: int, size: int) -> None:
-        """Pretend the kernel matched `packets` packets of `size` bytes on an element."""
+        """Pretend the kernel matched `packets` packets of `size` bytes on an element (of a
+        logical counting set: the element of its shard)."""
         assert self.table is not None
+        if set_name in (RULE_CONNECTIONS, RULE_TRAFFIC) and set_name not in self.table.elements:
+            set_name = key_shard(set_name, key)
         element = self.table.elements[set_name][key]
         old = element.counter or Counter(0, 0)
         new = Counter(old.packets + packets, old.bytes + packets * size)

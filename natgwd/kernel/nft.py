@@ -27,7 +27,7 @@ from natgwd.kernel.setdump import (
     key_layout,
 )
 from natgwd.planning.counters import CountedElement
-from natgwd.planning.layout import POOL_CHAIN_PREFIX, SHARE_CHAIN_PREFIX
+from natgwd.planning.layout import POOL_CHAIN_PREFIX, SHARE_CHAIN_PREFIX, parts
 from natgwd.planning.plan import set_key_type
 from natgwd.planning.table import FAMILY, TABLE, Counter, Element, TableContents, Transaction
 
@@ -56,6 +56,9 @@ class NftError(Exception):
     def is_already_exists(self) -> bool:
         return self.errno == errno.EEXIST
 
+
+# Enough for the kernel to build a dump while Python decodes others, on this 2-core kind of machine.
+_DUMP_THREADS = 4
 
 # libnftables does not call setlocale(): its messages are English whatever the locale.
 _STRERRORS = {
@@ -120,19 +123,25 @@ class KernelNft:
         return parse_table(_load(output))
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
-        """The elements of counting sets, with their counters and comments. Each set on a
-        thread of its own: the kernel builds one dump while Python decodes another (a
-        socket's read releases the GIL), a quarter off a scrape at 10,000 rules."""
+        """The elements of counting sets (logical ones: a split set is listed from its
+        shards), with their counters and comments. The sets are dumped on a few threads:
+        the kernel builds one dump while Python decodes another (a socket's read releases
+        the GIL), a quarter off a scrape at 10,000 rules."""
 
         def read(name: str) -> list[CountedElement] | None:
             return self._sets.read(name, key_layout(set_key_type(name)))
 
+        dumped = [(name, part) for name in names for part in parts(name)]
         try:
-            with ThreadPoolExecutor(max_workers=len(names) or 1, thread_name_prefix="natgwd-sets") as pool:
-                listed = list(pool.map(read, names))
+            with ThreadPoolExecutor(max_workers=_DUMP_THREADS, thread_name_prefix="natgwd-sets") as pool:
+                listed = list(pool.map(read, [part for _, part in dumped]))
         except SetDumpError as err:
             raise NftError(str(err)) from err
-        return {name: elements for name, elements in zip(names, listed, strict=True) if elements is not None}
+        found: dict[str, list[CountedElement]] = {}
+        for (name, _), elements in zip(dumped, listed, strict=True):
+            if elements is not None:
+                found.setdefault(name, []).extend(elements)
+        return found
 
     def delete_table(self) -> bool:
         try:

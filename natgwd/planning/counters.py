@@ -16,10 +16,11 @@ from itertools import compress
 from operator import itemgetter
 
 from natgwd.planning.handover import HANDED_OVER
-from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.layout import INVALID_DROPS, RULE_CONNECTIONS, RULE_TRAFFIC, parts, whole_set
 from natgwd.planning.portblocks import PORT_BLOCK_ATTEMPTS
 from natgwd.planning.table import Counter, Element
 
+# Logical sets: a scrape lists each whole, from its shards.
 COUNTING_SETS = (RULE_CONNECTIONS, RULE_TRAFFIC, INVALID_DROPS, HANDED_OVER, PORT_BLOCK_ATTEMPTS)
 
 
@@ -45,9 +46,11 @@ def counted_elements(listing: Iterable[CountedElement]) -> dict[str, Element]:
 
 
 class CounterMemory:
-    """The last known counter of every counting element, by (set, key): a re-created
-    element (its table or itself deleted by someone else) is seeded from it, so that no
-    rule's counters go backwards.
+    """The last known counter of every counting element, by (logical set, key): a
+    re-created element (its table or itself deleted by someone else) is seeded from it, so
+    that no rule's counters go backwards. By logical set (natgwd.planning.layout.whole_set):
+    a key is in one shard only, and the counters of a table written before the counting
+    sets were split seed the elements of their shards (an upgrade's restart).
 
     Rule ids are never reused, so an element's counter only grows while it exists: merging
     keeps the larger value, whatever order readings arrive in. A reading of zero is not
@@ -74,28 +77,31 @@ class CounterMemory:
     def remember(self, sets: Mapping[str, Mapping[str, Element]]) -> None:
         """From a table read (the reconciler's thread)."""
         self._merge_listings()
-        for name, known in self._known.items():
-            for key, element in sets.get(name, {}).items():
-                if element.counter is not None:
-                    self._keep(known, key, element.counter)
+        for name, keyed in sets.items():
+            known = self._known.get(whole_set(name))
+            if known is not None:
+                for key, element in keyed.items():
+                    if element.counter is not None:
+                        self._keep(known, key, element.counter)
 
     def of(self, set_name: str) -> Mapping[str, Counter]:
-        """The last known counter of each element of a counting set that ever counted."""
+        """The last known counter of each element of a counting set (or of the logical set
+        a shard belongs to) that ever counted."""
         self._merge_listings()
-        return self._known.get(set_name, {})
+        return self._known.get(whole_set(set_name), {})
 
     def forget_except(self, present: Mapping[str, Mapping[str, object]]) -> None:
         """Forget elements that are no longer wanted (their rules are gone)."""
         self._merge_listings()
         for name, known in self._known.items():
-            wanted = present.get(name, {})
-            if not known.keys() <= wanted.keys():
-                for key in known.keys() - wanted.keys():
+            wanted = set().union(*(present.get(part, {}).keys() for part in {name, *parts(name)}))
+            if not known.keys() <= wanted:
+                for key in known.keys() - wanted:
                     del known[key]
 
     def forget(self, name: str, keys: Iterable[str]) -> None:
         """Forget elements of set `name` that are gone with their rules."""
-        known = self._known.get(name)
+        known = self._known.get(whole_set(name))
         if known:
             for key in keys:
                 known.pop(key, None)

@@ -6,7 +6,8 @@ Layout (family inet, table natgwd):
   sets the connection's ct mark to that id, and a filter chain after source NAT counts
   each packet by (ct direction, ct mark) in `rule_traffic` and each new connection by ct
   mark in `rule_connections`. Counters are therefore keyed by rule, whatever map the rule
-  lives in, and survive changes to other rules.
+  lives in, and survive changes to other rules. Both sets are split by rule id into
+  shards, each counted by a chain of its own (natgwd.planning.layout.shard).
 - The id of a rule is stored in the kernel as the comment of its `rule_connections`
   element ("kind/name/eip"), so a restarted daemon finds every rule's id (and counters)
   in the table it adopts.
@@ -50,6 +51,7 @@ from natgwd.planning.handover import (
 )
 from natgwd.planning.layout import (
     ACCOUNT,
+    COUNTING_SHARDS,
     DIRECTIONS,
     DNAT_RULE,
     DNAT_SHARE,
@@ -81,9 +83,14 @@ from natgwd.planning.layout import (
     V4,
     V6,
     Family,
+    account_shard,
+    parts,
     pool_chain_name,
+    shard,
+    shards,
     share_chain_name,
     traffic_key,
+    whole_elements,
 )
 from natgwd.planning.policy import network_ids
 from natgwd.planning.pools import Pool, counted, members, pool_chains, pool_shares
@@ -116,8 +123,8 @@ from natgwd.state.timeouts import TimeoutPolicy
 
 _STATIC_SETS = (
     *V4.sets(),
-    SetSpec(RULE_CONNECTIONS, "type mark; counter;"),
-    SetSpec(RULE_TRAFFIC, "type ct_dir . mark; counter;"),
+    *(SetSpec(name, "type mark; counter;") for name in shards(RULE_CONNECTIONS)),
+    *(SetSpec(name, "type ct_dir . mark; counter;") for name in shards(RULE_TRAFFIC)),
     SetSpec(INVALID_DROPS, "type ifname; counter;"),
     # One element: the highest rule id ever given out, so that ids stay unique across restarts.
     SetSpec(ID_HIGH_WATER, "type mark;"),
@@ -125,7 +132,9 @@ _STATIC_SETS = (
 
 
 def set_key_type(name: str) -> str:
-    """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;")."""
+    """The key type a static set declares ("ct_dir . mark" for "type ct_dir . mark; counter;");
+    a logical set's is its shards'."""
+    name = parts(name)[0]
     body = next(spec.body for spec in (*_STATIC_SETS, *handover_sets(()), *PORT_BLOCK_SETS) if spec.name == name)
     return body.removeprefix("type ").split(";", 1)[0].split(" : ", 1)[0]
 
@@ -344,15 +353,16 @@ def _chains(
                 *_masquerade(state),
             ),
         ),
+        *_account_shards(),
         ChainSpec(
             ACCOUNT,
             # After source NAT (100), so the first packet of a SNATed flow is marked too.
             "type filter hook postrouting priority 300; policy accept;",
             (
-                # The first packet of a connection is the one whose conntrack entry is not
-                # confirmed yet (`ct state new` would also match retransmits before a reply).
-                f"ct status & confirmed == 0 ct mark @{RULE_CONNECTIONS}",
-                f"ct direction . ct mark @{RULE_TRAFFIC}",
+                # To the chain of the rule's shard: one lookup, whatever the number of shards.
+                f"ct mark & {COUNTING_SHARDS - 1} vmap {{ "
+                + ", ".join(f"{index} : jump {account_shard(index)}" for index in range(COUNTING_SHARDS))
+                + " }",
                 *((ACCOUNT_RULE,) if blocked else ()),
             ),
         ),
@@ -364,6 +374,21 @@ def _chains(
             (f"ct state invalid oifname @{INVALID_DROPS} drop",),
         ),
     )
+
+
+def _account_shards() -> Iterator[ChainSpec]:
+    """The chains that count a shard's rules (natgwd.planning.layout.shard)."""
+    for index, (connections, traffic) in enumerate(zip(shards(RULE_CONNECTIONS), shards(RULE_TRAFFIC), strict=True)):
+        yield ChainSpec(
+            account_shard(index),
+            "",
+            (
+                # The first packet of a connection is the one whose conntrack entry is not
+                # confirmed yet (`ct state new` would also match retransmits before a reply).
+                f"ct status & confirmed == 0 ct mark @{connections}",
+                f"ct direction . ct mark @{traffic}",
+            ),
+        )
 
 
 Endpoint = tuple[IPv4Address | IPv6Address, int | None]  # natgwd's own listening address, TCP port (None: every port)
@@ -454,9 +479,10 @@ def rule_elements(rule: Rule, labels: RuleLabels, mark: int, frame: Frame) -> li
     eip = labels.eip
     text = str(mark)
     marked = Element(text)
-    elements: list[Contribution] = [(RULE_CONNECTIONS, text, Element(comment=labels.comment))]
+    connections, traffic = shard(RULE_CONNECTIONS, mark), shard(RULE_TRAFFIC, mark)
+    elements: list[Contribution] = [(connections, text, Element(comment=labels.comment))]
     for direction in DIRECTIONS:
-        elements.append((RULE_TRAFFIC, traffic_key(direction, text), _MEMBER))
+        elements.append((traffic, traffic_key(direction, text), _MEMBER))
     policy = effective_policy(rule, frame.timeouts)
     if policy is not None:
         elements.append((RULE_TIMEOUT, text, timeout_element(policy)))
@@ -544,7 +570,7 @@ def decode_rules(contents: TableContents) -> list[TableRule]:
     (tests/unit/test_decode_rules.py proves the round trip). A translation without its
     rule's id is no rule. ValueError for elements of another layout."""
     labels: dict[int, RuleLabels] = {}
-    for mark, element in contents.elements.get(RULE_CONNECTIONS, {}).items():
+    for mark, element in whole_elements(contents.elements, RULE_CONNECTIONS):
         found = RuleLabels.from_comment(element.comment or "")
         if found is not None:
             labels[int(mark)] = found

@@ -23,7 +23,7 @@ import structlog
 from natgwd.kernel.netlink import LinkReport
 from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
-from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS
+from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS, whole_elements
 from natgwd.planning.links import LinkPlan, link_plan
 from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, merge_elements
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
@@ -369,7 +369,7 @@ class Reconciler:
         nothing that is already right (no flush, no traffic blip)."""
         existing: dict[RuleLabels, int] = {}
         if kernel is not None:
-            for mark, element in kernel.elements.get(RULE_CONNECTIONS, {}).items():
+            for mark, element in whole_elements(kernel.elements, RULE_CONNECTIONS):
                 labels = RuleLabels.from_comment(element.comment or "")
                 if labels is not None and mark.isdigit():
                     existing[labels] = int(mark)

@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key
+from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC, split_traffic_key, whole_elements
 from natgwd.planning.plan import RuleLabels, address_text, decode_rules, network_text, rule_labels
 from natgwd.planning.table import Counter, TableContents
 from natgwd.state.model import DesiredState, FipRule, SnatRule
@@ -55,13 +55,13 @@ def _arrows(rule: Rule) -> list[str]:
 
 def rule_statuses(table: TableContents) -> list[RuleStatus]:
     rules: dict[str, RuleStatus] = {}
-    for mark, element in table.elements.get(RULE_CONNECTIONS, {}).items():
+    for mark, element in whole_elements(table.elements, RULE_CONNECTIONS):
         labels = RuleLabels.from_comment(element.comment or "")
         if labels is None:
             continue
         counter = element.counter or Counter(0, 0)
         rules[mark] = RuleStatus(labels.kind, labels.name, labels.eip, int(mark), connections=counter.packets)
-    for key, element in table.elements.get(RULE_TRAFFIC, {}).items():
+    for key, element in whole_elements(table.elements, RULE_TRAFFIC):
         direction, mark = split_traffic_key(key)
         if mark in rules and element.counter is not None:
             setattr(rules[mark], f"{direction}_packets", element.counter.packets)

@@ -16,7 +16,7 @@ from typing import Any
 
 from natgwd.kernel.nft import parse_table
 from natgwd.lab.topology import SEED_STATE, Lab, Natgwd
-from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC
+from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC, whole_elements
 from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import TableContents
 from natgwd.runtime.daemon import own_endpoints
@@ -87,7 +87,7 @@ _ID_VALUED = re.compile(r"^(dnat_rule|fip_in_rule|fip_out_rule|snat_p\d+_rule)$"
 def signature(contents: TableContents) -> dict[str, Any]:
     """What a table holds, leaving out rule ids (which differ between runs): the sets and
     chains, every id-free map, the keys of the id-valued maps, the rule labels of
-    rule_connections and the size of rule_traffic."""
+    rule_connections and the size of rule_traffic (across their shards)."""
     found: dict[str, Any] = {
         "sets": dict(contents.sets),
         # Share chains name rule ids in their rules: only their presence is compared.
@@ -98,10 +98,9 @@ def signature(contents: TableContents) -> dict[str, Any]:
             found[name] = frozenset((key, e.value) for key, e in elements.items())
         elif _ID_VALUED.match(name):
             found[name] = frozenset(elements)
-        elif name == RULE_CONNECTIONS:
-            found[name] = frozenset(e.comment for e in elements.values())
-        elif name == RULE_TRAFFIC:
-            found[name] = len(elements)
+    # Which shard holds a rule's elements depends on its id.
+    found[RULE_CONNECTIONS] = frozenset(e.comment for _, e in whole_elements(contents.elements, RULE_CONNECTIONS))
+    found[RULE_TRAFFIC] = sum(1 for _ in whole_elements(contents.elements, RULE_TRAFFIC))
     return found
 
 

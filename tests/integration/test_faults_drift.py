@@ -127,7 +127,7 @@ def drift_rounds() -> list[Round]:
             "elements deleted and hijacked, foreign rule, chain and set in natgwd's table",
             f"nft delete element inet natgwd dnat_target '{SEED_DNAT_KEY}'; "
             "nft add element inet natgwd dnat_target '{ 10.115.55.200 . tcp . 7777 : 172.20.10.4 . 80 }'; "
-            "nft delete element inet natgwd rule_connections '{ 1 }'; "
+            "nft delete element inet natgwd rule_connections_1 '{ 1 }'; "
             "nft insert rule inet natgwd prerouting tcp dport 8888 drop; "
             "nft add chain inet natgwd sneaky; nft add set inet natgwd sneaky_set '{ type ipv4_addr; }'; "
             "nft add rule ip intruder intruder_fwd ip daddr 192.0.2.3 counter drop; "

@@ -331,12 +331,15 @@ NAT_PORTS = (1024, 65535)  # the source NAT range for source ports from 1024 up
 
 
 def rule_mark(lab: Lab, comment: str) -> int:
-    listing = json.loads(lab.exec("gw", "nft", "-j", "list", "set", "inet", "natgwd", "rule_connections").stdout)
-    (nft_set,) = [obj["set"] for obj in listing["nftables"] if "set" in obj]
-    for element in nft_set["elem"]:
-        if element["elem"].get("comment") == comment:
-            return int(element["elem"]["val"])
-    raise AssertionError(f"no rule {comment} in {nft_set}")
+    listing = json.loads(lab.exec("gw", "nft", "-j", "list", "table", "inet", "natgwd").stdout)
+    shards = [
+        obj["set"] for obj in listing["nftables"] if obj.get("set", {}).get("name", "").startswith("rule_connections_")
+    ]
+    for nft_set in shards:
+        for element in nft_set.get("elem", ()):
+            if element["elem"].get("comment") == comment:
+                return int(element["elem"]["val"])
+    raise AssertionError(f"no rule {comment} in {shards}")
 
 
 def test_port_exhaustion_is_counted_for_the_eip(

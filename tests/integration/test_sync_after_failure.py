@@ -125,12 +125,13 @@ def test_resync_after_a_refused_transaction_leaves_exactly_the_plan(lab: Lab, se
     finally:
         sink.kill()
     counted = kernel_table(lab).elements
-    assert counted["rule_connections"]["1"].counter is not None
-    assert (counted["rule_connections"]["1"].counter.packets, counted["rule_connections"]["1"].counter.bytes) == (
+    connections = counted["rule_connections_1"]["1"].counter  # rule 1's shard
+    assert connections is not None
+    assert (connections.packets, connections.bytes) == (
         1,
         udp_bytes(payloads[:1]),
     )
-    traffic = counted["rule_traffic"]["original . 1"].counter
+    traffic = counted["rule_traffic_1"]["original . 1"].counter
     assert traffic is not None
     assert (traffic.packets, traffic.bytes) == (5, udp_bytes(payloads))
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from natgwd.kernel.fake import FakeNft
 from natgwd.lab.topology import SEED_STATE
+from natgwd.planning.layout import RULE_CONNECTIONS, shards
 from natgwd.planning.plan import TablePlan, TableRule, assign_ids, decode_rules, eip_texts, labels_of
 from natgwd.planning.table import TableContents, plan_transaction
 from natgwd.state.model import DesiredState
@@ -72,8 +73,7 @@ def test_a_table_changed_rule_by_rule_reads_back_as_the_new_rules(
 def test_a_rule_without_its_labels_is_read_back_unnamed() -> None:
     state = load_state(json.dumps(SEED_STATE).encode())
     contents = TablePlan(state, assign_ids(state, {})).table.contents()
-    contents.elements["rule_connections"] = {
-        mark: replace(e, comment=None) for mark, e in contents.elements["rule_connections"].items()
-    }
+    for name in shards(RULE_CONNECTIONS):
+        contents.elements[name] = {mark: replace(e, comment=None) for mark, e in contents.elements[name].items()}
     rules = decode_rules(contents)
     assert rules and all(r.labels is None and r.rule.name == "" for r in rules)

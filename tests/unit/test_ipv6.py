@@ -16,6 +16,7 @@ from natgwd.kernel.conntrack import ConntrackCleaner
 from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.garp import _checksum, na_frame
 from natgwd.lab.topology import DUAL_STACK_STATE, SEED_STATE
+from natgwd.planning.layout import shards
 from natgwd.planning.links import DEFAULT_ROUTE6, RouteSpec, link_plan
 from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.stale import Filter, Flow, Translations, changed_filters
@@ -69,7 +70,7 @@ def test_the_dual_stack_table_holds_both_families_in_one_script() -> None:
     assert values["fip_out_target6"] == {"fd00:10::3": "fd00:115::201"}
     assert values["fip_out_rule6"] == {"fd00:10::3": mark["fip01-6"]}
     # One id space and one set of counting elements for both families.
-    assert sorted(map(int, values["rule_connections"])) == list(range(1, 7))
+    assert sorted(int(mark) for name in shards("rule_connections") for mark in values[name]) == list(range(1, 7))
     chains = {chain.name: chain.rules for chain in table.chains}
     assert chains["postrouting"][4:] == (
         'iifname "net1" oifname "net1" ct status dnat ct original ip6 daddr @eips6 '

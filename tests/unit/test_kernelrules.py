@@ -11,7 +11,7 @@ from typing import Any
 from natgwd.kubeovn.kernelrules import rules_from_table
 from natgwd.kubeovn.shim.edits import EDITS, Context
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.layout import RULE_CONNECTIONS
+from natgwd.planning.layout import RULE_CONNECTIONS, shards
 from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import Element
 from natgwd.state.validation import load_state
@@ -79,7 +79,8 @@ def test_rules_that_lost_their_labels_get_the_names_the_calls_gave_them() -> Non
         EDITS[command](rule)(doc, ctx)
     state = load_state(json.dumps(doc).encode())
     contents = desired_table(state, assign_ids(state, {})).contents()
-    contents.elements[RULE_CONNECTIONS] = {mark: Element() for mark in contents.elements[RULE_CONNECTIONS]}
+    for name in shards(RULE_CONNECTIONS):
+        contents.elements[name] = {mark: Element() for mark in contents.elements[name]}
     rules = rules_from_table(contents)
     for section in ("eips", "snat", "dnat", "fip"):
         assert sorted(r["name"] for r in rules[section]) == sorted(r["name"] for r in doc[section]), section

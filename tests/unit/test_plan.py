@@ -15,7 +15,9 @@ from natgwd.planning.layout import (
     INVALID_DROPS,
     RULE_CONNECTIONS,
     RULE_TRAFFIC,
+    shards,
     share_chain_name,
+    whole_elements,
 )
 from natgwd.planning.plan import RuleLabels, assign_ids, desired_table, rule_labels
 from natgwd.planning.table import DesiredTable, Element
@@ -33,8 +35,7 @@ STATIC_SETS = {
     "dnat_rule": "map",
     "dnat_share": "map",
     "share_target": "map",
-    RULE_CONNECTIONS: "set",
-    RULE_TRAFFIC: "set",
+    **dict.fromkeys((*shards(RULE_CONNECTIONS), *shards(RULE_TRAFFIC)), "set"),
     INVALID_DROPS: "set",
     ID_HIGH_WATER: "set",
 }
@@ -60,6 +61,11 @@ def planned(document: dict[str, Any]) -> DesiredTable:
 
 def flat(elements: dict[str, Element] | Any) -> dict[str, tuple[str | None, str | None]]:
     return {key: (element.value, element.comment) for key, element in elements.items()}
+
+
+def whole(elements: dict[str, dict[str, Element]], name: str) -> dict[str, Element]:
+    """A logical counting set's elements, from its shards."""
+    return dict(whole_elements(elements, name))
 
 
 def chain_rules(table: DesiredTable, name: str) -> tuple[str, ...]:
@@ -127,15 +133,19 @@ def test_seed_table_sets() -> None:
     }
     bodies = {s.name: s.body for s in table.sets}
     assert bodies["dnat_target"] == "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;"
-    assert bodies[RULE_CONNECTIONS] == "type mark; counter;"
-    assert bodies[RULE_TRAFFIC] == "type ct_dir . mark; counter;"
+    assert all(bodies[name] == "type mark; counter;" for name in shards(RULE_CONNECTIONS))
+    assert all(bodies[name] == "type ct_dir . mark; counter;" for name in shards(RULE_TRAFFIC))
     assert bodies[INVALID_DROPS] == "type ifname; counter;"
     assert bodies["snat_p24_rule"] == "type ipv4_addr : mark;"
 
 
 def test_seed_table_elements() -> None:
     elements = planned(seed()).elements
-    assert {name: flat(e) for name, e in elements.items()} == {
+    counting = {*shards(RULE_CONNECTIONS), *shards(RULE_TRAFFIC)}
+    assert {name: flat(e) for name, e in elements.items() if name not in counting} | {
+        RULE_CONNECTIONS: flat(whole(elements, RULE_CONNECTIONS)),
+        RULE_TRAFFIC: flat(whole(elements, RULE_TRAFFIC)),
+    } == {
         "eips": {"10.115.55.200": (None, None), "10.115.55.201": (None, None)},
         "fip_in_target": {"10.115.55.201": ("172.20.10.3", None)},
         "fip_in_rule": {"10.115.55.201": ("3", None)},
@@ -162,12 +172,12 @@ def test_seed_table_elements() -> None:
 def test_seed_table_uses_the_given_ids() -> None:
     state = state_of(seed())
     table = desired_table(state, {SNAT: 17, DNAT: 5, FIP: 900})
-    assert flat(table.elements[RULE_CONNECTIONS]) == {
+    assert flat(whole(table.elements, RULE_CONNECTIONS)) == {
         "17": (None, SNAT.comment),
         "5": (None, DNAT.comment),
         "900": (None, FIP.comment),
     }
-    assert set(table.elements[RULE_TRAFFIC]) == {f"{d} . {m}" for d in DIRECTIONS for m in ("17", "5", "900")}
+    assert set(whole(table.elements, RULE_TRAFFIC)) == {f"{d} . {m}" for d in DIRECTIONS for m in ("17", "5", "900")}
     assert flat(table.elements["dnat_rule"]) == {"10.115.55.200 . tcp . 8888": ("5", None)}
     assert flat(table.elements["fip_in_rule"]) == {"10.115.55.201": ("900", None)}
     assert flat(table.elements["fip_out_rule"]) == {"172.20.10.3": ("900", None)}
@@ -179,6 +189,7 @@ def test_seed_table_chains() -> None:
     assert [(c.name, c.header) for c in table.chains] == [
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
         ("postrouting", "type nat hook postrouting priority srcnat; policy accept;"),
+        *((f"account_{index}", "") for index in range(16)),
         ("account", "type filter hook postrouting priority 300; policy accept;"),
         ("forward", "type filter hook forward priority filter; policy accept;"),
     ]
@@ -196,9 +207,12 @@ def test_seed_table_chains() -> None:
         'oifname "net2" ct mark set ip saddr & 255.255.255.0 map @snat_p24_rule '
         "snat ip to ip saddr & 255.255.255.0 map @snat_p24_target fully-random",
     )
-    assert chain_rules(table, "account") == (
-        "ct status & confirmed == 0 ct mark @rule_connections",
-        "ct direction . ct mark @rule_traffic",
+    # One lookup on the rule id's low bits to the chain of its shard, which counts it.
+    jumps = ", ".join(f"{index} : jump account_{index}" for index in range(16))
+    assert chain_rules(table, "account") == (f"ct mark & 15 vmap {{ {jumps} }}",)
+    assert chain_rules(table, "account_3") == (
+        "ct status & confirmed == 0 ct mark @rule_connections_3",
+        "ct direction . ct mark @rule_traffic_3",
     )
     assert chain_rules(table, "forward") == ("ct state invalid oifname @invalid_dropped drop",)
 
@@ -248,7 +262,7 @@ def test_port_range_maps_port_to_port() -> None:
     }
     assert flat(elements["dnat_rule"]) == {f"10.115.55.200 . udp . {p}": ("2", None) for p in (8000, 8001, 8002)}
     # One rule, one id, however many ports.
-    assert set(elements[RULE_CONNECTIONS]) == {"1", "2", "3"}
+    assert set(whole(elements, RULE_CONNECTIONS)) == {"1", "2", "3"}
 
 
 def test_port_range_shifted_downwards() -> None:
@@ -372,14 +386,20 @@ def test_share_group_elements_and_chain() -> None:
     }
     # Share rules stay out of the exclusive maps, but are counted like every rule.
     assert set(table.elements["dnat_target"]) == {"10.115.55.200 . tcp . 8888"}
-    assert flat(table.elements[RULE_CONNECTIONS])["4"] == (None, "dnat/web-b/10.115.55.200")
+    assert flat(whole(table.elements, RULE_CONNECTIONS))["4"] == (None, "dnat/web-b/10.115.55.200")
     assert table.chains[0].name == chain_name
     assert table.chains[0].header == ""
     assert table.chains[0].rules == (
         "ct mark set numgen random mod 2 map { 0 : 3, 1 : 4 }",
         "meta l4proto { tcp, udp } dnat ip to ct mark map @share_target",
     )
-    assert [c.name for c in table.chains[1:]] == ["prerouting", "postrouting", "account", "forward"]
+    assert [c.name for c in table.chains[1:]] == [
+        "prerouting",
+        "postrouting",
+        *(f"account_{index}" for index in range(16)),
+        "account",
+        "forward",
+    ]
 
 
 def test_share_chain_name_depends_on_the_identity_only() -> None:

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.layout import RULE_CONNECTIONS
+from natgwd.planning.layout import RULE_CONNECTIONS, whole_elements
 from natgwd.planning.plan import address_text, assign_ids, desired_table
 from natgwd.planning.table import plan_transaction
 from natgwd.state.model import DesiredState
@@ -285,7 +285,7 @@ def test_generated_states_are_accepted_and_render_safely(document: dict[str, Any
     assert ("dnat_target6" in table.elements) == dual
     if dual:
         assert {k: e.value for k, e in table.elements["dnat_target6"].items()} == expected_dnat_targets(document, 6)
-    labels = {e.comment for e in table.elements[RULE_CONNECTIONS].values()}
+    labels = {e.comment for _, e in whole_elements(table.elements, RULE_CONNECTIONS)}
     assert labels == expected_labels(document)
     eips = {e["name"]: e for e in document.get("eips", [])}
     fip_in = {

@@ -13,6 +13,7 @@ from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.nft import NftError
 from natgwd.lab.topology import SEED_STATE
 from natgwd.planning.counters import counted_elements
+from natgwd.planning.layout import key_shard, whole_elements
 from natgwd.planning.links import link_plan
 from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import (
@@ -78,7 +79,7 @@ def kernel(fake: FakeNft) -> TableContents:
 
 
 def connections(fake: FakeNft) -> dict[str, tuple[str | None, Counter | None]]:
-    return {k: (e.comment, e.counter) for k, e in kernel(fake).elements["rule_connections"].items()}
+    return {k: (e.comment, e.counter) for k, e in whole_elements(kernel(fake).elements, "rule_connections")}
 
 
 def expected_contents(state: DesiredState) -> TableContents:
@@ -98,7 +99,7 @@ def counters(fake: FakeNft) -> dict[tuple[str, str], Counter | None]:
     return {
         (name, key): element.counter
         for name in ("rule_connections", "rule_traffic", "invalid_dropped")
-        for key, element in table.elements[name].items()
+        for key, element in whole_elements(table.elements, name)
     }
 
 
@@ -284,7 +285,7 @@ def _counting(table: TableContents | None) -> dict[tuple[str, str], Element]:
     return {
         (name, key): element
         for name in ("rule_connections", "rule_traffic", "invalid_dropped")
-        for key, element in table.elements[name].items()
+        for key, element in whole_elements(table.elements, name)
     }
 
 
@@ -302,7 +303,8 @@ def test_restarted_reconciler_keeps_ids_and_gives_new_rules_new_ones() -> None:
         "4": ("snat/snat2/10.115.55.201", Counter(0, 0)),
     }
     tx = fake.transactions[-1]
-    assert {getattr(op, "set_name", None) for op in tx.operations} >= {"snat_p16_rule", "rule_connections"}
+    changed = {getattr(op, "set_name", None) for op in tx.operations}
+    assert changed >= {"snat_p16_rule", key_shard("rule_connections", "4")}
     # Only the id high-water mark moves (3 -> 4); no rule element is deleted.
     assert [op for op in tx.operations if isinstance(op, DeleteElements)] == [DeleteElements("id_high_water", ("3",))]
 
@@ -371,7 +373,7 @@ def test_resync_recreates_a_deleted_table_with_ids_and_counters() -> None:
         "2": (SEED_IDS["2"], Counter(20, 2000)),
         "3": (SEED_IDS["3"], Counter(30, 3000)),
     }
-    assert kernel(fake).elements["rule_traffic"]["reply . 3"].counter == Counter(90, 4500)
+    assert kernel(fake).elements[key_shard("rule_traffic", "reply . 3")]["reply . 3"].counter == Counter(90, 4500)
     assert kernel(fake).elements["dnat_target"][DNAT_KEY].value == "172.20.10.4 . 80"
 
 
@@ -408,7 +410,7 @@ def test_resync_restores_a_counting_element_with_its_last_known_counter() -> Non
     rec.apply(SEED)
     fake.count("rule_connections", "2", 4, 100)
     rec.counting_sets()
-    del fake.foreign().elements["rule_connections"]["2"]
+    del fake.foreign().elements[key_shard("rule_connections", "2")]["2"]
     repairs = rec.resync().repairs
     assert repairs == {"nftables": 1}
     assert connections(fake)["2"] == (SEED_IDS["2"], Counter(4, 400))

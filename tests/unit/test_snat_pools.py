@@ -12,7 +12,7 @@ import pytest
 
 from natgwd.kernel.fake import FakeNft
 from natgwd.kubeovn.kernelrules import rules_from_table
-from natgwd.planning.layout import pool_chain_name
+from natgwd.planning.layout import pool_chain_name, whole_elements
 from natgwd.planning.plan import TablePlan, assign_ids, decode_rules, rule_labels
 from natgwd.planning.pools import BUCKETS, SEED
 from natgwd.planning.stale import Flow, Translations
@@ -142,7 +142,7 @@ def test_each_eip_of_a_pool_is_a_member_with_its_own_id_and_the_chain_hashes_the
     (postrouting,) = [c for c in table.chains if c.name == "postrouting"]
     assert 'oifname "net2" ip saddr & 255.255.255.0 vmap @snat_p24_pool' in postrouting.rules
     # The connections of each member are counted under its own id and labels.
-    comments = {k: e.comment for k, e in table.elements["rule_connections"].items()}
+    comments = {k: e.comment for k, e in whole_elements(table.elements, "rule_connections")}
     assert comments == {str(ids[EIP_A]): f"snat/pool/{EIP_A}", str(ids[EIP_B]): f"snat/pool/{EIP_B}"}
 
 

@@ -14,7 +14,7 @@ import pytest
 from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.nft import NftError, parse_table
 from natgwd.lab.topology import SEED_STATE
-from natgwd.planning.layout import share_chain_name
+from natgwd.planning.layout import share_chain_name, whole_set
 from natgwd.planning.plan import assign_ids, desired_table
 from natgwd.planning.table import (
     ELEMENTS_PER_COMMAND,
@@ -216,8 +216,8 @@ def test_removed_rule_deletes_its_elements() -> None:
         DeleteElements("fip_in_rule", ("10.115.55.201",)),
         DeleteElements("fip_out_target", ("172.20.10.3",)),
         DeleteElements("fip_out_rule", ("172.20.10.3",)),
-        DeleteElements("rule_connections", ("3",)),
-        DeleteElements("rule_traffic", ("original . 3", "reply . 3")),
+        DeleteElements("rule_connections_3", ("3",)),
+        DeleteElements("rule_traffic_3", ("original . 3", "reply . 3")),
     ]
     assert tx.changed_elements == 7
 
@@ -225,13 +225,12 @@ def test_removed_rule_deletes_its_elements() -> None:
 def test_chain_whose_tags_differ_is_flushed_and_re_added() -> None:
     table = seed_table()
     current = table.contents()
-    current.chains["account"] = ("natgwd:0000000000000000", current.chains["account"][1])
+    current.chains["account"] = ("natgwd:0000000000000000",)
     tx = plan_transaction(current, table)
     (account,) = [c for c in table.chains if c.name == "account"]
     assert tx.operations == [
         FlushChain("account"),
         AddRule("account", account.rules[0], account.tags[0]),
-        AddRule("account", account.rules[1], account.tags[1]),
     ]
     assert tx.changed_elements == 0
 
@@ -301,7 +300,8 @@ class Known:
         self._counters = counters
 
     def of(self, set_name: str) -> dict[str, Counter]:
-        return {key: counter for (name, key), counter in self._counters.items() if name == set_name}
+        """By logical set, as CounterMemory: "rule_connections_2" is seeded from "rule_connections"."""
+        return {key: counter for (name, key), counter in self._counters.items() if name == whole_set(set_name)}
 
 
 def test_recreated_counting_elements_are_seeded() -> None:
@@ -315,16 +315,16 @@ def test_recreated_counting_elements_are_seeded() -> None:
     tx = plan_transaction(None, table, Known(counters))
     script = tx.script().splitlines()
     # Rules are planned SNAT, DNAT, FIP (ids 1, 2, 3): the elements keep that order.
+    # Each rule's elements are in its shard (its id's low bits).
+    assert 'add element inet natgwd rule_connections_1 { 1 comment "snat/my-snat/10.115.55.200" }' in script
     assert (
-        "add element inet natgwd rule_connections { "
-        '1 comment "snat/my-snat/10.115.55.200", '
-        '2 counter packets 5 bytes 300 comment "dnat/dnat01/10.115.55.200", '
-        '3 comment "fip/fip01/10.115.55.201" }'
+        "add element inet natgwd rule_connections_2 { "
+        '2 counter packets 5 bytes 300 comment "dnat/dnat01/10.115.55.200" }'
     ) in script
-    assert (
-        "add element inet natgwd rule_traffic { original . 1, reply . 1, original . 2, "
-        "reply . 2 counter packets 7 bytes 900, original . 3, reply . 3 }"
-    ) in script
+    assert 'add element inet natgwd rule_connections_3 { 3 comment "fip/fip01/10.115.55.201" }' in script
+    assert "add element inet natgwd rule_traffic_1 { original . 1, reply . 1 }" in script
+    assert "add element inet natgwd rule_traffic_2 { original . 2, reply . 2 counter packets 7 bytes 900 }" in script
+    assert "add element inet natgwd rule_traffic_3 { original . 3, reply . 3 }" in script
     assert 'add element inet natgwd invalid_dropped { "net2" counter packets 1 bytes 40 }' in script
     assert sum("counter packets" in line for line in script) == 3
 
@@ -332,15 +332,15 @@ def test_recreated_counting_elements_are_seeded() -> None:
 def test_counters_are_not_seeded_into_elements_that_stay() -> None:
     table = seed_table()
     current = table.contents()
-    del current.elements["rule_connections"]["1"]
+    del current.elements["rule_connections_1"]["1"]
     counters = {("rule_connections", "1"): Counter(3, 30), ("rule_connections", "2"): Counter(5, 300)}
     tx = plan_transaction(current, table, Known(counters))
     assert tx.operations == [
-        AddElements("rule_connections", (("1", Element(comment="snat/my-snat/10.115.55.200")),)),
+        AddElements("rule_connections_1", (("1", Element(comment="snat/my-snat/10.115.55.200")),)),
     ]
     assert tx.operations[0].elements[0][1].counter == Counter(3, 30)
     assert tx.script() == (
-        "add element inet natgwd rule_connections "
+        "add element inet natgwd rule_connections_1 "
         '{ 1 counter packets 3 bytes 30 comment "snat/my-snat/10.115.55.200" }\n'
     )
 
@@ -390,8 +390,8 @@ def test_fake_holds_what_was_planned() -> None:
     table = seed_table()
     assert fake.table == table.contents()
     assert fake.table is not None
-    assert fake.table.elements["rule_connections"]["2"].counter == Counter(4, 240)
-    assert fake.table.elements["rule_connections"]["1"].counter == Counter(0, 0)
+    assert fake.table.elements["rule_connections_2"]["2"].counter == Counter(4, 240)
+    assert fake.table.elements["rule_connections_1"]["1"].counter == Counter(0, 0)
     assert len(fake.transactions) == 1
 
 
@@ -406,7 +406,7 @@ def test_failing_operation_leaves_the_fake_table_unchanged() -> None:
         fake.apply(tx)
     assert fake.table == before
     assert fake.table is not None and before is not None
-    assert fake.table.elements["rule_connections"]["2"].counter == Counter(4, 240)
+    assert fake.table.elements["rule_connections_2"]["2"].counter == Counter(4, 240)
     assert "10.115.55.250" not in fake.table.elements["eips"]
     assert fake.table.chains["prerouting"] == before.chains["prerouting"]
     assert len(fake.transactions) == 1
@@ -706,7 +706,7 @@ def test_parse_table_reads_back_what_the_plan_writes() -> None:
     doc = seed()
     doc["dnat"][0].update(externalPort="8000-8002", internalPort="80-82")
     table = planned(doc)
-    counters = {("rule_connections", "2"): Counter(5, 300), ("rule_traffic", "reply . 3"): Counter(8, 800)}
+    counters = {("rule_connections_2", "2"): Counter(5, 300), ("rule_traffic_3", "reply . 3"): Counter(8, 800)}
     parsed = parse_table(json.loads(json.dumps(as_libnftables_json(table, counters))))
     expected = table.contents()
     assert parsed.sets == expected.sets
@@ -714,8 +714,8 @@ def test_parse_table_reads_back_what_the_plan_writes() -> None:
     assert {n: flat(e) for n, e in parsed.elements.items()} == {n: flat(e) for n, e in expected.elements.items()}
     assert parsed == expected
     assert not plan_transaction(parsed, table)
-    assert parsed.elements["rule_connections"]["2"].counter == Counter(5, 300)
-    assert parsed.elements["rule_traffic"]["reply . 3"].counter == Counter(8, 800)
+    assert parsed.elements["rule_connections_2"]["2"].counter == Counter(5, 300)
+    assert parsed.elements["rule_traffic_3"]["reply . 3"].counter == Counter(8, 800)
     assert parsed.elements["invalid_dropped"]['"net2"'].counter == Counter(0, 0)
 
 
@@ -774,8 +774,8 @@ def test_adding_a_backend_rewrites_only_the_share_chain() -> None:
     ]
     assert ops_of(tx, AddElements) == [
         AddElements("share_target", (("5", Element("172.20.10.3 . 8080")),)),
-        AddElements("rule_connections", (("5", Element(comment="dnat/web-b/10.115.55.200")),)),
-        AddElements("rule_traffic", (("original . 5", Element()), ("reply . 5", Element()))),
+        AddElements("rule_connections_5", (("5", Element(comment="dnat/web-b/10.115.55.200")),)),
+        AddElements("rule_traffic_5", (("original . 5", Element()), ("reply . 5", Element()))),
         AddElements("id_high_water", (("5", Element()),)),
     ]
     assert ops_of(tx, DeleteElements) == [DeleteElements("id_high_water", ("4",))]
