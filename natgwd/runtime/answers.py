@@ -18,6 +18,7 @@ from natgwd.ha.controller import HaController
 from natgwd.observability import ctstats
 from natgwd.observability.connwatch import ConnectionWatch
 from natgwd.planning.counters import Listings
+from natgwd.planning.layout import RULE_TRAFFIC
 from natgwd.planning.plan import address_text
 from natgwd.qos.status import shaping_exposition
 from natgwd.runtime.metrics import RuleCounters
@@ -65,8 +66,11 @@ class Answers:
 
     def exposition(self) -> Iterator[bytes]:
         """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
-        listings = self.counting_sets()
+        listings = dict(self.counting_sets())
         counters, labelled = self.rule_counters.labelled_exposition(listings)
+        # The traffic elements (the largest listing) are in the counters' lists now, and
+        # the watcher does not read them: let them go before the texts are made.
+        listings.pop(RULE_TRAFFIC, None)
         with self.published:
             own = generate_latest(self.registry)
         yield own

@@ -4,7 +4,7 @@ are rather than mirrored into client-side counters)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -148,10 +148,11 @@ class RuleCounters:
         per scrape serves every exporter); read here otherwise."""
         return b"".join(self.labelled_exposition(self._read() if listings is None else listings)[0])
 
-    def labelled_exposition(self, listings: Listings) -> tuple[list[bytes], Mapping[str, RuleLabel]]:
-        """The exposition in parts, a family each (at 50,000 rules a whole one is 24 MB,
-        and its text and bytes are not held at once), and the rules' labels it was made
-        with (mark -> label), for the other exporters of the same scrape."""
+    def labelled_exposition(self, listings: Listings) -> tuple[Iterator[bytes], Mapping[str, RuleLabel]]:
+        """The exposition in parts, a family each, made as they are taken (at 50,000 rules
+        a whole one is 24 MB: one family's text and bytes are held at a time, and the
+        listings are not needed for them), and the rules' labels it was made with
+        (mark -> label), for the other exporters of the same scrape."""
         connections = listings.get(RULE_CONNECTIONS, ())
         labelled = self._rules.of(connections)
         found = list(map(labelled.get, map(_KEY, connections)))
@@ -177,7 +178,7 @@ class RuleCounters:
             if handed is not None
             else iter(()),
         )
-        return [text.encode() for text in map("".join, families) if text], labelled
+        return (text.encode() for text in map("".join, families) if text), labelled
 
     def _traffic(
         self, labelled: Mapping[str, RuleLabel], traffic: Sequence[CountedElement]
