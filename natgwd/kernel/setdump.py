@@ -17,7 +17,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Literal, NamedTuple
@@ -142,38 +142,41 @@ class SetDumper:
             return None
         return elements
 
-    def _dump(self, name: str) -> list[tuple[bytes, int]]:
-        """(message, offset of its element list's contents) for every reply message."""
+    def _dump(self, name: str) -> Iterator[tuple[bytearray, int]]:
+        """(buffer, offset of a message's element list's contents in it) for every reply
+        message, each decoded before the next read overwrites the buffer: a dump is never
+        held whole (a set's is megabytes)."""
         request = struct.pack("=BBH", self._family, 0, 0) + _string(NFTA_SET_ELEM_LIST_TABLE, self._table)
         request += _string(NFTA_SET_ELEM_LIST_SET, name)
         kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+        buffer = bytearray(_RECEIVE_BYTES)
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
             sock.bind((0, 0))
             flags = NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK
             sock.send(_HEADER.pack(_HEADER.size + len(request), kind, flags, 1, 0) + request)
-            messages: list[tuple[bytes, int]] = []
             while True:
-                data = sock.recv(_RECEIVE_BYTES)
+                received = sock.recv_into(buffer)
                 offset = 0
-                while offset < len(data):
-                    length, kind_seen, _, _, _ = _HEADER.unpack_from(data, offset)
+                while offset < received:
+                    length, kind_seen, _, _, _ = _HEADER.unpack_from(buffer, offset)
                     if kind_seen == NLMSG_DONE:
-                        return messages
+                        return
                     if kind_seen == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                        (code,) = struct.unpack_from("=i", buffer, offset + _HEADER.size)
                         if code == 0:
-                            return messages
+                            return
                         if -code == errno.ENOENT:
                             raise FileNotFoundError(name)
                         raise SetDumpError(f"listing set {name}: {os.strerror(-code)}")
-                    message = data[offset + _HEADER.size : offset + length]
-                    elements = _find_attribute(message, 4, NFTA_SET_ELEM_LIST_ELEMENTS)
-                    if elements is not None:
-                        messages.append((message, elements))
+                    found = _find_attribute(
+                        buffer, offset + _HEADER.size + 4, NFTA_SET_ELEM_LIST_ELEMENTS, offset + length
+                    )
+                    if found is not None:
+                        yield buffer, found
                     offset += (length + 3) & ~3
 
 
-def _decode(message: bytes, start: int, pattern: Patterns, layout: KeyLayout) -> list[CountedElement]:
+def _decode(message: bytes | bytearray, start: int, pattern: Patterns, layout: KeyLayout) -> list[CountedElement]:
     length = _ATTRIBUTE.unpack_from(message, start - 4)[0] - 4
     end = start + length
     # Elements, and nothing else, must tile the list exactly. (156,000 elements at 50,000
@@ -195,9 +198,10 @@ def _decode(message: bytes, start: int, pattern: Patterns, layout: KeyLayout) ->
     )
 
 
-def _find_attribute(message: bytes, offset: int, wanted: int) -> int | None:
-    """Where the contents of the top-level attribute `wanted` start."""
-    while offset + 4 <= len(message):
+def _find_attribute(message: bytes | bytearray, offset: int, wanted: int, end: int) -> int | None:
+    """Where the contents of the top-level attribute `wanted` (of those from `offset` to
+    `end`) start."""
+    while offset + 4 <= end:
         length, kind = _ATTRIBUTE.unpack_from(message, offset)
         if length < 4:
             break
