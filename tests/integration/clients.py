@@ -4,6 +4,9 @@
     clients.py http-answers HOST PORT COUNT          COUNT GETs; their bodies as JSON
     clients.py echo tcp|udp HOST PORT LOG PERIOD TIMEOUT
                                                      one long-lived flow, every echo logged
+    clients.py echoes tcp|udp HOST PORT LOG COUNT PERIOD TIMEOUT
+                                                     COUNT such flows from one process,
+                                                     flow i logging to LOG-i
     clients.py soak HOST PORT SECONDS OUT            an echo flow and a GET a second; JSON
     clients.py exchanges tcp|udp HOST PORT COUNT [TIMEOUT]
                                                      COUNT short exchanges, each on a new
@@ -112,6 +115,19 @@ def echo_flow(proto: str, host: str, port: int, log_path: str, period: float, ti
             log.write(f"error {type(err).__name__}: {err}\n")
 
 
+def echo_flows(proto: str, host: str, port: int, log_prefix: str, count: int, period: float, timeout: float) -> None:
+    """`count` echo flows at once, one thread each (many flows without an interpreter
+    apiece), flow i logging to LOG_PREFIX-i as echo_flow does."""
+    threads = [
+        threading.Thread(target=echo_flow, args=(proto, host, port, f"{log_prefix}-{i}", period, timeout), daemon=True)
+        for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def _datagram_answers(conn: socket.socket, n: int, period: float, log: TextIO) -> None:
     conn.send(b"ping %d\n" % n)
     due = time.monotonic() + period
@@ -190,6 +206,7 @@ MODES: dict[str, Callable[[list[str]], None]] = {
     "http-probe": lambda a: http_probe(a[0], int(a[1]), float(a[2]), a[3]),
     "http-answers": lambda a: http_answers(a[0], int(a[1]), int(a[2])),
     "echo": lambda a: echo_flow(a[0], a[1], int(a[2]), a[3], float(a[4]), float(a[5])),
+    "echoes": lambda a: echo_flows(a[0], a[1], int(a[2]), a[3], int(a[4]), float(a[5]), float(a[6])),
     "soak": lambda a: soak(a[0], int(a[1]), float(a[2]), a[3]),
 }
 

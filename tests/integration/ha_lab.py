@@ -186,6 +186,16 @@ def start_flow(lab: Lab, role: str, proto: str, address: str, port: int, name: s
     return flow
 
 
+def start_flows(
+    lab: Lab, role: str, proto: str, address: str, port: int, name: str, count: int, period: float = 0.2
+) -> list[Flow]:
+    """`count` flows like start_flow's from one process, named NAME-0...; returns without
+    waiting for them to connect (a flow that cannot logs its error)."""
+    prefix = lab.workdir / f"flow-{name}"
+    lab.spawn(role, *client_command("echoes", proto, address, port, prefix, count, period, 30))
+    return [Flow(f"{name}-{i}", Path(f"{prefix}-{i}")) for i in range(count)]
+
+
 def established_peers(lab: Lab, role: str, port: int) -> list[str]:
     """The remote ends of established TCP connections to a local port, as ss shows them."""
     out = lab.exec(role, "ss", "-Htn", "state", "established", f"( sport = :{port} )").stdout

@@ -2,10 +2,12 @@
 
     pytest -m slow tests/integration/test_scale_series.py -p no:xdist -s
 
-- steady state: short exchanges of every kind through N = 2 and 3 members, scaled out
-  (one owner per EIP group, hand-over, conntrackd) and as Kube-OVN's replicas mode runs
-  today (every member holds every EIP and translates what the hash brings it): failures
-  counted, by kind;
+- steady state: 10,000 short exchanges across every kind (20 clients of each kind at
+  once, each exchange on a new connection or socket) while 200 long-lived flows of every
+  kind run, through N = 2 and 3 members, scaled out (one owner per EIP group, hand-over,
+  conntrackd) and as Kube-OVN's replicas mode runs today (every member holds every EIP
+  and translates what the hash brings it): failures counted by kind and error, flows
+  lost (the default suite's test_scale.py runs 100 exchanges of each kind);
 - failover: 20 silent member deaths in a row (every process stopped then killed, links
   down, the router drops its next hop after a BFD-like delay; the member then comes back
   as a new pod), with conntrackd and without it: how long until the survivors own every
@@ -17,34 +19,141 @@ scaled-out mode's zero losses are asserted; the other figures are what they are.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.ha_lab import Flow, start_flow
-from tests.integration.helpers import wait_for
+from tests.integration.ha_lab import Flow, start_flow, start_flows
+from tests.integration.helpers import client_command, wait_for
 from tests.integration.scale_lab import ScaleLab, scale_state
 from tests.integration.test_scale import KINDS, LONG_LIVED, owned_by, serve
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "scale_out.json"
 ROUNDS = 20
-EXCHANGES = 300  # per kind and mode
+SHORT = 10_000  # short exchanges per mode, across every kind
+LONG_LIVED_FLOWS = 200  # per mode, across every kind
+CLIENTS_PER_KIND = 20
+EXCHANGE_TIMEOUT = 2.0
+FLOW_PATIENCE = 30.0
 BFD_DELAY_SECONDS = 0.3  # OVN's default BFD detection: 3 x 100 ms
 
 
+def split(total: int, parts: int) -> list[int]:
+    """`total` as `parts` counts differing by at most one."""
+    share, extra = divmod(total, parts)
+    return [share + (i < extra) for i in range(parts)]
+
+
+def parallel_exchanges(lab: ScaleLab, kind: str, count: int) -> dict[str, Any]:
+    """`count` short exchanges of `kind` by CLIENTS_PER_KIND clients at once (a lost
+    answer costs its whole timeout); their summed outcome."""
+    role, proto, address, port = KINDS[kind]
+    runs = []
+    for i, share in enumerate(split(count, CLIENTS_PER_KIND)):
+        log = lab.workdir / f"exchanges-{kind}-{i}.json"
+        command = client_command("exchanges", proto, address, port, share, EXCHANGE_TIMEOUT)
+        runs.append((log, share, lab.spawn(role, *command, log_path=log)))
+    ok, errors = 0, Counter[str]()
+    for log, share, process in runs:
+        process.wait(timeout=share * (EXCHANGE_TIMEOUT + 1) + 60)
+        outcome = json.loads(log.read_text())
+        ok += outcome["ok"]
+        errors.update(outcome["failures"])
+    return {"ok": ok, "failed": count - ok, "errors": dict(errors)}
+
+
+def flows_lost(flows: dict[str, list[Flow]]) -> dict[str, Any]:
+    """Which long-lived flows broke (an error logged, no progress, or a UDP flow whose
+    answers named a second translated source): waits until each flow echoed 5 more times
+    or broke, at most FLOW_PATIENCE seconds in all."""
+    wanted = {flow.name: len(flow.echoes()) + 5 for group in flows.values() for flow in group}
+
+    def settled(flow: Flow) -> bool:
+        return bool(flow.errors()) or len(flow.echoes()) >= wanted[flow.name]
+
+    every = [flow for group in flows.values() for flow in group]
+    with contextlib.suppress(AssertionError, pytest.fail.Exception):
+        wait_for(
+            lambda: all(settled(flow) for flow in every), "every long-lived flow to echo or break", FLOW_PATIENCE, 0.5
+        )
+    lost: dict[str, list[str]] = {}
+    for kind, group in flows.items():
+        for flow in group:
+            if flow.errors():
+                reason = flow.errors()[0].split(":")[0].removeprefix("error ")
+            elif len(flow.echoes()) < wanted[flow.name]:
+                reason = "no progress"
+            elif len({answer for _, answer in flow.echoes()}) > 1:
+                reason = "new translated source"
+            else:
+                continue
+            lost.setdefault(kind, []).append(reason)
+    return {
+        "flows": len(every),
+        "lost": sum(len(reasons) for reasons in lost.values()),
+        "lost_by_kind": {kind: len(reasons) for kind, reasons in lost.items()},
+        "reasons": dict(Counter(reason for reasons in lost.values() for reason in reasons)),
+    }
+
+
 def steady_state(members: int, upstream: bool) -> dict[str, Any]:
+    """SHORT exchanges across every kind while LONG_LIVED_FLOWS flows run, then whether
+    those flows lived through it."""
     with ScaleLab(members=members, upstream=upstream) as lab:
         lab.start_members(scale_state(members, upstream=upstream))
         serve(lab)
-        outcome = {}
-        for kind, (role, proto, address, port) in KINDS.items():
-            result = lab.exchanges(role, proto, address, port, EXCHANGES, timeout=0.5)
-            outcome[kind] = {"ok": result["ok"], "failed": EXCHANGES - result["ok"], "errors": result["failures"]}
-        return outcome
+        flows = {
+            kind: start_flows(lab, *LONG_LIVED[kind], f"{kind}-{int(upstream)}", count)
+            for kind, count in zip(LONG_LIVED, split(LONG_LIVED_FLOWS, len(LONG_LIVED)), strict=True)
+        }
+        every = [flow for group in flows.values() for flow in group]
+        with contextlib.suppress(AssertionError, pytest.fail.Exception):
+            wait_for(
+                lambda: all(flow.errors() or len(flow.echoes()) >= 3 for flow in every),
+                "every long-lived flow to start",
+                FLOW_PATIENCE,
+                0.5,
+            )
+        started = time.monotonic()
+        short = {}
+        with ThreadPoolExecutor(len(KINDS)) as pool:
+            jobs = {
+                kind: pool.submit(parallel_exchanges, lab, kind, count)
+                for kind, count in zip(KINDS, split(SHORT, len(KINDS)), strict=True)
+            }
+            short = {kind: job.result() for kind, job in jobs.items()}
+        seconds = time.monotonic() - started
+        long_lived = flows_lost(flows)
+        packets = {
+            role: {
+                name: sum(v for k, v in daemon.metrics().items() if k.startswith(f"natgwd_{metric}{{"))
+                for name, metric in (
+                    ("translated", "rule_packets_total"),
+                    ("handed_over", "scale_handed_over_packets_total"),
+                )
+            }
+            for role, daemon in lab.daemons.items()
+        }
+        return {
+            "short": short,
+            "short_total": {
+                "exchanges": SHORT,
+                "failed": sum(v["failed"] for v in short.values()),
+                "errors": dict(sum((Counter(v["errors"]) for v in short.values()), Counter())),
+                "seconds": round(seconds, 1),
+            },
+            "long_lived": long_lived,
+            "packets_by_member": packets,
+            "load": os.getloadavg(),
+        }
 
 
 def failover_series(members: int, sync: bool) -> list[dict[str, Any]]:
@@ -148,9 +257,14 @@ def record(part: str, outcome: dict[str, Any]) -> None:
 def test_steady_state_against_the_replicas_mode(members: int) -> None:
     outcome = {mode: steady_state(members, mode == "upstream") for mode in ("upstream", "scaled_out")}
     record(f"steady_state_n{members}", outcome)
-    for mode, kinds in outcome.items():
-        print(mode, members, {kind: value["failed"] for kind, value in kinds.items()})
-    assert all(value["failed"] == 0 for value in outcome["scaled_out"].values()), outcome["scaled_out"]
+    for mode, figures in outcome.items():
+        print(mode, members, json.dumps({key: figures[key] for key in ("short_total", "long_lived", "load")}))
+        print(" ", {kind: value["failed"] for kind, value in figures["short"].items()})
+    scaled = outcome["scaled_out"]
+    assert scaled["short_total"]["failed"] == 0, scaled["short"]
+    assert scaled["long_lived"]["lost"] == 0, scaled["long_lived"]
+    # The hash spread the traffic: every member translated and handed over.
+    assert all(p["translated"] > 0 and p["handed_over"] > 0 for p in scaled["packets_by_member"].values()), scaled
 
 
 @pytest.mark.slow
