@@ -100,6 +100,10 @@ class HaController:
         self._lock = threading.RLock()
         self._state: DesiredState | None = None
         self._digest: str | None = None
+        # With nat-gateway.sh calls applied on top of the state file: makes the digest of
+        # what is applied (a serialization of the whole document), asked only when the
+        # peer check needs it, never per call.
+        self._digest_of: Callable[[], str | None] | None = None
         self._members: tuple[HaMember, HaMember] | None = None
         self._written: dict[Path, str] = {}
         self._keepalived_started = False
@@ -168,7 +172,7 @@ class HaController:
         with self._lock:
             self._state = state
             if digest is not None:
-                self._digest = digest
+                self._digest, self._digest_of = digest, None
             if state.scale_out is not None:
                 self._stop_member()
                 self.paths.directory.mkdir(parents=True, exist_ok=True)
@@ -191,11 +195,19 @@ class HaController:
             self._liberal()
             self._run(state, ha, *members)
 
-    def applied_digest(self, digest: str | None) -> None:
-        """What is applied changed with no new state to act on (nat-gateway.sh calls recorded)."""
+    def applied_digest(self, digest_of: Callable[[], str | None]) -> None:
+        """What is applied changed with no new state to act on (nat-gateway.sh calls
+        recorded): `digest_of()` is its sha256, asked for when a hello goes to the peer or
+        the peer check is read (a controller's replay must not pay a whole document's
+        serialization per call)."""
         with self._lock:
-            self._digest = digest
-            self._peer.tell(digest)
+            self._digest_of = digest_of
+
+    def _current_digest(self) -> str | None:
+        digest_of = self._digest_of
+        if digest_of is not None:
+            self._digest = digest_of()  # made once per document (natgwd.kubeovn.shim.service)
+        return self._digest
 
     def check(self, state: DesiredState) -> list[Problem]:
         """What makes `state` unusable on this member, before anything is applied."""
@@ -341,7 +353,7 @@ class HaController:
             log.info("reloading keepalived for the new addresses")
             self._supervisor.signal(KEEPALIVED, 1)  # SIGHUP
         self._peer.start(ha.interface, me.address, peer.address, HELLO_PORT, self._hello, self._peer_returned)
-        self._peer.tell(self._digest)
+        self._peer.tell(self._current_digest())
 
     def _liberal(self) -> None:
         try:
@@ -414,7 +426,9 @@ class HaController:
         self._announcer.request({name: [a.ip for a in values] for name, values in virtual_addresses(state).items()})
 
     def _hello(self) -> tuple[str | None, str]:
-        return self._digest, str(self._role)
+        digest = self._current_digest()
+        self._peer.tell(digest)  # said in the log once the peer's answer to it comes
+        return digest, str(self._role)
 
     def _scaled_out(self) -> bool:
         state = self._state
@@ -437,11 +451,12 @@ class HaController:
         with self._lock:
             if state is None or state.ha is None or self._supervisor is None:
                 return None
-            self._peer.tell(self._digest)
+            digest = self._current_digest()
+            self._peer.tell(digest)
             statuses = self._supervisor.statuses()
             errors = self._supervisor.errors
             view = self._peer.view()
-            match = self._peer.same_state(self._digest)
+            match = self._peer.same_state(digest)
         conntrackd = statuses.get(CONNTRACKD)
         stats = self._conntrackd.stats() if conntrackd is not None and conntrackd.up else None
         return HaSnapshot(statuses, bool(view and view.reachable), bool(match), stats, errors)

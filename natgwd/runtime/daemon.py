@@ -247,7 +247,7 @@ class Daemon:
             self.reconcile_file(reading)
         if self.edits is not None:
             if self.edits.serve_pending(self._apply_edit) and self.ha is not None:
-                self.ha.applied_digest(self.applied_sha256())  # the peer compares calls too
+                self.ha.applied_digest(self.applied_sha256)  # the peer compares calls too
             if self.edits.compaction_due():
                 self.edits.compact()
         for reason, count in self.reconciler.clean_owed_conntrack().items():

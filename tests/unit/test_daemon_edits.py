@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from natgwd.kernel.fake import FakeNft
+from natgwd.kubeovn.shim import service
 from natgwd.kubeovn.shim.call import Reply
 from natgwd.kubeovn.shim.editlog import EditLog
 from natgwd.kubeovn.shim.filestate import document_bytes
@@ -228,8 +230,8 @@ class RecordingHa:
         if digest is not None:
             self.digests.append(digest)
 
-    def applied_digest(self, digest: str | None) -> None:
-        self.digests.append(digest)
+    def applied_digest(self, digest_of: Callable[[], str | None]) -> None:
+        self.digests.append(digest_of())
 
     def readiness(self) -> tuple[str | None, dict[str, Any]]:
         return None, {}
@@ -261,6 +263,40 @@ def test_the_applied_sha256_is_that_of_the_calls_applied_and_stays_across_the_fo
     assert again.edits is not None and again.edits.document is not None
     folded = hashlib.sha256(document_bytes(again.edits.document)).hexdigest()
     assert again.answers.readiness()[1]["applied_sha256"] == folded != effective
+
+
+class LazyHa(RecordingHa):
+    """An HA controller that asks for the digest only when it needs it (no peer here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digest_of: Callable[[], str | None] | None = None
+
+    def applied_digest(self, digest_of: Callable[[], str | None]) -> None:
+        self.digest_of = digest_of
+
+
+def test_a_call_does_not_serialize_the_whole_document(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The applied sha256 of calls logged on the file is that of the whole document
+    serialized: made when the HA peer check or /readyz asks, not per call (at 12,000
+    rules it cost more than the call itself)."""
+    daemon, _ = started(tmp_path)
+    ha = LazyHa()
+    daemon.ha = ha  # type: ignore[assignment]
+    serialized: list[int] = []
+    real = service.document_bytes
+
+    def counted(doc: dict[str, Any]) -> bytes:
+        serialized.append(1)
+        return real(doc)
+
+    monkeypatch.setattr(service, "document_bytes", counted)
+    for port in (9000, 9001, 9002):
+        assert call(daemon, "dnat-add", f"{EIP},{port},tcp,172.20.10.2,80").code == 0
+    assert serialized == []
+    assert ha.digest_of is not None and daemon.edits is not None and daemon.edits.document is not None
+    assert ha.digest_of() == hashlib.sha256(real(daemon.edits.document)).hexdigest()
+    assert len(serialized) == 1
 
 
 @pytest.mark.parametrize(
