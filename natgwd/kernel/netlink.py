@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -45,6 +46,25 @@ class LinkReport:
     changes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     added_addresses: list[tuple[str, IPInterface]] = field(default_factory=list)
+
+
+@dataclass
+class AddressChange:
+    """What change_addresses did on one interface: the addresses it added (not those that
+    were there already) and those of natgwd's it deleted."""
+
+    interface: str
+    index: int
+    removed: list[IPInterface] = field(default_factory=list)
+    added: list[IPInterface] = field(default_factory=list)
+
+
+class AddressChangeError(OSError):
+    """The kernel refused an address change; nothing of it stayed applied."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(errno.EINVAL, "; ".join(errors))
+        self.errors = errors
 
 
 def ensure_forwarding(paths: tuple[Path, ...] = (IP_FORWARD, IP6_FORWARD)) -> bool:
@@ -180,6 +200,46 @@ class Netlink:
                 for spec in added_routes:
                     self._replace_route(ipr, spec, index, report)
         return report
+
+    def change_addresses(
+        self, interface: str, removed: Sequence[IPInterface], added: Sequence[IPInterface]
+    ) -> AddressChange:
+        """Delete natgwd's own `removed` (another's stays) and add `added` on `interface`,
+        in one batch and all or nothing: when the kernel refuses one, what the others did
+        is undone and AddressChangeError names each refusal with the kernel's reason."""
+        index = socket.if_nametoindex(interface)  # OSError when it is gone
+        done = AddressChange(interface, index)
+        report = LinkReport()
+        with RtNetlink() as rt:
+            if removed:
+                present = {a.interface: a.proto for a in rt.addresses(index)}
+                doomed = [(index, a) for a in removed if present.get(a) == NATGWD_PROTO]
+                for (_, address), refusal in zip(
+                    doomed, rt.send_all([delete_address(*d) for d in doomed]), strict=True
+                ):
+                    if refusal is None or refusal.code in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                        done.removed.append(address)
+                    else:
+                        report.errors.append(f"delete address {address} dev {interface}: {refusal}")
+            adds = [(index, interface, address) for address in added]
+            self._add_addrs(rt, adds, report)
+            done.added = [address for _, address in report.added_addresses]
+            if report.errors:
+                self._undo(rt, done)
+                raise AddressChangeError(report.errors)
+        return done
+
+    def undo(self, change: AddressChange) -> None:
+        """Take back a change_addresses (the transaction that was to follow it failed)."""
+        with RtNetlink() as rt:
+            self._undo(rt, change)
+
+    def _undo(self, rt: RtNetlink, change: AddressChange) -> None:
+        report = LinkReport()
+        self._del_addrs(rt, [(change.index, address) for address in change.added], report)
+        self._add_addrs(rt, [(change.index, change.interface, address) for address in change.removed], report)
+        if report.errors:
+            raise AddressChangeError([f"undoing an address change: {error}" for error in report.errors])
 
     def remove_owned(self) -> LinkReport:
         """Delete every address and route natgwd added (for a decommissioned gateway)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
 from natgwd.planning.policy import FORWARDED_TABLE, PolicyRule, network_ids, policy_rules
@@ -41,6 +42,19 @@ class LinkPlan:
     @property
     def interface_names(self) -> tuple[str, ...]:
         return tuple(i.name for i in self.interfaces)
+
+
+def with_addresses(
+    plan: LinkPlan, interface: str, removed: Iterable[IPInterface], added: Iterable[IPInterface]
+) -> LinkPlan:
+    """`plan` with addresses removed from and added to one interface's (a change of EIPs)."""
+    interfaces = tuple(
+        InterfaceSpec(spec.name, (spec.addresses - frozenset(removed)) | frozenset(added))
+        if spec.name == interface
+        else spec
+        for spec in plan.interfaces
+    )
+    return replace(plan, interfaces=interfaces)
 
 
 def link_plan(state: DesiredState) -> LinkPlan:

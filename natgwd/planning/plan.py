@@ -110,6 +110,7 @@ from natgwd.state.model import (
     RULE_KINDS,
     DesiredState,
     DnatRule,
+    Eip,
     FipRule,
     IPAddress,
     IPNetwork,
@@ -748,6 +749,7 @@ class TableChange:
     timeout_policies: CounterOf[TimeoutPolicy] = field(default_factory=CounterOf)  # rules per policy
     objects: tuple[ObjectSpec, ...] = ()
     port_block_rules: int = 0
+    frame: Frame | None = None  # the plan's frame after a change of EIPs (None: the same)
 
 
 class TablePlan:
@@ -811,14 +813,28 @@ class TablePlan:
         shares.update(pool_shares(self.pools, self.frame.draining))
         return DesiredTable(self.sets, self.chains, self.elements, shares, self.objects, RETAINED_OBJECTS)
 
-    def change(self, state: DesiredState, removed: Sequence[Rule], added: Sequence[Rule]) -> TableChange:
+    def change(
+        self,
+        state: DesiredState,
+        removed: Sequence[Rule],
+        added: Sequence[Rule],
+        removed_eips: Sequence[Eip] = (),
+        added_eips: Sequence[Eip] = (),
+    ) -> TableChange:
         """The table of `state`, which differs from this plan's state by the rules
-        `removed` and `added` only (its EIPs, networks and interfaces are the same)."""
-        gone = planned(removed, self.frame.eip_text)
-        arriving = planned(added, self.frame.eip_text)
+        `removed` and `added` and, on one external network, the IPv4 EIPs `removed_eips`
+        and `added_eips` (natgwd.state.eipdelta) alone: its networks and interfaces are
+        the same."""
+        frame = self.frame
+        if removed_eips or added_eips:
+            # The removed rules' EIPs and the added rules' (names are not reused in one change).
+            texts = {**frame.eip_text, **{(e.name, 4): address_text(e.v4ip) for e in added_eips if e.v4ip}}
+            frame = replace(frame, eip_text=texts)
+        gone = planned(removed, frame.eip_text)
+        arriving = planned(added, frame.eip_text)
         ids = changed_ids(self.ids, (labels for _, labels in gone), (labels for _, labels in arriving), self.highest_id)
         highest = max([self.highest_id, *(ids[labels] for _, labels in arriving)])
-        return self._change(state, gone, arriving, ids, highest)
+        return self._change(state, gone, arriving, ids, highest, frame, removed_eips, added_eips)
 
     def _change(
         self,
@@ -827,7 +843,11 @@ class TablePlan:
         added: Sequence[tuple[Rule, RuleLabels]],
         ids: dict[RuleLabels, int],
         highest_id: int,
+        frame: Frame | None = None,
+        removed_eips: Sequence[Eip] = (),
+        added_eips: Sequence[Eip] = (),
     ) -> TableChange:
+        frame = frame or self.frame
         changes: ElementChanges = defaultdict(dict)
         groups = dict(self.share_groups)
         prefixes = CounterOf(self.snat_prefixes)
@@ -839,18 +859,18 @@ class TablePlan:
         blocked += sum(1 for rule, _ in added if isinstance(rule, SnatRule) and rule.port_block is not None)
         for rule, labels in removed:
             mark = self.ids[labels]
-            for set_name, key, _ in rule_elements(rule, labels, mark, self.frame):
+            for set_name, key, _ in rule_elements(rule, labels, mark, frame):
                 changes[set_name][key] = None
-            self._count(rule, mark, groups, prefixes, -1)
+            self._count(rule, mark, groups, prefixes, -1, frame)
             if type(rule) is SnatRule:
                 self._count_pool(rule, mark, pools, pooled, -1)
             self._count_replies(rule, replies, changes, -1)
             self._count_policy(rule, policies, -1)
         for rule, labels in added:
             mark = ids[labels]
-            for set_name, key, element in rule_elements(rule, labels, mark, self.frame):
+            for set_name, key, element in rule_elements(rule, labels, mark, frame):
                 changes[set_name][key] = element
-            self._count(rule, mark, groups, prefixes, +1)
+            self._count(rule, mark, groups, prefixes, +1, frame)
             if type(rule) is SnatRule:
                 self._count_pool(rule, mark, pools, pooled, +1)
             self._count_replies(rule, replies, changes, +1)
@@ -868,6 +888,15 @@ class TablePlan:
                 changes[group.family.name(DNAT_SHARE)][group.key] = Element(f"goto {chain}") if after else None
         if highest_id != self.highest_id:
             changes[ID_HIGH_WATER] = {str(self.highest_id): None, str(highest_id): _MEMBER}
+        new_frame = None
+        if removed_eips or added_eips:
+            for eip in removed_eips:
+                changes[V4.name(EIPS)][frame.eip_text[eip.name, 4]] = None
+            for eip in added_eips:
+                changes[V4.name(EIPS)][frame.eip_text[eip.name, 4]] = _MEMBER
+            gone_names = {eip.name for eip in removed_eips}
+            texts = {key: text for key, text in frame.eip_text.items() if key[0] not in gone_names}
+            new_frame = replace(frame, eip_text=texts)
         # An element removed and added back the same is no change (a changed rule keeps
         # its id, so its counting elements stay and keep counting).
         for set_name, keyed in changes.items():
@@ -908,6 +937,7 @@ class TablePlan:
             +policies,
             timeout_objects(in_use),
             blocked,
+            new_frame,
         )
 
     def _count_policy(self, rule: Rule, policies: CounterOf[TimeoutPolicy], sign: int) -> None:
@@ -938,7 +968,13 @@ class TablePlan:
         counted(pools, pool_chain_name(rule.family, rule.name), _family(rule), member, sign)
 
     def _count(
-        self, rule: Rule, mark: int, groups: dict[str, ShareGroup], prefixes: CounterOf[tuple[int, int]], sign: int
+        self,
+        rule: Rule,
+        mark: int,
+        groups: dict[str, ShareGroup],
+        prefixes: CounterOf[tuple[int, int]],
+        sign: int,
+        frame: Frame,
     ) -> None:
         """Keep the SNAT prefix lengths in use and the share groups' members up to date."""
         if isinstance(rule, SnatRule):
@@ -946,7 +982,7 @@ class TablePlan:
             return
         if not isinstance(rule, DnatRule) or rule.type != "share":
             return
-        eip, port = self.frame.eip_text[rule.eip, rule.family], rule.external_port.first
+        eip, port = frame.eip_text[rule.eip, rule.family], rule.external_port.first
         chain = share_chain_name(eip, rule.protocol, port)
         group = groups.get(chain)
         marks = group.marks if group is not None else frozenset()
@@ -973,6 +1009,8 @@ class TablePlan:
         self.replies = change.replies
         self.timeout_policies, self.objects = change.timeout_policies, change.objects
         self.port_block_rules = change.port_block_rules
+        if change.frame is not None:
+            self.frame = change.frame
 
 
 def _frame_elements(state: DesiredState, frame: Frame) -> list[Contribution]:

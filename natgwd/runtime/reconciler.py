@@ -13,25 +13,25 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as CounterOf
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Protocol
 
 import structlog
 
-from natgwd.kernel.netlink import LinkReport
+from natgwd.kernel.netlink import AddressChange, LinkReport
 from natgwd.kernel.nft import Nft
 from natgwd.planning.counters import COUNTING_SETS, CounterMemory, Listings
 from natgwd.planning.layout import ID_HIGH_WATER, RULE_CONNECTIONS, whole_elements
-from natgwd.planning.links import LinkPlan, link_plan
+from natgwd.planning.links import LinkPlan, link_plan, with_addresses
 from natgwd.planning.plan import Endpoint, RuleLabels, TableChange, TablePlan, merge_elements
 from natgwd.planning.stale import Filter, Translations, changed_filters, delta_filters
 from natgwd.planning.table import DesiredTable, TableContents, Transaction, plan_transaction
 from natgwd.planning.timeouts import RETAINED_OBJECTS
 from natgwd.qos.plan import ClassStats, QosWants, TcReport, wants
 from natgwd.runtime.memory import release_freed_memory
-from natgwd.state.model import DesiredState, IPAddress
+from natgwd.state.model import DesiredState, IPAddress, IPInterface
 from natgwd.state.timeouts import TimeoutPolicy
 from natgwd.state.tracker import RuleDelta
 
@@ -46,6 +46,12 @@ class Links(Protocol):
     def apply(self, plan: LinkPlan) -> LinkReport: ...
 
     def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None: ...
+
+    def change_addresses(
+        self, interface: str, removed: Sequence[IPInterface], added: Sequence[IPInterface]
+    ) -> AddressChange: ...
+
+    def undo(self, change: AddressChange) -> None: ...
 
 
 class Shaper(Protocol):
@@ -200,19 +206,32 @@ class Reconciler:
         if resync and plan is not None:
             tx = plan_transaction(kernel, plan.table, self._counters)
         elif plan is not None and delta is not None:
-            change = plan.change(state, delta.removed, delta.added)
+            change = plan.change(state, delta.removed, delta.added, delta.removed_eips, delta.added_eips)
             tx = self._change_transaction(kernel, plan, change)
         else:
             assert self._ids is not None
             plan = TablePlan.assigning(state, self._ids, self._highest_id, self.untracked)
             tx = plan_transaction(kernel, plan.table, self._counters)
-        self._commit(tx, generation)
+        # EIPs a change adds or removes: their addresses first, all or nothing, so that a
+        # refused address leaves the kernel as it was; taken back if nftables refuses.
+        addresses = None
+        if delta is not None and delta.eips_changed and self._links_applied is not None:
+            addresses = self._change_eip_addresses(state, delta)
+        try:
+            self._commit(tx, generation)
+        except Exception:
+            if addresses is not None:
+                self._undo_addresses(addresses)
+            raise
+        assert plan is not None
+        eip_text = plan.frame.eip_text  # the removed rules' EIPs (a change of EIPs changes the frame)
         previous = self.state
         if change is not None:
             assert plan is not None
             self._remember_change(kernel, plan, change, tx)
+            if plan.frame.eip_text is not eip_text:
+                eip_text = {**eip_text, **plan.frame.eip_text}
         else:
-            assert plan is not None
             if plan is not self._plan:
                 self._plan = plan
                 self._counters.forget_except(plan.elements)
@@ -234,7 +253,9 @@ class Reconciler:
         # the EIPs and interfaces); unchanged links were verified by the last apply, and a
         # resync verifies them again.
         outcome = Outcome()
-        if delta is None or self._links_applied is None:
+        if addresses is not None:
+            outcome = self._eip_addresses_applied(state, addresses)
+        elif delta is None or self._links_applied is None:
             links = link_plan(state)
             if resync or links != self._links_applied:
                 outcome = self._apply_links(state, links, mode)
@@ -249,7 +270,7 @@ class Reconciler:
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
         elif delta is not None or (previous is not None and previous != state):
-            filters = delta_filters(delta, plan.frame.eip_text) if delta else changed_filters(previous, state)
+            filters = delta_filters(delta, eip_text) if delta else changed_filters(previous, state)
             if filters is not None:
                 outcome.conntrack_deleted = self._clean_conntrack(filters)
             else:
@@ -410,6 +431,39 @@ class Reconciler:
             changed_elements=tx.changed_elements,
             seconds=round(time.monotonic() - started, 4),
         )
+
+    def _change_eip_addresses(self, state: DesiredState, delta: RuleDelta) -> AddressChange | None:
+        """The addresses of the EIPs `delta` removes and adds (plain IPv4 EIPs of one
+        external network: natgwd.state.eipdelta), on the external interface; in HA mode
+        keepalived's. Raises OSError with none of them changed."""
+        if state.ha is not None or state.scale_out is not None:
+            return None
+        assert self.state is not None
+        removed = [a for eip in delta.removed_eips for a in self.state.eip_interfaces(eip)]
+        added = [a for eip in delta.added_eips for a in state.eip_interfaces(eip)]
+        change = self.links.change_addresses(state.external.interface, removed, added)
+        log.info(
+            "eip addresses changed", removed=[str(a) for a in change.removed], added=[str(a) for a in change.added]
+        )
+        return change
+
+    def _undo_addresses(self, change: AddressChange) -> None:
+        try:
+            self.links.undo(change)
+        except OSError as err:
+            # The next sync applies the links in full, which undoes what is left.
+            log.error("cannot undo an address change", error=str(err))
+            self._links_applied = None
+
+    def _eip_addresses_applied(self, state: DesiredState, change: AddressChange) -> Outcome:
+        """The links plan after change_addresses, without planning the links again."""
+        assert self._links_applied is not None
+        self._links_applied = with_addresses(self._links_applied, change.interface, change.removed, change.added)
+        added = [(change.interface, address) for address in change.added]
+        self._announce_eips(state, LinkReport(added_addresses=added))
+        changes = [f"delete address {a} dev {change.interface}" for a in change.removed]
+        changes += [f"add address {a} dev {change.interface}" for a in change.added]
+        return Outcome(link_changes=changes)
 
     def _apply_links(self, state: DesiredState, plan: LinkPlan, mode: Sync) -> Outcome:
         """Links as `plan` says: what it adds alone when the last plan was applied and

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from natgwd.state.decode import check_depth, decode_text, scanner, text_of
-from natgwd.state.model import RULE_KINDS, DesiredState, FipRule, RuleKind, SnatRule
+from natgwd.state.eipdelta import EipChange, eip_change, names_removed_eip, rules_of
+from natgwd.state.model import RULE_KINDS, DesiredState, Eip, FipRule, RuleKind, SnatRule
 from natgwd.state.problems import Problems
 from natgwd.state.rules import RULE_CHECKS, Journal, Rule, RuleContext, RuleIndex, port_block_conflicts
 from natgwd.state.semantics import Validated
@@ -40,13 +41,20 @@ Windows = dict[RuleKind, tuple[int, int]]  # per rule list: the equal head and t
 @dataclass(frozen=True)
 class RuleDelta:
     """The rules a change removes from the last state and adds to it (a changed rule is
-    in both: its old value removed, its new value added)."""
+    in both: its old value removed, its new value added), and the EIPs (natgwd.state.eipdelta)."""
 
     removed: tuple[Rule, ...]
     added: tuple[Rule, ...]
+    removed_eips: tuple[Eip, ...] = ()
+    added_eips: tuple[Eip, ...] = ()
 
     def __len__(self) -> int:
+        """How many rules it changes."""
         return len(self.removed) + len(self.added)
+
+    @property
+    def eips_changed(self) -> bool:
+        return bool(self.removed_eips or self.added_eips)
 
 
 @dataclass(frozen=True)
@@ -145,8 +153,14 @@ class StateTracker:
         when the full path must decide."""
         assert self._accepted is not None
         last = self._accepted.validated
-        if not isinstance(document, dict) or not _same_frame(last.document, document):
+        if not isinstance(document, dict) or not _same_frame(last.document, document, but=("eips",)):
             return None
+        eips = None
+        old_eips, new_eips = last.document.get("eips", []), document.get("eips", [])
+        if old_eips is not new_eips and not (old_eips == new_eips and isinstance(new_eips, list)):
+            eips = eip_change(last.state, old_eips, new_eips, document)
+            if eips is None:
+                return None
         windows: Windows = {}
         for kind in RULE_KINDS:
             items = document.get(kind, [])
@@ -157,21 +171,23 @@ class StateTracker:
             last.document.get("dnat", []), document.get("dnat", []), windows["dnat"]
         ):
             return None
-        return self._checked(self._accepted, document, windows)
+        return self._checked(self._accepted, document, windows, eips)
 
-    def _checked(self, base: Change, document: dict[str, Any], windows: Windows) -> Change | None:
+    def _checked(
+        self, base: Change, document: dict[str, Any], windows: Windows, eips: EipChange | None = None
+    ) -> Change | None:
         """The change that folds the rules of the windows into the base's indexes; None at
         the first problem. The indexes are left as they were (accept writes the change)."""
         index = base.validated.index
         with index.journaled() as journal:
-            folded = self._fold(base, document, windows)
+            folded = self._fold(base, document, windows, eips)
         if folded is None:
             return None
         state, delta, port_one = folded
         return Change(Validated(document, state, index), delta, base.state, port_one, journal=journal)
 
     def _fold(
-        self, base: Change, document: dict[str, Any], windows: Windows
+        self, base: Change, document: dict[str, Any], windows: Windows, eip_change: EipChange | None
     ) -> tuple[DesiredState, RuleDelta, frozenset[str]] | None:
         last = base.validated
         index = last.index
@@ -202,7 +218,7 @@ class StateTracker:
         total = sum(len(document.get(kind, ())) for kind in RULE_KINDS)
         if len(removed) + len(arrivals) > max(FULL_MINIMUM, total // FULL_FRACTION):
             return None
-        eips = {eip.name: eip for eip in last.state.eips}
+        eips = {eip.name: eip for eip in (eip_change.eips if eip_change else last.state.eips)}
         context = RuleContext(eips, last.state.internal, scale_out=last.state.scale_out)
         added: list[Rule] = []
         for kind, position, item in sorted(arrivals, key=lambda arrival: RULE_KINDS.index(arrival[0])):
@@ -222,13 +238,19 @@ class StateTracker:
             if problems:
                 return None
         state = _with_rules(last, index, document, windows)
-        return state, RuleDelta(tuple(removed), tuple(added)), frozenset(port_one)
+        if eip_change is None:
+            return state, RuleDelta(tuple(removed), tuple(added)), frozenset(port_one)
+        state = replace(state, eips=eip_change.eips)
+        if eip_change.removed and names_removed_eip(rules_of(state), eip_change.removed):
+            return None
+        delta = RuleDelta(tuple(removed), tuple(added), eip_change.removed, eip_change.added)
+        return state, delta, frozenset(port_one)
 
 
-def _same_frame(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Everything outside the rule lists is equal, types included (1, 1.0 and true are
-    equal in Python; a schema tells them apart)."""
-    keys = (old.keys() | new.keys()) - set(RULE_KINDS)
+def _same_frame(old: dict[str, Any], new: dict[str, Any], but: Sequence[str] = ()) -> bool:
+    """Everything outside the rule lists (and the keys `but`) is equal, types included (1,
+    1.0 and true are equal in Python; a schema tells them apart)."""
+    keys = (old.keys() | new.keys()) - {*RULE_KINDS, *but}
     for key in keys:
         if key in old and key in new and old[key] is new[key]:
             continue

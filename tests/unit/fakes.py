@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from natgwd.kernel.netlink import LinkReport
+from natgwd.kernel.netlink import AddressChange, AddressChangeError, LinkReport
 from natgwd.planning.links import LinkPlan
+from natgwd.state.model import IPInterface
 
 UPSTREAM = "10.115.55.254"
 
@@ -33,11 +35,27 @@ class FakeLinks:
     kernel_rules: dict[str, Any] | Exception | None = None
     plans: list[LinkPlan] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
+    address_changes: list[AddressChange] = field(default_factory=list)  # in effect
+    refuse: tuple[str, ...] = ()  # addresses change_addresses is refused
 
     # the reconciler's link programmer
 
     def add(self, before: LinkPlan, after: LinkPlan) -> LinkReport | None:
         return None  # every plan through apply, recorded
+
+    def change_addresses(
+        self, interface: str, removed: Sequence[IPInterface], added: Sequence[IPInterface]
+    ) -> AddressChange:
+        """Recorded in `address_changes`; refused (nothing changed) for an address in `refuse`."""
+        refused = [f"add address {a} dev {interface}: refused" for a in added if str(a.ip) in self.refuse]
+        if refused:
+            raise AddressChangeError(refused)
+        change = AddressChange(interface, 0, list(removed), list(added))
+        self.address_changes.append(change)
+        return change
+
+    def undo(self, change: AddressChange) -> None:
+        self.address_changes.remove(change)
 
     def apply(self, plan: LinkPlan) -> LinkReport:
         self.plans.append(plan)

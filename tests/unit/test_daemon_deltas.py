@@ -74,9 +74,11 @@ def test_a_delta_that_differs_from_the_full_path_is_counted_and_repaired(
 ) -> None:
     real_change = TablePlan.change
 
-    def losing_an_element(self: TablePlan, state: Any, removed: list[Rule], added: list[Rule]) -> TableChange:
+    def losing_an_element(
+        self: TablePlan, state: Any, removed: list[Rule], added: list[Rule], *eips: Any
+    ) -> TableChange:
         # A planted bug: the change forgets the new DNAT target.
-        change = real_change(self, state, removed, added)
+        change = real_change(self, state, removed, added, *eips)
         change.elements["dnat_target"].clear()
         return change
 
