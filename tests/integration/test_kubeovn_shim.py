@@ -27,11 +27,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from natgwd.kubeovn.naming import eip_name
 from natgwd.kubeovn.shim.editlog import EditLog, fold
 from natgwd.kubeovn.shim.edits import compact
 from natgwd.kubeovn.shim.filestate import document_bytes
@@ -264,6 +266,38 @@ def test_fip_snat_dnat_add_and_delete_with_traffic(gateway: Gateway) -> None:
     assert f"{EIP2}/21" not in addresses(lab, "gw")["net2"]
     for args in (("floating-ip-del", EIP2), ("dnat-del", f"{EIP1},8888,tcp"), ("snat-del", f"{EIP1},172.20.10.0/24")):
         gateway.ok(*args)
+    gateway.assert_applied_is_the_file()
+
+
+def state_changes(gateway: Gateway) -> tuple[float, float]:
+    """natgwd_state_changes_total by path: (delta, full)."""
+    samples = gateway.natgwd.metrics()
+    return tuple(samples[f'natgwd_state_changes_total{{path="{path}"}}'] for path in ("delta", "full"))  # type: ignore[return-value]
+
+
+def test_eips_added_and_removed_by_calls_take_the_delta_path_with_traffic(gateway: Gateway) -> None:
+    """eip-add and eip-del of a controller's replay: the EIP checked and planned alone,
+    its address added (or deleted) with the nftables change, and traffic to it translated
+    (or not) when the call returns."""
+    lab = gateway.lab
+    lab.serve("vm1", tcp=[80], tag="vm1")
+    delta, full = state_changes(gateway)
+    gateway.ok("eip-add", f"{EIP1}/21")
+    gateway.ok("eip-add", f"{EIP2}/21")
+    gateway.ok("dnat-add", f"{EIP2},8888,tcp,{VM1},80")
+    assert state_changes(gateway) == (delta + 3, full), "the EIPs went the delta path too"
+    assert {f"{EIP1}/21", f"{EIP2}/21"} <= addresses(lab, "gw")["net2"]
+    answer = tcp_get(lab, "ext", EIP2, 8888)
+    assert answer.startswith(f"{EXTERNAL_HOST}:") and answer.endswith("@vm1"), answer
+
+    # eip-del takes the EIP's DNAT rule with it; the other EIP stays.
+    gateway.ok("eip-del", f"{EIP2}/21")
+    assert state_changes(gateway) == (delta + 4, full)
+    assert f"{EIP2}/21" not in addresses(lab, "gw")["net2"]
+    assert f"{EIP1}/21" in addresses(lab, "gw")["net2"]
+    assert tcp_get(lab, "ext", EIP2, 8888) == ""
+    assert [eip["name"] for eip in gateway.state()["eips"]] == [eip_name(IPv4Address(EIP1))]
+    assert gateway.state().get("dnat", []) == []
     gateway.assert_applied_is_the_file()
 
 
