@@ -204,12 +204,17 @@ def changed_filters(old: DesiredState | None, new: DesiredState) -> list[Filter]
 
 
 def delta_filters(delta: RuleDelta, eip: Mapping[tuple[str, int], str]) -> list[Filter] | None:
-    """changed_filters for a change of rules alone (the EIPs are the same), from the rules
-    it removes and adds."""
+    """changed_filters for a change of rules and plain EIPs (natgwd.state.eipdelta), from
+    the rules and EIPs it removes and adds."""
     rules = [rule for rule in (*delta.removed, *delta.added) if not isinstance(rule, SnatRule)]
     if len(rules) < len(delta):
         return None
     filters: set[Filter] = set().union(*(_rule_filters(rule, eip) for rule in rules))
+    # An address that became or stopped being an EIP, as changed_filters finds it.
+    for changed in (*delta.removed_eips, *delta.added_eips):
+        for address in changed.addresses:
+            text = address_text(address)
+            filters |= {Filter("orig", "daddr", text), Filter("reply", "daddr", text)}
     return sorted(filters, key=lambda f: (f.tuple, f.field, f.address))
 
 

@@ -270,7 +270,7 @@ class Reconciler:
         if self._full_conntrack_scan:
             outcome.conntrack_deleted = self._clean_conntrack(None)
         elif delta is not None or (previous is not None and previous != state):
-            filters = delta_filters(delta, eip_text) if delta else changed_filters(previous, state)
+            filters = delta_filters(delta, eip_text) if delta is not None else changed_filters(previous, state)
             if filters is not None:
                 outcome.conntrack_deleted = self._clean_conntrack(filters)
             else:

@@ -12,6 +12,8 @@ import pytest
 from natgwd.kernel.fake import FakeNft
 from natgwd.kernel.netlink import AddressChangeError
 from natgwd.kernel.nft import NftError
+from natgwd.planning.plan import eip_texts
+from natgwd.planning.stale import changed_filters, delta_filters
 from natgwd.runtime.reconciler import Reconciler
 from natgwd.state.eipdelta import eip_change
 from natgwd.state.tracker import Change, StateTracker
@@ -135,3 +137,14 @@ def test_a_refused_transaction_takes_the_addresses_back() -> None:
         reconciler.apply(change.state, change.delta, change.base)
     assert links.address_changes == [], "the address added for it is deleted again"
     assert "10.115.55.203" not in eip_addresses(nft)
+
+
+def test_the_conntrack_filters_of_an_eip_change_are_those_of_the_whole_states() -> None:
+    tracker, *_, document = started()
+    added = edited(document, eips=[*document["eips"], {"name": "e3", "v4ip": "10.115.55.203"}])
+    removed = edited(document, eips=document["eips"][:1], fip=[])
+    for wanted in (added, removed):
+        change = checked(tracker, wanted)
+        assert change.delta is not None and change.base is not None and change.delta.eips_changed
+        texts = {**eip_texts(change.base), **eip_texts(change.state)}
+        assert delta_filters(change.delta, texts) == changed_filters(change.base, change.state)
