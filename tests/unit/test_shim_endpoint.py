@@ -469,13 +469,15 @@ def test_accepted_calls_survive_a_kill_and_compaction_rewrites_the_file(tmp_path
         assert second.service.document == wanted, "every accepted call is back after the kill"
         assert script(second, "dnat-add", f"{EIP1},9100,tcp,{VM2},80").returncode == 0
         # The calls pause: the log is folded into the state file, atomically, and emptied.
+        # The fold reports what it wrote last, after emptying the log: wait for that report.
         deadline = time.monotonic() + 10
-        while second.service.log.entries and time.monotonic() < deadline:
+        while not second.written and time.monotonic() < deadline:
             time.sleep(0.05)
         data = second.state_path.read_bytes()
         assert json.loads(data) == second.service.document
         assert len(second.service.document["dnat"]) == 20
-        assert second.written == [data] and not second.service.log.path.exists()
+        assert second.written == [data]
+        assert second.service.log.entries == 0 and not second.service.log.path.exists()
         load_state(data)
     finally:
         second.kill()
