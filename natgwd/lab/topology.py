@@ -320,9 +320,15 @@ class Lab:
         new one (gratuitous ARP tells the upstream gateway). Stop every process in the old
         namespace first."""
         mac = json.loads(self.exec("gw", "ip", "-j", "link", "show", "net1").stdout)[0]["address"]
+        # A process left inside (a call's watchdog, a child of a killed daemon) would keep
+        # the old namespace, and so its links, alive.
+        for pid in run(["ip", "netns", "pids", self.ns("gw")], check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         run(["ip", "netns", "del", self.ns("gw")])
-        # The peers of the old veths go with the namespace, asynchronously.
-        deadline = time.monotonic() + timeout
+        # The peers of the old veths go with the namespace, asynchronously: the kernel's
+        # namespace cleanup is one queue for the whole machine, slow while others tear down.
+        deadline = time.monotonic() + patience(timeout)
         while any(
             self.exec(role, "ip", "link", "show", name, check=False).returncode == 0
             for role, name in (("lan", "p-gw"), ("ext", "eth0"))
