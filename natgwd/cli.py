@@ -220,6 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     from natgwd.kernel.tc import KernelTc
     from natgwd.observability.endings import Endings
     from natgwd.observability.options import watch_factory
+    from natgwd.planning.bfdgate import gate_transaction
     from natgwd.runtime.daemon import Daemon, DaemonConfig
     from natgwd.runtime.logs import configure
     from natgwd.runtime.reconciler import Announce, Reconciler
@@ -252,7 +253,17 @@ def _run(args: argparse.Namespace) -> int:
             log.info("a Deployment's replica: scaling out over the members found on the LAN", scope=scope)
 
     def ha(count_garp: Callable[[str, int], None], registry: CollectorRegistry) -> HaController:
-        kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp, set_handover_route, ensure_no_redirects)
+        gate_nft: list[KernelNft] = []  # its own libnftables context (the gate's thread), made on first use
+
+        def bfd_gate(interface: str, open_: bool | None) -> bool:
+            if not gate_nft:
+                gate_nft.append(KernelNft())
+            if open_ is None:
+                return gate_nft[0].gate_open(interface)
+            gate_nft[0].apply(gate_transaction(interface, open_))
+            return open_
+
+        kernel = HaKernel(ipv4_addresses, ensure_tcp_liberal, garp, set_handover_route, ensure_no_redirects, bfd_gate)
         return HaController(Path(args.ha_run_dir), count_garp, registry, kernel, discovery_scope=scope)
 
     def bgp(ownership: Ownership) -> BgpSpeaker:

@@ -66,13 +66,16 @@ class HaKernel:
     pass fakes): the IPv4 addresses on an interface, liberal TCP window tracking set
     (True when it was not), gratuitous ARP for addresses taken over; scaled out, a
     group's hand-over route (table, via or None, interface) and ICMP redirects off for a
-    scope (True when they were on); all raise OSError."""
+    scope (True when they were on), and the BFD gate on an interface opened (True), closed
+    (False) or only read (None), which answers whether it is open (natgwd.planning.bfdgate);
+    all raise OSError (the gate also NftError)."""
 
     addresses: Callable[[str], list[IPv4Address]]
     tcp_liberal: Callable[[], bool]
     garp: Send
     handover_route: Callable[[int, IPv4Address | None, str], None]
     no_redirects: Callable[[str], bool]
+    bfd_gate: Callable[[str, bool | None], bool]
 
 
 class HaController:
@@ -124,6 +127,7 @@ class HaController:
             kernel.handover_route,
             kernel.addresses,
             kernel.no_redirects,
+            kernel.bfd_gate,
         )
         self.discovery = (
             MemberDiscovery(discovery_scope, self.scale.metrics, self.paths.directory) if discovery_scope else None
@@ -162,7 +166,7 @@ class HaController:
         if self.discovery is not None:
             self.discovery.stop()
         with self._lock:
-            self.scale.leave()
+            self.scale.stop()
             self._stop_member()
             if self._supervisor is not None:
                 self._supervisor.stop()

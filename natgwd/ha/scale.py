@@ -42,6 +42,9 @@ log = structlog.get_logger("natgwd.ha.scale")
 # A member is seen while its adverts keep coming; backups send none, so a member that owns
 # nothing is not seen (the metric says so).
 SEEN_SECONDS = 3.0
+# How often the BFD gate follows `serving` (OVN's BFD detection takes longer anyway).
+GATE_PERIOD = 0.2
+GATE_VERIFY_TURNS = 10  # the kernel's gate read back every 2 s (a table deleted by hand comes back closed)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class ScaleController:
         set_route: Callable[[int, IPv4Address | None, str], None],
         addresses_of: Callable[[str], list[IPv4Address]],
         no_redirects: Callable[[str], bool],
+        bfd_gate: Callable[[str, bool | None], bool],
         listen: Callable[[str, Callable[[IPv4Address, int, int], None]], AdvertListener] = AdvertListener,
     ) -> None:
         self.paths = paths
@@ -91,6 +95,9 @@ class ScaleController:
         self._addresses_of = addresses_of
         self._no_redirects = no_redirects
         self._listen = listen
+        self._bfd_gate = bfd_gate
+        self._gate: tuple[str, bool] | None = None  # (interface, open) as last written
+        self._gate_stop = threading.Event()
         self._lock = threading.RLock()
         self._supervisor: Supervisor | None = None
         self._state: DesiredState | None = None
@@ -119,6 +126,17 @@ class ScaleController:
         commands that make the kernel's table, the dead owner's injected connections
         included, its own, so that it hands them on to a member that returns)."""
         self._supervisor, self._write, self._on_takeover = supervisor, write, on_takeover
+        threading.Thread(target=self._watch_gate, name="bfd-gate", daemon=True).start()
+
+    def stop(self) -> None:
+        """natgwd stops: the gate closes (OVN stops routing to this member) before the
+        member leaves."""
+        self._gate_stop.set()
+        with self._lock:
+            state = self._state
+            if state is not None and state.scale_out is not None:
+                self._write_gate(state.internal.interface, False)
+        self.leave()
 
     def check(self, state: DesiredState) -> list[Problem]:
         """What makes `state` unusable on this member (it is then not applied)."""
@@ -230,6 +248,20 @@ class ScaleController:
                 if status is None or not status.up:
                     reasons.append(f"{name} is not running (restarts: {status.restarts if status else 0})")
             return "; ".join(reasons) or None, {"scale_out": detail}
+
+    def serving(self) -> bool:
+        """Ready to forward as a member: readiness says so (state applied, keepalived and
+        conntrackd up, past the discovery window) and every group's owner is known, this
+        member or one heard advertising (a group with no known owner would be translated
+        here, whoever owns it)."""
+        reason, _ = self.readiness()
+        with self._lock:
+            member = self._member
+            return (
+                reason is None
+                and member is not None
+                and all(self._owns(g) or self._owner(g) is not None for g in member.config.groups)
+            )
 
     def on_role(self, instance: str, role: Role | Event) -> None:
         """A line of keepalived's notify FIFO for one of the groups' instances (Event.HEALED:
@@ -405,6 +437,49 @@ class ScaleController:
         # it). keepalived killed hard leaves its addresses; the next one removes them.
         self._roles = {}
         self._publish()
+
+    def _watch_gate(self) -> None:
+        turn = 0
+        while not self._gate_stop.wait(GATE_PERIOD):
+            turn += 1
+            try:
+                self.update_gate(verify=turn % GATE_VERIFY_TURNS == 0)
+            except Exception:  # the gate must not take the daemon down; the next turn retries
+                log.exception("cannot update the BFD gate")
+
+    def update_gate(self, verify: bool = False) -> None:
+        """Open or close the BFD gate as `serving` says; written only when that changes
+        (a table without the gate, not scaled out, is left alone). `verify`: read the
+        kernel's first (a read moves no ruleset generation), for a table made anew."""
+        with self._lock:
+            state = self._state
+            if state is None or state.scale_out is None:
+                self._gate = None
+                return
+            interface = state.internal.interface
+        if verify and self._gate is not None and self._gate[0] == interface:
+            try:
+                found = bool(self._bfd_gate(interface, None))
+            except Exception as err:  # NftError or OSError: read again later
+                log.warning("cannot read the BFD gate", interface=interface, error=str(err))
+            else:
+                if found != self._gate[1]:
+                    log.warning("BFD gate found changed in the kernel", interface=interface, open=found)
+                    self._gate = None
+        self._write_gate(interface, self.serving())
+
+    def _write_gate(self, interface: str, open_: bool) -> None:
+        if self._gate == (interface, open_) or (open_ and self._gate_stop.is_set()):
+            return
+        try:
+            self._bfd_gate(interface, open_)
+        except Exception as err:
+            log.warning("cannot switch the BFD gate", interface=interface, open=open_, error=str(err))
+            self._gate = None
+            return
+        self._gate = (interface, open_)
+        self.metrics.bfd_gate_open.set(1 if open_ else 0)
+        log.info("BFD gate", interface=interface, state="open" if open_ else "closed")
 
     def _clear_pids(self) -> None:
         for path in (self.paths.keepalived_pid, self.paths.vrrp_pid):

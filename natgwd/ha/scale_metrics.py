@@ -46,6 +46,12 @@ class ScaleMetrics:
             "Members the scale-out settings list (the state's, or those discovered).",
             registry=registry,
         )
+        self.bfd_gate_open = Gauge(
+            "natgwd_scale_bfd_gate_open",
+            "1 while BFD control packets pass on the internal interface (this member is ready to forward as a"
+            " member, so OVN may route to it), 0 while natgwd's table drops them.",
+            registry=registry,
+        )
         # Discovery (natgwd.ha.discovery): a gateway run by kube-ovn-controller as a Deployment.
         self.hellos_received = Counter(
             "natgwd_scale_hellos_received", "Hellos of this gateway's members heard on the LAN.", registry=registry

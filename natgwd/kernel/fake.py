@@ -16,6 +16,7 @@ import re
 from typing import TypeVar
 
 from natgwd.kernel.nft import NftError
+from natgwd.planning.bfdgate import BFD_OPEN
 from natgwd.planning.counters import CountedElement
 from natgwd.planning.layout import (
     POOL_CHAIN_PREFIX,
@@ -83,7 +84,10 @@ class FakeNft:
         self._applied(tx)
 
     def read_table(self) -> TableContents | None:
-        return copy.deepcopy(self.table)
+        table = copy.deepcopy(self.table)
+        if table is not None and BFD_OPEN in table.elements:
+            table.elements[BFD_OPEN] = {}  # as natgwd.kernel.nft reads it
+        return table
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
         """As the kernel lists them: marks in hex."""

@@ -26,6 +26,7 @@ from natgwd.kernel.setdump import (
     SetDumpError,
     key_layout,
 )
+from natgwd.planning.bfdgate import BFD_OPEN
 from natgwd.planning.counters import CountedElement
 from natgwd.planning.layout import POOL_CHAIN_PREFIX, SHARE_CHAIN_PREFIX, parts
 from natgwd.planning.plan import set_key_type
@@ -121,6 +122,17 @@ class KernelNft:
                 return None
             raise
         return parse_table(_load(output))
+
+    def gate_open(self, interface: str) -> bool:
+        """Whether the BFD gate's set holds `interface` (natgwd.planning.bfdgate); a read,
+        which moves no ruleset generation."""
+        try:
+            output = self._run(f"list set {FAMILY} {TABLE} {BFD_OPEN}")
+        except NftError as err:
+            if err.is_not_found():
+                return False
+            raise
+        return any(interface in body.get("elem", ()) for obj in _load(output) for body in obj.values())
 
     def read_counters(self, names: tuple[str, ...]) -> dict[str, list[CountedElement]]:
         """The elements of counting sets (logical ones: a split set is listed from its
@@ -274,7 +286,8 @@ def parse_table(objects: list[dict[str, Any]]) -> TableContents:
             # ifname keys come back bare but must be written quoted.
             quoted = body.get("type") == "ifname"
             elements = (_parse_element(i, kind == "map", quoted) for i in body.get("elem", ()))
-            contents.elements[body["name"]] = dict(elements)
+            # The BFD gate's element is natgwd.ha.scale's, never the reconciler's.
+            contents.elements[body["name"]] = {} if body["name"] == BFD_OPEN else dict(elements)
         elif kind == "ct timeout":
             contents.objects[body["name"]] = kind
         elif kind == "chain":

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import NamedTuple, cast
 
+from natgwd.planning.bfdgate import gate_chains, gate_sets
 from natgwd.planning.handover import (
     DNAT_REPLY_GROUP,
     FIP_OUT_GROUP,
@@ -918,6 +919,7 @@ class TablePlan:
             chains += (_steer(state, by_family, destined),)
         if self.frame.group_of is not None:
             chains += (handover_chain(state, [(p, V4.snat_key(p)) for p in by_family[V4]], V4 in destined),)
+            chains += gate_chains(state.internal.interface)
         in_use = [policy for policy, count in policies.items() if count > 0]
         if in_use:
             sets += timeout_sets()
@@ -1064,6 +1066,7 @@ def _sets(
                 sets.append(SetSpec(family.name(SNAT_DST_NETWORK), f"type {key} : mark; flags interval;"))
     if frame.group_of is not None:
         sets.extend(handover_sets(prefixes.get(V4, []), V4 in destined))
+        sets.extend(gate_sets())
     return tuple(sets)
 
 

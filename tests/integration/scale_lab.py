@@ -150,7 +150,8 @@ class ScaleLab(Lab):
     def live_roles(self) -> list[str]:
         return [self.member_roles()[i] for i in sorted(self.alive)]
 
-    def start_member(self, role: str, state: dict[str, Any]) -> Natgwd:
+    def start_member(self, role: str, state: dict[str, Any], env: dict[str, str] | None = None) -> Natgwd:
+        """`env`: added to natgwd's environment (e.g. a PATH with wrapped engines)."""
         directory = self.workdir / role
         directory.mkdir(exist_ok=True)
         daemon = Natgwd(self, directory / "state.json", None, directory / "natgwd.log", METRICS_PORT, role)  # type: ignore[arg-type]
@@ -161,7 +162,11 @@ class ScaleLab(Lab):
             *("--ha-run-dir", str(directory / "run"), "--resync-interval", "5"),
         )
         daemon.process = self.spawn(
-            role, *MINIMAL_CAPABILITIES, *command, log_path=daemon.log_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            role,
+            *MINIMAL_CAPABILITIES,
+            *command,
+            log_path=daemon.log_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         return daemon
 

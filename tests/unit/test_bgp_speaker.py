@@ -156,7 +156,12 @@ def test_the_ha_pair_owns_by_role(tmp_path: Path, role: Role, claims: Claims) ->
     }
     state = load_state(json.dumps(document).encode())
     kernel = HaKernel(
-        lambda _interface: [], lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False
+        lambda _interface: [],
+        lambda: False,
+        lambda _interface, _addresses: 0,
+        lambda *_: None,
+        lambda _scope: False,
+        lambda *_: None,
     )
     controller = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry(), kernel)
     told: list[bool] = []

@@ -342,7 +342,12 @@ def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
     """Zeros on a gateway without HA would read as 'this member is not master'."""
     registry = CollectorRegistry()
     kernel = HaKernel(
-        lambda _interface: [], lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False
+        lambda _interface: [],
+        lambda: False,
+        lambda _interface, _addresses: 0,
+        lambda *_: None,
+        lambda _scope: False,
+        lambda *_: None,
     )
     HaController(tmp_path, lambda _interface, _count: None, registry, kernel)  # no state applied yet
     assert b"natgwd_ha_" not in generate_latest(registry)
@@ -371,7 +376,14 @@ def test_a_member_finds_itself_through_the_kernel_it_is_given(tmp_path: Path) ->
             raise OSError("netlink refused")
         return [IPv4Address("169.254.64.9")]
 
-    kernel = HaKernel(addresses, lambda: False, lambda _interface, _addresses: 0, lambda *_: None, lambda _scope: False)
+    kernel = HaKernel(
+        addresses,
+        lambda: False,
+        lambda _interface, _addresses: 0,
+        lambda *_: None,
+        lambda _scope: False,
+        lambda *_: None,
+    )
     controller = HaController(tmp_path, lambda _interface, _count: None, CollectorRegistry(), kernel)
     controller.start(lambda: None)
     try:

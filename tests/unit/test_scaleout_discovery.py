@@ -234,6 +234,7 @@ def scale(tmp_path: Path) -> Iterator[tuple[ScaleController, list[str]]]:
         set_route=lambda _table, _via, _interface: None,
         addresses_of=lambda _interface: [M[0]],
         no_redirects=lambda _scope: False,
+        bfd_gate=lambda _interface, _open: None,
         listen=lambda _interface, _on_advert: type("L", (), {"stop": lambda self: None})(),
     )
     supervisor = Supervisor()
@@ -279,6 +280,7 @@ def test_an_explicit_scale_out_or_ha_section_wins_over_discovery(tmp_path: Path)
         lambda _interface, _addresses: 0,
         lambda _table, _via, _interface: None,
         lambda _scope: False,
+        lambda _interface, _open: None,
     )
     ha = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry(), kernel, discovery_scope=SCOPE)
     discovery = FakeDiscovery(SCOPE, ha.scale.metrics, tmp_path)

@@ -146,6 +146,7 @@ def member(tmp_path: Path) -> Iterator[tuple[ScaleController, dict[int, IPv4Addr
         set_route=lambda table, via, _interface: routes.__setitem__(table, via),
         addresses_of=lambda _interface: [M1],
         no_redirects=lambda _scope: False,
+        bfd_gate=lambda _interface, _open: None,
         listen=listen,
     )
     supervisor = Supervisor()
