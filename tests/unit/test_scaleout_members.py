@@ -241,3 +241,67 @@ def test_status_names_each_groups_owner_from_the_kernels_view() -> None:
         "g1     61    this member   0            my-eip2",
         "g2     62    unknown       0            -",
     ]
+
+
+def test_the_bfd_gate_opens_once_every_groups_owner_is_known_and_closes_when_natgwd_stops(tmp_path: Path) -> None:
+    """Children that run (a script standing in for keepalived and conntrackd), a gate that
+    records what it is told and answers reads from a kernel the test can wipe."""
+    engine = tmp_path / "engine"
+    engine.write_text("#!/bin/sh\nexec sleep 60\n")
+    engine.chmod(0o755)
+    written: list[bool] = []
+    kernel = {"open": False}
+
+    def gate(_interface: str, open_: bool | None) -> bool:
+        if open_ is not None:
+            written.append(open_)
+            kernel["open"] = open_
+        return kernel["open"]
+
+    listeners: list[FakeListener] = []
+
+    def listen(interface: str, on_advert: Callable[[IPv4Address, int, int], None]) -> Any:
+        listeners.append(FakeListener(interface, on_advert))
+        return listeners[-1]
+
+    controller = ScaleController(
+        HaPaths(tmp_path),
+        ScaleMetrics(CollectorRegistry(), lambda: True),
+        str(engine),
+        str(engine),
+        lambda _interface, _addresses: 0,
+        lambda _interface, _frames: None,
+        set_route=lambda _table, _via, _interface: None,
+        addresses_of=lambda _interface: [M1],
+        no_redirects=lambda _scope: False,
+        bfd_gate=gate,
+        listen=listen,
+    )
+    supervisor = Supervisor()
+    try:
+        controller.start(supervisor, lambda _path, _text: True, lambda: None)
+        controller.applied(state_of(), complete=True)
+        deadline = time.monotonic() + 10
+        while controller.readiness()[0] is not None:  # the children running
+            assert time.monotonic() < deadline, controller.readiness()
+            time.sleep(0.05)
+        controller.update_gate()
+        # Ready by /readyz, but no group's owner known: closed.
+        assert not controller.serving() and written == [False]
+        listeners[0].on_advert(M0, 60, 200)
+        controller.on_role("g1", Role.MASTER)
+        controller.update_gate()
+        assert written == [False]  # g2's owner still unknown
+        listeners[0].on_advert(M2, 62, 200)
+        controller.update_gate()
+        assert controller.serving() and written == [False, True]
+        controller.update_gate()
+        assert written == [False, True]  # written on changes only
+        kernel["open"] = False  # the table made anew: its gate closed
+        controller.update_gate(verify=True)
+        assert written[-1] is True and kernel["open"]
+        controller.stop()
+        assert written[-1] is False
+    finally:
+        controller.leave()
+        supervisor.stop()
