@@ -98,6 +98,7 @@ class ScaleController:
         self._bfd_gate = bfd_gate
         self._gate: tuple[str, bool] | None = None  # (interface, open) as last written
         self._gate_stop = threading.Event()
+        self._gate_error: str | None = None  # the last failure to switch it, logged once
         self._lock = threading.RLock()
         self._supervisor: Supervisor | None = None
         self._state: DesiredState | None = None
@@ -473,11 +474,12 @@ class ScaleController:
             return
         try:
             self._bfd_gate(interface, open_)
-        except Exception as err:
-            log.warning("cannot switch the BFD gate", interface=interface, open=open_, error=str(err))
-            self._gate = None
+        except Exception as err:  # NftError or OSError: retried next turn
+            if str(err) != self._gate_error:  # once, not every turn
+                log.warning("cannot switch the BFD gate", interface=interface, open=open_, error=str(err))
+            self._gate, self._gate_error = None, str(err)
             return
-        self._gate = (interface, open_)
+        self._gate, self._gate_error = (interface, open_), None
         self.metrics.bfd_gate_open.set(1 if open_ else 0)
         log.info("BFD gate", interface=interface, state="open" if open_ else "closed")
 
