@@ -98,6 +98,7 @@ class ScaleController:
         self._bfd_gate = bfd_gate
         self._gate: tuple[str, bool] | None = None  # (interface, open) as last written
         self._gate_stop = threading.Event()
+        self._gate_lock = threading.Lock()
         self._gate_error: str | None = None  # the last failure to switch it, logged once
         self._lock = threading.RLock()
         self._supervisor: Supervisor | None = None
@@ -470,16 +471,18 @@ class ScaleController:
         self._write_gate(interface, self.serving())
 
     def _write_gate(self, interface: str, open_: bool) -> None:
-        if self._gate == (interface, open_) or (open_ and self._gate_stop.is_set()):
-            return
-        try:
-            self._bfd_gate(interface, open_)
-        except Exception as err:  # NftError or OSError: retried next turn
-            if str(err) != self._gate_error:  # once, not every turn
-                log.warning("cannot switch the BFD gate", interface=interface, open=open_, error=str(err))
-            self._gate, self._gate_error = None, str(err)
-            return
-        self._gate, self._gate_error = (interface, open_), None
+        # One writer at a time: the gate's thread must not open it after stop() closed it.
+        with self._gate_lock:
+            if self._gate == (interface, open_) or (open_ and self._gate_stop.is_set()):
+                return
+            try:
+                self._bfd_gate(interface, open_)
+            except Exception as err:  # NftError or OSError: retried next turn
+                if str(err) != self._gate_error:  # once, not every turn
+                    log.warning("cannot switch the BFD gate", interface=interface, open=open_, error=str(err))
+                self._gate, self._gate_error = None, str(err)
+                return
+            self._gate, self._gate_error = (interface, open_), None
         self.metrics.bfd_gate_open.set(1 if open_ else 0)
         log.info("BFD gate", interface=interface, state="open" if open_ else "closed")
 
