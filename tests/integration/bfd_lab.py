@@ -19,19 +19,24 @@ INTERVAL_MS = 100  # detection after 3 missed packets: 0.3 s
 
 
 class Bfdd:
-    def __init__(self, lab: Lab, role: str, local: str, peer: str) -> None:
+    _started = 0  # each its own directory (a revived member's bfdd is a new one)
+
+    def __init__(self, lab: Lab, role: str, local: str, *peers: str) -> None:
+        """A session from `local` to each of `peers`; `status` and `wait` ask about the
+        first unless told."""
         import shutil
 
-        self.lab, self.role, self.peer = lab, role, peer
-        self.directory = frr_run_dir(lab, f"bfdd-{role}")
+        self.lab, self.role, self.peer = lab, role, peers[0]
+        Bfdd._started += 1
+        self.directory = frr_run_dir(lab, f"bfdd-{role}-{Bfdd._started}")
         self.directory.mkdir(parents=True)
         conf = self.directory / "bfdd.conf"
-        conf.write_text(
-            "log stdout informational\nbfd\n"
+        sessions = "".join(
             f" peer {peer} local-address {local}\n"
-            f"  receive-interval {INTERVAL_MS}\n  transmit-interval {INTERVAL_MS}\n  detect-multiplier 3\n"
-            " exit\nexit\n"
+            f"  receive-interval {INTERVAL_MS}\n  transmit-interval {INTERVAL_MS}\n  detect-multiplier 3\n exit\n"
+            for peer in peers
         )
+        conf.write_text(f"log stdout informational\nbfd\n{sessions}exit\n")
         for path in (self.directory, conf):
             shutil.chown(path, FRR_UID_NAME, FRR_UID_NAME)
         self.process = lab.spawn(
@@ -44,8 +49,9 @@ class Bfdd:
         )
         wait_for(lambda: self.status() is not None or None, f"bfdd in {role} to answer", timeout=15)
 
-    def status(self) -> str | None:
+    def status(self, peer: str | None = None) -> str | None:
         """The session's state as bfdd shows it (up, down, init), None before bfdd answers."""
+        peer = peer or self.peer
         result = self.lab.exec(
             self.role, "vtysh", "--vty_socket", str(self.directory), "-c", "show bfd peers json", check=False
         )
@@ -53,7 +59,7 @@ class Bfdd:
             peers: list[dict[str, Any]] = json.loads(result.stdout) if result.returncode == 0 else []
         except json.JSONDecodeError:
             return None
-        return next((str(p["status"]) for p in peers if p.get("peer") == self.peer), None)
+        return next((str(p["status"]) for p in peers if p.get("peer") == peer), None)
 
-    def wait(self, status: str, timeout: float = 15) -> None:
-        wait_for(lambda: self.status() == status or None, f"BFD in {self.role} {status}", timeout=timeout)
+    def wait(self, status: str, timeout: float = 15, peer: str | None = None) -> None:
+        wait_for(lambda: self.status(peer) == status or None, f"BFD in {self.role} {status}", timeout=timeout)

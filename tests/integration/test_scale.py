@@ -120,7 +120,7 @@ def test_a_member_dies_silently_its_groups_move_and_no_connection_is_lost(member
     """Prevents: a member's death resetting the connections it translated (its EIPs move
     to a survivor that holds their connections), and its return losing any (it takes its
     groups back only after the preempt delay, with the connections synced to it)."""
-    with ScaleLab(members=members) as lab:
+    with ScaleLab(members=members, bfd=True) as lab:
         state = scale_state(members)
         lab.start_members(state)
         serve(lab)
