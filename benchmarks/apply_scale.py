@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.netns import bare_gateway
-from benchmarks.stats import rss_of, summary
+from benchmarks.stats import rss_of, summary, write_results
 from natgwd.runtime.daemon import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 
 PORTS_PER_DNAT_EIP = 100
 SNAT_EIPS = 50
@@ -860,9 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         results["warning"] = "natgwd's sources changed during the run"
     results["summary"] = summarize(results)
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"apply_scale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results("apply_scale", results)
 
     print(report(results))
     for name, what in PROFILED.items():

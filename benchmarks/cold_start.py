@@ -50,7 +50,7 @@ from benchmarks.compare import (
     terminated_as_exit,
 )
 from benchmarks.observe_cost import natgwd_tree, python_path
-from benchmarks.stats import summary
+from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import VM_ADDRESSES, Lab
 
 DEFAULT_SIZES = (10000, 50000)
@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ctx.stop_all()
     results["loadavg_end"] = os.getloadavg()
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"cold_start-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results("cold_start", results, args.results_dir)
     print("\n".join(table(results["cold_start"])))
     if args.baseline is not None:
         print("\n".join(baseline_table(results["cold_start"])))

@@ -61,7 +61,7 @@ from typing import Any
 from benchmarks import rulesets
 from benchmarks.netns import Netns, bare_gateway
 from benchmarks.rulesets import SERVER_PORT, Step, Workload
-from benchmarks.stats import percentile, rss_of, summary
+from benchmarks.stats import percentile, rss_of, summary, write_results
 from natgwd.lab.topology import EXTERNAL_HOST, VM_ADDRESSES, Lab
 from natgwd.planning.layout import RULE_CONNECTIONS, shards
 from natgwd.runtime.daemon import POLL_SECONDS
@@ -1052,10 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_seconds"] = time.monotonic() - started
     results["loadavg_end"] = os.getloadavg()
 
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    kind = "throughput" if args.throughput_only else "bench"
-    path = args.results_dir / f"{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results("throughput" if args.throughput_only else "bench", results, args.results_dir)
     log(f"results: {path}")
     if args.throughput_only:
         log("a section alone: RESULTS.md is rendered from a whole run (make bench)")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import compile_connrate
-from benchmarks.stats import percentile, summary
+from benchmarks.stats import percentile, summary, write_results
 from natgwd.lab.topology import SEED_STATE, Lab
 
 WAYS: dict[str, tuple[str, ...]] = {
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             for way, done in runs.items()
         },
     }
-    out = Path(__file__).parent / "results" / f"observe-{started:%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out = write_results("observe", results)
     print(
         f"{len(ways)} ways x {args.rounds} runs of {args.seconds:g} s at a load average of "
         f"{results['loadavg']['min']:.1f}-{results['loadavg']['max']:.1f}; against off in the same round, "

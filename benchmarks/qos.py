@@ -36,13 +36,12 @@ from typing import Any
 
 import natgwd
 from benchmarks.netns import bare_gateway
-from benchmarks.stats import summary
+from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import SEED_STATE, Lab
 from natgwd.qos.plan import ifb_name, wants
 from natgwd.state.validation import load_state
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 FIRST_LIMITED_EIP = "10.115.49.0"  # inside the seed's external /21, clear of its EIPs
 DNAT_EIP, FIP_EIP, UPSTREAM = "10.115.55.200", "10.115.55.201", "10.115.55.254"
 PAYLOAD = 1448 / 1514
@@ -230,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only is None:
         results.update(lab_parts(args.eips, args.seconds, [float(r) for r in args.rates.split(",")]))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"qos-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    out.write_text(json.dumps(results, indent=1))
+    out = write_results("qos", results)
     print(f"control plane, {args.eips} EIPs limited both ways ({2 * args.eips} classes and filters):")
     for label, value in results["control_plane"].items():
         if isinstance(value, list):

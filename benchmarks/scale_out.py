@@ -52,13 +52,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import compile_connrate
+from benchmarks.stats import write_results
 from natgwd.lab.topology import EXTERNAL_HOST
 from tests.integration.ha_lab import pids_in
 from tests.integration.helpers import wait_listening
 from tests.integration.scale_lab import ScaleLab, scale_state
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 CONN_PORT, IPERF_PORT = 9100, 5201
 CLIENTS = ("vm1", "vm2", "vm3")
 MEMBERS = (1, 2, 3)
@@ -279,9 +278,7 @@ def main() -> int:
         for role, member in run["per_member"].items():
             processes = ", ".join(f"{k} {v:.4f}" for k, v in sorted(member["process_ms_per_connection"].items()))
             print(f"     {role}: kernel share {member['kernel_share']:.2f}, ms/conn: {processes}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"scale_out_capacity-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results("scale_out_capacity", results)
     print(f"results: {path}")
     return 0
 

@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.netns import bare_gateway
-from benchmarks.stats import summary
+from benchmarks.stats import summary, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def worker(dnat: int, scrapes: int, directory: Path) -> dict[str, Any]:
@@ -158,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": {name: summarize(results) for name, results in runs.items()},
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"scrape_cost-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results("scrape_cost", results)
     print(json.dumps(results["summary"], indent=1))
     print(f"results: {path.relative_to(REPO)}")
     return 0

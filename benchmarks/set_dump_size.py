@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.netns import bare_gateway
-from benchmarks.stats import summary
+from benchmarks.stats import summary, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
 TABLE = "dumpsize"
 CHUNK = 5000  # elements per `nft add element`
 
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": load,
         "sizes": rows,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"set_dump_size-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results("set_dump_size", results)
     print(f"results: {path.relative_to(REPO)}")
     return 0
 

@@ -35,12 +35,11 @@ from typing import Any
 
 from benchmarks.apply_scale import build_state
 from benchmarks.netns import Netns
-from benchmarks.stats import summary
+from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "image" / "nat-gateway.sh"
-RESULTS = ROOT / "benchmarks" / "results"
 GATEWAY_V4 = "10.115.55.254"
 
 
@@ -211,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the start of the replay
             results["runs"]["file"] = run_transport("file", state, calls[:old], old, args.resync_interval)
     results["ended"] = datetime.now(UTC).isoformat()
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"shim_replay-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out = write_results("shim_replay", results)
     print(report(results))
     print(f"results: {out}")
     endpoint = results["runs"]["endpoint"]

@@ -1,10 +1,14 @@
 """Small measurement helpers shared by the benchmarks: percentiles, summaries, a process's
-memory from /proc."""
+memory from /proc, the results file."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,3 +42,11 @@ def rss_of(pid: int | str) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             found[key] = int(value.split()[0])
     return found
+
+
+def write_results(kind: str, results: dict[str, Any], directory: Path = RESULTS_DIR) -> Path:
+    """The run's results as `<kind>-<UTC time>.json` in `directory`; its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
