@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from natgwd.ha.controller import HaKernel
+from natgwd.ha.render import HaPaths
+from natgwd.ha.scale import ScaleController
+from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.kernel.netlink import AddressChange, AddressChangeError, LinkReport
 from natgwd.planning.links import LinkPlan
 from natgwd.state.model import IPInterface
@@ -87,3 +94,58 @@ class FakeLinks:
         if isinstance(self.kernel_rules, Exception):
             raise self.kernel_rules
         return self.kernel_rules
+
+
+def quiet_ha_kernel(addresses: Callable[[str], list[IPv4Address]] = lambda _interface: []) -> HaKernel:
+    """A member's kernel that takes every request and has nothing to tell but `addresses`."""
+    return HaKernel(
+        addresses,
+        lambda: False,
+        lambda _interface, _addresses: 0,
+        lambda _table, _via, _interface: None,
+        lambda _scope: False,
+        lambda _interface, _open: False,
+    )
+
+
+class FakeAdvertListener:
+    """Hears nothing by itself: a test hands it adverts through `on_advert`."""
+
+    def __init__(self, interface: str, on_advert: Callable[[IPv4Address, int, int], None]) -> None:
+        self.interface, self.on_advert = interface, on_advert
+
+    def stop(self) -> None:
+        pass
+
+
+def scale_controller(
+    directory: Path,
+    address: IPv4Address,
+    *,
+    engine: str = "true",
+    set_route: Callable[[int, IPv4Address | None, str], None] = lambda _table, _via, _interface: None,
+    bfd_gate: Callable[[str, bool | None], bool] = lambda _interface, _open: False,
+    listeners: list[FakeAdvertListener] | None = None,
+) -> ScaleController:
+    """A scaled-out member at `address` whose kernel requests all succeed; `engine` stands
+    in for keepalived and conntrackd, and the advert listeners it opens are appended to
+    `listeners`."""
+    opened = listeners if listeners is not None else []
+
+    def listen(interface: str, on_advert: Callable[[IPv4Address, int, int], None]) -> Any:
+        opened.append(FakeAdvertListener(interface, on_advert))
+        return opened[-1]
+
+    return ScaleController(
+        HaPaths(directory),
+        ScaleMetrics(CollectorRegistry(), lambda: True),
+        engine,
+        engine,
+        lambda _interface, _addresses: 0,
+        lambda _interface, _frames: None,
+        set_route=set_route,
+        addresses_of=lambda _interface: [address],
+        no_redirects=lambda _scope: False,
+        bfd_gate=bfd_gate,
+        listen=listen,
+    )

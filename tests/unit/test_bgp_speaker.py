@@ -15,10 +15,11 @@ from natgwd.bgp.ownership import Claims, SoleOwner
 from natgwd.bgp.render import bfdd_conf, bgpd_conf, network_commands
 from natgwd.bgp.speaker import Snapshot, _announcements
 from natgwd.bgp.status import NeighborStatus, bfd_peers, decode_all, format_neighbors, neighbors, originated
-from natgwd.ha.controller import HaController, HaKernel
+from natgwd.ha.controller import HaController
 from natgwd.ha.roles import Role
 from natgwd.lab.topology import DUAL_STACK_STATE, SEED_STATE
 from natgwd.state.validation import load_state
+from tests.unit.fakes import quiet_ha_kernel
 
 V4, V6 = ip_network("198.19.100.10/32"), ip_network("fd00:119::10/128")
 
@@ -155,14 +156,7 @@ def test_the_ha_pair_owns_by_role(tmp_path: Path, role: Role, claims: Claims) ->
         "members": [{"address": "169.254.64.1", "priority": 150}, {"address": "169.254.64.2", "priority": 100}],
     }
     state = load_state(json.dumps(document).encode())
-    kernel = HaKernel(
-        lambda _interface: [],
-        lambda: False,
-        lambda _interface, _addresses: 0,
-        lambda *_: None,
-        lambda _scope: False,
-        lambda *_: None,
-    )
+    kernel = quiet_ha_kernel()
     controller = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry(), kernel)
     told: list[bool] = []
     controller.on_change(lambda: told.append(True))

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from natgwd.ha import announce as ha_announce
-from natgwd.ha.controller import HaController, HaKernel
+from natgwd.ha.controller import HaController
 from natgwd.ha.metrics import HaMetrics, parse_stats
 from natgwd.ha.notify import parse_notify
 from natgwd.ha.peer import decode_hello, encode_hello
@@ -27,6 +27,7 @@ from natgwd.planning.links import RouteSpec, link_plan
 from natgwd.process.supervisor import Child, ChildSpec, Supervisor
 from natgwd.state.ha import HaConfig, HaMember, virtual_addresses
 from natgwd.state.validation import InvalidStateError, Problem, load_state
+from tests.unit.fakes import quiet_ha_kernel
 
 HA_SECTION: dict[str, Any] = {
     "interface": "sync0",
@@ -341,14 +342,7 @@ maximum elements:\t\t      131072
 def test_ha_metrics_only_where_ha_is_configured(tmp_path: Path) -> None:
     """Zeros on a gateway without HA would read as 'this member is not master'."""
     registry = CollectorRegistry()
-    kernel = HaKernel(
-        lambda _interface: [],
-        lambda: False,
-        lambda _interface, _addresses: 0,
-        lambda *_: None,
-        lambda _scope: False,
-        lambda *_: None,
-    )
+    kernel = quiet_ha_kernel()
     HaController(tmp_path, lambda _interface, _count: None, registry, kernel)  # no state applied yet
     assert b"natgwd_ha_" not in generate_latest(registry)
 
@@ -376,14 +370,7 @@ def test_a_member_finds_itself_through_the_kernel_it_is_given(tmp_path: Path) ->
             raise OSError("netlink refused")
         return [IPv4Address("169.254.64.9")]
 
-    kernel = HaKernel(
-        addresses,
-        lambda: False,
-        lambda _interface, _addresses: 0,
-        lambda *_: None,
-        lambda _scope: False,
-        lambda *_: None,
-    )
+    kernel = quiet_ha_kernel(addresses)
     controller = HaController(tmp_path, lambda _interface, _count: None, CollectorRegistry(), kernel)
     controller.start(lambda: None)
     try:

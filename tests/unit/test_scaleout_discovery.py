@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from natgwd.ha.autoscale import GROUPS, auto_scale_out, multicast_group, priorities, tied_groups
-from natgwd.ha.controller import HaController, HaKernel
+from natgwd.ha.controller import HaController
 from natgwd.ha.discovery import Discovered, MemberDiscovery
 from natgwd.ha.hello import MAX_HELLO_BYTES, Hello, Refusal, decode_hello, deployment_scope, encode_hello
 from natgwd.ha.render import HaPaths
@@ -29,6 +29,7 @@ from natgwd.process.supervisor import Supervisor
 from natgwd.state.model import DesiredState
 from natgwd.state.scaleout import ScaleOutConfig
 from natgwd.state.validation import InvalidStateError, load_state
+from tests.unit.fakes import quiet_ha_kernel, scale_controller
 
 SCOPE = "vpc-nat-gw-gw1"
 M = [IPv4Address(f"172.20.10.{11 + i}") for i in range(16)]
@@ -224,19 +225,7 @@ def test_a_lone_member_advertises_to_no_one_and_keeps_its_own_external_address(t
 @pytest.fixture
 def scale(tmp_path: Path) -> Iterator[tuple[ScaleController, list[str]]]:
     events: list[str] = []
-    controller = ScaleController(
-        HaPaths(tmp_path),
-        ScaleMetrics(CollectorRegistry(), lambda: True),
-        "true",
-        "true",
-        lambda _interface, _addresses: 0,
-        lambda _interface, _frames: None,
-        set_route=lambda _table, _via, _interface: None,
-        addresses_of=lambda _interface: [M[0]],
-        no_redirects=lambda _scope: False,
-        bfd_gate=lambda _interface, _open: None,
-        listen=lambda _interface, _on_advert: type("L", (), {"stop": lambda self: None})(),
-    )
+    controller = scale_controller(tmp_path, M[0])
     supervisor = Supervisor()
     controller.start(supervisor, lambda _path, _text: events.append("written") is None, lambda: None)
     yield controller, events
@@ -274,14 +263,7 @@ class FakeDiscovery(MemberDiscovery):
 
 
 def test_an_explicit_scale_out_or_ha_section_wins_over_discovery(tmp_path: Path) -> None:
-    kernel = HaKernel(
-        lambda _interface: [IPv4Address("172.20.10.254")],
-        lambda: False,
-        lambda _interface, _addresses: 0,
-        lambda _table, _via, _interface: None,
-        lambda _scope: False,
-        lambda _interface, _open: None,
-    )
+    kernel = quiet_ha_kernel(lambda _interface: [IPv4Address("172.20.10.254")])
     ha = HaController(tmp_path, lambda _i, _n: None, CollectorRegistry(), kernel, discovery_scope=SCOPE)
     discovery = FakeDiscovery(SCOPE, ha.scale.metrics, tmp_path)
     ha.discovery = discovery

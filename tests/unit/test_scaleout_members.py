@@ -6,24 +6,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from natgwd.ha.adverts import parse_advert
 from natgwd.ha.notify import parse_notify, parse_notify_instance
 from natgwd.ha.render import HaPaths
 from natgwd.ha.roles import Event, Role
 from natgwd.ha.scale import ScaleController, group_addresses
-from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.ha.scale_render import conntrackd_conf, group_of_instance, keepalived_conf
 from natgwd.process.supervisor import Supervisor
 from natgwd.state.model import DesiredState
 from natgwd.state.validation import load_state
+from tests.unit.fakes import FakeAdvertListener, scale_controller
 from tests.unit.test_scaleout_state import doc
 
 M0, M1, M2 = (IPv4Address(f"172.20.10.1{i}") for i in (1, 2, 3))
@@ -119,35 +118,12 @@ def test_parse_advert() -> None:
     assert parse_advert(bytes(version2)) is None
 
 
-class FakeListener:
-    def __init__(self, interface: str, on_advert: Callable[[IPv4Address, int, int], None]) -> None:
-        self.interface, self.on_advert = interface, on_advert
-
-    def stop(self) -> None:
-        pass
-
-
 @pytest.fixture
-def member(tmp_path: Path) -> Iterator[tuple[ScaleController, dict[int, IPv4Address | None], list[FakeListener]]]:
+def member(tmp_path: Path) -> Iterator[tuple[ScaleController, dict[int, IPv4Address | None], list[FakeAdvertListener]]]:
     routes: dict[int, IPv4Address | None] = {}
-    listeners: list[FakeListener] = []
-
-    def listen(interface: str, on_advert: Callable[[IPv4Address, int, int], None]) -> Any:
-        listeners.append(FakeListener(interface, on_advert))
-        return listeners[-1]
-
-    controller = ScaleController(
-        HaPaths(tmp_path),
-        ScaleMetrics(CollectorRegistry(), lambda: True),
-        "true",
-        "true",
-        lambda _interface, _addresses: 0,
-        lambda _interface, _frames: None,
-        set_route=lambda table, via, _interface: routes.__setitem__(table, via),
-        addresses_of=lambda _interface: [M1],
-        no_redirects=lambda _scope: False,
-        bfd_gate=lambda _interface, _open: None,
-        listen=listen,
+    listeners: list[FakeAdvertListener] = []
+    controller = scale_controller(
+        tmp_path, M1, set_route=lambda table, via, _interface: routes.__setitem__(table, via), listeners=listeners
     )
     supervisor = Supervisor()
     controller.start(supervisor, lambda _path, _text: True, lambda: None)
@@ -157,7 +133,7 @@ def member(tmp_path: Path) -> Iterator[tuple[ScaleController, dict[int, IPv4Addr
 
 
 def test_routes_follow_this_members_roles_and_the_adverts_it_hears(
-    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeListener]],
+    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeAdvertListener]],
 ) -> None:
     controller, routes, listeners = member
     state = state_of()
@@ -188,7 +164,7 @@ def test_routes_follow_this_members_roles_and_the_adverts_it_hears(
 
 
 def test_ownership_listeners_hear_every_change(
-    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeListener]],
+    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeAdvertListener]],
 ) -> None:
     controller, _, _ = member
     heard: list[frozenset[str]] = []
@@ -200,7 +176,7 @@ def test_ownership_listeners_hear_every_change(
 
 
 def test_a_state_that_lists_no_address_of_this_member_is_refused(
-    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeListener]],
+    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeAdvertListener]],
 ) -> None:
     controller, _, _ = member
     document = doc()
@@ -212,7 +188,7 @@ def test_a_state_that_lists_no_address_of_this_member_is_refused(
 
 
 def test_members_seen_counts_those_heard_lately(
-    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeListener]],
+    member: tuple[ScaleController, dict[int, IPv4Address | None], list[FakeAdvertListener]],
 ) -> None:
     controller, _, listeners = member
     controller.applied(state_of(), complete=True)
@@ -258,25 +234,8 @@ def test_the_bfd_gate_opens_once_every_groups_owner_is_known_and_closes_when_nat
             kernel["open"] = open_
         return kernel["open"]
 
-    listeners: list[FakeListener] = []
-
-    def listen(interface: str, on_advert: Callable[[IPv4Address, int, int], None]) -> Any:
-        listeners.append(FakeListener(interface, on_advert))
-        return listeners[-1]
-
-    controller = ScaleController(
-        HaPaths(tmp_path),
-        ScaleMetrics(CollectorRegistry(), lambda: True),
-        str(engine),
-        str(engine),
-        lambda _interface, _addresses: 0,
-        lambda _interface, _frames: None,
-        set_route=lambda _table, _via, _interface: None,
-        addresses_of=lambda _interface: [M1],
-        no_redirects=lambda _scope: False,
-        bfd_gate=gate,
-        listen=listen,
-    )
+    listeners: list[FakeAdvertListener] = []
+    controller = scale_controller(tmp_path, M1, engine=str(engine), bfd_gate=gate, listeners=listeners)
     supervisor = Supervisor()
     try:
         controller.start(supervisor, lambda _path, _text: True, lambda: None)
