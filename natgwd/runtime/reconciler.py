@@ -163,6 +163,8 @@ class Reconciler:
                 delta = None
             elif base.scale_out != state.scale_out:
                 delta = None  # discovered members regrouped the EIPs: the hand-over maps change
+            elif delta.eips_changed and (state.ha is not None or state.scale_out is not None):
+                delta = None  # keepalived holds the EIPs, and the groups' maps name them
             return self._sync(state, Sync.APPLY, delta=delta)
 
     def resync(self) -> Outcome:

@@ -41,6 +41,8 @@ def eip_change(base: DesiredState, old: Any, new: Any, document: dict[str, Any])
     plain EIPs and appends valid plain ones; None when the full path must decide."""
     if not isinstance(old, list) or not isinstance(new, list) or any(key in document for key in WHOLE_EIP_SECTIONS):
         return None
+    if base.ha is not None or base.scale_out is not None:
+        return None  # scaled out by discovered members: the document has no section to tell
     kept = _kept(old, new)
     if kept is None:
         return None

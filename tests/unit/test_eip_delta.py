@@ -19,6 +19,7 @@ from natgwd.state.eipdelta import eip_change
 from natgwd.state.tracker import Change, StateTracker
 from natgwd.state.validation import validate_document
 from tests.unit.fakes import FakeLinks
+from tests.unit.test_scaleout_state import doc as scaled_out_document
 
 BASE: dict[str, Any] = {
     "version": 1,
@@ -148,3 +149,15 @@ def test_the_conntrack_filters_of_an_eip_change_are_those_of_the_whole_states() 
         assert change.delta is not None and change.base is not None and change.delta.eips_changed
         texts = {**eip_texts(change.base), **eip_texts(change.state)}
         assert delta_filters(change.delta, texts) == changed_filters(change.base, change.state)
+
+
+def test_an_eip_of_a_gateway_scaled_out_by_discovery_is_left_to_the_full_path() -> None:
+    """Prevents: the controller's eip-add refused on every replica of its Deployment (the
+    document has no scaleOut section, the state applied is scaled out by the members
+    discovered, and the delta's plan lacked the new EIP's group)."""
+    document = scaled_out_document()
+    scaled = validate_document(document).state
+    assert scaled.scale_out is not None
+    del document["scaleOut"]
+    eips = [*document["eips"], {"name": "added", "v4ip": "10.115.55.222"}]
+    assert eip_change(scaled, document["eips"], eips, {**document, "eips": eips}) is None
