@@ -209,6 +209,19 @@ def test_a_line_cut_short_and_appended_to_loses_no_later_line(tmp_path: Path) ->
 # --- the service behind a real endpoint, driven by the bash nat-gateway.sh ------------------
 
 
+def endpoint_only(directory: Path, token_line: str, timeout: int) -> dict[str, str]:
+    """nat-gateway.sh's environment with the token file `token_line` names an endpoint in,
+    and no Python to fall back to: the call can only go through that endpoint."""
+    token = directory / "edit.token"
+    token.write_text(f"{token_line}\n")
+    return {
+        "PATH": os.environ["PATH"],
+        "NATGWD_EDIT_TOKEN": str(token),
+        "NATGWD_SHIM_TIMEOUT": str(timeout),
+        "NATGWD_PYTHON": "/nonexistent",
+    }
+
+
 class FakeDaemon:
     """The daemon's part: the reconciling thread serves the calls, validates as natgwd does
     (load_state), and reconciles the state file when it changes."""
@@ -426,14 +439,7 @@ def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
                     sock.connect((endpoint.ADDRESS, port))
                 except TimeoutError:
                     break
-            token = tmp_path / "edit.token"
-            token.write_text(f"{port} {TOKEN}\n")
-            environment = {
-                "PATH": os.environ["PATH"],
-                "NATGWD_EDIT_TOKEN": str(token),
-                "NATGWD_SHIM_TIMEOUT": "1",
-                "NATGWD_PYTHON": "/nonexistent",
-            }
+            environment = endpoint_only(tmp_path, f"{port} {TOKEN}", timeout=1)
             call = subprocess.run(
                 ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
                 env=environment,
@@ -445,7 +451,7 @@ def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
             for sock in queued:
                 sock.close()
     assert (call.returncode, call.stdout) == (1, "")
-    assert call.stderr == f"natgwd: its edit endpoint ({token}) did not answer within 1s\n"
+    assert call.stderr == f"natgwd: its edit endpoint ({environment['NATGWD_EDIT_TOKEN']}) did not answer within 1s\n"
 
 
 def test_accepted_calls_survive_a_kill_and_compaction_rewrites_the_file(tmp_path: Path) -> None:
@@ -511,14 +517,7 @@ def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
     listener = socket.socket()
     listener.bind((endpoint.ADDRESS, 0))
     listener.listen(1)
-    token = tmp_path / "edit.token"
-    token.write_text(f"{listener.getsockname()[1]} {'t' * 32}\n")
-    environment = {
-        "PATH": os.environ["PATH"],
-        "NATGWD_EDIT_TOKEN": str(token),
-        "NATGWD_SHIM_TIMEOUT": "60",
-        "NATGWD_PYTHON": "/nonexistent",
-    }
+    environment = endpoint_only(tmp_path, f"{listener.getsockname()[1]} {'t' * 32}", timeout=60)
     call = subprocess.Popen(
         ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
         env=environment,
