@@ -14,9 +14,13 @@ log = structlog.get_logger("natgwd.ha.conntrackd")
 
 # conntrackd injects the peer's entries into the kernel as they arrive (DisableExternalCache),
 # so a new active has nothing to commit: it makes its own cache the kernel's table (-f
-# internal, -R) and sends it all to the peer (-B). Plain -f would flush the injected
-# entries from the kernel. A new standby asks the active for its table (-n).
-MASTER_COMMANDS = (("-f", "internal"), ("-R",), ("-B",))
+# internal, -R), from which it answers a returning member's resync request. Plain -f would
+# flush the injected entries from the kernel. No bulk send (-B): the peer may be alive and
+# forwarding (a split sync link, another member of a scaled-out group), and conntrackd
+# injects an update of a NATed connection as a delete and a create, so a packet between
+# the two found no connection and the peer's own stack reset the flow. A new standby asks
+# the active for its table (-n).
+MASTER_COMMANDS = (("-f", "internal"), ("-R",))
 BACKUP_COMMANDS = (("-n",),)
 COMMAND_TIMEOUT_SECONDS = 10.0
 STATS_TIMEOUT_SECONDS = 5.0

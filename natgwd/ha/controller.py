@@ -5,11 +5,9 @@ writes keepalived.conf and conntrackd.conf, keeps both running under the Supervi
 (conntrackd first, so it syncs before keepalived can make this member active) and reacts
 to keepalived's role changes, which arrive as lines on its notify FIFO:
 
-- becoming master: commit the connections conntrackd received from the peer to the
-  kernel before they are needed (Neutron's sequence `-c`, `-f`, `-R`, `-B`), then
-  gratuitous ARP for every moved address;
-- becoming backup (or fault): `-t` (let the kernel's entries expire: the peer owns the
-  connections now), `-n` (ask the master for its table).
+- becoming master: make the kernel's table, the peer's injected connections included,
+  conntrackd's own (`-f internal`, `-R`), then gratuitous ARP for every moved address;
+- becoming backup (or fault): `-n` (ask the master for its table).
 
 keepalived starts only after the first complete apply: a member never takes the addresses
 before its nftables table and routes are in place. A standby keeps table and routes

@@ -43,7 +43,7 @@ class HaMetrics:
         )
         self.takeover_seconds = Gauge(
             "natgwd_ha_takeover_conntrackd_seconds",
-            "Time the conntrackd commands of the last takeover took (-f internal, -R, -B).",
+            "Time the conntrackd commands of the last takeover took (-f internal, -R).",
             registry=registry,
         )
         for role in ROLES:

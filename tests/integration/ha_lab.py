@@ -204,5 +204,35 @@ def established_peers(lab: Lab, role: str, port: int) -> list[str]:
 
 def connection_marks(lab: Lab, role: str) -> set[int]:
     """The ct marks (natgwd's rule ids) of the kernel's connections in a namespace."""
-    out = lab.exec(role, "conntrack", "-L", check=False).stdout
-    return {int(word[5:]) for line in out.splitlines() for word in line.split() if word.startswith("mark=")} - {0}
+    return marks_of(lab.exec(role, "conntrack", "-L", check=False).stdout.splitlines())
+
+
+def marks_of(lines: Sequence[str]) -> set[int]:
+    return {int(word[5:]) for line in lines for word in line.split() if word.startswith("mark=")} - {0}
+
+
+@dataclass
+class DestroyWatch:
+    """`conntrack -E` on a namespace's connection deletions, from the moment `watch_destroys`
+    returns: a deleted connection is a gap in which the member's packets find none."""
+
+    log_path: Path
+
+    def destroyed_marks(self) -> set[int]:
+        return marks_of(self.log_path.read_text().splitlines())
+
+
+def watch_destroys(lab: Lab, role: str) -> DestroyWatch:
+    watch = DestroyWatch(lab.workdir / f"destroys-{role}.log")
+    lab.spawn(role, "conntrack", "-E", "-e", "DESTROY", log_path=watch.log_path)
+    # A probe entry (TEST-NET addresses, in the table only: no packet is sent), deleted until
+    # its deletion is seen: then the watcher is subscribed.
+    probe = ("-s", "192.0.2.1", "-d", "192.0.2.2", "-p", "udp", "--sport", "9", "--dport", "9")
+
+    def subscribed() -> bool:
+        lab.exec(role, "conntrack", "-I", *probe, "-t", "30", "-u", "SEEN_REPLY", check=False)
+        lab.exec(role, "conntrack", "-D", *probe, check=False)
+        return "192.0.2.1" in watch.log_path.read_text() if watch.log_path.exists() else False
+
+    wait_for(subscribed, f"conntrack -E to listen in {role}")
+    return watch
