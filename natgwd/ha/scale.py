@@ -32,7 +32,7 @@ from natgwd.ha.render import HaPaths
 from natgwd.ha.roles import CONNTRACKD, KEEPALIVED, Event, Role
 from natgwd.ha.scale_metrics import ScaleMetrics
 from natgwd.ha.scale_render import conntrackd_conf, group_of_instance, instance_name, keepalived_conf
-from natgwd.process.supervisor import ChildSpec, Supervisor, remove_stale
+from natgwd.process.supervisor import ChildSpec, ChildStatus, Supervisor, remove_stale
 from natgwd.state.model import DesiredState
 from natgwd.state.problems import Problem
 from natgwd.state.scaleout import EipGroup, ScaleOutConfig
@@ -44,6 +44,10 @@ log = structlog.get_logger("natgwd.ha.scale")
 SEEN_SECONDS = 3.0
 # How often the BFD gate follows `serving` (OVN's BFD detection takes longer anyway).
 GATE_PERIOD = 0.2
+# An engine counts as running for the gate only once it has run this long: one that exits
+# at once on every start is "running" between its start and the supervisor's next look,
+# which opened the gate for a moment on every restart.
+GATE_ENGINE_SETTLE_SECONDS = 1.0
 GATE_VERIFY_TURNS = 10  # the kernel's gate read back every 2 s (a table deleted by hand comes back closed)
 
 
@@ -253,14 +257,18 @@ class ScaleController:
 
     def serving(self) -> bool:
         """Ready to forward as a member: readiness says so (state applied, keepalived and
-        conntrackd up, past the discovery window) and every group's owner is known, this
+        conntrackd up, past the discovery window), the engines have run for a moment
+        (GATE_ENGINE_SETTLE_SECONDS), and every group's owner is known, this
         member or one heard advertising (a group with no known owner would be translated
         here, whoever owns it)."""
         reason, _ = self.readiness()
+        statuses = self._supervisor.statuses() if self._supervisor else {}
+        started_by = time.monotonic() - GATE_ENGINE_SETTLE_SECONDS
         with self._lock:
             member = self._member
             return (
                 reason is None
+                and all(settled(statuses.get(name), started_by) for name in self._wanted_children())
                 and member is not None
                 and all(self._owns(g) or self._owner(g) is not None for g in member.config.groups)
             )
@@ -489,3 +497,8 @@ class ScaleController:
     def _clear_pids(self) -> None:
         for path in (self.paths.keepalived_pid, self.paths.vrrp_pid):
             remove_stale(path)
+
+
+def settled(status: ChildStatus | None, started_by: float) -> bool:
+    """The engine runs, and its process started by monotonic time `started_by`."""
+    return status is not None and status.up_since is not None and status.up_since <= started_by

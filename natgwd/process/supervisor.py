@@ -49,10 +49,14 @@ class ChildSpec:
 @dataclass
 class ChildStatus:
     up: bool = False
+    up_since: float | None = None  # monotonic time of the running process's start
     pid: int | None = None
     restarts: int = 0
     start_failures: int = 0  # starts that failed (prepare or exec) and were retried later
     last_exit: int | None = None
+
+    def exited(self, code: int | None) -> None:
+        self.up, self.up_since, self.pid, self.last_exit = False, None, None, code
 
 
 @dataclass
@@ -89,7 +93,7 @@ class Child:
             self._schedule(time.monotonic())
             return
         self._process, self._started_at = process, time.monotonic()
-        self.status.up, self.status.pid = True, process.pid
+        self.status.up, self.status.up_since, self.status.pid = True, self._started_at, process.pid
         log.info("child started", process=self.spec.name, pid=process.pid, argv=list(self.spec.argv))
         threading.Thread(
             target=self._forward, args=(process,), name=f"natgwd-{self.spec.name}-log", daemon=True
@@ -105,7 +109,7 @@ class Child:
                     self._backoff = BACKOFF_FIRST_SECONDS
                 return
             self._process = None
-            self.status.up, self.status.pid, self.status.last_exit = False, None, code
+            self.status.exited(code)
             log.error("child exited", process=self.spec.name, code=code, restart_in=round(self._backoff, 2))
             self._schedule(now)
             if self.on_exit is not None:
@@ -135,7 +139,7 @@ class Child:
                 log.warning("child ignored SIGTERM; killing it", process=self.spec.name, pid=process.pid)
                 process.kill()
                 process.wait()
-        self.status.up, self.status.pid, self.status.last_exit = False, None, process.returncode
+        self.status.exited(process.returncode)
         log.info("child stopped", process=self.spec.name, code=process.returncode)
 
     def _forward(self, process: subprocess.Popen[bytes]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from natgwd.ha import scale
 from natgwd.ha.adverts import parse_advert
 from natgwd.ha.notify import parse_notify, parse_notify_instance
 from natgwd.ha.render import HaPaths
@@ -219,9 +220,12 @@ def test_status_names_each_groups_owner_from_the_kernels_view() -> None:
     ]
 
 
-def test_the_bfd_gate_opens_once_every_groups_owner_is_known_and_closes_when_natgwd_stops(tmp_path: Path) -> None:
+def test_the_bfd_gate_opens_once_every_groups_owner_is_known_and_closes_when_natgwd_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Children that run (a script standing in for keepalived and conntrackd), a gate that
     records what it is told and answers reads from a kernel the test can wipe."""
+    monkeypatch.setattr(scale, "GATE_ENGINE_SETTLE_SECONDS", 3600.0)
     engine = tmp_path / "engine"
     engine.write_text("#!/bin/sh\nexec sleep 60\n")
     engine.chmod(0o755)
@@ -252,6 +256,11 @@ def test_the_bfd_gate_opens_once_every_groups_owner_is_known_and_closes_when_nat
         controller.update_gate()
         assert written == [False]  # g2's owner still unknown
         listeners[0].on_advert(M2, 62, 200)
+        controller.update_gate()
+        # Every owner known, but the engines have not run for the settle time: an engine
+        # that exits at once on every start must not open the gate between its restarts.
+        assert not controller.serving() and written == [False]
+        monkeypatch.setattr(scale, "GATE_ENGINE_SETTLE_SECONDS", 0.0)
         controller.update_gate()
         assert controller.serving() and written == [False, True]
         controller.update_gate()
