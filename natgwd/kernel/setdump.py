@@ -6,6 +6,9 @@ by attribute in Python would cost more than it saves, so each set's elements are
 by one compiled pattern over the whole dump: our sets' elements have a fixed layout (key,
 counter, optional flags and comment). The matches must tile every message's element list
 exactly, so an element of any other shape fails the read loudly instead of being skipped.
+A message of plain elements only (a key and a counter: rule_traffic's, two thirds of the
+elements) is not matched at all: one comparison checks its layout, and keys and counts are
+read as 32-bit words by strides.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 import socket
 import struct
 import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
@@ -45,10 +49,14 @@ class SetDumpError(Exception):
 @dataclass(frozen=True)
 class KeyLayout:
     """How a set's key is laid out in the kernel, and how to write keys as the plan does
-    (all of a message's at once: in C loops, no Python frame per element)."""
+    (all of a message's at once: in C loops, no Python frame per element). `columns`,
+    where the key is made of 32-bit registers: the same texts from a message of elements
+    of one size (the element list's bytes, the same as native 32-bit words, the words per
+    element; each key starts at word 3)."""
 
     size: int
     texts: Callable[[list[bytes]], Iterable[str]]
+    columns: Callable[[bytes | bytearray, array[int], int], Iterable[str]] | None = None
 
 
 def _marks(keys: list[bytes]) -> Iterable[str]:
@@ -60,6 +68,16 @@ def _directions_and_marks(keys: list[bytes]) -> Iterable[str]:
     directions = map(_DIRECTION_PREFIXES.__getitem__, map(operator.getitem, keys, repeat(0)))
     marks = map(int.from_bytes, map(operator.getitem, keys, repeat(slice(4, 8))), repeat(sys.byteorder))
     return map(operator.add, directions, map(str, marks))
+
+
+def _mark_columns(listed: bytes | bytearray, words: array[int], step: int) -> Iterable[str]:
+    return map(str, words[3::step])
+
+
+def _direction_and_mark_columns(listed: bytes | bytearray, words: array[int], step: int) -> Iterable[str]:
+    # ct_dir is the first byte of its register (whatever the byte order), the mark the next register.
+    directions = map(_DIRECTION_PREFIXES.__getitem__, listed[12 :: step * 4])
+    return map(operator.add, directions, map(str, words[4::step]))
 
 
 def _interfaces(keys: list[bytes]) -> Iterable[str]:
@@ -79,8 +97,8 @@ def _marks_and_addresses(keys: list[bytes]) -> Iterable[str]:
 
 _LAYOUTS = {
     "mark . ipv4_addr": KeyLayout(8, _marks_and_addresses),
-    "mark": KeyLayout(4, _marks),
-    "ct_dir . mark": KeyLayout(8, _directions_and_marks),
+    "mark": KeyLayout(4, _marks, _mark_columns),
+    "ct_dir . mark": KeyLayout(8, _directions_and_marks, _direction_and_mark_columns),
     "ifname": KeyLayout(16, _interfaces),
 }
 
@@ -179,6 +197,8 @@ class SetDumper:
 def _decode(message: bytes | bytearray, start: int, pattern: Patterns, layout: KeyLayout) -> list[CountedElement]:
     length = _ATTRIBUTE.unpack_from(message, start - 4)[0] - 4
     end = start + length
+    if layout.columns is not None and (found := _decode_plain(message[start:end], layout)) is not None:
+        return found
     # Elements, and nothing else, must tile the list exactly. (156,000 elements at 50,000
     # rules: checked, split and converted in C loops, no Python frame per element.)
     if pattern.elements.fullmatch(message, start, end) is None:
@@ -196,6 +216,62 @@ def _decode(message: bytes | bytearray, start: int, pattern: Patterns, layout: K
             strict=True,
         )
     )
+
+
+def _plain_element(key_size: int) -> bytes:
+    """An element with a key and a counter and nothing else (no comment, flags or pad),
+    its key and counts zero: rule_traffic's elements, as nf_tables lists them."""
+    counts = _nested(1, b"\0" * 8) + _nested(2, b"\0" * 8)
+    expression = _nested(7, _nested(1, b"counter\0") + _nested(2, counts))
+    return _nested(1, _nested(1, _nested(1, b"\0" * key_size)) + expression)
+
+
+def _nested(kind: int, payload: bytes) -> bytes:
+    return _ATTRIBUTE.pack(4 + len(payload), kind) + payload
+
+
+_PLAIN: dict[int, bytes] = {}
+
+
+def _decode_plain(listed: bytes | bytearray, layout: KeyLayout) -> list[CountedElement] | None:
+    """The elements of a list made of plain elements only (_plain_element), None if it
+    is not: checked by one comparison with the key and counts blanked, and read as 32-bit
+    words by strides (156,000 elements at 50,000 rules: no match object per element)."""
+    assert layout.columns is not None
+    plain = _PLAIN.get(layout.size) or _PLAIN.setdefault(layout.size, _plain_element(layout.size))
+    size = len(plain)
+    count, rest = divmod(len(listed), size)
+    if rest or not count:
+        return None
+    blanked = bytearray(listed)
+    zeros = bytes(count)
+    octets_at, packets_at = size - 20, size - 8
+    for offset in (*range(12, 12 + layout.size), *range(octets_at, octets_at + 8), *range(packets_at, packets_at + 8)):
+        blanked[offset::size] = zeros
+    if blanked != plain * count:
+        return None
+    words = array("I", listed)
+    step = size // 4
+    counts = array("I", listed)
+    if sys.byteorder == "little":
+        counts.byteswap()  # counters are in network order
+    return list(
+        zip(
+            layout.columns(listed, words, step),
+            _counts(counts, packets_at // 4, step),
+            _counts(counts, octets_at // 4, step),
+            repeat(""),
+            strict=False,  # repeat
+        )
+    )
+
+
+def _counts(words: array[int], at: int, step: int) -> Iterable[str]:
+    """The 64-bit counts whose high word is words[at] in every element, as text."""
+    high, low = words[at::step], words[at + 1 :: step]
+    if not any(high):
+        return map(str, low)
+    return map(str, map(operator.or_, map(operator.lshift, high, repeat(32)), low))
 
 
 def _find_attribute(message: bytes | bytearray, offset: int, wanted: int, end: int) -> int | None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from natgwd.kernel.setdump import SetDumpError, _decode, key_layout, patterns
+from natgwd.kernel.setdump import SetDumpError, _decode, _decode_plain, key_layout, patterns
 from natgwd.planning.counters import counted_elements
 from natgwd.planning.layout import RULE_CONNECTIONS, RULE_TRAFFIC
 from natgwd.planning.plan import set_key_type
@@ -81,6 +81,41 @@ def test_direction_and_mark_concatenation() -> None:
     assert counted_elements(listing)["reply . 7"] == Element()
 
 
+def test_plain_elements_are_read_by_strides_with_counts_past_32_bits() -> None:
+    """rule_traffic's elements (a key and a counter, nothing else) are read as words by
+    strides: the same listing as the pattern's, counts of 64 bits in network order."""
+    keys = [bytes((direction, 0, 0, 0)) + mark(value) for value in (7, 2**32 - 1) for direction in (0, 1)]
+    counts = [(0, 0), (2**32, 1), (2**64 - 1, 2**32 + 5), (80, 2)]
+    elements = [element(key, octets, packets) for key, (octets, packets) in zip(keys, counts, strict=True)]
+    expected = [
+        ("original . 7", "0", "0", ""),
+        ("reply . 7", "1", "4294967296", ""),
+        ("original . 4294967295", "4294967301", "18446744073709551615", ""),
+        ("reply . 4294967295", "2", "80", ""),
+    ]
+    layout = key_layout(set_key_type(RULE_TRAFFIC))
+    payload, start = message(*elements)
+    assert _decode_plain(payload[start:], layout) == expected
+    assert decode(set_key_type(RULE_TRAFFIC), *elements) == expected
+    assert decode("mark", element(mark(9), 2**40, 3)) == [("9", "3", str(2**40), "")]
+
+
+def test_elements_of_other_layouts_among_plain_ones_are_read_by_the_pattern() -> None:
+    """A message that is not all plain elements (here one with flags, one with the pad
+    attribute, one with the nested flag on its attributes) is read by the pattern."""
+    traffic = set_key_type(RULE_TRAFFIC)
+    original, reply = b"\0\0\0\0" + mark(7), b"\x01\0\0\0" + mark(7)
+    nested = bytearray(element(reply, 6, 1))
+    nested[2:4] = struct.pack("=H", 0x8001)  # NLA_F_NESTED on the element
+    for other in (element(reply, 6, 1, listed=True), element(reply, 6, 1, pad=True), bytes(nested)):
+        payload, start = message(element(original, 5, 1), other)
+        assert _decode_plain(payload[start:], key_layout(traffic)) is None
+        assert decode(traffic, element(original, 5, 1), other) == [
+            ("original . 7", "1", "5", ""),
+            ("reply . 7", "1", "6", ""),
+        ]
+
+
 def test_interface_names_keep_their_quotes() -> None:
     assert decode("ifname", element(b"net2".ljust(16, b"\0"), 160, 4)) == [('"net2"', "4", "160", "")]
 
@@ -89,6 +124,10 @@ def test_an_element_of_another_shape_is_an_error() -> None:
     without_counter = attribute(1, attribute(1, attribute(1, mark(9))))
     with pytest.raises(SetDumpError, match="unexpected shape"):
         decode("mark", element(mark(7), 1, 1, "a/b/c"), without_counter)
+    # As long as a plain element, with another expression's name: not read by strides either.
+    other_expression = element(mark(7), 1, 1).replace(b"counter\0", b"limit\0\0\0")
+    with pytest.raises(SetDumpError, match="unexpected shape"):
+        decode("mark", element(mark(8), 1, 1), other_expression)
 
 
 def test_a_key_type_without_a_layout_is_an_error() -> None:
