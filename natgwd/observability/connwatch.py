@@ -82,7 +82,13 @@ class ConnectionWatch:
         self._labels_for: tuple[int, dict[int, RuleLabels]] = (0, {})
         self._rules = RuleLabelTexts()
         # The last scrape's rules, by id in order, and their label texts.
-        self._by_id: tuple[Mapping[str, RuleLabel], dict[int, RuleLabel], list[str]] = ({}, {}, [])
+        # For the labels of the last scrape: the labels by rule id, their texts, and the rules' EIPs.
+        self._by_id: tuple[Mapping[str, RuleLabel], dict[int, RuleLabel], list[str], tuple[str, ...]] = (
+            {},
+            {},
+            [],
+            (),
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -230,8 +236,9 @@ class ConnectionWatch:
             labelled = self._rules.of(connections)
         if labelled is not self._by_id[0]:
             by_id = {label.id: label for label in sorted(labelled.values(), key=_ID)}
-            self._by_id = (labelled, by_id, [label.text for label in by_id.values()])
-        _, by_id, texts = self._by_id
+            distinct = tuple(dict.fromkeys(label.eip for label in by_id.values()))
+            self._by_id = (labelled, by_id, [label.text for label in by_id.values()], distinct)
+        _, by_id, texts, rule_eips = self._by_id
         drained = self._drain(timeout=1.0)
         snapshot = self.tracker.snapshot()
         with self._lock:
@@ -240,7 +247,7 @@ class ConnectionWatch:
             failures_per_eip: dict[str, int] = {}
             for eip, failed in self._failures.values():
                 failures_per_eip[eip] = failures_per_eip.get(eip, 0) + failed
-        open_per_eip = dict.fromkeys((label.eip for label in by_id.values()), 0)
+        open_per_eip = dict.fromkeys(rule_eips, 0)
         for mark, now_open in snapshot.open.items():
             if (label := by_id.get(mark)) is not None:
                 open_per_eip[label.eip] += now_open

@@ -67,20 +67,24 @@ def labels_text(rule: RuleLabels) -> str:
 def family_text(
     family: tuple[str, str, str],
     labels: Sequence[str],
-    closings: Iterable[str],
+    closings: Iterable[str] | None,
     values: Sequence[str],
     opening: str = "{",
 ) -> Iterator[str]:
-    """A family's HELP and TYPE lines and its samples, as pieces to join (four per
-    sample, each piece made once: joining is the one loop over 60,000 samples): sample i
-    is the name, `opening`, labels[i], the i-th of `closings`, values[i] and a newline."""
+    """A family's HELP and TYPE lines and its samples, as pieces to join (three or four
+    per sample, each piece made once: joining is the one loop over 100,000 samples):
+    sample i is the name, `opening`, labels[i], the i-th of `closings` (None: the labels
+    are closed already), values[i] and a newline."""
     name, kind, help_text = family
     header = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
     if not labels:
         return iter((header,))
     # The newline ending a sample and the start of the next are one piece.
     separators = chain(repeat(f"\n{name}{opening}", len(labels) - 1), ("\n",))
-    samples = chain.from_iterable(zip(labels, closings, values, separators, strict=False))  # closings may repeat
+    if closings is None:
+        samples = chain.from_iterable(zip(labels, values, separators, strict=True))
+    else:
+        samples = chain.from_iterable(zip(labels, closings, values, separators, strict=False))  # closings may repeat
     return chain((header + name + opening,), samples)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -140,8 +140,8 @@ class RuleCounters:
     def __init__(self, read: Callable[[], Listings]) -> None:
         self._read = read
         self._rules = RuleLabelTexts()
-        # rule_traffic key -> (label text, direction text), for the rules' labels it was made from.
-        self._traffic_texts: tuple[Mapping[str, RuleLabel], dict[str, tuple[str, str]]] = ({}, {})
+        # rule_traffic key -> its labels' text, closed, for the rules' labels it was made from.
+        self._traffic_texts: tuple[Mapping[str, RuleLabel], dict[str, str]] = ({}, {})
 
     def exposition(self, listings: Listings | None = None) -> bytes:
         """`listings`: the counting sets when the caller has just listed them (one listing
@@ -161,7 +161,7 @@ class RuleCounters:
             counts = [element[1] for element, label in zip(connections, found, strict=True) if label is not None]
         else:
             texts, counts = list(map(_TEXT, found)), list(map(_PACKETS, connections))
-        rules, directions, packets, octets = self._traffic(labelled, listings.get(RULE_TRAFFIC, ()))
+        traffic_texts, packets, octets = self._traffic(labelled, listings.get(RULE_TRAFFIC, ()))
         interfaces, dropped = [], []
         for interface, count, _, _ in listings.get(INVALID_DROPS, ()):
             interfaces.append(escaped(interface.strip('"')))
@@ -171,8 +171,8 @@ class RuleCounters:
         groups = [f"g{int(canonical_key(key)) - HANDOVER_BASE}" for key, _, _, _ in handed or ()]
         families = (
             family_text(_FAMILIES[0], texts, repeat("} "), counts),
-            family_text(_FAMILIES[1], rules, directions, packets),
-            family_text(_FAMILIES[2], rules, directions, octets),
+            family_text(_FAMILIES[1], traffic_texts, None, packets),
+            family_text(_FAMILIES[2], traffic_texts, None, octets),
             family_text(_FAMILIES[3], interfaces, repeat('"} '), dropped, opening='{interface="'),
             family_text(_FAMILIES[4], groups, repeat('"} '), [c for _, c, _, _ in handed or ()], opening='{group="')
             if handed is not None
@@ -182,36 +182,30 @@ class RuleCounters:
 
     def _traffic(
         self, labelled: Mapping[str, RuleLabel], traffic: Sequence[CountedElement]
-    ) -> tuple[list[str], list[str], list[str], list[str]]:
-        """Label text, direction text, packets and bytes of the traffic elements of the
-        labelled rules. While the rules stay the same (the same mapping from
-        RuleLabelTexts), each key's texts are looked up in C loops."""
+    ) -> tuple[list[str], list[str], list[str]]:
+        """The closed label text (rule and direction), packets and bytes of the traffic
+        elements of the labelled rules. While the rules stay the same (the same mapping
+        from RuleLabelTexts), each key's text is looked up in C loops."""
         made_for, texts_of = self._traffic_texts
         if made_for is labelled:
             found = list(map(texts_of.get, map(_KEY, traffic)))
             if None not in found:
-                return (
-                    list(map(_KEY, found)),
-                    list(map(_TEXT, found)),
-                    list(map(_PACKETS, traffic)),
-                    list(map(_BYTES, traffic)),
-                )
+                return cast("list[str]", found), list(map(_PACKETS, traffic)), list(map(_BYTES, traffic))
         texts_of = {}
         direction_texts: dict[str, str] = {}
-        rules, directions, packets, octets = [], [], [], []
+        texts, packets, octets = [], [], []
         for key, count, size, _ in traffic:
             direction, mark = split_traffic_key(key)
             if (rule := labelled.get(mark)) is not None:
-                text = direction_texts.get(direction)
-                if text is None:
-                    text = direction_texts[direction] = f',direction="{escaped(direction)}"}} '
-                texts_of[key] = (rule.text, text)
-                rules.append(rule.text)
-                directions.append(text)
+                closing = direction_texts.get(direction)
+                if closing is None:
+                    closing = direction_texts[direction] = f',direction="{escaped(direction)}"}} '
+                text = texts_of[key] = rule.text + closing
+                texts.append(text)
                 packets.append(count)
                 octets.append(size)
         self._traffic_texts = (labelled, texts_of)
-        return rules, directions, packets, octets
+        return texts, packets, octets
 
 
 # Fields of listed elements, of RuleLabel and of (text, text) pairs, for C loops.
