@@ -124,6 +124,8 @@ def test_an_element_of_another_shape_is_an_error() -> None:
     without_counter = attribute(1, attribute(1, attribute(1, mark(9))))
     with pytest.raises(SetDumpError, match="unexpected shape"):
         decode("mark", element(mark(7), 1, 1, "a/b/c"), without_counter)
+    with pytest.raises(SetDumpError, match="unexpected shape.*: " + without_counter.hex()):
+        decode("mark", element(mark(7), 1, 1, "a/b/c"), without_counter, element(mark(8), 1, 1, "a/b/d"))
     # As long as a plain element, with another expression's name: not read by strides either.
     other_expression = element(mark(7), 1, 1).replace(b"counter\0", b"limit\0\0\0")
     with pytest.raises(SetDumpError, match="unexpected shape"):
