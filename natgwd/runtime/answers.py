@@ -21,6 +21,7 @@ from natgwd.planning.counters import Listings
 from natgwd.planning.layout import RULE_TRAFFIC
 from natgwd.planning.plan import address_text
 from natgwd.qos.status import shaping_exposition
+from natgwd.runtime import collector
 from natgwd.runtime.metrics import RuleCounters
 from natgwd.runtime.reconciler import Reconciler
 
@@ -65,7 +66,11 @@ class Answers:
         self.bgp = bgp
 
     def exposition(self) -> Iterator[bytes]:
-        """/metrics in parts, each made when taken (a part is compressed while the next is made)."""
+        """/metrics in parts, each made when taken (a part is compressed while the next is
+        made), with the cycle collector paused while it is made (natgwd.runtime.collector)."""
+        return collector.each_paused(self._exposition())
+
+    def _exposition(self) -> Iterator[bytes]:
         listings = dict(self.counting_sets())
         counters, labelled = self.rule_counters.labelled_exposition(listings)
         # The traffic elements (the largest listing) are in the counters' lists now, and
