@@ -5,6 +5,7 @@ kernel's listing order, a rule's comment, rules added and removed."""
 from __future__ import annotations
 
 import types
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from natgwd.observability.ctevents import Counted
 from natgwd.observability.exposition import escaped
 from natgwd.planning.counters import CountedElement, Listings
 from natgwd.planning.plan import RuleLabels
+from natgwd.runtime import metrics
 from natgwd.runtime.metrics import RuleCounters
 
 FAMILIES = (
@@ -85,6 +87,19 @@ def test_every_scrape_is_what_one_line_per_sample_makes(sequence: list[dict[str,
     counters = RuleCounters(dict)
     for listing in sequence:
         assert counters.exposition(listing) == one_line_per_sample(listing)
+
+
+@settings(max_examples=50, deadline=None)
+@given(scrapes)
+def test_a_scrape_in_small_parts_is_the_same_text(sequence: list[dict[str, list[CountedElement]]]) -> None:
+    """Parts of PART_PIECES pieces (about a megabyte each at scale: one part held at a time)."""
+    counters = RuleCounters(dict)
+    with patch.object(metrics, "PART_PIECES", 5):
+        for listing in sequence:
+            parts, expected = list(counters.labelled_exposition(listing)[0]), one_line_per_sample(listing)
+            assert b"".join(parts) == expected
+            assert all(part for part in parts)
+            assert len(parts) >= expected.count(b"\n") // 10  # a line is one piece at least, a header two
 
 
 def test_the_same_rules_listed_in_another_order_keep_their_counts() -> None:
