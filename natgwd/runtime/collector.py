@@ -8,7 +8,7 @@ process at a load of 25, 18 walks and one of the middle generation, 0.9 s of a 7
 validation and plan of 50,000 rules; 4 walks, 6%, at 10,000.
 Paused, the new state is walked once, after the applied-state record: the apply's time
 to the record is shorter, the collector's work the same, every cycle still freed.
-A scrape at 50,000 rules allocates 400,000 tuples and strings, none in cycles, freed as
+A scrape at 50,000 rules allocates some 700,000 tuples and strings, none in cycles, freed as
 each part is sent: measured at a load of 14, three young walks and now and then one of
 the middle generation per scrape, about 40 ms of its CPU.
 Pauses overlap (a scrape during an apply, on another thread): the collector is enabled
