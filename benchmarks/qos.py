@@ -1,13 +1,15 @@
 """QoS: how exactly a limit holds, what shaping costs the data plane with 1,000 limited
 EIPs, and what reconciling that many limits costs natgwd.
 
-    .venv/bin/python -m benchmarks.qos                (as root, from the repository)
+    .venv/bin/python -m benchmarks.qos [--only control] [--baseline DIR] [--runs 3]   (as root)
 
 Three parts, each in namespaces it creates and deletes:
 
 - control plane: natgwd.kernel.tc.KernelTc in a bare gateway namespace with N EIPs limited in
-  both directions: the first apply, an apply with nothing to change (what every resync
-  does), one rate change, one scrape's statistics, and removing it all;
+  both directions: the first apply, applies with nothing to change (what every resync
+  does), resyncs repairing drift, rate changes, one scrape's statistics, and removing it
+  all; with --baseline DIR (`git archive main | tar -x -C DIR`), the same with that tree's
+  natgwd, run by run in turn;
 - accuracy: natgwd in the seed lab, one limit at a time on the DNAT EIP (ingress, ext ->
   vm1 through DNAT) and on the SNAT EIP (egress, vm1 -> ext), measured by iperf3 (TCP
   payload; HTB counts frames, so the ideal ratio is 1448/1514 = 0.956);
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import natgwd
 from benchmarks.netns import bare_gateway
 from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import SEED_STATE, Lab
@@ -75,19 +75,14 @@ def with_policy(state: dict[str, Any], name: str, direction: str, rate: float) -
 # --- control plane ---------------------------------------------------------------------------
 
 
-def _control_worker(namespace: str, count: int, queue: Any) -> None:
-    try:
-        _control(namespace, count, queue)
-    except BaseException as err:
-        queue.put({"error": repr(err)})  # the parent would otherwise wait for a result in vain
-        raise
-
-
-def _control(namespace: str, count: int, queue: Any) -> None:
+def _control(namespace: str, count: int, repeats: int) -> dict[str, Any]:
+    """In a process of its own (the tree under test comes first on its path)."""
+    import structlog
     from pyroute2 import netns
 
     from natgwd.kernel.tc import KernelTc
 
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout is for the results
     netns.setns(namespace)
     shaper = KernelTc()
     state = load_state(json.dumps(with_policy(limited_state(count), "one", "ingress", 10)).encode())
@@ -104,9 +99,9 @@ def _control(namespace: str, count: int, queue: Any) -> None:
         )
 
     timed("first_apply", state)
-    for _ in range(5):
+    for _ in range(repeats):
         timed("no_change", state)  # what every resync does
-    for _ in range(3):
+    for _ in range(max(repeats // 4, 1)):
         # Drift: someone changed one class's rate on each tree; the resync repairs both.
         for device in ("net2", ifb_name("net2")):
             listed = subprocess.run(["tc", "class", "show", "dev", device], capture_output=True, text=True).stdout
@@ -114,7 +109,9 @@ def _control(namespace: str, count: int, queue: Any) -> None:
             tc = ["tc", "class", "change", "dev", device, "parent", "4e47:", "classid", limited, "htb"]
             subprocess.run([*tc, "rate", "1mbit"], check=True)
         timed("resync_repairing_drift", state)
-    timed("one_rate_change", changed)
+    for _ in range(max(repeats // 4, 1)):
+        timed("one_rate_change", changed)  # and back: each one class changed
+        timed("one_rate_change", state)
     scrapes = []
     for _ in range(5):
         started = time.monotonic()
@@ -124,19 +121,73 @@ def _control(namespace: str, count: int, queue: Any) -> None:
     started = time.monotonic()
     removed = shaper.remove_all()
     timings["remove_all"] = {"seconds": time.monotonic() - started, "changes": len(removed.changes)}
-    queue.put(timings)
+    return timings
 
 
-def control_plane(count: int) -> dict[str, Any]:
+def control_run(tree: Path, count: int, repeats: int) -> dict[str, Any]:
+    """One run of the control-plane part with natgwd from `tree`, in a namespace of its own."""
     with bare_gateway("ngwqos") as namespace:
-        queue: Any = multiprocessing.get_context("fork").Queue()
-        worker = multiprocessing.get_context("fork").Process(target=_control_worker, args=(namespace, count, queue))
-        worker.start()
-        result = queue.get(timeout=600)
-        worker.join(30)
-    if "error" in result:
-        raise RuntimeError(f"the control-plane worker failed: {result['error']}")
-    return dict(result)
+        env = {**os.environ, "PYTHONPATH": f"{tree}:{REPO}"}
+        # This file as a script: a baseline's tree may have no such worker.
+        command = [sys.executable, str(Path(__file__).resolve()), "--control-worker", namespace]
+        command += ["--eips", str(count), "--repeats", str(repeats)]
+        done = subprocess.run(command, cwd=tree, env=env, check=True, timeout=900, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+CONTROL_LABELS = ("no_change", "resync_repairing_drift", "one_rate_change")
+
+
+def control_plane(count: int, repeats: int, runs: int, baseline: Path | None) -> dict[str, Any]:
+    """`runs` runs of this tree and, run by run in turn, of `baseline`'s."""
+    trees = {"this": REPO} | ({"baseline": baseline.resolve()} if baseline else {})
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for index in range(runs):
+        for name, tree in trees.items() if index % 2 == 0 else reversed(trees.items()):
+            found[name].append(control_run(tree, count, repeats))
+    section: dict[str, Any] = {"runs": found, "summary": {}}
+    for label in CONTROL_LABELS:
+        row: dict[str, Any] = {}
+        for name, results in found.items():
+            samples = [sample for result in results for sample in result[label]]
+            row[name] = {
+                "seconds": summary([s["seconds"] for s in samples]),
+                "cpu_seconds": summary([s["cpu_seconds"] for s in samples]),
+                "loadavg": [min(s["loadavg"] for s in samples), max(s["loadavg"] for s in samples)],
+                "changes": samples[0]["changes"],
+            }
+        if baseline is not None:
+            # Run by run, each run's median against the baseline's run beside it.
+            medians = {
+                name: [summary([s["seconds"] for s in result[label]])["median"] for result in results]
+                for name, results in found.items()
+            }
+            row["this_per_baseline"] = summary(
+                [a / b for a, b in zip(medians["this"], medians["baseline"], strict=True)]
+            )
+        section["summary"][label] = row
+    return section
+
+
+def control_lines(section: dict[str, Any]) -> list[str]:
+    lines = []
+    for label, row in section["summary"].items():
+        for name in ("this", "baseline"):
+            if name not in row:
+                continue
+            seconds, cpu, load = row[name]["seconds"], row[name]["cpu_seconds"], row[name]["loadavg"]
+            lines.append(
+                f"  {label:22} {name:8} median {seconds['median'] * 1000:7.1f} ms ({seconds['min'] * 1000:.1f}-"
+                f"{seconds['max'] * 1000:.1f}, n={seconds['n']}), CPU {cpu['median'] * 1000:.1f} ms, "
+                f"load {load[0]:.1f}-{load[1]:.1f}, changes {row[name]['changes']}"
+            )
+        if "this_per_baseline" in row:
+            ratio = row["this_per_baseline"]
+            lines.append(
+                f"  {label:22} this / baseline per run {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})"
+            )
+    return lines
 
 
 # --- the lab: accuracy and cost -------------------------------------------------------------
@@ -217,29 +268,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run")
     parser.add_argument("--rates", default="5,10,50,200", help="limits to measure, Mbit/s")
     parser.add_argument("--only", choices=("control",), help="the control plane only (no lab, no traffic)")
+    parser.add_argument("--baseline", type=Path, help="another tree's sources (main's), its control plane in turn")
+    parser.add_argument("--runs", type=int, default=3, help="control-plane runs of each tree")
+    parser.add_argument("--repeats", type=int, default=20, help="resyncs with nothing to change per run")
+    parser.add_argument("--control-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.control_worker:
+        print(json.dumps(_control(args.control_worker, args.eips, args.repeats)))
+        return 0
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 1
     results: dict[str, Any] = {
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
         "eips": args.eips,
-        "natgwd_tree": str(Path(natgwd.__file__).resolve().parent),  # with PYTHONPATH, another tree's
-        "control_plane": control_plane(args.eips),
+        "git": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
+        "baseline": str(args.baseline) if args.baseline else None,
+        "control_plane": control_plane(args.eips, args.repeats, args.runs, args.baseline),
     }
     if args.only is None:
         results.update(lab_parts(args.eips, args.seconds, [float(r) for r in args.rates.split(",")]))
     out = write_results("qos", results)
     print(f"control plane, {args.eips} EIPs limited both ways ({2 * args.eips} classes and filters):")
-    for label, value in results["control_plane"].items():
-        if isinstance(value, list):
-            seconds = ", ".join(f"{run['seconds']:.3f}" for run in value)
-            cpu = ", ".join(f"{run['cpu_seconds']:.3f}" for run in value)
-            loads = ", ".join(f"{run['loadavg']:.1f}" for run in value)
-            print(f"  {label:22} {seconds} s (CPU {cpu} s; load {loads}), changes {value[0]['changes']}")
-        else:
-            seconds = value.get("seconds", value.get("median"))
-            print(f"  {label:22} {seconds:8.3f} s  {value.get('changes', value.get('classes', ''))}")
+    print("\n".join(control_lines(results["control_plane"])))
+    for run in results["control_plane"]["runs"]["this"]:
+        first, scrape = run["first_apply"][0], run["scrape_statistics"]
+        print(
+            f"  this tree: first apply {first['seconds']:.3f} s ({first['changes']} changes), "
+            f"a scrape's statistics {scrape['median']:.3f} s ({scrape['classes']} classes)"
+        )
     if args.only is not None:
         print(f"written to {out.relative_to(REPO)}")
         return 0

@@ -143,7 +143,7 @@ class RtNetlink:
     def addresses(self, index: int = 0) -> list[Address]:
         """The addresses of interface `index` (0: of every interface), both families."""
         request = struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, index)
-        found = [_address(body) for body in self._dump(RTM_GETADDR, request)]
+        found = [_address(body) for body in self.dump(RTM_GETADDR, request)]
         # A kernel without strict checking sends every interface's.
         return [a for a in found if a is not None and (not index or a.index == index)]
 
@@ -153,14 +153,15 @@ class RtNetlink:
         if table:
             request += attribute(RTA_TABLE, struct.pack("=I", table))
         try:
-            found = [_route(body) for body in self._dump(RTM_GETROUTE, request)]
+            found = [_route(body) for body in self.dump(RTM_GETROUTE, request)]
         except OSError as err:
             if err.errno == errno.ENOENT:  # no such table (yet)
                 return []
             raise
         return [r for r in found if (not table or r.table == table) and (not protocol or r.protocol == protocol)]
 
-    def _dump(self, kind: int, request: bytes) -> Iterator[bytes]:
+    def dump(self, kind: int, request: bytes) -> Iterator[bytes]:
+        """The bodies of the messages a dump request of type `kind` answers with."""
         sequence = self._next()
         self.sock.send(_HEADER.pack(16 + len(request), kind, NLM_F_REQUEST | NLM_F_DUMP, sequence, 0) + request)
         while True:

