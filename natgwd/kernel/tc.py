@@ -22,7 +22,7 @@ import errno
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import structlog
@@ -56,6 +56,7 @@ from natgwd.qos.plan import (
     ClassKey,
     ClassStats,
     FilterSpec,
+    HtbClass,
     QosWants,
     TcReport,
     Tree,
@@ -138,7 +139,7 @@ _U32 = struct.Struct("=I")
 
 # rtnetlink and u32 constants (linux/rtnetlink.h, linux/pkt_cls.h): pyroute2's tc API
 # cannot set a u32 filter's hash table, link or divisor, so these messages are built here.
-RTM_NEWTFILTER = 44
+RTM_NEWTCLASS, RTM_DELTCLASS, RTM_NEWTFILTER, RTM_DELTFILTER = 40, 41, 44, 45
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_U32_CLASSID, TCA_U32_HASH, TCA_U32_LINK, TCA_U32_DIVISOR, TCA_U32_SEL = 1, 2, 3, 4, 5
@@ -178,7 +179,7 @@ def _u32_request(
         )
         options += nla(TCA_U32_SEL, selector)
     info = (prio << 16) | socket.htons(ETH_P_IP)
-    body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, handle_, ROOT_HANDLE, info)
     body += nla(TCA_KIND, b"u32\0") + nla(TCA_OPTIONS | NLA_F_NESTED, options)
     return Request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body)
 
@@ -202,8 +203,11 @@ TCA_U32_ACT, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_MIRRED_PARMS = 7, 1, 2, 2
 _MIRRED_PARMS = struct.Struct("=IIiiiiI")
 # linux/pkt_sched.h: struct tc_htb_opt (rate and ceil are struct tc_ratespec: cell_log,
 # linklayer, overhead, cell_align, mpu, rate), then buffer, cbuffer, quantum, level, prio
-TCA_HTB_PARMS = 1
+TCA_HTB_PARMS, TCA_HTB_RATE64, TCA_HTB_CEIL64 = 1, 6, 7
 _HTB_PARMS = struct.Struct("=BBHhHI BBHhHI IIIII")
+# With the link layer named, HTB needs no rate table (as `tc` sends it when asked for one).
+TC_LINKLAYER_ETHERNET = 1
+_TCMSG = struct.Struct("=BxxxiIII")
 # linux/gen_stats.h: TCA_STATS_BASIC (bytes u64, packets u32),
 # TCA_STATS_QUEUE (qlen, backlog, drops, requeues, overlimits)
 TCA_STATS_BASIC, TCA_STATS_QUEUE = 1, 3
@@ -218,6 +222,39 @@ def _htb_parms(options: dict[int, bytes] | None) -> dict[str, int] | None:
     return {"rate": values[5], "ceil": values[11], "buffer": values[12], "cbuffer": values[13]}
 
 
+_Rates = tuple[int, int, int, int]  # an HTB class's rate, ceil, buffer and cbuffer (ticks)
+
+
+def _rates(spec: HtbClass) -> _Rates:
+    """What a class of the plan reads back as."""
+    ticks = _ticks(spec.rate_bytes, spec.burst_bytes)
+    return spec.rate_bytes, spec.rate_bytes, ticks, ticks
+
+
+def _class_request(index: int, minor: int, spec: HtbClass, *, add: bool) -> Request:
+    """The request that adds (or changes) class `minor` of natgwd's tree."""
+    rate, ticks = spec.rate_bytes, _ticks(spec.rate_bytes, spec.burst_bytes)
+    low = min(rate, 0xFFFFFFFF)  # above: the 64-bit attributes carry it
+    ratespec = (0, TC_LINKLAYER_ETHERNET, 0, 0, 0, low)  # cell_log, linklayer, overhead, cell_align, mpu, rate
+    parms = _HTB_PARMS.pack(*ratespec, *ratespec, ticks, ticks, _quantum(rate), 0, 0)
+    options = nla(TCA_HTB_PARMS, parms)
+    if rate > 0xFFFFFFFF:
+        options += nla(TCA_HTB_RATE64, struct.pack("=Q", rate)) + nla(TCA_HTB_CEIL64, struct.pack("=Q", rate))
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, handle(minor), ROOT_HANDLE, 0)
+    body += nla(TCA_KIND, b"htb\0") + nla(TCA_OPTIONS | NLA_F_NESTED, options)
+    return Request(RTM_NEWTCLASS, NLM_F_CREATE | NLM_F_EXCL if add else 0, body)
+
+
+def _delete_class(index: int, minor: int) -> Request:
+    return Request(RTM_DELTCLASS, 0, _TCMSG.pack(socket.AF_UNSPEC, index, handle(minor), 0, 0))
+
+
+def _delete_filter(index: int, parent: int, kernel: _KernelFilter) -> Request:
+    info = (kernel.spec.prio << 16) | socket.htons(ETH_P_IP)
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, kernel.handle, parent, info) + nla(TCA_KIND, b"u32\0")
+    return Request(RTM_DELTFILTER, 0, body)
+
+
 def _quantum(rate_bytes: int) -> int:
     return min(max(rate_bytes // 10, MIN_QUANTUM), MAX_QUANTUM)
 
@@ -226,13 +263,45 @@ def _ticks(rate_bytes: int, burst: int) -> int:
     return int(calc_xmittime(rate_bytes, burst))
 
 
-class _Verified(NamedTuple):
-    """A tree as a sync found it with nothing to change: the wants, the signatures of its
-    classes' and filters' messages (natgwd.kernel.tcdump.signature), what its classes limit."""
+class _Filter(NamedTuple):
+    kernel: _KernelFilter
+    key: ClassKey | None  # what it limits (key_of)
 
-    wanted: Mapping[ClassKey, Want]
-    found: tuple[bytes, bytes]
-    keys: dict[int, ClassKey]
+
+@dataclass
+class _Memo:
+    """What the last sync of a device's tree read and planned: its messages decoded, by
+    signature (decoding reads nothing a signature leaves out), the plan and what it was
+    made from, and the wants and signatures if that sync found nothing to change."""
+
+    direction: Direction
+    filters: dict[bytes, _Filter | None] = field(default_factory=dict)
+    classes: dict[bytes, tuple[int, _Rates] | None] = field(default_factory=dict)
+    plan: tuple[Mapping[ClassKey, Want], dict[ClassKey, int], Tree, dict[int, _Rates]] | None = None
+    verified: tuple[Mapping[ClassKey, Want], tuple[bytes, bytes]] | None = None
+
+    def read_filters(self, signatures: list[bytes]) -> list[_Filter]:
+        known, self.filters = self.filters, {}
+        for found in signatures:
+            if found in known:
+                self.filters[found] = known[found]
+            else:
+                kernel = _read_filter(found)
+                self.filters[found] = None if kernel is None else _Filter(kernel, key_of(self.direction, kernel.spec))
+        return [entry for entry in map(self.filters.__getitem__, signatures) if entry is not None]
+
+    def read_classes(self, signatures: list[bytes]) -> dict[int, _Rates]:
+        known, self.classes = self.classes, {}
+        for found in signatures:
+            self.classes[found] = known[found] if found in known else _read_class(found)
+        return dict(entry for entry in map(self.classes.__getitem__, signatures) if entry is not None)
+
+    def tree(self, wanted: Mapping[ClassKey, Want], previous: dict[ClassKey, int]) -> tuple[Tree, dict[int, _Rates]]:
+        """The plan, and what its classes read back as."""
+        if self.plan is None or self.plan[:2] != (wanted, previous):
+            planned = tree(self.direction, wanted, previous)
+            self.plan = (wanted, previous, planned, {minor: _rates(c) for minor, c in planned.classes.items()})
+        return self.plan[2], self.plan[3]
 
 
 class _Netlink:
@@ -294,7 +363,7 @@ class KernelTc:
         # What each class of a tree limits, as last synced, by device: a scrape then needs
         # the classes only (reading the filters back costs twice as much).
         self._keys: dict[str, dict[int, ClassKey]] = {}
-        self._verified: dict[str, _Verified] = {}  # by device
+        self._memos: dict[str, _Memo] = {}  # by device
 
     @property
     def leaf(self) -> str | None:
@@ -386,7 +455,9 @@ class KernelTc:
     def _sync_tree(self, device: _Device, direction: Direction, wants: QosWants) -> None:
         name, report, net = device.name, device.report, device.net
         self._keys.pop(name, None)  # until this sync has finished
-        verified = self._verified.pop(name, None)
+        memo = self._memos.get(name)
+        if memo is None or memo.direction != direction:
+            memo = self._memos[name] = _Memo(direction)
         kind, root = device.root()
         if root == ROOT_HANDLE and kind != "htb":
             net.ipr.tc("del", index=device.index, handle=ROOT_HANDLE, parent=TC_H_ROOT)
@@ -404,35 +475,40 @@ class KernelTc:
         writes = net.writes
         filter_messages = tc_dump(net.rt, RTM_GETTFILTER, device.index, ROOT_HANDLE)
         class_messages = tc_dump(net.rt, RTM_GETTCLASS, device.index)
+        filter_signatures = list(map(signature, filter_messages))
+        class_signatures = list(map(signature, class_messages))
         # The same messages (but for their counters) and the same wants: the same outcome
         # as the sync that verified them, nothing to change. A class's message names its
         # leaf qdisc's handle, so a replaced leaf is a new message too.
-        found = (b"".join(map(signature, class_messages)), b"".join(map(signature, filter_messages)))
         wanted_here = wants.by_direction[direction]
-        if verified is not None and verified.found == found and verified.wanted == wanted_here:
-            self._verified[name] = verified
-            self._keys[name] = verified.keys
+        found = (b"".join(class_signatures), b"".join(filter_signatures))
+        if memo.verified is not None and memo.plan is not None and memo.verified == (wanted_here, found):
+            self._keys[name] = dict(memo.plan[2].keys)
             return
-        filters = device.filters_of(filter_messages)
-        classes = device.classes_of(class_messages)
+        memo.verified = None
+        read = memo.read_filters(filter_signatures)
+        classes = memo.read_classes(class_signatures)
+        filters = [f.kernel for f in read]
         # Class ids from the filters that lead to a class: a stray filter cannot move one.
         previous = {
-            key: f.spec.minor
-            for f in filters
-            if f.spec.minor in classes and _placed(f) and (key := key_of(direction, f.spec)) is not None
+            f.key: f.kernel.spec.minor
+            for f in read
+            if f.kernel.spec.minor in classes and _placed(f.kernel) and f.key is not None
         }
-        wanted = tree(direction, wanted_here, previous)
+        wanted, rates = memo.tree(wanted_here, previous)
         # Filters go before their classes do, and come after them: a filter never points
         # to a class that is not there.
         rules = [f for f in filters if not f.divisor and not f.link]
         kept = device.remove_filters(rules, wanted)
         device.sync_table(direction, filters)
-        device.sync_classes(classes, wanted)
+        device.sync_classes(classes, wanted, rates)
+        device.flush()
         self._leaves(device, wanted)
         device.add_filters(kept, wanted)
+        device.flush()
         self._keys[name] = dict(wanted.keys)
         if net.writes == writes:
-            self._verified[name] = _Verified(wanted_here, found, self._keys[name])
+            memo.verified = (wanted_here, found)
 
     def _leaves(self, device: _Device, wanted: Tree) -> None:
         """fq_codel under every class where the kernel has it (as upstream); else HTB's
@@ -500,7 +576,7 @@ class KernelTc:
 
     def _forget(self, name: str) -> None:
         self._keys.pop(name, None)
-        self._verified.pop(name, None)
+        self._memos.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -512,6 +588,31 @@ class _Device:
     index: int
     name: str
     report: TcReport
+    # Requests not sent yet: each with the change it makes ("": one reported otherwise) and
+    # the errors that mean it is made.
+    pending: list[tuple[Request, str, tuple[int, ...]]] = field(default_factory=list)
+
+    def queue(self, request: Request, change: str, done_if: tuple[int, ...] = ()) -> None:
+        self.pending.append((request, change, done_if))
+
+    def flush(self) -> None:
+        """Send the queued requests, many to a send, their acknowledgements read together:
+        the kernel takes them one by one, in order. The changes made go to the report; a
+        refusal raises once all were sent."""
+        if not self.pending:
+            return
+        pending = list(self.pending)
+        self.pending.clear()
+        self.net.written()
+        refused = []
+        for (_, change, done_if), refusal in zip(pending, self.net.rt.send_all([p[0] for p in pending]), strict=True):
+            if (refusal is None or refusal.code in done_if) and change:
+                self.report.changes.append(change)
+            elif refusal is not None and refusal.code not in done_if:
+                refused.append((change, refusal))
+        if refused:
+            change, refusal = refused[0]
+            raise OSError(refusal.code, f"{change}: {refusal} ({len(refused)} of {len(pending)} refused)")
 
     def root(self) -> tuple[str | None, int | None]:
         """The kind and handle of the device's root qdisc (None, None: none listed)."""
@@ -522,31 +623,8 @@ class _Device:
 
     def filters(self, parent: int) -> list[_KernelFilter]:
         """The u32 filters under `parent`, and the entry of natgwd's EIP hash table."""
-        return self.filters_of(tc_dump(self.net.rt, RTM_GETTFILTER, self.index, parent))
-
-    @staticmethod
-    def filters_of(messages: list[bytes]) -> list[_KernelFilter]:
-        found = []
-        for msg in map(decode, messages):
-            options = msg.options
-            if msg.kind != "u32" or options is None:
-                continue
-            prio, filter_handle = msg.info >> 16, msg.handle
-            if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
-                if filter_handle == EIP_TABLE:
-                    divisor = _u32(options.get(TCA_U32_DIVISOR)) or 1
-                    found.append(_KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor))
-                continue
-            selector = _selector(options.get(TCA_U32_SEL))
-            classid = _u32(options.get(TCA_U32_CLASSID))
-            value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
-            # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
-            minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
-            spec = FilterSpec(prio, offset, value, mask, minor)
-            hash_key = (selector.hash_offset, selector.hash_mask)
-            link = _u32(options.get(TCA_U32_LINK))
-            found.append(_KernelFilter(spec, filter_handle, _mirred_target(options.get(TCA_U32_ACT)), link, hash_key))
-        return found
+        found = map(_read_filter, tc_dump(self.net.rt, RTM_GETTFILTER, self.index, parent))
+        return [f for f in found if f is not None]
 
     def remove_filters(self, present: list[_KernelFilter], wanted: Tree) -> set[FilterSpec]:
         """Delete the filters the tree does not have (and second copies); the ones kept."""
@@ -556,11 +634,12 @@ class _Device:
             if wanted_here and kernel.spec not in kept:
                 kept.add(kernel.spec)
             else:
-                self.del_filter(ROOT_HANDLE, kernel)
-                self.report.changes.append(f"delete filter {_describe(kernel.spec)} on {self.name}")
+                self.del_filter(ROOT_HANDLE, kernel, f"delete filter {_describe(kernel.spec)} on {self.name}")
         return kept
 
     def add_filters(self, kept: set[FilterSpec], wanted: Tree) -> None:
+        if len(kept) == len(wanted.filters):  # kept holds wanted filters only
+            return
         for spec in sorted(wanted.filters - kept, key=lambda s: (s.prio, s.minor)):
             bucket = EIP_TABLE | (spec.value & HASH_MASK) << 12 if spec.prio == EIP_PRIO else None
             request = _u32_request(
@@ -570,8 +649,7 @@ class _Device:
                 classid=handle(spec.minor),
                 into=bucket,
             )
-            self.net.send(request, "add u32 filter")
-            self.report.changes.append(f"add filter {_describe(spec)} on {self.name}")
+            self.queue(request, f"add filter {_describe(spec)} on {self.name}")
 
     def sync_table(self, direction: Direction, present: list[_KernelFilter]) -> None:
         """The EIP hash table and the one filter that links to it. Every tree has them, also
@@ -583,77 +661,31 @@ class _Device:
         good = [f for f in links if (f.link, f.spec.prio, f.hash_key) == (EIP_TABLE, EIP_PRIO, hash_key)]
         for kernel in links:
             if kernel is not (good[0] if good else None):
-                self.del_filter(ROOT_HANDLE, kernel)
-                self.report.changes.append(f"delete a wrong link to the EIP hash table on {self.name}")
+                self.del_filter(ROOT_HANDLE, kernel, f"delete a wrong link to the EIP hash table on {self.name}")
         if not tables:
             table = _u32_request(self.index, EIP_PRIO, handle_=EIP_TABLE, divisor=HASH_BUCKETS)
-            self.net.send(table, "add u32 hash table")
-            self.report.changes.append(f"add the EIP hash table on {self.name}")
+            self.queue(table, f"add the EIP hash table on {self.name}")
         if not good:
             link = _u32_request(self.index, EIP_PRIO, keys=((0, 0, 0),), link=EIP_TABLE, hash_key=hash_key)
-            self.net.send(link, "add u32 filter")
-            self.report.changes.append(f"add the link to the EIP hash table on {self.name}")
+            self.queue(link, f"add the link to the EIP hash table on {self.name}")
 
-    def del_filter(self, parent: int, kernel: _KernelFilter) -> None:
-        try:
-            self.net.ipr.tc(
-                "del-filter",
-                "u32",
-                self.index,
-                handle=kernel.handle,
-                parent=parent,
-                prio=kernel.spec.prio,
-                protocol=ETH_P_IP,
-                target=0,
-            )
-        except NetlinkError as err:
-            if err.code != errno.ENOENT:
-                raise
+    def del_filter(self, parent: int, kernel: _KernelFilter, change: str) -> None:
+        self.queue(_delete_filter(self.index, parent, kernel), change, done_if=(errno.ENOENT,))
 
-    @staticmethod
-    def classes_of(messages: list[bytes]) -> dict[int, Mapping[str, int]]:
-        """The HTB parameters of the tree's classes, by minor."""
-        present: dict[int, Mapping[str, int]] = {}
-        for msg in map(decode, messages):
-            # A class at the top of the tree lists the root (not the qdisc) as its parent.
-            if msg.handle >> 16 == ROOT_MAJOR and msg.parent in (TC_H_ROOT, ROOT_HANDLE):
-                parms = _htb_parms(msg.options)
-                if parms is None:
-                    raise TcDumpError(errno.EPROTO, f"class {msg.handle:x} of natgwd's tree without HTB parameters")
-                present[msg.handle & 0xFFFF] = parms
-        return present
-
-    def sync_classes(self, present: dict[int, Mapping[str, int]], wanted: Tree) -> None:
+    def sync_classes(self, present: dict[int, _Rates], wanted: Tree, rates: dict[int, _Rates]) -> None:
+        """Queue what makes the classes `rates` (what the plan's read back as)."""
         for minor in sorted(present.keys() - wanted.classes.keys()):
-            # Without a kind: pyroute2 would encode HTB parameters; the parent is then the
-            # root, whose qdisc is natgwd's tree.
-            self.net.ipr.tc("del-class", index=self.index, handle=handle(minor))
-            self.report.changes.append(f"delete class {ROOT_MAJOR:x}:{minor:x} on {self.name}")
+            self.queue(_delete_class(self.index, minor), f"delete class {ROOT_MAJOR:x}:{minor:x} on {self.name}")
+        if present == rates:
+            return
         for minor, spec in sorted(wanted.classes.items()):
-            ticks = _ticks(spec.rate_bytes, spec.burst_bytes)
-            parms = present.get(minor)
-            if parms is not None and (parms["rate"], parms["ceil"], parms["buffer"], parms["cbuffer"]) == (
-                spec.rate_bytes,
-                spec.rate_bytes,
-                ticks,
-                ticks,
-            ):
+            found = present.get(minor)
+            if found == rates[minor]:
                 continue
-            self.net.ipr.tc(
-                "change-class" if parms is not None else "add-class",
-                "htb",
-                self.index,
-                handle(minor),
-                parent=ROOT_HANDLE,
-                rate=spec.rate_bytes,
-                ceil=spec.rate_bytes,
-                burst=spec.burst_bytes,
-                cburst=spec.burst_bytes,
-                quantum=_quantum(spec.rate_bytes),
-            )
-            verb = "change" if parms is not None else "add"
-            self.report.changes.append(
-                f"{verb} class {ROOT_MAJOR:x}:{minor:x} rate {spec.rate_bytes * 8} bit/s on {self.name}"
+            verb = "change" if found is not None else "add"
+            self.queue(
+                _class_request(self.index, minor, spec, add=found is None),
+                f"{verb} class {ROOT_MAJOR:x}:{minor:x} rate {spec.rate_bytes * 8} bit/s on {self.name}",
             )
 
     def ensure_redirect(self, ifb: int) -> bool:
@@ -673,8 +705,9 @@ class _Device:
         ours = [f for f in filters if f.spec == redirect and f.mirred_ifindex == ifb]
         for kernel in filters:
             if kernel is not (ours[0] if ours else None):
-                self.del_filter(INGRESS_HANDLE, kernel)
-                self.report.changes.append(f"delete stray filter at priority {MIRRED_PRIO} on {self.name} ingress")
+                change = f"delete stray filter at priority {MIRRED_PRIO} on {self.name} ingress"
+                self.del_filter(INGRESS_HANDLE, kernel, change)
+        self.flush()
         if not ours:
             self.net.ipr.tc(
                 "add-filter",
@@ -696,11 +729,47 @@ class _Device:
         if not ours:
             return  # not natgwd's
         for kernel in ours:
-            self.del_filter(INGRESS_HANDLE, kernel)
+            self.del_filter(INGRESS_HANDLE, kernel, "")
+        self.flush()
         self.report.changes.append(f"delete redirect of {self.name} ingress")
         if len(ours) == len(filters):
             self.net.ipr.tc("del", "ingress", self.index, INGRESS_HANDLE)
             self.report.changes.append(f"delete ingress qdisc on {self.name}")
+
+
+def _read_filter(message: bytes) -> _KernelFilter | None:
+    """A u32 filter, or the entry of natgwd's EIP hash table (None: anything else)."""
+    msg = decode(message)
+    options = msg.options
+    if msg.kind != "u32" or options is None:
+        return None
+    prio, filter_handle = msg.info >> 16, msg.handle
+    if not filter_handle & 0xFFF:  # a hash table: only natgwd's own is of interest
+        if filter_handle != EIP_TABLE:
+            return None
+        divisor = _u32(options.get(TCA_U32_DIVISOR)) or 1
+        return _KernelFilter(FilterSpec(prio, -1, 0, 0, -1), filter_handle, None, divisor=divisor)
+    selector = _selector(options.get(TCA_U32_SEL))
+    classid = _u32(options.get(TCA_U32_CLASSID))
+    value, mask, offset = selector.keys[0] if len(selector.keys) == 1 else (0, 0, -1)  # -1: not one key
+    # -1: a filter without a class, or to a class of another tree, which no wanted filter equals
+    minor = classid & 0xFFFF if classid >> 16 == ROOT_MAJOR else -1
+    spec = FilterSpec(prio, offset, value, mask, minor)
+    hash_key = (selector.hash_offset, selector.hash_mask)
+    link = _u32(options.get(TCA_U32_LINK))
+    return _KernelFilter(spec, filter_handle, _mirred_target(options.get(TCA_U32_ACT)), link, hash_key)
+
+
+def _read_class(message: bytes) -> tuple[int, _Rates] | None:
+    """The minor and HTB parameters of a class of natgwd's tree (None: another class)."""
+    msg = decode(message)
+    # A class at the top of the tree lists the root (not the qdisc) as its parent.
+    if msg.handle >> 16 != ROOT_MAJOR or msg.parent not in (TC_H_ROOT, ROOT_HANDLE):
+        return None
+    parms = _htb_parms(msg.options)
+    if parms is None:
+        raise TcDumpError(errno.EPROTO, f"class {msg.handle:x} of natgwd's tree without HTB parameters")
+    return msg.handle & 0xFFFF, (parms["rate"], parms["ceil"], parms["buffer"], parms["cbuffer"])
 
 
 def _placed(kernel: _KernelFilter) -> bool:

@@ -120,17 +120,18 @@ def signature(body: bytes) -> bytes:
 
 
 def _without_counters(body: bytes, start: int, end: int) -> bytes:
-    """A u32 filter's TCA_OPTIONS (header included) without its hit counters."""
-    kept = [body[start : start + 4]]
+    """A u32 filter's TCA_OPTIONS without its hit counters (an attribute as decode reads it)."""
+    kept = []
     offset = start + 4
     while offset + 4 <= end:
         length, kind = _NLATTR.unpack_from(body, offset)
         if length < 4 or offset + length > end:
             raise TcDumpError(errno.EPROTO, f"u32 option {kind & NLA_TYPE_MASK} of {length} bytes does not fit")
         if kind & NLA_TYPE_MASK not in _U32_COUNTERS:
-            kept.append(body[offset : offset + length])
+            kept.append(body[offset : min(offset + ((length + 3) & ~3), end)])
         offset += (length + 3) & ~3
-    return b"".join(kept)
+    options = b"".join(kept)
+    return _NLATTR.pack(4 + len(options), _NLATTR.unpack_from(body, start)[1]) + options
 
 
 def links(rt: RtNetlink) -> list[Link]:

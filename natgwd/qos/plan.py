@@ -125,13 +125,14 @@ def wants(state: DesiredState) -> QosWants:
     """The limited classes of each direction (none: the direction needs no tree)."""
     policies = {p.name: p for p in state.qos_policies}
     result: dict[Direction, dict[ClassKey, Want]] = {"ingress": {}, "egress": {}}
+    limits = {p.name: [(r.direction, r.rate_bits, burst_bytes(r)) for r in p.rules] for p in state.qos_policies}
     for eip in state.eips:
-        policy = policies.get(eip.qos_policy or "")
-        if policy is None or eip.v4ip is None:  # validation allows QoS on IPv4 EIPs only
+        rules = limits.get(eip.qos_policy or "")
+        if rules is None or eip.v4ip is None:  # validation allows QoS on IPv4 EIPs only
             continue
         key = ClassKey("eip", inet_ntoa(eip.v4ip.packed))  # str() costs 5 times as much
-        for rule in policy.rules:
-            result[rule.direction][key] = Want(rule.rate_bits, burst_bytes(rule), EIP_PRIO, eip.name)
+        for direction, rate_bits, burst in rules:
+            result[direction][key] = Want(rate_bits, burst, EIP_PRIO, eip.name)
     gateway = policies.get(state.qos_policy or "")
     for rule in gateway.rules if gateway else ():
         label = f"{gateway.name}/{rule.name}" if gateway else rule.name

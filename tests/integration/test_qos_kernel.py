@@ -139,3 +139,86 @@ def test_random_states_round_trip_through_the_kernel(namespace: str, tmp_path: P
     qdiscs = in_namespace(namespace, "tc", "qdisc", "show")
     assert all(line.startswith("qdisc noqueue") for line in qdiscs.splitlines()), qdiscs
     assert in_namespace(namespace, "ip", "-br", "link", "show", "type", "ifb") == ""
+
+
+DRIFT_WORKER = """
+import json, sys
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+from natgwd.kernel.tc import KernelTc
+from natgwd.qos.plan import wants
+from natgwd.state.validation import load_state
+shaper = KernelTc()
+planned = wants(load_state(open(sys.argv[1], "rb").read()))
+for _ in sys.stdin:
+    report = shaper.apply(planned)
+    print(json.dumps(report.changes + report.errors), flush=True)
+"""
+
+
+def listing(namespace: str, device: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The tree's classes (their leaf qdiscs aside) and each filter's class and match (their
+    handles aside: a filter added again may get another)."""
+    classes = in_namespace(namespace, "tc", "class", "show", "dev", device).splitlines()
+    lines = in_namespace(namespace, "tc", "filter", "show", "dev", device, "parent", "4e47:").splitlines()
+    filters = []
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        if "flowid" in line:
+            filters.append((line.split("flowid ")[1].split()[0], following.strip()))
+    return sorted(" ".join(w for w in c.split() if ":" not in w or w.startswith("4e47:")) for c in classes), sorted(
+        filters
+    )
+
+
+def test_drift_behind_natgwds_back_is_repaired_after_resyncs_that_found_nothing(namespace: str, tmp_path: Path) -> None:
+    """Guards against a resync trusting a tree it verified before: a filter sent to another
+    class, a filter deleted, a stray filter and a class's rate, each changed with `tc`
+    (the classes untouched for the filters), are repaired by the next resync."""
+    state: dict[str, Any] = json.loads(json.dumps(SEED_STATE))
+    state["eips"] += [{"name": f"e{i}", "v4ip": f"10.115.50.{i}", "qosPolicy": "p"} for i in range(1, 6)]
+    rules = [{"name": d, "direction": d, "rateMax": "10"} for d in ("ingress", "egress")]
+    state["qosPolicies"] = [{"name": "p", "bindingType": "EIP", "bandwidthLimitRules": rules}]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    worker = subprocess.Popen(
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", DRIFT_WORKER, str(tmp_path / "state.json")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+
+    def resync() -> list[str]:
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        changes: list[str] = json.loads(worker.stdout.readline())
+        return changes
+
+    def tc(*command: str) -> None:
+        subprocess.run(["ip", "netns", "exec", namespace, "tc", *command], check=True)
+
+    try:
+        assert resync()  # the trees built
+        assert resync() == []  # read and verified
+        assert resync() == []  # as verified
+        shaped = {device: listing(namespace, device) for device in ("net2", "ifb-net2")}
+        match = ("match", "ip", "src", "10.115.50.2/32")
+        drifts = [
+            (("filter", "replace", "dev", "net2", "parent", "4e47:", "protocol", "ip", "prio", "100", "handle",
+              "4e4:2:800", "u32", "ht", "4e4:2:", *match, "flowid", "4e47:fffe"), ["delete filter", "add filter"]),
+            (("filter", "del", "dev", "net2", "parent", "4e47:", "protocol", "ip", "prio", "100", "handle",
+              "4e4:3:800", "u32"), ["add filter"]),
+            (("filter", "add", "dev", "net2", "parent", "4e47:", "protocol", "ip", "prio", "300", "u32", *match,
+              "flowid", "4e47:fffe"), ["delete filter"]),
+            (("class", "change", "dev", "ifb-net2", "parent", "4e47:", "classid", "4e47:fffe", "htb", "rate",
+              "1mbit"), ["change class"]),
+        ]  # fmt: skip
+        for command, repairs in drifts:
+            tc(*command)
+            assert [" ".join(c.split()[:2]) for c in resync()] == repairs, command
+            assert {device: listing(namespace, device) for device in shaped} == shaped, command
+            assert resync() == [], command
+            assert resync() == [], command
+    finally:
+        worker.kill()
+        worker.wait()
