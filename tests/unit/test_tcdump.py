@@ -34,7 +34,7 @@ from natgwd.kernel.tcdump import (
     qdiscs,
     signature,
 )
-from natgwd.qos.plan import HtbClass, TcReport, handle
+from natgwd.qos.plan import ClassKey, HtbClass, TcReport, Want, handle
 
 TCA_STATS, TCA_XSTATS, TCA_CHAIN = 3, 4, 11
 
@@ -152,3 +152,28 @@ def test_a_batch_reports_what_was_made_and_raises_on_a_refusal() -> None:
     with pytest.raises(OSError, match=r"add a: \(22, 'bad rate'\) \(1 of 2 refused\)"):
         refused.flush()
     assert refused.report.changes == ["add b"]
+
+
+def test_a_tree_s_messages_are_decoded_and_planned_once_by_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    import natgwd.kernel.tc as tc
+
+    decoded: list[bytes] = []
+    read = tc._read_filter
+
+    def counting(message: bytes) -> tc._KernelFilter | None:
+        decoded.append(message)
+        return read(message)
+
+    monkeypatch.setattr(tc, "_read_filter", counting)
+    memo = tc._Memo("egress")
+    first, second, moved = (signature(u32_filter(c, None)) for c in (0x4E470005, 0x4E470006, 0x4E47FFFE))
+    found = memo.read_filters([first, second])
+    assert len(decoded) == 2 and [f.kernel.spec.minor for f in found] == [5, 6]
+    assert found[0].key == ClassKey("eip", "10.115.50.1")
+    assert memo.read_filters([first, second]) == found and len(decoded) == 2
+    assert [f.kernel.spec.minor for f in memo.read_filters([first, moved])] == [5, 0xFFFE]
+    assert decoded[2:] == [moved] and set(memo.filters) == {first, moved}  # only what the kernel holds now
+    wanted = {ClassKey("eip", "10.115.50.1"): Want(8_000_000, 131_072, 100, "e1")}
+    planned, rates = memo.tree(wanted, {})
+    assert memo.tree(dict(wanted), {})[0] is planned and rates == {m: _rates(c) for m, c in planned.classes.items()}
+    assert memo.tree(wanted, {ClassKey("eip", "10.115.50.1"): 7})[0].keys[7] == ClassKey("eip", "10.115.50.1")
