@@ -278,7 +278,7 @@ class _Memo:
     filters: dict[bytes, _Filter | None] = field(default_factory=dict)
     classes: dict[bytes, tuple[int, _Rates] | None] = field(default_factory=dict)
     plan: tuple[Mapping[ClassKey, Want], dict[ClassKey, int], Tree, dict[int, _Rates]] | None = None
-    verified: tuple[Mapping[ClassKey, Want], tuple[bytes, bytes]] | None = None
+    verified: tuple[Mapping[ClassKey, Want], tuple[list[bytes], list[bytes]]] | None = None
 
     def read_filters(self, signatures: list[bytes]) -> list[_Filter]:
         known, self.filters = self.filters, {}
@@ -481,7 +481,7 @@ class KernelTc:
         # as the sync that verified them, nothing to change. A class's message names its
         # leaf qdisc's handle, so a replaced leaf is a new message too.
         wanted_here = wants.by_direction[direction]
-        found = (b"".join(class_signatures), b"".join(filter_signatures))
+        found = (class_signatures, filter_signatures)
         if memo.verified is not None and memo.plan is not None and memo.verified == (wanted_here, found):
             self._keys[name] = dict(memo.plan[2].keys)
             return
