@@ -306,8 +306,9 @@ class _Memo:
 
 class _Netlink:
     """One sync's view of the kernel: an rtnetlink socket that reads (and sends natgwd's
-    u32 requests), the namespace's links and qdiscs as last read, and pyroute2, opened
-    only to write. Every write makes what was read stale."""
+    batches of class and filter requests), the namespace's links and qdiscs as last read,
+    and pyroute2, opened only to write qdiscs and links. Every write makes what was read
+    stale."""
 
     def __init__(self) -> None:
         self.rt = RtNetlink()
@@ -334,12 +335,6 @@ class _Netlink:
     def written(self) -> None:
         self.writes += 1
         self._links = self._qdiscs = None
-
-    def send(self, request: Request, what: str) -> None:
-        self.written()
-        (refusal,) = self.rt.send_all([request])
-        if refusal is not None:
-            raise OSError(refusal.code, f"{what}: {refusal}")
 
     def links(self) -> list[Link]:
         if self._links is None:
