@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from natgwd.lab.topology import SEED_STATE, Lab
 
@@ -18,6 +19,10 @@ INTEGRATION = Path(__file__).parent / "integration"
 # Every wait in the lab ends on its condition; its bound only matters on a slow moment of a
 # loaded machine (natgwd.lab.topology.patience). xdist's workers inherit the environment.
 os.environ.setdefault("NATGWD_LAB_PATIENCE", "3")
+# Property tests check what comes out, never how fast: hypothesis's default deadline (200 ms
+# an example) failed them on a loaded machine.
+settings.register_profile("natgwd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("natgwd")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
