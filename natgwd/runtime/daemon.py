@@ -317,6 +317,7 @@ class Daemon:
             self.metrics.show_timeout_policies(self.reconciler.timeout_policies)
             self._applied_to_members(state, effective, outcome.complete)
             self._finished(outcome, started, {"sha256": effective[:12]})
+        self.tracker.settle()  # after the record: what the next check needs
 
     # --- nat-gateway.sh calls (natgwd.kubeovn.shim.service) -------------------------------
 
