@@ -68,7 +68,7 @@ class Change:
     # Names of DNAT rules whose item gives a port as the integer 1 (which equals `true`).
     port_one: frozenset[str] = field(default=frozenset(), compare=False)
     layout: Layout | None = field(default=None, compare=False)  # where its rules lie in its text
-    # Its text while its layout is not made yet (StateTracker.settle).
+    # Its text while its layout and port_one are not made yet (StateTracker.settle).
     text: str | None = field(default=None, compare=False, repr=False)
     # What the change writes to the base's indexes (they hold the base until accepted).
     journal: Journal = field(default_factory=list, compare=False, repr=False)
@@ -113,11 +113,12 @@ class StateTracker:
                 return replace(change, layout=layout_of(text, document, scanner()))
         check_depth(document)
         validated = validate_document(document, may_hold_control_characters(raw))
-        # Its layout serves only the next check: made by settle, after the apply.
-        return Change(validated, None, self.state, _port_one(validated.document), text=text)
+        # Its layout and port_one serve only the next check: made by settle, after the apply.
+        return Change(validated, None, self.state, text=text)
 
     def check_document(self, document: Any) -> Change:
         """check, for a document already decoded (its numbers' text unknown)."""
+        self.settle()
         if self._accepted is not None:
             change = self._delta(document, fractions=True)
             if change is not None:
@@ -134,14 +135,15 @@ class StateTracker:
         self._accepted = change
 
     def settle(self) -> None:
-        """Make what only the next check needs: the layout of a document validated in
-        full (a scan of its whole text, 80 ms at 50,000 rules). The daemon asks after the
-        applied-state record, so that a cold start's apply does not wait for it; the
-        next check asks in any case."""
+        """Make what only the next check needs of a document validated in full: its
+        layout (a scan of its whole text, 80 ms at 50,000 rules) and port_one. The daemon
+        asks after the applied-state record, so that a cold start's apply does not wait
+        for them; the next check asks in any case."""
         accepted = self._accepted
         if accepted is not None and accepted.text is not None:
-            layout = layout_of(accepted.text, accepted.validated.document, scanner())
-            self._accepted = replace(accepted, layout=layout, text=None)
+            document = accepted.validated.document
+            layout = layout_of(accepted.text, document, scanner())
+            self._accepted = replace(accepted, port_one=_port_one(document), layout=layout, text=None)
 
     def forget(self) -> None:
         """The next document is checked as a whole."""

@@ -12,6 +12,7 @@ import pytest
 from benchmarks.rulesets import encode, workload
 from natgwd.state import tracker as tracker_module
 from natgwd.state.decode import scanner
+from natgwd.state.problems import InvalidStateError
 from natgwd.state.spans import layout_of, splice
 from natgwd.state.tracker import StateTracker
 
@@ -127,3 +128,16 @@ def test_a_state_checked_in_full_is_laid_out_after_its_apply(settled: bool, monk
     monkeypatch.setattr(tracker_module, "decode_text", no_full_decode)
     change = tracker.check(encode(changed))
     assert change.delta is not None and len(change.delta) == 2
+
+
+def test_a_port_1_turned_true_after_a_full_check_is_refused() -> None:
+    """Prevents: the DNAT rules whose port is the integer 1 (port_one, made after the
+    apply with the layout) left unmade, so that `true`, equal to 1 in Python, passed as
+    an unchanged rule."""
+    work = workload(100)
+    work.state["dnat"][5]["externalPort"] = 1
+    tracker = StateTracker()
+    tracker.accept(tracker.check(encode(work.state)))
+    work.state["dnat"][5]["externalPort"] = True
+    with pytest.raises(InvalidStateError, match=r"dnat\[5\]\.externalPort"):
+        tracker.check(encode(work.state))
