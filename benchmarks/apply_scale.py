@@ -321,6 +321,7 @@ def inprocess_worker(args: argparse.Namespace) -> dict[str, Any]:
         outcome = reconciler.apply(change.state, change.delta, change.base)
         tracker.accept(change)
         record.update(stages.take())
+        tracker.settle()  # as the daemon does after its record: not the next change's
         if not outcome.complete:
             raise RuntimeError(f"incomplete apply: {outcome}")
         record["apply.other"] = record["apply.total"] - sum(record.get(s, 0.0) for s in APPLY_STAGES)
