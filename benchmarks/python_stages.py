@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import parse_sizes
-from benchmarks.stats import write_results
+from benchmarks.stats import RESULTS_DIR, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("validate", "plan", "diff_and_script")
@@ -73,10 +72,16 @@ def run_tree(tree: Path, n: int, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_sizes, default=[10000, 50000], help="N, comma-separated")
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[10000, 50000],
+        help="N, comma-separated",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="turns of natgwd then the baseline")
     parser.add_argument("--repeats", type=int, default=5, help="per process; the best is kept")
     parser.add_argument("--baseline", type=Path, help="another source tree, such as main's")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={n:,} {name}: {' / '.join(STAGES)} = {cells} ms, in all {min(totals):,.0f}-{max(totals):,.0f} ms")
     results["loadavg_end"] = os.getloadavg()
     print(f"load average {results['loadavg_start'][0]:.1f} - {results['loadavg_end'][0]:.1f}")
-    print(f"results: {write_results('python_stages', results)}")
+    print(f"results: {write_results('python_stages', results, args.results_dir)}")
     return 0
 
 
