@@ -1,6 +1,6 @@
 """natgwd's CPU per conntrack event, apart from the lab's noise: the connection watcher
-takes N NEW events (IPv4, source-translated, as ctnetlink lays them out) from a datagram
-socket pair standing in for the kernel's, this tree against another tree run by run.
+takes N NEW events (IPv4, source-translated, as ctnetlink lays them out) from a netlink
+socket standing in for the kernel's, this tree against another tree run by run.
 
     python -m benchmarks.connwatch_drain --baseline DIR [--events 50000] [--runs 3]
 
@@ -27,6 +27,8 @@ from typing import Any
 from benchmarks.stats import summary
 
 REPO = Path(__file__).resolve().parents[1]
+NETLINK_USERSOCK = 2
+SO_RCVBUFFORCE = 33
 
 
 def worker(events: int) -> dict[str, Any]:
@@ -35,7 +37,14 @@ def worker(events: int) -> dict[str, Any]:
     from natgwd.observability.ctevents import EventSocket
     from tests.unit.test_ctevents import message, snat_attrs
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # Netlink sockets (NETLINK_USERSOCK: one process's messages to another socket), queued
+    # and received as the kernel's events are; an AF_UNIX pair would hold 10 datagrams.
+    ours = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_USERSOCK)
+    ours.bind((0, 0))
+    ours.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    theirs = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_USERSOCK)
+    theirs.bind((0, 0))
+    theirs.connect((ours.getsockname()[0], 0))
     messages = [message(0x100, 0, snat_attrs(i, 2 + i % 50)) for i in range(events)]
 
     def event_socket() -> EventSocket:

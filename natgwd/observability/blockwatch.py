@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from operator import itemgetter
 
-from natgwd.observability.ctevents import CtEvent, Raw, address_text
+from natgwd.observability.ctevents import RAW_MARK, CtEvent, Raw, address_text
 from natgwd.observability.exposition import RuleLabel, escaped
 from natgwd.planning.counters import CountedElement, canonical_key
 
@@ -33,7 +33,7 @@ HELP = (
 )
 
 
-_MARK_SOURCE = itemgetter(0, 2)
+_MARK_SOURCE = itemgetter(RAW_MARK, 0)
 
 
 def _key(listed: str) -> Key:

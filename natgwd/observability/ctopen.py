@@ -29,9 +29,10 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, ne
 
-from natgwd.observability.ctevents import CtEvent, Raw, address_text
+from natgwd.observability.ctevents import RAW_MARK, CtEvent, Raw, address_text
 
 Destination = tuple[str, int, str, int]  # EIP, protocol, destination address, destination port
 
@@ -48,8 +49,10 @@ def _identity(event: CtEvent) -> int:
     return hash((event.id, event.orig))
 
 
-_MARK = itemgetter(0)
-_DESTINATION = itemgetter(6, 1, 4, 5)  # the EIP, protocol, destination address and port
+_MARK = itemgetter(RAW_MARK)
+_DESTINATION = itemgetter(4, 1, 3, 5)  # the EIP, protocol, destination address and port
+# Source-translated: the reply is not addressed to the original source and port.
+_ORIG_START, _REPLY_END = itemgetter(0, 2), itemgetter(4, 6)
 
 
 class Tracker:
@@ -131,9 +134,14 @@ class Tracker:
         if self._dumped is not None:
             raise RuntimeError("events in the raw form are counted only after the window")
         opened, closed = Counter(map(_MARK, news)), Counter(map(_MARK, destroys))
-        translated = [event for event in news if event[6] != event[2] or event[7] != event[3]]
+        translated = list(compress(news, map(ne, map(_REPLY_END, news), map(_ORIG_START, news))))
         ports = Counter(map(_DESTINATION, translated))
-        ports.subtract(map(_DESTINATION, [event for event in destroys if event[6] != event[2] or event[7] != event[3]]))
+        # Counted first: Counter.subtract takes an iterable element by element in Python.
+        ports.subtract(
+            Counter(
+                map(_DESTINATION, compress(destroys, map(ne, map(_REPLY_END, destroys), map(_ORIG_START, destroys))))
+            )
+        )
         with self._lock:
             for mark_bytes, n in opened.items():
                 mark = int.from_bytes(mark_bytes, "big")
