@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import struct
 
@@ -232,9 +233,16 @@ RAW_SHAPES = {
 NETLINK_USERSOCK = 2
 
 
+def require_root(what: str) -> None:
+    """The socket tests stand a netlink socket in for the kernel's, which needs CAP_NET_ADMIN."""
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {what}")
+
+
 def netlink_pair(groups: int = 0) -> tuple[socket.socket, socket.socket]:
     """A netlink socket standing in for the event socket, and one sending to it
     (NETLINK_USERSOCK): datagrams queue, and are received, as the kernel's events are."""
+    require_root("a receive buffer that holds the test's datagrams (SO_RCVBUFFORCE)")
     ours = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_USERSOCK)
     theirs = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_USERSOCK)
     ours.bind((0, groups))
@@ -457,6 +465,7 @@ def test_a_datagram_longer_than_its_slot_is_a_loss() -> None:
 
 def test_events_dropped_by_the_kernel_are_a_loss() -> None:
     """ENOBUFS from recvmmsg: a multicast group's datagrams overran the socket's buffer."""
+    require_root("sending to a netlink multicast group")
     ours = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_USERSOCK)
     theirs = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_USERSOCK)
     try:
