@@ -22,6 +22,7 @@ from natgwd.state.validation import InvalidStateError, load_state
 
 _HEAD = re.compile(rb'\{"sha256": "([0-9a-f]{64})", "applied_at": "([^"]{1,64})"')
 _HEAD_BYTES = 160
+_JSON_SPACE = b" \t\n\r"
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,17 @@ def write(path: Path, sha256: str, applied_at: float, raw_state: bytes) -> None:
     2 MB record at every change, and a link has nothing to write out. The file the link
     named before is removed after the swap (a reader that opened it keeps reading it)."""
     when = datetime.fromtimestamp(applied_at, UTC).isoformat()
-    # The state is valid JSON already: embed its bytes rather than re-encode megabytes.
-    head = json.dumps({"sha256": sha256, "applied_at": when})[:-1]
+    # The state is valid JSON already: embed its bytes rather than re-encode megabytes,
+    # and write them from where they are (joining them into the record's bytes copied
+    # megabytes twice, into fresh memory: 2 ms of a 3 ms record at 12,000 rules).
+    head = json.dumps({"sha256": sha256, "applied_at": when})[:-1].encode() + b', "state": '
     path.parent.mkdir(parents=True, exist_ok=True)
     content = path.with_name(f".{path.name}.{time.time_ns()}")
-    content.write_bytes(head.encode() + b', "state": ' + raw_state.strip() + b"}\n")
+    fd = os.open(content, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        write_all(fd, [head, stripped(raw_state), b"}\n"])
+    finally:
+        os.close(fd)
     link = path.with_name(f".{path.name}.link")
     link.unlink(missing_ok=True)
     os.symlink(content.name, link)
@@ -50,6 +57,28 @@ def write(path: Path, sha256: str, applied_at: float, raw_state: bytes) -> None:
     for old in _contents(path):
         if old != content:
             old.unlink(missing_ok=True)
+
+
+def write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write `parts` one after the other, whatever a write leaves unwritten."""
+    views = [memoryview(part) for part in parts]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
+
+
+def stripped(raw: bytes) -> memoryview:
+    """`raw` without the JSON white space around it, not copied (bytes.strip copies)."""
+    start, end = 0, len(raw)
+    while start < end and raw[start] in _JSON_SPACE:
+        start += 1
+    while end > start and raw[end - 1] in _JSON_SPACE:
+        end -= 1
+    return memoryview(raw)[start:end]
 
 
 def remove(path: Path) -> None:

@@ -8,6 +8,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from natgwd.io import applied
 from natgwd.lab.topology import SEED_STATE
 from natgwd.state.validation import load_state
@@ -65,3 +67,29 @@ def test_each_write_swaps_a_link_and_leaves_one_file_behind_it(tmp_path: Path) -
     with_old_open.close()
     applied.remove(path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_state_is_embedded_without_the_white_space_around_it(tmp_path: Path) -> None:
+    path = tmp_path / "applied.json"
+    applied.write(path, DIGEST, 0, b' \n\t{"a": [1, 2]}\r\n \n')
+    assert path.read_bytes().endswith(b', "state": {"a": [1, 2]}}\n')
+    assert bytes(applied.stripped(b" \n ")) == b""
+    assert bytes(applied.stripped(b"{}")) == b"{}"
+
+
+def test_a_record_is_whole_when_the_kernel_takes_it_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.writev may write less than asked: the rest follows, from where it stopped."""
+    real_writev = os.writev
+    sizes: list[int] = []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        first = bytes(buffers[0][:7])  # at most 7 bytes of the first buffer a call
+        sizes.append(len(first))
+        return real_writev(fd, [first])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    path = tmp_path / "applied.json"
+    raw = json.dumps(SEED_STATE).encode()
+    applied.write(path, DIGEST, 0, raw)
+    assert json.loads(path.read_bytes())["state"] == SEED_STATE
+    assert len(sizes) > len(raw) // 7 and max(sizes) == 7
