@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from natgwd.state.model import RULE_KINDS, RuleKind
@@ -23,7 +24,83 @@ from natgwd.state.model import RULE_KINDS, RuleKind
 Span = tuple[int, int]  # [start, end) of an item in the text
 _SPACE = re.compile(r"[ \t\n\r]*")
 _CHUNK = 1 << 16
+_MAX_RUNS = 32  # merged at more: a lookup walks the runs, a merge every span
 Scan = Callable[[str, int], tuple[Any, int]]  # json's scanner: (value, end) of the value at an offset
+
+
+class Spans:
+    """The spans of a list's items, in runs each moved by its own shift: a change that
+    lengthens the text moves the runs after it, not each of their (thousands of) spans.
+    Runs are merged back into one when a few dozen changes have split them."""
+
+    __slots__ = ("_length", "_runs")
+
+    def __init__(self, runs: list[tuple[int, list[Span]]]) -> None:
+        self._runs = [(shift, spans) for shift, spans in runs if spans]
+        self._length = sum(len(spans) for _, spans in self._runs)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[Span]:
+        for shift, spans in self._runs:
+            yield from ((start + shift, end + shift) for start, end in spans) if shift else spans
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spans) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Spans({list(self)!r})"
+
+    def __getitem__(self, index: int) -> Span:
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        for shift, spans in self._runs:
+            if index < len(spans):
+                start, end = spans[index]
+                return start + shift, end + shift
+            index -= len(spans)
+        raise AssertionError("unreachable")
+
+    def ending_by(self, offset: int) -> int:
+        """How many spans end at or before `offset` (they are in the text's order)."""
+        return self._count(offset, 1, bisect.bisect_right)
+
+    def starting_before(self, offset: int) -> int:
+        """How many spans start before `offset`."""
+        return self._count(offset, 0, bisect.bisect_left)
+
+    def _count(self, offset: int, side: int, find: Callable[..., int]) -> int:
+        counted = 0
+        for shift, spans in self._runs:
+            within = find(spans, offset - shift, key=itemgetter(side))
+            counted += within
+            if within < len(spans):
+                break  # the runs after it lie further on
+        return counted
+
+    def shifted(self, shift: int) -> Spans:
+        return Spans([(moved + shift, spans) for moved, spans in self._runs]) if shift else self
+
+    def replaced(self, head: int, tail: int, middle: list[Span], shift: int) -> Spans:
+        """The spans with those between the first `head` and the last `tail` replaced by
+        `middle`, and the last `tail` moved by `shift`."""
+        after = Spans(self._slice(self._length - tail, self._length)).shifted(shift)
+        runs = [*self._slice(0, head), (0, middle), *after._runs]
+        if len(runs) > _MAX_RUNS:
+            runs = [(0, list(Spans(runs)))]
+        return Spans(runs)
+
+    def _slice(self, first: int, stop: int) -> list[tuple[int, list[Span]]]:
+        """The runs of spans [first, stop)."""
+        runs = []
+        at = 0
+        for shift, spans in self._runs:
+            low, high = max(first - at, 0), min(stop - at, len(spans))
+            if low < high:
+                runs.append((shift, spans if (low, high) == (0, len(spans)) else spans[low:high]))
+            at += len(spans)
+        return runs
 
 
 @dataclass(frozen=True)
@@ -32,7 +109,7 @@ class Layout:
 
     text: str
     lists: dict[RuleKind, Span]  # from "[" to after "]"
-    items: dict[RuleKind, list[Span]]
+    items: dict[RuleKind, Spans]
     end: int  # after the document's closing "}"
 
 
@@ -53,7 +130,7 @@ def layout_of(text: str, document: Any, scan: Scan) -> Layout | None:
     if not isinstance(document, dict):
         return None
     lists: dict[RuleKind, Span] = {}
-    items: dict[RuleKind, list[Span]] = {}
+    items: dict[RuleKind, Spans] = {}
     try:
         at = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
         if text[at] != "{":
@@ -71,7 +148,7 @@ def layout_of(text: str, document: Any, scan: Scan) -> Layout | None:
             start = at
             if key in RULE_KINDS and text[at] == "[":
                 spans, at = _items(text, at, scan)
-                lists[key], items[key] = (start, at), spans
+                lists[key], items[key] = (start, at), Spans([(0, spans)])
             else:
                 _, at = scan(text, at)
             at = _SPACE.match(text, at).end()  # type: ignore[union-attr]
@@ -120,8 +197,8 @@ def splice(last: Layout, document: dict[str, Any], text: str, scan: Scan) -> Spl
         return None
     shift = len(text) - len(old)
     spans = last.items[kind]
-    head = bisect.bisect_right(spans, prefix, key=lambda span: span[1])
-    tail = len(spans) - bisect.bisect_left(spans, changed_end, key=lambda span: span[0])
+    head = spans.ending_by(prefix)
+    tail = len(spans) - spans.starting_before(changed_end)
     tail = min(tail, len(spans) - head)
     start, end = last.lists[kind]
     try:
@@ -132,21 +209,19 @@ def splice(last: Layout, document: dict[str, Any], text: str, scan: Scan) -> Spl
         return None
     old_items = document[kind]
     items = [*old_items[:head], *decoded, *old_items[len(old_items) - tail :]]
-    tail_spans = spans[len(spans) - tail :]
-    moved = [(s + shift, e + shift) for s, e in tail_spans] if shift else tail_spans
-    new_items = {k: v for k, v in last.items.items() if k != kind}
+    new_items = dict(last.items)
     new_lists = dict(last.lists)
     for other, (s, e) in last.lists.items():
         if other != kind and s > start and shift:
             new_lists[other] = (s + shift, e + shift)
-            new_items[other] = [(a + shift, b + shift) for a, b in last.items[other]]
+            new_items[other] = last.items[other].shifted(shift)
     new_lists[kind] = (start, end + shift)
-    new_items[kind] = [*spans[:head], *new_spans, *moved]
+    new_items[kind] = spans.replaced(head, tail, new_spans, shift)
     return Splice({**document, kind: items}, kind, head, tail, Layout(text, new_lists, new_items, last.end + shift))
 
 
 def _middle(
-    text: str, spans: list[Span], head: int, tail: int, start: int, end: int, shift: int, scan: Scan
+    text: str, spans: Spans, head: int, tail: int, start: int, end: int, shift: int, scan: Scan
 ) -> tuple[list[Any] | None, list[Span]]:
     """The items between the head and the tail of the list [start, end) of the new text."""
     stop = spans[len(spans) - tail][0] + shift if tail else end - 1  # the first tail item, or "]"

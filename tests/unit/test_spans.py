@@ -13,7 +13,7 @@ from benchmarks.rulesets import encode, workload
 from natgwd.state import tracker as tracker_module
 from natgwd.state.decode import scanner
 from natgwd.state.problems import InvalidStateError
-from natgwd.state.spans import layout_of, splice
+from natgwd.state.spans import Spans, layout_of, splice
 from natgwd.state.tracker import StateTracker
 
 
@@ -141,3 +141,72 @@ def test_a_port_1_turned_true_after_a_full_check_is_refused() -> None:
     work.state["dnat"][5]["externalPort"] = True
     with pytest.raises(InvalidStateError, match=r"dnat\[5\]\.externalPort"):
         tracker.check(encode(work.state))
+
+
+def test_a_long_series_of_changes_keeps_every_span_where_a_fresh_read_finds_it() -> None:
+    """Each change moves the spans after it by a shift kept per run of spans: after many
+    changes (more than the runs kept before they are merged), in all three lists, at
+    their ends and inside, the layout is still exactly that of the text read afresh."""
+    import random
+
+    rng = random.Random(26)
+    before = document(60)
+    before["snat"] = [{"name": f"s{i}", "eip": "e", "internalCIDR": "10.0.0.0/24"} for i in range(5)]
+    before["fip"] = [{"name": f"f{i}", "eip": "e", "internalIp": "10.0.0.9"} for i in range(5)]
+    text = json.dumps(before, indent=1)
+    layout = layout_of(text, before, scanner())
+    assert layout is not None
+    for round_ in range(120):
+        after = copy.deepcopy(before)
+        kind = rng.choice(["dnat", "dnat", "snat", "fip"])
+        items = after[kind]
+        at = rng.choice([0, len(items) - 1, rng.randrange(len(items))])
+        edit = rng.choice(["change", "insert", "delete"] if len(items) > 2 else ["change", "insert"])
+        if edit == "change":
+            items[at]["name"] += "x" * rng.randrange(1, 3)
+        elif edit == "insert":
+            items.insert(at, dict(items[at], name=f"n{round_}"))
+        else:
+            del items[at]
+        text = json.dumps(after, indent=1)
+        spliced = splice(layout, before, text, scanner())
+        assert spliced is not None and spliced.document == after
+        assert spliced.layout == layout_of(text, json.loads(text), scanner()), f"round {round_}"
+        for k, spans in spliced.layout.items.items():
+            assert [spans[i] for i in range(len(spans))] == list(spans), k
+        before, layout = spliced.document, spliced.layout
+
+
+def test_spans_count_and_index_across_their_runs() -> None:
+    spans = Spans([(0, [(0, 2), (3, 5)]), (100, [(-90, -80)]), (0, []), (-5, [(30, 40), (50, 60)])])
+    assert list(spans) == [(0, 2), (3, 5), (10, 20), (25, 35), (45, 55)]
+    assert len(spans) == 5 and spans[2] == (10, 20) and spans[4] == (45, 55)
+    with pytest.raises(IndexError):
+        spans[5]
+    assert [spans.ending_by(offset) for offset in (0, 2, 5, 19, 20, 55, 99)] == [0, 1, 2, 2, 3, 5, 5]
+    assert [spans.starting_before(offset) for offset in (0, 1, 10, 11, 45, 46)] == [0, 1, 2, 3, 4, 5]
+    assert spans.replaced(1, 2, [(4, 6)], 3) == Spans([(0, [(0, 2), (4, 6), (28, 38), (48, 58)])])
+    assert spans.shifted(0) is spans
+
+
+def test_spans_replaced_many_times_read_as_a_plain_list_would() -> None:
+    """More replacements than the runs kept before a merge, against a list of spans."""
+    import random
+
+    rng = random.Random(11)
+    plain = [(10 * i, 10 * i + 5) for i in range(200)]
+    spans = Spans([(0, list(plain))])
+    for _ in range(300):
+        head = rng.randrange(len(plain) + 1)
+        tail = len(plain) - head - rng.randrange(min(3, len(plain) - head + 1))  # 0 to 2 items out
+        stop = len(plain) - tail
+        low = plain[head - 1][1] if head else 0
+        middle = [(low + 2 * i + 1, low + 2 * i + 2) for i in range(rng.randrange(3))]
+        # The text from `low` to the first span of the tail, rewritten shorter or longer.
+        shift = low + 2 * len(middle) + rng.randrange(2, 6) - (plain[stop][0] if tail else low + 4)
+        plain = [*plain[:head], *middle, *((s + shift, e + shift) for s, e in plain[stop:])]
+        spans = spans.replaced(head, tail, middle, shift)
+        assert list(spans) == plain and len(spans) == len(plain)
+        offset = rng.randrange(-5, 2100)
+        assert spans.ending_by(offset) == sum(1 for _, end in plain if end <= offset)
+        assert spans.starting_before(offset) == sum(1 for start, _ in plain if start < offset)
