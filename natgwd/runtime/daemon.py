@@ -52,7 +52,7 @@ from natgwd.runtime.reconciler import Announce, Outcome, Reconciler
 from natgwd.runtime.record import AppliedRecord
 from natgwd.runtime.retry import Backoff
 from natgwd.runtime.startup import Exit, StartupError, listen_error
-from natgwd.runtime.statefile import LastRead, Reading, StateFile, Unreadable
+from natgwd.runtime.statefile import Content, LastRead, Reading, StateFile, Unreadable
 from natgwd.runtime.watch import DirectoryWaker
 from natgwd.state.model import DesiredState, IPAddress
 from natgwd.state.tracker import Change, StateTracker
@@ -277,23 +277,24 @@ class Daemon:
             if reading is Reading.CHANGED:
                 self.metrics.reconciles.labels("unchanged").inc()
             return
-        raw, digest = content.raw, content.digest
-        self.file.last_read = digest
-        applied_raw = self.edits.effective(raw, digest) if self.edits is not None else raw
+        content.hash_aside()  # wanted once the change is applied
+        raw = content.raw
+        self.file.last_read = content
+        applied_raw = self.edits.effective(raw, content.digest) if self.edits is not None else raw
         try:
             change = self.tracker.check(applied_raw)
         except InvalidStateError as err:
-            self._rejected(err.problems, digest, err.skipped)
+            self._rejected(err.problems, content, err.skipped)
             return
         except Exception as err:  # no input may take the daemon down, whatever it trips over
             log.exception("validation failed unexpectedly")
-            self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], digest)
+            self._rejected([Problem("$", f"cannot be validated: {type(err).__name__}")], content)
             return
         change = self._effective(change)
         state = change.state
         refused = self.ha.check(state) if self.ha is not None else []
         if refused:
-            self._rejected(refused, digest)
+            self._rejected(refused, content)
             return
         self.metrics.desired_state_valid.set(1)
         try:
@@ -307,7 +308,7 @@ class Daemon:
         with self.published:
             self.metrics.state_changes.labels("delta" if outcome.by_delta else "full").inc()
             self._count(outcome)
-            self._applied_digest = digest
+            self._applied_digest = digest = content.digest
             self.progress.applied_at = time.time()
             if self.edits is not None:
                 self.edits.accepted(applied_raw, digest, change.validated.document)
@@ -424,7 +425,7 @@ class Daemon:
         apply (the watcher's recheck re-reads it quietly)."""
         digest = hashlib.sha256(data).hexdigest()
         with self.published:
-            self.file.last_read = self._applied_digest = digest
+            self.file.last_read, self._applied_digest = Content(data, digest), digest
             self.progress.applied_at = time.time()
             self.file.poll()
             self.record.write(data, digest, self.progress.applied_at)
@@ -447,7 +448,8 @@ class Daemon:
         if (effective := self.applied_sha256()) is not None:
             # Retries what waits on the kernel (the sync interface's address, a complete apply).
             self._applied_to_members(self.reconciler.state, effective, outcome.complete)
-        if self.file.last_read == self._applied_digest:
+        last = self.file.last_read
+        if (last.digest if isinstance(last, Content) else last) == self._applied_digest:
             self._finished(outcome, started, None)
 
     def _applied_to_members(self, state: DesiredState, digest: str | None, complete: bool) -> None:

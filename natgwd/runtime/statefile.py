@@ -3,7 +3,9 @@ known by its sha256, so that content already seen is not judged again (unless fo
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -21,10 +23,38 @@ class Reading(Enum):
     FORCED = "forced"  # SIGHUP, a retry, a failed check of the deltas: applied even unchanged
 
 
-@dataclass(frozen=True)
+# From this size on, a file's sha256 is made on another thread (hashlib lets go of the GIL
+# while it hashes) as the content is checked and applied: a millisecond at 12,000 rules.
+ASIDE_BYTES = 256 * 1024
+
+
 class Content:
-    raw: bytes
-    digest: str  # sha256
+    """The state file's bytes, and their sha256 once asked for (`digest`)."""
+
+    def __init__(self, raw: bytes, digest: str | None = None) -> None:
+        self.raw = raw
+        self._digest = digest
+        self._hashing: Future[str] | None = None
+
+    def hash_aside(self) -> None:
+        """Start making the sha256 of large content on another thread."""
+        if self._digest is None and self._hashing is None and len(self.raw) >= ASIDE_BYTES:
+            self._hashing = _hasher().submit(_sha256, self.raw)
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = self._hashing.result() if self._hashing is not None else _sha256(self.raw)
+        return self._digest
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="natgwd-sha256")
 
 
 @dataclass(frozen=True)
@@ -35,8 +65,8 @@ class Unreadable:
     problems: tuple[Problem, ...]
 
 
-# What the last read of the state file saw: its content's sha256, or why it could not be read.
-LastRead = str | Unreadable
+# What the last read of the state file saw: its content, or why it could not be read.
+LastRead = Content | Unreadable
 
 
 class StateFile:
@@ -58,10 +88,15 @@ class StateFile:
             raw = read_state_file(self.path, self.allow_writable)
         except InvalidStateError as err:
             return Unreadable(tuple(err.problems))
-        return Content(raw, hashlib.sha256(raw).hexdigest())
+        return Content(raw)
 
     def seen(self, content: Content | Unreadable, reading: Reading) -> bool:
         """Whether the last read saw this content already, and `reading` does not force
-        judging it again."""
-        last = content if isinstance(content, Unreadable) else content.digest
-        return last == self.last_read and reading is not Reading.FORCED
+        judging it again. Content is compared byte for byte (at memory speed: no sha256
+        for a file read again unchanged)."""
+        if reading is Reading.FORCED:
+            return False
+        last = self.last_read
+        if isinstance(content, Unreadable):
+            return content == last
+        return isinstance(last, Content) and last.raw == content.raw
