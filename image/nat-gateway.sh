@@ -30,22 +30,22 @@ fraction=${fraction#.}000000
 now=${EPOCHREALTIME/[.,]/}
 deadline=$((10#$now + 10#$seconds * 1000000 + 10#${fraction:0:6}))
 # The timeout bounds the whole call: bash's /dev/tcp connect has no timeout of its own (a
-# SYN nobody answers is retried for two minutes), so a watchdog ends the call at the
-# deadline. It stops its sleep when the call ends first. Its output goes nowhere: a call
-# that ends while the watchdog is starting (between `sleep &` and its trap) leaves the
-# sleep to run out, and holding the caller's stdout it would hold the caller (the
-# controller's exec, which waits for the end of the output) for the whole timeout.
+# SYN nobody answers is retried for two minutes), and neither has a write to a peer that
+# stops reading, so a watchdog ends the call at the deadline while it connects and sends.
+# The wait for the reply is bounded by `read -t`. The watchdog costs one fork and no exec:
+# a subshell timed by the `read -t` builtin on a pipe whose writing end (fd 5) this shell
+# alone holds. Closing fd 5 once the request is sent ends it (EOF) while natgwd works, off
+# the call's path, with no kill; only its timeout signals this shell. It holds neither the
+# caller's stdout nor its stderr: a watchdog that outlived the call holding them would keep
+# the caller (the controller's exec, which waits for the end of the output) waiting.
 # (To fd 4, stderr: the connect below runs with its stderr silenced.)
 exec 4>&2
 trap 'echo "natgwd: its edit endpoint ($token_file) did not answer within ${timeout}s" >&4; exit 1' TERM
-(
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    sleep "$timeout" &
-    sleeper=$!
-    wait "$sleeper" && kill -TERM "$$"
-) >/dev/null 2>&1 4>&- &
-watchdog=$!
-trap 'kill "$watchdog" 2>/dev/null' EXIT
+exec 5> >(
+    exec >/dev/null 2>&1 4>&-
+    read -r -t "$timeout"
+    (($? > 128)) && kill -TERM "$$"
+)
 while :; do
     port='' token=''
     { read -r port token <"$token_file"; } 2>/dev/null
@@ -63,6 +63,7 @@ done
 # natgwd may answer (a refusal) before it has read everything: its reply still comes.
 trap '' PIPE
 printf '%s\0' natgwd-edit/1 "$token" "${GATEWAY_V4:-}" "$#" "$@" >&3 2>/dev/null
+exec 5>&-
 now=${EPOCHREALTIME/[.,]/}
 wait_for=$(((deadline - 10#$now) / 1000000 + 1))
 ((wait_for >= 1)) || wait_for=1

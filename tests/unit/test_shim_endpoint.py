@@ -5,12 +5,14 @@ stand-in for the daemon's reconciling thread that validates as natgwd does."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import subprocess
@@ -421,10 +423,10 @@ def test_slow_connections_without_the_token_hold_no_call_back(daemon: FakeDaemon
     assert [len(d.get("dnat", [])) for d in daemon.applied][-1] == 4
 
 
-def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
-    """A connect nobody answers (here: a listener whose accept queue is full, so its SYNs
-    are dropped, as when conntrack is full) must end at NATGWD_SHIM_TIMEOUT, not after
-    the kernel's two minutes of SYN retries (issue 21, item 5)."""
+@contextlib.contextmanager
+def unanswered_listener() -> Iterator[int]:
+    """The port of a listener whose accept queue is full, so that a connect's SYNs are
+    dropped, as when conntrack is full: the connect hangs."""
     with socket.socket() as listener:
         listener.bind((endpoint.ADDRESS, 0))
         listener.listen(0)
@@ -439,17 +441,24 @@ def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
                     sock.connect((endpoint.ADDRESS, port))
                 except TimeoutError:
                     break
-            environment = endpoint_only(tmp_path, f"{port} {TOKEN}", timeout=1)
-            call = subprocess.run(
-                ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
-                env=environment,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            yield port
         finally:
             for sock in queued:
                 sock.close()
+
+
+def test_the_timeout_bounds_the_connect_too(tmp_path: Path) -> None:
+    """A connect nobody answers must end at NATGWD_SHIM_TIMEOUT, not after the kernel's
+    two minutes of SYN retries (issue 21, item 5)."""
+    with unanswered_listener() as port:
+        environment = endpoint_only(tmp_path, f"{port} {TOKEN}", timeout=1)
+        call = subprocess.run(
+            ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert (call.returncode, call.stdout) == (1, "")
     assert call.stderr == f"natgwd: its edit endpoint ({environment['NATGWD_EDIT_TOKEN']}) did not answer within 1s\n"
 
@@ -511,15 +520,48 @@ def test_a_replaced_state_file_wins_over_an_older_log(tmp_path: Path) -> None:
 
 
 def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
-    """Guards against a call that holds its caller for the whole timeout: a call ending
-    while its watchdog starts leaves the watchdog's sleep to run out (seen once in a
-    replay of 13,150 calls: 120 s), and a sleep with the caller's stdout or stderr keeps
-    the caller (the controller's exec) waiting for the end of the output. The watchdog's
-    processes hold neither; the call's own end closes both at once."""
+    """Guards against a call that holds its caller for the whole timeout: a watchdog
+    outliving the call (seen once in a replay of 13,150 calls: 120 s) that holds the
+    caller's stdout or stderr keeps the caller (the controller's exec) waiting for the end
+    of the output. While the call hangs in its connect, its watchdog holds neither; when
+    the call ends, the watchdog ends with it, long before its timeout."""
+    with unanswered_listener() as port:
+        environment = endpoint_only(tmp_path, f"{port} {TOKEN}", timeout=60)
+        call = subprocess.Popen(
+            ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while (watchdog := [pid for pid in _session(call.pid) if pid != call.pid]) == []:
+                assert time.monotonic() < deadline, "no watchdog while the call connects"
+                time.sleep(0.01)
+            # The watchdog redirects its output as it starts: wait for that.
+            while (output := {os.readlink(f"/proc/{watchdog[0]}/fd/{fd}") for fd in (1, 2)}) != {"/dev/null"}:
+                assert time.monotonic() < deadline, output
+                time.sleep(0.01)
+            os.kill(call.pid, signal.SIGTERM)  # as the watchdog's timeout does
+            _, err = call.communicate(timeout=30)  # returns only once every holder of the pipes is gone
+            assert call.returncode == 1 and b"did not answer within 60s" in err
+            while _session(call.pid):
+                assert time.monotonic() < deadline, "the watchdog outlived the call"
+                time.sleep(0.01)
+        finally:
+            if call.poll() is None:
+                os.killpg(call.pid, 9)
+                call.wait()
+
+
+def test_the_watchdog_ends_once_the_request_is_sent(tmp_path: Path) -> None:
+    """The watchdog bounds the connect and the request; the reply's wait is bounded by the
+    script's `read -t`. Ended while natgwd works, it costs the call nothing at its end."""
     listener = socket.socket()
     listener.bind((endpoint.ADDRESS, 0))
     listener.listen(1)
-    environment = endpoint_only(tmp_path, f"{listener.getsockname()[1]} {'t' * 32}", timeout=60)
+    environment = endpoint_only(tmp_path, f"{listener.getsockname()[1]} {TOKEN}", timeout=60)
     call = subprocess.Popen(
         ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
         env=environment,
@@ -529,16 +571,22 @@ def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
     )
     try:
         listener.settimeout(30)
-        connection, _ = listener.accept()  # the call waits for a reply now
-        deadline = time.monotonic() + 30
-        while not any(_comm(pid) == "sleep" for pid in _session(call.pid)):
-            assert time.monotonic() < deadline, "the watchdog's sleep never started"
-            time.sleep(0.01)  # the watchdog's subshell makes its redirections, then forks the sleep
-        output = {os.readlink(f"/proc/{pid}/fd/{fd}") for pid in _session(call.pid) if pid != call.pid for fd in (1, 2)}
-        assert output == {"/dev/null"}, output
-        connection.close()  # no reply: the call ends at once
-        _, err = call.communicate(timeout=30)  # returns only once every holder of the pipes is gone
-        assert call.returncode == 1 and b"no reply from its edit endpoint" in err
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(30)
+            request = b""
+            while request.count(b"\0") < 6:  # version, token, gateway, count, command, rule
+                chunk = connection.recv(4096)
+                assert chunk, request
+                request += chunk
+            deadline = time.monotonic() + 30
+            while _session(call.pid) != [call.pid]:
+                assert time.monotonic() < deadline, "the watchdog outlived the request"
+                time.sleep(0.01)
+            assert call.poll() is None, "the call waits for its reply"
+            connection.sendall(protocol.encode_reply(0, f"eip-add {EIP1}/21\n", ""))
+        out, err = call.communicate(timeout=30)
+        assert (call.returncode, out, err) == (0, f"eip-add {EIP1}/21\n".encode(), b"")
     finally:
         listener.close()
         if call.poll() is None:
@@ -554,7 +602,7 @@ def _comm(pid: int) -> str:
 
 
 def _session(leader: int) -> list[int]:
-    """The processes of `leader`'s session (the call, its watchdog and the watchdog's sleep)."""
+    """The live processes of `leader`'s session (the call and its watchdog)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -562,6 +610,6 @@ def _session(leader: int) -> list[int]:
                 fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == leader:  # the session id
+            if int(fields[3]) == leader and fields[0] != "Z":  # the session id; a zombie holds nothing
                 found.append(int(entry))
     return found
