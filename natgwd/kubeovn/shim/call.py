@@ -110,4 +110,4 @@ def edited(call: Call, doc: Doc | None, ctx: Context, state_path: Path) -> Doc:
     if doc is None and call.command != "init":
         # Kube-OVN's own words first: someone who knows the original script recognises them.
         raise ShimError(f"nat gateway not initialized: {state_path} does not exist (`init` creates it)")
-    return call.edit(working_copy(doc) if doc is not None else None, ctx)
+    return call.edit(working_copy(doc, ctx.lookup) if doc is not None else None, ctx)

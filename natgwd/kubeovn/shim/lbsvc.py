@@ -92,7 +92,7 @@ def parse_dnat_del(rule: str) -> Op:
     delete = edits.parse_dnat_del(",".join(fields[:3]))
 
     def op(doc: Doc, ctx: Context) -> None:
-        name = eip_named(doc, eip)
+        name = eip_named(doc, eip, ctx)
         for dnat in section_items(doc, "dnat"):
             if edits.identity_matches(dnat, name, protocol, port) and dnat.get("type") != "share":
                 if dnat.get("internalIp") == internal_ip and edits.norm_port(dnat.get("internalPort")) == internal_port:

@@ -67,7 +67,7 @@ def _drop_if_empty(doc: Doc, policy: dict[str, Any], unbind: Callable[[], None])
             del doc["qosPolicies"]
 
 
-def _eip_policy(doc: Doc, eip: dict[str, Any], create: bool) -> dict[str, Any] | None:
+def _eip_policy(doc: Doc, eip: dict[str, Any], create: bool, ctx: Context) -> dict[str, Any] | None:
     """The policy of the EIP that only it uses (copied from a shared one, or new)."""
     current = _policy(doc, eip.get("qosPolicy"))
     if current is not None and _users(doc, current["name"]) == 1:
@@ -78,16 +78,16 @@ def _eip_policy(doc: Doc, eip: dict[str, Any], create: bool) -> dict[str, Any] |
     name = f"qos-{_dashed(eip['v4ip'])}"
     own = _policy(doc, name)
     if own is None or _users(doc, name) > 0:  # one left by an earlier EIP of this address is reused
-        own = {"name": unique_name(name, doc, "qosPolicies"), "bindingType": "EIP"}
+        own = {"name": unique_name(name, doc, "qosPolicies", ctx), "bindingType": "EIP"}
         _policies(doc).append(own)
     own["bandwidthLimitRules"] = rules
     eip["qosPolicy"] = own["name"]
     return own
 
 
-def _eip_of(doc: Doc, address: IPv4Address) -> dict[str, Any] | None:
+def _eip_of(doc: Doc, address: IPv4Address, ctx: Context) -> dict[str, Any] | None:
     """The EIP of `address`, the working copy's own to change (edits.own_eip)."""
-    name = eip_named(doc, address)
+    name = eip_named(doc, address, ctx)
     return own_eip(doc, name) if name else None
 
 
@@ -123,7 +123,7 @@ def eip_qos_add(direction: str) -> Callable[[str], Op]:
                 {**r, "name": direction} == wanted for r in current.get("bandwidthLimitRules", [])
             ):
                 return  # the same limit again
-            policy = _eip_policy(doc, eip, create=True)
+            policy = _eip_policy(doc, eip, create=True, ctx=ctx)
             assert policy is not None
             _put(section_items(policy, "bandwidthLimitRules"), lambda r: r.get("direction") == direction, wanted)
 
@@ -140,13 +140,13 @@ def eip_qos_del(direction: str) -> Callable[[str], Op]:
         address = grammar.address(fields[0], "EIP")
 
         def op(doc: Doc, ctx: Context) -> None:
-            eip = _eip_of(doc, address)
+            eip = _eip_of(doc, address, ctx)
             current = _policy(doc, eip.get("qosPolicy")) if eip else None
             if eip is None or current is None:
                 return
             if not any(r.get("direction") == direction for r in current.get("bandwidthLimitRules", [])):
                 return
-            policy = _eip_policy(doc, eip, create=False)
+            policy = _eip_policy(doc, eip, create=False, ctx=ctx)
             assert policy is not None
             policy["bandwidthLimitRules"] = [
                 r for r in policy["bandwidthLimitRules"] if r.get("direction") != direction
@@ -213,7 +213,7 @@ def qos_add(rule: str) -> Op:
         _check_interface(doc, wanted, ctx)
         policy = _policy(doc, doc.get("qosPolicy"))
         if policy is None:
-            policy = {"name": unique_name(GATEWAY_POLICY, doc, "qosPolicies"), "bindingType": "NATGW"}
+            policy = {"name": unique_name(GATEWAY_POLICY, doc, "qosPolicies", ctx), "bindingType": "NATGW"}
             policy["bandwidthLimitRules"] = []
             _policies(doc).append(policy)
             doc["qosPolicy"] = policy["name"]

@@ -25,10 +25,11 @@ import structlog
 from natgwd.io.files import write_atomically
 from natgwd.kubeovn.shim.call import Call, Reply, edited, prepare, refusal
 from natgwd.kubeovn.shim.editlog import Delta, EditLog, diff, fold
-from natgwd.kubeovn.shim.edits import Context, Doc, compact
+from natgwd.kubeovn.shim.edits import Context, Doc, compact, shared_lists
 from natgwd.kubeovn.shim.filestate import document_bytes, lock_path, locked
 from natgwd.kubeovn.shim.grammar import ShimError
 from natgwd.kubeovn.shim.init import KernelView, Links, delete_leftover_routes
+from natgwd.kubeovn.shim.lookup import Lookup
 from natgwd.kubeovn.shim.protocol import Request
 from natgwd.state.validation import InvalidStateError
 
@@ -75,6 +76,7 @@ class EditService:
         self._last_edit = 0.0
         self._compact_not_before = 0.0  # after a compaction that could not be done
         self._digested: tuple[Doc, str] | None = None  # a document and applied_digest's answer for it
+        self._lookup = Lookup()  # the document's lists indexed, from call to call
 
     # --- the endpoint's threads ----------------------------------------------------------
 
@@ -176,11 +178,13 @@ class EditService:
         call = prepare(request.argv, self._links)
         if isinstance(call, Reply):
             return call
-        ctx = Context(request.gateway_v4)
+        ctx = Context(request.gateway_v4, lookup=self._lookup)
         try:
             summary = self._edit(call, ctx, apply)
         except ShimError as error:
             return call.refused(error)
+        finally:  # the indexes of the accepted document's lists, whatever became of the call
+            self._lookup.keep(shared_lists(self.document) if self.document is not None else [])
         try:
             if ctx.route_dels:
                 delete_leftover_routes(ctx, self._links())
