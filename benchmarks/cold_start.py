@@ -35,9 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import rulesets
+from benchmarks import intree, rulesets
 from benchmarks.compare import (
-    BENCH_DIR,
     NATGWD_SETTLE_SECONDS,
     Context,
     FloorGateway,
@@ -49,7 +48,6 @@ from benchmarks.compare import (
     statistics_line,
     terminated_as_exit,
 )
-from benchmarks.observe_cost import natgwd_tree, python_path
 from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import VM_ADDRESSES, Lab
 
@@ -86,16 +84,8 @@ class ColdNatgwdGateway(NatgwdGateway):
         return rulesets.one_rule_state(self.work.state)
 
 
-class ColdBaselineGateway(ColdNatgwdGateway):
-    name = "baseline"
-
-    def __init__(self, lab: Lab, ctx: Context, work: rulesets.Workload, source: Path) -> None:
-        super().__init__(lab, ctx, work)
-        self.source = source
-
-    def setup(self) -> None:
-        with python_path(self.source):  # its daemon runs the other tree's natgwd
-            super().setup()
+class ColdBaselineGateway(intree.BaselineGateway, ColdNatgwdGateway):
+    """The cold start, run by the baseline tree's natgwd."""
 
 
 class ColdFloorGateway(FloorGateway):
@@ -241,17 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=list(DEFAULT_SIZES), help="N, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
-    parser.add_argument(
-        "--baseline", type=Path, help="a natgwd source tree (e.g. main's) measured in turn with this one"
-    )
-    parser.add_argument("--note", help="what was measured, kept in the results")
+    intree.add_arguments(parser)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root: it creates network namespaces", file=sys.stderr)
+    if not intree.runnable(parser, args):
         return 1
-    if args.baseline is not None and natgwd_tree(args.baseline) != str(args.baseline.resolve()):
-        parser.error(f"natgwd of the baseline would come from {natgwd_tree(args.baseline)}, not {args.baseline}")
     results: dict[str, Any] = {
         "benchmark": "cold_start",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import rulesets
+from benchmarks import intree, rulesets
 from benchmarks.compare import (
-    BENCH_DIR,
     NATGWD_SETTLE_SECONDS,
     Context,
     FloorGateway,
@@ -43,21 +42,8 @@ from benchmarks.compare import (
     statistics_line,
     terminated_as_exit,
 )
-from benchmarks.observe_cost import natgwd_tree, python_path
 from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import VM_ADDRESSES, Lab
-
-
-class BaselineGateway(NatgwdGateway):
-    name = "baseline"
-
-    def __init__(self, lab: Lab, ctx: Context, work: rulesets.Workload, source: Path) -> None:
-        super().__init__(lab, ctx, work)
-        self.source = source
-
-    def setup(self) -> None:
-        with python_path(self.source):  # its daemon runs the other tree's natgwd
-            super().setup()
 
 
 def run(ctx: Context, n: int, rounds: int, baseline: Path | None) -> dict[str, Any]:
@@ -70,7 +56,7 @@ def run(ctx: Context, n: int, rounds: int, baseline: Path | None) -> dict[str, A
         labs = {name: stack.enter_context(Lab(vms=(VM_ADDRESSES[0],))) for name in names}
         gateways: list[Gateway] = [NatgwdGateway(labs["natgwd"], ctx, work)]
         if baseline is not None:
-            gateways.append(BaselineGateway(labs["baseline"], ctx, work, baseline))
+            gateways.append(intree.BaselineGateway(labs["baseline"], ctx, work, baseline))
         gateways.append(FloorGateway(labs["floor"], ctx, work))
         try:
             for gateway in gateways:
@@ -135,17 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=10000, help="N (make bench's mix of DNAT, SNAT and FIP)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of one add, one change, one delete")
-    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
-    parser.add_argument(
-        "--baseline", type=Path, help="a natgwd source tree (e.g. main's) measured in turn with this one"
-    )
-    parser.add_argument("--note", help="what was measured, kept in the results")
+    intree.add_arguments(parser)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root: it creates network namespaces", file=sys.stderr)
+    if not intree.runnable(parser, args):
         return 1
-    if args.baseline is not None and natgwd_tree(args.baseline) != str(args.baseline.resolve()):
-        parser.error(f"natgwd of the baseline would come from {natgwd_tree(args.baseline)}, not {args.baseline}")
     results: dict[str, Any] = {
         "benchmark": "one_change",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -527,14 +527,7 @@ def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
     the call ends, the watchdog ends with it, long before its timeout."""
     with unanswered_listener() as port:
         environment = endpoint_only(tmp_path, f"{port} {TOKEN}", timeout=60)
-        call = subprocess.Popen(
-            ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
+        with eip_add_call(environment) as call:
             deadline = time.monotonic() + 30
             while (watchdog := [pid for pid in _session(call.pid) if pid != call.pid]) == []:
                 assert time.monotonic() < deadline, "no watchdog while the call connects"
@@ -549,10 +542,6 @@ def test_the_watchdog_holds_none_of_the_callers_output(tmp_path: Path) -> None:
             while _session(call.pid):
                 assert time.monotonic() < deadline, "the watchdog outlived the call"
                 time.sleep(0.01)
-        finally:
-            if call.poll() is None:
-                os.killpg(call.pid, 9)
-                call.wait()
 
 
 def test_the_watchdog_ends_once_the_request_is_sent(tmp_path: Path) -> None:
@@ -562,14 +551,7 @@ def test_the_watchdog_ends_once_the_request_is_sent(tmp_path: Path) -> None:
     listener.bind((endpoint.ADDRESS, 0))
     listener.listen(1)
     environment = endpoint_only(tmp_path, f"{listener.getsockname()[1]} {TOKEN}", timeout=60)
-    call = subprocess.Popen(
-        ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
+    with contextlib.closing(listener), eip_add_call(environment) as call:
         listener.settimeout(30)
         connection, _ = listener.accept()
         with connection:
@@ -587,8 +569,22 @@ def test_the_watchdog_ends_once_the_request_is_sent(tmp_path: Path) -> None:
             connection.sendall(protocol.encode_reply(0, f"eip-add {EIP1}/21\n", ""))
         out, err = call.communicate(timeout=30)
         assert (call.returncode, out, err) == (0, f"eip-add {EIP1}/21\n".encode(), b"")
+
+
+@contextlib.contextmanager
+def eip_add_call(environment: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """nat-gateway.sh's eip-add, in a session of its own (with its watchdog), killed whole
+    if it is still there at the end."""
+    call = subprocess.Popen(
+        ["bash", str(SCRIPT), "eip-add", f"{EIP1}/21"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield call
     finally:
-        listener.close()
         if call.poll() is None:
             os.killpg(call.pid, 9)
             call.wait()
