@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ from benchmarks.compare import (
     log,
     parse_sizes,
     statistics_line,
-    terminated_as_exit,
 )
 from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import VM_ADDRESSES, Lab
@@ -241,12 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": os.getloadavg(),
         **({"note": args.note} if args.note else {}),
     }
-    with terminated_as_exit(), tempfile.TemporaryDirectory(prefix="natgwd-cold-") as tmp:
-        ctx = Context(args, Path(tmp), connrate=Path(tmp) / "connrate-not-used")
-        try:
-            results["cold_start"] = run(ctx, args.sizes, args.repeats, args.baseline)
-        finally:
-            ctx.stop_all()
+    results["cold_start"] = intree.measured(
+        args, "natgwd-cold-", lambda ctx: run(ctx, args.sizes, args.repeats, args.baseline)
+    )
     results["loadavg_end"] = os.getloadavg()
     path = write_results("cold_start", results, args.results_dir)
     print("\n".join(table(results["cold_start"])))

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from benchmarks import rulesets
-from benchmarks.compare import BENCH_DIR, Context, NatgwdGateway
+from benchmarks.compare import BENCH_DIR, Context, NatgwdGateway, terminated_as_exit
 from benchmarks.observe_cost import natgwd_tree, python_path
 from natgwd.lab.topology import Lab
 
@@ -31,6 +34,20 @@ def runnable(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
     if args.baseline is not None and (found := natgwd_tree(args.baseline)) != str(args.baseline.resolve()):
         parser.error(f"natgwd of the baseline would come from {found}, not {args.baseline}")
     return True
+
+
+T = TypeVar("T")
+
+
+def measured(args: argparse.Namespace, prefix: str, run: Callable[[Context], T]) -> T:
+    """`run` in a scratch directory of its own, every daemon it started stopped after it,
+    also when SIGTERM ends the benchmark."""
+    with terminated_as_exit(), tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        ctx = Context(args, Path(tmp), connrate=Path(tmp) / "connrate-not-used")
+        try:
+            return run(ctx)
+        finally:
+            ctx.stop_all()
 
 
 class BaselineGateway(NatgwdGateway):

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ from benchmarks.compare import (
     daemon_log,
     log,
     statistics_line,
-    terminated_as_exit,
 )
 from benchmarks.stats import summary, write_results
 from natgwd.lab.topology import VM_ADDRESSES, Lab
@@ -131,12 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         **({"baseline": str(args.baseline)} if args.baseline else {}),
         **({"note": args.note} if args.note else {}),
     }
-    with terminated_as_exit(), tempfile.TemporaryDirectory(prefix="natgwd-one-change-") as tmp:
-        ctx = Context(args, Path(tmp), connrate=Path(tmp) / "connrate-not-used")
-        try:
-            results["one_change"] = run(ctx, args.size, args.rounds, args.baseline)
-        finally:
-            ctx.stop_all()
+    results["one_change"] = intree.measured(
+        args, "natgwd-one-change-", lambda ctx: run(ctx, args.size, args.rounds, args.baseline)
+    )
     path = write_results("one_change", results, args.results_dir)
     print("\n".join(table(results["one_change"])))
     print(f"results: {path}")

@@ -111,12 +111,7 @@ def kernel_tree(namespace: str, device: str) -> tuple[set[str], int]:
 def test_random_states_round_trip_through_the_kernel(namespace: str, tmp_path: Path, seed: int) -> None:
     states = valid_states(seed)
     (tmp_path / "states.json").write_text(json.dumps(states))
-    worker = subprocess.Popen(
-        ["ip", "netns", "exec", namespace, sys.executable, "-c", WORKER, str(tmp_path / "states.json")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    worker = start_worker(namespace, WORKER, str(tmp_path / "states.json"))
     assert worker.stdin is not None and worker.stdout is not None
     try:
         for raw in states:
@@ -179,12 +174,7 @@ def test_drift_behind_natgwds_back_is_repaired_after_resyncs_that_found_nothing(
     rules = [{"name": d, "direction": d, "rateMax": "10"} for d in ("ingress", "egress")]
     state["qosPolicies"] = [{"name": "p", "bindingType": "EIP", "bandwidthLimitRules": rules}]
     (tmp_path / "state.json").write_text(json.dumps(state))
-    worker = subprocess.Popen(
-        ["ip", "netns", "exec", namespace, sys.executable, "-c", DRIFT_WORKER, str(tmp_path / "state.json")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    worker = start_worker(namespace, DRIFT_WORKER, str(tmp_path / "state.json"))
     assert worker.stdin is not None and worker.stdout is not None
 
     def resync() -> list[str]:
@@ -222,3 +212,13 @@ def test_drift_behind_natgwds_back_is_repaired_after_resyncs_that_found_nothing(
     finally:
         worker.kill()
         worker.wait()
+
+
+def start_worker(namespace: str, script: str, argument: str) -> subprocess.Popen[str]:
+    """A Python worker in the namespace, told what to do line by line on its stdin."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", script, argument],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
